@@ -1,0 +1,187 @@
+//! Engine configuration: every limit the shard enforces, with its default.
+
+use serde::{Deserialize, Serialize};
+use std::{fmt, str::FromStr, time::Duration};
+
+/// When an append becomes durable relative to its acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FsyncPolicy {
+    /// The write-ahead log is fdatasync'ed before any request of the batch is
+    /// answered: an acknowledged append survives a power loss.
+    Always,
+    /// Answer at once; the log is fdatasync'ed at least every this many ms.
+    IntervalMs(u64),
+    /// Never fdatasync the log; the OS writes it back when it likes.
+    Never,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => match s.strip_prefix("interval:").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(Self::IntervalMs(ms)),
+                _ => Err(format!(
+                    "unknown fsync policy {s:?}: expected always, interval:<ms> (ms > 0) or never"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Always => write!(f, "always"),
+            Self::IntervalMs(ms) => write!(f, "interval:{ms}"),
+            Self::Never => write!(f, "never"),
+        }
+    }
+}
+
+impl TryFrom<String> for FsyncPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<FsyncPolicy> for String {
+    fn from(p: FsyncPolicy) -> String {
+        p.to_string()
+    }
+}
+
+/// Configuration of one shard directory. Every field has a default; see
+/// `msgstore/msgstore.example.toml` for the documented TOML form.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Durability policy of appends and acks.
+    pub fsync: FsyncPolicy,
+    /// Number of bucket directories (`buckets/XX`), 1..=256.
+    pub bucket_dirs: u16,
+    /// Number of bucket files per directory (`buckets/XX/YY`), 1..=256.
+    pub bucket_files: u16,
+    /// Largest payload of one message.
+    pub message_bytes_max: u32,
+    /// Most unacknowledged messages one user's mailbox holds.
+    pub mailbox_messages_max: u64,
+    /// Most unacknowledged payload bytes one user's mailbox holds.
+    pub mailbox_bytes_max: u64,
+    /// Most bucket files mapped at once (each map is one `vm.max_map_count`
+    /// entry; the kernel default allows 65,530 for the whole process).
+    pub open_maps_max: usize,
+    /// Most requests waiting for the writer thread; callers past it wait.
+    pub queue_requests_max: usize,
+    /// Most requests the writer handles in one group commit.
+    pub batch_requests_max: usize,
+    /// A checkpoint runs once this many log bytes were written since the last.
+    pub checkpoint_wal_bytes: u64,
+    /// ... or this long after the last one, if anything changed.
+    pub checkpoint_interval_ms: u64,
+    /// Appends are refused with `Error::Overloaded` while the un-checkpointed
+    /// log exceeds this (a checkpoint keeps failing, e.g. disk full).
+    pub wal_bytes_max: u64,
+    /// Size of the LMDB map (the index can never grow past it).
+    pub index_map_bytes: u64,
+    /// A bucket is compacted when dead bytes exceed this share of it ...
+    pub compact_dead_ratio: f64,
+    /// ... and it is at least this large.
+    pub compact_min_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncPolicy::Always,
+            bucket_dirs: 256,
+            bucket_files: 256,
+            message_bytes_max: 64 * 1024,
+            mailbox_messages_max: 10_000,
+            mailbox_bytes_max: 16 * 1024 * 1024,
+            open_maps_max: 4096,
+            queue_requests_max: 65_536,
+            batch_requests_max: 4096,
+            checkpoint_wal_bytes: 64 * 1024 * 1024,
+            checkpoint_interval_ms: 30_000,
+            wal_bytes_max: 1024 * 1024 * 1024,
+            index_map_bytes: 4 * 1024 * 1024 * 1024,
+            compact_dead_ratio: 0.5,
+            compact_min_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Check ranges; returns a message naming the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        let range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                Err(format!("{name} = {v} is outside {lo}..={hi}"))
+            } else {
+                Ok(())
+            }
+        };
+        range("bucket_dirs", self.bucket_dirs.into(), 1, 256)?;
+        range("bucket_files", self.bucket_files.into(), 1, 256)?;
+        range(
+            "message_bytes_max",
+            self.message_bytes_max.into(),
+            1,
+            16 * 1024 * 1024,
+        )?;
+        range("mailbox_messages_max", self.mailbox_messages_max, 1, 1 << 32)?;
+        range("mailbox_bytes_max", self.mailbox_bytes_max, 1, 1 << 40)?;
+        range("open_maps_max", self.open_maps_max as u64, 1, 60_000)?;
+        range("queue_requests_max", self.queue_requests_max as u64, 1, 1 << 24)?;
+        range("batch_requests_max", self.batch_requests_max as u64, 1, 1 << 20)?;
+        range("checkpoint_wal_bytes", self.checkpoint_wal_bytes, 4096, 1 << 40)?;
+        range("checkpoint_interval_ms", self.checkpoint_interval_ms, 1, 1 << 40)?;
+        range("wal_bytes_max", self.wal_bytes_max, self.checkpoint_wal_bytes, 1 << 42)?;
+        range("index_map_bytes", self.index_map_bytes, 1 << 20, 1 << 44)?;
+        if !(0.0..=1.0).contains(&self.compact_dead_ratio) {
+            return Err(format!(
+                "compact_dead_ratio = {} is outside 0.0..=1.0",
+                self.compact_dead_ratio
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn buckets(&self) -> u32 {
+        u32::from(self.bucket_dirs) * u32::from(self.bucket_files)
+    }
+
+    pub(crate) fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(self.checkpoint_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policy_parses_and_prints() {
+        for s in ["always", "never", "interval:1000"] {
+            assert_eq!(s.parse::<FsyncPolicy>().unwrap().to_string(), s);
+        }
+        for bad in ["", "interval:", "interval:0", "interval:x", "sometimes"] {
+            assert!(bad.parse::<FsyncPolicy>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_config_is_valid_and_bad_fields_are_named() {
+        EngineConfig::default().validate().unwrap();
+        let bad = EngineConfig {
+            bucket_dirs: 0,
+            ..EngineConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("bucket_dirs"));
+    }
+}

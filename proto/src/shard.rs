@@ -1,0 +1,154 @@
+//! The msgstore shard protocol: requests from gateways and tools to one
+//! storage shard, and its responses.
+//!
+//! Every request carries a caller-chosen `id` that the response echoes, so one
+//! connection pipelines many requests. A shard answers requests of one
+//! connection in the order it received them, but callers must match by `id`.
+//! Byte layout: see `docs/PROTOCOL.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version a client announces in [`RequestBody::Hello`]-less links;
+/// bumped on any incompatible change to these types.
+pub const SHARD_PROTOCOL_VERSION: u32 = 1;
+
+/// Most items in one [`RequestBody::AppendBatch`].
+pub const APPEND_BATCH_ITEMS_MAX: usize = 1024;
+
+/// Most records one [`RequestBody::Fetch`] returns, whatever it asks for.
+pub const FETCH_COUNT_MAX: u32 = 1000;
+
+/// Most payload bytes one [`RequestBody::Fetch`] returns (beyond its first
+/// record, which is always returned so a large message cannot block a mailbox).
+pub const FETCH_BYTES_MAX: u32 = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendItem {
+    pub user: u64,
+    pub msg_id: u128,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Store one message in `user`'s mailbox.
+    Append {
+        user: u64,
+        msg_id: u128,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// Store several messages; each item succeeds or fails on its own.
+    AppendBatch { items: Vec<AppendItem> },
+    /// Read live records of `user` with `seq > after_seq`, oldest first.
+    Fetch {
+        user: u64,
+        after_seq: u64,
+        max_count: u32,
+        max_bytes: u32,
+    },
+    /// Delete every record of `user` with `seq <= up_to_seq`.
+    Ack { user: u64, up_to_seq: u64 },
+    /// Mailbox statistics of one user.
+    UserStats { user: u64 },
+    /// Statistics of the whole shard.
+    Stats,
+    Ping,
+}
+
+/// One stored message as the shard returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub seq: u64,
+    pub msg_id: u128,
+    /// Milliseconds since the Unix epoch when the shard stored it.
+    pub timestamp_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxStats {
+    /// Messages stored and not yet acknowledged.
+    pub live_count: u64,
+    /// Payload bytes of those messages.
+    pub live_bytes: u64,
+    /// Highest sequence number ever assigned (0 if none).
+    pub last_seq: u64,
+    /// Every seq up to this one has been acknowledged.
+    pub acked_seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ShardStats {
+    pub users: u64,
+    pub live_messages: u64,
+    pub live_bytes: u64,
+    pub appends_total: u64,
+    pub acks_total: u64,
+    pub batches_total: u64,
+    pub syncs_total: u64,
+    pub checkpoints_total: u64,
+    pub compactions_total: u64,
+    pub wal_bytes: u64,
+    pub bucket_bytes: u64,
+    pub dead_bytes: u64,
+    pub open_maps: u64,
+    pub corrupt_records_total: u64,
+}
+
+/// Typed failures a shard reports for one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardErrorCode {
+    /// The user's mailbox is at its message-count or byte limit.
+    MailboxFull,
+    /// The payload exceeds the shard's message size limit.
+    MessageTooLarge,
+    /// The request is outside the protocol's limits (batch too big, ...).
+    BadRequest,
+    /// The shard is shutting down or overloaded; retry later or elsewhere.
+    Unavailable,
+    /// Disk full, I/O error, index full: nothing of this request was stored.
+    Storage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardError {
+    pub code: ShardErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub body: ResponseBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    Appended {
+        seq: u64,
+    },
+    AppendedBatch {
+        results: Vec<Result<u64, ShardError>>,
+    },
+    Records {
+        records: Vec<StoredRecord>,
+        /// True if live records with a higher seq remain after this page.
+        more: bool,
+    },
+    Acked {
+        removed: u64,
+    },
+    UserStats(MailboxStats),
+    Stats(ShardStats),
+    Pong,
+    Error(ShardError),
+}
