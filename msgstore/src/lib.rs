@@ -13,6 +13,7 @@
 //!   shard.
 
 pub mod client;
+pub mod daemon;
 pub mod config;
 mod engine;
 pub mod error;

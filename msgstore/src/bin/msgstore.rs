@@ -1,0 +1,113 @@
+//! `msgstore`: the storage shard daemon.
+
+use anyhow::Context;
+use clap::Parser;
+use msgstore::{
+    daemon::{self, DaemonConfig},
+    FsyncPolicy,
+};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use tracing_subscriber::EnvFilter;
+
+/// One offline-message storage shard, served over TCP.
+#[derive(Debug, Parser)]
+#[command(name = "msgstore", version, about)]
+struct Args {
+    /// Shard data directory (created if missing; locked while running).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Address of the shard protocol listener (port 0: any free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Durability policy: always, interval:<ms> or never.
+    #[arg(long, value_name = "POLICY")]
+    fsync: Option<FsyncPolicy>,
+    /// Address of the Prometheus /metrics HTTP listener.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// TOML config file (see msgstore.example.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("msgstore: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
+    let mut config = match &args.config {
+        Some(path) => DaemonConfig::load(path)?,
+        None => DaemonConfig::default(),
+    };
+    if let Some(data) = &args.data {
+        config.data = Some(data.clone());
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(fsync) = args.fsync {
+        config.engine.fsync = fsync;
+    }
+    if let Some(addr) = args.metrics_addr {
+        config.metrics_addr = Some(addr);
+    }
+    Ok(config)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("msgstore-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+    if let Some(addr) = config.metrics_addr {
+        daemon::install_metrics(addr)?;
+    }
+    let data = config.data.clone().unwrap_or_default();
+    let running = match daemon::start(config).await {
+        Ok(running) => running,
+        Err(e) if e.is_locked() => anyhow::bail!(
+            "data directory {} is locked by another msgstore process: {e}",
+            data.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    println!("msgstore listening on {}", running.local_addr());
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "shutting down");
+    running.shutdown().await?;
+    tracing::info!("shard closed; bye");
+    Ok(())
+}
+
+/// Wait for SIGTERM or SIGINT; returns the signal's name.
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,222 @@
+//! The msgstore daemon: configuration file and startup of shard, TCP server
+//! and metrics exporter. The `msgstore` binary is a thin shell around
+//! [`start`]; tests and tools can run a daemon in-process the same way.
+
+use crate::{
+    server::{self, ServerConfig},
+    EngineConfig, Error, Shard,
+};
+use serde::{Deserialize, Serialize};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+/// Address the daemon listens on when neither file nor flag names one.
+pub const LISTEN_ADDR_DEFAULT: &str = "127.0.0.1:7400";
+
+/// The daemon's TOML configuration file; see `msgstore/msgstore.example.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Address of the shard protocol listener.
+    pub listen: SocketAddr,
+    /// Shard data directory (created if missing). Required.
+    pub data: Option<PathBuf>,
+    /// Address of the Prometheus `/metrics` HTTP listener; none if absent.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Connection limits.
+    pub server: ServerConfig,
+    /// Storage engine settings.
+    pub engine: EngineConfig,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            listen: LISTEN_ADDR_DEFAULT
+                .parse()
+                .expect("LISTEN_ADDR_DEFAULT is a valid address"),
+            data: None,
+            metrics_addr: None,
+            server: ServerConfig::default(),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    ParseConfig { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot open the shard: {0}")]
+    Engine(#[from] Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the metrics exporter on {addr}: {message}")]
+    Metrics { addr: SocketAddr, message: String },
+    #[error("the shard did not close cleanly: {0}")]
+    Close(Error),
+}
+
+impl DaemonError {
+    /// True if the data directory is held by another process.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, DaemonError::Engine(Error::Locked { .. }))
+    }
+}
+
+impl DaemonConfig {
+    /// Read and parse a TOML config file.
+    pub fn load(path: &Path) -> Result<Self, DaemonError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DaemonError::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| DaemonError::ParseConfig {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.data.is_none() {
+            return Err("no data directory: set `data` in the config file or pass --data".into());
+        }
+        self.server.validate()?;
+        self.engine.validate()
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), DaemonError>>,
+}
+
+impl Daemon {
+    /// The address the shard protocol listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stop accepting, drain every connection, close the shard.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// Wait until the daemon stops (it only stops through [`Daemon::shutdown`]
+    /// or a panic).
+    pub async fn wait(self) -> Result<(), DaemonError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(DaemonError::Close(Error::Storage(format!(
+                "daemon task failed: {e}"
+            )))),
+        }
+    }
+}
+
+/// Open the shard, bind the listener, start serving. Returns once the
+/// listener is bound.
+pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
+    config.validate().map_err(DaemonError::Config)?;
+    let data = config.data.clone().unwrap_or_default();
+    let engine = config.engine.clone();
+    let shard = tokio::task::spawn_blocking(move || Shard::open(&data, engine))
+        .await
+        .map_err(|e| DaemonError::Engine(Error::Storage(format!("open task failed: {e}"))))??;
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(source) => {
+            close_shard(shard).await.ok();
+            return Err(DaemonError::Listen {
+                addr: config.listen,
+                source,
+            });
+        }
+    };
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let server_config = config.server.clone();
+    let task = tokio::spawn(async move {
+        server::run(listener, shard.clone(), server_config, shutdown_rx).await;
+        close_shard(shard).await
+    });
+    tracing::info!(%local_addr, data = ?config.data, "msgstore listening on {local_addr}");
+    Ok(Daemon {
+        local_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Install the Prometheus exporter (process-wide; at most once).
+pub fn install_metrics(addr: SocketAddr) -> Result<(), DaemonError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| DaemonError::Metrics {
+            addr,
+            message: e.to_string(),
+        })?;
+    tracing::info!(%addr, "metrics exporter listening");
+    Ok(())
+}
+
+async fn close_shard(shard: Shard) -> Result<(), DaemonError> {
+    match tokio::task::spawn_blocking(move || shard.close()).await {
+        Ok(result) => result.map_err(DaemonError::Close),
+        Err(e) => Err(DaemonError::Close(Error::Storage(format!(
+            "close task failed: {e}"
+        )))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_is_valid() {
+        let text = include_str!("../msgstore.example.toml");
+        let config = DaemonConfig::parse(text).expect("example config parses");
+        config.validate().expect("example config is valid");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = DaemonConfig::parse("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+        let err = DaemonConfig::parse("[server]\nframe_bytes = 1\n").unwrap_err();
+        assert!(err.contains("frame_bytes"), "{err}");
+    }
+
+    #[test]
+    fn missing_data_dir_is_named() {
+        let err = DaemonConfig::default().validate().unwrap_err();
+        assert!(err.contains("data"), "{err}");
+    }
+}
