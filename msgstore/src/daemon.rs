@@ -48,26 +48,34 @@ impl Default for DaemonConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     ReadConfig {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid config file {path}: {message}")]
     ParseConfig { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot open the shard: {0}")]
-    Engine(#[from] Error),
-    #[error("cannot listen on {addr}: {source}")]
+    Engine(Error),
+    #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot start the metrics exporter on {addr}: {message}")]
     Metrics { addr: SocketAddr, message: String },
     #[error("the shard did not close cleanly: {0}")]
     Close(Error),
+}
+
+// Errors carry their cause in the message, not as `source()`, so that a
+// report printing the whole chain does not repeat it.
+impl From<Error> for DaemonError {
+    fn from(e: Error) -> Self {
+        DaemonError::Engine(e)
+    }
 }
 
 impl DaemonError {
@@ -80,9 +88,9 @@ impl DaemonError {
 impl DaemonConfig {
     /// Read and parse a TOML config file.
     pub fn load(path: &Path) -> Result<Self, DaemonError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DaemonError::ReadConfig {
+        let text = std::fs::read_to_string(path).map_err(|error| DaemonError::ReadConfig {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|message| DaemonError::ParseConfig {
             path: path.to_owned(),
@@ -145,20 +153,18 @@ pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
         .map_err(|e| DaemonError::Engine(Error::Storage(format!("open task failed: {e}"))))??;
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
-        Err(source) => {
+        Err(error) => {
             close_shard(shard).await.ok();
             return Err(DaemonError::Listen {
                 addr: config.listen,
-                source,
+                error,
             });
         }
     };
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| DaemonError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let local_addr = listener.local_addr().map_err(|error| DaemonError::Listen {
+        addr: config.listen,
+        error,
+    })?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let server_config = config.server.clone();
     let task = tokio::spawn(async move {

@@ -84,13 +84,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_addr {
         daemon::install_metrics(addr)?;
     }
-    let data = config.data.clone().unwrap_or_default();
     let running = match daemon::start(config).await {
         Ok(running) => running,
-        Err(e) if e.is_locked() => anyhow::bail!(
-            "data directory {} is locked by another msgstore process: {e}",
-            data.display()
-        ),
+        Err(e) if e.is_locked() => {
+            anyhow::bail!("{e} (is another msgstore running on this data directory?)")
+        }
         Err(e) => return Err(e.into()),
     };
     println!("msgstore listening on {}", running.local_addr());

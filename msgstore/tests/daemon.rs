@@ -1,0 +1,342 @@
+//! End-to-end tests of the `msgstore` binary over real sockets.
+
+use msgstore::client::{ClientError, ShardClient};
+use proto::shard::{AppendItem, ShardErrorCode, APPEND_BATCH_ITEMS_MAX};
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Guard against a hung test; never a performance assertion.
+const HANG_LIMIT: Duration = Duration::from_secs(60);
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Daemon {
+    /// Start the daemon on `data` with port 0 and wait for its listening line.
+    fn start(data: &Path) -> Daemon {
+        let mut child = daemon_command(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn msgstore");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("msgstore listening on ") {
+                    if !sent {
+                        sent = tx.send(addr.trim().to_owned()).is_ok();
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(HANG_LIMIT) {
+            Ok(addr) => addr.parse().expect("listening line carries an address"),
+            Err(_) => {
+                let status = child.wait().expect("wait for msgstore");
+                panic!("msgstore did not start (exit status {status}); see its stderr above");
+            }
+        };
+        Daemon { child, addr }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.wait().expect("wait for msgstore")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn daemon_command(data: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgstore"));
+    cmd.arg("--data")
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0", "--fsync", "never"])
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+async fn connect(addr: SocketAddr) -> ShardClient {
+    ShardClient::connect(addr)
+        .await
+        .expect("connect to msgstore")
+}
+
+fn payload(user: u64, i: u64) -> Vec<u8> {
+    format!("user {user} message {i}").into_bytes()
+}
+
+/// Append `count` messages to each of `users` concurrently on one client;
+/// returns seq -> payload per user.
+async fn append_concurrently(
+    client: &ShardClient,
+    users: &[u64],
+    count: u64,
+) -> HashMap<u64, HashMap<u64, Vec<u8>>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for &user in users {
+        for i in 0..count {
+            let client = client.clone();
+            tasks.spawn(async move {
+                let body = payload(user, i);
+                let msg_id = (u128::from(user) << 64) | u128::from(i);
+                let seq = client
+                    .append(user, msg_id, body.clone())
+                    .await
+                    .expect("append");
+                (user, seq, body)
+            });
+        }
+    }
+    let mut by_user: HashMap<u64, HashMap<u64, Vec<u8>>> = HashMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (user, seq, body) = done.expect("append task");
+        let previous = by_user.entry(user).or_default().insert(seq, body);
+        assert!(
+            previous.is_none(),
+            "seq {seq} of user {user} assigned twice"
+        );
+    }
+    by_user
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let client = connect(daemon.addr).await;
+    client.ping().await.expect("ping");
+
+    let stored = tokio::time::timeout(HANG_LIMIT, append_concurrently(&client, &[7, 8], 1000))
+        .await
+        .expect("appends finished");
+    for user in [7, 8] {
+        let mut seqs: Vec<u64> = stored[&user].keys().copied().collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=1000).collect::<Vec<_>>(), "seqs of user {user}");
+    }
+
+    // Page through user 7's mailbox.
+    let mut after = 0;
+    let mut fetched = Vec::new();
+    loop {
+        let (records, more) = client.fetch(7, after, 300, u32::MAX).await.expect("fetch");
+        assert!(
+            !records.is_empty() || !more,
+            "an empty page must say no more"
+        );
+        fetched.extend(records);
+        after = fetched.last().map_or(after, |r| r.seq);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(fetched.len(), 1000);
+    for (i, record) in fetched.iter().enumerate() {
+        assert_eq!(record.seq, i as u64 + 1, "records come oldest first");
+        assert_eq!(record.payload, stored[&7][&record.seq]);
+    }
+
+    assert_eq!(client.ack(7, 500).await.expect("ack"), 500);
+    let stats = client.user_stats(7).await.expect("user stats");
+    assert_eq!(stats.live_count, 500);
+    assert_eq!(stats.last_seq, 1000);
+    assert_eq!(stats.acked_seq, 500);
+    let (records, _) = client.fetch(7, 0, 10, u32::MAX).await.expect("fetch");
+    assert_eq!(records.first().map(|r| r.seq), Some(501));
+
+    let shard = client.stats().await.expect("stats");
+    assert_eq!(shard.live_messages, 1500);
+    assert!(shard.users >= 2, "{shard:?}");
+    assert!(shard.appends_total >= 2000, "{shard:?}");
+
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let client = connect(daemon.addr).await;
+
+    let items: Vec<AppendItem> = (0..3)
+        .map(|i| AppendItem {
+            user: 42,
+            msg_id: i,
+            payload: vec![b'x'; 10],
+        })
+        .collect();
+    let results = client.append_batch(items).await.expect("batch");
+    let seqs: Vec<u64> = results.into_iter().map(|r| r.expect("item")).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+
+    let too_many: Vec<AppendItem> = (0..=APPEND_BATCH_ITEMS_MAX as u128)
+        .map(|i| AppendItem {
+            user: 43,
+            msg_id: i,
+            payload: Vec::new(),
+        })
+        .collect();
+    match client.append_batch(too_many).await {
+        Err(ClientError::Shard(e)) => assert_eq!(e.code, ShardErrorCode::BadRequest),
+        other => panic!("oversized batch must be refused, got {other:?}"),
+    }
+    assert_eq!(client.user_stats(43).await.expect("stats").live_count, 0);
+
+    // A message over the engine's default 64 KiB limit is refused by type.
+    match client.append(44, 1, vec![0u8; 65 * 1024]).await {
+        Err(ClientError::Shard(e)) => assert_eq!(e.code, ShardErrorCode::MessageTooLarge),
+        other => panic!("oversized message must be refused, got {other:?}"),
+    }
+    // The connection still works after error responses.
+    assert_eq!(
+        client.append(44, 2, b"ok".to_vec()).await.expect("append"),
+        1
+    );
+}
+
+/// Send raw bytes and read until the server closes the connection.
+async fn expect_closed_after(addr: SocketAddr, bytes: &[u8]) {
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(bytes).await.unwrap();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(HANG_LIMIT, raw.read_to_end(&mut sink))
+        .await
+        .expect("server closes the connection");
+    // EOF or a reset both mean closed; no response may have been sent.
+    if read.is_ok() {
+        assert!(sink.is_empty(), "no answer to a bad frame: {sink:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let good = connect(daemon.addr).await;
+    assert_eq!(good.append(1, 1, b"before".to_vec()).await.unwrap(), 1);
+
+    // Malformed: a 5-byte body that is an unterminated varint.
+    let mut malformed = 5u32.to_le_bytes().to_vec();
+    malformed.extend_from_slice(&[0xff; 5]);
+    expect_closed_after(daemon.addr, &malformed).await;
+
+    // Oversized: a declared length far over the limit (no body needed).
+    expect_closed_after(daemon.addr, &u32::MAX.to_le_bytes()).await;
+
+    // Empty body.
+    expect_closed_after(daemon.addr, &0u32.to_le_bytes()).await;
+
+    good.ping().await.expect("the good connection survives");
+    assert_eq!(good.append(1, 2, b"after".to_vec()).await.unwrap(), 2);
+    let fresh = connect(daemon.addr).await;
+    assert_eq!(fresh.user_stats(1).await.unwrap().live_count, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_zero_and_data_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let client = connect(daemon.addr).await;
+    for i in 0..10u64 {
+        assert_eq!(
+            client.append(5, i.into(), payload(5, i)).await.unwrap(),
+            i + 1
+        );
+    }
+    let status = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+    // The daemon closed our connection on its way out.
+    assert!(matches!(
+        client.ping().await,
+        Err(ClientError::Disconnected | ClientError::Io(_))
+    ));
+
+    let daemon = Daemon::start(dir.path());
+    let client = connect(daemon.addr).await;
+    let (records, more) = client.fetch(5, 0, 100, u32::MAX).await.unwrap();
+    assert!(!more);
+    let payloads: Vec<Vec<u8>> = records.into_iter().map(|r| r.payload).collect();
+    assert_eq!(payloads, (0..10).map(|i| payload(5, i)).collect::<Vec<_>>());
+    assert_eq!(client.append(5, 99, b"next".to_vec()).await.unwrap(), 11);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn second_daemon_on_same_data_dir_fails_with_lock_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Daemon::start(dir.path());
+    let second = daemon_command(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run second msgstore");
+    assert!(!second.status.success(), "second daemon must fail");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("lock"),
+        "stderr must mention the lock: {stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&second.stdout).contains("listening"),
+        "second daemon must not listen"
+    );
+    assert_eq!(first.terminate().code(), Some(0));
+}
+
+#[test]
+fn help_and_bad_config_are_reported() {
+    let help = Command::new(env!("CARGO_BIN_EXE_msgstore"))
+        .arg("--help")
+        .output()
+        .expect("run msgstore --help");
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--data",
+        "--listen",
+        "--fsync",
+        "--metrics-addr",
+        "--config",
+    ] {
+        assert!(text.contains(flag), "--help mentions {flag}: {text}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nno_such_field = 1\n").unwrap();
+    let out = daemon_command(&dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run msgstore");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_field"));
+}
