@@ -13,8 +13,8 @@
 //!   shard.
 
 pub mod client;
-pub mod daemon;
 pub mod config;
+pub mod daemon;
 mod engine;
 pub mod error;
 mod handle;

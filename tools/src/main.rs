@@ -1,1 +1,54 @@
-fn main() {}
+//! `imctl`: the operator's and the person's command line.
+//!
+//! Each group of subcommands lives in its own module (`shard_cmd` talks to one
+//! storage shard); later groups (presence, user, rebalance, up, chat) plug in
+//! the same way: a clap `Args` type and an async `run`.
+
+mod output;
+mod shard_cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "imctl", version, about = "Command line for the IM cluster")]
+struct Cli {
+    /// Print machine-readable JSON instead of human-readable text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Talk to one msgstore shard directly.
+    Shard(shard_cmd::ShardArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("imctl: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = output::Output { json: cli.json };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Shard(args) => shard_cmd::run(args, &out).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! `imctl shard`: append, fetch, ack and stats against one msgstore shard.
+
+use crate::output::Output;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use msgstore::client::ShardClient;
+use proto::shard::{MailboxStats, ShardStats, StoredRecord, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
+use serde::Serialize;
+use std::fmt::Write as _;
+
+#[derive(Debug, Args)]
+pub struct ShardArgs {
+    /// Address of the shard (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT", env = "IMCTL_SHARD_ADDR")]
+    addr: String,
+    #[command(subcommand)]
+    command: ShardCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ShardCommand {
+    /// Store a text message in USER's mailbox (with a random msg_id).
+    Append { user: u64, text: String },
+    /// Show USER's stored messages, oldest first.
+    Fetch {
+        user: u64,
+        /// Only messages with a sequence number above this.
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        after: u64,
+        /// At most this many messages (the shard caps it at 1000).
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        max: u32,
+    },
+    /// Delete USER's messages up to and including SEQ.
+    Ack { user: u64, seq: u64 },
+    /// Statistics of the shard, or of one mailbox with --user.
+    Stats {
+        #[arg(long, value_name = "USER")]
+        user: Option<u64>,
+    },
+}
+
+pub async fn run(args: ShardArgs, out: &Output) -> anyhow::Result<()> {
+    let client = ShardClient::connect(args.addr.as_str())
+        .await
+        .with_context(|| format!("cannot connect to shard {}", args.addr))?;
+    match args.command {
+        ShardCommand::Append { user, text } => append(&client, out, user, text).await,
+        ShardCommand::Fetch { user, after, max } => fetch(&client, out, user, after, max).await,
+        ShardCommand::Ack { user, seq } => ack(&client, out, user, seq).await,
+        ShardCommand::Stats { user: Some(user) } => user_stats(&client, out, user).await,
+        ShardCommand::Stats { user: None } => shard_stats(&client, out).await,
+    }
+}
+
+#[derive(Serialize)]
+struct Appended {
+    user: u64,
+    seq: u64,
+    msg_id: String,
+}
+
+async fn append(client: &ShardClient, out: &Output, user: u64, text: String) -> anyhow::Result<()> {
+    let msg_id: u128 = rand::random();
+    let seq = client.append(user, msg_id, text.into_bytes()).await?;
+    let result = Appended {
+        user,
+        seq,
+        msg_id: format!("{msg_id:032x}"),
+    };
+    out.emit(&result, || {
+        format!("appended user={user} seq={seq} msg_id={}", result.msg_id)
+    })
+}
+
+/// One record as imctl shows it: the payload as (lossy) UTF-8 text.
+#[derive(Serialize)]
+struct Record {
+    seq: u64,
+    msg_id: String,
+    timestamp_ms: u64,
+    text: String,
+}
+
+impl From<StoredRecord> for Record {
+    fn from(r: StoredRecord) -> Self {
+        Record {
+            seq: r.seq,
+            msg_id: format!("{:032x}", r.msg_id),
+            timestamp_ms: r.timestamp_ms,
+            text: String::from_utf8_lossy(&r.payload).into_owned(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Page {
+    user: u64,
+    records: Vec<Record>,
+    more: bool,
+}
+
+async fn fetch(
+    client: &ShardClient,
+    out: &Output,
+    user: u64,
+    after: u64,
+    max: u32,
+) -> anyhow::Result<()> {
+    let (records, more) = client
+        .fetch(user, after, max.min(FETCH_COUNT_MAX), FETCH_BYTES_MAX)
+        .await?;
+    let page = Page {
+        user,
+        records: records.into_iter().map(Record::from).collect(),
+        more,
+    };
+    out.emit(&page, || human_page(&page))
+}
+
+fn human_page(page: &Page) -> String {
+    let mut text = String::new();
+    if page.records.is_empty() {
+        let _ = writeln!(text, "no messages for user {}", page.user);
+    }
+    for r in &page.records {
+        let _ = writeln!(text, "{:>8}  {}  {}", r.seq, r.timestamp_ms, r.text);
+    }
+    if page.more {
+        let _ = writeln!(text, "(more messages follow; use --after)");
+    }
+    text
+}
+
+#[derive(Serialize)]
+struct Acked {
+    user: u64,
+    up_to_seq: u64,
+    removed: u64,
+}
+
+async fn ack(client: &ShardClient, out: &Output, user: u64, seq: u64) -> anyhow::Result<()> {
+    let removed = client.ack(user, seq).await?;
+    let result = Acked {
+        user,
+        up_to_seq: seq,
+        removed,
+    };
+    out.emit(&result, || {
+        format!("acked user={user} up_to={seq} removed={removed}")
+    })
+}
+
+async fn user_stats(client: &ShardClient, out: &Output, user: u64) -> anyhow::Result<()> {
+    let s: MailboxStats = client.user_stats(user).await?;
+    out.emit(&s, || {
+        format!(
+            "user:        {user}\nlive_count:  {}\nlive_bytes:  {}\nlast_seq:    {}\nacked_seq:   {}",
+            s.live_count, s.live_bytes, s.last_seq, s.acked_seq
+        )
+    })
+}
+
+async fn shard_stats(client: &ShardClient, out: &Output) -> anyhow::Result<()> {
+    let s: ShardStats = client.stats().await?;
+    out.emit(&s, || human_shard_stats(&s))
+}
+
+fn human_shard_stats(s: &ShardStats) -> String {
+    let rows: [(&str, u64); 14] = [
+        ("users", s.users),
+        ("live_messages", s.live_messages),
+        ("live_bytes", s.live_bytes),
+        ("appends_total", s.appends_total),
+        ("acks_total", s.acks_total),
+        ("batches_total", s.batches_total),
+        ("syncs_total", s.syncs_total),
+        ("checkpoints_total", s.checkpoints_total),
+        ("compactions_total", s.compactions_total),
+        ("wal_bytes", s.wal_bytes),
+        ("bucket_bytes", s.bucket_bytes),
+        ("dead_bytes", s.dead_bytes),
+        ("open_maps", s.open_maps),
+        ("corrupt_records_total", s.corrupt_records_total),
+    ];
+    rows.iter()
+        .map(|(name, value)| format!("{:<22} {value}\n", format!("{name}:")))
+        .collect()
+}
