@@ -120,10 +120,10 @@ pub async fn run(
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    describe_metrics();
     let config = Arc::new(config);
     let mut conns = JoinSet::new();
     loop {
-        while conns.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => admit(&mut conns, stream, peer, &shard, &config, &shutdown),
@@ -138,6 +138,25 @@ pub async fn run(
         "shutting down: draining connections"
     );
     drain(conns, Duration::from_millis(config.shutdown_drain_ms)).await;
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("msgstore_requests_total", "Requests received, by op");
+    describe_counter!(
+        "msgstore_bad_frames_total",
+        "Connections closed for an oversized or malformed frame"
+    );
+    describe_counter!(
+        "msgstore_connections_rejected_total",
+        "Connections closed at once because connections_max was reached"
+    );
+    describe_gauge!("msgstore_connections", "Open client connections");
+    describe_histogram!(
+        "msgstore_request_duration_seconds",
+        Unit::Seconds,
+        "Time from receiving a request to its answer being ready, by op"
+    );
 }
 
 async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
@@ -159,6 +178,7 @@ fn admit(
     config: &Arc<ServerConfig>,
     shutdown: &watch::Receiver<bool>,
 ) {
+    while conns.try_join_next().is_some() {}
     if conns.len() >= config.connections_max {
         metrics::counter!("msgstore_connections_rejected_total").increment(1);
         tracing::warn!(%peer, max = config.connections_max, "connection limit reached; closing");
