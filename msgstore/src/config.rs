@@ -134,14 +134,44 @@ impl EngineConfig {
             1,
             16 * 1024 * 1024,
         )?;
-        range("mailbox_messages_max", self.mailbox_messages_max, 1, 1 << 32)?;
+        range(
+            "mailbox_messages_max",
+            self.mailbox_messages_max,
+            1,
+            1 << 32,
+        )?;
         range("mailbox_bytes_max", self.mailbox_bytes_max, 1, 1 << 40)?;
         range("open_maps_max", self.open_maps_max as u64, 1, 60_000)?;
-        range("queue_requests_max", self.queue_requests_max as u64, 1, 1 << 24)?;
-        range("batch_requests_max", self.batch_requests_max as u64, 1, 1 << 20)?;
-        range("checkpoint_wal_bytes", self.checkpoint_wal_bytes, 4096, 1 << 40)?;
-        range("checkpoint_interval_ms", self.checkpoint_interval_ms, 1, 1 << 40)?;
-        range("wal_bytes_max", self.wal_bytes_max, self.checkpoint_wal_bytes, 1 << 42)?;
+        range(
+            "queue_requests_max",
+            self.queue_requests_max as u64,
+            1,
+            1 << 24,
+        )?;
+        range(
+            "batch_requests_max",
+            self.batch_requests_max as u64,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "checkpoint_wal_bytes",
+            self.checkpoint_wal_bytes,
+            4096,
+            1 << 40,
+        )?;
+        range(
+            "checkpoint_interval_ms",
+            self.checkpoint_interval_ms,
+            1,
+            1 << 40,
+        )?;
+        range(
+            "wal_bytes_max",
+            self.wal_bytes_max,
+            self.checkpoint_wal_bytes,
+            1 << 42,
+        )?;
         range("index_map_bytes", self.index_map_bytes, 1 << 20, 1 << 44)?;
         if !(0.0..=1.0).contains(&self.compact_dead_ratio) {
             return Err(format!(

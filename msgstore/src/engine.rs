@@ -1,27 +1,376 @@
-//! STUB: replaced by the real engine.
+//! The storage engine: one writer thread owns every piece of shard state.
+//!
+//! Commands from all callers queue to it; it drains a batch, applies every
+//! command to the in-memory state while encoding the log entries, writes the
+//! batch's entries with one `write`, makes them durable with one `fdatasync`
+//! (policy `always`), and only then answers the batch (group commit). If the
+//! write or sync fails, the batch's in-memory changes are rolled back and
+//! every command of the batch gets the error. Checkpoints move logged
+//! records into the bucket files and the index, then trim the log.
+
+mod buckets;
+mod checkpoint;
+mod codec;
+mod index;
+mod lock;
+mod ops;
+mod recovery;
+mod state;
+mod wal;
+
 use crate::{
     handle::{AppendRequest, Fetched, Reply},
-    EngineConfig, Error, Result,
+    EngineConfig, Error, FsyncPolicy, Result,
 };
+use buckets::Buckets;
+use index::Index;
+use lock::DirLock;
 use proto::shard::{MailboxStats, ShardStats};
-use std::path::Path;
+use state::{BucketMeta, UserState};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+use wal::Wal;
 
 pub(crate) enum Command {
-    Append { req: AppendRequest, reply: Reply<u64> },
-    AppendBatch { items: Vec<AppendRequest>, reply: Reply<Vec<Result<u64>>> },
-    Fetch { user: u64, after_seq: u64, max_count: u32, max_bytes: u32, reply: Reply<Fetched> },
-    Ack { user: u64, up_to_seq: u64, reply: Reply<u64> },
-    UserStats { user: u64, reply: Reply<MailboxStats> },
-    Stats { reply: Reply<ShardStats> },
-    Checkpoint { reply: Reply<()> },
-    Close { reply: Reply<()> },
+    Append {
+        req: AppendRequest,
+        reply: Reply<u64>,
+    },
+    AppendBatch {
+        items: Vec<AppendRequest>,
+        reply: Reply<Vec<Result<u64>>>,
+    },
+    Fetch {
+        user: u64,
+        after_seq: u64,
+        max_count: u32,
+        max_bytes: u32,
+        reply: Reply<Fetched>,
+    },
+    Ack {
+        user: u64,
+        up_to_seq: u64,
+        reply: Reply<u64>,
+    },
+    UserStats {
+        user: u64,
+        reply: Reply<MailboxStats>,
+    },
+    Stats {
+        reply: Reply<ShardStats>,
+    },
+    Checkpoint {
+        reply: Reply<()>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
 }
 
-pub(crate) struct Engine;
+/// A logged record not yet checkpointed into its bucket.
+struct Pending {
+    seq: u64,
+    timestamp_ms: u64,
+    msg_id: u128,
+    payload: Vec<u8>,
+}
+
+/// Shard-wide totals, persisted in every checkpoint.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    users: u64,
+    live_messages: u64,
+    live_bytes: u64,
+}
+
+/// What a batch changed, to put back if its log write fails.
+#[derive(Default)]
+struct Undo {
+    active: bool,
+    users: HashMap<u64, Option<UserState>>,
+    memtable_lens: HashMap<u64, usize>,
+    buckets: HashMap<u32, Option<BucketMeta>>,
+    totals: Totals,
+}
+
+/// An answer computed in a batch, sent once the batch is durable.
+enum Done {
+    Seq(Reply<u64>, Result<u64>),
+    Seqs(Reply<Vec<Result<u64>>>, Vec<Result<u64>>),
+    Fetched(Reply<Fetched>, Result<Fetched>),
+    Mailbox(Reply<MailboxStats>, Result<MailboxStats>),
+    Stats(Reply<ShardStats>, ShardStats),
+}
+
+impl Done {
+    fn send(self) {
+        // A caller that stopped waiting is not an error.
+        match self {
+            Done::Seq(r, v) => drop(r.send(v)),
+            Done::Seqs(r, v) => drop(r.send(Ok(v))),
+            Done::Fetched(r, v) => drop(r.send(v)),
+            Done::Mailbox(r, v) => drop(r.send(v)),
+            Done::Stats(r, v) => drop(r.send(Ok(v))),
+        }
+    }
+
+    fn fail(self, e: &Error) {
+        match self {
+            Done::Seq(r, _) => drop(r.send(Err(e.duplicate()))),
+            Done::Seqs(r, _) => drop(r.send(Err(e.duplicate()))),
+            Done::Fetched(r, _) => drop(r.send(Err(e.duplicate()))),
+            Done::Mailbox(r, _) => drop(r.send(Err(e.duplicate()))),
+            Done::Stats(r, v) => drop(r.send(Ok(v))),
+        }
+    }
+}
+
+pub(crate) struct Engine {
+    dir: PathBuf,
+    config: EngineConfig,
+    _lock: DirLock,
+    index: Index,
+    buckets: Buckets,
+    /// Buckets that have a file; absent ones are `BucketMeta::default()`.
+    bucket_meta: HashMap<u32, BucketMeta>,
+    /// User states changed since the last checkpoint (the index has the rest).
+    dirty: HashMap<u64, UserState>,
+    memtable: HashMap<u64, VecDeque<Pending>>,
+    wal: Wal,
+    totals: Totals,
+    counters: ShardStats,
+    poisoned: Option<String>,
+    unsynced: bool,
+    last_sync: Instant,
+    last_checkpoint: Instant,
+    wal_buf: Vec<u8>,
+    undo: Undo,
+    acked_in_batch: Vec<u64>,
+    compact_candidates: HashSet<u32>,
+}
 
 impl Engine {
-    pub(crate) fn open(_dir: &Path, _config: EngineConfig) -> Result<Engine> {
-        Err(Error::Storage("engine not built yet".into()))
+    pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
+        let mut batch = Vec::with_capacity(self.config.batch_requests_max);
+        loop {
+            match rx.recv_timeout(self.next_wakeup()) {
+                Ok(cmd) => batch.push(cmd),
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    self.tick();
+                    continue;
+                }
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < self.config.batch_requests_max {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let close = self.process_batch(&mut batch);
+            self.tick();
+            if let Some(reply) = close {
+                drop(rx);
+                let _ = reply.send(self.shutdown());
+                return;
+            }
+        }
+        if let Err(e) = self.shutdown() {
+            tracing::error!(error = %e, "msgstore shutdown failed");
+        }
     }
-    pub(crate) fn run(self, _rx: flume::Receiver<Command>) {}
+
+    fn process_batch(&mut self, batch: &mut Vec<Command>) -> Option<Reply<()>> {
+        self.begin_batch();
+        let mut done = Vec::with_capacity(batch.len());
+        let mut checkpoints = Vec::new();
+        let mut close = None;
+        metrics::histogram!("msgstore_batch_requests").record(batch.len() as f64);
+        for cmd in batch.drain(..) {
+            match cmd {
+                Command::Append { req, reply } => done.push(Done::Seq(reply, self.append(&req))),
+                Command::AppendBatch { items, reply } => {
+                    let results = items.iter().map(|r| self.append(r)).collect();
+                    done.push(Done::Seqs(reply, results));
+                }
+                Command::Fetch {
+                    user,
+                    after_seq,
+                    max_count,
+                    max_bytes,
+                    reply,
+                } => done.push(Done::Fetched(
+                    reply,
+                    self.fetch(user, after_seq, max_count, max_bytes),
+                )),
+                Command::Ack {
+                    user,
+                    up_to_seq,
+                    reply,
+                } => done.push(Done::Seq(reply, self.ack(user, up_to_seq))),
+                Command::UserStats { user, reply } => {
+                    done.push(Done::Mailbox(reply, self.user_stats(user)))
+                }
+                Command::Stats { reply } => done.push(Done::Stats(reply, self.stats())),
+                Command::Checkpoint { reply } => checkpoints.push(reply),
+                Command::Close { reply } => close = Some(reply),
+            }
+        }
+        match self.commit_batch() {
+            Ok(()) => {
+                self.undo.active = false;
+                self.prune_acked();
+                done.into_iter().for_each(Done::send);
+            }
+            Err(e) => {
+                self.rollback();
+                done.into_iter().for_each(|d| d.fail(&e));
+            }
+        }
+        for reply in checkpoints {
+            let _ = reply.send(self.checkpoint_now());
+        }
+        close
+    }
+
+    fn begin_batch(&mut self) {
+        self.wal_buf.clear();
+        self.acked_in_batch.clear();
+        self.undo.users.clear();
+        self.undo.memtable_lens.clear();
+        self.undo.buckets.clear();
+        self.undo.totals = self.totals;
+        self.undo.active = true;
+    }
+
+    /// Write the batch's log entries and reach the policy's durability point.
+    fn commit_batch(&mut self) -> Result<()> {
+        if self.wal_buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(failed) = self.wal.write(&self.wal_buf) {
+            if !failed.log_intact {
+                self.poison(&failed.error);
+            }
+            return Err(failed.error.into());
+        }
+        self.counters.batches_total += 1;
+        metrics::counter!("msgstore_batches_total").increment(1);
+        match self.config.fsync {
+            FsyncPolicy::Always => self.sync_wal(),
+            FsyncPolicy::IntervalMs(_) | FsyncPolicy::Never => {
+                self.unsynced = true;
+                Ok(())
+            }
+        }
+    }
+
+    fn sync_wal(&mut self) -> Result<()> {
+        if let Err(e) = self.wal.sync() {
+            // After a failed fsync the page cache can no longer be trusted
+            // (the kernel may have dropped the dirty pages): stop writing.
+            self.poison(&e);
+            return Err(e.into());
+        }
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        self.counters.syncs_total += 1;
+        metrics::counter!("msgstore_syncs_total").increment(1);
+        Ok(())
+    }
+
+    fn poison(&mut self, e: &dyn std::fmt::Display) {
+        tracing::error!(error = %e, "msgstore log write failed; refusing further writes until restart");
+        self.poisoned = Some(e.to_string());
+    }
+
+    fn rollback(&mut self) {
+        self.undo.active = false;
+        for (user, prev) in self.undo.users.drain() {
+            match prev {
+                Some(s) => self.dirty.insert(user, s),
+                None => self.dirty.remove(&user),
+            };
+        }
+        for (user, len) in self.undo.memtable_lens.drain() {
+            if len == 0 {
+                self.memtable.remove(&user);
+            } else if let Some(q) = self.memtable.get_mut(&user) {
+                q.truncate(len);
+            }
+        }
+        for (bucket, prev) in self.undo.buckets.drain() {
+            match prev {
+                Some(m) => self.bucket_meta.insert(bucket, m),
+                None => self.bucket_meta.remove(&bucket),
+            };
+        }
+        self.totals = self.undo.totals;
+    }
+
+    /// Drop memtable records acknowledged in the batch just committed.
+    fn prune_acked(&mut self) {
+        for user in std::mem::take(&mut self.acked_in_batch) {
+            let Some(acked) = self.dirty.get(&user).map(|s| s.acked_seq) else {
+                continue;
+            };
+            if let Some(q) = self.memtable.get_mut(&user) {
+                while q.front().is_some_and(|p| p.seq <= acked) {
+                    q.pop_front();
+                }
+                if q.is_empty() {
+                    self.memtable.remove(&user);
+                }
+            }
+        }
+    }
+
+    fn next_wakeup(&self) -> Duration {
+        let mut wake = Duration::from_secs(1);
+        if let (true, FsyncPolicy::IntervalMs(ms)) = (self.unsynced, self.config.fsync) {
+            let due = Duration::from_millis(ms).saturating_sub(self.last_sync.elapsed());
+            wake = wake.min(due.max(Duration::from_millis(1)));
+        }
+        wake
+    }
+
+    /// Time-driven work: interval syncs and due checkpoints.
+    fn tick(&mut self) {
+        if let (true, FsyncPolicy::IntervalMs(ms)) = (self.unsynced, self.config.fsync) {
+            if self.last_sync.elapsed() >= Duration::from_millis(ms) && self.poisoned.is_none() {
+                let _ = self.sync_wal();
+            }
+        }
+        let bytes_due = self.wal.bytes_since_checkpoint >= self.config.checkpoint_wal_bytes;
+        let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
+            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
+        if (bytes_due || time_due) && self.poisoned.is_none() {
+            if let Err(e) = self.checkpoint_now() {
+                tracing::error!(error = %e, "msgstore checkpoint failed; will retry");
+                metrics::counter!("msgstore_checkpoint_failures_total").increment(1);
+                // Retry after the interval rather than on every batch.
+                self.last_checkpoint = Instant::now();
+            }
+        }
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.poisoned.is_some() {
+            return Ok(());
+        }
+        if self.unsynced {
+            self.sync_wal()?;
+        }
+        self.checkpoint_now()
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(m) => Err(Error::Poisoned(m.clone())),
+            None => Ok(()),
+        }
+    }
 }

@@ -141,7 +141,13 @@ impl Shard {
     /// Live records of `user` with `seq > after_seq`, oldest first, at most
     /// `max_count` of them and at most `max_bytes` of payload (the first
     /// record is returned even if it alone is larger).
-    pub fn fetch(&self, user: u64, after_seq: u64, max_count: u32, max_bytes: u32) -> Ticket<Fetched> {
+    pub fn fetch(
+        &self,
+        user: u64,
+        after_seq: u64,
+        max_count: u32,
+        max_bytes: u32,
+    ) -> Ticket<Fetched> {
         self.submit(|reply| Command::Fetch {
             user,
             after_seq,

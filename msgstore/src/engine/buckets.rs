@@ -1,0 +1,255 @@
+//! Bucket files `buckets/XX/YY` and the bounded set of their memory maps.
+//!
+//! Records are written into a bucket's map only by checkpoints (the log is
+//! the durability point), and read through the same maps by fetches. At most
+//! `open_maps_max` files are mapped at once; the least recently used maps are
+//! dropped when the set is full.
+
+use super::{codec::le_u64, state::BUCKET_HEADER_BYTES};
+use crate::Result;
+use memmap2::MmapMut;
+use std::{
+    collections::HashMap,
+    fs::{self, File, OpenOptions},
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+const BUCKET_MAGIC: &[u8; 8] = b"IMBKT\0\0\x01";
+/// Smallest size a bucket file grows to; it doubles from there.
+const BUCKET_FILE_BYTES_MIN: u64 = 16 * 1024;
+
+pub fn bucket_header(bucket: u32, gen: u64) -> [u8; BUCKET_HEADER_BYTES as usize] {
+    let mut h = [0u8; BUCKET_HEADER_BYTES as usize];
+    h[0..8].copy_from_slice(BUCKET_MAGIC);
+    h[8..12].copy_from_slice(&bucket.to_le_bytes());
+    h[16..24].copy_from_slice(&gen.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Generation recorded in a bucket file's header, if the header is valid.
+pub fn header_gen(bytes: &[u8], bucket: u32) -> Option<u64> {
+    let h = bytes.get(..BUCKET_HEADER_BYTES as usize)?;
+    let gen = le_u64(&h[16..24]);
+    (h == bucket_header(bucket, gen)).then_some(gen)
+}
+
+struct Mapped {
+    file: File,
+    map: MmapMut,
+    last_use: u64,
+}
+
+pub struct Buckets {
+    root: PathBuf,
+    files_per_dir: u16,
+    open_maps_max: usize,
+    maps: HashMap<u32, Mapped>,
+    clock: u64,
+}
+
+impl Buckets {
+    pub fn new(root: &Path, files_per_dir: u16, open_maps_max: usize) -> Result<Buckets> {
+        fs::create_dir_all(root)?;
+        Ok(Buckets {
+            root: root.to_path_buf(),
+            files_per_dir,
+            open_maps_max,
+            maps: HashMap::new(),
+            clock: 0,
+        })
+    }
+
+    pub fn path(&self, bucket: u32) -> PathBuf {
+        let files = u32::from(self.files_per_dir);
+        self.root
+            .join(format!("{:02x}", bucket / files))
+            .join(format!("{:02x}", bucket % files))
+    }
+
+    pub fn open_maps(&self) -> usize {
+        self.maps.len()
+    }
+
+    /// Drop the map of `bucket` (before its file is replaced).
+    pub fn close(&mut self, bucket: u32) {
+        self.maps.remove(&bucket);
+    }
+
+    /// The mapped bytes of `bucket`, or `None` if it has no file yet.
+    pub fn view(&mut self, bucket: u32) -> Result<Option<&[u8]>> {
+        if !self.maps.contains_key(&bucket) {
+            let path = self.path(bucket);
+            let file = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            self.insert(bucket, file)?;
+        }
+        Ok(self.touch(bucket).map(|m| &m.map[..]))
+    }
+
+    /// Write `bytes` at `offset` of `bucket`'s file (creating the file with
+    /// generation `gen` if it does not exist), growing it as needed.
+    pub fn write(&mut self, bucket: u32, gen: u64, offset: u64, bytes: &[u8]) -> Result<()> {
+        if self.view(bucket)?.is_none() {
+            let file = self.create(bucket, gen)?;
+            self.insert(bucket, file)?;
+        }
+        let end = offset + bytes.len() as u64;
+        let m = self.maps.get_mut(&bucket).expect("mapped above");
+        if (m.map.len() as u64) < end {
+            let size = end.next_power_of_two().max(BUCKET_FILE_BYTES_MIN);
+            allocate(&m.file, size)?;
+            // SAFETY: bucket files are only modified through this process's
+            // maps (the directory is locked); the file was just grown to
+            // `size`, so the new map covers valid file bytes.
+            m.map = unsafe { MmapMut::map_mut(&m.file)? };
+        }
+        m.map[offset as usize..end as usize].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn create(&self, bucket: u32, gen: u64) -> Result<File> {
+        let path = self.path(bucket);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.write_all(&bucket_header(bucket, gen))?;
+        allocate(&file, BUCKET_FILE_BYTES_MIN)?;
+        Ok(file)
+    }
+
+    fn insert(&mut self, bucket: u32, file: File) -> Result<()> {
+        if self.maps.len() >= self.open_maps_max {
+            self.evict();
+        }
+        // SAFETY: as in `write`: only this process modifies bucket files.
+        let map = unsafe { MmapMut::map_mut(&file)? };
+        self.maps.insert(
+            bucket,
+            Mapped {
+                file,
+                map,
+                last_use: 0,
+            },
+        );
+        metrics::gauge!("msgstore_open_maps").set(self.maps.len() as f64);
+        Ok(())
+    }
+
+    fn touch(&mut self, bucket: u32) -> Option<&Mapped> {
+        self.clock += 1;
+        let m = self.maps.get_mut(&bucket)?;
+        m.last_use = self.clock;
+        Some(m)
+    }
+
+    /// Drop the least recently used eighth of the maps (at least one), so
+    /// eviction costs O(log n) per map on average.
+    fn evict(&mut self) {
+        let mut uses: Vec<(u64, u32)> = self.maps.iter().map(|(b, m)| (m.last_use, *b)).collect();
+        let n = (uses.len() / 8).max(1);
+        uses.select_nth_unstable(n - 1);
+        for (_, b) in &uses[..n] {
+            self.maps.remove(b);
+        }
+    }
+
+    /// Write a compacted file for `bucket` under `compact_dir`, synced;
+    /// returns its path.
+    pub fn write_compacted(
+        &self,
+        compact_dir: &Path,
+        bucket: u32,
+        gen: u64,
+        records: &[u8],
+    ) -> Result<PathBuf> {
+        fs::create_dir_all(compact_dir)?;
+        let path = compacted_path(compact_dir, bucket, gen);
+        let mut file = File::create(&path)?;
+        file.write_all(&bucket_header(bucket, gen))?;
+        file.write_all(records)?;
+        file.sync_all()?;
+        Ok(path)
+    }
+
+    /// Move a compacted file into place (the atomic swap) and drop the old
+    /// map.
+    pub fn install_compacted(&mut self, compact_dir: &Path, bucket: u32, gen: u64) -> Result<()> {
+        self.close(bucket);
+        let to = self.path(bucket);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(compacted_path(compact_dir, bucket, gen), &to)?;
+        Ok(())
+    }
+}
+
+/// Grow `file` to `size` bytes with real blocks behind them, so a full disk
+/// is an error here and never a SIGBUS when the map is written.
+fn allocate(file: &File, size: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(size).map_err(|_| std::io::Error::other("bucket too large"))?;
+    // SAFETY: plain syscall on a file descriptor we own.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc).into());
+    }
+    Ok(())
+}
+
+pub fn compacted_path(compact_dir: &Path, bucket: u32, gen: u64) -> PathBuf {
+    compact_dir.join(format!("{bucket:08x}.{gen:016x}.next"))
+}
+
+/// Parse a compacted file name back into (bucket, gen).
+pub fn parse_compacted_name(name: &str) -> Option<(u32, u64)> {
+    let stem = name.strip_suffix(".next")?;
+    let (b, g) = stem.split_once('.')?;
+    Some((
+        u32::from_str_radix(b, 16).ok()?,
+        u64::from_str_radix(g, 16).ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_stay_bounded_and_data_survives_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Buckets::new(dir.path(), 4, 3).unwrap();
+        for id in 0..16u32 {
+            b.write(id, 0, BUCKET_HEADER_BYTES, &id.to_le_bytes())
+                .unwrap();
+            assert!(b.open_maps() <= 3);
+        }
+        for id in 0..16u32 {
+            let v = b.view(id).unwrap().unwrap();
+            assert_eq!(header_gen(v, id), Some(0));
+            let at = BUCKET_HEADER_BYTES as usize;
+            assert_eq!(&v[at..at + 4], &id.to_le_bytes());
+        }
+        assert!(b.view(99).unwrap().is_none());
+    }
+
+    #[test]
+    fn compacted_names_round_trip() {
+        let p = compacted_path(Path::new("/x"), 0xabcd, 7);
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_compacted_name(name), Some((0xabcd, 7)));
+        assert_eq!(parse_compacted_name("junk"), None);
+    }
+}

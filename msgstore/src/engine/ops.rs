@@ -1,0 +1,366 @@
+//! The operations, as the writer thread applies them. `append` and `ack`
+//! check limits and log; `apply_*` change state and are shared with log
+//! replay, which must reach exactly the state the original run reached.
+
+use super::{
+    codec::{read_record, MessageHeader, NO_PREV},
+    state::{bucket_for_user, BucketMeta, UserState},
+    wal, Engine, Pending, Totals,
+};
+use crate::{handle::AppendRequest, Error, Fetched, Result};
+use proto::shard::{MailboxStats, ShardStats, StoredRecord, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One record found walking a user's chain in its bucket.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ChainLink {
+    pub offset: u64,
+    pub seq: u64,
+    pub stored_bytes: u64,
+    pub payload_bytes: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Engine {
+    pub(super) fn load_user(&self, user: u64) -> Result<Option<UserState>> {
+        match self.dirty.get(&user) {
+            Some(s) => Ok(Some(*s)),
+            None => self.index.user(user),
+        }
+    }
+
+    fn load_or_new_user(&mut self, user: u64) -> Result<UserState> {
+        Ok(match self.load_user(user)? {
+            Some(s) => s,
+            None => UserState::new(bucket_for_user(user, self.config.buckets())),
+        })
+    }
+
+    pub(super) fn append(&mut self, req: &AppendRequest) -> Result<u64> {
+        self.check_usable()?;
+        if self.wal.bytes_since_checkpoint > self.config.wal_bytes_max {
+            return Err(Error::Overloaded(
+                "the log is at wal_bytes_max: checkpoints are failing",
+            ));
+        }
+        let len = req.payload.len();
+        if len > self.config.message_bytes_max as usize {
+            return Err(Error::MessageTooLarge {
+                len,
+                max: self.config.message_bytes_max,
+            });
+        }
+        let state = self.load_or_new_user(req.user)?;
+        if state.live_count() >= self.config.mailbox_messages_max {
+            return Err(Error::MailboxFull {
+                user: req.user,
+                reason: "message count limit",
+            });
+        }
+        if state.live_bytes + len as u64 > self.config.mailbox_bytes_max {
+            return Err(Error::MailboxFull {
+                user: req.user,
+                reason: "byte limit",
+            });
+        }
+        let header = MessageHeader {
+            user: req.user,
+            seq: state.next_seq,
+            timestamp_ms: now_ms(),
+            msg_id: req.msg_id,
+        };
+        wal::encode_append(&header, &req.payload, &mut self.wal_buf);
+        self.apply_append(state, header, req.payload.clone());
+        self.counters.appends_total += 1;
+        metrics::counter!("msgstore_appends_total").increment(1);
+        Ok(header.seq)
+    }
+
+    /// Record `header` as the next message of its user.
+    pub(super) fn apply_append(
+        &mut self,
+        mut state: UserState,
+        header: MessageHeader,
+        payload: Vec<u8>,
+    ) {
+        debug_assert_eq!(header.seq, state.next_seq);
+        self.save_for_undo(header.user);
+        if state.next_seq == 1 && !self.dirty.contains_key(&header.user) {
+            // A user's first append ever: it cannot be in the index.
+            self.totals.users += 1;
+        }
+        state.next_seq = header.seq + 1;
+        state.live_bytes += payload.len() as u64;
+        self.totals.live_messages += 1;
+        self.totals.live_bytes += payload.len() as u64;
+        self.dirty.insert(header.user, state);
+        self.memtable
+            .entry(header.user)
+            .or_default()
+            .push_back(Pending {
+                seq: header.seq,
+                timestamp_ms: header.timestamp_ms,
+                msg_id: header.msg_id,
+                payload,
+            });
+    }
+
+    pub(super) fn ack(&mut self, user: u64, up_to_seq: u64) -> Result<u64> {
+        self.check_usable()?;
+        let Some(state) = self.load_user(user)? else {
+            return Ok(0);
+        };
+        let up_to = up_to_seq.min(state.last_seq());
+        if up_to <= state.acked_seq {
+            return Ok(0);
+        }
+        wal::encode_ack(user, up_to, &mut self.wal_buf);
+        let removed = self.apply_ack(user, state, up_to)?;
+        self.counters.acks_total += 1;
+        metrics::counter!("msgstore_acks_total").increment(1);
+        Ok(removed)
+    }
+
+    /// Mark `acked_seq + 1 ..= up_to` dead; returns how many that is.
+    pub(super) fn apply_ack(&mut self, user: u64, mut state: UserState, up_to: u64) -> Result<u64> {
+        let links = self.chain(&state, state.acked_seq + 1)?;
+        self.save_for_undo(user);
+        let mut freed_payload = 0u64;
+        let mut dead_stored = 0u64;
+        for link in links.iter().filter(|l| l.seq <= up_to) {
+            freed_payload += link.payload_bytes;
+            dead_stored += link.stored_bytes;
+        }
+        if let Some(q) = self.memtable.get(&user) {
+            freed_payload += q
+                .iter()
+                .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
+                .map(|p| p.payload.len() as u64)
+                .sum::<u64>();
+        }
+        if dead_stored > 0 {
+            self.add_dead_bytes(state.bucket, dead_stored);
+        }
+        let removed = up_to - state.acked_seq;
+        state.acked_seq = up_to;
+        state.live_bytes = state.live_bytes.saturating_sub(freed_payload);
+        self.totals.live_messages = self.totals.live_messages.saturating_sub(removed);
+        self.totals.live_bytes = self.totals.live_bytes.saturating_sub(freed_payload);
+        self.dirty.insert(user, state);
+        self.acked_in_batch.push(user);
+        Ok(removed)
+    }
+
+    fn add_dead_bytes(&mut self, bucket: u32, bytes: u64) {
+        self.save_bucket_for_undo(bucket);
+        let meta = self.bucket_meta.entry(bucket).or_default();
+        meta.dead_bytes += bytes;
+        let ratio = meta.dead_bytes as f64 / meta.record_bytes().max(1) as f64;
+        if ratio > self.config.compact_dead_ratio && meta.len >= self.config.compact_min_bytes {
+            self.compact_candidates.insert(bucket);
+        }
+    }
+
+    pub(super) fn fetch(
+        &mut self,
+        user: u64,
+        after_seq: u64,
+        max_count: u32,
+        max_bytes: u32,
+    ) -> Result<Fetched> {
+        self.check_usable()?;
+        let Some(state) = self.load_user(user)? else {
+            return Ok(Fetched::default());
+        };
+        let start = after_seq.max(state.acked_seq) + 1;
+        let max_count = max_count.min(FETCH_COUNT_MAX) as usize;
+        let max_bytes = u64::from(max_bytes.min(FETCH_BYTES_MAX));
+        let mut page = Page {
+            records: Vec::new(),
+            bytes: 0,
+            max_count,
+            max_bytes,
+        };
+        if start <= state.tail_seq {
+            let mut links = self.chain(&state, start)?;
+            links.reverse();
+            let view = self.buckets.view(state.bucket)?.unwrap_or(&[]);
+            for link in links {
+                let Ok(rec) = read_record(view, link.offset, usize::MAX >> 1) else {
+                    break;
+                };
+                if !page.push(rec.header, rec.payload) {
+                    break;
+                }
+            }
+        }
+        if let Some(q) = self.memtable.get(&user) {
+            for p in q.iter().filter(|p| p.seq >= start) {
+                let header = MessageHeader {
+                    user,
+                    seq: p.seq,
+                    timestamp_ms: p.timestamp_ms,
+                    msg_id: p.msg_id,
+                };
+                if !page.push(header, &p.payload) {
+                    break;
+                }
+            }
+        }
+        let last_returned = page.records.last().map_or(start - 1, |r| r.seq);
+        Ok(Fetched {
+            more: last_returned < state.last_seq(),
+            records: page.records,
+        })
+    }
+
+    /// The user's records in its bucket with `seq >= min_seq`, newest first.
+    /// A record that fails its checksum ends the walk: it is counted and
+    /// logged, and older records of this user become unreachable.
+    pub(super) fn chain(&mut self, state: &UserState, min_seq: u64) -> Result<Vec<ChainLink>> {
+        let mut links = Vec::new();
+        if state.tail_offset == NO_PREV || min_seq > state.tail_seq {
+            return Ok(links);
+        }
+        let meta_len = self
+            .bucket_meta
+            .get(&state.bucket)
+            .copied()
+            .unwrap_or_default()
+            .len;
+        let Some(view) = self.buckets.view(state.bucket)? else {
+            return Ok(links);
+        };
+        let view = &view[..(meta_len as usize).min(view.len())];
+        let mut offset = state.tail_offset;
+        let mut expect_seq = state.tail_seq;
+        while offset != NO_PREV {
+            let rec = match read_record(view, offset, usize::MAX >> 1) {
+                Ok(rec)
+                    if rec.header.seq <= expect_seq
+                        && (rec.prev_offset == NO_PREV || rec.prev_offset < offset) =>
+                {
+                    rec
+                }
+                other => {
+                    let fault = other.err();
+                    tracing::error!(
+                        bucket = state.bucket,
+                        offset,
+                        ?fault,
+                        "corrupt record in bucket; dropping the rest of this chain"
+                    );
+                    self.counters.corrupt_records_total += 1;
+                    metrics::counter!("msgstore_corrupt_records_total").increment(1);
+                    break;
+                }
+            };
+            if rec.header.seq < min_seq {
+                break;
+            }
+            links.push(ChainLink {
+                offset,
+                seq: rec.header.seq,
+                stored_bytes: rec.stored_bytes(),
+                payload_bytes: rec.payload.len() as u64,
+            });
+            expect_seq = rec.header.seq.saturating_sub(1);
+            offset = rec.prev_offset;
+        }
+        Ok(links)
+    }
+
+    pub(super) fn user_stats(&mut self, user: u64) -> Result<MailboxStats> {
+        self.check_usable()?;
+        let state = self.load_user(user)?;
+        Ok(state.map_or(
+            MailboxStats {
+                live_count: 0,
+                live_bytes: 0,
+                last_seq: 0,
+                acked_seq: 0,
+            },
+            |s| MailboxStats {
+                live_count: s.live_count(),
+                live_bytes: s.live_bytes,
+                last_seq: s.last_seq(),
+                acked_seq: s.acked_seq,
+            },
+        ))
+    }
+
+    pub(super) fn stats(&self) -> ShardStats {
+        let (bucket_bytes, dead_bytes) = self
+            .bucket_meta
+            .values()
+            .fold((0, 0), |(b, d), m| (b + m.len, d + m.dead_bytes));
+        ShardStats {
+            users: self.totals.users,
+            live_messages: self.totals.live_messages,
+            live_bytes: self.totals.live_bytes,
+            wal_bytes: self.wal.bytes_since_checkpoint,
+            bucket_bytes,
+            dead_bytes,
+            open_maps: self.buckets.open_maps() as u64,
+            ..self.counters
+        }
+    }
+
+    fn save_for_undo(&mut self, user: u64) {
+        if self.undo.active && !self.undo.users.contains_key(&user) {
+            self.undo.users.insert(user, self.dirty.get(&user).copied());
+            let len = self.memtable.get(&user).map_or(0, |q| q.len());
+            self.undo.memtable_lens.insert(user, len);
+        }
+    }
+
+    fn save_bucket_for_undo(&mut self, bucket: u32) {
+        if self.undo.active && !self.undo.buckets.contains_key(&bucket) {
+            let prev = self.bucket_meta.get(&bucket).copied();
+            self.undo.buckets.insert(bucket, prev);
+        }
+    }
+
+    pub(super) fn totals_snapshot(&self) -> Totals {
+        self.totals
+    }
+
+    pub(super) fn bucket(&self, bucket: u32) -> BucketMeta {
+        self.bucket_meta.get(&bucket).copied().unwrap_or_default()
+    }
+}
+
+/// A fetch result being filled within its limits.
+struct Page {
+    records: Vec<StoredRecord>,
+    bytes: u64,
+    max_count: usize,
+    max_bytes: u64,
+}
+
+impl Page {
+    /// Add a record if the limits allow; false when the page is full. The
+    /// first record always fits, so one large message cannot block a
+    /// mailbox.
+    fn push(&mut self, header: MessageHeader, payload: &[u8]) -> bool {
+        let len = payload.len() as u64;
+        if self.records.len() >= self.max_count
+            || (!self.records.is_empty() && self.bytes + len > self.max_bytes)
+        {
+            return false;
+        }
+        self.bytes += len;
+        self.records.push(StoredRecord {
+            seq: header.seq,
+            msg_id: header.msg_id,
+            timestamp_ms: header.timestamp_ms,
+            payload: payload.to_vec(),
+        });
+        true
+    }
+}

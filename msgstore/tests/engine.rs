@@ -1,0 +1,320 @@
+//! The engine in-process: the API contract, limits, restart, compaction.
+
+use msgstore::{AppendRequest, EngineConfig, Error, FsyncPolicy, Shard};
+use std::path::Path;
+
+fn small_config() -> EngineConfig {
+    EngineConfig {
+        bucket_dirs: 4,
+        bucket_files: 4,
+        ..EngineConfig::default()
+    }
+}
+
+fn open(dir: &Path, config: &EngineConfig) -> Shard {
+    Shard::open(dir, config.clone()).expect("open shard")
+}
+
+fn payloads(shard: &Shard, user: u64, after: u64) -> Vec<(u64, Vec<u8>)> {
+    let page = shard.fetch(user, after, 1000, 1 << 20).wait().unwrap();
+    page.records
+        .into_iter()
+        .map(|r| (r.seq, r.payload))
+        .collect()
+}
+
+#[test]
+fn append_fetch_ack_round_trip_with_gap_free_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = open(dir.path(), &small_config());
+    for i in 1..=5u64 {
+        assert_eq!(
+            shard.append(7, i.into(), vec![i as u8; 3]).wait().unwrap(),
+            i
+        );
+    }
+    assert_eq!(shard.append(8, 1, b"other".to_vec()).wait().unwrap(), 1);
+    let got = payloads(&shard, 7, 0);
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[2], (3, vec![3u8; 3]));
+    assert_eq!(payloads(&shard, 7, 3).len(), 2);
+    assert_eq!(shard.ack(7, 3).wait().unwrap(), 3);
+    assert_eq!(
+        shard.ack(7, 3).wait().unwrap(),
+        0,
+        "acking again removes nothing"
+    );
+    assert_eq!(
+        payloads(&shard, 7, 0)
+            .iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+        vec![4, 5]
+    );
+    let stats = shard.user_stats(7).wait().unwrap();
+    assert_eq!(
+        (
+            stats.live_count,
+            stats.last_seq,
+            stats.acked_seq,
+            stats.live_bytes
+        ),
+        (2, 5, 3, 6)
+    );
+    // Acking past the end clamps to the last seq.
+    assert_eq!(shard.ack(7, 99).wait().unwrap(), 2);
+    assert_eq!(
+        shard.append(7, 6, b"x".to_vec()).wait().unwrap(),
+        6,
+        "seqs are never reused"
+    );
+    shard.close().unwrap();
+}
+
+#[test]
+fn pages_respect_count_and_byte_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = open(dir.path(), &small_config());
+    for i in 0..10u64 {
+        shard.append(1, i.into(), vec![0u8; 100]).wait().unwrap();
+    }
+    shard.checkpoint().wait().unwrap();
+    for i in 10..20u64 {
+        shard.append(1, i.into(), vec![0u8; 100]).wait().unwrap();
+    }
+    let page = shard.fetch(1, 0, 4, 1 << 20).wait().unwrap();
+    assert_eq!(
+        page.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(page.more);
+    let page = shard.fetch(1, 8, 100, 350).wait().unwrap();
+    assert_eq!(
+        page.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![9, 10, 11]
+    );
+    let page = shard.fetch(1, 0, 100, 10).wait().unwrap();
+    assert_eq!(
+        page.records.len(),
+        1,
+        "the first record is returned even over the byte budget"
+    );
+    let page = shard.fetch(1, 15, 100, 1 << 20).wait().unwrap();
+    assert_eq!(page.records.len(), 5);
+    assert!(!page.more);
+    shard.close().unwrap();
+}
+
+#[test]
+fn limits_refuse_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        message_bytes_max: 100,
+        mailbox_messages_max: 3,
+        mailbox_bytes_max: 250,
+        ..small_config()
+    };
+    let shard = open(dir.path(), &config);
+    assert!(matches!(
+        shard.append(1, 1, vec![0; 101]).wait(),
+        Err(Error::MessageTooLarge { len: 101, max: 100 })
+    ));
+    for i in 0..3 {
+        shard.append(1, i, vec![0; 10]).wait().unwrap();
+    }
+    assert!(matches!(
+        shard.append(1, 9, vec![0; 10]).wait(),
+        Err(Error::MailboxFull { .. })
+    ));
+    shard.append(2, 1, vec![0; 100]).wait().unwrap();
+    shard.append(2, 2, vec![0; 100]).wait().unwrap();
+    assert!(matches!(
+        shard.append(2, 3, vec![0; 100]).wait(),
+        Err(Error::MailboxFull { .. })
+    ));
+    let stats = shard.user_stats(1).wait().unwrap();
+    assert_eq!(
+        (stats.live_count, stats.last_seq),
+        (3, 3),
+        "refused appends store nothing"
+    );
+    // Acking makes room again, and seqs continue without a gap.
+    shard.ack(1, 1).wait().unwrap();
+    assert_eq!(shard.append(1, 10, vec![0; 10]).wait().unwrap(), 4);
+    // A batch: each item succeeds or fails on its own.
+    let results = shard
+        .append_batch(vec![
+            AppendRequest {
+                user: 3,
+                msg_id: 1,
+                payload: vec![1],
+            },
+            AppendRequest {
+                user: 3,
+                msg_id: 2,
+                payload: vec![0; 500],
+            },
+            AppendRequest {
+                user: 3,
+                msg_id: 3,
+                payload: vec![3],
+            },
+        ])
+        .wait()
+        .unwrap();
+    assert_eq!(results[0].as_ref().unwrap(), &1);
+    assert!(matches!(results[1], Err(Error::MessageTooLarge { .. })));
+    assert_eq!(results[2].as_ref().unwrap(), &2);
+    shard.close().unwrap();
+}
+
+#[test]
+fn everything_survives_restart_with_and_without_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config();
+    {
+        let shard = open(dir.path(), &config);
+        for i in 1..=50u64 {
+            shard
+                .append(i % 5, i.into(), format!("m{i}").into_bytes())
+                .wait()
+                .unwrap();
+        }
+        shard.checkpoint().wait().unwrap();
+        for i in 51..=80u64 {
+            shard
+                .append(i % 5, i.into(), format!("m{i}").into_bytes())
+                .wait()
+                .unwrap();
+        }
+        shard.ack(0, 4).wait().unwrap();
+        // Drop without close: the log alone must bring back the last 30.
+        drop(shard);
+    }
+    // `drop` of the last handle lets the writer finish; wait for the lock.
+    let shard = loop {
+        match Shard::open(dir.path(), config.clone()) {
+            Err(Error::Locked { .. }) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            other => break other.unwrap(),
+        }
+    };
+    for user in 0..5u64 {
+        let got = payloads(&shard, user, 0);
+        let expected: Vec<u64> = (1..=80u64).filter(|i| i % 5 == user).collect();
+        let skip = if user == 0 { 4 } else { 0 };
+        assert_eq!(got.len(), expected.len() - skip, "user {user}");
+        for (k, (seq, payload)) in got.iter().enumerate() {
+            let i = expected[k + skip];
+            assert_eq!(*seq, (k + skip + 1) as u64);
+            assert_eq!(payload, &format!("m{i}").into_bytes());
+        }
+    }
+    let stats = shard.stats().wait().unwrap();
+    assert_eq!(stats.users, 5);
+    assert_eq!(stats.live_messages, 76);
+    shard.close().unwrap();
+}
+
+#[test]
+fn second_open_of_a_locked_directory_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = open(dir.path(), &small_config());
+    let err = Shard::open(dir.path(), small_config())
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("locked"));
+    shard.close().unwrap();
+}
+
+#[test]
+fn compaction_reclaims_dead_records_and_keeps_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        bucket_dirs: 1,
+        bucket_files: 1,
+        compact_min_bytes: 1024,
+        ..small_config()
+    };
+    let shard = open(dir.path(), &config);
+    for i in 0..200u64 {
+        shard
+            .append(i % 4, i.into(), vec![i as u8; 64])
+            .wait()
+            .unwrap();
+    }
+    shard.checkpoint().wait().unwrap();
+    let before = shard.stats().wait().unwrap();
+    for user in 0..4u64 {
+        shard.ack(user, 40).wait().unwrap();
+    }
+    shard.checkpoint().wait().unwrap();
+    let after = shard.stats().wait().unwrap();
+    assert_eq!(after.compactions_total, 1);
+    assert!(
+        after.bucket_bytes < before.bucket_bytes / 4,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(after.dead_bytes, 0);
+    for user in 0..4u64 {
+        let got = payloads(&shard, user, 0);
+        assert_eq!(
+            got.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (41..=50).collect::<Vec<_>>()
+        );
+        assert_eq!(got[0].1, vec![(40 * 4 + user) as u8; 64]);
+    }
+    shard.close().unwrap();
+    let shard = open(dir.path(), &config);
+    assert_eq!(
+        payloads(&shard, 3, 0).len(),
+        10,
+        "the compacted bucket survives a restart"
+    );
+    shard.close().unwrap();
+}
+
+#[test]
+fn fsync_policies_all_store_and_reopen() {
+    for fsync in [
+        FsyncPolicy::Always,
+        FsyncPolicy::IntervalMs(5),
+        FsyncPolicy::Never,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync,
+            ..small_config()
+        };
+        let shard = open(dir.path(), &config);
+        for i in 0..20u64 {
+            shard.append(1, i.into(), b"x".to_vec()).wait().unwrap();
+        }
+        shard.close().unwrap();
+        let shard = open(dir.path(), &config);
+        assert_eq!(payloads(&shard, 1, 0).len(), 20, "{fsync}");
+        shard.close().unwrap();
+    }
+}
+
+#[test]
+fn closed_shard_answers_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = open(dir.path(), &small_config());
+    let other = shard.clone();
+    shard.close().unwrap();
+    assert!(matches!(
+        other.append(1, 1, vec![1]).wait(),
+        Err(Error::Closed)
+    ));
+}
+
+#[test]
+fn a_different_fanout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path(), &small_config()).close().unwrap();
+    let err = Shard::open(dir.path(), EngineConfig::default())
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("fan-out"), "{err}");
+}
