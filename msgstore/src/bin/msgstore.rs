@@ -81,6 +81,9 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+    // Handlers go in before anything else: a SIGTERM right after the
+    // listening line must shut down gracefully, not kill the process.
+    let signals = Signals::install()?;
     if let Some(addr) = config.metrics_addr {
         daemon::install_metrics(addr)?;
     }
@@ -92,20 +95,33 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     println!("msgstore listening on {}", running.local_addr());
-    let signal = wait_for_signal().await?;
+    let signal = signals.wait().await;
     tracing::info!(signal, "shutting down");
     running.shutdown().await?;
     tracing::info!("shard closed; bye");
     Ok(())
 }
 
-/// Wait for SIGTERM or SIGINT; returns the signal's name.
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT handlers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+        })
+    }
+
+    /// Wait for SIGTERM or SIGINT; returns the signal's name.
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
