@@ -133,6 +133,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    while conns.try_join_next().is_some() {}
     tracing::info!(
         connections = conns.len(),
         "shutting down: draining connections"

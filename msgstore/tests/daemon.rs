@@ -24,7 +24,12 @@ struct Daemon {
 impl Daemon {
     /// Start the daemon on `data` with port 0 and wait for its listening line.
     fn start(data: &Path) -> Daemon {
-        let mut child = daemon_command(data)
+        Self::start_with(daemon_command(data))
+    }
+
+    /// Start `cmd` and wait for its listening line.
+    fn start_with(mut cmd: Command) -> Daemon {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -339,4 +344,39 @@ fn help_and_bad_config_are_reported() {
         .expect("run msgstore");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_field"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_limits_backpressure_and_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("msgstore.toml");
+    // `listen` in the file is overridden by the --listen flag.
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:1\"\n[server]\ninflight_requests_max = 2\nconnections_max = 1\n",
+    )
+    .unwrap();
+    let mut cmd = daemon_command(&dir.path().join("data"));
+    cmd.arg("--config").arg(&config);
+    let daemon = Daemon::start_with(cmd);
+
+    // Far more pipelined requests than the server lets one connection have
+    // in flight: back-pressure slows the link but every request is answered.
+    let client = connect(daemon.addr).await;
+    let stored = tokio::time::timeout(HANG_LIMIT, append_concurrently(&client, &[3], 300))
+        .await
+        .expect("appends finished");
+    let mut seqs: Vec<u64> = stored[&3].keys().copied().collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+
+    // The single allowed connection is taken: another is closed at once.
+    expect_closed_after(daemon.addr, &[]).await;
+    client
+        .ping()
+        .await
+        .expect("the admitted connection keeps working");
+    drop(client);
+
+    assert_eq!(daemon.terminate().code(), Some(0));
 }

@@ -1,6 +1,7 @@
 //! Printing results as human-readable text or as JSON (`--json`).
 
 use serde::Serialize;
+use std::io::Write;
 
 /// Where and how subcommands print their results.
 pub struct Output {
@@ -14,14 +15,18 @@ impl Output {
         value: &T,
         human: impl FnOnce() -> String,
     ) -> anyhow::Result<()> {
-        if self.json {
-            println!("{}", serde_json::to_string(value)?);
+        let text = if self.json {
+            serde_json::to_string(value)?
         } else {
-            let text = human();
-            if !text.is_empty() {
-                println!("{}", text.trim_end_matches('\n'));
-            }
+            human()
+        };
+        if text.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        match writeln!(std::io::stdout().lock(), "{}", text.trim_end_matches('\n')) {
+            // The reader went away (`imctl ... | head`): not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => Ok(other?),
+        }
     }
 }
