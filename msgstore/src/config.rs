@@ -79,6 +79,8 @@ pub struct EngineConfig {
     pub queue_requests_max: usize,
     /// Most requests the writer handles in one group commit.
     pub batch_requests_max: usize,
+    /// Size of one write-ahead-log segment file (preallocated, zero-filled).
+    pub wal_segment_bytes: u64,
     /// A checkpoint runs once this many log bytes were written since the last.
     pub checkpoint_wal_bytes: u64,
     /// ... or this long after the last one, if anything changed.
@@ -106,6 +108,7 @@ impl Default for EngineConfig {
             open_maps_max: 4096,
             queue_requests_max: 65_536,
             batch_requests_max: 4096,
+            wal_segment_bytes: 32 * 1024 * 1024,
             checkpoint_wal_bytes: 64 * 1024 * 1024,
             checkpoint_interval_ms: 30_000,
             wal_bytes_max: 1024 * 1024 * 1024,

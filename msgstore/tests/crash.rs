@@ -49,6 +49,7 @@ fsync = "always"
 bucket_dirs = 4
 bucket_files = 4
 checkpoint_wal_bytes = 65536
+wal_segment_bytes = 262144
 checkpoint_interval_ms = 50
 compact_dead_ratio = 0.3
 compact_min_bytes = 4096

@@ -7,6 +7,7 @@ fn small_config() -> EngineConfig {
     EngineConfig {
         bucket_dirs: 4,
         bucket_files: 4,
+        wal_segment_bytes: 256 * 1024,
         ..EngineConfig::default()
     }
 }

@@ -3,20 +3,21 @@
 //! in one transaction, then trim the log.
 //!
 //! Order (docs/STORAGE.md explains why each crash point is safe):
-//! 1. start a new log segment S; older segments hold everything to move;
+//! 1. note the log position P; everything logged before it is to move;
 //! 2. write memtable records into bucket maps past each bucket's `len`;
 //! 3. write compacted copies of candidate buckets to `compact/`, synced;
 //! 4. `syncfs`: every bucket byte written so far is durable;
-//! 5. one LMDB transaction: user states, bucket states, `wal_start = S`,
+//! 5. one LMDB transaction: user states, bucket states, `wal_start = P`,
 //!    the compacted files to swap in; commit (durable);
 //! 6. rename compacted files over their buckets, sync;
-//! 7. delete log segments older than S.
+//! 7. delete log segments wholly before P.
 
 use super::{
     buckets::{compacted_path, header_gen},
     codec::{encode_record, read_record, MessageHeader, NO_PREV},
     index::CheckpointMeta,
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
+    wal::Position,
     Engine,
 };
 use crate::Result;
@@ -48,7 +49,7 @@ impl Engine {
         if self.dirty.is_empty() && self.memtable.is_empty() && self.compact_candidates.is_empty() {
             return Ok(());
         }
-        let wal_start = self.wal.rotate()?;
+        let wal_start = self.wal.position();
         let mut touched = self.flush_memtable()?;
         let compactions = self.prepare_compactions()?;
         let compact_dir = self.dir.join("compact");
@@ -177,7 +178,7 @@ impl Engine {
             };
             at += rec.stored_bytes();
             let user = rec.header.user;
-            if !states.contains_key(&user) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(user) {
                 let Some(mut s) = self.load_user(user)? else {
                     tracing::error!(
                         bucket,
@@ -187,7 +188,7 @@ impl Engine {
                     return Ok(None);
                 };
                 s.tail_offset = NO_PREV;
-                states.insert(user, s);
+                slot.insert(s);
             }
             let state = states.get_mut(&user).expect("inserted above");
             if rec.header.seq <= state.acked_seq {
@@ -213,7 +214,7 @@ impl Engine {
 
     fn commit_index(
         &mut self,
-        wal_start: u64,
+        wal_start: Position,
         touched: &mut Vec<u32>,
         compactions: &[Compaction],
     ) -> Result<()> {

@@ -2,7 +2,10 @@
 //! checkpoint record. Written only by checkpoints, in one large transaction
 //! each (LMDB cannot take one random-key write per append: baselines.md).
 
-use super::state::{BucketMeta, UserState};
+use super::{
+    state::{BucketMeta, UserState},
+    wal::Position,
+};
 use crate::{Error, Result};
 use heed::{
     byteorder::BigEndian,
@@ -18,8 +21,8 @@ type MetaDb = Database<'static, Str, Bytes>;
 /// What a checkpoint records besides user and bucket states.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CheckpointMeta {
-    /// First write-ahead-log segment recovery must replay.
-    pub wal_start: u64,
+    /// Where in the write-ahead log recovery must start replaying.
+    pub wal_start: Position,
     /// Compacted bucket files to move into place: (bucket, generation).
     pub pending_swaps: Vec<(u32, u64)>,
     /// Totals as of this checkpoint.
@@ -33,9 +36,10 @@ const META_FANOUT: &str = "fanout";
 
 impl CheckpointMeta {
     fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(40 + self.pending_swaps.len() * 12);
+        let mut b = Vec::with_capacity(48 + self.pending_swaps.len() * 12);
         for v in [
-            self.wal_start,
+            self.wal_start.segment,
+            self.wal_start.offset,
             self.users_total,
             self.live_messages,
             self.live_bytes,
@@ -53,16 +57,19 @@ impl CheckpointMeta {
     fn decode(b: &[u8]) -> Option<Self> {
         use super::codec::{le_u32, le_u64};
         let word = |i: usize| b.get(i * 8..i * 8 + 8).map(le_u64);
-        let swaps = usize::try_from(word(4)?).ok()?;
-        let rest = b.get(40..)?;
+        let swaps = usize::try_from(word(5)?).ok()?;
+        let rest = b.get(48..)?;
         if rest.len() != swaps.checked_mul(12)? {
             return None;
         }
         Some(Self {
-            wal_start: word(0)?,
-            users_total: word(1)?,
-            live_messages: word(2)?,
-            live_bytes: word(3)?,
+            wal_start: Position {
+                segment: word(0)?,
+                offset: word(1)?,
+            },
+            users_total: word(2)?,
+            live_messages: word(3)?,
+            live_bytes: word(4)?,
             pending_swaps: rest
                 .chunks_exact(12)
                 .map(|c| (le_u32(&c[0..4]), le_u64(&c[4..12])))
@@ -189,7 +196,10 @@ mod tests {
     #[test]
     fn checkpoint_meta_round_trips_and_rejects_garbage() {
         let m = CheckpointMeta {
-            wal_start: 3,
+            wal_start: Position {
+                segment: 3,
+                offset: 4096,
+            },
             pending_swaps: vec![(1, 2), (65_535, 9)],
             users_total: 10,
             live_messages: 20,

@@ -143,6 +143,10 @@ impl Engine {
                 .map(|p| p.payload.len() as u64)
                 .sum::<u64>();
         }
+        if up_to == state.last_seq() {
+            // Exact even if a corrupt record cut the chain walk short.
+            freed_payload = state.live_bytes;
+        }
         if dead_stored > 0 {
             self.add_dead_bytes(state.bucket, dead_stored);
         }
@@ -185,6 +189,7 @@ impl Engine {
             bytes: 0,
             max_count,
             max_bytes,
+            full: false,
         };
         if start <= state.tail_seq {
             let mut links = self.chain(&state, start)?;
@@ -199,7 +204,7 @@ impl Engine {
                 }
             }
         }
-        if let Some(q) = self.memtable.get(&user) {
+        if let (false, Some(q)) = (page.full, self.memtable.get(&user)) {
             for p in q.iter().filter(|p| p.seq >= start) {
                 let header = MessageHeader {
                     user,
@@ -341,6 +346,9 @@ struct Page {
     bytes: u64,
     max_count: usize,
     max_bytes: u64,
+    /// A record was refused: nothing later may be added, or the page
+    /// would skip it.
+    full: bool,
 }
 
 impl Page {
@@ -349,9 +357,11 @@ impl Page {
     /// mailbox.
     fn push(&mut self, header: MessageHeader, payload: &[u8]) -> bool {
         let len = payload.len() as u64;
-        if self.records.len() >= self.max_count
+        if self.full
+            || self.records.len() >= self.max_count
             || (!self.records.is_empty() && self.bytes + len > self.max_bytes)
         {
+            self.full = true;
             return false;
         }
         self.bytes += len;

@@ -6,10 +6,10 @@ use super::{
     index::Index,
     lock::DirLock,
     state::{bucket_for_user, UserState},
-    wal::{self, Entry, SegmentEnd, Wal},
+    wal::{self, Entry, Position, SegmentEnd, Wal},
     Engine, Totals, Undo,
 };
-use crate::{EngineConfig, Result};
+use crate::{EngineConfig, FsyncPolicy, Result};
 use proto::shard::ShardStats;
 use std::{
     collections::{HashMap, HashSet},
@@ -36,7 +36,11 @@ impl Engine {
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir)?;
         let segments: Vec<u64> = wal::list_segments(&wal_dir)?;
-        let next_segment = segments.last().map_or(1, |s| s + 1).max(meta.wal_start);
+        let next_segment = segments
+            .last()
+            .map_or(1, |s| s + 1)
+            .max(meta.wal_start.segment);
+        let dsync = config.fsync == FsyncPolicy::Always;
         let mut engine = Engine {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -45,7 +49,7 @@ impl Engine {
             buckets,
             dirty: HashMap::new(),
             memtable: HashMap::new(),
-            wal: Wal::create(&wal_dir, next_segment)?,
+            wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
             totals: Totals {
                 users: meta.users_total,
                 live_messages: meta.live_messages,
@@ -63,10 +67,7 @@ impl Engine {
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
-        engine.replay(
-            &wal_dir,
-            segments.into_iter().filter(|s| *s >= meta.wal_start),
-        )?;
+        engine.replay(&wal_dir, meta.wal_start, &segments)?;
         engine.prune_acked();
         Ok(engine)
     }
@@ -74,16 +75,21 @@ impl Engine {
     /// Apply every valid entry of the segments, oldest first. The first torn
     /// or corrupt entry ends the replay: the segment is cut there and later
     /// segments (which cannot be trusted to follow it) are removed.
-    fn replay(&mut self, wal_dir: &Path, segments: impl Iterator<Item = u64>) -> Result<()> {
+    fn replay(&mut self, wal_dir: &Path, start: Position, segments: &[u64]) -> Result<()> {
         let mut ended = false;
         let mut replayed = 0u64;
-        for seg in segments {
+        for &seg in segments.iter().filter(|s| **s >= start.segment) {
             if ended {
                 tracing::warn!(segment = seg, "removing log segment after a torn one");
                 std::fs::remove_file(wal_dir.join(format!("{seg:016x}.log")))?;
                 continue;
             }
-            let end = wal::replay_segment(wal_dir, seg, REPLAY_ENTRY_BYTES_MAX, |e| {
+            let from = if seg == start.segment {
+                start.offset
+            } else {
+                0
+            };
+            let end = wal::replay_segment(wal_dir, seg, from, REPLAY_ENTRY_BYTES_MAX, |e| {
                 replayed += 1;
                 self.replay_entry(e)
             })?;
