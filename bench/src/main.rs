@@ -1,1 +1,35 @@
-fn main() {}
+//! imbench: side-by-side benchmarks of this system against real peers.
+
+mod disk;
+mod inproc;
+mod load;
+mod procs;
+mod redis;
+mod report;
+mod shard_driver;
+mod storage;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "imbench", about = "Side-by-side benchmarks against real peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Mailbox storage: our shard vs a private redis-server, the engine
+    /// in-process, and the raw disk ceiling, measured in the same run.
+    Storage(storage::StorageArgs),
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Storage(args) => storage::run(args).await,
+    }
+}

@@ -1,0 +1,499 @@
+//! The one load loop every TCP target runs through.
+//!
+//! A target (Redis, our shard) only supplies a [`Codec`]: how to encode a
+//! mailbox [`Op`] as its request bytes and how to decode its reply. A
+//! [`Workload`] decides which ops to issue (random appends, a prefill, a
+//! drain). Each connection task keeps up to `pipeline` requests in flight,
+//! writes everything it can issue in one `write_all`, and matches replies to
+//! requests in order (both targets answer one connection in order; the shard
+//! codec checks its ids to be sure).
+
+use crate::report::LatencyHist;
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// One mailbox operation, independent of the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Store one message (RPUSH / Append).
+    Append { user: u64, msg_id: u128 },
+    /// Read the oldest page (LRANGE 0 n-1 / Fetch after_seq).
+    Fetch {
+        user: u64,
+        after_seq: u64,
+        max_count: u32,
+    },
+    /// Remove what was read (LTRIM count -1 / Ack up_to_seq).
+    Trim {
+        user: u64,
+        up_to_seq: u64,
+        count: u64,
+    },
+}
+
+/// A decoded reply, independent of the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Appended,
+    Page {
+        count: u64,
+        /// Highest seq of the page, if the target has sequence numbers.
+        last_seq: Option<u64>,
+        /// Whether more records remain, if the target says so.
+        more: Option<bool>,
+    },
+    Trimmed,
+    Error(String),
+}
+
+/// Per-target request encoder and reply decoder.
+pub trait Codec: Send + 'static {
+    fn encode(&mut self, op: &Op, payload: &[u8], out: &mut Vec<u8>) -> Result<()>;
+    /// Decode one reply from the front of `buf`, consuming it; `None` if the
+    /// reply is not complete yet.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>>;
+}
+
+/// What one connection issues and how it reacts to replies.
+pub trait Workload: Send + 'static {
+    /// The next op to issue now, or `None` if there is nothing to issue until
+    /// more replies arrive (or at all).
+    fn next_op(&mut self) -> Option<Op>;
+    /// Handle a successful reply to `op`; returns how many messages it
+    /// completes (1 per append, the page size per fetch, 0 per trim).
+    fn on_reply(&mut self, op: &Op, reply: Reply) -> Result<u64>;
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub addr: SocketAddr,
+    pub connections: usize,
+    pub pipeline: usize,
+    /// Stop issuing new requests after this long; `None` = run the workload
+    /// to completion.
+    pub duration: Option<Duration>,
+    /// Every append carries this many fresh pseudo-random (incompressible)
+    /// bytes, like an end-to-end encrypted message.
+    pub payload_bytes: usize,
+}
+
+/// The merged result of all connections of one load run.
+#[derive(Debug)]
+pub struct LoadOutcome {
+    /// Messages completed, including those answered after the deadline.
+    pub ops: u64,
+    /// Messages completed by the deadline (timed runs).
+    pub ops_in_window: u64,
+    /// Requests still unanswered when the post-deadline grace ran out.
+    pub abandoned: u64,
+    /// The timed window, if the run was timed.
+    pub window: Option<Duration>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+    pub hist: LatencyHist,
+}
+
+impl LoadOutcome {
+    /// Timed runs: messages completed within the window / the window, so a
+    /// slow tail of answers after it neither inflates nor dilutes the rate.
+    /// Untimed runs: all messages / the time until the last answer.
+    pub fn ops_per_sec(&self) -> f64 {
+        match self.window {
+            Some(w) => self.ops_in_window as f64 / w.as_secs_f64().max(1e-9),
+            None => self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9),
+        }
+    }
+}
+
+/// How long a timed run waits after its deadline for outstanding answers
+/// before it drops the connection and counts them as abandoned.
+pub fn tail_grace(window: Duration) -> Duration {
+    window.clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+struct ConnOutcome {
+    ops: u64,
+    ops_in_window: u64,
+    abandoned: u64,
+    errors: u64,
+    first_error: Option<String>,
+    hist: LatencyHist,
+}
+
+/// Run `spec.connections` connections, connection `i` with `make(i)`.
+/// All connections are established before the clock starts.
+pub async fn run_load<C, W>(
+    spec: &LoadSpec,
+    mut make: impl FnMut(usize) -> (C, W),
+) -> Result<LoadOutcome>
+where
+    C: Codec,
+    W: Workload,
+{
+    let mut streams = Vec::with_capacity(spec.connections);
+    for _ in 0..spec.connections {
+        let stream = TcpStream::connect(spec.addr)
+            .await
+            .with_context(|| format!("connect to {}", spec.addr))?;
+        stream.set_nodelay(true)?;
+        streams.push(stream);
+    }
+    let start = Instant::now();
+    let deadline = spec.duration.map(|d| start + d);
+    let mut tasks = Vec::with_capacity(spec.connections);
+    for (i, stream) in streams.into_iter().enumerate() {
+        let (codec, workload) = make(i);
+        let payload = vec![0u8; spec.payload_bytes];
+        let pipeline = spec.pipeline.max(1);
+        tasks.push(tokio::spawn(drive(
+            stream, codec, workload, pipeline, start, deadline, payload,
+        )));
+    }
+    let mut total = LoadOutcome {
+        ops: 0,
+        ops_in_window: 0,
+        abandoned: 0,
+        window: spec.duration,
+        errors: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+        hist: LatencyHist::new(),
+    };
+    for task in tasks {
+        let conn = task.await.context("load task panicked")??;
+        total.ops += conn.ops;
+        total.ops_in_window += conn.ops_in_window;
+        total.abandoned += conn.abandoned;
+        total.errors += conn.errors;
+        if total.first_error.is_none() {
+            total.first_error = conn.first_error;
+        }
+        total.hist.merge(&conn.hist)?;
+    }
+    total.elapsed = start.elapsed();
+    Ok(total)
+}
+
+async fn drive<C: Codec, W: Workload>(
+    mut stream: TcpStream,
+    mut codec: C,
+    mut workload: W,
+    pipeline: usize,
+    start: Instant,
+    deadline: Option<Instant>,
+    mut payload: Vec<u8>,
+) -> Result<ConnOutcome> {
+    let mut payload_rng = Rng::new(start.elapsed().as_nanos() as u64 ^ payload.len() as u64);
+    const READ_RESERVE_BYTES: usize = 64 * 1024;
+    let mut wbuf = Vec::with_capacity(READ_RESERVE_BYTES);
+    let mut rbuf = BytesMut::with_capacity(4 * READ_RESERVE_BYTES);
+    let mut inflight: VecDeque<(Op, Instant)> = VecDeque::with_capacity(pipeline);
+    let mut out = ConnOutcome {
+        ops: 0,
+        ops_in_window: 0,
+        abandoned: 0,
+        errors: 0,
+        first_error: None,
+        hist: LatencyHist::new(),
+    };
+    loop {
+        let now = Instant::now();
+        if deadline.is_none_or(|d| now < d) {
+            while inflight.len() < pipeline {
+                let Some(op) = workload.next_op() else { break };
+                if matches!(op, Op::Append { .. }) {
+                    payload_rng.fill(&mut payload);
+                }
+                codec.encode(&op, &payload, &mut wbuf)?;
+                inflight.push_back((op, now));
+            }
+        }
+        if !wbuf.is_empty() {
+            stream.write_all(&wbuf).await.context("write request")?;
+            wbuf.clear();
+        }
+        if inflight.is_empty() {
+            break;
+        }
+        if rbuf.capacity() - rbuf.len() < READ_RESERVE_BYTES {
+            rbuf.reserve(READ_RESERVE_BYTES);
+        }
+        let n = match deadline {
+            Some(d) => {
+                let give_up = d + tail_grace(d - start);
+                match tokio::time::timeout_at(give_up.into(), stream.read_buf(&mut rbuf)).await {
+                    Ok(n) => n.context("read reply")?,
+                    Err(_) => {
+                        out.abandoned = inflight.len() as u64;
+                        break;
+                    }
+                }
+            }
+            None => stream.read_buf(&mut rbuf).await.context("read reply")?,
+        };
+        if n == 0 {
+            bail!(
+                "peer closed the connection with {} requests in flight",
+                inflight.len()
+            );
+        }
+        while let Some(reply) = codec.decode(&mut rbuf)? {
+            let (op, t0) = inflight
+                .pop_front()
+                .context("reply without an outstanding request")?;
+            let now = Instant::now();
+            let in_window = deadline.is_none_or(|d| now <= d);
+            out.hist.record(now - t0);
+            match reply {
+                Reply::Error(e) => {
+                    out.errors += 1;
+                    if out.first_error.is_none() {
+                        out.first_error = Some(e);
+                    }
+                }
+                reply => {
+                    let n = workload.on_reply(&op, reply)?;
+                    out.ops += n;
+                    if in_window {
+                        out.ops_in_window += n;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A small, fast, deterministic generator (splitmix64) for user choice.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Unique message ids: connection index in the high half, a counter below.
+fn msg_id(conn: u64, counter: u64) -> u128 {
+    (u128::from(conn) << 64) | u128::from(counter)
+}
+
+/// Appends to users drawn uniformly from `user_base..user_base + users`,
+/// for as long as the run lasts.
+pub struct RandomAppends {
+    rng: Rng,
+    conn: u64,
+    counter: u64,
+    user_base: u64,
+    users: u64,
+}
+
+impl RandomAppends {
+    pub fn new(conn: usize, seed: u64, user_base: u64, users: u64) -> Self {
+        Self {
+            rng: Rng::new(seed ^ (conn as u64).wrapping_mul(0x1000_0000_01B3)),
+            conn: conn as u64,
+            counter: 0,
+            user_base,
+            users,
+        }
+    }
+}
+
+impl Workload for RandomAppends {
+    fn next_op(&mut self) -> Option<Op> {
+        self.counter += 1;
+        Some(Op::Append {
+            user: self.user_base + self.rng.below(self.users),
+            msg_id: msg_id(self.conn, self.counter),
+        })
+    }
+
+    fn on_reply(&mut self, _op: &Op, _reply: Reply) -> Result<u64> {
+        Ok(1)
+    }
+}
+
+/// Appends `per_user` messages to each of `users`, round-robin, then stops.
+pub struct Prefill {
+    conn: u64,
+    users: Vec<u64>,
+    per_user: u64,
+    issued: u64,
+}
+
+impl Prefill {
+    pub fn new(conn: usize, users: Vec<u64>, per_user: u64) -> Self {
+        Self {
+            conn: conn as u64,
+            users,
+            per_user,
+            issued: 0,
+        }
+    }
+}
+
+impl Workload for Prefill {
+    fn next_op(&mut self) -> Option<Op> {
+        let total = self.users.len() as u64 * self.per_user;
+        if self.issued >= total {
+            return None;
+        }
+        let user = self.users[(self.issued % self.users.len() as u64) as usize];
+        self.issued += 1;
+        Some(Op::Append {
+            user,
+            msg_id: msg_id(self.conn, self.issued),
+        })
+    }
+
+    fn on_reply(&mut self, _op: &Op, _reply: Reply) -> Result<u64> {
+        Ok(1)
+    }
+}
+
+/// Drains every mailbox of `users` page by page: fetch a page, then trim
+/// what it returned while fetching the next page (the next fetch only needs
+/// the page's last seq, not the trim's answer).
+pub struct Drain {
+    ready: VecDeque<Op>,
+    page_count: u32,
+}
+
+impl Drain {
+    pub fn new(users: &[u64], page_count: u32) -> Self {
+        let ready = users
+            .iter()
+            .map(|&user| Op::Fetch {
+                user,
+                after_seq: 0,
+                max_count: page_count,
+            })
+            .collect();
+        Self { ready, page_count }
+    }
+}
+
+impl Workload for Drain {
+    fn next_op(&mut self) -> Option<Op> {
+        self.ready.pop_front()
+    }
+
+    fn on_reply(&mut self, op: &Op, reply: Reply) -> Result<u64> {
+        match (op, reply) {
+            (
+                Op::Fetch {
+                    user, after_seq, ..
+                },
+                Reply::Page {
+                    count,
+                    last_seq,
+                    more,
+                },
+            ) => {
+                if count == 0 {
+                    return Ok(0);
+                }
+                let last = last_seq.unwrap_or(after_seq + count);
+                self.ready.push_back(Op::Trim {
+                    user: *user,
+                    up_to_seq: last,
+                    count,
+                });
+                if more.unwrap_or(count >= u64::from(self.page_count)) {
+                    self.ready.push_back(Op::Fetch {
+                        user: *user,
+                        after_seq: last,
+                        max_count: self.page_count,
+                    });
+                }
+                Ok(count)
+            }
+            (Op::Trim { .. }, Reply::Trimmed) => Ok(0),
+            (op, reply) => bail!("unexpected reply {reply:?} to {op:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_trims_then_fetches_next_page() {
+        let mut d = Drain::new(&[7], 100);
+        let first = d.next_op().unwrap();
+        assert_eq!(d.next_op(), None);
+        let page = Reply::Page {
+            count: 100,
+            last_seq: None,
+            more: None,
+        };
+        assert_eq!(d.on_reply(&first, page).unwrap(), 100);
+        assert_eq!(
+            d.next_op(),
+            Some(Op::Trim {
+                user: 7,
+                up_to_seq: 100,
+                count: 100
+            })
+        );
+        let next = d.next_op().unwrap();
+        assert_eq!(
+            next,
+            Op::Fetch {
+                user: 7,
+                after_seq: 100,
+                max_count: 100
+            }
+        );
+        let last = Reply::Page {
+            count: 20,
+            last_seq: Some(120),
+            more: Some(false),
+        };
+        assert_eq!(d.on_reply(&next, last).unwrap(), 20);
+        assert!(matches!(d.next_op(), Some(Op::Trim { up_to_seq: 120, .. })));
+        assert_eq!(d.next_op(), None);
+    }
+
+    #[test]
+    fn prefill_issues_exactly_users_times_per_user() {
+        let mut p = Prefill::new(0, vec![1, 2, 3], 4);
+        let mut n = 0;
+        while p.next_op().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 12);
+    }
+}

@@ -1,0 +1,197 @@
+//! Child server processes: start, wait until ready, read peak RSS, kill.
+
+use anyhow::{bail, Context, Result};
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader, Read},
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+const TAIL_LINES_MAX: usize = 40;
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+pub struct ChildProc {
+    name: String,
+    child: Child,
+    /// Last lines of its stdout and stderr, when they are piped to us.
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl ChildProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size (VmHWM) in bytes.
+    pub fn peak_rss_bytes(&self) -> Result<u64> {
+        peak_rss_bytes(self.pid())
+    }
+
+    /// The recent output lines, for error messages.
+    pub fn tail(&self) -> String {
+        let tail = self.tail.lock().map(|t| t.clone()).unwrap_or_default();
+        tail.into_iter().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Fail if the process has already exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited early with {status}; its last output:\n{}",
+                self.name,
+                self.tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// Kill it now and wait for it.
+    pub fn kill(mut self) -> Result<()> {
+        self.kill_inner()
+    }
+
+    fn kill_inner(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.child
+                .kill()
+                .with_context(|| format!("kill {}", self.name))?;
+        }
+        self.child
+            .wait()
+            .with_context(|| format!("wait {}", self.name))?;
+        Ok(())
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        let _ = self.kill_inner();
+    }
+}
+
+/// Start `cmd` with its output discarded (or redirected by the caller).
+pub fn spawn(name: &str, cmd: &mut Command) -> Result<ChildProc> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {name} ({cmd:?})"))?;
+    Ok(ChildProc {
+        name: name.to_string(),
+        child,
+        tail: Arc::default(),
+    })
+}
+
+/// Start `cmd` with stdout and stderr piped, and wait until one of its output
+/// lines contains `needle`; returns that line. Output keeps being read (and
+/// only its tail kept) for the life of the process.
+pub fn spawn_and_wait_for_line(
+    name: &str,
+    cmd: &mut Command,
+    needle: &str,
+    timeout: Duration,
+) -> Result<(ChildProc, String)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {name} ({cmd:?})"))?;
+    let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn Read + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn Read + Send>);
+    for pipe in [stdout, stderr].into_iter().flatten() {
+        let tail = tail.clone();
+        let tx = tx.clone();
+        let needle = needle.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(&needle) {
+                    let _ = tx.send(line.clone());
+                }
+                if let Ok(mut t) = tail.lock() {
+                    if t.len() >= TAIL_LINES_MAX {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            }
+        });
+    }
+    let mut proc = ChildProc {
+        name: name.to_string(),
+        child,
+        tail,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => return Ok((proc, line)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Both pipes closed: the process is gone or closed them.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        proc.check_running()?;
+        if Instant::now() >= deadline {
+            bail!(
+                "{name} did not print {needle:?} within {timeout:?}; its last output:\n{}",
+                proc.tail()
+            );
+        }
+    }
+}
+
+/// Peak resident set size (VmHWM) of `pid` in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    parse_vm_hwm(&status).with_context(|| format!("no VmHWM line in {path}"))
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_loopback_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind a free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vm_hwm() {
+        let status = "Name:\tx\nVmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+    }
+
+    #[test]
+    fn own_peak_rss_is_readable() {
+        assert!(peak_rss_bytes(std::process::id()).unwrap() > 0);
+    }
+}

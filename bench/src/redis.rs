@@ -1,0 +1,316 @@
+//! The Redis peer: a private redis-server process and a lean RESP codec.
+//!
+//! Mailbox ops map to list commands on key `user:<id>`: Append = RPUSH,
+//! Fetch = LRANGE key 0 n-1, Trim = LTRIM key count -1.
+
+use crate::{
+    load::{Codec, Op, Reply},
+    procs::{self, ChildProc},
+};
+use anyhow::{bail, Context, Result};
+use bytes::{Buf, BytesMut};
+use std::{
+    fmt,
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Redis persistence settings compared against our fsync policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisAof {
+    Always,
+    EverySec,
+    Off,
+}
+
+impl fmt::Display for RedisAof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RedisAof::Always => "aof_always",
+            RedisAof::EverySec => "aof_everysec",
+            RedisAof::Off => "aof_off",
+        })
+    }
+}
+
+/// A running redis-server with its data in `data_dir`.
+pub struct RedisServer {
+    pub proc: ChildProc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// Start redis-server on a free loopback port with its data (and nothing
+/// else) in `root/data`, its log in `root/redis.log`; wait until it answers.
+pub fn start(redis_bin: &Path, root: &Path, aof: RedisAof) -> Result<RedisServer> {
+    let data_dir = root.join("data");
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let log_path = root.join("redis.log");
+    let log = File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+    let port = procs::free_loopback_port()?;
+    let mut cmd = Command::new(redis_bin);
+    cmd.arg("--port")
+        .arg(port.to_string())
+        .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+        .args(["--save", ""])
+        .arg("--dir")
+        .arg(&data_dir)
+        .args(["--daemonize", "no", "--logfile", ""]);
+    match aof {
+        RedisAof::Always => cmd.args(["--appendonly", "yes", "--appendfsync", "always"]),
+        RedisAof::EverySec => cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]),
+        RedisAof::Off => cmd.args(["--appendonly", "no"]),
+    };
+    cmd.stdout(log.try_clone()?).stderr(Stdio::from(log));
+    let mut proc = procs::spawn("redis-server", &mut cmd)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ping(addr).is_ok() {
+            break;
+        }
+        if let Err(e) = proc.check_running() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(e.context(format!("redis-server log:\n{log}")));
+        }
+        if Instant::now() >= deadline {
+            bail!("redis-server on {addr} did not answer PING within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(RedisServer {
+        proc,
+        addr,
+        data_dir,
+    })
+}
+
+fn ping(addr: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf)?;
+    if &buf != b"+PONG\r\n" {
+        bail!("unexpected PING answer {:?}", String::from_utf8_lossy(&buf));
+    }
+    Ok(())
+}
+
+/// Encodes ops as RESP arrays of bulk strings; decodes the replies.
+#[derive(Debug, Default)]
+pub struct RespCodec {
+    key: Vec<u8>,
+}
+
+impl RespCodec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn set_key(&mut self, user: u64) {
+        self.key.clear();
+        // Writing to a Vec cannot fail.
+        let _ = write!(self.key, "user:{user}");
+    }
+}
+
+fn put_bulk(out: &mut Vec<u8>, bytes: &[u8]) {
+    let _ = write!(out, "${}\r\n", bytes.len());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_int_bulk(out: &mut Vec<u8>, v: i64) {
+    let mut s = Vec::with_capacity(20);
+    let _ = write!(s, "{v}");
+    put_bulk(out, &s);
+}
+
+impl Codec for RespCodec {
+    fn encode(&mut self, op: &Op, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        match *op {
+            Op::Append { user, .. } => {
+                self.set_key(user);
+                out.extend_from_slice(b"*3\r\n$5\r\nRPUSH\r\n");
+                put_bulk(out, &self.key);
+                put_bulk(out, payload);
+            }
+            Op::Fetch {
+                user, max_count, ..
+            } => {
+                self.set_key(user);
+                out.extend_from_slice(b"*4\r\n$6\r\nLRANGE\r\n");
+                put_bulk(out, &self.key);
+                put_int_bulk(out, 0);
+                put_int_bulk(out, i64::from(max_count) - 1);
+            }
+            Op::Trim { user, count, .. } => {
+                self.set_key(user);
+                out.extend_from_slice(b"*4\r\n$5\r\nLTRIM\r\n");
+                put_bulk(out, &self.key);
+                put_int_bulk(out, i64::try_from(count).context("trim count")?);
+                put_int_bulk(out, -1);
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>> {
+        match parse_reply(buf)? {
+            Some((used, reply)) => {
+                buf.advance(used);
+                Ok(Some(reply))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// The line starting at `at` (without CRLF) and the offset after its CRLF.
+fn line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let rest = buf.get(at..)?;
+    let end = rest.windows(2).position(|w| w == b"\r\n")?;
+    Some((&rest[..end], at + end + 2))
+}
+
+fn int(bytes: &[u8]) -> Result<i64> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad RESP integer {:?}", String::from_utf8_lossy(bytes)))
+}
+
+/// Parse one reply from the front of `buf`: `(bytes used, reply)`, or `None`
+/// if incomplete. Arrays are counted, their elements skipped.
+fn parse_reply(buf: &[u8]) -> Result<Option<(usize, Reply)>> {
+    let Some(&kind) = buf.first() else {
+        return Ok(None);
+    };
+    let Some((body, mut at)) = line(buf, 1) else {
+        return Ok(None);
+    };
+    let reply = match kind {
+        b'+' => Reply::Trimmed,
+        b':' => {
+            int(body)?;
+            Reply::Appended
+        }
+        b'-' => Reply::Error(String::from_utf8_lossy(body).into_owned()),
+        b'*' => {
+            let n = int(body)?;
+            for _ in 0..n.max(0) {
+                let Some((head, after)) = line(buf, at) else {
+                    return Ok(None);
+                };
+                if head.first() != Some(&b'$') {
+                    bail!(
+                        "unexpected RESP array element {:?}",
+                        String::from_utf8_lossy(head)
+                    );
+                }
+                let len = int(&head[1..])?;
+                at = after + usize::try_from(len.max(0)).context("bulk length")?;
+                if len >= 0 {
+                    at += 2;
+                }
+                if at > buf.len() {
+                    return Ok(None);
+                }
+            }
+            Reply::Page {
+                count: n.max(0) as u64,
+                last_seq: None,
+                more: None,
+            }
+        }
+        other => bail!("unexpected RESP reply type {:?}", other as char),
+    };
+    Ok(Some((at, reply)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_rpush() {
+        let mut c = RespCodec::new();
+        let mut out = Vec::new();
+        c.encode(
+            &Op::Append {
+                user: 42,
+                msg_id: 1,
+            },
+            b"hi",
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, b"*3\r\n$5\r\nRPUSH\r\n$7\r\nuser:42\r\n$2\r\nhi\r\n");
+    }
+
+    #[test]
+    fn encodes_lrange_and_ltrim() {
+        let mut c = RespCodec::new();
+        let mut out = Vec::new();
+        let fetch = Op::Fetch {
+            user: 1,
+            after_seq: 0,
+            max_count: 100,
+        };
+        c.encode(&fetch, b"", &mut out).unwrap();
+        assert_eq!(
+            out,
+            b"*4\r\n$6\r\nLRANGE\r\n$6\r\nuser:1\r\n$1\r\n0\r\n$2\r\n99\r\n"
+        );
+        out.clear();
+        let trim = Op::Trim {
+            user: 1,
+            up_to_seq: 9,
+            count: 100,
+        };
+        c.encode(&trim, b"", &mut out).unwrap();
+        assert_eq!(
+            out,
+            b"*4\r\n$5\r\nLTRIM\r\n$6\r\nuser:1\r\n$3\r\n100\r\n$2\r\n-1\r\n"
+        );
+    }
+
+    #[test]
+    fn decodes_replies_and_waits_for_complete_ones() {
+        let wire = b":5\r\n+OK\r\n*2\r\n$3\r\nabc\r\n$0\r\n\r\n-ERR no\r\n*0\r\n";
+        for cut in 0..wire.len() {
+            let mut c = RespCodec::new();
+            let mut buf = BytesMut::from(&wire[..cut]);
+            while c.decode(&mut buf).unwrap().is_some() {}
+            // Whatever is left is an incomplete prefix of the next reply.
+            assert!(wire[..cut].ends_with(&buf[..]));
+        }
+        let mut c = RespCodec::new();
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut got = Vec::new();
+        while let Some(r) = c.decode(&mut buf).unwrap() {
+            got.push(r);
+        }
+        let page = |count| Reply::Page {
+            count,
+            last_seq: None,
+            more: None,
+        };
+        assert_eq!(
+            got,
+            vec![
+                Reply::Appended,
+                Reply::Trimmed,
+                page(2),
+                Reply::Error("ERR no".into()),
+                page(0)
+            ]
+        );
+        assert!(buf.is_empty());
+    }
+}

@@ -1,0 +1,302 @@
+//! Latency histograms, result records, the printed table and the JSON file.
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+/// Latencies in microseconds, 1 us .. 60 s, 3 significant digits.
+#[derive(Debug, Clone)]
+pub struct LatencyHist(Histogram<u64>);
+
+const LATENCY_US_MAX: u64 = 60_000_000;
+
+impl LatencyHist {
+    pub fn new() -> Self {
+        Self(Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds"))
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.0.saturating_record(us.max(1));
+    }
+
+    pub fn merge(&mut self, other: &LatencyHist) -> Result<()> {
+        self.0
+            .add(&other.0)
+            .map_err(|e| anyhow::anyhow!("merge histograms: {e:?}"))
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        if self.0.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            p50_us: self.0.value_at_quantile(0.50),
+            p99_us: self.0.value_at_quantile(0.99),
+            max_us: self.0.max(),
+            samples: self.0.len(),
+        }
+    }
+}
+
+impl Default for LatencyHist {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LatencySummary {
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub samples: u64,
+}
+
+/// One measured phase against one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseResult {
+    /// `append`, `drain`, `prefill`, `engine_append`, `disk_ceiling`.
+    pub phase: String,
+    /// `redis`, `msgstore`, `engine`, `disk`.
+    pub target: String,
+    /// Durability setting, e.g. `aof_always`, `always`, `interval:1000`.
+    pub setting: String,
+    pub connections: usize,
+    pub pipeline: usize,
+    /// Messages (or records) completed, including after the deadline.
+    pub ops: u64,
+    /// Messages completed within the timed window (the rate's numerator).
+    pub ops_in_window: u64,
+    /// Requests still unanswered when the post-deadline grace ran out.
+    pub abandoned: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed_secs: f64,
+    pub ops_per_sec: f64,
+    pub latency: LatencySummary,
+}
+
+/// A server process after its phases: footprint on disk and in memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerResult {
+    pub target: String,
+    pub setting: String,
+    /// Peak resident set (VmHWM) just before it was stopped.
+    pub peak_rss_bytes: Option<u64>,
+    /// Allocated bytes of its data directory (like `du`).
+    pub disk_bytes: u64,
+    /// Messages it holds (our shard: `stats().live_messages`; Redis: the
+    /// RPUSHes it acknowledged).
+    pub messages_stored: u64,
+    pub disk_bytes_per_message: Option<f64>,
+    /// Our shard only: the shard's own counters after the run.
+    pub shard_stats: Option<proto::shard::ShardStats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineResult {
+    pub phase: PhaseResult,
+    pub appends: u64,
+    pub batches: u64,
+    pub syncs: u64,
+    /// appends / batches: the mean group-commit size.
+    pub mean_batch_appends: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskResult {
+    pub phase: PhaseResult,
+    pub record_bytes: usize,
+    pub records_per_sync: usize,
+}
+
+/// Our figure divided by the peer's; `null` when either side is missing.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ratios {
+    pub append_always_vs_redis_always_p1: Option<f64>,
+    pub append_always_vs_redis_always_p16: Option<f64>,
+    pub append_always_vs_redis_off_p1: Option<f64>,
+    pub drain_vs_redis: Option<f64>,
+    pub engine_vs_disk_ceiling: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StorageReport {
+    pub ratios: Ratios,
+    pub config: serde_json::Value,
+    pub append: Vec<PhaseResult>,
+    pub drain: Vec<PhaseResult>,
+    pub engine: Option<EngineResult>,
+    pub disk_ceiling: Option<DiskResult>,
+    pub servers: Vec<ServerResult>,
+    /// Failures that left a figure out (e.g. the daemon did not start).
+    pub problems: Vec<String>,
+}
+
+pub fn ratio(ours: Option<f64>, peer: Option<f64>) -> Option<f64> {
+    match (ours, peer) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn fmt_rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn fmt_bytes(v: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    format!("{:.1} MiB", v as f64 / MIB)
+}
+
+fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7}{}",
+            r.phase,
+            r.target,
+            r.setting,
+            r.connections,
+            r.pipeline,
+            fmt_rate(r.ops_per_sec),
+            r.latency.p50_us,
+            r.latency.p99_us,
+            r.errors,
+            r.first_error
+                .as_deref()
+                .map(|e| format!("  first error: {e}"))
+                .unwrap_or_default(),
+        );
+    }
+}
+
+/// The human-readable table.
+pub fn render_table(report: &StorageReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7}",
+        "phase", "target", "setting", "conns", "pipe", "ops/s", "p50 us", "p99 us", "errors"
+    );
+    phase_rows(&mut out, &report.append);
+    phase_rows(&mut out, &report.drain);
+    if let Some(e) = &report.engine {
+        phase_rows(&mut out, std::slice::from_ref(&e.phase));
+    }
+    if let Some(d) = &report.disk_ceiling {
+        phase_rows(&mut out, std::slice::from_ref(&d.phase));
+    }
+    if let Some(e) = &report.engine {
+        let _ = writeln!(
+            out,
+            "\nengine group commit: {} appends in {} batches ({} syncs): mean batch N = {:.1}",
+            e.appends, e.batches, e.syncs, e.mean_batch_appends
+        );
+    }
+    if let Some(d) = &report.disk_ceiling {
+        let _ = writeln!(
+            out,
+            "disk ceiling: {}-byte records, one fdatasync per {} records",
+            d.record_bytes, d.records_per_sync
+        );
+    }
+    if !report.servers.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<9} {:<14} {:>14} {:>14} {:>12} {:>12}",
+            "server", "setting", "peak RSS", "disk", "messages", "disk B/msg"
+        );
+        for s in &report.servers {
+            let _ = writeln!(
+                out,
+                "{:<9} {:<14} {:>14} {:>14} {:>12} {:>12}",
+                s.target,
+                s.setting,
+                s.peak_rss_bytes
+                    .map(fmt_bytes)
+                    .unwrap_or_else(|| "?".into()),
+                fmt_bytes(s.disk_bytes),
+                s.messages_stored,
+                s.disk_bytes_per_message
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+    }
+    let r = &report.ratios;
+    let show = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into());
+    let _ = writeln!(out, "\nratios (ours / peer):");
+    for (name, v) in [
+        (
+            "append_always_vs_redis_always_p1",
+            r.append_always_vs_redis_always_p1,
+        ),
+        (
+            "append_always_vs_redis_always_p16",
+            r.append_always_vs_redis_always_p16,
+        ),
+        (
+            "append_always_vs_redis_off_p1",
+            r.append_always_vs_redis_off_p1,
+        ),
+        ("drain_vs_redis", r.drain_vs_redis),
+        ("engine_vs_disk_ceiling", r.engine_vs_disk_ceiling),
+    ] {
+        let _ = writeln!(out, "  {name:<36} {}", show(v));
+    }
+    if !report.problems.is_empty() {
+        let _ = writeln!(out, "\nproblems:");
+        for p in &report.problems {
+            let _ = writeln!(out, "  - {p}");
+        }
+    }
+    out
+}
+
+pub fn write_json(path: &Path, report: &StorageReport) -> Result<()> {
+    let text = serde_json::to_string_pretty(report).context("serialize report")?;
+    std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_serialize_with_exactly_the_five_keys() {
+        let v = serde_json::to_value(Ratios::default()).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "append_always_vs_redis_always_p1",
+                "append_always_vs_redis_always_p16",
+                "append_always_vs_redis_off_p1",
+                "drain_vs_redis",
+                "engine_vs_disk_ceiling"
+            ]
+        );
+    }
+
+    #[test]
+    fn histogram_quantiles() {
+        let mut h = LatencyHist::new();
+        for us in 1..=100 {
+            h.record(Duration::from_micros(us));
+        }
+        let s = h.summary();
+        assert_eq!(s.samples, 100);
+        assert!((49..=51).contains(&s.p50_us));
+        assert!((98..=100).contains(&s.p99_us));
+    }
+}

@@ -1,0 +1,266 @@
+//! Our shard as a load target: the `msgstore` daemon as a child process and
+//! a lean codec straight on `proto::frame` + `proto::shard` (no client
+//! library, so the load generator stays minimal and independent of it).
+
+use crate::{
+    load::{Codec, Op, Reply},
+    procs::{self, ChildProc},
+};
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use msgstore::FsyncPolicy;
+use proto::{
+    frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
+    shard::{Request, RequestBody, Response, ResponseBody, ShardStats, FETCH_BYTES_MAX},
+};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const LISTENING_NEEDLE: &str = "msgstore listening on ";
+
+/// A running `msgstore` daemon.
+pub struct ShardServer {
+    pub proc: ChildProc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// The daemon binary: `explicit`, else `msgstore` next to this executable.
+pub fn locate_msgstore(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("locate the imbench executable")?;
+    let bin = exe
+        .parent()
+        .context("imbench executable has no directory")?
+        .join("msgstore");
+    if !bin.exists() {
+        bail!(
+            "no msgstore binary at {} (build it with `cargo build --release -p msgstore -p bench`, \
+             or pass --msgstore-bin PATH)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Start the daemon on a free loopback port and wait for its listening line.
+pub fn start(bin: &Path, data_dir: &Path, fsync: FsyncPolicy) -> Result<ShardServer> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--data")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0", "--fsync"])
+        .arg(fsync.to_string())
+        .env("NO_COLOR", "1");
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    let (proc, line) = procs::spawn_and_wait_for_line(
+        "msgstore",
+        &mut cmd,
+        LISTENING_NEEDLE,
+        Duration::from_secs(60),
+    )?;
+    let addr = parse_listening_line(&line)
+        .with_context(|| format!("no address in msgstore's line {line:?}"))?;
+    Ok(ShardServer {
+        proc,
+        addr,
+        data_dir: data_dir.to_path_buf(),
+    })
+}
+
+/// The address after "msgstore listening on ", ignoring colour codes and
+/// trailing punctuation.
+fn parse_listening_line(line: &str) -> Option<SocketAddr> {
+    let start = line.find(LISTENING_NEEDLE)? + LISTENING_NEEDLE.len();
+    let word: String = line[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
+        .collect();
+    let word = word.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '[' || c == ']'));
+    word.parse().ok()
+}
+
+/// Encodes ops as shard requests with sequential ids; the shard answers one
+/// connection in order, which `decode` checks.
+#[derive(Debug, Default)]
+pub struct ShardCodec {
+    next_id: u64,
+    expected_id: u64,
+}
+
+impl ShardCodec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Codec for ShardCodec {
+    fn encode(&mut self, op: &Op, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let body = match *op {
+            Op::Append { user, msg_id } => RequestBody::Append {
+                user,
+                msg_id,
+                payload: payload.to_vec(),
+            },
+            Op::Fetch {
+                user,
+                after_seq,
+                max_count,
+            } => RequestBody::Fetch {
+                user,
+                after_seq,
+                max_count,
+                max_bytes: FETCH_BYTES_MAX,
+            },
+            Op::Trim {
+                user, up_to_seq, ..
+            } => RequestBody::Ack { user, up_to_seq },
+        };
+        let req = Request {
+            id: self.next_id,
+            body,
+        };
+        self.next_id += 1;
+        frame::encode(&req, FRAME_BODY_BYTES_MAX_DEFAULT, out).context("encode shard request")
+    }
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>> {
+        let resp: Response = match frame::decode(buf, FRAME_BODY_BYTES_MAX_DEFAULT)
+            .context("decode shard response")?
+        {
+            Decoded::Frame(r) => r,
+            Decoded::Incomplete => return Ok(None),
+        };
+        if resp.id != self.expected_id {
+            bail!(
+                "shard answered id {} where {} was next: out-of-order responses are not \
+                 supported by this load generator",
+                resp.id,
+                self.expected_id
+            );
+        }
+        self.expected_id += 1;
+        Ok(Some(match resp.body {
+            ResponseBody::Appended { .. } => Reply::Appended,
+            ResponseBody::Records { records, more } => Reply::Page {
+                count: records.len() as u64,
+                last_seq: records.last().map(|r| r.seq),
+                more: Some(more),
+            },
+            ResponseBody::Acked { .. } => Reply::Trimmed,
+            ResponseBody::Error(e) => Reply::Error(format!("{:?}: {}", e.code, e.message)),
+            other => bail!("unexpected shard response {other:?}"),
+        }))
+    }
+}
+
+/// One `Stats` request on a fresh connection.
+pub async fn fetch_stats(addr: SocketAddr) -> Result<ShardStats> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    let mut out = Vec::new();
+    frame::encode(
+        &Request {
+            id: 1,
+            body: RequestBody::Stats,
+        },
+        FRAME_BODY_BYTES_MAX_DEFAULT,
+        &mut out,
+    )?;
+    stream.write_all(&out).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Decoded::Frame(resp) =
+            frame::decode::<Response>(&mut buf, FRAME_BODY_BYTES_MAX_DEFAULT)?
+        {
+            return match resp.body {
+                ResponseBody::Stats(s) => Ok(s),
+                other => bail!("unexpected answer to Stats: {other:?}"),
+            };
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("shard closed the connection before answering Stats");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::shard::StoredRecord;
+
+    #[test]
+    fn finds_the_address_in_log_lines() {
+        let a: SocketAddr = "127.0.0.1:4567".parse().unwrap();
+        for line in [
+            "msgstore listening on 127.0.0.1:4567",
+            "2024-01-01T00:00:00Z  INFO msgstore: msgstore listening on 127.0.0.1:4567 fsync=always",
+            "\u{1b}[2mts\u{1b}[0m msgstore listening on 127.0.0.1:4567\u{1b}[0m",
+            "msgstore listening on 127.0.0.1:4567.",
+        ] {
+            assert_eq!(parse_listening_line(line), Some(a), "{line}");
+        }
+        assert_eq!(parse_listening_line("starting"), None);
+    }
+
+    #[test]
+    fn round_trips_through_frames() {
+        let mut c = ShardCodec::new();
+        let mut out = Vec::new();
+        c.encode(&Op::Append { user: 3, msg_id: 9 }, b"xyz", &mut out)
+            .unwrap();
+        let mut buf = BytesMut::from(&out[..]);
+        let Decoded::Frame(req) = frame::decode::<Request>(&mut buf, 4096).unwrap() else {
+            panic!("incomplete")
+        };
+        assert_eq!(req.id, 0);
+        assert!(matches!(req.body, RequestBody::Append { user: 3, .. }));
+
+        let mut wire = Vec::new();
+        let record = StoredRecord {
+            seq: 17,
+            msg_id: 1,
+            timestamp_ms: 0,
+            payload: vec![1],
+        };
+        let resp = Response {
+            id: 0,
+            body: ResponseBody::Records {
+                records: vec![record],
+                more: true,
+            },
+        };
+        frame::encode(&resp, 4096, &mut wire).unwrap();
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(
+            c.decode(&mut buf).unwrap(),
+            Some(Reply::Page {
+                count: 1,
+                last_seq: Some(17),
+                more: Some(true)
+            })
+        );
+        // The next response must carry id 1.
+        let mut wire = Vec::new();
+        let stale = Response {
+            id: 5,
+            body: ResponseBody::Pong,
+        };
+        frame::encode(&stale, 4096, &mut wire).unwrap();
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(c.decode(&mut buf).is_err());
+    }
+}

@@ -1,0 +1,592 @@
+//! `imbench storage`: the mailbox workload against our shard and Redis,
+//! the engine in-process, and the raw disk ceiling, all in one run.
+
+use crate::{
+    disk,
+    inproc::{self, EngineSpec},
+    load::{run_load, Codec, Drain, LoadOutcome, LoadSpec, Prefill, RandomAppends},
+    redis::{self, RedisAof, RedisServer, RespCodec},
+    report::{self, PhaseResult, Ratios, ServerResult, StorageReport},
+    shard_driver::{self, ShardCodec, ShardServer},
+};
+use anyhow::{Context, Result};
+use msgstore::FsyncPolicy;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// Messages per drain page (LRANGE 0 99 / Fetch max_count 100).
+const DRAIN_PAGE_COUNT: u32 = 100;
+/// Pipeline depths of the append phases.
+const APPEND_PIPELINES: [usize; 2] = [1, 16];
+/// Pipeline depth of the drain prefill.
+const PREFILL_PIPELINE: usize = 16;
+/// How long a shard may take to answer `Stats` after a phase.
+const STATS_TIMEOUT: Duration = Duration::from_secs(15);
+const SEED: u64 = 0x5EED_1B0B;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StorageArgs {
+    /// Short phases and fewer users: the whole run takes under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// TCP connections per target (the same on both sides).
+    #[arg(long, default_value_t = 50)]
+    pub connections: usize,
+    /// Users the append phases pick from at random [default: 1,000,000; quick: 20,000].
+    #[arg(long)]
+    pub users: Option<u64>,
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
+    /// Length of each timed phase [default: 10; quick: 2].
+    #[arg(long)]
+    pub duration_secs: Option<f64>,
+    /// Mailboxes prefilled and drained [default: 5,000; quick: 200].
+    #[arg(long)]
+    pub drain_users: Option<u64>,
+    /// Messages prefilled into each drained mailbox.
+    #[arg(long, default_value_t = 120)]
+    pub drain_messages_per_user: u64,
+    /// Requests in flight per connection while draining.
+    #[arg(long, default_value_t = 16)]
+    pub drain_pipeline: usize,
+    /// Concurrent appenders of the in-process engine phase.
+    #[arg(long, default_value_t = 50)]
+    pub appenders: usize,
+    /// Bytes added to the payload per record in the disk ceiling (the
+    /// engine's record header).
+    #[arg(long, default_value_t = 60)]
+    pub record_header_bytes: usize,
+    /// Where the temporary data directories go (the disk under test).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    #[arg(long, default_value = "redis-server")]
+    pub redis_bin: PathBuf,
+    /// The msgstore daemon [default: `msgstore` next to this executable].
+    #[arg(long)]
+    pub msgstore_bin: Option<PathBuf>,
+}
+
+/// Arguments with the quick/default choices resolved.
+struct Settings {
+    args: StorageArgs,
+    users: u64,
+    duration: Duration,
+    drain_users: u64,
+}
+
+impl Settings {
+    fn new(args: StorageArgs) -> Result<Self> {
+        let users = args
+            .users
+            .unwrap_or(if args.quick { 20_000 } else { 1_000_000 })
+            .max(1);
+        let duration_secs = args
+            .duration_secs
+            .unwrap_or(if args.quick { 2.0 } else { 10.0 });
+        let duration =
+            Duration::try_from_secs_f64(duration_secs).context("--duration-secs is not valid")?;
+        let drain_users = args
+            .drain_users
+            .unwrap_or(if args.quick { 200 } else { 5_000 })
+            .max(1);
+        anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+        Ok(Self {
+            args,
+            users,
+            duration,
+            drain_users,
+        })
+    }
+
+    fn spec(&self, addr: std::net::SocketAddr, pipeline: usize, timed: bool) -> LoadSpec {
+        LoadSpec {
+            addr,
+            connections: self.args.connections,
+            pipeline,
+            duration: timed.then_some(self.duration),
+            payload_bytes: self.args.payload_bytes,
+        }
+    }
+}
+
+fn phase(
+    phase: &str,
+    target: &str,
+    setting: &str,
+    spec: &LoadSpec,
+    out: &LoadOutcome,
+) -> PhaseResult {
+    let r = PhaseResult {
+        phase: phase.into(),
+        target: target.into(),
+        setting: setting.into(),
+        connections: spec.connections,
+        pipeline: spec.pipeline,
+        ops: out.ops,
+        ops_in_window: out.ops_in_window,
+        abandoned: out.abandoned,
+        errors: out.errors,
+        first_error: out.first_error.clone(),
+        elapsed_secs: out.elapsed.as_secs_f64(),
+        ops_per_sec: out.ops_per_sec(),
+        latency: out.hist.summary(),
+    };
+    eprintln!(
+        "  {:<8} {:<9} {:<13} pipeline {:>2}: {:>10.0} ops/s  p50 {} us  p99 {} us  errors {}",
+        r.phase,
+        r.target,
+        r.setting,
+        r.pipeline,
+        r.ops_per_sec,
+        r.latency.p50_us,
+        r.latency.p99_us,
+        r.errors
+    );
+    r
+}
+
+fn dir_name(setting: &str) -> String {
+    setting.replace(':', "_")
+}
+
+pub async fn run(args: StorageArgs) -> Result<()> {
+    let s = Settings::new(args)?;
+    let work_dir = s.args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let root = tempfile::Builder::new()
+        .prefix("imbench-storage-")
+        .tempdir_in(&work_dir)
+        .with_context(|| format!("create a temp dir in {}", work_dir.display()))?;
+    let mut report = StorageReport {
+        ratios: Ratios::default(),
+        config: serde_json::json!({
+            "quick": s.args.quick,
+            "connections": s.args.connections,
+            "users": s.users,
+            "payload_bytes": s.args.payload_bytes,
+            "duration_secs": s.duration.as_secs_f64(),
+            "append_pipelines": APPEND_PIPELINES,
+            "drain_users": s.drain_users,
+            "drain_messages_per_user": s.args.drain_messages_per_user,
+            "drain_pipeline": s.args.drain_pipeline,
+            "drain_page_count": DRAIN_PAGE_COUNT,
+            "drain_setting": "redis aof_always vs msgstore always",
+            "engine_appenders": s.args.appenders,
+            "record_header_bytes": s.args.record_header_bytes,
+            "work_dir": work_dir,
+        }),
+        append: Vec::new(),
+        drain: Vec::new(),
+        engine: None,
+        disk_ceiling: None,
+        servers: Vec::new(),
+        problems: Vec::new(),
+    };
+    let msgstore_bin = match shard_driver::locate_msgstore(s.args.msgstore_bin.as_deref()) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            report.problems.push(format!("{e:#}"));
+            None
+        }
+    };
+
+    let pairs = [
+        (RedisAof::Always, FsyncPolicy::Always),
+        (RedisAof::EverySec, FsyncPolicy::IntervalMs(1000)),
+        (RedisAof::Off, FsyncPolicy::Never),
+    ];
+    for (aof, fsync) in pairs {
+        eprintln!("append: redis {aof} vs msgstore {fsync}");
+        append_pair(
+            &s,
+            root.path(),
+            aof,
+            fsync,
+            msgstore_bin.as_deref(),
+            &mut report,
+        )
+        .await?;
+    }
+
+    eprintln!(
+        "drain: redis {} vs msgstore {}",
+        RedisAof::Always,
+        FsyncPolicy::Always
+    );
+    drain_pair(&s, root.path(), msgstore_bin.as_deref(), &mut report).await?;
+
+    eprintln!(
+        "engine in-process: {} appenders, fsync always",
+        s.args.appenders
+    );
+    let engine = inproc::engine_append(EngineSpec {
+        data_dir: root.path().join("engine"),
+        fsync: FsyncPolicy::Always,
+        appenders: s.args.appenders,
+        users: s.users,
+        payload_bytes: s.args.payload_bytes,
+        duration: s.duration,
+    })
+    .await;
+    match engine {
+        Ok(e) => {
+            eprintln!(
+                "  engine: {:.0} appends/s, mean batch {:.1}",
+                e.phase.ops_per_sec, e.mean_batch_appends
+            );
+            report.engine = Some(e);
+        }
+        Err(e) => report.problems.push(format!("engine in-process: {e:#}")),
+    }
+
+    let records_per_sync = match &report.engine {
+        Some(e) if e.mean_batch_appends >= 1.0 => e.mean_batch_appends.round() as usize,
+        _ => {
+            report.problems.push(
+                "no engine batch size measured: disk ceiling uses 1 record per fdatasync".into(),
+            );
+            1
+        }
+    };
+    let record_bytes = s.args.payload_bytes + s.args.record_header_bytes;
+    eprintln!("disk ceiling: {record_bytes}-byte records, fdatasync per {records_per_sync}");
+    let disk_dir = root.path().to_path_buf();
+    let duration = s.duration;
+    let ceiling = tokio::task::spawn_blocking(move || {
+        disk::ceiling(&disk_dir, record_bytes, records_per_sync, duration)
+    })
+    .await
+    .context("disk ceiling task panicked")??;
+    eprintln!("  disk: {:.0} records/s", ceiling.phase.ops_per_sec);
+    report.disk_ceiling = Some(ceiling);
+
+    for r in report.append.iter().chain(&report.drain) {
+        if r.abandoned > 0 {
+            report.problems.push(format!(
+                "{} {} {} pipeline {}: {} requests still unanswered {:?} after the deadline were abandoned",
+                r.phase,
+                r.target,
+                r.setting,
+                r.pipeline,
+                r.abandoned,
+                crate::load::tail_grace(s.duration)
+            ));
+        }
+    }
+    let t0 = std::time::Instant::now();
+    remove_dir(&root.path().join("engine")).ok();
+    root.close().context("remove the temp dir")?;
+    if t0.elapsed() > Duration::from_secs(1) {
+        eprintln!("  (cleanup took {:.1?})", t0.elapsed());
+    }
+    report.ratios = compute_ratios(&report);
+    println!("{}", report::render_table(&report));
+    if let Some(path) = &s.args.json {
+        report::write_json(path, &report)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn start_shard(
+    bin: Option<&Path>,
+    root: &Path,
+    fsync: FsyncPolicy,
+    report: &mut StorageReport,
+) -> Option<ShardServer> {
+    let bin = bin?;
+    let dir = root.join(format!("msgstore-{}", dir_name(&fsync.to_string())));
+    match shard_driver::start(bin, &dir, fsync) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            report
+                .problems
+                .push(format!("msgstore --fsync {fsync}: {e:#}"));
+            None
+        }
+    }
+}
+
+fn start_redis(s: &Settings, root: &Path, aof: RedisAof, tag: &str) -> Result<RedisServer> {
+    redis::start(
+        &s.args.redis_bin,
+        &root.join(format!("redis-{aof}{tag}")),
+        aof,
+    )
+    .with_context(|| format!("start redis-server ({aof})"))
+}
+
+async fn append_pair(
+    s: &Settings,
+    root: &Path,
+    aof: RedisAof,
+    fsync: FsyncPolicy,
+    msgstore_bin: Option<&Path>,
+    report: &mut StorageReport,
+) -> Result<()> {
+    let redis = start_redis(s, root, aof, "")?;
+    let mut shard = start_shard(msgstore_bin, root, fsync, report);
+    let redis_setting = aof.to_string();
+    let shard_setting = fsync.to_string();
+    let mut redis_acked = 0;
+    for pipeline in APPEND_PIPELINES {
+        let spec = s.spec(redis.addr, pipeline, true);
+        let out = run_load(&spec, |i| {
+            (RespCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
+        })
+        .await
+        .with_context(|| format!("append to redis ({aof}, pipeline {pipeline})"))?;
+        redis_acked += out.ops;
+        report
+            .append
+            .push(phase("append", "redis", &redis_setting, &spec, &out));
+
+        if let Some(server) = &shard {
+            let spec = s.spec(server.addr, pipeline, true);
+            let result = run_load(&spec, |i| {
+                (ShardCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
+            })
+            .await;
+            match result {
+                Ok(out) => {
+                    report
+                        .append
+                        .push(phase("append", "msgstore", &shard_setting, &spec, &out))
+                }
+                Err(e) => {
+                    report.problems.push(format!(
+                        "append to msgstore ({fsync}, pipeline {pipeline}): {e:#}"
+                    ));
+                    shard = None;
+                }
+            }
+        }
+    }
+    report
+        .servers
+        .push(redis_footprint(redis, &redis_setting, redis_acked)?);
+    if let Some(server) = shard {
+        match shard_footprint(server, &shard_setting).await {
+            Ok(r) => report.servers.push(r),
+            Err(e) => report
+                .problems
+                .push(format!("msgstore ({fsync}) footprint: {e:#}")),
+        }
+    }
+    Ok(())
+}
+
+/// Remove a finished server's data now, so the next phase's disk is not
+/// busy writing back or deleting it.
+fn remove_dir(dir: &Path) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    let took = t0.elapsed();
+    if took > Duration::from_secs(1) {
+        eprintln!("  (removing {} took {took:.1?})", dir.display());
+    }
+    Ok(())
+}
+
+fn per_message(disk_bytes: u64, messages: u64) -> Option<f64> {
+    (messages > 0).then(|| disk_bytes as f64 / messages as f64)
+}
+
+fn redis_footprint(redis: RedisServer, setting: &str, messages: u64) -> Result<ServerResult> {
+    let peak_rss_bytes = redis.proc.peak_rss_bytes().ok();
+    let disk_bytes = disk::dir_allocated_bytes(&redis.data_dir)?;
+    redis.proc.kill()?;
+    remove_dir(&redis.data_dir)?;
+    Ok(ServerResult {
+        target: "redis".into(),
+        setting: setting.into(),
+        peak_rss_bytes,
+        disk_bytes,
+        messages_stored: messages,
+        disk_bytes_per_message: per_message(disk_bytes, messages),
+        shard_stats: None,
+    })
+}
+
+async fn shard_footprint(server: ShardServer, setting: &str) -> Result<ServerResult> {
+    let stats = tokio::time::timeout(STATS_TIMEOUT, shard_driver::fetch_stats(server.addr))
+        .await
+        .with_context(|| format!("no answer to Stats within {STATS_TIMEOUT:?}"))??;
+    let disk_bytes = disk::dir_allocated_bytes(&server.data_dir)?;
+    let peak_rss_bytes = server.proc.peak_rss_bytes().ok();
+    server.proc.kill()?;
+    remove_dir(&server.data_dir)?;
+    Ok(ServerResult {
+        target: "msgstore".into(),
+        setting: setting.into(),
+        peak_rss_bytes,
+        disk_bytes,
+        messages_stored: stats.live_messages,
+        disk_bytes_per_message: per_message(disk_bytes, stats.live_messages),
+        shard_stats: Some(stats),
+    })
+}
+
+/// The drained mailboxes of connection `conn`: users `conn, conn + n, ...`.
+fn users_of(conn: usize, connections: usize, users: u64) -> Vec<u64> {
+    (conn as u64..users).step_by(connections).collect()
+}
+
+async fn drain_pair(
+    s: &Settings,
+    root: &Path,
+    msgstore_bin: Option<&Path>,
+    report: &mut StorageReport,
+) -> Result<()> {
+    let redis = start_redis(s, root, RedisAof::Always, "-drain")?;
+    let shard_root = root.join("drain");
+    let shard = start_shard(msgstore_bin, &shard_root, FsyncPolicy::Always, report);
+    let users = s.drain_users;
+    let expected = users * s.args.drain_messages_per_user;
+    // Not more connections than mailboxes, so every connection has work.
+    let connections = s.args.connections.min(users as usize);
+
+    let mut targets: Vec<(&str, String, std::net::SocketAddr)> =
+        vec![("redis", RedisAof::Always.to_string(), redis.addr)];
+    if let Some(server) = &shard {
+        targets.push(("msgstore", FsyncPolicy::Always.to_string(), server.addr));
+    }
+    for (target, setting, addr) in targets {
+        let is_redis = target == "redis";
+        let spec = s.spec(addr, PREFILL_PIPELINE, false);
+        let spec = LoadSpec {
+            connections,
+            ..spec
+        };
+        let result = if is_redis {
+            prefill_then_drain(s, &spec, RespCodec::new).await
+        } else {
+            prefill_then_drain(s, &spec, ShardCodec::new).await
+        };
+        let (prefill_spec, prefill, drain_spec, drained) = match result {
+            Ok(r) => r,
+            Err(e) if !is_redis => {
+                report.problems.push(format!("drain msgstore: {e:#}"));
+                continue;
+            }
+            Err(e) => return Err(e.context("drain redis")),
+        };
+        report
+            .drain
+            .push(phase("prefill", target, &setting, &prefill_spec, &prefill));
+        if prefill.ops != expected {
+            report.problems.push(format!(
+                "prefill {target}: {} of {expected} appends succeeded (first error: {:?})",
+                prefill.ops, prefill.first_error
+            ));
+        }
+        report
+            .drain
+            .push(phase("drain", target, &setting, &drain_spec, &drained));
+        if drained.ops != prefill.ops {
+            report.problems.push(format!(
+                "drain {target}: drained {} messages of {} stored",
+                drained.ops, prefill.ops
+            ));
+        }
+    }
+    redis.proc.kill()?;
+    if let Some(server) = shard {
+        server.proc.kill()?;
+    }
+    Ok(())
+}
+
+/// Prefill the drained mailboxes (pipeline `spec.pipeline`), then drain
+/// them (pipeline `--drain-pipeline`), both through codec `C`.
+async fn prefill_then_drain<C: Codec>(
+    s: &Settings,
+    spec: &LoadSpec,
+    codec: fn() -> C,
+) -> Result<(LoadSpec, LoadOutcome, LoadSpec, LoadOutcome)> {
+    let (connections, users) = (spec.connections, s.drain_users);
+    let per_user = s.args.drain_messages_per_user;
+    let prefill = run_load(spec, |i| {
+        (
+            codec(),
+            Prefill::new(i, users_of(i, connections, users), per_user),
+        )
+    })
+    .await
+    .context("prefill")?;
+    let drain_spec = LoadSpec {
+        pipeline: s.args.drain_pipeline,
+        ..spec.clone()
+    };
+    let drained = run_load(&drain_spec, |i| {
+        (
+            codec(),
+            Drain::new(&users_of(i, connections, users), DRAIN_PAGE_COUNT),
+        )
+    })
+    .await
+    .context("drain")?;
+    Ok((spec.clone(), prefill, drain_spec, drained))
+}
+
+fn rate(
+    rows: &[PhaseResult],
+    phase: &str,
+    target: &str,
+    setting: &str,
+    pipeline: Option<usize>,
+) -> Option<f64> {
+    rows.iter()
+        .find(|r| {
+            r.phase == phase
+                && r.target == target
+                && r.setting == setting
+                && pipeline.is_none_or(|p| r.pipeline == p)
+        })
+        .map(|r| r.ops_per_sec)
+}
+
+fn compute_ratios(report: &StorageReport) -> Ratios {
+    let append =
+        |target, setting: &str, p| rate(&report.append, "append", target, setting, Some(p));
+    let ours_always = |p| append("msgstore", "always", p);
+    let redis_always = |p| append("redis", &RedisAof::Always.to_string(), p);
+    Ratios {
+        append_always_vs_redis_always_p1: report::ratio(ours_always(1), redis_always(1)),
+        append_always_vs_redis_always_p16: report::ratio(ours_always(16), redis_always(16)),
+        append_always_vs_redis_off_p1: report::ratio(
+            ours_always(1),
+            append("redis", &RedisAof::Off.to_string(), 1),
+        ),
+        drain_vs_redis: report::ratio(
+            rate(&report.drain, "drain", "msgstore", "always", None),
+            rate(
+                &report.drain,
+                "drain",
+                "redis",
+                &RedisAof::Always.to_string(),
+                None,
+            ),
+        ),
+        engine_vs_disk_ceiling: report::ratio(
+            report.engine.as_ref().map(|e| e.phase.ops_per_sec),
+            report.disk_ceiling.as_ref().map(|d| d.phase.ops_per_sec),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drained_users_are_split_without_overlap() {
+        let mut all: Vec<u64> = (0..3).flat_map(|c| users_of(c, 3, 10)).collect();
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+}
