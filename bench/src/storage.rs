@@ -22,8 +22,10 @@ const DRAIN_PAGE_COUNT: u32 = 100;
 const APPEND_PIPELINES: [usize; 2] = [1, 16];
 /// Pipeline depth of the drain prefill.
 const PREFILL_PIPELINE: usize = 16;
-/// How long a shard may take to answer `Stats` after a phase.
+/// How long a shard may take to answer `Stats` after a phase (a shard busy
+/// with a checkpoint may take long; `--quick` does not wait as long).
 const STATS_TIMEOUT: Duration = Duration::from_secs(15);
+const STATS_TIMEOUT_QUICK: Duration = Duration::from_secs(4);
 const SEED: u64 = 0x5EED_1B0B;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -42,7 +44,7 @@ pub struct StorageArgs {
     pub users: Option<u64>,
     #[arg(long, default_value_t = 200)]
     pub payload_bytes: usize,
-    /// Length of each timed phase [default: 10; quick: 2].
+    /// Length of each timed phase [default: 10; quick: 1.5].
     #[arg(long)]
     pub duration_secs: Option<f64>,
     /// Mailboxes prefilled and drained [default: 5,000; quick: 200].
@@ -87,7 +89,7 @@ impl Settings {
             .max(1);
         let duration_secs = args
             .duration_secs
-            .unwrap_or(if args.quick { 2.0 } else { 10.0 });
+            .unwrap_or(if args.quick { 1.5 } else { 10.0 });
         let duration =
             Duration::try_from_secs_f64(duration_secs).context("--duration-secs is not valid")?;
         let drain_users = args
@@ -264,7 +266,13 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     eprintln!("  disk: {:.0} records/s", ceiling.phase.ops_per_sec);
     report.disk_ceiling = Some(ceiling);
 
-    for r in report.append.iter().chain(&report.drain) {
+    let engine_phase = report.engine.as_ref().map(|e| &e.phase);
+    for r in report
+        .append
+        .iter()
+        .chain(&report.drain)
+        .chain(engine_phase)
+    {
         if r.abandoned > 0 {
             report.problems.push(format!(
                 "{} {} {} pipeline {}: {} requests still unanswered {:?} after the deadline were abandoned",
@@ -370,7 +378,7 @@ async fn append_pair(
         .servers
         .push(redis_footprint(redis, &redis_setting, redis_acked)?);
     if let Some(server) = shard {
-        match shard_footprint(server, &shard_setting).await {
+        match shard_footprint(server, &shard_setting, s.args.quick).await {
             Ok(r) => report.servers.push(r),
             Err(e) => report
                 .problems
@@ -412,10 +420,15 @@ fn redis_footprint(redis: RedisServer, setting: &str, messages: u64) -> Result<S
     })
 }
 
-async fn shard_footprint(server: ShardServer, setting: &str) -> Result<ServerResult> {
-    let stats = tokio::time::timeout(STATS_TIMEOUT, shard_driver::fetch_stats(server.addr))
+async fn shard_footprint(server: ShardServer, setting: &str, quick: bool) -> Result<ServerResult> {
+    let wait = if quick {
+        STATS_TIMEOUT_QUICK
+    } else {
+        STATS_TIMEOUT
+    };
+    let stats = tokio::time::timeout(wait, shard_driver::fetch_stats(server.addr))
         .await
-        .with_context(|| format!("no answer to Stats within {STATS_TIMEOUT:?}"))??;
+        .with_context(|| format!("no answer to Stats within {wait:?}"))??;
     let disk_bytes = disk::dir_allocated_bytes(&server.data_dir)?;
     let peak_rss_bytes = server.proc.peak_rss_bytes().ok();
     server.proc.kill()?;
