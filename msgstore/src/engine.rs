@@ -132,7 +132,7 @@ pub(crate) struct Engine {
     dir: PathBuf,
     config: EngineConfig,
     _lock: DirLock,
-    index: Index,
+    index: std::sync::Arc<Index>,
     buckets: Buckets,
     /// Buckets that have a file; absent ones are `BucketMeta::default()`.
     bucket_meta: HashMap<u32, BucketMeta>,
@@ -150,7 +150,14 @@ pub(crate) struct Engine {
     undo: Undo,
     acked_in_batch: Vec<u64>,
     compact_candidates: HashSet<u32>,
+    /// The checkpoint in progress, if any.
+    job: Option<checkpoint::Job>,
+    /// After a failed checkpoint, the next is not started before this.
+    checkpoint_retry_at: Instant,
 }
+
+/// Pause between a failed checkpoint and the next attempt.
+const CHECKPOINT_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 impl Engine {
     pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
@@ -329,7 +336,13 @@ impl Engine {
     }
 
     fn next_wakeup(&self) -> Duration {
+        if self.checkpoint_has_work() {
+            return Duration::ZERO;
+        }
         let mut wake = Duration::from_secs(1);
+        if self.checkpoint_running() {
+            wake = Duration::from_millis(2);
+        }
         if let (true, FsyncPolicy::IntervalMs(ms)) = (self.unsynced, self.config.fsync) {
             let due = Duration::from_millis(ms).saturating_sub(self.last_sync.elapsed());
             wake = wake.min(due.max(Duration::from_millis(1)));
@@ -344,16 +357,24 @@ impl Engine {
                 let _ = self.sync_wal();
             }
         }
+        if self.poisoned.is_some() {
+            return;
+        }
+        if self.checkpoint_running() {
+            if let Some(Err(e)) = self.checkpoint_step(false) {
+                tracing::error!(error = %e, "msgstore checkpoint failed; will retry");
+                self.checkpoint_retry_at = Instant::now() + CHECKPOINT_RETRY_DELAY;
+            }
+            return;
+        }
+        if Instant::now() < self.checkpoint_retry_at {
+            return;
+        }
         let bytes_due = self.wal.bytes_since_checkpoint >= self.config.checkpoint_wal_bytes;
         let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
             && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
-        if (bytes_due || time_due) && self.poisoned.is_none() {
-            if let Err(e) = self.checkpoint_now() {
-                tracing::error!(error = %e, "msgstore checkpoint failed; will retry");
-                metrics::counter!("msgstore_checkpoint_failures_total").increment(1);
-                // Retry after the interval rather than on every batch.
-                self.last_checkpoint = Instant::now();
-            }
+        if bytes_due || time_due {
+            self.start_checkpoint();
         }
     }
 

@@ -5,7 +5,7 @@
 use super::{
     codec::{read_record, MessageHeader, NO_PREV},
     state::{bucket_for_user, BucketMeta, UserState},
-    wal, Engine, Pending, Totals,
+    wal, Engine, Pending,
 };
 use crate::{handle::AppendRequest, Error, Fetched, Result};
 use proto::shard::{MailboxStats, ShardStats, StoredRecord, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
@@ -136,13 +136,11 @@ impl Engine {
             freed_payload += link.payload_bytes;
             dead_stored += link.stored_bytes;
         }
-        if let Some(q) = self.memtable.get(&user) {
-            freed_payload += q
-                .iter()
-                .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
-                .map(|p| p.payload.len() as u64)
-                .sum::<u64>();
-        }
+        freed_payload += self
+            .unflushed(user)
+            .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
+            .map(|p| p.payload.len() as u64)
+            .sum::<u64>();
         if up_to == state.last_seq() {
             // Exact even if a corrupt record cut the chain walk short.
             freed_payload = state.live_bytes;
@@ -204,17 +202,15 @@ impl Engine {
                 }
             }
         }
-        if let (false, Some(q)) = (page.full, self.memtable.get(&user)) {
-            for p in q.iter().filter(|p| p.seq >= start) {
-                let header = MessageHeader {
-                    user,
-                    seq: p.seq,
-                    timestamp_ms: p.timestamp_ms,
-                    msg_id: p.msg_id,
-                };
-                if !page.push(header, &p.payload) {
-                    break;
-                }
+        for p in self.unflushed(user).filter(|p| p.seq >= start) {
+            let header = MessageHeader {
+                user,
+                seq: p.seq,
+                timestamp_ms: p.timestamp_ms,
+                msg_id: p.msg_id,
+            };
+            if !page.push(header, &p.payload) {
+                break;
             }
         }
         let last_returned = page.records.last().map_or(start - 1, |r| r.seq);
@@ -222,6 +218,16 @@ impl Engine {
             more: last_returned < state.last_seq(),
             records: page.records,
         })
+    }
+
+    /// The user's records not yet in its bucket, oldest first: those a
+    /// running checkpoint has yet to flush, then the memtable's.
+    fn unflushed(&self, user: u64) -> impl Iterator<Item = &Pending> {
+        let frozen = self.job.as_ref().and_then(|j| j.frozen.get(&user));
+        frozen
+            .into_iter()
+            .flatten()
+            .chain(self.memtable.get(&user).into_iter().flatten())
     }
 
     /// The user's records in its bucket with `seq >= min_seq`, newest first.
@@ -329,10 +335,6 @@ impl Engine {
             let prev = self.bucket_meta.get(&bucket).copied();
             self.undo.buckets.insert(bucket, prev);
         }
-    }
-
-    pub(super) fn totals_snapshot(&self) -> Totals {
-        self.totals
     }
 
     pub(super) fn bucket(&self, bucket: u32) -> BucketMeta {

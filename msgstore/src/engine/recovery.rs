@@ -45,7 +45,7 @@ impl Engine {
             dir: dir.to_path_buf(),
             _lock: lock,
             bucket_meta: index.buckets()?.into_iter().collect(),
-            index,
+            index: std::sync::Arc::new(index),
             buckets,
             dirty: HashMap::new(),
             memtable: HashMap::new(),
@@ -64,6 +64,8 @@ impl Engine {
             undo: Undo::default(),
             acked_in_batch: Vec::new(),
             compact_candidates: HashSet::new(),
+            job: None,
+            checkpoint_retry_at: Instant::now(),
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
