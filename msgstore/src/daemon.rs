@@ -3,8 +3,9 @@
 //! [`start`]; tests and tools can run a daemon in-process the same way.
 
 use crate::{
+    engine::Engine,
     server::{self, ServerConfig},
-    EngineConfig, Error, Shard,
+    EngineConfig, Error,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -146,36 +147,90 @@ impl Daemon {
 /// listener is bound.
 pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
     config.validate().map_err(DaemonError::Config)?;
-    let data = config.data.clone().unwrap_or_default();
-    let engine = config.engine.clone();
-    let shard = tokio::task::spawn_blocking(move || Shard::open(&data, engine))
-        .await
-        .map_err(|e| DaemonError::Engine(Error::Storage(format!("open task failed: {e}"))))??;
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            close_shard(shard).await.ok();
-            return Err(DaemonError::Listen {
-                addr: config.listen,
-                error,
-            });
-        }
-    };
+    let listener = std::net::TcpListener::bind(config.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|error| DaemonError::Listen {
+            addr: config.listen,
+            error,
+        })?;
     let local_addr = listener.local_addr().map_err(|error| DaemonError::Listen {
         addr: config.listen,
         error,
     })?;
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let server_config = config.server.clone();
+    let data = config.data.clone().unwrap_or_default();
+    let (engine_config, server_config) = (config.engine.clone(), config.server.clone());
+    std::thread::Builder::new()
+        .name("msgstore-core".into())
+        .spawn(move || {
+            let result = serve_on_this_thread(
+                &data,
+                (engine_config, server_config),
+                listener,
+                shutdown_rx,
+                opened_tx,
+            );
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
+    match opened_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            let result = done_rx.await.unwrap_or(Ok(()));
+            return Err(result.err().unwrap_or_else(|| {
+                DaemonError::Engine(Error::Storage("the shard thread ended at start".into()))
+            }));
+        }
+    }
     let task = tokio::spawn(async move {
-        server::run(listener, shard.clone(), server_config, shutdown_rx).await;
-        close_shard(shard).await
+        done_rx.await.unwrap_or_else(|_| {
+            Err(DaemonError::Close(Error::Storage(
+                "the shard thread died".into(),
+            )))
+        })
     });
     tracing::info!(%local_addr, data = ?config.data, "msgstore listening on {local_addr}");
     Ok(Daemon {
         local_addr,
         shutdown,
         task,
+    })
+}
+
+/// The shard's thread: open the engine, then run the server on a
+/// current-thread runtime until shutdown (see `server`).
+fn serve_on_this_thread(
+    data: &Path,
+    (engine_config, server_config): (EngineConfig, ServerConfig),
+    listener: std::net::TcpListener,
+    shutdown: watch::Receiver<bool>,
+    opened: tokio::sync::oneshot::Sender<Result<(), DaemonError>>,
+) -> Result<(), DaemonError> {
+    let engine = match Engine::open(data, engine_config) {
+        Ok(engine) => engine,
+        Err(e) => {
+            let _ = opened.send(Err(e.into()));
+            return Ok(());
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
+        let listener =
+            TcpListener::from_std(listener).map_err(|error| DaemonError::Listen { addr, error })?;
+        let _ = opened.send(Ok(()));
+        server::run(listener, engine, server_config, shutdown)
+            .await
+            .map_err(DaemonError::Close)
     })
 }
 
@@ -190,15 +245,6 @@ pub fn install_metrics(addr: SocketAddr) -> Result<(), DaemonError> {
         })?;
     tracing::info!(%addr, "metrics exporter listening");
     Ok(())
-}
-
-async fn close_shard(shard: Shard) -> Result<(), DaemonError> {
-    match tokio::task::spawn_blocking(move || shard.close()).await {
-        Ok(result) => result.map_err(DaemonError::Close),
-        Err(e) => Err(DaemonError::Close(Error::Storage(format!(
-            "close task failed: {e}"
-        )))),
-    }
 }
 
 #[cfg(test)]

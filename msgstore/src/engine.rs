@@ -17,6 +17,8 @@ mod ops;
 mod recovery;
 mod state;
 mod wal;
+mod wire;
+pub(crate) use wire::failed as failed_answer;
 
 use crate::{
     handle::{AppendRequest, Fetched, Reply},
@@ -25,7 +27,7 @@ use crate::{
 use buckets::Buckets;
 use index::Index;
 use lock::DirLock;
-use proto::shard::{MailboxStats, ShardStats};
+use proto::shard::{MailboxStats, RequestBody, ResponseBody, ShardStats};
 use state::{BucketMeta, UserState};
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -61,6 +63,11 @@ pub(crate) enum Command {
     },
     Stats {
         reply: Reply<ShardStats>,
+    },
+    /// Many wire requests, answered together in order.
+    Execute {
+        requests: Vec<RequestBody>,
+        reply: Reply<Vec<ResponseBody>>,
     },
     Checkpoint {
         reply: Reply<()>,
@@ -103,6 +110,7 @@ enum Done {
     Fetched(Reply<Fetched>, Result<Fetched>),
     Mailbox(Reply<MailboxStats>, Result<MailboxStats>),
     Stats(Reply<ShardStats>, ShardStats),
+    Responses(Reply<Vec<ResponseBody>>, Vec<ResponseBody>),
 }
 
 impl Done {
@@ -114,6 +122,7 @@ impl Done {
             Done::Fetched(r, v) => drop(r.send(v)),
             Done::Mailbox(r, v) => drop(r.send(v)),
             Done::Stats(r, v) => drop(r.send(Ok(v))),
+            Done::Responses(r, v) => drop(r.send(Ok(v))),
         }
     }
 
@@ -124,6 +133,9 @@ impl Done {
             Done::Fetched(r, _) => drop(r.send(Err(e.duplicate()))),
             Done::Mailbox(r, _) => drop(r.send(Err(e.duplicate()))),
             Done::Stats(r, v) => drop(r.send(Ok(v))),
+            Done::Responses(r, v) => {
+                drop(r.send(Ok(v.into_iter().map(|b| wire::failed(b, e)).collect())))
+            }
         }
     }
 }
@@ -222,20 +234,17 @@ impl Engine {
                     done.push(Done::Mailbox(reply, self.user_stats(user)))
                 }
                 Command::Stats { reply } => done.push(Done::Stats(reply, self.stats())),
+                Command::Execute { requests, reply } => {
+                    let responses = requests.into_iter().map(|r| self.respond(r)).collect();
+                    done.push(Done::Responses(reply, responses));
+                }
                 Command::Checkpoint { reply } => checkpoints.push(reply),
                 Command::Close { reply } => close = Some(reply),
             }
         }
-        match self.commit_batch() {
-            Ok(()) => {
-                self.undo.active = false;
-                self.prune_acked();
-                done.into_iter().for_each(Done::send);
-            }
-            Err(e) => {
-                self.rollback();
-                done.into_iter().for_each(|d| d.fail(&e));
-            }
+        match self.end_batch() {
+            Ok(()) => done.into_iter().for_each(Done::send),
+            Err(e) => done.into_iter().for_each(|d| d.fail(&e)),
         }
         for reply in checkpoints {
             let _ = reply.send(self.checkpoint_now());
@@ -243,7 +252,9 @@ impl Engine {
         close
     }
 
-    fn begin_batch(&mut self) {
+    /// Open a batch: what the requests until [`Engine::end_batch`] change
+    /// is logged together and undone together if the log write fails.
+    pub(crate) fn begin_batch(&mut self) {
         self.wal_buf.clear();
         self.acked_in_batch.clear();
         self.undo.users.clear();
@@ -251,6 +262,24 @@ impl Engine {
         self.undo.buckets.clear();
         self.undo.totals = self.totals;
         self.undo.active = true;
+    }
+
+    /// Close the batch: write its log entries and reach the policy's
+    /// durability point; answers may be sent once this returns `Ok`. On
+    /// error the batch's changes are undone and every answer of the batch
+    /// must become that error.
+    pub(crate) fn end_batch(&mut self) -> Result<()> {
+        match self.commit_batch() {
+            Ok(()) => {
+                self.undo.active = false;
+                self.prune_acked();
+                Ok(())
+            }
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
     }
 
     /// Write the batch's log entries and reach the policy's durability point.
@@ -335,7 +364,8 @@ impl Engine {
         }
     }
 
-    fn next_wakeup(&self) -> Duration {
+    /// How long the owner may wait before calling [`Engine::tick`].
+    pub(crate) fn next_wakeup(&self) -> Duration {
         if self.checkpoint_has_work() {
             return Duration::ZERO;
         }
@@ -350,8 +380,9 @@ impl Engine {
         wake
     }
 
-    /// Time-driven work: interval syncs and due checkpoints.
-    fn tick(&mut self) {
+    /// Time-driven work: interval syncs and due checkpoint steps. Only
+    /// between batches.
+    pub(crate) fn tick(&mut self) {
         if let (true, FsyncPolicy::IntervalMs(ms)) = (self.unsynced, self.config.fsync) {
             if self.last_sync.elapsed() >= Duration::from_millis(ms) && self.poisoned.is_none() {
                 let _ = self.sync_wal();
@@ -378,7 +409,8 @@ impl Engine {
         }
     }
 
-    fn shutdown(&mut self) -> Result<()> {
+    /// Sync and checkpoint everything; the engine can then be dropped.
+    pub(crate) fn shutdown(&mut self) -> Result<()> {
         if self.poisoned.is_some() {
             return Ok(());
         }

@@ -15,7 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
-mod engine;
+pub(crate) mod engine;
 pub mod error;
 mod handle;
 pub mod server;

@@ -1,42 +1,47 @@
-//! TCP server for the shard protocol ([`proto::shard`]).
+//! TCP server for the shard protocol ([`proto::shard`]), in the shape of
+//! Redis's event loop: one thread owns the engine and every connection.
 //!
-//! One task per connection. Requests are submitted to the [`Shard`] as they
-//! arrive (pipelining) and answered in request order by a writer task that
-//! batches every response that is ready into one write.
+//! Each connection's reader decodes the frames a socket read brought and
+//! answers them in the engine's open batch at once (no queue, no thread
+//! hop); the answers wait, staged, until the batch is durable. A committer
+//! task runs once the readers that were ready have had their turn: it ends
+//! the batch (one log write, and under `always` that write is the sync),
+//! encodes every staged answer into its connection's buffer, lets the
+//! engine do its time-driven work, and opens the next batch. Each
+//! connection's writer sends its buffer with one write.
 //!
 //! Limits and what happens at each:
 //! * a frame body over [`ServerConfig::frame_body_bytes_max`], or bytes that
 //!   are not a valid request: the connection is closed (logged, counted in
 //!   `msgstore_bad_frames_total`);
 //! * [`ServerConfig::inflight_requests_max`] requests of one connection not
-//!   answered yet: the server stops reading that socket until answers drain;
+//!   written back yet: the server stops reading that socket until answers
+//!   drain;
 //! * [`ServerConfig::connections_max`] open connections: further connections
 //!   are accepted and closed at once (`msgstore_connections_rejected_total`);
-//! * protocol limits: an `AppendBatch` of more than
-//!   [`APPEND_BATCH_ITEMS_MAX`] items is answered with `BadRequest`; a
-//!   `Fetch` is clamped to [`FETCH_COUNT_MAX`] records and [`FETCH_BYTES_MAX`]
-//!   bytes.
+//! * protocol limits (applied where requests are answered, in the engine):
+//!   an `AppendBatch` of more than [`proto::shard::APPEND_BATCH_ITEMS_MAX`]
+//!   items is answered with `BadRequest`; a `Fetch` is clamped to
+//!   [`proto::shard::FETCH_COUNT_MAX`] records and
+//!   [`proto::shard::FETCH_BYTES_MAX`] bytes.
 //!
 //! Shutdown: when the shutdown signal fires the server stops accepting, every
-//! connection stops reading, answers what it already read and flushes; then
-//! [`run`] returns and the caller closes the shard.
+//! connection stops reading, its answers are committed and written; then the
+//! engine syncs and checkpoints and [`run`] returns.
 
-use crate::{Error, Shard};
+use crate::engine::{failed_answer, Engine};
 use bytes::BytesMut;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     shard::{
-        Request, RequestBody, Response, ResponseBody, ShardError, ShardErrorCode,
-        APPEND_BATCH_ITEMS_MAX, FETCH_BYTES_MAX, FETCH_COUNT_MAX,
+        Request, RequestBody, Response, ResponseBody, ShardError, ShardErrorCode, FETCH_BYTES_MAX,
     },
 };
 use serde::{Deserialize, Serialize};
 use std::{
-    future::Future,
+    cell::{Cell, RefCell},
     net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::Poll,
+    rc::Rc,
     time::{Duration, Instant},
 };
 use tokio::{
@@ -45,17 +50,15 @@ use tokio::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpListener, TcpStream,
     },
-    sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore},
-    task::JoinSet,
+    sync::{watch, Notify},
 };
 
 /// Largest response frame body the server sends: a full fetch page plus one
 /// oversized first record (the engine caps a message at 16 MiB).
 pub const RESPONSE_BODY_BYTES_MAX: usize = FETCH_BYTES_MAX as usize + 17 * 1024 * 1024;
 
-/// Buffered response bytes past which the writer flushes even if more
-/// responses are ready.
-const WRITE_BUFFER_FLUSH_BYTES: usize = 256 * 1024;
+/// Largest allowed `inflight_requests_max`.
+const INFLIGHT_REQUESTS_LIMIT: usize = 1 << 20;
 
 /// Bytes requested from the socket per read when the buffer is empty.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -104,41 +107,290 @@ impl ServerConfig {
         if self.frame_body_bytes_max > u32::MAX as usize {
             return Err("server.frame_body_bytes_max must fit in 32 bits".into());
         }
-        if self.inflight_requests_max > Semaphore::MAX_PERMITS {
+        if self.inflight_requests_max > INFLIGHT_REQUESTS_LIMIT {
             return Err("server.inflight_requests_max is too large".into());
         }
         Ok(())
     }
 }
 
-/// Accept connections on `listener` and serve them with `shard` until
-/// `shutdown` becomes `true` (or its sender is dropped); then stop accepting,
-/// let every connection drain and return.
-pub async fn run(
+/// Accept connections on `listener` and serve them with `engine` until
+/// `shutdown` becomes `true` (or its sender is dropped); then stop
+/// accepting, let every connection drain, sync and checkpoint the engine.
+///
+/// Must run inside a [`tokio::task::LocalSet`] on a current-thread runtime:
+/// the engine is owned by this one thread.
+pub(crate) async fn run(
     listener: TcpListener,
-    shard: Shard,
+    engine: Engine,
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> crate::Result<()> {
     describe_metrics();
-    let config = Arc::new(config);
-    let mut conns = JoinSet::new();
+    let core = Rc::new(Core::new(engine, config));
+    let committer = tokio::task::spawn_local(commit_loop(core.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => admit(&mut conns, stream, peer, &shard, &config, &shutdown),
+                Ok((stream, peer)) => admit(&core, stream, peer),
                 Err(e) => accept_failed(e).await,
             },
             _ = wait_for_shutdown(&mut shutdown) => break,
         }
     }
     drop(listener);
-    while conns.try_join_next().is_some() {}
     tracing::info!(
-        connections = conns.len(),
+        connections = core.connections.get(),
         "shutting down: draining connections"
     );
-    drain(conns, Duration::from_millis(config.shutdown_drain_ms)).await;
+    core.stopping.set(true);
+    core.stop_reading.notify_waiters();
+    let limit = Duration::from_millis(core.config.shutdown_drain_ms);
+    let drained = async {
+        while core.connections.get() > 0 {
+            core.connection_closed.notified().await;
+        }
+    };
+    if tokio::time::timeout(limit, drained).await.is_err() {
+        tracing::warn!(
+            connections = core.connections.get(),
+            "connections did not drain in time; cutting them"
+        );
+    }
+    core.finished.set(true);
+    core.work.notify_one();
+    let _ = committer.await;
+    let mut engine = core.engine.borrow_mut();
+    engine.end_batch()?;
+    engine.shutdown()
+}
+
+/// State shared by the tasks of the server thread.
+struct Core {
+    engine: RefCell<Engine>,
+    config: ServerConfig,
+    /// Answers of the open batch, in the order they were produced.
+    staged: RefCell<Vec<Staged>>,
+    /// A reader staged answers: the committer should run.
+    work: Notify,
+    stopping: Cell<bool>,
+    stop_reading: Notify,
+    /// Every connection is done: the committer may exit.
+    finished: Cell<bool>,
+    connections: Cell<usize>,
+    connection_closed: Notify,
+}
+
+struct Staged {
+    outbox: Rc<Outbox>,
+    id: u64,
+    body: ResponseBody,
+}
+
+/// One connection's answers on their way to the socket.
+#[derive(Default)]
+struct Outbox {
+    /// Encoded answers not written yet.
+    buf: RefCell<Vec<u8>>,
+    /// Requests read and not written back yet (staged or in `buf`).
+    unanswered: Cell<usize>,
+    /// How many answers `buf` holds.
+    buffered: Cell<usize>,
+    ready: Notify,
+    drained: Notify,
+}
+
+impl Core {
+    fn new(mut engine: Engine, config: ServerConfig) -> Core {
+        engine.begin_batch();
+        Core {
+            engine: RefCell::new(engine),
+            config,
+            staged: RefCell::new(Vec::new()),
+            work: Notify::new(),
+            stopping: Cell::new(false),
+            stop_reading: Notify::new(),
+            finished: Cell::new(false),
+            connections: Cell::new(0),
+            connection_closed: Notify::new(),
+        }
+    }
+
+    /// End the open batch, hand every staged answer to its connection, do
+    /// the engine's time-driven work, open the next batch.
+    fn commit(&self) {
+        let staged = std::mem::take(&mut *self.staged.borrow_mut());
+        let mut engine = self.engine.borrow_mut();
+        let started = Instant::now();
+        let result = engine.end_batch();
+        if !staged.is_empty() {
+            metrics::histogram!("msgstore_commit_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("msgstore_commit_requests").record(staged.len() as f64);
+        }
+        let mut touched: Vec<Rc<Outbox>> = Vec::new();
+        for s in staged {
+            let body = match &result {
+                Ok(()) => s.body,
+                Err(e) => failed_answer(s.body, e),
+            };
+            encode_response(&Response { id: s.id, body }, &mut s.outbox.buf.borrow_mut());
+            s.outbox.buffered.set(s.outbox.buffered.get() + 1);
+            if !touched.last().is_some_and(|t| Rc::ptr_eq(t, &s.outbox)) {
+                touched.push(s.outbox);
+            }
+        }
+        for outbox in touched {
+            outbox.ready.notify_one();
+        }
+        engine.tick();
+        engine.begin_batch();
+    }
+}
+
+/// Commit whenever readers staged answers (after every ready reader had its
+/// turn, so one sync covers them all) or the engine has timed work.
+async fn commit_loop(core: Rc<Core>) {
+    loop {
+        let wait = core.engine.borrow().next_wakeup();
+        tokio::select! {
+            _ = core.work.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        // Let every reader that is ready now add to this batch first.
+        tokio::task::yield_now().await;
+        core.commit();
+        if core.finished.get() && core.staged.borrow().is_empty() {
+            return;
+        }
+    }
+}
+
+fn admit(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
+    if core.connections.get() >= core.config.connections_max || core.stopping.get() {
+        metrics::counter!("msgstore_connections_rejected_total").increment(1);
+        tracing::warn!(%peer, max = core.config.connections_max, "connection limit reached; closing");
+        drop(stream);
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    core.connections.set(core.connections.get() + 1);
+    metrics::gauge!("msgstore_connections").increment(1.0);
+    let core = core.clone();
+    tokio::task::spawn_local(async move {
+        serve(&core, stream, peer).await;
+        core.connections.set(core.connections.get() - 1);
+        metrics::gauge!("msgstore_connections").decrement(1.0);
+        core.connection_closed.notify_waiters();
+        tracing::debug!(%peer, "connection closed");
+    });
+}
+
+/// Why a connection's read side stopped.
+enum ReadEnd {
+    /// Peer closed, shutdown, or the socket failed: answer what was read.
+    Drain,
+    /// Bad input: close at once.
+    Abort,
+}
+
+async fn serve(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
+    let (rd, wr) = stream.into_split();
+    let outbox = Rc::new(Outbox::default());
+    let writer = tokio::task::spawn_local(write_answers(wr, outbox.clone(), peer));
+    match read_requests(core, rd, &outbox, peer).await {
+        ReadEnd::Drain => {
+            while outbox.unanswered.get() > 0 && !writer.is_finished() {
+                outbox.drained.notified().await;
+            }
+        }
+        ReadEnd::Abort => {}
+    }
+    writer.abort();
+}
+
+async fn read_requests(
+    core: &Rc<Core>,
+    mut rd: OwnedReadHalf,
+    outbox: &Rc<Outbox>,
+    peer: SocketAddr,
+) -> ReadEnd {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let limit = core.config.inflight_requests_max;
+    loop {
+        let mut staged_any = false;
+        loop {
+            if outbox.unanswered.get() >= limit {
+                break;
+            }
+            let request = match frame::decode::<Request>(&mut buf, core.config.frame_body_bytes_max)
+            {
+                Ok(Decoded::Frame(request)) => request,
+                Ok(Decoded::Incomplete) => break,
+                Err(e) => {
+                    metrics::counter!("msgstore_bad_frames_total").increment(1);
+                    tracing::warn!(%peer, reason = %e, "bad frame; closing connection");
+                    return ReadEnd::Abort;
+                }
+            };
+            metrics::counter!("msgstore_requests_total", "op" => op_name(&request.body))
+                .increment(1);
+            let body = core.engine.borrow_mut().respond(request.body);
+            core.staged.borrow_mut().push(Staged {
+                outbox: outbox.clone(),
+                id: request.id,
+                body,
+            });
+            outbox.unanswered.set(outbox.unanswered.get() + 1);
+            staged_any = true;
+        }
+        if staged_any {
+            core.work.notify_one();
+        }
+        if outbox.unanswered.get() >= limit {
+            // Back-pressure: read nothing more until answers drain.
+            outbox.drained.notified().await;
+            continue;
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
+            buf.reserve(READ_CHUNK_BYTES);
+        }
+        if core.stopping.get() {
+            return ReadEnd::Drain;
+        }
+        tokio::select! {
+            read = rd.read_buf(&mut buf) => match read {
+                Ok(0) => return ReadEnd::Drain,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "read failed");
+                    return ReadEnd::Drain;
+                }
+            },
+            _ = core.stop_reading.notified() => return ReadEnd::Drain,
+        }
+    }
+}
+
+/// Write whatever answers are buffered, one write per wake-up.
+async fn write_answers(mut wr: OwnedWriteHalf, outbox: Rc<Outbox>, peer: SocketAddr) {
+    let mut out = Vec::new();
+    loop {
+        outbox.ready.notified().await;
+        std::mem::swap(&mut out, &mut *outbox.buf.borrow_mut());
+        let count = outbox.buffered.replace(0);
+        if out.is_empty() {
+            continue;
+        }
+        if let Err(e) = wr.write_all(&out).await {
+            tracing::debug!(%peer, error = %e, "write failed");
+            outbox.unanswered.set(0);
+            outbox.drained.notify_one();
+            return;
+        }
+        out.clear();
+        outbox.unanswered.set(outbox.unanswered.get() - count);
+        outbox.drained.notify_one();
+    }
 }
 
 fn describe_metrics() {
@@ -154,233 +406,23 @@ fn describe_metrics() {
     );
     describe_gauge!("msgstore_connections", "Open client connections");
     describe_histogram!(
-        "msgstore_request_duration_seconds",
+        "msgstore_commit_seconds",
         Unit::Seconds,
-        "Time from receiving a request to its answer being ready, by op"
+        "Time to make one batch of requests durable (the log write and sync)"
+    );
+    describe_histogram!(
+        "msgstore_commit_requests",
+        "Requests answered by one batch (group commit size)"
     );
 }
-
 async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
     // An error means the sender is gone: treat it as a shutdown request.
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
-
-/// Errors like EMFILE are transient: wait a little instead of spinning.
 async fn accept_failed(e: std::io::Error) {
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
-
-fn admit(
-    conns: &mut JoinSet<()>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    shard: &Shard,
-    config: &Arc<ServerConfig>,
-    shutdown: &watch::Receiver<bool>,
-) {
-    while conns.try_join_next().is_some() {}
-    if conns.len() >= config.connections_max {
-        metrics::counter!("msgstore_connections_rejected_total").increment(1);
-        tracing::warn!(%peer, max = config.connections_max, "connection limit reached; closing");
-        drop(stream);
-        return;
-    }
-    let _ = stream.set_nodelay(true);
-    let conn = Connection {
-        shard: shard.clone(),
-        config: config.clone(),
-        peer,
-    };
-    let shutdown = shutdown.clone();
-    conns.spawn(async move {
-        metrics::gauge!("msgstore_connections").increment(1.0);
-        conn.serve(stream, shutdown).await;
-        metrics::gauge!("msgstore_connections").decrement(1.0);
-    });
-}
-
-async fn drain(mut conns: JoinSet<()>, limit: Duration) {
-    let all = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(limit, all).await.is_err() {
-        tracing::warn!(
-            connections = conns.len(),
-            "connections did not drain in time; cutting them"
-        );
-        conns.shutdown().await;
-    }
-}
-
-/// The answer to one request, pending on the shard.
-type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
-
-/// One queued answer and the in-flight slot it occupies until written.
-type Pending = (ResponseFuture, OwnedSemaphorePermit);
-
-struct Connection {
-    shard: Shard,
-    config: Arc<ServerConfig>,
-    peer: SocketAddr,
-}
-
-/// Why a connection's read side stopped.
-enum ReadEnd {
-    /// Peer closed, shutdown, or the writer is gone: answer what was read.
-    Drain,
-    /// Bad input: close at once.
-    Abort,
-}
-
-impl Connection {
-    async fn serve(self, stream: TcpStream, shutdown: watch::Receiver<bool>) {
-        let (rd, wr) = stream.into_split();
-        let inflight = Arc::new(Semaphore::new(self.config.inflight_requests_max));
-        let (tx, rx) = mpsc::channel(self.config.inflight_requests_max);
-        let writer = tokio::spawn(write_responses(wr, rx, self.peer));
-        match self.read_requests(rd, tx, inflight, shutdown).await {
-            ReadEnd::Drain => {
-                let _ = writer.await;
-            }
-            ReadEnd::Abort => writer.abort(),
-        }
-        tracing::debug!(peer = %self.peer, "connection closed");
-    }
-
-    async fn read_requests(
-        &self,
-        mut rd: OwnedReadHalf,
-        tx: mpsc::Sender<Pending>,
-        inflight: Arc<Semaphore>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> ReadEnd {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-        loop {
-            loop {
-                let request = match frame::decode::<Request>(
-                    &mut buf,
-                    self.config.frame_body_bytes_max,
-                ) {
-                    Ok(Decoded::Frame(request)) => request,
-                    Ok(Decoded::Incomplete) => break,
-                    Err(e) => {
-                        metrics::counter!("msgstore_bad_frames_total").increment(1);
-                        tracing::warn!(peer = %self.peer, reason = %e, "bad frame; closing connection");
-                        return ReadEnd::Abort;
-                    }
-                };
-                let permit = tokio::select! {
-                    permit = inflight.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => return ReadEnd::Drain,
-                    },
-                    _ = wait_for_shutdown(&mut shutdown) => return ReadEnd::Drain,
-                };
-                let answer = dispatch(&self.shard, request);
-                if tx.send((answer, permit)).await.is_err() {
-                    return ReadEnd::Drain;
-                }
-            }
-            if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
-                buf.reserve(READ_CHUNK_BYTES);
-            }
-            tokio::select! {
-                read = rd.read_buf(&mut buf) => match read {
-                    Ok(0) => return ReadEnd::Drain,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(peer = %self.peer, error = %e, "read failed");
-                        return ReadEnd::Drain;
-                    }
-                },
-                _ = wait_for_shutdown(&mut shutdown) => return ReadEnd::Drain,
-            }
-        }
-    }
-}
-
-/// Write answers in request order; write whenever no further answer is ready
-/// right now (or the buffer is large). A slot is freed once its answer is
-/// handed to the socket.
-async fn write_responses(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Pending>,
-    peer: SocketAddr,
-) {
-    let mut out = Vec::with_capacity(WRITE_BUFFER_FLUSH_BYTES);
-    let mut written_slots = Vec::new();
-    loop {
-        let (mut answer, permit) = match rx.try_recv() {
-            Ok(next) => next,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if flush(&mut wr, &mut out, &mut written_slots, peer)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                match rx.recv().await {
-                    Some(next) => next,
-                    None => break,
-                }
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-        };
-        let response = match poll_once(&mut answer).await {
-            Some(response) => response,
-            None => {
-                if flush(&mut wr, &mut out, &mut written_slots, peer)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                answer.await
-            }
-        };
-        encode_response(&response, &mut out);
-        written_slots.push(permit);
-        if out.len() >= WRITE_BUFFER_FLUSH_BYTES
-            && flush(&mut wr, &mut out, &mut written_slots, peer)
-                .await
-                .is_err()
-        {
-            return;
-        }
-    }
-    if flush(&mut wr, &mut out, &mut written_slots, peer)
-        .await
-        .is_ok()
-    {
-        let _ = wr.shutdown().await;
-    }
-}
-
-async fn flush(
-    wr: &mut OwnedWriteHalf,
-    out: &mut Vec<u8>,
-    slots: &mut Vec<OwnedSemaphorePermit>,
-    peer: SocketAddr,
-) -> std::io::Result<()> {
-    if !out.is_empty() {
-        if let Err(e) = wr.write_all(out).await {
-            tracing::debug!(%peer, error = %e, "write failed");
-            return Err(e);
-        }
-        out.clear();
-    }
-    slots.clear();
-    Ok(())
-}
-
-/// Poll a future once: its output if it is ready now.
-async fn poll_once<F: Future + Unpin>(fut: &mut F) -> Option<F::Output> {
-    std::future::poll_fn(|cx| match Pin::new(&mut *fut).poll(cx) {
-        Poll::Ready(v) => Poll::Ready(Some(v)),
-        Poll::Pending => Poll::Ready(None),
-    })
-    .await
-}
-
 fn encode_response(response: &Response, out: &mut Vec<u8>) {
     if let Err(e) = frame::encode(response, RESPONSE_BODY_BYTES_MAX, out) {
         tracing::error!(id = response.id, error = %e, "response cannot be encoded");
@@ -395,15 +437,9 @@ fn encode_response(response: &Response, out: &mut Vec<u8>) {
         let _ = frame::encode(&fallback, RESPONSE_BODY_BYTES_MAX, out);
     }
 }
-
 fn error_body(code: ShardErrorCode, message: String) -> ResponseBody {
     ResponseBody::Error(ShardError { code, message })
 }
-
-fn engine_error(e: Error) -> ResponseBody {
-    ResponseBody::Error(e.to_wire())
-}
-
 fn op_name(body: &RequestBody) -> &'static str {
     match body {
         RequestBody::Append { .. } => "append",
@@ -414,126 +450,4 @@ fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::Stats => "stats",
         RequestBody::Ping => "ping",
     }
-}
-
-/// Submit one request to the shard; the returned future yields its answer.
-fn dispatch(shard: &Shard, request: Request) -> ResponseFuture {
-    let op = op_name(&request.body);
-    metrics::counter!("msgstore_requests_total", "op" => op).increment(1);
-    let started = Instant::now();
-    let body = submit(shard, request.body);
-    let id = request.id;
-    Box::pin(async move {
-        let body = body.await;
-        metrics::histogram!("msgstore_request_duration_seconds", "op" => op)
-            .record(started.elapsed().as_secs_f64());
-        Response { id, body }
-    })
-}
-
-type BodyFuture = Pin<Box<dyn Future<Output = ResponseBody> + Send>>;
-
-fn ready(body: ResponseBody) -> BodyFuture {
-    Box::pin(std::future::ready(body))
-}
-
-fn submit(shard: &Shard, body: RequestBody) -> BodyFuture {
-    match body {
-        RequestBody::Append {
-            user,
-            msg_id,
-            payload,
-        } => {
-            let ticket = shard.append(user, msg_id, payload);
-            Box::pin(async move {
-                match ticket.await {
-                    Ok(seq) => ResponseBody::Appended { seq },
-                    Err(e) => engine_error(e),
-                }
-            })
-        }
-        RequestBody::AppendBatch { items } => submit_batch(shard, items),
-        RequestBody::Fetch {
-            user,
-            after_seq,
-            max_count,
-            max_bytes,
-        } => {
-            let ticket = shard.fetch(
-                user,
-                after_seq,
-                max_count.min(FETCH_COUNT_MAX),
-                max_bytes.min(FETCH_BYTES_MAX),
-            );
-            Box::pin(async move {
-                match ticket.await {
-                    Ok(page) => ResponseBody::Records {
-                        records: page.records,
-                        more: page.more,
-                    },
-                    Err(e) => engine_error(e),
-                }
-            })
-        }
-        RequestBody::Ack { user, up_to_seq } => {
-            let ticket = shard.ack(user, up_to_seq);
-            Box::pin(async move {
-                match ticket.await {
-                    Ok(removed) => ResponseBody::Acked { removed },
-                    Err(e) => engine_error(e),
-                }
-            })
-        }
-        RequestBody::UserStats { user } => {
-            let ticket = shard.user_stats(user);
-            Box::pin(async move {
-                match ticket.await {
-                    Ok(stats) => ResponseBody::UserStats(stats),
-                    Err(e) => engine_error(e),
-                }
-            })
-        }
-        RequestBody::Stats => {
-            let ticket = shard.stats();
-            Box::pin(async move {
-                match ticket.await {
-                    Ok(stats) => ResponseBody::Stats(stats),
-                    Err(e) => engine_error(e),
-                }
-            })
-        }
-        RequestBody::Ping => ready(ResponseBody::Pong),
-    }
-}
-
-fn submit_batch(shard: &Shard, items: Vec<proto::shard::AppendItem>) -> BodyFuture {
-    if items.len() > APPEND_BATCH_ITEMS_MAX {
-        return ready(error_body(
-            ShardErrorCode::BadRequest,
-            format!(
-                "append batch of {} items exceeds the limit of {APPEND_BATCH_ITEMS_MAX}",
-                items.len()
-            ),
-        ));
-    }
-    let items = items
-        .into_iter()
-        .map(|i| crate::AppendRequest {
-            user: i.user,
-            msg_id: i.msg_id,
-            payload: i.payload,
-        })
-        .collect();
-    let ticket = shard.append_batch(items);
-    Box::pin(async move {
-        match ticket.await {
-            Ok(results) => ResponseBody::AppendedBatch {
-                results: results
-                    .into_iter()
-                    .map(|r| r.map_err(|e| e.to_wire()))
-                    .collect(),
-            },
-            Err(e) => engine_error(e),
-        }
-    })
 }

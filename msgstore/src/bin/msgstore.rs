@@ -73,9 +73,10 @@ fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = load_config(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // This runtime only waits for signals and serves metrics; the shard
+    // runs on its own thread (see `msgstore::server`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("msgstore-io")
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(config))

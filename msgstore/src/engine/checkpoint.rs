@@ -525,7 +525,11 @@ mod tests {
                     assert_eq!(removed as usize, before - q.len());
                 }
                 for u in 0..8u64 {
-                    assert_eq!(seqs(&mut e, u), model[&u], "round {round} step {steps} user {u}");
+                    assert_eq!(
+                        seqs(&mut e, u),
+                        model[&u],
+                        "round {round} step {steps} user {u}"
+                    );
                 }
             }
             assert!(steps > 8, "the checkpoint ran in steps ({steps})");

@@ -1,0 +1,90 @@
+//! Requests of the shard protocol answered inside the writer thread, many
+//! per command: the server hands over every request one socket read
+//! brought, so a pipelined connection costs one queue hop per read, not
+//! one per request.
+
+use super::Engine;
+use crate::{handle::AppendRequest, Error};
+use proto::shard::{
+    RequestBody, ResponseBody, ShardError, ShardErrorCode, APPEND_BATCH_ITEMS_MAX, FETCH_BYTES_MAX,
+    FETCH_COUNT_MAX,
+};
+
+impl Engine {
+    /// Answer one request inside the open batch.
+    pub(crate) fn respond(&mut self, body: RequestBody) -> ResponseBody {
+        let error = |e: Error| ResponseBody::Error(e.to_wire());
+        match body {
+            RequestBody::Append {
+                user,
+                msg_id,
+                payload,
+            } => match self.append(&AppendRequest {
+                user,
+                msg_id,
+                payload,
+            }) {
+                Ok(seq) => ResponseBody::Appended { seq },
+                Err(e) => error(e),
+            },
+            RequestBody::AppendBatch { items } if items.len() > APPEND_BATCH_ITEMS_MAX => {
+                ResponseBody::Error(ShardError {
+                    code: ShardErrorCode::BadRequest,
+                    message: format!(
+                        "append batch of {} items exceeds the limit of {APPEND_BATCH_ITEMS_MAX}",
+                        items.len()
+                    ),
+                })
+            }
+            RequestBody::AppendBatch { items } => ResponseBody::AppendedBatch {
+                results: items
+                    .into_iter()
+                    .map(|i| {
+                        self.append(&AppendRequest {
+                            user: i.user,
+                            msg_id: i.msg_id,
+                            payload: i.payload,
+                        })
+                        .map_err(|e| e.to_wire())
+                    })
+                    .collect(),
+            },
+            RequestBody::Fetch {
+                user,
+                after_seq,
+                max_count,
+                max_bytes,
+            } => match self.fetch(
+                user,
+                after_seq,
+                max_count.min(FETCH_COUNT_MAX),
+                max_bytes.min(FETCH_BYTES_MAX),
+            ) {
+                Ok(page) => ResponseBody::Records {
+                    records: page.records,
+                    more: page.more,
+                },
+                Err(e) => error(e),
+            },
+            RequestBody::Ack { user, up_to_seq } => match self.ack(user, up_to_seq) {
+                Ok(removed) => ResponseBody::Acked { removed },
+                Err(e) => error(e),
+            },
+            RequestBody::UserStats { user } => match self.user_stats(user) {
+                Ok(stats) => ResponseBody::UserStats(stats),
+                Err(e) => error(e),
+            },
+            RequestBody::Stats => ResponseBody::Stats(self.stats()),
+            RequestBody::Ping => ResponseBody::Pong,
+        }
+    }
+}
+
+/// The answer a request gets when its batch could not be made durable:
+/// the error for everything but the answers that changed nothing.
+pub(crate) fn failed(response: ResponseBody, e: &Error) -> ResponseBody {
+    match response {
+        r @ (ResponseBody::Stats(_) | ResponseBody::Pong) => r,
+        _ => ResponseBody::Error(e.to_wire()),
+    }
+}
