@@ -78,6 +78,7 @@ pub(crate) enum Command {
 }
 
 /// A logged record not yet checkpointed into its bucket.
+#[derive(Clone)]
 struct Pending {
     seq: u64,
     timestamp_ms: u64,
@@ -145,7 +146,8 @@ pub(crate) struct Engine {
     config: EngineConfig,
     _lock: DirLock,
     index: std::sync::Arc<Index>,
-    buckets: Buckets,
+    /// Shared with a running checkpoint's helper thread.
+    buckets: std::sync::Arc<std::sync::Mutex<Buckets>>,
     /// Buckets that have a file; absent ones are `BucketMeta::default()`.
     bucket_meta: HashMap<u32, BucketMeta>,
     /// User states changed since the last checkpoint (the index has the rest).
@@ -170,6 +172,9 @@ pub(crate) struct Engine {
 
 /// Pause between a failed checkpoint and the next attempt.
 const CHECKPOINT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// How often a running checkpoint is looked at when nothing else happens.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
 
 impl Engine {
     pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
@@ -366,12 +371,9 @@ impl Engine {
 
     /// How long the owner may wait before calling [`Engine::tick`].
     pub(crate) fn next_wakeup(&self) -> Duration {
-        if self.checkpoint_has_work() {
-            return Duration::ZERO;
-        }
         let mut wake = Duration::from_secs(1);
         if self.checkpoint_running() {
-            wake = Duration::from_millis(2);
+            wake = CHECKPOINT_POLL;
         }
         if let (true, FsyncPolicy::IntervalMs(ms)) = (self.unsynced, self.config.fsync) {
             let due = Duration::from_millis(ms).saturating_sub(self.last_sync.elapsed());
@@ -392,9 +394,8 @@ impl Engine {
             return;
         }
         if self.checkpoint_running() {
-            if let Some(Err(e)) = self.checkpoint_step(false) {
+            if let Some(Err(e)) = self.poll_checkpoint(false) {
                 tracing::error!(error = %e, "msgstore checkpoint failed; will retry");
-                self.checkpoint_retry_at = Instant::now() + CHECKPOINT_RETRY_DELAY;
             }
             return;
         }
@@ -405,7 +406,9 @@ impl Engine {
         let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
             && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
         if bytes_due || time_due {
-            self.start_checkpoint();
+            if let Err(e) = self.start_checkpoint() {
+                tracing::error!(error = %e, "msgstore checkpoint could not start; will retry");
+            }
         }
     }
 

@@ -2,24 +2,31 @@
 //! whose dead share is over the threshold, record everything in the index
 //! in one transaction, then trim the log.
 //!
-//! A checkpoint is a job that runs alongside the traffic: the writer thread
-//! does its steps between batches (a bounded slice of work each time), and
-//! the slow, blocking part (the file-system sync and the index commit) runs
-//! on a helper thread while the writer keeps answering requests.
+//! The work runs on a helper thread while the owner of the engine keeps
+//! answering requests. At the start the engine hands the job its state as
+//! of the log position P, by moving it out: the changed user states
+//! (`snapshot`) and the memtable (`frozen`). Until the job is merged back,
+//! lookups fall through `dirty` -> `snapshot` -> index, and unflushed
+//! records are `frozen` then the memtable. The helper appends the frozen
+//! records past each bucket's committed length, which nothing reads until
+//! the merge, so readers never see a half-written chain.
 //!
 //! Order (docs/STORAGE.md explains why each crash point is safe):
-//! 1. note the log position P and take a snapshot of the state as of P: the
-//!    changed user states, the memtable ("frozen"), the totals;
-//! 2. write the frozen records into bucket maps past each bucket's `len`;
-//! 3. write compacted copies of candidate buckets to `compact/`, synced;
-//! 4. (helper thread) `syncfs`: every bucket byte written so far is durable;
-//! 5. (helper thread) one LMDB transaction: the snapshot's user states,
-//!    bucket states, `wal_start = P`, the compacted files to swap in; commit;
-//! 6. rename compacted files over their buckets, sync;
-//! 7. delete log segments wholly before P.
+//! 1. (owner) note P; move `dirty` and the memtable into the job;
+//! 2. (helper) write the frozen records into bucket maps past each bucket's
+//!    `len`, chained from the snapshot's tails;
+//! 3. (helper) write compacted copies of candidate buckets to `compact/`,
+//!    synced;
+//! 4. (helper) `syncfs`: every bucket byte written so far is durable;
+//! 5. (helper) one LMDB transaction: the snapshot's user states with their
+//!    new tails, bucket states, `wal_start = P`, the compacted files to swap
+//!    in; commit;
+//! 6. (owner) merge: new tails and lengths into the live state, rename
+//!    compacted files over their buckets, sync, delete log segments wholly
+//!    before P.
 
 use super::{
-    buckets::{compacted_path, header_gen},
+    buckets::{compacted_path, header_gen, Buckets},
     codec::{encode_record, read_record, record_stored_bytes, MessageHeader, NO_PREV},
     index::{CheckpointMeta, Index},
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
@@ -28,49 +35,52 @@ use super::{
 };
 use crate::{Error, Result};
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::Instant,
 };
 
-/// Most writer time one checkpoint step takes before it returns to serve
-/// requests.
-const STEP_BUDGET: Duration = Duration::from_millis(2);
+/// What the helper thread works from: the engine's state as of `position`.
+struct JobInput {
+    position: Position,
+    snapshot: Arc<HashMap<u64, UserState>>,
+    frozen: Arc<HashMap<u64, VecDeque<Pending>>>,
+    /// Bucket states as of `position`, for every bucket the job touches.
+    metas: HashMap<u32, BucketMeta>,
+    candidates: Vec<u32>,
+    totals: Totals,
+    dir: PathBuf,
+    buckets: Arc<Mutex<Buckets>>,
+    index: Arc<Index>,
+}
 
-/// A compacted copy of one bucket, waiting for the index commit.
+/// A compacted copy of one bucket, in place once the job is merged.
 struct Compaction {
     bucket: u32,
     meta: BucketMeta,
     states: Vec<(u64, UserState)>,
 }
 
-enum Phase {
-    /// Writing frozen records to buckets, user by user.
-    Flushing,
-    /// Writing compacted copies of these buckets.
-    Compacting { candidates: Vec<u32> },
-    /// The helper thread syncs and commits.
-    Committing(flume::Receiver<Result<()>>),
+/// What the helper thread did, once the index has it.
+struct JobDone {
+    /// New (tail_offset, tail_seq) of every flushed user.
+    tails: HashMap<u64, (u64, u64)>,
+    /// New lengths of the buckets written.
+    lens: HashMap<u32, u64>,
+    compactions: Vec<Compaction>,
 }
 
-/// One checkpoint in progress.
+/// A checkpoint in progress.
 pub(super) struct Job {
     position: Position,
-    /// User states as of `position`, with bucket tails updated as flushed.
-    snapshot: HashMap<u64, UserState>,
-    /// The memtable as of `position`; users leave it as they are flushed.
-    pub(super) frozen: HashMap<u64, VecDeque<Pending>>,
-    /// The frozen users by bucket; `cursor` is the next to flush.
-    order: Vec<(u32, u64)>,
-    cursor: usize,
-    totals: Totals,
+    pub(super) snapshot: Arc<HashMap<u64, UserState>>,
+    pub(super) frozen: Arc<HashMap<u64, VecDeque<Pending>>>,
+    candidates: Vec<u32>,
     log_bytes: u64,
-    touched: Vec<u32>,
-    compactions: Vec<Compaction>,
-    phase: Phase,
     started: Instant,
+    done: flume::Receiver<Result<JobDone>>,
 }
 
 /// Make every written byte of the file system holding `dir` durable with one
@@ -84,295 +94,117 @@ fn syncfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-impl Engine {
-    /// Whether a checkpoint has steps for the writer to run now.
-    pub(super) fn checkpoint_has_work(&self) -> bool {
-        matches!(
-            self.job.as_ref().map(|j| &j.phase),
-            Some(Phase::Flushing | Phase::Compacting { .. })
-        )
-    }
+pub(super) fn lock(buckets: &Mutex<Buckets>) -> std::sync::MutexGuard<'_, Buckets> {
+    // A panic while holding the lock cannot leave a map half-updated in a
+    // way later readers trust: records are checked by checksum.
+    buckets.lock().unwrap_or_else(|p| p.into_inner())
+}
 
+impl Engine {
     pub(super) fn checkpoint_running(&self) -> bool {
         self.job.is_some()
     }
 
-    /// Start a checkpoint job if there is anything to checkpoint.
-    pub(super) fn start_checkpoint(&mut self) {
+    /// Start a checkpoint job on a helper thread if there is anything to
+    /// checkpoint and none is running.
+    pub(super) fn start_checkpoint(&mut self) -> Result<()> {
         self.last_checkpoint = Instant::now();
         if self.job.is_some()
             || (self.dirty.is_empty()
                 && self.memtable.is_empty()
                 && self.compact_candidates.is_empty())
         {
-            return;
-        }
-        let frozen = std::mem::take(&mut self.memtable);
-        let mut order: Vec<(u32, u64)> =
-            frozen.keys().map(|u| (self.dirty[u].bucket, *u)).collect();
-        order.sort_unstable();
-        self.job = Some(Job {
-            position: self.wal.position(),
-            snapshot: self.dirty.clone(),
-            frozen,
-            order,
-            cursor: 0,
-            totals: self.totals,
-            log_bytes: self.wal.bytes_since_checkpoint,
-            touched: Vec::new(),
-            compactions: Vec::new(),
-            phase: Phase::Flushing,
-            started: Instant::now(),
-        });
-    }
-
-    /// Run checkpoint work for at most [`STEP_BUDGET`] (or to the end with
-    /// `to_completion`). Returns the result once the job has finished.
-    pub(super) fn checkpoint_step(&mut self, to_completion: bool) -> Option<Result<()>> {
-        let deadline = (!to_completion).then(|| Instant::now() + STEP_BUDGET);
-        self.checkpoint_step_until(deadline)
-    }
-
-    fn checkpoint_step_until(&mut self, deadline: Option<Instant>) -> Option<Result<()>> {
-        let mut job = self.job.take()?;
-        let outcome = self.advance(&mut job, deadline);
-        match outcome {
-            Ok(false) => {
-                self.job = Some(job);
-                None
-            }
-            Ok(true) => Some(self.finish(job)),
-            Err(e) => {
-                self.abandon(job);
-                Some(Err(e))
-            }
-        }
-    }
-
-    /// Move the job forward; `Ok(true)` once the index commit succeeded.
-    fn advance(&mut self, job: &mut Job, deadline: Option<Instant>) -> Result<bool> {
-        let over = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
-        loop {
-            match &mut job.phase {
-                Phase::Flushing => {
-                    while job.cursor < job.order.len() {
-                        let (bucket, user) = job.order[job.cursor];
-                        job.cursor += 1;
-                        self.flush_user(job, bucket, user)?;
-                        if over(deadline) {
-                            return Ok(false);
-                        }
-                    }
-                    let candidates = self.compact_candidates.iter().copied().collect();
-                    job.phase = Phase::Compacting { candidates };
-                }
-                Phase::Compacting { candidates } => {
-                    while let Some(bucket) = candidates.pop() {
-                        match self.compact_bucket(&job.snapshot, bucket)? {
-                            Some(c) => job.compactions.push(c),
-                            None => {
-                                self.compact_candidates.remove(&bucket);
-                            }
-                        }
-                        if over(deadline) {
-                            return Ok(false);
-                        }
-                    }
-                    job.phase = Phase::Committing(self.spawn_commit(job)?);
-                }
-                Phase::Committing(done) => {
-                    let result = match deadline {
-                        Some(_) => match done.try_recv() {
-                            Ok(r) => r,
-                            Err(flume::TryRecvError::Empty) => return Ok(false),
-                            Err(flume::TryRecvError::Disconnected) => {
-                                Err(Error::Storage("checkpoint thread died".into()))
-                            }
-                        },
-                        None => done.recv().unwrap_or_else(|_| {
-                            Err(Error::Storage("checkpoint thread died".into()))
-                        }),
-                    };
-                    return result.map(|()| true);
-                }
-            }
-        }
-    }
-
-    /// Append a user's frozen records to its bucket. Records the snapshot
-    /// already counts as acknowledged are never in the frozen memtable
-    /// (batches prune them); records acknowledged since are written and
-    /// counted dead, so the snapshot stays exactly the state as of P.
-    fn flush_user(&mut self, job: &mut Job, bucket: u32, user: u64) -> Result<()> {
-        let queue = job.frozen.remove(&user).unwrap_or_default();
-        let mut live = self.dirty[&user];
-        let mut meta = self.bucket(bucket);
-        let mut buf = Vec::new();
-        let mut dead = 0;
-        for p in &queue {
-            let offset = meta.len + buf.len() as u64;
-            let header = MessageHeader {
-                user,
-                seq: p.seq,
-                timestamp_ms: p.timestamp_ms,
-                msg_id: p.msg_id,
-            };
-            encode_record(&header, live.tail_offset, &p.payload, &mut buf);
-            live.tail_offset = offset;
-            live.tail_seq = live.tail_seq.max(p.seq);
-            if p.seq <= live.acked_seq {
-                dead += record_stored_bytes(p.payload.len());
-            }
-        }
-        if buf.is_empty() {
             return Ok(());
         }
-        self.buckets.write(bucket, meta.gen, meta.len, &buf)?;
-        meta.len += buf.len() as u64;
-        meta.dead_bytes += dead;
-        self.bucket_meta.insert(bucket, meta);
-        if job.touched.last() != Some(&bucket) {
-            job.touched.push(bucket);
+        let snapshot = Arc::new(std::mem::take(&mut self.dirty));
+        let frozen = Arc::new(std::mem::take(&mut self.memtable));
+        let candidates: Vec<u32> = self.compact_candidates.drain().collect();
+        let touched: HashSet<u32> = snapshot
+            .values()
+            .map(|s| s.bucket)
+            .chain(candidates.iter().copied())
+            .collect();
+        let input = JobInput {
+            position: self.wal.position(),
+            snapshot: snapshot.clone(),
+            frozen: frozen.clone(),
+            metas: touched.into_iter().map(|b| (b, self.bucket(b))).collect(),
+            candidates: candidates.clone(),
+            totals: self.totals,
+            dir: self.dir.clone(),
+            buckets: self.buckets.clone(),
+            index: self.index.clone(),
+        };
+        let (tx, rx) = flume::bounded(1);
+        let spawned = std::thread::Builder::new()
+            .name("msgstore-checkpoint".into())
+            .spawn(move || {
+                let result = run_job(&input);
+                if result.is_err() {
+                    remove_compacted(&input);
+                }
+                // Release the index before answering: the engine may close
+                // and reopen the environment as soon as the answer arrives.
+                drop(input);
+                let _ = tx.send(result);
+            });
+        self.job = Some(Job {
+            position: self.wal.position(),
+            snapshot,
+            frozen,
+            candidates,
+            log_bytes: self.wal.bytes_since_checkpoint,
+            started: Instant::now(),
+            done: rx,
+        });
+        if let Err(e) = spawned {
+            let job = self.job.take().expect("just set");
+            self.abandon(job);
+            return Err(e.into());
         }
-        let snap = job
-            .snapshot
-            .get_mut(&user)
-            .expect("frozen users are in the snapshot");
-        snap.tail_offset = live.tail_offset;
-        snap.tail_seq = live.tail_seq;
-        self.dirty.insert(user, live);
         Ok(())
     }
 
-    /// Copy the records of `bucket` live as of the snapshot into a new file,
-    /// rebuilding each user's chain. `None` if the bucket cannot be read
-    /// cleanly (it is then left as it is).
-    fn compact_bucket(
-        &mut self,
-        snapshot: &HashMap<u64, UserState>,
-        bucket: u32,
-    ) -> Result<Option<Compaction>> {
-        let meta = self.bucket(bucket);
-        let Some(view) = self.buckets.view(bucket)? else {
-            return Ok(None);
-        };
-        if header_gen(view, bucket) != Some(meta.gen) {
-            tracing::error!(
-                bucket,
-                "bucket header does not match the index; not compacting"
-            );
-            return Ok(None);
-        }
-        let view = view[..meta.len as usize].to_vec();
-        let mut states: HashMap<u64, UserState> = HashMap::new();
-        let mut buf = Vec::new();
-        let mut at = BUCKET_HEADER_BYTES;
-        while at < meta.len {
-            let rec = match read_record(&view, at, usize::MAX >> 1) {
-                Ok(rec) => rec,
-                Err(fault) => {
-                    tracing::error!(
-                        bucket,
-                        offset = at,
-                        ?fault,
-                        "corrupt record; not compacting this bucket"
-                    );
-                    return Ok(None);
-                }
-            };
-            at += rec.stored_bytes();
-            let user = rec.header.user;
-            if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(user) {
-                let known = match snapshot.get(&user) {
-                    Some(s) => Some(*s),
-                    None => self.index.user(user)?,
-                };
-                let Some(mut s) = known else {
-                    tracing::error!(
-                        bucket,
-                        user,
-                        "record of a user the index does not know; not compacting"
-                    );
-                    return Ok(None);
-                };
-                s.tail_offset = NO_PREV;
-                slot.insert(s);
+    /// Merge a finished job; `None` while it is still running (or with
+    /// `wait`, block until it finishes).
+    pub(super) fn poll_checkpoint(&mut self, wait: bool) -> Option<Result<()>> {
+        let job = self.job.as_ref()?;
+        let result = if wait {
+            job.done.recv().ok()
+        } else {
+            match job.done.try_recv() {
+                Ok(r) => Some(r),
+                Err(flume::TryRecvError::Empty) => return None,
+                Err(flume::TryRecvError::Disconnected) => None,
             }
-            let state = states.get_mut(&user).expect("inserted above");
-            if rec.header.seq <= state.acked_seq {
-                continue;
-            }
-            let offset = BUCKET_HEADER_BYTES + buf.len() as u64;
-            encode_record(&rec.header, state.tail_offset, rec.payload, &mut buf);
-            state.tail_offset = offset;
-        }
-        let new_meta = BucketMeta {
-            gen: meta.gen + 1,
-            len: BUCKET_HEADER_BYTES + buf.len() as u64,
-            dead_bytes: 0,
         };
-        self.buckets
-            .write_compacted(&self.dir.join("compact"), bucket, new_meta.gen, &buf)?;
-        Ok(Some(Compaction {
-            bucket,
-            meta: new_meta,
-            states: states.into_iter().collect(),
-        }))
+        let job = self.job.take().expect("checked above");
+        let result = result.unwrap_or_else(|| Err(Error::Storage("checkpoint thread died".into())));
+        Some(match result {
+            Ok(done) => self.merge(job, done),
+            Err(e) => {
+                self.abandon(job);
+                Err(e)
+            }
+        })
     }
 
-    /// Hand the sync and the index commit to a helper thread.
-    fn spawn_commit(&mut self, job: &mut Job) -> Result<flume::Receiver<Result<()>>> {
-        let meta = CheckpointMeta {
-            wal_start: job.position,
-            pending_swaps: job
-                .compactions
-                .iter()
-                .map(|c| (c.bucket, c.meta.gen))
-                .collect(),
-            users_total: job.totals.users,
-            live_messages: job.totals.live_messages,
-            live_bytes: job.totals.live_bytes,
-        };
-        let mut users = job.snapshot.clone();
-        let mut buckets: HashMap<u32, BucketMeta> =
-            job.touched.iter().map(|b| (*b, self.bucket(*b))).collect();
-        for s in job.snapshot.values() {
-            if let Some(m) = self.bucket_meta.get(&s.bucket) {
-                buckets.insert(s.bucket, *m);
+    /// The index has the checkpoint: take the new tails and lengths into the
+    /// live state, swap compacted files in, trim the log.
+    fn merge(&mut self, job: Job, done: JobDone) -> Result<()> {
+        for (user, (offset, seq)) in &done.tails {
+            if let Some(live) = self.dirty.get_mut(user) {
+                live.tail_offset = *offset;
+                live.tail_seq = *seq;
             }
         }
-        for c in &job.compactions {
-            users.extend(c.states.iter().copied());
-            buckets.insert(c.bucket, c.meta);
+        for (bucket, len) in &done.lens {
+            let meta = self.bucket_meta.entry(*bucket).or_default();
+            meta.len = *len;
         }
-        let (tx, rx) = flume::bounded(1);
-        let index: Arc<Index> = Arc::clone(&self.index);
-        let dir: PathBuf = self.dir.clone();
-        std::thread::Builder::new()
-            .name("msgstore-checkpoint".into())
-            .spawn(move || {
-                let result = syncfs(&dir).and_then(|()| {
-                    index.commit_checkpoint(
-                        users.iter().map(|(u, s)| (*u, s)),
-                        buckets.into_iter(),
-                        &meta,
-                    )
-                });
-                // Release the index before answering: the shard may close and
-                // reopen the environment as soon as the answer arrives.
-                drop(index);
-                let _ = tx.send(result);
-            })?;
-        Ok(rx)
-    }
-
-    /// The index has the checkpoint: swap compacted files in, forget states
-    /// the index now holds, trim the log.
-    fn finish(&mut self, job: Job) -> Result<()> {
         let compact_dir = self.dir.join("compact");
-        for c in &job.compactions {
-            self.buckets
-                .install_compacted(&compact_dir, c.bucket, c.meta.gen)?;
+        for c in &done.compactions {
+            lock(&self.buckets).install_compacted(&compact_dir, c.bucket, c.meta.gen)?;
             self.bucket_meta.insert(c.bucket, c.meta);
             self.compact_candidates.remove(&c.bucket);
             for (user, s) in &c.states {
@@ -381,19 +213,22 @@ impl Engine {
                 }
             }
         }
-        if !job.compactions.is_empty() {
-            syncfs(&self.dir)?;
-        }
-        let compacted: HashMap<u64, UserState> = job
-            .compactions
-            .iter()
-            .flat_map(|c| c.states.iter().copied())
-            .collect();
-        for (user, snap) in &job.snapshot {
-            let committed = compacted.get(user).unwrap_or(snap);
-            if self.dirty.get(user) == Some(committed) {
-                self.dirty.remove(user);
+        // Records acknowledged while the job wrote them are dead bytes now.
+        for (user, queue) in job.frozen.iter() {
+            let Some(live) = self.load_user_after(user, &job) else {
+                continue;
+            };
+            let dead: u64 = queue
+                .iter()
+                .filter(|p| p.seq <= live.acked_seq)
+                .map(|p| record_stored_bytes(p.payload.len()))
+                .sum();
+            if dead > 0 {
+                self.add_dead_bytes(live.bucket, dead);
             }
+        }
+        if !done.compactions.is_empty() {
+            syncfs(&self.dir)?;
         }
         self.wal.remove_before(job.position)?;
         self.wal.bytes_since_checkpoint = self
@@ -401,9 +236,9 @@ impl Engine {
             .bytes_since_checkpoint
             .saturating_sub(job.log_bytes);
         self.counters.checkpoints_total += 1;
-        self.counters.compactions_total += job.compactions.len() as u64;
+        self.counters.compactions_total += done.compactions.len() as u64;
         metrics::counter!("msgstore_checkpoints_total").increment(1);
-        metrics::counter!("msgstore_compactions_total").increment(job.compactions.len() as u64);
+        metrics::counter!("msgstore_compactions_total").increment(done.compactions.len() as u64);
         tracing::debug!(
             elapsed_ms = job.started.elapsed().as_millis() as u64,
             "checkpoint done"
@@ -411,23 +246,34 @@ impl Engine {
         Ok(())
     }
 
-    /// A failed job: drop its compacted files and put the records it did
-    /// not flush back in front of the memtable. Every state stays in `dirty`
-    /// and the log is kept, so the next checkpoint covers it all.
+    /// A user's live state while `job` is being merged (the job is no
+    /// longer in `self.job`).
+    fn load_user_after(&self, user: &u64, job: &Job) -> Option<UserState> {
+        self.dirty
+            .get(user)
+            .or_else(|| job.snapshot.get(user))
+            .copied()
+    }
+
+    /// A failed job: give the engine its state back. Records the helper
+    /// wrote past a bucket's length are garbage the next job overwrites;
+    /// the log is kept, so the next checkpoint covers everything.
     fn abandon(&mut self, job: Job) {
-        let compact_dir = self.dir.join("compact");
-        for c in &job.compactions {
-            let _ = std::fs::remove_file(compacted_path(&compact_dir, c.bucket, c.meta.gen));
+        let snapshot = Arc::try_unwrap(job.snapshot).unwrap_or_else(|a| (*a).clone());
+        for (user, state) in snapshot {
+            self.dirty.entry(user).or_insert(state);
         }
-        for (user, mut older) in job.frozen {
+        let frozen = Arc::try_unwrap(job.frozen).unwrap_or_else(|a| (*a).clone());
+        for (user, mut older) in frozen {
             let acked = self.dirty.get(&user).map_or(0, |s| s.acked_seq);
             older.retain(|p| p.seq > acked);
-            let newer = self.memtable.remove(&user).unwrap_or_default();
-            older.extend(newer);
+            older.extend(self.memtable.remove(&user).unwrap_or_default());
             if !older.is_empty() {
                 self.memtable.insert(user, older);
             }
         }
+        self.compact_candidates.extend(job.candidates);
+        self.checkpoint_retry_at = Instant::now() + super::CHECKPOINT_RETRY_DELAY;
         metrics::counter!("msgstore_checkpoint_failures_total").increment(1);
     }
 
@@ -435,14 +281,195 @@ impl Engine {
     /// for one in progress first).
     pub(super) fn checkpoint_now(&mut self) -> Result<()> {
         self.check_usable()?;
-        if let Some(r) = self.checkpoint_step(true) {
+        if let Some(r) = self.poll_checkpoint(true) {
             r?;
         }
-        self.start_checkpoint();
-        match self.checkpoint_step(true) {
-            Some(r) => r,
-            None => Ok(()),
+        self.start_checkpoint()?;
+        self.poll_checkpoint(true).unwrap_or(Ok(()))
+    }
+}
+
+/// The helper thread's part: steps 2 to 5.
+fn run_job(input: &JobInput) -> Result<JobDone> {
+    let mut metas = input.metas.clone();
+    let tails = flush(input, &mut metas)?;
+    let mut compactions = Vec::new();
+    for &bucket in &input.candidates {
+        if let Some(c) = compact(
+            input,
+            &tails,
+            metas.get(&bucket).copied().unwrap_or_default(),
+            bucket,
+        )? {
+            compactions.push(c);
         }
+    }
+    syncfs(&input.dir)?;
+    let meta = CheckpointMeta {
+        wal_start: input.position,
+        pending_swaps: compactions.iter().map(|c| (c.bucket, c.meta.gen)).collect(),
+        users_total: input.totals.users,
+        live_messages: input.totals.live_messages,
+        live_bytes: input.totals.live_bytes,
+    };
+    let mut users: HashMap<u64, UserState> = (*input.snapshot).clone();
+    for (user, (offset, seq)) in &tails {
+        if let Some(s) = users.get_mut(user) {
+            s.tail_offset = *offset;
+            s.tail_seq = *seq;
+        }
+    }
+    let mut bucket_states = metas.clone();
+    for c in &compactions {
+        users.extend(c.states.iter().copied());
+        bucket_states.insert(c.bucket, c.meta);
+    }
+    input.index.commit_checkpoint(
+        users.iter().map(|(u, s)| (*u, s)),
+        bucket_states.into_iter(),
+        &meta,
+    )?;
+    Ok(JobDone {
+        tails,
+        lens: metas.into_iter().map(|(b, m)| (b, m.len)).collect(),
+        compactions,
+    })
+}
+
+/// Append every frozen record to its bucket, chained from the snapshot's
+/// tails, bucket by bucket. Returns the new tails.
+fn flush(
+    input: &JobInput,
+    metas: &mut HashMap<u32, BucketMeta>,
+) -> Result<HashMap<u64, (u64, u64)>> {
+    let mut order: Vec<(u32, u64)> = input
+        .frozen
+        .keys()
+        .map(|u| (input.snapshot[u].bucket, *u))
+        .collect();
+    order.sort_unstable();
+    let mut tails = HashMap::with_capacity(order.len());
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let bucket = order[i].0;
+        let meta = metas.entry(bucket).or_default();
+        buf.clear();
+        while i < order.len() && order[i].0 == bucket {
+            let user = order[i].1;
+            let state = input.snapshot[&user];
+            let (mut tail_offset, mut tail_seq) = (state.tail_offset, state.tail_seq);
+            for p in &input.frozen[&user] {
+                let header = MessageHeader {
+                    user,
+                    seq: p.seq,
+                    timestamp_ms: p.timestamp_ms,
+                    msg_id: p.msg_id,
+                };
+                let offset = meta.len + buf.len() as u64;
+                encode_record(&header, tail_offset, &p.payload, &mut buf);
+                tail_offset = offset;
+                tail_seq = tail_seq.max(p.seq);
+            }
+            tails.insert(user, (tail_offset, tail_seq));
+            i += 1;
+        }
+        if !buf.is_empty() {
+            let mut buckets = lock(&input.buckets);
+            buckets.write(bucket, meta.gen, meta.len, &buf)?;
+            meta.len += buf.len() as u64;
+        }
+    }
+    Ok(tails)
+}
+
+/// Copy the records of `bucket` live as of the snapshot into a new file,
+/// rebuilding each user's chain. `None` if the bucket cannot be read
+/// cleanly (it is then left as it is).
+fn compact(
+    input: &JobInput,
+    tails: &HashMap<u64, (u64, u64)>,
+    meta: BucketMeta,
+    bucket: u32,
+) -> Result<Option<Compaction>> {
+    let bytes = {
+        let mut buckets = lock(&input.buckets);
+        let Some(view) = buckets.view(bucket)? else {
+            return Ok(None);
+        };
+        if header_gen(view, bucket) != Some(meta.gen) || (view.len() as u64) < meta.len {
+            tracing::error!(
+                bucket,
+                "bucket header or size does not match the index; not compacting"
+            );
+            return Ok(None);
+        }
+        view[..meta.len as usize].to_vec()
+    };
+    let mut states: HashMap<u64, UserState> = HashMap::new();
+    let mut buf = Vec::new();
+    let mut at = BUCKET_HEADER_BYTES;
+    while at < meta.len {
+        let rec = match read_record(&bytes, at, usize::MAX >> 1) {
+            Ok(rec) => rec,
+            Err(fault) => {
+                tracing::error!(
+                    bucket,
+                    offset = at,
+                    ?fault,
+                    "corrupt record; not compacting this bucket"
+                );
+                return Ok(None);
+            }
+        };
+        at += rec.stored_bytes();
+        let user = rec.header.user;
+        if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(user) {
+            let known = match input.snapshot.get(&user) {
+                Some(s) => Some(*s),
+                None => input.index.user(user)?,
+            };
+            let Some(mut s) = known else {
+                tracing::error!(
+                    bucket,
+                    user,
+                    "record of a user the index does not know; not compacting"
+                );
+                return Ok(None);
+            };
+            if let Some((_, seq)) = tails.get(&user) {
+                s.tail_seq = *seq;
+            }
+            s.tail_offset = NO_PREV;
+            slot.insert(s);
+        }
+        let state = states.get_mut(&user).expect("inserted above");
+        if rec.header.seq <= state.acked_seq {
+            continue;
+        }
+        let offset = BUCKET_HEADER_BYTES + buf.len() as u64;
+        encode_record(&rec.header, state.tail_offset, rec.payload, &mut buf);
+        state.tail_offset = offset;
+    }
+    let new_meta = BucketMeta {
+        gen: meta.gen + 1,
+        len: BUCKET_HEADER_BYTES + buf.len() as u64,
+        dead_bytes: 0,
+    };
+    lock(&input.buckets).write_compacted(&input.dir.join("compact"), bucket, new_meta.gen, &buf)?;
+    Ok(Some(Compaction {
+        bucket,
+        meta: new_meta,
+        states: states.into_iter().collect(),
+    }))
+}
+
+/// Remove the compacted files a failed job may have left.
+fn remove_compacted(input: &JobInput) {
+    let compact_dir = input.dir.join("compact");
+    for &bucket in &input.candidates {
+        let gen = input.metas.get(&bucket).map_or(0, |m| m.gen) + 1;
+        let _ = std::fs::remove_file(compacted_path(&compact_dir, bucket, gen));
     }
 }
 
@@ -453,26 +480,20 @@ mod tests {
 
     fn append(e: &mut Engine, user: u64, n: u8) -> u64 {
         e.begin_batch();
-        let seq = e
-            .append(&AppendRequest {
-                user,
-                msg_id: u128::from(n),
-                payload: vec![n; 40],
-            })
-            .unwrap();
-        e.commit_batch().unwrap();
-        e.undo.active = false;
-        e.prune_acked();
-        seq
+        let seq = e.append(&AppendRequest {
+            user,
+            msg_id: u128::from(n),
+            payload: vec![n; 40],
+        });
+        e.end_batch().unwrap();
+        seq.unwrap()
     }
 
     fn ack(e: &mut Engine, user: u64, up_to: u64) -> u64 {
         e.begin_batch();
-        let removed = e.ack(user, up_to).unwrap();
-        e.commit_batch().unwrap();
-        e.undo.active = false;
-        e.prune_acked();
-        removed
+        let removed = e.ack(user, up_to);
+        e.end_batch().unwrap();
+        removed.unwrap()
     }
 
     fn seqs(e: &mut Engine, user: u64) -> Vec<(u64, u8)> {
@@ -480,11 +501,11 @@ mod tests {
         page.records.iter().map(|r| (r.seq, r.payload[0])).collect()
     }
 
-    /// Every request answered between two steps of a running checkpoint
-    /// sees the same mailbox as without one, and what the checkpoint
-    /// commits comes back after a restart.
+    /// Requests answered while a checkpoint runs on its helper thread, and
+    /// after it is merged, see the same mailboxes as without one; what it
+    /// commits (with compactions) comes back after a restart.
     #[test]
-    fn requests_interleaved_with_checkpoint_steps_see_consistent_mailboxes() {
+    fn requests_during_and_after_a_running_checkpoint_see_consistent_mailboxes() {
         let dir = tempfile::tempdir().unwrap();
         let config = EngineConfig {
             fsync: FsyncPolicy::Never,
@@ -498,7 +519,8 @@ mod tests {
         let mut e = Engine::open(dir.path(), config.clone()).unwrap();
         let mut model: HashMap<u64, Vec<(u64, u8)>> = HashMap::new();
         let mut n = 0u8;
-        for round in 0..6u64 {
+        let mut ran_during = 0;
+        for round in 0..12u64 {
             for user in 0..8u64 {
                 for _ in 0..3 {
                     n = n.wrapping_add(1);
@@ -506,35 +528,38 @@ mod tests {
                     model.entry(user).or_default().push((seq, n));
                 }
             }
-            e.start_checkpoint();
+            e.start_checkpoint().unwrap();
             assert!(e.checkpoint_running());
-            let mut steps = 0;
-            // A deadline already past: one user (or bucket) per step.
-            while e.checkpoint_step_until(Some(Instant::now())).is_none() {
-                steps += 1;
-                let user = (steps + round) % 8;
+            for step in 0..20u64 {
+                if e.job.is_some() {
+                    ran_during += 1;
+                }
+                let user = (step + round) % 8;
                 n = n.wrapping_add(1);
                 let seq = append(&mut e, user, n);
                 model.entry(user).or_default().push((seq, n));
-                if steps % 3 == 0 {
+                if step % 3 == 0 {
                     let q = model.get_mut(&user).unwrap();
                     let up_to = q[q.len() / 2].0;
-                    let removed = ack(&mut e, user, up_to);
                     let before = q.len();
                     q.retain(|(s, _)| *s > up_to);
-                    assert_eq!(removed as usize, before - q.len());
+                    assert_eq!(ack(&mut e, user, up_to) as usize, before - q.len());
                 }
                 for u in 0..8u64 {
                     assert_eq!(
                         seqs(&mut e, u),
                         model[&u],
-                        "round {round} step {steps} user {u}"
+                        "round {round} step {step} user {u}"
                     );
                 }
+                if step == 10 {
+                    e.poll_checkpoint(true).unwrap().unwrap();
+                }
             }
-            assert!(steps > 8, "the checkpoint ran in steps ({steps})");
         }
+        assert!(ran_during > 0, "requests were answered while a job ran");
         assert!(e.counters.compactions_total > 0);
+        assert!(e.counters.checkpoints_total >= 12);
         e.checkpoint_now().unwrap();
         drop(e);
         let mut e = Engine::open(dir.path(), config).unwrap();

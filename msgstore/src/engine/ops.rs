@@ -3,6 +3,7 @@
 //! replay, which must reach exactly the state the original run reached.
 
 use super::{
+    checkpoint::lock,
     codec::{read_record, MessageHeader, NO_PREV},
     state::{bucket_for_user, BucketMeta, UserState},
     wal, Engine, Pending,
@@ -27,11 +28,16 @@ fn now_ms() -> u64 {
 }
 
 impl Engine {
+    /// A user's current state: changed since the running checkpoint began,
+    /// or changed before it (in its snapshot), or as the index has it.
     pub(super) fn load_user(&self, user: u64) -> Result<Option<UserState>> {
-        match self.dirty.get(&user) {
-            Some(s) => Ok(Some(*s)),
-            None => self.index.user(user),
+        if let Some(s) = self.dirty.get(&user) {
+            return Ok(Some(*s));
         }
+        if let Some(s) = self.job.as_ref().and_then(|j| j.snapshot.get(&user)) {
+            return Ok(Some(*s));
+        }
+        self.index.user(user)
     }
 
     fn load_or_new_user(&mut self, user: u64) -> Result<UserState> {
@@ -158,7 +164,7 @@ impl Engine {
         Ok(removed)
     }
 
-    fn add_dead_bytes(&mut self, bucket: u32, bytes: u64) {
+    pub(super) fn add_dead_bytes(&mut self, bucket: u32, bytes: u64) {
         self.save_bucket_for_undo(bucket);
         let meta = self.bucket_meta.entry(bucket).or_default();
         meta.dead_bytes += bytes;
@@ -192,7 +198,8 @@ impl Engine {
         if start <= state.tail_seq {
             let mut links = self.chain(&state, start)?;
             links.reverse();
-            let view = self.buckets.view(state.bucket)?.unwrap_or(&[]);
+            let mut buckets = lock(&self.buckets);
+            let view = buckets.view(state.bucket)?.unwrap_or(&[]);
             for link in links {
                 let Ok(rec) = read_record(view, link.offset, usize::MAX >> 1) else {
                     break;
@@ -244,7 +251,8 @@ impl Engine {
             .copied()
             .unwrap_or_default()
             .len;
-        let Some(view) = self.buckets.view(state.bucket)? else {
+        let mut buckets = lock(&self.buckets);
+        let Some(view) = buckets.view(state.bucket)? else {
             return Ok(links);
         };
         let view = &view[..(meta_len as usize).min(view.len())];
@@ -317,7 +325,7 @@ impl Engine {
             wal_bytes: self.wal.bytes_since_checkpoint,
             bucket_bytes,
             dead_bytes,
-            open_maps: self.buckets.open_maps() as u64,
+            open_maps: lock(&self.buckets).open_maps() as u64,
             ..self.counters
         }
     }

@@ -46,7 +46,7 @@ impl Engine {
             _lock: lock,
             bucket_meta: index.buckets()?.into_iter().collect(),
             index: std::sync::Arc::new(index),
-            buckets,
+            buckets: std::sync::Arc::new(std::sync::Mutex::new(buckets)),
             dirty: HashMap::new(),
             memtable: HashMap::new(),
             wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
