@@ -75,6 +75,9 @@ pub struct EngineConfig {
     /// Most bucket files mapped at once (each map is one `vm.max_map_count`
     /// entry; the kernel default allows 65,530 for the whole process).
     pub open_maps_max: usize,
+    /// User states kept in memory after a checkpoint wrote them to the
+    /// index, so users who are active again skip the index lookup.
+    pub clean_states_max: usize,
     /// Most requests waiting for the writer thread; callers past it wait.
     pub queue_requests_max: usize,
     /// Most requests the writer handles in one group commit.
@@ -106,6 +109,7 @@ impl Default for EngineConfig {
             mailbox_messages_max: 10_000,
             mailbox_bytes_max: 16 * 1024 * 1024,
             open_maps_max: 4096,
+            clean_states_max: 1_000_000,
             queue_requests_max: 65_536,
             batch_requests_max: 4096,
             wal_segment_bytes: 32 * 1024 * 1024,

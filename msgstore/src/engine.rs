@@ -152,6 +152,8 @@ pub(crate) struct Engine {
     bucket_meta: HashMap<u32, BucketMeta>,
     /// User states changed since the last checkpoint (the index has the rest).
     dirty: HashMap<u64, UserState>,
+    /// Recently checkpointed user states, exactly as the index has them.
+    clean: quick_cache::unsync::Cache<u64, UserState>,
     memtable: HashMap<u64, VecDeque<Pending>>,
     wal: Wal,
     totals: Totals,

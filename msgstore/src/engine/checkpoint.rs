@@ -198,6 +198,19 @@ impl Engine {
                 live.tail_seq = *seq;
             }
         }
+        for (user, state) in job.snapshot.iter() {
+            let mut committed = *state;
+            if let Some((offset, seq)) = done.tails.get(user) {
+                committed.tail_offset = *offset;
+                committed.tail_seq = *seq;
+            }
+            self.clean.insert(*user, committed);
+        }
+        for c in &done.compactions {
+            for (user, s) in &c.states {
+                self.clean.insert(*user, *s);
+            }
+        }
         for (bucket, len) in &done.lens {
             let meta = self.bucket_meta.entry(*bucket).or_default();
             meta.len = *len;

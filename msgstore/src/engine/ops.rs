@@ -29,12 +29,16 @@ fn now_ms() -> u64 {
 
 impl Engine {
     /// A user's current state: changed since the running checkpoint began,
-    /// or changed before it (in its snapshot), or as the index has it.
+    /// or changed before it (in its snapshot), or as the index has it (the
+    /// clean cache holds some of those).
     pub(super) fn load_user(&self, user: u64) -> Result<Option<UserState>> {
         if let Some(s) = self.dirty.get(&user) {
             return Ok(Some(*s));
         }
         if let Some(s) = self.job.as_ref().and_then(|j| j.snapshot.get(&user)) {
+            return Ok(Some(*s));
+        }
+        if let Some(s) = self.clean.get(&user) {
             return Ok(Some(*s));
         }
         self.index.user(user)

@@ -48,6 +48,7 @@ impl Engine {
             index: std::sync::Arc::new(index),
             buckets: std::sync::Arc::new(std::sync::Mutex::new(buckets)),
             dirty: HashMap::new(),
+            clean: quick_cache::unsync::Cache::new(config.clean_states_max),
             memtable: HashMap::new(),
             wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
             totals: Totals {
