@@ -186,7 +186,7 @@ fn int(bytes: &[u8]) -> Result<i64> {
 }
 
 /// Parse one reply from the front of `buf`: `(bytes used, reply)`, or `None`
-/// if incomplete. Arrays are counted, their elements skipped.
+/// if incomplete. Array elements are copied out once the array is complete.
 fn parse_reply(buf: &[u8]) -> Result<Option<(usize, Reply)>> {
     let Some(&kind) = buf.first() else {
         return Ok(None);
@@ -203,6 +203,7 @@ fn parse_reply(buf: &[u8]) -> Result<Option<(usize, Reply)>> {
         b'-' => Reply::Error(String::from_utf8_lossy(body).into_owned()),
         b'*' => {
             let n = int(body)?;
+            let mut elements = Vec::with_capacity(usize::try_from(n.max(0)).unwrap_or(0));
             for _ in 0..n.max(0) {
                 let Some((head, after)) = line(buf, at) else {
                     return Ok(None);
@@ -214,7 +215,9 @@ fn parse_reply(buf: &[u8]) -> Result<Option<(usize, Reply)>> {
                     );
                 }
                 let len = int(&head[1..])?;
-                at = after + usize::try_from(len.max(0)).context("bulk length")?;
+                let bytes = usize::try_from(len.max(0)).context("bulk length")?;
+                elements.push((after, bytes));
+                at = after + bytes;
                 if len >= 0 {
                     at += 2;
                 }
@@ -222,6 +225,13 @@ fn parse_reply(buf: &[u8]) -> Result<Option<(usize, Reply)>> {
                     return Ok(None);
                 }
             }
+            // Own every message, as the shard's client does (it decodes a
+            // page into owned records): both sides do the same client work.
+            let owned: Vec<Vec<u8>> = elements
+                .iter()
+                .map(|(start, len)| buf[*start..start + len].to_vec())
+                .collect();
+            std::hint::black_box(owned);
             Reply::Page {
                 count: n.max(0) as u64,
                 last_seq: None,

@@ -170,6 +170,23 @@ pub(crate) struct Engine {
     job: Option<checkpoint::Job>,
     /// After a failed checkpoint, the next is not started before this.
     checkpoint_retry_at: Instant,
+    /// Deferred log writes handed out and not reported back yet.
+    log_inflight: usize,
+}
+
+/// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].
+pub(crate) struct DeferredWrite {
+    write: wal::LogWrite,
+    bytes: Vec<u8>,
+}
+
+impl DeferredWrite {
+    /// Write and (the log being `O_DSYNC`) make durable.
+    pub(crate) fn perform(&self) -> Result<(), String> {
+        self.write
+            .perform(&self.bytes)
+            .map_err(|f| f.error.to_string())
+    }
 }
 
 /// Pause between a failed checkpoint and the next attempt.
@@ -289,6 +306,48 @@ impl Engine {
         }
     }
 
+    /// Close the batch like [`Engine::end_batch`], but under `always` hand
+    /// the durable write to the caller instead of waiting for it: the
+    /// returned [`DeferredWrite`] must be performed (on another thread, in
+    /// the order batches were closed) and reported back with
+    /// [`Engine::log_write_done`] before the batch's answers are sent. The
+    /// owner meanwhile answers the next batch (pipelined group commit). A
+    /// batch with nothing to log, or under another policy, is committed
+    /// here and `None` returned.
+    pub(crate) fn end_batch_deferred(&mut self) -> Result<Option<DeferredWrite>> {
+        if self.config.fsync != FsyncPolicy::Always || self.wal_buf.is_empty() {
+            return self.end_batch().map(|()| None);
+        }
+        let write = match self.wal.reserve(self.wal_buf.len() as u64) {
+            Ok(write) => write,
+            Err(e) => {
+                self.rollback();
+                return Err(e);
+            }
+        };
+        let bytes = std::mem::take(&mut self.wal_buf);
+        self.undo.active = false;
+        self.prune_acked();
+        self.log_inflight += 1;
+        self.counters.batches_total += 1;
+        metrics::counter!("msgstore_batches_total").increment(1);
+        Ok(Some(DeferredWrite { write, bytes }))
+    }
+
+    /// A deferred write finished. A failure poisons the engine: batches
+    /// closed after it were applied on top of it and cannot be taken back,
+    /// so the owner must answer them with the error and reopen the shard.
+    pub(crate) fn log_write_done(&mut self, result: &Result<(), String>) {
+        self.log_inflight -= 1;
+        match result {
+            Ok(()) => {
+                self.counters.syncs_total += 1;
+                metrics::counter!("msgstore_syncs_total").increment(1);
+            }
+            Err(e) => self.poison(e),
+        }
+    }
+
     /// Write the batch's log entries and reach the policy's durability point.
     fn commit_batch(&mut self) -> Result<()> {
         if self.wal_buf.is_empty() {
@@ -401,17 +460,33 @@ impl Engine {
             }
             return;
         }
-        if Instant::now() < self.checkpoint_retry_at {
-            return;
-        }
-        let bytes_due = self.wal.bytes_since_checkpoint >= self.config.checkpoint_wal_bytes;
-        let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
-            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
-        if bytes_due || time_due {
+        // A checkpoint covers the log up to its start: every write before
+        // that must be known durable, or the index could get a state whose
+        // log write then fails.
+        if self.checkpoint_due() && self.log_inflight == 0 {
             if let Err(e) = self.start_checkpoint() {
                 tracing::error!(error = %e, "msgstore checkpoint could not start; will retry");
             }
         }
+    }
+
+    /// A checkpoint should start (the owner of deferred writes lets them
+    /// drain first: see [`Engine::tick`]).
+    pub(crate) fn checkpoint_due(&self) -> bool {
+        if self.poisoned.is_some()
+            || self.checkpoint_running()
+            || Instant::now() < self.checkpoint_retry_at
+        {
+            return false;
+        }
+        let bytes_due = self.wal.bytes_since_checkpoint >= self.config.checkpoint_wal_bytes;
+        let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
+            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
+        bytes_due || time_due
+    }
+
+    pub(crate) fn log_inflight(&self) -> usize {
+        self.log_inflight
     }
 
     /// Sync and checkpoint everything; the engine can then be dropped.

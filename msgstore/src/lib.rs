@@ -18,6 +18,7 @@ pub mod daemon;
 pub(crate) mod engine;
 pub mod error;
 mod handle;
+mod log_writer;
 pub mod server;
 
 pub use config::{EngineConfig, FsyncPolicy};

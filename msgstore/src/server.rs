@@ -29,7 +29,11 @@
 //! connection stops reading, its answers are committed and written; then the
 //! engine syncs and checkpoints and [`run`] returns.
 
-use crate::engine::{failed_answer, Engine};
+use crate::{
+    engine::{failed_answer, Engine},
+    log_writer::{Completion, LogWriter},
+    Error,
+};
 use bytes::BytesMut;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
@@ -40,6 +44,7 @@ use proto::{
 use serde::{Deserialize, Serialize};
 use std::{
     cell::{Cell, RefCell},
+    collections::VecDeque,
     net::SocketAddr,
     rc::Rc,
     time::{Duration, Instant},
@@ -50,12 +55,15 @@ use tokio::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpListener, TcpStream,
     },
-    sync::{watch, Notify},
+    sync::{mpsc, watch, Notify},
 };
 
 /// Largest response frame body the server sends: a full fetch page plus one
 /// oversized first record (the engine caps a message at 16 MiB).
 pub const RESPONSE_BODY_BYTES_MAX: usize = FETCH_BYTES_MAX as usize + 17 * 1024 * 1024;
+
+/// A batch this large is written at once even while another write runs.
+const EAGER_BATCH_REQUESTS: usize = 32;
 
 /// Largest allowed `inflight_requests_max`.
 const INFLIGHT_REQUESTS_LIMIT: usize = 1 << 20;
@@ -78,6 +86,10 @@ pub struct ServerConfig {
     /// On shutdown, how long connections get to answer what they read before
     /// they are cut.
     pub shutdown_drain_ms: u64,
+    /// Under `fsync = "always"`: batches whose durable log write may run at
+    /// once (each on its own writer thread). While they run, the next batch
+    /// fills; more in flight hides more of the disk's latency.
+    pub log_writes_inflight_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +99,7 @@ impl Default for ServerConfig {
             inflight_requests_max: 4096,
             connections_max: 4096,
             shutdown_drain_ms: 10_000,
+            log_writes_inflight_max: 4,
         }
     }
 }
@@ -104,6 +117,13 @@ impl ServerConfig {
         positive("frame_body_bytes_max", self.frame_body_bytes_max as u64)?;
         positive("inflight_requests_max", self.inflight_requests_max as u64)?;
         positive("connections_max", self.connections_max as u64)?;
+        positive(
+            "log_writes_inflight_max",
+            self.log_writes_inflight_max as u64,
+        )?;
+        if self.log_writes_inflight_max > 64 {
+            return Err("server.log_writes_inflight_max must be at most 64".into());
+        }
         if self.frame_body_bytes_max > u32::MAX as usize {
             return Err("server.frame_body_bytes_max must fit in 32 bits".into());
         }
@@ -127,8 +147,10 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> crate::Result<()> {
     describe_metrics();
-    let core = Rc::new(Core::new(engine, config));
+    let (log, done) = LogWriter::start(config.log_writes_inflight_max)?;
+    let core = Rc::new(Core::new(engine, config, log));
     let committer = tokio::task::spawn_local(commit_loop(core.clone()));
+    let completions = tokio::task::spawn_local(completion_loop(core.clone(), done));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -136,6 +158,7 @@ pub(crate) async fn run(
                 Err(e) => accept_failed(e).await,
             },
             _ = wait_for_shutdown(&mut shutdown) => break,
+            _ = core.fatal_notify.notified() => break,
         }
     }
     drop(listener);
@@ -160,6 +183,10 @@ pub(crate) async fn run(
     core.finished.set(true);
     core.work.notify_one();
     let _ = committer.await;
+    completions.abort();
+    if let Some(e) = core.fatal.borrow().clone() {
+        return Err(Error::Poisoned(e));
+    }
     let mut engine = core.engine.borrow_mut();
     engine.end_batch()?;
     engine.shutdown()
@@ -169,8 +196,16 @@ pub(crate) async fn run(
 struct Core {
     engine: RefCell<Engine>,
     config: ServerConfig,
+    log: LogWriter,
     /// Answers of the open batch, in the order they were produced.
     staged: RefCell<Vec<Staged>>,
+    /// Closed batches whose answers wait for their log write (and for every
+    /// batch closed before them), oldest first.
+    closed: RefCell<VecDeque<Closed>>,
+    next_batch: Cell<u64>,
+    /// A log write failed: the server stops, answering with the error.
+    fatal: RefCell<Option<String>>,
+    fatal_notify: Notify,
     /// A reader staged answers: the committer should run.
     work: Notify,
     stopping: Cell<bool>,
@@ -187,6 +222,21 @@ struct Staged {
     body: ResponseBody,
 }
 
+/// A batch closed in the engine, not yet answered.
+struct Closed {
+    batch: u64,
+    staged: Vec<Staged>,
+    state: Durability,
+    started: Instant,
+}
+
+enum Durability {
+    /// Its log write is queued or running.
+    Pending,
+    Durable,
+    Failed(String),
+}
+
 /// One connection's answers on their way to the socket.
 #[derive(Default)]
 struct Outbox {
@@ -201,12 +251,17 @@ struct Outbox {
 }
 
 impl Core {
-    fn new(mut engine: Engine, config: ServerConfig) -> Core {
+    fn new(mut engine: Engine, config: ServerConfig, log: LogWriter) -> Core {
         engine.begin_batch();
         Core {
             engine: RefCell::new(engine),
             config,
+            log,
             staged: RefCell::new(Vec::new()),
+            closed: RefCell::new(VecDeque::new()),
+            next_batch: Cell::new(0),
+            fatal: RefCell::new(None),
+            fatal_notify: Notify::new(),
             work: Notify::new(),
             stopping: Cell::new(false),
             stop_reading: Notify::new(),
@@ -216,39 +271,130 @@ impl Core {
         }
     }
 
-    /// End the open batch, hand every staged answer to its connection, do
-    /// the engine's time-driven work, open the next batch.
-    fn commit(&self) {
+    /// Close the open batch: hand its durable write to the log writer (or
+    /// commit it here), do the engine's time-driven work, open the next
+    /// batch, and answer whatever is durable now.
+    fn close_batch(&self) {
         let staged = std::mem::take(&mut *self.staged.borrow_mut());
+        let batch = self.next_batch.get();
+        self.next_batch.set(batch + 1);
         let mut engine = self.engine.borrow_mut();
-        let started = Instant::now();
-        let result = engine.end_batch();
+        let state = match engine.end_batch_deferred() {
+            Ok(None) => Durability::Durable,
+            Ok(Some(write)) => {
+                if self.log.submit(batch, write) {
+                    Durability::Pending
+                } else {
+                    engine.log_write_done(&Err("the log writer thread is gone".into()));
+                    Durability::Failed("the log writer thread is gone".into())
+                }
+            }
+            Err(e) => Durability::Failed(e.to_string()),
+        };
+        engine.tick();
+        engine.begin_batch();
+        drop(engine);
         if !staged.is_empty() {
-            metrics::histogram!("msgstore_commit_seconds").record(started.elapsed().as_secs_f64());
             metrics::histogram!("msgstore_commit_requests").record(staged.len() as f64);
         }
+        self.closed.borrow_mut().push_back(Closed {
+            batch,
+            staged,
+            state,
+            started: Instant::now(),
+        });
+        self.answer_durable();
+    }
+
+    /// A log write finished: mark its batch (and, on failure, every later
+    /// one), answer what is durable, keep the log busy.
+    fn write_finished(&self, batch: u64, result: Result<(), String>) {
+        self.engine.borrow_mut().log_write_done(&result);
+        let mut seen = false;
+        for c in self.closed.borrow_mut().iter_mut() {
+            seen |= c.batch == batch;
+            match &result {
+                _ if !seen => {}
+                Ok(()) if c.batch == batch => {
+                    metrics::histogram!("msgstore_commit_seconds")
+                        .record(c.started.elapsed().as_secs_f64());
+                    c.state = Durability::Durable;
+                }
+                Ok(()) => {}
+                // Later batches were applied on top of this one.
+                Err(e) => c.state = Durability::Failed(e.clone()),
+            }
+        }
+        if let Err(e) = result {
+            tracing::error!(error = %e, "log write failed; answering with errors and stopping");
+            self.fatal.borrow_mut().get_or_insert(e);
+            self.fatal_notify.notify_one();
+        }
+        self.answer_durable();
+        if self.may_close() {
+            self.close_batch();
+        }
+    }
+
+    /// Send the answers of the oldest closed batches whose writes are done.
+    fn answer_durable(&self) {
         let mut touched: Vec<Rc<Outbox>> = Vec::new();
-        for s in staged {
-            let body = match &result {
-                Ok(()) => s.body,
-                Err(e) => failed_answer(s.body, e),
+        loop {
+            let ready = self
+                .closed
+                .borrow()
+                .front()
+                .is_some_and(|c| !matches!(c.state, Durability::Pending));
+            if !ready {
+                break;
+            }
+            let c = self.closed.borrow_mut().pop_front().expect("checked above");
+            let failure = match &c.state {
+                Durability::Failed(e) => Some(Error::Storage(e.clone())),
+                _ => None,
             };
-            encode_response(&Response { id: s.id, body }, &mut s.outbox.buf.borrow_mut());
-            s.outbox.buffered.set(s.outbox.buffered.get() + 1);
-            if !touched.last().is_some_and(|t| Rc::ptr_eq(t, &s.outbox)) {
-                touched.push(s.outbox);
+            for s in c.staged {
+                let body = match &failure {
+                    None => s.body,
+                    Some(e) => failed_answer(s.body, e),
+                };
+                encode_response(&Response { id: s.id, body }, &mut s.outbox.buf.borrow_mut());
+                s.outbox.buffered.set(s.outbox.buffered.get() + 1);
+                if !touched.last().is_some_and(|t| Rc::ptr_eq(t, &s.outbox)) {
+                    touched.push(s.outbox);
+                }
             }
         }
         for outbox in touched {
             outbox.ready.notify_one();
         }
-        engine.tick();
-        engine.begin_batch();
+    }
+
+    /// Whether the open batch may be closed now: it has answers, and either
+    /// no log write is running, or a writer is free and the batch is large
+    /// enough to be worth a write of its own (small batches wait for the
+    /// running write: fewer, larger writes cost less CPU), and no due
+    /// checkpoint is waiting for the writes in flight to drain.
+    fn may_close(&self) -> bool {
+        let engine = self.engine.borrow();
+        let inflight = engine.log_inflight();
+        let staged = self.staged.borrow().len();
+        staged > 0
+            && (inflight == 0
+                || (inflight < self.config.log_writes_inflight_max
+                    && staged >= EAGER_BATCH_REQUESTS
+                    && !engine.checkpoint_due()))
+    }
+
+    fn log_busy(&self) -> bool {
+        self.engine.borrow().log_inflight() > 0
     }
 }
 
-/// Commit whenever readers staged answers (after every ready reader had its
-/// turn, so one sync covers them all) or the engine has timed work.
+/// Close a batch whenever readers staged answers (after every ready reader
+/// had its turn) and a log writer is free, or the engine has timed work.
+/// While all writers are busy, answers pile up in the open batch; the next
+/// completion closes it at once, so the log is never idle under load.
 async fn commit_loop(core: Rc<Core>) {
     loop {
         let wait = core.engine.borrow().next_wakeup();
@@ -258,10 +404,20 @@ async fn commit_loop(core: Rc<Core>) {
         }
         // Let every reader that is ready now add to this batch first.
         tokio::task::yield_now().await;
-        core.commit();
-        if core.finished.get() && core.staged.borrow().is_empty() {
+        if core.may_close() || (core.staged.borrow().is_empty() && !core.log_busy()) {
+            // (An empty close still runs the engine's timed work.)
+            core.close_batch();
+        }
+        if core.finished.get() && core.staged.borrow().is_empty() && !core.log_busy() {
             return;
         }
+    }
+}
+
+/// Feed log-write completions back to the server thread.
+async fn completion_loop(core: Rc<Core>, mut done: mpsc::UnboundedReceiver<Completion>) {
+    while let Some((batch, result)) = done.recv().await {
+        core.write_finished(batch, result);
     }
 }
 

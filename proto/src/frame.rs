@@ -167,7 +167,11 @@ mod tests {
             encode(&req, 1024, &mut out),
             Err(FrameError::TooLarge { .. })
         ));
-        assert_eq!(out, vec![9u8], "a refused frame leaves the buffer as it was");
+        assert_eq!(
+            out,
+            vec![9u8],
+            "a refused frame leaves the buffer as it was"
+        );
     }
 
     #[test]

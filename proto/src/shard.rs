@@ -46,7 +46,9 @@ pub enum RequestBody {
         payload: Vec<u8>,
     },
     /// Store several messages; each item succeeds or fails on its own.
-    AppendBatch { items: Vec<AppendItem> },
+    AppendBatch {
+        items: Vec<AppendItem>,
+    },
     /// Read live records of `user` with `seq > after_seq`, oldest first.
     Fetch {
         user: u64,
@@ -55,9 +57,14 @@ pub enum RequestBody {
         max_bytes: u32,
     },
     /// Delete every record of `user` with `seq <= up_to_seq`.
-    Ack { user: u64, up_to_seq: u64 },
+    Ack {
+        user: u64,
+        up_to_seq: u64,
+    },
     /// Mailbox statistics of one user.
-    UserStats { user: u64 },
+    UserStats {
+        user: u64,
+    },
     /// Statistics of the whole shard.
     Stats,
     Ping,

@@ -67,6 +67,7 @@ impl Engine {
             compact_candidates: HashSet::new(),
             job: None,
             checkpoint_retry_at: Instant::now(),
+            log_inflight: 0,
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;

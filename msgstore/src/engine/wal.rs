@@ -21,6 +21,7 @@ use std::{
     io::Write,
     os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
+    sync::Arc,
     thread::JoinHandle,
 };
 
@@ -201,13 +202,35 @@ pub struct WriteFailed {
     pub log_intact: bool,
 }
 
+/// A claimed range of the log, to be written by whoever holds it.
+pub struct LogWrite {
+    file: Arc<File>,
+    offset: u64,
+}
+
+impl LogWrite {
+    /// Write `bytes` at the claimed offset; durable on return when the log
+    /// is opened `O_DSYNC`. On failure the range is zeroed again so a
+    /// partial write is never replayed (`log_intact` says whether that
+    /// worked).
+    pub fn perform(&self, bytes: &[u8]) -> Result<(), WriteFailed> {
+        if let Err(error) = self.file.write_all_at(bytes, self.offset) {
+            let zeros = vec![0u8; bytes.len()];
+            let log_intact = self.file.write_all_at(&zeros, self.offset).is_ok()
+                && self.file.sync_data().is_ok();
+            return Err(WriteFailed { error, log_intact });
+        }
+        Ok(())
+    }
+}
+
 /// The segment being appended to.
 pub struct Wal {
     dir: PathBuf,
     segment_bytes: u64,
     dsync: bool,
     segment: u64,
-    file: File,
+    file: Arc<File>,
     /// Where the next entry goes in the current segment.
     offset: u64,
     /// The zero-filled spare segment being prepared in the background.
@@ -228,7 +251,7 @@ impl Wal {
             dsync,
             segment,
             // Replaced by install_spare below.
-            file: File::open(dir)?,
+            file: Arc::new(File::open(dir)?),
             offset: SEGMENT_HEADER_BYTES,
             spare: None,
             bytes_since_checkpoint: 0,
@@ -250,22 +273,33 @@ impl Wal {
     /// partial batch is never replayed; if even that fails, `log_intact` is
     /// false and the caller must stop writing.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), WriteFailed> {
+        let write = self.reserve(bytes.len() as u64).map_err(|e| WriteFailed {
+            error: std::io::Error::other(e.to_string()),
+            log_intact: true,
+        })?;
         let len = bytes.len() as u64;
+        write.perform(bytes).inspect_err(|_| {
+            // The range was never written: hand it out again.
+            self.offset -= len;
+            self.bytes_since_checkpoint -= len;
+        })
+    }
+
+    /// Claim the next `len` bytes of the log (moving to the next segment
+    /// first if they do not fit) for a write another thread performs.
+    /// Writes must complete in the order they were reserved before any of
+    /// them is acknowledged: replay stops at the first gap.
+    pub fn reserve(&mut self, len: u64) -> Result<LogWrite> {
         if self.offset + len > self.segment_bytes && self.offset > SEGMENT_HEADER_BYTES {
-            self.rotate().map_err(|e| WriteFailed {
-                error: std::io::Error::other(e.to_string()),
-                log_intact: true,
-            })?;
+            self.rotate()?;
         }
-        if let Err(error) = self.file.write_all_at(bytes, self.offset) {
-            let zeros = vec![0u8; bytes.len()];
-            let log_intact = self.file.write_all_at(&zeros, self.offset).is_ok()
-                && self.file.sync_data().is_ok();
-            return Err(WriteFailed { error, log_intact });
-        }
+        let write = LogWrite {
+            file: Arc::clone(&self.file),
+            offset: self.offset,
+        };
         self.offset += len;
         self.bytes_since_checkpoint += len;
-        Ok(())
+        Ok(write)
     }
 
     /// Make every written entry durable (already done under `O_DSYNC`).
@@ -305,7 +339,7 @@ impl Wal {
         let file = opts.open(&path)?;
         file.write_all_at(&segment_header(segment), 0)?;
         file.sync_data()?;
-        self.file = file;
+        self.file = Arc::new(file);
         self.segment = segment;
         self.offset = SEGMENT_HEADER_BYTES;
         let (spare, bytes) = (self.dir.join(SPARE_NAME), self.segment_bytes);
