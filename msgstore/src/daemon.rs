@@ -17,6 +17,10 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 /// Address the daemon listens on when neither file nor flag names one.
 pub const LISTEN_ADDR_DEFAULT: &str = "127.0.0.1:7400";
 
+/// Data directory used when neither the config file nor `--data` names one:
+/// a folder under the current directory, so a first run needs no setup.
+pub const DATA_DIR_DEFAULT: &str = "data/msgstore";
+
 /// The daemon's TOML configuration file; see `msgstore/msgstore.example.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -39,7 +43,7 @@ impl Default for DaemonConfig {
             listen: LISTEN_ADDR_DEFAULT
                 .parse()
                 .expect("LISTEN_ADDR_DEFAULT is a valid address"),
-            data: None,
+            data: Some(PathBuf::from(DATA_DIR_DEFAULT)),
             metrics_addr: None,
             server: ServerConfig::default(),
             engine: EngineConfig::default(),
@@ -268,7 +272,12 @@ mod tests {
 
     #[test]
     fn missing_data_dir_is_named() {
-        let err = DaemonConfig::default().validate().unwrap_err();
+        let config = DaemonConfig {
+            data: None,
+            ..DaemonConfig::default()
+        };
+        let err = config.validate().unwrap_err();
         assert!(err.contains("data"), "{err}");
+        DaemonConfig::default().validate().unwrap();
     }
 }

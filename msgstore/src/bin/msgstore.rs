@@ -13,10 +13,12 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "msgstore", version, about)]
 struct Args {
-    /// Shard data directory (created if missing; locked while running).
+    /// Shard data directory (created if missing; locked while running)
+    /// [default: data/msgstore]
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// Address of the shard protocol listener (port 0: any free port).
+    /// Address of the shard protocol listener (port 0: any free port)
+    /// [default: 127.0.0.1:7400]
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Durability policy: always, interval:<ms> or never.
