@@ -8,8 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Protocol version a client announces in [`RequestBody::Hello`]-less links;
-/// bumped on any incompatible change to these types.
+/// Version of these types, bumped on any incompatible change. It is not
+/// sent on the wire yet: shards and their callers are deployed together.
 pub const SHARD_PROTOCOL_VERSION: u32 = 1;
 
 /// Most items in one [`RequestBody::AppendBatch`].
