@@ -19,16 +19,17 @@
 //! `CRASH_SEED=<u64>` replays a seed (the load's interleaving still varies).
 //! `crash_soak` (ignored) runs the same code with many more cycles.
 
+mod common;
+
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{RequestBody, ResponseBody, StoredRecord};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{mpsc, Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -90,26 +91,7 @@ impl Daemon {
     /// Start on `data` with port 0 and wait for the listening line.
     fn start(data: &Path, config: &Path) -> Daemon {
         let mut child = spawn_daemon(data, config);
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("msgstore listening on ") {
-                    if !sent {
-                        sent = tx.send(addr.trim().to_owned()).is_ok();
-                    }
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(HANG_LIMIT) {
-            Ok(addr) => addr.parse().expect("listening line carries an address"),
-            Err(_) => {
-                let status = child.wait().expect("wait for msgstore");
-                panic!("msgstore did not start (exit status {status}); see its stderr above");
-            }
-        };
+        let addr = common::wait_for_listening(&mut child, HANG_LIMIT);
         Daemon { child, addr }
     }
 

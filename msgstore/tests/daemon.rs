@@ -1,14 +1,14 @@
 //! End-to-end tests of the `msgstore` binary over real sockets.
 
+mod common;
+
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{AppendItem, ShardErrorCode, APPEND_BATCH_ITEMS_MAX};
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,26 +34,7 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn msgstore");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("msgstore listening on ") {
-                    if !sent {
-                        sent = tx.send(addr.trim().to_owned()).is_ok();
-                    }
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(HANG_LIMIT) {
-            Ok(addr) => addr.parse().expect("listening line carries an address"),
-            Err(_) => {
-                let status = child.wait().expect("wait for msgstore");
-                panic!("msgstore did not start (exit status {status}); see its stderr above");
-            }
-        };
+        let addr = common::wait_for_listening(&mut child, HANG_LIMIT);
         Daemon { child, addr }
     }
 
