@@ -17,7 +17,7 @@ use std::{
 
 const BUCKET_MAGIC: &[u8; 8] = b"IMBKT\0\0\x01";
 /// Smallest size a bucket file grows to; it doubles from there.
-const BUCKET_FILE_BYTES_MIN: u64 = 16 * 1024;
+const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
 
 pub fn bucket_header(bucket: u32, gen: u64) -> [u8; BUCKET_HEADER_BYTES as usize] {
     let mut h = [0u8; BUCKET_HEADER_BYTES as usize];

@@ -215,12 +215,22 @@ impl LogWrite {
     /// worked).
     pub fn perform(&self, bytes: &[u8]) -> Result<(), WriteFailed> {
         if let Err(error) = self.file.write_all_at(bytes, self.offset) {
-            let zeros = vec![0u8; bytes.len()];
-            let log_intact = self.file.write_all_at(&zeros, self.offset).is_ok()
-                && self.file.sync_data().is_ok();
+            let log_intact = self.zero_partial(bytes.len() as u64).is_ok();
             return Err(WriteFailed { error, log_intact });
         }
         Ok(())
+    }
+
+    /// Zero whatever part of the claimed range exists in the file (a failed
+    /// write may have written some of it; bytes past the end of the file
+    /// were never written).
+    fn zero_partial(&self, len: u64) -> std::io::Result<()> {
+        let end = (self.offset + len).min(self.file.metadata()?.len());
+        if end > self.offset {
+            let zeros = vec![0u8; (end - self.offset) as usize];
+            self.file.write_all_at(&zeros, self.offset)?;
+        }
+        self.file.sync_data()
     }
 }
 

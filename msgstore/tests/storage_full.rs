@@ -1,0 +1,163 @@
+//! When storage runs out: the LMDB map is full, or a log write fails (here
+//! through RLIMIT_FSIZE, which fails writes past a size the way a full disk
+//! fails them). Each time the caller gets an error, nothing it was refused
+//! is stored, and the shard stays consistent and usable.
+
+use msgstore::{AppendRequest, EngineConfig, Error, FsyncPolicy, Shard};
+use std::{path::Path, process::Command};
+
+const CHILD_DIR: &str = "MSGSTORE_STORAGE_FULL_CHILD_DIR";
+
+fn config(index_map_bytes: u64) -> EngineConfig {
+    EngineConfig {
+        fsync: FsyncPolicy::Never,
+        bucket_dirs: 2,
+        bucket_files: 2,
+        wal_segment_bytes: 256 * 1024,
+        checkpoint_wal_bytes: 64 * 1024,
+        wal_bytes_max: 4 * 1024 * 1024,
+        index_map_bytes,
+        ..EngineConfig::default()
+    }
+}
+
+fn batch(first_user: u64, users: u64) -> Vec<AppendRequest> {
+    (first_user..first_user + users)
+        .map(|user| AppendRequest {
+            user,
+            msg_id: u128::from(user),
+            payload: user.to_le_bytes().to_vec(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_index_map_fails_checkpoints_but_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = config(1 << 20);
+    let shard = Shard::open(dir.path(), small.clone()).unwrap();
+    // One message each for many users: more user states than a 1 MiB map
+    // holds. Appends keep succeeding (the log has them) until the log
+    // reaches wal_bytes_max, then they are refused with Overloaded.
+    let mut stored = 0u64;
+    let mut refused = None;
+    'fill: for round in 0..200u64 {
+        let results = shard
+            .append_batch(batch(round * 1000, 1000))
+            .wait()
+            .unwrap();
+        for r in results {
+            match r {
+                Ok(seq) => {
+                    assert_eq!(seq, 1);
+                    stored += 1;
+                }
+                Err(e) => {
+                    refused = Some(e);
+                    break 'fill;
+                }
+            }
+        }
+    }
+    assert!(
+        matches!(refused, Some(Error::Overloaded(_))),
+        "appends are refused once the log cannot be checkpointed: {refused:?}"
+    );
+    assert!(stored > 20_000, "{stored} appends were stored first");
+    let err = shard.checkpoint().wait().expect_err("the map is full");
+    assert!(matches!(err, Error::Index(_)), "{err}");
+    // Everything acknowledged is readable while the index is full.
+    for user in [0, stored / 2, stored - 1] {
+        let page = shard.fetch(user, 0, 10, 1024).wait().unwrap();
+        assert_eq!(page.records.len(), 1, "user {user}");
+        assert_eq!(page.records[0].payload, user.to_le_bytes());
+    }
+    let stats = shard.stats().wait().unwrap();
+    assert_eq!(stats.live_messages, stored);
+    let _ = shard.close(); // the final checkpoint fails too; the log stays
+
+    // With room in the index, everything comes back and checkpoints work.
+    let shard = Shard::open(dir.path(), config(256 << 20)).unwrap();
+    assert_eq!(shard.stats().wait().unwrap().live_messages, stored);
+    shard.checkpoint().wait().unwrap();
+    for user in (0..stored).step_by(997) {
+        let page = shard.fetch(user, 0, 10, 1024).wait().unwrap();
+        assert_eq!(page.records.len(), 1, "user {user}");
+    }
+    shard.close().unwrap();
+}
+
+#[test]
+fn a_failed_log_write_answers_an_error_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "log_write_failure_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR, dir.path())
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("BIG_BATCH_REFUSED"), "{stdout}");
+    assert!(stdout.contains("SMALL_APPEND_SEQ 1"), "{stdout}");
+    // After a restart without the limit: only the small append is there.
+    let shard = Shard::open(dir.path(), config(16 << 20)).unwrap();
+    let page = shard.fetch(7, 0, 100, 1 << 20).wait().unwrap();
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(page.records[0].payload, b"small");
+    assert_eq!(shard.stats().wait().unwrap().live_messages, 1);
+    assert_eq!(shard.append(7, 2, b"next".to_vec()).wait().unwrap(), 2);
+    shard.close().unwrap();
+}
+
+/// Not a test on its own: the child of the test above (it does nothing
+/// unless `MSGSTORE_STORAGE_FULL_CHILD_DIR` is set). Files may not grow
+/// past 512 KiB, so a batch bigger than that cannot be logged.
+#[test]
+fn log_write_failure_child() {
+    let Ok(dir) = std::env::var(CHILD_DIR) else {
+        return;
+    };
+    let limit = libc::rlimit {
+        rlim_cur: 512 * 1024,
+        rlim_max: 512 * 1024,
+    };
+    // SAFETY: plain syscalls; writes past the limit then fail with EFBIG
+    // instead of killing the process with SIGXFSZ.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+    let shard = Shard::open(Path::new(&dir), config(16 << 20)).unwrap();
+    let big: Vec<AppendRequest> = (0..1000)
+        .map(|i| AppendRequest {
+            user: 7,
+            msg_id: i,
+            payload: vec![1u8; 1000],
+        })
+        .collect();
+    let err = shard
+        .append_batch(big)
+        .wait()
+        .expect_err("a 1 MB batch cannot be logged");
+    println!("BIG_BATCH_REFUSED {err}");
+    let stats = shard.user_stats(7).wait().unwrap();
+    assert_eq!(
+        (stats.live_count, stats.last_seq),
+        (0, 0),
+        "nothing of it is stored"
+    );
+    let seq = shard.append(7, 1000, b"small".to_vec()).wait().unwrap();
+    println!("SMALL_APPEND_SEQ {seq}");
+    let page = shard.fetch(7, 0, 100, 1 << 20).wait().unwrap();
+    assert_eq!(page.records.len(), 1);
+    shard.close().unwrap();
+}
