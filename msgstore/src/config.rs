@@ -108,7 +108,7 @@ impl Default for EngineConfig {
             message_bytes_max: 64 * 1024,
             mailbox_messages_max: 10_000,
             mailbox_bytes_max: 16 * 1024 * 1024,
-            open_maps_max: 4096,
+            open_maps_max: 32_768,
             clean_states_max: 1_000_000,
             queue_requests_max: 65_536,
             batch_requests_max: 4096,
