@@ -36,8 +36,10 @@ pub fn header_gen(bytes: &[u8], bucket: u32) -> Option<u64> {
     (h == bucket_header(bucket, gen)).then_some(gen)
 }
 
+/// A mapped bucket file. The file descriptor is closed once mapped (the
+/// map keeps the file alive), so open maps do not count against the
+/// process's file-descriptor limit.
 struct Mapped {
-    file: File,
     map: MmapMut,
     last_use: u64,
 }
@@ -100,14 +102,16 @@ impl Buckets {
             self.insert(bucket, file)?;
         }
         let end = offset + bytes.len() as u64;
+        let path = self.path(bucket);
         let m = self.maps.get_mut(&bucket).expect("mapped above");
         if (m.map.len() as u64) < end {
             let size = end.next_power_of_two().max(BUCKET_FILE_BYTES_MIN);
-            allocate(&m.file, size)?;
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            allocate(&file, size)?;
             // SAFETY: bucket files are only modified through this process's
             // maps (the directory is locked); the file was just grown to
             // `size`, so the new map covers valid file bytes.
-            m.map = unsafe { MmapMut::map_mut(&m.file)? };
+            m.map = unsafe { MmapMut::map_mut(&file)? };
         }
         m.map[offset as usize..end as usize].copy_from_slice(bytes);
         Ok(())
@@ -135,14 +139,8 @@ impl Buckets {
         }
         // SAFETY: as in `write`: only this process modifies bucket files.
         let map = unsafe { MmapMut::map_mut(&file)? };
-        self.maps.insert(
-            bucket,
-            Mapped {
-                file,
-                map,
-                last_use: 0,
-            },
-        );
+        drop(file);
+        self.maps.insert(bucket, Mapped { map, last_use: 0 });
         metrics::gauge!("msgstore_open_maps").set(self.maps.len() as f64);
         Ok(())
     }
