@@ -154,6 +154,27 @@ pub fn spawn_and_wait_for_line(
     }
 }
 
+/// CPU time (user + system, all threads) `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    let ticks = parse_cpu_ticks(&stat).with_context(|| format!("unexpected {path}"))?;
+    // SAFETY: plain libc query.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_sec))
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line; the command
+/// name (field 2) may contain spaces, so count from its closing parenthesis.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": field 3 (state) is index 0, so field N is index N - 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Peak resident set size (VmHWM) of `pid` in bytes.
 pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
@@ -182,6 +203,14 @@ pub fn free_loopback_port() -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_after_the_command_name() {
+        let stat = "42 (redis server) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+        assert!(cpu_time(std::process::id()).is_ok());
+    }
 
     #[test]
     fn parses_vm_hwm() {

@@ -76,6 +76,10 @@ pub struct PhaseResult {
     pub elapsed_secs: f64,
     pub ops_per_sec: f64,
     pub latency: LatencySummary,
+    /// CPU time the server process (all its threads) used per completed
+    /// operation during the phase, in microseconds; what bounds a rate on a
+    /// machine whose cores the load generator shares.
+    pub server_cpu_us_per_op: Option<f64>,
 }
 
 /// A server process after its phases: footprint on disk and in memory.
@@ -161,7 +165,7 @@ fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7}{}",
+            "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11}{}",
             r.phase,
             r.target,
             r.setting,
@@ -171,6 +175,9 @@ fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
             r.latency.p50_us,
             r.latency.p99_us,
             r.errors,
+            r.server_cpu_us_per_op
+                .map(|us| format!("{us:.2} us"))
+                .unwrap_or_else(|| "-".into()),
             r.first_error
                 .as_deref()
                 .map(|e| format!("  first error: {e}"))
@@ -184,8 +191,17 @@ pub fn render_table(report: &StorageReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7}",
-        "phase", "target", "setting", "conns", "pipe", "ops/s", "p50 us", "p99 us", "errors"
+        "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11}",
+        "phase",
+        "target",
+        "setting",
+        "conns",
+        "pipe",
+        "ops/s",
+        "p50 us",
+        "p99 us",
+        "errors",
+        "srv cpu/op"
     );
     phase_rows(&mut out, &report.append);
     phase_rows(&mut out, &report.drain);

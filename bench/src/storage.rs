@@ -121,7 +121,7 @@ fn phase(
     target: &str,
     setting: &str,
     spec: &LoadSpec,
-    out: &LoadOutcome,
+    (out, server_cpu): (&LoadOutcome, Option<Duration>),
 ) -> PhaseResult {
     let r = PhaseResult {
         phase: phase.into(),
@@ -137,6 +137,9 @@ fn phase(
         elapsed_secs: out.elapsed.as_secs_f64(),
         ops_per_sec: out.ops_per_sec(),
         latency: out.hist.summary(),
+        server_cpu_us_per_op: server_cpu
+            .filter(|_| out.ops > 0)
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / out.ops as f64),
     };
     eprintln!(
         "  {:<8} {:<9} {:<13} pipeline {:>2}: {:>10.0} ops/s  p50 {} us  p99 {} us  errors {}",
@@ -343,28 +346,36 @@ async fn append_pair(
     let mut redis_acked = 0;
     for pipeline in APPEND_PIPELINES {
         let spec = s.spec(redis.addr, pipeline, true);
-        let out = run_load(&spec, |i| {
-            (RespCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
-        })
-        .await
-        .with_context(|| format!("append to redis ({aof}, pipeline {pipeline})"))?;
+        let (out, cpu) = with_cpu(
+            redis.proc.pid(),
+            run_load(&spec, |i| {
+                (RespCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
+            }),
+        )
+        .await;
+        let out = out.with_context(|| format!("append to redis ({aof}, pipeline {pipeline})"))?;
         redis_acked += out.ops;
         report
             .append
-            .push(phase("append", "redis", &redis_setting, &spec, &out));
+            .push(phase("append", "redis", &redis_setting, &spec, (&out, cpu)));
 
         if let Some(server) = &shard {
             let spec = s.spec(server.addr, pipeline, true);
-            let result = run_load(&spec, |i| {
-                (ShardCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
-            })
+            let (result, cpu) = with_cpu(
+                server.proc.pid(),
+                run_load(&spec, |i| {
+                    (ShardCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
+                }),
+            )
             .await;
             match result {
-                Ok(out) => {
-                    report
-                        .append
-                        .push(phase("append", "msgstore", &shard_setting, &spec, &out))
-                }
+                Ok(out) => report.append.push(phase(
+                    "append",
+                    "msgstore",
+                    &shard_setting,
+                    &spec,
+                    (&out, cpu),
+                )),
                 Err(e) => {
                     report.problems.push(format!(
                         "append to msgstore ({fsync}, pipeline {pipeline}): {e:#}"
@@ -463,12 +474,21 @@ async fn drain_pair(
     // Not more connections than mailboxes, so every connection has work.
     let connections = s.args.connections.min(users as usize);
 
-    let mut targets: Vec<(&str, String, std::net::SocketAddr)> =
-        vec![("redis", RedisAof::Always.to_string(), redis.addr)];
+    let mut targets: Vec<(&str, String, std::net::SocketAddr, u32)> = vec![(
+        "redis",
+        RedisAof::Always.to_string(),
+        redis.addr,
+        redis.proc.pid(),
+    )];
     if let Some(server) = &shard {
-        targets.push(("msgstore", FsyncPolicy::Always.to_string(), server.addr));
+        targets.push((
+            "msgstore",
+            FsyncPolicy::Always.to_string(),
+            server.addr,
+            server.proc.pid(),
+        ));
     }
-    for (target, setting, addr) in targets {
+    for (target, setting, addr, pid) in targets {
         let is_redis = target == "redis";
         let spec = s.spec(addr, PREFILL_PIPELINE, false);
         let spec = LoadSpec {
@@ -476,11 +496,12 @@ async fn drain_pair(
             ..spec
         };
         let result = if is_redis {
-            prefill_then_drain(s, &spec, RespCodec::new).await
+            prefill_then_drain(s, &spec, pid, RespCodec::new).await
         } else {
-            prefill_then_drain(s, &spec, ShardCodec::new).await
+            prefill_then_drain(s, &spec, pid, ShardCodec::new).await
         };
-        let (prefill_spec, prefill, drain_spec, drained) = match result {
+        let (prefill_spec, (prefill, prefill_cpu), drain_spec, (drained, drain_cpu)) = match result
+        {
             Ok(r) => r,
             Err(e) if !is_redis => {
                 report.problems.push(format!("drain msgstore: {e:#}"));
@@ -488,18 +509,26 @@ async fn drain_pair(
             }
             Err(e) => return Err(e.context("drain redis")),
         };
-        report
-            .drain
-            .push(phase("prefill", target, &setting, &prefill_spec, &prefill));
+        report.drain.push(phase(
+            "prefill",
+            target,
+            &setting,
+            &prefill_spec,
+            (&prefill, prefill_cpu),
+        ));
         if prefill.ops != expected {
             report.problems.push(format!(
                 "prefill {target}: {} of {expected} appends succeeded (first error: {:?})",
                 prefill.ops, prefill.first_error
             ));
         }
-        report
-            .drain
-            .push(phase("drain", target, &setting, &drain_spec, &drained));
+        report.drain.push(phase(
+            "drain",
+            target,
+            &setting,
+            &drain_spec,
+            (&drained, drain_cpu),
+        ));
         if drained.ops != prefill.ops {
             report.problems.push(format!(
                 "drain {target}: drained {} messages of {} stored",
@@ -519,31 +548,57 @@ async fn drain_pair(
 async fn prefill_then_drain<C: Codec>(
     s: &Settings,
     spec: &LoadSpec,
+    server_pid: u32,
     codec: fn() -> C,
-) -> Result<(LoadSpec, LoadOutcome, LoadSpec, LoadOutcome)> {
+) -> Result<(LoadSpec, Measured, LoadSpec, Measured)> {
     let (connections, users) = (spec.connections, s.drain_users);
     let per_user = s.args.drain_messages_per_user;
-    let prefill = run_load(spec, |i| {
-        (
-            codec(),
-            Prefill::new(i, users_of(i, connections, users), per_user),
-        )
-    })
-    .await
-    .context("prefill")?;
+    let (prefill, prefill_cpu) = with_cpu(
+        server_pid,
+        run_load(spec, |i| {
+            (
+                codec(),
+                Prefill::new(i, users_of(i, connections, users), per_user),
+            )
+        }),
+    )
+    .await;
+    let prefill = prefill.context("prefill")?;
     let drain_spec = LoadSpec {
         pipeline: s.args.drain_pipeline,
         ..spec.clone()
     };
-    let drained = run_load(&drain_spec, |i| {
-        (
-            codec(),
-            Drain::new(&users_of(i, connections, users), DRAIN_PAGE_COUNT),
-        )
-    })
-    .await
-    .context("drain")?;
-    Ok((spec.clone(), prefill, drain_spec, drained))
+    let (drained, drain_cpu) = with_cpu(
+        server_pid,
+        run_load(&drain_spec, |i| {
+            (
+                codec(),
+                Drain::new(&users_of(i, connections, users), DRAIN_PAGE_COUNT),
+            )
+        }),
+    )
+    .await;
+    let drained = drained.context("drain")?;
+    Ok((
+        spec.clone(),
+        (prefill, prefill_cpu),
+        drain_spec,
+        (drained, drain_cpu),
+    ))
+}
+
+/// A phase's outcome and the CPU time the server used during it.
+type Measured = (LoadOutcome, Option<Duration>);
+
+/// Run `load`, measuring the CPU time process `pid` used meanwhile.
+async fn with_cpu<T>(
+    pid: u32,
+    load: impl std::future::Future<Output = T>,
+) -> (T, Option<Duration>) {
+    let before = crate::procs::cpu_time(pid).ok();
+    let out = load.await;
+    let after = crate::procs::cpu_time(pid).ok();
+    (out, before.zip(after).map(|(b, a)| a.saturating_sub(b)))
 }
 
 fn rate(
