@@ -130,15 +130,20 @@ impl Daemon {
     }
 
     /// Stop accepting, drain every connection, close the shard.
-    pub async fn shutdown(self) -> Result<(), DaemonError> {
+    pub async fn shutdown(mut self) -> Result<(), DaemonError> {
         let _ = self.shutdown.send(true);
-        self.wait().await
+        self.stopped().await
     }
 
-    /// Wait until the daemon stops (it only stops through [`Daemon::shutdown`]
-    /// or a panic).
-    pub async fn wait(self) -> Result<(), DaemonError> {
-        match self.task.await {
+    /// Wait until the daemon stops: through [`Daemon::shutdown`], or by
+    /// itself after a fatal storage error (then the result says why).
+    pub async fn wait(mut self) -> Result<(), DaemonError> {
+        self.stopped().await
+    }
+
+    /// Like [`Daemon::wait`], usable in `select!` next to a signal.
+    pub async fn stopped(&mut self) -> Result<(), DaemonError> {
+        match (&mut self.task).await {
             Ok(result) => result,
             Err(e) => Err(DaemonError::Close(Error::Storage(format!(
                 "daemon task failed: {e}"

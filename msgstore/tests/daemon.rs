@@ -361,3 +361,71 @@ async fn config_file_limits_backpressure_and_connection_cap() {
 
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// Under `always`, a log write that fails (files may not grow past 1 MiB,
+/// as on a full disk) answers every request of that batch with a storage
+/// error and stops the daemon with a failure status; after a restart
+/// without the limit nothing of the failed batch is there and earlier
+/// appends are.
+#[tokio::test]
+async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("msgstore.toml");
+    std::fs::write(
+        &config,
+        "[engine]\nwal_segment_bytes = 262144\nbucket_dirs = 2\nbucket_files = 2\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgstore"));
+    cmd.arg("--data")
+        .arg(dir.path().join("shard"))
+        .args(["--listen", "127.0.0.1:0", "--fsync", "always", "--config"])
+        .arg(&config);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut daemon = Daemon::start_with(cmd);
+    let client = connect(daemon.addr).await;
+    assert_eq!(client.append(1, 1, b"before".to_vec()).await.unwrap(), 1);
+    // 1,000 x 1 KiB in one batch: its log write must pass the 1 MiB limit.
+    let items: Vec<AppendItem> = (0..1000)
+        .map(|i| AppendItem {
+            user: 2,
+            msg_id: i,
+            payload: vec![7u8; 1024],
+        })
+        .collect();
+    match client.append_batch(items).await {
+        Err(ClientError::Shard(e)) => assert_eq!(e.code, ShardErrorCode::Storage, "{e:?}"),
+        Err(ClientError::Disconnected) => {}
+        other => panic!("the batch cannot have been stored: {other:?}"),
+    }
+    let status = daemon.child.wait().expect("the daemon stops by itself");
+    assert!(!status.success(), "{status}");
+    drop(client);
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgstore"));
+    cmd.arg("--data")
+        .arg(dir.path().join("shard"))
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&config);
+    let daemon = Daemon::start_with(cmd);
+    let client = connect(daemon.addr).await;
+    let (records, _) = client.fetch(1, 0, 10, 1 << 20).await.unwrap();
+    assert_eq!(records.len(), 1, "the acknowledged append survived");
+    let (records, _) = client.fetch(2, 0, 10, 1 << 20).await.unwrap();
+    assert!(records.is_empty(), "nothing of the failed batch is stored");
+    assert_eq!(client.user_stats(2).await.unwrap().last_seq, 0);
+}

@@ -99,11 +99,20 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     println!("msgstore listening on {}", running.local_addr());
-    let signal = signals.wait().await;
-    tracing::info!(signal, "shutting down");
-    running.shutdown().await?;
-    tracing::info!("shard closed; bye");
-    Ok(())
+    let mut running = running;
+    tokio::select! {
+        signal = signals.wait() => {
+            tracing::info!(signal, "shutting down");
+            running.shutdown().await?;
+            tracing::info!("shard closed; bye");
+            Ok(())
+        }
+        stopped = running.stopped() => {
+            // Only a fatal storage error stops the daemon by itself.
+            stopped?;
+            anyhow::bail!("the shard stopped unexpectedly")
+        }
+    }
 }
 
 /// SIGTERM and SIGINT handlers.

@@ -122,10 +122,15 @@ impl Index {
         let rtxn = self.env.read_txn()?;
         match self.meta.get(&rtxn, META_FANOUT)? {
             Some(have) if have == want.as_slice() => Ok(()),
-            Some(have) => Err(Error::Config(format!(
-                "the shard was created with bucket fan-out {:?}, not {dirs} x {files}",
-                have
-            ))),
+            Some(have) => {
+                let [a, b, c, d] = <[u8; 4]>::try_from(have).unwrap_or_default();
+                Err(Error::Config(format!(
+                    "the shard was created with bucket fan-out {} x {}, not {dirs} x {files} \
+                     (bucket_dirs and bucket_files cannot change)",
+                    u16::from_le_bytes([a, b]),
+                    u16::from_le_bytes([c, d]),
+                )))
+            }
             None => {
                 drop(rtxn);
                 let mut wtxn = self.env.write_txn()?;
