@@ -18,6 +18,8 @@ pub struct EngineSpec {
     pub users: u64,
     pub payload_bytes: usize,
     pub duration: Duration,
+    /// Create every bucket file when the shard opens (before the window).
+    pub precreate: bool,
 }
 
 struct AppenderOutcome {
@@ -36,6 +38,7 @@ struct AppenderOutcome {
 pub async fn engine_append(spec: EngineSpec) -> Result<EngineResult> {
     let config = EngineConfig {
         fsync: spec.fsync,
+        precreate_buckets: spec.precreate,
         ..EngineConfig::default()
     };
     let dir = spec.data_dir.clone();

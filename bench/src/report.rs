@@ -97,6 +97,9 @@ pub struct ServerResult {
     pub disk_bytes_per_message: Option<f64>,
     /// Our shard only: the shard's own counters after the run.
     pub shard_stats: Option<proto::shard::ShardStats>,
+    /// Our shard only: seconds from spawning to serving (including creating
+    /// every bucket file unless `--fresh-buckets`).
+    pub start_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -228,13 +231,13 @@ pub fn render_table(report: &StorageReport) -> String {
     if !report.servers.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<9} {:<14} {:>14} {:>14} {:>12} {:>12}",
-            "server", "setting", "peak RSS", "disk", "messages", "disk B/msg"
+            "\n{:<9} {:<14} {:>14} {:>14} {:>12} {:>12} {:>9}",
+            "server", "setting", "peak RSS", "disk", "messages", "disk B/msg", "start s"
         );
         for s in &report.servers {
             let _ = writeln!(
                 out,
-                "{:<9} {:<14} {:>14} {:>14} {:>12} {:>12}",
+                "{:<9} {:<14} {:>14} {:>14} {:>12} {:>12} {:>9}",
                 s.target,
                 s.setting,
                 s.peak_rss_bytes
@@ -243,6 +246,9 @@ pub fn render_table(report: &StorageReport) -> String {
                 fmt_bytes(s.disk_bytes),
                 s.messages_stored,
                 s.disk_bytes_per_message
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "-".into()),
+                s.start_secs
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or_else(|| "-".into()),
             );

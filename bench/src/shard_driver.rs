@@ -31,6 +31,9 @@ pub struct ShardServer {
     pub proc: ChildProc,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// From spawning to the listening line (with `precreate`, this includes
+    /// creating every bucket file).
+    pub start_secs: f64,
 }
 
 /// The daemon binary: `explicit`, else `msgstore` next to this executable.
@@ -54,14 +57,25 @@ pub fn locate_msgstore(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// Start the daemon on a free loopback port and wait for its listening line.
-pub fn start(bin: &Path, data_dir: &Path, fsync: FsyncPolicy) -> Result<ShardServer> {
+/// Start the daemon; with `precreate` it creates all its bucket files before
+/// it listens (`--precreate-buckets`).
+pub fn start(
+    bin: &Path,
+    data_dir: &Path,
+    fsync: FsyncPolicy,
+    precreate: bool,
+) -> Result<ShardServer> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let started = std::time::Instant::now();
     let mut cmd = Command::new(bin);
     cmd.arg("--data")
         .arg(data_dir)
         .args(["--listen", "127.0.0.1:0", "--fsync"])
         .arg(fsync.to_string())
         .env("NO_COLOR", "1");
+    if precreate {
+        cmd.arg("--precreate-buckets");
+    }
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
@@ -69,7 +83,7 @@ pub fn start(bin: &Path, data_dir: &Path, fsync: FsyncPolicy) -> Result<ShardSer
         "msgstore",
         &mut cmd,
         LISTENING_NEEDLE,
-        Duration::from_secs(60),
+        Duration::from_secs(600),
     )?;
     let addr = parse_listening_line(&line)
         .with_context(|| format!("no address in msgstore's line {line:?}"))?;
@@ -77,6 +91,7 @@ pub fn start(bin: &Path, data_dir: &Path, fsync: FsyncPolicy) -> Result<ShardSer
         proc,
         addr,
         data_dir: data_dir.to_path_buf(),
+        start_secs: started.elapsed().as_secs_f64(),
     })
 }
 

@@ -78,6 +78,10 @@ pub struct EngineConfig {
     /// User states kept in memory after a checkpoint wrote them to the
     /// index, so users who are active again skip the index lookup.
     pub clean_states_max: usize,
+    /// Create every missing bucket file when the shard opens, before it
+    /// serves (a new 256 x 256 shard: 65,536 files, which can take a minute);
+    /// otherwise files are created by the checkpoints that first need them.
+    pub precreate_buckets: bool,
     /// Most requests waiting for the writer thread; callers past it wait.
     pub queue_requests_max: usize,
     /// Most requests the writer handles in one group commit.
@@ -110,6 +114,7 @@ impl Default for EngineConfig {
             mailbox_bytes_max: 16 * 1024 * 1024,
             open_maps_max: 32_768,
             clean_states_max: 1_000_000,
+            precreate_buckets: false,
             queue_requests_max: 65_536,
             batch_requests_max: 4096,
             wal_segment_bytes: 32 * 1024 * 1024,

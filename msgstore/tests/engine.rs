@@ -319,3 +319,47 @@ fn a_different_fanout_is_refused() {
         .expect("must fail");
     assert!(err.to_string().contains("fan-out"), "{err}");
 }
+
+#[test]
+fn precreated_bucket_files_hold_data_like_lazily_created_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        precreate_buckets: true,
+        ..small_config()
+    };
+    let shard = open(dir.path(), &config);
+    let files = |d: &Path| {
+        walk(&d.join("buckets"))
+            .into_iter()
+            .filter(|p| p.is_file())
+            .count()
+    };
+    assert_eq!(
+        files(dir.path()),
+        16,
+        "4 x 4 bucket files exist before any write"
+    );
+    for i in 1..=40u64 {
+        shard.append(i, i.into(), vec![i as u8; 10]).wait().unwrap();
+    }
+    shard.checkpoint().wait().unwrap();
+    shard.close().unwrap();
+    let shard = open(dir.path(), &config);
+    for user in [1u64, 17, 40] {
+        assert_eq!(payloads(&shard, user, 0), vec![(1, vec![user as u8; 10])]);
+    }
+    shard.close().unwrap();
+    assert_eq!(files(dir.path()), 16);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}

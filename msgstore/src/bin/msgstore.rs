@@ -24,6 +24,10 @@ struct Args {
     /// Durability policy: always, interval:<ms> or never.
     #[arg(long, value_name = "POLICY")]
     fsync: Option<FsyncPolicy>,
+    /// Create every missing bucket file before serving (sets
+    /// engine.precreate_buckets).
+    #[arg(long)]
+    precreate_buckets: bool,
     /// Address of the Prometheus /metrics HTTP listener.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -66,6 +70,9 @@ fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
     }
     if let Some(fsync) = args.fsync {
         config.engine.fsync = fsync;
+    }
+    if args.precreate_buckets {
+        config.engine.precreate_buckets = true;
     }
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = Some(addr);

@@ -337,6 +337,12 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
         users.extend(c.states.iter().copied());
         bucket_states.insert(c.bucket, c.meta);
     }
+    // In key order: LMDB takes sorted puts many times faster than random
+    // ones (baselines.md: ~1.7 M/s vs ~88 k/s per transaction).
+    let mut users: Vec<(u64, UserState)> = users.into_iter().collect();
+    users.sort_unstable_by_key(|(u, _)| *u);
+    let mut bucket_states: Vec<(u32, BucketMeta)> = bucket_states.into_iter().collect();
+    bucket_states.sort_unstable_by_key(|(b, _)| *b);
     input.index.commit_checkpoint(
         users.iter().map(|(u, s)| (*u, s)),
         bucket_states.into_iter(),

@@ -2,6 +2,7 @@
 
 use super::{
     buckets::{parse_compacted_name, Buckets},
+    checkpoint,
     codec::MESSAGE_HEADER_BYTES,
     index::Index,
     lock::DirLock,
@@ -73,6 +74,16 @@ impl Engine {
         engine.wal.remove_before(meta.wal_start)?;
         engine.replay(&wal_dir, meta.wal_start, &segments)?;
         engine.prune_acked();
+        if engine.config.precreate_buckets {
+            let started = Instant::now();
+            let created =
+                checkpoint::lock(&engine.buckets).create_missing(engine.config.buckets())?;
+            tracing::info!(
+                created,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "created missing bucket files"
+            );
+        }
         Ok(engine)
     }
 
