@@ -47,7 +47,7 @@ struct JobInput {
     position: Position,
     snapshot: Arc<HashMap<u64, UserState>>,
     frozen: Arc<HashMap<u64, VecDeque<Pending>>>,
-    /// Bucket states as of `position`, for every bucket the job touches.
+    /// Every bucket's state as of `position`.
     metas: HashMap<u32, BucketMeta>,
     candidates: Vec<u32>,
     totals: Totals,
@@ -119,16 +119,12 @@ impl Engine {
         let snapshot = Arc::new(std::mem::take(&mut self.dirty));
         let frozen = Arc::new(std::mem::take(&mut self.memtable));
         let candidates: Vec<u32> = self.compact_candidates.drain().collect();
-        let touched: HashSet<u32> = snapshot
-            .values()
-            .map(|s| s.bucket)
-            .chain(candidates.iter().copied())
-            .collect();
         let input = JobInput {
             position: self.wal.position(),
             snapshot: snapshot.clone(),
             frozen: frozen.clone(),
-            metas: touched.into_iter().map(|b| (b, self.bucket(b))).collect(),
+            // The whole map (a quick copy); the helper picks what it touches.
+            metas: self.bucket_meta.clone(),
             candidates: candidates.clone(),
             totals: self.totals,
             dir: self.dir.clone(),
@@ -240,9 +236,9 @@ impl Engine {
                 self.add_dead_bytes(live.bucket, dead);
             }
         }
-        if !done.compactions.is_empty() {
-            syncfs(&self.dir)?;
-        }
+        // The renames need no sync here: the index keeps listing them as
+        // pending swaps (finished at open) until the next checkpoint, whose
+        // own syncfs makes them durable before it replaces that list.
         self.wal.remove_before(job.position)?;
         self.wal.bytes_since_checkpoint = self
             .wal
@@ -332,7 +328,16 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
             s.tail_seq = *seq;
         }
     }
-    let mut bucket_states = metas.clone();
+    let touched: HashSet<u32> = input
+        .snapshot
+        .values()
+        .map(|s| s.bucket)
+        .chain(input.candidates.iter().copied())
+        .collect();
+    let mut bucket_states: HashMap<u32, BucketMeta> = touched
+        .iter()
+        .map(|b| (*b, metas.get(b).copied().unwrap_or_default()))
+        .collect();
     for c in &compactions {
         users.extend(c.states.iter().copied());
         bucket_states.insert(c.bucket, c.meta);
@@ -350,7 +355,10 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
     )?;
     Ok(JobDone {
         tails,
-        lens: metas.into_iter().map(|(b, m)| (b, m.len)).collect(),
+        lens: touched
+            .iter()
+            .filter_map(|b| metas.get(b).map(|m| (*b, m.len)))
+            .collect(),
         compactions,
     })
 }

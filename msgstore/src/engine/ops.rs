@@ -5,7 +5,7 @@
 use super::{
     checkpoint::lock,
     codec::{read_record, MessageHeader, NO_PREV},
-    state::{bucket_for_user, BucketMeta, UserState},
+    state::{bucket_for_user, UserState},
     wal, Engine, Pending,
 };
 use crate::{handle::AppendRequest, Error, Fetched, Result};
@@ -347,10 +347,6 @@ impl Engine {
             let prev = self.bucket_meta.get(&bucket).copied();
             self.undo.buckets.insert(bucket, prev);
         }
-    }
-
-    pub(super) fn bucket(&self, bucket: u32) -> BucketMeta {
-        self.bucket_meta.get(&bucket).copied().unwrap_or_default()
     }
 }
 
