@@ -68,7 +68,8 @@ pub struct StorageArgs {
     pub work_dir: Option<PathBuf>,
     /// Do not create the shards' bucket files before measuring: the first
     /// checkpoints then create them under traffic (a new shard's one-time
-    /// cost) instead of at start (reported as the start time).
+    /// cost) instead of at start (reported as the start time). Implied by
+    /// --quick.
     #[arg(long)]
     pub fresh_buckets: bool,
     #[arg(long, default_value = "redis-server")]
@@ -87,6 +88,13 @@ struct Settings {
 }
 
 impl Settings {
+    /// Shards start with all their bucket files created, except with
+    /// `--fresh-buckets` or `--quick` (creating 65,536 files takes longer
+    /// than a quick run may).
+    fn precreate_buckets(&self) -> bool {
+        !(self.args.fresh_buckets || self.args.quick)
+    }
+
     fn new(args: StorageArgs) -> Result<Self> {
         let users = args
             .users
@@ -240,7 +248,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         users: s.users,
         payload_bytes: s.args.payload_bytes,
         duration: s.duration,
-        precreate: !s.args.fresh_buckets,
+        precreate: s.precreate_buckets(),
     })
     .await;
     match engine {
@@ -357,7 +365,7 @@ async fn append_pair(
     report: &mut StorageReport,
 ) -> Result<()> {
     let redis = start_redis(s, root, aof, "")?;
-    let mut shard = start_shard(msgstore_bin, root, (fsync, !s.args.fresh_buckets), report);
+    let mut shard = start_shard(msgstore_bin, root, (fsync, s.precreate_buckets()), report);
     let redis_setting = aof.to_string();
     let shard_setting = fsync.to_string();
     let mut redis_acked = 0;
@@ -491,7 +499,7 @@ async fn drain_pair(
     let shard = start_shard(
         msgstore_bin,
         &shard_root,
-        (FsyncPolicy::Always, !s.args.fresh_buckets),
+        (FsyncPolicy::Always, s.precreate_buckets()),
         report,
     );
     let users = s.drain_users;
