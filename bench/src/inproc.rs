@@ -1,5 +1,6 @@
 //! The engine in-process: concurrent appenders on one `msgstore::Shard`.
 
+use crate::load::ConnOutcome;
 use crate::{
     load::{tail_grace, Rng},
     report::{EngineResult, LatencyHist, PhaseResult},
@@ -20,15 +21,6 @@ pub struct EngineSpec {
     pub duration: Duration,
     /// Create every bucket file when the shard opens (before the window).
     pub precreate: bool,
-}
-
-struct AppenderOutcome {
-    ops: u64,
-    ops_in_window: u64,
-    abandoned: u64,
-    errors: u64,
-    first_error: Option<String>,
-    hist: LatencyHist,
 }
 
 /// Run `appenders` tasks, each appending one message at a time (awaiting
@@ -67,7 +59,7 @@ async fn run(shard: &Shard, spec: &EngineSpec) -> Result<EngineResult> {
         let users = spec.users;
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(0xE9 ^ i as u64);
-            let mut out = AppenderOutcome {
+            let mut out = ConnOutcome {
                 ops: 0,
                 ops_in_window: 0,
                 abandoned: 0,

@@ -121,13 +121,14 @@ pub fn tail_grace(window: Duration) -> Duration {
     window.min(Duration::from_secs(5))
 }
 
-struct ConnOutcome {
-    ops: u64,
-    ops_in_window: u64,
-    abandoned: u64,
-    errors: u64,
-    first_error: Option<String>,
-    hist: LatencyHist,
+/// What one connection (or one in-process appender) did.
+pub struct ConnOutcome {
+    pub ops: u64,
+    pub ops_in_window: u64,
+    pub abandoned: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub hist: LatencyHist,
 }
 
 /// Run `spec.connections` connections, connection `i` with `make(i)`.
