@@ -227,9 +227,10 @@ impl Engine {
             let Some(live) = self.load_user_after(user, &job) else {
                 continue;
             };
+            // Oldest first: stop at the first live record.
             let dead: u64 = queue
                 .iter()
-                .filter(|p| p.seq <= live.acked_seq)
+                .take_while(|p| p.seq <= live.acked_seq)
                 .map(|p| record_stored_bytes(p.payload.len()))
                 .sum();
             if dead > 0 {
@@ -239,7 +240,7 @@ impl Engine {
         // The renames need no sync here: the index keeps listing them as
         // pending swaps (finished at open) until the next checkpoint, whose
         // own syncfs makes them durable before it replaces that list.
-        self.wal.remove_before(job.position)?;
+        self.wal.remove_before_in_background(job.position)?;
         self.wal.bytes_since_checkpoint = self
             .wal
             .bytes_since_checkpoint

@@ -363,12 +363,37 @@ impl Wal {
 
     /// Delete every segment wholly before `keep_from`.
     pub fn remove_before(&self, keep_from: Position) -> Result<()> {
-        for seg in list_segments(&self.dir)? {
-            if seg < keep_from.segment {
-                fs::remove_file(segment_path(&self.dir, seg))?;
-            }
+        for path in self.paths_before(keep_from)? {
+            fs::remove_file(path)?;
         }
         Ok(())
+    }
+
+    /// Like [`Wal::remove_before`], but unlinking (which frees the blocks
+    /// of large files and can take milliseconds each) happens on a helper
+    /// thread. Safe to lose: recovery deletes segments before `wal_start`.
+    pub fn remove_before_in_background(&self, keep_from: Position) -> Result<()> {
+        let paths = self.paths_before(keep_from)?;
+        if !paths.is_empty() {
+            std::thread::Builder::new()
+                .name("msgstore-wal-trim".into())
+                .spawn(move || {
+                    for path in paths {
+                        if let Err(e) = fs::remove_file(&path) {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot remove an old log segment");
+                        }
+                    }
+                })?;
+        }
+        Ok(())
+    }
+
+    fn paths_before(&self, keep_from: Position) -> Result<Vec<PathBuf>> {
+        Ok(list_segments(&self.dir)?
+            .into_iter()
+            .filter(|seg| *seg < keep_from.segment)
+            .map(|seg| segment_path(&self.dir, seg))
+            .collect())
     }
 }
 
