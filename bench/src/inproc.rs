@@ -59,14 +59,7 @@ async fn run(shard: &Shard, spec: &EngineSpec) -> Result<EngineResult> {
         let users = spec.users;
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(0xE9 ^ i as u64);
-            let mut out = ConnOutcome {
-                ops: 0,
-                ops_in_window: 0,
-                abandoned: 0,
-                errors: 0,
-                first_error: None,
-                hist: LatencyHist::new(),
-            };
+            let mut out = ConnOutcome::default();
             let mut counter = 0u64;
             while Instant::now() < deadline {
                 counter += 1;

@@ -122,6 +122,7 @@ pub fn tail_grace(window: Duration) -> Duration {
 }
 
 /// What one connection (or one in-process appender) did.
+#[derive(Default)]
 pub struct ConnOutcome {
     pub ops: u64,
     pub ops_in_window: u64,
@@ -199,14 +200,7 @@ async fn drive<C: Codec, W: Workload>(
     let mut wbuf = Vec::with_capacity(READ_RESERVE_BYTES);
     let mut rbuf = BytesMut::with_capacity(4 * READ_RESERVE_BYTES);
     let mut inflight: VecDeque<(Op, Instant)> = VecDeque::with_capacity(pipeline);
-    let mut out = ConnOutcome {
-        ops: 0,
-        ops_in_window: 0,
-        abandoned: 0,
-        errors: 0,
-        first_error: None,
-        hist: LatencyHist::new(),
-    };
+    let mut out = ConnOutcome::default();
     loop {
         let now = Instant::now();
         if deadline.is_none_or(|d| now < d) {

@@ -62,10 +62,14 @@ impl Drop for Daemon {
 }
 
 fn daemon_command(data: &Path) -> Command {
+    daemon_command_with(data, "never")
+}
+
+fn daemon_command_with(data: &Path, fsync: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgstore"));
     cmd.arg("--data")
         .arg(data)
-        .args(["--listen", "127.0.0.1:0", "--fsync", "never"])
+        .args(["--listen", "127.0.0.1:0", "--fsync", fsync])
         .env("RUST_LOG", "warn");
     cmd
 }
@@ -377,11 +381,8 @@ async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
         "[engine]\nwal_segment_bytes = 262144\nbucket_dirs = 2\nbucket_files = 2\n",
     )
     .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgstore"));
-    cmd.arg("--data")
-        .arg(dir.path().join("shard"))
-        .args(["--listen", "127.0.0.1:0", "--fsync", "always", "--config"])
-        .arg(&config);
+    let mut cmd = daemon_command_with(&dir.path().join("shard"), "always");
+    cmd.arg("--config").arg(&config);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -416,11 +417,8 @@ async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
     assert!(!status.success(), "{status}");
     drop(client);
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgstore"));
-    cmd.arg("--data")
-        .arg(dir.path().join("shard"))
-        .args(["--listen", "127.0.0.1:0", "--config"])
-        .arg(&config);
+    let mut cmd = daemon_command_with(&dir.path().join("shard"), "always");
+    cmd.arg("--config").arg(&config);
     let daemon = Daemon::start_with(cmd);
     let client = connect(daemon.addr).await;
     let (records, _) = client.fetch(1, 0, 10, 1 << 20).await.unwrap();
