@@ -21,6 +21,8 @@
 
 mod common;
 
+use common::{sigkill, Daemon};
+
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{RequestBody, ResponseBody, StoredRecord};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -59,62 +61,29 @@ open_maps_max = 6
 
 // ---------------------------------------------------------------- daemon
 
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
-
-fn spawn_daemon(data: &Path, config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_msgstore"))
-        .arg("--config")
+/// The daemon command of this test: `--fsync always` with its config.
+fn daemon_command(data: &Path, config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgstore"));
+    cmd.arg("--config")
         .arg(config)
         .arg("--data")
         .arg(data)
         .args(["--listen", "127.0.0.1:0", "--fsync", "always"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+fn start_daemon(data: &Path, config: &Path) -> Daemon {
+    Daemon::start_with(daemon_command(data, config), HANG_LIMIT)
+}
+
+fn spawn_daemon(data: &Path, config: &Path) -> Child {
+    daemon_command(data, config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn msgstore")
-}
-
-fn sigkill(child: &mut Child) {
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
-    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert_eq!(rc, 0, "kill({pid}, SIGKILL) failed");
-    child.wait().expect("reap msgstore");
-}
-
-impl Daemon {
-    /// Start on `data` with port 0 and wait for the listening line.
-    fn start(data: &Path, config: &Path) -> Daemon {
-        let mut child = spawn_daemon(data, config);
-        let addr = common::wait_for_listening(&mut child, HANG_LIMIT);
-        Daemon { child, addr }
-    }
-
-    fn kill(mut self) {
-        sigkill(&mut self.child);
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: as in `sigkill`.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill({pid}, SIGTERM) failed");
-        self.child.wait().expect("wait for msgstore")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 // ---------------------------------------------------------------- payloads
@@ -647,7 +616,7 @@ async fn crash_cycles(name: &str, seed: u64, cycles: usize) {
 
     let start = |data: &Path, config: &Path| {
         let (data, config) = (data.to_owned(), config.to_owned());
-        tokio::task::spawn_blocking(move || Daemon::start(&data, &config))
+        tokio::task::spawn_blocking(move || start_daemon(&data, &config))
     };
 
     let mut daemon = start(&data, &config).await.expect("start task");

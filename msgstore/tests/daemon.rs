@@ -2,13 +2,15 @@
 
 mod common;
 
+use common::Daemon;
+
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{AppendItem, ShardErrorCode, APPEND_BATCH_ITEMS_MAX};
 use std::{
     collections::HashMap,
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,49 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Guard against a hung test; never a performance assertion.
 const HANG_LIMIT: Duration = Duration::from_secs(60);
 
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
+fn start(data: &Path) -> Daemon {
+    Daemon::start_with(daemon_command(data), HANG_LIMIT)
 }
 
-impl Daemon {
-    /// Start the daemon on `data` with port 0 and wait for its listening line.
-    fn start(data: &Path) -> Daemon {
-        Self::start_with(daemon_command(data))
-    }
-
-    /// Start `cmd` and wait for its listening line.
-    fn start_with(mut cmd: Command) -> Daemon {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn msgstore");
-        let addr = common::wait_for_listening(&mut child, HANG_LIMIT);
-        Daemon { child, addr }
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
-    }
-
-    /// SIGTERM and wait; returns the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        self.child.wait().expect("wait for msgstore")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+fn start_with(cmd: Command) -> Daemon {
+    Daemon::start_with(cmd, HANG_LIMIT)
 }
 
 fn daemon_command(data: &Path) -> Command {
@@ -121,7 +86,7 @@ async fn append_concurrently(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path());
+    let daemon = start(dir.path());
     let client = connect(daemon.addr).await;
     client.ping().await.expect("ping");
 
@@ -174,7 +139,7 @@ async fn pipelined_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_and_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path());
+    let daemon = start(dir.path());
     let client = connect(daemon.addr).await;
 
     let items: Vec<AppendItem> = (0..3)
@@ -230,7 +195,7 @@ async fn expect_closed_after(addr: SocketAddr, bytes: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_close_only_their_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path());
+    let daemon = start(dir.path());
     let good = connect(daemon.addr).await;
     assert_eq!(good.append(1, 1, b"before".to_vec()).await.unwrap(), 1);
 
@@ -254,7 +219,7 @@ async fn bad_frames_close_only_their_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_and_data_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path());
+    let daemon = start(dir.path());
     let client = connect(daemon.addr).await;
     for i in 0..10u64 {
         assert_eq!(
@@ -270,7 +235,7 @@ async fn sigterm_exits_zero_and_data_survives_restart() {
         Err(ClientError::Disconnected | ClientError::Io(_))
     ));
 
-    let daemon = Daemon::start(dir.path());
+    let daemon = start(dir.path());
     let client = connect(daemon.addr).await;
     let (records, more) = client.fetch(5, 0, 100, u32::MAX).await.unwrap();
     assert!(!more);
@@ -283,7 +248,7 @@ async fn sigterm_exits_zero_and_data_survives_restart() {
 #[test]
 fn second_daemon_on_same_data_dir_fails_with_lock_message() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Daemon::start(dir.path());
+    let first = start(dir.path());
     let second = daemon_command(dir.path())
         .stdin(Stdio::null())
         .output()
@@ -343,7 +308,7 @@ async fn config_file_limits_backpressure_and_connection_cap() {
     .unwrap();
     let mut cmd = daemon_command(&dir.path().join("data"));
     cmd.arg("--config").arg(&config);
-    let daemon = Daemon::start_with(cmd);
+    let daemon = start_with(cmd);
 
     // Far more pipelined requests than the server lets one connection have
     // in flight: back-pressure slows the link but every request is answered.
@@ -397,7 +362,7 @@ async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
             Ok(())
         });
     }
-    let mut daemon = Daemon::start_with(cmd);
+    let mut daemon = start_with(cmd);
     let client = connect(daemon.addr).await;
     assert_eq!(client.append(1, 1, b"before".to_vec()).await.unwrap(), 1);
     // 1,000 x 1 KiB in one batch: its log write must pass the 1 MiB limit.
@@ -419,7 +384,7 @@ async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
 
     let mut cmd = daemon_command_with(&dir.path().join("shard"), "always");
     cmd.arg("--config").arg(&config);
-    let daemon = Daemon::start_with(cmd);
+    let daemon = start_with(cmd);
     let client = connect(daemon.addr).await;
     let (records, _) = client.fetch(1, 0, 10, 1 << 20).await.unwrap();
     assert_eq!(records.len(), 1, "the acknowledged append survived");
