@@ -27,7 +27,7 @@ use crate::{
 use buckets::Buckets;
 use index::Index;
 use lock::DirLock;
-use proto::shard::{MailboxStats, RequestBody, ResponseBody, ShardStats};
+use proto::shard::{MailboxStats, ShardStats};
 use state::{BucketMeta, UserState};
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -63,11 +63,6 @@ pub(crate) enum Command {
     },
     Stats {
         reply: Reply<ShardStats>,
-    },
-    /// Many wire requests, answered together in order.
-    Execute {
-        requests: Vec<RequestBody>,
-        reply: Reply<Vec<ResponseBody>>,
     },
     Checkpoint {
         reply: Reply<()>,
@@ -111,7 +106,6 @@ enum Done {
     Fetched(Reply<Fetched>, Result<Fetched>),
     Mailbox(Reply<MailboxStats>, Result<MailboxStats>),
     Stats(Reply<ShardStats>, ShardStats),
-    Responses(Reply<Vec<ResponseBody>>, Vec<ResponseBody>),
 }
 
 impl Done {
@@ -123,7 +117,6 @@ impl Done {
             Done::Fetched(r, v) => drop(r.send(v)),
             Done::Mailbox(r, v) => drop(r.send(v)),
             Done::Stats(r, v) => drop(r.send(Ok(v))),
-            Done::Responses(r, v) => drop(r.send(Ok(v))),
         }
     }
 
@@ -134,9 +127,6 @@ impl Done {
             Done::Fetched(r, _) => drop(r.send(Err(e.duplicate()))),
             Done::Mailbox(r, _) => drop(r.send(Err(e.duplicate()))),
             Done::Stats(r, v) => drop(r.send(Ok(v))),
-            Done::Responses(r, v) => {
-                drop(r.send(Ok(v.into_iter().map(|b| wire::failed(b, e)).collect())))
-            }
         }
     }
 }
@@ -258,10 +248,6 @@ impl Engine {
                     done.push(Done::Mailbox(reply, self.user_stats(user)))
                 }
                 Command::Stats { reply } => done.push(Done::Stats(reply, self.stats())),
-                Command::Execute { requests, reply } => {
-                    let responses = requests.into_iter().map(|r| self.respond(r)).collect();
-                    done.push(Done::Responses(reply, responses));
-                }
                 Command::Checkpoint { reply } => checkpoints.push(reply),
                 Command::Close { reply } => close = Some(reply),
             }
@@ -295,8 +281,7 @@ impl Engine {
     pub(crate) fn end_batch(&mut self) -> Result<()> {
         match self.commit_batch() {
             Ok(()) => {
-                self.undo.active = false;
-                self.prune_acked();
+                self.batch_committed();
                 Ok(())
             }
             Err(e) => {
@@ -326,12 +311,22 @@ impl Engine {
             }
         };
         let bytes = std::mem::take(&mut self.wal_buf);
+        self.batch_logged();
+        self.batch_committed();
+        self.log_inflight += 1;
+        Ok(Some(DeferredWrite { write, bytes }))
+    }
+
+    /// The batch's changes stand: stop recording undo, drop what it acked
+    /// from the memtable.
+    fn batch_committed(&mut self) {
         self.undo.active = false;
         self.prune_acked();
-        self.log_inflight += 1;
+    }
+
+    fn batch_logged(&mut self) {
         self.counters.batches_total += 1;
         metrics::counter!("msgstore_batches_total").increment(1);
-        Ok(Some(DeferredWrite { write, bytes }))
     }
 
     /// A deferred write finished. A failure poisons the engine: batches
@@ -359,8 +354,7 @@ impl Engine {
             }
             return Err(failed.error.into());
         }
-        self.counters.batches_total += 1;
-        metrics::counter!("msgstore_batches_total").increment(1);
+        self.batch_logged();
         match self.config.fsync {
             FsyncPolicy::Always => self.sync_wal(),
             FsyncPolicy::IntervalMs(_) | FsyncPolicy::Never => {

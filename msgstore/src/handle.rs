@@ -6,7 +6,7 @@ use crate::{
     engine::{Command, Engine},
     Error, Result,
 };
-use proto::shard::{MailboxStats, RequestBody, ResponseBody, ShardStats, StoredRecord};
+use proto::shard::{MailboxStats, ShardStats, StoredRecord};
 use std::{
     future::Future,
     path::Path,
@@ -173,13 +173,6 @@ impl Shard {
 
     pub fn stats(&self) -> Ticket<ShardStats> {
         self.submit(|reply| Command::Stats { reply })
-    }
-
-    /// Answer many shard-protocol requests in one command, in order (the
-    /// server's path: one queue hop per socket read, not per request).
-    /// Each answer is sent only once the batch it was in is durable.
-    pub fn execute(&self, requests: Vec<RequestBody>) -> Ticket<Vec<ResponseBody>> {
-        self.submit(|reply| Command::Execute { requests, reply })
     }
 
     /// Run a checkpoint (and any due compaction) now.

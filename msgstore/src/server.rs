@@ -279,15 +279,12 @@ impl Core {
         let batch = self.next_batch.get();
         self.next_batch.set(batch + 1);
         let mut engine = self.engine.borrow_mut();
+        let mut lost = false;
         let state = match engine.end_batch_deferred() {
             Ok(None) => Durability::Durable,
             Ok(Some(write)) => {
-                if self.log.submit(batch, write) {
-                    Durability::Pending
-                } else {
-                    engine.log_write_done(&Err("the log writer thread is gone".into()));
-                    Durability::Failed("the log writer thread is gone".into())
-                }
+                lost = !self.log.submit(batch, write);
+                Durability::Pending
             }
             Err(e) => Durability::Failed(e.to_string()),
         };
@@ -303,6 +300,11 @@ impl Core {
             state,
             started: Instant::now(),
         });
+        if lost {
+            // Like a failed write: this batch and every later one fail.
+            self.write_finished(batch, Err("the log writer threads are gone".into()));
+            return;
+        }
         self.answer_durable();
     }
 

@@ -1,7 +1,6 @@
-//! Requests of the shard protocol answered inside the writer thread, many
-//! per command: the server hands over every request one socket read
-//! brought, so a pipelined connection costs one queue hop per read, not
-//! one per request.
+//! Requests of the shard protocol answered by the engine directly: the
+//! daemon's event loop (`server.rs`) owns the engine and answers every
+//! decoded request inside the open batch, with no queue in between.
 
 use super::Engine;
 use crate::{handle::AppendRequest, Error};
