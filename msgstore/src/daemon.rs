@@ -69,8 +69,6 @@ pub enum DaemonError {
         addr: SocketAddr,
         error: std::io::Error,
     },
-    #[error("cannot start the metrics exporter on {addr}: {message}")]
-    Metrics { addr: SocketAddr, message: String },
     #[error("the shard did not close cleanly: {0}")]
     Close(Error),
 }
@@ -241,19 +239,6 @@ fn serve_on_this_thread(
             .await
             .map_err(DaemonError::Close)
     })
-}
-
-/// Install the Prometheus exporter (process-wide; at most once).
-pub fn install_metrics(addr: SocketAddr) -> Result<(), DaemonError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| DaemonError::Metrics {
-            addr,
-            message: e.to_string(),
-        })?;
-    tracing::info!(%addr, "metrics exporter listening");
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ mod buckets;
 mod checkpoint;
 mod codec;
 mod index;
-mod lock;
 mod ops;
 mod recovery;
 mod state;
@@ -25,8 +24,8 @@ use crate::{
     EngineConfig, Error, FsyncPolicy, Result,
 };
 use buckets::Buckets;
+use daemon::DirLock;
 use index::Index;
-use lock::DirLock;
 use proto::shard::{MailboxStats, ShardStats};
 use state::{BucketMeta, UserState};
 use std::{

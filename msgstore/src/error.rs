@@ -28,6 +28,15 @@ pub enum Error {
     Storage(String),
 }
 
+impl From<daemon::LockError> for Error {
+    fn from(e: daemon::LockError) -> Self {
+        match e {
+            daemon::LockError::Locked { dir } => Error::Locked { dir },
+            daemon::LockError::Io { source, .. } => Error::Io(source),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

@@ -19,9 +19,7 @@
 //! `CRASH_SEED=<u64>` replays a seed (the load's interleaving still varies).
 //! `crash_soak` (ignored) runs the same code with many more cycles.
 
-mod common;
-
-use common::{sigkill, Daemon};
+use daemon::testing::{sigkill, DaemonProcess as Daemon};
 
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{RequestBody, ResponseBody, StoredRecord};
@@ -74,7 +72,7 @@ fn daemon_command(data: &Path, config: &Path) -> Command {
 }
 
 fn start_daemon(data: &Path, config: &Path) -> Daemon {
-    Daemon::start_with(daemon_command(data, config), HANG_LIMIT)
+    Daemon::start(daemon_command(data, config), "msgstore", HANG_LIMIT)
 }
 
 fn spawn_daemon(data: &Path, config: &Path) -> Child {

@@ -1,8 +1,6 @@
 //! End-to-end tests of the `msgstore` binary over real sockets.
 
-mod common;
-
-use common::Daemon;
+use daemon::testing::DaemonProcess as Daemon;
 
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{AppendItem, ShardErrorCode, APPEND_BATCH_ITEMS_MAX};
@@ -19,11 +17,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const HANG_LIMIT: Duration = Duration::from_secs(60);
 
 fn start(data: &Path) -> Daemon {
-    Daemon::start_with(daemon_command(data), HANG_LIMIT)
+    Daemon::start(daemon_command(data), "msgstore", HANG_LIMIT)
 }
 
 fn start_with(cmd: Command) -> Daemon {
-    Daemon::start_with(cmd, HANG_LIMIT)
+    Daemon::start(cmd, "msgstore", HANG_LIMIT)
 }
 
 fn daemon_command(data: &Path) -> Command {

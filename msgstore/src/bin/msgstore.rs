@@ -2,12 +2,12 @@
 
 use anyhow::Context;
 use clap::Parser;
+use daemon::Signals;
 use msgstore::{
-    daemon::{self, DaemonConfig},
+    daemon::{self as shard_daemon, DaemonConfig},
     FsyncPolicy,
 };
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
-use tracing_subscriber::EnvFilter;
 
 /// One offline-message storage shard, served over TCP.
 #[derive(Debug, Parser)]
@@ -38,7 +38,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing();
+    daemon::init_tracing();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -46,15 +46,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
@@ -98,7 +89,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_addr {
         daemon::install_metrics(addr)?;
     }
-    let running = match daemon::start(config).await {
+    let running = match shard_daemon::start(config).await {
         Ok(running) => running,
         Err(e) if e.is_locked() => {
             anyhow::bail!("{e} (is another msgstore running on this data directory?)")
@@ -118,30 +109,6 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             // Only a fatal storage error stops the daemon by itself.
             stopped?;
             anyhow::bail!("the shard stopped unexpectedly")
-        }
-    }
-}
-
-/// SIGTERM and SIGINT handlers.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
-        })
-    }
-
-    /// Wait for SIGTERM or SIGINT; returns the signal's name.
-    async fn wait(mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
         }
     }
 }

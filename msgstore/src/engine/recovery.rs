@@ -5,7 +5,6 @@ use super::{
     checkpoint,
     codec::MESSAGE_HEADER_BYTES,
     index::Index,
-    lock::DirLock,
     state::{bucket_for_user, UserState},
     wal::{self, Entry, Position, SegmentEnd, Wal},
     Engine, Totals, Undo,
@@ -24,7 +23,7 @@ const REPLAY_ENTRY_BYTES_MAX: usize = 1 + MESSAGE_HEADER_BYTES + 16 * 1024 * 102
 
 impl Engine {
     pub(crate) fn open(dir: &Path, config: EngineConfig) -> Result<Engine> {
-        let lock = DirLock::acquire(dir)?;
+        let lock = daemon::DirLock::acquire(dir)?;
         let index = Index::open(&dir.join("index"), config.index_map_bytes)?;
         index.check_fanout(config.bucket_dirs, config.bucket_files)?;
         let meta = index.checkpoint_meta()?;

@@ -1,0 +1,54 @@
+//! What every daemon of the system (msgstore, presence, profile, gateway)
+//! does the same way, in one place:
+//!
+//! * [`init_tracing`]: structured logs to stderr, filtered by `RUST_LOG`.
+//! * [`install_metrics`]: the Prometheus `/metrics` HTTP listener.
+//! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
+//! * [`DirLock`]: one process per data directory.
+//! * [`testing`]: run a daemon binary as a real process in a test.
+//!
+//! The shutdown pattern itself (stop accepting, drain, flush, exit 0) lives
+//! in each daemon's `serve` function, which selects on [`Signals::wait`].
+
+mod lock;
+mod signals;
+pub mod testing;
+
+pub use lock::{DirLock, LockError};
+pub use signals::Signals;
+
+use std::net::SocketAddr;
+use tracing_subscriber::EnvFilter;
+
+/// Logs to stderr at `info` unless `RUST_LOG` says otherwise; colours only
+/// on a terminal.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// The Prometheus exporter could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the metrics listener on {addr}: {message}")]
+pub struct MetricsError {
+    pub addr: SocketAddr,
+    pub message: String,
+}
+
+/// Serve every `metrics` counter, gauge and histogram of this process at
+/// `http://ADDR/metrics`. Must be called inside a tokio runtime.
+pub fn install_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| MetricsError {
+            addr,
+            message: e.to_string(),
+        })?;
+    tracing::info!(%addr, "metrics exporter listening");
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! The data directory lock: one process per data directory.
+
+use std::{fs::File, path::Path};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds the lock.
+    #[error("data directory {dir} is locked by another process")]
+    Locked { dir: String },
+    #[error("cannot lock data directory {dir}: {source}")]
+    Io {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Held for the life of the daemon; the OS releases it when the process
+/// dies, so a crash never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Create `dir` if missing and lock `dir/LOCK` (flock, non-blocking).
+    pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
+        let io = |source| LockError::Io {
+            dir: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let file = File::create(dir.join("LOCK")).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(DirLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Locked {
+                dir: dir.display().to_string(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_on_the_same_directory_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirLock::acquire(dir.path()).unwrap();
+        let err = DirLock::acquire(dir.path()).unwrap_err();
+        assert!(matches!(err, LockError::Locked { .. }), "{err}");
+        drop(first);
+        DirLock::acquire(dir.path()).expect("free again once dropped");
+    }
+}

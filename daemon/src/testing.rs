@@ -1,0 +1,101 @@
+//! Run a daemon binary as a real process in a test.
+//!
+//! Every daemon prints `"<name> listening on ADDR"` on stdout once it
+//! serves; [`DaemonProcess::start`] waits for that line.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+/// Read `child`'s stdout (which must be piped) until the daemon prints
+/// `"<name> listening on ADDR"`; the address, or a panic naming the exit
+/// status if it does not within `limit`. Later stdout lines are consumed
+/// and dropped so the daemon never blocks on a full pipe.
+pub fn wait_for_listening(child: &mut Child, name: &str, limit: Duration) -> SocketAddr {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let prefix = format!("{name} listening on ");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix(&prefix) {
+                if !sent {
+                    sent = tx.send(addr.trim().to_owned()).is_ok();
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(limit) {
+        Ok(addr) => addr.parse().expect("listening line carries an address"),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().expect("wait for the daemon");
+            panic!("{name} did not start (exit status {status}); see its stderr above");
+        }
+    }
+}
+
+/// A daemon process started by a test; killed if still running when
+/// dropped.
+pub struct DaemonProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl DaemonProcess {
+    /// Start `cmd` (stdout piped, stderr inherited) and wait up to `limit`
+    /// for its `"<name> listening on ADDR"` line.
+    pub fn start(mut cmd: Command, name: &str, limit: Duration) -> DaemonProcess {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let addr = wait_for_listening(&mut child, name, limit);
+        DaemonProcess { child, addr }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        signal(&self.child, sig);
+    }
+
+    /// SIGTERM and wait; the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.wait().expect("wait for the daemon")
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        sigkill(&mut self.child);
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Send `sig` to a child that has not been reaped.
+pub fn signal(child: &Child, sig: libc::c_int) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+}
+
+/// SIGKILL and reap.
+pub fn sigkill(child: &mut Child) {
+    signal(child, libc::SIGKILL);
+    child.wait().expect("reap the daemon");
+}
