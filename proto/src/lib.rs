@@ -3,9 +3,12 @@
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
 //! * [`shard`]: the messages of the msgstore shard protocol.
+//! * [`session`]: the sans-IO secure, reliable UDP session layer between
+//!   clients and gateways.
 //!
 //! `proto` never touches a socket, a clock or a thread: it turns bytes into
 //! values and values into bytes.
 
 pub mod frame;
+pub mod session;
 pub mod shard;

@@ -1,0 +1,267 @@
+//! Every cryptographic operation of the session layer, all from well-kept
+//! crates: the Noise_NK handshake (`snow`), the transport AEAD
+//! (`chacha20poly1305`, with Noise's nonce layout), and the handshake MACs
+//! and cookies (keyed BLAKE2s from `blake2`).
+
+use super::wire::{DH_BYTES, MAC_BYTES, TAG_BYTES};
+use blake2::{
+    digest::{consts::U16, Digest, KeyInit, Mac},
+    Blake2s256, Blake2sMac,
+};
+use chacha20poly1305::{aead::AeadInPlace, ChaCha20Poly1305};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+use snow::{
+    params::{CipherChoice, DHChoice, HashChoice, NoiseParams},
+    resolvers::{CryptoResolver, DefaultResolver},
+    types::{Cipher, Dh, Hash, Random},
+    Builder, HandshakeState,
+};
+use std::net::SocketAddr;
+
+/// The Noise protocol name; both sides must use exactly this.
+pub const NOISE_PARAMS: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
+/// Label mixed into the mac1 key (as WireGuard's "mac1----").
+pub const MAC1_LABEL: &[u8] = b"im-mac1-";
+
+type Mac128 = Blake2sMac<U16>;
+
+fn params() -> NoiseParams {
+    NOISE_PARAMS.parse().expect("valid noise params")
+}
+
+/// A gateway's static X25519 key pair.
+#[derive(Clone)]
+pub struct StaticKeypair {
+    pub private: [u8; DH_BYTES],
+    pub public: [u8; DH_BYTES],
+}
+
+impl std::fmt::Debug for StaticKeypair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticKeypair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StaticKeypair {
+    /// A new key pair from `seed` (pass 32 bytes of OS randomness in
+    /// production; a fixed seed in tests).
+    pub fn generate(seed: [u8; 32]) -> StaticKeypair {
+        let kp = Builder::with_resolver(params(), Box::new(SeededResolver::new(seed)))
+            .generate_keypair()
+            .expect("X25519 key generation");
+        StaticKeypair {
+            private: kp.private.as_slice().try_into().expect("32-byte key"),
+            public: kp.public.as_slice().try_into().expect("32-byte key"),
+        }
+    }
+
+    /// The key pair whose private half is `private`.
+    pub fn from_private(private: [u8; DH_BYTES]) -> StaticKeypair {
+        let mut dh = DefaultResolver
+            .resolve_dh(&DHChoice::Curve25519)
+            .expect("X25519");
+        dh.set(&private);
+        StaticKeypair {
+            private,
+            public: dh.pubkey().try_into().expect("32-byte key"),
+        }
+    }
+}
+
+/// snow's default primitives with a caller-seeded RNG, so that no global
+/// randomness is used inside the session machine.
+struct SeededResolver {
+    seed: [u8; 32],
+}
+
+impl SeededResolver {
+    fn new(seed: [u8; 32]) -> Self {
+        SeededResolver { seed }
+    }
+}
+
+struct SeededRandom(ChaCha20Rng);
+
+impl Random for SeededRandom {
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), snow::Error> {
+        self.0.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl CryptoResolver for SeededResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        Some(Box::new(SeededRandom(ChaCha20Rng::from_seed(self.seed))))
+    }
+    fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
+        DefaultResolver.resolve_dh(choice)
+    }
+    fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
+        DefaultResolver.resolve_hash(choice)
+    }
+    fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        DefaultResolver.resolve_cipher(choice)
+    }
+}
+
+/// A Noise_NK initiator (the client) for `server_public`.
+pub fn initiator(server_public: &[u8; DH_BYTES], seed: [u8; 32]) -> HandshakeState {
+    Builder::with_resolver(params(), Box::new(SeededResolver::new(seed)))
+        .remote_public_key(server_public)
+        .expect("32-byte key")
+        .build_initiator()
+        .expect("valid initiator")
+}
+
+/// A Noise_NK responder (the gateway).
+pub fn responder(keys: &StaticKeypair, seed: [u8; 32]) -> HandshakeState {
+    Builder::with_resolver(params(), Box::new(SeededResolver::new(seed)))
+        .local_private_key(&keys.private)
+        .expect("32-byte key")
+        .build_responder()
+        .expect("valid responder")
+}
+
+/// The two transport keys of a finished handshake.
+#[derive(Clone)]
+pub struct TransportKeys {
+    send: [u8; 32],
+    recv: [u8; 32],
+}
+
+impl TransportKeys {
+    /// Split a finished handshake: Noise's first key encrypts initiator ->
+    /// responder, the second responder -> initiator.
+    pub fn split(hs: &mut HandshakeState) -> TransportKeys {
+        debug_assert!(hs.is_handshake_finished());
+        let (i2r, r2i) = hs.dangerously_get_raw_split();
+        if hs.is_initiator() {
+            TransportKeys {
+                send: i2r,
+                recv: r2i,
+            }
+        } else {
+            TransportKeys {
+                send: r2i,
+                recv: i2r,
+            }
+        }
+    }
+
+    /// Noise ChaChaPoly nonce: 4 zero bytes, then the counter little-endian.
+    fn nonce(counter: u64) -> chacha20poly1305::Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&counter.to_le_bytes());
+        n.into()
+    }
+
+    /// Encrypt `buf[..len]` in place and append the tag; the new length.
+    pub fn seal(&self, counter: u64, buf: &mut [u8], len: usize) -> usize {
+        let cipher = ChaCha20Poly1305::new(&self.send.into());
+        let tag = cipher
+            .encrypt_in_place_detached(&Self::nonce(counter), &[], &mut buf[..len])
+            .expect("plaintext within AEAD limits");
+        buf[len..len + TAG_BYTES].copy_from_slice(&tag);
+        len + TAG_BYTES
+    }
+
+    /// Decrypt `sealed` (ciphertext + tag) into `out`; the plaintext length,
+    /// or `None` if the tag does not verify.
+    pub fn open(&self, counter: u64, sealed: &[u8], out: &mut [u8]) -> Option<usize> {
+        let len = sealed.len().checked_sub(TAG_BYTES)?;
+        let out = out.get_mut(..len)?;
+        out.copy_from_slice(&sealed[..len]);
+        let cipher = ChaCha20Poly1305::new(&self.recv.into());
+        let tag = chacha20poly1305::Tag::from_slice(&sealed[len..]);
+        cipher
+            .decrypt_in_place_detached(&Self::nonce(counter), &[], out, tag)
+            .ok()?;
+        Some(len)
+    }
+}
+
+/// mac1's key: BLAKE2s-256(MAC1_LABEL || server static public key).
+pub fn mac1_key(server_public: &[u8; DH_BYTES]) -> [u8; 32] {
+    let mut h = Blake2s256::new();
+    h.update(MAC1_LABEL);
+    h.update(server_public);
+    h.finalize().into()
+}
+
+/// Keyed BLAKE2s with a 16-byte output.
+pub fn mac(key: &[u8], data: &[u8]) -> [u8; MAC_BYTES] {
+    let mut m = <Mac128 as KeyInit>::new_from_slice(key).expect("key of at most 32 bytes");
+    Mac::update(&mut m, data);
+    m.finalize().into_bytes().into()
+}
+
+/// Constant-time check of a 16-byte MAC.
+pub fn mac_verify(key: &[u8], data: &[u8], expected: &[u8]) -> bool {
+    let mut m = <Mac128 as KeyInit>::new_from_slice(key).expect("key of at most 32 bytes");
+    Mac::update(&mut m, data);
+    m.verify_slice(expected).is_ok()
+}
+
+/// The cookie for a source address under one secret: MAC(secret, ip as 16
+/// bytes (IPv4 mapped to IPv6) || port u16 LE).
+pub fn cookie(secret: &[u8; 32], addr: SocketAddr) -> [u8; MAC_BYTES] {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    };
+    let mut data = [0u8; 18];
+    data[..16].copy_from_slice(&ip.octets());
+    data[16..].copy_from_slice(&addr.port().to_le_bytes());
+    mac(secret, &data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_deterministic_per_seed_and_round_trip() {
+        let a = StaticKeypair::generate([1; 32]);
+        let b = StaticKeypair::generate([1; 32]);
+        assert_eq!(a.public, b.public);
+        assert_ne!(a.public, StaticKeypair::generate([2; 32]).public);
+        assert_eq!(StaticKeypair::from_private(a.private).public, a.public);
+    }
+
+    #[test]
+    fn transport_keys_seal_and_open_with_the_counter_as_nonce() {
+        let server = StaticKeypair::generate([3; 32]);
+        let mut i = initiator(&server.public, [4; 32]);
+        let mut r = responder(&server, [5; 32]);
+        let (mut m, mut p) = ([0u8; 200], [0u8; 200]);
+        let n = i.write_message(b"", &mut m).unwrap();
+        r.read_message(&m[..n], &mut p).unwrap();
+        let n = r.write_message(b"", &mut m).unwrap();
+        i.read_message(&m[..n], &mut p).unwrap();
+        let (ik, rk) = (TransportKeys::split(&mut i), TransportKeys::split(&mut r));
+        let mut buf = [0u8; 64];
+        buf[..5].copy_from_slice(b"hello");
+        let len = ik.seal(7, &mut buf, 5);
+        let mut out = [0u8; 64];
+        assert_eq!(rk.open(7, &buf[..len], &mut out), Some(5));
+        assert_eq!(&out[..5], b"hello");
+        assert_eq!(rk.open(8, &buf[..len], &mut out), None, "wrong nonce");
+        assert_eq!(ik.open(7, &buf[..len], &mut out), None, "wrong direction");
+        buf[0] ^= 1;
+        assert_eq!(rk.open(7, &buf[..len], &mut out), None, "flipped bit");
+    }
+
+    #[test]
+    fn cookies_depend_on_address_and_secret() {
+        let a: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.1:5001".parse().unwrap();
+        assert_ne!(cookie(&[1; 32], a), cookie(&[1; 32], b));
+        assert_ne!(cookie(&[1; 32], a), cookie(&[2; 32], a));
+        let c = cookie(&[1; 32], a);
+        assert!(mac_verify(&c, b"data", &mac(&c, b"data")));
+        assert!(!mac_verify(&c, b"datb", &mac(&c, b"data")));
+    }
+}

@@ -1,0 +1,624 @@
+//! The gateway side: many sessions behind one UDP socket.
+//!
+//! Datagrams are demultiplexed by their first byte (type) and, for
+//! transport datagrams, by the session id in clear. Handshake initiations
+//! are checked cheaply first (exact length, mac1 under the gateway's public
+//! key, then the cookie when one is demanded) and only then cost a
+//! Diffie-Hellman; the application decides each login (`accept` /
+//! `reject`) and the answer is remembered for `handshake_timeout` so a
+//! retransmitted initiation gets the same answer.
+
+use super::{
+    config::ServerConfig,
+    core::Core,
+    crypto::{self, StaticKeypair, TransportKeys},
+    wire::{self, Init, INIT_BLOCK_BYTES, INIT_MAC1_AT, INIT_MAC2_AT, INIT_PAYLOAD_MAX},
+    DropReason, Event, MsgId, SendError,
+};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+use snow::HandshakeState;
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
+    net::SocketAddr,
+    time::Instant,
+};
+
+pub type SessionId = u64;
+
+/// A handshake waiting for the application's `accept` or `reject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PendingId(u64);
+
+/// Datagrams (handshake answers, cookie replies) queued before sessions'
+/// own transmits, at most; beyond it they are dropped and counted.
+pub const RAW_OUT_MAX: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A client's initiation passed every check: decide with `accept` or
+    /// `reject` (within `handshake_timeout`).
+    HandshakeRequest {
+        pending: PendingId,
+        from: SocketAddr,
+        payload: Vec<u8>,
+    },
+    Session {
+        session: SessionId,
+        event: Event,
+    },
+}
+
+/// Why `accept` or `reject` failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptError {
+    #[error("no such pending handshake (decided already or expired)")]
+    UnknownPending,
+    #[error("answer payload of {len} bytes exceeds {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("session table full")]
+    Full,
+}
+
+/// Counters of everything that happened to datagrams; every drop reason
+/// has one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub handshakes_requested: u64,
+    pub handshakes_accepted: u64,
+    pub handshakes_rejected: u64,
+    pub cookies_sent: u64,
+    pub dropped_malformed: u64,
+    pub dropped_unauthentic: u64,
+    pub dropped_replayed: u64,
+    pub dropped_unknown_session: u64,
+    pub dropped_closed: u64,
+    pub dropped_duplicate_handshake: u64,
+    pub dropped_full: u64,
+}
+
+impl EndpointStats {
+    pub fn count_drop(&mut self, reason: DropReason) {
+        let c = match reason {
+            DropReason::Malformed => &mut self.dropped_malformed,
+            DropReason::Unauthentic => &mut self.dropped_unauthentic,
+            DropReason::Replayed => &mut self.dropped_replayed,
+            DropReason::UnknownSession => &mut self.dropped_unknown_session,
+            DropReason::Closed => &mut self.dropped_closed,
+            DropReason::DuplicateHandshake => &mut self.dropped_duplicate_handshake,
+            DropReason::Full => &mut self.dropped_full,
+        };
+        *c += 1;
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_malformed
+            + self.dropped_unauthentic
+            + self.dropped_replayed
+            + self.dropped_unknown_session
+            + self.dropped_closed
+            + self.dropped_duplicate_handshake
+            + self.dropped_full
+    }
+}
+
+/// A datagram to send: `buf[..len]` to `dest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    pub dest: SocketAddr,
+    pub len: usize,
+}
+
+struct Session {
+    core: Core,
+    peer: SocketAddr,
+    /// The deadline this session has in the timer heap, if any.
+    timer_at: Option<Instant>,
+    /// In the ready queue.
+    ready: bool,
+}
+
+enum PendingState {
+    Deciding(Box<HandshakeState>),
+    Answered(Vec<u8>),
+}
+
+struct Pending {
+    from: SocketAddr,
+    client_index: u32,
+    ephemeral: [u8; 32],
+    state: PendingState,
+}
+
+struct Cookies {
+    current: [u8; 32],
+    previous: [u8; 32],
+    rotated_at: Instant,
+    window_start: Instant,
+    inits_in_window: u32,
+}
+
+pub struct ServerEndpoint {
+    config: ServerConfig,
+    keys: StaticKeypair,
+    mac1_key: [u8; 32],
+    rng: ChaCha20Rng,
+    slots: Vec<Option<Session>>,
+    free: Vec<u32>,
+    index: HashMap<SessionId, u32>,
+    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    ready: VecDeque<u32>,
+    pending: HashMap<u64, Pending>,
+    by_ephemeral: HashMap<[u8; 32], u64>,
+    pending_expiry: VecDeque<(Instant, u64)>,
+    next_pending: u64,
+    cookies: Cookies,
+    raw_out: VecDeque<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<ServerEvent>,
+    scratch: VecDeque<Event>,
+    stats: EndpointStats,
+}
+
+impl ServerEndpoint {
+    /// `seed`: 32 bytes of OS randomness in production, fixed in tests.
+    pub fn new(config: ServerConfig, keys: StaticKeypair, seed: [u8; 32], now: Instant) -> Self {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let mut secret = || {
+            let mut s = [0u8; 32];
+            rng.fill_bytes(&mut s);
+            s
+        };
+        let cookies = Cookies {
+            current: secret(),
+            previous: secret(),
+            rotated_at: now,
+            window_start: now,
+            inits_in_window: 0,
+        };
+        ServerEndpoint {
+            mac1_key: crypto::mac1_key(&keys.public),
+            config,
+            keys,
+            rng,
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            timers: BinaryHeap::new(),
+            ready: VecDeque::new(),
+            pending: HashMap::new(),
+            by_ephemeral: HashMap::new(),
+            pending_expiry: VecDeque::new(),
+            next_pending: 0,
+            cookies,
+            raw_out: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch: VecDeque::new(),
+            stats: EndpointStats::default(),
+        }
+    }
+
+    pub fn public_key(&self) -> &[u8; 32] {
+        &self.keys.public
+    }
+
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Sessions holding queues or buffers (the rest are idle).
+    pub fn active_session_count(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| !s.core.is_idle())
+            .count()
+    }
+
+    /// The peer address a session currently sends to.
+    pub fn peer(&self, session: SessionId) -> Option<SocketAddr> {
+        let slot = *self.index.get(&session)?;
+        self.slots[slot as usize].as_ref().map(|s| s.peer)
+    }
+
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, d: &[u8]) {
+        self.stats.datagrams_in += 1;
+        let result = match d.first() {
+            Some(&wire::TYPE_TRANSPORT) => self.on_transport(now, from, d),
+            Some(&wire::TYPE_INIT) => self.on_init(now, from, d),
+            _ => Err(DropReason::Malformed),
+        };
+        if let Err(reason) = result {
+            self.stats.count_drop(reason);
+        }
+    }
+
+    fn on_transport(&mut self, now: Instant, from: SocketAddr, d: &[u8]) -> Result<(), DropReason> {
+        let t = wire::parse_transport(d).ok_or(DropReason::Malformed)?;
+        let slot = *self
+            .index
+            .get(&t.session_id)
+            .ok_or(DropReason::UnknownSession)?;
+        let s = self.slots[slot as usize].as_mut().expect("indexed slot");
+        let newest = s
+            .core
+            .handle(now, &t, &self.config.session, &mut self.scratch)?;
+        if newest && s.peer != from {
+            s.peer = from; // the client roamed (NAT rebinding)
+        }
+        self.after_change(slot);
+        Ok(())
+    }
+
+    fn on_init(&mut self, now: Instant, from: SocketAddr, d: &[u8]) -> Result<(), DropReason> {
+        let init = wire::parse_init(d).ok_or(DropReason::Malformed)?;
+        if !crypto::mac_verify(&self.mac1_key, &d[..INIT_MAC1_AT], init.mac1) {
+            return Err(DropReason::Unauthentic);
+        }
+        self.rotate_cookie_secret(now);
+        if self.cookie_required(now) && !self.cookie_valid(from, &d[..INIT_MAC2_AT], init.mac2) {
+            let cookie = crypto::cookie(&self.cookies.current, from);
+            self.queue_raw(from, wire::write_cookie(init.client_index, &cookie));
+            self.stats.cookies_sent += 1;
+            return Ok(());
+        }
+        let ephemeral: [u8; 32] = init.noise[..32].try_into().expect("32 bytes");
+        if let Some(&pid) = self.by_ephemeral.get(&ephemeral) {
+            return self.on_duplicate_init(pid, from);
+        }
+        if self.pending.len() >= self.config.pending_handshakes_max
+            || self.index.len() >= self.config.sessions_max
+        {
+            return Err(DropReason::Full);
+        }
+        self.start_pending(now, from, &init, ephemeral)
+    }
+
+    fn on_duplicate_init(&mut self, pid: u64, from: SocketAddr) -> Result<(), DropReason> {
+        let p = &self.pending[&pid];
+        match &p.state {
+            PendingState::Answered(reply) if p.from == from => {
+                let reply = reply.clone();
+                self.queue_raw(from, reply);
+                Ok(())
+            }
+            _ => Err(DropReason::DuplicateHandshake),
+        }
+    }
+
+    fn start_pending(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        init: &Init<'_>,
+        ephemeral: [u8; 32],
+    ) -> Result<(), DropReason> {
+        let seed = self.seed();
+        let mut hs = crypto::responder(&self.keys, seed);
+        let mut block = [0u8; INIT_BLOCK_BYTES];
+        let n = hs
+            .read_message(init.noise, &mut block)
+            .map_err(|_| DropReason::Unauthentic)?;
+        debug_assert_eq!(n, INIT_BLOCK_BYTES);
+        let len = u16::from_le_bytes([block[0], block[1]]) as usize;
+        if len > INIT_PAYLOAD_MAX {
+            return Err(DropReason::Malformed);
+        }
+        let pid = self.next_pending;
+        self.next_pending += 1;
+        self.pending.insert(
+            pid,
+            Pending {
+                from,
+                client_index: init.client_index,
+                ephemeral,
+                state: PendingState::Deciding(Box::new(hs)),
+            },
+        );
+        self.by_ephemeral.insert(ephemeral, pid);
+        self.pending_expiry
+            .push_back((now + self.config.handshake_timeout, pid));
+        self.stats.handshakes_requested += 1;
+        self.events.push_back(ServerEvent::HandshakeRequest {
+            pending: PendingId(pid),
+            from,
+            payload: block[2..2 + len].to_vec(),
+        });
+        Ok(())
+    }
+
+    fn seed(&mut self) -> [u8; 32] {
+        let mut s = [0u8; 32];
+        self.rng.fill_bytes(&mut s);
+        s
+    }
+
+    fn rotate_cookie_secret(&mut self, now: Instant) {
+        let c = &mut self.cookies;
+        if now >= c.rotated_at + self.config.cookie_rotation {
+            c.previous = c.current;
+            self.rng.fill_bytes(&mut c.current);
+            c.rotated_at = now;
+        }
+    }
+
+    fn cookie_required(&mut self, now: Instant) -> bool {
+        let c = &mut self.cookies;
+        if now >= c.window_start + std::time::Duration::from_secs(1) {
+            c.window_start = now;
+            c.inits_in_window = 0;
+        }
+        c.inits_in_window = c.inits_in_window.saturating_add(1);
+        match self.config.cookie_mode {
+            super::CookieMode::Never => false,
+            super::CookieMode::Always => true,
+            super::CookieMode::UnderLoad { inits_per_s_max } => c.inits_in_window > inits_per_s_max,
+        }
+    }
+
+    fn cookie_valid(&self, from: SocketAddr, covered: &[u8], mac2: &[u8]) -> bool {
+        [&self.cookies.current, &self.cookies.previous]
+            .into_iter()
+            .any(|secret| crypto::mac_verify(&crypto::cookie(secret, from), covered, mac2))
+    }
+
+    fn queue_raw(&mut self, to: SocketAddr, datagram: Vec<u8>) {
+        if self.raw_out.len() >= RAW_OUT_MAX {
+            self.stats.count_drop(DropReason::Full);
+            return;
+        }
+        self.raw_out.push_back((to, datagram));
+    }
+
+    /// Accept a login: the session exists from now on and `payload` rides
+    /// in the handshake response.
+    pub fn accept(
+        &mut self,
+        now: Instant,
+        pending: PendingId,
+        payload: &[u8],
+    ) -> Result<SessionId, AcceptError> {
+        self.check_answer(pending, payload)?;
+        if self.index.len() >= self.config.sessions_max {
+            return Err(AcceptError::Full);
+        }
+        let id = self.fresh_session_id();
+        let (mut hs, from, reply) = self.answer(pending, id, wire::STATUS_ACCEPTED, payload);
+        let keys = TransportKeys::split(&mut hs);
+        let slot = self.insert_session(Session {
+            core: Core::new(id, keys, now),
+            peer: from,
+            timer_at: None,
+            ready: false,
+        });
+        self.queue_raw(from, reply);
+        self.stats.handshakes_accepted += 1;
+        self.after_change(slot);
+        Ok(id)
+    }
+
+    /// Refuse a login; `payload` (the reason) rides in the response.
+    pub fn reject(&mut self, pending: PendingId, payload: &[u8]) -> Result<(), AcceptError> {
+        self.check_answer(pending, payload)?;
+        let (_, from, reply) = self.answer(pending, 0, wire::STATUS_REJECTED, payload);
+        self.queue_raw(from, reply);
+        self.stats.handshakes_rejected += 1;
+        Ok(())
+    }
+
+    fn check_answer(&self, pending: PendingId, payload: &[u8]) -> Result<(), AcceptError> {
+        match self.pending.get(&pending.0) {
+            Some(Pending {
+                state: PendingState::Deciding(_),
+                ..
+            }) => {}
+            _ => return Err(AcceptError::UnknownPending),
+        }
+        if payload.len() > wire::RESPONSE_PAYLOAD_MAX {
+            return Err(AcceptError::TooLarge {
+                len: payload.len(),
+                max: wire::RESPONSE_PAYLOAD_MAX,
+            });
+        }
+        Ok(())
+    }
+
+    /// Write the handshake response and remember it for retransmitted
+    /// initiations; the finished handshake, the peer and the datagram.
+    fn answer(
+        &mut self,
+        pending: PendingId,
+        id: SessionId,
+        status: u8,
+        payload: &[u8],
+    ) -> (Box<HandshakeState>, SocketAddr, Vec<u8>) {
+        let p = self.pending.get_mut(&pending.0).expect("checked");
+        let PendingState::Deciding(mut hs) =
+            std::mem::replace(&mut p.state, PendingState::Answered(Vec::new()))
+        else {
+            unreachable!("checked by check_answer");
+        };
+        let reply = write_response(&mut hs, p.client_index, id, status, payload);
+        p.state = PendingState::Answered(reply.clone());
+        (hs, p.from, reply)
+    }
+
+    fn fresh_session_id(&mut self) -> SessionId {
+        loop {
+            let id = self.rng.next_u64();
+            if id != 0 && !self.index.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn insert_session(&mut self, s: Session) -> u32 {
+        let id = s.core.id();
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(s);
+                slot
+            }
+            None => {
+                self.slots.push(Some(s));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(id, slot);
+        slot
+    }
+
+    /// Queue a message on a session.
+    pub fn send(&mut self, session: SessionId, data: Vec<u8>) -> Result<MsgId, SendError> {
+        let slot = *self.index.get(&session).ok_or(SendError::UnknownSession)?;
+        let s = self.slots[slot as usize].as_mut().expect("indexed slot");
+        let id = s.core.send(data, &self.config.session)?;
+        self.after_change(slot);
+        Ok(id)
+    }
+
+    /// Close a session cleanly (a CLOSE goes to the peer; unacknowledged
+    /// messages come back as given up).
+    pub fn close(&mut self, session: SessionId) {
+        if let Some(&slot) = self.index.get(&session) {
+            let s = self.slots[slot as usize].as_mut().expect("indexed slot");
+            s.core.close(&mut self.scratch);
+            self.after_change(slot);
+        }
+    }
+
+    /// Move the session's events out, queue it for transmit, re-arm its
+    /// timer, or remove it once closed.
+    fn after_change(&mut self, slot: u32) {
+        let s = self.slots[slot as usize].as_mut().expect("live slot");
+        let id = s.core.id();
+        self.events.extend(
+            self.scratch
+                .drain(..)
+                .map(|event| ServerEvent::Session { session: id, event }),
+        );
+        if s.core.is_closed() {
+            self.index.remove(&id);
+            self.slots[slot as usize] = None;
+            self.free.push(slot);
+            return;
+        }
+        if !s.ready && s.core.wants_transmit(&self.config.session) {
+            s.ready = true;
+            self.ready.push_back(slot);
+        }
+        if let Some(t) = s.core.next_timeout(&self.config.session) {
+            if s.timer_at.is_none_or(|queued| t < queued) {
+                s.timer_at = Some(t);
+                self.timers.push(Reverse((t, slot)));
+            }
+        }
+    }
+
+    /// The next datagram to send, written into `buf` (at least
+    /// `DATAGRAM_BYTES_MAX` long).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some((dest, d)) = self.raw_out.pop_front() {
+            buf[..d.len()].copy_from_slice(&d);
+            self.stats.datagrams_out += 1;
+            return Some(Transmit { dest, len: d.len() });
+        }
+        while let Some(slot) = self.ready.pop_front() {
+            let Some(s) = self.slots[slot as usize].as_mut() else {
+                continue;
+            };
+            s.ready = false;
+            let sent = s
+                .core
+                .poll_transmit(now, buf, &self.config.session, &mut self.scratch);
+            let dest = s.peer;
+            self.after_change(slot);
+            if let Some(len) = sent {
+                self.stats.datagrams_out += 1;
+                return Some(Transmit { dest, len });
+            }
+        }
+        None
+    }
+
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        let pending = self.pending_expiry.front().map(|(t, _)| *t);
+        [timer, pending].into_iter().flatten().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_pending(now);
+        while let Some(&Reverse((t, slot))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.slots[slot as usize].as_mut() else {
+                continue;
+            };
+            if s.timer_at != Some(t) {
+                continue; // stale: the session re-armed an earlier deadline
+            }
+            s.timer_at = None;
+            s.core
+                .handle_timeout(now, &self.config.session, &mut self.scratch);
+            self.after_change(slot);
+        }
+    }
+
+    fn expire_pending(&mut self, now: Instant) {
+        while let Some(&(t, pid)) = self.pending_expiry.front() {
+            if t > now {
+                break;
+            }
+            self.pending_expiry.pop_front();
+            if let Some(p) = self.pending.remove(&pid) {
+                self.by_ephemeral.remove(&p.ephemeral);
+            }
+        }
+    }
+}
+
+/// RESPONSE: type | client_index | session_id | noise msg2 whose plaintext
+/// is status | payload_len u16 | payload.
+fn write_response(
+    hs: &mut HandshakeState,
+    client_index: u32,
+    id: SessionId,
+    status: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut block = Vec::with_capacity(wire::RESPONSE_BLOCK_HEADER_BYTES + payload.len());
+    block.push(status);
+    block.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+    block.extend_from_slice(payload);
+    let mut d = vec![0u8; super::config::HANDSHAKE_INIT_BYTES];
+    d[0] = wire::TYPE_RESPONSE;
+    d[1..5].copy_from_slice(&client_index.to_le_bytes());
+    d[5..13].copy_from_slice(&id.to_le_bytes());
+    let n = hs
+        .write_message(&block, &mut d[wire::RESPONSE_HEADER_BYTES..])
+        .expect("response fits (payload checked)");
+    d.truncate(wire::RESPONSE_HEADER_BYTES + n);
+    assert!(
+        d.len() <= super::config::HANDSHAKE_INIT_BYTES,
+        "never amplify"
+    );
+    d
+}
