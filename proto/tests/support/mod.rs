@@ -168,7 +168,9 @@ impl Sim {
         while let Some(e) = self.server.poll_event() {
             if let ServerEvent::HandshakeRequest { pending, .. } = &e {
                 if let Some(answer) = self.auto_accept.clone() {
-                    self.server.accept(self.now, *pending, &answer).unwrap();
+                    if self.server.accept(self.now, *pending, &answer).is_err() {
+                        self.server.reject(*pending, b"full").unwrap();
+                    }
                 }
             }
             self.server_events.push(e);
