@@ -300,11 +300,11 @@ fn no_handshake_answer_is_larger_than_its_initiation() {
     let pending = sim
         .server_events
         .iter()
-        .filter_map(|e| match e {
+        .rev()
+        .find_map(|e| match e {
             ServerEvent::HandshakeRequest { pending, .. } => Some(*pending),
             _ => None,
         })
-        .last()
         .unwrap();
     assert!(sim.server.accept(sim.now, pending, &too_big).is_err());
     assert!(ClientSession::new(
