@@ -255,6 +255,31 @@ mod tests {
     }
 
     #[test]
+    fn transport_datagrams_interoperate_with_snows_stateless_transport() {
+        // The documented compatibility claim: a peer using a standard Noise
+        // library's explicit-nonce transport reads what we seal and back.
+        let server = StaticKeypair::generate([6; 32]);
+        let mut i = initiator(&server.public, [7; 32]);
+        let mut r = responder(&server, [8; 32]);
+        let (mut m, mut p) = ([0u8; 200], [0u8; 200]);
+        let n = i.write_message(b"", &mut m).unwrap();
+        r.read_message(&m[..n], &mut p).unwrap();
+        let n = r.write_message(b"", &mut m).unwrap();
+        i.read_message(&m[..n], &mut p).unwrap();
+        let ours = TransportKeys::split(&mut i);
+        let theirs = r.into_stateless_transport_mode().unwrap();
+        let mut buf = [0u8; 64];
+        buf[..4].copy_from_slice(b"ping");
+        let len = ours.seal(41, &mut buf, 4);
+        let mut out = [0u8; 64];
+        let n = theirs.read_message(41, &buf[..len], &mut out).unwrap();
+        assert_eq!(&out[..n], b"ping");
+        let n = theirs.write_message(42, b"pong", &mut buf).unwrap();
+        assert_eq!(ours.open(42, &buf[..n], &mut out), Some(4));
+        assert_eq!(&out[..4], b"pong");
+    }
+
+    #[test]
     fn cookies_depend_on_address_and_secret() {
         let a: SocketAddr = "10.0.0.1:5000".parse().unwrap();
         let b: SocketAddr = "10.0.0.1:5001".parse().unwrap();
