@@ -19,8 +19,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use snow::HandshakeState;
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     net::SocketAddr,
     time::Instant,
 };
@@ -115,7 +114,7 @@ pub struct Transmit {
 struct Session {
     core: Core,
     peer: SocketAddr,
-    /// The deadline this session has in the timer heap, if any.
+    /// This session's one entry in the timer set, if any.
     timer_at: Option<Instant>,
     /// In the ready queue.
     ready: bool,
@@ -149,7 +148,8 @@ pub struct ServerEndpoint {
     slots: Vec<Option<Session>>,
     free: Vec<u32>,
     index: HashMap<SessionId, u32>,
-    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// Exactly one (deadline, slot) per session that has a deadline.
+    timers: BTreeSet<(Instant, u32)>,
     ready: VecDeque<u32>,
     pending: HashMap<u64, Pending>,
     by_ephemeral: HashMap<[u8; 32], u64>,
@@ -186,7 +186,7 @@ impl ServerEndpoint {
             slots: Vec::new(),
             free: Vec::new(),
             index: HashMap::new(),
-            timers: BinaryHeap::new(),
+            timers: BTreeSet::new(),
             ready: VecDeque::new(),
             pending: HashMap::new(),
             by_ephemeral: HashMap::new(),
@@ -210,6 +210,11 @@ impl ServerEndpoint {
 
     pub fn session_count(&self) -> usize {
         self.index.len()
+    }
+
+    /// Entries in the timer set (one per session with a deadline).
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
     }
 
     pub fn pending_count(&self) -> usize {
@@ -508,6 +513,9 @@ impl ServerEndpoint {
                 .map(|event| ServerEvent::Session { session: id, event }),
         );
         if s.core.is_closed() {
+            if let Some(t) = s.timer_at {
+                self.timers.remove(&(t, slot));
+            }
             self.index.remove(&id);
             self.slots[slot as usize] = None;
             self.free.push(slot);
@@ -517,11 +525,15 @@ impl ServerEndpoint {
             s.ready = true;
             self.ready.push_back(slot);
         }
-        if let Some(t) = s.core.next_timeout(&self.config.session) {
-            if s.timer_at.is_none_or(|queued| t < queued) {
-                s.timer_at = Some(t);
-                self.timers.push(Reverse((t, slot)));
+        let next = s.core.next_timeout(&self.config.session);
+        if next != s.timer_at {
+            if let Some(old) = s.timer_at {
+                self.timers.remove(&(old, slot));
             }
+            if let Some(t) = next {
+                self.timers.insert((t, slot));
+            }
+            s.timer_at = next;
         }
     }
 
@@ -557,24 +569,22 @@ impl ServerEndpoint {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        let timer = self.timers.first().map(|(t, _)| *t);
         let pending = self.pending_expiry.front().map(|(t, _)| *t);
         [timer, pending].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_pending(now);
-        while let Some(&Reverse((t, slot))) = self.timers.peek() {
+        while let Some(&(t, slot)) = self.timers.first() {
             if t > now {
                 break;
             }
-            self.timers.pop();
-            let Some(s) = self.slots[slot as usize].as_mut() else {
-                continue;
-            };
-            if s.timer_at != Some(t) {
-                continue; // stale: the session re-armed an earlier deadline
-            }
+            self.timers.pop_first();
+            let s = self.slots[slot as usize]
+                .as_mut()
+                .expect("timers hold live slots only");
+            debug_assert_eq!(s.timer_at, Some(t));
             s.timer_at = None;
             s.core
                 .handle_timeout(now, &self.config.session, &mut self.scratch);
