@@ -1,5 +1,6 @@
 //! Every byte that crosses a wire or a process boundary.
 //!
+//! * [`cluster`]: the cluster map and the placement of users on shards.
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
 //! * [`shard`]: the messages of the msgstore shard protocol.
@@ -9,6 +10,7 @@
 //! `proto` never touches a socket, a clock or a thread: it turns bytes into
 //! values and values into bytes.
 
+pub mod cluster;
 pub mod frame;
 pub mod session;
 pub mod shard;
