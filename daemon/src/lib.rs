@@ -1,6 +1,7 @@
 //! What every daemon of the system (msgstore, presence, profile, gateway)
 //! does the same way, in one place:
 //!
+//! * [`config`]: reading the TOML config file.
 //! * [`init_tracing`]: structured logs to stderr, filtered by `RUST_LOG`.
 //! * [`install_metrics`]: the Prometheus `/metrics` HTTP listener.
 //! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
@@ -10,6 +11,7 @@
 //! The shutdown pattern itself (stop accepting, drain, flush, exit 0) lives
 //! in each daemon's `serve` function, which selects on [`Signals::wait`].
 
+pub mod config;
 mod lock;
 mod signals;
 pub mod testing;
