@@ -86,7 +86,10 @@ pub enum RequestBody {
     /// Make this connection gateway `gateway`. Takes over from an older
     /// connection of the same id (which is closed) and cancels its grace
     /// period. `peer_addr` is where other gateways reach it.
-    Register { gateway: u32, peer_addr: String },
+    Register {
+        gateway: u32,
+        peer_addr: String,
+    },
     /// `user` is online on this gateway in `session` (a new login, or a
     /// status change of the same session). Replaces any other session.
     Online {
@@ -96,20 +99,33 @@ pub enum RequestBody {
     },
     /// `user`'s `session` on this gateway ended. A no-op if the user is
     /// online in another session (the offline is stale).
-    Offline { user: u64, session: u64 },
+    Offline {
+        user: u64,
+        session: u64,
+    },
     /// Where each user is online; one answer per user, in order.
-    Lookup { users: Vec<u64> },
+    Lookup {
+        users: Vec<u64>,
+    },
     /// `session` (of this gateway) watches `users`: their changes are pushed
     /// as [`Event::StatusChanged`]. Answers their current entries.
-    Watch { session: u64, users: Vec<u64> },
+    Watch {
+        session: u64,
+        users: Vec<u64>,
+    },
     /// `session` stops watching `users`.
-    Unwatch { session: u64, users: Vec<u64> },
+    Unwatch {
+        session: u64,
+        users: Vec<u64>,
+    },
     /// Start sending the gateway's complete session list. Every session of
     /// this gateway not sent again before [`RequestBody::SyncEnd`] goes
     /// offline at `SyncEnd`.
     SyncBegin,
     /// Part of the complete session list.
-    SyncSessions { sessions: Vec<SessionInfo> },
+    SyncSessions {
+        sessions: Vec<SessionInfo>,
+    },
     /// The list is complete.
     SyncEnd,
     /// Every gateway the server knows.
@@ -169,8 +185,6 @@ pub enum ErrorCode {
     /// Outside the protocol (a `peer_addr` too long, `SyncSessions` without
     /// `SyncBegin`, ...).
     BadRequest,
-    /// The server is shutting down.
-    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,24 +204,42 @@ pub enum ResponseBody {
     /// The connection is gateway `gateway` now. The server closes it if no
     /// frame arrives for `lease_ms`; after that its users go offline unless
     /// it registers again within `grace_ms`.
-    Registered { lease_ms: u32, grace_ms: u32 },
+    Registered {
+        lease_ms: u32,
+        grace_ms: u32,
+    },
     /// The session is recorded; `replaced` is the session it replaced (whose
     /// gateway was sent [`Event::Kicked`]), if any.
-    Online { replaced: Option<Entry> },
+    Online {
+        replaced: Option<Entry>,
+    },
     /// Whether the session was removed (false: it was not the user's
     /// current session).
-    Offline { removed: bool },
+    Offline {
+        removed: bool,
+    },
     /// One answer per user of a `Lookup` or `Watch`, in order.
-    Entries { entries: Vec<Option<Entry>> },
+    Entries {
+        entries: Vec<Option<Entry>>,
+    },
     /// How many of the users were watched by the session.
-    Unwatched { removed: u32 },
+    Unwatched {
+        removed: u32,
+    },
     SyncStarted,
     /// Sessions recorded, and sessions refused because another gateway holds
     /// the user (each also sent as [`Event::Kicked`]).
-    Synced { accepted: u32, kicked: u32 },
+    Synced {
+        accepted: u32,
+        kicked: u32,
+    },
     /// Sessions of this gateway that were not re-sent and went offline.
-    SyncEnded { removed: u64 },
-    Gateways { gateways: Vec<GatewayInfo> },
+    SyncEnded {
+        removed: u64,
+    },
+    Gateways {
+        gateways: Vec<GatewayInfo>,
+    },
     Stats(PresenceStats),
     Pong,
     Error(PresenceError),
@@ -268,6 +300,36 @@ mod tests {
         });
         let body = postcard::to_stdvec(&frame).unwrap();
         assert_eq!(body, [1, 1, 7, 9]);
+        let answer = ServerFrame::Response(Response {
+            id: 5,
+            body: ResponseBody::Entries {
+                entries: vec![
+                    Some(Entry {
+                        gateway: 3,
+                        session: 10,
+                        since_s: 1_700_000_000,
+                        status: Status::Online,
+                    }),
+                    None,
+                ],
+            },
+        });
+        let mut out = Vec::new();
+        frame::encode(&answer, 1024, &mut out).unwrap();
+        assert_eq!(
+            out,
+            [14, 0, 0, 0, 0, 5, 3, 2, 1, 3, 10, 0x80, 0xE2, 0xCF, 0xAA, 0x06, 0, 0]
+        );
+        let register = Request {
+            id: 1,
+            body: RequestBody::Register {
+                gateway: 2,
+                peer_addr: "a".into(),
+            },
+        };
+        out.clear();
+        frame::encode(&register, 1024, &mut out).unwrap();
+        assert_eq!(out, [5, 0, 0, 0, 1, 0, 2, 1, 0x61]);
     }
 
     #[test]
