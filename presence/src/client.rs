@@ -36,8 +36,10 @@
 //!   Then it delivers [`PresenceEvent::Reconnected`].
 //! * Pushed events arrive on a bounded `tokio::sync::mpsc` receiver of
 //!   [`ClientConfig::events_queue_max`]; a full receiver stops the client
-//!   from reading the socket (the server then closes a gateway that does not
-//!   read its events, and the client reconnects).
+//!   from reading the socket. If it stays full, answers stop too: calls time
+//!   out, an unanswered ping breaks the link (or the server closes a gateway
+//!   that does not read its events), events queued meanwhile are lost, and
+//!   after the reconnect the receiver gets [`PresenceEvent::Reconnected`].
 
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
@@ -65,9 +67,6 @@ use tokio::{
     sync::{mpsc, oneshot, Notify, Semaphore},
     task::AbortHandle,
 };
-
-/// Bytes the writer task gathers into one write at most.
-const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -144,36 +143,49 @@ pub enum PresenceEvent {
 
 type Waiter = oneshot::Sender<ResponseBody>;
 
-/// One TCP connection: its writer queue and the requests waiting on it.
+/// One TCP connection: the bytes waiting for its writer task and the
+/// requests waiting for answers.
 struct Link {
-    frames: mpsc::UnboundedSender<Vec<u8>>,
     /// `None` once the link broke.
-    waiters: Mutex<Option<HashMap<u64, Waiter>>>,
+    pipe: Mutex<Option<Pipe>>,
+    /// `pipe.out` has bytes for the writer.
+    ready: Notify,
     dead: Notify,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
+#[derive(Default)]
+struct Pipe {
+    /// Encoded request frames not written yet.
+    out: Vec<u8>,
+    waiters: HashMap<u64, Waiter>,
+}
+
 impl Link {
-    fn waiters(&self) -> MutexGuard<'_, Option<HashMap<u64, Waiter>>> {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    fn pipe(&self) -> MutexGuard<'_, Option<Pipe>> {
+        self.pipe.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue one request frame and register its waiter.
-    fn send(&self, id: u64, frame: Vec<u8>, waiter: Waiter) -> Result<(), ClientError> {
-        let mut waiters = self.waiters();
-        let map = waiters.as_mut().ok_or(ClientError::Disconnected)?;
-        self.frames
-            .send(frame)
-            .map_err(|_| ClientError::Disconnected)?;
-        map.insert(id, waiter);
-        Ok(())
+    /// Encode one request into the writer's buffer and register its waiter;
+    /// returns the request's id.
+    fn send(&self, shared: &Shared, body: RequestBody, waiter: Waiter) -> Result<u64, ClientError> {
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let max = shared.config.request_body_bytes_max;
+        let mut pipe = self.pipe();
+        let p = pipe.as_mut().ok_or(ClientError::Disconnected)?;
+        frame::encode(&Request { id, body }, max, &mut p.out)
+            .map_err(|e| ClientError::Protocol(format!("request cannot be sent: {e}")))?;
+        p.waiters.insert(id, waiter);
+        drop(pipe);
+        self.ready.notify_one();
+        Ok(id)
     }
 
     /// The link broke: fail every waiter (dropping its sender), stop the
     /// tasks, wake the supervisor.
     fn fail(&self) {
-        let waiters = self.waiters().take();
-        drop(waiters);
+        let pipe = self.pipe().take();
+        drop(pipe);
         for task in self
             .tasks
             .lock()
@@ -203,8 +215,8 @@ impl Pending<'_> {
             Ok(Ok(body)) => Ok(body),
             Ok(Err(_)) => Err(ClientError::Disconnected),
             Err(_) => {
-                if let Some(map) = self.link.waiters().as_mut() {
-                    map.remove(&self.id);
+                if let Some(p) = self.link.pipe().as_mut() {
+                    p.waiters.remove(&self.id);
                 }
                 Err(ClientError::Timeout)
             }
@@ -250,18 +262,6 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn encode(&self, body: RequestBody) -> Result<(u64, Vec<u8>), ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut frame = Vec::new();
-        frame::encode(
-            &Request { id, body },
-            self.config.request_body_bytes_max,
-            &mut frame,
-        )
-        .map_err(|e| ClientError::Protocol(format!("request cannot be sent: {e}")))?;
-        Ok((id, frame))
     }
 
     fn timeout(&self) -> Duration {
@@ -350,12 +350,11 @@ impl PresenceClient {
             .acquire()
             .await
             .map_err(|_| ClientError::Disconnected)?;
-        let (id, frame) = shared.encode(body)?;
         let (tx, rx) = oneshot::channel();
         let mut inner = shared.lock();
         track(&mut inner.tracked);
         let link = inner.link.clone().ok_or(ClientError::Disconnected)?;
-        link.send(id, frame, tx)?;
+        let id = link.send(shared, body, tx)?;
         Ok(Pending {
             shared,
             link,
@@ -588,9 +587,8 @@ fn queue_sync(
     }
     let mut answers = Vec::with_capacity(bodies.len());
     for body in bodies {
-        let (id, frame) = shared.encode(body)?;
         let (tx, rx) = oneshot::channel();
-        link.send(id, frame, tx)?;
+        link.send(shared, body, tx)?;
         answers.push(rx);
     }
     Ok(answers)
@@ -621,14 +619,13 @@ async fn establish(shared: &Arc<Shared>) -> Result<Duration, ClientError> {
     let stream = TcpStream::connect(shared.addr.as_str()).await?;
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();
-    let (frames, frames_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
-        frames,
-        waiters: Mutex::new(Some(HashMap::new())),
+        pipe: Mutex::new(Some(Pipe::default())),
+        ready: Notify::new(),
         dead: Notify::new(),
         tasks: Mutex::new(Vec::new()),
     });
-    let writer = tokio::spawn(write_frames(wr, frames_rx, link.clone()));
+    let writer = tokio::spawn(write_frames(wr, link.clone()));
     let reader = tokio::spawn(read_frames(rd, link.clone(), Arc::downgrade(shared)));
     link.tasks
         .lock()
@@ -712,11 +709,8 @@ async fn keep_alive(shared: &Shared, link: &Link, lease: Duration) {
             _ = link.dead.notified() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let Ok((id, frame)) = shared.encode(RequestBody::Ping) else {
-            return;
-        };
         let (tx, rx) = oneshot::channel();
-        if link.send(id, frame, tx).is_err() {
+        if link.send(shared, RequestBody::Ping, tx).is_err() {
             return;
         }
         match tokio::time::timeout(lease, rx).await {
@@ -726,26 +720,24 @@ async fn keep_alive(shared: &Shared, link: &Link, lease: Duration) {
     }
 }
 
-/// Write queued frames, gathering whatever is queued into one write.
-async fn write_frames(
-    mut wr: OwnedWriteHalf,
-    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
-    link: Arc<Link>,
-) {
+/// Write whatever the callers encoded, one write per wake-up, until the
+/// link breaks.
+async fn write_frames(mut wr: OwnedWriteHalf, link: Arc<Link>) {
     let mut out = Vec::new();
-    while let Some(first) = frames.recv().await {
-        out.clear();
-        out.extend_from_slice(&first);
-        while out.len() < WRITE_BATCH_BYTES_MAX {
-            match frames.try_recv() {
-                Ok(frame) => out.extend_from_slice(&frame),
-                Err(_) => break,
-            }
+    loop {
+        link.ready.notified().await;
+        match link.pipe().as_mut() {
+            Some(p) => std::mem::swap(&mut out, &mut p.out),
+            None => break,
+        }
+        if out.is_empty() {
+            continue;
         }
         if let Err(e) = wr.write_all(&out).await {
             tracing::debug!(error = %e, "presence client write failed");
             break;
         }
+        out.clear();
     }
     link.fail();
 }
@@ -758,7 +750,7 @@ async fn read_frames(mut rd: OwnedReadHalf, link: Arc<Link>, shared: Weak<Shared
         loop {
             match frame::decode::<ServerFrame>(&mut buf, RESPONSE_BODY_BYTES_MAX) {
                 Ok(Decoded::Frame(ServerFrame::Response(r))) => {
-                    let waiter = link.waiters().as_mut().and_then(|m| m.remove(&r.id));
+                    let waiter = link.pipe().as_mut().and_then(|p| p.waiters.remove(&r.id));
                     if let Some(tx) = waiter {
                         let _ = tx.send(r.body);
                     }

@@ -1,6 +1,5 @@
 //! `presence`: the online-status server daemon.
 
-use anyhow::Context;
 use clap::Parser;
 use daemon::Signals;
 use presence::daemon::{self as presence_daemon, DaemonConfig};
@@ -28,14 +27,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    daemon::init_tracing();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("presence: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::run_main("presence", || Ok(serve(load_config(&args)?)))
 }
 
 fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
@@ -53,17 +45,6 @@ fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
         config.server.grace_ms = ms;
     }
     Ok(config)
-}
-
-fn run(args: Args) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
-    // This runtime only waits for signals and serves metrics; the server
-    // runs on its own thread (see `presence::server`).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
 }
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
