@@ -333,3 +333,90 @@ async fn a_silent_gateway_loses_its_lease_and_then_its_users() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_gateway_that_does_not_read_its_events_is_cut_off() {
+    let d = start(60_000);
+    // Gateway 50 has many sessions watching user 1 (each event names them
+    // all, so events are large) and never reads.
+    let mut raw = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    let mut bodies = vec![RequestBody::Register {
+        gateway: 50,
+        peer_addr: String::new(),
+    }];
+    bodies.extend((1..=5000u64).map(|session| RequestBody::Watch {
+        session,
+        users: vec![1],
+    }));
+    let mut out = Vec::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let request = proto::presence::Request {
+            id: i as u64 + 1,
+            body,
+        };
+        proto::frame::encode(&request, 1 << 20, &mut out).unwrap();
+    }
+    raw.write_all(&out).await.unwrap();
+    let (gw, _ev) = gateway(d.addr, 2).await;
+    let connected = |gateways: Vec<proto::presence::GatewayInfo>| {
+        gateways.iter().any(|g| g.gateway == 50 && g.connected)
+    };
+    let deadline = Instant::now() + HANG_LIMIT;
+    while !connected(gw.gateways().await.unwrap()) {
+        assert!(Instant::now() < deadline, "gateway 50 never registered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut toggles = 0u64;
+    loop {
+        gw.online(1, toggles, Status::Online).await.unwrap();
+        toggles += 1;
+        if toggles % 100 == 0 && !connected(gw.gateways().await.unwrap()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway 50 was never cut off");
+    }
+    assert!(
+        gw.gateways().await.unwrap().iter().any(|g| g.gateway == 50),
+        "cut off, it is in its grace period"
+    );
+    // Its connection is closed: reading ends.
+    let mut sink = Vec::new();
+    tokio::time::timeout(HANG_LIMIT, raw.read_to_end(&mut sink))
+        .await
+        .expect("the connection was closed")
+        .ok();
+}
+
+#[tokio::test]
+async fn requests_in_flight_when_the_server_dies_fail_and_never_hang() {
+    let d = start(10_000);
+    let (gw, _ev) = gateway(d.addr, 1).await;
+    let users: Vec<u64> = (1..=1000).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (gw, users) = (gw.clone(), users.clone());
+        tasks.spawn(async move {
+            loop {
+                if let Err(e) = gw.lookup(&users).await {
+                    return e;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    d.kill();
+    let mut errors = Vec::new();
+    while let Some(done) = tokio::time::timeout(HANG_LIMIT, tasks.join_next())
+        .await
+        .expect("every caller got an answer or an error")
+    {
+        errors.push(done.unwrap());
+    }
+    assert_eq!(errors.len(), 20);
+    assert!(
+        errors
+            .iter()
+            .all(|e| matches!(e, ClientError::Disconnected)),
+        "{errors:?}"
+    );
+}
