@@ -146,6 +146,7 @@ pub(crate) async fn run(
         deadline_changed: Notify::new(),
     });
     let expirer = tokio::task::spawn_local(expire_loop(core.clone()));
+    let gauges = tokio::task::spawn_local(gauge_loop(core.clone()));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -172,6 +173,7 @@ pub(crate) async fn run(
         tracing::warn!("connections did not drain in time; closing them");
     }
     expirer.abort();
+    gauges.abort();
 }
 
 struct Core {
@@ -290,6 +292,16 @@ async fn expire_loop(core: Rc<Core>) {
             );
             set_gauges(&core);
         }
+    }
+}
+
+/// How often the gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn gauge_loop(core: Rc<Core>) {
+    loop {
+        set_gauges(&core);
+        tokio::time::sleep(GAUGE_INTERVAL).await;
     }
 }
 
