@@ -370,7 +370,7 @@ async fn a_gateway_that_does_not_read_its_events_is_cut_off() {
     loop {
         gw.online(1, toggles, Status::Online).await.unwrap();
         toggles += 1;
-        if toggles % 100 == 0 && !connected(gw.gateways().await.unwrap()) {
+        if toggles.is_multiple_of(100) && !connected(gw.gateways().await.unwrap()) {
             break;
         }
         assert!(Instant::now() < deadline, "gateway 50 was never cut off");
