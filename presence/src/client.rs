@@ -412,10 +412,14 @@ impl PresenceClient {
             session,
             status,
         };
+        let mut new = false;
         let track = |t: &mut Tracked| {
             let since_s = match t.sessions.get(&user) {
                 Some(s) if s.session == session => s.since_s,
-                _ => since_s,
+                _ => {
+                    new = true;
+                    since_s
+                }
             };
             let info = SessionInfo {
                 user,
@@ -429,7 +433,12 @@ impl PresenceClient {
                 }
             }
         };
-        match self.call(body, track).await? {
+        let answer = self.call(body, track).await;
+        if new && matches!(answer, Err(ClientError::Presence(_))) {
+            // Refused (the table is full): the server does not hold it.
+            self.shared.lock().tracked.end_session(user, session);
+        }
+        match answer? {
             ResponseBody::Online { replaced } => Ok(replaced),
             other => Err(unexpected("Online", &other)),
         }
@@ -452,17 +461,32 @@ impl PresenceClient {
     }
 
     /// `session` watches `users` from now on; returns their current entries.
+    /// Refused by a watch limit ([`ClientError::Presence`]), the client
+    /// forgets the watches this call added (when `users` spans several
+    /// requests, the server may still hold those of the earlier ones until
+    /// the next sync).
     pub async fn watch(
         &self,
         session: u64,
         users: &[u64],
     ) -> Result<Vec<Option<Entry>>, ClientError> {
-        self.entries_in_chunks(
-            users,
-            |users| RequestBody::Watch { session, users },
-            |t, chunk| t.watches.entry(session).or_default().extend(chunk),
-        )
-        .await
+        let before = self.shared.lock().tracked.watches.get(&session).cloned();
+        let answer = self
+            .entries_in_chunks(
+                users,
+                |users| RequestBody::Watch { session, users },
+                |t, chunk| t.watches.entry(session).or_default().extend(chunk),
+            )
+            .await;
+        if matches!(answer, Err(ClientError::Presence(_))) {
+            // Refused (a watch limit): forget what this call added.
+            let mut inner = self.shared.lock();
+            match before {
+                Some(before) => inner.tracked.watches.insert(session, before),
+                None => inner.tracked.watches.remove(&session),
+            };
+        }
+        answer
     }
 
     /// `session` stops watching `users`; how many it watched.

@@ -35,6 +35,8 @@ pub struct Limits {
     pub watchers_per_user_max: usize,
     /// Most users one session watches (`WatchesFull` past it).
     pub watches_per_session_max: usize,
+    /// Most (session, watched user) pairs in all (`WatchesFull` past it).
+    pub watches_max: usize,
     /// Most users (or sessions) in one request (`BatchTooLarge` past it).
     pub batch_users_max: usize,
     /// Most gateways known at once, connected or in grace (`GatewaysFull`).
@@ -47,6 +49,7 @@ impl Default for Limits {
             users_max: 20_000_000,
             watchers_per_user_max: 10_000,
             watches_per_session_max: 10_000,
+            watches_max: 100_000_000,
             batch_users_max: BATCH_USERS_MAX,
             gateways_max: 1024,
         }
@@ -69,6 +72,7 @@ impl Limits {
             self.watches_per_session_max,
             1 << 20,
         )?;
+        range("watches_max", self.watches_max, 1 << 34)?;
         range("batch_users_max", self.batch_users_max, BATCH_USERS_MAX)?;
         range("gateways_max", self.gateways_max, GATEWAYS_LIMIT)
     }
@@ -513,6 +517,15 @@ impl State {
                     "the session would watch {} users; the limit is {}",
                     have + new.len(),
                     self.limits.watches_per_session_max
+                ),
+            ));
+        }
+        if self.watches + new.len() > self.limits.watches_max {
+            return Err(error(
+                ErrorCode::WatchesFull,
+                format!(
+                    "{} watches in all; the limit is {}",
+                    self.watches, self.limits.watches_max
                 ),
             ));
         }

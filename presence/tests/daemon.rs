@@ -32,6 +32,19 @@ fn start(grace_ms: u32) -> Daemon {
     Daemon::start(command("127.0.0.1:0", grace_ms), "presence", HANG_LIMIT)
 }
 
+/// Start a daemon with `toml` as its config file (kept in the returned
+/// directory).
+fn start_with_config(toml: &str) -> (Daemon, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("presence.toml");
+    std::fs::write(&file, toml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
+    cmd.args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&file)
+        .env("RUST_LOG", "warn");
+    (Daemon::start(cmd, "presence", HANG_LIMIT), dir)
+}
+
 fn config() -> ClientConfig {
     ClientConfig {
         backoff_min_ms: 20,
@@ -289,13 +302,7 @@ fn frames(bodies: Vec<RequestBody>) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_silent_gateway_loses_its_lease_and_then_its_users() {
-    let dir = std::env::temp_dir().join(format!("presence-lease-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("presence.toml");
-    std::fs::write(&file, "[server]\nlease_ms = 200\ngrace_ms = 100\n").unwrap();
-    let mut cmd = command("127.0.0.1:0", 100);
-    cmd.arg("--config").arg(&file);
-    let d = Daemon::start(cmd, "presence", HANG_LIMIT);
+    let (d, _dir) = start_with_config("[server]\nlease_ms = 200\ngrace_ms = 100\n");
     let mut raw = tokio::net::TcpStream::connect(d.addr).await.unwrap();
     let register = RequestBody::Register {
         gateway: 3,
@@ -331,7 +338,6 @@ async fn a_silent_gateway_loses_its_lease_and_then_its_users() {
         assert!(Instant::now() < deadline, "user 8 never went offline");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -419,4 +425,41 @@ async fn requests_in_flight_when_the_server_dies_fail_and_never_hang() {
             .all(|e| matches!(e, ClientError::Disconnected)),
         "{errors:?}"
     );
+}
+
+#[tokio::test]
+async fn the_client_keeps_its_copy_in_step_with_the_server() {
+    let (d, _dir) = start_with_config("[limits]\nusers_max = 2\nwatches_per_session_max = 2\n");
+    let (gw, _ev) = gateway(d.addr, 1).await;
+    gw.online(1, 10, Status::Online).await.unwrap();
+    gw.online(2, 20, Status::Online).await.unwrap();
+    let err = gw.online(3, 30, Status::Online).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Presence(e) if e.code == ErrorCode::TableFull),
+        "{err}"
+    );
+    let mut tracked: Vec<u64> = gw.tracked_sessions().iter().map(|s| s.user).collect();
+    tracked.sort_unstable();
+    assert_eq!(tracked, vec![1, 2], "a refused login is not tracked");
+    let err = gw.watch(10, &[1, 2, 3]).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Presence(e) if e.code == ErrorCode::WatchesFull),
+        "{err}"
+    );
+    assert_eq!(gw.watch(10, &[2, 3]).await.unwrap().len(), 2);
+    assert_eq!(gw.unwatch(10, &[3, 99]).await.unwrap(), 1);
+    // The gateway's complete list is now only user 1: user 2 goes offline.
+    let only = presence::SessionInfo {
+        user: 1,
+        session: 10,
+        since_s: 5,
+        status: Status::Busy,
+    };
+    assert_eq!(gw.resync(vec![only]).await.unwrap(), 1);
+    let entries = gw.lookup(&[1, 2]).await.unwrap();
+    let first = entries[0].expect("user 1 stays online");
+    assert_eq!((first.since_s, first.status), (5, Status::Busy));
+    assert_eq!(entries[1], None);
+    assert_eq!(gw.tracked_sessions(), vec![only]);
+    assert_eq!(gw.stats().await.unwrap().users_online, 1);
 }

@@ -365,6 +365,7 @@ fn limits_answer_typed_errors() {
         users_max: 2,
         watchers_per_user_max: 1,
         watches_per_session_max: 2,
+        watches_max: 3,
         batch_users_max: 3,
         gateways_max: 1,
     };
@@ -390,6 +391,12 @@ fn limits_answer_typed_errors() {
     assert_eq!(code(state.watch(g, 9, &[5, 6, 7])), ErrorCode::WatchesFull);
     state.watch(g, 9, &[5, 6]).unwrap();
     assert_eq!(code(state.watch(g, 10, &[5])), ErrorCode::WatchersFull);
+    state.watch(g, 10, &[7]).unwrap();
+    assert_eq!(
+        code(state.watch(g, 11, &[8])),
+        ErrorCode::WatchesFull,
+        "three watches in all"
+    );
     assert_eq!(
         code(state.sync_sessions(g, &[])),
         ErrorCode::BadRequest,
