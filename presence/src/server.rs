@@ -453,48 +453,56 @@ fn now_s() -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
+fn answer(result: Result<ResponseBody, PresenceError>) -> ResponseBody {
+    result.unwrap_or_else(ResponseBody::Error)
+}
+
 async fn handle(core: &Rc<Core>, conn: &Rc<Conn>, body: RequestBody) -> ResponseBody {
     metrics::counter!("presence_requests_total", "op" => op_name(&body)).increment(1);
-    let into = |r: Result<ResponseBody, PresenceError>| r.unwrap_or_else(ResponseBody::Error);
-    // Requests any connection may send.
     match body {
-        RequestBody::Register { gateway, peer_addr } => {
-            return register(core, conn, gateway, peer_addr)
-        }
-        RequestBody::Lookup { users } => {
-            return into(
-                core.state
-                    .borrow_mut()
-                    .lookup(&users)
-                    .map(|entries| ResponseBody::Entries { entries }),
-            )
-        }
-        RequestBody::Gateways => {
-            return ResponseBody::Gateways {
-                gateways: core.state.borrow().gateways(),
-            }
-        }
+        // Requests any connection may send.
+        RequestBody::Register { gateway, peer_addr } => register(core, conn, gateway, peer_addr),
+        RequestBody::Lookup { users } => answer(
+            core.state
+                .borrow_mut()
+                .lookup(&users)
+                .map(|entries| ResponseBody::Entries { entries }),
+        ),
+        RequestBody::Gateways => ResponseBody::Gateways {
+            gateways: core.state.borrow().gateways(),
+        },
         RequestBody::Stats => {
             set_gauges(core);
-            return ResponseBody::Stats(core.state.borrow().stats());
+            ResponseBody::Stats(core.state.borrow().stats())
         }
-        RequestBody::Ping => return ResponseBody::Pong,
-        _ => {}
+        RequestBody::Ping => ResponseBody::Pong,
+        // Requests of a registered gateway.
+        body => match conn.gateway.get() {
+            None => refuse(ErrorCode::NotRegistered, "register as a gateway first"),
+            Some(g) if body == RequestBody::SyncEnd => sync_end(core, g).await,
+            Some(g) => answer(gateway_request(&mut core.state.borrow_mut(), g, body)),
+        },
     }
-    let Some(g) = conn.gateway.get() else {
-        return refuse(ErrorCode::NotRegistered, "register as a gateway first");
-    };
-    if body == RequestBody::SyncEnd {
-        let ended = core.state.borrow_mut().sync_end(g);
-        return match ended {
-            Ok(mark) => ResponseBody::SyncEnded {
-                removed: core.remove_gateway_slots(g, Some(mark)).await,
-            },
-            Err(e) => ResponseBody::Error(e),
-        };
+}
+
+/// End gateway `g`'s sync: remove its slots not re-sent, a shard at a time.
+async fn sync_end(core: &Rc<Core>, g: GatewayIndex) -> ResponseBody {
+    let ended = core.state.borrow_mut().sync_end(g);
+    match ended {
+        Ok(mark) => ResponseBody::SyncEnded {
+            removed: core.remove_gateway_slots(g, Some(mark)).await,
+        },
+        Err(e) => ResponseBody::Error(e),
     }
-    let mut state = core.state.borrow_mut();
-    into(match body {
+}
+
+/// The requests of gateway `g` that the state answers at once.
+fn gateway_request(
+    state: &mut State,
+    g: GatewayIndex,
+    body: RequestBody,
+) -> Result<ResponseBody, PresenceError> {
+    match body {
         RequestBody::Online {
             user,
             session,
@@ -522,7 +530,7 @@ async fn handle(core: &Rc<Core>, conn: &Rc<Conn>, body: RequestBody) -> Response
             ErrorCode::BadRequest,
             format!("unexpected request {}", op_name(&other)),
         )),
-    })
+    }
 }
 
 fn register(core: &Rc<Core>, conn: &Rc<Conn>, gateway: u32, peer_addr: String) -> ResponseBody {

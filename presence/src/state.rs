@@ -509,7 +509,17 @@ impl State {
                 new.push(user);
             }
         }
-        let have = watched.map_or(0, Vec::len);
+        self.check_watch_limits(watched.map_or(0, Vec::len), &new)?;
+        for &user in &new {
+            self.watchers.entry(user).or_default().push(key);
+        }
+        self.watches += new.len();
+        self.watching.entry(key).or_default().extend(new);
+        self.lookup(users)
+    }
+
+    /// Whether a session watching `have` users may watch `new` more.
+    fn check_watch_limits(&self, have: usize, new: &[u64]) -> Result<(), PresenceError> {
         if have + new.len() > self.limits.watches_per_session_max {
             return Err(error(
                 ErrorCode::WatchesFull,
@@ -539,12 +549,7 @@ impl State {
                 format!("user {full} has {max} watching sessions, the limit"),
             ));
         }
-        for &user in &new {
-            self.watchers.entry(user).or_default().push(key);
-        }
-        self.watches += new.len();
-        self.watching.entry(key).or_default().extend(new);
-        self.lookup(users)
+        Ok(())
     }
 
     pub fn unwatch(
