@@ -40,6 +40,21 @@ pub enum Op {
     },
 }
 
+/// An operation a [`Workload`] issues and a [`Codec`] encodes: the mailbox
+/// [`Op`] here, presence operations in `presence.rs`.
+pub trait LoadOp: Copy + Send + 'static {
+    /// Whether the op carries the spec's fresh random payload.
+    fn carries_payload(&self) -> bool {
+        false
+    }
+}
+
+impl LoadOp for Op {
+    fn carries_payload(&self) -> bool {
+        matches!(self, Op::Append { .. })
+    }
+}
+
 /// A decoded reply, independent of the target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -56,21 +71,21 @@ pub enum Reply {
 }
 
 /// Per-target request encoder and reply decoder.
-pub trait Codec: Send + 'static {
-    fn encode(&mut self, op: &Op, payload: &[u8], out: &mut Vec<u8>) -> Result<()>;
+pub trait Codec<O = Op>: Send + 'static {
+    fn encode(&mut self, op: &O, payload: &[u8], out: &mut Vec<u8>) -> Result<()>;
     /// Decode one reply from the front of `buf`, consuming it; `None` if the
     /// reply is not complete yet.
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>>;
 }
 
 /// What one connection issues and how it reacts to replies.
-pub trait Workload: Send + 'static {
+pub trait Workload<O = Op>: Send + 'static {
     /// The next op to issue now, or `None` if there is nothing to issue until
     /// more replies arrive (or at all).
-    fn next_op(&mut self) -> Option<Op>;
-    /// Handle a successful reply to `op`; returns how many messages it
-    /// completes (1 per append, the page size per fetch, 0 per trim).
-    fn on_reply(&mut self, op: &Op, reply: Reply) -> Result<u64>;
+    fn next_op(&mut self) -> Option<O>;
+    /// Handle a successful reply to `op`; returns how many messages (items)
+    /// it completes (1 per append, the page size per fetch, 0 per trim).
+    fn on_reply(&mut self, op: &O, reply: Reply) -> Result<u64>;
 }
 
 #[derive(Debug, Clone)]
@@ -134,13 +149,14 @@ pub struct ConnOutcome {
 
 /// Run `spec.connections` connections, connection `i` with `make(i)`.
 /// All connections are established before the clock starts.
-pub async fn run_load<C, W>(
+pub async fn run_load<O, C, W>(
     spec: &LoadSpec,
     mut make: impl FnMut(usize) -> (C, W),
 ) -> Result<LoadOutcome>
 where
-    C: Codec,
-    W: Workload,
+    O: LoadOp,
+    C: Codec<O>,
+    W: Workload<O>,
 {
     let mut streams = Vec::with_capacity(spec.connections);
     for _ in 0..spec.connections {
@@ -186,7 +202,7 @@ where
     Ok(total)
 }
 
-async fn drive<C: Codec, W: Workload>(
+async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
     mut stream: TcpStream,
     mut codec: C,
     mut workload: W,
@@ -199,14 +215,14 @@ async fn drive<C: Codec, W: Workload>(
     const READ_RESERVE_BYTES: usize = 64 * 1024;
     let mut wbuf = Vec::with_capacity(READ_RESERVE_BYTES);
     let mut rbuf = BytesMut::with_capacity(4 * READ_RESERVE_BYTES);
-    let mut inflight: VecDeque<(Op, Instant)> = VecDeque::with_capacity(pipeline);
+    let mut inflight: VecDeque<(O, Instant)> = VecDeque::with_capacity(pipeline);
     let mut out = ConnOutcome::default();
     loop {
         let now = Instant::now();
         if deadline.is_none_or(|d| now < d) {
             while inflight.len() < pipeline {
                 let Some(op) = workload.next_op() else { break };
-                if matches!(op, Op::Append { .. }) {
+                if op.carries_payload() {
                     payload_rng.fill(&mut payload);
                 }
                 codec.encode(&op, &payload, &mut wbuf)?;

@@ -3,6 +3,7 @@
 mod disk;
 mod inproc;
 mod load;
+mod presence;
 mod procs;
 mod redis;
 mod report;
@@ -24,6 +25,9 @@ enum Cmd {
     /// Mailbox storage: our shard vs a private redis-server, the engine
     /// in-process, and the raw disk ceiling, measured in the same run.
     Storage(storage::StorageArgs),
+    /// Presence: our presence server vs a private redis-server holding the
+    /// same online users (memory per user, batched lookups, updates).
+    Presence(presence::PresenceArgs),
 }
 
 #[tokio::main]
@@ -31,5 +35,6 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Storage(args) => storage::run(args).await,
+        Cmd::Presence(args) => presence::run(args).await,
     }
 }

@@ -177,15 +177,24 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// Peak resident set size (VmHWM) of `pid` in bytes.
 pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    parse_vm_hwm(&status).with_context(|| format!("no VmHWM line in {path}"))
+    status_bytes(pid, "VmHWM:")
 }
 
-fn parse_vm_hwm(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+/// Current resident set size (VmRSS) of `pid` in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    parse_status_kib(&status, field).with_context(|| format!("no {field} line in {path}"))
+}
+
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line
-        .trim_start_matches("VmHWM:")
+        .trim_start_matches(field)
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -215,8 +224,9 @@ mod tests {
     #[test]
     fn parses_vm_hwm() {
         let status = "Name:\tx\nVmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n";
-        assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
-        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        assert_eq!(parse_status_kib(status, "VmHWM:"), Some(2048 * 1024));
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(1024));
+        assert_eq!(parse_status_kib("Name: x\n", "VmHWM:"), None);
     }
 
     #[test]

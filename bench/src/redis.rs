@@ -119,7 +119,7 @@ impl RespCodec {
     }
 }
 
-fn put_bulk(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put_bulk(out: &mut Vec<u8>, bytes: &[u8]) {
     let _ = write!(out, "${}\r\n", bytes.len());
     out.extend_from_slice(bytes);
     out.extend_from_slice(b"\r\n");
@@ -161,13 +161,19 @@ impl Codec for RespCodec {
     }
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>> {
-        match parse_reply(buf)? {
-            Some((used, reply)) => {
-                buf.advance(used);
-                Ok(Some(reply))
-            }
-            None => Ok(None),
+        decode_reply(buf)
+    }
+}
+
+/// Decode one reply from the front of `buf`, consuming it; `None` if it is
+/// not complete yet.
+pub(crate) fn decode_reply(buf: &mut BytesMut) -> Result<Option<Reply>> {
+    match parse_reply(buf)? {
+        Some((used, reply)) => {
+            buf.advance(used);
+            Ok(Some(reply))
         }
+        None => Ok(None),
     }
 }
 

@@ -164,7 +164,7 @@ fn fmt_bytes(v: u64) -> String {
     format!("{:.1} MiB", v as f64 / MIB)
 }
 
-fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
+pub(crate) fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
     for r in rows {
         let _ = writeln!(
             out,
@@ -189,9 +189,8 @@ fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
     }
 }
 
-/// The human-readable table.
-pub fn render_table(report: &StorageReport) -> String {
-    let mut out = String::new();
+/// The header line of [`phase_rows`].
+pub(crate) fn phase_header(out: &mut String) {
     let _ = writeln!(
         out,
         "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11}",
@@ -206,6 +205,12 @@ pub fn render_table(report: &StorageReport) -> String {
         "errors",
         "srv cpu/op"
     );
+}
+
+/// The human-readable table.
+pub fn render_table(report: &StorageReport) -> String {
+    let mut out = String::new();
+    phase_header(&mut out);
     phase_rows(&mut out, &report.append);
     phase_rows(&mut out, &report.drain);
     if let Some(e) = &report.engine {
@@ -284,7 +289,7 @@ pub fn render_table(report: &StorageReport) -> String {
     out
 }
 
-pub fn write_json(path: &Path, report: &StorageReport) -> Result<()> {
+pub fn write_json<T: Serialize>(path: &Path, report: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(report).context("serialize report")?;
     std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
 }

@@ -38,6 +38,12 @@ pub struct ShardServer {
 
 /// The daemon binary: `explicit`, else `msgstore` next to this executable.
 pub fn locate_msgstore(explicit: Option<&Path>) -> Result<PathBuf> {
+    locate_daemon("msgstore", explicit)
+}
+
+/// The binary of daemon `name` (also its package): `explicit`, else `name`
+/// next to this executable.
+pub fn locate_daemon(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
@@ -45,11 +51,11 @@ pub fn locate_msgstore(explicit: Option<&Path>) -> Result<PathBuf> {
     let bin = exe
         .parent()
         .context("imbench executable has no directory")?
-        .join("msgstore");
+        .join(name);
     if !bin.exists() {
         bail!(
-            "no msgstore binary at {} (build it with `cargo build --release -p msgstore -p bench`, \
-             or pass --msgstore-bin PATH)",
+            "no {name} binary at {} (build it with `cargo build --release -p {name} -p bench`, \
+             or pass --{name}-bin PATH)",
             bin.display()
         );
     }
@@ -85,7 +91,7 @@ pub fn start(
         LISTENING_NEEDLE,
         Duration::from_secs(600),
     )?;
-    let addr = parse_listening_line(&line)
+    let addr = parse_listening_line(&line, LISTENING_NEEDLE)
         .with_context(|| format!("no address in msgstore's line {line:?}"))?;
     Ok(ShardServer {
         proc,
@@ -95,10 +101,10 @@ pub fn start(
     })
 }
 
-/// The address after "msgstore listening on ", ignoring colour codes and
-/// trailing punctuation.
-fn parse_listening_line(line: &str) -> Option<SocketAddr> {
-    let start = line.find(LISTENING_NEEDLE)? + LISTENING_NEEDLE.len();
+/// The address after `needle` ("msgstore listening on "), ignoring colour
+/// codes and trailing punctuation.
+pub fn parse_listening_line(line: &str, needle: &str) -> Option<SocketAddr> {
+    let start = line.find(needle)? + needle.len();
     let word: String = line[start..]
         .chars()
         .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
@@ -226,9 +232,9 @@ mod tests {
             "\u{1b}[2mts\u{1b}[0m msgstore listening on 127.0.0.1:4567\u{1b}[0m",
             "msgstore listening on 127.0.0.1:4567.",
         ] {
-            assert_eq!(parse_listening_line(line), Some(a), "{line}");
+            assert_eq!(parse_listening_line(line, LISTENING_NEEDLE), Some(a), "{line}");
         }
-        assert_eq!(parse_listening_line("starting"), None);
+        assert_eq!(parse_listening_line("starting", LISTENING_NEEDLE), None);
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl Settings {
     }
 }
 
-fn phase(
+pub(crate) fn phase(
     phase: &str,
     target: &str,
     setting: &str,
@@ -484,7 +484,7 @@ async fn shard_footprint(server: ShardServer, setting: &str, quick: bool) -> Res
 }
 
 /// The drained mailboxes of connection `conn`: users `conn, conn + n, ...`.
-fn users_of(conn: usize, connections: usize, users: u64) -> Vec<u64> {
+pub(crate) fn users_of(conn: usize, connections: usize, users: u64) -> Vec<u64> {
     (conn as u64..users).step_by(connections).collect()
 }
 
@@ -621,10 +621,10 @@ async fn prefill_then_drain<C: Codec>(
 }
 
 /// A phase's outcome and the CPU time the server used during it.
-type Measured = (LoadOutcome, Option<Duration>);
+pub(crate) type Measured = (LoadOutcome, Option<Duration>);
 
 /// Run `load`, measuring the CPU time process `pid` used meanwhile.
-async fn with_cpu<T>(
+pub(crate) async fn with_cpu<T>(
     pid: u32,
     load: impl std::future::Future<Output = T>,
 ) -> (T, Option<Duration>) {

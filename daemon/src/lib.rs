@@ -1,6 +1,8 @@
 //! What every daemon of the system (msgstore, presence, profile, gateway)
 //! does the same way, in one place:
 //!
+//! * [`config`]: reading the TOML config file.
+//! * [`run_main`]: the body of every daemon's `main`.
 //! * [`init_tracing`]: structured logs to stderr, filtered by `RUST_LOG`.
 //! * [`install_metrics`]: the Prometheus `/metrics` HTTP listener.
 //! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
@@ -10,6 +12,7 @@
 //! The shutdown pattern itself (stop accepting, drain, flush, exit 0) lives
 //! in each daemon's `serve` function, which selects on [`Signals::wait`].
 
+pub mod config;
 mod lock;
 mod signals;
 pub mod testing;
@@ -17,7 +20,7 @@ pub mod testing;
 pub use lock::{DirLock, LockError};
 pub use signals::Signals;
 
-use std::net::SocketAddr;
+use std::{future::Future, net::SocketAddr, process::ExitCode};
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr at `info` unless `RUST_LOG` says otherwise; colours only
@@ -51,4 +54,27 @@ pub fn install_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
         })?;
     tracing::info!(%addr, "metrics exporter listening");
     Ok(())
+}
+
+/// The body of a daemon's `main`: logs, a current-thread runtime for
+/// `serve` (which waits for signals and serves metrics; a daemon's real work
+/// runs on threads of its own), and the exit code: success, or failure
+/// after printing `"<name>: error: ..."` on stderr.
+pub fn run_main<F>(name: &str, serve: impl FnOnce() -> anyhow::Result<F>) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    init_tracing();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(serve()?));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -25,7 +25,7 @@ pub const GATEWAYS_MAX: usize = 1024;
 pub const SHARD_ID_BYTES_MAX: usize = 64;
 
 /// The cluster map file (TOML). Every field is documented in
-/// `docs/PROTOCOL.md` section 3.
+/// `docs/PROTOCOL.md` section 4.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterMap {

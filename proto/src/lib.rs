@@ -6,11 +6,13 @@
 //! * [`shard`]: the messages of the msgstore shard protocol.
 //! * [`session`]: the sans-IO secure, reliable UDP session layer between
 //!   clients and gateways.
+//! * [`presence`]: the messages between gateways and the presence server.
 //!
 //! `proto` never touches a socket, a clock or a thread: it turns bytes into
 //! values and values into bytes.
 
 pub mod cluster;
 pub mod frame;
+pub mod presence;
 pub mod session;
 pub mod shard;

@@ -5,6 +5,7 @@
 //! the same way: a clap `Args` type and an async `run`.
 
 mod output;
+mod presence_cmd;
 mod shard_cmd;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Talk to one msgstore shard directly.
     Shard(shard_cmd::ShardArgs),
+    /// Ask a presence server: stats, lookup USER..., gateways.
+    Presence(presence_cmd::PresenceArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Shard(args) => shard_cmd::run(args, &out).await,
+            Command::Presence(args) => presence_cmd::run(args, &out).await,
         }
     });
     match result {
