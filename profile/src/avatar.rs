@@ -77,7 +77,10 @@ mod tests {
             ErrorCode::BadImage
         );
         let big = samples::png(64, 64, 300 * 1024);
-        assert_eq!(check(&big, &l).unwrap_err().code(), ErrorCode::ImageTooLarge);
+        assert_eq!(
+            check(&big, &l).unwrap_err().code(),
+            ErrorCode::ImageTooLarge
+        );
     }
 
     proptest! {

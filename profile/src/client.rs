@@ -197,7 +197,10 @@ impl ProfileClient {
         Self::connect_with(addr, ClientConfig::default()).await
     }
 
-    pub async fn connect_with(addr: impl Into<String>, config: ClientConfig) -> Result<Self, ClientError> {
+    pub async fn connect_with(
+        addr: impl Into<String>,
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
         Self::start(addr.into(), config, None).await
     }
 
@@ -215,9 +218,15 @@ impl ProfileClient {
         Ok((Self::start(addr.into(), config, Some(sink)).await?, rx))
     }
 
-    async fn start(addr: String, config: ClientConfig, events: Option<Arc<EventSink>>) -> Result<Self, ClientError> {
+    async fn start(
+        addr: String,
+        config: ClientConfig,
+        events: Option<Arc<EventSink>>,
+    ) -> Result<Self, ClientError> {
         if config.inflight_requests_max == 0 {
-            return Err(ClientError::Protocol("inflight_requests_max must be at least 1".into()));
+            return Err(ClientError::Protocol(
+                "inflight_requests_max must be at least 1".into(),
+            ));
         }
         let inner = Arc::new(Inner {
             addr,
@@ -247,7 +256,11 @@ impl ProfileClient {
     }
 
     /// The user id if the password is right and the account enabled.
-    pub async fn check_password(&self, username: &str, password: &[u8]) -> Result<UserId, ClientError> {
+    pub async fn check_password(
+        &self,
+        username: &str,
+        password: &[u8],
+    ) -> Result<UserId, ClientError> {
         let body = RequestBody::CheckPassword {
             username: username.as_bytes().to_vec(),
             password: password.to_vec(),
@@ -255,7 +268,11 @@ impl ProfileClient {
         expect_body!(self.call(body).await?, ResponseBody::User(u) => u)
     }
 
-    pub async fn create_user(&self, username: &str, password: &[u8]) -> Result<UserId, ClientError> {
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: &[u8],
+    ) -> Result<UserId, ClientError> {
         let body = RequestBody::CreateUser {
             username: username.as_bytes().to_vec(),
             password: password.to_vec(),
@@ -265,7 +282,10 @@ impl ProfileClient {
 
     /// Create accounts from ready PHC hashes (at most
     /// [`proto::profile::IMPORT_USERS_MAX`] per call); one result each.
-    pub async fn import_users(&self, users: Vec<ImportUser>) -> Result<Vec<Result<UserId, ProfileError>>, ClientError> {
+    pub async fn import_users(
+        &self,
+        users: Vec<ImportUser>,
+    ) -> Result<Vec<Result<UserId, ProfileError>>, ClientError> {
         expect_body!(self.call(RequestBody::ImportUsers { users }).await?, ResponseBody::Imported(r) => r)
     }
 
@@ -308,7 +328,12 @@ impl ProfileClient {
     }
 
     /// Change the fields given; returns the new version.
-    pub async fn set_profile(&self, user: UserId, nickname: Option<&str>, signature: Option<&str>) -> Result<u64, ClientError> {
+    pub async fn set_profile(
+        &self,
+        user: UserId,
+        nickname: Option<&str>,
+        signature: Option<&str>,
+    ) -> Result<u64, ClientError> {
         let body = RequestBody::SetProfile {
             user,
             nickname: nickname.map(|s| s.as_bytes().to_vec()),
@@ -318,14 +343,23 @@ impl ProfileClient {
     }
 
     /// Store `image` as `user`'s avatar; its hash and the new version.
-    pub async fn set_avatar(&self, user: UserId, image: Vec<u8>) -> Result<(AvatarHash, u64), ClientError> {
+    pub async fn set_avatar(
+        &self,
+        user: UserId,
+        image: Vec<u8>,
+    ) -> Result<(AvatarHash, u64), ClientError> {
         expect_body!(self.call(RequestBody::SetAvatar { user, image }).await?,
             ResponseBody::Avatar { hash, version } => (hash, version))
     }
 
     /// Up to `len` bytes (at most [`AVATAR_RANGE_BYTES_MAX`]) of an avatar
     /// from `offset`, and the image's total size.
-    pub async fn avatar_range(&self, hash: AvatarHash, offset: u32, len: u32) -> Result<(u32, Vec<u8>), ClientError> {
+    pub async fn avatar_range(
+        &self,
+        hash: AvatarHash,
+        offset: u32,
+        len: u32,
+    ) -> Result<(u32, Vec<u8>), ClientError> {
         expect_body!(self.call(RequestBody::AvatarRange { hash, offset, len }).await?,
             ResponseBody::AvatarBytes { total_len, bytes } => (total_len, bytes))
     }
@@ -334,8 +368,11 @@ impl ProfileClient {
     pub async fn avatar(&self, hash: AvatarHash) -> Result<Vec<u8>, ClientError> {
         let mut image = Vec::new();
         loop {
-            let offset = u32::try_from(image.len()).map_err(|_| ClientError::Protocol("avatar too large".into()))?;
-            let (total, bytes) = self.avatar_range(hash, offset, AVATAR_RANGE_BYTES_MAX).await?;
+            let offset = u32::try_from(image.len())
+                .map_err(|_| ClientError::Protocol("avatar too large".into()))?;
+            let (total, bytes) = self
+                .avatar_range(hash, offset, AVATAR_RANGE_BYTES_MAX)
+                .await?;
             if bytes.is_empty() || image.len() + bytes.len() > total as usize {
                 return if image.len() == total as usize {
                     Ok(image)
@@ -350,7 +387,12 @@ impl ProfileClient {
         }
     }
 
-    pub async fn friend_request(&self, from: UserId, to: UserId, group: &str) -> Result<(), ClientError> {
+    pub async fn friend_request(
+        &self,
+        from: UserId,
+        to: UserId,
+        group: &str,
+    ) -> Result<(), ClientError> {
         let body = RequestBody::FriendRequest {
             from,
             to,
@@ -359,7 +401,12 @@ impl ProfileClient {
         expect_body!(self.call(body).await?, ResponseBody::Done => ())
     }
 
-    pub async fn friend_accept(&self, user: UserId, from: UserId, group: &str) -> Result<(), ClientError> {
+    pub async fn friend_accept(
+        &self,
+        user: UserId,
+        from: UserId,
+        group: &str,
+    ) -> Result<(), ClientError> {
         let body = RequestBody::FriendAccept {
             user,
             from,
@@ -376,7 +423,12 @@ impl ProfileClient {
         expect_body!(self.call(RequestBody::FriendRemove { user, friend }).await?, ResponseBody::Done => ())
     }
 
-    pub async fn friend_move(&self, user: UserId, friend: UserId, group: &str) -> Result<u64, ClientError> {
+    pub async fn friend_move(
+        &self,
+        user: UserId,
+        friend: UserId,
+        group: &str,
+    ) -> Result<u64, ClientError> {
         let body = RequestBody::FriendMove {
             user,
             friend,
@@ -386,7 +438,11 @@ impl ProfileClient {
     }
 
     /// Make every pair friends, filed under `group` on both sides.
-    pub async fn import_friendships(&self, group: &str, pairs: Vec<(UserId, UserId)>) -> Result<(), ClientError> {
+    pub async fn import_friendships(
+        &self,
+        group: &str,
+        pairs: Vec<(UserId, UserId)>,
+    ) -> Result<(), ClientError> {
         let body = RequestBody::ImportFriendships {
             group: group.as_bytes().to_vec(),
             pairs,
@@ -420,17 +476,31 @@ impl Inner {
     }
 
     async fn call(&self, body: RequestBody) -> Answer {
-        let _slot = self.slots.acquire().await.map_err(|_| ClientError::Disconnected)?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
         let link = self.current().ok_or(ClientError::Disconnected)?;
-        send_on(&link, &self.config, self.next_id.fetch_add(1, Ordering::Relaxed), body).await
+        send_on(
+            &link,
+            &self.config,
+            self.next_id.fetch_add(1, Ordering::Relaxed),
+            body,
+        )
+        .await
     }
 }
 
 /// Send one request on `link` and wait for its answer (or the deadline).
 async fn send_on(link: &Link, config: &ClientConfig, id: u64, body: RequestBody) -> Answer {
     let mut frame = Vec::new();
-    frame::encode(&Request { id, body }, config.request_body_bytes_max, &mut frame)
-        .map_err(|e| ClientError::Protocol(format!("request cannot be sent: {e}")))?;
+    frame::encode(
+        &Request { id, body },
+        config.request_body_bytes_max,
+        &mut frame,
+    )
+    .map_err(|e| ClientError::Protocol(format!("request cannot be sent: {e}")))?;
     let (tx, rx) = oneshot::channel();
     match link.waiters.lock().as_mut() {
         Some(map) => map.insert(id, tx),
@@ -490,7 +560,9 @@ async fn supervise(inner: Weak<Inner>, mut waiters: Arc<Waiters>) {
                 closed.await;
             }
         }
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         strong.set_link(None);
         if let Some(events) = &strong.events {
             events.deliver(Event::CacheReset);
@@ -500,7 +572,9 @@ async fn supervise(inner: Weak<Inner>, mut waiters: Arc<Waiters>) {
         drop(strong);
         loop {
             tokio::time::sleep(Duration::from_millis(delay)).await;
-            let Some(strong) = inner.upgrade() else { return };
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
             match establish(&strong).await {
                 Ok(w) => {
                     tracing::info!(addr = %strong.addr, "reconnected to the profile service");
@@ -516,7 +590,11 @@ async fn supervise(inner: Weak<Inner>, mut waiters: Arc<Waiters>) {
     }
 }
 
-async fn write_frames(mut wr: OwnedWriteHalf, mut frames: mpsc::Receiver<Vec<u8>>, waiters: Arc<Waiters>) {
+async fn write_frames(
+    mut wr: OwnedWriteHalf,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    waiters: Arc<Waiters>,
+) {
     let mut out = Vec::new();
     while let Some(first) = frames.recv().await {
         out.clear();
@@ -537,7 +615,12 @@ async fn write_frames(mut wr: OwnedWriteHalf, mut frames: mpsc::Receiver<Vec<u8>
     let _ = wr.shutdown().await;
 }
 
-async fn read_messages(mut rd: OwnedReadHalf, waiters: Arc<Waiters>, events: Option<Arc<EventSink>>, body_bytes_max: usize) {
+async fn read_messages(
+    mut rd: OwnedReadHalf,
+    waiters: Arc<Waiters>,
+    events: Option<Arc<EventSink>>,
+    body_bytes_max: usize,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     'link: loop {
         loop {
@@ -579,14 +662,21 @@ mod tests {
             tx,
             overflowed: AtomicBool::new(false),
         };
-        let inv = |v| Event::Invalidate { user: 1, version: v };
+        let inv = |v| Event::Invalidate {
+            user: 1,
+            version: v,
+        };
         for v in 1..=4 {
             sink.deliver(inv(v));
         }
         assert_eq!(rx.recv().await, Some(inv(1)));
         assert_eq!(rx.recv().await, Some(inv(2)));
         sink.deliver(inv(5));
-        assert_eq!(rx.recv().await, Some(Event::CacheReset), "dropped events are announced");
+        assert_eq!(
+            rx.recv().await,
+            Some(Event::CacheReset),
+            "dropped events are announced"
+        );
         assert_eq!(rx.recv().await, Some(inv(5)));
     }
 

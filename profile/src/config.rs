@@ -182,33 +182,113 @@ impl Config {
     /// Check ranges; the message names the bad field.
     pub fn validate(&self) -> Result<(), String> {
         let s = &self.server;
-        range("server.frame_body_bytes_max", s.frame_body_bytes_max as u64, 1024, u32::MAX.into())?;
-        range("server.inflight_requests_max", s.inflight_requests_max as u64, 1, 1 << 20)?;
-        range("server.connections_max", s.connections_max as u64, 1, 1 << 20)?;
-        range("server.subscriber_events_max", s.subscriber_events_max as u64, 1, 1 << 24)?;
+        range(
+            "server.frame_body_bytes_max",
+            s.frame_body_bytes_max as u64,
+            1024,
+            u32::MAX.into(),
+        )?;
+        range(
+            "server.inflight_requests_max",
+            s.inflight_requests_max as u64,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "server.connections_max",
+            s.connections_max as u64,
+            1,
+            1 << 20,
+        )?;
+        range(
+            "server.subscriber_events_max",
+            s.subscriber_events_max as u64,
+            1,
+            1 << 24,
+        )?;
         range("server.worker_threads", s.worker_threads as u64, 0, 1024)?;
         let st = &self.store;
         range("store.map_bytes", st.map_bytes, 1 << 20, 1 << 44)?;
-        range("store.write_queue_max", st.write_queue_max as u64, 1, 1 << 24)?;
-        range("store.write_batch_max", st.write_batch_max as u64, 1, 1 << 16)?;
+        range(
+            "store.write_queue_max",
+            st.write_queue_max as u64,
+            1,
+            1 << 24,
+        )?;
+        range(
+            "store.write_batch_max",
+            st.write_batch_max as u64,
+            1,
+            1 << 16,
+        )?;
         let p = &self.passwords;
         range("passwords.threads", p.threads as u64, 0, 1024)?;
         range("passwords.queue_max", p.queue_max as u64, 1, 1 << 20)?;
         let d = PasswordConfig::default();
-        range("passwords.argon2_m_kib", p.argon2_m_kib.into(), d.argon2_m_kib.into(), 4 << 20)?;
-        range("passwords.argon2_t", p.argon2_t.into(), d.argon2_t.into(), 64)?;
-        range("passwords.argon2_p", p.argon2_p.into(), d.argon2_p.into(), 64)?;
+        range(
+            "passwords.argon2_m_kib",
+            p.argon2_m_kib.into(),
+            d.argon2_m_kib.into(),
+            4 << 20,
+        )?;
+        range(
+            "passwords.argon2_t",
+            p.argon2_t.into(),
+            d.argon2_t.into(),
+            64,
+        )?;
+        range(
+            "passwords.argon2_p",
+            p.argon2_p.into(),
+            d.argon2_p.into(),
+            64,
+        )?;
         let l = &self.limits;
-        range("limits.username_bytes_max", l.username_bytes_max as u64, 1, 255)?;
-        range("limits.nickname_bytes_max", l.nickname_bytes_max as u64, 1, 4096)?;
-        range("limits.signature_bytes_max", l.signature_bytes_max as u64, 1, 16384)?;
-        range("limits.group_name_bytes_max", l.group_name_bytes_max as u64, 1, 255)?;
+        range(
+            "limits.username_bytes_max",
+            l.username_bytes_max as u64,
+            1,
+            255,
+        )?;
+        range(
+            "limits.nickname_bytes_max",
+            l.nickname_bytes_max as u64,
+            1,
+            4096,
+        )?;
+        range(
+            "limits.signature_bytes_max",
+            l.signature_bytes_max as u64,
+            1,
+            16384,
+        )?;
+        range(
+            "limits.group_name_bytes_max",
+            l.group_name_bytes_max as u64,
+            1,
+            255,
+        )?;
         range("limits.friends_max", l.friends_max as u64, 1, 100_000)?;
         range("limits.groups_max", l.groups_max as u64, 1, 1024)?;
-        range("limits.requests_pending_max", l.requests_pending_max as u64, 1, 100_000)?;
+        range(
+            "limits.requests_pending_max",
+            l.requests_pending_max as u64,
+            1,
+            100_000,
+        )?;
         let avatar_max = proto::profile::AVATAR_BYTES_MAX as u64;
-        range("limits.avatar_bytes_max", l.avatar_bytes_max as u64, 64, avatar_max)?;
-        range("limits.avatar_dimension_max", l.avatar_dimension_max.into(), 1, 16384)?;
+        range(
+            "limits.avatar_bytes_max",
+            l.avatar_bytes_max as u64,
+            64,
+            avatar_max,
+        )?;
+        range(
+            "limits.avatar_dimension_max",
+            l.avatar_dimension_max.into(),
+            1,
+            16384,
+        )?;
         Ok(())
     }
 

@@ -42,7 +42,10 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
         // The last Service handle is gone: the writer drains its queue and
         // ends; every commit it made is durable.
         let joined = tokio::task::spawn_blocking(move || writer_thread.join());
-        if tokio::time::timeout(WRITER_JOIN_TIMEOUT, joined).await.is_err() {
+        if tokio::time::timeout(WRITER_JOIN_TIMEOUT, joined)
+            .await
+            .is_err()
+        {
             tracing::warn!("the writer thread did not finish in time");
         }
         drop(lock);

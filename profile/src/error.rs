@@ -21,10 +21,7 @@ pub enum Error {
     #[error("{0} is not valid UTF-8")]
     InvalidUtf8(&'static str),
     #[error("invalid {field}: {reason}")]
-    InvalidField {
-        field: &'static str,
-        reason: String,
-    },
+    InvalidField { field: &'static str, reason: String },
     #[error("limit reached: {0}")]
     LimitReached(String),
     #[error("not an accepted image: {0}")]

@@ -107,18 +107,33 @@ mod tests {
         assert_eq!(
             sub.next_events().await,
             vec![
-                Event::Invalidate { user: 1, version: 2 },
-                Event::Invalidate { user: 3, version: 4 }
+                Event::Invalidate {
+                    user: 1,
+                    version: 2
+                },
+                Event::Invalidate {
+                    user: 3,
+                    version: 4
+                }
             ]
         );
         hub.publish(&[(1, 3), (1, 4), (1, 5), (1, 6), (2, 9)]);
         assert_eq!(
             sub.next_events().await,
-            vec![Event::CacheReset, Event::Invalidate { user: 2, version: 9 }],
+            vec![
+                Event::CacheReset,
+                Event::Invalidate {
+                    user: 2,
+                    version: 9
+                }
+            ],
             "past the limit the queue collapses into one reset"
         );
         drop(sub);
         hub.publish(&[(1, 7)]);
-        assert!(hub.subs.lock().unwrap().is_empty(), "dropped subscriptions go");
+        assert!(
+            hub.subs.lock().unwrap().is_empty(),
+            "dropped subscriptions go"
+        );
     }
 }

@@ -117,7 +117,10 @@ impl PasswordPool {
     }
 
     /// Run `f` on a pool thread; [`Error::Busy`] at once if the queue is full.
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&Hasher) -> T + Send + 'static) -> Result<T> {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Hasher) -> T + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let hasher = self.hasher.clone();
         let job: Job = Box::new(move || {
@@ -169,7 +172,9 @@ mod tests {
                         AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
         let err = h.check_imported(weak_phc).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidField, "{err}");
-        assert!(h.check_imported("$argon2i$v=19$m=19456,t=2,p=1$x$y").is_err());
+        assert!(h
+            .check_imported("$argon2i$v=19$m=19456,t=2,p=1$x$y")
+            .is_err());
         assert!(h.check_imported("not a hash").is_err());
     }
 

@@ -29,7 +29,9 @@ use crate::{
 use bytes::BytesMut;
 use proto::{
     frame::{self, Decoded},
-    profile::{ErrorCode, ProfileError, Request, RequestBody, Response, ResponseBody, ServerMessage},
+    profile::{
+        ErrorCode, ProfileError, Request, RequestBody, Response, ResponseBody, ServerMessage,
+    },
 };
 use std::{
     net::SocketAddr,
@@ -66,7 +68,12 @@ struct Shared {
 }
 
 /// Serve `listener` until `shutdown` turns true; then drain and return.
-pub async fn run(listener: TcpListener, service: Arc<Service>, config: ServerConfig, shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    listener: TcpListener,
+    service: Arc<Service>,
+    config: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) {
     describe_metrics();
     let shared = Arc::new(Shared {
         service,
@@ -100,7 +107,12 @@ pub async fn run(listener: TcpListener, service: Arc<Service>, config: ServerCon
     }
 }
 
-fn admit(shared: &Arc<Shared>, tasks: &mut tokio::task::JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
+fn admit(
+    shared: &Arc<Shared>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     if shared.connections.load(Ordering::Relaxed) >= shared.config.connections_max {
         metrics::counter!("profile_connections_rejected_total").increment(1);
         tracing::warn!(%peer, "connection limit reached; closing");
@@ -128,7 +140,9 @@ async fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         loop {
             match frame::decode::<Request>(&mut buf, shared.config.frame_body_bytes_max) {
                 Ok(Decoded::Frame(request)) => {
-                    let Ok(permit) = slots.clone().acquire_owned().await else { break 'read };
+                    let Ok(permit) = slots.clone().acquire_owned().await else {
+                        break 'read;
+                    };
                     dispatch(shared, request, permit, &out_tx);
                 }
                 Ok(Decoded::Incomplete) => break,
@@ -154,11 +168,19 @@ async fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = writer.await;
 }
 
-fn dispatch(shared: &Arc<Shared>, request: Request, permit: OwnedSemaphorePermit, out: &mpsc::UnboundedSender<Out>) {
+fn dispatch(
+    shared: &Arc<Shared>,
+    request: Request,
+    permit: OwnedSemaphorePermit,
+    out: &mpsc::UnboundedSender<Out>,
+) {
     metrics::counter!("profile_requests_total", "op" => op_name(&request.body)).increment(1);
     let Request { id, body } = request;
     if matches!(body, RequestBody::Subscribe) {
-        let sub = shared.service.hub().subscribe(shared.config.subscriber_events_max);
+        let sub = shared
+            .service
+            .hub()
+            .subscribe(shared.config.subscriber_events_max);
         let _ = out.send(Out::Subscribed(id, sub, permit));
     } else if Service::is_read(&body) {
         let body = shared.service.read(body);
@@ -185,7 +207,11 @@ async fn next_events(sub: &Option<Arc<Subscription>>) -> Vec<proto::profile::Eve
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>, peer: SocketAddr) {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    peer: SocketAddr,
+) {
     let mut sub: Option<Arc<Subscription>> = None;
     let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
     let mut permits = Vec::new();
@@ -219,12 +245,23 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>
     let _ = wr.shutdown().await;
 }
 
-fn take(out: Out, buf: &mut Vec<u8>, permits: &mut Vec<OwnedSemaphorePermit>, sub: &mut Option<Arc<Subscription>>) {
+fn take(
+    out: Out,
+    buf: &mut Vec<u8>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+    sub: &mut Option<Arc<Subscription>>,
+) {
     let (response, permit) = match out {
         Out::Response(r, p) => (r, p),
         Out::Subscribed(id, s, p) => {
             *sub = Some(s);
-            (Response { id, body: ResponseBody::Subscribed }, p)
+            (
+                Response {
+                    id,
+                    body: ResponseBody::Subscribed,
+                },
+                p,
+            )
         }
     };
     encode(&ServerMessage::Response(response), buf);
@@ -250,14 +287,42 @@ fn encode(msg: &ServerMessage, buf: &mut Vec<u8>) {
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("profile_requests_total", "Requests received, by op");
-    describe_counter!("profile_bad_frames_total", "Connections closed for a bad frame");
-    describe_counter!("profile_connections_rejected_total", "Connections refused at connections_max");
+    describe_counter!(
+        "profile_bad_frames_total",
+        "Connections closed for a bad frame"
+    );
+    describe_counter!(
+        "profile_connections_rejected_total",
+        "Connections refused at connections_max"
+    );
     describe_gauge!("profile_connections", "Open connections");
-    describe_gauge!("profile_subscribers", "Connections subscribed to change events");
-    describe_counter!("profile_password_checks_total", "Password checks, by result");
-    describe_counter!("profile_password_queue_full_total", "Password jobs refused: queue full (Busy)");
-    describe_counter!("profile_write_queue_full_total", "Writes refused: writer queue full (Busy)");
-    describe_counter!("profile_invalidations_sent_total", "Invalidate events queued to subscribers");
-    describe_counter!("profile_subscriber_resets_total", "Subscriber queues collapsed into a CacheReset");
-    describe_histogram!("profile_commit_seconds", Unit::Seconds, "Time of one LMDB write transaction");
+    describe_gauge!(
+        "profile_subscribers",
+        "Connections subscribed to change events"
+    );
+    describe_counter!(
+        "profile_password_checks_total",
+        "Password checks, by result"
+    );
+    describe_counter!(
+        "profile_password_queue_full_total",
+        "Password jobs refused: queue full (Busy)"
+    );
+    describe_counter!(
+        "profile_write_queue_full_total",
+        "Writes refused: writer queue full (Busy)"
+    );
+    describe_counter!(
+        "profile_invalidations_sent_total",
+        "Invalidate events queued to subscribers"
+    );
+    describe_counter!(
+        "profile_subscriber_resets_total",
+        "Subscriber queues collapsed into a CacheReset"
+    );
+    describe_histogram!(
+        "profile_commit_seconds",
+        Unit::Seconds,
+        "Time of one LMDB write transaction"
+    );
 }

@@ -17,8 +17,8 @@ use crate::{
     Result,
 };
 use proto::profile::{
-    ImportUser, RequestBody, ResponseBody, ServiceInfo, AVATAR_RANGE_BYTES_MAX,
-    GET_PROFILES_MAX, IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
+    ImportUser, RequestBody, ResponseBody, ServiceInfo, AVATAR_RANGE_BYTES_MAX, GET_PROFILES_MAX,
+    IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
 };
 use std::{path::Path, sync::Arc, thread::JoinHandle};
 
@@ -35,7 +35,11 @@ impl Service {
     /// writer thread and the password pool. The join handle is the writer
     /// thread's: it ends once every [`Service`] clone is dropped.
     pub fn open(dir: &Path, config: &Config) -> Result<(Arc<Service>, JoinHandle<()>)> {
-        let store = Arc::new(Store::open(dir, config.store.map_bytes, config.limits.clone())?);
+        let store = Arc::new(Store::open(
+            dir,
+            config.store.map_bytes,
+            config.limits.clone(),
+        )?);
         let hub = Arc::new(Hub::default());
         let (writer, handle) = Writer::start(
             store.clone(),
@@ -90,7 +94,8 @@ impl Service {
 
     /// Answer a read request (see [`Service::is_read`]).
     pub fn read(&self, body: RequestBody) -> ResponseBody {
-        self.read_inner(body).unwrap_or_else(|e| ResponseBody::Error(e.to_wire()))
+        self.read_inner(body)
+            .unwrap_or_else(|e| ResponseBody::Error(e.to_wire()))
     }
 
     fn read_inner(&self, body: RequestBody) -> Result<ResponseBody> {
@@ -110,12 +115,18 @@ impl Service {
             }
             RequestBody::LoginView { user } => ResponseBody::LoginView(s.login_view(user)?),
             RequestBody::AvatarRange { hash, offset, len } => {
-                let (total_len, bytes) = s.avatar_range(&hash, offset, len, AVATAR_RANGE_BYTES_MAX)?;
+                let (total_len, bytes) =
+                    s.avatar_range(&hash, offset, len, AVATAR_RANGE_BYTES_MAX)?;
                 ResponseBody::AvatarBytes { total_len, bytes }
             }
             RequestBody::Info => ResponseBody::Info(self.info),
             RequestBody::Ping => ResponseBody::Pong,
-            other => return Err(Error::BadRequest(format!("not a read: {}", op_name(&other)))),
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "not a read: {}",
+                    op_name(&other)
+                )))
+            }
         })
     }
 
@@ -133,7 +144,10 @@ impl Service {
         let l = self.limits();
         let op = match body {
             RequestBody::CheckPassword { username, password } => {
-                return self.check_password(&username, password).await.map(ResponseBody::User)
+                return self
+                    .check_password(&username, password)
+                    .await
+                    .map(ResponseBody::User)
             }
             RequestBody::CreateUser { username, password } => {
                 let username = fields::username(&username, l)?;
@@ -163,7 +177,11 @@ impl Service {
             },
             RequestBody::SetAvatar { user, image } => {
                 let hash = avatar::check(&image, l)?;
-                return match self.writer.write(WriteOp::SetAvatar { user, hash, image }).await? {
+                return match self
+                    .writer
+                    .write(WriteOp::SetAvatar { user, hash, image })
+                    .await?
+                {
                     Outcome::Version(version) => Ok(ResponseBody::Avatar { hash, version }),
                     other => Err(unexpected(other)),
                 };
@@ -214,7 +232,8 @@ impl Service {
     /// users cost one argon2 check too, and get the same error as a wrong
     /// password.
     pub async fn check_password(&self, username: &[u8], password: Vec<u8>) -> Result<u64> {
-        let name = fields::username(username, self.limits()).map_err(|_| Error::WrongCredentials)?;
+        let name =
+            fields::username(username, self.limits()).map_err(|_| Error::WrongCredentials)?;
         fields::password(&password).map_err(|_| Error::WrongCredentials)?;
         let account = self.store.credentials(&name)?;
         let phc = account.as_ref().map(|(_, a)| a.phc.clone());
@@ -238,10 +257,16 @@ impl Service {
             .map(|u| {
                 let username = fields::username(&u.username, self.limits())?;
                 hasher.check_imported(&u.phc)?;
-                Ok(WriteOp::CreateUser { username, phc: u.phc })
+                Ok(WriteOp::CreateUser {
+                    username,
+                    phc: u.phc,
+                })
             })
             .collect();
-        let ops: Vec<WriteOp> = checked.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+        let ops: Vec<WriteOp> = checked
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
         let mut written = self.writer.write_many(ops).await?.into_iter();
         let results = checked
             .into_iter()

@@ -40,31 +40,66 @@ async fn invalidations_are_pushed_and_a_restart_resets_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = start(dir.path(), "127.0.0.1:0");
     let addr: SocketAddr = daemon.addr;
-    let (watcher, mut events) = ProfileClient::connect_subscribed(addr.to_string(), quick_reconnect())
-        .await
-        .unwrap();
-    assert_eq!(next_event(&mut events).await, Event::CacheReset, "first event");
+    let (watcher, mut events) =
+        ProfileClient::connect_subscribed(addr.to_string(), quick_reconnect())
+            .await
+            .unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::CacheReset,
+        "first event"
+    );
 
     let writer = ProfileClient::connect(addr.to_string()).await.unwrap();
     let users = ["ann", "ben"]
-        .map(|n| ImportUser { username: n.as_bytes().to_vec(), phc: common::phc() })
+        .map(|n| ImportUser {
+            username: n.as_bytes().to_vec(),
+            phc: common::phc(),
+        })
         .to_vec();
-    let ids: Vec<u64> = writer.import_users(users).await.unwrap().into_iter().map(Result::unwrap).collect();
+    let ids: Vec<u64> = writer
+        .import_users(users)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     let (ann, ben) = (ids[0], ids[1]);
     assert_eq!(writer.check_password("ann", b"pw").await.unwrap(), ann);
 
-    let v = writer.set_profile(ann, Some("Ann"), Some("hello")).await.unwrap();
-    assert_eq!(next_event(&mut events).await, Event::Invalidate { user: ann, version: v });
+    let v = writer
+        .set_profile(ann, Some("Ann"), Some("hello"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Invalidate {
+            user: ann,
+            version: v
+        }
+    );
     writer.friend_request(ann, ben, "Friends").await.unwrap();
-    assert_eq!(next_event(&mut events).await, Event::Invalidate { user: ben, version: 2 });
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Invalidate {
+            user: ben,
+            version: 2
+        }
+    );
     writer.friend_accept(ben, ann, "Buddies").await.unwrap();
     let mut got = vec![next_event(&mut events).await, next_event(&mut events).await];
     got.sort_by_key(|e| format!("{e:?}"));
     assert_eq!(
         got,
         vec![
-            Event::Invalidate { user: ann, version: v + 1 },
-            Event::Invalidate { user: ben, version: 3 }
+            Event::Invalidate {
+                user: ann,
+                version: v + 1
+            },
+            Event::Invalidate {
+                user: ben,
+                version: 3
+            }
         ]
     );
     let view = watcher.friends(ben).await.unwrap();
@@ -80,18 +115,32 @@ async fn invalidations_are_pushed_and_a_restart_resets_the_cache() {
     };
     tokio::time::sleep(Duration::from_millis(5)).await;
     daemon.kill();
-    let outcome = tokio::time::timeout(DEADLINE, pending).await.expect("no hang").unwrap();
+    let outcome = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("no hang")
+        .unwrap();
     assert!(
         matches!(outcome, Ok(id) if id == ann) || matches!(outcome, Err(ClientError::Disconnected)),
         "{outcome:?}"
     );
-    assert_eq!(next_event(&mut events).await, Event::CacheReset, "link lost");
-    assert!(matches!(watcher.get_profile(ann).await, Err(ClientError::Disconnected)));
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::CacheReset,
+        "link lost"
+    );
+    assert!(matches!(
+        watcher.get_profile(ann).await,
+        Err(ClientError::Disconnected)
+    ));
 
     // Same address, same data: the client reconnects by itself, is told to
     // reset its cache again, and reads what was committed.
     let daemon = start(dir.path(), &addr.to_string());
-    assert_eq!(next_event(&mut events).await, Event::CacheReset, "resubscribed");
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::CacheReset,
+        "resubscribed"
+    );
     let profile = tokio::time::timeout(DEADLINE, async {
         loop {
             match watcher.get_profile(ann).await {
@@ -102,9 +151,22 @@ async fn invalidations_are_pushed_and_a_restart_resets_the_cache() {
     })
     .await
     .expect("reconnected");
-    assert_eq!((profile.nickname.as_str(), profile.signature.as_str()), ("Ann", "hello"));
-    let v = writer_after_restart(&addr).await.set_profile(ben, Some("Ben"), None).await.unwrap();
-    assert_eq!(next_event(&mut events).await, Event::Invalidate { user: ben, version: v });
+    assert_eq!(
+        (profile.nickname.as_str(), profile.signature.as_str()),
+        ("Ann", "hello")
+    );
+    let v = writer_after_restart(&addr)
+        .await
+        .set_profile(ben, Some("Ben"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Invalidate {
+            user: ben,
+            version: v
+        }
+    );
     assert!(daemon.terminate().success(), "SIGTERM exits 0");
 }
 

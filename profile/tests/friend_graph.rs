@@ -55,7 +55,8 @@ impl Model {
                 ok
             }
             Op::Accept(a, b, _) => {
-                let ok = self.requests.contains(&(a, b)) && !self.friends.contains(&Self::pair(a, b));
+                let ok =
+                    self.requests.contains(&(a, b)) && !self.friends.contains(&Self::pair(a, b));
                 if ok {
                     self.requests.remove(&(a, b));
                     self.requests.remove(&(b, a));
@@ -73,11 +74,29 @@ impl Model {
 fn request(op: &Op, ids: &[u64]) -> RequestBody {
     let group = |g: u8| format!("group {g}").into_bytes();
     match *op {
-        Op::Request(a, b, g) => RequestBody::FriendRequest { from: ids[a], to: ids[b], group: group(g) },
-        Op::Accept(a, b, g) => RequestBody::FriendAccept { user: ids[a], from: ids[b], group: group(g) },
-        Op::Reject(a, b) => RequestBody::FriendReject { user: ids[a], from: ids[b] },
-        Op::Remove(a, b) => RequestBody::FriendRemove { user: ids[a], friend: ids[b] },
-        Op::Move(a, b, g) => RequestBody::FriendMove { user: ids[a], friend: ids[b], group: group(g) },
+        Op::Request(a, b, g) => RequestBody::FriendRequest {
+            from: ids[a],
+            to: ids[b],
+            group: group(g),
+        },
+        Op::Accept(a, b, g) => RequestBody::FriendAccept {
+            user: ids[a],
+            from: ids[b],
+            group: group(g),
+        },
+        Op::Reject(a, b) => RequestBody::FriendReject {
+            user: ids[a],
+            from: ids[b],
+        },
+        Op::Remove(a, b) => RequestBody::FriendRemove {
+            user: ids[a],
+            friend: ids[b],
+        },
+        Op::Move(a, b, g) => RequestBody::FriendMove {
+            user: ids[a],
+            friend: ids[b],
+            group: group(g),
+        },
     }
 }
 

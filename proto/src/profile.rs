@@ -70,7 +70,9 @@ pub enum RequestBody {
     },
     /// Create many accounts from ready hashes in one transaction;
     /// [`ResponseBody::Imported`], one result per account in order.
-    ImportUsers { users: Vec<ImportUser> },
+    ImportUsers {
+        users: Vec<ImportUser>,
+    },
     /// Replace a password; [`ResponseBody::Done`].
     SetPassword {
         user: UserId,
@@ -78,21 +80,32 @@ pub enum RequestBody {
         password: Vec<u8>,
     },
     /// Disable (or enable again) an account; [`ResponseBody::Done`].
-    SetDisabled { user: UserId, disabled: bool },
+    SetDisabled {
+        user: UserId,
+        disabled: bool,
+    },
     /// The id of a username; [`ResponseBody::User`].
     LookupUser {
         #[serde(with = "serde_bytes")]
         username: Vec<u8>,
     },
     /// Account facts (never the hash); [`ResponseBody::Account`].
-    GetAccount { user: UserId },
+    GetAccount {
+        user: UserId,
+    },
     /// [`ResponseBody::Profile`].
-    GetProfile { user: UserId },
+    GetProfile {
+        user: UserId,
+    },
     /// [`ResponseBody::Profiles`]; unknown users are left out.
-    GetProfiles { users: Vec<UserId> },
+    GetProfiles {
+        users: Vec<UserId>,
+    },
     /// What a client reads after login: own profile, friend groups with
     /// every friend's profile, pending requests; [`ResponseBody::LoginView`].
-    LoginView { user: UserId },
+    LoginView {
+        user: UserId,
+    },
     /// Change the fields given (`None`: unchanged); [`ResponseBody::Version`].
     SetProfile {
         user: UserId,
@@ -130,9 +143,15 @@ pub enum RequestBody {
         group: Vec<u8>,
     },
     /// `user` rejects the request of `from`.
-    FriendReject { user: UserId, from: UserId },
+    FriendReject {
+        user: UserId,
+        from: UserId,
+    },
     /// End a friendship, on both sides.
-    FriendRemove { user: UserId, friend: UserId },
+    FriendRemove {
+        user: UserId,
+        friend: UserId,
+    },
     /// Move `friend` into `user`'s group `group` (created if missing).
     FriendMove {
         user: UserId,
@@ -261,7 +280,10 @@ pub enum ResponseBody {
     LoginView(LoginView),
     /// The user's version after the change.
     Version(u64),
-    Avatar { hash: AvatarHash, version: u64 },
+    Avatar {
+        hash: AvatarHash,
+        version: u64,
+    },
     AvatarBytes {
         /// The whole image's size.
         total_len: u32,

@@ -4,8 +4,12 @@
 //! storage shard); later groups (presence, user, rebalance, up, chat) plug in
 //! the same way: a clap `Args` type and an async `run`.
 
+mod avatar_cmd;
+mod friend_cmd;
 mod output;
+mod profile_conn;
 mod shard_cmd;
+mod user_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,6 +28,12 @@ struct Cli {
 enum Command {
     /// Talk to one msgstore shard directly.
     Shard(shard_cmd::ShardArgs),
+    /// Accounts on the profile service: add, passwd, disable, show, import.
+    User(user_cmd::UserArgs),
+    /// Friend requests and friend lists on the profile service.
+    Friend(friend_cmd::FriendArgs),
+    /// Avatar images on the profile service.
+    Avatar(avatar_cmd::AvatarArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +52,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Shard(args) => shard_cmd::run(args, &out).await,
+            Command::User(args) => user_cmd::run(args, &out).await,
+            Command::Friend(args) => friend_cmd::run(args, &out).await,
+            Command::Avatar(args) => avatar_cmd::run(args, &out).await,
         }
     });
     match result {

@@ -58,7 +58,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 fn run(args: Args) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(profile::config::resolve_threads(config.server.worker_threads))
+        .worker_threads(profile::config::resolve_threads(
+            config.server.worker_threads,
+        ))
         .thread_name("profile-io")
         .enable_all()
         .build()

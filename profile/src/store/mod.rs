@@ -73,7 +73,8 @@ impl Store {
     /// directory lock).
     pub fn open(dir: &Path, map_bytes: u64, limits: Limits) -> Result<Store> {
         std::fs::create_dir_all(dir)?;
-        let map_bytes = usize::try_from(map_bytes).map_err(|_| Error::Config("map_bytes".into()))?;
+        let map_bytes =
+            usize::try_from(map_bytes).map_err(|_| Error::Config("map_bytes".into()))?;
         // SAFETY: the data directory is locked by this process, so nothing
         // else opens this environment, and we open it once.
         let env = unsafe {
@@ -133,21 +134,33 @@ impl Store {
         Ok(self.env.read_txn()?)
     }
 
-    pub(crate) fn account_in(&self, txn: &RoTxn<'_, WithoutTls>, user: UserId) -> Result<Option<AccountRecord>> {
+    pub(crate) fn account_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        user: UserId,
+    ) -> Result<Option<AccountRecord>> {
         self.accounts
             .get(txn, &user)?
             .map(|b| decode("account", b))
             .transpose()
     }
 
-    pub(crate) fn profile_in(&self, txn: &RoTxn<'_, WithoutTls>, user: UserId) -> Result<Option<ProfileRecord>> {
+    pub(crate) fn profile_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        user: UserId,
+    ) -> Result<Option<ProfileRecord>> {
         self.profiles
             .get(txn, &user)?
             .map(|b| decode("profile", b))
             .transpose()
     }
 
-    pub(crate) fn friends_in(&self, txn: &RoTxn<'_, WithoutTls>, user: UserId) -> Result<FriendsRecord> {
+    pub(crate) fn friends_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        user: UserId,
+    ) -> Result<FriendsRecord> {
         Ok(self
             .friends
             .get(txn, &user)?
@@ -244,9 +257,11 @@ impl Store {
         let mut requests = Vec::new();
         for item in self.requests.prefix_iter(&txn, &user.to_be_bytes())? {
             let (key, _group) = item?;
-            let from = u64::from_be_bytes(key[8..16].try_into().map_err(|_| {
-                Error::Corrupt("friend request key is not 16 bytes".into())
-            })?);
+            let from = u64::from_be_bytes(
+                key[8..16]
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("friend request key is not 16 bytes".into()))?,
+            );
             let username = self
                 .profile_in(&txn, from)?
                 .map(|p| p.username)
@@ -261,7 +276,13 @@ impl Store {
     }
 
     /// `len` bytes (at most `max`) of an avatar from `offset`, and its size.
-    pub fn avatar_range(&self, hash: &AvatarHash, offset: u32, len: u32, max: u32) -> Result<(u32, Vec<u8>)> {
+    pub fn avatar_range(
+        &self,
+        hash: &AvatarHash,
+        offset: u32,
+        len: u32,
+        max: u32,
+    ) -> Result<(u32, Vec<u8>)> {
         let txn = self.read_txn()?;
         let image = self
             .avatars

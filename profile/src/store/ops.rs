@@ -15,9 +15,18 @@ use std::collections::{BTreeMap, HashMap};
 /// One change the writer applies. Text fields are already validated.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    CreateUser { username: String, phc: String },
-    SetPassword { user: UserId, phc: String },
-    SetDisabled { user: UserId, disabled: bool },
+    CreateUser {
+        username: String,
+        phc: String,
+    },
+    SetPassword {
+        user: UserId,
+        phc: String,
+    },
+    SetDisabled {
+        user: UserId,
+        disabled: bool,
+    },
     SetProfile {
         user: UserId,
         nickname: Option<String>,
@@ -28,12 +37,33 @@ pub enum WriteOp {
         hash: AvatarHash,
         image: Vec<u8>,
     },
-    FriendRequest { from: UserId, to: UserId, group: String },
-    FriendAccept { user: UserId, from: UserId, group: String },
-    FriendReject { user: UserId, from: UserId },
-    FriendRemove { user: UserId, friend: UserId },
-    FriendMove { user: UserId, friend: UserId, group: String },
-    ImportFriendships { group: String, pairs: Vec<(UserId, UserId)> },
+    FriendRequest {
+        from: UserId,
+        to: UserId,
+        group: String,
+    },
+    FriendAccept {
+        user: UserId,
+        from: UserId,
+        group: String,
+    },
+    FriendReject {
+        user: UserId,
+        from: UserId,
+    },
+    FriendRemove {
+        user: UserId,
+        friend: UserId,
+    },
+    FriendMove {
+        user: UserId,
+        friend: UserId,
+        group: String,
+    },
+    ImportFriendships {
+        group: String,
+        pairs: Vec<(UserId, UserId)>,
+    },
 }
 
 /// What a successful op returns.
@@ -55,12 +85,15 @@ fn now_ms() -> u64 {
 
 impl Store {
     /// Apply `op` in `txn`; the users it changed are pushed to `changes`.
-    pub(crate) fn apply(&self, txn: &mut RwTxn, op: WriteOp, changes: &mut Changes) -> Result<Outcome> {
+    pub(crate) fn apply(
+        &self,
+        txn: &mut RwTxn,
+        op: WriteOp,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
         match op {
             WriteOp::CreateUser { username, phc } => self.create_user(txn, username, phc),
-            WriteOp::SetPassword { user, phc } => {
-                self.update_account(txn, user, |a| a.phc = phc)
-            }
+            WriteOp::SetPassword { user, phc } => self.update_account(txn, user, |a| a.phc = phc),
             WriteOp::SetDisabled { user, disabled } => {
                 self.update_account(txn, user, |a| a.disabled = disabled)
             }
@@ -80,11 +113,15 @@ impl Store {
             }
             WriteOp::FriendReject { user, from } => {
                 if !self.requests.delete(txn, &request_key(user, from))? {
-                    return Err(Error::NotFound(format!("friend request from {from} to {user}")));
+                    return Err(Error::NotFound(format!(
+                        "friend request from {from} to {user}"
+                    )));
                 }
                 self.bump(txn, user, changes)
             }
-            WriteOp::FriendRemove { user, friend } => self.friend_remove(txn, user, friend, changes),
+            WriteOp::FriendRemove { user, friend } => {
+                self.friend_remove(txn, user, friend, changes)
+            }
             WriteOp::FriendMove {
                 user,
                 friend,
@@ -107,7 +144,8 @@ impl Store {
             ),
             None => 1,
         };
-        self.meta.put(txn, META_NEXT_USER, &(user + 1).to_be_bytes())?;
+        self.meta
+            .put(txn, META_NEXT_USER, &(user + 1).to_be_bytes())?;
         self.usernames.put(txn, &username, &user)?;
         let account = AccountRecord {
             username: username.clone(),
@@ -125,7 +163,12 @@ impl Store {
         Ok(Outcome::User(user))
     }
 
-    fn update_account(&self, txn: &mut RwTxn, user: UserId, f: impl FnOnce(&mut AccountRecord)) -> Result<Outcome> {
+    fn update_account(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        f: impl FnOnce(&mut AccountRecord),
+    ) -> Result<Outcome> {
         let mut a: AccountRecord = match self.accounts.get(txn, &user)? {
             Some(b) => decode("account", b)?,
             None => return Err(Error::not_found_user(user)),
@@ -141,7 +184,13 @@ impl Store {
     }
 
     /// Write `p` with its version increased; the new version.
-    fn put_profile(&self, txn: &mut RwTxn, user: UserId, mut p: ProfileRecord, changes: &mut Changes) -> Result<u64> {
+    fn put_profile(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        mut p: ProfileRecord,
+        changes: &mut Changes,
+    ) -> Result<u64> {
         p.version += 1;
         self.profiles.put(txn, &user, &encode(&p)?)?;
         changes.push((user, p.version));
@@ -231,7 +280,14 @@ impl Store {
         Ok(())
     }
 
-    fn friend_request(&self, txn: &mut RwTxn, from: UserId, to: UserId, group: &str, changes: &mut Changes) -> Result<Outcome> {
+    fn friend_request(
+        &self,
+        txn: &mut RwTxn,
+        from: UserId,
+        to: UserId,
+        group: &str,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
         if from == to {
             return Err(Error::InvalidField {
                 field: "friend",
@@ -259,13 +315,24 @@ impl Store {
         Ok(Outcome::Done)
     }
 
-    fn friend_accept(&self, txn: &mut RwTxn, user: UserId, from: UserId, group: &str, changes: &mut Changes) -> Result<Outcome> {
+    fn friend_accept(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        from: UserId,
+        group: &str,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
         let key = request_key(user, from);
         let their_group = match self.requests.get(txn, &key)? {
             Some(g) => std::str::from_utf8(g)
                 .map_err(|_| Error::Corrupt("friend request group is not UTF-8".into()))?
                 .to_owned(),
-            None => return Err(Error::NotFound(format!("friend request from {from} to {user}"))),
+            None => {
+                return Err(Error::NotFound(format!(
+                    "friend request from {from} to {user}"
+                )))
+            }
         };
         let mut mine = self.friends_rw(txn, user)?;
         let mut theirs = self.friends_rw(txn, from)?;
@@ -285,7 +352,13 @@ impl Store {
         Ok(Outcome::Done)
     }
 
-    fn friend_remove(&self, txn: &mut RwTxn, user: UserId, friend: UserId, changes: &mut Changes) -> Result<Outcome> {
+    fn friend_remove(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        friend: UserId,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
         let mut mine = self.friends_rw(txn, user)?;
         let mut theirs = self.friends_rw(txn, friend)?;
         if !mine.remove(friend) {
@@ -303,7 +376,14 @@ impl Store {
         Ok(Outcome::Done)
     }
 
-    fn friend_move(&self, txn: &mut RwTxn, user: UserId, friend: UserId, group: &str, changes: &mut Changes) -> Result<Outcome> {
+    fn friend_move(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        friend: UserId,
+        group: &str,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
         let mut mine = self.friends_rw(txn, user)?;
         if !mine.remove(friend) {
             return Err(Error::NotFriends(user, friend));
@@ -316,7 +396,13 @@ impl Store {
 
     /// Every pair becomes friends (pairs already friends are skipped); each
     /// touched list is read and written once.
-    fn import_friendships(&self, txn: &mut RwTxn, group: &str, pairs: &[(UserId, UserId)], changes: &mut Changes) -> Result<Outcome> {
+    fn import_friendships(
+        &self,
+        txn: &mut RwTxn,
+        group: &str,
+        pairs: &[(UserId, UserId)],
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
         let mut lists: HashMap<UserId, FriendsRecord> = HashMap::new();
         for &(a, b) in pairs {
             if a == b {

@@ -29,7 +29,12 @@ pub struct Writer {
 
 impl Writer {
     /// Start the writer thread for `store`; changes go to `hub`.
-    pub fn start(store: Arc<Store>, hub: Arc<Hub>, queue_max: usize, batch_max: usize) -> Result<(Writer, std::thread::JoinHandle<()>)> {
+    pub fn start(
+        store: Arc<Store>,
+        hub: Arc<Hub>,
+        queue_max: usize,
+        batch_max: usize,
+    ) -> Result<(Writer, std::thread::JoinHandle<()>)> {
         let (jobs, rx) = flume::bounded::<Job>(queue_max);
         let handle = std::thread::Builder::new()
             .name("profile-writer".into())
