@@ -4,6 +4,7 @@ mod disk;
 mod inproc;
 mod load;
 mod procs;
+mod profile;
 mod redis;
 mod report;
 mod shard_driver;
@@ -24,6 +25,9 @@ enum Cmd {
     /// Mailbox storage: our shard vs a private redis-server, the engine
     /// in-process, and the raw disk ceiling, measured in the same run.
     Storage(storage::StorageArgs),
+    /// Login reads (own profile + friend list + friends' profiles) from our
+    /// profile service vs a private redis-server; password checks/s.
+    Profile(profile::ProfileArgs),
 }
 
 #[tokio::main]
@@ -31,5 +35,6 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Storage(args) => storage::run(args).await,
+        Cmd::Profile(args) => profile::run(args).await,
     }
 }

@@ -284,7 +284,7 @@ pub fn render_table(report: &StorageReport) -> String {
     out
 }
 
-pub fn write_json(path: &Path, report: &StorageReport) -> Result<()> {
+pub fn write_json<T: Serialize>(path: &Path, report: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(report).context("serialize report")?;
     std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
 }

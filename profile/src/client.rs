@@ -35,7 +35,7 @@ use std::{
     time::Duration,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpStream,
@@ -590,29 +590,11 @@ async fn supervise(inner: Weak<Inner>, mut waiters: Arc<Waiters>) {
     }
 }
 
-async fn write_frames(
-    mut wr: OwnedWriteHalf,
-    mut frames: mpsc::Receiver<Vec<u8>>,
-    waiters: Arc<Waiters>,
-) {
-    let mut out = Vec::new();
-    while let Some(first) = frames.recv().await {
-        out.clear();
-        out.extend_from_slice(&first);
-        while out.len() < WRITE_BATCH_BYTES_MAX {
-            match frames.try_recv() {
-                Ok(frame) => out.extend_from_slice(&frame),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = wr.write_all(&out).await {
-            tracing::debug!(error = %e, "profile client write failed");
-            waiters.close();
-            return;
-        }
+async fn write_frames(wr: OwnedWriteHalf, frames: mpsc::Receiver<Vec<u8>>, waiters: Arc<Waiters>) {
+    if let Err(e) = daemon::link::write_frames(wr, frames, WRITE_BATCH_BYTES_MAX).await {
+        tracing::debug!(error = %e, "profile client write failed");
+        waiters.close();
     }
-    // Every handle is gone: close our side; the reader ends at EOF.
-    let _ = wr.shutdown().await;
 }
 
 async fn read_messages(

@@ -33,6 +33,17 @@ impl Hasher {
         })
     }
 
+    /// A hasher with the parameters a service reported (`Info`), for
+    /// hashing passwords outside it (bulk imports).
+    pub fn for_service(info: &proto::profile::ServiceInfo) -> Result<Self> {
+        Self::new(&PasswordConfig {
+            argon2_m_kib: info.argon2_m_kib,
+            argon2_t: info.argon2_t,
+            argon2_p: info.argon2_p,
+            ..PasswordConfig::default()
+        })
+    }
+
     /// A PHC string (`$argon2id$v=19$m=..,t=..,p=..$salt$hash`) of
     /// `password` with a fresh random salt.
     pub fn hash(&self, password: &[u8]) -> Result<String> {
@@ -82,6 +93,25 @@ impl Hasher {
     }
 }
 
+/// Put `job` on a bounded queue, or refuse it at once: [`Error::Busy`]
+/// (counted in `counter`) if the queue is full, [`Error::Closed`] if its
+/// consumers are gone.
+pub(crate) fn try_submit<T>(
+    queue: &flume::Sender<T>,
+    job: T,
+    full: &'static str,
+    counter: &'static str,
+) -> Result<()> {
+    match queue.try_send(job) {
+        Ok(()) => Ok(()),
+        Err(flume::TrySendError::Full(_)) => {
+            metrics::counter!(counter).increment(1);
+            Err(Error::Busy(full))
+        }
+        Err(flume::TrySendError::Disconnected(_)) => Err(Error::Closed),
+    }
+}
+
 /// A fixed set of threads running password jobs from a bounded queue.
 pub struct PasswordPool {
     jobs: flume::Sender<Job>,
@@ -126,14 +156,12 @@ impl PasswordPool {
         let job: Job = Box::new(move || {
             let _ = tx.send(f(&hasher));
         });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(flume::TrySendError::Full(_)) => {
-                metrics::counter!("profile_password_queue_full_total").increment(1);
-                return Err(Error::Busy("password queue full"));
-            }
-            Err(flume::TrySendError::Disconnected(_)) => return Err(Error::Closed),
-        }
+        try_submit(
+            &self.jobs,
+            job,
+            "password queue full",
+            "profile_password_queue_full_total",
+        )?;
         rx.await.map_err(|_| Error::Closed)
     }
 

@@ -12,8 +12,10 @@ pub struct TestService {
 }
 
 pub fn config(dir: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.data = dir.to_owned();
+    let mut config = Config {
+        data: dir.to_owned(),
+        ..Config::default()
+    };
     config.store.map_bytes = 64 << 20;
     config.passwords.threads = 2;
     config

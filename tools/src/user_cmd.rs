@@ -237,12 +237,7 @@ async fn import(
 ) -> anyhow::Result<()> {
     let lines = read_lines(file)?;
     let info = client.info().await?;
-    let hasher = Hasher::new(&profile::config::PasswordConfig {
-        argon2_m_kib: info.argon2_m_kib,
-        argon2_t: info.argon2_t,
-        argon2_p: info.argon2_p,
-        ..Default::default()
-    })?;
+    let hasher = Hasher::for_service(&info)?;
     // imctl's runtime has nothing else to do meanwhile: hash right here.
     let phcs = hash_all(&lines, &hasher, reuse)?;
     let mut batches = Vec::new();

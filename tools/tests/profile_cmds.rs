@@ -1,51 +1,29 @@
 //! `imctl user`, `friend` and `avatar` against a real profile daemon (run
 //! in-process on port 0).
 
-use std::process::Command;
+mod common;
 
 fn imctl(addr: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imctl"))
-        .args(args)
-        .args(["--addr", addr])
-        .env_remove("IMCTL_PASSWORD")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run imctl");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--addr", addr]);
+    common::run(&all, stdin)
 }
 
 fn json(addr: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (ok, stdout, stderr) = imctl(addr, &all, None);
-    assert!(ok, "imctl {args:?} failed: {stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("bad JSON {stdout:?}: {e}"))
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--addr", addr]);
+    common::json(&all)
 }
 
 #[test]
 fn users_friends_and_avatars() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut config = profile::Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.data = dir.path().join("profile");
+    let mut config = profile::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: dir.path().join("profile"),
+        ..profile::Config::default()
+    };
     config.store.map_bytes = 64 << 20;
     let running = runtime
         .block_on(profile::daemon::start(config))

@@ -29,13 +29,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     daemon::init_tracing();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("profile: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::exit_code("profile", run(args))
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {

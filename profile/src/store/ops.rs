@@ -412,9 +412,9 @@ impl Store {
                 });
             }
             for u in [a, b] {
-                if !lists.contains_key(&u) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = lists.entry(u) {
                     self.profile_rw(txn, u)?;
-                    lists.insert(u, self.friends_rw(txn, u)?);
+                    slot.insert(self.friends_rw(txn, u)?);
                 }
             }
             if lists[&a].contains(b) {

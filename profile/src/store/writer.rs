@@ -46,14 +46,12 @@ impl Writer {
     /// commit; one result per op, in order.
     pub async fn write_many(&self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
         let (reply, rx) = oneshot::channel();
-        match self.jobs.try_send(Job { ops, reply }) {
-            Ok(()) => {}
-            Err(flume::TrySendError::Full(_)) => {
-                metrics::counter!("profile_write_queue_full_total").increment(1);
-                return Err(Error::Busy("write queue full"));
-            }
-            Err(flume::TrySendError::Disconnected(_)) => return Err(Error::Closed),
-        }
+        crate::passwords::try_submit(
+            &self.jobs,
+            Job { ops, reply },
+            "write queue full",
+            "profile_write_queue_full_total",
+        )?;
         rx.await.map_err(|_| Error::Closed)
     }
 
