@@ -68,6 +68,16 @@ pub(crate) fn request_key(to: UserId, from: UserId) -> [u8; 16] {
     k
 }
 
+/// The postcard record of `user` in `db`, if any.
+fn record_in<T: serde::de::DeserializeOwned>(
+    db: &UserDb,
+    txn: &RoTxn<'_, WithoutTls>,
+    user: UserId,
+    what: &str,
+) -> Result<Option<T>> {
+    db.get(txn, &user)?.map(|b| decode(what, b)).transpose()
+}
+
 impl Store {
     /// Open (or create) the environment in `dir` (the caller holds the
     /// directory lock).
@@ -139,10 +149,7 @@ impl Store {
         txn: &RoTxn<'_, WithoutTls>,
         user: UserId,
     ) -> Result<Option<AccountRecord>> {
-        self.accounts
-            .get(txn, &user)?
-            .map(|b| decode("account", b))
-            .transpose()
+        record_in(&self.accounts, txn, user, "account")
     }
 
     pub(crate) fn profile_in(
@@ -150,10 +157,7 @@ impl Store {
         txn: &RoTxn<'_, WithoutTls>,
         user: UserId,
     ) -> Result<Option<ProfileRecord>> {
-        self.profiles
-            .get(txn, &user)?
-            .map(|b| decode("profile", b))
-            .transpose()
+        record_in(&self.profiles, txn, user, "profile")
     }
 
     pub(crate) fn friends_in(
@@ -161,12 +165,7 @@ impl Store {
         txn: &RoTxn<'_, WithoutTls>,
         user: UserId,
     ) -> Result<FriendsRecord> {
-        Ok(self
-            .friends
-            .get(txn, &user)?
-            .map(|b| decode("friends", b))
-            .transpose()?
-            .unwrap_or_default())
+        Ok(record_in(&self.friends, txn, user, "friends")?.unwrap_or_default())
     }
 
     /// The id and PHC hash of `username`, or `None`.
