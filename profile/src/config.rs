@@ -160,6 +160,9 @@ impl Default for Limits {
     }
 }
 
+/// Room for the rest of a `SetAvatar` request around its image bytes.
+const AVATAR_FRAME_OVERHEAD_BYTES: u64 = 64;
+
 fn range(name: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
     if v < lo || v > hi {
         Err(format!("{name} = {v} is outside {lo}..={hi}"))
@@ -289,6 +292,15 @@ impl Config {
             1,
             16384,
         )?;
+        // A SetAvatar request carries the whole image plus a few header bytes.
+        let avatar_frame = l.avatar_bytes_max as u64 + AVATAR_FRAME_OVERHEAD_BYTES;
+        if (s.frame_body_bytes_max as u64) < avatar_frame {
+            return Err(format!(
+                "server.frame_body_bytes_max = {} cannot carry an avatar of \
+                 limits.avatar_bytes_max = {} bytes (needs at least {avatar_frame})",
+                s.frame_body_bytes_max, l.avatar_bytes_max
+            ));
+        }
         Ok(())
     }
 
@@ -332,5 +344,11 @@ mod tests {
         let mut weak = Config::default();
         weak.passwords.argon2_m_kib = 1024;
         assert!(weak.validate().unwrap_err().contains("argon2_m_kib"));
+        let mut small = Config::default();
+        small.server.frame_body_bytes_max = 4096;
+        assert!(small
+            .validate()
+            .unwrap_err()
+            .contains("frame_body_bytes_max"));
     }
 }
