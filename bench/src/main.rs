@@ -5,6 +5,7 @@ mod inproc;
 mod load;
 mod presence;
 mod procs;
+mod profile;
 mod redis;
 mod report;
 mod shard_driver;
@@ -28,6 +29,9 @@ enum Cmd {
     /// Presence: our presence server vs a private redis-server holding the
     /// same online users (memory per user, batched lookups, updates).
     Presence(presence::PresenceArgs),
+    /// Login reads (own profile + friend list + friends' profiles) from our
+    /// profile service vs a private redis-server; password checks/s.
+    Profile(profile::ProfileArgs),
 }
 
 #[tokio::main]
@@ -36,5 +40,6 @@ async fn main() -> Result<()> {
     match cli.command {
         Cmd::Storage(args) => storage::run(args).await,
         Cmd::Presence(args) => presence::run(args).await,
+        Cmd::Profile(args) => profile::run(args).await,
     }
 }

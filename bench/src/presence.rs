@@ -15,7 +15,6 @@ use crate::{
     procs::{self, ChildProc},
     redis::{self, RedisAof},
     report::{self, PhaseResult},
-    shard_driver,
     storage::{phase, users_of, with_cpu, Measured},
 };
 use anyhow::{bail, Context, Result};
@@ -34,7 +33,6 @@ use std::{
     time::Duration,
 };
 
-const LISTENING_NEEDLE: &str = "presence listening on ";
 const SEED: u64 = 0x9E5E_11CE;
 /// Seconds-since-epoch stored with every entry (any fixed value: both
 /// sides store the same).
@@ -462,7 +460,7 @@ pub async fn run(args: PresenceArgs) -> Result<()> {
 }
 
 fn start_presence(explicit: Option<&Path>) -> Result<(ChildProc, SocketAddr)> {
-    let bin = shard_driver::locate_daemon("presence", explicit)?;
+    let bin = procs::locate_sibling("presence", "presence", explicit)?;
     let mut cmd = Command::new(bin);
     // Connections of one phase end before the next phase's register again:
     // the gateways' users must outlive the gap.
@@ -471,15 +469,7 @@ fn start_presence(explicit: Option<&Path>) -> Result<(ChildProc, SocketAddr)> {
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
     }
-    let (proc, line) = procs::spawn_and_wait_for_line(
-        "presence",
-        &mut cmd,
-        LISTENING_NEEDLE,
-        Duration::from_secs(60),
-    )?;
-    let addr = shard_driver::parse_listening_line(&line, LISTENING_NEEDLE)
-        .with_context(|| format!("no address in presence's line {line:?}"))?;
-    Ok((proc, addr))
+    procs::start_daemon("presence", &mut cmd, Duration::from_secs(60))
 }
 
 /// Load, measure memory, look up, update; then stop the server.

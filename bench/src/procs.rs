@@ -4,7 +4,8 @@ use anyhow::{bail, Context, Result};
 use std::{
     collections::VecDeque,
     io::{BufRead, BufReader, Read},
-    net::TcpListener,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{mpsc, Arc, Mutex},
     time::{Duration, Instant},
@@ -154,6 +155,53 @@ pub fn spawn_and_wait_for_line(
     }
 }
 
+/// A daemon binary: `explicit`, else `name` next to this executable (where
+/// `cargo build -p PACKAGE -p bench` puts it).
+pub fn locate_sibling(name: &str, package: &str, explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("locate the imbench executable")?;
+    let bin = exe
+        .parent()
+        .context("imbench executable has no directory")?
+        .join(name);
+    if !bin.exists() {
+        bail!(
+            "no {name} binary at {} (build it with `cargo build --release -p {package} -p bench`, \
+             or pass --{name}-bin PATH)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Start one of our daemons and wait (up to `timeout`) for its
+/// `"<name> listening on ADDR"` line; the process and the address.
+pub fn start_daemon(
+    name: &str,
+    cmd: &mut Command,
+    timeout: Duration,
+) -> Result<(ChildProc, SocketAddr)> {
+    let needle = format!("{name} listening on ");
+    let (proc, line) = spawn_and_wait_for_line(name, cmd, &needle, timeout)?;
+    let addr = parse_listening_line(&line, &needle)
+        .with_context(|| format!("no address in {name}'s line {line:?}"))?;
+    Ok((proc, addr))
+}
+
+/// The address after `needle`, ignoring colour codes and trailing
+/// punctuation.
+fn parse_listening_line(line: &str, needle: &str) -> Option<SocketAddr> {
+    let start = line.find(needle)? + needle.len();
+    let word: String = line[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
+        .collect();
+    let word = word.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '[' || c == ']'));
+    word.parse().ok()
+}
+
 /// CPU time (user + system, all threads) `pid` has used so far.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
     let path = format!("/proc/{pid}/stat");
@@ -212,6 +260,21 @@ pub fn free_loopback_port() -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_address_in_log_lines() {
+        const N: &str = "msgstore listening on ";
+        let a: SocketAddr = "127.0.0.1:4567".parse().unwrap();
+        for line in [
+            "msgstore listening on 127.0.0.1:4567",
+            "2024-01-01T00:00:00Z  INFO msgstore: msgstore listening on 127.0.0.1:4567 fsync=always",
+            "\u{1b}[2mts\u{1b}[0m msgstore listening on 127.0.0.1:4567\u{1b}[0m",
+            "msgstore listening on 127.0.0.1:4567.",
+        ] {
+            assert_eq!(parse_listening_line(line, N), Some(a), "{line}");
+        }
+        assert_eq!(parse_listening_line("starting", N), None);
+    }
 
     #[test]
     fn cpu_ticks_are_read_after_the_command_name() {

@@ -119,6 +119,14 @@ impl RespCodec {
     }
 }
 
+/// Append one command (an array of bulk strings) to `out`.
+pub fn put_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let _ = write!(out, "*{}\r\n", args.len());
+    for a in args {
+        put_bulk(out, a);
+    }
+}
+
 pub(crate) fn put_bulk(out: &mut Vec<u8>, bytes: &[u8]) {
     let _ = write!(out, "${}\r\n", bytes.len());
     out.extend_from_slice(bytes);
@@ -191,62 +199,84 @@ fn int(bytes: &[u8]) -> Result<i64> {
         .with_context(|| format!("bad RESP integer {:?}", String::from_utf8_lossy(bytes)))
 }
 
-/// Parse one reply from the front of `buf`: `(bytes used, reply)`, or `None`
-/// if incomplete. Array elements are copied out once the array is complete.
-fn parse_reply(buf: &[u8]) -> Result<Option<(usize, Reply)>> {
-    let Some(&kind) = buf.first() else {
+/// One RESP2 reply, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RespValue {
+    Simple(Vec<u8>),
+    Int(i64),
+    Error(String),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<RespValue>),
+}
+
+/// Parse one reply from the front of `buf`: `(bytes used, value)`, or
+/// `None` if it is not complete yet.
+pub fn parse_value(buf: &[u8]) -> Result<Option<(usize, RespValue)>> {
+    parse_at(buf, 0)
+}
+
+/// The value starting at `at` and the offset after it.
+fn parse_at(buf: &[u8], at: usize) -> Result<Option<(usize, RespValue)>> {
+    let Some(&kind) = buf.get(at) else {
         return Ok(None);
     };
-    let Some((body, mut at)) = line(buf, 1) else {
+    let Some((body, mut at)) = line(buf, at + 1) else {
         return Ok(None);
     };
-    let reply = match kind {
-        b'+' => Reply::Trimmed,
-        b':' => {
-            int(body)?;
-            Reply::Appended
+    let value = match kind {
+        b'+' => RespValue::Simple(body.to_vec()),
+        b':' => RespValue::Int(int(body)?),
+        b'-' => RespValue::Error(String::from_utf8_lossy(body).into_owned()),
+        b'$' => {
+            let Ok(len) = usize::try_from(int(body)?) else {
+                return Ok(Some((at, RespValue::Bulk(None))));
+            };
+            let Some(bytes) = buf.get(at..at + len) else {
+                return Ok(None);
+            };
+            if buf.len() < at + len + 2 {
+                return Ok(None);
+            }
+            let value = RespValue::Bulk(Some(bytes.to_vec()));
+            at += len + 2;
+            value
         }
-        b'-' => Reply::Error(String::from_utf8_lossy(body).into_owned()),
         b'*' => {
-            let n = int(body)?;
-            let mut elements = Vec::with_capacity(usize::try_from(n.max(0)).unwrap_or(0));
-            for _ in 0..n.max(0) {
-                let Some((head, after)) = line(buf, at) else {
+            let n = int(body)?.max(0);
+            let mut elements = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(4096));
+            for _ in 0..n {
+                let Some((after, element)) = parse_at(buf, at)? else {
                     return Ok(None);
                 };
-                if head.first() != Some(&b'$') {
-                    bail!(
-                        "unexpected RESP array element {:?}",
-                        String::from_utf8_lossy(head)
-                    );
-                }
-                let len = int(&head[1..])?;
-                let bytes = usize::try_from(len.max(0)).context("bulk length")?;
-                elements.push((after, bytes));
-                at = after + bytes;
-                if len >= 0 {
-                    at += 2;
-                }
-                if at > buf.len() {
-                    return Ok(None);
-                }
+                elements.push(element);
+                at = after;
             }
-            // Own every message, as the shard's client does (it decodes a
-            // page into owned records): both sides do the same client work.
-            let owned: Vec<Vec<u8>> = elements
-                .iter()
-                .map(|(start, len)| buf[*start..start + len].to_vec())
-                .collect();
-            std::hint::black_box(owned);
-            Reply::Page {
-                count: n.max(0) as u64,
-                last_seq: None,
-                more: None,
-            }
+            RespValue::Array(elements)
         }
         other => bail!("unexpected RESP reply type {:?}", other as char),
     };
-    Ok(Some((at, reply)))
+    Ok(Some((at, value)))
+}
+
+/// Parse one mailbox reply from the front of `buf`: `(bytes used, reply)`,
+/// or `None` if incomplete. Array elements are owned copies, as the shard's
+/// client owns the records of a page: both sides do the same client work.
+fn parse_reply(buf: &[u8]) -> Result<Option<(usize, Reply)>> {
+    let Some((used, value)) = parse_value(buf)? else {
+        return Ok(None);
+    };
+    let reply = match value {
+        RespValue::Simple(_) => Reply::Trimmed,
+        RespValue::Int(_) => Reply::Appended,
+        RespValue::Error(e) => Reply::Error(e),
+        RespValue::Array(elements) => Reply::Page {
+            count: elements.len() as u64,
+            last_seq: None,
+            more: None,
+        },
+        RespValue::Bulk(_) => bail!("unexpected RESP bulk reply to a mailbox op"),
+    };
+    Ok(Some((used, reply)))
 }
 
 #[cfg(test)]

@@ -24,8 +24,6 @@ use tokio::{
     net::TcpStream,
 };
 
-const LISTENING_NEEDLE: &str = "msgstore listening on ";
-
 /// A running `msgstore` daemon.
 pub struct ShardServer {
     pub proc: ChildProc,
@@ -38,28 +36,7 @@ pub struct ShardServer {
 
 /// The daemon binary: `explicit`, else `msgstore` next to this executable.
 pub fn locate_msgstore(explicit: Option<&Path>) -> Result<PathBuf> {
-    locate_daemon("msgstore", explicit)
-}
-
-/// The binary of daemon `name` (also its package): `explicit`, else `name`
-/// next to this executable.
-pub fn locate_daemon(name: &str, explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    let exe = std::env::current_exe().context("locate the imbench executable")?;
-    let bin = exe
-        .parent()
-        .context("imbench executable has no directory")?
-        .join(name);
-    if !bin.exists() {
-        bail!(
-            "no {name} binary at {} (build it with `cargo build --release -p {name} -p bench`, \
-             or pass --{name}-bin PATH)",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    procs::locate_sibling("msgstore", "msgstore", explicit)
 }
 
 /// Start the daemon on a free loopback port and wait for its listening line.
@@ -85,32 +62,13 @@ pub fn start(
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
-    let (proc, line) = procs::spawn_and_wait_for_line(
-        "msgstore",
-        &mut cmd,
-        LISTENING_NEEDLE,
-        Duration::from_secs(600),
-    )?;
-    let addr = parse_listening_line(&line, LISTENING_NEEDLE)
-        .with_context(|| format!("no address in msgstore's line {line:?}"))?;
+    let (proc, addr) = procs::start_daemon("msgstore", &mut cmd, Duration::from_secs(600))?;
     Ok(ShardServer {
         proc,
         addr,
         data_dir: data_dir.to_path_buf(),
         start_secs: started.elapsed().as_secs_f64(),
     })
-}
-
-/// The address after `needle` ("msgstore listening on "), ignoring colour
-/// codes and trailing punctuation.
-pub fn parse_listening_line(line: &str, needle: &str) -> Option<SocketAddr> {
-    let start = line.find(needle)? + needle.len();
-    let word: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '\u{1b}')
-        .collect();
-    let word = word.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '[' || c == ']'));
-    word.parse().ok()
 }
 
 /// Encodes ops as shard requests with sequential ids; the shard answers one
@@ -222,20 +180,6 @@ pub async fn fetch_stats(addr: SocketAddr) -> Result<ShardStats> {
 mod tests {
     use super::*;
     use proto::shard::StoredRecord;
-
-    #[test]
-    fn finds_the_address_in_log_lines() {
-        let a: SocketAddr = "127.0.0.1:4567".parse().unwrap();
-        for line in [
-            "msgstore listening on 127.0.0.1:4567",
-            "2024-01-01T00:00:00Z  INFO msgstore: msgstore listening on 127.0.0.1:4567 fsync=always",
-            "\u{1b}[2mts\u{1b}[0m msgstore listening on 127.0.0.1:4567\u{1b}[0m",
-            "msgstore listening on 127.0.0.1:4567.",
-        ] {
-            assert_eq!(parse_listening_line(line, LISTENING_NEEDLE), Some(a), "{line}");
-        }
-        assert_eq!(parse_listening_line("starting", LISTENING_NEEDLE), None);
-    }
 
     #[test]
     fn round_trips_through_frames() {

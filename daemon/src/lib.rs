@@ -8,15 +8,19 @@
 //! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
 //! * [`DirLock`]: one process per data directory.
 //! * [`testing`]: run a daemon binary as a real process in a test.
+//! * [`link`]: the gathering frame writer of client links, and
+//!   [`exit_code`] for binaries.
 //!
 //! The shutdown pattern itself (stop accepting, drain, flush, exit 0) lives
 //! in each daemon's `serve` function, which selects on [`Signals::wait`].
 
 pub mod config;
+pub mod link;
 mod lock;
 mod signals;
 pub mod testing;
 
+pub use link::exit_code;
 pub use lock::{DirLock, LockError};
 pub use signals::Signals;
 

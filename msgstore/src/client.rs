@@ -24,7 +24,7 @@ use std::{
     },
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpStream, ToSocketAddrs,
@@ -312,30 +312,12 @@ fn unexpected(wanted: &str, got: &ResponseBody) -> ClientError {
     ClientError::Protocol(format!("expected a {wanted} response, got {kind}"))
 }
 
-/// Write queued frames, gathering everything already queued into one write.
-async fn write_frames(
-    mut wr: OwnedWriteHalf,
-    mut frames: mpsc::Receiver<Vec<u8>>,
-    shared: Arc<Shared>,
-) {
-    let mut out = Vec::new();
-    while let Some(first) = frames.recv().await {
-        out.clear();
-        out.extend_from_slice(&first);
-        while out.len() < WRITE_BATCH_BYTES_MAX {
-            match frames.try_recv() {
-                Ok(frame) => out.extend_from_slice(&frame),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = wr.write_all(&out).await {
-            tracing::debug!(error = %e, "shard client write failed");
-            shared.disconnect();
-            return;
-        }
+/// Write queued frames (gathered); on a write error, fail every waiter.
+async fn write_frames(wr: OwnedWriteHalf, frames: mpsc::Receiver<Vec<u8>>, shared: Arc<Shared>) {
+    if let Err(e) = daemon::link::write_frames(wr, frames, WRITE_BATCH_BYTES_MAX).await {
+        tracing::debug!(error = %e, "shard client write failed");
+        shared.disconnect();
     }
-    // Every client handle is gone: close our side; the reader ends at EOF.
-    let _ = wr.shutdown().await;
 }
 
 /// Route responses to their callers until the link ends; then fail the rest.

@@ -7,6 +7,7 @@
 //! * [`session`]: the sans-IO secure, reliable UDP session layer between
 //!   clients and gateways.
 //! * [`presence`]: the messages between gateways and the presence server.
+//! * [`profile`]: the messages of the profile service protocol.
 //!
 //! `proto` never touches a socket, a clock or a thread: it turns bytes into
 //! values and values into bytes.
@@ -14,5 +15,6 @@
 pub mod cluster;
 pub mod frame;
 pub mod presence;
+pub mod profile;
 pub mod session;
 pub mod shard;

@@ -4,9 +4,13 @@
 //! storage shard); later groups (presence, user, rebalance, up, chat) plug in
 //! the same way: a clap `Args` type and an async `run`.
 
+mod avatar_cmd;
+mod friend_cmd;
 mod output;
 mod presence_cmd;
+mod profile_conn;
 mod shard_cmd;
+mod user_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,6 +31,12 @@ enum Command {
     Shard(shard_cmd::ShardArgs),
     /// Ask a presence server: stats, lookup USER..., gateways.
     Presence(presence_cmd::PresenceArgs),
+    /// Accounts on the profile service: add, passwd, disable, show, import.
+    User(user_cmd::UserArgs),
+    /// Friend requests and friend lists on the profile service.
+    Friend(friend_cmd::FriendArgs),
+    /// Avatar images on the profile service.
+    Avatar(avatar_cmd::AvatarArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +56,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Shard(args) => shard_cmd::run(args, &out).await,
             Command::Presence(args) => presence_cmd::run(args, &out).await,
+            Command::User(args) => user_cmd::run(args, &out).await,
+            Command::Friend(args) => friend_cmd::run(args, &out).await,
+            Command::Avatar(args) => avatar_cmd::run(args, &out).await,
         }
     });
     match result {

@@ -2,7 +2,8 @@
 //! on port 0).
 
 use msgstore::daemon::{self, DaemonConfig};
-use std::process::Command;
+
+mod common;
 
 fn imctl(addr: &str, args: &[&str]) -> (bool, String, String) {
     imctl_group("shard", addr, args)
@@ -10,24 +11,15 @@ fn imctl(addr: &str, args: &[&str]) -> (bool, String, String) {
 
 /// Run `imctl GROUP --addr ADDR ARGS...`: (success, stdout, stderr).
 fn imctl_group(group: &str, addr: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_imctl"))
-        .args([group, "--addr", addr])
-        .args(args)
-        .output()
-        .expect("run imctl");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec![group, "--addr", addr];
+    all.extend_from_slice(args);
+    common::run(&all, None)
 }
 
 fn json(addr: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
+    let mut all = vec!["shard", "--addr", addr];
     all.extend_from_slice(args);
-    let (ok, stdout, stderr) = imctl(addr, &all);
-    assert!(ok, "imctl {args:?} failed: {stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("bad JSON {stdout:?}: {e}"))
+    common::json(&all)
 }
 
 #[test]

@@ -39,13 +39,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     daemon::init_tracing();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("msgstore: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::exit_code("msgstore", run(args))
 }
 
 fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {

@@ -1,0 +1,42 @@
+//! The sending half of a pipelined TCP link, shared by every client
+//! library (msgstore, profile): frames queued by many callers go out
+//! gathered into few writes.
+
+use tokio::{io::AsyncWriteExt, net::tcp::OwnedWriteHalf, sync::mpsc};
+
+/// Write queued frames, gathering whatever is already queued (up to
+/// `batch_bytes_max`) into one write. Returns `Ok` once every sender is
+/// gone (after shutting our side down, so the peer sees EOF), or the first
+/// write error.
+pub async fn write_frames(
+    mut wr: OwnedWriteHalf,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    batch_bytes_max: usize,
+) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    while let Some(first) = frames.recv().await {
+        out.clear();
+        out.extend_from_slice(&first);
+        while out.len() < batch_bytes_max {
+            match frames.try_recv() {
+                Ok(frame) => out.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        wr.write_all(&out).await?;
+    }
+    let _ = wr.shutdown().await;
+    Ok(())
+}
+
+/// Print a binary's fatal error as `"<name>: error: ..."` (with its whole
+/// cause chain) and turn the result into the process's exit code.
+pub fn exit_code(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

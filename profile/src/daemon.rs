@@ -1,0 +1,59 @@
+//! Startup of the profile daemon: lock the data directory, open the
+//! service, bind the listener, serve until told to stop. The `profile`
+//! binary is a thin shell around [`start`]; tests run it in-process too.
+
+use crate::{config::Config, error::Error, server, service::Service};
+use std::{net::SocketAddr, time::Duration};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+/// How long shutdown waits for the writer thread to finish its queue.
+const WRITER_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running daemon.
+pub struct Daemon {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Daemon {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stop accepting, drain connections, let the writer finish, return.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Start serving; returns once the listener is bound. Must be called
+/// inside a multi-threaded tokio runtime.
+pub async fn start(config: Config) -> Result<Daemon, Error> {
+    config.validate().map_err(Error::Config)?;
+    let lock = daemon::DirLock::acquire(&config.data)?;
+    let (service, writer_thread) = Service::open(&config.data, &config)?;
+    let listener = TcpListener::bind(config.listen).await?;
+    let local_addr = listener.local_addr()?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        server::run(listener, service, config.server.clone(), shutdown_rx).await;
+        // The last Service handle is gone: the writer drains its queue and
+        // ends; every commit it made is durable.
+        let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+        if tokio::time::timeout(WRITER_JOIN_TIMEOUT, joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the writer thread did not finish in time");
+        }
+        drop(lock);
+    });
+    tracing::info!(%local_addr, data = %config.data.display(), "profile service started");
+    Ok(Daemon {
+        local_addr,
+        shutdown,
+        task,
+    })
+}

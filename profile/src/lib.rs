@@ -1,0 +1,28 @@
+//! profile: accounts, profiles, friend groups and avatars.
+//!
+//! * [`service::Service`]: the service itself (store + password pool +
+//!   change notifications), used by the daemon and in-process by tests.
+//! * [`store`]: LMDB storage, one writer thread, concurrent readers
+//!   (layout in `docs/STORAGE.md`).
+//! * [`server`] / [`daemon`]: the TCP daemon (`profile` binary).
+//! * [`client::ProfileClient`]: the async client the gateway and imctl use
+//!   (reconnects by itself; pushed invalidations on a bounded channel).
+//! * [`passwords`]: argon2id on a bounded thread pool.
+//! * [`avatar`]: image checks and content addresses.
+
+pub mod avatar;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod fields;
+pub mod notify;
+pub mod passwords;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use client::{ClientConfig, ClientError, ProfileClient};
+pub use config::Config;
+pub use error::{Error, Result};
+pub use proto::profile::{Event, UserId};

@@ -1,0 +1,321 @@
+//! The profile service: turns one request into one response, with the
+//! store (reads in place, writes through the writer thread) and the
+//! password pool. The TCP server and in-process tests both call it.
+
+use crate::{
+    avatar,
+    config::{Config, Limits},
+    error::Error,
+    fields,
+    notify::Hub,
+    passwords::PasswordPool,
+    store::{
+        ops::{Outcome, WriteOp},
+        writer::Writer,
+        Store,
+    },
+    Result,
+};
+use proto::profile::{
+    ImportUser, RequestBody, ResponseBody, ServiceInfo, AVATAR_RANGE_BYTES_MAX, GET_PROFILES_MAX,
+    IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
+};
+use std::{path::Path, sync::Arc, thread::JoinHandle};
+
+pub struct Service {
+    store: Arc<Store>,
+    writer: Writer,
+    passwords: PasswordPool,
+    hub: Arc<Hub>,
+    info: ServiceInfo,
+}
+
+impl Service {
+    /// Open the store in `dir` (the caller holds its lock) and start the
+    /// writer thread and the password pool. The join handle is the writer
+    /// thread's: it ends once every [`Service`] clone is dropped.
+    pub fn open(dir: &Path, config: &Config) -> Result<(Arc<Service>, JoinHandle<()>)> {
+        let store = Arc::new(Store::open(
+            dir,
+            config.store.map_bytes,
+            config.limits.clone(),
+        )?);
+        let hub = Arc::new(Hub::default());
+        let (writer, handle) = Writer::start(
+            store.clone(),
+            hub.clone(),
+            config.store.write_queue_max,
+            config.store.write_batch_max,
+        )?;
+        let passwords = PasswordPool::start(&config.passwords, config.password_threads())?;
+        let p = &config.passwords;
+        let info = ServiceInfo {
+            argon2_m_kib: p.argon2_m_kib,
+            argon2_t: p.argon2_t,
+            argon2_p: p.argon2_p,
+        };
+        let service = Service {
+            store,
+            writer,
+            passwords,
+            hub,
+            info,
+        };
+        Ok((Arc::new(service), handle))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.store.limits
+    }
+
+    /// Requests answered from a read transaction at once, without waiting
+    /// for a thread (cheap enough for the event loop).
+    pub fn is_read(body: &RequestBody) -> bool {
+        matches!(
+            body,
+            RequestBody::LookupUser { .. }
+                | RequestBody::GetAccount { .. }
+                | RequestBody::GetProfile { .. }
+                | RequestBody::GetProfiles { .. }
+                | RequestBody::LoginView { .. }
+                | RequestBody::AvatarRange { .. }
+                | RequestBody::Info
+                | RequestBody::Ping
+        )
+    }
+
+    /// Answer a read request (see [`Service::is_read`]).
+    pub fn read(&self, body: RequestBody) -> ResponseBody {
+        self.read_inner(body)
+            .unwrap_or_else(|e| ResponseBody::Error(e.to_wire()))
+    }
+
+    fn read_inner(&self, body: RequestBody) -> Result<ResponseBody> {
+        let s = &self.store;
+        Ok(match body {
+            RequestBody::LookupUser { username } => {
+                let name = fields::username(&username, self.limits())?;
+                ResponseBody::User(s.lookup(&name)?)
+            }
+            RequestBody::GetAccount { user } => ResponseBody::Account(s.account(user)?),
+            RequestBody::GetProfile { user } => ResponseBody::Profile(s.profile(user)?),
+            RequestBody::GetProfiles { users } => {
+                if users.len() > GET_PROFILES_MAX {
+                    return Err(too_many("users", users.len(), GET_PROFILES_MAX));
+                }
+                ResponseBody::Profiles(s.profiles(&users)?)
+            }
+            RequestBody::LoginView { user } => ResponseBody::LoginView(s.login_view(user)?),
+            RequestBody::AvatarRange { hash, offset, len } => {
+                let (total_len, bytes) =
+                    s.avatar_range(&hash, offset, len, AVATAR_RANGE_BYTES_MAX)?;
+                ResponseBody::AvatarBytes { total_len, bytes }
+            }
+            RequestBody::Info => ResponseBody::Info(self.info),
+            RequestBody::Ping => ResponseBody::Pong,
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "not a read: {}",
+                    op_name(&other)
+                )))
+            }
+        })
+    }
+
+    /// Answer any request except `Subscribe` (which needs a connection).
+    pub async fn handle(&self, body: RequestBody) -> ResponseBody {
+        if Self::is_read(&body) {
+            return self.read(body);
+        }
+        self.handle_inner(body)
+            .await
+            .unwrap_or_else(|e| ResponseBody::Error(e.to_wire()))
+    }
+
+    async fn handle_inner(&self, body: RequestBody) -> Result<ResponseBody> {
+        let l = self.limits();
+        let op = match body {
+            RequestBody::CheckPassword { username, password } => {
+                return self
+                    .check_password(&username, password)
+                    .await
+                    .map(ResponseBody::User)
+            }
+            RequestBody::CreateUser { username, password } => {
+                let username = fields::username(&username, l)?;
+                fields::password(&password)?;
+                let phc = self.passwords.hash(password).await?;
+                WriteOp::CreateUser { username, phc }
+            }
+            RequestBody::ImportUsers { users } => return self.import_users(users).await,
+            RequestBody::SetPassword { user, password } => {
+                fields::password(&password)?;
+                let phc = self.passwords.hash(password).await?;
+                WriteOp::SetPassword { user, phc }
+            }
+            RequestBody::SetDisabled { user, disabled } => WriteOp::SetDisabled { user, disabled },
+            RequestBody::SetProfile {
+                user,
+                nickname,
+                signature,
+            } => WriteOp::SetProfile {
+                user,
+                nickname: nickname
+                    .map(|n| fields::text("nickname", &n, l.nickname_bytes_max))
+                    .transpose()?,
+                signature: signature
+                    .map(|s| fields::text("signature", &s, l.signature_bytes_max))
+                    .transpose()?,
+            },
+            RequestBody::SetAvatar { user, image } => {
+                let hash = avatar::check(&image, l)?;
+                return match self
+                    .writer
+                    .write(WriteOp::SetAvatar { user, hash, image })
+                    .await?
+                {
+                    Outcome::Version(version) => Ok(ResponseBody::Avatar { hash, version }),
+                    other => Err(unexpected(other)),
+                };
+            }
+            RequestBody::FriendRequest { from, to, group } => WriteOp::FriendRequest {
+                from,
+                to,
+                group: fields::group_name(&group, l)?,
+            },
+            RequestBody::FriendAccept { user, from, group } => WriteOp::FriendAccept {
+                user,
+                from,
+                group: fields::group_name(&group, l)?,
+            },
+            RequestBody::FriendReject { user, from } => WriteOp::FriendReject { user, from },
+            RequestBody::FriendRemove { user, friend } => WriteOp::FriendRemove { user, friend },
+            RequestBody::FriendMove {
+                user,
+                friend,
+                group,
+            } => WriteOp::FriendMove {
+                user,
+                friend,
+                group: fields::group_name(&group, l)?,
+            },
+            RequestBody::ImportFriendships { group, pairs } => {
+                if pairs.len() > IMPORT_FRIENDSHIPS_MAX {
+                    return Err(too_many("pairs", pairs.len(), IMPORT_FRIENDSHIPS_MAX));
+                }
+                WriteOp::ImportFriendships {
+                    group: fields::group_name(&group, l)?,
+                    pairs,
+                }
+            }
+            RequestBody::Subscribe => {
+                return Err(Error::BadRequest("Subscribe needs a connection".into()))
+            }
+            read => return Ok(self.read(read)),
+        };
+        Ok(match self.writer.write(op).await? {
+            Outcome::User(user) => ResponseBody::User(user),
+            Outcome::Version(v) => ResponseBody::Version(v),
+            Outcome::Done => ResponseBody::Done,
+        })
+    }
+
+    /// The user id if `password` is right and the account enabled. Unknown
+    /// users cost one argon2 check too, and get the same error as a wrong
+    /// password.
+    pub async fn check_password(&self, username: &[u8], password: Vec<u8>) -> Result<u64> {
+        let name =
+            fields::username(username, self.limits()).map_err(|_| Error::WrongCredentials)?;
+        fields::password(&password).map_err(|_| Error::WrongCredentials)?;
+        let account = self.store.credentials(&name)?;
+        let phc = account.as_ref().map(|(_, a)| a.phc.clone());
+        if !self.passwords.verify(phc, password).await? {
+            return Err(Error::WrongCredentials);
+        }
+        let (user, account) = account.ok_or(Error::WrongCredentials)?;
+        if account.disabled {
+            return Err(Error::AccountDisabled(user));
+        }
+        Ok(user)
+    }
+
+    async fn import_users(&self, users: Vec<ImportUser>) -> Result<ResponseBody> {
+        if users.len() > IMPORT_USERS_MAX {
+            return Err(too_many("users", users.len(), IMPORT_USERS_MAX));
+        }
+        let hasher = self.passwords.hasher();
+        let checked: Vec<Result<WriteOp>> = users
+            .into_iter()
+            .map(|u| {
+                let username = fields::username(&u.username, self.limits())?;
+                hasher.check_imported(&u.phc)?;
+                Ok(WriteOp::CreateUser {
+                    username,
+                    phc: u.phc,
+                })
+            })
+            .collect();
+        let ops: Vec<WriteOp> = checked
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        let mut written = self.writer.write_many(ops).await?.into_iter();
+        let results = checked
+            .into_iter()
+            .map(|c| match c {
+                Err(e) => Err(e.to_wire()),
+                Ok(_) => match written.next() {
+                    Some(Ok(Outcome::User(u))) => Ok(u),
+                    Some(Ok(other)) => Err(unexpected(other).to_wire()),
+                    Some(Err(e)) => Err(e.to_wire()),
+                    None => Err(Error::Closed.to_wire()),
+                },
+            })
+            .collect();
+        Ok(ResponseBody::Imported(results))
+    }
+}
+
+fn too_many(what: &str, len: usize, max: usize) -> Error {
+    Error::BadRequest(format!("{len} {what} in one request; at most {max}"))
+}
+
+fn unexpected(outcome: Outcome) -> Error {
+    Error::Corrupt(format!("unexpected write outcome {outcome:?}"))
+}
+
+/// The metrics label of a request.
+pub fn op_name(body: &RequestBody) -> &'static str {
+    match body {
+        RequestBody::CheckPassword { .. } => "check_password",
+        RequestBody::CreateUser { .. } => "create_user",
+        RequestBody::ImportUsers { .. } => "import_users",
+        RequestBody::SetPassword { .. } => "set_password",
+        RequestBody::SetDisabled { .. } => "set_disabled",
+        RequestBody::LookupUser { .. } => "lookup_user",
+        RequestBody::GetAccount { .. } => "get_account",
+        RequestBody::GetProfile { .. } => "get_profile",
+        RequestBody::GetProfiles { .. } => "get_profiles",
+        RequestBody::LoginView { .. } => "login_view",
+        RequestBody::SetProfile { .. } => "set_profile",
+        RequestBody::SetAvatar { .. } => "set_avatar",
+        RequestBody::AvatarRange { .. } => "avatar_range",
+        RequestBody::FriendRequest { .. } => "friend_request",
+        RequestBody::FriendAccept { .. } => "friend_accept",
+        RequestBody::FriendReject { .. } => "friend_reject",
+        RequestBody::FriendRemove { .. } => "friend_remove",
+        RequestBody::FriendMove { .. } => "friend_move",
+        RequestBody::ImportFriendships { .. } => "import_friendships",
+        RequestBody::Subscribe => "subscribe",
+        RequestBody::Info => "info",
+        RequestBody::Ping => "ping",
+    }
+}

@@ -1,0 +1,328 @@
+//! LMDB storage of accounts, profiles, friends and avatars.
+//!
+//! One writer thread ([`writer`]) owns every write transaction (heed write
+//! transactions must commit on the thread that opened them) and commits
+//! groups of requests; readers open their own read transactions on any
+//! thread, concurrently with it. Layout: `docs/STORAGE.md`.
+
+pub mod ops;
+pub mod records;
+pub mod writer;
+
+use crate::{config::Limits, error::Error, Result};
+use heed::{
+    byteorder::BigEndian,
+    types::{Bytes, Str, U64},
+    CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, WithoutTls,
+};
+use proto::profile::{
+    Account, AvatarHash, FriendGroup, LoginView, PendingRequest, Profile, UserId,
+};
+use records::{decode, AccountRecord, FriendsRecord, ProfileRecord};
+use std::path::Path;
+
+pub(crate) type UserDb = Database<'static, U64<BigEndian>, Bytes>;
+pub(crate) type NameDb = Database<'static, Str, U64<BigEndian>>;
+pub(crate) type RawDb = Database<'static, Bytes, Bytes>;
+
+/// Named LMDB databases of the environment.
+pub(crate) const DATABASES: [&str; 8] = [
+    "accounts",
+    "usernames",
+    "profiles",
+    "friends",
+    "requests",
+    "avatars",
+    "avatar_refs",
+    "meta",
+];
+
+/// The open environment and its databases; shared by readers and the writer.
+pub struct Store {
+    pub(crate) env: Env<WithoutTls>,
+    pub(crate) accounts: UserDb,
+    pub(crate) usernames: NameDb,
+    pub(crate) profiles: UserDb,
+    pub(crate) friends: UserDb,
+    /// key: recipient (8 bytes BE) ++ sender (8 bytes BE); value: the
+    /// sender's group name for the recipient (UTF-8).
+    pub(crate) requests: RawDb,
+    /// key: SHA-256 (32 bytes); value: the image.
+    pub(crate) avatars: RawDb,
+    /// key: SHA-256; value: number of profiles using it (u64 BE).
+    pub(crate) avatar_refs: RawDb,
+    pub(crate) meta: RawDb,
+    pub(crate) limits: Limits,
+}
+
+/// `meta` key of the next user id to assign (u64 BE).
+pub(crate) const META_NEXT_USER: &[u8] = b"next_user_id";
+/// `meta` key of the layout version (u32 BE).
+pub(crate) const META_LAYOUT: &[u8] = b"layout";
+pub(crate) const LAYOUT_VERSION: u32 = 1;
+
+pub(crate) fn request_key(to: UserId, from: UserId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&to.to_be_bytes());
+    k[8..].copy_from_slice(&from.to_be_bytes());
+    k
+}
+
+/// The postcard record of `user` in `db`, if any.
+fn record_in<T: serde::de::DeserializeOwned>(
+    db: &UserDb,
+    txn: &RoTxn<'_, WithoutTls>,
+    user: UserId,
+    what: &str,
+) -> Result<Option<T>> {
+    db.get(txn, &user)?.map(|b| decode(what, b)).transpose()
+}
+
+impl Store {
+    /// Open (or create) the environment in `dir` (the caller holds the
+    /// directory lock).
+    pub fn open(dir: &Path, map_bytes: u64, limits: Limits) -> Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let map_bytes =
+            usize::try_from(map_bytes).map_err(|_| Error::Config("map_bytes".into()))?;
+        // SAFETY: the data directory is locked by this process, so nothing
+        // else opens this environment, and we open it once.
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .read_txn_without_tls()
+                .map_size(map_bytes)
+                .max_dbs(DATABASES.len() as u32)
+                .max_readers(1024)
+                .open(dir)?
+        };
+        let wtxn = env.write_txn()?;
+        let dbs = env
+            .create_databases_and_commit(wtxn, |dbo, wtxn| {
+                let meta = dbo.create_database::<Bytes, Bytes>(wtxn, Some("meta"))?;
+                match meta.get(wtxn, META_LAYOUT)? {
+                    None => meta.put(wtxn, META_LAYOUT, &LAYOUT_VERSION.to_be_bytes())?,
+                    Some(v) if v == LAYOUT_VERSION.to_be_bytes() => {}
+                    Some(_) => return Ok(CommitOrAbort::Abort(())),
+                }
+                Ok::<_, heed::Error>(CommitOrAbort::Commit((
+                    dbo.create_database(wtxn, Some("accounts"))?,
+                    dbo.create_database(wtxn, Some("usernames"))?,
+                    dbo.create_database(wtxn, Some("profiles"))?,
+                    dbo.create_database(wtxn, Some("friends"))?,
+                    [
+                        dbo.create_database(wtxn, Some("requests"))?,
+                        dbo.create_database(wtxn, Some("avatars"))?,
+                        dbo.create_database(wtxn, Some("avatar_refs"))?,
+                        meta,
+                    ],
+                )))
+            })?
+            .commit()
+            .ok_or_else(|| Error::Corrupt("unknown layout version in meta".into()))?;
+        let (accounts, usernames, profiles, friends, [requests, avatars, avatar_refs, meta]): (
+            UserDb,
+            NameDb,
+            UserDb,
+            UserDb,
+            [RawDb; 4],
+        ) = dbs;
+        Ok(Store {
+            env,
+            accounts,
+            usernames,
+            profiles,
+            friends,
+            requests,
+            avatars,
+            avatar_refs,
+            meta,
+            limits,
+        })
+    }
+
+    pub fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>> {
+        Ok(self.env.read_txn()?)
+    }
+
+    pub(crate) fn account_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        user: UserId,
+    ) -> Result<Option<AccountRecord>> {
+        record_in(&self.accounts, txn, user, "account")
+    }
+
+    pub(crate) fn profile_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        user: UserId,
+    ) -> Result<Option<ProfileRecord>> {
+        record_in(&self.profiles, txn, user, "profile")
+    }
+
+    pub(crate) fn friends_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        user: UserId,
+    ) -> Result<FriendsRecord> {
+        Ok(record_in(&self.friends, txn, user, "friends")?.unwrap_or_default())
+    }
+
+    /// The id and PHC hash of `username`, or `None`.
+    pub fn credentials(&self, username: &str) -> Result<Option<(UserId, AccountRecord)>> {
+        let txn = self.read_txn()?;
+        let Some(user) = self.usernames.get(&txn, username)? else {
+            return Ok(None);
+        };
+        let account = self
+            .account_in(&txn, user)?
+            .ok_or_else(|| Error::Corrupt(format!("username {username:?} names no account")))?;
+        Ok(Some((user, account)))
+    }
+
+    pub fn lookup(&self, username: &str) -> Result<UserId> {
+        let txn = self.read_txn()?;
+        self.usernames
+            .get(&txn, username)?
+            .ok_or_else(|| Error::NotFound(format!("username {username:?}")))
+    }
+
+    pub fn account(&self, user: UserId) -> Result<Account> {
+        let txn = self.read_txn()?;
+        let a = self
+            .account_in(&txn, user)?
+            .ok_or_else(|| Error::not_found_user(user))?;
+        Ok(Account {
+            user,
+            username: a.username,
+            disabled: a.disabled,
+            created_ms: a.created_ms,
+        })
+    }
+
+    fn public(user: UserId, p: ProfileRecord) -> Profile {
+        Profile {
+            user,
+            username: p.username,
+            nickname: p.nickname,
+            signature: p.signature,
+            avatar: p.avatar,
+            version: p.version,
+        }
+    }
+
+    pub fn profile(&self, user: UserId) -> Result<Profile> {
+        let txn = self.read_txn()?;
+        let p = self
+            .profile_in(&txn, user)?
+            .ok_or_else(|| Error::not_found_user(user))?;
+        Ok(Self::public(user, p))
+    }
+
+    /// Profiles of `users` that exist, in the order given.
+    pub fn profiles(&self, users: &[UserId]) -> Result<Vec<Profile>> {
+        let txn = self.read_txn()?;
+        let mut out = Vec::with_capacity(users.len());
+        for &u in users {
+            if let Some(p) = self.profile_in(&txn, u)? {
+                out.push(Self::public(u, p));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Own profile, groups with friends' profiles, pending requests: all
+    /// from one read transaction (one consistent snapshot).
+    pub fn login_view(&self, user: UserId) -> Result<LoginView> {
+        let txn = self.read_txn()?;
+        let own = self
+            .profile_in(&txn, user)?
+            .ok_or_else(|| Error::not_found_user(user))?;
+        let friends = self.friends_in(&txn, user)?;
+        let mut groups = Vec::with_capacity(friends.groups.len());
+        for g in friends.groups {
+            let mut profiles = Vec::with_capacity(g.members.len());
+            for m in g.members {
+                let p = self.profile_in(&txn, m)?.ok_or_else(|| {
+                    Error::Corrupt(format!("friend {m} of user {user} has no profile"))
+                })?;
+                profiles.push(Self::public(m, p));
+            }
+            groups.push(FriendGroup {
+                name: g.name,
+                friends: profiles,
+            });
+        }
+        let mut requests = Vec::new();
+        for item in self.requests.prefix_iter(&txn, &user.to_be_bytes())? {
+            let (key, _group) = item?;
+            let from = u64::from_be_bytes(
+                key[8..16]
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("friend request key is not 16 bytes".into()))?,
+            );
+            let username = self
+                .profile_in(&txn, from)?
+                .map(|p| p.username)
+                .unwrap_or_default();
+            requests.push(PendingRequest { from, username });
+        }
+        Ok(LoginView {
+            profile: Self::public(user, own),
+            groups,
+            requests,
+        })
+    }
+
+    /// `len` bytes (at most `max`) of an avatar from `offset`, and its size.
+    pub fn avatar_range(
+        &self,
+        hash: &AvatarHash,
+        offset: u32,
+        len: u32,
+        max: u32,
+    ) -> Result<(u32, Vec<u8>)> {
+        let txn = self.read_txn()?;
+        let image = self
+            .avatars
+            .get(&txn, hash)?
+            .ok_or_else(|| Error::NotFound(format!("avatar {}", crate::avatar::hex(hash))))?;
+        let total = image.len();
+        let start = (offset as usize).min(total);
+        let end = start.saturating_add(len.min(max) as usize).min(total);
+        Ok((total as u32, image[start..end].to_vec()))
+    }
+
+    /// Every user's friends, for consistency checks in tests and tools.
+    pub fn friend_lists(&self) -> Result<Vec<(UserId, FriendsRecord)>> {
+        let txn = self.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.friends.iter(&txn)? {
+            let (user, bytes) = item?;
+            out.push((user, decode("friends", bytes)?));
+        }
+        Ok(out)
+    }
+
+    /// Pending requests as (to, from) pairs.
+    pub fn pending_requests(&self) -> Result<Vec<(UserId, UserId)>> {
+        let txn = self.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.requests.iter(&txn)? {
+            let (k, _) = item?;
+            let k: [u8; 16] = k
+                .try_into()
+                .map_err(|_| Error::Corrupt("friend request key is not 16 bytes".into()))?;
+            let to = u64::from_be_bytes(k[..8].try_into().unwrap_or_default());
+            let from = u64::from_be_bytes(k[8..].try_into().unwrap_or_default());
+            out.push((to, from));
+        }
+        Ok(out)
+    }
+
+    /// Number of stored avatar images.
+    pub fn avatar_count(&self) -> Result<u64> {
+        let txn = self.read_txn()?;
+        Ok(self.avatars.len(&txn)?)
+    }
+}

@@ -1,0 +1,436 @@
+//! Write operations, applied by the writer thread inside a write
+//! transaction. Each checks everything it needs before it writes, and runs
+//! in a nested transaction that is aborted on error: a failed operation
+//! leaves nothing behind.
+
+use super::{
+    records::{decode, encode, AccountRecord, FriendsRecord, ProfileRecord},
+    request_key, Store, META_NEXT_USER,
+};
+use crate::{error::Error, Result};
+use heed::RwTxn;
+use proto::profile::{AvatarHash, UserId};
+use std::collections::{BTreeMap, HashMap};
+
+/// One change the writer applies. Text fields are already validated.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    CreateUser {
+        username: String,
+        phc: String,
+    },
+    SetPassword {
+        user: UserId,
+        phc: String,
+    },
+    SetDisabled {
+        user: UserId,
+        disabled: bool,
+    },
+    SetProfile {
+        user: UserId,
+        nickname: Option<String>,
+        signature: Option<String>,
+    },
+    SetAvatar {
+        user: UserId,
+        hash: AvatarHash,
+        image: Vec<u8>,
+    },
+    FriendRequest {
+        from: UserId,
+        to: UserId,
+        group: String,
+    },
+    FriendAccept {
+        user: UserId,
+        from: UserId,
+        group: String,
+    },
+    FriendReject {
+        user: UserId,
+        from: UserId,
+    },
+    FriendRemove {
+        user: UserId,
+        friend: UserId,
+    },
+    FriendMove {
+        user: UserId,
+        friend: UserId,
+        group: String,
+    },
+    ImportFriendships {
+        group: String,
+        pairs: Vec<(UserId, UserId)>,
+    },
+}
+
+/// What a successful op returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    User(UserId),
+    Version(u64),
+    Done,
+}
+
+/// Users whose version an op changed: (user, new version).
+pub type Changes = Vec<(UserId, u64)>;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// Apply `op` in `txn`; the users it changed are pushed to `changes`.
+    pub(crate) fn apply(
+        &self,
+        txn: &mut RwTxn,
+        op: WriteOp,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        match op {
+            WriteOp::CreateUser { username, phc } => self.create_user(txn, username, phc),
+            WriteOp::SetPassword { user, phc } => self.update_account(txn, user, |a| a.phc = phc),
+            WriteOp::SetDisabled { user, disabled } => {
+                self.update_account(txn, user, |a| a.disabled = disabled)
+            }
+            WriteOp::SetProfile {
+                user,
+                nickname,
+                signature,
+            } => self.set_profile(txn, user, nickname, signature, changes),
+            WriteOp::SetAvatar { user, hash, image } => {
+                self.set_avatar(txn, user, hash, &image, changes)
+            }
+            WriteOp::FriendRequest { from, to, group } => {
+                self.friend_request(txn, from, to, &group, changes)
+            }
+            WriteOp::FriendAccept { user, from, group } => {
+                self.friend_accept(txn, user, from, &group, changes)
+            }
+            WriteOp::FriendReject { user, from } => {
+                if !self.requests.delete(txn, &request_key(user, from))? {
+                    return Err(Error::NotFound(format!(
+                        "friend request from {from} to {user}"
+                    )));
+                }
+                self.bump(txn, user, changes)
+            }
+            WriteOp::FriendRemove { user, friend } => {
+                self.friend_remove(txn, user, friend, changes)
+            }
+            WriteOp::FriendMove {
+                user,
+                friend,
+                group,
+            } => self.friend_move(txn, user, friend, &group, changes),
+            WriteOp::ImportFriendships { group, pairs } => {
+                self.import_friendships(txn, &group, &pairs, changes)
+            }
+        }
+    }
+
+    fn create_user(&self, txn: &mut RwTxn, username: String, phc: String) -> Result<Outcome> {
+        if self.usernames.get(txn, &username)?.is_some() {
+            return Err(Error::UsernameTaken(username));
+        }
+        let user = match self.meta.get(txn, META_NEXT_USER)? {
+            Some(b) => u64::from_be_bytes(
+                b.try_into()
+                    .map_err(|_| Error::Corrupt("next_user_id is not 8 bytes".into()))?,
+            ),
+            None => 1,
+        };
+        self.meta
+            .put(txn, META_NEXT_USER, &(user + 1).to_be_bytes())?;
+        self.usernames.put(txn, &username, &user)?;
+        let account = AccountRecord {
+            username: username.clone(),
+            phc,
+            disabled: false,
+            created_ms: now_ms(),
+        };
+        self.accounts.put(txn, &user, &encode(&account)?)?;
+        let profile = ProfileRecord {
+            username,
+            version: 1,
+            ..ProfileRecord::default()
+        };
+        self.profiles.put(txn, &user, &encode(&profile)?)?;
+        Ok(Outcome::User(user))
+    }
+
+    fn update_account(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        f: impl FnOnce(&mut AccountRecord),
+    ) -> Result<Outcome> {
+        let mut a: AccountRecord = match self.accounts.get(txn, &user)? {
+            Some(b) => decode("account", b)?,
+            None => return Err(Error::not_found_user(user)),
+        };
+        f(&mut a);
+        self.accounts.put(txn, &user, &encode(&a)?)?;
+        Ok(Outcome::Done)
+    }
+
+    fn profile_rw(&self, txn: &RwTxn, user: UserId) -> Result<ProfileRecord> {
+        self.profile_in(txn, user)?
+            .ok_or_else(|| Error::not_found_user(user))
+    }
+
+    /// Write `p` with its version increased; the new version.
+    fn put_profile(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        mut p: ProfileRecord,
+        changes: &mut Changes,
+    ) -> Result<u64> {
+        p.version += 1;
+        self.profiles.put(txn, &user, &encode(&p)?)?;
+        changes.push((user, p.version));
+        Ok(p.version)
+    }
+
+    fn bump(&self, txn: &mut RwTxn, user: UserId, changes: &mut Changes) -> Result<Outcome> {
+        let p = self.profile_rw(txn, user)?;
+        Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
+    }
+
+    fn set_profile(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        nickname: Option<String>,
+        signature: Option<String>,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let mut p = self.profile_rw(txn, user)?;
+        if let Some(n) = nickname {
+            p.nickname = n;
+        }
+        if let Some(s) = signature {
+            p.signature = s;
+        }
+        Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
+    }
+
+    fn avatar_refs_add(&self, txn: &mut RwTxn, hash: &AvatarHash, delta: i64) -> Result<u64> {
+        let count = match self.avatar_refs.get(txn, hash)? {
+            Some(b) => u64::from_be_bytes(
+                b.try_into()
+                    .map_err(|_| Error::Corrupt("avatar reference count is not 8 bytes".into()))?,
+            ),
+            None => 0,
+        };
+        let count = count.saturating_add_signed(delta);
+        if count == 0 {
+            self.avatar_refs.delete(txn, hash)?;
+            self.avatars.delete(txn, hash)?;
+        } else {
+            self.avatar_refs.put(txn, hash, &count.to_be_bytes())?;
+        }
+        Ok(count)
+    }
+
+    fn set_avatar(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        hash: AvatarHash,
+        image: &[u8],
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let mut p = self.profile_rw(txn, user)?;
+        if p.avatar == Some(hash) {
+            return Ok(Outcome::Version(p.version));
+        }
+        if self.avatar_refs_add(txn, &hash, 1)? == 1 {
+            self.avatars.put(txn, &hash, image)?;
+        }
+        if let Some(old) = p.avatar.replace(hash) {
+            self.avatar_refs_add(txn, &old, -1)?;
+        }
+        Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
+    }
+
+    fn friends_rw(&self, txn: &RwTxn, user: UserId) -> Result<FriendsRecord> {
+        self.friends_in(txn, user)
+    }
+
+    /// Whether `f` may take one more friend into `group`.
+    fn check_room(&self, user: UserId, f: &FriendsRecord, group: &str) -> Result<()> {
+        if f.count() >= self.limits.friends_max {
+            return Err(Error::LimitReached(format!(
+                "user {user} has {} friends (friends_max)",
+                self.limits.friends_max
+            )));
+        }
+        if f.would_add_group(group) && f.groups.len() >= self.limits.groups_max {
+            return Err(Error::LimitReached(format!(
+                "user {user} has {} groups (groups_max)",
+                self.limits.groups_max
+            )));
+        }
+        Ok(())
+    }
+
+    fn friend_request(
+        &self,
+        txn: &mut RwTxn,
+        from: UserId,
+        to: UserId,
+        group: &str,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        if from == to {
+            return Err(Error::InvalidField {
+                field: "friend",
+                reason: "a user cannot befriend itself".into(),
+            });
+        }
+        self.profile_rw(txn, from)?;
+        self.profile_rw(txn, to)?;
+        let mine = self.friends_rw(txn, from)?;
+        if mine.contains(to) {
+            return Err(Error::AlreadyFriends(from, to));
+        }
+        self.check_room(from, &mine, group)?;
+        let key = request_key(to, from);
+        if self.requests.get(txn, &key)?.is_none() {
+            let pending = self.requests.prefix_iter(txn, &to.to_be_bytes())?.count();
+            if pending >= self.limits.requests_pending_max {
+                return Err(Error::LimitReached(format!(
+                    "user {to} has {pending} pending friend requests (requests_pending_max)"
+                )));
+            }
+        }
+        self.requests.put(txn, &key, group.as_bytes())?;
+        self.bump(txn, to, changes)?;
+        Ok(Outcome::Done)
+    }
+
+    fn friend_accept(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        from: UserId,
+        group: &str,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let key = request_key(user, from);
+        let their_group = match self.requests.get(txn, &key)? {
+            Some(g) => std::str::from_utf8(g)
+                .map_err(|_| Error::Corrupt("friend request group is not UTF-8".into()))?
+                .to_owned(),
+            None => {
+                return Err(Error::NotFound(format!(
+                    "friend request from {from} to {user}"
+                )))
+            }
+        };
+        let mut mine = self.friends_rw(txn, user)?;
+        let mut theirs = self.friends_rw(txn, from)?;
+        if mine.contains(from) {
+            return Err(Error::AlreadyFriends(user, from));
+        }
+        self.check_room(user, &mine, group)?;
+        self.check_room(from, &theirs, &their_group)?;
+        mine.add(from, group);
+        theirs.add(user, &their_group);
+        self.friends.put(txn, &user, &encode(&mine)?)?;
+        self.friends.put(txn, &from, &encode(&theirs)?)?;
+        self.requests.delete(txn, &key)?;
+        self.requests.delete(txn, &request_key(from, user))?;
+        self.bump(txn, user, changes)?;
+        self.bump(txn, from, changes)?;
+        Ok(Outcome::Done)
+    }
+
+    fn friend_remove(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        friend: UserId,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let mut mine = self.friends_rw(txn, user)?;
+        let mut theirs = self.friends_rw(txn, friend)?;
+        if !mine.remove(friend) {
+            return Err(Error::NotFriends(user, friend));
+        }
+        if !theirs.remove(user) {
+            return Err(Error::Corrupt(format!(
+                "friendship of {user} and {friend} is one-sided"
+            )));
+        }
+        self.friends.put(txn, &user, &encode(&mine)?)?;
+        self.friends.put(txn, &friend, &encode(&theirs)?)?;
+        self.bump(txn, user, changes)?;
+        self.bump(txn, friend, changes)?;
+        Ok(Outcome::Done)
+    }
+
+    fn friend_move(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        friend: UserId,
+        group: &str,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let mut mine = self.friends_rw(txn, user)?;
+        if !mine.remove(friend) {
+            return Err(Error::NotFriends(user, friend));
+        }
+        self.check_room(user, &mine, group)?;
+        mine.add(friend, group);
+        self.friends.put(txn, &user, &encode(&mine)?)?;
+        self.bump(txn, user, changes)
+    }
+
+    /// Every pair becomes friends (pairs already friends are skipped); each
+    /// touched list is read and written once.
+    fn import_friendships(
+        &self,
+        txn: &mut RwTxn,
+        group: &str,
+        pairs: &[(UserId, UserId)],
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let mut lists: HashMap<UserId, FriendsRecord> = HashMap::new();
+        for &(a, b) in pairs {
+            if a == b {
+                return Err(Error::InvalidField {
+                    field: "friend",
+                    reason: format!("user {a} cannot befriend itself"),
+                });
+            }
+            for u in [a, b] {
+                if let std::collections::hash_map::Entry::Vacant(slot) = lists.entry(u) {
+                    self.profile_rw(txn, u)?;
+                    slot.insert(self.friends_rw(txn, u)?);
+                }
+            }
+            if lists[&a].contains(b) {
+                continue;
+            }
+            for (u, other) in [(a, b), (b, a)] {
+                let list = lists.get_mut(&u).expect("loaded above");
+                self.check_room(u, list, group)?;
+                list.add(other, group);
+            }
+        }
+        let sorted: BTreeMap<_, _> = lists.into_iter().collect();
+        for (u, list) in sorted {
+            self.friends.put(txn, &u, &encode(&list)?)?;
+            self.bump(txn, u, changes)?;
+        }
+        Ok(Outcome::Done)
+    }
+}

@@ -1,0 +1,124 @@
+//! The writer thread: the one place write transactions are opened and
+//! committed (heed requires the committing thread to be the opening one).
+//!
+//! Jobs wait in a bounded queue (`store.write_queue_max`; a full queue is
+//! refused with [`Error::Busy`]). The thread takes up to
+//! `store.write_batch_max` jobs, applies each op in a nested transaction
+//! (aborted if the op fails), commits the group with one sync, then answers
+//! every job and publishes the version changes to subscribers.
+
+use super::{
+    ops::{Changes, Outcome, WriteOp},
+    Store,
+};
+use crate::{error::Error, notify::Hub, Result};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+struct Job {
+    ops: Vec<WriteOp>,
+    reply: oneshot::Sender<Vec<Result<Outcome>>>,
+}
+
+/// Submits writes to the writer thread. Dropping every clone stops it
+/// (after it finished what was queued).
+#[derive(Clone)]
+pub struct Writer {
+    jobs: flume::Sender<Job>,
+}
+
+impl Writer {
+    /// Start the writer thread for `store`; changes go to `hub`.
+    pub fn start(
+        store: Arc<Store>,
+        hub: Arc<Hub>,
+        queue_max: usize,
+        batch_max: usize,
+    ) -> Result<(Writer, std::thread::JoinHandle<()>)> {
+        let (jobs, rx) = flume::bounded::<Job>(queue_max);
+        let handle = std::thread::Builder::new()
+            .name("profile-writer".into())
+            .spawn(move || run(&store, &hub, &rx, batch_max))?;
+        Ok((Writer { jobs }, handle))
+    }
+
+    /// Apply `ops` (each on its own: one failing leaves the others) in one
+    /// commit; one result per op, in order.
+    pub async fn write_many(&self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
+        let (reply, rx) = oneshot::channel();
+        crate::passwords::try_submit(
+            &self.jobs,
+            Job { ops, reply },
+            "write queue full",
+            "profile_write_queue_full_total",
+        )?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    pub async fn write(&self, op: WriteOp) -> Result<Outcome> {
+        self.write_many(vec![op])
+            .await?
+            .pop()
+            .unwrap_or(Err(Error::Closed))
+    }
+}
+
+fn run(store: &Store, hub: &Hub, rx: &flume::Receiver<Job>, batch_max: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let counts: Vec<usize> = batch.iter().map(|j| j.ops.len()).collect();
+        let (results, changes) = match commit_batch(store, &mut batch) {
+            Ok(done) => done,
+            Err(e) => {
+                // Nothing of the batch was committed: every op fails.
+                tracing::error!(error = %e, "profile write transaction failed");
+                let failed = |n| (0..n).map(|_| Err(Error::Corrupt(format!("write failed: {e}"))));
+                let results = counts.iter().map(|&n| failed(n).collect()).collect();
+                (results, Vec::new())
+            }
+        };
+        metrics::histogram!("profile_commit_seconds").record(started.elapsed().as_secs_f64());
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+        hub.publish(&changes);
+    }
+}
+
+/// Apply every op of every job in one write transaction and commit it.
+fn commit_batch(store: &Store, batch: &mut [Job]) -> Result<(Vec<Vec<Result<Outcome>>>, Changes)> {
+    let mut wtxn = store.env.write_txn()?;
+    let mut all_changes = Changes::new();
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch.iter_mut() {
+        let mut job_results = Vec::with_capacity(job.ops.len());
+        for op in std::mem::take(&mut job.ops) {
+            let mut changes = Changes::new();
+            let mut nested = store.env.nested_write_txn(&mut wtxn)?;
+            match store.apply(&mut nested, op, &mut changes) {
+                Ok(outcome) => {
+                    nested.commit()?;
+                    all_changes.extend(changes);
+                    job_results.push(Ok(outcome));
+                }
+                Err(e) => {
+                    nested.abort();
+                    if matches!(e, Error::Lmdb(_) | Error::Io(_)) {
+                        return Err(e);
+                    }
+                    job_results.push(Err(e));
+                }
+            }
+        }
+        results.push(job_results);
+    }
+    wtxn.commit()?;
+    Ok((results, all_changes))
+}

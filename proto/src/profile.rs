@@ -1,0 +1,390 @@
+//! The profile service protocol: accounts, profiles, friends and avatars,
+//! between gateways (and tools) and the profile daemon.
+//!
+//! The client sends [`Request`] frames; the service sends [`ServerMessage`]
+//! frames: either a [`Response`] (echoing its request's `id`; responses of
+//! one connection may come back in any order) or a pushed [`Event`] on a
+//! connection that sent [`RequestBody::Subscribe`].
+//!
+//! Text fields of requests travel as bytes so that invalid UTF-8 reaches the
+//! service and is refused with [`ErrorCode::InvalidUtf8`] instead of breaking
+//! the frame. Byte layout: see `docs/PROTOCOL.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of these types, bumped on any incompatible change (not sent on
+/// the wire yet: the service and its callers are deployed together).
+pub const PROFILE_PROTOCOL_VERSION: u32 = 1;
+
+/// A user id: assigned by the service when the account is created.
+pub type UserId = u64;
+
+/// SHA-256 of an avatar image: its content address.
+pub type AvatarHash = [u8; 32];
+
+/// Most accounts in one [`RequestBody::ImportUsers`].
+pub const IMPORT_USERS_MAX: usize = 1000;
+/// Most pairs in one [`RequestBody::ImportFriendships`].
+pub const IMPORT_FRIENDSHIPS_MAX: usize = 10_000;
+/// Most users in one [`RequestBody::GetProfiles`].
+pub const GET_PROFILES_MAX: usize = 1000;
+/// Most bytes one [`RequestBody::AvatarRange`] returns: a range fits one UDP
+/// datagram of the session layer (1,200 bytes of payload) with room to spare.
+pub const AVATAR_RANGE_BYTES_MAX: u32 = 1000;
+/// Largest avatar image the protocol carries (the service may set less).
+pub const AVATAR_BYTES_MAX: usize = 256 * 1024;
+/// Largest password accepted (bytes); longer ones are refused, not hashed.
+pub const PASSWORD_BYTES_MAX: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+/// One account of an [`RequestBody::ImportUsers`]: a username and a ready
+/// argon2id PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportUser {
+    #[serde(with = "serde_bytes")]
+    pub username: Vec<u8>,
+    pub phc: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Check `password` for `username`; answered with [`ResponseBody::User`].
+    /// Unknown users and wrong passwords give the same error.
+    CheckPassword {
+        #[serde(with = "serde_bytes")]
+        username: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        password: Vec<u8>,
+    },
+    /// Create an account; [`ResponseBody::User`] with the new id.
+    CreateUser {
+        #[serde(with = "serde_bytes")]
+        username: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        password: Vec<u8>,
+    },
+    /// Create many accounts from ready hashes in one transaction;
+    /// [`ResponseBody::Imported`], one result per account in order.
+    ImportUsers {
+        users: Vec<ImportUser>,
+    },
+    /// Replace a password; [`ResponseBody::Done`].
+    SetPassword {
+        user: UserId,
+        #[serde(with = "serde_bytes")]
+        password: Vec<u8>,
+    },
+    /// Disable (or enable again) an account; [`ResponseBody::Done`].
+    SetDisabled {
+        user: UserId,
+        disabled: bool,
+    },
+    /// The id of a username; [`ResponseBody::User`].
+    LookupUser {
+        #[serde(with = "serde_bytes")]
+        username: Vec<u8>,
+    },
+    /// Account facts (never the hash); [`ResponseBody::Account`].
+    GetAccount {
+        user: UserId,
+    },
+    /// [`ResponseBody::Profile`].
+    GetProfile {
+        user: UserId,
+    },
+    /// [`ResponseBody::Profiles`]; unknown users are left out.
+    GetProfiles {
+        users: Vec<UserId>,
+    },
+    /// What a client reads after login: own profile, friend groups with
+    /// every friend's profile, pending requests; [`ResponseBody::LoginView`].
+    LoginView {
+        user: UserId,
+    },
+    /// Change the fields given (`None`: unchanged); [`ResponseBody::Version`].
+    SetProfile {
+        user: UserId,
+        #[serde(with = "serde_bytes")]
+        nickname: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
+        signature: Option<Vec<u8>>,
+    },
+    /// Store an image and make it `user`'s avatar; [`ResponseBody::Avatar`].
+    SetAvatar {
+        user: UserId,
+        #[serde(with = "serde_bytes")]
+        image: Vec<u8>,
+    },
+    /// Bytes `offset..offset + len` of an avatar (`len` is clamped to
+    /// [`AVATAR_RANGE_BYTES_MAX`]); [`ResponseBody::AvatarBytes`].
+    AvatarRange {
+        hash: AvatarHash,
+        offset: u32,
+        len: u32,
+    },
+    /// `from` asks `to` to be friends; `from` will file `to` under `group`.
+    /// [`ResponseBody::Done`].
+    FriendRequest {
+        from: UserId,
+        to: UserId,
+        #[serde(with = "serde_bytes")]
+        group: Vec<u8>,
+    },
+    /// `user` accepts the request of `from`, filing `from` under `group`.
+    FriendAccept {
+        user: UserId,
+        from: UserId,
+        #[serde(with = "serde_bytes")]
+        group: Vec<u8>,
+    },
+    /// `user` rejects the request of `from`.
+    FriendReject {
+        user: UserId,
+        from: UserId,
+    },
+    /// End a friendship, on both sides.
+    FriendRemove {
+        user: UserId,
+        friend: UserId,
+    },
+    /// Move `friend` into `user`'s group `group` (created if missing).
+    FriendMove {
+        user: UserId,
+        friend: UserId,
+        #[serde(with = "serde_bytes")]
+        group: Vec<u8>,
+    },
+    /// Make every pair friends at once (both sides filed under `group`):
+    /// bulk loading for tests and benchmarks. [`ResponseBody::Done`].
+    ImportFriendships {
+        #[serde(with = "serde_bytes")]
+        group: Vec<u8>,
+        pairs: Vec<(UserId, UserId)>,
+    },
+    /// Push [`Event`]s to this connection from now on. The first event
+    /// after this is always [`Event::CacheReset`].
+    Subscribe,
+    /// The service's argon2id parameters; [`ResponseBody::Info`].
+    Info,
+    Ping,
+}
+
+/// A user's public profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    pub user: UserId,
+    pub username: String,
+    pub nickname: String,
+    pub signature: String,
+    pub avatar: Option<AvatarHash>,
+    /// Increases on every change of the profile or the friend list.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub user: UserId,
+    pub username: String,
+    pub disabled: bool,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FriendGroup {
+    pub name: String,
+    /// Friends in this group, with their profiles.
+    pub friends: Vec<Profile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRequest {
+    pub from: UserId,
+    pub username: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginView {
+    pub profile: Profile,
+    pub groups: Vec<FriendGroup>,
+    /// Friend requests waiting for this user's answer.
+    pub requests: Vec<PendingRequest>,
+}
+
+/// argon2id parameters of the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub argon2_m_kib: u32,
+    pub argon2_t: u32,
+    pub argon2_p: u32,
+}
+
+/// Typed failures of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Unknown username or wrong password (deliberately one code).
+    WrongCredentials,
+    /// The password is right but the account is disabled.
+    AccountDisabled,
+    /// No such user (or avatar, or friend request).
+    NotFound,
+    UsernameTaken,
+    /// A text field is longer than its limit.
+    FieldTooLong,
+    /// A text field is not UTF-8.
+    InvalidUtf8,
+    /// A field breaks a rule other than length (empty, bad characters,
+    /// weak or malformed password hash, a user befriending itself, ...).
+    InvalidField,
+    /// A per-user limit (friends, groups, pending requests) is reached.
+    LimitReached,
+    /// Not a PNG, JPEG or WebP image, or dimensions over the limit.
+    BadImage,
+    /// An image over the size limit.
+    ImageTooLarge,
+    AlreadyFriends,
+    NotFriends,
+    /// The password pool's queue (or the writer's) is full: retry later.
+    Busy,
+    /// The request is outside the protocol's limits.
+    BadRequest,
+    /// I/O or LMDB failure (map full, ...): nothing was stored.
+    Storage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub body: ResponseBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    User(UserId),
+    Imported(Vec<Result<UserId, ProfileError>>),
+    Done,
+    Account(Account),
+    Profile(Profile),
+    Profiles(Vec<Profile>),
+    LoginView(LoginView),
+    /// The user's version after the change.
+    Version(u64),
+    Avatar {
+        hash: AvatarHash,
+        version: u64,
+    },
+    AvatarBytes {
+        /// The whole image's size.
+        total_len: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    Info(ServiceInfo),
+    Subscribed,
+    Pong,
+    Error(ProfileError),
+}
+
+/// Pushed to subscribed connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// `user`'s profile or friend list changed; its version is now `version`.
+    Invalidate { user: UserId, version: u64 },
+    /// Drop every cached entry: sent first on every subscription, and when
+    /// events had to be dropped (a subscriber that fell behind).
+    CacheReset,
+}
+
+/// Every frame the service sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    Response(Response),
+    Event(Event),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode, encode, Decoded};
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    #[test]
+    fn invalid_utf8_in_a_request_still_decodes() {
+        let req = Request {
+            id: 3,
+            body: RequestBody::SetProfile {
+                user: 1,
+                nickname: Some(vec![0xff, 0xfe]),
+                signature: None,
+            },
+        };
+        let mut out = Vec::new();
+        encode(&req, 1024, &mut out).unwrap();
+        let mut buf = BytesMut::from(&out[..]);
+        assert_eq!(decode::<Request>(&mut buf, 1024), Ok(Decoded::Frame(req)));
+    }
+
+    #[test]
+    fn server_message_layout_is_as_documented() {
+        let msg = ServerMessage::Event(Event::Invalidate {
+            user: 5,
+            version: 300,
+        });
+        // Event = variant 1, Invalidate = variant 0, varints 5 and 300.
+        assert_eq!(postcard::to_stdvec(&msg).unwrap(), [1, 0, 5, 0xac, 0x02]);
+        let pong = ServerMessage::Response(Response {
+            id: 7,
+            body: ResponseBody::Pong,
+        });
+        assert_eq!(postcard::to_stdvec(&pong).unwrap(), [0, 7, 12]);
+        let reset = ServerMessage::Event(Event::CacheReset);
+        assert_eq!(postcard::to_stdvec(&reset).unwrap(), [1, 1]);
+        let ping = Request {
+            id: 1,
+            body: RequestBody::Ping,
+        };
+        assert_eq!(postcard::to_stdvec(&ping).unwrap(), [1, 21]);
+        let get = Request {
+            id: 2,
+            body: RequestBody::GetProfile { user: 5 },
+        };
+        assert_eq!(postcard::to_stdvec(&get).unwrap(), [2, 7, 5]);
+        let range = RequestBody::AvatarRange {
+            hash: [9; 32],
+            offset: 1,
+            len: 2,
+        };
+        let bytes = postcard::to_stdvec(&range).unwrap();
+        assert_eq!(
+            (bytes.len(), bytes[0], bytes[1], &bytes[33..]),
+            (35, 12, 9, &[1u8, 2][..])
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            use crate::frame::decode_keeps_buffer_consistent as consistent;
+            prop_assert!(consistent::<Request>(&bytes));
+            prop_assert!(consistent::<ServerMessage>(&bytes));
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 1..256)) {
+            let _ = crate::frame::decode_body::<Request>(&body);
+            let _ = crate::frame::decode_body::<ServerMessage>(&body);
+        }
+    }
+}
