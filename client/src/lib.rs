@@ -21,7 +21,7 @@ pub use echo::{EchoConfig, EchoServer, EchoStats};
 use std::time::Instant;
 
 /// Sleep until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
+pub async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,

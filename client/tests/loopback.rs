@@ -237,3 +237,72 @@ async fn close_ends_the_session_on_both_sides() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn echoes_beyond_the_backlog_limit_are_dropped_and_counted() {
+    let mut config = server_config(CookieMode::Never);
+    // Room for one 3,000-byte echo in flight and none waiting.
+    config.server.session.send_queue_bytes_max = 4_000;
+    config.backlog_bytes_max = 0;
+    let mut seed = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut seed);
+    let server = EchoServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        StaticKeypair::generate(seed),
+        config,
+    )
+    .unwrap();
+    let (client, mut events) = connect(&server, b"login dave").await;
+    let messages: Vec<Vec<u8>> = (0..40).map(|i| message(i, 3_000)).collect();
+    for m in &messages {
+        client.send(m.clone()).unwrap();
+    }
+    within("server got every message", async {
+        while server.stats().messages < 40 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let dropped = server.stats().echo_dropped;
+    assert!(dropped > 0, "no echo was refused: {:?}", server.stats());
+    // The echoes that were queued still arrive, in order, exactly once.
+    let mut echoed = Vec::new();
+    while echoed.len() < (40 - dropped) as usize {
+        if let Event::Message(m) = within("echo", events.recv()).await.unwrap() {
+            echoed.push(m);
+        }
+    }
+    let mut expected = messages.iter();
+    for m in &echoed {
+        assert!(expected.any(|e| e == m), "echo out of order or unknown");
+    }
+    assert_eq!(server.stats().messages, 40);
+}
+
+#[tokio::test]
+async fn an_application_that_reads_late_still_gets_everything_once_in_order() {
+    let server = start_echo(CookieMode::Never);
+    let mut config = DriverConfig::new(server.local_addr(), server.public_key(), b"slow".to_vec());
+    config.events_max = 1;
+    let (client, mut events) = Client::connect(config).await.unwrap();
+    assert!(matches!(
+        within("handshake", events.recv()).await,
+        Some(Event::Connected { .. })
+    ));
+    let messages: Vec<Vec<u8>> = (0..50).map(|i| message(i, 2_000)).collect();
+    for m in &messages {
+        client.send(m.clone()).unwrap();
+    }
+    // The driver stops reading the socket while its one-event channel is
+    // full; the protocol retransmits whatever the kernel drops meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut echoed = Vec::new();
+    while echoed.len() < messages.len() {
+        match within("echo", events.recv()).await.unwrap() {
+            Event::Message(m) => echoed.push(m),
+            Event::Acked(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(echoed == messages, "echoes differ from what was sent");
+}
