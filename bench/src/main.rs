@@ -1,16 +1,24 @@
 //! imbench: side-by-side benchmarks of this system against real peers.
 
+mod alloc_count;
 mod disk;
+mod idle_sessions;
 mod inproc;
 mod load;
 mod procs;
 mod redis;
 mod report;
+mod session;
 mod shard_driver;
 mod storage;
+mod udp_load;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+/// Counts live heap bytes (for the idle-session measure).
+#[global_allocator]
+static ALLOC: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "imbench", about = "Side-by-side benchmarks against real peers")]
@@ -24,6 +32,9 @@ enum Cmd {
     /// Mailbox storage: our shard vs a private redis-server, the engine
     /// in-process, and the raw disk ceiling, measured in the same run.
     Storage(storage::StorageArgs),
+    /// The UDP session layer: encrypted reliable echo vs the raw UDP echo
+    /// ceiling over loopback, handshakes/s, bytes per idle session.
+    Session(session::SessionArgs),
 }
 
 #[tokio::main]
@@ -31,5 +42,6 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Storage(args) => storage::run(args).await,
+        Cmd::Session(args) => session::run(args).await,
     }
 }

@@ -156,8 +156,16 @@ pub fn spawn_and_wait_for_line(
 
 /// CPU time (user + system, all threads) `pid` has used so far.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    stat_cpu_time(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) one thread of this process has used so far.
+pub fn thread_cpu_time(tid: i32) -> Result<Duration> {
+    stat_cpu_time(&format!("/proc/self/task/{tid}/stat"))
+}
+
+fn stat_cpu_time(path: &str) -> Result<Duration> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
     let ticks = parse_cpu_ticks(&stat).with_context(|| format!("unexpected {path}"))?;
     // SAFETY: plain libc query.
     let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
@@ -175,17 +183,32 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Peak resident set size (VmHWM) of `pid` in bytes.
-pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    parse_vm_hwm(&status).with_context(|| format!("no VmHWM line in {path}"))
+/// The calling thread's id (for [`thread_cpu_time`]).
+pub fn current_tid() -> i32 {
+    // SAFETY: plain libc query.
+    unsafe { libc::gettid() }
 }
 
-fn parse_vm_hwm(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+/// Peak resident set size (VmHWM) of `pid` in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Current resident set size (VmRSS) of `pid` in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    parse_status_kib(&status, field).with_context(|| format!("no {field} line in {path}"))
+}
+
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line
-        .trim_start_matches("VmHWM:")
+        .trim_start_matches(field)
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -215,12 +238,15 @@ mod tests {
     #[test]
     fn parses_vm_hwm() {
         let status = "Name:\tx\nVmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n";
-        assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
-        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        assert_eq!(parse_status_kib(status, "VmHWM:"), Some(2048 * 1024));
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(1024));
+        assert_eq!(parse_status_kib("Name: x\n", "VmHWM:"), None);
     }
 
     #[test]
     fn own_peak_rss_is_readable() {
         assert!(peak_rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(thread_cpu_time(current_tid()).is_ok());
     }
 }

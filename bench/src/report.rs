@@ -149,7 +149,7 @@ pub fn ratio(ours: Option<f64>, peer: Option<f64>) -> Option<f64> {
     }
 }
 
-fn fmt_rate(v: f64) -> String {
+pub fn fmt_rate(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if v >= 1e3 {
@@ -284,7 +284,7 @@ pub fn render_table(report: &StorageReport) -> String {
     out
 }
 
-pub fn write_json(path: &Path, report: &StorageReport) -> Result<()> {
+pub fn write_json(path: &Path, report: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(report).context("serialize report")?;
     std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
 }
