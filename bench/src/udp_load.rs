@@ -59,24 +59,10 @@ pub async fn drive<P: Peer>(
     let mut outbox = SendBatch::new();
     while !shared.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
-        loop {
-            while !outbox.is_full() {
-                let added = outbox
-                    .push_with(|buf| peer.poll_transmit(now, buf).map(|n| (server, n)))
-                    .expect("not full");
-                if !added {
-                    break;
-                }
-            }
-            if outbox.is_empty() {
-                break;
-            }
-            let full = outbox.is_full();
-            udp::send(&socket, &mut outbox).await;
-            if !full {
-                break;
-            }
-        }
+        udp::send_all(&socket, &mut outbox, |buf| {
+            peer.poll_transmit(now, buf).map(|n| (server, n))
+        })
+        .await;
         let wake = peer
             .poll_timeout()
             .map_or(now + STOP_POLL, |t| t.min(now + STOP_POLL));

@@ -247,31 +247,17 @@ async fn flush_transmits(
     server: SocketAddr,
     outbox: &mut SendBatch,
 ) {
-    loop {
-        {
-            let now = Instant::now();
-            let mut s = shared.session();
-            while !outbox.is_full() {
-                let added = outbox
-                    .push_with(|buf| s.poll_transmit(now, buf).map(|n| (server, n)))
-                    .expect("not full");
-                if !added {
-                    break;
-                }
-            }
-        }
-        if outbox.is_empty() {
-            return;
-        }
-        let more = outbox.is_full();
-        udp::send(socket, outbox).await;
+    let now = Instant::now();
+    udp::send_all(socket, outbox, |buf| {
         shared
-            .driver
-            .lock()
-            .expect("stats mutex poisoned")
-            .send_errors = outbox.errors().0;
-        if !more {
-            return;
-        }
-    }
+            .session()
+            .poll_transmit(now, buf)
+            .map(|n| (server, n))
+    })
+    .await;
+    shared
+        .driver
+        .lock()
+        .expect("stats mutex poisoned")
+        .send_errors = outbox.errors().0;
 }

@@ -245,24 +245,11 @@ async fn serve_loop(
 /// Send every transmit the endpoint has, in `sendmmsg` batches.
 async fn flush(socket: &UdpSocket, echo: &mut Echo, outbox: &mut SendBatch) {
     let now = Instant::now();
-    loop {
-        while !outbox.is_full() {
-            let added = outbox
-                .push_with(|buf| {
-                    echo.endpoint
-                        .poll_transmit(now, buf)
-                        .map(|t| (t.dest, t.len))
-                })
-                .expect("not full");
-            if !added {
-                break;
-            }
-        }
-        if outbox.is_empty() {
-            return;
-        }
-        udp::send(socket, outbox).await;
-    }
+    let endpoint = &mut echo.endpoint;
+    udp::send_all(socket, outbox, |buf| {
+        endpoint.poll_transmit(now, buf).map(|t| (t.dest, t.len))
+    })
+    .await;
 }
 
 fn publish(echo: &Echo, published: &Mutex<EchoStats>) {

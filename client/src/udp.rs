@@ -120,14 +120,10 @@ impl RecvBatch {
         // SAFETY: all zeros is a valid mmsghdr (null pointers, zero lengths).
         let mut hdrs: [libc::mmsghdr; BATCH_DATAGRAMS] = unsafe { mem::zeroed() };
         for (i, (hdr, iov)) in hdrs.iter_mut().zip(iov.iter_mut()).enumerate() {
-            let iov = iov.write(libc::iovec {
-                iov_base: self.bufs[i * SLOT_BYTES..].as_mut_ptr().cast(),
-                iov_len: SLOT_BYTES,
-            });
-            hdr.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            hdr.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_hdr.msg_iov = iov;
-            hdr.msg_hdr.msg_iovlen = 1;
+            let name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            let name_len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let buf = self.bufs[i * SLOT_BYTES..].as_mut_ptr();
+            point(hdr, iov, (buf, SLOT_BYTES), (name, name_len));
         }
         // SAFETY: every header points at a live, exclusively borrowed slot
         // of `SLOT_BYTES` bytes and a sockaddr_storage, for the call only.
@@ -154,6 +150,23 @@ impl RecvBatch {
         self.count = n;
         Ok(n)
     }
+}
+
+/// Point one message header at one buffer and one address.
+fn point(
+    hdr: &mut libc::mmsghdr,
+    iov: &mut MaybeUninit<libc::iovec>,
+    (buf, len): (*mut u8, usize),
+    (name, name_len): (*mut libc::c_void, libc::socklen_t),
+) {
+    let iov = iov.write(libc::iovec {
+        iov_base: buf.cast(),
+        iov_len: len,
+    });
+    hdr.msg_hdr.msg_name = name;
+    hdr.msg_hdr.msg_namelen = name_len;
+    hdr.msg_hdr.msg_iov = iov;
+    hdr.msg_hdr.msg_iovlen = 1;
 }
 
 /// Wait until at least one datagram is ready, then receive up to a batch.
@@ -258,6 +271,19 @@ impl SendBatch {
         Ok(true)
     }
 
+    /// Let `next` fill slots (as in [`push_with`](Self::push_with)) until
+    /// the batch is full or `next` has nothing more; how many it added.
+    pub fn fill(
+        &mut self,
+        mut next: impl FnMut(&mut [u8]) -> Option<(SocketAddr, usize)>,
+    ) -> usize {
+        let mut added = 0;
+        while let Ok(true) = self.push_with(&mut next) {
+            added += 1;
+        }
+        added
+    }
+
     /// One `sendmmsg` of the datagrams from `start`: how many the kernel
     /// took (at least one), or the error of the first.
     fn send_now(&mut self, fd: libc::c_int, start: usize) -> io::Result<usize> {
@@ -267,14 +293,9 @@ impl SendBatch {
         let mut hdrs: [libc::mmsghdr; BATCH_DATAGRAMS] = unsafe { mem::zeroed() };
         for (k, (hdr, iov)) in hdrs.iter_mut().zip(iov.iter_mut()).take(count).enumerate() {
             let i = start + k;
-            let iov = iov.write(libc::iovec {
-                iov_base: self.bufs[i * SLOT_BYTES..].as_mut_ptr().cast(),
-                iov_len: self.lens[i],
-            });
-            hdr.msg_hdr.msg_name = self.dests[i].as_ptr() as *mut libc::c_void;
-            hdr.msg_hdr.msg_namelen = self.dests[i].len();
-            hdr.msg_hdr.msg_iov = iov;
-            hdr.msg_hdr.msg_iovlen = 1;
+            let name = self.dests[i].as_ptr() as *mut libc::c_void;
+            let buf = self.bufs[i * SLOT_BYTES..].as_mut_ptr();
+            point(hdr, iov, (buf, self.lens[i]), (name, self.dests[i].len()));
         }
         // SAFETY: the headers point at live slots and addresses of this
         // batch, which the kernel only reads, for the call only.
@@ -319,6 +340,27 @@ pub async fn send(socket: &UdpSocket, batch: &mut SendBatch) -> usize {
     }
     batch.dests.clear();
     sent
+}
+
+/// Send everything `next` produces (see [`SendBatch::fill`]), a batch per
+/// `sendmmsg`, until it has nothing more. `batch` must start empty.
+pub async fn send_all(
+    socket: &UdpSocket,
+    batch: &mut SendBatch,
+    mut next: impl FnMut(&mut [u8]) -> Option<(SocketAddr, usize)>,
+) {
+    debug_assert!(batch.is_empty());
+    loop {
+        batch.fill(&mut next);
+        if batch.is_empty() {
+            return;
+        }
+        let more = batch.is_full();
+        send(socket, batch).await;
+        if !more {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
