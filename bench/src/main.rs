@@ -1,6 +1,8 @@
 //! imbench: side-by-side benchmarks of this system against real peers.
 
+mod alloc_count;
 mod disk;
+mod idle_sessions;
 mod inproc;
 mod load;
 mod presence;
@@ -8,11 +10,17 @@ mod procs;
 mod profile;
 mod redis;
 mod report;
+mod session;
 mod shard_driver;
 mod storage;
+mod udp_load;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+/// Counts live heap bytes (for the idle-session measure).
+#[global_allocator]
+static ALLOC: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "imbench", about = "Side-by-side benchmarks against real peers")]
@@ -32,6 +40,9 @@ enum Cmd {
     /// Login reads (own profile + friend list + friends' profiles) from our
     /// profile service vs a private redis-server; password checks/s.
     Profile(profile::ProfileArgs),
+    /// The UDP session layer: encrypted reliable echo vs the raw UDP echo
+    /// ceiling over loopback, handshakes/s, bytes per idle session.
+    Session(session::SessionArgs),
 }
 
 #[tokio::main]
@@ -41,5 +52,6 @@ async fn main() -> Result<()> {
         Cmd::Storage(args) => storage::run(args).await,
         Cmd::Presence(args) => presence::run(args).await,
         Cmd::Profile(args) => profile::run(args).await,
+        Cmd::Session(args) => session::run(args).await,
     }
 }

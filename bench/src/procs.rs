@@ -204,8 +204,16 @@ fn parse_listening_line(line: &str, needle: &str) -> Option<SocketAddr> {
 
 /// CPU time (user + system, all threads) `pid` has used so far.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    stat_cpu_time(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) one thread of this process has used so far.
+pub fn thread_cpu_time(tid: i32) -> Result<Duration> {
+    stat_cpu_time(&format!("/proc/self/task/{tid}/stat"))
+}
+
+fn stat_cpu_time(path: &str) -> Result<Duration> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
     let ticks = parse_cpu_ticks(&stat).with_context(|| format!("unexpected {path}"))?;
     // SAFETY: plain libc query.
     let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
@@ -221,6 +229,12 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The calling thread's id (for [`thread_cpu_time`]).
+pub fn current_tid() -> i32 {
+    // SAFETY: plain libc query.
+    unsafe { libc::gettid() }
 }
 
 /// Peak resident set size (VmHWM) of `pid` in bytes.
@@ -295,5 +309,7 @@ mod tests {
     #[test]
     fn own_peak_rss_is_readable() {
         assert!(peak_rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(thread_cpu_time(current_tid()).is_ok());
     }
 }

@@ -149,7 +149,7 @@ pub fn ratio(ours: Option<f64>, peer: Option<f64>) -> Option<f64> {
     }
 }
 
-fn fmt_rate(v: f64) -> String {
+pub fn fmt_rate(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if v >= 1e3 {
