@@ -34,11 +34,6 @@ const WARMUP_QUICK: Duration = Duration::from_millis(300);
 const PAYLOAD_BYTES_MAX: usize = proto::session::wire::FRAG_DATA_MAX;
 /// How long a phase's threads may take to start or stop.
 const THREAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pending-handshake table of the handshake phase's server. The endpoint
-/// remembers every answered handshake for `handshake_timeout` (10 s) in
-/// that table, so the default of 4,096 caps a server at ~410 new sessions
-/// per second; a larger table shows what the crypto allows.
-const HANDSHAKE_PENDING_MAX: usize = 1 << 16;
 /// The idle-memory target of the issue, bytes per idle session.
 const IDLE_SESSION_BYTES_TARGET: f64 = 512.0;
 
@@ -228,7 +223,7 @@ fn run_phases(args: &SessionArgs, plan: &Plan, report: &mut SessionReport) {
     outcomes.push(run_phase(
         "handshake",
         "session",
-        ServerKind::Echo(handshake_server_config()),
+        ServerKind::Echo(echo_config()),
         1,
         plan,
         move |now, key| HandshakePeer::new(now, key, in_flight),
@@ -251,14 +246,6 @@ fn run_phases(args: &SessionArgs, plan: &Plan, report: &mut SessionReport) {
             Err(e) => report.problems.push(format!("{e:#}")),
         }
     }
-}
-
-/// The handshake phase's server with a larger pending table (see
-/// [`HANDSHAKE_PENDING_MAX`]).
-fn handshake_server_config() -> EchoConfig {
-    let mut config = echo_config();
-    config.server.pending_handshakes_max = HANDSHAKE_PENDING_MAX;
-    config
 }
 
 /// The gateway's defaults, without cookies (a loopback bench is not under
@@ -289,7 +276,6 @@ fn config_json(args: &SessionArgs, plan: &Plan) -> serde_json::Value {
         "payload_bytes": args.payload_bytes,
         "duration_secs": plan.duration.as_secs_f64(),
         "warmup_secs": plan.warmup.as_secs_f64(),
-        "handshake_pending_max": HANDSHAKE_PENDING_MAX,
         "handshakes_in_flight": args.handshakes_in_flight,
         "idle_sessions": plan.idle_sessions,
         "batch_datagrams": udp::BATCH_DATAGRAMS,
@@ -482,8 +468,7 @@ fn render(report: &SessionReport, args: &SessionArgs, plan: &Plan) -> String {
     );
     let _ = writeln!(
         out,
-        "echo: {} B payloads; echo_large: {} B; handshake: {} in flight, Noise_NK, no cookies, \
-         pending table {HANDSHAKE_PENDING_MAX}\n",
+        "echo: {} B payloads; echo_large: {} B; handshake: {} in flight, Noise_NK, no cookies\n",
         args.payload_bytes, args.large_payload_bytes, args.handshakes_in_flight
     );
     let _ = writeln!(

@@ -458,6 +458,30 @@ fn the_pending_handshake_limit_drops_with_a_count() {
     assert!(sim.server.pending_count() <= 1);
 }
 
+#[test]
+fn answered_handshakes_do_not_use_up_the_pending_limit() {
+    let config = ServerConfig {
+        pending_handshakes_max: 2,
+        answered_handshakes_max: 3,
+        cookie_mode: CookieMode::Never,
+        ..ServerConfig::default()
+    };
+    let mut sim = Sim::new(22, NetConfig::perfect(), config);
+    let key = sim.public_key();
+    // Ten logins one after another within one handshake_timeout: each is
+    // answered, so the two deciding slots are free again for the next.
+    for i in 0..10 {
+        sim.connect(ClientConfig::default(), key, b"login");
+        assert!(
+            sim.run_until(Duration::from_secs(2), |s| s.session_of(i).is_some()),
+            "login {i}"
+        );
+    }
+    assert_eq!(sim.server.session_count(), 10);
+    assert_eq!(sim.server.stats().dropped_full, 0);
+    assert_eq!(sim.server.pending_count(), 0);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]

@@ -94,11 +94,14 @@ pub struct ServerConfig {
     /// Established sessions at most; an initiation beyond it is answered
     /// by nothing and counted (`dropped_sessions_full`).
     pub sessions_max: usize,
-    /// Handshakes read and waiting for the application's accept/reject (or
-    /// answered and remembered for retransmitted initiations) at most.
+    /// Handshakes read and waiting for the application's accept/reject at
+    /// most; an initiation beyond it is dropped and counted.
     pub pending_handshakes_max: usize,
+    /// Answered handshakes remembered (for retransmitted initiations) at
+    /// most; beyond it the oldest answer is forgotten early.
+    pub answered_handshakes_max: usize,
     /// How long a pending handshake waits for accept/reject, and how long
-    /// an answered one is remembered.
+    /// an answered one is remembered (at most `answered_handshakes_max`).
     pub handshake_timeout: Duration,
     pub cookie_mode: CookieMode,
     /// The cookie secret rotates this often; cookies of the current and
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             session: SessionConfig::default(),
             sessions_max: 1_000_000,
             pending_handshakes_max: 4096,
+            answered_handshakes_max: 65_536,
             handshake_timeout: Duration::from_secs(10),
             cookie_mode: CookieMode::UnderLoad {
                 inits_per_s_max: 2000,

@@ -155,6 +155,8 @@ pub struct ServerEndpoint {
     by_ephemeral: HashMap<[u8; 32], u64>,
     pending_expiry: VecDeque<(Instant, u64)>,
     next_pending: u64,
+    /// Entries of `pending` still deciding (the rest are answered).
+    deciding: usize,
     cookies: Cookies,
     raw_out: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ServerEvent>,
@@ -192,6 +194,7 @@ impl ServerEndpoint {
             by_ephemeral: HashMap::new(),
             pending_expiry: VecDeque::new(),
             next_pending: 0,
+            deciding: 0,
             cookies,
             raw_out: VecDeque::new(),
             events: VecDeque::new(),
@@ -217,8 +220,9 @@ impl ServerEndpoint {
         self.timers.len()
     }
 
+    /// Handshakes waiting for `accept` or `reject`.
     pub fn pending_count(&self) -> usize {
-        self.pending.len()
+        self.deciding
     }
 
     /// Sessions holding queues or buffers (the rest are idle).
@@ -281,7 +285,7 @@ impl ServerEndpoint {
         if let Some(&pid) = self.by_ephemeral.get(&ephemeral) {
             return self.on_duplicate_init(pid, from);
         }
-        if self.pending.len() >= self.config.pending_handshakes_max
+        if self.deciding >= self.config.pending_handshakes_max
             || self.index.len() >= self.config.sessions_max
         {
             return Err(DropReason::Full);
@@ -331,6 +335,7 @@ impl ServerEndpoint {
             },
         );
         self.by_ephemeral.insert(ephemeral, pid);
+        self.deciding += 1;
         self.pending_expiry
             .push_back((now + self.config.handshake_timeout, pid));
         self.stats.handshakes_requested += 1;
@@ -455,7 +460,31 @@ impl ServerEndpoint {
         };
         let reply = write_response(&mut hs, p.client_index, id, status, payload);
         p.state = PendingState::Answered(reply.clone());
-        (hs, p.from, reply)
+        let from = p.from;
+        self.deciding -= 1;
+        if self.pending.len() - self.deciding > self.config.answered_handshakes_max {
+            self.forget_oldest_answer();
+        }
+        (hs, from, reply)
+    }
+
+    /// Drop the oldest remembered answer (a retransmission of its
+    /// initiation would then be decided again).
+    fn forget_oldest_answer(&mut self) {
+        let oldest = self.pending_expiry.iter().position(|(_, pid)| {
+            matches!(
+                self.pending.get(pid),
+                Some(Pending {
+                    state: PendingState::Answered(_),
+                    ..
+                })
+            )
+        });
+        if let Some(i) = oldest {
+            let (_, pid) = self.pending_expiry.remove(i).expect("position is in range");
+            let p = self.pending.remove(&pid).expect("found above");
+            self.by_ephemeral.remove(&p.ephemeral);
+        }
     }
 
     fn fresh_session_id(&mut self) -> SessionId {
@@ -600,6 +629,9 @@ impl ServerEndpoint {
             self.pending_expiry.pop_front();
             if let Some(p) = self.pending.remove(&pid) {
                 self.by_ephemeral.remove(&p.ephemeral);
+                if matches!(p.state, PendingState::Deciding(_)) {
+                    self.deciding -= 1;
+                }
             }
         }
     }
