@@ -8,8 +8,8 @@
 //! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
 //! * [`DirLock`]: one process per data directory.
 //! * [`testing`]: run a daemon binary as a real process in a test.
-//! * [`link`]: the gathering frame writer of client links, and
-//!   [`exit_code`] for binaries.
+//! * [`link`]: the gathering frame writer of client links.
+//! * [`exit_code`]: a binary's fatal error printed, as an exit code.
 //!
 //! The shutdown pattern itself (stop accepting, drain, flush, exit 0) lives
 //! in each daemon's `serve` function, which selects on [`Signals::wait`].
@@ -20,7 +20,6 @@ mod lock;
 mod signals;
 pub mod testing;
 
-pub use link::exit_code;
 pub use lock::{DirLock, LockError};
 pub use signals::Signals;
 
@@ -74,6 +73,12 @@ where
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
         .and_then(|runtime| runtime.block_on(serve()?));
+    exit_code(name, result)
+}
+
+/// Print a binary's fatal error as `"<name>: error: ..."` (with its whole
+/// cause chain) and turn the result into the process's exit code.
+pub fn exit_code(name: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

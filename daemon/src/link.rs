@@ -28,15 +28,3 @@ pub async fn write_frames(
     let _ = wr.shutdown().await;
     Ok(())
 }
-
-/// Print a binary's fatal error as `"<name>: error: ..."` (with its whole
-/// cause chain) and turn the result into the process's exit code.
-pub fn exit_code(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{name}: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}

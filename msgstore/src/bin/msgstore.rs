@@ -1,6 +1,5 @@
 //! `msgstore`: the storage shard daemon.
 
-use anyhow::Context;
 use clap::Parser;
 use daemon::Signals;
 use msgstore::{
@@ -38,8 +37,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    daemon::init_tracing();
-    daemon::exit_code("msgstore", run(args))
+    // The async runtime only waits for signals and serves metrics; the
+    // shard runs on its own thread (see `msgstore::server`).
+    daemon::run_main("msgstore", || Ok(serve(load_config(&args)?)))
 }
 
 fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
@@ -63,17 +63,6 @@ fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
         config.metrics_addr = Some(addr);
     }
     Ok(config)
-}
-
-fn run(args: Args) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
-    // This runtime only waits for signals and serves metrics; the shard
-    // runs on its own thread (see `msgstore::server`).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
 }
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
