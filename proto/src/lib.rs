@@ -1,5 +1,6 @@
 //! Every byte that crosses a wire or a process boundary.
 //!
+//! * [`app`]: what clients and gateways say inside a UDP session.
 //! * [`cluster`]: the cluster map and the placement of users on shards.
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
@@ -12,6 +13,7 @@
 //! `proto` never touches a socket, a clock or a thread: it turns bytes into
 //! values and values into bytes.
 
+pub mod app;
 pub mod cluster;
 pub mod frame;
 pub mod presence;

@@ -1,0 +1,315 @@
+//! The application protocol carried inside a UDP session: what a client and
+//! its gateway say to each other. Every value is one postcard-encoded
+//! session message (at most 64 KiB); the login request and its answer ride
+//! in the handshake (at most 1,113 and 1,136 bytes).
+//!
+//! Requests carry an `id` chosen by the client; the gateway answers each
+//! with exactly one [`GatewayMessage::Reply`] of the same id. Everything
+//! else the gateway sends is pushed: messages, friends' status, profile
+//! changes, kicks. Byte layout: `docs/PROTOCOL.md` section 6.
+
+use crate::{
+    presence::Status,
+    profile::{AvatarHash, LoginView, Profile},
+};
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change; sent in [`Login`].
+pub const APP_PROTOCOL_VERSION: u16 = 1;
+/// Largest message body a client may send.
+pub const BODY_BYTES_MAX: usize = 16 * 1024;
+/// Largest page of stored messages one fetch returns (bytes of bodies).
+pub const FETCH_BYTES_MAX: u32 = 48 * 1024;
+/// Most stored messages one fetch returns.
+pub const FETCH_COUNT_MAX: u32 = 200;
+/// Most users in one `Profiles` call.
+pub const PROFILES_MAX: usize = 200;
+
+/// The handshake payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    pub version: u16,
+    pub method: LoginMethod,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoginMethod {
+    Password {
+        username: String,
+        password: String,
+    },
+    /// A token from an earlier [`LoginAccepted`].
+    Resume {
+        #[serde(with = "serde_bytes")]
+        token: Vec<u8>,
+    },
+}
+
+/// The handshake answer payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoginAnswer {
+    Accepted(LoginAccepted),
+    Refused { code: LoginError, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginAccepted {
+    pub user: u64,
+    /// Log in with this next time instead of the password.
+    #[serde(with = "serde_bytes")]
+    pub resume_token: Vec<u8>,
+    /// Messages waiting in the offline mailbox, and the highest sequence
+    /// number among them (0: none).
+    pub mailbox_count: u64,
+    pub mailbox_high_seq: u64,
+    /// Send something (a heartbeat) at least this often.
+    pub heartbeat_s: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoginError {
+    /// Unknown user or wrong password (deliberately one code).
+    WrongCredentials,
+    AccountDisabled,
+    /// The resume token does not verify or has expired: log in with the
+    /// password.
+    BadToken,
+    /// Too many logins right now: retry later.
+    Busy,
+    /// A service behind the gateway is unreachable: retry later.
+    Unavailable,
+    /// [`Login::version`] or the payload is not understood.
+    BadRequest,
+}
+
+/// A request from the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientMessage {
+    pub id: u32,
+    pub call: Call,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Call {
+    /// Send `body` to `to`. `msg_id` is chosen by the sender, unique per
+    /// message, and kept across retries: the gateway and the recipient
+    /// drop a second copy. Answered with [`Reply::Sent`].
+    Send {
+        to: u64,
+        msg_id: u128,
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    /// Stored messages with `seq > after_seq`, at most `max_count` and
+    /// about `max_bytes` (one message more if the first alone is larger).
+    Fetch {
+        after_seq: u64,
+        max_count: u32,
+        max_bytes: u32,
+    },
+    /// Delete stored messages up to and including `up_to_seq`.
+    Ack {
+        up_to_seq: u64,
+    },
+    /// Own profile, friend groups with friends' profiles, pending friend
+    /// requests, and which friends are online; friends' status changes are
+    /// pushed from then on.
+    LoginView,
+    Profiles {
+        users: Vec<u64>,
+    },
+    AvatarRange {
+        hash: AvatarHash,
+        offset: u32,
+        len: u32,
+    },
+    SetProfile {
+        nickname: Option<String>,
+        signature: Option<String>,
+    },
+    SetStatus(Status),
+    FriendRequest {
+        to_username: String,
+        group: String,
+    },
+    FriendAccept {
+        from: u64,
+        group: String,
+    },
+    FriendReject {
+        from: u64,
+    },
+    FriendRemove {
+        friend: u64,
+    },
+    /// End the session; presence is told at once.
+    Logout,
+}
+
+/// Everything the gateway sends inside a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GatewayMessage {
+    Reply {
+        id: u32,
+        result: Result<Reply, AppError>,
+    },
+    /// A message for this user, pushed while online.
+    Deliver(Delivery),
+    /// A friend came online, changed status, or went offline (`None`).
+    FriendStatus { user: u64, status: Option<Status> },
+    /// A profile this client has seen changed (read it again).
+    ProfileChanged { user: u64, version: u64 },
+    /// The user logged in elsewhere; this session is over.
+    Kicked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub from: u64,
+    pub msg_id: u128,
+    /// The gateway's clock when it accepted the message (ms since the Unix
+    /// epoch).
+    pub sent_at_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// The mailbox sequence number, for messages read with `Fetch`.
+    pub seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Sent(SendOutcome),
+    Mailbox {
+        messages: Vec<Delivery>,
+        /// Whether more stored messages follow the last one returned.
+        more: bool,
+    },
+    Acked {
+        removed: u64,
+    },
+    LoginView {
+        view: LoginView,
+        /// Friends online now, with their status.
+        online: Vec<(u64, Status)>,
+    },
+    Profiles(Vec<Profile>),
+    AvatarBytes {
+        total_len: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendOutcome {
+    /// The recipient's client acknowledged it.
+    Delivered,
+    /// The recipient's shard made it durable; the recipient fetches it.
+    Stored { seq: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppError {
+    pub code: AppErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppErrorCode {
+    /// The recipient's mailbox is full.
+    MailboxFull,
+    /// Over [`BODY_BYTES_MAX`] (or the shard's message limit).
+    MessageTooLarge,
+    UnknownUser,
+    /// Over the per-user message rate: retry later.
+    RateLimited,
+    /// A service behind the gateway failed or is unreachable: retry.
+    Unavailable,
+    /// Outside the protocol's limits or not understood.
+    BadRequest,
+    /// Refused by the profile service (the message says why).
+    Refused,
+}
+
+/// What the gateway stores in a shard record's payload for an offline
+/// message (the record's own `msg_id` is the message id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEnvelope {
+    pub from: u64,
+    pub sent_at_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// Encode any protocol value (postcard).
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("protocol values always serialize")
+}
+
+/// Decode exactly one value: trailing bytes are an error.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(value)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed application message: {0}")]
+pub struct DecodeError(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::wire::{INIT_PAYLOAD_MAX, RESPONSE_PAYLOAD_MAX};
+    use proptest::prelude::*;
+
+    #[test]
+    fn logins_and_answers_fit_the_handshake() {
+        let login = Login {
+            version: APP_PROTOCOL_VERSION,
+            method: LoginMethod::Password {
+                username: "u".repeat(64),
+                password: "p".repeat(crate::profile::PASSWORD_BYTES_MAX),
+            },
+        };
+        assert!(encode(&login).len() <= INIT_PAYLOAD_MAX);
+        let answer = LoginAnswer::Accepted(LoginAccepted {
+            user: u64::MAX,
+            resume_token: vec![0; 56],
+            mailbox_count: u64::MAX,
+            mailbox_high_seq: u64::MAX,
+            heartbeat_s: 30,
+        });
+        assert!(encode(&answer).len() <= RESPONSE_PAYLOAD_MAX);
+    }
+
+    #[test]
+    fn values_round_trip_and_trailing_bytes_are_refused() {
+        let m = ClientMessage {
+            id: 7,
+            call: Call::Send {
+                to: 2,
+                msg_id: 99,
+                body: b"hi".to_vec(),
+            },
+        };
+        let mut bytes = encode(&m);
+        assert_eq!(decode::<ClientMessage>(&bytes), Ok(m));
+        bytes.push(0);
+        assert!(decode::<ClientMessage>(&bytes).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Login>(&bytes);
+            let _ = decode::<LoginAnswer>(&bytes);
+            let _ = decode::<ClientMessage>(&bytes);
+            let _ = decode::<GatewayMessage>(&bytes);
+            let _ = decode::<StoredEnvelope>(&bytes);
+        }
+    }
+}
