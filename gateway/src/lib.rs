@@ -1,5 +1,19 @@
-//! The login gateway (issue 6): the only process clients reach. Built up
-//! piece by piece; today it holds the resume tokens the cluster's gateways
-//! check by themselves.
+//! The login gateway: the only process clients reach, over UDP.
+//!
+//! * [`server`]: the event loop (session endpoint, routing, pushes).
+//! * [`login`]: checking a login off the loop (password via profile, or a
+//!   resume token).
+//! * [`calls`]: client calls answered by presence, profile and the shards.
+//! * [`shards`]: placement by consistent hashing and the shard links.
+//! * [`resume`]: resume tokens. [`keys`]: key files. [`config`]: TOML.
+//! * [`daemon`]: start and stop.
 
+pub mod calls;
+pub mod config;
+pub mod daemon;
+pub mod keys;
+pub mod login;
 pub mod resume;
+pub mod server;
+pub mod services;
+pub mod shards;

@@ -1,0 +1,185 @@
+//! The gateway's configuration: TOML (every field documented in
+//! `gateway.example.toml`), overridden by flags.
+
+use serde::{Deserialize, Serialize};
+use std::{net::SocketAddr, path::PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// This gateway's id in the cluster map and at presence.
+    pub id: u32,
+    /// UDP address clients reach.
+    pub listen: SocketAddr,
+    /// The cluster map file (TOML, `docs/PROTOCOL.md` section 4).
+    pub cluster: PathBuf,
+    /// Directory of the gateway's key files (created if missing):
+    /// `gateway.key` (static X25519 private key), `gateway.pub` (its public
+    /// key, hex, for clients) and `token.key` (resume-token key; copy the
+    /// same file to every gateway of a cluster).
+    pub data: PathBuf,
+    /// Prometheus `/metrics` listener.
+    pub metrics_addr: Option<SocketAddr>,
+    pub limits: Limits,
+    pub timers: Timers,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Sessions at most; further logins are dropped and counted.
+    pub sessions_max: usize,
+    /// Logins being checked at once at most (password checks included).
+    pub pending_logins_max: usize,
+    /// Handshake initiations per second from one IP address; beyond it
+    /// they are dropped and counted.
+    pub handshakes_per_ip_per_s: u32,
+    /// Messages a user may send per second (token bucket) ...
+    pub messages_per_user_per_s: u32,
+    /// ... with bursts of up to this many.
+    pub messages_burst: u32,
+    /// Recently seen (sender, message id) pairs remembered to drop
+    /// duplicates, at most.
+    pub dedupe_entries_max: usize,
+    /// Requests of one session being worked on at once at most; beyond it
+    /// the request is answered `RateLimited`.
+    pub requests_in_flight_per_session_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timers {
+    /// Clients send a heartbeat at least this often (told at login).
+    pub heartbeat_s: u32,
+    /// A session silent for this long expires.
+    pub idle_timeout_s: u32,
+    /// Resume tokens are valid this long.
+    pub resume_token_ttl_s: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            id: 1,
+            listen: "127.0.0.1:7100".parse().expect("valid address"),
+            cluster: PathBuf::from("data/cluster.toml"),
+            data: PathBuf::from("data/gateway"),
+            metrics_addr: None,
+            limits: Limits::default(),
+            timers: Timers::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            sessions_max: 1_000_000,
+            pending_logins_max: 4096,
+            handshakes_per_ip_per_s: 20,
+            messages_per_user_per_s: 20,
+            messages_burst: 100,
+            dedupe_entries_max: 1_000_000,
+            requests_in_flight_per_session_max: 64,
+        }
+    }
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            heartbeat_s: 30,
+            idle_timeout_s: 90,
+            resume_token_ttl_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Load(#[from] daemon::config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl GatewayConfig {
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let config: GatewayConfig = daemon::config::load_toml(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let t = &self.timers;
+        let checks = [
+            (
+                l.sessions_max >= 1,
+                "limits.sessions_max must be at least 1",
+            ),
+            (
+                l.pending_logins_max >= 1,
+                "limits.pending_logins_max must be at least 1",
+            ),
+            (
+                l.handshakes_per_ip_per_s >= 1,
+                "limits.handshakes_per_ip_per_s must be at least 1",
+            ),
+            (
+                l.messages_per_user_per_s >= 1,
+                "limits.messages_per_user_per_s must be at least 1",
+            ),
+            (
+                l.messages_burst >= 1,
+                "limits.messages_burst must be at least 1",
+            ),
+            (
+                l.dedupe_entries_max >= 1,
+                "limits.dedupe_entries_max must be at least 1",
+            ),
+            (
+                l.requests_in_flight_per_session_max >= 1,
+                "limits.requests_in_flight_per_session_max must be at least 1",
+            ),
+            (t.heartbeat_s >= 1, "timers.heartbeat_s must be at least 1"),
+            (
+                t.idle_timeout_s > t.heartbeat_s,
+                "timers.idle_timeout_s must exceed heartbeat_s",
+            ),
+            (
+                t.resume_token_ttl_s >= 60,
+                "timers.resume_token_ttl_s must be at least 60",
+            ),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, message)) => Err(ConfigError::Invalid((*message).into())),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_is_valid() {
+        let text = include_str!("../gateway.example.toml");
+        let config: GatewayConfig = daemon::config::parse_toml(text).expect("example parses");
+        config.validate().expect("example is valid");
+        assert_eq!(
+            config,
+            GatewayConfig::default(),
+            "the example shows the defaults"
+        );
+    }
+
+    #[test]
+    fn bad_values_and_unknown_fields_are_refused() {
+        let mut c = GatewayConfig::default();
+        c.timers.idle_timeout_s = 10;
+        assert!(c.validate().is_err());
+        assert!(daemon::config::parse_toml::<GatewayConfig>("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,160 @@
+//! Starting and stopping a gateway: keys, the cluster map, connections to
+//! presence, profile and the shards, the UDP socket, the event loop.
+
+use crate::{
+    config::GatewayConfig,
+    keys::{self, KeyError},
+    resume::TokenKeys,
+    server::Loop,
+    services::Services,
+    shards::Shards,
+};
+use proto::{
+    cluster::{ClusterMap, ClusterMapError},
+    session::{CookieMode, ServerConfig, ServerEndpoint, SessionConfig},
+};
+use rand::RngCore;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read the cluster map {path}: {error}")]
+    ClusterRead { path: String, error: std::io::Error },
+    #[error("bad cluster map: {0}")]
+    Cluster(#[from] ClusterMapError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("cannot reach presence at {addr}: {error}")]
+    Presence { addr: String, error: String },
+    #[error("cannot reach the profile service at {addr}: {error}")]
+    Profile { addr: String, error: String },
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+pub struct Running {
+    local_addr: SocketAddr,
+    public_key: [u8; 32],
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key
+    }
+
+    /// Close every session, tell presence, and stop.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
+    /// Resolves if the loop ends by itself (a socket error).
+    pub async fn stopped(&mut self) -> std::io::Result<()> {
+        (&mut self.task)
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}
+
+pub fn read_cluster_map(config: &GatewayConfig) -> Result<ClusterMap, StartError> {
+    let text =
+        std::fs::read_to_string(&config.cluster).map_err(|error| StartError::ClusterRead {
+            path: config.cluster.display().to_string(),
+            error,
+        })?;
+    Ok(ClusterMap::from_toml(&text)?)
+}
+
+fn endpoint_config(config: &GatewayConfig) -> ServerConfig {
+    ServerConfig {
+        session: SessionConfig {
+            idle_timeout: Duration::from_secs(config.timers.idle_timeout_s as u64),
+            ..SessionConfig::default()
+        },
+        sessions_max: config.limits.sessions_max,
+        cookie_mode: CookieMode::UnderLoad {
+            inits_per_s_max: 2000,
+        },
+        ..ServerConfig::default()
+    }
+}
+
+pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
+    let map = read_cluster_map(&config)?;
+    let (keypair, token_key) = keys::load_dir(&config.data)?;
+    let presence_config = presence::ClientConfig {
+        peer_addr: map
+            .gateways
+            .iter()
+            .find(|g| g.id == config.id)
+            .map(|g| g.peer.clone())
+            .unwrap_or_default(),
+        ..presence::ClientConfig::default()
+    };
+    let (presence, presence_events) =
+        presence::PresenceClient::connect(map.presence.clone(), config.id, presence_config)
+            .await
+            .map_err(|e| StartError::Presence {
+                addr: map.presence.clone(),
+                error: e.to_string(),
+            })?;
+    let (profile, profile_events) = profile::ProfileClient::connect_subscribed(
+        map.profile.clone(),
+        profile::ClientConfig::default(),
+    )
+    .await
+    .map_err(|e| StartError::Profile {
+        addr: map.profile.clone(),
+        error: e.to_string(),
+    })?;
+    let socket = client::udp::bind(config.listen).map_err(|error| StartError::Listen {
+        addr: config.listen,
+        error,
+    })?;
+    let local_addr = socket.local_addr().map_err(|error| StartError::Listen {
+        addr: config.listen,
+        error,
+    })?;
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let public_key = keypair.public;
+    let endpoint = ServerEndpoint::new(
+        endpoint_config(&config),
+        keypair,
+        seed,
+        std::time::Instant::now(),
+    );
+    let services = Arc::new(Services {
+        gateway_id: config.id,
+        presence,
+        profile,
+        shards: Shards::new(&map),
+        tokens: TokenKeys::new((1, token_key), &[]),
+        config,
+    });
+    let (cmds_tx, cmds_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let event_loop = Loop::new(services, endpoint, cmds_tx);
+    let task =
+        tokio::spawn(event_loop.run(socket, cmds_rx, presence_events, profile_events, stop_rx));
+    Ok(Running {
+        local_addr,
+        public_key,
+        stop: Some(stop_tx),
+        task,
+    })
+}

@@ -1,0 +1,248 @@
+//! The whole system end to end on loopback: log in, see friends and who is
+//! online, send messages that arrive whether the friend is online or not,
+//! exactly once and in order.
+
+mod support;
+
+use proto::{
+    app::{
+        AppErrorCode, Call, GatewayMessage, LoginAnswer, LoginError, LoginMethod, Reply,
+        SendOutcome, BODY_BYTES_MAX,
+    },
+    presence::Status,
+};
+use support::{Cluster, TestClient};
+
+fn delivered(push: Option<GatewayMessage>) -> proto::app::Delivery {
+    match push {
+        Some(GatewayMessage::Deliver(d)) => d,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_checked_and_tokens_resume() {
+    let c = Cluster::start(1).await;
+    c.user("alice", "alice-pw").await;
+    match c.login("alice", "wrong").await {
+        Err(LoginAnswer::Refused { code, .. }) => assert_eq!(code, LoginError::WrongCredentials),
+        other => panic!("wrong password accepted? {:?}", other.map(|c| c.login)),
+    }
+    match c.login("nobody", "x").await {
+        Err(LoginAnswer::Refused { code, .. }) => assert_eq!(code, LoginError::WrongCredentials),
+        other => panic!("unknown user accepted? {:?}", other.map(|c| c.login)),
+    }
+    let alice = c.login("alice", "alice-pw").await.expect("right password");
+    let token = alice.login.resume_token.clone();
+    let again = TestClient::connect(
+        c.gateway.addr,
+        c.gateway_public,
+        LoginMethod::Resume {
+            token: token.clone(),
+        },
+    )
+    .await
+    .expect("a resume token logs in");
+    assert_eq!(again.login.user, alice.login.user);
+    let mut forged = token;
+    forged[10] ^= 1;
+    match TestClient::connect(
+        c.gateway.addr,
+        c.gateway_public,
+        LoginMethod::Resume { token: forged },
+    )
+    .await
+    {
+        Err(LoginAnswer::Refused { code, .. }) => assert_eq!(code, LoginError::BadToken),
+        other => panic!("forged token accepted? {:?}", other.map(|c| c.login)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_messages_arrive_once_in_order_and_are_delivered() {
+    let c = Cluster::start(2).await;
+    let a = c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    let mut bob = c.login("bob", "pb").await.unwrap();
+    for i in 0..20u128 {
+        let reply = alice
+            .send(b, 1000 + i, format!("hello {i}").as_bytes())
+            .await;
+        assert_eq!(
+            reply,
+            Ok(Reply::Sent(SendOutcome::Delivered)),
+            "message {i}"
+        );
+    }
+    for i in 0..20u128 {
+        let d = delivered(bob.push().await);
+        assert_eq!(
+            (d.from, d.msg_id, d.body),
+            (a, 1000 + i, format!("hello {i}").into_bytes())
+        );
+    }
+    // A retry of a delivered message gets the same answer and no second copy.
+    assert_eq!(
+        alice.send(b, 1005, b"hello 5").await,
+        Ok(Reply::Sent(SendOutcome::Delivered))
+    );
+    assert_eq!(
+        alice.send(b, 2000, b"after").await,
+        Ok(Reply::Sent(SendOutcome::Delivered))
+    );
+    assert_eq!(
+        delivered(bob.push().await).msg_id,
+        2000,
+        "the retry was not delivered again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_messages_are_stored_and_drained_at_login() {
+    let c = Cluster::start(3).await;
+    c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..10u128 {
+        match alice.send(b, i + 1, format!("m{i}").as_bytes()).await {
+            Ok(Reply::Sent(SendOutcome::Stored { seq })) => seqs.push(seq),
+            other => panic!("expected stored, got {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    // A retry of a stored message is answered the same and stored once.
+    assert_eq!(
+        alice.send(b, 3, b"m2").await,
+        Ok(Reply::Sent(SendOutcome::Stored { seq: 3 }))
+    );
+    let mut bob = c.login("bob", "pb").await.unwrap();
+    assert_eq!(
+        (bob.login.mailbox_count, bob.login.mailbox_high_seq),
+        (10, 10)
+    );
+    let page = bob
+        .call(Call::Fetch {
+            after_seq: 0,
+            max_count: 4,
+            max_bytes: 48 * 1024,
+        })
+        .await;
+    let Ok(Reply::Mailbox { messages, more }) = page else {
+        panic!("{page:?}")
+    };
+    assert!(more);
+    let bodies: Vec<_> = messages
+        .iter()
+        .map(|m| String::from_utf8(m.body.clone()).unwrap())
+        .collect();
+    assert_eq!(bodies, ["m0", "m1", "m2", "m3"]);
+    assert_eq!(
+        bob.call(Call::Ack { up_to_seq: 4 }).await,
+        Ok(Reply::Acked { removed: 4 })
+    );
+    let rest = bob
+        .call(Call::Fetch {
+            after_seq: 4,
+            max_count: 100,
+            max_bytes: 48 * 1024,
+        })
+        .await;
+    let Ok(Reply::Mailbox { messages, more }) = rest else {
+        panic!("{rest:?}")
+    };
+    assert!(!more);
+    assert_eq!(
+        messages.iter().map(|m| m.seq.unwrap()).collect::<Vec<_>>(),
+        (5..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        bob.call(Call::Ack { up_to_seq: 10 }).await,
+        Ok(Reply::Acked { removed: 6 })
+    );
+    let empty = bob
+        .call(Call::Fetch {
+            after_seq: 10,
+            max_count: 100,
+            max_bytes: 48 * 1024,
+        })
+        .await;
+    assert_eq!(
+        empty,
+        Ok(Reply::Mailbox {
+            messages: vec![],
+            more: false
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn friends_and_their_status_are_shown_and_pushed() {
+    let c = Cluster::start(1).await;
+    let a = c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    let view = alice.call(Call::LoginView).await;
+    let Ok(Reply::LoginView { view, online }) = view else {
+        panic!("{view:?}")
+    };
+    assert_eq!(view.profile.user, a);
+    assert_eq!(view.groups[0].friends[0].user, b);
+    assert!(online.is_empty(), "bob is offline");
+    let bob = c.login("bob", "pb").await.unwrap();
+    assert_eq!(
+        alice.push().await,
+        Some(GatewayMessage::FriendStatus {
+            user: b,
+            status: Some(Status::Online)
+        })
+    );
+    bob.client.close();
+    assert_eq!(
+        alice.push().await,
+        Some(GatewayMessage::FriendStatus {
+            user: b,
+            status: None
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_login_kicks_the_first() {
+    let c = Cluster::start(1).await;
+    c.user("alice", "pa").await;
+    let mut first = c.login("alice", "pa").await.unwrap();
+    let _second = c.login("alice", "pa").await.unwrap();
+    assert_eq!(first.push().await, Some(GatewayMessage::Kicked));
+    assert_eq!(first.next().await, None, "the kicked session is closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sends_get_typed_errors_and_garbage_is_dropped() {
+    let c = Cluster::start(1).await;
+    c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    let too_big = vec![b'x'; BODY_BYTES_MAX + 1];
+    assert_eq!(
+        alice.send(b, 1, &too_big).await.unwrap_err().code,
+        AppErrorCode::MessageTooLarge
+    );
+    assert_eq!(
+        alice.send(999_999, 2, b"hi").await.unwrap_err().code,
+        AppErrorCode::UnknownUser
+    );
+    // Garbage datagrams at the gateway: dropped, and service continues.
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..200u32 {
+        let mut d = vec![(i % 7) as u8; 1 + (i as usize * 13) % 1300];
+        d[0] = (i % 6) as u8;
+        junk.send_to(&d, c.gateway.addr).await.unwrap();
+    }
+    assert!(matches!(
+        alice.send(b, 3, b"still here").await,
+        Ok(Reply::Sent(SendOutcome::Stored { .. }))
+    ));
+}

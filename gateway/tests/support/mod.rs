@@ -1,0 +1,248 @@
+//! A whole cluster on loopback for end-to-end tests: presence, profile and
+//! msgstore shards run in-process (each a real TCP daemon), the gateway runs
+//! as a real `gateway` process; clients speak the real protocol over UDP.
+#![allow(dead_code)]
+
+use client::{Client, DriverConfig};
+use daemon::testing::DaemonProcess;
+use proto::{
+    app::{
+        self, Call, ClientMessage, GatewayMessage, Login, LoginAnswer, LoginMethod, Reply,
+        APP_PROTOCOL_VERSION,
+    },
+    cluster::{ClusterMap, GatewayEntry, ShardEntry},
+    session::Event,
+};
+use std::{path::Path, process::Command, time::Duration};
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub presence: presence::daemon::Daemon,
+    pub profile: profile::daemon::Daemon,
+    pub shards: Vec<msgstore::daemon::Daemon>,
+    pub gateway: DaemonProcess,
+    pub gateway_public: [u8; 32],
+    pub profile_client: profile::ProfileClient,
+}
+
+async fn start_shard(dir: &Path) -> msgstore::daemon::Daemon {
+    let mut config = msgstore::daemon::DaemonConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    config.engine.bucket_dirs = 4;
+    config.engine.bucket_files = 4;
+    msgstore::daemon::start(config)
+        .await
+        .expect("start a shard")
+}
+
+impl Cluster {
+    pub async fn start(shards: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut presence_config = presence::daemon::DaemonConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        presence_config.server.grace_ms = 1000;
+        let presence = presence::daemon::start(presence_config).expect("start presence");
+        let profile_config = profile::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data: dir.path().join("profile"),
+            ..Default::default()
+        };
+        let profile = profile::daemon::start(profile_config)
+            .await
+            .expect("start profile");
+        let mut shard_daemons = Vec::new();
+        for i in 0..shards {
+            shard_daemons.push(start_shard(&dir.path().join(format!("shard{i}"))).await);
+        }
+        let map = ClusterMap {
+            epoch: 1,
+            presence: presence.local_addr().to_string(),
+            profile: profile.local_addr().to_string(),
+            gateways: vec![GatewayEntry {
+                id: 1,
+                udp: "127.0.0.1:0".into(),
+                peer: "127.0.0.1:0".into(),
+            }],
+            shards: shard_daemons
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ShardEntry {
+                    id: format!("s{i}"),
+                    addr: s.local_addr().to_string(),
+                    weight: 1,
+                })
+                .collect(),
+        };
+        std::fs::write(dir.path().join("cluster.toml"), map.to_toml()).unwrap();
+        let profile_client = profile::ProfileClient::connect(profile.local_addr().to_string())
+            .await
+            .unwrap();
+        let gateway = start_gateway(dir.path());
+        let public = std::fs::read_to_string(dir.path().join("gateway/gateway.pub")).unwrap();
+        let gateway_public = gateway::keys::from_hex(&public).expect("hex public key");
+        Cluster {
+            dir,
+            presence,
+            profile,
+            shards: shard_daemons,
+            gateway,
+            gateway_public,
+            profile_client,
+        }
+    }
+
+    /// Create a user; its id.
+    pub async fn user(&self, name: &str, password: &str) -> u64 {
+        self.profile_client
+            .create_user(name, password.as_bytes())
+            .await
+            .expect("create user")
+    }
+
+    pub async fn befriend(&self, a: u64, b: u64) {
+        self.profile_client
+            .friend_request(a, b, "Friends")
+            .await
+            .unwrap();
+        self.profile_client
+            .friend_accept(b, a, "Friends")
+            .await
+            .unwrap();
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> Result<TestClient, LoginAnswer> {
+        let method = LoginMethod::Password {
+            username: username.into(),
+            password: password.into(),
+        };
+        TestClient::connect(self.gateway.addr, self.gateway_public, method).await
+    }
+}
+
+pub fn start_gateway(dir: &Path) -> DaemonProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    cmd.args(["--listen", "127.0.0.1:0", "--id", "1"])
+        .arg("--cluster")
+        .arg(dir.join("cluster.toml"))
+        .arg("--data")
+        .arg(dir.join("gateway"))
+        .env("RUST_LOG", "warn");
+    DaemonProcess::start(cmd, "gateway", WAIT)
+}
+
+/// A client speaking the application protocol over a real session.
+pub struct TestClient {
+    pub client: Client,
+    pub events: mpsc::Receiver<Event>,
+    pub login: app::LoginAccepted,
+    next_id: u32,
+    /// Pushes seen while waiting for replies.
+    pub pushes: Vec<GatewayMessage>,
+    pub closed: Option<Event>,
+}
+
+impl TestClient {
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        public: [u8; 32],
+        method: LoginMethod,
+    ) -> Result<TestClient, LoginAnswer> {
+        let login = app::encode(&Login {
+            version: APP_PROTOCOL_VERSION,
+            method,
+        });
+        let (client, mut events) = Client::connect(DriverConfig::new(addr, public, login))
+            .await
+            .expect("bind");
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("login answer in time")
+            .expect("event");
+        let payload = match event {
+            Event::Connected { payload, .. } => payload,
+            Event::Rejected { payload } => {
+                return Err(app::decode(&payload).expect("answer decodes"))
+            }
+            other => panic!("no login answer: {other:?}"),
+        };
+        match app::decode::<LoginAnswer>(&payload).expect("answer decodes") {
+            LoginAnswer::Accepted(login) => Ok(TestClient {
+                client,
+                events,
+                login,
+                next_id: 0,
+                pushes: Vec::new(),
+                closed: None,
+            }),
+            refused => Err(refused),
+        }
+    }
+
+    /// Take the next gateway message (or `None` once the session closed).
+    pub async fn next(&mut self) -> Option<GatewayMessage> {
+        loop {
+            let event = tokio::time::timeout(WAIT, self.events.recv())
+                .await
+                .expect("an event in time")?;
+            match event {
+                Event::Message(bytes) => {
+                    return Some(app::decode(&bytes).expect("gateway message decodes"))
+                }
+                e @ Event::Closed(_) => {
+                    self.closed = Some(e);
+                    return None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Send a call and wait for its reply, keeping pushes that come first.
+    pub async fn call(&mut self, call: Call) -> Result<Reply, app::AppError> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.client
+            .send(app::encode(&ClientMessage { id, call }))
+            .expect("queue the request");
+        loop {
+            match self
+                .next()
+                .await
+                .expect("session open while waiting for a reply")
+            {
+                GatewayMessage::Reply { id: got, result } if got == id => return result,
+                other => self.pushes.push(other),
+            }
+        }
+    }
+
+    pub async fn send(
+        &mut self,
+        to: u64,
+        msg_id: u128,
+        body: &[u8],
+    ) -> Result<Reply, app::AppError> {
+        self.call(Call::Send {
+            to,
+            msg_id,
+            body: body.to_vec(),
+        })
+        .await
+    }
+
+    /// Wait for the next push (taking already-seen pushes first).
+    pub async fn push(&mut self) -> Option<GatewayMessage> {
+        if !self.pushes.is_empty() {
+            return Some(self.pushes.remove(0));
+        }
+        self.next().await
+    }
+}
