@@ -302,6 +302,35 @@ mod tests {
         assert!(decode::<ClientMessage>(&bytes).is_err());
     }
 
+    /// Pinned bytes, so docs/PROTOCOL.md section 6 stays true.
+    #[test]
+    fn encodings_match_the_documented_layout() {
+        let ack = ClientMessage {
+            id: 1,
+            call: Call::Ack { up_to_seq: 5 },
+        };
+        assert_eq!(encode(&ack), [0x01, 0x02, 0x05]);
+        let sent = GatewayMessage::Reply {
+            id: 1,
+            result: Ok(Reply::Sent(SendOutcome::Stored { seq: 300 })),
+        };
+        assert_eq!(encode(&sent), [0x00, 0x01, 0x00, 0x00, 0x01, 0xac, 0x02]);
+        let err = GatewayMessage::Reply {
+            id: 2,
+            result: Err(AppError {
+                code: AppErrorCode::RateLimited,
+                message: "x".into(),
+            }),
+        };
+        assert_eq!(encode(&err), [0x00, 0x02, 0x01, 0x03, 0x01, b'x']);
+        assert_eq!(encode(&GatewayMessage::Kicked), [0x04]);
+        let login = Login {
+            version: 1,
+            method: LoginMethod::Resume { token: vec![9] },
+        };
+        assert_eq!(encode(&login), [0x01, 0x01, 0x01, 0x09]);
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
