@@ -8,11 +8,13 @@
 //!   `proto::session::ServerEndpoint` that accepts every login and echoes
 //!   every message (tests and `imbench session`).
 //!
-//! The client SDK proper (login, outbox across reconnects, profile and
-//! friend calls) arrives with the gateway.
+//! * [`sdk`]: the client SDK a chat application uses: login, requests
+//!   matched to replies, an outbox re-sent across reconnects, duplicate
+//!   deliveries dropped, profile / friend / avatar calls.
 
 pub mod driver;
 pub mod echo;
+pub mod sdk;
 pub mod udp;
 
 pub use driver::{Client, DriverConfig, DriverError, DriverStats};

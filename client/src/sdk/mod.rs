@@ -1,0 +1,509 @@
+//! The client SDK: what a chat application links against.
+//!
+//! [`connect`] logs in (password or resume token, inside the session
+//! handshake) at one of the addresses the gateway's name resolves to and
+//! returns a [`Connection`] handle (cheap to clone) and a channel of
+//! [`ImEvent`]s. One tokio task per connection owns the session: it
+//! matches replies to requests by id, keeps every unanswered message in a
+//! bounded outbox, drops duplicate deliveries, and when the session is
+//! lost it logs in again with backoff (the latest resume token first, the
+//! password as fallback) and re-sends the outbox with the same message ids.
+//!
+//! Read the event channel concurrently with making calls: when it holds
+//! `events_max` undelivered events the task waits for the application.
+
+mod dedupe;
+mod error;
+mod establish;
+mod outbox;
+mod worker;
+
+pub use error::{ConnectError, LostReason, SdkError};
+pub use establish::GATEWAY_ADDRS_MAX;
+
+use proto::{
+    app::{
+        Call, Delivery, LoginAccepted, Reply, SendOutcome, BODY_BYTES_MAX, FETCH_BYTES_MAX,
+        FETCH_COUNT_MAX, PROFILES_MAX,
+    },
+    presence::Status,
+    profile::{AvatarHash, LoginView, Profile, UserId, AVATAR_BYTES_MAX, AVATAR_RANGE_BYTES_MAX},
+    session::ClientConfig,
+};
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use worker::Command;
+
+/// What the SDK logs in with.
+#[derive(Clone)]
+pub enum Credentials {
+    /// Kept in memory: the fallback when a resume token is refused.
+    Password { username: String, password: String },
+    /// A token from an earlier login (`Connection::resume_token`).
+    ResumeToken(Vec<u8>),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Password { username, .. } => f
+                .debug_struct("Password")
+                .field("username", username)
+                .finish_non_exhaustive(),
+            Credentials::ResumeToken(_) => f.write_str("ResumeToken(..)"),
+        }
+    }
+}
+
+/// Limits and timers of the SDK (the session layer's are in
+/// [`SdkConfig::session`]).
+#[derive(Debug, Clone)]
+pub struct SdkLimits {
+    /// Requests other than sends waiting for their reply at most; more
+    /// wait for a free slot (within their timeout).
+    pub requests_in_flight_max: usize,
+    /// A request other than a send fails with `SdkError::Timeout` after
+    /// this long; a send's request is re-sent (same `msg_id`) instead.
+    pub request_timeout_ms: u64,
+    /// Messages waiting for the gateway's final answer at most; one more
+    /// `send` fails with `SdkError::OutboxFull`.
+    pub outbox_max: usize,
+    /// After `RateLimited` or `Unavailable`, a message is re-sent this
+    /// long later.
+    pub send_retry_delay_ms: u64,
+    /// Events buffered for the application at most.
+    pub events_max: usize,
+    /// Session events buffered between the session driver and the SDK task.
+    pub session_events_max: usize,
+    /// (sender, message id) pairs remembered to drop duplicates.
+    pub dedupe_ids_max: usize,
+    /// Messages `drain_mailbox` gathers at most per call.
+    pub drain_messages_max: usize,
+    /// First reconnect delay; doubles per failed attempt up to the max
+    /// (each delay is jittered down by up to half).
+    pub reconnect_backoff_min_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+    /// Failed reconnect attempts in a row before the connection ends with
+    /// `LostReason::GaveUp`.
+    pub reconnect_attempts_max: u32,
+}
+
+impl Default for SdkLimits {
+    fn default() -> Self {
+        SdkLimits {
+            requests_in_flight_max: 64,
+            request_timeout_ms: 15_000,
+            outbox_max: 256,
+            send_retry_delay_ms: 1_000,
+            events_max: 1024,
+            session_events_max: 1024,
+            dedupe_ids_max: 65_536,
+            drain_messages_max: 10_000,
+            reconnect_backoff_min_ms: 200,
+            reconnect_backoff_max_ms: 10_000,
+            reconnect_attempts_max: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SdkConfig {
+    /// `host:port`; a name may resolve to several gateways: one is picked
+    /// at random and the others are tried when a handshake times out.
+    pub gateway: String,
+    /// The gateways' static public key (Noise_NK).
+    pub gateway_public: [u8; 32],
+    pub credentials: Credentials,
+    pub limits: SdkLimits,
+    /// Session-layer timers: handshake retry and timeout, heartbeat
+    /// (`session.keepalive`, 30 s), idle expiry.
+    pub session: ClientConfig,
+}
+
+impl SdkConfig {
+    pub fn new(
+        gateway: impl Into<String>,
+        gateway_public: [u8; 32],
+        credentials: Credentials,
+    ) -> Self {
+        SdkConfig {
+            gateway: gateway.into(),
+            gateway_public,
+            credentials,
+            limits: SdkLimits::default(),
+            session: ClientConfig::default(),
+        }
+    }
+}
+
+/// What the gateway pushes, and what happens to the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImEvent {
+    /// A message pushed by the gateway, shown once (duplicates dropped).
+    Message(Delivery),
+    /// A friend came online, changed status, or went offline (`None`).
+    FriendStatus {
+        user: UserId,
+        status: Option<Status>,
+    },
+    /// A profile this client has seen changed: read it again.
+    ProfileChanged { user: UserId, version: u64 },
+    /// The user logged in elsewhere; the connection is over (last event).
+    Kicked,
+    /// Logged in again after the session was lost; the outbox is being
+    /// re-sent. The mailbox figures are those of the new login.
+    Reconnected {
+        gateway: SocketAddr,
+        mailbox_count: u64,
+        mailbox_high_seq: u64,
+    },
+    /// The connection is over for good (last event); not sent after
+    /// `logout` or `close`.
+    SessionLost { reason: LostReason },
+}
+
+/// One page of the offline mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The page's messages, duplicates of ones already shown removed.
+    pub messages: Vec<Delivery>,
+    /// The highest sequence number in the page before duplicates were
+    /// removed (acknowledge up to it); `None` for an empty page.
+    pub last_seq: Option<u64>,
+    /// Whether more stored messages follow.
+    pub more: bool,
+}
+
+/// The login view: own profile, friend groups, pending requests, and the
+/// friends online now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FriendsView {
+    pub view: LoginView,
+    pub online: Vec<(UserId, Status)>,
+}
+
+/// Counters of one connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SdkStats {
+    /// Deliveries dropped because their message id was seen already.
+    pub duplicates_dropped: u64,
+    /// Gateway messages that did not decode, dropped.
+    pub malformed_messages: u64,
+    /// Replies whose request was unknown (timed out or answered already).
+    pub unmatched_replies: u64,
+    /// Successful reconnects.
+    pub reconnects: u64,
+    /// Sends re-issued (after a timeout, a retryable error or a reconnect).
+    pub sends_reissued: u64,
+}
+
+pub(crate) struct SharedState {
+    pub(crate) accepted: LoginAccepted,
+    pub(crate) gateway: SocketAddr,
+    pub(crate) lost: Option<LostReason>,
+    pub(crate) stats: SdkStats,
+}
+
+pub(crate) type Shared = Arc<Mutex<SharedState>>;
+
+pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, SharedState> {
+    shared.lock().expect("sdk state mutex poisoned")
+}
+
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    in_flight: Semaphore,
+    request_timeout: Duration,
+    drain_messages_max: usize,
+    shared: Shared,
+}
+
+/// A logged-in connection to the IM service. Clones share it; when the
+/// last clone is dropped the session is closed (without logging out).
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+/// Log in and start the connection's task. The first login is tried once
+/// (every address of the name, until one answers); reconnects after it
+/// are automatic.
+pub async fn connect(
+    config: SdkConfig,
+) -> Result<(Connection, mpsc::Receiver<ImEvent>), ConnectError> {
+    let limits = &config.limits;
+    let (events_tx, events_rx) = mpsc::channel(limits.events_max.max(1));
+    let commands_max = limits.requests_in_flight_max + limits.outbox_max + 16;
+    let (commands_tx, commands_rx) = mpsc::channel(commands_max);
+    let inner = Inner {
+        commands: commands_tx,
+        in_flight: Semaphore::new(limits.requests_in_flight_max.max(1)),
+        request_timeout: Duration::from_millis(limits.request_timeout_ms),
+        drain_messages_max: limits.drain_messages_max,
+        shared: worker::start(config, commands_rx, events_tx).await?,
+    };
+    let connection = Connection {
+        inner: Arc::new(inner),
+    };
+    Ok((connection, events_rx))
+}
+
+impl Connection {
+    /// Send `body` (at most `BODY_BYTES_MAX`) to `to`. Resolves with the
+    /// gateway's final answer: `Delivered`, `Stored`, or a final error
+    /// (`MailboxFull`, `MessageTooLarge`, `UnknownUser`, ...). Across lost
+    /// sessions the message stays in the outbox and is re-sent with the
+    /// same message id.
+    pub async fn send(&self, to: UserId, body: Vec<u8>) -> Result<SendOutcome, SdkError> {
+        if body.len() > BODY_BYTES_MAX {
+            return Err(SdkError::Invalid(format!(
+                "body of {} bytes exceeds {BODY_BYTES_MAX}",
+                body.len()
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Send { to, body, reply }).await?;
+        rx.await.map_err(|_| self.closed())?
+    }
+
+    /// One page of stored messages with `seq > after_seq`.
+    pub async fn fetch(
+        &self,
+        after_seq: u64,
+        max_count: u32,
+        max_bytes: u32,
+    ) -> Result<Page, SdkError> {
+        if max_count > FETCH_COUNT_MAX || max_bytes > FETCH_BYTES_MAX {
+            return Err(SdkError::Invalid(format!(
+                "fetch of {max_count} messages / {max_bytes} bytes exceeds \
+                 {FETCH_COUNT_MAX} / {FETCH_BYTES_MAX}"
+            )));
+        }
+        let call = Call::Fetch {
+            after_seq,
+            max_count,
+            max_bytes,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.request(Command::Fetch { call, reply }, rx).await
+    }
+
+    /// Delete stored messages up to and including `up_to_seq`; returns how
+    /// many were removed.
+    pub async fn ack(&self, up_to_seq: u64) -> Result<u64, SdkError> {
+        match self.call(Call::Ack { up_to_seq }).await? {
+            Reply::Acked { removed } => Ok(removed),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Fetch the stored messages page by page (from the first: what was
+    /// acknowledged is deleted) and acknowledge each page cumulatively;
+    /// stops after `drain_messages_max` messages (call again for more).
+    pub async fn drain_mailbox(&self) -> Result<Vec<Delivery>, SdkError> {
+        let mut after = 0;
+        let mut out = Vec::new();
+        while out.len() < self.inner.drain_messages_max {
+            let page = self.fetch(after, FETCH_COUNT_MAX, FETCH_BYTES_MAX).await?;
+            let Some(last) = page.last_seq else { break };
+            if last <= after {
+                return Err(SdkError::Protocol(format!(
+                    "fetch after {after} returned up to {last}"
+                )));
+            }
+            out.extend(page.messages);
+            self.ack(last).await?;
+            after = last;
+            if !page.more {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Own profile, friend groups with profiles, pending friend requests
+    /// and friends online; their status changes are pushed from then on.
+    pub async fn login_view(&self) -> Result<FriendsView, SdkError> {
+        match self.call(Call::LoginView).await? {
+            Reply::LoginView { view, online } => Ok(FriendsView { view, online }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// At most `PROFILES_MAX` users.
+    pub async fn profiles(&self, users: Vec<UserId>) -> Result<Vec<Profile>, SdkError> {
+        if users.len() > PROFILES_MAX {
+            return Err(SdkError::Invalid(format!(
+                "{} users exceed {PROFILES_MAX}",
+                users.len()
+            )));
+        }
+        match self.call(Call::Profiles { users }).await? {
+            Reply::Profiles(profiles) => Ok(profiles),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The whole avatar image, read in pieces of `AVATAR_RANGE_BYTES_MAX`.
+    pub async fn avatar(&self, hash: AvatarHash) -> Result<Vec<u8>, SdkError> {
+        let mut image = Vec::new();
+        loop {
+            let call = Call::AvatarRange {
+                hash,
+                offset: image.len() as u32,
+                len: AVATAR_RANGE_BYTES_MAX,
+            };
+            let Reply::AvatarBytes { total_len, bytes } = self.call(call).await? else {
+                return Err(SdkError::Protocol("avatar: not AvatarBytes".into()));
+            };
+            let total = total_len as usize;
+            let bad = total > AVATAR_BYTES_MAX
+                || bytes.len() > AVATAR_RANGE_BYTES_MAX as usize
+                || image.len() + bytes.len() > total
+                || (bytes.is_empty() && image.len() < total);
+            if bad {
+                return Err(SdkError::Protocol(format!(
+                    "avatar piece of {} bytes at {} of {total_len}",
+                    bytes.len(),
+                    image.len()
+                )));
+            }
+            image.extend_from_slice(&bytes);
+            if image.len() == total {
+                return Ok(image);
+            }
+        }
+    }
+
+    pub async fn set_profile(
+        &self,
+        nickname: Option<String>,
+        signature: Option<String>,
+    ) -> Result<(), SdkError> {
+        self.done(Call::SetProfile {
+            nickname,
+            signature,
+        })
+        .await
+    }
+
+    pub async fn set_status(&self, status: Status) -> Result<(), SdkError> {
+        self.done(Call::SetStatus(status)).await
+    }
+
+    pub async fn friend_request(&self, to_username: &str, group: &str) -> Result<(), SdkError> {
+        self.done(Call::FriendRequest {
+            to_username: to_username.to_string(),
+            group: group.to_string(),
+        })
+        .await
+    }
+
+    pub async fn friend_accept(&self, from: UserId, group: &str) -> Result<(), SdkError> {
+        self.done(Call::FriendAccept {
+            from,
+            group: group.to_string(),
+        })
+        .await
+    }
+
+    pub async fn friend_reject(&self, from: UserId) -> Result<(), SdkError> {
+        self.done(Call::FriendReject { from }).await
+    }
+
+    pub async fn friend_remove(&self, friend: UserId) -> Result<(), SdkError> {
+        self.done(Call::FriendRemove { friend }).await
+    }
+
+    /// End the session at the gateway (presence is told at once) and the
+    /// connection; unanswered sends fail with `Closed`.
+    pub async fn logout(&self) -> Result<(), SdkError> {
+        let (reply, rx) = oneshot::channel();
+        self.request(Command::Logout { reply }, rx).await
+    }
+
+    /// End the connection without logging out (the gateway sees the
+    /// session close); unanswered sends fail with `Closed`.
+    pub async fn close(&self) {
+        let _ = self.inner.commands.send(Command::Close).await;
+    }
+
+    /// The current login: user id, latest resume token, mailbox figures.
+    pub fn login(&self) -> LoginAccepted {
+        lock(&self.inner.shared).accepted.clone()
+    }
+
+    pub fn user(&self) -> UserId {
+        lock(&self.inner.shared).accepted.user
+    }
+
+    /// The latest resume token (for `Credentials::ResumeToken` next time).
+    pub fn resume_token(&self) -> Vec<u8> {
+        lock(&self.inner.shared).accepted.resume_token.clone()
+    }
+
+    /// The gateway address of the current (or last) session.
+    pub fn gateway(&self) -> SocketAddr {
+        lock(&self.inner.shared).gateway
+    }
+
+    pub fn stats(&self) -> SdkStats {
+        lock(&self.inner.shared).stats
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn lost(&self) -> Option<LostReason> {
+        lock(&self.inner.shared).lost.clone()
+    }
+
+    async fn call(&self, call: Call) -> Result<Reply, SdkError> {
+        let (reply, rx) = oneshot::channel();
+        self.request(Command::Call { call, reply }, rx).await
+    }
+
+    async fn done(&self, call: Call) -> Result<(), SdkError> {
+        match self.call(call).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A request that takes one of the `requests_in_flight_max` slots
+    /// until its reply (the task times it out).
+    async fn request<T>(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<Result<T, SdkError>>,
+    ) -> Result<T, SdkError> {
+        let permit =
+            tokio::time::timeout(self.inner.request_timeout, self.inner.in_flight.acquire())
+                .await
+                .map_err(|_| SdkError::Timeout)?
+                .expect("the semaphore is never closed");
+        self.command(command).await?;
+        let result = rx.await.map_err(|_| self.closed())?;
+        drop(permit);
+        result
+    }
+
+    async fn command(&self, command: Command) -> Result<(), SdkError> {
+        self.inner
+            .commands
+            .send(command)
+            .await
+            .map_err(|_| self.closed())
+    }
+
+    fn closed(&self) -> SdkError {
+        SdkError::Closed(self.lost().unwrap_or(LostReason::Closed))
+    }
+}
+
+fn unexpected(reply: &Reply) -> SdkError {
+    SdkError::Protocol(format!("unexpected reply {reply:?}"))
+}

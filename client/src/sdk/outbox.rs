@@ -1,0 +1,95 @@
+//! Messages sent and not yet answered for good, in the order they were
+//! sent. An entry leaves only with the gateway's final answer (`Sent`, or
+//! an error that retrying cannot fix) or when the connection ends; across
+//! a reconnect it is re-sent with the same `msg_id`.
+
+use super::SdkError;
+use proto::app::SendOutcome;
+use std::{collections::BTreeMap, time::Instant};
+use tokio::sync::oneshot;
+
+pub(crate) type SendReply = oneshot::Sender<Result<SendOutcome, SdkError>>;
+
+pub(crate) struct Entry {
+    pub(crate) to: u64,
+    pub(crate) msg_id: u128,
+    pub(crate) body: Vec<u8>,
+    pub(crate) reply: SendReply,
+    /// The request carrying it on the current session, if any.
+    pub(crate) request: Option<u32>,
+    /// Re-send no earlier than this (after `RateLimited` / `Unavailable`).
+    pub(crate) retry_at: Option<Instant>,
+}
+
+pub(crate) struct Outbox {
+    entries: BTreeMap<u64, Entry>,
+    next: u64,
+    max: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(max: usize) -> Self {
+        assert!(max > 0, "outbox_max must be positive");
+        Outbox {
+            entries: BTreeMap::new(),
+            next: 0,
+            max,
+        }
+    }
+
+    /// Add a message; refused (and handed back) when `max` are waiting.
+    pub(crate) fn push(&mut self, entry: Entry) -> Result<u64, Entry> {
+        if self.entries.len() >= self.max {
+            return Err(entry);
+        }
+        let key = self.next;
+        self.next += 1;
+        self.entries.insert(key, entry);
+        Ok(key)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut Entry> {
+        self.entries.get_mut(&key)
+    }
+
+    pub(crate) fn remove(&mut self, key: u64) -> Option<Entry> {
+        self.entries.remove(&key)
+    }
+
+    /// Entries with no request on the wire and no pending retry delay (or
+    /// one that has passed), oldest first.
+    pub(crate) fn ready(&self, now: Instant) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.request.is_none() && e.retry_at.is_none_or(|t| t <= now))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// The earliest retry delay still running.
+    pub(crate) fn next_retry(&self) -> Option<Instant> {
+        self.entries
+            .values()
+            .filter(|e| e.request.is_none())
+            .filter_map(|e| e.retry_at)
+            .min()
+    }
+
+    /// Forget which request carried each entry (the session is gone).
+    pub(crate) fn detach_all(&mut self) {
+        for e in self.entries.values_mut() {
+            e.request = None;
+        }
+    }
+
+    /// Empty the outbox, answering every entry with `error`.
+    pub(crate) fn fail_all(&mut self, error: &SdkError) {
+        for (_, e) in std::mem::take(&mut self.entries) {
+            let _ = e.reply.send(Err(error.clone()));
+        }
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+}

@@ -1,0 +1,599 @@
+//! The client SDK against a stub gateway: a tokio task on a real UDP
+//! socket around `ServerEndpoint` that speaks the application protocol
+//! (`proto::app`) for two users, with switches to misbehave.
+
+use client::sdk::{
+    connect, ConnectError, Connection, Credentials, ImEvent, LostReason, SdkConfig, SdkError,
+};
+use proto::{
+    app::{
+        decode, encode, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage,
+        Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply, SendOutcome,
+    },
+    session::{
+        config::DATAGRAM_BYTES_MAX, ClientConfig, CookieMode, Event, PendingId, ServerConfig,
+        ServerEndpoint, ServerEvent, SessionConfig, SessionId, StaticKeypair,
+    },
+};
+use rand::RngCore;
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tokio::{net::UdpSocket, sync::mpsc, task::JoinHandle, time::timeout};
+
+/// Guards against hangs only; nothing here is a timing assertion.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+const ALICE: u64 = 1;
+const BOB: u64 = 2;
+const USERS: [(&str, &str, u64); 2] = [("alice", "alice-pw", ALICE), ("bob", "bob-pw", BOB)];
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no progress within {DEADLINE:?}"))
+}
+
+/// Poll `check` until it holds (guarded by `DEADLINE`).
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    within(what, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+// ---- the stub gateway ------------------------------------------------------
+
+/// What the stub saw and how it behaves; shared with the test.
+#[derive(Default)]
+struct StubState {
+    /// Push every `Deliver` twice.
+    duplicate_deliveries: bool,
+    /// Swallow `Send` requests (never answer them).
+    swallow_sends: bool,
+    /// Every `Send` received: (sender, msg_id, body).
+    sends: Vec<(u64, u128, Vec<u8>)>,
+    /// Accepted logins by method: (user, by resume token).
+    logins: Vec<(u64, bool)>,
+    mailbox: BTreeMap<u64, Vec<Delivery>>,
+    next_seq: u64,
+}
+
+struct Stub {
+    addr: SocketAddr,
+    keys: StaticKeypair,
+    state: Arc<Mutex<StubState>>,
+    task: JoinHandle<()>,
+}
+
+impl Stub {
+    async fn start(addr: SocketAddr, keys: StaticKeypair) -> Stub {
+        let socket = UdpSocket::bind(addr).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(StubState::default()));
+        let mut seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut seed);
+        let config = ServerConfig {
+            cookie_mode: CookieMode::Never,
+            ..ServerConfig::default()
+        };
+        let gateway = StubGateway {
+            endpoint: ServerEndpoint::new(config, keys.clone(), seed, Instant::now()),
+            state: state.clone(),
+            users: HashMap::new(),
+            sessions: HashMap::new(),
+        };
+        let task = tokio::spawn(gateway.serve(socket));
+        Stub {
+            addr,
+            keys,
+            state,
+            task,
+        }
+    }
+
+    async fn fresh() -> Stub {
+        let mut seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut seed);
+        Stub::start(
+            "127.0.0.1:0".parse().unwrap(),
+            StaticKeypair::generate(seed),
+        )
+        .await
+    }
+
+    /// Stop it for good (its socket is closed when this returns).
+    async fn kill(self) -> (SocketAddr, StaticKeypair) {
+        self.task.abort();
+        let _ = self.task.await;
+        (self.addr, self.keys)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, StubState> {
+        self.state.lock().unwrap()
+    }
+
+    fn sends(&self) -> Vec<(u64, u128, Vec<u8>)> {
+        self.state().sends.clone()
+    }
+}
+
+struct StubGateway {
+    endpoint: ServerEndpoint,
+    state: Arc<Mutex<StubState>>,
+    /// user -> its latest session.
+    users: HashMap<u64, SessionId>,
+    sessions: HashMap<SessionId, u64>,
+}
+
+impl StubGateway {
+    async fn serve(mut self, socket: UdpSocket) {
+        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+        let mut datagram = vec![0u8; 2048];
+        loop {
+            let now = Instant::now();
+            self.handle_events(now);
+            while let Some(t) = self.endpoint.poll_transmit(now, &mut buf) {
+                let _ = socket.send_to(&buf[..t.len], t.dest).await;
+            }
+            let deadline = self.endpoint.poll_timeout();
+            tokio::select! {
+                r = socket.recv_from(&mut datagram) => {
+                    let Ok((n, from)) = r else { continue };
+                    self.endpoint.handle_datagram(Instant::now(), from, &datagram[..n]);
+                }
+                () = client::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    fn handle_events(&mut self, now: Instant) {
+        while let Some(event) = self.endpoint.poll_event() {
+            match event {
+                ServerEvent::HandshakeRequest {
+                    pending, payload, ..
+                } => self.login(now, pending, &payload),
+                ServerEvent::Session {
+                    session,
+                    event: Event::Message(bytes),
+                } => {
+                    let message: ClientMessage = decode(&bytes).expect("the SDK sends valid calls");
+                    self.call(session, message);
+                }
+                ServerEvent::Session {
+                    session,
+                    event: Event::Closed(_),
+                } => {
+                    if let Some(user) = self.sessions.remove(&session) {
+                        if self.users.get(&user) == Some(&session) {
+                            self.users.remove(&user);
+                        }
+                    }
+                }
+                ServerEvent::Session { .. } => {}
+            }
+        }
+    }
+
+    fn login(&mut self, now: Instant, pending: PendingId, payload: &[u8]) {
+        let login: Login = decode(payload).expect("the SDK sends valid logins");
+        let (user, by_token) = match login.method {
+            LoginMethod::Password { username, password } => (
+                USERS
+                    .iter()
+                    .find(|(u, p, _)| *u == username && *p == password)
+                    .map(|u| u.2),
+                false,
+            ),
+            LoginMethod::Resume { token } => (
+                token
+                    .strip_prefix(b"token:")
+                    .and_then(|id| id.try_into().ok())
+                    .map(u64::from_le_bytes),
+                true,
+            ),
+        };
+        let Some(user) = user else {
+            let code = if by_token {
+                LoginError::BadToken
+            } else {
+                LoginError::WrongCredentials
+            };
+            let answer = LoginAnswer::Refused {
+                code,
+                message: "no".into(),
+            };
+            self.endpoint.reject(pending, &encode(&answer)).unwrap();
+            return;
+        };
+        let mut resume_token = b"token:".to_vec();
+        resume_token.extend_from_slice(&user.to_le_bytes());
+        let mailbox = self.state.lock().unwrap().mailbox.get(&user).cloned();
+        let mailbox = mailbox.unwrap_or_default();
+        let answer = LoginAnswer::Accepted(LoginAccepted {
+            user,
+            resume_token,
+            mailbox_count: mailbox.len() as u64,
+            mailbox_high_seq: mailbox.last().and_then(|d| d.seq).unwrap_or(0),
+            heartbeat_s: 30,
+        });
+        let session = self
+            .endpoint
+            .accept(now, pending, &encode(&answer))
+            .unwrap();
+        self.state.lock().unwrap().logins.push((user, by_token));
+        if let Some(old) = self.users.insert(user, session) {
+            self.push(old, &GatewayMessage::Kicked);
+            self.sessions.remove(&old);
+        }
+        self.sessions.insert(session, user);
+    }
+
+    fn push(&mut self, session: SessionId, message: &GatewayMessage) {
+        let _ = self.endpoint.send(session, encode(message));
+    }
+
+    fn call(&mut self, session: SessionId, message: ClientMessage) {
+        let Some(&user) = self.sessions.get(&session) else {
+            return;
+        };
+        let result = match message.call {
+            Call::Send { to, msg_id, body } => {
+                let swallow = {
+                    let mut state = self.state.lock().unwrap();
+                    state.sends.push((user, msg_id, body.clone()));
+                    state.swallow_sends
+                };
+                if swallow {
+                    return;
+                }
+                self.deliver(user, to, msg_id, body)
+            }
+            Call::Fetch {
+                after_seq,
+                max_count,
+                ..
+            } => {
+                let state = self.state.lock().unwrap();
+                let stored = state.mailbox.get(&user).cloned().unwrap_or_default();
+                let mut later = stored.into_iter().filter(|d| d.seq > Some(after_seq));
+                let messages: Vec<Delivery> = later.by_ref().take(max_count as usize).collect();
+                let more = later.next().is_some();
+                Ok(Reply::Mailbox { messages, more })
+            }
+            Call::Ack { up_to_seq } => {
+                let mut state = self.state.lock().unwrap();
+                let stored = state.mailbox.entry(user).or_default();
+                let before = stored.len();
+                stored.retain(|d| d.seq > Some(up_to_seq));
+                let removed = (before - stored.len()) as u64;
+                Ok(Reply::Acked { removed })
+            }
+            Call::Logout => {
+                self.reply(session, message.id, Ok(Reply::Done));
+                self.endpoint.close(session);
+                return;
+            }
+            _ => Err(AppError {
+                code: AppErrorCode::BadRequest,
+                message: "not in the stub".into(),
+            }),
+        };
+        self.reply(session, message.id, result);
+    }
+
+    fn deliver(
+        &mut self,
+        from: u64,
+        to: u64,
+        msg_id: u128,
+        body: Vec<u8>,
+    ) -> Result<Reply, AppError> {
+        if !USERS.iter().any(|u| u.2 == to) {
+            return Err(AppError {
+                code: AppErrorCode::UnknownUser,
+                message: format!("no user {to}"),
+            });
+        }
+        let mut delivery = Delivery {
+            from,
+            msg_id,
+            sent_at_ms: 0,
+            body,
+            seq: None,
+        };
+        if let Some(&session) = self.users.get(&to) {
+            let copies = if self.state.lock().unwrap().duplicate_deliveries {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                self.push(session, &GatewayMessage::Deliver(delivery.clone()));
+            }
+            return Ok(Reply::Sent(SendOutcome::Delivered));
+        }
+        let mut state = self.state.lock().unwrap();
+        state.next_seq += 1;
+        let seq = state.next_seq;
+        delivery.seq = Some(seq);
+        state.mailbox.entry(to).or_default().push(delivery);
+        Ok(Reply::Sent(SendOutcome::Stored { seq }))
+    }
+
+    fn reply(&mut self, session: SessionId, id: u32, result: Result<Reply, AppError>) {
+        self.push(session, &GatewayMessage::Reply { id, result });
+    }
+}
+
+// ---- the SDK side ----------------------------------------------------------
+
+/// Short session timers so a dead gateway is noticed quickly; generous
+/// deadlines elsewhere.
+fn config(stub: &Stub, credentials: Credentials) -> SdkConfig {
+    let mut config = SdkConfig::new(stub.addr.to_string(), stub.keys.public, credentials);
+    config.session = ClientConfig {
+        session: SessionConfig {
+            keepalive: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(1500),
+            ..SessionConfig::client()
+        },
+        handshake_retry: Duration::from_millis(100),
+        handshake_timeout: Duration::from_secs(2),
+    };
+    config.limits.reconnect_backoff_min_ms = 50;
+    config.limits.reconnect_backoff_max_ms = 500;
+    config.limits.reconnect_attempts_max = 1000;
+    config
+}
+
+fn password(user: &str) -> Credentials {
+    let (username, password, _) = USERS.iter().find(|u| u.0 == user).unwrap();
+    Credentials::Password {
+        username: username.to_string(),
+        password: password.to_string(),
+    }
+}
+
+async fn login(stub: &Stub, user: &str) -> (Connection, mpsc::Receiver<ImEvent>) {
+    within("login", connect(config(stub, password(user))))
+        .await
+        .unwrap()
+}
+
+/// The next pushed message (other events are skipped).
+async fn next_message(events: &mut mpsc::Receiver<ImEvent>) -> Delivery {
+    within("next message", async {
+        loop {
+            match events.recv().await.expect("event stream ended") {
+                ImEvent::Message(d) => return d,
+                _ => continue,
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn login_is_accepted_or_refused_with_a_typed_error() {
+    let stub = Stub::fresh().await;
+    let (alice, _events) = login(&stub, "alice").await;
+    assert_eq!(alice.user(), ALICE);
+    assert_eq!(
+        alice.resume_token(),
+        [b"token:".as_slice(), &ALICE.to_le_bytes()].concat()
+    );
+    assert_eq!(alice.gateway(), stub.addr);
+
+    let wrong = Credentials::Password {
+        username: "alice".into(),
+        password: "guess".into(),
+    };
+    let refused = connect(config(&stub, wrong)).await.err().unwrap();
+    assert!(
+        matches!(
+            refused,
+            ConnectError::Refused {
+                code: LoginError::WrongCredentials,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let bad_token = Credentials::ResumeToken(b"forged".to_vec());
+    let refused = connect(config(&stub, bad_token)).await.err().unwrap();
+    assert!(
+        matches!(
+            refused,
+            ConnectError::Refused {
+                code: LoginError::BadToken,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let token = Credentials::ResumeToken(alice.resume_token());
+    let (again, _events) = connect(config(&stub, token)).await.unwrap();
+    assert_eq!(again.user(), ALICE);
+    assert_eq!(stub.state().logins, vec![(ALICE, false), (ALICE, true)]);
+}
+
+#[tokio::test]
+async fn two_clients_exchange_messages_exactly_once_and_in_order() {
+    const N: usize = 40;
+    let stub = Stub::fresh().await;
+    let (alice, mut alice_events) = login(&stub, "alice").await;
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    let talk = |from: Connection, to: u64| async move {
+        for i in 0..=N {
+            let body = if i == N {
+                b"end".to_vec()
+            } else {
+                format!("m{i}").into_bytes()
+            };
+            assert_eq!(from.send(to, body).await, Ok(SendOutcome::Delivered));
+        }
+    };
+    let a = tokio::spawn(talk(alice.clone(), BOB));
+    let b = tokio::spawn(talk(bob.clone(), ALICE));
+    for (events, from) in [(&mut bob_events, ALICE), (&mut alice_events, BOB)] {
+        let mut ids = std::collections::HashSet::new();
+        for i in 0..=N {
+            let d = next_message(events).await;
+            let expected = if i == N {
+                b"end".to_vec()
+            } else {
+                format!("m{i}").into_bytes()
+            };
+            assert_eq!((d.from, d.body), (from, expected), "message {i}");
+            assert!(ids.insert(d.msg_id), "message ids are unique");
+        }
+    }
+    within("senders", a).await.unwrap();
+    within("senders", b).await.unwrap();
+    assert_eq!(stub.sends().len(), 2 * (N + 1), "each message sent once");
+    assert_eq!(alice.stats().duplicates_dropped, 0);
+}
+
+#[tokio::test]
+async fn a_message_delivered_twice_is_shown_once() {
+    let stub = Stub::fresh().await;
+    stub.state().duplicate_deliveries = true;
+    let (alice, _alice_events) = login(&stub, "alice").await;
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    for i in 0..10 {
+        alice.send(BOB, format!("m{i}").into_bytes()).await.unwrap();
+    }
+    alice.send(BOB, b"end".to_vec()).await.unwrap();
+    // Both copies of each message precede the next message, so every
+    // duplicate up to "end" has been dropped once "end" shows.
+    for i in 0..10 {
+        assert_eq!(
+            next_message(&mut bob_events).await.body,
+            format!("m{i}").into_bytes()
+        );
+    }
+    assert_eq!(next_message(&mut bob_events).await.body, b"end");
+    assert!(bob.stats().duplicates_dropped >= 10, "{:?}", bob.stats());
+}
+
+#[tokio::test]
+async fn a_gateway_restart_loses_nothing_and_resends_with_the_same_id() {
+    let stub = Stub::fresh().await;
+    stub.state().swallow_sends = true;
+    let (alice, mut alice_events) = login(&stub, "alice").await;
+    let sender = alice.clone();
+    let send = tokio::spawn(async move { sender.send(BOB, b"survives".to_vec()).await });
+    until("the first gateway sees the send", || {
+        stub.sends().len() == 1
+    })
+    .await;
+    let first = stub.sends()[0].clone();
+
+    let (addr, keys) = stub.kill().await;
+    let stub = Stub::start(addr, keys).await;
+    let outcome = within("the re-sent message is answered", send)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Ok(SendOutcome::Stored { seq: 1 }));
+    assert_eq!(
+        stub.sends(),
+        vec![first.clone()],
+        "same msg_id, sent once here"
+    );
+    assert_eq!(
+        stub.state().logins,
+        vec![(ALICE, true)],
+        "resumed with the token"
+    );
+    let reconnected = within("Reconnected event", async {
+        loop {
+            if let ImEvent::Reconnected { gateway, .. } = alice_events.recv().await.unwrap() {
+                return gateway;
+            }
+        }
+    })
+    .await;
+    assert_eq!(reconnected, addr);
+    assert_eq!(alice.stats().reconnects, 1);
+
+    // Bob, offline throughout, drains it from the mailbox exactly once.
+    let (bob, _bob_events) = login(&stub, "bob").await;
+    assert_eq!(bob.login().mailbox_count, 1);
+    let drained = bob.drain_mailbox().await.unwrap();
+    assert_eq!(drained.len(), 1);
+    assert_eq!((drained[0].from, drained[0].msg_id), (ALICE, first.1));
+    assert_eq!(drained[0].body, b"survives");
+    assert!(
+        bob.drain_mailbox().await.unwrap().is_empty(),
+        "acknowledged"
+    );
+    assert!(stub.state().mailbox[&BOB].is_empty());
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_with_a_typed_error() {
+    let stub = Stub::fresh().await;
+    stub.state().swallow_sends = true;
+    let mut config = config(&stub, password("alice"));
+    config.limits.outbox_max = 2;
+    let (alice, _events) = connect(config).await.unwrap();
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        let a = alice.clone();
+        waiting.push(tokio::spawn(async move { a.send(BOB, vec![i]).await }));
+    }
+    until("both sends reach the gateway", || stub.sends().len() == 2).await;
+    assert_eq!(
+        alice.send(BOB, vec![9]).await,
+        Err(SdkError::OutboxFull { max: 2 })
+    );
+    // Ending the connection answers what was waiting.
+    alice.logout().await.unwrap();
+    for w in waiting {
+        let result = within("outbox answered", w).await.unwrap();
+        assert_eq!(result, Err(SdkError::Closed(LostReason::Closed)));
+    }
+    assert_eq!(
+        alice.send(BOB, vec![1]).await,
+        Err(SdkError::Closed(LostReason::Closed))
+    );
+}
+
+#[tokio::test]
+async fn final_errors_and_kicks_reach_the_caller() {
+    let stub = Stub::fresh().await;
+    let (alice, mut events) = login(&stub, "alice").await;
+    let unknown = alice.send(99, b"hi".to_vec()).await;
+    assert!(
+        matches!(
+            unknown,
+            Err(SdkError::App {
+                code: AppErrorCode::UnknownUser,
+                ..
+            })
+        ),
+        "{unknown:?}"
+    );
+    let big = alice
+        .send(BOB, vec![0; proto::app::BODY_BYTES_MAX + 1])
+        .await;
+    assert!(matches!(big, Err(SdkError::Invalid(_))), "{big:?}");
+
+    // A second login of the same user kicks the first.
+    let (_again, _events2) = login(&stub, "alice").await;
+    let kicked = within("Kicked", events.recv()).await;
+    assert_eq!(kicked, Some(ImEvent::Kicked));
+    assert_eq!(within("events end", events.recv()).await, None);
+    assert_eq!(alice.lost(), Some(LostReason::Kicked));
+    assert_eq!(
+        alice.send(BOB, b"x".to_vec()).await,
+        Err(SdkError::Closed(LostReason::Kicked))
+    );
+}
