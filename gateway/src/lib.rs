@@ -6,11 +6,13 @@
 //! * [`calls`]: client calls answered by presence, profile and the shards.
 //! * [`shards`]: placement by consistent hashing and the shard links.
 //! * [`resume`]: resume tokens. [`keys`]: key files. [`config`]: TOML.
-//! * [`daemon`]: start and stop.
+//! * [`daemon`]: start and stop. [`embedded`]: a whole cluster in one
+//!   process (`imctl up`, tests).
 
 pub mod calls;
 pub mod config;
 pub mod daemon;
+pub mod embedded;
 pub mod keys;
 pub mod login;
 pub mod resume;

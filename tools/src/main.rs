@@ -5,11 +5,14 @@
 //! the same way: a clap `Args` type and an async `run`.
 
 mod avatar_cmd;
+mod demo;
 mod friend_cmd;
 mod output;
 mod presence_cmd;
 mod profile_conn;
+mod session_cmd;
 mod shard_cmd;
+mod up_cmd;
 mod user_cmd;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +30,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start the whole system on this machine (presence, profile, two
+    /// shards, a gateway; data in ./data); Ctrl-C stops it.
+    Up(up_cmd::UpArgs),
+    /// Send one message as a user (defaults from DATA/demo.toml).
+    Send(session_cmd::SendArgs),
+    /// Read and acknowledge a user's stored messages.
+    Inbox(session_cmd::InboxArgs),
     /// Talk to one msgstore shard directly.
     Shard(shard_cmd::ShardArgs),
     /// Ask a presence server: stats, lookup USER..., gateways.
@@ -41,7 +51,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
@@ -54,6 +64,9 @@ fn main() -> ExitCode {
     let out = output::Output { json: cli.json };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Up(args) => up_cmd::run(args).await,
+            Command::Send(args) => session_cmd::send(args, &out).await,
+            Command::Inbox(args) => session_cmd::inbox(args, &out).await,
             Command::Shard(args) => shard_cmd::run(args, &out).await,
             Command::Presence(args) => presence_cmd::run(args, &out).await,
             Command::User(args) => user_cmd::run(args, &out).await,

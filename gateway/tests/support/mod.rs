@@ -5,12 +5,12 @@
 
 use client::{Client, DriverConfig};
 use daemon::testing::DaemonProcess;
+use gateway::embedded::{Embedded, EmbeddedConfig};
 use proto::{
     app::{
         self, Call, ClientMessage, GatewayMessage, Login, LoginAnswer, LoginMethod, Reply,
         APP_PROTOCOL_VERSION,
     },
-    cluster::{ClusterMap, GatewayEntry, ShardEntry},
     session::Event,
 };
 use std::{path::Path, process::Command, time::Duration};
@@ -20,69 +20,21 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    pub presence: presence::daemon::Daemon,
-    pub profile: profile::daemon::Daemon,
-    pub shards: Vec<msgstore::daemon::Daemon>,
+    pub services: Embedded,
     pub gateway: DaemonProcess,
     pub gateway_public: [u8; 32],
     pub profile_client: profile::ProfileClient,
 }
 
-async fn start_shard(dir: &Path) -> msgstore::daemon::Daemon {
-    let mut config = msgstore::daemon::DaemonConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data: Some(dir.to_path_buf()),
-        ..Default::default()
-    };
-    config.engine.bucket_dirs = 4;
-    config.engine.bucket_files = 4;
-    msgstore::daemon::start(config)
-        .await
-        .expect("start a shard")
-}
-
 impl Cluster {
+    /// Presence, profile and `shards` shards in-process; the gateway as a
+    /// real process.
     pub async fn start(shards: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut presence_config = presence::daemon::DaemonConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        };
-        presence_config.server.grace_ms = 1000;
-        let presence = presence::daemon::start(presence_config).expect("start presence");
-        let profile_config = profile::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data: dir.path().join("profile"),
-            ..Default::default()
-        };
-        let profile = profile::daemon::start(profile_config)
+        let services = Embedded::start(EmbeddedConfig::ephemeral(dir.path().to_path_buf(), shards))
             .await
-            .expect("start profile");
-        let mut shard_daemons = Vec::new();
-        for i in 0..shards {
-            shard_daemons.push(start_shard(&dir.path().join(format!("shard{i}"))).await);
-        }
-        let map = ClusterMap {
-            epoch: 1,
-            presence: presence.local_addr().to_string(),
-            profile: profile.local_addr().to_string(),
-            gateways: vec![GatewayEntry {
-                id: 1,
-                udp: "127.0.0.1:0".into(),
-                peer: "127.0.0.1:0".into(),
-            }],
-            shards: shard_daemons
-                .iter()
-                .enumerate()
-                .map(|(i, s)| ShardEntry {
-                    id: format!("s{i}"),
-                    addr: s.local_addr().to_string(),
-                    weight: 1,
-                })
-                .collect(),
-        };
-        std::fs::write(dir.path().join("cluster.toml"), map.to_toml()).unwrap();
-        let profile_client = profile::ProfileClient::connect(profile.local_addr().to_string())
+            .expect("start the services");
+        let profile_client = profile::ProfileClient::connect(services.map.profile.clone())
             .await
             .unwrap();
         let gateway = start_gateway(dir.path());
@@ -90,9 +42,7 @@ impl Cluster {
         let gateway_public = gateway::keys::from_hex(&public).expect("hex public key");
         Cluster {
             dir,
-            presence,
-            profile,
-            shards: shard_daemons,
+            services,
             gateway,
             gateway_public,
             profile_client,

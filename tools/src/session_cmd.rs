@@ -1,0 +1,179 @@
+//! `imctl send` and `imctl inbox`: one-shot commands of a person, through
+//! the client SDK and the gateway like any client. Defaults come from
+//! `DATA/demo.toml` (written by `imctl up`).
+
+use crate::{
+    demo::{Demo, DATA_DIR_DEFAULT},
+    output::Output,
+};
+use anyhow::{bail, Context};
+use clap::Args;
+use client::sdk::{self, Connection, Credentials, SdkConfig};
+use proto::app::{Delivery, SendOutcome};
+use serde::Serialize;
+use std::{collections::HashMap, path::PathBuf};
+
+/// Who logs in where.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The user to log in as.
+    #[arg(long)]
+    user: String,
+    /// The password [default: the demo user's, from DATA/demo.toml].
+    #[arg(long, env = "IMCTL_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// The gateway, host:port [default: from DATA/demo.toml].
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<String>,
+    /// The gateway's public key, hex [default: from DATA/demo.toml].
+    #[arg(long, value_name = "HEX")]
+    public_key: Option<String>,
+    /// Where `imctl up` keeps its data (for demo.toml).
+    #[arg(long, value_name = "DIR", default_value = DATA_DIR_DEFAULT)]
+    data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    login: LoginArgs,
+    /// The recipient: a friend's username, or a user id.
+    #[arg(long)]
+    to: String,
+    /// The message.
+    #[arg(required = true)]
+    text: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InboxArgs {
+    #[command(flatten)]
+    login: LoginArgs,
+}
+
+impl LoginArgs {
+    /// Log in through the SDK.
+    pub async fn connect(
+        &self,
+    ) -> anyhow::Result<(Connection, tokio::sync::mpsc::Receiver<sdk::ImEvent>)> {
+        let demo = Demo::load(&self.data).ok();
+        let gateway = match (&self.gateway, &demo) {
+            (Some(g), _) => g.clone(),
+            (None, Some(d)) => d.gateway.clone(),
+            (None, None) => bail!("no --gateway and no demo.toml in {}", self.data.display()),
+        };
+        let public_key = match (&self.public_key, &demo) {
+            (Some(k), _) => {
+                gateway::keys::from_hex(k).context("--public-key is not 64 hex digits")?
+            }
+            (None, Some(d)) => d.public_key()?,
+            (None, None) => bail!(
+                "no --public-key and no demo.toml in {}",
+                self.data.display()
+            ),
+        };
+        let password = match (&self.password, &demo) {
+            (Some(p), _) => p.clone(),
+            (None, Some(d)) => d
+                .password_of(&self.user)
+                .with_context(|| format!("{} is not a demo user: give --password", self.user))?
+                .to_string(),
+            (None, None) => bail!("no --password"),
+        };
+        let credentials = Credentials::Password {
+            username: self.user.clone(),
+            password,
+        };
+        sdk::connect(SdkConfig::new(gateway, public_key, credentials))
+            .await
+            .with_context(|| format!("cannot log in as {}", self.user))
+    }
+}
+
+/// Usernames of the logged-in user's friends, by id.
+async fn friend_names(conn: &Connection) -> anyhow::Result<HashMap<u64, String>> {
+    let view = conn.login_view().await?;
+    Ok(view
+        .view
+        .groups
+        .iter()
+        .flat_map(|g| g.friends.iter().map(|p| (p.user, p.username.clone())))
+        .collect())
+}
+
+#[derive(Serialize)]
+struct Sent {
+    to: u64,
+    outcome: String,
+}
+
+pub async fn send(args: SendArgs, out: &Output) -> anyhow::Result<()> {
+    let (conn, _events) = args.login.connect().await?;
+    let friends = friend_names(&conn).await?;
+    let to = match args.to.parse::<u64>() {
+        Ok(id) => id,
+        Err(_) => {
+            *friends
+                .iter()
+                .find(|(_, name)| **name == args.to)
+                .with_context(|| {
+                    format!(
+                        "{} is not a friend of {} (give a user id)",
+                        args.to, args.login.user
+                    )
+                })?
+                .0
+        }
+    };
+    let outcome = conn.send(to, args.text.join(" ").into_bytes()).await?;
+    let outcome = match outcome {
+        SendOutcome::Delivered => "delivered".to_string(),
+        SendOutcome::Stored { seq } => format!("stored (mailbox seq {seq})"),
+    };
+    conn.close().await;
+    let sent = Sent { to, outcome };
+    out.emit(&sent, || format!("sent to {}: {}", args.to, sent.outcome))
+}
+
+#[derive(Serialize)]
+struct InboxMessage {
+    from: u64,
+    from_name: Option<String>,
+    seq: Option<u64>,
+    sent_at_ms: u64,
+    text: String,
+}
+
+pub async fn inbox(args: InboxArgs, out: &Output) -> anyhow::Result<()> {
+    let (conn, _events) = args.login.connect().await?;
+    let friends = friend_names(&conn).await?;
+    let messages: Vec<InboxMessage> = conn
+        .drain_mailbox()
+        .await?
+        .into_iter()
+        .map(|d: Delivery| InboxMessage {
+            from: d.from,
+            from_name: friends.get(&d.from).cloned(),
+            seq: d.seq,
+            sent_at_ms: d.sent_at_ms,
+            text: String::from_utf8_lossy(&d.body).into_owned(),
+        })
+        .collect();
+    conn.close().await;
+    out.emit(&messages, || {
+        if messages.is_empty() {
+            return "no stored messages".to_string();
+        }
+        messages
+            .iter()
+            .map(|m| {
+                let from = m
+                    .from_name
+                    .clone()
+                    .unwrap_or_else(|| format!("user {}", m.from));
+                format!("{from}: {}", m.text)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
