@@ -10,6 +10,8 @@ use proto::{
         decode, encode, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage,
         Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply, SendOutcome,
     },
+    presence::Status,
+    profile::Profile,
     session::{
         config::DATAGRAM_BYTES_MAX, ClientConfig, CookieMode, Event, PendingId, ServerConfig,
         ServerEndpoint, ServerEvent, SessionConfig, SessionId, StaticKeypair,
@@ -57,6 +59,12 @@ struct StubState {
     duplicate_deliveries: bool,
     /// Swallow `Send` requests (never answer them).
     swallow_sends: bool,
+    /// Swallow every other request.
+    swallow_calls: bool,
+    /// Push a message that does not decode right after each login.
+    garbage_after_login: bool,
+    /// Avatar ranges asked for: (offset, len).
+    avatar_ranges: Vec<(u32, u32)>,
     /// Every `Send` received: (sender, msg_id, body).
     sends: Vec<(u64, u128, Vec<u8>)>,
     /// Accepted logins by method: (user, by resume token).
@@ -227,7 +235,25 @@ impl StubGateway {
             .endpoint
             .accept(now, pending, &encode(&answer))
             .unwrap();
-        self.state.lock().unwrap().logins.push((user, by_token));
+        let garbage = {
+            let mut state = self.state.lock().unwrap();
+            state.logins.push((user, by_token));
+            state.garbage_after_login
+        };
+        if garbage {
+            let _ = self.endpoint.send(session, vec![0xff; 7]);
+        }
+        let online = GatewayMessage::FriendStatus {
+            user,
+            status: Some(Status::Online),
+        };
+        let others: Vec<SessionId> = (self.users.iter())
+            .filter(|(u, _)| **u != user)
+            .map(|(_, s)| *s)
+            .collect();
+        for other in others {
+            self.push(other, &online);
+        }
         if let Some(old) = self.users.insert(user, session) {
             self.push(old, &GatewayMessage::Kicked);
             self.sessions.remove(&old);
@@ -243,6 +269,9 @@ impl StubGateway {
         let Some(&user) = self.sessions.get(&session) else {
             return;
         };
+        if self.state.lock().unwrap().swallow_calls && !matches!(message.call, Call::Send { .. }) {
+            return;
+        }
         let result = match message.call {
             Call::Send { to, msg_id, body } => {
                 let swallow = {
@@ -275,6 +304,38 @@ impl StubGateway {
                 let removed = (before - stored.len()) as u64;
                 Ok(Reply::Acked { removed })
             }
+            Call::AvatarRange { hash, offset, len } => {
+                self.state.lock().unwrap().avatar_ranges.push((offset, len));
+                let image = avatar_image();
+                let start = (offset as usize).min(image.len());
+                let end = (start + len as usize).min(image.len());
+                if hash == AVATAR_HASH {
+                    Ok(Reply::AvatarBytes {
+                        total_len: image.len() as u32,
+                        bytes: image[start..end].to_vec(),
+                    })
+                } else {
+                    Err(AppError {
+                        code: AppErrorCode::Refused,
+                        message: "no such avatar".into(),
+                    })
+                }
+            }
+            Call::Profiles { users } => Ok(Reply::Profiles(
+                USERS
+                    .iter()
+                    .filter(|u| users.contains(&u.2))
+                    .map(|&(username, _, user)| Profile {
+                        user,
+                        username: username.into(),
+                        nickname: username.to_uppercase(),
+                        signature: String::new(),
+                        avatar: None,
+                        version: 1,
+                    })
+                    .collect(),
+            )),
+            Call::SetStatus(_) => Ok(Reply::Done),
             Call::Logout => {
                 self.reply(session, message.id, Ok(Reply::Done));
                 self.endpoint.close(session);
@@ -330,6 +391,13 @@ impl StubGateway {
     fn reply(&mut self, session: SessionId, id: u32, result: Result<Reply, AppError>) {
         self.push(session, &GatewayMessage::Reply { id, result });
     }
+}
+
+const AVATAR_HASH: [u8; 32] = [7; 32];
+
+/// 2,500 bytes: three ranges of at most 1,000.
+fn avatar_image() -> Vec<u8> {
+    (0..2500u32).map(|i| (i % 251) as u8).collect()
 }
 
 // ---- the SDK side ----------------------------------------------------------
@@ -596,4 +664,104 @@ async fn final_errors_and_kicks_reach_the_caller() {
         alice.send(BOB, b"x".to_vec()).await,
         Err(SdkError::Closed(LostReason::Kicked))
     );
+}
+
+#[tokio::test]
+async fn profile_avatar_and_status_calls_and_pushed_friend_status() {
+    let stub = Stub::fresh().await;
+    let (alice, mut alice_events) = login(&stub, "alice").await;
+    let (bob, _bob_events) = login(&stub, "bob").await;
+    let event = within("friend status", alice_events.recv()).await;
+    assert_eq!(
+        event,
+        Some(ImEvent::FriendStatus {
+            user: BOB,
+            status: Some(Status::Online)
+        })
+    );
+    let profiles = alice.profiles(vec![BOB, 99]).await.unwrap();
+    assert_eq!(profiles.len(), 1);
+    assert_eq!(
+        (profiles[0].user, profiles[0].nickname.as_str()),
+        (BOB, "BOB")
+    );
+    let too_many = alice.profiles(vec![1; proto::app::PROFILES_MAX + 1]).await;
+    assert!(
+        matches!(too_many, Err(SdkError::Invalid(_))),
+        "{too_many:?}"
+    );
+
+    assert_eq!(bob.avatar(AVATAR_HASH).await.unwrap(), avatar_image());
+    let ranges = stub.state().avatar_ranges.clone();
+    assert_eq!(ranges, vec![(0, 1000), (1000, 1000), (2000, 1000)]);
+    let missing = bob.avatar([0; 32]).await;
+    assert!(
+        matches!(
+            missing,
+            Err(SdkError::App {
+                code: AppErrorCode::Refused,
+                ..
+            })
+        ),
+        "{missing:?}"
+    );
+    bob.set_status(Status::Away).await.unwrap();
+}
+
+#[tokio::test]
+async fn unanswered_requests_time_out_and_garbage_is_counted() {
+    let stub = Stub::fresh().await;
+    {
+        let mut state = stub.state();
+        state.swallow_calls = true;
+        state.garbage_after_login = true;
+    }
+    let mut config = config(&stub, password("alice"));
+    config.limits.request_timeout_ms = 300;
+    config.limits.requests_in_flight_max = 1;
+    let (alice, _events) = connect(config).await.unwrap();
+    // One slot: the second request waits for it and times out too.
+    let (first, second) = tokio::join!(alice.ack(1), alice.fetch(0, 10, 1000));
+    assert_eq!(first, Err(SdkError::Timeout));
+    assert_eq!(second, Err(SdkError::Timeout));
+    until("the malformed push is counted", || {
+        alice.stats().malformed_messages == 1
+    })
+    .await;
+    // The session survives both.
+    stub.state().swallow_calls = false;
+    assert_eq!(alice.ack(1).await, Ok(0));
+}
+
+#[tokio::test]
+async fn a_dead_gateway_fails_over_to_another_address() {
+    let mut seed = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut seed);
+    let keys = StaticKeypair::generate(seed);
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let one = Stub::start(any, keys.clone()).await;
+    let two = Stub::start(any, keys).await;
+    let mut config = config(&one, password("alice"));
+    config.gateway = format!("{}, {}", one.addr, two.addr);
+    let (alice, mut events) = connect(config).await.unwrap();
+    let (dead, alive) = if alice.gateway() == one.addr {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    assert_eq!(dead.state().logins.len(), 1);
+    dead.kill().await;
+    let outcome = within("send after failover", alice.send(BOB, b"x".to_vec())).await;
+    assert_eq!(outcome, Ok(SendOutcome::Stored { seq: 1 }));
+    assert_eq!(alice.gateway(), alive.addr);
+    assert_eq!(alive.state().logins, vec![(ALICE, true)]);
+    let reconnected = within("Reconnected", async {
+        loop {
+            if let Some(ImEvent::Reconnected { gateway, .. }) = events.recv().await {
+                return gateway;
+            }
+        }
+    })
+    .await;
+    assert_eq!(reconnected, alive.addr);
 }

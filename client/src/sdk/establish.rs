@@ -67,35 +67,46 @@ impl Secrets {
     }
 }
 
-/// Log in at one of the gateway's addresses.
+/// Log in at one of the gateway's addresses, in random order; an address
+/// that does not answer the handshake (or whose socket fails) passes the
+/// turn to the next.
 pub(crate) async fn establish(
     config: &SdkConfig,
     secrets: &Secrets,
 ) -> Result<Established, ConnectError> {
     let mut addrs = resolve(&config.gateway).await?;
     addrs.shuffle(&mut rand::thread_rng());
+    let mut last = ConnectError::Unreachable { tried: addrs.len() };
     for &addr in &addrs {
         match login_at(config, addr, secrets).await {
             Err(ConnectError::Unreachable { .. }) => {
                 tracing::debug!(%addr, "gateway handshake timed out; trying the next address");
             }
+            Err(e @ ConnectError::Io(_)) => {
+                tracing::debug!(%addr, error = %e, "socket failed; trying the next address");
+                last = e;
+            }
             other => return other,
         }
     }
-    Err(ConnectError::Unreachable { tried: addrs.len() })
+    Err(last)
 }
 
+/// Every address of every comma-separated `host:port` in `gateway`, each
+/// once, at most `GATEWAY_ADDRS_MAX`.
 async fn resolve(gateway: &str) -> Result<Vec<SocketAddr>, ConnectError> {
-    let found = tokio::net::lookup_host(gateway)
-        .await
-        .map_err(|e| ConnectError::Resolve {
-            addr: gateway.to_string(),
-            message: e.to_string(),
-        })?;
     let mut addrs: Vec<SocketAddr> = Vec::new();
-    for addr in found {
-        if !addrs.contains(&addr) && addrs.len() < GATEWAY_ADDRS_MAX {
-            addrs.push(addr);
+    for name in gateway.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let found = tokio::net::lookup_host(name)
+            .await
+            .map_err(|e| ConnectError::Resolve {
+                addr: name.to_string(),
+                message: e.to_string(),
+            })?;
+        for addr in found {
+            if !addrs.contains(&addr) && addrs.len() < GATEWAY_ADDRS_MAX {
+                addrs.push(addr);
+            }
         }
     }
     if addrs.is_empty() {

@@ -113,8 +113,9 @@ impl Default for SdkLimits {
 
 #[derive(Debug, Clone)]
 pub struct SdkConfig {
-    /// `host:port`; a name may resolve to several gateways: one is picked
-    /// at random and the others are tried when a handshake times out.
+    /// `host:port`, or several separated by commas. Every address the
+    /// names resolve to is a gateway: one is picked at random for each
+    /// login, and the others are tried when its handshake times out.
     pub gateway: String,
     /// The gateways' static public key (Noise_NK).
     pub gateway_public: [u8; 32],
