@@ -65,6 +65,8 @@ struct StubState {
     garbage_after_login: bool,
     /// Avatar ranges asked for: (offset, len).
     avatar_ranges: Vec<(u32, u32)>,
+    /// Sessions that ended (closed by the client or expired).
+    sessions_closed: usize,
     /// Every `Send` received: (sender, msg_id, body).
     sends: Vec<(u64, u128, Vec<u8>)>,
     /// Accepted logins by method: (user, by resume token).
@@ -178,6 +180,7 @@ impl StubGateway {
                     session,
                     event: Event::Closed(_),
                 } => {
+                    self.state.lock().unwrap().sessions_closed += 1;
                     if let Some(user) = self.sessions.remove(&session) {
                         if self.users.get(&user) == Some(&session) {
                             self.users.remove(&user);
@@ -490,6 +493,15 @@ async fn login_is_accepted_or_refused_with_a_typed_error() {
     let (again, _events) = connect(config(&stub, token)).await.unwrap();
     assert_eq!(again.user(), ALICE);
     assert_eq!(stub.state().logins, vec![(ALICE, false), (ALICE, true)]);
+    // The second login kicked the first, which closed its session;
+    // closing the second tells the gateway too.
+    again.close().await;
+    assert_eq!(again.lost(), Some(LostReason::Closed));
+    until("the gateway sees both closes", || {
+        stub.state().sessions_closed == 2
+    })
+    .await;
+    assert_eq!(alice.lost(), Some(LostReason::Kicked));
 }
 
 #[tokio::test]

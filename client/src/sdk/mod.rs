@@ -216,6 +216,9 @@ pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, SharedState> {
     shared.lock().expect("sdk state mutex poisoned")
 }
 
+/// `close` and `logout` wait this long at most for the session's end.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 struct Inner {
     commands: mpsc::Sender<Command>,
     in_flight: Semaphore,
@@ -423,15 +426,26 @@ impl Connection {
 
     /// End the session at the gateway (presence is told at once) and the
     /// connection; unanswered sends fail with `Closed`.
+    /// Returns once the session's CLOSE is out (or after `CLOSE_WAIT`).
     pub async fn logout(&self) -> Result<(), SdkError> {
         let (reply, rx) = oneshot::channel();
-        self.request(Command::Logout { reply }, rx).await
+        let result = self.request(Command::Logout { reply }, rx).await;
+        self.ended().await;
+        result
     }
 
     /// End the connection without logging out (the gateway sees the
-    /// session close); unanswered sends fail with `Closed`.
+    /// session close); unanswered sends fail with `Closed`. Returns once
+    /// the CLOSE is out (or after `CLOSE_WAIT`), so a program may exit.
     pub async fn close(&self) {
         let _ = self.inner.commands.send(Command::Close).await;
+        self.ended().await;
+    }
+
+    /// Wait for the connection's task to end (bounded by `CLOSE_WAIT`:
+    /// the task may be waiting for the application to read events).
+    async fn ended(&self) {
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.inner.commands.closed()).await;
     }
 
     /// The current login: user id, latest resume token, mailbox figures.

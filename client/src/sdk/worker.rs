@@ -88,6 +88,8 @@ struct Worker {
     outbox: Outbox,
     dedupe: Dedupe,
     request_timeout: Duration,
+    /// The closed session's driver, sending its CLOSE.
+    lingering: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Log in once and start the task.
@@ -119,6 +121,7 @@ pub(crate) async fn start(
         requests: BTreeMap::new(),
         next_id: 0,
         unsent: VecDeque::new(),
+        lingering: None,
     };
     tokio::spawn(worker.run());
     Ok(shared)
@@ -140,7 +143,12 @@ impl Worker {
                     r = attempt => Step::Reconnected(r),
                     () = sleep_until(deadline) => Step::Timer,
                 },
-                LinkState::Gone => return,
+                LinkState::Gone => {
+                    if let Some(closing) = self.lingering.take() {
+                        let _ = closing.await;
+                    }
+                    return;
+                }
             };
             match step {
                 Step::Command(Some(c)) => self.command(c),
@@ -531,11 +539,11 @@ impl Worker {
             return;
         };
         link.client.close();
-        tokio::spawn(async move {
+        self.lingering = Some(tokio::spawn(async move {
             let drain = async { while link.events.recv().await.is_some() {} };
             let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
             drop(link.client);
-        });
+        }));
     }
 
     async fn emit(&mut self, event: ImEvent) {
