@@ -466,29 +466,15 @@ async fn login_is_accepted_or_refused_with_a_typed_error() {
         username: "alice".into(),
         password: "guess".into(),
     };
-    let refused = connect(config(&stub, wrong)).await.err().unwrap();
-    assert!(
-        matches!(
-            refused,
-            ConnectError::Refused {
-                code: LoginError::WrongCredentials,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
+    let refusal = |credentials| async {
+        match connect(config(&stub, credentials)).await.err().unwrap() {
+            ConnectError::Refused { code, .. } => code,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    };
+    assert_eq!(refusal(wrong).await, LoginError::WrongCredentials);
     let bad_token = Credentials::ResumeToken(b"forged".to_vec());
-    let refused = connect(config(&stub, bad_token)).await.err().unwrap();
-    assert!(
-        matches!(
-            refused,
-            ConnectError::Refused {
-                code: LoginError::BadToken,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
+    assert_eq!(refusal(bad_token).await, LoginError::BadToken);
     let token = Credentials::ResumeToken(alice.resume_token());
     let (again, _events) = connect(config(&stub, token)).await.unwrap();
     assert_eq!(again.user(), ALICE);
