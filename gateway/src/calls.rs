@@ -48,6 +48,55 @@ pub fn from_shard(e: ShardCallError) -> AppError {
     }
 }
 
+/// Deliver to a recipient not online on this gateway: forward to the
+/// gateway presence says it is on, else (offline, or the forward failed or
+/// was given up) store it in its mailbox.
+pub async fn deliver_elsewhere(
+    services: &Services,
+    to: u64,
+    msg_id: u128,
+    envelope: &StoredEnvelope,
+) -> Result<SendOutcome, AppError> {
+    if let Some(gateway) = remote_gateway(services, to).await {
+        let forward = proto::peer::Forward {
+            to,
+            from: envelope.from,
+            msg_id,
+            sent_at_ms: envelope.sent_at_ms,
+            body: envelope.body.clone(),
+        };
+        if let Some((id, addr)) = gateway {
+            if services.peers.forward(id, &addr, forward).await
+                == Some(proto::peer::PeerOutcome::Delivered)
+            {
+                return Ok(SendOutcome::Delivered);
+            }
+        }
+    }
+    store(services, to, msg_id, envelope).await
+}
+
+/// The other gateway `to` is online on, with its peer address (`Some(None)`:
+/// online elsewhere but the address is unknown).
+async fn remote_gateway(services: &Services, to: u64) -> Option<Option<(u32, String)>> {
+    let entry = services
+        .presence
+        .lookup(&[to])
+        .await
+        .ok()?
+        .pop()
+        .flatten()?;
+    if entry.gateway == services.gateway_id {
+        return None;
+    }
+    let gateways = services.presence.gateways().await.ok()?;
+    let addr = gateways
+        .into_iter()
+        .find(|g| g.gateway == entry.gateway && !g.peer_addr.is_empty())
+        .map(|g| (g.gateway, g.peer_addr));
+    Some(addr)
+}
+
 /// Store a message in the recipient's mailbox (durably, per the shard's
 /// policy) after checking the recipient exists.
 pub async fn store(

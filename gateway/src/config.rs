@@ -11,6 +11,9 @@ pub struct GatewayConfig {
     pub id: u32,
     /// UDP address clients reach.
     pub listen: SocketAddr,
+    /// TCP address other gateways forward messages to (registered with
+    /// presence, so port 0 works).
+    pub peer_listen: SocketAddr,
     /// The cluster map file (TOML, `docs/PROTOCOL.md` section 4).
     pub cluster: PathBuf,
     /// Directory of the gateway's key files (created if missing):
@@ -62,6 +65,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             id: 1,
             listen: "127.0.0.1:7100".parse().expect("valid address"),
+            peer_listen: "127.0.0.1:7101".parse().expect("valid address"),
             cluster: PathBuf::from("data/cluster.toml"),
             data: PathBuf::from("data/gateway"),
             metrics_addr: None,

@@ -29,6 +29,11 @@ pub enum StartError {
     Presence { addr: String, error: String },
     #[error("cannot reach the profile service at {addr}: {error}")]
     Profile { addr: String, error: String },
+    #[error("cannot listen for peer gateways on {addr}: {error}")]
+    PeerListen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: SocketAddr,
@@ -38,6 +43,8 @@ pub enum StartError {
 
 pub struct Running {
     local_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    peers_task: tokio::task::JoinHandle<()>,
     public_key: [u8; 32],
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -48,12 +55,18 @@ impl Running {
         self.local_addr
     }
 
+    /// Where other gateways forward messages to.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
     pub fn public_key(&self) -> [u8; 32] {
         self.public_key
     }
 
     /// Close every session, tell presence, and stop.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.peers_task.abort();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -96,13 +109,16 @@ fn endpoint_config(config: &GatewayConfig) -> ServerConfig {
 pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
     let map = read_cluster_map(&config)?;
     let (keypair, token_key) = keys::load_dir(&config.data)?;
+    let peer_error = |error| StartError::PeerListen {
+        addr: config.peer_listen,
+        error,
+    };
+    let peer_listener = tokio::net::TcpListener::bind(config.peer_listen)
+        .await
+        .map_err(peer_error)?;
+    let peer_addr = peer_listener.local_addr().map_err(peer_error)?;
     let presence_config = presence::ClientConfig {
-        peer_addr: map
-            .gateways
-            .iter()
-            .find(|g| g.id == config.id)
-            .map(|g| g.peer.clone())
-            .unwrap_or_default(),
+        peer_addr: peer_addr.to_string(),
         ..presence::ClientConfig::default()
     };
     let (presence, presence_events) =
@@ -144,15 +160,19 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         profile,
         shards: Shards::new(&map),
         tokens: TokenKeys::new((1, token_key), &[]),
+        peers: crate::peers::PeerLinks::default(),
         config,
     });
     let (cmds_tx, cmds_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = oneshot::channel();
+    let peers_task = tokio::spawn(crate::peers::serve(peer_listener, cmds_tx.clone()));
     let event_loop = Loop::new(services, endpoint, cmds_tx);
     let task =
         tokio::spawn(event_loop.run(socket, cmds_rx, presence_events, profile_events, stop_rx));
     Ok(Running {
         local_addr,
+        peer_addr,
+        peers_task,
         public_key,
         stop: Some(stop_tx),
         task,

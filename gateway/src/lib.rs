@@ -4,6 +4,7 @@
 //! * [`login`]: checking a login off the loop (password via profile, or a
 //!   resume token).
 //! * [`calls`]: client calls answered by presence, profile and the shards.
+//! * [`peers`]: the gateway-to-gateway link (forwarded messages).
 //! * [`shards`]: placement by consistent hashing and the shard links.
 //! * [`resume`]: resume tokens. [`keys`]: key files. [`config`]: TOML.
 //! * [`daemon`]: start and stop. [`embedded`]: a whole cluster in one
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod embedded;
 pub mod keys;
 pub mod login;
+pub mod peers;
 pub mod resume;
 pub mod server;
 pub mod services;

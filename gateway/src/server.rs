@@ -18,6 +18,7 @@ use proto::{
         self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, LoginAnswer,
         LoginError, Reply, SendOutcome, StoredEnvelope, BODY_BYTES_MAX,
     },
+    peer::{Forward, PeerOutcome},
     session::{wire, Event, MsgId, PendingId, ServerEndpoint, ServerEvent},
 };
 use std::{collections::HashMap, net::IpAddr, num::NonZeroU32, sync::Arc, time::Instant};
@@ -41,6 +42,11 @@ pub enum Cmd {
         key: SendKey,
         result: Result<SendOutcome, AppError>,
     },
+    /// Another gateway forwards a message for a user online here.
+    PeerForward {
+        forward: Forward,
+        reply: oneshot::Sender<PeerOutcome>,
+    },
 }
 
 /// (sender, message id): what makes a message unique.
@@ -54,10 +60,17 @@ struct Sess {
     closing_after: Option<MsgId>,
 }
 
-struct Push {
-    key: SendKey,
-    to: u64,
-    envelope: StoredEnvelope,
+/// Who waits for a push to settle.
+enum Origin {
+    /// A sender on this gateway: answered `Delivered`, or the message is
+    /// stored if the push is given up.
+    Local {
+        key: SendKey,
+        to: u64,
+        envelope: StoredEnvelope,
+    },
+    /// Another gateway; it stores the message itself if told `GivenUp`.
+    Peer(oneshot::Sender<PeerOutcome>),
 }
 
 pub struct Loop {
@@ -67,7 +80,7 @@ pub struct Loop {
     sessions: HashMap<u64, Sess>,
     users: HashMap<u64, u64>,
     pending_logins: usize,
-    pushes: HashMap<(u64, MsgId), Push>,
+    pushes: HashMap<(u64, MsgId), Origin>,
     sends: HashMap<SendKey, Vec<(u64, u32)>>,
     done: quick_cache::unsync::Cache<SendKey, SendOutcome>,
     message_rate: DefaultKeyedRateLimiter<u64>,
@@ -227,6 +240,7 @@ impl Loop {
                 self.reply(session, id, result);
             }
             Cmd::SendDone { key, result } => self.finish_send(key, result),
+            Cmd::PeerForward { forward, reply } => self.on_peer_forward(forward, reply),
         }
     }
 
@@ -382,23 +396,51 @@ impl Loop {
         self.route(key, to, envelope);
     }
 
-    /// Push to a recipient online here, else store in its mailbox.
+    /// Push to a recipient online here, else deliver elsewhere.
     fn route(&mut self, key: SendKey, to: u64, envelope: StoredEnvelope) {
-        if let Some(&recipient) = self.users.get(&to) {
-            let delivery = GatewayMessage::Deliver(Delivery {
-                from: envelope.from,
-                msg_id: key.1,
-                sent_at_ms: envelope.sent_at_ms,
-                body: envelope.body.clone(),
-                seq: None,
-            });
-            if let Ok(mid) = self.endpoint.send(recipient, app::encode(&delivery)) {
-                self.pushes
-                    .insert((recipient, mid), Push { key, to, envelope });
-                return;
+        let delivery = Delivery {
+            from: envelope.from,
+            msg_id: key.1,
+            sent_at_ms: envelope.sent_at_ms,
+            body: envelope.body.clone(),
+            seq: None,
+        };
+        if let Some(mid) = self.push(to, delivery) {
+            self.pushes.insert(mid, Origin::Local { key, to, envelope });
+            return;
+        }
+        let services = self.services.clone();
+        let cmds = self.cmds.clone();
+        tokio::spawn(async move {
+            let result = calls::deliver_elsewhere(&services, to, key.1, &envelope).await;
+            let _ = cmds.send(Cmd::SendDone { key, result });
+        });
+    }
+
+    /// Push a delivery to `to`'s session here; its (session, message).
+    fn push(&mut self, to: u64, delivery: Delivery) -> Option<(u64, MsgId)> {
+        let &session = self.users.get(&to)?;
+        let bytes = app::encode(&GatewayMessage::Deliver(delivery));
+        let mid = self.endpoint.send(session, bytes).ok()?;
+        Some((session, mid))
+    }
+
+    fn on_peer_forward(&mut self, f: Forward, reply: oneshot::Sender<PeerOutcome>) {
+        let delivery = Delivery {
+            from: f.from,
+            msg_id: f.msg_id,
+            sent_at_ms: f.sent_at_ms,
+            body: f.body,
+            seq: None,
+        };
+        match self.push(f.to, delivery) {
+            Some(mid) => {
+                self.pushes.insert(mid, Origin::Peer(reply));
+            }
+            None => {
+                let _ = reply.send(PeerOutcome::NotHere);
             }
         }
-        self.spawn_store(key, to, envelope);
     }
 
     fn spawn_store(&self, key: SendKey, to: u64, envelope: StoredEnvelope) {
@@ -417,13 +459,20 @@ impl Loop {
                 return;
             }
         }
-        let Some(push) = self.pushes.remove(&(session, mid)) else {
-            return;
-        };
-        if acked {
-            self.finish_send(push.key, Ok(SendOutcome::Delivered));
-        } else {
-            self.spawn_store(push.key, push.to, push.envelope);
+        match self.pushes.remove(&(session, mid)) {
+            Some(Origin::Local { key, to, envelope }) if !acked => {
+                self.spawn_store(key, to, envelope)
+            }
+            Some(Origin::Local { key, .. }) => self.finish_send(key, Ok(SendOutcome::Delivered)),
+            Some(Origin::Peer(reply)) => {
+                let outcome = if acked {
+                    PeerOutcome::Delivered
+                } else {
+                    PeerOutcome::GivenUp
+                };
+                let _ = reply.send(outcome);
+            }
+            None => {}
         }
     }
 

@@ -1,7 +1,7 @@
 //! Everything behind the gateway that its tasks call: presence, profile,
 //! the shards, the resume-token keys, and the configuration.
 
-use crate::{config::GatewayConfig, resume::TokenKeys, shards::Shards};
+use crate::{config::GatewayConfig, peers::PeerLinks, resume::TokenKeys, shards::Shards};
 use presence::client::PresenceClient;
 use profile::client::ProfileClient;
 
@@ -12,6 +12,7 @@ pub struct Services {
     pub profile: ProfileClient,
     pub shards: Shards,
     pub tokens: TokenKeys,
+    pub peers: PeerLinks,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -246,3 +246,67 @@ async fn bad_sends_get_typed_errors_and_garbage_is_dropped() {
         Ok(Reply::Sent(SendOutcome::Stored { .. }))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_gateways_through_the_peer_link() {
+    let c = Cluster::start(2).await;
+    // A second gateway with the cluster's keys (clients know one public key).
+    let second_data = c.dir.path().join("gateway2");
+    std::fs::create_dir_all(&second_data).unwrap();
+    for file in ["gateway.key", "token.key"] {
+        std::fs::copy(
+            c.dir.path().join("gateway").join(file),
+            second_data.join(file),
+        )
+        .unwrap();
+    }
+    let second = support::start_gateway_with(c.dir.path(), 2, &second_data);
+    let a = c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    let method = LoginMethod::Password {
+        username: "bob".into(),
+        password: "pb".into(),
+    };
+    let mut bob = TestClient::connect(second.addr, c.gateway_public, method)
+        .await
+        .unwrap();
+    for i in 0..10u128 {
+        let reply = alice
+            .send(b, 500 + i, format!("across {i}").as_bytes())
+            .await;
+        assert_eq!(
+            reply,
+            Ok(Reply::Sent(SendOutcome::Delivered)),
+            "message {i}"
+        );
+    }
+    for i in 0..10u128 {
+        let d = delivered(bob.push().await);
+        assert_eq!((d.from, d.msg_id), (a, 500 + i), "in order, once");
+    }
+    // And back.
+    assert_eq!(
+        bob.send(a, 900, b"reply").await,
+        Ok(Reply::Sent(SendOutcome::Delivered))
+    );
+    assert_eq!(delivered(alice.push().await).body, b"reply");
+    // Bob leaves: the next message is stored, not lost.
+    bob.client.close();
+    let stored = loop {
+        match alice.send(b, 1000 + rand_id(), b"later").await {
+            Ok(Reply::Sent(SendOutcome::Stored { seq })) => break seq,
+            Ok(Reply::Sent(SendOutcome::Delivered)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(stored >= 1);
+}
+
+fn rand_id() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) as u128
+}

@@ -4,6 +4,7 @@
 //! * [`cluster`]: the cluster map and the placement of users on shards.
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
+//! * [`peer`]: the gateway-to-gateway link (forwarded messages).
 //! * [`shard`]: the messages of the msgstore shard protocol.
 //! * [`session`]: the sans-IO secure, reliable UDP session layer between
 //!   clients and gateways.
@@ -16,6 +17,7 @@
 pub mod app;
 pub mod cluster;
 pub mod frame;
+pub mod peer;
 pub mod presence;
 pub mod profile;
 pub mod session;

@@ -13,6 +13,10 @@ struct Args {
     /// UDP address clients reach (port 0: any free port) [default: 127.0.0.1:7100]
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// TCP address other gateways forward to (port 0: any free port)
+    /// [default: 127.0.0.1:7101]
+    #[arg(long, value_name = "ADDR")]
+    peer_listen: Option<SocketAddr>,
     /// The cluster map file (TOML) [default: data/cluster.toml]
     #[arg(long, value_name = "FILE")]
     cluster: Option<PathBuf>,
@@ -50,6 +54,9 @@ fn load_config(args: &Args) -> anyhow::Result<GatewayConfig> {
     };
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(peer) = args.peer_listen {
+        config.peer_listen = peer;
     }
     if let Some(cluster) = &args.cluster {
         config.cluster = cluster.clone();

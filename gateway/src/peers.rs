@@ -1,0 +1,157 @@
+//! The gateway-to-gateway link (`proto::peer`): forwarding a message to the
+//! gateway its recipient is online on, and serving forwards from the others.
+//! One pipelined TCP connection per peer, opened on first use; a broken link
+//! fails its forwards, which the caller then stores offline.
+
+use crate::server::Cmd;
+use bytes::BytesMut;
+use proto::{
+    frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
+    peer::{Forward, PeerOutcome, PeerRequest, PeerResponse},
+};
+use std::{collections::HashMap, sync::Arc};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot, Mutex},
+};
+
+/// Forwards waiting for an answer on one link at most; beyond it `forward`
+/// waits for room.
+pub const PEER_IN_FLIGHT_MAX: usize = 4096;
+/// Largest peer frame body (a message body is at most 16 KiB).
+pub const PEER_FRAME_BYTES_MAX: usize = FRAME_BODY_BYTES_MAX_DEFAULT;
+
+type Waiter = oneshot::Sender<PeerOutcome>;
+
+/// Connections to the other gateways, by gateway id.
+#[derive(Default)]
+pub struct PeerLinks {
+    links: Mutex<HashMap<u32, mpsc::Sender<(Forward, Waiter)>>>,
+}
+
+impl PeerLinks {
+    /// Forward to gateway `gateway` at `addr`; `None` if the link failed
+    /// before an answer (the caller stores the message).
+    pub async fn forward(&self, gateway: u32, addr: &str, forward: Forward) -> Option<PeerOutcome> {
+        let link = self.link(gateway, addr).await?;
+        let (tx, rx) = oneshot::channel();
+        link.send((forward, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn link(&self, gateway: u32, addr: &str) -> Option<mpsc::Sender<(Forward, Waiter)>> {
+        let mut links = self.links.lock().await;
+        if let Some(l) = links.get(&gateway).filter(|l| !l.is_closed()) {
+            return Some(l.clone());
+        }
+        let stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(gateway, addr, error = %e, "cannot reach peer gateway");
+                return None;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, rx) = mpsc::channel(PEER_IN_FLIGHT_MAX);
+        tokio::spawn(run_link(stream, rx));
+        links.insert(gateway, tx.clone());
+        Some(tx)
+    }
+}
+
+/// One outgoing link: write forwards, match answers by id. Ends (failing
+/// every waiter) when the connection breaks.
+async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Waiter)>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut waiting: HashMap<u64, Waiter> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            request = requests.recv() => {
+                let Some((forward, waiter)) = request else { return };
+                next_id += 1;
+                out.clear();
+                if frame::encode(&PeerRequest { id: next_id, forward }, PEER_FRAME_BYTES_MAX, &mut out).is_err() {
+                    continue; // dropping the waiter fails the forward
+                }
+                waiting.insert(next_id, waiter);
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+            read = rd.read_buf(&mut buf) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+                while let Ok(Decoded::Frame(r)) = frame::decode::<PeerResponse>(&mut buf, PEER_FRAME_BYTES_MAX) {
+                    if let Some(w) = waiting.remove(&r.id) {
+                        let _ = w.send(r.outcome);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accept links from other gateways; every forward goes to the event loop.
+pub async fn serve(listener: TcpListener, cmds: mpsc::UnboundedSender<Cmd>) {
+    loop {
+        let Ok((stream, from)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tracing::debug!(%from, "peer gateway connected");
+        tokio::spawn(serve_link(stream, cmds.clone()));
+    }
+}
+
+async fn serve_link(stream: TcpStream, cmds: mpsc::UnboundedSender<Cmd>) {
+    let (mut rd, wr) = stream.into_split();
+    let wr = Arc::new(Mutex::new(wr));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PEER_IN_FLIGHT_MAX));
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        match frame::decode::<PeerRequest>(&mut buf, PEER_FRAME_BYTES_MAX) {
+            Ok(Decoded::Frame(request)) => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                let (tx, rx) = oneshot::channel();
+                if cmds
+                    .send(Cmd::PeerForward {
+                        forward: request.forward,
+                        reply: tx,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                let wr = wr.clone();
+                tokio::spawn(async move {
+                    let outcome = rx.await.unwrap_or(PeerOutcome::NotHere);
+                    let mut out = Vec::new();
+                    let response = PeerResponse {
+                        id: request.id,
+                        outcome,
+                    };
+                    if frame::encode(&response, PEER_FRAME_BYTES_MAX, &mut out).is_ok() {
+                        let _ = wr.lock().await.write_all(&out).await;
+                    }
+                    drop(permit);
+                });
+            }
+            Ok(Decoded::Incomplete) => match rd.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            },
+            Err(e) => {
+                metrics::counter!("gateway_bad_peer_frames_total").increment(1);
+                tracing::warn!(error = %e, "bad frame from a peer gateway; closing the link");
+                return;
+            }
+        }
+    }
+}
