@@ -61,6 +61,10 @@ struct StubState {
     swallow_sends: bool,
     /// Swallow every other request.
     swallow_calls: bool,
+    /// Refuse resume tokens (as after a key change).
+    refuse_tokens: bool,
+    /// Swallow `Ack` requests.
+    swallow_acks: bool,
     /// Push a message that does not decode right after each login.
     garbage_after_login: bool,
     /// Avatar ranges asked for: (offset, len).
@@ -202,6 +206,7 @@ impl StubGateway {
                     .map(|u| u.2),
                 false,
             ),
+            LoginMethod::Resume { .. } if self.state.lock().unwrap().refuse_tokens => (None, true),
             LoginMethod::Resume { token } => (
                 token
                     .strip_prefix(b"token:")
@@ -299,6 +304,7 @@ impl StubGateway {
                 let more = later.next().is_some();
                 Ok(Reply::Mailbox { messages, more })
             }
+            Call::Ack { .. } if self.state.lock().unwrap().swallow_acks => return,
             Call::Ack { up_to_seq } => {
                 let mut state = self.state.lock().unwrap();
                 let stored = state.mailbox.entry(user).or_default();
@@ -762,4 +768,128 @@ async fn a_dead_gateway_fails_over_to_another_address() {
     })
     .await;
     assert_eq!(reconnected, alive.addr);
+}
+
+/// Kill the stub under a connected client; start a new one on the same
+/// address set up by `prepare`, or none.
+async fn restart(stub: Stub, prepare: Option<fn(&mut StubState)>) -> Option<Stub> {
+    let (addr, keys) = stub.kill().await;
+    let prepare = prepare?;
+    let stub = Stub::start(addr, keys).await;
+    prepare(&mut stub.state());
+    Some(stub)
+}
+
+async fn last_event(events: &mut mpsc::Receiver<ImEvent>) -> ImEvent {
+    within("the event stream ends", async {
+        let mut last = None;
+        while let Some(event) = events.recv().await {
+            last = Some(event);
+        }
+        last.expect("at least one event")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_refused_token_falls_back_to_the_password() {
+    let stub = Stub::fresh().await;
+    let (alice, _events) = login(&stub, "alice").await;
+    let stub = restart(stub, Some(|s| s.refuse_tokens = true))
+        .await
+        .unwrap();
+    let outcome = within("send after reconnect", alice.send(BOB, b"x".to_vec())).await;
+    assert_eq!(outcome, Ok(SendOutcome::Stored { seq: 1 }));
+    assert_eq!(stub.state().logins, vec![(ALICE, false)], "by password");
+}
+
+#[tokio::test]
+async fn a_refused_token_without_a_password_ends_the_connection() {
+    let stub = Stub::fresh().await;
+    let (first, _events) = login(&stub, "alice").await;
+    let token = Credentials::ResumeToken(first.resume_token());
+    let (alice, mut events) = connect(config(&stub, token)).await.unwrap();
+    let sender = alice.clone();
+    let send = tokio::spawn(async move { sender.send(BOB, b"x".to_vec()).await });
+    let _stub = restart(stub, Some(|s| s.refuse_tokens = true)).await;
+    let ImEvent::SessionLost {
+        reason: LostReason::Refused(ConnectError::Refused { code, .. }),
+    } = last_event(&mut events).await
+    else {
+        panic!("expected SessionLost(Refused)");
+    };
+    assert_eq!(code, LoginError::BadToken);
+    let failed = within("the outbox is answered", send).await.unwrap();
+    assert!(
+        matches!(failed, Err(SdkError::Closed(LostReason::Refused(_)))),
+        "{failed:?}"
+    );
+}
+
+#[tokio::test]
+async fn reconnecting_gives_up_after_the_attempts_max() {
+    let stub = Stub::fresh().await;
+    let mut config = config(&stub, password("alice"));
+    config.limits.reconnect_attempts_max = 2;
+    config.session.handshake_timeout = Duration::from_millis(300);
+    let (alice, mut events) = connect(config).await.unwrap();
+    restart(stub, None).await;
+    let event = last_event(&mut events).await;
+    let ImEvent::SessionLost {
+        reason: LostReason::GaveUp { attempts, last },
+    } = event
+    else {
+        panic!("expected SessionLost(GaveUp), got {event:?}");
+    };
+    assert_eq!(attempts, 2);
+    assert_eq!(last, ConnectError::Unreachable { tried: 1 });
+    assert!(matches!(alice.lost(), Some(LostReason::GaveUp { .. })));
+}
+
+#[tokio::test]
+async fn a_full_event_channel_loses_nothing() {
+    let stub = Stub::fresh().await;
+    let (alice, _alice_events) = login(&stub, "alice").await;
+    let mut config = config(&stub, password("bob"));
+    config.limits.events_max = 1;
+    let (bob, mut bob_events) = connect(config).await.unwrap();
+    for i in 0..20u8 {
+        alice.send(BOB, vec![i]).await.unwrap();
+    }
+    // Bob's task waited for room; his calls are answered once he reads.
+    let reading = async {
+        for i in 0..20u8 {
+            assert_eq!(next_message(&mut bob_events).await.body, vec![i]);
+        }
+    };
+    let (_, acked) = tokio::join!(reading, bob.ack(0));
+    assert_eq!(acked, Ok(0));
+}
+
+#[tokio::test]
+async fn a_drain_whose_ack_fails_keeps_what_it_fetched() {
+    let stub = Stub::fresh().await;
+    let (alice, _alice_events) = login(&stub, "alice").await;
+    for i in 0..3u8 {
+        let outcome = alice.send(BOB, vec![i]).await;
+        assert_eq!(
+            outcome,
+            Ok(SendOutcome::Stored {
+                seq: u64::from(i) + 1
+            })
+        );
+    }
+    stub.state().swallow_acks = true;
+    let mut config = config(&stub, password("bob"));
+    config.limits.request_timeout_ms = 300;
+    let (bob, _bob_events) = connect(config).await.unwrap();
+    let drained = bob.drain_mailbox().await.unwrap();
+    let bodies: Vec<Vec<u8>> = drained.into_iter().map(|d| d.body).collect();
+    assert_eq!(bodies, vec![vec![0], vec![1], vec![2]]);
+    assert_eq!(stub.state().mailbox[&BOB].len(), 3, "not acknowledged");
+    // The next drain acknowledges them without showing them again.
+    stub.state().swallow_acks = false;
+    assert_eq!(bob.drain_mailbox().await, Ok(vec![]));
+    assert!(stub.state().mailbox[&BOB].is_empty());
+    assert_eq!(bob.stats().duplicates_dropped, 3);
 }

@@ -309,9 +309,24 @@ impl Connection {
     /// Fetch the stored messages page by page (from the first: what was
     /// acknowledged is deleted) and acknowledge each page cumulatively;
     /// stops after `drain_messages_max` messages (call again for more).
+    /// Fetched messages count as seen (later copies are dropped), so an
+    /// error after some were gathered ends the drain early with those
+    /// rather than losing them; the error is returned only when nothing
+    /// was gathered.
     pub async fn drain_mailbox(&self) -> Result<Vec<Delivery>, SdkError> {
-        let mut after = 0;
         let mut out = Vec::new();
+        match self.drain_into(&mut out).await {
+            Err(e) if out.is_empty() => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, gathered = out.len(), "mailbox drain ended early");
+                Ok(out)
+            }
+            Ok(()) => Ok(out),
+        }
+    }
+
+    async fn drain_into(&self, out: &mut Vec<Delivery>) -> Result<(), SdkError> {
+        let mut after = 0;
         while out.len() < self.inner.drain_messages_max {
             let page = self.fetch(after, FETCH_COUNT_MAX, FETCH_BYTES_MAX).await?;
             let Some(last) = page.last_seq else { break };
@@ -327,7 +342,7 @@ impl Connection {
                 break;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Own profile, friend groups with profiles, pending friend requests
