@@ -170,3 +170,51 @@ async fn a_handshake_flood_from_one_address_does_not_stop_others_logging_in() {
         "a client on another address logs in during the flood"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_shard_fails_sends_back_and_loses_nothing_it_acknowledged() {
+    let (c, mut shards) = Cluster::start_with_shard_processes(1).await;
+    c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    let mut stored: Vec<u128> = Vec::new();
+    let mut failed = 0;
+    for i in 0..60u128 {
+        if i == 20 {
+            shards[0].kill(); // SIGKILL mid-traffic
+        }
+        if i == 40 {
+            shards[0].restart();
+        }
+        match alice.send(b, 9000 + i, format!("m{i}").as_bytes()).await {
+            Ok(Reply::Sent(SendOutcome::Stored { .. })) => stored.push(9000 + i),
+            Err(e) if e.code == proto::app::AppErrorCode::Unavailable => failed += 1,
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert!(
+        failed >= 1,
+        "sends while the shard was down were failed back to the sender"
+    );
+    assert!(
+        stored.len() >= 40,
+        "sends before the kill and after the restart were stored"
+    );
+    let mut bob = c.login("bob", "pb").await.unwrap();
+    let page = bob
+        .call(Call::Fetch {
+            after_seq: 0,
+            max_count: 200,
+            max_bytes: 48 * 1024,
+        })
+        .await;
+    let Ok(Reply::Mailbox { messages, more }) = page else {
+        panic!("{page:?}")
+    };
+    assert!(!more);
+    let got: Vec<u128> = messages.iter().map(|m| m.msg_id).collect();
+    assert_eq!(
+        got, stored,
+        "every message acknowledged as stored survived the kill, once, in order"
+    );
+}

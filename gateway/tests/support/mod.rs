@@ -49,6 +49,49 @@ impl Cluster {
         }
     }
 
+    /// Like `start`, but the shards are real `msgstore` processes (so a
+    /// test can SIGKILL them), on the given data directories.
+    pub async fn start_with_shard_processes(shards: usize) -> (Cluster, Vec<ShardProcess>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut services = Embedded::start(EmbeddedConfig::ephemeral(dir.path().to_path_buf(), 0))
+            .await
+            .expect("start the services");
+        let processes: Vec<ShardProcess> = (0..shards)
+            .map(|i| {
+                ShardProcess::start(
+                    dir.path().join(format!("pshard{i}")),
+                    "127.0.0.1:0".parse().unwrap(),
+                )
+            })
+            .collect();
+        services.map.shards = processes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| proto::cluster::ShardEntry {
+                id: format!("p{i}"),
+                addr: p.addr().to_string(),
+                weight: 1,
+            })
+            .collect();
+        std::fs::write(dir.path().join("cluster.toml"), services.map.to_toml()).unwrap();
+        let profile_client = profile::ProfileClient::connect(services.map.profile.clone())
+            .await
+            .unwrap();
+        let gateway = start_gateway(dir.path());
+        let public = std::fs::read_to_string(dir.path().join("gateway/gateway.pub")).unwrap();
+        let gateway_public = gateway::keys::from_hex(&public).expect("hex public key");
+        (
+            Cluster {
+                dir,
+                services,
+                gateway,
+                gateway_public,
+                profile_client,
+            },
+            processes,
+        )
+    }
+
     /// Create a user; its id.
     pub async fn user(&self, name: &str, password: &str) -> u64 {
         self.profile_client
@@ -94,6 +137,63 @@ pub fn start_gateway_with(dir: &Path, id: u32, data: &Path) -> DaemonProcess {
         .arg(data)
         .env("RUST_LOG", "warn");
     DaemonProcess::start(cmd, "gateway", WAIT)
+}
+
+/// The `msgstore` binary: next to this test's `gateway` binary (cargo
+/// builds it for the workspace's tests), built on demand otherwise.
+pub fn msgstore_binary() -> std::path::PathBuf {
+    let gateway = Path::new(env!("CARGO_BIN_EXE_gateway"));
+    let bin = gateway.with_file_name("msgstore");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "msgstore", "--bin", "msgstore"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cannot build the msgstore binary");
+    }
+    bin
+}
+
+/// A shard as a real process, restartable on the same data and address.
+pub struct ShardProcess {
+    pub data: std::path::PathBuf,
+    pub process: Option<DaemonProcess>,
+    addr: std::net::SocketAddr,
+}
+
+impl ShardProcess {
+    pub fn start(data: std::path::PathBuf, listen: std::net::SocketAddr) -> ShardProcess {
+        let mut cmd = Command::new(msgstore_binary());
+        cmd.arg("--data")
+            .arg(&data)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .env("RUST_LOG", "warn");
+        let process = DaemonProcess::start(cmd, "msgstore", WAIT);
+        let addr = process.addr;
+        ShardProcess {
+            data,
+            process: Some(process),
+            addr,
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Start again on the same data directory and address.
+    pub fn restart(&mut self) {
+        let again = ShardProcess::start(self.data.clone(), self.addr);
+        self.process = again.process;
+    }
 }
 
 /// A client speaking the application protocol over a real session.
