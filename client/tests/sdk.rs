@@ -893,3 +893,37 @@ async fn a_drain_whose_ack_fails_keeps_what_it_fetched() {
     assert!(stub.state().mailbox[&BOB].is_empty());
     assert_eq!(bob.stats().duplicates_dropped, 3);
 }
+
+#[tokio::test]
+async fn at_most_sends_in_flight_max_sends_wait_for_an_answer() {
+    let stub = Stub::fresh().await;
+    stub.state().swallow_sends = true;
+    let mut config = config(&stub, password("alice"));
+    config.limits.sends_in_flight_max = 2;
+    config.limits.request_timeout_ms = 200;
+    let (alice, _events) = connect(config).await.unwrap();
+    let a = alice.clone();
+    // `join!` polls in order, so the sends enter the outbox in order.
+    let sending = tokio::spawn(async move {
+        let (r0, r1, r2, r3) = tokio::join!(
+            a.send(BOB, vec![0]),
+            a.send(BOB, vec![1]),
+            a.send(BOB, vec![2]),
+            a.send(BOB, vec![3])
+        );
+        [r0, r1, r2, r3]
+    });
+    // Unanswered, the two oldest time out and go again before the others.
+    until("two sends and their re-sends", || stub.sends().len() >= 4).await;
+    let first: Vec<Vec<u8>> = stub.sends()[..4].iter().map(|s| s.2.clone()).collect();
+    assert!(first.iter().all(|b| b == &[0] || b == &[1]), "{first:?}");
+    stub.state().swallow_sends = false;
+    let results = within("all answered", sending).await.unwrap();
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Ok(SendOutcome::Stored { .. }))),
+        "{results:?}"
+    );
+    assert!(alice.stats().sends_reissued >= 2);
+}

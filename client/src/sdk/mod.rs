@@ -67,6 +67,11 @@ pub struct SdkLimits {
     /// Requests other than sends waiting for their reply at most; more
     /// wait for a free slot (within their timeout).
     pub requests_in_flight_max: usize,
+    /// Sends waiting for their answer at most; the rest of the outbox
+    /// waits its turn, in order. Keep this plus `requests_in_flight_max`
+    /// at or below the gateway's `requests_in_flight_per_session_max`
+    /// (64), beyond which it answers `RateLimited`.
+    pub sends_in_flight_max: usize,
     /// A request other than a send fails with `SdkError::Timeout` after
     /// this long; a send's request is re-sent (same `msg_id`) instead.
     pub request_timeout_ms: u64,
@@ -96,7 +101,8 @@ pub struct SdkLimits {
 impl Default for SdkLimits {
     fn default() -> Self {
         SdkLimits {
-            requests_in_flight_max: 64,
+            requests_in_flight_max: 16,
+            sends_in_flight_max: 32,
             request_timeout_ms: 15_000,
             outbox_max: 256,
             send_retry_delay_ms: 1_000,
@@ -258,15 +264,15 @@ pub async fn connect(
 }
 
 impl Connection {
-    /// Send `body` (at most `BODY_BYTES_MAX`) to `to`. Resolves with the
+    /// Send `body` (1 to `BODY_BYTES_MAX` bytes) to `to`. Resolves with the
     /// gateway's final answer: `Delivered`, `Stored`, or a final error
     /// (`MailboxFull`, `MessageTooLarge`, `UnknownUser`, ...). Across lost
     /// sessions the message stays in the outbox and is re-sent with the
     /// same message id.
     pub async fn send(&self, to: UserId, body: Vec<u8>) -> Result<SendOutcome, SdkError> {
-        if body.len() > BODY_BYTES_MAX {
+        if body.is_empty() || body.len() > BODY_BYTES_MAX {
             return Err(SdkError::Invalid(format!(
-                "body of {} bytes exceeds {BODY_BYTES_MAX}",
+                "a body is 1 to {BODY_BYTES_MAX} bytes, not {}",
                 body.len()
             )));
         }

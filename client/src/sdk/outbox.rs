@@ -19,6 +19,8 @@ pub(crate) struct Entry {
     pub(crate) request: Option<u32>,
     /// Re-send no earlier than this (after `RateLimited` / `Unavailable`).
     pub(crate) retry_at: Option<Instant>,
+    /// Times it was put on the wire.
+    pub(crate) attempts: u32,
 }
 
 pub(crate) struct Outbox {
@@ -56,12 +58,15 @@ impl Outbox {
         self.entries.remove(&key)
     }
 
-    /// Entries with no request on the wire and no pending retry delay (or
-    /// one that has passed), oldest first.
-    pub(crate) fn ready(&self, now: Instant) -> Vec<u64> {
+    /// Up to `room` entries to put on the wire, oldest first: those with
+    /// no request on the wire, stopping at the first whose retry delay is
+    /// still running (nothing overtakes a message held back).
+    pub(crate) fn ready(&self, now: Instant, room: usize) -> Vec<u64> {
         self.entries
             .iter()
-            .filter(|(_, e)| e.request.is_none() && e.retry_at.is_none_or(|t| t <= now))
+            .filter(|(_, e)| e.request.is_none())
+            .take_while(|(_, e)| e.retry_at.is_none_or(|t| t <= now))
+            .take(room)
             .map(|(k, _)| *k)
             .collect()
     }

@@ -190,9 +190,10 @@ impl Worker {
                     reply,
                     request: None,
                     retry_at: None,
+                    attempts: 0,
                 };
                 match self.outbox.push(entry) {
-                    Ok(key) => self.issue_send(key),
+                    Ok(_) => self.fill_window(Instant::now()),
                     Err(entry) => {
                         let max = self.outbox.max();
                         let _ = entry.reply.send(Err(SdkError::OutboxFull { max }));
@@ -218,12 +219,27 @@ impl Worker {
         id
     }
 
-    /// Put an outbox entry on the wire (only while a session is up; a
-    /// reconnect re-issues every entry).
-    fn issue_send(&mut self, key: u64) {
+    /// Put outbox entries on the wire, oldest first, while fewer than
+    /// `sends_in_flight_max` are waiting for their answer (only while a
+    /// session is up; a reconnect re-issues every entry).
+    fn fill_window(&mut self, now: Instant) {
         if !matches!(self.link, LinkState::Up(_)) {
             return;
         }
+        let on_wire = (self.requests.values())
+            .filter(|p| matches!(p.waiter, Waiter::Send(_)))
+            .count();
+        let room = self
+            .config
+            .limits
+            .sends_in_flight_max
+            .saturating_sub(on_wire);
+        for key in self.outbox.ready(now, room) {
+            self.issue_send(key);
+        }
+    }
+
+    fn issue_send(&mut self, key: u64) {
         let Some(entry) = self.outbox.get_mut(key) else {
             return;
         };
@@ -233,9 +249,14 @@ impl Worker {
             body: entry.body.clone(),
         };
         entry.retry_at = None;
+        let reissued = entry.attempts > 0;
+        entry.attempts += 1;
         let id = self.issue(call, Waiter::Send(key));
         if let Some(entry) = self.outbox.get_mut(key) {
             entry.request = Some(id);
+        }
+        if reissued {
+            lock(&self.shared).stats.sends_reissued += 1;
         }
     }
 
@@ -333,7 +354,10 @@ impl Worker {
             Waiter::Fetch(tx) => {
                 let _ = tx.send(result.and_then(|r| self.page(r)));
             }
-            Waiter::Send(key) => self.send_answered(key, result),
+            Waiter::Send(key) => {
+                self.send_answered(key, result);
+                self.fill_window(Instant::now());
+            }
             Waiter::Logout(tx) => {
                 let _ = tx.send(result.map(|_| ()));
                 self.stop_now();
@@ -424,19 +448,7 @@ impl Worker {
             }
         }
         self.unsent.retain(|(id, _)| self.requests.contains_key(id));
-        self.reissue_ready(now);
-    }
-
-    /// Put every outbox entry without a request on the wire.
-    fn reissue_ready(&mut self, now: Instant) {
-        if !matches!(self.link, LinkState::Up(_)) {
-            return;
-        }
-        let ready = self.outbox.ready(now);
-        lock(&self.shared).stats.sends_reissued += ready.len() as u64;
-        for key in ready {
-            self.issue_send(key);
-        }
+        self.fill_window(now);
     }
 
     // ---- losing and regaining the session ---------------------------------
@@ -496,7 +508,7 @@ impl Worker {
         }
         tracing::info!(gateway = %link.addr, "reconnected");
         self.link = LinkState::Up(link);
-        self.reissue_ready(Instant::now());
+        self.fill_window(Instant::now());
         self.emit(event).await;
     }
 
