@@ -163,7 +163,9 @@ pub enum ImEvent {
     /// The user logged in elsewhere; the connection is over (last event).
     Kicked,
     /// Logged in again after the session was lost; the outbox is being
-    /// re-sent. The mailbox figures are those of the new login.
+    /// re-sent. The mailbox figures are those of the new login: messages
+    /// stored meanwhile wait there (`drain_mailbox`), and friends' status
+    /// pushes resume after `login_view` is called again.
     Reconnected {
         gateway: SocketAddr,
         mailbox_count: u64,
@@ -238,6 +240,17 @@ struct Inner {
 #[derive(Clone)]
 pub struct Connection {
     inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = lock(&self.inner.shared);
+        f.debug_struct("Connection")
+            .field("user", &shared.accepted.user)
+            .field("gateway", &shared.gateway)
+            .field("lost", &shared.lost)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Log in and start the connection's task. The first login is tried once
