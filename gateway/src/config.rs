@@ -47,6 +47,9 @@ pub struct Limits {
     /// Requests of one session being worked on at once at most; beyond it
     /// the request is answered `RateLimited`.
     pub requests_in_flight_per_session_max: usize,
+    /// Profiles cached by the gateway at most (dropped when the profile
+    /// service pushes a newer version).
+    pub profile_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +88,7 @@ impl Default for Limits {
             messages_burst: 100,
             dedupe_entries_max: 1_000_000,
             requests_in_flight_per_session_max: 64,
+            profile_cache_entries: 100_000,
         }
     }
 }
@@ -145,6 +149,10 @@ impl GatewayConfig {
             (
                 l.requests_in_flight_per_session_max >= 1,
                 "limits.requests_in_flight_per_session_max must be at least 1",
+            ),
+            (
+                l.profile_cache_entries >= 1,
+                "limits.profile_cache_entries must be at least 1",
             ),
             (t.heartbeat_s >= 1, "timers.heartbeat_s must be at least 1"),
             (

@@ -161,6 +161,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         shards: Shards::new(&map),
         tokens: TokenKeys::new((1, token_key), &[]),
         peers: crate::peers::PeerLinks::default(),
+        profiles: quick_cache::sync::Cache::new(config.limits.profile_cache_entries),
         config,
     });
     let (cmds_tx, cmds_rx) = mpsc::unbounded_channel();

@@ -536,13 +536,15 @@ impl Loop {
     }
 
     fn on_profile(&mut self, event: proto::profile::Event) {
-        if let proto::profile::Event::Invalidate { user, version } = event {
-            if let Some(&session) = self.users.get(&user) {
-                let _ = self.endpoint.send(
-                    session,
-                    app::encode(&GatewayMessage::ProfileChanged { user, version }),
-                );
+        match event {
+            proto::profile::Event::Invalidate { user, version } => {
+                self.services.invalidate(Some(user));
+                if let Some(&session) = self.users.get(&user) {
+                    let changed = GatewayMessage::ProfileChanged { user, version };
+                    let _ = self.endpoint.send(session, app::encode(&changed));
+                }
             }
+            proto::profile::Event::CacheReset => self.services.invalidate(None),
         }
     }
 

@@ -13,6 +13,51 @@ pub struct Services {
     pub shards: Shards,
     pub tokens: TokenKeys,
     pub peers: PeerLinks,
+    /// Profiles read through this gateway, at most `limits.profile_cache_entries`;
+    /// an entry goes when the profile service pushes a newer version.
+    pub profiles: quick_cache::sync::Cache<u64, proto::profile::Profile>,
+}
+
+impl Services {
+    /// Profiles of those of `users` that exist (in order), from the cache
+    /// where fresh.
+    pub async fn profiles(
+        &self,
+        users: &[u64],
+    ) -> Result<Vec<proto::profile::Profile>, profile::ClientError> {
+        let mut found: std::collections::HashMap<u64, proto::profile::Profile> = users
+            .iter()
+            .filter_map(|u| self.profiles.get(u).map(|p| (*u, p)))
+            .collect();
+        let missing: Vec<u64> = users
+            .iter()
+            .copied()
+            .filter(|u| !found.contains_key(u))
+            .collect();
+        if !missing.is_empty() {
+            for p in self.profile.get_profiles(missing).await? {
+                self.profiles.insert(p.user, p.clone());
+                found.insert(p.user, p);
+            }
+        }
+        Ok(users.iter().filter_map(|u| found.remove(u)).collect())
+    }
+
+    /// Whether `user` exists (cached).
+    pub async fn user_exists(&self, user: u64) -> Result<bool, profile::ClientError> {
+        Ok(!self.profiles(&[user]).await?.is_empty())
+    }
+
+    /// The profile service says `user` changed (or, with `None`, that
+    /// anything may have): drop what is cached.
+    pub fn invalidate(&self, user: Option<u64>) {
+        match user {
+            Some(u) => {
+                self.profiles.remove(&u);
+            }
+            None => self.profiles.clear(),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.

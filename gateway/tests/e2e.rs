@@ -260,7 +260,7 @@ async fn messages_cross_gateways_through_the_peer_link() {
         )
         .unwrap();
     }
-    let second = support::start_gateway_with(c.dir.path(), 2, &second_data);
+    let second = support::start_gateway_with(c.dir.path(), 2, &second_data, &[]);
     let a = c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;
     let mut alice = c.login("alice", "pa").await.unwrap();
@@ -309,4 +309,75 @@ fn rand_id() -> u128 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed) as u128
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_profiles_are_refreshed_when_they_change() {
+    let c = Cluster::start(1).await;
+    c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    let mut bob = c.login("bob", "pb").await.unwrap();
+    let nickname = |r: Result<Reply, proto::app::AppError>| match r {
+        Ok(Reply::Profiles(p)) => p[0].nickname.clone(),
+        other => panic!("{other:?}"),
+    };
+    let before = nickname(alice.call(Call::Profiles { users: vec![b] }).await);
+    let set = Call::SetProfile {
+        nickname: Some("Bobby".into()),
+        signature: None,
+    };
+    assert_eq!(bob.call(set).await, Ok(Reply::Done));
+    assert!(
+        matches!(bob.push().await, Some(GatewayMessage::ProfileChanged { user, .. }) if user == b)
+    );
+    assert_ne!(before, "Bobby");
+    assert_eq!(
+        nickname(alice.call(Call::Profiles { users: vec![b] }).await),
+        "Bobby"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_message_rate_is_limited() {
+    let c = Cluster::start(1).await;
+    c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    let config = c.dir.path().join("limited.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmessages_per_user_per_s = 1\nmessages_burst = 5\n",
+    )
+    .unwrap();
+    let limited_data = c.dir.path().join("limited");
+    let limited = support::start_gateway_with(
+        c.dir.path(),
+        3,
+        &limited_data,
+        &["--config", config.to_str().unwrap()],
+    );
+    let public = std::fs::read_to_string(limited_data.join("gateway.pub")).unwrap();
+    let method = LoginMethod::Password {
+        username: "alice".into(),
+        password: "pa".into(),
+    };
+    let mut alice = TestClient::connect(
+        limited.addr,
+        gateway::keys::from_hex(&public).unwrap(),
+        method,
+    )
+    .await
+    .unwrap();
+    let mut limited_count = 0;
+    for i in 0..12u128 {
+        match alice.send(b, 100 + i, b"quick").await {
+            Ok(Reply::Sent(_)) => {}
+            Err(e) if e.code == AppErrorCode::RateLimited => limited_count += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        limited_count >= 5,
+        "a burst of 5 then 1/s: {limited_count} of 12 limited"
+    );
 }

@@ -121,13 +121,14 @@ impl Cluster {
 }
 
 pub fn start_gateway(dir: &Path) -> DaemonProcess {
-    start_gateway_with(dir, 1, &dir.join("gateway"))
+    start_gateway_with(dir, 1, &dir.join("gateway"), &[])
 }
 
 /// Gateway `id` with its key files in `data` (copy `token.key` there first
 /// to share the cluster's resume-token key).
-pub fn start_gateway_with(dir: &Path, id: u32, data: &Path) -> DaemonProcess {
+pub fn start_gateway_with(dir: &Path, id: u32, data: &Path, extra: &[&str]) -> DaemonProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    cmd.args(extra);
     cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
         .arg("--id")
         .arg(id.to_string())
