@@ -5,6 +5,7 @@
 //! the same way: a clap `Args` type and an async `run`.
 
 mod avatar_cmd;
+mod chat_cmd;
 mod demo;
 mod friend_cmd;
 mod output;
@@ -37,6 +38,8 @@ enum Command {
     Send(session_cmd::SendArgs),
     /// Read and acknowledge a user's stored messages.
     Inbox(session_cmd::InboxArgs),
+    /// Chat as a user: friends, messages in and out, profile, requests.
+    Chat(chat_cmd::ChatArgs),
     /// Talk to one msgstore shard directly.
     Shard(shard_cmd::ShardArgs),
     /// Ask a presence server: stats, lookup USER..., gateways.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up_cmd::run(args).await,
             Command::Send(args) => session_cmd::send(args, &out).await,
             Command::Inbox(args) => session_cmd::inbox(args, &out).await,
+            Command::Chat(args) => chat_cmd::run(args).await,
             Command::Shard(args) => shard_cmd::run(args, &out).await,
             Command::Presence(args) => presence_cmd::run(args, &out).await,
             Command::User(args) => user_cmd::run(args, &out).await,

@@ -52,6 +52,10 @@ pub struct InboxArgs {
 }
 
 impl LoginArgs {
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
     /// Log in through the SDK.
     pub async fn connect(
         &self,

@@ -1,5 +1,5 @@
-//! The README's path: `imctl up`, then `imctl send` and `imctl inbox` with
-//! nothing but the demo file. (`imctl up` uses the standard ports
+//! The README's path: `imctl up`, then `imctl send`, `imctl inbox` and
+//! `imctl chat` with nothing but the demo file. (`imctl up` uses the standard ports
 //! 7100/7300/7401/7402/7500, which must be free.)
 
 mod common;
