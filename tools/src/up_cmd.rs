@@ -107,5 +107,6 @@ fn print_guide(args: &UpArgs, demo: &Demo) {
     println!("Next, in another terminal:");
     println!("  imctl send --user alice --to bob hello     # alice -> bob");
     println!("  imctl inbox --user bob                     # bob reads his messages");
+    println!("  imctl chat --user alice                    # chat interactively (/help)");
     println!("Settings and users are in {data}/demo.toml. Ctrl-C stops everything.");
 }
