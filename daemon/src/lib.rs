@@ -20,7 +20,7 @@ mod lock;
 mod signals;
 pub mod testing;
 
-pub use lock::{DirLock, LockError};
+pub use lock::{DirLock, LockError, LOCK_WAIT_MS};
 pub use signals::Signals;
 
 use std::{future::Future, net::SocketAddr, process::ExitCode};

@@ -15,6 +15,12 @@ pub enum LockError {
     },
 }
 
+/// How long `acquire` keeps trying while the lock is taken. A lock whose
+/// holder just closed it can still be held for an instant by a child process
+/// forked in between (until its exec closes the inherited descriptor), so a
+/// close-then-reopen in a process that also spawns processes must not fail.
+pub const LOCK_WAIT_MS: u64 = 500;
+
 /// Held for the life of the daemon; the OS releases it when the process
 /// dies, so a crash never leaves a stale lock behind.
 #[derive(Debug)]
@@ -23,7 +29,8 @@ pub struct DirLock {
 }
 
 impl DirLock {
-    /// Create `dir` if missing and lock `dir/LOCK` (flock, non-blocking).
+    /// Create `dir` if missing and lock `dir/LOCK` (flock), waiting at most
+    /// [`LOCK_WAIT_MS`] for a holder to let go.
     pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
         let io = |source| LockError::Io {
             dir: dir.display().to_string(),
@@ -31,12 +38,20 @@ impl DirLock {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let file = File::create(dir.join("LOCK")).map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => Ok(DirLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Locked {
-                dir: dir.display().to_string(),
-            }),
-            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(LOCK_WAIT_MS);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(DirLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(LockError::Locked {
+                        dir: dir.display().to_string(),
+                    })
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
         }
     }
 }
