@@ -122,16 +122,7 @@ async fn offline_messages_are_stored_and_drained_at_login() {
         (bob.login.mailbox_count, bob.login.mailbox_high_seq),
         (10, 10)
     );
-    let page = bob
-        .call(Call::Fetch {
-            after_seq: 0,
-            max_count: 4,
-            max_bytes: 48 * 1024,
-        })
-        .await;
-    let Ok(Reply::Mailbox { messages, more }) = page else {
-        panic!("{page:?}")
-    };
+    let (messages, more) = bob.fetch(0, 4).await;
     assert!(more);
     let bodies: Vec<_> = messages
         .iter()
@@ -142,16 +133,7 @@ async fn offline_messages_are_stored_and_drained_at_login() {
         bob.call(Call::Ack { up_to_seq: 4 }).await,
         Ok(Reply::Acked { removed: 4 })
     );
-    let rest = bob
-        .call(Call::Fetch {
-            after_seq: 4,
-            max_count: 100,
-            max_bytes: 48 * 1024,
-        })
-        .await;
-    let Ok(Reply::Mailbox { messages, more }) = rest else {
-        panic!("{rest:?}")
-    };
+    let (messages, more) = bob.fetch(4, 100).await;
     assert!(!more);
     assert_eq!(
         messages.iter().map(|m| m.seq.unwrap()).collect::<Vec<_>>(),
@@ -161,20 +143,7 @@ async fn offline_messages_are_stored_and_drained_at_login() {
         bob.call(Call::Ack { up_to_seq: 10 }).await,
         Ok(Reply::Acked { removed: 6 })
     );
-    let empty = bob
-        .call(Call::Fetch {
-            after_seq: 10,
-            max_count: 100,
-            max_bytes: 48 * 1024,
-        })
-        .await;
-    assert_eq!(
-        empty,
-        Ok(Reply::Mailbox {
-            messages: vec![],
-            more: false
-        })
-    );
+    assert_eq!(bob.fetch(10, 100).await, (vec![], false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,17 +219,7 @@ async fn bad_sends_get_typed_errors_and_garbage_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_cross_gateways_through_the_peer_link() {
     let c = Cluster::start(2).await;
-    // A second gateway with the cluster's keys (clients know one public key).
-    let second_data = c.dir.path().join("gateway2");
-    std::fs::create_dir_all(&second_data).unwrap();
-    for file in ["gateway.key", "token.key"] {
-        std::fs::copy(
-            c.dir.path().join("gateway").join(file),
-            second_data.join(file),
-        )
-        .unwrap();
-    }
-    let second = support::start_gateway_with(c.dir.path(), 2, &second_data, &[]);
+    let second = c.second_gateway(2);
     let a = c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;
     let mut alice = c.login("alice", "pa").await.unwrap();

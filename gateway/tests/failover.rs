@@ -25,21 +25,7 @@ fn config(gateways: &str, public: [u8; 32], user: &str, password: &str) -> SdkCo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateway_loses_nothing_clients_move_to_the_other() {
     let mut c = Cluster::start(2).await;
-    let second_data = c.dir.path().join("gateway2");
-    std::fs::create_dir_all(&second_data).unwrap();
-    for file in ["gateway.key", "token.key"] {
-        std::fs::copy(
-            c.dir.path().join("gateway").join(file),
-            second_data.join(file),
-        )
-        .unwrap();
-    }
-    let mut second = Some(support::start_gateway_with(
-        c.dir.path(),
-        2,
-        &second_data,
-        &[],
-    ));
+    let mut second = Some(c.second_gateway(2));
     let both = format!("{},{}", c.gateway.addr, second.as_ref().unwrap().addr);
     c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;

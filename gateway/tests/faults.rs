@@ -6,7 +6,7 @@
 mod support;
 
 use proto::{
-    app::{Call, GatewayMessage, LoginMethod, Reply, SendOutcome},
+    app::{GatewayMessage, LoginMethod, Reply, SendOutcome},
     session::wire,
 };
 use rand::{Rng, SeedableRng};
@@ -120,16 +120,7 @@ async fn a_lossy_path_delivers_every_message_once_in_order() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let page = bob
-        .call(Call::Fetch {
-            after_seq: 0,
-            max_count: 200,
-            max_bytes: 48 * 1024,
-        })
-        .await;
-    let Ok(Reply::Mailbox { messages, .. }) = page else {
-        panic!("{page:?}")
-    };
+    let (messages, _) = bob.fetch(0, 200).await;
     assert_eq!(
         messages.len(),
         stored,
@@ -201,16 +192,7 @@ async fn a_killed_shard_fails_sends_back_and_loses_nothing_it_acknowledged() {
         "sends before the kill and after the restart were stored"
     );
     let mut bob = c.login("bob", "pb").await.unwrap();
-    let page = bob
-        .call(Call::Fetch {
-            after_seq: 0,
-            max_count: 200,
-            max_bytes: 48 * 1024,
-        })
-        .await;
-    let Ok(Reply::Mailbox { messages, more }) = page else {
-        panic!("{page:?}")
-    };
+    let (messages, more) = bob.fetch(0, 200).await;
     assert!(!more);
     let got: Vec<u128> = messages.iter().map(|m| m.msg_id).collect();
     assert_eq!(

@@ -34,19 +34,7 @@ impl Cluster {
         let services = Embedded::start(EmbeddedConfig::ephemeral(dir.path().to_path_buf(), shards))
             .await
             .expect("start the services");
-        let profile_client = profile::ProfileClient::connect(services.map.profile.clone())
-            .await
-            .unwrap();
-        let gateway = start_gateway(dir.path());
-        let public = std::fs::read_to_string(dir.path().join("gateway/gateway.pub")).unwrap();
-        let gateway_public = gateway::keys::from_hex(&public).expect("hex public key");
-        Cluster {
-            dir,
-            services,
-            gateway,
-            gateway_public,
-            profile_client,
-        }
+        Cluster::with_gateway(dir, services).await
     }
 
     /// Like `start`, but the shards are real `msgstore` processes (so a
@@ -74,22 +62,36 @@ impl Cluster {
             })
             .collect();
         std::fs::write(dir.path().join("cluster.toml"), services.map.to_toml()).unwrap();
+        (Cluster::with_gateway(dir, services).await, processes)
+    }
+
+    /// Start gateway 1 as a process for `services` (whose cluster map is in
+    /// `dir/cluster.toml`).
+    async fn with_gateway(dir: tempfile::TempDir, services: Embedded) -> Cluster {
         let profile_client = profile::ProfileClient::connect(services.map.profile.clone())
             .await
             .unwrap();
         let gateway = start_gateway(dir.path());
         let public = std::fs::read_to_string(dir.path().join("gateway/gateway.pub")).unwrap();
         let gateway_public = gateway::keys::from_hex(&public).expect("hex public key");
-        (
-            Cluster {
-                dir,
-                services,
-                gateway,
-                gateway_public,
-                profile_client,
-            },
-            processes,
-        )
+        Cluster {
+            dir,
+            services,
+            gateway,
+            gateway_public,
+            profile_client,
+        }
+    }
+
+    /// Another gateway of the cluster (same keys, so clients know one
+    /// public key and resume tokens work on both).
+    pub fn second_gateway(&self, id: u32) -> DaemonProcess {
+        let data = self.dir.path().join(format!("gateway{id}"));
+        std::fs::create_dir_all(&data).unwrap();
+        for file in ["gateway.key", "token.key"] {
+            std::fs::copy(self.dir.path().join("gateway").join(file), data.join(file)).unwrap();
+        }
+        start_gateway_with(self.dir.path(), id, &data, &[])
     }
 
     /// Create a user; its id.
@@ -305,6 +307,19 @@ impl TestClient {
                 GatewayMessage::Reply { id: got, result } if got == id => return result,
                 other => self.pushes.push(other),
             }
+        }
+    }
+
+    /// One mailbox page: (messages, more).
+    pub async fn fetch(&mut self, after_seq: u64, max_count: u32) -> (Vec<app::Delivery>, bool) {
+        let call = Call::Fetch {
+            after_seq,
+            max_count,
+            max_bytes: app::FETCH_BYTES_MAX,
+        };
+        match self.call(call).await {
+            Ok(Reply::Mailbox { messages, more }) => (messages, more),
+            other => panic!("fetch: {other:?}"),
         }
     }
 
