@@ -2,6 +2,9 @@
 
 mod alloc_count;
 mod disk;
+mod e2e;
+mod e2e_fleet;
+mod e2e_report;
 mod idle_sessions;
 mod inproc;
 mod load;
@@ -43,6 +46,9 @@ enum Cmd {
     /// The UDP session layer: encrypted reliable echo vs the raw UDP echo
     /// ceiling over loopback, handshakes/s, bytes per idle session.
     Session(session::SessionArgs),
+    /// The whole system end to end: online messages, login storm, offline
+    /// store + drain, lost/duplicated check, vs the raw UDP echo ceiling.
+    E2e(e2e::E2eArgs),
 }
 
 #[tokio::main]
@@ -53,5 +59,6 @@ async fn main() -> Result<()> {
         Cmd::Presence(args) => presence::run(args).await,
         Cmd::Profile(args) => profile::run(args).await,
         Cmd::Session(args) => session::run(args).await,
+        Cmd::E2e(args) => e2e::run(args).await,
     }
 }

@@ -1,0 +1,582 @@
+//! `imbench e2e`: the whole IM system end to end. Presence, profile and two
+//! msgstore shards run in this process (`gateway::embedded`), the gateway
+//! runs as its own process (its CPU time and datagrams are its own), and
+//! simulated clients speak the real application protocol over real UDP
+//! sessions (`e2e_fleet`). In the same run, the raw UDP echo ceiling of
+//! `imbench session` gives the datagram rate the gateway is compared with.
+//!
+//! Phases: online messages between logged-in pairs (rate, latency send ->
+//! `Delivered`), a login storm (passwords, then resume tokens), offline
+//! messages (`Stored`) and their drain (`Fetch` + `Ack`). Every message id
+//! a receiver gets is checked against what senders were told.
+
+use crate::{
+    e2e_fleet::{Counters, Fleet, Log, PlannedLogin, Role, BODY_BYTES},
+    e2e_report::{self, Delivery, E2eReport, LoginResult, OfflineResult, OnlineResult, RawResult},
+    procs,
+    udp_load::{self, LoadShared, RawPeer},
+};
+use anyhow::{bail, ensure, Context, Result};
+use client::udp;
+use gateway::embedded::{Embedded, EmbeddedConfig};
+use profile::{passwords::Hasher, ProfileClient};
+use proto::{
+    app::LoginMethod,
+    profile::{ImportUser, IMPORT_USERS_MAX},
+};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+const PASSWORD: &str = "e2e bench password";
+/// How long the gateway may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest any phase may wait for its logins or messages (guards hangs).
+const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(5);
+/// Time the fleets get to send their sessions' CLOSEs before they stop.
+const CLOSE_GRACE: Duration = Duration::from_millis(200);
+/// Load before a timed window starts.
+const WARMUP: Duration = Duration::from_millis(500);
+/// Raw UDP echo: payload, sockets and datagrams in flight per socket.
+const RAW_PAYLOAD_BYTES: usize = 100;
+const RAW_CLIENTS: usize = 4;
+const RAW_WINDOW: usize = 16;
+/// The gateway's limits for the run: per-IP handshakes and per-user
+/// message rates raised (every simulated client shares 127.0.0.1).
+const GATEWAY_CONFIG: &str = "\
+[limits]
+handshakes_per_ip_per_s = 1000000
+messages_per_user_per_s = 1000000
+messages_burst = 1000000
+";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct E2eArgs {
+    /// Small phases: the run takes under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Sender/receiver pairs of the online phase and of the offline phase.
+    #[arg(long, default_value_t = 64)]
+    pub pairs: usize,
+    /// Sends outstanding per sender (at most the gateway's
+    /// requests_in_flight_per_session_max, 64).
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    /// Length of the online phase's timed window [default: 10; quick: 3].
+    #[arg(long)]
+    pub duration_secs: Option<f64>,
+    /// Sockets the clients of one role are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub sockets: usize,
+    /// Password logins of the login storm [default: 1000; quick: 150].
+    #[arg(long)]
+    pub password_logins: Option<usize>,
+    /// Resume-token logins of the login storm [default: 20000; quick: 2000].
+    #[arg(long)]
+    pub resume_logins: Option<usize>,
+    /// Handshakes in flight at once in the login storm.
+    #[arg(long, default_value_t = 128)]
+    pub logins_in_flight: usize,
+    /// Messages stored for offline users, in all [default: 100000; quick: 10000].
+    #[arg(long)]
+    pub offline_messages: Option<usize>,
+    /// The gateway binary [default: next to imbench].
+    #[arg(long, value_name = "PATH")]
+    pub gateway_bin: Option<PathBuf>,
+}
+
+/// The figures a run uses, defaults resolved.
+pub struct Plan {
+    pub pairs: usize,
+    pub window: usize,
+    pub duration: Duration,
+    pub sockets: usize,
+    pub password_logins: usize,
+    pub resume_logins: usize,
+    pub logins_in_flight: usize,
+    pub offline_per_sender: u64,
+}
+
+impl Plan {
+    fn new(a: &E2eArgs) -> Result<Plan> {
+        let pick = |v: Option<usize>, full, quick| v.unwrap_or(if a.quick { quick } else { full });
+        let pairs = a.pairs;
+        ensure!(pairs > 0 && a.sockets > 0, "need pairs > 0 and sockets > 0");
+        ensure!((1..=64).contains(&a.window), "window must be 1..=64");
+        let offline = pick(a.offline_messages, 100_000, 10_000);
+        Ok(Plan {
+            pairs,
+            window: a.window,
+            duration: Duration::from_secs_f64(a.duration_secs.unwrap_or(if a.quick {
+                3.0
+            } else {
+                10.0
+            })),
+            sockets: a.sockets,
+            password_logins: pick(a.password_logins, 1000, 150).max(1),
+            resume_logins: pick(a.resume_logins, 20_000, 2_000),
+            logins_in_flight: a.logins_in_flight.max(1),
+            offline_per_sender: offline.div_ceil(pairs) as u64,
+        })
+    }
+
+    pub fn config_json(&self, quick: bool) -> serde_json::Value {
+        serde_json::json!({
+            "quick": quick,
+            "pairs": self.pairs,
+            "window": self.window,
+            "duration_secs": self.duration.as_secs_f64(),
+            "sockets_per_role": self.sockets,
+            "password_logins": self.password_logins,
+            "resume_logins": self.resume_logins,
+            "logins_in_flight": self.logins_in_flight,
+            "offline_messages": self.offline_per_sender * self.pairs as u64,
+            "body_bytes": BODY_BYTES,
+            "raw_udp": {"payload_bytes": RAW_PAYLOAD_BYTES, "sockets": RAW_CLIENTS, "window": RAW_WINDOW},
+            "gateway_limits": "handshakes_per_ip_per_s, messages_per_user_per_s and messages_burst raised to 1,000,000 (--config)",
+            "gateway": "separate process; presence, profile, 2 shards in imbench's process",
+        })
+    }
+}
+
+pub async fn run(args: E2eArgs) -> Result<()> {
+    let plan = Plan::new(&args)?;
+    let mut report = E2eReport::new(plan.config_json(args.quick));
+    report.raw_udp = Some(raw_ceiling(plan.duration).await?);
+    let dir = tempfile::tempdir().context("a temporary directory")?;
+    let cluster = Cluster::start(dir.path(), args.gateway_bin.as_deref()).await?;
+    let result = run_phases(&cluster, &plan, &mut report).await;
+    report.gateway_peak_rss_bytes = cluster.gateway.peak_rss_bytes().ok();
+    cluster.stop().await;
+    if let Err(e) = result {
+        report.problems.push(format!("{e:#}"));
+    }
+    report.finish();
+    print!("{}", e2e_report::render(&report, &plan));
+    if let Some(path) = &args.json {
+        crate::report::write_json(path, &report)?;
+    }
+    Ok(())
+}
+
+async fn run_phases(cluster: &Cluster, plan: &Plan, report: &mut E2eReport) -> Result<()> {
+    let mut logs = Vec::new();
+    let (online, online_logs) = online_phase(cluster, plan).await?;
+    report.online = Some(online);
+    report.note_problems("online", &online_logs);
+    logs.extend(online_logs);
+    let (logins, storm_logs) = login_storm(cluster, plan).await?;
+    report.logins = logins;
+    report.note_problems("login storm", &storm_logs);
+    logs.extend(storm_logs);
+    let (offline, offline_logs) = offline_phase(cluster, plan).await?;
+    report.offline = Some(offline);
+    report.note_problems("offline", &offline_logs);
+    logs.extend(offline_logs);
+    report.delivery = Some(Delivery::check(&logs));
+    Ok(())
+}
+
+/// The services in-process, the gateway as a process, and a profile client.
+struct Cluster {
+    services: Embedded,
+    gateway: procs::ChildProc,
+    addr: SocketAddr,
+    public: [u8; 32],
+    profile: ProfileClient,
+    next_user: AtomicU64,
+}
+
+impl Cluster {
+    async fn start(dir: &Path, gateway_bin: Option<&Path>) -> Result<Cluster> {
+        let bin = procs::locate_sibling("gateway", "gateway", gateway_bin)?;
+        let services = Embedded::start(EmbeddedConfig::ephemeral(dir.to_path_buf(), 2))
+            .await
+            .context("start presence, profile and the shards")?;
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, GATEWAY_CONFIG).context("write the gateway's config")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
+            .arg("--cluster")
+            .arg(services.cluster_path())
+            .arg("--data")
+            .arg(dir.join("gateway"))
+            .arg("--config")
+            .arg(&config);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let (gateway, addr) = procs::start_daemon("gateway", &mut cmd, START_TIMEOUT)?;
+        let hex = std::fs::read_to_string(dir.join("gateway/gateway.pub"))
+            .context("read the gateway's public key")?;
+        let public = gateway::keys::from_hex(hex.trim()).context("the gateway's public key")?;
+        let profile = ProfileClient::connect(services.map.profile.clone()).await?;
+        Ok(Cluster {
+            services,
+            gateway,
+            addr,
+            public,
+            profile,
+            next_user: AtomicU64::new(0),
+        })
+    }
+
+    /// `n` new accounts sharing one password hash; their ids.
+    async fn users(&self, n: usize) -> Result<Vec<u64>> {
+        let hasher = Hasher::for_service(&self.profile.info().await?)?;
+        let phc = hasher.hash(PASSWORD.as_bytes())?;
+        let first = self.next_user.fetch_add(n as u64, Ordering::Relaxed);
+        let mut ids = Vec::with_capacity(n);
+        for start in (0..n).step_by(IMPORT_USERS_MAX) {
+            let batch = (start..(start + IMPORT_USERS_MAX).min(n))
+                .map(|i| ImportUser {
+                    username: username(first + i as u64).into_bytes(),
+                    phc: phc.clone(),
+                })
+                .collect();
+            for r in self.profile.import_users(batch).await? {
+                ids.push(r.map_err(|e| anyhow::anyhow!("import a user: {}", e.message))?);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn gateway_cpu(&self) -> Option<Duration> {
+        procs::cpu_time(self.gateway.pid()).ok()
+    }
+
+    async fn stop(self) {
+        let _ = self.gateway.kill();
+        self.services.shutdown().await;
+    }
+}
+
+fn username(n: u64) -> String {
+    format!("e2e{n}")
+}
+
+fn password_login(ids: &[u64], first: u64, role: impl Fn(usize) -> Role) -> Vec<PlannedLogin> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &user)| PlannedLogin {
+            user,
+            method: LoginMethod::Password {
+                username: username(first + i as u64),
+                password: PASSWORD.into(),
+            },
+            role: role(i),
+        })
+        .collect()
+}
+
+/// Fleets running on `sockets` sockets until stopped.
+struct Running {
+    counters: Arc<Counters>,
+    shared: Arc<LoadShared>,
+    tasks: Vec<JoinHandle<Result<Fleet>>>,
+}
+
+impl Running {
+    fn launch(
+        cluster: &Cluster,
+        logins: Vec<PlannedLogin>,
+        sockets: usize,
+        handshakes_max: usize,
+        counters: &Arc<Counters>,
+    ) -> Result<Running> {
+        let shared = Arc::new(LoadShared::default());
+        let mut parts: Vec<Vec<PlannedLogin>> = (0..sockets).map(|_| Vec::new()).collect();
+        // By user, so one fleet serializes a user's logins.
+        for l in logins {
+            parts[l.user as usize % sockets].push(l);
+        }
+        let mut tasks = Vec::new();
+        for part in parts.into_iter().filter(|p| !p.is_empty()) {
+            let socket = udp::bind("127.0.0.1:0".parse().expect("valid"))?;
+            let fleet = Fleet::new(
+                cluster.public,
+                part,
+                handshakes_max.div_ceil(sockets),
+                counters.clone(),
+            );
+            tasks.push(tokio::spawn(udp_load::drive(
+                fleet,
+                socket,
+                cluster.addr,
+                shared.clone(),
+            )));
+        }
+        Ok(Running {
+            counters: counters.clone(),
+            shared,
+            tasks,
+        })
+    }
+
+    /// Close every session (so the gateway forgets them), then stop.
+    async fn stop(self) -> Result<Vec<Log>> {
+        self.counters.close.store(true, Ordering::Relaxed);
+        tokio::time::sleep(CLOSE_GRACE).await;
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        for t in self.tasks {
+            logs.push(t.await??.log);
+        }
+        Ok(logs)
+    }
+}
+
+/// Wait until `done` (checked every few ms); fails after PHASE_TIMEOUT.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    while !done() {
+        if Instant::now() >= deadline {
+            bail!("timed out after {PHASE_TIMEOUT:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Logins accepted or failed reach `n`.
+async fn wait_logins(counters: &Counters, n: usize, what: &str) -> Result<()> {
+    wait_for(what, || {
+        load(&counters.logins) + load(&counters.login_failures) >= n as u64
+    })
+    .await
+}
+
+/// Receivers log in first (so every send finds its recipient online), then
+/// senders send with `window` outstanding until the timed window ends.
+async fn online_phase(cluster: &Cluster, plan: &Plan) -> Result<(OnlineResult, Vec<Log>)> {
+    let first = load(&cluster.next_user);
+    let ids = cluster.users(2 * plan.pairs).await?;
+    let (senders, receivers) = ids.split_at(plan.pairs);
+    let counters = Arc::new(Counters::default());
+    let logins = password_login(receivers, first + plan.pairs as u64, |_| Role::Receiver);
+    let rx = Running::launch(cluster, logins, plan.sockets, plan.pairs, &counters)?;
+    wait_logins(&counters, plan.pairs, "the online receivers' logins").await?;
+    let role = |i: usize| Role::Sender {
+        to: receivers[i],
+        window: plan.window,
+        count: u64::MAX,
+    };
+    let tx = Running::launch(
+        cluster,
+        password_login(senders, first, role),
+        plan.sockets,
+        plan.pairs,
+        &counters,
+    )?;
+    wait_logins(&counters, 2 * plan.pairs, "the online senders' logins").await?;
+    counters.go.store(true, Ordering::Relaxed);
+    tokio::time::sleep(WARMUP).await;
+    let start = Snapshot::take(&counters, cluster);
+    tokio::time::sleep(plan.duration).await;
+    let end = Snapshot::take(&counters, cluster);
+    let mut logs = tx.stop().await?;
+    logs.extend(rx.stop().await?);
+    Ok((OnlineResult::new(plan, &start, &end, &logs), logs))
+}
+
+/// Counters and the gateway's CPU time at one instant.
+pub struct Snapshot {
+    pub at: Instant,
+    pub ops_ok: u64,
+    pub datagrams: u64,
+    pub gateway_cpu: Option<Duration>,
+    /// This process: the clients, presence, profile and the shards.
+    pub imbench_cpu: Option<Duration>,
+}
+
+impl Snapshot {
+    fn take(c: &Counters, cluster: &Cluster) -> Snapshot {
+        Snapshot {
+            at: Instant::now(),
+            ops_ok: load(&c.ops_ok),
+            datagrams: load(&c.datagrams_in) + load(&c.datagrams_out),
+            gateway_cpu: cluster.gateway_cpu(),
+            imbench_cpu: procs::cpu_time(std::process::id()).ok(),
+        }
+    }
+}
+
+/// Password logins of fresh users, then resume logins with their tokens
+/// (each session closed as soon as it is accepted).
+async fn login_storm(cluster: &Cluster, plan: &Plan) -> Result<(Vec<LoginResult>, Vec<Log>)> {
+    let first = load(&cluster.next_user);
+    let ids = cluster.users(plan.password_logins).await?;
+    let logins = password_login(&ids, first, |_| Role::LoginOnly);
+    let (password, mut logs) = storm(cluster, plan, "password", logins).await?;
+    let tokens: Vec<(u64, Vec<u8>)> = logs.iter().flat_map(|l| l.tokens.clone()).collect();
+    ensure!(!tokens.is_empty(), "no password login was accepted");
+    let logins = (0..plan.resume_logins)
+        .map(|i| {
+            let (user, token) = tokens[i % tokens.len()].clone();
+            PlannedLogin {
+                user,
+                method: LoginMethod::Resume { token },
+                role: Role::LoginOnly,
+            }
+        })
+        .collect();
+    let (resume, resume_logs) = storm(cluster, plan, "resume", logins).await?;
+    logs.extend(resume_logs);
+    Ok((vec![password, resume], logs))
+}
+
+async fn storm(
+    cluster: &Cluster,
+    plan: &Plan,
+    method: &str,
+    logins: Vec<PlannedLogin>,
+) -> Result<(LoginResult, Vec<Log>)> {
+    let n = logins.len();
+    let counters = Arc::new(Counters::default());
+    let t = Instant::now();
+    let cpu = cluster.gateway_cpu();
+    let running = Running::launch(
+        cluster,
+        logins,
+        plan.sockets,
+        plan.logins_in_flight,
+        &counters,
+    )?;
+    wait_logins(&counters, n, &format!("{n} {method} logins")).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cluster.gateway_cpu().zip(cpu).map(|(b, a)| b - a);
+    let logs = running.stop().await?;
+    let ok = load(&counters.logins);
+    let result = LoginResult {
+        method: method.into(),
+        logins: ok,
+        failed: load(&counters.login_failures),
+        secs,
+        logins_per_sec: ok as f64 / secs,
+        gateway_cpu_us_per_login: cpu
+            .filter(|_| ok > 0)
+            .map(|c| c.as_secs_f64() * 1e6 / ok as f64),
+    };
+    Ok((result, logs))
+}
+
+/// Senders send to users who never logged in (answered `Stored`); then the
+/// receivers log in and drain their mailboxes.
+async fn offline_phase(cluster: &Cluster, plan: &Plan) -> Result<(OfflineResult, Vec<Log>)> {
+    let first = load(&cluster.next_user);
+    let ids = cluster.users(2 * plan.pairs).await?;
+    let (senders, receivers) = ids.split_at(plan.pairs);
+    let total = plan.offline_per_sender * plan.pairs as u64;
+    let counters = Arc::new(Counters::default());
+    let role = |i: usize| Role::Sender {
+        to: receivers[i],
+        window: plan.window,
+        count: plan.offline_per_sender,
+    };
+    let tx = Running::launch(
+        cluster,
+        password_login(senders, first, role),
+        plan.sockets,
+        plan.pairs,
+        &counters,
+    )?;
+    wait_logins(&counters, plan.pairs, "the offline senders' logins").await?;
+    let start = Snapshot::take(&counters, cluster);
+    counters.go.store(true, Ordering::Relaxed);
+    wait_for("the offline sends' answers", || {
+        load(&counters.ops_finished) >= total
+    })
+    .await?;
+    let end = Snapshot::take(&counters, cluster);
+    let mut logs = tx.stop().await?;
+    let drain = Arc::new(Counters::default());
+    let logins = password_login(receivers, first + plan.pairs as u64, |_| Role::Receiver);
+    let rx = Running::launch(cluster, logins, plan.sockets, plan.pairs, &drain)?;
+    wait_logins(&drain, plan.pairs, "the offline receivers' logins").await?;
+    let drain_start = Instant::now();
+    drain.go.store(true, Ordering::Relaxed);
+    wait_for("the receivers' drains", || {
+        load(&drain.drains_done) + load(&drain.login_failures) >= plan.pairs as u64
+    })
+    .await?;
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    logs.extend(rx.stop().await?);
+    let drained = load(&drain.ops_ok);
+    Ok((
+        OfflineResult::new(&start, &end, &logs, drained, drain_secs),
+        logs,
+    ))
+}
+
+/// The raw UDP echo ceiling (`imbench session`'s server and peer): echo
+/// server on its own thread, clients in this runtime; datagrams per second
+/// counted both ways.
+async fn raw_ceiling(duration: Duration) -> Result<RawResult> {
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = std::thread::Builder::new()
+        .name("raw-echo".into())
+        .spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let socket = udp::bind("127.0.0.1:0".parse().expect("valid"))?;
+                let _ = addr_tx.send(socket.local_addr()?);
+                tokio::select! {
+                    r = udp_load::raw_echo_server(socket) => r,
+                    _ = stop_rx => Ok(()),
+                }
+            })
+        })
+        .context("spawn the raw echo server")?;
+    let addr = addr_rx.await.context("the raw echo server did not start")?;
+    let shared = Arc::new(LoadShared::default());
+    let mut tasks = Vec::new();
+    for _ in 0..RAW_CLIENTS {
+        let socket = udp::bind("127.0.0.1:0".parse().expect("valid"))?;
+        let peer = RawPeer::new(vec![7; RAW_PAYLOAD_BYTES], RAW_WINDOW);
+        tasks.push(tokio::spawn(udp_load::drive(
+            peer,
+            socket,
+            addr,
+            shared.clone(),
+        )));
+    }
+    tokio::time::sleep(WARMUP).await;
+    let (t0, n0) = (Instant::now(), load(&shared.completed));
+    tokio::time::sleep(duration).await;
+    let (t1, n1) = (Instant::now(), load(&shared.completed));
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let _ = stop_tx.send(());
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the raw echo server panicked"))??;
+    let secs = (t1 - t0).as_secs_f64();
+    let round_trips = n1 - n0;
+    Ok(RawResult {
+        round_trips,
+        secs,
+        round_trips_per_sec: round_trips as f64 / secs,
+        datagrams_per_sec: 2.0 * round_trips as f64 / secs,
+    })
+}

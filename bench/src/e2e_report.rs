@@ -1,0 +1,406 @@
+//! `imbench e2e`'s figures: one record per phase, the delivery check
+//! (lost and duplicated messages), the printed table.
+
+use crate::{
+    e2e::{Plan, Snapshot},
+    e2e_fleet::Log,
+    report::{fmt_rate, ratio},
+};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::{collections::HashMap, fmt::Write as _, time::Duration};
+
+/// The target for `ratios.datagrams_vs_raw_udp`.
+const DATAGRAMS_RATIO_TARGET: f64 = 0.5;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ratios {
+    /// Datagrams the gateway handled per second in the online phase (both
+    /// ways, counted at the clients) over the raw UDP echo's (both ways).
+    pub datagrams_vs_raw_udp: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RawResult {
+    pub round_trips: u64,
+    pub secs: f64,
+    pub round_trips_per_sec: f64,
+    /// Datagrams the echo server handled per second (in + out).
+    pub datagrams_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OnlineResult {
+    pub pairs: usize,
+    pub window: usize,
+    /// Sends answered `Delivered` (or `Stored`) in the timed window.
+    pub messages: u64,
+    pub secs: f64,
+    pub messages_per_sec: f64,
+    /// Send -> `Delivered` reply, every send of the phase (warm-up included).
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub latency_samples: u64,
+    /// Datagrams between the clients and the gateway, both ways, per second.
+    pub datagrams_per_sec: f64,
+    pub datagrams_per_message: Option<f64>,
+    pub gateway_cpu_us_per_message: Option<f64>,
+    /// CPU of imbench's process (clients, presence, profile, shards).
+    pub imbench_cpu_us_per_message: Option<f64>,
+    /// Sends answered `Stored` although the receiver was online (expected 0).
+    pub answered_stored: usize,
+}
+
+impl OnlineResult {
+    pub fn new(plan: &Plan, start: &Snapshot, end: &Snapshot, logs: &[Log]) -> Self {
+        let secs = (end.at - start.at).as_secs_f64();
+        let messages = end.ops_ok - start.ops_ok;
+        let datagrams = end.datagrams - start.datagrams;
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        for log in logs {
+            hist.add(&log.latency).expect("same bounds");
+        }
+        let per_message = |v: f64| (messages > 0).then(|| v / messages as f64);
+        let cpu = |b: Option<Duration>, a: Option<Duration>| {
+            b.zip(a)
+                .and_then(|(b, a)| per_message((b - a).as_secs_f64() * 1e6))
+        };
+        OnlineResult {
+            pairs: plan.pairs,
+            window: plan.window,
+            messages,
+            secs,
+            messages_per_sec: messages as f64 / secs,
+            p50_us: hist.value_at_quantile(0.50),
+            p99_us: hist.value_at_quantile(0.99),
+            p999_us: hist.value_at_quantile(0.999),
+            max_us: hist.max(),
+            latency_samples: hist.len(),
+            datagrams_per_sec: datagrams as f64 / secs,
+            datagrams_per_message: per_message(datagrams as f64),
+            gateway_cpu_us_per_message: cpu(end.gateway_cpu, start.gateway_cpu),
+            imbench_cpu_us_per_message: cpu(end.imbench_cpu, start.imbench_cpu),
+            answered_stored: logs.iter().map(|l| l.stored.len()).sum(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoginResult {
+    /// `password` or `resume`.
+    pub method: String,
+    pub logins: u64,
+    pub failed: u64,
+    pub secs: f64,
+    pub logins_per_sec: f64,
+    pub gateway_cpu_us_per_login: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OfflineResult {
+    /// Sends answered `Stored` in all.
+    pub stored: usize,
+    /// Sends answered `Delivered` (expected 0: the receivers are offline).
+    pub answered_delivered: usize,
+    /// From the go signal (every sender logged in) to the last answer.
+    pub store_secs: f64,
+    /// Sends answered (`Stored`) per second.
+    pub stored_per_sec: f64,
+    /// Messages fetched by the receivers once they logged in.
+    pub drained: u64,
+    /// From the go signal (every receiver logged in) to the last page.
+    pub drain_secs: f64,
+    pub drained_per_sec: f64,
+}
+
+impl OfflineResult {
+    pub fn new(
+        start: &Snapshot,
+        end: &Snapshot,
+        logs: &[Log],
+        drained: u64,
+        drain_secs: f64,
+    ) -> Self {
+        let store_secs = (end.at - start.at).as_secs_f64();
+        OfflineResult {
+            stored: logs.iter().map(|l| l.stored.len()).sum(),
+            answered_delivered: logs.iter().map(|l| l.delivered.len()).sum(),
+            store_secs,
+            stored_per_sec: (end.ops_ok - start.ops_ok) as f64 / store_secs,
+            drained,
+            drain_secs,
+            drained_per_sec: if drain_secs > 0.0 {
+                drained as f64 / drain_secs
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// What senders were told against what receivers got, over all phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    /// Message ids answered `Delivered` or `Stored`.
+    pub acknowledged: usize,
+    /// Distinct message ids received (pushed or fetched).
+    pub received: usize,
+    /// Acknowledged but never received.
+    pub lost: u64,
+    /// Receptions beyond the first of the same id.
+    pub duplicated: u64,
+}
+
+impl Delivery {
+    pub fn check(logs: &[Log]) -> Self {
+        let mut seen: HashMap<u128, u64> = HashMap::new();
+        for id in logs.iter().flat_map(|l| l.received.iter()) {
+            *seen.entry(*id).or_default() += 1;
+        }
+        let acked: Vec<u128> = logs
+            .iter()
+            .flat_map(|l| l.delivered.iter().chain(l.stored.iter()))
+            .copied()
+            .collect();
+        Delivery {
+            acknowledged: acked.len(),
+            received: seen.len(),
+            lost: acked.iter().filter(|id| !seen.contains_key(id)).count() as u64,
+            duplicated: seen.values().map(|n| n - 1).sum(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct E2eReport {
+    pub ratios: Ratios,
+    pub lost: Option<u64>,
+    pub duplicated: Option<u64>,
+    /// The online phase's send -> `Delivered` p99.
+    pub p99_us: Option<u64>,
+    pub config: serde_json::Value,
+    pub raw_udp: Option<RawResult>,
+    pub online: Option<OnlineResult>,
+    pub logins: Vec<LoginResult>,
+    pub offline: Option<OfflineResult>,
+    pub delivery: Option<Delivery>,
+    pub gateway_peak_rss_bytes: Option<u64>,
+    pub problems: Vec<String>,
+}
+
+impl E2eReport {
+    pub fn new(config: serde_json::Value) -> Self {
+        E2eReport {
+            ratios: Ratios::default(),
+            lost: None,
+            duplicated: None,
+            p99_us: None,
+            config,
+            raw_udp: None,
+            online: None,
+            logins: Vec::new(),
+            offline: None,
+            delivery: None,
+            gateway_peak_rss_bytes: None,
+            problems: Vec::new(),
+        }
+    }
+
+    /// What the fleets of `phase` saw go wrong, summed by kind.
+    pub fn note_problems(&mut self, phase: &str, logs: &[Log]) {
+        let mut kinds = std::collections::BTreeMap::<&str, u64>::new();
+        for (what, n) in logs.iter().flat_map(|l| l.problems.iter()) {
+            *kinds.entry(what).or_default() += n;
+        }
+        for (what, n) in kinds {
+            self.problems.push(format!("{phase}: {what} (x{n})"));
+        }
+    }
+
+    /// Fill the headline fields from the phases.
+    pub fn finish(&mut self) {
+        self.ratios.datagrams_vs_raw_udp = ratio(
+            self.online.as_ref().map(|o| o.datagrams_per_sec),
+            self.raw_udp.as_ref().map(|r| r.datagrams_per_sec),
+        );
+        self.lost = self.delivery.as_ref().map(|d| d.lost);
+        self.duplicated = self.delivery.as_ref().map(|d| d.duplicated);
+        self.p99_us = self.online.as_ref().map(|o| o.p99_us);
+    }
+}
+
+pub fn render(r: &E2eReport, plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "imbench e2e: gateway process + presence, profile, 2 shards; {} pairs x {} in flight, {:.1} s online window",
+        plan.pairs,
+        plan.window,
+        plan.duration.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "gateway limits raised by --config: handshakes_per_ip_per_s, messages_per_user_per_s\n"
+    );
+    render_online(&mut out, r);
+    render_logins(&mut out, r);
+    render_offline(&mut out, r);
+    render_verdicts(&mut out, r);
+    if !r.problems.is_empty() {
+        let _ = writeln!(out, "\nproblems:");
+        for p in &r.problems {
+            let _ = writeln!(out, "  - {p}");
+        }
+    }
+    out
+}
+
+fn render_online(out: &mut String, r: &E2eReport) {
+    if let Some(raw) = &r.raw_udp {
+        let _ = writeln!(
+            out,
+            "raw UDP echo ceiling   {:>9} round trips/s  {:>9} datagrams/s",
+            fmt_rate(raw.round_trips_per_sec),
+            fmt_rate(raw.datagrams_per_sec)
+        );
+    }
+    let Some(o) = &r.online else { return };
+    let _ = writeln!(
+        out,
+        "online messages        {:>9} msgs/s  ({} in {:.1} s; {} answered Stored)",
+        fmt_rate(o.messages_per_sec),
+        o.messages,
+        o.secs,
+        o.answered_stored
+    );
+    let _ = writeln!(
+        out,
+        "  send -> Delivered    p50 {} us  p99 {} us  p999 {} us  max {} us  ({} samples)",
+        o.p50_us, o.p99_us, o.p999_us, o.max_us, o.latency_samples
+    );
+    let opt = |v: Option<f64>, unit: &str| {
+        v.map(|v| format!("{v:.2}{unit}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(
+        out,
+        "  gateway datagrams    {:>9} /s  ({} per message)",
+        fmt_rate(o.datagrams_per_sec),
+        opt(o.datagrams_per_message, ""),
+    );
+    let _ = writeln!(
+        out,
+        "  CPU per message      gateway {}, imbench (clients + services) {}",
+        opt(o.gateway_cpu_us_per_message, " us"),
+        opt(o.imbench_cpu_us_per_message, " us")
+    );
+}
+
+fn render_logins(out: &mut String, r: &E2eReport) {
+    for l in &r.logins {
+        let cpu = l
+            .gateway_cpu_us_per_login
+            .map(|v| format!("{v:.0} us"))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "login storm ({:<8})  {:>9} logins/s  ({} ok, {} failed in {:.2} s; gateway CPU {} per login)",
+            l.method,
+            fmt_rate(l.logins_per_sec),
+            l.logins,
+            l.failed,
+            l.secs,
+            cpu
+        );
+    }
+}
+
+fn render_offline(out: &mut String, r: &E2eReport) {
+    let Some(o) = &r.offline else { return };
+    let _ = writeln!(
+        out,
+        "offline store          {:>9} msgs/s  ({} Stored, {} Delivered; {:.2} s)",
+        fmt_rate(o.stored_per_sec),
+        o.stored,
+        o.answered_delivered,
+        o.store_secs
+    );
+    let _ = writeln!(
+        out,
+        "offline drain          {:>9} msgs/s  ({} fetched in {:.2} s)",
+        fmt_rate(o.drained_per_sec),
+        o.drained,
+        o.drain_secs
+    );
+}
+
+fn render_verdicts(out: &mut String, r: &E2eReport) {
+    if let Some(d) = &r.delivery {
+        let _ = writeln!(
+            out,
+            "\ndelivery check: {} acknowledged, {} distinct received -> lost {}, duplicated {} (must be 0 and 0: {})",
+            d.acknowledged,
+            d.received,
+            d.lost,
+            d.duplicated,
+            if d.lost == 0 && d.duplicated == 0 { "met" } else { "NOT met" }
+        );
+    }
+    let verdict = match r.ratios.datagrams_vs_raw_udp {
+        Some(v) if v >= DATAGRAMS_RATIO_TARGET => format!("{v:.3} -> met"),
+        Some(v) => format!("{v:.3} -> NOT met"),
+        None => "n/a".into(),
+    };
+    let _ = writeln!(
+        out,
+        "ratios (ours / raw UDP echo, target >= {DATAGRAMS_RATIO_TARGET}):\n  datagrams_vs_raw_udp  {verdict}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(delivered: &[u128], stored: &[u128], received: &[u128]) -> Log {
+        let mut log = Log::new();
+        log.delivered = delivered.to_vec();
+        log.stored = stored.to_vec();
+        log.received = received.to_vec();
+        log
+    }
+
+    #[test]
+    fn delivery_check_counts_lost_and_duplicated_across_fleets() {
+        let senders = log(&[1, 2, 3], &[4], &[]);
+        let receivers = log(&[], &[], &[1, 2, 2, 4]);
+        let more = log(&[], &[], &[2, 5]);
+        let d = Delivery::check(&[senders, receivers, more]);
+        assert_eq!(d.acknowledged, 4);
+        assert_eq!(d.received, 4, "1, 2, 4, 5");
+        assert_eq!(d.lost, 1, "3 was Delivered but never received");
+        assert_eq!(d.duplicated, 2, "2 arrived three times");
+        let clean = Delivery::check(&[log(&[7], &[8], &[8, 7])]);
+        assert_eq!((clean.lost, clean.duplicated), (0, 0));
+    }
+
+    #[test]
+    fn problems_are_summed_by_kind_per_phase() {
+        let mut a = Log::new();
+        a.problem("kicked");
+        a.problem("kicked");
+        let mut b = Log::new();
+        b.problem("kicked");
+        b.problem("session closed: Expired");
+        let mut r = E2eReport::new(serde_json::Value::Null);
+        r.note_problems("online", &[a, b]);
+        assert_eq!(
+            r.problems,
+            [
+                "online: kicked (x3)",
+                "online: session closed: Expired (x1)"
+            ]
+        );
+    }
+}
