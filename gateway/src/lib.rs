@@ -6,6 +6,7 @@
 //! * [`calls`]: client calls answered by presence, profile and the shards.
 //! * [`peers`]: the gateway-to-gateway link (forwarded messages).
 //! * [`shards`]: placement by consistent hashing and the shard links.
+//! * [`dedupe`]: outcomes of recent sends, for retries.
 //! * [`resume`]: resume tokens. [`keys`]: key files. [`config`]: TOML.
 //! * [`daemon`]: start and stop. [`embedded`]: a whole cluster in one
 //!   process (`imctl up`, tests).
@@ -13,6 +14,7 @@
 pub mod calls;
 pub mod config;
 pub mod daemon;
+pub mod dedupe;
 pub mod embedded;
 pub mod keys;
 pub mod login;

@@ -7,6 +7,7 @@
 
 use crate::{
     calls::{self, CallResult},
+    dedupe::{FastMap, RecentSends},
     login::{self, LoginOutcome},
     services::{now_ms, Services},
 };
@@ -21,7 +22,7 @@ use proto::{
     peer::{Forward, PeerOutcome},
     session::{wire, Event, MsgId, PendingId, ServerEndpoint, ServerEvent},
 };
-use std::{collections::HashMap, net::IpAddr, num::NonZeroU32, sync::Arc, time::Instant};
+use std::{net::IpAddr, num::NonZeroU32, sync::Arc, time::Instant};
 use tokio::{
     net::UdpSocket,
     sync::{mpsc, oneshot},
@@ -77,12 +78,14 @@ pub struct Loop {
     services: Arc<Services>,
     endpoint: ServerEndpoint,
     cmds: mpsc::UnboundedSender<Cmd>,
-    sessions: HashMap<u64, Sess>,
-    users: HashMap<u64, u64>,
+    sessions: FastMap<u64, Sess>,
+    users: FastMap<u64, u64>,
     pending_logins: usize,
-    pushes: HashMap<(u64, MsgId), Origin>,
-    sends: HashMap<SendKey, Vec<(u64, u32)>>,
-    done: quick_cache::unsync::Cache<SendKey, SendOutcome>,
+    pushes: FastMap<(u64, MsgId), Origin>,
+    sends: FastMap<SendKey, Vec<(u64, u32)>>,
+    done: RecentSends,
+    /// The wall clock (ms since the Unix epoch), read once per loop pass.
+    now_ms: u64,
     message_rate: DefaultKeyedRateLimiter<u64>,
     handshake_rate: DefaultKeyedRateLimiter<IpAddr>,
 }
@@ -100,7 +103,8 @@ impl Loop {
     ) -> Loop {
         let limits = &services.config.limits;
         Loop {
-            done: quick_cache::unsync::Cache::new(limits.dedupe_entries_max),
+            done: RecentSends::new(limits.dedupe_entries_max),
+            now_ms: now_ms(),
             message_rate: RateLimiter::keyed(quota(
                 limits.messages_per_user_per_s,
                 limits.messages_burst,
@@ -112,11 +116,11 @@ impl Loop {
             services,
             endpoint,
             cmds,
-            sessions: HashMap::new(),
-            users: HashMap::new(),
+            sessions: FastMap::default(),
+            users: FastMap::default(),
             pending_logins: 0,
-            pushes: HashMap::new(),
-            sends: HashMap::new(),
+            pushes: FastMap::default(),
+            sends: FastMap::default(),
         }
     }
 
@@ -134,6 +138,7 @@ impl Loop {
         let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(10));
         loop {
             self.flush(&socket, &mut outbox).await;
+            self.now_ms = now_ms();
             let deadline = self.endpoint.poll_timeout();
             tokio::select! {
                 r = socket.readable() => {
@@ -377,7 +382,7 @@ impl Loop {
         let key = (user, msg_id);
         if let Some(outcome) = self.done.get(&key) {
             metrics::counter!("gateway_messages_total", "outcome" => "duplicate").increment(1);
-            return self.reply(session, id, Ok(Reply::Sent(*outcome)));
+            return self.reply(session, id, Ok(Reply::Sent(outcome)));
         }
         self.sessions
             .get_mut(&session)
@@ -390,7 +395,7 @@ impl Loop {
         self.sends.insert(key, vec![(session, id)]);
         let envelope = StoredEnvelope {
             from: user,
-            sent_at_ms: now_ms(),
+            sent_at_ms: self.now_ms,
             body,
         };
         self.route(key, to, envelope);

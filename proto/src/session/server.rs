@@ -147,7 +147,8 @@ pub struct ServerEndpoint {
     rng: ChaCha20Rng,
     slots: Vec<Option<Session>>,
     free: Vec<u32>,
-    index: HashMap<SessionId, u32>,
+    /// Session id -> slot (ids are random, drawn by this endpoint).
+    index: HashMap<SessionId, u32, foldhash::fast::RandomState>,
     /// Exactly one (deadline, slot) per session that has a deadline.
     timers: BTreeSet<(Instant, u32)>,
     ready: VecDeque<u32>,
@@ -187,7 +188,7 @@ impl ServerEndpoint {
             rng,
             slots: Vec::new(),
             free: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             timers: BTreeSet::new(),
             ready: VecDeque::new(),
             pending: HashMap::new(),
