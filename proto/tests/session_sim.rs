@@ -344,3 +344,22 @@ fn many_clients_share_one_gateway_endpoint() {
         );
     }
 }
+
+#[test]
+fn a_complete_message_is_acknowledged_at_once_not_after_the_ack_delay() {
+    // A gateway answers "delivered" when the recipient's ack arrives, so
+    // the ack must not wait MAX_ACK_DELAY (25 ms). Perfect network, 10 ms
+    // one way: the ack is back one round trip (20 ms) after the send.
+    let mut o = exchange(11, NetConfig::perfect(), 1, 10);
+    let sent_at = o.sim.now;
+    let id = o.sim.clients[0].session.send(message(5, 100)).unwrap();
+    let acked = o.sim.run_until(Duration::from_secs(5), |s| {
+        s.clients[0].events.contains(&Event::Acked(id))
+    });
+    assert!(acked);
+    let round_trip = o.sim.now - sent_at;
+    assert!(
+        round_trip < Duration::from_millis(25),
+        "acked after {round_trip:?} of virtual time: the ack waited for the delay timer"
+    );
+}

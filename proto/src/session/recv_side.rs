@@ -101,6 +101,11 @@ impl RecvSide {
                     std::mem::take(&mut self.assembling)
                 };
                 self.expect_rest = None;
+                // A whole message arrived: its sender may be waiting on
+                // the ack (a gateway answers "delivered" only then), so
+                // acknowledge with the next transmit instead of after
+                // MAX_ACK_DELAY. A reply queued meanwhile carries it.
+                self.ack_now = true;
                 events.push_back(Event::Message(message));
             } else {
                 self.assembling.extend_from_slice(&data);
