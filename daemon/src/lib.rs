@@ -6,6 +6,7 @@
 //! * [`init_tracing`]: structured logs to stderr, filtered by `RUST_LOG`.
 //! * [`install_metrics`]: the Prometheus `/metrics` HTTP listener.
 //! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
+//! * [`run_until_signal`] and [`Service`]: the main loop of every daemon.
 //! * [`DirLock`]: one process per data directory.
 //! * [`testing`]: run a daemon binary as a real process in a test.
 //! * [`link`]: the gathering frame writer of client links.
@@ -17,10 +18,12 @@
 pub mod config;
 pub mod link;
 mod lock;
+mod service;
 mod signals;
 pub mod testing;
 
 pub use lock::{DirLock, LockError, LOCK_WAIT_MS};
+pub use service::{run_until_signal, Service};
 pub use signals::Signals;
 
 use std::{future::Future, net::SocketAddr, process::ExitCode};

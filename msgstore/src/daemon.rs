@@ -241,6 +241,18 @@ fn serve_on_this_thread(
     })
 }
 
+impl daemon::Service for Daemon {
+    fn local_addr(&self) -> SocketAddr {
+        Daemon::local_addr(self)
+    }
+    async fn stopped(&mut self) -> anyhow::Result<()> {
+        Ok(Daemon::stopped(self).await?)
+    }
+    async fn shutdown(self) -> anyhow::Result<()> {
+        Ok(Daemon::shutdown(self).await?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

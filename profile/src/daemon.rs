@@ -57,3 +57,17 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
         task,
     })
 }
+
+impl daemon::Service for Daemon {
+    fn local_addr(&self) -> SocketAddr {
+        Daemon::local_addr(self)
+    }
+    /// The profile service only stops when told to.
+    async fn stopped(&mut self) -> anyhow::Result<()> {
+        std::future::pending().await
+    }
+    async fn shutdown(self) -> anyhow::Result<()> {
+        Daemon::shutdown(self).await;
+        Ok(())
+    }
+}

@@ -79,19 +79,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_addr {
         daemon::install_metrics(addr)?;
     }
-    let mut running = gateway_daemon::start(config).await?;
+    let running = gateway_daemon::start(config).await?;
     println!("gateway public key {}", keys::to_hex(&running.public_key()));
-    println!("gateway listening on {}", running.local_addr());
-    tokio::select! {
-        signal = signals.wait() => {
-            tracing::info!(signal, "shutting down: closing sessions");
-            running.shutdown().await?;
-            tracing::info!("bye");
-            Ok(())
-        }
-        stopped = running.stopped() => {
-            stopped?;
-            anyhow::bail!("the gateway loop stopped unexpectedly")
-        }
-    }
+    daemon::run_until_signal("gateway", signals, running).await
 }

@@ -79,19 +79,5 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    println!("msgstore listening on {}", running.local_addr());
-    let mut running = running;
-    tokio::select! {
-        signal = signals.wait() => {
-            tracing::info!(signal, "shutting down");
-            running.shutdown().await?;
-            tracing::info!("shard closed; bye");
-            Ok(())
-        }
-        stopped = running.stopped() => {
-            // Only a fatal storage error stops the daemon by itself.
-            stopped?;
-            anyhow::bail!("the shard stopped unexpectedly")
-        }
-    }
+    daemon::run_until_signal("msgstore", signals, running).await
 }

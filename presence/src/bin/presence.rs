@@ -54,18 +54,6 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_addr {
         daemon::install_metrics(addr)?;
     }
-    let mut running = presence_daemon::start(config)?;
-    println!("presence listening on {}", running.local_addr());
-    tokio::select! {
-        signal = signals.wait() => {
-            tracing::info!(signal, "shutting down");
-            running.shutdown().await?;
-            tracing::info!("bye");
-            Ok(())
-        }
-        stopped = running.stopped() => {
-            stopped?;
-            anyhow::bail!("the server stopped unexpectedly")
-        }
-    }
+    let running = presence_daemon::start(config)?;
+    daemon::run_until_signal("presence", signals, running).await
 }

@@ -74,10 +74,5 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    println!("profile listening on {}", running.local_addr());
-    let signal = signals.wait().await;
-    tracing::info!(signal, "shutting down");
-    running.shutdown().await;
-    tracing::info!("profile service closed; bye");
-    Ok(())
+    daemon::run_until_signal("profile", signals, running).await
 }
