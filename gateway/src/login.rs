@@ -4,6 +4,7 @@
 //! user's offline-mailbox count.
 
 use crate::{resume::ResumeClaims, services::Services};
+use presence::Status;
 use proto::{
     app::{self, Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, APP_PROTOCOL_VERSION},
     profile::ErrorCode,
@@ -20,7 +21,10 @@ fn refuse(code: LoginError, message: impl Into<String>) -> Vec<u8> {
     })
 }
 
-pub async fn check(services: &Services, payload: &[u8]) -> LoginOutcome {
+/// Check the login in `payload`; if it is good, record `session` (the id the
+/// loop will accept it as) with presence before answering, so nobody sees
+/// the user offline after the client heard it is logged in.
+pub async fn check(services: &Services, payload: &[u8], session: u64) -> LoginOutcome {
     let login: Login =
         app::decode(payload).map_err(|e| refuse(LoginError::BadRequest, e.to_string()))?;
     if login.version != APP_PROTOCOL_VERSION {
@@ -42,6 +46,15 @@ pub async fn check(services: &Services, payload: &[u8]) -> LoginOutcome {
                 .user
         }
     };
+    if let Err(e) = services
+        .presence
+        .online(user, session, Status::Online)
+        .await
+    {
+        // The presence client keeps the change and sends it when its link
+        // is back; the login goes on.
+        tracing::warn!(user, error = %e, "presence did not record a login yet");
+    }
     let (mailbox_count, mailbox_high_seq) = match services.shards.user_stats(user).await {
         Ok(s) => (s.live_count, s.last_seq),
         Err(e) => {

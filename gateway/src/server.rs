@@ -13,7 +13,7 @@ use crate::{
 };
 use client::udp::{self, RecvBatch, SendBatch};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use presence::{PresenceEvent, Status};
+use presence::PresenceEvent;
 use proto::{
     app::{
         self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, LoginAnswer,
@@ -32,6 +32,7 @@ use tokio::{
 pub enum Cmd {
     Login {
         pending: PendingId,
+        session: u64,
         outcome: LoginOutcome,
     },
     Reply {
@@ -210,11 +211,16 @@ impl Loop {
             return;
         }
         self.pending_logins += 1;
+        let session = self.endpoint.fresh_session_id();
         let services = self.services.clone();
         let cmds = self.cmds.clone();
         tokio::spawn(async move {
-            let outcome = login::check(&services, &payload).await;
-            let _ = cmds.send(Cmd::Login { pending, outcome });
+            let outcome = login::check(&services, &payload, session).await;
+            let _ = cmds.send(Cmd::Login {
+                pending,
+                session,
+                outcome,
+            });
         });
     }
 
@@ -230,9 +236,13 @@ impl Loop {
 
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Login { pending, outcome } => {
+            Cmd::Login {
+                pending,
+                session,
+                outcome,
+            } => {
                 self.pending_logins -= 1;
-                self.on_login_done(pending, outcome);
+                self.on_login_done(pending, session, outcome);
             }
             Cmd::Reply {
                 session,
@@ -249,17 +259,27 @@ impl Loop {
         }
     }
 
-    fn on_login_done(&mut self, pending: PendingId, outcome: LoginOutcome) {
+    fn on_login_done(&mut self, pending: PendingId, session: u64, outcome: LoginOutcome) {
         match outcome {
-            Ok((user, answer)) => match self.endpoint.accept(Instant::now(), pending, &answer) {
-                Ok(session) => {
-                    self.register(session, user);
-                    metrics::counter!("gateway_logins_total", "result" => "ok").increment(1);
+            Ok((user, answer)) => {
+                match self
+                    .endpoint
+                    .accept_as(Instant::now(), pending, session, &answer)
+                {
+                    Ok(session) => {
+                        self.register(session, user);
+                        metrics::counter!("gateway_logins_total", "result" => "ok").increment(1);
+                    }
+                    Err(e) => {
+                        tracing::warn!(user, error = %e, "login checked but the session could not be created");
+                        // Presence already has it: take it back.
+                        let services = self.services.clone();
+                        tokio::spawn(async move {
+                            let _ = services.presence.offline(user, session).await;
+                        });
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(user, error = %e, "login accepted but the session could not be created")
-                }
-            },
+            }
             Err(refusal) => {
                 let _ = self.endpoint.reject(pending, &refusal);
                 metrics::counter!("gateway_logins_total", "result" => "refused").increment(1);
@@ -267,6 +287,7 @@ impl Loop {
         }
     }
 
+    /// A session presence already knows of (see `login::check`).
     fn register(&mut self, session: u64, user: u64) {
         self.sessions.insert(
             session,
@@ -279,16 +300,6 @@ impl Loop {
         if let Some(old) = self.users.insert(user, session) {
             self.kick(old);
         }
-        let services = self.services.clone();
-        tokio::spawn(async move {
-            if let Err(e) = services
-                .presence
-                .online(user, session, Status::Online)
-                .await
-            {
-                tracing::warn!(user, error = %e, "presence did not record a login (it is re-sent on reconnect)");
-            }
-        });
     }
 
     /// Tell a replaced session it was kicked; close it once that arrived.

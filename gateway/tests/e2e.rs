@@ -230,7 +230,6 @@ async fn messages_cross_gateways_through_the_peer_link() {
     let mut bob = TestClient::connect(second.addr, c.gateway_public, method)
         .await
         .unwrap();
-    c.wait_online(b, 2).await;
     for i in 0..10u128 {
         let reply = alice
             .send(b, 500 + i, format!("across {i}").as_bytes())

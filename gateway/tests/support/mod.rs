@@ -102,31 +102,6 @@ impl Cluster {
             .expect("create user")
     }
 
-    /// Wait until presence has `user` online on `gateway` (a login's
-    /// presence update follows its handshake answer by a moment).
-    pub async fn wait_online(&self, user: u64, gateway: u32) {
-        use proto::presence::{RequestBody, ResponseBody};
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let body = RequestBody::Lookup { users: vec![user] };
-            let answer = presence::client::request_once(&self.services.map.presence, body).await;
-            if let Ok(ResponseBody::Entries { entries }) = answer {
-                if entries
-                    .first()
-                    .and_then(|e| e.as_ref())
-                    .is_some_and(|e| e.gateway == gateway)
-                {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "user {user} never online on gateway {gateway}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     pub async fn befriend(&self, a: u64, b: u64) {
         self.profile_client
             .friend_request(a, b, "Friends")

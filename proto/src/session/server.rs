@@ -58,6 +58,8 @@ pub enum AcceptError {
     TooLarge { len: usize, max: usize },
     #[error("session table full")]
     Full,
+    #[error("session id {0} is zero or taken")]
+    IdTaken(SessionId),
 }
 
 /// Counters of everything that happened to datagrams; every drop reason
@@ -399,11 +401,38 @@ impl ServerEndpoint {
         pending: PendingId,
         payload: &[u8],
     ) -> Result<SessionId, AcceptError> {
+        let id = self.fresh_session_id();
+        self.accept_as(now, pending, id, payload)
+    }
+
+    /// A fresh, unused session id the application may pass to
+    /// [`ServerEndpoint::accept_as`] (for example to register the session
+    /// elsewhere before the client hears it was accepted).
+    pub fn fresh_session_id(&mut self) -> SessionId {
+        loop {
+            let id = self.rng.next_u64();
+            if id != 0 && !self.index.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// `accept` with a session id chosen by the application (non-zero,
+    /// unused; unguessable ids come from [`ServerEndpoint::fresh_session_id`]).
+    pub fn accept_as(
+        &mut self,
+        now: Instant,
+        pending: PendingId,
+        id: SessionId,
+        payload: &[u8],
+    ) -> Result<SessionId, AcceptError> {
         self.check_answer(pending, payload)?;
         if self.index.len() >= self.config.sessions_max {
             return Err(AcceptError::Full);
         }
-        let id = self.fresh_session_id();
+        if id == 0 || self.index.contains_key(&id) {
+            return Err(AcceptError::IdTaken(id));
+        }
         let (mut hs, from, reply) = self.answer(pending, id, wire::STATUS_ACCEPTED, payload);
         let keys = TransportKeys::split(&mut hs);
         let slot = self.insert_session(Session {
@@ -485,15 +514,6 @@ impl ServerEndpoint {
             let (_, pid) = self.pending_expiry.remove(i).expect("position is in range");
             let p = self.pending.remove(&pid).expect("found above");
             self.by_ephemeral.remove(&p.ephemeral);
-        }
-    }
-
-    fn fresh_session_id(&mut self) -> SessionId {
-        loop {
-            let id = self.rng.next_u64();
-            if id != 0 && !self.index.contains_key(&id) {
-                return id;
-            }
         }
     }
 
