@@ -36,3 +36,24 @@ pub async fn run_until_signal<S: Service>(
         }
     }
 }
+
+/// Implement [`Service`] for a daemon type whose inherent `local_addr()`,
+/// `async fn stopped(&mut self) -> Result<(), E>` and
+/// `async fn shutdown(self) -> Result<(), E>` already have that shape
+/// (`E` convertible into `anyhow::Error`).
+#[macro_export]
+macro_rules! impl_service {
+    ($t:ty) => {
+        impl $crate::Service for $t {
+            fn local_addr(&self) -> ::std::net::SocketAddr {
+                <$t>::local_addr(self)
+            }
+            async fn stopped(&mut self) -> ::anyhow::Result<()> {
+                Ok(<$t>::stopped(self).await?)
+            }
+            async fn shutdown(self) -> ::anyhow::Result<()> {
+                Ok(<$t>::shutdown(self).await?)
+            }
+        }
+    };
+}

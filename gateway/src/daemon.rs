@@ -180,14 +180,4 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
     })
 }
 
-impl daemon::Service for Running {
-    fn local_addr(&self) -> SocketAddr {
-        Running::local_addr(self)
-    }
-    async fn stopped(&mut self) -> anyhow::Result<()> {
-        Ok(Running::stopped(self).await?)
-    }
-    async fn shutdown(self) -> anyhow::Result<()> {
-        Ok(Running::shutdown(self).await?)
-    }
-}
+daemon::impl_service!(Running);

@@ -241,17 +241,7 @@ fn serve_on_this_thread(
     })
 }
 
-impl daemon::Service for Daemon {
-    fn local_addr(&self) -> SocketAddr {
-        Daemon::local_addr(self)
-    }
-    async fn stopped(&mut self) -> anyhow::Result<()> {
-        Ok(Daemon::stopped(self).await?)
-    }
-    async fn shutdown(self) -> anyhow::Result<()> {
-        Ok(Daemon::shutdown(self).await?)
-    }
-}
+daemon::impl_service!(Daemon);
 
 #[cfg(test)]
 mod tests {

@@ -145,17 +145,7 @@ pub fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
     })
 }
 
-impl daemon::Service for Daemon {
-    fn local_addr(&self) -> SocketAddr {
-        Daemon::local_addr(self)
-    }
-    async fn stopped(&mut self) -> anyhow::Result<()> {
-        Ok(Daemon::stopped(self).await?)
-    }
-    async fn shutdown(self) -> anyhow::Result<()> {
-        Ok(Daemon::shutdown(self).await?)
-    }
-}
+daemon::impl_service!(Daemon);
 
 #[cfg(test)]
 mod tests {
