@@ -25,7 +25,7 @@ use std::{
     thread::JoinHandle,
     time::{Duration, Instant},
 };
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 /// Load before the timed window starts (handshakes, warm caches).
 const WARMUP: Duration = Duration::from_millis(500);
@@ -96,6 +96,10 @@ pub struct Ratios {
     pub echo_vs_raw_udp: Option<f64>,
     /// The same with `--large-payload-bytes` (one message per datagram).
     pub echo_large_vs_raw_udp: Option<f64>,
+    /// Two echo loops on one port (SO_REUSEPORT, a thread each) over one
+    /// loop, `--large-payload-bytes`: whether a gateway pays for a loop per
+    /// core on this machine (the load generator shares its cores).
+    pub reuseport_x2_vs_one_loop: Option<f64>,
 }
 
 /// Our echo server's counters after a phase.
@@ -107,6 +111,22 @@ pub struct EchoServerSummary {
     pub messages: u64,
     pub echo_dropped: u64,
     pub handshakes_accepted: u64,
+}
+
+impl EchoServerSummary {
+    /// The sum over several server loops.
+    fn sum(all: &[EchoStats]) -> Option<Self> {
+        let mut parts = all.iter().map(EchoServerSummary::from);
+        let first = parts.next()?;
+        Some(parts.fold(first, |a, b| EchoServerSummary {
+            datagrams_in: a.datagrams_in + b.datagrams_in,
+            datagrams_out: a.datagrams_out + b.datagrams_out,
+            dropped: a.dropped + b.dropped,
+            messages: a.messages + b.messages,
+            echo_dropped: a.echo_dropped + b.echo_dropped,
+            handshakes_accepted: a.handshakes_accepted + b.handshakes_accepted,
+        }))
+    }
 }
 
 impl From<&EchoStats> for EchoServerSummary {
@@ -184,6 +204,10 @@ pub async fn run(args: SessionArgs) -> Result<()> {
     report.ratios = Ratios {
         echo_vs_raw_udp: ratio("echo"),
         echo_large_vs_raw_udp: ratio("echo_large"),
+        reuseport_x2_vs_one_loop: report::ratio(
+            rate(&report, "echo_large", "session_x2"),
+            rate(&report, "echo_large", "session"),
+        ),
     };
     report.bytes_per_idle_session = report.idle.as_ref().map(|i| i.rss_bytes_per_session);
     print!("{}", render(&report, &args, &plan));
@@ -219,6 +243,15 @@ fn run_phases(args: &SessionArgs, plan: &Plan, report: &mut SessionReport) {
             move |now, key| SessionPeer::new(now, key, payload.clone(), window),
         ));
     }
+    let payload: Vec<u8> = (0..args.large_payload_bytes).map(|i| i as u8).collect();
+    outcomes.push(run_phase(
+        "echo_large",
+        "session_x2",
+        ServerKind::Shared(echo_config(), 2),
+        args.clients,
+        plan,
+        move |now, key| SessionPeer::new(now, key, payload.clone(), window),
+    ));
     let in_flight = args.handshakes_in_flight;
     outcomes.push(run_phase(
         "handshake",
@@ -285,6 +318,9 @@ fn config_json(args: &SessionArgs, plan: &Plan) -> serde_json::Value {
 enum ServerKind {
     Raw,
     Echo(EchoConfig),
+    /// Echo servers, one loop (thread) each, on sockets sharing one port
+    /// with SO_REUSEPORT.
+    Shared(EchoConfig, usize),
 }
 
 /// What a started thread reports back: its address and key (server), its
@@ -295,6 +331,15 @@ struct Started {
     tid: i32,
 }
 
+/// The server threads of a phase: where they listen, their thread ids, and
+/// their joins (each returning its echo stats, if an echo server).
+struct Servers {
+    addr: SocketAddr,
+    public_key: [u8; 32],
+    tids: Vec<i32>,
+    joins: Vec<JoinHandle<Result<Option<EchoStats>>>>,
+}
+
 fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -302,10 +347,46 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
         .context("build a tokio runtime")
 }
 
-/// The server of a phase on its own thread, until `stop` fires.
-fn spawn_server(
-    kind: ServerKind,
-    stop: oneshot::Receiver<()>,
+/// What one server thread serves.
+enum ServerSocket {
+    Raw,
+    /// An echo server with these keys, on a new socket or on a shared one.
+    Echo(StaticKeypair, EchoConfig, Option<std::net::UdpSocket>),
+}
+
+/// The servers of a phase, each on its own thread, until `stop` turns true.
+fn spawn_servers(kind: ServerKind, stop: watch::Receiver<bool>) -> Result<Servers> {
+    let keys = || StaticKeypair::generate(udp_load::os_seed());
+    let sockets: Vec<ServerSocket> = match kind {
+        ServerKind::Raw => vec![ServerSocket::Raw],
+        ServerKind::Echo(config) => vec![ServerSocket::Echo(keys(), config, None)],
+        ServerKind::Shared(config, loops) => {
+            let k = keys();
+            udp::bind_shared("127.0.0.1:0".parse().expect("valid"), loops)?
+                .into_iter()
+                .map(|s| ServerSocket::Echo(k.clone(), config.clone(), Some(s)))
+                .collect()
+        }
+    };
+    let mut servers: Option<Servers> = None;
+    for socket in sockets {
+        let (started, join) = spawn_server_thread(socket, stop.clone())?;
+        let all = servers.get_or_insert_with(|| Servers {
+            addr: started.addr,
+            public_key: started.public_key,
+            tids: Vec::new(),
+            joins: Vec::new(),
+        });
+        all.tids.push(started.tid);
+        all.joins.push(join);
+    }
+    servers.context("no server thread")
+}
+
+/// One server loop on its own thread, until `stop` turns true.
+fn spawn_server_thread(
+    socket: ServerSocket,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(Started, JoinHandle<Result<Option<EchoStats>>>)> {
     let (tx, rx) = mpsc::channel();
     let join = std::thread::Builder::new()
@@ -314,8 +395,11 @@ fn spawn_server(
             current_thread_runtime()?.block_on(async move {
                 let any: SocketAddr = "127.0.0.1:0".parse().expect("valid");
                 let tid = procs::current_tid();
-                match kind {
-                    ServerKind::Raw => {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                match socket {
+                    ServerSocket::Raw => {
                         let socket = udp::bind(any)?;
                         let addr = socket.local_addr()?;
                         let _ = tx.send(Started {
@@ -325,21 +409,21 @@ fn spawn_server(
                         });
                         tokio::select! {
                             r = udp_load::raw_echo_server(socket) => r.map(|()| None),
-                            _ = stop => Ok(None),
+                            () = stopped => Ok(None),
                         }
                     }
-                    ServerKind::Echo(config) => {
-                        let server = EchoServer::start(
-                            any,
-                            StaticKeypair::generate(udp_load::os_seed()),
-                            config,
-                        )?;
+                    ServerSocket::Echo(keys, config, shared) => {
+                        let socket = match shared {
+                            Some(s) => tokio::net::UdpSocket::from_std(s)?,
+                            None => udp::bind(any)?,
+                        };
+                        let server = EchoServer::start_on(socket, keys, config)?;
                         let _ = tx.send(Started {
                             addr: server.local_addr(),
                             public_key: server.public_key(),
                             tid,
                         });
-                        let _ = stop.await;
+                        stopped.await;
                         Ok(Some(server.stats()))
                     }
                 }
@@ -356,7 +440,7 @@ fn spawn_server(
 /// socket each, until `shared.stop`. Each peer's problem, if any.
 fn spawn_clients<P: Peer + 'static>(
     clients: usize,
-    server: &Started,
+    server: &Servers,
     make: impl Fn(Instant, [u8; 32]) -> P + Send + 'static,
     shared: Arc<LoadShared>,
 ) -> Result<(i32, JoinHandle<Result<Vec<String>>>)> {
@@ -401,11 +485,15 @@ struct Snapshot {
     client_cpu: Option<Duration>,
 }
 
-fn snapshot(shared: &LoadShared, server_tid: i32, client_tid: i32) -> Snapshot {
+fn snapshot(shared: &LoadShared, server_tids: &[i32], client_tid: i32) -> Snapshot {
+    let server_cpu = server_tids
+        .iter()
+        .map(|t| procs::thread_cpu_time(*t).ok())
+        .sum::<Option<Duration>>();
     Snapshot {
         at: Instant::now(),
         ops: shared.completed.load(Ordering::Relaxed),
-        server_cpu: procs::thread_cpu_time(server_tid).ok(),
+        server_cpu,
         client_cpu: procs::thread_cpu_time(client_tid).ok(),
     }
 }
@@ -419,24 +507,28 @@ fn run_phase<P: Peer + 'static>(
     plan: &Plan,
     make: impl Fn(Instant, [u8; 32]) -> P + Send + 'static,
 ) -> Result<(PhaseResult, Vec<String>)> {
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let (server, server_join) = spawn_server(kind, stop_rx)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let servers = spawn_servers(kind, stop_rx)?;
     let shared = Arc::new(LoadShared::default());
-    let (client_tid, client_join) = spawn_clients(clients, &server, make, shared.clone())?;
+    let (client_tid, client_join) = spawn_clients(clients, &servers, make, shared.clone())?;
     std::thread::sleep(plan.warmup);
-    let start = snapshot(&shared, server.tid, client_tid);
+    let start = snapshot(&shared, &servers.tids, client_tid);
     std::thread::sleep(plan.duration);
-    let end = snapshot(&shared, server.tid, client_tid);
+    let end = snapshot(&shared, &servers.tids, client_tid);
     shared.stop.store(true, Ordering::Relaxed);
     let problems = client_join
         .join()
         .map_err(|_| anyhow::anyhow!("{phase} {target}: client thread panicked"))?
         .with_context(|| format!("{phase} {target}: load generator"))?;
-    let _ = stop_tx.send(());
-    let server_stats = server_join
-        .join()
-        .map_err(|_| anyhow::anyhow!("{phase} {target}: server thread panicked"))?
-        .with_context(|| format!("{phase} {target}: server"))?;
+    let _ = stop_tx.send(true);
+    let mut server_stats = Vec::new();
+    for join in servers.joins {
+        let stats = join
+            .join()
+            .map_err(|_| anyhow::anyhow!("{phase} {target}: server thread panicked"))?
+            .with_context(|| format!("{phase} {target}: server"))?;
+        server_stats.extend(stats);
+    }
     let ops = end.ops - start.ops;
     let secs = (end.at - start.at).as_secs_f64();
     let per_op = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
@@ -451,7 +543,7 @@ fn run_phase<P: Peer + 'static>(
         ops_per_sec: ops as f64 / secs,
         server_cpu_us_per_op: per_op(start.server_cpu, end.server_cpu),
         client_cpu_us_per_op: per_op(start.client_cpu, end.client_cpu),
-        server: server_stats.as_ref().map(EchoServerSummary::from),
+        server: EchoServerSummary::sum(&server_stats),
     };
     Ok((result, problems))
 }
@@ -473,7 +565,7 @@ fn render(report: &SessionReport, args: &SessionArgs, plan: &Plan) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<10} {:<8} {:>10} {:>12} {:>12} {:>10}",
+        "{:<10} {:<10} {:>10} {:>12} {:>12} {:>10}",
         "phase", "target", "ops/s", "srv cpu/op", "cli cpu/op", "msgs/dgram"
     );
     let us = |v: Option<f64>| {
@@ -483,7 +575,7 @@ fn render(report: &SessionReport, args: &SessionArgs, plan: &Plan) -> String {
     for p in &report.phases {
         let _ = writeln!(
             out,
-            "{:<10} {:<8} {:>10} {:>12} {:>12} {:>10}",
+            "{:<10} {:<10} {:>10} {:>12} {:>12} {:>10}",
             p.phase,
             p.target,
             fmt_rate(p.ops_per_sec),
@@ -503,9 +595,11 @@ fn render(report: &SessionReport, args: &SessionArgs, plan: &Plan) -> String {
     let r = &report.ratios;
     let _ = writeln!(
         out,
-        "\nratios (ours / peer, target >= 0.5):\n  echo_vs_raw_udp        {}\n  echo_large_vs_raw_udp  {}",
+        "\nratios (ours / peer, target >= 0.5):\n  echo_vs_raw_udp        {}\n  echo_large_vs_raw_udp  {}\n\
+         two loops with SO_REUSEPORT / one loop (echo_large; pays if > 1):\n  reuseport_x2_vs_one_loop {}",
         show(r.echo_vs_raw_udp),
-        show(r.echo_large_vs_raw_udp)
+        show(r.echo_large_vs_raw_udp),
+        show(r.reuseport_x2_vs_one_loop)
     );
     if !report.problems.is_empty() {
         let _ = writeln!(out, "\nproblems:");

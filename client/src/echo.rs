@@ -81,7 +81,16 @@ pub struct EchoServer {
 impl EchoServer {
     /// Bind `addr` and serve on the current tokio runtime.
     pub fn start(addr: SocketAddr, keys: StaticKeypair, config: EchoConfig) -> io::Result<Self> {
-        let socket = udp::bind(addr)?;
+        Self::start_on(udp::bind(addr)?, keys, config)
+    }
+
+    /// Serve on `socket` (for example one of several `udp::bind_shared`
+    /// sockets on one port) on the current tokio runtime.
+    pub fn start_on(
+        socket: UdpSocket,
+        keys: StaticKeypair,
+        config: EchoConfig,
+    ) -> io::Result<Self> {
         let local_addr = socket.local_addr()?;
         let public_key = keys.public;
         let mut seed = [0u8; 32];

@@ -30,13 +30,39 @@ pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// [`SOCKET_BUFFER_BYTES`] of kernel buffer each way, registered with the
 /// current tokio runtime.
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    bind_with(addr, false)
+}
+
+/// `count` sockets sharing one port with `SO_REUSEPORT` (port 0 in `addr`:
+/// the first socket's), to be served by one loop each (one per core); the
+/// kernel spreads senders over them by their address, so a client always
+/// reaches the same socket. Plain std sockets, so each can be moved to its
+/// own thread and registered there with `UdpSocket::from_std`.
+pub fn bind_shared(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let first = std_socket(addr, true)?;
+    let port_addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..count {
+        all.push(std_socket(port_addr, true)?);
+    }
+    Ok(all)
+}
+
+fn bind_with(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
+    UdpSocket::from_std(std_socket(addr, reuse_port)?)
+}
+
+fn std_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     // Best effort: a smaller kernel cap only means more drops under bursts.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Received datagrams: `BATCH_DATAGRAMS` preallocated slots, refilled by
