@@ -351,7 +351,7 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
 enum ServerSocket {
     Raw,
     /// An echo server with these keys, on a new socket or on a shared one.
-    Echo(StaticKeypair, EchoConfig, Option<std::net::UdpSocket>),
+    Echo(Box<(StaticKeypair, EchoConfig, Option<std::net::UdpSocket>)>),
 }
 
 /// The servers of a phase, each on its own thread, until `stop` turns true.
@@ -359,12 +359,12 @@ fn spawn_servers(kind: ServerKind, stop: watch::Receiver<bool>) -> Result<Server
     let keys = || StaticKeypair::generate(udp_load::os_seed());
     let sockets: Vec<ServerSocket> = match kind {
         ServerKind::Raw => vec![ServerSocket::Raw],
-        ServerKind::Echo(config) => vec![ServerSocket::Echo(keys(), config, None)],
+        ServerKind::Echo(config) => vec![ServerSocket::Echo(Box::new((keys(), config, None)))],
         ServerKind::Shared(config, loops) => {
             let k = keys();
             udp::bind_shared("127.0.0.1:0".parse().expect("valid"), loops)?
                 .into_iter()
-                .map(|s| ServerSocket::Echo(k.clone(), config.clone(), Some(s)))
+                .map(|s| ServerSocket::Echo(Box::new((k.clone(), config.clone(), Some(s)))))
                 .collect()
         }
     };
@@ -412,7 +412,8 @@ fn spawn_server_thread(
                             () = stopped => Ok(None),
                         }
                     }
-                    ServerSocket::Echo(keys, config, shared) => {
+                    ServerSocket::Echo(echo) => {
+                        let (keys, config, shared) = *echo;
                         let socket = match shared {
                             Some(s) => tokio::net::UdpSocket::from_std(s)?,
                             None => udp::bind(any)?,
