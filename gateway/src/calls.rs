@@ -65,20 +65,19 @@ pub async fn deliver_elsewhere(
             sent_at_ms: envelope.sent_at_ms,
             body: envelope.body.clone(),
         };
-        if let Some((id, addr)) = gateway {
-            if services.peers.forward(id, &addr, forward).await
-                == Some(proto::peer::PeerOutcome::Delivered)
-            {
-                return Ok(SendOutcome::Delivered);
-            }
+        let outcome = services
+            .peers
+            .forward(&services.presence, gateway, forward)
+            .await;
+        if outcome == Some(proto::peer::PeerOutcome::Delivered) {
+            return Ok(SendOutcome::Delivered);
         }
     }
     store(services, to, msg_id, envelope).await
 }
 
-/// The other gateway `to` is online on, with its peer address (`Some(None)`:
-/// online elsewhere but the address is unknown).
-async fn remote_gateway(services: &Services, to: u64) -> Option<Option<(u32, String)>> {
+/// The other gateway `to` is online on, if any (per presence).
+async fn remote_gateway(services: &Services, to: u64) -> Option<u32> {
     let entry = services
         .presence
         .lookup(&[to])
@@ -86,15 +85,7 @@ async fn remote_gateway(services: &Services, to: u64) -> Option<Option<(u32, Str
         .ok()?
         .pop()
         .flatten()?;
-    if entry.gateway == services.gateway_id {
-        return None;
-    }
-    let gateways = services.presence.gateways().await.ok()?;
-    let addr = gateways
-        .into_iter()
-        .find(|g| g.gateway == entry.gateway && !g.peer_addr.is_empty())
-        .map(|g| (g.gateway, g.peer_addr));
-    Some(addr)
+    (entry.gateway != services.gateway_id).then_some(entry.gateway)
 }
 
 /// Store a message in the recipient's mailbox (durably, per the shard's

@@ -5,6 +5,7 @@
 
 use crate::server::Cmd;
 use bytes::BytesMut;
+use presence::PresenceClient;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     peer::{Forward, PeerOutcome, PeerRequest, PeerResponse},
@@ -31,21 +32,38 @@ pub struct PeerLinks {
 }
 
 impl PeerLinks {
-    /// Forward to gateway `gateway` at `addr`; `None` if the link failed
-    /// before an answer (the caller stores the message).
-    pub async fn forward(&self, gateway: u32, addr: &str, forward: Forward) -> Option<PeerOutcome> {
-        let link = self.link(gateway, addr).await?;
+    /// Forward to gateway `gateway`; `None` if it cannot be reached or the
+    /// link failed before an answer (the caller stores the message).
+    /// Presence is asked for the gateway's address only to open a link.
+    pub async fn forward(
+        &self,
+        presence: &PresenceClient,
+        gateway: u32,
+        forward: Forward,
+    ) -> Option<PeerOutcome> {
+        let link = self.link(presence, gateway).await?;
         let (tx, rx) = oneshot::channel();
         link.send((forward, tx)).await.ok()?;
         rx.await.ok()
     }
 
-    async fn link(&self, gateway: u32, addr: &str) -> Option<mpsc::Sender<(Forward, Waiter)>> {
+    async fn link(
+        &self,
+        presence: &PresenceClient,
+        gateway: u32,
+    ) -> Option<mpsc::Sender<(Forward, Waiter)>> {
         let mut links = self.links.lock().await;
         if let Some(l) = links.get(&gateway).filter(|l| !l.is_closed()) {
             return Some(l.clone());
         }
-        let stream = match TcpStream::connect(addr).await {
+        let addr = presence
+            .gateways()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|g| g.gateway == gateway && !g.peer_addr.is_empty())?
+            .peer_addr;
+        let stream = match TcpStream::connect(addr.as_str()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(gateway, addr, error = %e, "cannot reach peer gateway");
