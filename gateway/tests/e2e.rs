@@ -203,6 +203,15 @@ async fn bad_sends_get_typed_errors_and_garbage_is_dropped() {
         alice.send(999_999, 2, b"hi").await.unwrap_err().code,
         AppErrorCode::UnknownUser
     );
+    // Undecodable application messages inside a good session: dropped
+    // (counted), the session and the gateway carry on.
+    for junk in [vec![0xff; 10], vec![0x00], vec![0x01, 0x0c, 0x00, 0x99]] {
+        alice.client.send(junk).unwrap();
+    }
+    assert!(matches!(
+        alice.call(Call::Profiles { users: vec![b] }).await,
+        Ok(Reply::Profiles(_))
+    ));
     // Garbage datagrams at the gateway: dropped, and service continues.
     let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for i in 0..200u32 {
