@@ -306,7 +306,7 @@ impl ShardClient {
     }
 }
 
-fn unexpected(wanted: &str, got: &ResponseBody) -> ClientError {
+pub(crate) fn unexpected(wanted: &str, got: &ResponseBody) -> ClientError {
     let kind = format!("{got:?}");
     let kind = kind.split([' ', '(', '{']).next().unwrap_or("?");
     ClientError::Protocol(format!("expected a {wanted} response, got {kind}"))

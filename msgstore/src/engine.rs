@@ -12,8 +12,10 @@ mod buckets;
 mod checkpoint;
 mod codec;
 mod index;
+mod migrate;
 mod ops;
 mod recovery;
+mod routing;
 mod state;
 mod wal;
 mod wire;
@@ -161,6 +163,10 @@ pub(crate) struct Engine {
     checkpoint_retry_at: Instant,
     /// Deferred log writes handed out and not reported back yet.
     log_inflight: usize,
+    /// The cluster maps this shard routes by, if installed.
+    routing: Option<routing::RoutingTable>,
+    /// Users whose writes are refused while they are being moved.
+    frozen: HashMap<u64, migrate::Freeze>,
 }
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].

@@ -26,6 +26,16 @@ pub enum Error {
     Corrupt(String),
     #[error("storage error: {0}")]
     Storage(String),
+    #[error("user moved to shard {shard} at {addr} (cluster map epoch {epoch})")]
+    Moved {
+        shard: String,
+        addr: String,
+        epoch: u64,
+    },
+    #[error("busy: {0}; retry in a moment")]
+    Busy(&'static str),
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl From<daemon::LockError> for Error {
@@ -47,6 +57,13 @@ impl Error {
             Error::MessageTooLarge { .. } => ShardErrorCode::MessageTooLarge,
             Error::Overloaded(_) | Error::Closed => ShardErrorCode::Unavailable,
             Error::Config(_) => ShardErrorCode::BadRequest,
+            Error::Moved { shard, addr, epoch } => ShardErrorCode::Moved {
+                shard: shard.clone(),
+                addr: addr.clone(),
+                epoch: *epoch,
+            },
+            Error::Busy(_) => ShardErrorCode::Busy,
+            Error::Conflict(_) => ShardErrorCode::Conflict,
             Error::Locked { .. }
             | Error::Poisoned(_)
             | Error::Io(_)
@@ -74,6 +91,13 @@ impl Error {
             Error::Overloaded(r) => Error::Overloaded(r),
             Error::Closed => Error::Closed,
             Error::Poisoned(m) => Error::Poisoned(m.clone()),
+            Error::Moved { shard, addr, epoch } => Error::Moved {
+                shard: shard.clone(),
+                addr: addr.clone(),
+                epoch: *epoch,
+            },
+            Error::Busy(r) => Error::Busy(r),
+            Error::Conflict(m) => Error::Conflict(m.clone()),
             other => Error::Storage(other.to_string()),
         }
     }

@@ -19,6 +19,7 @@ pub(crate) mod engine;
 pub mod error;
 mod handle;
 mod log_writer;
+mod migration_client;
 pub mod server;
 
 pub use config::{EngineConfig, FsyncPolicy};

@@ -22,6 +22,20 @@ pub const FETCH_COUNT_MAX: u32 = 1000;
 /// record, which is always returned so a large message cannot block a mailbox).
 pub const FETCH_BYTES_MAX: u32 = 1024 * 1024;
 
+/// Most users one [`RequestBody::ListUsers`] returns.
+pub const LIST_USERS_MAX: u32 = 10_000;
+
+/// Most records in one [`RequestBody::Import`].
+pub const IMPORT_RECORDS_MAX: usize = 1000;
+
+/// How long a [`RequestBody::Freeze`] holds a user before the shard lets
+/// writes in again by itself (a migration tool that died must not block a
+/// user for ever).
+pub const FREEZE_HOLD_MS: u64 = 10_000;
+
+/// Most users one shard holds frozen at once.
+pub const FROZEN_USERS_MAX: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub id: u64,
@@ -68,6 +82,69 @@ pub enum RequestBody {
     /// Statistics of the whole shard.
     Stats,
     Ping,
+    /// Install the cluster maps this shard routes by (from the rebalance
+    /// tool). Refused if its newest epoch is older than the installed one.
+    SetRouting(Routing),
+    /// The installed routing, if any.
+    GetRouting,
+    /// Users with a mailbox here (moved-out users excluded), ascending by
+    /// id, starting after `after`: how the rebalance tool finds who moves.
+    ListUsers {
+        after: u64,
+        limit: u32,
+    },
+    /// Refuse writes (`Busy`) to `user` until [`RequestBody::Release`] with
+    /// the same token, or for [`FREEZE_HOLD_MS`]. Answers the mailbox state
+    /// the copy must reach. Freezing again with a new token re-arms it.
+    Freeze {
+        user: u64,
+        token: u64,
+    },
+    /// Bring `user`'s mailbox here up to a copy from its old shard: ack up
+    /// to `acked_seq`, then append `records` (their own seqs, timestamps and
+    /// ids) that are newer than what is here. Idempotent: importing the same
+    /// or an older page again changes nothing.
+    Import {
+        user: u64,
+        acked_seq: u64,
+        records: Vec<StoredRecord>,
+    },
+    /// End a freeze. With `moved`, first delete the mailbox and answer
+    /// `Moved` for this user from now on. Refused (`Conflict`) unless the
+    /// user is still frozen under `token`.
+    Release {
+        user: u64,
+        token: u64,
+        moved: bool,
+    },
+}
+
+/// What a shard needs to know to refuse users it does not own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routing {
+    /// This shard's id in the maps.
+    pub me: String,
+    /// The map gateways route by.
+    pub current: crate::cluster::ClusterMap,
+    /// During a rebalance, the map being moved to (a higher epoch).
+    pub target: Option<crate::cluster::ClusterMap>,
+}
+
+impl Routing {
+    /// The highest epoch this routing knows.
+    pub fn newest_epoch(&self) -> u64 {
+        self.target
+            .as_ref()
+            .map_or(self.current.epoch, |t| t.epoch.max(self.current.epoch))
+    }
+}
+
+/// One user as [`RequestBody::ListUsers`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserEntry {
+    pub user: u64,
+    pub live_count: u64,
+    pub live_bytes: u64,
 }
 
 /// One stored message as the shard returns it.
@@ -124,6 +201,18 @@ pub enum ShardErrorCode {
     Unavailable,
     /// Disk full, I/O error, index full: nothing of this request was stored.
     Storage,
+    /// This shard does not hold the user (any more): retry at `shard`,
+    /// reachable at `addr`, as of cluster-map `epoch`.
+    Moved {
+        shard: String,
+        addr: String,
+        epoch: u64,
+    },
+    /// The user is being moved between shards: retry a moment later.
+    Busy,
+    /// The request contradicts the shard's state (a freeze that expired,
+    /// an import with a gap, a routing older than the installed one).
+    Conflict,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,4 +247,18 @@ pub enum ResponseBody {
     Stats(ShardStats),
     Pong,
     Error(ShardError),
+    RoutingSet,
+    Routing(Option<Routing>),
+    Users {
+        users: Vec<UserEntry>,
+        /// True if users with a higher id may remain.
+        more: bool,
+    },
+    /// The user's mailbox state when it was frozen.
+    Frozen(MailboxStats),
+    /// The user's mailbox state after the import.
+    Imported(MailboxStats),
+    Released {
+        removed: u64,
+    },
 }

@@ -151,6 +151,19 @@ impl Index {
         }
     }
 
+    /// Up to `limit` user ids above `after` that the index holds, ascending.
+    pub fn users_after(&self, after: u64, limit: usize) -> Result<Vec<u64>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let rtxn = self.env.read_txn()?;
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in self.users.range(&rtxn, &(start..))?.take(limit) {
+            out.push(item?.0);
+        }
+        Ok(out)
+    }
+
     /// Every bucket's state; buckets never written are absent.
     pub fn buckets(&self) -> Result<Vec<(u32, BucketMeta)>> {
         let rtxn = self.env.read_txn()?;

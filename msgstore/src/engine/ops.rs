@@ -5,6 +5,7 @@
 use super::{
     checkpoint::lock,
     codec::{read_record, MessageHeader, NO_PREV},
+    migrate::mailbox_stats,
     state::{bucket_for_user, UserState},
     wal, Engine, Pending,
 };
@@ -44,20 +45,19 @@ impl Engine {
         self.index.user(user)
     }
 
-    fn load_or_new_user(&mut self, user: u64) -> Result<UserState> {
-        Ok(match self.load_user(user)? {
-            Some(s) => s,
-            None => UserState::new(bucket_for_user(user, self.config.buckets())),
-        })
-    }
-
-    pub(super) fn append(&mut self, req: &AppendRequest) -> Result<u64> {
+    /// Refuse new log entries while the log is at its limit.
+    pub(super) fn check_wal_room(&self) -> Result<()> {
         self.check_usable()?;
         if self.wal.bytes_since_checkpoint > self.config.wal_bytes_max {
             return Err(Error::Overloaded(
                 "the log is at wal_bytes_max: checkpoints are failing",
             ));
         }
+        Ok(())
+    }
+
+    pub(super) fn append(&mut self, req: &AppendRequest) -> Result<u64> {
+        self.check_wal_room()?;
         let len = req.payload.len();
         if len > self.config.message_bytes_max as usize {
             return Err(Error::MessageTooLarge {
@@ -65,7 +65,10 @@ impl Engine {
                 max: self.config.message_bytes_max,
             });
         }
-        let state = self.load_or_new_user(req.user)?;
+        let state = self.load_user(req.user)?;
+        self.admit(req.user, state.as_ref(), true)?;
+        let state = state
+            .unwrap_or_else(|| UserState::new(bucket_for_user(req.user, self.config.buckets())));
         if state.live_count() >= self.config.mailbox_messages_max {
             return Err(Error::MailboxFull {
                 user: req.user,
@@ -122,7 +125,9 @@ impl Engine {
 
     pub(super) fn ack(&mut self, user: u64, up_to_seq: u64) -> Result<u64> {
         self.check_usable()?;
-        let Some(state) = self.load_user(user)? else {
+        let state = self.load_user(user)?;
+        self.admit(user, state.as_ref(), true)?;
+        let Some(state) = state else {
             return Ok(0);
         };
         let up_to = up_to_seq.min(state.last_seq());
@@ -186,7 +191,9 @@ impl Engine {
         max_bytes: u32,
     ) -> Result<Fetched> {
         self.check_usable()?;
-        let Some(state) = self.load_user(user)? else {
+        let state = self.load_user(user)?;
+        self.admit(user, state.as_ref(), false)?;
+        let Some(state) = state else {
             return Ok(Fetched::default());
         };
         let start = after_seq.max(state.acked_seq) + 1;
@@ -301,20 +308,8 @@ impl Engine {
     pub(super) fn user_stats(&mut self, user: u64) -> Result<MailboxStats> {
         self.check_usable()?;
         let state = self.load_user(user)?;
-        Ok(state.map_or(
-            MailboxStats {
-                live_count: 0,
-                live_bytes: 0,
-                last_seq: 0,
-                acked_seq: 0,
-            },
-            |s| MailboxStats {
-                live_count: s.live_count(),
-                live_bytes: s.live_bytes,
-                last_seq: s.last_seq(),
-                acked_seq: s.acked_seq,
-            },
-        ))
+        self.admit(user, state.as_ref(), false)?;
+        Ok(mailbox_stats(state.as_ref()))
     }
 
     pub(super) fn stats(&self) -> ShardStats {
@@ -334,7 +329,7 @@ impl Engine {
         }
     }
 
-    fn save_for_undo(&mut self, user: u64) {
+    pub(super) fn save_for_undo(&mut self, user: u64) {
         if self.undo.active && !self.undo.users.contains_key(&user) {
             self.undo.users.insert(user, self.dirty.get(&user).copied());
             let len = self.memtable.get(&user).map_or(0, |q| q.len());

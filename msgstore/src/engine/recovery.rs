@@ -68,6 +68,8 @@ impl Engine {
             job: None,
             checkpoint_retry_at: Instant::now(),
             log_inflight: 0,
+            routing: super::routing::load(dir)?,
+            frozen: HashMap::new(),
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
@@ -159,6 +161,23 @@ impl Engine {
                     if up_to > state.acked_seq {
                         self.apply_ack(user, state, up_to)?;
                     }
+                }
+            }
+            Entry::Reseq { user, next_seq } => {
+                let state = self.load_user(user)?;
+                let existed = state.is_some();
+                let state = state.unwrap_or_else(|| {
+                    UserState::new(bucket_for_user(user, self.config.buckets()))
+                });
+                self.apply_reseq(user, existed, state, next_seq)?;
+            }
+            Entry::Moved { user } => {
+                if let Some(mut state) = self.load_user(user)? {
+                    if state.live_count() > 0 {
+                        self.apply_ack(user, state, state.last_seq())?;
+                        state = self.dirty[&user];
+                    }
+                    self.apply_moved(user, state);
                 }
             }
         }

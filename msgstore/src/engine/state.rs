@@ -24,9 +24,15 @@ pub struct UserState {
     pub tail_seq: u64,
     /// Payload bytes of live records.
     pub live_bytes: u64,
+    /// The mailbox was moved to another shard by a rebalance (it has no
+    /// live records); requests for the user are answered `Moved`.
+    pub moved: bool,
 }
 
-pub const USER_STATE_BYTES: usize = 4 + 8 * 5;
+/// Encoded size of a state without the `moved` flag byte (written by
+/// earlier versions, still read).
+pub const USER_STATE_BYTES_V1: usize = 4 + 8 * 5;
+pub const USER_STATE_BYTES: usize = USER_STATE_BYTES_V1 + 1;
 
 impl UserState {
     pub fn new(bucket: u32) -> Self {
@@ -37,6 +43,7 @@ impl UserState {
             tail_offset: NO_PREV,
             tail_seq: 0,
             live_bytes: 0,
+            moved: false,
         }
     }
 
@@ -56,15 +63,18 @@ impl UserState {
         b[20..28].copy_from_slice(&self.tail_offset.to_le_bytes());
         b[28..36].copy_from_slice(&self.tail_seq.to_le_bytes());
         b[36..44].copy_from_slice(&self.live_bytes.to_le_bytes());
+        b[44] = u8::from(self.moved);
         b
     }
 
     /// Decode; `None` if the length is wrong or the fields contradict each
     /// other (the index is then corrupt).
     pub fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() != USER_STATE_BYTES {
-            return None;
-        }
+        let moved = match b.len() {
+            USER_STATE_BYTES_V1 => false,
+            USER_STATE_BYTES if b[44] <= 1 => b[44] == 1,
+            _ => return None,
+        };
         let s = Self {
             bucket: le_u32(&b[0..4]),
             next_seq: le_u64(&b[4..12]),
@@ -72,8 +82,11 @@ impl UserState {
             tail_offset: le_u64(&b[20..28]),
             tail_seq: le_u64(&b[28..36]),
             live_bytes: le_u64(&b[36..44]),
+            moved,
         };
-        (s.next_seq >= 1 && s.acked_seq < s.next_seq && s.tail_seq < s.next_seq).then_some(s)
+        let moved_is_empty = !s.moved || s.acked_seq + 1 == s.next_seq;
+        (moved_is_empty && s.next_seq >= 1 && s.acked_seq < s.next_seq && s.tail_seq < s.next_seq)
+            .then_some(s)
     }
 }
 
@@ -150,8 +163,28 @@ mod tests {
             tail_offset: 640,
             tail_seq: 8,
             live_bytes: 1234,
+            moved: false,
         };
         assert_eq!(UserState::decode(&s.encode()), Some(s));
+        assert_eq!(
+            UserState::decode(&s.encode()[..USER_STATE_BYTES_V1]),
+            Some(s)
+        );
+        let moved = UserState {
+            acked_seq: 9,
+            live_bytes: 0,
+            moved: true,
+            ..s
+        };
+        assert_eq!(UserState::decode(&moved.encode()), Some(moved));
+        // A moved user with live records, or a flag byte other than 0/1.
+        assert_eq!(
+            UserState::decode(&UserState { moved: true, ..s }.encode()),
+            None
+        );
+        let mut bad = s.encode();
+        bad[44] = 2;
+        assert_eq!(UserState::decode(&bad), None);
         assert_eq!(UserState::decode(&[0u8; 3]), None);
         assert_eq!(UserState::decode(&[0u8; USER_STATE_BYTES]), None);
         let m = BucketMeta {

@@ -30,6 +30,8 @@ const SEGMENT_MAGIC: &[u8; 8] = b"IMWAL\0\0\x02";
 const SPARE_NAME: &str = "spare.tmp";
 const KIND_APPEND: u8 = 1;
 const KIND_ACK: u8 = 2;
+const KIND_RESEQ: u8 = 3;
+const KIND_MOVED: u8 = 4;
 
 /// A point in the log: segment number and byte offset in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -49,6 +51,16 @@ pub enum Entry<'a> {
         user: u64,
         up_to_seq: u64,
     },
+    /// A user with no live records continues at `next_seq` (and is no
+    /// longer moved): the first step of importing a mailbox.
+    Reseq {
+        user: u64,
+        next_seq: u64,
+    },
+    /// A user with no live records was moved to another shard.
+    Moved {
+        user: u64,
+    },
 }
 
 pub fn encode_append(header: &MessageHeader, payload: &[u8], out: &mut Vec<u8>) {
@@ -67,6 +79,21 @@ pub fn encode_ack(user: u64, up_to_seq: u64, out: &mut Vec<u8>) {
     finish_frame(out, at);
 }
 
+pub fn encode_reseq(user: u64, next_seq: u64, out: &mut Vec<u8>) {
+    let at = begin_frame(out);
+    out.push(KIND_RESEQ);
+    out.extend_from_slice(&user.to_le_bytes());
+    out.extend_from_slice(&next_seq.to_le_bytes());
+    finish_frame(out, at);
+}
+
+pub fn encode_moved(user: u64, out: &mut Vec<u8>) {
+    let at = begin_frame(out);
+    out.push(KIND_MOVED);
+    out.extend_from_slice(&user.to_le_bytes());
+    finish_frame(out, at);
+}
+
 /// Decode one entry body (after the checked frame header).
 pub fn decode_entry(body: &[u8]) -> Option<Entry<'_>> {
     let (&kind, rest) = body.split_first()?;
@@ -78,6 +105,13 @@ pub fn decode_entry(body: &[u8]) -> Option<Entry<'_>> {
         KIND_ACK if rest.len() == 16 => Some(Entry::Ack {
             user: le_u64(&rest[0..8]),
             up_to_seq: le_u64(&rest[8..16]),
+        }),
+        KIND_RESEQ if rest.len() == 16 => Some(Entry::Reseq {
+            user: le_u64(&rest[0..8]),
+            next_seq: le_u64(&rest[8..16]),
+        }),
+        KIND_MOVED if rest.len() == 8 => Some(Entry::Moved {
+            user: le_u64(&rest[0..8]),
         }),
         _ => None,
     }
@@ -429,6 +463,8 @@ mod tests {
             match e {
                 Entry::Append { header, payload } => got.push((header.seq, payload.to_vec())),
                 Entry::Ack { up_to_seq, .. } => got.push((up_to_seq, b"ack".to_vec())),
+                Entry::Reseq { next_seq, .. } => got.push((next_seq, b"reseq".to_vec())),
+                Entry::Moved { user } => got.push((user, b"moved".to_vec())),
             }
             Ok(())
         })
@@ -443,12 +479,19 @@ mod tests {
         let mut buf = Vec::new();
         encode_append(&header(1), b"one", &mut buf);
         encode_ack(5, 1, &mut buf);
+        encode_reseq(5, 9, &mut buf);
+        encode_moved(5, &mut buf);
         encode_append(&header(2), b"two", &mut buf);
         let whole = buf.len();
         wal.write(&buf[..whole - 2]).unwrap(); // the last entry is torn
         drop(wal);
         let (got, end) = collect(dir.path(), 1);
-        assert_eq!(got, vec![(1, b"one".to_vec()), (1, b"ack".to_vec())]);
+        let want = [(1, "one"), (1, "ack"), (9, "reseq"), (5, "moved")];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(n, s)| (*n, s.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(got, want);
         assert!(matches!(
             end,
             SegmentEnd::Torn {

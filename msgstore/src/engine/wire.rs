@@ -6,7 +6,7 @@ use super::Engine;
 use crate::{handle::AppendRequest, Error};
 use proto::shard::{
     RequestBody, ResponseBody, ShardError, ShardErrorCode, APPEND_BATCH_ITEMS_MAX, FETCH_BYTES_MAX,
-    FETCH_COUNT_MAX,
+    FETCH_COUNT_MAX, IMPORT_RECORDS_MAX,
 };
 
 impl Engine {
@@ -75,6 +75,40 @@ impl Engine {
             },
             RequestBody::Stats => ResponseBody::Stats(self.stats()),
             RequestBody::Ping => ResponseBody::Pong,
+            RequestBody::SetRouting(routing) => match self.set_routing(routing) {
+                Ok(()) => ResponseBody::RoutingSet,
+                Err(e) => error(e),
+            },
+            RequestBody::GetRouting => ResponseBody::Routing(self.routing()),
+            RequestBody::ListUsers { after, limit } => match self.list_users(after, limit) {
+                Ok((users, more)) => ResponseBody::Users { users, more },
+                Err(e) => error(e),
+            },
+            RequestBody::Freeze { user, token } => match self.freeze(user, token) {
+                Ok(stats) => ResponseBody::Frozen(stats),
+                Err(e) => error(e),
+            },
+            RequestBody::Import { records, .. } if records.len() > IMPORT_RECORDS_MAX => {
+                ResponseBody::Error(ShardError {
+                    code: ShardErrorCode::BadRequest,
+                    message: format!(
+                        "import of {} records exceeds the limit of {IMPORT_RECORDS_MAX}",
+                        records.len()
+                    ),
+                })
+            }
+            RequestBody::Import {
+                user,
+                acked_seq,
+                records,
+            } => match self.import(user, acked_seq, &records) {
+                Ok(stats) => ResponseBody::Imported(stats),
+                Err(e) => error(e),
+            },
+            RequestBody::Release { user, token, moved } => match self.release(user, token, moved) {
+                Ok(removed) => ResponseBody::Released { removed },
+                Err(e) => error(e),
+            },
         }
     }
 }
@@ -83,7 +117,10 @@ impl Engine {
 /// the error for everything but the answers that changed nothing.
 pub(crate) fn failed(response: ResponseBody, e: &Error) -> ResponseBody {
     match response {
-        r @ (ResponseBody::Stats(_) | ResponseBody::Pong) => r,
+        r @ (ResponseBody::Stats(_)
+        | ResponseBody::Pong
+        | ResponseBody::Routing(_)
+        | ResponseBody::RoutingSet) => r,
         _ => ResponseBody::Error(e.to_wire()),
     }
 }
