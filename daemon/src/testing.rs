@@ -99,3 +99,19 @@ pub fn sigkill(child: &mut Child) {
     signal(child, libc::SIGKILL);
     child.wait().expect("reap the daemon");
 }
+
+/// The workspace binary `name` (of the package of the same name): next to
+/// `beside`, a binary cargo built for the running test (cargo builds every
+/// workspace binary for the workspace's tests); built on demand otherwise.
+pub fn workspace_binary(beside: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let bin = beside.with_file_name(name);
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", name, "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cannot build the {name} binary");
+    }
+    bin
+}

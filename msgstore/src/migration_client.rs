@@ -22,15 +22,15 @@ impl ShardClient {
         }
     }
 
-    /// Users with a mailbox here with ids above `after`, and whether more
-    /// may follow.
+    /// Users with a mailbox here with ids from `start` on, and where the
+    /// next page starts if more may follow.
     pub async fn list_users(
         &self,
-        after: u64,
+        start: u64,
         limit: u32,
-    ) -> Result<(Vec<UserEntry>, bool), ClientError> {
-        match self.call(RequestBody::ListUsers { after, limit }).await? {
-            ResponseBody::Users { users, more } => Ok((users, more)),
+    ) -> Result<(Vec<UserEntry>, Option<u64>), ClientError> {
+        match self.call(RequestBody::ListUsers { start, limit }).await? {
+            ResponseBody::Users { users, next } => Ok((users, next)),
             other => Err(unexpected("Users", &other)),
         }
     }

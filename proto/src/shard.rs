@@ -88,9 +88,9 @@ pub enum RequestBody {
     /// The installed routing, if any.
     GetRouting,
     /// Users with a mailbox here (moved-out users excluded), ascending by
-    /// id, starting after `after`: how the rebalance tool finds who moves.
+    /// id, from `start` on: how the rebalance tool finds who moves.
     ListUsers {
-        after: u64,
+        start: u64,
         limit: u32,
     },
     /// Refuse writes (`Busy`) to `user` until [`RequestBody::Release`] with
@@ -251,8 +251,8 @@ pub enum ResponseBody {
     Routing(Option<Routing>),
     Users {
         users: Vec<UserEntry>,
-        /// True if users with a higher id may remain.
-        more: bool,
+        /// Where the next page starts, if users with higher ids may remain.
+        next: Option<u64>,
     },
     /// The user's mailbox state when it was frozen.
     Frozen(MailboxStats),

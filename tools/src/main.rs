@@ -11,6 +11,7 @@ mod friend_cmd;
 mod output;
 mod presence_cmd;
 mod profile_conn;
+mod rebalance_cmd;
 mod session_cmd;
 mod shard_cmd;
 mod up_cmd;
@@ -50,6 +51,8 @@ enum Command {
     Friend(friend_cmd::FriendArgs),
     /// Avatar images on the profile service.
     Avatar(avatar_cmd::AvatarArgs),
+    /// Add or remove a shard while traffic flows; status; resume.
+    Rebalance(rebalance_cmd::RebalanceArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
             Command::User(args) => user_cmd::run(args, &out).await,
             Command::Friend(args) => friend_cmd::run(args, &out).await,
             Command::Avatar(args) => avatar_cmd::run(args, &out).await,
+            Command::Rebalance(args) => rebalance_cmd::run(args, &out).await,
         }
     });
     match result {

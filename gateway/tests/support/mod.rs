@@ -142,20 +142,9 @@ pub fn start_gateway_with(dir: &Path, id: u32, data: &Path, extra: &[&str]) -> D
     DaemonProcess::start(cmd, "gateway", WAIT)
 }
 
-/// The `msgstore` binary: next to this test's `gateway` binary (cargo
-/// builds it for the workspace's tests), built on demand otherwise.
+/// The `msgstore` binary: next to this test's `gateway` binary.
 pub fn msgstore_binary() -> std::path::PathBuf {
-    let gateway = Path::new(env!("CARGO_BIN_EXE_gateway"));
-    let bin = gateway.with_file_name("msgstore");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "msgstore", "--bin", "msgstore"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cannot build the msgstore binary");
-    }
-    bin
+    daemon::testing::workspace_binary(Path::new(env!("CARGO_BIN_EXE_gateway")), "msgstore")
 }
 
 /// A shard as a real process, restartable on the same data and address.

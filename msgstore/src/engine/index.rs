@@ -151,11 +151,8 @@ impl Index {
         }
     }
 
-    /// Up to `limit` user ids above `after` that the index holds, ascending.
-    pub fn users_after(&self, after: u64, limit: usize) -> Result<Vec<u64>> {
-        let Some(start) = after.checked_add(1) else {
-            return Ok(Vec::new());
-        };
+    /// Up to `limit` user ids from `start` on that the index holds, ascending.
+    pub fn users_from(&self, start: u64, limit: usize) -> Result<Vec<u64>> {
         let rtxn = self.env.read_txn()?;
         let mut out = Vec::with_capacity(limit.min(4096));
         for item in self.users.range(&rtxn, &(start..))?.take(limit) {

@@ -87,12 +87,16 @@ impl Engine {
         self.routing.as_ref().map(|t| t.routing().clone())
     }
 
-    /// Users with a mailbox here (not moved away) with ids above `after`,
-    /// ascending: those the index has merged with those changed since.
-    pub(super) fn list_users(&mut self, after: u64, limit: u32) -> Result<(Vec<UserEntry>, bool)> {
+    /// Users with a mailbox here (not moved away) with ids from `start`
+    /// on, ascending: those the index has merged with those changed since.
+    pub(super) fn list_users(
+        &mut self,
+        start: u64,
+        limit: u32,
+    ) -> Result<(Vec<UserEntry>, Option<u64>)> {
         self.check_usable()?;
         let limit = limit.clamp(1, LIST_USERS_MAX) as usize;
-        let indexed = self.index.users_after(after, limit)?;
+        let indexed = self.index.users_from(start, limit)?;
         let bound = if indexed.len() == limit {
             *indexed.last().expect("limit >= 1")
         } else {
@@ -104,12 +108,16 @@ impl Engine {
             .keys()
             .chain(snapshot.into_iter().flat_map(|s| s.keys()))
             .copied()
-            .filter(|&u| u > after && u <= bound);
+            .filter(|&u| u >= start && u <= bound);
         let mut ids: Vec<u64> = indexed.iter().copied().chain(recent).collect();
         ids.sort_unstable();
         ids.dedup();
         let more = indexed.len() == limit || ids.len() > limit;
         ids.truncate(limit);
+        let next = ids
+            .last()
+            .filter(|_| more)
+            .and_then(|last| last.checked_add(1));
         let mut users = Vec::with_capacity(ids.len());
         for user in ids {
             if let Some(s) = self.load_user(user)?.filter(|s| !s.moved) {
@@ -120,7 +128,7 @@ impl Engine {
                 });
             }
         }
-        Ok((users, more))
+        Ok((users, next))
     }
 
     pub(super) fn freeze(&mut self, user: u64, token: u64) -> Result<MailboxStats> {

@@ -80,8 +80,8 @@ impl Engine {
                 Err(e) => error(e),
             },
             RequestBody::GetRouting => ResponseBody::Routing(self.routing()),
-            RequestBody::ListUsers { after, limit } => match self.list_users(after, limit) {
-                Ok((users, more)) => ResponseBody::Users { users, more },
+            RequestBody::ListUsers { start, limit } => match self.list_users(start, limit) {
+                Ok((users, next)) => ResponseBody::Users { users, next },
                 Err(e) => error(e),
             },
             RequestBody::Freeze { user, token } => match self.freeze(user, token) {

@@ -1,0 +1,340 @@
+//! `imctl rebalance`: add or remove a shard while traffic flows, show an
+//! interrupted rebalance, resume it (design brief section 2, "Rebalance";
+//! the moving itself is `msgstore::rebalance`).
+
+use crate::output::Output;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use msgstore::rebalance::{Flow, Moved, Mover, Phase, Plan, Progress, State};
+use proto::cluster::ClusterMap;
+use serde::Serialize;
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
+
+#[derive(Debug, Args)]
+pub struct RebalanceArgs {
+    /// The cluster map file [default: DATA/cluster.toml, as `imctl up`
+    /// writes it]. It is rewritten with the new map when a rebalance ends.
+    #[arg(long, value_name = "FILE")]
+    cluster: Option<PathBuf>,
+    /// Where `imctl up` keeps its data.
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    data: PathBuf,
+    /// The rebalance state file [default: rebalance.toml beside the
+    /// cluster map]; it exists while a rebalance is unfinished.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    #[command(subcommand)]
+    command: RebalanceCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum RebalanceCommand {
+    /// Add shard ID (a running msgstore at ADDR) and move its users to it.
+    AddShard {
+        id: String,
+        addr: String,
+        /// Relative share of users (1..=100).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Only print how many users and bytes would move where.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Move every user off shard ID and drop it from the map (keep it
+    /// running until every gateway has the new map).
+    RemoveShard {
+        id: String,
+        /// Only print how many users and bytes would move where.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the rebalance in progress, if any, and what is left to move.
+    Status,
+    /// Finish an interrupted rebalance.
+    Resume,
+}
+
+struct Paths {
+    cluster: PathBuf,
+    state: PathBuf,
+}
+
+impl RebalanceArgs {
+    fn paths(&self) -> Paths {
+        let cluster = self
+            .cluster
+            .clone()
+            .unwrap_or_else(|| self.data.join("cluster.toml"));
+        let state = self.state.clone().unwrap_or_else(|| {
+            cluster
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("rebalance.toml")
+        });
+        Paths { cluster, state }
+    }
+}
+
+pub async fn run(args: RebalanceArgs, out: &Output) -> anyhow::Result<()> {
+    let paths = args.paths();
+    match args.command {
+        RebalanceCommand::AddShard {
+            id,
+            addr,
+            weight,
+            dry_run,
+        } => {
+            let from = read_map(&paths.cluster)?;
+            start(
+                Plan::add_shard(&from, &id, &addr, weight)?,
+                dry_run,
+                &paths,
+                out,
+            )
+            .await
+        }
+        RebalanceCommand::RemoveShard { id, dry_run } => {
+            let from = read_map(&paths.cluster)?;
+            start(Plan::remove_shard(&from, &id)?, dry_run, &paths, out).await
+        }
+        RebalanceCommand::Status => status(&paths, out).await,
+        RebalanceCommand::Resume => match State::load(&paths.state)? {
+            Some(state) => execute(state, &paths, out).await,
+            None => bail!(
+                "no rebalance in progress ({} absent)",
+                paths.state.display()
+            ),
+        },
+    }
+}
+
+fn read_map(path: &Path) -> anyhow::Result<ClusterMap> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the cluster map {}", path.display()))?;
+    ClusterMap::from_toml(&text).with_context(|| format!("cluster map {}", path.display()))
+}
+
+/// Write the map file atomically (temp file, fsync, rename).
+fn write_map(path: &Path, map: &ClusterMap) -> anyhow::Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, map.to_toml())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot replace the cluster map {}", path.display()))
+}
+
+async fn start(plan: Plan, dry_run: bool, paths: &Paths, out: &Output) -> anyhow::Result<()> {
+    if let Some(state) = State::load(&paths.state)? {
+        bail!(
+            "a rebalance to epoch {} is in progress ({}): run `imctl rebalance resume` first",
+            state.plan.to.epoch,
+            paths.state.display()
+        );
+    }
+    if dry_run {
+        let flows = Mover::connect_sources(plan.clone()).await?.survey().await?;
+        return print_flows(&plan, &flows, "would move", out);
+    }
+    let state = State {
+        phase: Phase::Moving,
+        plan,
+    };
+    state.save(&paths.state)?;
+    execute(state, paths, out).await
+}
+
+#[derive(Serialize)]
+struct Summary {
+    epoch: u64,
+    users: u64,
+    bytes: u64,
+    records: u64,
+    seconds: f64,
+    users_per_s: f64,
+}
+
+/// Run (or resume) the rebalance `state` describes to its end.
+async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mover = Mover::connect(state.plan.clone()).await?;
+    let mut moved = Moved::default();
+    if state.phase == Phase::Moving {
+        mover.install_moving_routing().await?;
+        let bar = Bar::new();
+        moved = mover.move_all(&bar).await?;
+        bar.0.finish_and_clear();
+        state.phase = Phase::Finishing;
+        state.save(&paths.state)?;
+    }
+    mover.install_final_routing().await?;
+    write_map(&paths.cluster, &state.plan.to)?;
+    State::remove(&paths.state)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let summary = Summary {
+        epoch: state.plan.to.epoch,
+        users: moved.users,
+        bytes: moved.bytes,
+        records: moved.records,
+        seconds,
+        users_per_s: moved.users as f64 / seconds.max(1e-9),
+    };
+    out.emit(&summary, || {
+        format!(
+            "rebalanced to epoch {}: {} users ({} records, {:.1} MB) moved in {:.1} s \
+             ({:.0} users/s); map written to {}",
+            summary.epoch,
+            summary.users,
+            summary.records,
+            summary.bytes as f64 / 1e6,
+            summary.seconds,
+            summary.users_per_s,
+            paths.cluster.display()
+        )
+    })
+}
+
+#[derive(Serialize)]
+struct StatusReport {
+    in_progress: bool,
+    phase: Option<Phase>,
+    from_epoch: u64,
+    to_epoch: Option<u64>,
+    /// Users (and bytes) still to move, per shard pair.
+    remaining: Vec<FlowReport>,
+}
+
+async fn status(paths: &Paths, out: &Output) -> anyhow::Result<()> {
+    let Some(state) = State::load(&paths.state)? else {
+        let map = read_map(&paths.cluster)?;
+        let report = StatusReport {
+            in_progress: false,
+            phase: None,
+            from_epoch: map.epoch,
+            to_epoch: None,
+            remaining: vec![],
+        };
+        return out.emit(&report, || {
+            format!(
+                "no rebalance in progress; the map is at epoch {} with {} shards",
+                map.epoch,
+                map.shards.len()
+            )
+        });
+    };
+    let flows = Mover::connect_sources(state.plan.clone())
+        .await?
+        .survey()
+        .await?;
+    let report = StatusReport {
+        in_progress: true,
+        phase: Some(state.phase),
+        from_epoch: state.plan.from.epoch,
+        to_epoch: Some(state.plan.to.epoch),
+        remaining: flows.iter().map(FlowReport::from).collect(),
+    };
+    out.emit(&report, || {
+        let mut text = format!(
+            "rebalance from epoch {} to {} in progress ({:?}); `imctl rebalance resume` \
+             finishes it\n",
+            state.plan.from.epoch, state.plan.to.epoch, state.phase
+        );
+        text.push_str(&flow_table(&flows, "left to move"));
+        text
+    })
+}
+
+#[derive(Serialize)]
+struct FlowReport {
+    from: String,
+    to: String,
+    users: u64,
+    bytes: u64,
+}
+
+impl From<&Flow> for FlowReport {
+    fn from(f: &Flow) -> Self {
+        FlowReport {
+            from: f.from.clone(),
+            to: f.to.clone(),
+            users: f.users,
+            bytes: f.bytes,
+        }
+    }
+}
+
+fn print_flows(plan: &Plan, flows: &[Flow], verb: &str, out: &Output) -> anyhow::Result<()> {
+    let report: Vec<FlowReport> = flows.iter().map(FlowReport::from).collect();
+    out.emit(&report, || {
+        let mut text = format!(
+            "epoch {} -> {} ({} -> {} shards)\n",
+            plan.from.epoch,
+            plan.to.epoch,
+            plan.from.shards.len(),
+            plan.to.shards.len()
+        );
+        text.push_str(&flow_table(flows, verb));
+        text
+    })
+}
+
+fn flow_table(flows: &[Flow], verb: &str) -> String {
+    let mut text = String::new();
+    for f in flows {
+        let _ = writeln!(
+            text,
+            "  {:<12} -> {:<12} {:>10} users {:>12.3} MB",
+            f.from,
+            f.to,
+            f.users,
+            f.bytes as f64 / 1e6
+        );
+    }
+    let users: u64 = flows.iter().map(|f| f.users).sum();
+    let bytes: u64 = flows.iter().map(|f| f.bytes).sum();
+    let _ = write!(
+        text,
+        "  {verb}: {users} users, {:.3} MB",
+        bytes as f64 / 1e6
+    );
+    text
+}
+
+/// The progress bar: users moved of those planned, bytes, time left.
+struct Bar(ProgressBar, AtomicU64);
+
+impl Bar {
+    fn new() -> Bar {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} users, {msg} moved, {per_sec}, {eta} left",
+            )
+            .expect("a valid template"),
+        );
+        Bar(bar, AtomicU64::new(0))
+    }
+}
+
+impl Progress for Bar {
+    fn planned(&self, users: u64, _bytes: u64) {
+        self.0.set_length(users);
+        self.0.set_message("0 MB");
+    }
+
+    fn moved(&self, bytes: u64) {
+        self.0.inc(1);
+        let total = self.0.position();
+        // Bytes so far are kept in the message; the bar counts users.
+        let so_far = BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        self.0.set_message(format!("{:.1} MB", so_far as f64 / 1e6));
+        debug_assert!(total <= self.0.length().unwrap_or(u64::MAX));
+    }
+}
+
+static BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
