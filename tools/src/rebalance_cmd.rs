@@ -328,13 +328,9 @@ impl Progress for Bar {
     }
 
     fn moved(&self, bytes: u64) {
+        // The bar counts users; the bytes so far are in its message.
         self.0.inc(1);
-        let total = self.0.position();
-        // Bytes so far are kept in the message; the bar counts users.
-        let so_far = BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        let so_far = self.1.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.0.set_message(format!("{:.1} MB", so_far as f64 / 1e6));
-        debug_assert!(total <= self.0.length().unwrap_or(u64::MAX));
     }
 }
-
-static BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
