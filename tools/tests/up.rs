@@ -56,6 +56,7 @@ fn up_then_send_and_inbox_with_the_demo_defaults() {
         "no stored messages",
         "acknowledged messages are gone"
     );
+    chat_in_a_terminal(data);
     signal(&up.0, libc::SIGINT);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -66,4 +67,47 @@ fn up_then_send_and_inbox_with_the_demo_defaults() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "imctl up exited with {status}");
+}
+
+/// `imctl chat` in a real terminal: the friend list and prompt, a message
+/// arriving while a line is half typed (the line survives), sending, and
+/// `/quit`.
+fn chat_in_a_terminal(data: &str) {
+    let imctl = env!("CARGO_BIN_EXE_imctl");
+    let term = common::tmux::Tmux::start(&format!(
+        "RUST_LOG=warn {imctl} chat --data {data} --user alice --to bob"
+    ));
+    let screen = term.wait_for("to bob>");
+    assert!(screen.contains("friends (1):"), "{screen}");
+    assert!(screen.contains("logged in as alice"), "{screen}");
+    term.type_text("half typed");
+    term.wait_for("to bob> half typed");
+    let (ok, out, err) = common::run(
+        &[
+            "send",
+            "--data",
+            data,
+            "--user",
+            "bob",
+            "--to",
+            "alice",
+            "incoming now",
+        ],
+        None,
+    );
+    assert!(ok, "send failed: {err}");
+    assert_eq!(out.trim(), "sent to alice: delivered");
+    term.wait_for("bob: incoming now");
+    let screen = term.wait_for("* bob went offline");
+    let last = screen.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    assert_eq!(last.trim_end(), "to bob> half typed", "screen:\n{screen}");
+    term.type_text(" and finished");
+    term.enter();
+    term.wait_for("(stored: they will get it when they are back)");
+    term.type_text("/quit");
+    term.enter();
+    term.wait_exit();
+    let (ok, out, err) = common::run(&["inbox", "--data", data, "--user", "bob"], None);
+    assert!(ok, "inbox failed: {err}");
+    assert_eq!(out.trim(), "alice: half typed and finished");
 }
