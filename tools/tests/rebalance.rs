@@ -266,8 +266,17 @@ async fn prefill(router: &Router, users: u64, per_user: u128, ledger: &Mutex<Led
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn add_then_remove_a_shard_under_live_writes() {
+/// Four shards, a map of the first three written to `cluster.toml`, and
+/// `users` users with `per_user` messages each.
+struct Setup {
+    dir: tempfile::TempDir,
+    shards: Vec<Shard>,
+    cluster: PathBuf,
+    router: Arc<Router>,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+async fn setup(users: u64, per_user: u128) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let shards: Vec<Shard> = (0..4)
         .map(|i| Shard::start(dir.path(), &format!("s{i}")))
@@ -275,10 +284,28 @@ async fn add_then_remove_a_shard_under_live_writes() {
     let old = map(&[&shards[0], &shards[1], &shards[2]]);
     let cluster = dir.path().join("cluster.toml");
     std::fs::write(&cluster, old.to_toml()).unwrap();
-    let users = 300;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let router = Arc::new(Router::new(&old));
-    prefill(&router, users, 2, &ledger).await;
+    prefill(&router, users, per_user, &ledger).await;
+    Setup {
+        dir,
+        shards,
+        cluster,
+        router,
+        ledger,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_then_remove_a_shard_under_live_writes() {
+    let users = 300;
+    let Setup {
+        dir,
+        shards,
+        cluster,
+        router,
+        ledger,
+    } = setup(users, 2).await;
     // Acknowledge some users' first message, so moved seqs start above 1.
     for user in (0..users).step_by(3) {
         let owner = &router.addrs[router.ring.owner(user)];
@@ -329,17 +356,14 @@ async fn add_then_remove_a_shard_under_live_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_tool_and_a_killed_source_shard_then_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut shards: Vec<Shard> = (0..4)
-        .map(|i| Shard::start(dir.path(), &format!("s{i}")))
-        .collect();
-    let old = map(&[&shards[0], &shards[1], &shards[2]]);
-    let cluster = dir.path().join("cluster.toml");
-    std::fs::write(&cluster, old.to_toml()).unwrap();
     let users = 2000;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let router = Arc::new(Router::new(&old));
-    prefill(&router, users, 1, &ledger).await;
+    let Setup {
+        dir,
+        mut shards,
+        cluster,
+        router,
+        ledger,
+    } = setup(users, 1).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(router.clone(), users, stop.clone(), ledger.clone());
     let mut tool = Command::new(env!("CARGO_BIN_EXE_imctl"))

@@ -285,8 +285,7 @@ pub(super) fn mailbox_stats(state: Option<&UserState>) -> MailboxStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{handle::AppendRequest, EngineConfig, FsyncPolicy};
-    use proto::cluster::{ClusterMap, ShardEntry};
+    use crate::{engine::routing::tests::map, handle::AppendRequest, EngineConfig, FsyncPolicy};
 
     fn config() -> EngineConfig {
         EngineConfig {
@@ -295,23 +294,6 @@ mod tests {
             bucket_files: 2,
             wal_segment_bytes: 256 * 1024,
             ..EngineConfig::default()
-        }
-    }
-
-    fn map(epoch: u64, ids: &[&str]) -> ClusterMap {
-        ClusterMap {
-            epoch,
-            presence: "127.0.0.1:1".into(),
-            profile: "127.0.0.1:2".into(),
-            gateways: vec![],
-            shards: ids
-                .iter()
-                .map(|id| ShardEntry {
-                    id: id.to_string(),
-                    addr: format!("{id}.example:7400"),
-                    weight: 1,
-                })
-                .collect(),
         }
     }
 

@@ -154,11 +154,12 @@ pub(super) fn store(dir: &Path, routing: &Routing) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proto::cluster::{ClusterMap, ShardEntry};
 
-    fn map(epoch: u64, ids: &[&str]) -> ClusterMap {
+    /// A map of shards `ids` at `epoch` (addresses made up).
+    pub(in crate::engine) fn map(epoch: u64, ids: &[&str]) -> ClusterMap {
         ClusterMap {
             epoch,
             presence: "127.0.0.1:1".into(),
