@@ -67,11 +67,13 @@ impl Plan {
         })
     }
 
-    /// Every shard either map names (sources and destinations), once.
+    /// Every shard either map names, once: the new map's first, then the
+    /// shards it drops. Routing is installed in this order, so no shard
+    /// redirects a user to a shard that does not know the new map yet.
     pub fn shards(&self) -> Vec<ShardEntry> {
-        let mut all = self.from.shards.clone();
-        for s in &self.to.shards {
-            if self.from.shard(&s.id).is_none() {
+        let mut all = self.to.shards.clone();
+        for s in &self.from.shards {
+            if self.to.shard(&s.id).is_none() {
                 all.push(s.clone());
             }
         }
@@ -178,9 +180,11 @@ mod tests {
         assert_eq!(add.shards().len(), 3);
         assert!(Plan::add_shard(&from, "s1", "x:1", 1).is_err());
         assert!(Plan::add_shard(&from, "s3", "x:1", 0).is_err());
+        let ids = |p: &Plan| p.shards().into_iter().map(|s| s.id).collect::<Vec<_>>();
+        assert_eq!(ids(&add), ["s1", "s2", "s3"]);
         let remove = Plan::remove_shard(&from, "s1").unwrap();
         assert_eq!(remove.to.shards.len(), 1);
-        assert_eq!(remove.shards().len(), 2);
+        assert_eq!(ids(&remove), ["s2", "s1"]);
         assert!(Plan::remove_shard(&from, "s9").is_err());
         assert!(Plan::remove_shard(&map(&["s1"]), "s1").is_err());
     }
