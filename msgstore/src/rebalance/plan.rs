@@ -67,17 +67,23 @@ impl Plan {
         })
     }
 
-    /// Every shard either map names, once: the new map's first, then the
-    /// shards it drops. Routing is installed in this order, so no shard
+    /// Every shard either map names, once: added shards, kept shards,
+    /// removed shards. Routing is installed in this order, so no shard
     /// redirects a user to a shard that does not know the new map yet.
     pub fn shards(&self) -> Vec<ShardEntry> {
-        let mut all = self.to.shards.clone();
-        for s in &self.from.shards {
-            if self.to.shard(&s.id).is_none() {
-                all.push(s.clone());
-            }
-        }
-        all
+        let (kept, added): (Vec<ShardEntry>, Vec<ShardEntry>) = self
+            .to
+            .shards
+            .iter()
+            .cloned()
+            .partition(|s| self.from.shard(&s.id).is_some());
+        let removed = self
+            .from
+            .shards
+            .iter()
+            .filter(|s| self.to.shard(&s.id).is_none())
+            .cloned();
+        added.into_iter().chain(kept).chain(removed).collect()
     }
 
     /// The ring of the new map.
@@ -181,7 +187,7 @@ mod tests {
         assert!(Plan::add_shard(&from, "s1", "x:1", 1).is_err());
         assert!(Plan::add_shard(&from, "s3", "x:1", 0).is_err());
         let ids = |p: &Plan| p.shards().into_iter().map(|s| s.id).collect::<Vec<_>>();
-        assert_eq!(ids(&add), ["s1", "s2", "s3"]);
+        assert_eq!(ids(&add), ["s3", "s1", "s2"]);
         let remove = Plan::remove_shard(&from, "s1").unwrap();
         assert_eq!(remove.to.shards.len(), 1);
         assert_eq!(ids(&remove), ["s2", "s1"]);
