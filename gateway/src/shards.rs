@@ -109,6 +109,7 @@ impl Shards {
     /// Route by `map` (validated); a `Busy` user is waited for at most
     /// `busy_wait_ms_max` per call.
     pub fn new(map: ClusterMap, busy_wait_ms_max: u64) -> Shards {
+        metrics::gauge!("gateway_cluster_map_epoch").set(map.epoch as f64);
         Shards {
             placement: RwLock::new(Arc::new(Placement::new(map))),
             links: ShardLinks::default(),
