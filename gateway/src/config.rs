@@ -209,6 +209,12 @@ mod tests {
         let mut c = GatewayConfig::default();
         c.timers.idle_timeout_s = 10;
         assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.timers.shard_busy_wait_ms_max = 60_001;
+        assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.timers.map_discovery_timeout_ms = 60_001;
+        assert!(c.validate().is_err());
         assert!(daemon::config::parse_toml::<GatewayConfig>("bogus = 1").is_err());
     }
 }

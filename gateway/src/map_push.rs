@@ -23,8 +23,8 @@ pub const MAP_PUSH_TIMEOUT_MS: u64 = 5000;
 pub enum MapPushError {
     #[error("cannot reach the gateway at {addr}: {error}")]
     Io { addr: String, error: std::io::Error },
-    #[error("the gateway at {addr} did not answer within {MAP_PUSH_TIMEOUT_MS} ms")]
-    Timeout { addr: String },
+    #[error("the gateway at {addr} did not answer within {timeout_ms} ms")]
+    Timeout { addr: String, timeout_ms: u64 },
     #[error("bad answer from the gateway at {addr}: {reason}")]
     Protocol { addr: String, reason: String },
     #[error("the map cannot be sent: {0}")]
@@ -41,6 +41,16 @@ pub enum MapPushError {
 /// epoch it routes by afterwards (the map's own: pushing the map in use
 /// again succeeds too).
 pub async fn push_map(peer_addr: &str, map: &ClusterMap) -> Result<u64, MapPushError> {
+    push_map_within(peer_addr, map, Duration::from_millis(MAP_PUSH_TIMEOUT_MS)).await
+}
+
+/// [`push_map`], giving up after `timeout` instead of
+/// [`MAP_PUSH_TIMEOUT_MS`].
+pub async fn push_map_within(
+    peer_addr: &str,
+    map: &ClusterMap,
+    timeout: Duration,
+) -> Result<u64, MapPushError> {
     let request = PeerRequest {
         id: 1,
         body: PeerRequestBody::MapUpdate(map.clone()),
@@ -48,11 +58,11 @@ pub async fn push_map(peer_addr: &str, map: &ClusterMap) -> Result<u64, MapPushE
     let mut out = Vec::new();
     frame::encode(&request, crate::peers::PEER_FRAME_BYTES_MAX, &mut out)
         .map_err(|e| MapPushError::TooLarge(e.to_string()))?;
-    let timeout = Duration::from_millis(MAP_PUSH_TIMEOUT_MS);
     let answer = tokio::time::timeout(timeout, exchange(peer_addr, &out))
         .await
         .map_err(|_| MapPushError::Timeout {
             addr: peer_addr.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
         })??;
     match answer {
         MapAnswer::Accepted { epoch } => Ok(epoch),
@@ -90,5 +100,55 @@ async fn exchange(addr: &str, request: &[u8]) -> Result<MapAnswer, MapPushError>
         if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
             return Err(protocol("the gateway closed the link".into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::cluster::ShardEntry;
+
+    fn map() -> ClusterMap {
+        ClusterMap {
+            epoch: 2,
+            presence: "127.0.0.1:1".into(),
+            profile: "127.0.0.1:2".into(),
+            gateways: vec![],
+            shards: vec![ShardEntry {
+                id: "s1".into(),
+                addr: "127.0.0.1:3".into(),
+                weight: 1,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_or_garbling_peer_fails_the_push() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move { silent.accept().await });
+        let answer = push_map_within(&addr, &map(), Duration::from_millis(100)).await;
+        assert!(matches!(
+            answer,
+            Err(MapPushError::Timeout {
+                timeout_ms: 100,
+                ..
+            })
+        ));
+        held.abort();
+
+        let garbling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = garbling.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = garbling.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            s.write_all(&[3, 0, 0, 0, 1, 0, 2]).await.unwrap(); // a Forwarded answer
+        });
+        let answer = push_map(&addr, &map()).await;
+        assert!(
+            matches!(answer, Err(MapPushError::Protocol { .. })),
+            "{answer:?}"
+        );
     }
 }

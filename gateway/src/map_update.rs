@@ -240,6 +240,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn silent_or_missing_shards_add_nothing_within_the_deadline() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut m = map(1, &["s1", "s2"]);
+        m.shards[0].addr = silent.local_addr().unwrap().to_string();
+        m.shards[1].addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let held = tokio::spawn(async move { silent.accept().await });
+        let found = newest_from_shards(&m, Duration::from_millis(100)).await;
+        assert_eq!(found, None);
+        held.abort();
+    }
+
+    #[tokio::test]
     async fn the_start_takes_the_newest_of_the_file_and_the_saved_map() {
         let dir = tempfile::tempdir().unwrap();
         let none = Duration::ZERO;
