@@ -19,7 +19,8 @@ pub struct GatewayConfig {
     /// Directory of the gateway's key files (created if missing):
     /// `gateway.key` (static X25519 private key), `gateway.pub` (its public
     /// key, hex, for clients) and `token.key` (resume-token key; copy the
-    /// same file to every gateway of a cluster).
+    /// same file to every gateway of a cluster); also `cluster-map.toml`,
+    /// the newest cluster map this gateway accepted.
     pub data: PathBuf,
     /// Prometheus `/metrics` listener.
     pub metrics_addr: Option<SocketAddr>,
@@ -61,6 +62,12 @@ pub struct Timers {
     pub idle_timeout_s: u32,
     /// Resume tokens are valid this long.
     pub resume_token_ttl_s: u64,
+    /// A request for a user being moved between shards (answered `Busy`)
+    /// is retried for this long in all, then fails `Unavailable`.
+    pub shard_busy_wait_ms_max: u64,
+    /// At start, how long to wait for the shards' routings (the newest
+    /// cluster map they know); 0: do not ask.
+    pub map_discovery_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -99,6 +106,8 @@ impl Default for Timers {
             heartbeat_s: 30,
             idle_timeout_s: 90,
             resume_token_ttl_s: 7 * 24 * 3600,
+            shard_busy_wait_ms_max: 5000,
+            map_discovery_timeout_ms: 2000,
         }
     }
 }
@@ -163,6 +172,14 @@ impl GatewayConfig {
                 t.resume_token_ttl_s >= 60,
                 "timers.resume_token_ttl_s must be at least 60",
             ),
+            (
+                t.shard_busy_wait_ms_max <= 60_000,
+                "timers.shard_busy_wait_ms_max must be at most 60000",
+            ),
+            (
+                t.map_discovery_timeout_ms <= 60_000,
+                "timers.map_discovery_timeout_ms must be at most 60000",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err(ConfigError::Invalid((*message).into())),
@@ -191,6 +208,12 @@ mod tests {
     fn bad_values_and_unknown_fields_are_refused() {
         let mut c = GatewayConfig::default();
         c.timers.idle_timeout_s = 10;
+        assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.timers.shard_busy_wait_ms_max = 60_001;
+        assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.timers.map_discovery_timeout_ms = 60_001;
         assert!(c.validate().is_err());
         assert!(daemon::config::parse_toml::<GatewayConfig>("bogus = 1").is_err());
     }

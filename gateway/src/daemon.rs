@@ -1,9 +1,12 @@
-//! Starting and stopping a gateway: keys, the cluster map, connections to
-//! presence, profile and the shards, the UDP socket, the event loop.
+//! Starting and stopping a gateway: keys, the cluster map (the newest of
+//! the file, the saved one and the shards', see [`crate::map_update`]),
+//! connections to presence, profile and the shards, the UDP socket, the
+//! event loop and the peer listener.
 
 use crate::{
     config::GatewayConfig,
     keys::{self, KeyError},
+    map_update::{self, MapKeeper},
     resume::TokenKeys,
     server::Loop,
     services::Services,
@@ -23,6 +26,8 @@ pub enum StartError {
     ClusterRead { path: String, error: std::io::Error },
     #[error("bad cluster map: {0}")]
     Cluster(#[from] ClusterMapError),
+    #[error(transparent)]
+    SavedMap(#[from] crate::map_update::MapFileError),
     #[error(transparent)]
     Keys(#[from] KeyError),
     #[error("cannot reach presence at {addr}: {error}")]
@@ -107,8 +112,10 @@ fn endpoint_config(config: &GatewayConfig) -> ServerConfig {
 }
 
 pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
-    let map = read_cluster_map(&config)?;
     let (keypair, token_key) = keys::load_dir(&config.data)?;
+    let discovery = Duration::from_millis(config.timers.map_discovery_timeout_ms);
+    let map =
+        map_update::choose_at_start(read_cluster_map(&config)?, &config.data, discovery).await?;
     let peer_error = |error| StartError::PeerListen {
         addr: config.peer_listen,
         error,
@@ -158,7 +165,8 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         gateway_id: config.id,
         presence,
         profile,
-        shards: Shards::new(&map),
+        shards: Shards::new(map, config.timers.shard_busy_wait_ms_max),
+        maps: MapKeeper::new(config.data.clone()),
         tokens: TokenKeys::new((1, token_key), &[]),
         peers: crate::peers::PeerLinks::default(),
         profiles: quick_cache::sync::Cache::new(config.limits.profile_cache_entries),
@@ -166,7 +174,11 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
     });
     let (cmds_tx, cmds_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = oneshot::channel();
-    let peers_task = tokio::spawn(crate::peers::serve(peer_listener, cmds_tx.clone()));
+    let peers_task = tokio::spawn(crate::peers::serve(
+        peer_listener,
+        cmds_tx.clone(),
+        services.clone(),
+    ));
     let event_loop = Loop::new(services, endpoint, cmds_tx);
     let task =
         tokio::spawn(event_loop.run(socket, cmds_rx, presence_events, profile_events, stop_rx));

@@ -5,7 +5,10 @@
 //!   resume token).
 //! * [`calls`]: client calls answered by presence, profile and the shards.
 //! * [`peers`]: the gateway-to-gateway link (forwarded messages).
-//! * [`shards`]: placement by consistent hashing and the shard links.
+//! * [`shards`]: placement by consistent hashing over the cluster map in
+//!   use, following `Moved` and `Busy`; [`shard_links`]: the connections.
+//! * [`map_update`]: which cluster map is in use (at start, and pushed);
+//!   [`map_push`]: pushing one to a gateway (`imctl rebalance`).
 //! * [`dedupe`]: outcomes of recent sends, for retries.
 //! * [`resume`]: resume tokens. [`keys`]: key files. [`config`]: TOML.
 //! * [`daemon`]: start and stop. [`embedded`]: a whole cluster in one
@@ -18,8 +21,11 @@ pub mod dedupe;
 pub mod embedded;
 pub mod keys;
 pub mod login;
+pub mod map_push;
+pub mod map_update;
 pub mod peers;
 pub mod resume;
 pub mod server;
 pub mod services;
+pub mod shard_links;
 pub mod shards;

@@ -1,19 +1,20 @@
 //! The gateway-to-gateway link (`proto::peer`): forwarding a message to the
-//! gateway its recipient is online on, and serving forwards from the others.
+//! gateway its recipient is online on, and serving forwards from the others
+//! and cluster-map pushes (`imctl rebalance`, see [`crate::map_push`]).
 //! One pipelined TCP connection per peer, opened on first use; a broken link
 //! fails its forwards, which the caller then stores offline.
 
-use crate::server::Cmd;
+use crate::{server::Cmd, services::Services};
 use bytes::BytesMut;
 use presence::PresenceClient;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
-    peer::{Forward, PeerOutcome, PeerRequest, PeerResponse},
+    peer::{Forward, PeerOutcome, PeerRequest, PeerRequestBody, PeerResponse, PeerResponseBody},
 };
 use std::{collections::HashMap, sync::Arc};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{tcp::OwnedWriteHalf, TcpListener, TcpStream},
     sync::{mpsc, oneshot, Mutex},
 };
 
@@ -92,7 +93,8 @@ async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Wait
                 let Some((forward, waiter)) = request else { return };
                 next_id += 1;
                 out.clear();
-                if frame::encode(&PeerRequest { id: next_id, forward }, PEER_FRAME_BYTES_MAX, &mut out).is_err() {
+                let request = PeerRequest { id: next_id, body: PeerRequestBody::Forward(forward) };
+                if frame::encode(&request, PEER_FRAME_BYTES_MAX, &mut out).is_err() {
                     continue; // dropping the waiter fails the forward
                 }
                 waiting.insert(next_id, waiter);
@@ -105,8 +107,10 @@ async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Wait
                     return;
                 }
                 while let Ok(Decoded::Frame(r)) = frame::decode::<PeerResponse>(&mut buf, PEER_FRAME_BYTES_MAX) {
-                    if let Some(w) = waiting.remove(&r.id) {
-                        let _ = w.send(r.outcome);
+                    // A waiter answered with anything else is dropped: its
+                    // forward failed.
+                    if let (Some(w), PeerResponseBody::Forwarded(outcome)) = (waiting.remove(&r.id), r.body) {
+                        let _ = w.send(outcome);
                     }
                 }
             }
@@ -114,19 +118,24 @@ async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Wait
     }
 }
 
-/// Accept links from other gateways; every forward goes to the event loop.
-pub async fn serve(listener: TcpListener, cmds: mpsc::UnboundedSender<Cmd>) {
+/// Accept links from other gateways (and tools); every forward goes to the
+/// event loop, every map push to the map keeper.
+pub async fn serve(
+    listener: TcpListener,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    services: Arc<Services>,
+) {
     loop {
         let Ok((stream, from)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         tracing::debug!(%from, "peer gateway connected");
-        tokio::spawn(serve_link(stream, cmds.clone()));
+        tokio::spawn(serve_link(stream, cmds.clone(), services.clone()));
     }
 }
 
-async fn serve_link(stream: TcpStream, cmds: mpsc::UnboundedSender<Cmd>) {
+async fn serve_link(stream: TcpStream, cmds: mpsc::UnboundedSender<Cmd>, services: Arc<Services>) {
     let (mut rd, wr) = stream.into_split();
     let wr = Arc::new(Mutex::new(wr));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(PEER_IN_FLIGHT_MAX));
@@ -137,29 +146,23 @@ async fn serve_link(stream: TcpStream, cmds: mpsc::UnboundedSender<Cmd>) {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     return;
                 };
-                let (tx, rx) = oneshot::channel();
-                if cmds
-                    .send(Cmd::PeerForward {
-                        forward: request.forward,
-                        reply: tx,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                let wr = wr.clone();
-                tokio::spawn(async move {
-                    let outcome = rx.await.unwrap_or(PeerOutcome::NotHere);
-                    let mut out = Vec::new();
-                    let response = PeerResponse {
-                        id: request.id,
-                        outcome,
-                    };
-                    if frame::encode(&response, PEER_FRAME_BYTES_MAX, &mut out).is_ok() {
-                        let _ = wr.lock().await.write_all(&out).await;
+                let answer = match request.body {
+                    PeerRequestBody::Forward(forward) => {
+                        let (tx, rx) = oneshot::channel();
+                        if cmds.send(Cmd::PeerForward { forward, reply: tx }).is_err() {
+                            return;
+                        }
+                        Answer::Forward(rx)
                     }
-                    drop(permit);
-                });
+                    PeerRequestBody::MapUpdate(map) => Answer::Map(map),
+                };
+                tokio::spawn(answer_one(
+                    request.id,
+                    answer,
+                    services.clone(),
+                    wr.clone(),
+                    permit,
+                ));
             }
             Ok(Decoded::Incomplete) => match rd.read_buf(&mut buf).await {
                 Ok(n) if n > 0 => {}
@@ -171,5 +174,33 @@ async fn serve_link(stream: TcpStream, cmds: mpsc::UnboundedSender<Cmd>) {
                 return;
             }
         }
+    }
+}
+
+/// What a request is waiting for.
+enum Answer {
+    /// The event loop's outcome of a forward.
+    Forward(oneshot::Receiver<PeerOutcome>),
+    /// A map to offer to the map keeper.
+    Map(proto::cluster::ClusterMap),
+}
+
+/// Wait for one request's answer and write it back.
+async fn answer_one(
+    id: u64,
+    answer: Answer,
+    services: Arc<Services>,
+    wr: Arc<Mutex<OwnedWriteHalf>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let body = match answer {
+        Answer::Forward(rx) => {
+            PeerResponseBody::Forwarded(rx.await.unwrap_or(PeerOutcome::NotHere))
+        }
+        Answer::Map(map) => PeerResponseBody::Map(services.maps.offer(&services.shards, map).await),
+    };
+    let mut out = Vec::new();
+    if frame::encode(&PeerResponse { id, body }, PEER_FRAME_BYTES_MAX, &mut out).is_ok() {
+        let _ = wr.lock().await.write_all(&out).await;
     }
 }

@@ -1,7 +1,10 @@
 //! Everything behind the gateway that its tasks call: presence, profile,
 //! the shards, the resume-token keys, and the configuration.
 
-use crate::{config::GatewayConfig, peers::PeerLinks, resume::TokenKeys, shards::Shards};
+use crate::{
+    config::GatewayConfig, map_update::MapKeeper, peers::PeerLinks, resume::TokenKeys,
+    shards::Shards,
+};
 use presence::client::PresenceClient;
 use profile::client::ProfileClient;
 
@@ -11,6 +14,8 @@ pub struct Services {
     pub presence: PresenceClient,
     pub profile: ProfileClient,
     pub shards: Shards,
+    /// Takes cluster maps pushed over the peer link.
+    pub maps: MapKeeper,
     pub tokens: TokenKeys,
     pub peers: PeerLinks,
     /// Profiles read through this gateway, at most `limits.profile_cache_entries`;

@@ -1,14 +1,35 @@
 //! The msgstore shards as the gateway sees them: which shard owns a user
-//! (consistent hashing over the cluster map) and one pipelined connection
-//! per shard, opened on first use and reopened after it breaks.
+//! (consistent hashing over the cluster map in use, which a newer epoch
+//! replaces at run time), one pipelined connection per shard address,
+//! opened on first use and reopened after it breaks, and the rebalance
+//! answers: `Moved` is followed to the shard it names (even one the map in
+//! use does not know yet), `Busy` is retried after a backoff.
+//!
+//! A call never splits a request between shards in a way that loses a
+//! message: a shard answers `Moved` or `Busy` only for requests it did not
+//! carry out, so retrying them elsewhere or later is safe, and an append is
+//! reported stored only when some shard answered `Appended`.
 
+use crate::shard_links::{Link, ShardLinks};
 use msgstore::client::{ClientError, ShardClient};
 use proto::{
     cluster::{ClusterMap, ShardRing},
-    shard::{MailboxStats, ShardErrorCode, StoredRecord},
+    shard::{MailboxStats, ShardError, ShardErrorCode, StoredRecord},
 };
-use std::collections::HashMap;
-use tokio::sync::Mutex;
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+/// `Moved` answers one call follows at most; one more fails the call
+/// (`Unavailable`): shards that disagree must not make a call loop.
+pub const SHARD_REDIRECTS_MAX: u32 = 4;
+/// First wait after a `Busy` answer; each further one doubles ...
+pub const BUSY_BACKOFF_MS_FIRST: u64 = 10;
+/// ... up to this.
+pub const BUSY_BACKOFF_MS_MAX: u64 = 200;
 
 /// Why a shard call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,72 +42,208 @@ pub enum ShardCallError {
     Unavailable { shard: String, reason: String },
 }
 
-struct Link {
-    addr: String,
-    client: Mutex<Option<ShardClient>>,
-}
-
-pub struct Shards {
+/// A cluster map with its ring built and its shards' addresses by id.
+struct Placement {
+    map: Arc<ClusterMap>,
     ring: ShardRing,
-    links: HashMap<String, Link>,
+    addrs: HashMap<String, String>,
 }
 
-impl Shards {
-    pub fn new(map: &ClusterMap) -> Shards {
-        let links = map
+impl Placement {
+    fn new(map: ClusterMap) -> Placement {
+        let addrs = map
             .shards
             .iter()
-            .map(|s| {
-                (
-                    s.id.clone(),
-                    Link {
-                        addr: s.addr.clone(),
-                        client: Mutex::new(None),
-                    },
-                )
-            })
+            .map(|s| (s.id.clone(), s.addr.clone()))
             .collect();
-        Shards {
+        Placement {
             ring: ShardRing::new(&map.shards),
-            links,
+            addrs,
+            map: Arc::new(map),
+        }
+    }
+}
+
+/// Where one attempt of a call goes.
+#[derive(Debug, Clone)]
+struct Target {
+    shard: String,
+    addr: String,
+}
+
+/// The waits between retries of a `Busy` user: doubling from
+/// [`BUSY_BACKOFF_MS_FIRST`] to [`BUSY_BACKOFF_MS_MAX`], in all at most
+/// `budget_ms`; then `None` (give up).
+#[derive(Debug)]
+pub struct BusyBackoff {
+    next_ms: u64,
+    left_ms: u64,
+}
+
+impl BusyBackoff {
+    pub fn new(budget_ms: u64) -> BusyBackoff {
+        BusyBackoff {
+            next_ms: BUSY_BACKOFF_MS_FIRST,
+            left_ms: budget_ms,
         }
     }
 
-    /// The owner of `user` and a connection to it.
-    async fn client(&self, user: u64) -> Result<(String, ShardClient), ShardCallError> {
-        let shard = self.ring.owner(user).to_string();
-        let link = &self.links[&shard];
-        let mut slot = link.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok((shard, c.clone()));
+    pub fn next_wait(&mut self) -> Option<Duration> {
+        if self.left_ms == 0 {
+            return None;
         }
-        match ShardClient::connect(link.addr.as_str()).await {
-            Ok(c) => {
-                *slot = Some(c.clone());
-                Ok((shard, c))
-            }
-            Err(e) => Err(ShardCallError::Unavailable {
+        let wait = self.next_ms.min(self.left_ms);
+        self.left_ms -= wait;
+        self.next_ms = (self.next_ms * 2).min(BUSY_BACKOFF_MS_MAX);
+        Some(Duration::from_millis(wait))
+    }
+}
+
+pub struct Shards {
+    placement: RwLock<Arc<Placement>>,
+    links: ShardLinks,
+    busy_wait_ms_max: u64,
+}
+
+impl Shards {
+    /// Route by `map` (validated); a `Busy` user is waited for at most
+    /// `busy_wait_ms_max` per call.
+    pub fn new(map: ClusterMap, busy_wait_ms_max: u64) -> Shards {
+        metrics::gauge!("gateway_cluster_map_epoch").set(map.epoch as f64);
+        Shards {
+            placement: RwLock::new(Arc::new(Placement::new(map))),
+            links: ShardLinks::default(),
+            busy_wait_ms_max,
+        }
+    }
+
+    fn placement(&self) -> Arc<Placement> {
+        // A poisoned lock only means a panic elsewhere; the Arc inside is
+        // always a complete placement.
+        self.placement
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The map in use.
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.placement().map.clone()
+    }
+
+    /// Route by `map` (validated) from now on if its epoch is newer than
+    /// the one in use; the epoch in use afterwards.
+    pub fn adopt(&self, map: ClusterMap) -> u64 {
+        let mut slot = self.placement.write().unwrap_or_else(|p| p.into_inner());
+        if map.epoch > slot.map.epoch {
+            let next = Placement::new(map);
+            self.links
+                .retain(|addr| next.addrs.values().any(|a| a == addr));
+            tracing::info!(
+                from = slot.map.epoch,
+                to = next.map.epoch,
+                "cluster map adopted"
+            );
+            metrics::gauge!("gateway_cluster_map_epoch").set(next.map.epoch as f64);
+            *slot = Arc::new(next);
+        }
+        slot.map.epoch
+    }
+
+    /// The owner of `user` under the map in use.
+    fn owner(&self, user: u64) -> Target {
+        let placement = self.placement();
+        let shard = placement.ring.owner(user).to_string();
+        let addr = placement.addrs[&shard].clone();
+        Target { shard, addr }
+    }
+
+    /// Where a `Moved` answer points; an answer without an address names
+    /// a shard of the map in use.
+    fn redirect(&self, shard: String, addr: String) -> Result<Target, ShardCallError> {
+        if !addr.is_empty() {
+            return Ok(Target { shard, addr });
+        }
+        match self.placement().addrs.get(&shard) {
+            Some(addr) => Ok(Target {
+                addr: addr.clone(),
                 shard,
-                reason: e.to_string(),
+            }),
+            None => Err(ShardCallError::Unavailable {
+                reason: format!("moved to shard {shard}, whose address is unknown"),
+                shard,
             }),
         }
     }
 
-    /// Map a client error; forget a broken connection so the next call
-    /// reconnects.
-    async fn failed(&self, shard: &str, e: ClientError) -> ShardCallError {
-        if let ClientError::Shard(err) = &e {
-            match err.code {
-                ShardErrorCode::MailboxFull => return ShardCallError::MailboxFull,
-                ShardErrorCode::MessageTooLarge => return ShardCallError::TooLarge,
-                _ => {}
-            }
-        } else {
-            *self.links[shard].client.lock().await = None;
+    fn is_in_map(&self, addr: &str) -> bool {
+        self.placement().addrs.values().any(|a| a == addr)
+    }
+
+    async fn client(&self, target: &Target) -> Result<(Arc<Link>, ShardClient), ShardCallError> {
+        let link = self.links.get(&target.addr, |a| self.is_in_map(a));
+        match link.client().await {
+            Ok(c) => Ok((link, c)),
+            Err(reason) => Err(ShardCallError::Unavailable {
+                shard: target.shard.clone(),
+                reason,
+            }),
         }
-        ShardCallError::Unavailable {
-            shard: shard.to_string(),
-            reason: e.to_string(),
+    }
+
+    /// Run `op` against `user`'s shard, following `Moved` and waiting out
+    /// `Busy` within their limits.
+    async fn call<T, F>(
+        &self,
+        user: u64,
+        op: impl Fn(ShardClient) -> F,
+    ) -> Result<T, ShardCallError>
+    where
+        F: Future<Output = Result<T, ClientError>>,
+    {
+        let mut target = self.owner(user);
+        let mut redirects = 0;
+        let mut busy = BusyBackoff::new(self.busy_wait_ms_max);
+        loop {
+            let (link, client) = self.client(&target).await?;
+            let error = match op(client).await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let unavailable = |reason: String| ShardCallError::Unavailable {
+                shard: target.shard.clone(),
+                reason,
+            };
+            match error {
+                ClientError::Shard(ShardError {
+                    code: ShardErrorCode::Moved { shard, addr, epoch },
+                    ..
+                }) => {
+                    metrics::counter!("gateway_shard_moved_total").increment(1);
+                    redirects += 1;
+                    if redirects > SHARD_REDIRECTS_MAX {
+                        return Err(unavailable(format!(
+                            "more than {SHARD_REDIRECTS_MAX} moved answers (the last to {shard})"
+                        )));
+                    }
+                    tracing::debug!(user, from = %target.shard, to = %shard, epoch, "user moved");
+                    target = self.redirect(shard, addr)?;
+                }
+                ClientError::Shard(ShardError {
+                    code: ShardErrorCode::Busy,
+                    ..
+                }) => {
+                    metrics::counter!("gateway_shard_busy_retries_total").increment(1);
+                    let Some(wait) = busy.next_wait() else {
+                        return Err(unavailable(format!(
+                            "the user is being moved and stayed busy for {} ms",
+                            self.busy_wait_ms_max
+                        )));
+                    };
+                    tokio::time::sleep(wait).await;
+                }
+                e => return Err(failed(&target.shard, &link, e).await),
+            }
         }
     }
 
@@ -97,11 +254,11 @@ impl Shards {
         msg_id: u128,
         payload: Vec<u8>,
     ) -> Result<u64, ShardCallError> {
-        let (shard, c) = self.client(user).await?;
-        match c.append(user, msg_id, payload).await {
-            Ok(seq) => Ok(seq),
-            Err(e) => Err(self.failed(&shard, e).await),
-        }
+        self.call(user, |c| {
+            let payload = payload.clone();
+            async move { c.append(user, msg_id, payload).await }
+        })
+        .await
     }
 
     pub async fn fetch(
@@ -111,26 +268,54 @@ impl Shards {
         max_count: u32,
         max_bytes: u32,
     ) -> Result<(Vec<StoredRecord>, bool), ShardCallError> {
-        let (shard, c) = self.client(user).await?;
-        match c.fetch(user, after_seq, max_count, max_bytes).await {
-            Ok(page) => Ok(page),
-            Err(e) => Err(self.failed(&shard, e).await),
-        }
+        self.call(user, |c| async move {
+            c.fetch(user, after_seq, max_count, max_bytes).await
+        })
+        .await
     }
 
     pub async fn ack(&self, user: u64, up_to_seq: u64) -> Result<u64, ShardCallError> {
-        let (shard, c) = self.client(user).await?;
-        match c.ack(user, up_to_seq).await {
-            Ok(removed) => Ok(removed),
-            Err(e) => Err(self.failed(&shard, e).await),
-        }
+        self.call(user, |c| async move { c.ack(user, up_to_seq).await })
+            .await
     }
 
     pub async fn user_stats(&self, user: u64) -> Result<MailboxStats, ShardCallError> {
-        let (shard, c) = self.client(user).await?;
-        match c.user_stats(user).await {
-            Ok(stats) => Ok(stats),
-            Err(e) => Err(self.failed(&shard, e).await),
+        self.call(user, |c| async move { c.user_stats(user).await })
+            .await
+    }
+}
+
+/// Map a client error; forget a broken connection so the next call
+/// reconnects.
+async fn failed(shard: &str, link: &Link, e: ClientError) -> ShardCallError {
+    if let ClientError::Shard(err) = &e {
+        match err.code {
+            ShardErrorCode::MailboxFull => return ShardCallError::MailboxFull,
+            ShardErrorCode::MessageTooLarge => return ShardCallError::TooLarge,
+            _ => {}
         }
+    } else {
+        link.forget().await;
+    }
+    ShardCallError::Unavailable {
+        shard: shard.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_backoff_doubles_to_its_cap_and_stops_at_the_budget() {
+        let mut b = BusyBackoff::new(1000);
+        let mut waits = Vec::new();
+        while let Some(w) = b.next_wait() {
+            waits.push(w.as_millis() as u64);
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 200, 200, 200, 90]);
+        assert_eq!(waits.iter().sum::<u64>(), 1000);
+        assert!(BusyBackoff::new(0).next_wait().is_none());
     }
 }

@@ -1,15 +1,26 @@
 //! The gateway-to-gateway link: a gateway forwards a message to the gateway
-//! its recipient is online on (per presence), over TCP with the usual
+//! its recipient is online on (per presence), and the rebalance tool pushes
+//! a new cluster map to every gateway, over TCP with the usual
 //! length-prefixed postcard frames (`frame`). Byte layout:
 //! `docs/PROTOCOL.md` section 7.
 
+use crate::cluster::ClusterMap;
 use serde::{Deserialize, Serialize};
 
-/// Sent by the gateway of the sender.
+/// Sent by the gateway of the sender, or by `imctl rebalance`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRequest {
     pub id: u64,
-    pub forward: Forward,
+    pub body: PeerRequestBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequestBody {
+    /// Push a message to a session on the receiving gateway.
+    Forward(Forward),
+    /// Route by this cluster map from now on, if its epoch is newer than
+    /// the one in use (answered [`PeerResponseBody::Map`]).
+    MapUpdate(ClusterMap),
 }
 
 /// Push this message to `to`'s session on the receiving gateway.
@@ -27,7 +38,15 @@ pub struct Forward {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerResponse {
     pub id: u64,
-    pub outcome: PeerOutcome,
+    pub body: PeerResponseBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerResponseBody {
+    /// The answer to a [`PeerRequestBody::Forward`].
+    Forwarded(PeerOutcome),
+    /// The answer to a [`PeerRequestBody::MapUpdate`].
+    Map(MapAnswer),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,9 +59,28 @@ pub enum PeerOutcome {
     GivenUp,
 }
 
+/// What a gateway did with a pushed map. `epoch` is always the epoch of
+/// the map it routes by after the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapAnswer {
+    /// The map is in use (and persisted); pushing the map already in use
+    /// again is accepted too.
+    Accepted { epoch: u64 },
+    /// The map's epoch is older than the one in use, or equal with
+    /// different contents: nothing changed.
+    Older { epoch: u64 },
+    /// The map breaks a rule of `docs/PROTOCOL.md` section 4 (no shards,
+    /// duplicate ids, ...): nothing changed.
+    Invalid { epoch: u64 },
+    /// The map could not be saved in the gateway's data directory: nothing
+    /// changed.
+    Storage { epoch: u64 },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::{GatewayEntry, ShardEntry};
     use crate::frame::{decode, encode, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT};
     use bytes::BytesMut;
     use proptest::prelude::*;
@@ -51,16 +89,70 @@ mod tests {
     fn frames_round_trip_with_pinned_bytes() {
         let r = PeerResponse {
             id: 7,
-            outcome: PeerOutcome::GivenUp,
+            body: PeerResponseBody::Forwarded(PeerOutcome::GivenUp),
         };
+        assert_eq!(round_trip(&r), [3, 0, 0, 0, 7, 0, 2]);
+        let accepted = PeerResponse {
+            id: 8,
+            body: PeerResponseBody::Map(MapAnswer::Accepted { epoch: 300 }),
+        };
+        assert_eq!(round_trip(&accepted), [5, 0, 0, 0, 8, 1, 0, 0xac, 0x02]);
+        let older = PeerResponse {
+            id: 9,
+            body: PeerResponseBody::Map(MapAnswer::Older { epoch: 4 }),
+        };
+        assert_eq!(round_trip(&older), [4, 0, 0, 0, 9, 1, 1, 4]);
+        let forward = PeerRequest {
+            id: 1,
+            body: PeerRequestBody::Forward(Forward {
+                to: 2,
+                from: 3,
+                msg_id: 4,
+                sent_at_ms: 5,
+                body: b"hi".to_vec(),
+            }),
+        };
+        assert_eq!(
+            round_trip(&forward),
+            [9, 0, 0, 0, 1, 0, 2, 3, 4, 5, 2, b'h', b'i']
+        );
+        let update = PeerRequest {
+            id: 2,
+            body: PeerRequestBody::MapUpdate(ClusterMap {
+                epoch: 6,
+                presence: "p".into(),
+                profile: "q".into(),
+                gateways: vec![GatewayEntry {
+                    id: 1,
+                    udp: "u".into(),
+                    peer: "v".into(),
+                }],
+                shards: vec![ShardEntry {
+                    id: "s1".into(),
+                    addr: "a".into(),
+                    weight: 1,
+                }],
+            }),
+        };
+        let mut want = vec![20, 0, 0, 0, 2, 1, 6, 1, b'p', 1, b'q'];
+        want.extend([1, 1, 1, b'u', 1, b'v']);
+        want.extend([1, 2, b's', b'1', 1, b'a', 1]);
+        assert_eq!(round_trip(&update), want);
+    }
+
+    /// Encode `value` as a frame, check it decodes back; the frame bytes.
+    fn round_trip<T>(value: &T) -> Vec<u8>
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug + Clone,
+    {
         let mut out = Vec::new();
-        encode(&r, FRAME_BODY_BYTES_MAX_DEFAULT, &mut out).unwrap();
-        assert_eq!(out, [2, 0, 0, 0, 7, 2]);
+        encode(value, FRAME_BODY_BYTES_MAX_DEFAULT, &mut out).unwrap();
         let mut buf = BytesMut::from(&out[..]);
         assert_eq!(
-            decode::<PeerResponse>(&mut buf, FRAME_BODY_BYTES_MAX_DEFAULT).unwrap(),
-            Decoded::Frame(r)
+            decode::<T>(&mut buf, FRAME_BODY_BYTES_MAX_DEFAULT).unwrap(),
+            Decoded::Frame(value.clone())
         );
+        out
     }
 
     proptest! {

@@ -65,6 +65,52 @@ impl Cluster {
         (Cluster::with_gateway(dir, services).await, processes)
     }
 
+    /// Like `start`, but the gateway's cluster map (`dir/cluster.toml`,
+    /// epoch 1) holds only the first `in_map` shards; the others are spares
+    /// to move users to. `services.map` still lists them all.
+    pub async fn start_with_spare_shards(shards: usize, in_map: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let services = Embedded::start(EmbeddedConfig::ephemeral(dir.path().to_path_buf(), shards))
+            .await
+            .expect("start the services");
+        let mut map = services.map.clone();
+        map.shards.truncate(in_map);
+        std::fs::write(dir.path().join("cluster.toml"), map.to_toml()).unwrap();
+        Cluster::with_gateway(dir, services).await
+    }
+
+    /// Stop gateway 1 (SIGTERM; it must exit cleanly) and start it again
+    /// on the same data directory and cluster file, with `extra` flags.
+    pub fn restart_gateway(&mut self, extra: &[&str]) {
+        self.gateway.signal(libc::SIGTERM);
+        let status = self.gateway.child.wait().expect("wait for the gateway");
+        assert!(status.success(), "the gateway stopped cleanly: {status}");
+        let dir = self.dir.path();
+        self.gateway = start_gateway_with(dir, 1, &dir.join("gateway"), extra);
+    }
+
+    /// Where gateway `id` listens for peer links (as registered with
+    /// presence), waiting for it to register.
+    pub async fn peer_addr(&self, id: u32) -> String {
+        use proto::presence::{RequestBody, ResponseBody};
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let answer =
+                presence::client::request_once(&self.services.map.presence, RequestBody::Gateways)
+                    .await;
+            if let Ok(ResponseBody::Gateways { gateways }) = answer {
+                if let Some(g) = gateways.iter().find(|g| g.gateway == id && g.connected) {
+                    return g.peer_addr.clone();
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway {id} registered in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Start gateway 1 as a process for `services` (whose cluster map is in
     /// `dir/cluster.toml`).
     async fn with_gateway(dir: tempfile::TempDir, services: Embedded) -> Cluster {
@@ -308,4 +354,26 @@ impl TestClient {
         }
         self.next().await
     }
+}
+
+/// The value of metric `name` (without labels) on a Prometheus endpoint;
+/// 0 if the endpoint does not list it (yet).
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint");
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A free loopback TCP port's address (for a daemon's --metrics-addr).
+pub fn free_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
