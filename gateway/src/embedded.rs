@@ -109,7 +109,13 @@ impl Embedded {
                     .map_err(|e| failed(format!("shard {}", i + 1), e))?,
             );
         }
-        let map = ClusterMap {
+        // The gateway started below listens for peers on the default port;
+        // without one, the map names no reachable peer port.
+        let peer = match config.gateway {
+            Some(_) => GatewayConfig::default().peer_listen.to_string(),
+            None => "127.0.0.1:0".to_string(),
+        };
+        let fresh = ClusterMap {
             epoch: 1,
             presence: presence.local_addr().to_string(),
             profile: profile.local_addr().to_string(),
@@ -118,7 +124,7 @@ impl Embedded {
                 udp: config
                     .gateway
                     .map_or_else(|| "127.0.0.1:0".into(), |a| a.to_string()),
-                peer: "127.0.0.1:0".into(),
+                peer,
             }],
             shards: shards
                 .iter()
@@ -131,7 +137,14 @@ impl Embedded {
                 .collect(),
         };
         let cluster_path = config.data.join("cluster.toml");
-        std::fs::write(&cluster_path, map.to_toml()).map_err(|e| failed("the cluster map", e))?;
+        let map = match rebalanced_map(&cluster_path, &fresh) {
+            Some(map) => map,
+            None => {
+                std::fs::write(&cluster_path, fresh.to_toml())
+                    .map_err(|e| failed("the cluster map", e))?;
+                fresh
+            }
+        };
         let mut embedded = Embedded {
             presence,
             profile,
@@ -156,6 +169,7 @@ impl Embedded {
         Ok(embedded)
     }
 
+    /// Where the cluster map is (rewritten by `imctl rebalance`).
     pub fn cluster_path(&self) -> PathBuf {
         self.data.join("cluster.toml")
     }
@@ -174,4 +188,14 @@ impl Embedded {
         self.profile.shutdown().await;
         let _ = self.presence.shutdown().await;
     }
+}
+
+/// The map already in `path` if a rebalance moved it past the map this
+/// start would write (a higher epoch, same presence and profile): shards
+/// added by `imctl rebalance` run outside this process and must stay in it.
+fn rebalanced_map(path: &std::path::Path, fresh: &ClusterMap) -> Option<ClusterMap> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let map = ClusterMap::from_toml(&text).ok()?;
+    (map.epoch > fresh.epoch && map.presence == fresh.presence && map.profile == fresh.profile)
+        .then_some(map)
 }

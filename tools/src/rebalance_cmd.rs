@@ -5,11 +5,16 @@
 use crate::output::Output;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use gateway::map_push::MapPushError;
 use indicatif::{ProgressBar, ProgressStyle};
 use msgstore::rebalance::{Flow, Moved, Mover, Phase, Plan, Progress, State};
-use proto::cluster::ClusterMap;
+use proto::{
+    cluster::ClusterMap,
+    presence::{RequestBody as PresenceRequest, ResponseBody as PresenceResponse},
+};
 use serde::Serialize;
 use std::{
+    collections::BTreeSet,
     fmt::Write as _,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -157,6 +162,46 @@ struct Summary {
     records: u64,
     seconds: f64,
     users_per_s: f64,
+    gateways: Vec<GatewayPush>,
+}
+
+/// How pushing the new map to one gateway went.
+#[derive(Serialize)]
+struct GatewayPush {
+    /// Its peer address.
+    peer: String,
+    /// The epoch it uses now, if it answered.
+    epoch: Option<u64>,
+    error: Option<String>,
+}
+
+/// Push `map` to every gateway: those the map lists and those registered
+/// with presence. One that cannot be reached picks the map up from the
+/// shards when it starts (and follows `Moved` until then).
+async fn push_to_gateways(map: &ClusterMap) -> Vec<GatewayPush> {
+    let mut peers: BTreeSet<String> = map.gateways.iter().map(|g| g.peer.clone()).collect();
+    match presence::client::request_once(&map.presence, PresenceRequest::Gateways).await {
+        Ok(PresenceResponse::Gateways { gateways }) => {
+            peers.extend(gateways.into_iter().map(|g| g.peer_addr))
+        }
+        Ok(other) => eprintln!("imctl: presence answered {other:?} to a gateway listing"),
+        Err(e) => eprintln!(
+            "imctl: cannot list the gateways registered with presence at {}: {e}",
+            map.presence
+        ),
+    }
+    // A map may name a gateway without a reachable peer port (port 0).
+    peers.retain(|p| !p.ends_with(":0"));
+    let mut pushes = Vec::new();
+    for peer in peers {
+        let (epoch, error) = match gateway::map_push::push_map(&peer, map).await {
+            Ok(epoch) => (Some(epoch), None),
+            Err(MapPushError::Older { in_use }) if in_use >= map.epoch => (Some(in_use), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        pushes.push(GatewayPush { peer, epoch, error });
+    }
+    pushes
 }
 
 /// Run (or resume) the rebalance `state` describes to its end.
@@ -174,6 +219,7 @@ async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Resul
     }
     mover.install_final_routing().await?;
     write_map(&paths.cluster, &state.plan.to)?;
+    let gateways = push_to_gateways(&state.plan.to).await;
     State::remove(&paths.state)?;
     let seconds = started.elapsed().as_secs_f64();
     let summary = Summary {
@@ -183,9 +229,10 @@ async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Resul
         records: moved.records,
         seconds,
         users_per_s: moved.users as f64 / seconds.max(1e-9),
+        gateways,
     };
     out.emit(&summary, || {
-        format!(
+        let mut text = format!(
             "rebalanced to epoch {}: {} users ({} records, {:.1} MB) moved in {:.1} s \
              ({:.0} users/s); map written to {}",
             summary.epoch,
@@ -195,7 +242,20 @@ async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Resul
             summary.seconds,
             summary.users_per_s,
             paths.cluster.display()
-        )
+        );
+        for g in &summary.gateways {
+            let _ = match (&g.epoch, &g.error) {
+                (Some(epoch), _) => write!(text, "\n  gateway {}: on epoch {epoch}", g.peer),
+                (None, Some(e)) => write!(
+                    text,
+                    "\n  gateway {}: not reached ({e}); it takes the map from the shards \
+                     when it starts",
+                    g.peer
+                ),
+                (None, None) => Ok(()),
+            };
+        }
+        text
     })
 }
 
