@@ -36,7 +36,7 @@ async fn connect(c: &Cluster, user: &str) -> (Connection, tokio::sync::mpsc::Rec
         username: user.into(),
         password: "pw".into(),
     };
-    let config = SdkConfig::new(&c.gateway.addr.to_string(), c.gateway_public, credentials);
+    let config = SdkConfig::new(c.gateway.addr.to_string(), c.gateway_public, credentials);
     sdk::connect(config).await.unwrap()
 }
 
