@@ -1,0 +1,657 @@
+//! `imbench rebalance`: live shard rebalancing (`msgstore::rebalance`)
+//! between real `msgstore` processes while a background load runs: users
+//! and megabytes moved per second, the load's throughput during the move as
+//! a ratio of before, and the fraction of users moved vs the ideal. There
+//! is no peer to compare with: the ratios are internal.
+
+use crate::{
+    rebalance_check::{self, Check},
+    rebalance_load::{msg_id, payload, Ledger, Load, LoadSpec, Router, WindowStats},
+    report::{fmt_rate, write_json},
+    shard_driver::{self, ShardServer},
+};
+use anyhow::{bail, ensure, Context, Result};
+use msgstore::{
+    rebalance::{Moved, Mover, Plan, Progress},
+    FsyncPolicy,
+};
+use proto::{
+    cluster::{ClusterMap, ShardEntry},
+    shard::{AppendItem, RequestBody, ResponseBody, Routing, APPEND_BATCH_ITEMS_MAX},
+};
+use serde::Serialize;
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+/// Appends per prefill request.
+const PREFILL_BATCH_ITEMS: usize = 256;
+/// Payload bytes per prefill request at most (a frame holds 1 MiB).
+const PREFILL_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// Prefill requests in flight per shard.
+const PREFILL_PIPELINE: usize = 16;
+/// Every this many users has its first message acknowledged before the
+/// run, so moved mailboxes start above sequence number 1.
+const ACKED_USER_STRIDE: u64 = 3;
+const SEED: u64 = 0x0BA1_A7CE;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RebalanceArgs {
+    /// Fewer users and short windows: the whole run takes under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Users prefilled (and picked by the load) [default: 200,000; quick: 20,000].
+    #[arg(long)]
+    pub users: Option<u64>,
+    /// Messages prefilled per user.
+    #[arg(long, default_value_t = 3)]
+    pub messages_per_user: u64,
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
+    /// Shards before the new one is added.
+    #[arg(long, default_value_t = 3)]
+    pub shards: usize,
+    /// Concurrent appenders of the background load (one request each).
+    #[arg(long, default_value_t = 32)]
+    pub writers: usize,
+    /// Concurrent fetch+ack drainers of the background load.
+    #[arg(long, default_value_t = 2)]
+    pub drainers: usize,
+    /// Length of the load windows before and after a migration [default:
+    /// 10; quick: 3]. The window during one lasts as long as it does.
+    #[arg(long)]
+    pub window_secs: Option<f64>,
+    /// Afterwards also remove a shard (a second migration, measured alike).
+    #[arg(long)]
+    pub remove_shard: bool,
+    /// Where the shards' data directories go (the disk under test).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// The msgstore daemon [default: `msgstore` next to this executable].
+    #[arg(long)]
+    pub msgstore_bin: Option<PathBuf>,
+}
+
+/// The ratios the issue asks for (of the add-shard migration).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ratios {
+    /// (users moved / users total) / (1 / (n + 1)).
+    pub moved_vs_ideal: Option<f64>,
+    /// The load's appends/s during the migration / before it.
+    pub load_during_vs_before: Option<f64>,
+}
+
+/// One migration: what moved, how fast, and the load around it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Migration {
+    pub kind: String,
+    pub shards_before: usize,
+    pub shards_after: usize,
+    /// Users with a mailbox when it started.
+    pub users_total: u64,
+    /// Users the survey before the move said would move, and of them those
+    /// moving between two shards that are in both maps (ideally 0).
+    pub planned_users: u64,
+    pub moved_between_kept_shards: u64,
+    pub users_moved: u64,
+    pub bytes_moved: u64,
+    pub records_moved: u64,
+    /// Seconds of `move_all` alone, and of the whole migration (routing
+    /// installs included: the "during" load window).
+    pub move_secs: f64,
+    pub total_secs: f64,
+    pub users_per_s: f64,
+    pub mb_per_s: f64,
+    pub moved_fraction: f64,
+    pub ideal_fraction: f64,
+    pub moved_vs_ideal: f64,
+    pub load_before: WindowStats,
+    pub load_during: WindowStats,
+    pub load_during_vs_before: Option<f64>,
+    #[serde(skip)]
+    windows: (usize, usize),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Prefilled {
+    pub users: u64,
+    pub messages: u64,
+    pub acked: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RebalanceReport {
+    pub ratios: Ratios,
+    /// Of the add-shard migration: users and MB moved per second of
+    /// `move_all`.
+    pub users_per_s: Option<f64>,
+    pub mb_per_s: Option<f64>,
+    pub config: serde_json::Value,
+    pub prefill: Prefilled,
+    pub migrations: Vec<Migration>,
+    /// Every load window in order (the first is the unmeasured warm-up).
+    pub windows: Vec<WindowStats>,
+    pub check: Check,
+}
+
+/// Arguments with the quick/default choices resolved.
+struct Settings {
+    args: RebalanceArgs,
+    users: u64,
+    window: Duration,
+    warmup: Duration,
+}
+
+impl Settings {
+    fn new(args: RebalanceArgs) -> Result<Settings> {
+        let users = args
+            .users
+            .unwrap_or(if args.quick { 20_000 } else { 200_000 });
+        let secs = args
+            .window_secs
+            .unwrap_or(if args.quick { 3.0 } else { 10.0 });
+        let window = Duration::try_from_secs_f64(secs).context("--window-secs is not valid")?;
+        ensure!(users > 0, "--users must be at least 1");
+        ensure!(args.messages_per_user > 0, "--messages-per-user must be >= 1");
+        ensure!(args.shards > 0, "--shards must be at least 1");
+        ensure!(args.writers > 0, "--writers must be at least 1");
+        ensure!(
+            !args.remove_shard || args.shards > 1,
+            "--remove-shard needs --shards 2 or more"
+        );
+        Ok(Settings {
+            users,
+            window,
+            warmup: window / 4,
+            args,
+        })
+    }
+}
+
+/// The shards of the run: ids `s0`.. and their processes.
+struct Shards {
+    servers: Vec<(String, ShardServer)>,
+}
+
+impl Shards {
+    fn start(s: &Settings, root: &std::path::Path) -> Result<Shards> {
+        let bin = shard_driver::locate_msgstore(s.args.msgstore_bin.as_deref())?;
+        let mut servers = Vec::new();
+        for i in 0..=s.args.shards {
+            let id = format!("s{i}");
+            let server = shard_driver::start(&bin, &root.join(&id), FsyncPolicy::Always, false)?;
+            servers.push((id, server));
+        }
+        Ok(Shards { servers })
+    }
+
+    fn entry(&self, i: usize) -> ShardEntry {
+        let (id, server) = &self.servers[i];
+        ShardEntry {
+            id: id.clone(),
+            addr: server.addr.to_string(),
+            weight: 1,
+        }
+    }
+
+    /// All but the last shard, at epoch 1.
+    fn first_map(&self) -> ClusterMap {
+        ClusterMap {
+            epoch: 1,
+            presence: "127.0.0.1:1".into(),
+            profile: "127.0.0.1:1".into(),
+            gateways: vec![],
+            shards: (0..self.servers.len() - 1).map(|i| self.entry(i)).collect(),
+        }
+    }
+
+    fn addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.servers
+            .iter()
+            .map(|(id, s)| (id.clone(), s.addr))
+            .collect()
+    }
+
+    fn check_running(&mut self) -> Result<()> {
+        self.servers
+            .iter_mut()
+            .try_for_each(|(_, s)| s.proc.check_running())
+    }
+}
+
+/// Install `map` alone on each of its shards (a cluster at rest).
+async fn install_routing(map: &ClusterMap) -> Result<()> {
+    for s in &map.shards {
+        let client = msgstore::client::ShardClient::connect(s.addr.as_str()).await?;
+        client
+            .set_routing(Routing {
+                me: s.id.clone(),
+                current: map.clone(),
+                target: None,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Store `per_user` messages for each of `users` users at their owners,
+/// then acknowledge the first message of every [`ACKED_USER_STRIDE`]th
+/// user. Prefill message ids use writer index 0.
+async fn prefill(router: &Router, s: &Settings) -> Result<(Ledger, Prefilled)> {
+    let started = Instant::now();
+    let mut ledger = Ledger::default();
+    let mut bodies: Vec<(String, RequestBody)> = Vec::new();
+    let mut batches: std::collections::HashMap<String, Vec<AppendItem>> = Default::default();
+    let batch_items = (PREFILL_BATCH_BYTES_MAX / (s.args.payload_bytes + 64))
+        .clamp(1, PREFILL_BATCH_ITEMS.min(APPEND_BATCH_ITEMS_MAX));
+    for user in 0..s.users {
+        let addr = router.owner_addr(user);
+        let batch = batches.entry(addr.to_owned()).or_default();
+        for n in 1..=s.args.messages_per_user {
+            let id = msg_id(user, 0, n);
+            batch.push(AppendItem {
+                user,
+                msg_id: id,
+                payload: payload(id, s.args.payload_bytes),
+            });
+            ledger.stored.push(id);
+            if batch.len() >= batch_items {
+                let items = std::mem::take(batch);
+                bodies.push((addr.to_owned(), RequestBody::AppendBatch { items }));
+            }
+        }
+    }
+    for (addr, items) in batches.into_iter().filter(|(_, b)| !b.is_empty()) {
+        bodies.push((addr, RequestBody::AppendBatch { items }));
+    }
+    send_all(router, bodies, |b| match b {
+        ResponseBody::AppendedBatch { results } => results.iter().all(|r| r.is_ok()),
+        _ => false,
+    })
+    .await
+    .context("prefill appends")?;
+    let acks: Vec<(String, RequestBody)> = (0..s.users)
+        .step_by(ACKED_USER_STRIDE as usize)
+        .map(|user| {
+            ledger.drained.push(msg_id(user, 0, 1));
+            let ack = RequestBody::Ack {
+                user,
+                up_to_seq: 1,
+            };
+            (router.owner_addr(user).to_owned(), ack)
+        })
+        .collect();
+    let acked = acks.len() as u64;
+    send_all(router, acks, |b| matches!(b, ResponseBody::Acked { removed: 1 }))
+        .await
+        .context("prefill acks")?;
+    let done = Prefilled {
+        users: s.users,
+        messages: ledger.stored.len() as u64,
+        acked,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((ledger, done))
+}
+
+/// Send each `(addr, body)`, [`PREFILL_PIPELINE`] at a time per shard;
+/// every answer must pass `ok`.
+async fn send_all(
+    router: &Router,
+    bodies: Vec<(String, RequestBody)>,
+    ok: fn(&ResponseBody) -> bool,
+) -> Result<()> {
+    let mut by_addr: std::collections::BTreeMap<String, Vec<RequestBody>> = Default::default();
+    for (addr, body) in bodies {
+        by_addr.entry(addr).or_default().push(body);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (addr, bodies) in by_addr {
+        let client = router.client(&addr).await?;
+        tasks.spawn(async move {
+            let mut bodies = bodies.into_iter().peekable();
+            while bodies.peek().is_some() {
+                let chunk: Vec<RequestBody> = bodies.by_ref().take(PREFILL_PIPELINE).collect();
+                for answer in client.send_many(chunk).await {
+                    let answer = answer?;
+                    ensure!(ok(&answer), "{addr} answered {answer:?}");
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// The move's progress is not shown: the figures come from its result.
+struct Quiet;
+
+impl Progress for Quiet {
+    fn planned(&self, _users: u64, _bytes: u64) {}
+    fn moved(&self, _bytes: u64) {}
+}
+
+/// The load windows: names and lengths, in the order the load enters them.
+#[derive(Default)]
+struct Windows(Vec<(String, f64)>);
+
+impl Windows {
+    /// Declare a window; its index.
+    fn declare(&mut self, name: impl Into<String>) -> usize {
+        self.0.push((name.into(), 0.0));
+        self.0.len() - 1
+    }
+
+    /// Run window `i` for `length`.
+    async fn measure(&mut self, load: &Load, i: usize, length: Duration) {
+        load.enter(i);
+        tokio::time::sleep(length).await;
+        self.0[i].1 = length.as_secs_f64();
+    }
+}
+
+/// Users the shards of `map` hold.
+async fn users_held(map: &ClusterMap) -> Result<u64> {
+    let ring = proto::cluster::ShardRing::new(&map.shards);
+    let mut total = 0;
+    for s in &map.shards {
+        let addr = s.addr.parse().context("shard address")?;
+        total += rebalance_check::list_shard(&ring, &s.id, addr).await?.1;
+    }
+    Ok(total)
+}
+
+/// Measure the load for a window, then run `plan` with the library in the
+/// next window (both declared by the caller as `windows`).
+async fn migrate(
+    plan: Plan,
+    kind: String,
+    load: &Load,
+    windows: &mut Windows,
+    (before, during): (usize, usize),
+    window: Duration,
+) -> Result<Migration> {
+    let mover = Mover::connect(plan.clone()).await?;
+    let users_total = users_held(&plan.from).await?;
+    let flows = mover.survey().await?;
+    let kept = |id: &str| plan.from.shard(id).is_some() && plan.to.shard(id).is_some();
+    windows.measure(load, before, window).await;
+    load.enter(during);
+    let started = Instant::now();
+    mover.install_moving_routing().await?;
+    let move_started = Instant::now();
+    let moved: Moved = mover.move_all(&Quiet).await?;
+    let move_secs = move_started.elapsed().as_secs_f64();
+    mover.install_final_routing().await?;
+    let total_secs = started.elapsed().as_secs_f64();
+    windows.0[during].1 = total_secs;
+    let ideal_fraction = 1.0 / plan.from.shards.len().max(plan.to.shards.len()) as f64;
+    let moved_fraction = moved.users as f64 / users_total.max(1) as f64;
+    Ok(Migration {
+        kind,
+        shards_before: plan.from.shards.len(),
+        shards_after: plan.to.shards.len(),
+        users_total,
+        planned_users: flows.iter().map(|f| f.users).sum(),
+        moved_between_kept_shards: flows
+            .iter()
+            .filter(|f| kept(&f.from) && kept(&f.to))
+            .map(|f| f.users)
+            .sum(),
+        users_moved: moved.users,
+        bytes_moved: moved.bytes,
+        records_moved: moved.records,
+        move_secs,
+        total_secs,
+        users_per_s: moved.users as f64 / move_secs.max(1e-9),
+        mb_per_s: moved.bytes as f64 / 1e6 / move_secs.max(1e-9),
+        moved_fraction,
+        ideal_fraction,
+        moved_vs_ideal: moved_fraction / ideal_fraction,
+        load_before: WindowStats::default(),
+        load_during: WindowStats::default(),
+        load_during_vs_before: None,
+        windows: (before, during),
+    })
+}
+
+pub async fn run(args: RebalanceArgs) -> Result<()> {
+    let s = Settings::new(args)?;
+    let work_dir = s.args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let root = tempfile::Builder::new()
+        .prefix("imbench-rebalance-")
+        .tempdir_in(&work_dir)
+        .with_context(|| format!("create a temp dir in {}", work_dir.display()))?;
+    let mut shards = Shards::start(&s, root.path())?;
+    let first = shards.first_map();
+    install_routing(&first).await?;
+    let router = std::sync::Arc::new(Router::new(&first));
+    eprintln!(
+        "prefilling {} users x {} messages of {} B over {} shards (fsync always)...",
+        s.users, s.args.messages_per_user, s.args.payload_bytes, s.args.shards
+    );
+    let (mut ledger, prefilled) = prefill(&router, &s).await?;
+    let mut windows = Windows::default();
+    let warmup = windows.declare("warm-up");
+    let added = shards.entry(s.args.shards);
+    let add = Plan::add_shard(&first, &added.id, &added.addr, 1)?;
+    let mut plans = vec![(
+        add.clone(),
+        format!("add-shard {}", added.id),
+        windows.declare("before add-shard"),
+        windows.declare("during add-shard"),
+    )];
+    if s.args.remove_shard {
+        let plan = Plan::remove_shard(&add.to, "s1")?;
+        let (b, d) = (
+            windows.declare("before remove-shard"),
+            windows.declare("during remove-shard"),
+        );
+        plans.push((plan, "remove-shard s1".into(), b, d));
+    }
+    let after = windows.declare("after (old map)");
+    let final_map = plans.last().expect("one plan at least").0.to.clone();
+    let spec = LoadSpec {
+        users: s.users,
+        writers: s.args.writers,
+        drainers: s.args.drainers,
+        payload_bytes: s.args.payload_bytes,
+        windows: windows.0.len(),
+        seed: SEED,
+    };
+    let load = Load::start(router, &spec);
+    windows.measure(&load, warmup, s.warmup).await;
+    let mut migrations = Vec::new();
+    for (plan, kind, before, during) in plans {
+        eprintln!("{kind}: load for {:.1} s, then the migration...", s.window.as_secs_f64());
+        let m = migrate(plan, kind, &load, &mut windows, (before, during), s.window).await;
+        migrations.push(m?);
+    }
+    windows.measure(&load, after, s.window).await;
+    let (stats, load_ledger) = load.stop(&windows.0).await?;
+    ledger.merge(load_ledger);
+    shards.check_running()?;
+    eprintln!("checking every mailbox at its new owner...");
+    let check = rebalance_check::check(
+        &final_map,
+        &shards.addrs(),
+        s.users,
+        s.args.payload_bytes,
+        &ledger,
+    )
+    .await?;
+    for m in &mut migrations {
+        m.load_before = stats[m.windows.0].clone();
+        m.load_during = stats[m.windows.1].clone();
+        m.load_during_vs_before = ratio(m.load_during.appends_per_s, m.load_before.appends_per_s);
+    }
+    let report = build_report(&s, prefilled, migrations, stats, check);
+    print!("{}", render(&report));
+    if let Some(path) = &s.args.json {
+        write_json(path, &report)?;
+    }
+    if report.check.failures() > 0 {
+        bail!("the check failed: {:?}", report.check);
+    }
+    Ok(())
+}
+
+fn ratio(ours: f64, base: f64) -> Option<f64> {
+    (base > 0.0).then(|| ours / base)
+}
+
+fn build_report(
+    s: &Settings,
+    prefill: Prefilled,
+    migrations: Vec<Migration>,
+    windows: Vec<WindowStats>,
+    check: Check,
+) -> RebalanceReport {
+    let add = migrations.first();
+    RebalanceReport {
+        ratios: Ratios {
+            moved_vs_ideal: add.map(|m| m.moved_vs_ideal),
+            load_during_vs_before: add.and_then(|m| m.load_during_vs_before),
+        },
+        users_per_s: add.map(|m| m.users_per_s),
+        mb_per_s: add.map(|m| m.mb_per_s),
+        config: serde_json::json!({
+            "quick": s.args.quick,
+            "users": s.users,
+            "messages_per_user": s.args.messages_per_user,
+            "payload_bytes": s.args.payload_bytes,
+            "shards": s.args.shards,
+            "fsync": "always",
+            "writers": s.args.writers,
+            "drainers": s.args.drainers,
+            "window_secs": s.window.as_secs_f64(),
+            "moves_inflight_max": msgstore::rebalance::MOVES_INFLIGHT_MAX,
+            "remove_shard": s.args.remove_shard,
+        }),
+        prefill,
+        migrations,
+        windows,
+        check,
+    }
+}
+
+fn render(r: &RebalanceReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nload: {} writers + {} drainers routing by the old map (following Moved, retrying Busy)",
+        r.config["writers"], r.config["drainers"]
+    );
+    let _ = writeln!(
+        out,
+        "{:<21} {:>6} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8}",
+        "window", "secs", "appends/s", "p50 us", "p99 us", "drains/s", "moved", "busy", "refused"
+    );
+    for w in &r.windows {
+        let _ = writeln!(
+            out,
+            "{:<21} {:>6.1} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8}",
+            w.name,
+            w.seconds,
+            fmt_rate(w.appends_per_s),
+            w.append_latency.p50_us,
+            w.append_latency.p99_us,
+            fmt_rate(w.drain_cycles_per_s),
+            w.moved_redirects,
+            w.busy_retries,
+            w.refused + w.link_errors,
+        );
+    }
+    for w in r.windows.iter().filter(|w| w.first_problem.is_some()) {
+        let problem = w.first_problem.as_deref().unwrap_or_default();
+        let _ = writeln!(out, "  {}: first problem: {problem}", w.name);
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        "migration", "users", "moved", "fraction", "ideal", "vs ideal", "users/s", "MB/s", "secs"
+    );
+    for m in &r.migrations {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>8} {:>8} {:>9.4} {:>8.4} {:>8.3} {:>9} {:>7.2} {:>7.2}",
+            m.kind,
+            m.users_total,
+            m.users_moved,
+            m.moved_fraction,
+            m.ideal_fraction,
+            m.moved_vs_ideal,
+            fmt_rate(m.users_per_s),
+            m.mb_per_s,
+            m.move_secs,
+        );
+        let _ = writeln!(
+            out,
+            "  {} records, {:.1} MB; planned {} users, {} between kept shards; load during/before {}",
+            m.records_moved,
+            m.bytes_moved as f64 / 1e6,
+            m.planned_users,
+            m.moved_between_kept_shards,
+            show(m.load_during_vs_before)
+        );
+    }
+    let c = &r.check;
+    let _ = writeln!(
+        out,
+        "\ncheck: {} users at their new owners ({} listed), {} messages present, {} acknowledged \
+         appends ({} drained): lost {}, duplicated {}, misplaced {}, seq gaps {}, phantom {}, \
+         resurrected {}, users at a wrong shard {}",
+        c.users_checked,
+        c.users_listed,
+        c.messages_present,
+        c.acknowledged_appends,
+        c.drained,
+        c.lost,
+        c.duplicated,
+        c.misplaced,
+        c.seq_gaps,
+        c.phantom,
+        c.resurrected,
+        c.users_at_wrong_shard
+    );
+    let _ = writeln!(out, "\nratios (add-shard):");
+    let _ = writeln!(out, "  moved_vs_ideal           {}", show(r.ratios.moved_vs_ideal));
+    let _ = writeln!(
+        out,
+        "  load_during_vs_before    {}",
+        show(r.ratios.load_during_vs_before)
+    );
+    let _ = writeln!(
+        out,
+        "  users_per_s              {}",
+        r.users_per_s.map_or("n/a".into(), fmt_rate)
+    );
+    out
+}
+
+fn show(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.3}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_serialize_with_exactly_the_two_keys() {
+        let v = serde_json::to_value(Ratios::default()).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["load_during_vs_before", "moved_vs_ideal"]);
+    }
+}
