@@ -14,6 +14,7 @@ mod profile;
 mod rebalance;
 mod rebalance_check;
 mod rebalance_load;
+mod rebalance_report;
 mod redis;
 mod report;
 mod session;

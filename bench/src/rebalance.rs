@@ -5,9 +5,10 @@
 //! is no peer to compare with: the ratios are internal.
 
 use crate::{
-    rebalance_check::{self, Check},
+    rebalance_check,
     rebalance_load::{msg_id, payload, Ledger, Load, LoadSpec, Router, WindowStats},
-    report::{fmt_rate, write_json},
+    rebalance_report::{Migration, Prefilled, RebalanceReport},
+    report::{ratio, write_json},
     shard_driver::{self, ShardServer},
 };
 use anyhow::{bail, ensure, Context, Result};
@@ -17,11 +18,11 @@ use msgstore::{
 };
 use proto::{
     cluster::{ClusterMap, ShardEntry},
-    shard::{AppendItem, RequestBody, ResponseBody, Routing, APPEND_BATCH_ITEMS_MAX},
+    shard::{
+        AppendItem, RequestBody, ResponseBody, Routing, APPEND_BATCH_ITEMS_MAX, FROZEN_USERS_MAX,
+    },
 };
-use serde::Serialize;
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -67,6 +68,11 @@ pub struct RebalanceArgs {
     /// 10; quick: 3]. The window during one lasts as long as it does.
     #[arg(long)]
     pub window_secs: Option<f64>,
+    /// Move users N at once per source shard with `Mover::move_user`
+    /// instead of `Mover::move_all` (which moves `MOVES_INFLIGHT_MAX`, 16, at
+    /// once): to measure what that limit costs. At most `FROZEN_USERS_MAX`.
+    #[arg(long, value_name = "N")]
+    pub move_inflight: Option<usize>,
     /// Afterwards also remove a shard (a second migration, measured alike).
     #[arg(long)]
     pub remove_shard: bool,
@@ -76,69 +82,6 @@ pub struct RebalanceArgs {
     /// The msgstore daemon [default: `msgstore` next to this executable].
     #[arg(long)]
     pub msgstore_bin: Option<PathBuf>,
-}
-
-/// The ratios the issue asks for (of the add-shard migration).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Ratios {
-    /// (users moved / users total) / (1 / (n + 1)).
-    pub moved_vs_ideal: Option<f64>,
-    /// The load's appends/s during the migration / before it.
-    pub load_during_vs_before: Option<f64>,
-}
-
-/// One migration: what moved, how fast, and the load around it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Migration {
-    pub kind: String,
-    pub shards_before: usize,
-    pub shards_after: usize,
-    /// Users with a mailbox when it started.
-    pub users_total: u64,
-    /// Users the survey before the move said would move, and of them those
-    /// moving between two shards that are in both maps (ideally 0).
-    pub planned_users: u64,
-    pub moved_between_kept_shards: u64,
-    pub users_moved: u64,
-    pub bytes_moved: u64,
-    pub records_moved: u64,
-    /// Seconds of `move_all` alone, and of the whole migration (routing
-    /// installs included: the "during" load window).
-    pub move_secs: f64,
-    pub total_secs: f64,
-    pub users_per_s: f64,
-    pub mb_per_s: f64,
-    pub moved_fraction: f64,
-    pub ideal_fraction: f64,
-    pub moved_vs_ideal: f64,
-    pub load_before: WindowStats,
-    pub load_during: WindowStats,
-    pub load_during_vs_before: Option<f64>,
-    #[serde(skip)]
-    windows: (usize, usize),
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Prefilled {
-    pub users: u64,
-    pub messages: u64,
-    pub acked: u64,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RebalanceReport {
-    pub ratios: Ratios,
-    /// Of the add-shard migration: users and MB moved per second of
-    /// `move_all`.
-    pub users_per_s: Option<f64>,
-    pub mb_per_s: Option<f64>,
-    pub config: serde_json::Value,
-    pub prefill: Prefilled,
-    pub migrations: Vec<Migration>,
-    /// Every load window in order (the first is the unmeasured warm-up).
-    pub windows: Vec<WindowStats>,
-    pub check: Check,
 }
 
 /// Arguments with the quick/default choices resolved.
@@ -159,9 +102,17 @@ impl Settings {
             .unwrap_or(if args.quick { 3.0 } else { 10.0 });
         let window = Duration::try_from_secs_f64(secs).context("--window-secs is not valid")?;
         ensure!(users > 0, "--users must be at least 1");
-        ensure!(args.messages_per_user > 0, "--messages-per-user must be >= 1");
+        ensure!(
+            args.messages_per_user > 0,
+            "--messages-per-user must be >= 1"
+        );
         ensure!(args.shards > 0, "--shards must be at least 1");
         ensure!(args.writers > 0, "--writers must be at least 1");
+        ensure!(
+            args.move_inflight
+                .is_none_or(|n| (1..=FROZEN_USERS_MAX).contains(&n)),
+            "--move-inflight must be 1..={FROZEN_USERS_MAX} (a shard freezes no more users)"
+        );
         ensure!(
             !args.remove_shard || args.shards > 1,
             "--remove-shard needs --shards 2 or more"
@@ -253,7 +204,7 @@ async fn prefill(router: &Router, s: &Settings) -> Result<(Ledger, Prefilled)> {
         .clamp(1, PREFILL_BATCH_ITEMS.min(APPEND_BATCH_ITEMS_MAX));
     for user in 0..s.users {
         let addr = router.owner_addr(user);
-        let batch = batches.entry(addr.to_owned()).or_default();
+        let batch = batches.entry(addr.clone()).or_default();
         for n in 1..=s.args.messages_per_user {
             let id = msg_id(user, 0, n);
             batch.push(AppendItem {
@@ -264,7 +215,7 @@ async fn prefill(router: &Router, s: &Settings) -> Result<(Ledger, Prefilled)> {
             ledger.stored.push(id);
             if batch.len() >= batch_items {
                 let items = std::mem::take(batch);
-                bodies.push((addr.to_owned(), RequestBody::AppendBatch { items }));
+                bodies.push((addr.clone(), RequestBody::AppendBatch { items }));
             }
         }
     }
@@ -281,17 +232,16 @@ async fn prefill(router: &Router, s: &Settings) -> Result<(Ledger, Prefilled)> {
         .step_by(ACKED_USER_STRIDE as usize)
         .map(|user| {
             ledger.drained.push(msg_id(user, 0, 1));
-            let ack = RequestBody::Ack {
-                user,
-                up_to_seq: 1,
-            };
-            (router.owner_addr(user).to_owned(), ack)
+            let ack = RequestBody::Ack { user, up_to_seq: 1 };
+            (router.owner_addr(user), ack)
         })
         .collect();
     let acked = acks.len() as u64;
-    send_all(router, acks, |b| matches!(b, ResponseBody::Acked { removed: 1 }))
-        .await
-        .context("prefill acks")?;
+    send_all(router, acks, |b| {
+        matches!(b, ResponseBody::Acked { removed: 1 })
+    })
+    .await
+    .context("prefill acks")?;
     let done = Prefilled {
         users: s.users,
         messages: ledger.stored.len() as u64,
@@ -362,11 +312,38 @@ impl Windows {
 
 /// Users the shards of `map` hold.
 async fn users_held(map: &ClusterMap) -> Result<u64> {
-    let ring = proto::cluster::ShardRing::new(&map.shards);
     let mut total = 0;
     for s in &map.shards {
         let addr = s.addr.parse().context("shard address")?;
-        total += rebalance_check::list_shard(&ring, &s.id, addr).await?.1;
+        total += rebalance_check::list_users(addr).await?.len() as u64;
+    }
+    Ok(total)
+}
+
+/// Move every user `plan` moves, `inflight` at once per source shard, with
+/// the library's own `Mover::move_user`: `move_all` does the same with
+/// `MOVES_INFLIGHT_MAX` at once, which this measures the cost of.
+async fn move_with_inflight(mover: &Mover, plan: &Plan, inflight: usize) -> Result<Moved> {
+    let target = plan.target_ring();
+    let mut total = Moved::default();
+    let mut add = |m: Moved| {
+        total.users += m.users;
+        total.bytes += m.bytes;
+        total.records += m.records;
+    };
+    for source in &plan.from.shards {
+        let users = rebalance_check::list_users(source.addr.parse()?).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for user in users.into_iter().filter(|&u| target.owner(u) != source.id) {
+            if tasks.len() >= inflight {
+                add(tasks.join_next().await.expect("tasks run")??);
+            }
+            let (mover, from) = (mover.clone(), source.id.clone());
+            tasks.spawn(async move { mover.move_user(&from, user).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            add(done??);
+        }
     }
     Ok(total)
 }
@@ -379,7 +356,7 @@ async fn migrate(
     load: &Load,
     windows: &mut Windows,
     (before, during): (usize, usize),
-    window: Duration,
+    (window, move_inflight): (Duration, Option<usize>),
 ) -> Result<Migration> {
     let mover = Mover::connect(plan.clone()).await?;
     let users_total = users_held(&plan.from).await?;
@@ -390,7 +367,10 @@ async fn migrate(
     let started = Instant::now();
     mover.install_moving_routing().await?;
     let move_started = Instant::now();
-    let moved: Moved = mover.move_all(&Quiet).await?;
+    let moved = match move_inflight {
+        None => mover.move_all(&Quiet).await?,
+        Some(n) => move_with_inflight(&mover, &plan, n).await?,
+    };
     let move_secs = move_started.elapsed().as_secs_f64();
     mover.install_final_routing().await?;
     let total_secs = started.elapsed().as_secs_f64();
@@ -459,7 +439,8 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
         );
         plans.push((plan, "remove-shard s1".into(), b, d));
     }
-    let after = windows.declare("after (old map)");
+    let after_old = windows.declare("after (old map)");
+    let after_new = windows.declare("after (new map)");
     let final_map = plans.last().expect("one plan at least").0.to.clone();
     let spec = LoadSpec {
         users: s.users,
@@ -469,15 +450,21 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
         windows: windows.0.len(),
         seed: SEED,
     };
-    let load = Load::start(router, &spec);
+    let load = Load::start(router.clone(), &spec);
     windows.measure(&load, warmup, s.warmup).await;
     let mut migrations = Vec::new();
     for (plan, kind, before, during) in plans {
-        eprintln!("{kind}: load for {:.1} s, then the migration...", s.window.as_secs_f64());
-        let m = migrate(plan, kind, &load, &mut windows, (before, during), s.window).await;
+        eprintln!(
+            "{kind}: load for {:.1} s, then the migration...",
+            s.window.as_secs_f64()
+        );
+        let timing = (s.window, s.args.move_inflight);
+        let m = migrate(plan, kind, &load, &mut windows, (before, during), timing).await;
         migrations.push(m?);
     }
-    windows.measure(&load, after, s.window).await;
+    windows.measure(&load, after_old, s.window).await;
+    router.set_map(&final_map);
+    windows.measure(&load, after_new, s.window).await;
     let (stats, load_ledger) = load.stop(&windows.0).await?;
     ledger.merge(load_ledger);
     shards.check_running()?;
@@ -493,10 +480,13 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
     for m in &mut migrations {
         m.load_before = stats[m.windows.0].clone();
         m.load_during = stats[m.windows.1].clone();
-        m.load_during_vs_before = ratio(m.load_during.appends_per_s, m.load_before.appends_per_s);
+        m.load_during_vs_before = ratio(
+            Some(m.load_during.appends_per_s),
+            Some(m.load_before.appends_per_s),
+        );
     }
-    let report = build_report(&s, prefilled, migrations, stats, check);
-    print!("{}", render(&report));
+    let report = RebalanceReport::new(config(&s), prefilled, migrations, stats, check);
+    print!("{}", report.render());
     if let Some(path) = &s.args.json {
         write_json(path, &report)?;
     }
@@ -506,152 +496,20 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
     Ok(())
 }
 
-fn ratio(ours: f64, base: f64) -> Option<f64> {
-    (base > 0.0).then(|| ours / base)
-}
-
-fn build_report(
-    s: &Settings,
-    prefill: Prefilled,
-    migrations: Vec<Migration>,
-    windows: Vec<WindowStats>,
-    check: Check,
-) -> RebalanceReport {
-    let add = migrations.first();
-    RebalanceReport {
-        ratios: Ratios {
-            moved_vs_ideal: add.map(|m| m.moved_vs_ideal),
-            load_during_vs_before: add.and_then(|m| m.load_during_vs_before),
-        },
-        users_per_s: add.map(|m| m.users_per_s),
-        mb_per_s: add.map(|m| m.mb_per_s),
-        config: serde_json::json!({
-            "quick": s.args.quick,
-            "users": s.users,
-            "messages_per_user": s.args.messages_per_user,
-            "payload_bytes": s.args.payload_bytes,
-            "shards": s.args.shards,
-            "fsync": "always",
-            "writers": s.args.writers,
-            "drainers": s.args.drainers,
-            "window_secs": s.window.as_secs_f64(),
-            "moves_inflight_max": msgstore::rebalance::MOVES_INFLIGHT_MAX,
-            "remove_shard": s.args.remove_shard,
-        }),
-        prefill,
-        migrations,
-        windows,
-        check,
-    }
-}
-
-fn render(r: &RebalanceReport) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "\nload: {} writers + {} drainers routing by the old map (following Moved, retrying Busy)",
-        r.config["writers"], r.config["drainers"]
-    );
-    let _ = writeln!(
-        out,
-        "{:<21} {:>6} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8}",
-        "window", "secs", "appends/s", "p50 us", "p99 us", "drains/s", "moved", "busy", "refused"
-    );
-    for w in &r.windows {
-        let _ = writeln!(
-            out,
-            "{:<21} {:>6.1} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8}",
-            w.name,
-            w.seconds,
-            fmt_rate(w.appends_per_s),
-            w.append_latency.p50_us,
-            w.append_latency.p99_us,
-            fmt_rate(w.drain_cycles_per_s),
-            w.moved_redirects,
-            w.busy_retries,
-            w.refused + w.link_errors,
-        );
-    }
-    for w in r.windows.iter().filter(|w| w.first_problem.is_some()) {
-        let problem = w.first_problem.as_deref().unwrap_or_default();
-        let _ = writeln!(out, "  {}: first problem: {problem}", w.name);
-    }
-    let _ = writeln!(
-        out,
-        "\n{:<16} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7}",
-        "migration", "users", "moved", "fraction", "ideal", "vs ideal", "users/s", "MB/s", "secs"
-    );
-    for m in &r.migrations {
-        let _ = writeln!(
-            out,
-            "{:<16} {:>8} {:>8} {:>9.4} {:>8.4} {:>8.3} {:>9} {:>7.2} {:>7.2}",
-            m.kind,
-            m.users_total,
-            m.users_moved,
-            m.moved_fraction,
-            m.ideal_fraction,
-            m.moved_vs_ideal,
-            fmt_rate(m.users_per_s),
-            m.mb_per_s,
-            m.move_secs,
-        );
-        let _ = writeln!(
-            out,
-            "  {} records, {:.1} MB; planned {} users, {} between kept shards; load during/before {}",
-            m.records_moved,
-            m.bytes_moved as f64 / 1e6,
-            m.planned_users,
-            m.moved_between_kept_shards,
-            show(m.load_during_vs_before)
-        );
-    }
-    let c = &r.check;
-    let _ = writeln!(
-        out,
-        "\ncheck: {} users at their new owners ({} listed), {} messages present, {} acknowledged \
-         appends ({} drained): lost {}, duplicated {}, misplaced {}, seq gaps {}, phantom {}, \
-         resurrected {}, users at a wrong shard {}",
-        c.users_checked,
-        c.users_listed,
-        c.messages_present,
-        c.acknowledged_appends,
-        c.drained,
-        c.lost,
-        c.duplicated,
-        c.misplaced,
-        c.seq_gaps,
-        c.phantom,
-        c.resurrected,
-        c.users_at_wrong_shard
-    );
-    let _ = writeln!(out, "\nratios (add-shard):");
-    let _ = writeln!(out, "  moved_vs_ideal           {}", show(r.ratios.moved_vs_ideal));
-    let _ = writeln!(
-        out,
-        "  load_during_vs_before    {}",
-        show(r.ratios.load_during_vs_before)
-    );
-    let _ = writeln!(
-        out,
-        "  users_per_s              {}",
-        r.users_per_s.map_or("n/a".into(), fmt_rate)
-    );
-    out
-}
-
-fn show(v: Option<f64>) -> String {
-    v.map_or_else(|| "n/a".into(), |v| format!("{v:.3}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ratios_serialize_with_exactly_the_two_keys() {
-        let v = serde_json::to_value(Ratios::default()).unwrap();
-        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
-        keys.sort();
-        assert_eq!(keys, ["load_during_vs_before", "moved_vs_ideal"]);
-    }
+/// The settings, as the JSON report records them.
+fn config(s: &Settings) -> serde_json::Value {
+    serde_json::json!({
+        "quick": s.args.quick,
+        "users": s.users,
+        "messages_per_user": s.args.messages_per_user,
+        "payload_bytes": s.args.payload_bytes,
+        "shards": s.args.shards,
+        "fsync": "always",
+        "writers": s.args.writers,
+        "drainers": s.args.drainers,
+        "window_secs": s.window.as_secs_f64(),
+        "moves_inflight_max": msgstore::rebalance::MOVES_INFLIGHT_MAX,
+        "move_inflight": s.args.move_inflight,
+        "remove_shard": s.args.remove_shard,
+    })
 }

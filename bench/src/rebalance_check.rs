@@ -65,7 +65,7 @@ struct Mailbox {
 }
 
 async fn read_mailbox(router: &Router, user: u64, payload_bytes: usize) -> Result<Mailbox> {
-    let client = router.client(router.owner_addr(user)).await?;
+    let client = router.client(&router.owner_addr(user)).await?;
     let mut mailbox = Mailbox {
         ids: Vec::new(),
         misplaced: 0,
@@ -95,18 +95,16 @@ async fn read_mailbox(router: &Router, user: u64, payload_bytes: usize) -> Resul
     }
 }
 
-/// Users listed by the shard at `addr` (id `id`) that `ring` gives to
-/// another shard, and how many it lists.
-pub async fn list_shard(ring: &ShardRing, id: &str, addr: SocketAddr) -> Result<(u64, u64)> {
+/// Every user the shard at `addr` lists (holds a mailbox for).
+pub async fn list_users(addr: SocketAddr) -> Result<Vec<u64>> {
     let client = ShardClient::connect(addr).await?;
-    let (mut start, mut wrong, mut listed) = (0, 0, 0);
+    let (mut start, mut all) = (0, Vec::new());
     loop {
         let (users, next) = client.list_users(start, LIST_USERS_MAX).await?;
-        listed += users.len() as u64;
-        wrong += users.iter().filter(|u| ring.owner(u.user) != id).count() as u64;
+        all.extend(users.iter().map(|u| u.user));
         match next {
             Some(n) => start = n,
-            None => return Ok((wrong, listed)),
+            None => return Ok(all),
         }
     }
 }
@@ -165,9 +163,83 @@ pub async fn check(
         .count() as u64;
     let ring = ShardRing::new(&map.shards);
     for (id, addr) in shards {
-        let (wrong, listed) = list_shard(&ring, id, *addr).await?;
-        c.users_at_wrong_shard += wrong;
-        c.users_listed += listed;
+        let listed = list_users(*addr).await?;
+        c.users_at_wrong_shard += listed.iter().filter(|&&u| ring.owner(u) != id).count() as u64;
+        c.users_listed += listed.len() as u64;
     }
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rebalance_load::{msg_id, payload};
+    use proto::cluster::ShardEntry;
+
+    /// One in-process shard (small bucket fan-out) and a map naming it.
+    async fn shard(dir: &std::path::Path) -> (msgstore::daemon::Daemon, ClusterMap) {
+        let mut c = msgstore::daemon::DaemonConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data: Some(dir.to_path_buf()),
+            ..Default::default()
+        };
+        c.engine.bucket_dirs = 4;
+        c.engine.bucket_files = 4;
+        let daemon = msgstore::daemon::start(c).await.unwrap();
+        let map = ClusterMap {
+            epoch: 1,
+            presence: "127.0.0.1:1".into(),
+            profile: "127.0.0.1:1".into(),
+            gateways: vec![],
+            shards: vec![ShardEntry {
+                id: "s0".into(),
+                addr: daemon.local_addr().to_string(),
+                weight: 1,
+            }],
+        };
+        (daemon, map)
+    }
+
+    #[tokio::test]
+    async fn the_check_finds_lost_resurrected_phantom_and_misplaced_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (daemon, map) = shard(dir.path()).await;
+        let client = ShardClient::connect(daemon.local_addr()).await.unwrap();
+        let mut ledger = Ledger::default();
+        let store = async |user: u64, id: u128| {
+            client.append(user, id, payload(id, 16)).await.unwrap();
+        };
+        for n in 1..=3 {
+            store(0, msg_id(0, 1, n)).await;
+            ledger.stored.push(msg_id(0, 1, n));
+        }
+        store(1, msg_id(1, 1, 1)).await;
+        store(0, msg_id(0, 2, 1)).await; // never in the ledger: phantom
+        store(2, msg_id(5, 1, 1)).await; // another user's message: misplaced
+        ledger.stored.extend([msg_id(1, 1, 1), msg_id(5, 1, 1)]);
+        ledger.stored.push(msg_id(0, 1, 99)); // acknowledged, never stored: lost
+        client.ack(1, 1).await.unwrap();
+        ledger.drained.push(msg_id(1, 1, 1)); // drained for real
+        ledger.drained.push(msg_id(0, 1, 1)); // "drained" yet present: resurrected
+        let shards = [("s0".to_owned(), daemon.local_addr())];
+        let c = check(&map, &shards, 3, 16, &ledger).await.unwrap();
+        assert_eq!(c.messages_present, 5);
+        assert_eq!(c.acknowledged_appends, 6);
+        assert_eq!(c.drained, 2);
+        assert_eq!(
+            (c.lost, c.resurrected, c.phantom, c.misplaced),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(
+            (c.duplicated, c.seq_gaps, c.users_at_wrong_shard),
+            (0, 0, 0)
+        );
+        assert_eq!(c.users_listed, 3);
+        assert_eq!(c.failures(), 4);
+        // A shard not in the map that lists users holds them wrongly.
+        let stray = [("s9".to_owned(), daemon.local_addr())];
+        let c = check(&map, &stray, 3, 16, &ledger).await.unwrap();
+        assert_eq!(c.users_at_wrong_shard, 3);
+        daemon.shutdown().await.unwrap();
+    }
 }

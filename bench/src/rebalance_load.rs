@@ -19,7 +19,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -39,12 +39,31 @@ const DRAIN_PAGE_COUNT: u32 = 100;
 /// in the high 64 bits, the writer index above the counter.
 const MSG_COUNTER_BITS: u32 = 40;
 
-/// Routes by one fixed map, following `Moved` and retrying `Busy`.
+/// Routes by one map (replaced only when told), following `Moved` and
+/// retrying `Busy`.
 pub struct Router {
-    ring: ShardRing,
-    addrs: HashMap<String, String>,
+    map: RwLock<Routes>,
     /// One pipelined client per shard address, shared by every task.
     clients: Mutex<HashMap<String, ShardClient>>,
+}
+
+/// A map's ring and its shards' addresses.
+struct Routes {
+    ring: ShardRing,
+    addrs: HashMap<String, String>,
+}
+
+impl Routes {
+    fn new(map: &ClusterMap) -> Routes {
+        Routes {
+            ring: ShardRing::new(&map.shards),
+            addrs: map
+                .shards
+                .iter()
+                .map(|s| (s.id.clone(), s.addr.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// Why a routed request ended without an answer.
@@ -66,19 +85,20 @@ pub struct Routed {
 impl Router {
     pub fn new(map: &ClusterMap) -> Router {
         Router {
-            ring: ShardRing::new(&map.shards),
-            addrs: map
-                .shards
-                .iter()
-                .map(|s| (s.id.clone(), s.addr.clone()))
-                .collect(),
+            map: RwLock::new(Routes::new(map)),
             clients: Mutex::default(),
         }
     }
 
+    /// Route by `map` from now on (a gateway that got the new map).
+    pub fn set_map(&self, map: &ClusterMap) {
+        *self.map.write().expect("map lock") = Routes::new(map);
+    }
+
     /// The address of `user`'s owner under this router's map.
-    pub fn owner_addr(&self, user: u64) -> &str {
-        &self.addrs[self.ring.owner(user)]
+    pub fn owner_addr(&self, user: u64) -> String {
+        let routes = self.map.read().expect("map lock");
+        routes.addrs[routes.ring.owner(user)].clone()
     }
 
     pub async fn client(&self, addr: &str) -> Result<ShardClient, ClientError> {
@@ -97,7 +117,7 @@ impl Router {
     /// Send `body` (a request about `user`) to its owner, following
     /// `Moved` and retrying `Busy` / `Unavailable`.
     pub async fn route(&self, user: u64, body: RequestBody) -> Routed {
-        let mut addr = self.owner_addr(user).to_owned();
+        let mut addr = self.owner_addr(user);
         let (mut moved, mut busy) = (0, 0);
         let answer = loop {
             if moved + busy >= u64::from(ROUTE_ATTEMPTS_MAX) || moved > u64::from(MOVED_HOPS_MAX) {
