@@ -13,6 +13,7 @@ use crate::{
 };
 use anyhow::{bail, ensure, Context, Result};
 use msgstore::{
+    client::ShardClient,
     rebalance::{Moved, Mover, Plan, Progress},
     FsyncPolicy,
 };
@@ -25,6 +26,7 @@ use proto::{
 use std::{
     net::SocketAddr,
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -37,6 +39,13 @@ const PREFILL_PIPELINE: usize = 16;
 /// Every this many users has its first message acknowledged before the
 /// run, so moved mailboxes start above sequence number 1.
 const ACKED_USER_STRIDE: u64 = 3;
+/// How often the shards' checkpoint counts are polled.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(250);
+/// The warm-up lasts until every old shard finished a checkpoint after the
+/// prefill (the first creates most bucket files: a one-time cost that
+/// would otherwise land in the "before" window), or this long at most.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(90);
+const CHECKPOINT_WAIT_QUICK: Duration = Duration::from_secs(20);
 const SEED: u64 = 0x0BA1_A7CE;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -90,6 +99,8 @@ struct Settings {
     users: u64,
     window: Duration,
     warmup: Duration,
+    /// How long the warm-up waits for every old shard's first checkpoint.
+    checkpoint_wait: Duration,
 }
 
 impl Settings {
@@ -121,6 +132,11 @@ impl Settings {
             users,
             window,
             warmup: window / 4,
+            checkpoint_wait: if args.quick {
+                CHECKPOINT_WAIT_QUICK
+            } else {
+                CHECKPOINT_WAIT
+            },
             args,
         })
     }
@@ -291,22 +307,134 @@ impl Progress for Quiet {
     fn moved(&self, _bytes: u64) {}
 }
 
-/// The load windows: names and lengths, in the order the load enters them.
-#[derive(Default)]
-struct Windows(Vec<(String, f64)>);
+/// Every shard's `checkpoints_total`, polled in the background (a shard
+/// busy with a checkpoint may answer `Stats` late; the windows must not
+/// wait for it).
+struct CheckpointWatch {
+    latest: Arc<Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CheckpointWatch {
+    async fn start(addrs: &[(String, SocketAddr)]) -> Result<CheckpointWatch> {
+        let mut clients = Vec::new();
+        let mut latest = Vec::new();
+        for (_, addr) in addrs {
+            let client = ShardClient::connect(addr).await?;
+            latest.push(client.stats().await?.checkpoints_total);
+            clients.push(client);
+        }
+        let latest = Arc::new(Mutex::new(latest));
+        let shared = latest.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CHECKPOINT_POLL).await;
+                for (i, c) in clients.iter().enumerate() {
+                    if let Ok(stats) = c.stats().await {
+                        shared.lock().expect("watch lock")[i] = stats.checkpoints_total;
+                    }
+                }
+            }
+        });
+        Ok(CheckpointWatch { latest, task })
+    }
+
+    fn per_shard(&self) -> Vec<u64> {
+        self.latest.lock().expect("watch lock").clone()
+    }
+
+    fn total(&self) -> u64 {
+        self.per_shard().iter().sum()
+    }
+
+    /// Wait until each of the first `shards` shards has checkpointed since
+    /// `since` (its counts), for at most `limit`; whether they all did.
+    async fn wait_first(&self, since: &[u64], shards: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = self.per_shard();
+            if (0..shards).all(|i| now[i] > since[i]) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(CHECKPOINT_POLL).await;
+        }
+    }
+}
+
+impl Drop for CheckpointWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One load window: its name, how long it ran, the checkpoints the shards
+/// finished meanwhile.
+struct Window {
+    name: String,
+    secs: f64,
+    checkpoints: u64,
+}
+
+/// The load windows, in the order the load enters them.
+struct Windows {
+    list: Vec<Window>,
+    /// The window running: its index, since when, checkpoints at its start.
+    current: Option<(usize, Instant, u64)>,
+    watch: CheckpointWatch,
+}
 
 impl Windows {
+    fn new(watch: CheckpointWatch) -> Windows {
+        Windows {
+            list: Vec::new(),
+            current: None,
+            watch,
+        }
+    }
+
     /// Declare a window; its index.
     fn declare(&mut self, name: impl Into<String>) -> usize {
-        self.0.push((name.into(), 0.0));
-        self.0.len() - 1
+        self.list.push(Window {
+            name: name.into(),
+            secs: 0.0,
+            checkpoints: 0,
+        });
+        self.list.len() - 1
+    }
+
+    /// End the running window and count from now on in window `i`.
+    fn enter(&mut self, load: &Load, i: usize) {
+        self.close();
+        load.enter(i);
+        self.current = Some((i, Instant::now(), self.watch.total()));
+    }
+
+    fn close(&mut self) {
+        if let Some((i, since, checkpoints)) = self.current.take() {
+            self.list[i].secs = since.elapsed().as_secs_f64();
+            self.list[i].checkpoints = self.watch.total() - checkpoints;
+        }
     }
 
     /// Run window `i` for `length`.
     async fn measure(&mut self, load: &Load, i: usize, length: Duration) {
-        load.enter(i);
+        self.enter(load, i);
         tokio::time::sleep(length).await;
-        self.0[i].1 = length.as_secs_f64();
+    }
+
+    /// Stop the load at the end of the last window; the windows' stats.
+    async fn stop(mut self, load: Load) -> Result<(Vec<WindowStats>, Ledger)> {
+        self.close();
+        let times: Vec<(String, f64)> =
+            self.list.iter().map(|w| (w.name.clone(), w.secs)).collect();
+        let (mut stats, ledger) = load.stop(&times).await?;
+        for (st, w) in stats.iter_mut().zip(&self.list) {
+            st.checkpoints = Some(w.checkpoints);
+        }
+        Ok((stats, ledger))
     }
 }
 
@@ -363,7 +491,7 @@ async fn migrate(
     let flows = mover.survey().await?;
     let kept = |id: &str| plan.from.shard(id).is_some() && plan.to.shard(id).is_some();
     windows.measure(load, before, window).await;
-    load.enter(during);
+    windows.enter(load, during);
     let started = Instant::now();
     mover.install_moving_routing().await?;
     let move_started = Instant::now();
@@ -374,7 +502,6 @@ async fn migrate(
     let move_secs = move_started.elapsed().as_secs_f64();
     mover.install_final_routing().await?;
     let total_secs = started.elapsed().as_secs_f64();
-    windows.0[during].1 = total_secs;
     let ideal_fraction = 1.0 / plan.from.shards.len().max(plan.to.shards.len()) as f64;
     let moved_fraction = moved.users as f64 / users_total.max(1) as f64;
     Ok(Migration {
@@ -415,13 +542,15 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
     let mut shards = Shards::start(&s, root.path())?;
     let first = shards.first_map();
     install_routing(&first).await?;
-    let router = std::sync::Arc::new(Router::new(&first));
+    let router = Arc::new(Router::new(&first));
     eprintln!(
         "prefilling {} users x {} messages of {} B over {} shards (fsync always)...",
         s.users, s.args.messages_per_user, s.args.payload_bytes, s.args.shards
     );
     let (mut ledger, prefilled) = prefill(&router, &s).await?;
-    let mut windows = Windows::default();
+    let watch = CheckpointWatch::start(&shards.addrs()).await?;
+    let prefilled_checkpoints = watch.per_shard();
+    let mut windows = Windows::new(watch);
     let warmup = windows.declare("warm-up");
     let added = shards.entry(s.args.shards);
     let add = Plan::add_shard(&first, &added.id, &added.addr, 1)?;
@@ -447,11 +576,21 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
         writers: s.args.writers,
         drainers: s.args.drainers,
         payload_bytes: s.args.payload_bytes,
-        windows: windows.0.len(),
+        windows: windows.list.len(),
         seed: SEED,
     };
     let load = Load::start(router.clone(), &spec);
     windows.measure(&load, warmup, s.warmup).await;
+    let steady = windows
+        .watch
+        .wait_first(&prefilled_checkpoints, s.args.shards, s.checkpoint_wait)
+        .await;
+    if !steady {
+        eprintln!(
+            "warm-up: not every shard checkpointed within {:?}",
+            s.checkpoint_wait
+        );
+    }
     let mut migrations = Vec::new();
     for (plan, kind, before, during) in plans {
         eprintln!(
@@ -465,7 +604,7 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
     windows.measure(&load, after_old, s.window).await;
     router.set_map(&final_map);
     windows.measure(&load, after_new, s.window).await;
-    let (stats, load_ledger) = load.stop(&windows.0).await?;
+    let (stats, load_ledger) = windows.stop(load).await?;
     ledger.merge(load_ledger);
     shards.check_running()?;
     eprintln!("checking every mailbox at its new owner...");

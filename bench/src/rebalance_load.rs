@@ -213,6 +213,8 @@ pub struct WindowStats {
     pub link_errors: u64,
     /// The first refusal or broken link of the window.
     pub first_problem: Option<String>,
+    /// Checkpoints the shards finished during the window (all shards).
+    pub checkpoints: Option<u64>,
 }
 
 /// Message ids by fate, for the lost/duplicated check.
@@ -342,6 +344,7 @@ fn window_stats(name: &str, seconds: f64, c: &Counters, h: &LatencyHist) -> Wind
         refused: c.refused.load(Relaxed),
         link_errors: c.link_errors.load(Relaxed),
         first_problem: c.first_problem.lock().expect("problem lock").clone(),
+        checkpoints: None,
     }
 }
 

@@ -143,7 +143,7 @@ impl RebalanceReport {
     }
 
     fn render_windows(&self, out: &mut String) {
-        const WIDTHS: [usize; 9] = [21, 6, 10, 8, 8, 9, 8, 8, 8];
+        const WIDTHS: [usize; 10] = [21, 6, 10, 8, 8, 9, 8, 8, 8, 6];
         let header = [
             "window",
             "secs",
@@ -154,6 +154,7 @@ impl RebalanceReport {
             "moved",
             "busy",
             "refused",
+            "ckpts",
         ];
         row(out, &WIDTHS, header.map(String::from));
         for w in &self.windows {
@@ -167,6 +168,7 @@ impl RebalanceReport {
                 w.moved_redirects.to_string(),
                 w.busy_retries.to_string(),
                 (w.refused + w.link_errors).to_string(),
+                w.checkpoints.map_or("?".into(), |c| c.to_string()),
             ];
             row(out, &WIDTHS, cells);
         }
