@@ -11,6 +11,10 @@ mod load;
 mod presence;
 mod procs;
 mod profile;
+mod rebalance;
+mod rebalance_check;
+mod rebalance_load;
+mod rebalance_report;
 mod redis;
 mod report;
 mod session;
@@ -49,6 +53,9 @@ enum Cmd {
     /// The whole system end to end: online messages, login storm, offline
     /// store + drain, lost/duplicated check, vs the raw UDP echo ceiling.
     E2e(e2e::E2eArgs),
+    /// Live shard rebalancing: users and MB moved per second while a load
+    /// runs, the load during vs before, the fraction moved vs the ideal.
+    Rebalance(rebalance::RebalanceArgs),
 }
 
 #[tokio::main]
@@ -60,5 +67,6 @@ async fn main() -> Result<()> {
         Cmd::Profile(args) => profile::run(args).await,
         Cmd::Session(args) => session::run(args).await,
         Cmd::E2e(args) => e2e::run(args).await,
+        Cmd::Rebalance(args) => rebalance::run(args).await,
     }
 }
