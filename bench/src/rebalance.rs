@@ -14,14 +14,12 @@ use crate::{
 use anyhow::{bail, ensure, Context, Result};
 use msgstore::{
     client::ShardClient,
-    rebalance::{Moved, Mover, Plan, Progress},
+    rebalance::{Mover, Plan, Progress, MOVES_INFLIGHT_MAX},
     FsyncPolicy,
 };
 use proto::{
     cluster::{ClusterMap, ShardEntry},
-    shard::{
-        AppendItem, RequestBody, ResponseBody, Routing, APPEND_BATCH_ITEMS_MAX, FROZEN_USERS_MAX,
-    },
+    shard::{AppendItem, RequestBody, ResponseBody, Routing, APPEND_BATCH_ITEMS_MAX},
 };
 use std::{
     net::SocketAddr,
@@ -77,9 +75,9 @@ pub struct RebalanceArgs {
     /// 10; quick: 3]. The window during one lasts as long as it does.
     #[arg(long)]
     pub window_secs: Option<f64>,
-    /// Move users N at once per source shard with `Mover::move_user`
-    /// instead of `Mover::move_all` (which moves `MOVES_INFLIGHT_MAX`, 16, at
-    /// once): to measure what that limit costs. At most `FROZEN_USERS_MAX`.
+    /// Move users N at once (`Mover::set_moves_inflight`; default
+    /// `MOVES_INFLIGHT_DEFAULT`, 16; at most `MOVES_INFLIGHT_MAX`, 64): to
+    /// measure what the default costs.
     #[arg(long, value_name = "N")]
     pub move_inflight: Option<usize>,
     /// Afterwards also remove a shard (a second migration, measured alike).
@@ -121,8 +119,8 @@ impl Settings {
         ensure!(args.writers > 0, "--writers must be at least 1");
         ensure!(
             args.move_inflight
-                .is_none_or(|n| (1..=FROZEN_USERS_MAX).contains(&n)),
-            "--move-inflight must be 1..={FROZEN_USERS_MAX} (a shard freezes no more users)"
+                .is_none_or(|n| (1..=MOVES_INFLIGHT_MAX).contains(&n)),
+            "--move-inflight must be 1..={MOVES_INFLIGHT_MAX} (a shard freezes no more users)"
         );
         ensure!(
             !args.remove_shard || args.shards > 1,
@@ -448,34 +446,6 @@ async fn users_held(map: &ClusterMap) -> Result<u64> {
     Ok(total)
 }
 
-/// Move every user `plan` moves, `inflight` at once per source shard, with
-/// the library's own `Mover::move_user`: `move_all` does the same with
-/// `MOVES_INFLIGHT_MAX` at once, which this measures the cost of.
-async fn move_with_inflight(mover: &Mover, plan: &Plan, inflight: usize) -> Result<Moved> {
-    let target = plan.target_ring();
-    let mut total = Moved::default();
-    let mut add = |m: Moved| {
-        total.users += m.users;
-        total.bytes += m.bytes;
-        total.records += m.records;
-    };
-    for source in &plan.from.shards {
-        let users = rebalance_check::list_users(source.addr.parse()?).await?;
-        let mut tasks = tokio::task::JoinSet::new();
-        for user in users.into_iter().filter(|&u| target.owner(u) != source.id) {
-            if tasks.len() >= inflight {
-                add(tasks.join_next().await.expect("tasks run")??);
-            }
-            let (mover, from) = (mover.clone(), source.id.clone());
-            tasks.spawn(async move { mover.move_user(&from, user).await });
-        }
-        while let Some(done) = tasks.join_next().await {
-            add(done??);
-        }
-    }
-    Ok(total)
-}
-
 /// Measure the load for a window, then run `plan` with the library in the
 /// next window (both declared by the caller as `windows`).
 async fn migrate(
@@ -486,7 +456,10 @@ async fn migrate(
     (before, during): (usize, usize),
     (window, move_inflight): (Duration, Option<usize>),
 ) -> Result<Migration> {
-    let mover = Mover::connect(plan.clone()).await?;
+    let mut mover = Mover::connect(plan.clone()).await?;
+    if let Some(n) = move_inflight {
+        mover.set_moves_inflight(n);
+    }
     let users_total = users_held(&plan.from).await?;
     let flows = mover.survey().await?;
     let kept = |id: &str| plan.from.shard(id).is_some() && plan.to.shard(id).is_some();
@@ -495,10 +468,7 @@ async fn migrate(
     let started = Instant::now();
     mover.install_moving_routing().await?;
     let move_started = Instant::now();
-    let moved = match move_inflight {
-        None => mover.move_all(&Quiet).await?,
-        Some(n) => move_with_inflight(&mover, &plan, n).await?,
-    };
+    let moved = mover.move_all(&Quiet).await?;
     let move_secs = move_started.elapsed().as_secs_f64();
     mover.install_final_routing().await?;
     let total_secs = started.elapsed().as_secs_f64();
@@ -647,7 +617,7 @@ fn config(s: &Settings) -> serde_json::Value {
         "writers": s.args.writers,
         "drainers": s.args.drainers,
         "window_secs": s.window.as_secs_f64(),
-        "moves_inflight_max": msgstore::rebalance::MOVES_INFLIGHT_MAX,
+        "moves_inflight_default": msgstore::rebalance::MOVES_INFLIGHT_DEFAULT,
         "move_inflight": s.args.move_inflight,
         "remove_shard": s.args.remove_shard,
     })

@@ -181,13 +181,10 @@ impl RebalanceReport {
 
     fn render_migrations(&self, out: &mut String) {
         const WIDTHS: [usize; 9] = [16, 8, 8, 9, 8, 8, 9, 7, 7];
-        let mover = match self.config["move_inflight"].as_u64() {
-            Some(n) => format!("Mover::move_user, {n} at once per source"),
-            None => format!(
-                "Mover::move_all, {} at once",
-                msgstore::rebalance::MOVES_INFLIGHT_MAX
-            ),
-        };
+        let inflight = self.config["move_inflight"]
+            .as_u64()
+            .unwrap_or(msgstore::rebalance::MOVES_INFLIGHT_DEFAULT as u64);
+        let mover = format!("Mover::move_all, {inflight} at once");
         let _ = writeln!(out, "\nmoved with {mover}, shards fsync always");
         let header = [
             "migration",

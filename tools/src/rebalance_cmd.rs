@@ -7,7 +7,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use gateway::map_push::MapPushError;
 use indicatif::{ProgressBar, ProgressStyle};
-use msgstore::rebalance::{Flow, Moved, Mover, Phase, Plan, Progress, State};
+use msgstore::rebalance::{
+    Flow, Moved, Mover, Phase, Plan, Progress, State, MOVES_INFLIGHT_DEFAULT, MOVES_INFLIGHT_MAX,
+};
 use proto::{
     cluster::ClusterMap,
     presence::{RequestBody as PresenceRequest, ResponseBody as PresenceResponse},
@@ -34,6 +36,11 @@ pub struct RebalanceArgs {
     /// cluster map]; it exists while a rebalance is unfinished.
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// Users copied at once (1..=64): more is faster and slows the
+    /// traffic more.
+    #[arg(long, value_name = "N", default_value_t = MOVES_INFLIGHT_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=MOVES_INFLIGHT_MAX as u64))]
+    moves_inflight: u64,
     #[command(subcommand)]
     command: RebalanceCommand,
 }
@@ -68,6 +75,7 @@ enum RebalanceCommand {
 struct Paths {
     cluster: PathBuf,
     state: PathBuf,
+    moves_inflight: usize,
 }
 
 impl RebalanceArgs {
@@ -82,7 +90,11 @@ impl RebalanceArgs {
                 .unwrap_or(Path::new("."))
                 .join("rebalance.toml")
         });
-        Paths { cluster, state }
+        Paths {
+            cluster,
+            state,
+            moves_inflight: self.moves_inflight as usize,
+        }
     }
 }
 
@@ -207,7 +219,8 @@ async fn push_to_gateways(map: &ClusterMap) -> Vec<GatewayPush> {
 /// Run (or resume) the rebalance `state` describes to its end.
 async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mover = Mover::connect(state.plan.clone()).await?;
+    let mut mover = Mover::connect(state.plan.clone()).await?;
+    mover.set_moves_inflight(paths.moves_inflight);
     let mut moved = Moved::default();
     if state.phase == Phase::Moving {
         mover.install_moving_routing().await?;

@@ -1,17 +1,15 @@
 //! `imctl rebalance` against real msgstore processes while writers keep
-//! appending through a router that, like a gateway still on the old map,
-//! follows `Moved` and waits out `Busy`. Afterwards every acknowledged
+//! appending through the gateway's shard router still on the old map (it
+//! follows `Moved` and waits out `Busy`). Afterwards every acknowledged
 //! message is stored exactly once, sequence numbers run on without a gap,
 //! and each shard holds only users it owns under the new map.
 
 mod common;
 
 use daemon::testing::DaemonProcess;
-use msgstore::client::{ClientError, ShardClient};
-use proto::{
-    cluster::{ClusterMap, ShardEntry, ShardRing},
-    shard::ShardErrorCode,
-};
+use gateway::shards::ShardCallError;
+use msgstore::client::ShardClient;
+use proto::cluster::{ClusterMap, ShardEntry, ShardRing};
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
@@ -80,78 +78,24 @@ fn map(shards: &[&Shard]) -> ClusterMap {
     }
 }
 
-/// Routes by one fixed map, following `Moved` to wherever it points.
-struct Router {
-    ring: ShardRing,
-    addrs: HashMap<String, String>,
-    clients: tokio::sync::Mutex<HashMap<String, ShardClient>>,
+/// How a writer reaches the shards: the gateway's shard router, on the
+/// old map all along (it follows `Moved` and waits out `Busy`).
+type Router = gateway::shards::Shards;
+
+fn router(map: &ClusterMap) -> Router {
+    Router::new(map.clone(), 15_000)
 }
 
-/// How one append ended.
-enum Outcome {
-    Stored,
-    /// Refused for certain (nothing stored): may be retried.
-    Refused,
-    /// Unknown (the link broke): stored at most once.
-    Unknown,
-}
-
-impl Router {
-    fn new(map: &ClusterMap) -> Router {
-        Router {
-            ring: ShardRing::new(&map.shards),
-            addrs: map
-                .shards
-                .iter()
-                .map(|s| (s.id.clone(), s.addr.clone()))
-                .collect(),
-            clients: Default::default(),
-        }
-    }
-
-    async fn client(&self, addr: &str) -> Result<ShardClient, ClientError> {
-        let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = ShardClient::connect(addr).await?;
-        clients.insert(addr.to_owned(), c.clone());
-        Ok(c)
-    }
-
-    async fn forget(&self, addr: &str) {
-        self.clients.lock().await.remove(addr);
-    }
-
-    async fn append(&self, user: u64, msg_id: u128) -> Outcome {
-        let mut addr = self.addrs[self.ring.owner(user)].clone();
-        for _ in 0..200 {
-            let client = match self.client(&addr).await {
-                Ok(c) => c,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            };
-            match client
-                .append(user, msg_id, msg_id.to_le_bytes().to_vec())
-                .await
-            {
-                Ok(_) => return Outcome::Stored,
-                Err(ClientError::Shard(e)) => match e.code {
-                    ShardErrorCode::Moved { addr: to, .. } => addr = to,
-                    ShardErrorCode::Busy | ShardErrorCode::Unavailable => {
-                        tokio::time::sleep(Duration::from_millis(10)).await
-                    }
-                    other => panic!("append refused: {other:?} {}", e.message),
-                },
-                Err(_) => {
-                    self.forget(&addr).await;
-                    return Outcome::Unknown;
-                }
-            }
-        }
-        Outcome::Refused
+/// Append one message: `Some(true)` stored, `Some(false)` unknown (the
+/// shard may or may not have it: a broken link, or given up).
+async fn append(router: &Router, user: u64, msg_id: u128) -> bool {
+    match router
+        .append(user, msg_id, msg_id.to_le_bytes().to_vec())
+        .await
+    {
+        Ok(_) => true,
+        Err(ShardCallError::Unavailable { .. }) => false,
+        Err(e) => panic!("append refused: {e}"),
     }
 }
 
@@ -178,18 +122,17 @@ fn start_writers(
                     n += 1;
                     let msg_id = (w << 64) | n;
                     let user = rand::random::<u64>() % users;
-                    match router.append(user, msg_id).await {
-                        Outcome::Stored => ledger
+                    match append(&router, user, msg_id).await {
+                        true => ledger
                             .lock()
                             .unwrap()
                             .stored
                             .entry(user)
                             .or_default()
                             .push(msg_id),
-                        Outcome::Unknown => {
+                        false => {
                             ledger.lock().unwrap().unknown.insert(msg_id);
                         }
-                        Outcome::Refused => {}
                     }
                 }
             })
@@ -207,14 +150,12 @@ fn imctl(cluster: &Path, args: &[&str]) {
 /// Every acknowledged message exactly once at its owner under `map`, seqs
 /// gap-free; every shard holds only users it owns.
 async fn check(map: &ClusterMap, shards: &[&Shard], ledger: &Ledger, users: u64) {
-    let router = Router::new(map);
+    let router = router(map);
     let ring = ShardRing::new(&map.shards);
     for user in 0..users {
-        let owner = &router.addrs[ring.owner(user)];
-        let client = router.client(owner).await.unwrap();
-        let (records, more) = client.fetch(user, 0, 1000, 1 << 20).await.unwrap();
+        let (records, more) = router.fetch(user, 0, 1000, 1 << 20).await.unwrap();
         assert!(!more, "user {user} has more than one page");
-        let stats = client.user_stats(user).await.unwrap();
+        let stats = router.user_stats(user).await.unwrap();
         let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
         let want: Vec<u64> = (stats.acked_seq + 1..=stats.last_seq).collect();
         assert_eq!(seqs, want, "user {user}: seqs are not gap-free");
@@ -254,7 +195,7 @@ async fn prefill(router: &Router, users: u64, per_user: u128, ledger: &Mutex<Led
     for user in 0..users {
         for i in 0..per_user {
             let msg_id = (99 << 64) | (u128::from(user) << 16) | i;
-            assert!(matches!(router.append(user, msg_id).await, Outcome::Stored));
+            assert!(append(router, user, msg_id).await);
             ledger
                 .lock()
                 .unwrap()
@@ -285,7 +226,7 @@ async fn setup(users: u64, per_user: u128) -> Setup {
     let cluster = dir.path().join("cluster.toml");
     std::fs::write(&cluster, old.to_toml()).unwrap();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let router = Arc::new(Router::new(&old));
+    let router = Arc::new(router(&old));
     prefill(&router, users, per_user, &ledger).await;
     Setup {
         dir,
@@ -308,14 +249,7 @@ async fn add_then_remove_a_shard_under_live_writes() {
     } = setup(users, 2).await;
     // Acknowledge some users' first message, so moved seqs start above 1.
     for user in (0..users).step_by(3) {
-        let owner = &router.addrs[router.ring.owner(user)];
-        router
-            .client(owner)
-            .await
-            .unwrap()
-            .ack(user, 1)
-            .await
-            .unwrap();
+        router.ack(user, 1).await.unwrap();
         ledger
             .lock()
             .unwrap()

@@ -6,5 +6,5 @@
 pub mod mover;
 pub mod plan;
 
-pub use mover::{Flow, Moved, Mover, Progress, MOVES_INFLIGHT_MAX};
+pub use mover::{Flow, Moved, Mover, Progress, MOVES_INFLIGHT_DEFAULT, MOVES_INFLIGHT_MAX};
 pub use plan::{Phase, Plan, RebalanceError, State};
