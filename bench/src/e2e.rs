@@ -6,9 +6,16 @@
 //! `imbench session` gives the datagram rate the gateway is compared with.
 //!
 //! Phases: online messages between logged-in pairs (rate, latency send ->
-//! `Delivered`), a login storm (passwords, then resume tokens), offline
-//! messages (`Stored`) and their drain (`Fetch` + `Ack`). Every message id
-//! a receiver gets is checked against what senders were told.
+//! `Delivered`) in two shapes, a login storm (passwords, then resume
+//! tokens), offline messages (`Stored`) and their drain (`Fetch` + `Ack`).
+//! Every message id a receiver gets is checked against what senders were
+//! told. The two online shapes:
+//! * bulk: few pairs with many sends in flight each (`--pairs`, `--window`):
+//!   the most messages per second, several messages per datagram;
+//! * chat: many pairs with one send in flight each (`--chat-pairs`), as
+//!   people chat: every message, push, reply and acknowledgement travels in
+//!   a datagram of its own, so this is where the gateway handles the most
+//!   datagrams per second, and where `datagrams_vs_raw_udp` is measured.
 
 use crate::{
     e2e_fleet::{Counters, Fleet, Log, PlannedLogin, Role, BODY_BYTES},
@@ -74,6 +81,10 @@ pub struct E2eArgs {
     /// requests_in_flight_per_session_max, 64).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
+    /// Sender/receiver pairs of the chat-shaped online phase (one send in
+    /// flight per sender).
+    #[arg(long, default_value_t = 256)]
+    pub chat_pairs: usize,
     /// Length of the online phase's timed window [default: 10; quick: 3].
     #[arg(long)]
     pub duration_secs: Option<f64>,
@@ -101,6 +112,7 @@ pub struct E2eArgs {
 pub struct Plan {
     pub pairs: usize,
     pub window: usize,
+    pub chat_pairs: usize,
     pub duration: Duration,
     pub sockets: usize,
     pub password_logins: usize,
@@ -113,12 +125,16 @@ impl Plan {
     fn new(a: &E2eArgs) -> Result<Plan> {
         let pick = |v: Option<usize>, full, quick| v.unwrap_or(if a.quick { quick } else { full });
         let pairs = a.pairs;
-        ensure!(pairs > 0 && a.sockets > 0, "need pairs > 0 and sockets > 0");
+        ensure!(
+            pairs > 0 && a.chat_pairs > 0 && a.sockets > 0,
+            "need pairs, chat pairs and sockets > 0"
+        );
         ensure!((1..=64).contains(&a.window), "window must be 1..=64");
         let offline = pick(a.offline_messages, 100_000, 10_000);
         Ok(Plan {
             pairs,
             window: a.window,
+            chat_pairs: a.chat_pairs,
             duration: Duration::from_secs_f64(a.duration_secs.unwrap_or(if a.quick {
                 3.0
             } else {
@@ -137,6 +153,8 @@ impl Plan {
             "quick": quick,
             "pairs": self.pairs,
             "window": self.window,
+            "chat_pairs": self.chat_pairs,
+            "chat_window": 1,
             "duration_secs": self.duration.as_secs_f64(),
             "sockets_per_role": self.sockets,
             "password_logins": self.password_logins,
@@ -173,10 +191,14 @@ pub async fn run(args: E2eArgs) -> Result<()> {
 
 async fn run_phases(cluster: &Cluster, plan: &Plan, report: &mut E2eReport) -> Result<()> {
     let mut logs = Vec::new();
-    let (online, online_logs) = online_phase(cluster, plan).await?;
+    let (online, online_logs) = online_phase(cluster, plan, plan.pairs, plan.window).await?;
     report.online = Some(online);
     report.note_problems("online", &online_logs);
     logs.extend(online_logs);
+    let (chat, chat_logs) = online_phase(cluster, plan, plan.chat_pairs, 1).await?;
+    report.chat = Some(chat);
+    report.note_problems("chat", &chat_logs);
+    logs.extend(chat_logs);
     let (logins, storm_logs) = login_storm(cluster, plan).await?;
     report.logins = logins;
     report.note_problems("login storm", &storm_logs);
@@ -363,28 +385,34 @@ async fn wait_logins(counters: &Counters, n: usize, what: &str) -> Result<()> {
 }
 
 /// Receivers log in first (so every send finds its recipient online), then
-/// senders send with `window` outstanding until the timed window ends.
-async fn online_phase(cluster: &Cluster, plan: &Plan) -> Result<(OnlineResult, Vec<Log>)> {
+/// `pairs` senders send with `window` outstanding until the timed window
+/// ends.
+async fn online_phase(
+    cluster: &Cluster,
+    plan: &Plan,
+    pairs: usize,
+    window: usize,
+) -> Result<(OnlineResult, Vec<Log>)> {
     let first = load(&cluster.next_user);
-    let ids = cluster.users(2 * plan.pairs).await?;
-    let (senders, receivers) = ids.split_at(plan.pairs);
+    let ids = cluster.users(2 * pairs).await?;
+    let (senders, receivers) = ids.split_at(pairs);
     let counters = Arc::new(Counters::default());
-    let logins = password_login(receivers, first + plan.pairs as u64, |_| Role::Receiver);
-    let rx = Running::launch(cluster, logins, plan.sockets, plan.pairs, &counters)?;
-    wait_logins(&counters, plan.pairs, "the online receivers' logins").await?;
+    let logins = password_login(receivers, first + pairs as u64, |_| Role::Receiver);
+    let rx = Running::launch(cluster, logins, plan.sockets, pairs, &counters)?;
+    wait_logins(&counters, pairs, "the online receivers' logins").await?;
     let role = |i: usize| Role::Sender {
         to: receivers[i],
-        window: plan.window,
+        window,
         count: u64::MAX,
     };
     let tx = Running::launch(
         cluster,
         password_login(senders, first, role),
         plan.sockets,
-        plan.pairs,
+        pairs,
         &counters,
     )?;
-    wait_logins(&counters, 2 * plan.pairs, "the online senders' logins").await?;
+    wait_logins(&counters, 2 * pairs, "the online senders' logins").await?;
     counters.go.store(true, Ordering::Relaxed);
     tokio::time::sleep(WARMUP).await;
     let start = Snapshot::take(&counters, cluster);
@@ -392,7 +420,10 @@ async fn online_phase(cluster: &Cluster, plan: &Plan) -> Result<(OnlineResult, V
     let end = Snapshot::take(&counters, cluster);
     let mut logs = tx.stop().await?;
     logs.extend(rx.stop().await?);
-    Ok((OnlineResult::new(plan, &start, &end, &logs), logs))
+    Ok((
+        OnlineResult::new((pairs, window), &start, &end, &logs),
+        logs,
+    ))
 }
 
 /// Counters and the gateway's CPU time at one instant.

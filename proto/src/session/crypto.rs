@@ -1,16 +1,22 @@
 //! Every cryptographic operation of the session layer, all from well-kept
 //! crates: the Noise_NK handshake (`snow`), the transport AEAD
-//! (`chacha20poly1305`, with Noise's nonce layout), and the handshake MACs
-//! and cookies (keyed BLAKE2s from `blake2`).
+//! (ChaCha20-Poly1305 from `ring`, with Noise's nonce layout), and the
+//! handshake MACs and cookies (keyed BLAKE2s from `blake2`).
+//!
+//! The AEAD is `ring`'s (BoringSSL's assembly, chosen at run time for the
+//! CPU): the `chacha20poly1305` crate, built for baseline x86-64 as
+//! distributed binaries are, took 1.7 us to seal 100 bytes against ring's
+//! 0.18 us on this project's reference machine, most of a gateway's cost
+//! per datagram.
 
 use super::wire::{DH_BYTES, MAC_BYTES, TAG_BYTES};
 use blake2::{
     digest::{consts::U16, Digest, KeyInit, Mac},
     Blake2s256, Blake2sMac,
 };
-use chacha20poly1305::{aead::AeadInPlace, ChaCha20Poly1305};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 use snow::{
     params::{CipherChoice, DHChoice, HashChoice, NoiseParams},
     resolvers::{CryptoResolver, DefaultResolver},
@@ -152,19 +158,25 @@ impl TransportKeys {
     }
 
     /// Noise ChaChaPoly nonce: 4 zero bytes, then the counter little-endian.
-    fn nonce(counter: u64) -> chacha20poly1305::Nonce {
+    fn nonce(counter: u64) -> Nonce {
         let mut n = [0u8; 12];
         n[4..].copy_from_slice(&counter.to_le_bytes());
-        n.into()
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// The AEAD under `key`. Built per call: keeping ring's key object in
+    /// every session would cost hundreds of bytes per idle session, and for
+    /// ChaCha20 it is only the 32 key bytes.
+    fn cipher(key: &[u8; 32]) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key"))
     }
 
     /// Encrypt `buf[..len]` in place and append the tag; the new length.
     pub fn seal(&self, counter: u64, buf: &mut [u8], len: usize) -> usize {
-        let cipher = ChaCha20Poly1305::new(&self.send.into());
-        let tag = cipher
-            .encrypt_in_place_detached(&Self::nonce(counter), &[], &mut buf[..len])
+        let tag = Self::cipher(&self.send)
+            .seal_in_place_separate_tag(Self::nonce(counter), Aad::empty(), &mut buf[..len])
             .expect("plaintext within AEAD limits");
-        buf[len..len + TAG_BYTES].copy_from_slice(&tag);
+        buf[len..len + TAG_BYTES].copy_from_slice(tag.as_ref());
         len + TAG_BYTES
     }
 
@@ -174,10 +186,9 @@ impl TransportKeys {
         let len = sealed.len().checked_sub(TAG_BYTES)?;
         let out = out.get_mut(..len)?;
         out.copy_from_slice(&sealed[..len]);
-        let cipher = ChaCha20Poly1305::new(&self.recv.into());
-        let tag = chacha20poly1305::Tag::from_slice(&sealed[len..]);
-        cipher
-            .decrypt_in_place_detached(&Self::nonce(counter), &[], out, tag)
+        let tag = Tag::try_from(&sealed[len..]).ok()?;
+        Self::cipher(&self.recv)
+            .open_in_place_separate_tag(Self::nonce(counter), Aad::empty(), tag, out, 0..)
             .ok()?;
         Some(len)
     }
