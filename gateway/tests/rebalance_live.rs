@@ -40,6 +40,16 @@ async fn connect(c: &Cluster, user: &str) -> (Connection, tokio::sync::mpsc::Rec
     sdk::connect(config).await.unwrap()
 }
 
+/// The bodies in `conn`'s mailbox (fetched and acknowledged); closes it.
+async fn drain(conn: &Connection) -> Vec<String> {
+    let stored = conn.drain_mailbox().await.unwrap();
+    conn.close().await;
+    stored
+        .into_iter()
+        .map(|d| String::from_utf8(d.body).unwrap())
+        .collect()
+}
+
 /// Run the whole rebalance from `from` by `change`, as the tool does, and
 /// push the new map to the gateway; the new map.
 async fn rebalance(plan: Plan, gateway_peer: &str) -> ClusterMap {
@@ -126,24 +136,12 @@ async fn messages_survive_adding_and_removing_shards_under_traffic() {
     // Everything each receiver got: pushes while online, then its mailbox.
     let mut received: Vec<String> = Vec::new();
     for (conn, got) in online {
-        let stored = conn.drain_mailbox().await.unwrap();
-        received.extend(
-            stored
-                .into_iter()
-                .map(|d| String::from_utf8(d.body).unwrap()),
-        );
-        conn.close().await;
+        received.extend(drain(&conn).await);
         received.extend(got.await.unwrap());
     }
     for i in 4..receivers.len() {
         let (conn, _events) = connect(&c, &format!("r{i}")).await;
-        let stored = conn.drain_mailbox().await.unwrap();
-        received.extend(
-            stored
-                .into_iter()
-                .map(|d| String::from_utf8(d.body).unwrap()),
-        );
-        conn.close().await;
+        received.extend(drain(&conn).await);
     }
     let mut seen = HashSet::new();
     for body in &received {
