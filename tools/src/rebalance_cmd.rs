@@ -219,10 +219,10 @@ async fn push_to_gateways(map: &ClusterMap) -> Vec<GatewayPush> {
 /// Run (or resume) the rebalance `state` describes to its end.
 async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut mover = Mover::connect(state.plan.clone()).await?;
-    mover.set_moves_inflight(paths.moves_inflight);
     let mut moved = Moved::default();
     if state.phase == Phase::Moving {
+        let mut mover = Mover::connect(state.plan.clone()).await?;
+        mover.set_moves_inflight(paths.moves_inflight);
         mover.install_moving_routing().await?;
         let bar = Bar::new();
         moved = mover.move_all(&bar).await?;
@@ -230,7 +230,11 @@ async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Resul
         state.phase = Phase::Finishing;
         state.save(&paths.state)?;
     }
-    mover.install_final_routing().await?;
+    // A removed shard may be gone by now: only the new map's are needed.
+    Mover::connect_targets(state.plan.clone())
+        .await?
+        .install_final_routing()
+        .await?;
     write_map(&paths.cluster, &state.plan.to)?;
     let gateways = push_to_gateways(&state.plan.to).await;
     State::remove(&paths.state)?;

@@ -347,3 +347,35 @@ async fn a_killed_tool_and_a_killed_source_shard_then_resume() {
     let all: Vec<&Shard> = shards.iter().collect();
     check(&new, &all, &ledger, users).await;
 }
+
+/// A rebalance interrupted after every user moved finishes with `resume`
+/// even when the removed shard is already shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_finishes_without_the_removed_shard() {
+    use msgstore::rebalance::{Phase, Plan, State};
+    let dir = tempfile::tempdir().unwrap();
+    let mut shards: Vec<Shard> = (0..2)
+        .map(|i| Shard::start(dir.path(), &format!("s{i}")))
+        .collect();
+    let old = map(&[&shards[0], &shards[1]]);
+    let cluster = dir.path().join("cluster.toml");
+    std::fs::write(&cluster, old.to_toml()).unwrap();
+    let state = State {
+        phase: Phase::Finishing,
+        plan: Plan::remove_shard(&old, "s1").unwrap(),
+    };
+    state.save(&dir.path().join("rebalance.toml")).unwrap();
+    if let Some(p) = shards[1].process.take() {
+        p.kill();
+    }
+    let cluster2 = cluster.clone();
+    tokio::task::spawn_blocking(move || imctl(&cluster2, &["resume"]))
+        .await
+        .unwrap();
+    let new = ClusterMap::from_toml(&std::fs::read_to_string(&cluster).unwrap()).unwrap();
+    assert_eq!((new.epoch, new.shards.len()), (2, 1));
+    assert!(!dir.path().join("rebalance.toml").exists());
+    let s0 = ShardClient::connect(shards[0].addr).await.unwrap();
+    let routing = s0.get_routing().await.unwrap().expect("routing installed");
+    assert_eq!((routing.current.epoch, routing.target), (2, None));
+}

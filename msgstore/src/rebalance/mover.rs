@@ -90,6 +90,14 @@ impl Mover {
         Mover::connect_to(plan, shards).await
     }
 
+    /// Connect to the new map's shards only: enough to finish a rebalance
+    /// whose users are all moved ([`Mover::install_final_routing`]), even
+    /// after a removed shard was shut down.
+    pub async fn connect_targets(plan: Plan) -> Result<Mover, RebalanceError> {
+        let shards = plan.to.shards.clone();
+        Mover::connect_to(plan, shards).await
+    }
+
     async fn connect_to(
         plan: Plan,
         shards: Vec<proto::cluster::ShardEntry>,
