@@ -69,6 +69,13 @@ impl Engine {
         self.admit(req.user, state.as_ref(), true)?;
         let state = state
             .unwrap_or_else(|| UserState::new(bucket_for_user(req.user, self.config.buckets())));
+        if state.next_seq == u64::MAX {
+            // Only an import can bring a user here; the next seq must exist.
+            return Err(Error::MailboxFull {
+                user: req.user,
+                reason: "sequence numbers exhausted",
+            });
+        }
         if state.live_count() >= self.config.mailbox_messages_max {
             return Err(Error::MailboxFull {
                 user: req.user,

@@ -84,7 +84,7 @@ impl UserState {
             live_bytes: le_u64(&b[36..44]),
             moved,
         };
-        let moved_is_empty = !s.moved || s.acked_seq + 1 == s.next_seq;
+        let moved_is_empty = !s.moved || s.acked_seq.checked_add(1) == Some(s.next_seq);
         (moved_is_empty && s.next_seq >= 1 && s.acked_seq < s.next_seq && s.tail_seq < s.next_seq)
             .then_some(s)
     }
