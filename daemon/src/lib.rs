@@ -16,6 +16,7 @@
 //! in each daemon's `serve` function, which selects on [`Signals::wait`].
 
 pub mod config;
+pub mod files;
 pub mod link;
 mod lock;
 mod service;

@@ -13,7 +13,6 @@ use proto::{
 };
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -50,13 +49,7 @@ pub fn load_saved(dir: &Path) -> Result<Option<ClusterMap>, MapFileError> {
 /// Save `map` in `dir` atomically and durably: temp file, fsync, rename,
 /// fsync of the directory.
 pub fn save(dir: &Path, map: &ClusterMap) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{MAP_FILE}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(map.to_toml().as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(MAP_FILE))?;
-    fs::File::open(dir)?.sync_all()
+    daemon::files::write_atomic(&dir.join(MAP_FILE), map.to_toml().as_bytes())
 }
 
 /// The newest valid `current` map among the routings of `map`'s shards

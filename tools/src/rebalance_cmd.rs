@@ -72,14 +72,15 @@ enum RebalanceCommand {
     Resume,
 }
 
-struct Paths {
+/// Where the map and the state file are, and how many users move at once.
+struct Options {
     cluster: PathBuf,
     state: PathBuf,
     moves_inflight: usize,
 }
 
 impl RebalanceArgs {
-    fn paths(&self) -> Paths {
+    fn options(&self) -> Options {
         let cluster = self
             .cluster
             .clone()
@@ -90,7 +91,7 @@ impl RebalanceArgs {
                 .unwrap_or(Path::new("."))
                 .join("rebalance.toml")
         });
-        Paths {
+        Options {
             cluster,
             state,
             moves_inflight: self.moves_inflight as usize,
@@ -99,7 +100,7 @@ impl RebalanceArgs {
 }
 
 pub async fn run(args: RebalanceArgs, out: &Output) -> anyhow::Result<()> {
-    let paths = args.paths();
+    let opts = args.options();
     match args.command {
         RebalanceCommand::AddShard {
             id,
@@ -107,26 +108,23 @@ pub async fn run(args: RebalanceArgs, out: &Output) -> anyhow::Result<()> {
             weight,
             dry_run,
         } => {
-            let from = read_map(&paths.cluster)?;
+            let from = read_map(&opts.cluster)?;
             start(
                 Plan::add_shard(&from, &id, &addr, weight)?,
                 dry_run,
-                &paths,
+                &opts,
                 out,
             )
             .await
         }
         RebalanceCommand::RemoveShard { id, dry_run } => {
-            let from = read_map(&paths.cluster)?;
-            start(Plan::remove_shard(&from, &id)?, dry_run, &paths, out).await
+            let from = read_map(&opts.cluster)?;
+            start(Plan::remove_shard(&from, &id)?, dry_run, &opts, out).await
         }
-        RebalanceCommand::Status => status(&paths, out).await,
-        RebalanceCommand::Resume => match State::load(&paths.state)? {
-            Some(state) => execute(state, &paths, out).await,
-            None => bail!(
-                "no rebalance in progress ({} absent)",
-                paths.state.display()
-            ),
+        RebalanceCommand::Status => status(&opts, out).await,
+        RebalanceCommand::Resume => match State::load(&opts.state)? {
+            Some(state) => execute(state, &opts, out).await,
+            None => bail!("no rebalance in progress ({} absent)", opts.state.display()),
         },
     }
 }
@@ -137,21 +135,18 @@ fn read_map(path: &Path) -> anyhow::Result<ClusterMap> {
     ClusterMap::from_toml(&text).with_context(|| format!("cluster map {}", path.display()))
 }
 
-/// Write the map file atomically (temp file, fsync, rename).
+/// Write the map file atomically and durably.
 fn write_map(path: &Path, map: &ClusterMap) -> anyhow::Result<()> {
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, map.to_toml())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
+    daemon::files::write_atomic(path, map.to_toml().as_bytes())
         .with_context(|| format!("cannot replace the cluster map {}", path.display()))
 }
 
-async fn start(plan: Plan, dry_run: bool, paths: &Paths, out: &Output) -> anyhow::Result<()> {
-    if let Some(state) = State::load(&paths.state)? {
+async fn start(plan: Plan, dry_run: bool, opts: &Options, out: &Output) -> anyhow::Result<()> {
+    if let Some(state) = State::load(&opts.state)? {
         bail!(
             "a rebalance to epoch {} is in progress ({}): run `imctl rebalance resume` first",
             state.plan.to.epoch,
-            paths.state.display()
+            opts.state.display()
         );
     }
     if dry_run {
@@ -162,8 +157,8 @@ async fn start(plan: Plan, dry_run: bool, paths: &Paths, out: &Output) -> anyhow
         phase: Phase::Moving,
         plan,
     };
-    state.save(&paths.state)?;
-    execute(state, paths, out).await
+    state.save(&opts.state)?;
+    execute(state, opts, out).await
 }
 
 #[derive(Serialize)]
@@ -217,27 +212,27 @@ async fn push_to_gateways(map: &ClusterMap) -> Vec<GatewayPush> {
 }
 
 /// Run (or resume) the rebalance `state` describes to its end.
-async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Result<()> {
+async fn execute(mut state: State, opts: &Options, out: &Output) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut moved = Moved::default();
     if state.phase == Phase::Moving {
         let mut mover = Mover::connect(state.plan.clone()).await?;
-        mover.set_moves_inflight(paths.moves_inflight);
+        mover.set_moves_inflight(opts.moves_inflight);
         mover.install_moving_routing().await?;
         let bar = Bar::new();
         moved = mover.move_all(&bar).await?;
         bar.0.finish_and_clear();
         state.phase = Phase::Finishing;
-        state.save(&paths.state)?;
+        state.save(&opts.state)?;
     }
     // A removed shard may be gone by now: only the new map's are needed.
     Mover::connect_targets(state.plan.clone())
         .await?
         .install_final_routing()
         .await?;
-    write_map(&paths.cluster, &state.plan.to)?;
+    write_map(&opts.cluster, &state.plan.to)?;
     let gateways = push_to_gateways(&state.plan.to).await;
-    State::remove(&paths.state)?;
+    State::remove(&opts.state)?;
     let seconds = started.elapsed().as_secs_f64();
     let summary = Summary {
         epoch: state.plan.to.epoch,
@@ -258,7 +253,7 @@ async fn execute(mut state: State, paths: &Paths, out: &Output) -> anyhow::Resul
             summary.bytes as f64 / 1e6,
             summary.seconds,
             summary.users_per_s,
-            paths.cluster.display()
+            opts.cluster.display()
         );
         for g in &summary.gateways {
             let _ = match (&g.epoch, &g.error) {
@@ -286,9 +281,9 @@ struct StatusReport {
     remaining: Vec<FlowReport>,
 }
 
-async fn status(paths: &Paths, out: &Output) -> anyhow::Result<()> {
-    let Some(state) = State::load(&paths.state)? else {
-        let map = read_map(&paths.cluster)?;
+async fn status(opts: &Options, out: &Output) -> anyhow::Result<()> {
+    let Some(state) = State::load(&opts.state)? else {
+        let map = read_map(&opts.cluster)?;
         let report = StatusReport {
             in_progress: false,
             phase: None,

@@ -9,7 +9,6 @@ use crate::{Error, Result};
 use proto::{cluster::ShardRing, shard::Routing};
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -143,13 +142,7 @@ pub(super) fn load(dir: &Path) -> Result<Option<RoutingTable>> {
 pub(super) fn store(dir: &Path, routing: &Routing) -> Result<()> {
     let text = toml::to_string_pretty(routing)
         .map_err(|e| Error::Storage(format!("routing does not serialize: {e}")))?;
-    let tmp = dir.join("routing.toml.tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, routing_path(dir))?;
-    fs::File::open(dir)?.sync_all()?;
+    daemon::files::write_atomic(&routing_path(dir), text.as_bytes())?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use proto::cluster::{ClusterMap, ShardEntry, ShardRing};
 use serde::{Deserialize, Serialize};
-use std::{fs, io::Write, path::Path};
+use std::{fs, path::Path};
 
 /// Why a rebalance cannot be planned or run.
 #[derive(Debug, thiserror::Error)]
@@ -132,16 +132,7 @@ impl State {
             message: e.to_string(),
         };
         let text = toml::to_string_pretty(self).expect("a rebalance state always serializes");
-        let tmp = path.with_extension("tmp");
-        let mut f = fs::File::create(&tmp).map_err(failed)?;
-        f.write_all(text.as_bytes()).map_err(failed)?;
-        f.sync_all().map_err(failed)?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(failed)?;
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-        fs::File::open(dir.unwrap_or(Path::new(".")))
-            .and_then(|d| d.sync_all())
-            .map_err(failed)
+        daemon::files::write_atomic(path, text.as_bytes()).map_err(failed)
     }
 
     /// The rebalance is over: forget it.
