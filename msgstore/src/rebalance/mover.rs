@@ -163,35 +163,22 @@ impl Mover {
 
     /// Users whose owner changes, per (old shard, new shard), with bytes.
     pub async fn survey(&self) -> Result<Vec<Flow>, RebalanceError> {
-        let mut flows: HashMap<(String, String), Flow> = HashMap::new();
-        for source in &self.plan.from.shards {
-            self.for_each_leaving(&source.id, |user, bytes| {
-                let to = self.target.owner(user).to_owned();
-                let flow = flows
-                    .entry((source.id.clone(), to.clone()))
-                    .or_insert_with(|| Flow {
-                        from: source.id.clone(),
-                        to,
-                        users: 0,
-                        bytes: 0,
-                    });
-                flow.users += 1;
-                flow.bytes += bytes;
-            })
-            .await?;
-        }
-        let mut flows: Vec<Flow> = flows.into_values().collect();
-        flows.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
-        Ok(flows)
+        Ok(flows(&self.leaving_all().await?, &self.target))
     }
 
-    /// Call `f(user, live_bytes)` for every user on `shard` that the new
-    /// map gives to another shard.
-    async fn for_each_leaving(
-        &self,
-        shard: &str,
-        mut f: impl FnMut(u64, u64),
-    ) -> Result<(), RebalanceError> {
+    /// Per shard of the old map, its users that the new map gives to
+    /// another shard, with their live payload bytes.
+    async fn leaving_all(&self) -> Result<Vec<(String, Vec<(u64, u64)>)>, RebalanceError> {
+        let mut all = Vec::new();
+        for source in &self.plan.from.shards {
+            all.push((source.id.clone(), self.leaving(&source.id).await?));
+        }
+        Ok(all)
+    }
+
+    /// The users on `shard` that the new map gives to another shard.
+    async fn leaving(&self, shard: &str) -> Result<Vec<(u64, u64)>, RebalanceError> {
+        let mut out = Vec::new();
         let mut start = 0;
         loop {
             let (users, next) = self
@@ -199,40 +186,44 @@ impl Mover {
                 .list_users(start, LIST_USERS_MAX)
                 .await
                 .map_err(|e| shard_error(shard, e))?;
-            for u in &users {
-                if self.target.owner(u.user) != shard {
-                    f(u.user, u.live_bytes);
-                }
-            }
+            out.extend(
+                users
+                    .iter()
+                    .filter(|u| self.target.owner(u.user) != shard)
+                    .map(|u| (u.user, u.live_bytes)),
+            );
             match next {
+                None => return Ok(out),
+                Some(next) if next > start => start = next,
                 Some(next) => {
-                    assert!(next > start, "a shard's user listing must move forward");
-                    start = next;
+                    return Err(RebalanceError::Shard {
+                        shard: shard.to_owned(),
+                        message: format!("user listing went back from {start} to {next}"),
+                    })
                 }
-                None => return Ok(()),
             }
         }
     }
 
     /// Move every user whose owner changes, several at once (see
-    /// [`Mover::set_moves_inflight`]).
+    /// [`Mover::set_moves_inflight`]). The shards of the old map are
+    /// listed once: while both maps are installed none of them gains a
+    /// user it loses under the new map.
     pub async fn move_all(&self, progress: &dyn Progress) -> Result<Moved, RebalanceError> {
-        let flows = self.survey().await?;
+        let leaving = self.leaving_all().await?;
+        let planned = flows(&leaving, &self.target);
         progress.planned(
-            flows.iter().map(|f| f.users).sum(),
-            flows.iter().map(|f| f.bytes).sum(),
+            planned.iter().map(|f| f.users).sum(),
+            planned.iter().map(|f| f.bytes).sum(),
         );
         let mut total = Moved::default();
-        for source in &self.plan.from.shards {
-            let mut leaving = Vec::new();
-            self.for_each_leaving(&source.id, |user, _| leaving.push(user))
-                .await?;
+        for (source, users) in leaving {
             let mut tasks = JoinSet::new();
-            for user in leaving {
+            for (user, _) in users {
                 if tasks.len() >= self.moves_inflight {
                     total.add(joined(tasks.join_next().await, progress)?);
                 }
-                let (mover, from) = (self.clone(), source.id.clone());
+                let (mover, from) = (self.clone(), source.clone());
                 tasks.spawn(async move { mover.move_user(&from, user).await });
             }
             while let Some(done) = tasks.join_next().await {
@@ -305,6 +296,27 @@ impl Mover {
             records,
         })
     }
+}
+
+/// Sum leaving users per (old shard, new shard), sorted.
+fn flows(leaving: &[(String, Vec<(u64, u64)>)], target: &ShardRing) -> Vec<Flow> {
+    let mut flows: HashMap<(&str, &str), Flow> = HashMap::new();
+    for (from, users) in leaving {
+        for &(user, bytes) in users {
+            let to = target.owner(user);
+            let flow = flows.entry((from, to)).or_insert_with(|| Flow {
+                from: from.clone(),
+                to: to.to_owned(),
+                users: 0,
+                bytes: 0,
+            });
+            flow.users += 1;
+            flow.bytes += bytes;
+        }
+    }
+    let mut flows: Vec<Flow> = flows.into_values().collect();
+    flows.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+    flows
 }
 
 impl Moved {
