@@ -5,8 +5,8 @@
 //! [`Workload`] decides which ops to issue (random appends, a prefill, a
 //! drain). Each connection task keeps up to `pipeline` requests in flight,
 //! writes everything it can issue in one `write_all`, and matches replies to
-//! requests in order (both targets answer one connection in order; the shard
-//! codec checks its ids to be sure).
+//! requests: in order (Redis), or by the id the reply carries (our shard,
+//! which may answer a fetch of durable records before earlier requests).
 
 use crate::report::LatencyHist;
 use anyhow::{bail, Context, Result};
@@ -76,6 +76,12 @@ pub trait Codec<O = Op>: Send + 'static {
     /// Decode one reply from the front of `buf`, consuming it; `None` if the
     /// reply is not complete yet.
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>>;
+    /// Which request the reply `decode` just returned answers: its index
+    /// among the requests encoded on this connection (from 0), or `None`
+    /// for the oldest outstanding one (targets that answer in order).
+    fn answered(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What one connection issues and how it reacts to replies.
@@ -215,7 +221,9 @@ async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
     const READ_RESERVE_BYTES: usize = 64 * 1024;
     let mut wbuf = Vec::with_capacity(READ_RESERVE_BYTES);
     let mut rbuf = BytesMut::with_capacity(4 * READ_RESERVE_BYTES);
-    let mut inflight: VecDeque<(O, Instant)> = VecDeque::with_capacity(pipeline);
+    // (op, sent at, its index on this connection)
+    let mut inflight: VecDeque<(O, Instant, u64)> = VecDeque::with_capacity(pipeline);
+    let mut sent = 0u64;
     let mut out = ConnOutcome::default();
     loop {
         let now = Instant::now();
@@ -226,7 +234,8 @@ async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
                     payload_rng.fill(&mut payload);
                 }
                 codec.encode(&op, &payload, &mut wbuf)?;
-                inflight.push_back((op, now));
+                inflight.push_back((op, now, sent));
+                sent += 1;
             }
         }
         if !wbuf.is_empty() {
@@ -259,8 +268,15 @@ async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
             );
         }
         while let Some(reply) = codec.decode(&mut rbuf)? {
-            let (op, t0) = inflight
-                .pop_front()
+            let at = match codec.answered() {
+                None => 0,
+                Some(n) => inflight
+                    .iter()
+                    .position(|(_, _, i)| *i == n)
+                    .with_context(|| format!("reply to request {n}, which is not outstanding"))?,
+            };
+            let (op, t0, _) = inflight
+                .remove(at)
                 .context("reply without an outstanding request")?;
             let now = Instant::now();
             let in_window = deadline.is_none_or(|d| now <= d);

@@ -207,6 +207,27 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     stat_cpu_time(&format!("/proc/{pid}/stat"))
 }
 
+/// Wait until `pid` is idle: it used under `SETTLE_CPU_SHARE` of one core
+/// over a `SETTLE_WINDOW`, e.g. once a server has finished the background
+/// work a load left behind. Returns how long that took, or `None` if it was
+/// still busy after `max`.
+pub async fn settle(pid: u32, max: Duration) -> Result<Option<Duration>> {
+    const SETTLE_WINDOW: Duration = Duration::from_millis(300);
+    const SETTLE_CPU_SHARE: f64 = 0.05;
+    let start = std::time::Instant::now();
+    loop {
+        let before = cpu_time(pid)?;
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let used = cpu_time(pid)?.saturating_sub(before);
+        if used.as_secs_f64() < SETTLE_CPU_SHARE * SETTLE_WINDOW.as_secs_f64() {
+            return Ok(Some(start.elapsed()));
+        }
+        if start.elapsed() >= max {
+            return Ok(None);
+        }
+    }
+}
+
 /// CPU time (user + system) one thread of this process has used so far.
 pub fn thread_cpu_time(tid: i32) -> Result<Duration> {
     stat_cpu_time(&format!("/proc/self/task/{tid}/stat"))

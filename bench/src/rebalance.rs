@@ -151,7 +151,8 @@ impl Shards {
         let mut servers = Vec::new();
         for i in 0..=s.args.shards {
             let id = format!("s{i}");
-            let server = shard_driver::start(&bin, &root.join(&id), FsyncPolicy::Always, false)?;
+            let server =
+                shard_driver::start(&bin, &root.join(&id), FsyncPolicy::Always, false, None)?;
             servers.push((id, server));
         }
         Ok(Shards { servers })

@@ -27,6 +27,9 @@ const PREFILL_PIPELINE: usize = 16;
 const STATS_TIMEOUT: Duration = Duration::from_secs(15);
 const STATS_TIMEOUT_QUICK: Duration = Duration::from_secs(4);
 const SEED: u64 = 0x5EED_1B0B;
+/// Longest wait for a server to become idle between prefill and drain.
+const SETTLE_MAX: Duration = Duration::from_secs(60);
+const SETTLE_MAX_QUICK: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StorageArgs {
@@ -47,7 +50,7 @@ pub struct StorageArgs {
     /// Length of each timed phase [default: 10; quick: 1.5].
     #[arg(long)]
     pub duration_secs: Option<f64>,
-    /// Mailboxes prefilled and drained [default: 5,000; quick: 200].
+    /// Mailboxes prefilled and drained [default: 5,000; quick: 2,000].
     #[arg(long)]
     pub drain_users: Option<u64>,
     /// Messages prefilled into each drained mailbox.
@@ -77,6 +80,43 @@ pub struct StorageArgs {
     /// The msgstore daemon [default: `msgstore` next to this executable].
     #[arg(long)]
     pub msgstore_bin: Option<PathBuf>,
+    /// A config file for every msgstore daemon started (`msgstore --config`),
+    /// e.g. to compare `[server]` settings; flags still set data, listen
+    /// address and fsync.
+    #[arg(long)]
+    pub msgstore_config: Option<PathBuf>,
+    /// Run only these phases (comma-separated), e.g. to profile one; the
+    /// ratios of phases not run are absent. The disk ceiling runs with
+    /// `engine` (it needs the engine's batch size).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Phase::all())]
+    pub phases: Vec<Phase>,
+}
+
+/// A selectable part of the storage benchmark.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Appends: Redis `always` vs our `always`.
+    Always,
+    /// Appends: Redis `everysec` vs our `interval:1000`.
+    Interval,
+    /// Appends: Redis AOF off vs our `never`.
+    Never,
+    /// Prefill and drain.
+    Drain,
+    /// The engine in-process, then the disk ceiling.
+    Engine,
+}
+
+impl Phase {
+    fn all() -> Vec<Phase> {
+        vec![
+            Phase::Always,
+            Phase::Interval,
+            Phase::Never,
+            Phase::Drain,
+            Phase::Engine,
+        ]
+    }
 }
 
 /// Arguments with the quick/default choices resolved.
@@ -107,7 +147,7 @@ impl Settings {
             Duration::try_from_secs_f64(duration_secs).context("--duration-secs is not valid")?;
         let drain_users = args
             .drain_users
-            .unwrap_or(if args.quick { 200 } else { 5_000 })
+            .unwrap_or(if args.quick { 2_000 } else { 5_000 })
             .max(1);
         anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
         Ok(Self {
@@ -213,11 +253,16 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     };
 
     let pairs = [
-        (RedisAof::Always, FsyncPolicy::Always),
-        (RedisAof::EverySec, FsyncPolicy::IntervalMs(1000)),
-        (RedisAof::Off, FsyncPolicy::Never),
+        (Phase::Always, RedisAof::Always, FsyncPolicy::Always),
+        (
+            Phase::Interval,
+            RedisAof::EverySec,
+            FsyncPolicy::IntervalMs(1000),
+        ),
+        (Phase::Never, RedisAof::Off, FsyncPolicy::Never),
     ];
-    for (aof, fsync) in pairs {
+    let wanted = |p: Phase| s.args.phases.contains(&p);
+    for (_, aof, fsync) in pairs.into_iter().filter(|(p, ..)| wanted(*p)) {
         eprintln!("append: redis {aof} vs msgstore {fsync}");
         append_pair(
             &s,
@@ -230,19 +275,28 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .await?;
     }
 
-    eprintln!(
-        "drain: redis {} vs msgstore {}",
-        RedisAof::Always,
-        FsyncPolicy::Always
-    );
-    drain_pair(&s, root.path(), msgstore_bin.as_deref(), &mut report).await?;
+    if wanted(Phase::Drain) {
+        eprintln!(
+            "drain: redis {} vs msgstore {}",
+            RedisAof::Always,
+            FsyncPolicy::Always
+        );
+        drain_pair(&s, root.path(), msgstore_bin.as_deref(), &mut report).await?;
+    }
+    if wanted(Phase::Engine) {
+        engine_and_disk(&s, root.path(), &mut report).await?;
+    }
+    finish(s, root, report)
+}
 
+/// The engine in-process, then the raw disk ceiling at its batch size.
+async fn engine_and_disk(s: &Settings, root: &Path, report: &mut StorageReport) -> Result<()> {
     eprintln!(
         "engine in-process: {} appenders, fsync always",
         s.args.appenders
     );
     let engine = inproc::engine_append(EngineSpec {
-        data_dir: root.path().join("engine"),
+        data_dir: root.join("engine"),
         fsync: FsyncPolicy::Always,
         appenders: s.args.appenders,
         users: s.users,
@@ -273,7 +327,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     };
     let record_bytes = s.args.payload_bytes + s.args.record_header_bytes;
     eprintln!("disk ceiling: {record_bytes}-byte records, fdatasync per {records_per_sync}");
-    let disk_dir = root.path().to_path_buf();
+    let disk_dir = root.to_path_buf();
     let duration = s.duration;
     let ceiling = tokio::task::spawn_blocking(move || {
         disk::ceiling(&disk_dir, record_bytes, records_per_sync, duration)
@@ -283,6 +337,12 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     eprintln!("  disk: {:.0} records/s", ceiling.phase.ops_per_sec);
     report.disk_ceiling = Some(ceiling);
 
+    remove_dir(&root.join("engine")).ok();
+    Ok(())
+}
+
+/// Note abandoned requests, remove the temp dir, print and save the report.
+fn finish(s: Settings, root: tempfile::TempDir, mut report: StorageReport) -> Result<()> {
     let engine_phase = report.engine.as_ref().map(|e| &e.phase);
     for r in report
         .append
@@ -303,7 +363,6 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         }
     }
     let t0 = std::time::Instant::now();
-    remove_dir(&root.path().join("engine")).ok();
     root.close().context("remove the temp dir")?;
     if t0.elapsed() > Duration::from_secs(1) {
         eprintln!("  (cleanup took {:.1?})", t0.elapsed());
@@ -318,14 +377,21 @@ pub async fn run(args: StorageArgs) -> Result<()> {
 }
 
 fn start_shard(
-    bin: Option<&Path>,
-    root: &Path,
-    (fsync, precreate): (FsyncPolicy, bool),
+    s: &Settings,
+    (bin, root): (Option<&Path>, &Path),
+    fsync: FsyncPolicy,
     report: &mut StorageReport,
 ) -> Option<ShardServer> {
     let bin = bin?;
     let dir = root.join(format!("msgstore-{}", dir_name(&fsync.to_string())));
-    match shard_driver::start(bin, &dir, fsync, precreate) {
+    let precreate = s.precreate_buckets();
+    match shard_driver::start(
+        bin,
+        &dir,
+        fsync,
+        precreate,
+        s.args.msgstore_config.as_deref(),
+    ) {
         Ok(s) => {
             eprintln!(
                 "  msgstore --fsync {fsync} serving after {:.1} s{}",
@@ -365,7 +431,7 @@ async fn append_pair(
     report: &mut StorageReport,
 ) -> Result<()> {
     let redis = start_redis(s, root, aof, "")?;
-    let mut shard = start_shard(msgstore_bin, root, (fsync, s.precreate_buckets()), report);
+    let mut shard = start_shard(s, (msgstore_bin, root), fsync, report);
     let redis_setting = aof.to_string();
     let shard_setting = fsync.to_string();
     let mut redis_acked = 0;
@@ -496,12 +562,7 @@ async fn drain_pair(
 ) -> Result<()> {
     let redis = start_redis(s, root, RedisAof::Always, "-drain")?;
     let shard_root = root.join("drain");
-    let shard = start_shard(
-        msgstore_bin,
-        &shard_root,
-        (FsyncPolicy::Always, s.precreate_buckets()),
-        report,
-    );
+    let shard = start_shard(s, (msgstore_bin, &shard_root), FsyncPolicy::Always, report);
     let users = s.drain_users;
     let expected = users * s.args.drain_messages_per_user;
     // Not more connections than mailboxes, so every connection has work.
@@ -597,6 +658,17 @@ async fn prefill_then_drain<C: Codec>(
     )
     .await;
     let prefill = prefill.context("prefill")?;
+    // Drain once the server has finished what the prefill left behind
+    // (our checkpoints; Redis's AOF rewrite), so the drain measures draining.
+    let max = if s.args.quick {
+        SETTLE_MAX_QUICK
+    } else {
+        SETTLE_MAX
+    };
+    match crate::procs::settle(server_pid, max).await? {
+        Some(t) => eprintln!("  (server idle {:.1} s after the prefill)", t.as_secs_f64()),
+        None => eprintln!("  (server still busy {max:?} after the prefill; draining anyway)"),
+    }
     let drain_spec = LoadSpec {
         pipeline: s.args.drain_pipeline,
         ..spec.clone()

@@ -11,6 +11,7 @@
 mod buckets;
 mod checkpoint;
 mod codec;
+mod fetch;
 mod index;
 mod migrate;
 mod ops;
@@ -30,8 +31,10 @@ use daemon::DirLock;
 use index::Index;
 use proto::shard::{MailboxStats, ShardStats};
 use state::{BucketMeta, UserState};
+// Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
+use foldhash::{HashMap, HashSet};
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -76,6 +79,8 @@ pub(crate) enum Command {
 /// A logged record not yet checkpointed into its bucket.
 #[derive(Clone)]
 struct Pending {
+    /// The batch that logged it (see [`Engine::current_batch`]).
+    batch: u64,
     seq: u64,
     timestamp_ms: u64,
     msg_id: u128,
@@ -90,13 +95,14 @@ struct Totals {
     live_bytes: u64,
 }
 
-/// What a batch changed, to put back if its log write fails.
+/// What a batch changed, to put back if its log write fails: append-only
+/// logs of prior values, undone newest first.
 #[derive(Default)]
 struct Undo {
     active: bool,
-    users: HashMap<u64, Option<UserState>>,
-    memtable_lens: HashMap<u64, usize>,
-    buckets: HashMap<u32, Option<BucketMeta>>,
+    /// (user, its dirty state, its memtable length) before a change.
+    users: Vec<(u64, Option<UserState>, usize)>,
+    buckets: Vec<(u32, Option<BucketMeta>)>,
     totals: Totals,
 }
 
@@ -167,6 +173,8 @@ pub(crate) struct Engine {
     routing: Option<routing::RoutingTable>,
     /// Users whose writes are refused while they are being moved.
     frozen: HashMap<u64, migrate::Freeze>,
+    /// Number of the open batch (0 before the first: recovery).
+    batch: u64,
 }
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].
@@ -229,9 +237,9 @@ impl Engine {
         metrics::histogram!("msgstore_batch_requests").record(batch.len() as f64);
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Append { req, reply } => done.push(Done::Seq(reply, self.append(&req))),
+                Command::Append { req, reply } => done.push(Done::Seq(reply, self.append(req))),
                 Command::AppendBatch { items, reply } => {
-                    let results = items.iter().map(|r| self.append(r)).collect();
+                    let results = items.into_iter().map(|r| self.append(r)).collect();
                     done.push(Done::Seqs(reply, results));
                 }
                 Command::Fetch {
@@ -270,10 +278,10 @@ impl Engine {
     /// Open a batch: what the requests until [`Engine::end_batch`] change
     /// is logged together and undone together if the log write fails.
     pub(crate) fn begin_batch(&mut self) {
+        self.batch += 1;
         self.wal_buf.clear();
         self.acked_in_batch.clear();
         self.undo.users.clear();
-        self.undo.memtable_lens.clear();
         self.undo.buckets.clear();
         self.undo.totals = self.totals;
         self.undo.active = true;
@@ -390,20 +398,19 @@ impl Engine {
 
     fn rollback(&mut self) {
         self.undo.active = false;
-        for (user, prev) in self.undo.users.drain() {
+        // Newest first: a user saved twice ends at its first saved value.
+        for (user, prev, len) in self.undo.users.drain(..).rev() {
             match prev {
                 Some(s) => self.dirty.insert(user, s),
                 None => self.dirty.remove(&user),
             };
-        }
-        for (user, len) in self.undo.memtable_lens.drain() {
             if len == 0 {
                 self.memtable.remove(&user);
             } else if let Some(q) = self.memtable.get_mut(&user) {
                 q.truncate(len);
             }
         }
-        for (bucket, prev) in self.undo.buckets.drain() {
+        for (bucket, prev) in self.undo.buckets.drain(..).rev() {
             match prev {
                 Some(m) => self.bucket_meta.insert(bucket, m),
                 None => self.bucket_meta.remove(&bucket),
@@ -482,6 +489,12 @@ impl Engine {
         let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
             && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
         bytes_due || time_due
+    }
+
+    /// Number of the open batch; batches are numbered in the order they
+    /// are opened, and a record remembers the batch that logged it.
+    pub(crate) fn current_batch(&self) -> u64 {
+        self.batch
     }
 
     pub(crate) fn log_inflight(&self) -> usize {

@@ -3,7 +3,11 @@
 //!
 //! Each connection's reader decodes the frames a socket read brought and
 //! answers them in the engine's open batch at once (no queue, no thread
-//! hop); the answers wait, staged, until the batch is durable. A committer
+//! hop); the answers wait, staged, until the batch is durable. A `Fetch`
+//! page is encoded straight from the engine's records (no copy per record)
+//! and, if every record it shows is durable already, written at once: it
+//! changes nothing and shows nothing a crash could take back, so it need
+//! not wait (it may overtake earlier answers of its connection). A committer
 //! task runs once the readers that were ready have had their turn: it ends
 //! the batch (one log write, and under `always` that write is the sync),
 //! encodes every staged answer into its connection's buffer, lets the
@@ -40,6 +44,7 @@ use proto::{
     shard::{
         Request, RequestBody, Response, ResponseBody, ShardError, ShardErrorCode, FETCH_BYTES_MAX,
     },
+    shard_page::RecordsResponseRef,
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -202,7 +207,8 @@ struct Core {
     /// Closed batches whose answers wait for their log write (and for every
     /// batch closed before them), oldest first.
     closed: RefCell<VecDeque<Closed>>,
-    next_batch: Cell<u64>,
+    /// Every batch up to this one is durable (and answered).
+    durable_batch: Cell<u64>,
     /// A log write failed: the server stops, answering with the error.
     fatal: RefCell<Option<String>>,
     fatal_notify: Notify,
@@ -219,7 +225,17 @@ struct Core {
 struct Staged {
     outbox: Rc<Outbox>,
     id: u64,
-    body: ResponseBody,
+    answer: Answer,
+}
+
+/// An answer waiting for its batch to be durable.
+// `Body` is the common answer: boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Answer {
+    Body(ResponseBody),
+    /// A `Records` response already encoded (frame included): a page that
+    /// shows a record of a batch not yet durable.
+    Page(Vec<u8>),
 }
 
 /// A batch closed in the engine, not yet answered.
@@ -259,7 +275,7 @@ impl Core {
             log,
             staged: RefCell::new(Vec::new()),
             closed: RefCell::new(VecDeque::new()),
-            next_batch: Cell::new(0),
+            durable_batch: Cell::new(0),
             fatal: RefCell::new(None),
             fatal_notify: Notify::new(),
             work: Notify::new(),
@@ -276,9 +292,8 @@ impl Core {
     /// batch, and answer whatever is durable now.
     fn close_batch(&self) {
         let staged = std::mem::take(&mut *self.staged.borrow_mut());
-        let batch = self.next_batch.get();
-        self.next_batch.set(batch + 1);
         let mut engine = self.engine.borrow_mut();
+        let batch = engine.current_batch();
         let mut lost = false;
         let state = match engine.end_batch_deferred() {
             Ok(None) => Durability::Durable,
@@ -353,14 +368,13 @@ impl Core {
             let c = self.closed.borrow_mut().pop_front().expect("checked above");
             let failure = match &c.state {
                 Durability::Failed(e) => Some(Error::Storage(e.clone())),
-                _ => None,
+                _ => {
+                    self.durable_batch.set(c.batch);
+                    None
+                }
             };
             for s in c.staged {
-                let body = match &failure {
-                    None => s.body,
-                    Some(e) => failed_answer(s.body, e),
-                };
-                encode_response(&Response { id: s.id, body }, &mut s.outbox.buf.borrow_mut());
+                write_answer(s.id, s.answer, failure.as_ref(), &s.outbox);
                 s.outbox.buffered.set(s.outbox.buffered.get() + 1);
                 if !touched.last().is_some_and(|t| Rc::ptr_eq(t, &s.outbox)) {
                     touched.push(s.outbox);
@@ -386,6 +400,42 @@ impl Core {
                 || (inflight < self.config.log_writes_inflight_max
                     && staged >= EAGER_BATCH_REQUESTS
                     && !engine.checkpoint_due()))
+    }
+
+    /// Answer one request in the open batch: the answer to stage, or
+    /// `None` if it went into `outbox` at once. A `Fetch` page is encoded
+    /// straight from the engine's records; if every record it shows is
+    /// durable it is sent at once (it changes nothing and shows nothing a
+    /// crash could take back), so it may overtake earlier answers.
+    fn answer(&self, request: Request, outbox: &Outbox) -> Option<Answer> {
+        let RequestBody::Fetch {
+            user,
+            after_seq,
+            max_count,
+            max_bytes,
+        } = request.body
+        else {
+            return Some(Answer::Body(self.engine.borrow_mut().respond(request.body)));
+        };
+        let durable = self.durable_batch.get();
+        let mut engine = self.engine.borrow_mut();
+        let page = engine.fetch_with(user, after_seq, (max_count, max_bytes), |page| {
+            let response = RecordsResponseRef {
+                id: request.id,
+                records: &page.records,
+                more: page.more,
+            };
+            if page.newest_batch <= durable {
+                encode_answer(request.id, &response, &mut outbox.buf.borrow_mut());
+                outbox.buffered.set(outbox.buffered.get() + 1);
+                None
+            } else {
+                let mut bytes = Vec::new();
+                encode_answer(request.id, &response, &mut bytes);
+                Some(Answer::Page(bytes))
+            }
+        });
+        page.unwrap_or_else(|e| Some(Answer::Body(ResponseBody::Error(e.to_wire()))))
     }
 
     fn log_busy(&self) -> bool {
@@ -475,7 +525,7 @@ async fn read_requests(
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let limit = core.config.inflight_requests_max;
     loop {
-        let mut staged_any = false;
+        let (mut staged_any, mut answered_now) = (false, false);
         loop {
             if outbox.unanswered.get() >= limit {
                 break;
@@ -492,17 +542,25 @@ async fn read_requests(
             };
             metrics::counter!("msgstore_requests_total", "op" => op_name(&request.body))
                 .increment(1);
-            let body = core.engine.borrow_mut().respond(request.body);
-            core.staged.borrow_mut().push(Staged {
-                outbox: outbox.clone(),
-                id: request.id,
-                body,
-            });
             outbox.unanswered.set(outbox.unanswered.get() + 1);
-            staged_any = true;
+            let id = request.id;
+            match core.answer(request, outbox) {
+                Some(answer) => {
+                    core.staged.borrow_mut().push(Staged {
+                        outbox: outbox.clone(),
+                        id,
+                        answer,
+                    });
+                    staged_any = true;
+                }
+                None => answered_now = true,
+            }
         }
         if staged_any {
             core.work.notify_one();
+        }
+        if answered_now {
+            outbox.ready.notify_one();
         }
         if outbox.unanswered.get() >= limit {
             // Back-pressure: read nothing more until answers drain.
@@ -581,11 +639,28 @@ async fn accept_failed(e: std::io::Error) {
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
+/// Put a staged answer into its outbox: as it is, or (its batch failed)
+/// as the error.
+fn write_answer(id: u64, answer: Answer, failure: Option<&Error>, outbox: &Outbox) {
+    let out = &mut outbox.buf.borrow_mut();
+    let body = match (answer, failure) {
+        (Answer::Page(bytes), None) => return out.extend_from_slice(&bytes),
+        (Answer::Body(body), None) => body,
+        (Answer::Body(body), Some(e)) => failed_answer(body, e),
+        (Answer::Page(_), Some(e)) => ResponseBody::Error(e.to_wire()),
+    };
+    encode_response(&Response { id, body }, out);
+}
 fn encode_response(response: &Response, out: &mut Vec<u8>) {
+    encode_answer(response.id, response, out);
+}
+/// Encode the response to request `id`; one that cannot be encoded (too
+/// large) becomes a `Storage` error.
+fn encode_answer(id: u64, response: &impl Serialize, out: &mut Vec<u8>) {
     if let Err(e) = frame::encode(response, RESPONSE_BODY_BYTES_MAX, out) {
-        tracing::error!(id = response.id, error = %e, "response cannot be encoded");
+        tracing::error!(id, error = %e, "response cannot be encoded");
         let fallback = Response {
-            id: response.id,
+            id,
             body: error_body(
                 ShardErrorCode::Storage,
                 format!("response cannot be encoded: {e}"),

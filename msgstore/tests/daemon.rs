@@ -390,3 +390,138 @@ async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
     assert!(records.is_empty(), "nothing of the failed batch is stored");
     assert_eq!(client.user_stats(2).await.unwrap().last_seq, 0);
 }
+
+/// Frames of `requests`, in one buffer (one write: one read on the server).
+fn frames(requests: &[proto::shard::Request]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in requests {
+        proto::frame::encode(r, usize::MAX, &mut out).unwrap();
+    }
+    out
+}
+
+/// Every response on `raw` until `ids` are all answered or it closes.
+async fn responses(
+    raw: &mut tokio::net::TcpStream,
+    ids: &[u64],
+) -> HashMap<u64, proto::shard::ResponseBody> {
+    use proto::frame::Decoded;
+    let mut got = HashMap::new();
+    let mut buf = bytes::BytesMut::new();
+    while !ids.iter().all(|id| got.contains_key(id)) {
+        while let Decoded::Frame(r) =
+            proto::frame::decode::<proto::shard::Response>(&mut buf, usize::MAX).unwrap()
+        {
+            assert!(got.insert(r.id, r.body).is_none(), "id {} answered twice", r.id);
+        }
+        if ids.iter().all(|id| got.contains_key(id)) {
+            break;
+        }
+        let read = tokio::time::timeout(HANG_LIMIT, raw.read_buf(&mut buf)).await;
+        if !matches!(read, Ok(Ok(n)) if n > 0) {
+            break;
+        }
+    }
+    got
+}
+
+/// A fetch pipelined behind an append of the same user sees it (it waits
+/// for the append's batch); a fetch of durable records may be answered
+/// before earlier requests, and every id is answered once.
+#[tokio::test]
+async fn pipelined_fetches_see_earlier_appends_and_only_durable_records() {
+    use proto::shard::{Request, RequestBody as B, ResponseBody as R};
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_with(daemon_command_with(dir.path(), "always"));
+    let client = connect(daemon.addr).await;
+    for i in 0..3 {
+        client.append(7, i, payload(7, i as u64)).await.unwrap();
+    }
+    let fetch = |id, user| Request {
+        id,
+        body: B::Fetch {
+            user,
+            after_seq: 0,
+            max_count: 100,
+            max_bytes: 1 << 20,
+        },
+    };
+    let append = |id, user: u64, i: u64| Request {
+        id,
+        body: B::Append {
+            user,
+            msg_id: u128::from(id),
+            payload: payload(user, i),
+        },
+    };
+    let mut raw = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let batch = [append(1, 8, 0), fetch(2, 8), fetch(3, 7), append(4, 7, 3), fetch(5, 7)];
+    raw.write_all(&frames(&batch)).await.unwrap();
+    let got = responses(&mut raw, &[1, 2, 3, 4, 5]).await;
+    let seqs = |id: u64| match &got[&id] {
+        R::Records { records, .. } => records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        other => panic!("answer to {id}: {other:?}"),
+    };
+    assert_eq!(got[&1], R::Appended { seq: 1 });
+    assert_eq!(seqs(2), [1], "the fetch sees the append before it");
+    assert_eq!(seqs(3), [1, 2, 3]);
+    assert_eq!(got[&4], R::Appended { seq: 4 });
+    assert_eq!(seqs(5), [1, 2, 3, 4]);
+}
+
+/// A fetch that would show records of a batch whose log write then fails
+/// answers the error, never the records (they were never stored).
+#[tokio::test]
+async fn a_fetch_never_shows_records_whose_write_failed() {
+    use proto::shard::{AppendItem, Request, RequestBody as B, ResponseBody as R};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = daemon_command_with(dir.path(), "always");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let config = dir.path().join("msgstore.toml");
+    std::fs::write(&config, "[engine]\nwal_segment_bytes = 262144\n").unwrap();
+    cmd.arg("--config").arg(&config);
+    let daemon = start_with(cmd);
+    let items: Vec<AppendItem> = (0..1000)
+        .map(|i| AppendItem {
+            user: 2,
+            msg_id: i,
+            payload: vec![7u8; 1024],
+        })
+        .collect();
+    let requests = [
+        Request {
+            id: 1,
+            body: B::AppendBatch { items },
+        },
+        Request {
+            id: 2,
+            body: B::Fetch {
+                user: 2,
+                after_seq: 0,
+                max_count: 10,
+                max_bytes: 1 << 20,
+            },
+        },
+    ];
+    let mut raw = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    raw.write_all(&frames(&requests)).await.unwrap();
+    let got = responses(&mut raw, &[1, 2]).await;
+    match got.get(&2) {
+        Some(R::Error(e)) => assert_eq!(e.code, ShardErrorCode::Storage, "{e:?}"),
+        other => panic!("the fetch must answer the write's error: {other:?}"),
+    }
+}

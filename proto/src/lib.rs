@@ -5,7 +5,8 @@
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
 //! * [`peer`]: the gateway-to-gateway link (forwarded messages).
-//! * [`shard`]: the messages of the msgstore shard protocol.
+//! * [`shard`]: the messages of the msgstore shard protocol;
+//!   [`shard_page`]: a fetch page encoded without copying its records.
 //! * [`session`]: the sans-IO secure, reliable UDP session layer between
 //!   clients and gateways.
 //! * [`presence`]: the messages between gateways and the presence server.
@@ -22,3 +23,4 @@ pub mod presence;
 pub mod profile;
 pub mod session;
 pub mod shard;
+pub mod shard_page;

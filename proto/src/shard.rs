@@ -2,8 +2,8 @@
 //! storage shard, and its responses.
 //!
 //! Every request carries a caller-chosen `id` that the response echoes, so one
-//! connection pipelines many requests. A shard answers requests of one
-//! connection in the order it received them, but callers must match by `id`.
+//! connection pipelines many requests. Callers must match answers by `id`:
+//! a fetch of durable records may be answered before earlier requests.
 //! Byte layout: see `docs/PROTOCOL.md`.
 
 use serde::{Deserialize, Serialize};

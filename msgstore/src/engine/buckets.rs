@@ -8,8 +8,9 @@
 use super::{codec::le_u64, state::BUCKET_HEADER_BYTES};
 use crate::Result;
 use memmap2::MmapMut;
+// Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     fs::{self, File, OpenOptions},
     io::Write,
     path::{Path, PathBuf},

@@ -34,8 +34,10 @@ use super::{
     Engine, Pending, Totals,
 };
 use crate::{Error, Result};
+// Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -508,7 +510,7 @@ mod tests {
 
     fn append(e: &mut Engine, user: u64, n: u8) -> u64 {
         e.begin_batch();
-        let seq = e.append(&AppendRequest {
+        let seq = e.append(AppendRequest {
             user,
             msg_id: u128::from(n),
             payload: vec![n; 40],

@@ -155,6 +155,22 @@ pub fn read_record(
     })
 }
 
+/// The record at `offset`, parsed without checking its checksum: only for
+/// offsets a checked walk ([`read_record`]) just returned, over the same
+/// unchanged bytes. Bounds are still checked: `None` if it does not fit.
+pub fn record_at_verified(region: &[u8], offset: u64) -> Option<RecordView<'_>> {
+    let at = usize::try_from(offset).ok()?;
+    let len = le_u32(region.get(at..at + 4)?) as usize;
+    let start = at + FRAME_HEADER_BYTES;
+    let body = region.get(start..start.checked_add(len)?)?;
+    let header = MessageHeader::decode(body)?;
+    Some(RecordView {
+        header,
+        prev_offset: le_u64(body.get(MESSAGE_HEADER_BYTES..RECORD_FIXED_BYTES)?),
+        payload: body.get(RECORD_FIXED_BYTES..)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,7 +196,9 @@ mod tests {
         assert_eq!(rec.stored_bytes() as usize, out.len() - 3);
         for cut in 3..out.len() {
             assert!(read_record(&out[..cut], 3, 1024).is_err(), "cut at {cut}");
+            assert!(record_at_verified(&out[..cut], 3).is_none(), "cut at {cut}");
         }
+        assert_eq!(record_at_verified(&out, 3), Some(rec));
     }
 
     #[test]
@@ -199,6 +217,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256), at in 0u64..300) {
             let _ = read_record(&bytes, at, 128);
             let _ = read_frame(&bytes, at as usize, 128);
+            let _ = record_at_verified(&bytes, at);
         }
     }
 }

@@ -314,7 +314,7 @@ mod tests {
 
     fn append(e: &mut Engine, user: u64, n: u8) -> Result<u64> {
         batch(e, |e| {
-            e.append(&AppendRequest {
+            e.append(AppendRequest {
                 user,
                 msg_id: u128::from(n) + 1000,
                 payload: vec![n; 30],

@@ -4,13 +4,13 @@
 
 use super::{
     checkpoint::lock,
-    codec::{read_record, MessageHeader, NO_PREV},
+    codec::{read_record, record_stored_bytes, MessageHeader, NO_PREV},
     migrate::mailbox_stats,
     state::{bucket_for_user, UserState},
     wal, Engine, Pending,
 };
-use crate::{handle::AppendRequest, Error, Fetched, Result};
-use proto::shard::{MailboxStats, ShardStats, StoredRecord, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
+use crate::{handle::AppendRequest, Error, Result};
+use proto::shard::{MailboxStats, ShardStats};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One record found walking a user's chain in its bucket.
@@ -56,7 +56,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn append(&mut self, req: &AppendRequest) -> Result<u64> {
+    pub(super) fn append(&mut self, req: AppendRequest) -> Result<u64> {
         self.check_wal_room()?;
         let len = req.payload.len();
         if len > self.config.message_bytes_max as usize {
@@ -95,7 +95,7 @@ impl Engine {
             msg_id: req.msg_id,
         };
         wal::encode_append(&header, &req.payload, &mut self.wal_buf);
-        self.apply_append(state, header, req.payload.clone());
+        self.apply_append(state, header, req.payload);
         self.counters.appends_total += 1;
         metrics::counter!("msgstore_appends_total").increment(1);
         Ok(header.seq)
@@ -123,6 +123,7 @@ impl Engine {
             .entry(header.user)
             .or_default()
             .push_back(Pending {
+                batch: self.batch,
                 seq: header.seq,
                 timestamp_ms: header.timestamp_ms,
                 msg_id: header.msg_id,
@@ -150,23 +151,12 @@ impl Engine {
 
     /// Mark `acked_seq + 1 ..= up_to` dead; returns how many that is.
     pub(super) fn apply_ack(&mut self, user: u64, mut state: UserState, up_to: u64) -> Result<u64> {
-        let links = self.chain(&state, state.acked_seq + 1)?;
+        let (freed_payload, dead_stored) = if up_to == state.last_seq() {
+            self.all_acked_bytes(user, &state)
+        } else {
+            self.acked_bytes(user, &state, up_to)?
+        };
         self.save_for_undo(user);
-        let mut freed_payload = 0u64;
-        let mut dead_stored = 0u64;
-        for link in links.iter().filter(|l| l.seq <= up_to) {
-            freed_payload += link.payload_bytes;
-            dead_stored += link.stored_bytes;
-        }
-        freed_payload += self
-            .unflushed(user)
-            .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
-            .map(|p| p.payload.len() as u64)
-            .sum::<u64>();
-        if up_to == state.last_seq() {
-            // Exact even if a corrupt record cut the chain walk short.
-            freed_payload = state.live_bytes;
-        }
         if dead_stored > 0 {
             self.add_dead_bytes(state.bucket, dead_stored);
         }
@@ -180,6 +170,39 @@ impl Engine {
         Ok(removed)
     }
 
+    /// (payload bytes freed, bucket bytes made dead) by acknowledging
+    /// `acked_seq + 1 ..= up_to`: walks the bucket chain.
+    fn acked_bytes(&mut self, user: u64, state: &UserState, up_to: u64) -> Result<(u64, u64)> {
+        let links = self.chain(state, state.acked_seq + 1)?;
+        let (mut freed_payload, mut dead_stored) = (0u64, 0u64);
+        for link in links.iter().filter(|l| l.seq <= up_to) {
+            freed_payload += link.payload_bytes;
+            dead_stored += link.stored_bytes;
+        }
+        freed_payload += self
+            .unflushed(user)
+            .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
+            .map(|p| p.payload.len() as u64)
+            .sum::<u64>();
+        Ok((freed_payload, dead_stored))
+    }
+
+    /// Like [`Engine::acked_bytes`] for an ack of everything live, without
+    /// a walk: the live records in the bucket are the live ones not
+    /// unflushed, each `record_stored_bytes(payload)` long. (Exact even if
+    /// a corrupt record would cut a walk short.)
+    fn all_acked_bytes(&self, user: u64, state: &UserState) -> (u64, u64) {
+        let (mut unflushed_count, mut unflushed_payload) = (0u64, 0u64);
+        for p in self.unflushed(user).filter(|p| p.seq > state.acked_seq) {
+            unflushed_count += 1;
+            unflushed_payload += p.payload.len() as u64;
+        }
+        let in_bucket = state.live_count().saturating_sub(unflushed_count);
+        let bucket_payload = state.live_bytes.saturating_sub(unflushed_payload);
+        let dead_stored = in_bucket * record_stored_bytes(0) + bucket_payload;
+        (state.live_bytes, dead_stored)
+    }
+
     pub(super) fn add_dead_bytes(&mut self, bucket: u32, bytes: u64) {
         self.save_bucket_for_undo(bucket);
         let meta = self.bucket_meta.entry(bucket).or_default();
@@ -190,64 +213,9 @@ impl Engine {
         }
     }
 
-    pub(super) fn fetch(
-        &mut self,
-        user: u64,
-        after_seq: u64,
-        max_count: u32,
-        max_bytes: u32,
-    ) -> Result<Fetched> {
-        self.check_usable()?;
-        let state = self.load_user(user)?;
-        self.admit(user, state.as_ref(), false)?;
-        let Some(state) = state else {
-            return Ok(Fetched::default());
-        };
-        let start = after_seq.max(state.acked_seq) + 1;
-        let max_count = max_count.min(FETCH_COUNT_MAX) as usize;
-        let max_bytes = u64::from(max_bytes.min(FETCH_BYTES_MAX));
-        let mut page = Page {
-            records: Vec::new(),
-            bytes: 0,
-            max_count,
-            max_bytes,
-            full: false,
-        };
-        if start <= state.tail_seq {
-            let mut links = self.chain(&state, start)?;
-            links.reverse();
-            let mut buckets = lock(&self.buckets);
-            let view = buckets.view(state.bucket)?.unwrap_or(&[]);
-            for link in links {
-                let Ok(rec) = read_record(view, link.offset, usize::MAX >> 1) else {
-                    break;
-                };
-                if !page.push(rec.header, rec.payload) {
-                    break;
-                }
-            }
-        }
-        for p in self.unflushed(user).filter(|p| p.seq >= start) {
-            let header = MessageHeader {
-                user,
-                seq: p.seq,
-                timestamp_ms: p.timestamp_ms,
-                msg_id: p.msg_id,
-            };
-            if !page.push(header, &p.payload) {
-                break;
-            }
-        }
-        let last_returned = page.records.last().map_or(start - 1, |r| r.seq);
-        Ok(Fetched {
-            more: last_returned < state.last_seq(),
-            records: page.records,
-        })
-    }
-
     /// The user's records not yet in its bucket, oldest first: those a
     /// running checkpoint has yet to flush, then the memtable's.
-    fn unflushed(&self, user: u64) -> impl Iterator<Item = &Pending> {
+    pub(super) fn unflushed(&self, user: u64) -> impl Iterator<Item = &Pending> {
         let frozen = self.job.as_ref().and_then(|j| j.frozen.get(&user));
         frozen
             .into_iter()
@@ -263,17 +231,12 @@ impl Engine {
         if state.tail_offset == NO_PREV || min_seq > state.tail_seq {
             return Ok(links);
         }
-        let meta_len = self
-            .bucket_meta
-            .get(&state.bucket)
-            .copied()
-            .unwrap_or_default()
-            .len;
+        let committed = self.committed_len(state.bucket);
         let mut buckets = lock(&self.buckets);
         let Some(view) = buckets.view(state.bucket)? else {
             return Ok(links);
         };
-        let view = &view[..(meta_len as usize).min(view.len())];
+        let view = &view[..committed.min(view.len())];
         let mut offset = state.tail_offset;
         let mut expect_seq = state.tail_seq;
         while offset != NO_PREV {
@@ -336,53 +299,82 @@ impl Engine {
         }
     }
 
+    /// Note what `user` looks like before the batch changes it. Saved
+    /// every time (a push, no lookup); rollback restores in reverse order,
+    /// so the first save of the batch wins.
     pub(super) fn save_for_undo(&mut self, user: u64) {
-        if self.undo.active && !self.undo.users.contains_key(&user) {
-            self.undo.users.insert(user, self.dirty.get(&user).copied());
+        if self.undo.active {
             let len = self.memtable.get(&user).map_or(0, |q| q.len());
-            self.undo.memtable_lens.insert(user, len);
+            self.undo
+                .users
+                .push((user, self.dirty.get(&user).copied(), len));
         }
     }
 
     fn save_bucket_for_undo(&mut self, bucket: u32) {
-        if self.undo.active && !self.undo.buckets.contains_key(&bucket) {
+        if self.undo.active {
             let prev = self.bucket_meta.get(&bucket).copied();
-            self.undo.buckets.insert(bucket, prev);
+            self.undo.buckets.push((bucket, prev));
         }
     }
 }
 
-/// A fetch result being filled within its limits.
-struct Page {
-    records: Vec<StoredRecord>,
-    bytes: u64,
-    max_count: usize,
-    max_bytes: u64,
-    /// A record was refused: nothing later may be added, or the page
-    /// would skip it.
-    full: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EngineConfig, FsyncPolicy};
 
-impl Page {
-    /// Add a record if the limits allow; false when the page is full. The
-    /// first record always fits, so one large message cannot block a
-    /// mailbox.
-    fn push(&mut self, header: MessageHeader, payload: &[u8]) -> bool {
-        let len = payload.len() as u64;
-        if self.full
-            || self.records.len() >= self.max_count
-            || (!self.records.is_empty() && self.bytes + len > self.max_bytes)
-        {
-            self.full = true;
-            return false;
-        }
-        self.bytes += len;
-        self.records.push(StoredRecord {
-            seq: header.seq,
-            msg_id: header.msg_id,
-            timestamp_ms: header.timestamp_ms,
-            payload: payload.to_vec(),
+    fn append(e: &mut Engine, user: u64, len: usize) {
+        e.begin_batch();
+        let r = e.append(AppendRequest {
+            user,
+            msg_id: 0,
+            payload: vec![7; len],
         });
-        true
+        e.end_batch().unwrap();
+        r.unwrap();
+    }
+
+    /// An ack of everything counts the same bytes without a walk as with
+    /// one, whether the records are in the bucket, unflushed, or both.
+    #[test]
+    fn acking_everything_counts_the_bytes_a_walk_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Never,
+            bucket_dirs: 2,
+            bucket_files: 2,
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        let user = 5;
+        for (i, len) in [0usize, 1, 200, 33, 4000].into_iter().enumerate() {
+            append(&mut e, user, len);
+            if i == 2 {
+                e.checkpoint_now().unwrap();
+            }
+        }
+        // Acknowledge the first record, so the rest starts mid-chain.
+        e.begin_batch();
+        e.ack(user, 1).unwrap();
+        e.end_batch().unwrap();
+        let state = e.load_user(user).unwrap().unwrap();
+        assert!(
+            state.tail_seq > state.acked_seq,
+            "some live records are in the bucket"
+        );
+        assert!(state.last_seq() > state.tail_seq, "some are unflushed");
+        let walked = e.acked_bytes(user, &state, state.last_seq()).unwrap();
+        assert_eq!(e.all_acked_bytes(user, &state), walked);
+        assert_eq!(walked.0, 1 + 200 + 33 + 4000);
+        e.checkpoint_now().unwrap();
+        let state = e.load_user(user).unwrap().unwrap();
+        assert_eq!(
+            state.tail_seq,
+            state.last_seq(),
+            "everything is in the bucket"
+        );
+        let walked = e.acked_bytes(user, &state, state.last_seq()).unwrap();
+        assert_eq!(e.all_acked_bytes(user, &state), walked);
     }
 }

@@ -11,11 +11,9 @@ use super::{
 };
 use crate::{EngineConfig, FsyncPolicy, Result};
 use proto::shard::ShardStats;
-use std::{
-    collections::{HashMap, HashSet},
-    path::Path,
-    time::Instant,
-};
+// Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::{path::Path, time::Instant};
 
 /// Largest log entry replay accepts, whatever the configured message limit
 /// (it may have been lowered since the entry was written).
@@ -70,6 +68,7 @@ impl Engine {
             log_inflight: 0,
             routing: super::routing::load(dir)?,
             frozen: HashMap::new(),
+            batch: 0,
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;

@@ -18,7 +18,7 @@ impl Engine {
                 user,
                 msg_id,
                 payload,
-            } => match self.append(&AppendRequest {
+            } => match self.append(AppendRequest {
                 user,
                 msg_id,
                 payload,
@@ -39,7 +39,7 @@ impl Engine {
                 results: items
                     .into_iter()
                     .map(|i| {
-                        self.append(&AppendRequest {
+                        self.append(AppendRequest {
                             user: i.user,
                             msg_id: i.msg_id,
                             payload: i.payload,
