@@ -627,6 +627,11 @@ fn describe_metrics() {
         "Time to make one batch of requests durable (the log write and sync)"
     );
     describe_histogram!(
+        "msgstore_checkpoint_merge_seconds",
+        Unit::Seconds,
+        "Time the server thread paused to take a finished checkpoint in"
+    );
+    describe_histogram!(
         "msgstore_commit_requests",
         "Requests answered by one batch (group commit size)"
     );

@@ -96,6 +96,18 @@ fn syncfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Drop a merged job on a short-lived thread: its maps hold every record
+/// and user state of the checkpoint (hundreds of thousands of allocations),
+/// and freeing them would stall the engine's owner between batches.
+fn free_elsewhere(job: Job, done: JobDone) {
+    let spawned = std::thread::Builder::new()
+        .name("msgstore-free".into())
+        .spawn(move || drop((job, done)));
+    // If no thread could be started, the closure (and the job) was dropped
+    // here instead.
+    drop(spawned);
+}
+
 pub(super) fn lock(buckets: &Mutex<Buckets>) -> std::sync::MutexGuard<'_, Buckets> {
     // A panic while holding the lock cannot leave a map half-updated in a
     // way later readers trust: records are checked by checksum.
@@ -190,6 +202,7 @@ impl Engine {
     /// The index has the checkpoint: take the new tails and lengths into the
     /// live state, swap compacted files in, trim the log.
     fn merge(&mut self, job: Job, done: JobDone) -> Result<()> {
+        let merge_started = Instant::now();
         for (user, (offset, seq)) in &done.tails {
             if let Some(live) = self.dirty.get_mut(user) {
                 live.tail_offset = *offset;
@@ -243,18 +256,20 @@ impl Engine {
         // pending swaps (finished at open) until the next checkpoint, whose
         // own syncfs makes them durable before it replaces that list.
         self.wal.remove_before_in_background(job.position)?;
+        let done_compactions = done.compactions.len() as u64;
+        let elapsed_ms = job.started.elapsed().as_millis() as u64;
         self.wal.bytes_since_checkpoint = self
             .wal
             .bytes_since_checkpoint
             .saturating_sub(job.log_bytes);
+        free_elsewhere(job, done);
         self.counters.checkpoints_total += 1;
-        self.counters.compactions_total += done.compactions.len() as u64;
+        self.counters.compactions_total += done_compactions;
         metrics::counter!("msgstore_checkpoints_total").increment(1);
-        metrics::counter!("msgstore_compactions_total").increment(done.compactions.len() as u64);
-        tracing::debug!(
-            elapsed_ms = job.started.elapsed().as_millis() as u64,
-            "checkpoint done"
-        );
+        metrics::counter!("msgstore_compactions_total").increment(done_compactions);
+        let merge_secs = merge_started.elapsed().as_secs_f64();
+        metrics::histogram!("msgstore_checkpoint_merge_seconds").record(merge_secs);
+        tracing::debug!(elapsed_ms, merge_ms = merge_secs * 1e3, "checkpoint done");
         Ok(())
     }
 
