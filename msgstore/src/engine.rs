@@ -76,6 +76,9 @@ pub(crate) enum Command {
     },
 }
 
+/// The cache of user states as the index has them.
+type CleanStates = quick_cache::sync::Cache<u64, UserState>;
+
 /// A logged record not yet checkpointed into its bucket.
 #[derive(Clone)]
 struct Pending {
@@ -149,8 +152,9 @@ pub(crate) struct Engine {
     bucket_meta: HashMap<u32, BucketMeta>,
     /// User states changed since the last checkpoint (the index has the rest).
     dirty: HashMap<u64, UserState>,
-    /// Recently checkpointed user states, exactly as the index has them.
-    clean: quick_cache::unsync::Cache<u64, UserState>,
+    /// Recently checkpointed user states, exactly as the index has them
+    /// (filled by checkpoint helper threads).
+    clean: std::sync::Arc<CleanStates>,
     memtable: HashMap<u64, VecDeque<Pending>>,
     wal: Wal,
     totals: Totals,
@@ -175,6 +179,9 @@ pub(crate) struct Engine {
     frozen: HashMap<u64, migrate::Freeze>,
     /// Number of the open batch (0 before the first: recovery).
     batch: u64,
+    /// Users whose acknowledged seq moved while a checkpoint ran (with
+    /// repeats): the merge counts their flushed-but-acknowledged records.
+    acked_during_job: Vec<u64>,
 }
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].
@@ -421,6 +428,10 @@ impl Engine {
 
     /// Drop memtable records acknowledged in the batch just committed.
     fn prune_acked(&mut self) {
+        if self.job.is_some() {
+            self.acked_during_job
+                .extend_from_slice(&self.acked_in_batch);
+        }
         for user in std::mem::take(&mut self.acked_in_batch) {
             let Some(acked) = self.dirty.get(&user).map(|s| s.acked_seq) else {
                 continue;

@@ -412,7 +412,11 @@ async fn responses(
         while let Decoded::Frame(r) =
             proto::frame::decode::<proto::shard::Response>(&mut buf, usize::MAX).unwrap()
         {
-            assert!(got.insert(r.id, r.body).is_none(), "id {} answered twice", r.id);
+            assert!(
+                got.insert(r.id, r.body).is_none(),
+                "id {} answered twice",
+                r.id
+            );
         }
         if ids.iter().all(|id| got.contains_key(id)) {
             break;
@@ -455,7 +459,13 @@ async fn pipelined_fetches_see_earlier_appends_and_only_durable_records() {
         },
     };
     let mut raw = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-    let batch = [append(1, 8, 0), fetch(2, 8), fetch(3, 7), append(4, 7, 3), fetch(5, 7)];
+    let batch = [
+        append(1, 8, 0),
+        fetch(2, 8),
+        fetch(3, 7),
+        append(4, 7, 3),
+        fetch(5, 7),
+    ];
     raw.write_all(&frames(&batch)).await.unwrap();
     let got = responses(&mut raw, &[1, 2, 3, 4, 5]).await;
     let seqs = |id: u64| match &got[&id] {

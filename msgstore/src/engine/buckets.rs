@@ -7,7 +7,7 @@
 
 use super::{codec::le_u64, state::BUCKET_HEADER_BYTES};
 use crate::Result;
-use memmap2::MmapMut;
+use memmap2::{MmapMut, MmapOptions};
 // Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
 use foldhash::{HashMap, HashMapExt};
 use std::{
@@ -19,6 +19,12 @@ use std::{
 const BUCKET_MAGIC: &[u8; 8] = b"IMBKT\0\0\x01";
 /// Smallest size a bucket file grows to; it doubles from there.
 const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
+/// A map reserves address space for this much growth of its file (and at
+/// least `MAP_RESERVE_BYTES_MIN`), so a growing file is not remapped each
+/// time it doubles: an unmap costs every CPU running the process a TLB
+/// flush. Only the file's bytes are ever touched through the map.
+const MAP_RESERVE_GROWTH: u64 = 4;
+const MAP_RESERVE_BYTES_MIN: u64 = 1024 * 1024;
 
 pub fn bucket_header(bucket: u32, gen: u64) -> [u8; BUCKET_HEADER_BYTES as usize] {
     let mut h = [0u8; BUCKET_HEADER_BYTES as usize];
@@ -41,8 +47,18 @@ pub fn header_gen(bytes: &[u8], bucket: u32) -> Option<u64> {
 /// map keeps the file alive), so open maps do not count against the
 /// process's file-descriptor limit.
 struct Mapped {
+    /// Covers the file and address space reserved past its end.
     map: MmapMut,
+    /// The file's length: the only bytes of `map` that may be touched
+    /// (past the end of the file a page fault is SIGBUS).
+    file_len: usize,
     last_use: u64,
+}
+
+impl Mapped {
+    fn bytes(&self) -> &[u8] {
+        &self.map[..self.file_len]
+    }
 }
 
 pub struct Buckets {
@@ -92,7 +108,7 @@ impl Buckets {
             };
             self.insert(bucket, file)?;
         }
-        Ok(self.touch(bucket).map(|m| &m.map[..]))
+        Ok(self.touch(bucket).map(Mapped::bytes))
     }
 
     /// Write `bytes` at `offset` of `bucket`'s file (creating the file with
@@ -105,14 +121,15 @@ impl Buckets {
         let end = offset + bytes.len() as u64;
         let path = self.path(bucket);
         let m = self.maps.get_mut(&bucket).expect("mapped above");
-        if (m.map.len() as u64) < end {
+        if (m.file_len as u64) < end {
             let size = end.next_power_of_two().max(BUCKET_FILE_BYTES_MIN);
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             allocate(&file, size)?;
-            // SAFETY: bucket files are only modified through this process's
-            // maps (the directory is locked); the file was just grown to
-            // `size`, so the new map covers valid file bytes.
-            m.map = unsafe { MmapMut::map_mut(&file)? };
+            if (m.map.len() as u64) < size {
+                m.map = map_file(&file, size)?;
+            }
+            m.file_len =
+                usize::try_from(size).map_err(|_| std::io::Error::other("bucket too large"))?;
         }
         m.map[offset as usize..end as usize].copy_from_slice(bytes);
         Ok(())
@@ -154,10 +171,19 @@ impl Buckets {
         if self.maps.len() >= self.open_maps_max {
             self.evict();
         }
-        // SAFETY: as in `write`: only this process modifies bucket files.
-        let map = unsafe { MmapMut::map_mut(&file)? };
+        let file_len = file.metadata()?.len();
+        let map = map_file(&file, file_len)?;
         drop(file);
-        self.maps.insert(bucket, Mapped { map, last_use: 0 });
+        let file_len =
+            usize::try_from(file_len).map_err(|_| std::io::Error::other("bucket too large"))?;
+        self.maps.insert(
+            bucket,
+            Mapped {
+                map,
+                file_len,
+                last_use: 0,
+            },
+        );
         metrics::gauge!("msgstore_open_maps").set(self.maps.len() as f64);
         Ok(())
     }
@@ -211,6 +237,19 @@ impl Buckets {
     }
 }
 
+/// Map `file` (`file_len` bytes long) with room to grow.
+fn map_file(file: &File, file_len: u64) -> Result<MmapMut> {
+    let reserve = file_len
+        .saturating_mul(MAP_RESERVE_GROWTH)
+        .max(MAP_RESERVE_BYTES_MIN);
+    let reserve =
+        usize::try_from(reserve).map_err(|_| std::io::Error::other("bucket too large"))?;
+    // SAFETY: bucket files are only modified through this process's maps
+    // (the directory is locked) and never shrink while mapped; callers only
+    // touch the first `file_len` bytes (see `Mapped`), which the file has.
+    Ok(unsafe { MmapOptions::new().len(reserve).map_mut(file)? })
+}
+
 /// Grow `file` to `size` bytes with real blocks behind them, so a full disk
 /// is an error here and never a SIGBUS when the map is written.
 fn allocate(file: &File, size: u64) -> Result<()> {
@@ -258,6 +297,33 @@ mod tests {
             assert_eq!(&v[at..at + 4], &id.to_le_bytes());
         }
         assert!(b.view(99).unwrap().is_none());
+    }
+
+    /// A file grows within its map's reserved room and past it; the view is
+    /// always exactly the file, and what was written stays.
+    #[test]
+    fn growing_files_keep_their_bytes_and_views_match_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Buckets::new(dir.path(), 4, 2).unwrap();
+        let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let mut end = BUCKET_HEADER_BYTES;
+        while end < 5 * MAP_RESERVE_BYTES_MIN {
+            b.write(3, 0, end, &chunk).unwrap();
+            end += chunk.len() as u64;
+            let file_len = std::fs::metadata(b.path(3)).unwrap().len();
+            let view = b.view(3).unwrap().unwrap();
+            assert_eq!(view.len() as u64, file_len);
+            assert!(file_len >= end);
+            assert_eq!(&view[end as usize - chunk.len()..end as usize], &chunk[..]);
+        }
+        // Evicted and mapped again from the file: the same bytes.
+        for other in 0..4 {
+            b.write(other + 4, 0, BUCKET_HEADER_BYTES, b"x").unwrap();
+        }
+        let view = b.view(3).unwrap().unwrap();
+        let first = BUCKET_HEADER_BYTES as usize;
+        assert_eq!(&view[first..first + chunk.len()], &chunk[..]);
+        assert_eq!(header_gen(view, 3), Some(0));
     }
 
     #[test]

@@ -20,10 +20,12 @@
 //! 4. (helper) `syncfs`: every bucket byte written so far is durable;
 //! 5. (helper) one LMDB transaction: the snapshot's user states with their
 //!    new tails, bucket states, `wal_start = P`, the compacted files to swap
-//!    in; commit;
+//!    in; commit; then the committed states (but those of compacted
+//!    buckets) into the clean-state cache;
 //! 6. (owner) merge: new tails and lengths into the live state, rename
-//!    compacted files over their buckets, sync, delete log segments wholly
-//!    before P.
+//!    compacted files over their buckets (and cache their users' states),
+//!    count what was acknowledged meanwhile as dead, delete log segments
+//!    wholly before P.
 
 use super::{
     buckets::{compacted_path, header_gen, Buckets},
@@ -31,7 +33,7 @@ use super::{
     index::{CheckpointMeta, Index},
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
     wal::Position,
-    Engine, Pending, Totals,
+    CleanStates, Engine, Pending, Totals,
 };
 use crate::{Error, Result};
 // Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
@@ -52,10 +54,15 @@ struct JobInput {
     /// Every bucket's state as of `position`.
     metas: HashMap<u32, BucketMeta>,
     candidates: Vec<u32>,
+    /// Flush buckets in descending order (every other checkpoint): the
+    /// maps the last sweep used most recently are the first this one
+    /// needs, instead of the first the map set evicts.
+    descending: bool,
     totals: Totals,
     dir: PathBuf,
     buckets: Arc<Mutex<Buckets>>,
     index: Arc<Index>,
+    clean: Arc<CleanStates>,
 }
 
 /// A compacted copy of one bucket, in place once the job is merged.
@@ -72,6 +79,9 @@ struct JobDone {
     /// New lengths of the buckets written.
     lens: HashMap<u32, u64>,
     compactions: Vec<Compaction>,
+    /// Committed states of users in compacted buckets: they go into the
+    /// clean cache only once the compacted files are in place.
+    clean_after_swap: Vec<(u64, UserState)>,
 }
 
 /// A checkpoint in progress.
@@ -140,10 +150,12 @@ impl Engine {
             // The whole map (a quick copy); the helper picks what it touches.
             metas: self.bucket_meta.clone(),
             candidates: candidates.clone(),
+            descending: self.counters.checkpoints_total % 2 == 1,
             totals: self.totals,
             dir: self.dir.clone(),
             buckets: self.buckets.clone(),
             index: self.index.clone(),
+            clean: self.clean.clone(),
         };
         let (tx, rx) = flume::bounded(1);
         let spawned = std::thread::Builder::new()
@@ -203,23 +215,11 @@ impl Engine {
     /// live state, swap compacted files in, trim the log.
     fn merge(&mut self, job: Job, done: JobDone) -> Result<()> {
         let merge_started = Instant::now();
+        // (The helper put the other committed states in the clean cache.)
         for (user, (offset, seq)) in &done.tails {
             if let Some(live) = self.dirty.get_mut(user) {
                 live.tail_offset = *offset;
                 live.tail_seq = *seq;
-            }
-        }
-        for (user, state) in job.snapshot.iter() {
-            let mut committed = *state;
-            if let Some((offset, seq)) = done.tails.get(user) {
-                committed.tail_offset = *offset;
-                committed.tail_seq = *seq;
-            }
-            self.clean.insert(*user, committed);
-        }
-        for c in &done.compactions {
-            for (user, s) in &c.states {
-                self.clean.insert(*user, *s);
             }
         }
         for (bucket, len) in &done.lens {
@@ -237,21 +237,10 @@ impl Engine {
                 }
             }
         }
-        // Records acknowledged while the job wrote them are dead bytes now.
-        for (user, queue) in job.frozen.iter() {
-            let Some(live) = self.load_user_after(user, &job) else {
-                continue;
-            };
-            // Oldest first: stop at the first live record.
-            let dead: u64 = queue
-                .iter()
-                .take_while(|p| p.seq <= live.acked_seq)
-                .map(|p| record_stored_bytes(p.payload.len()))
-                .sum();
-            if dead > 0 {
-                self.add_dead_bytes(live.bucket, dead);
-            }
+        for (user, state) in &done.clean_after_swap {
+            self.clean.insert(*user, *state);
         }
+        self.count_acked_during_job(&job, &done)?;
         // The renames need no sync here: the index keeps listing them as
         // pending swaps (finished at open) until the next checkpoint, whose
         // own syncfs makes them durable before it replaces that list.
@@ -273,6 +262,51 @@ impl Engine {
         Ok(())
     }
 
+    /// Records acknowledged while the job ran and that it wrote (flushed,
+    /// or copied into a compacted file, whose fresh state counted them live)
+    /// are dead bytes now.
+    fn count_acked_during_job(&mut self, job: &Job, done: &JobDone) -> Result<()> {
+        let copied: HashMap<u64, UserState> = done
+            .compactions
+            .iter()
+            .flat_map(|c| c.states.iter().copied())
+            .collect();
+        let compacted: HashSet<u32> = done.compactions.iter().map(|c| c.bucket).collect();
+        let mut acked = std::mem::take(&mut self.acked_during_job);
+        acked.sort_unstable();
+        acked.dedup();
+        for user in &acked {
+            let Some(live) = self.load_user_after(user, job) else {
+                continue;
+            };
+            let dead = if compacted.contains(&live.bucket) {
+                // The new file holds the user's records live as of the job.
+                let Some(then) = copied.get(user) else {
+                    continue;
+                };
+                let links = self.chain(then, then.acked_seq + 1)?;
+                links
+                    .iter()
+                    .filter(|l| l.seq <= live.acked_seq)
+                    .map(|l| l.stored_bytes)
+                    .sum()
+            } else {
+                // Oldest first: stop at the first live record.
+                job.frozen.get(user).map_or(0, |queue| {
+                    queue
+                        .iter()
+                        .take_while(|p| p.seq <= live.acked_seq)
+                        .map(|p| record_stored_bytes(p.payload.len()))
+                        .sum()
+                })
+            };
+            if dead > 0 {
+                self.add_dead_bytes(live.bucket, dead);
+            }
+        }
+        Ok(())
+    }
+
     /// A user's live state while `job` is being merged (the job is no
     /// longer in `self.job`).
     fn load_user_after(&self, user: &u64, job: &Job) -> Option<UserState> {
@@ -286,6 +320,7 @@ impl Engine {
     /// wrote past a bucket's length are garbage the next job overwrites;
     /// the log is kept, so the next checkpoint covers everything.
     fn abandon(&mut self, job: Job) {
+        self.acked_during_job.clear();
         let snapshot = Arc::try_unwrap(job.snapshot).unwrap_or_else(|a| (*a).clone());
         for (user, state) in snapshot {
             self.dirty.entry(user).or_insert(state);
@@ -371,7 +406,20 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
         bucket_states.into_iter(),
         &meta,
     )?;
+    // The index has them: cache them here, off the engine's thread. Every
+    // such user is in the snapshot, which the engine reads first until the
+    // merge. Compacted buckets wait for their files to be swapped in.
+    let compacted: HashSet<u32> = compactions.iter().map(|c| c.bucket).collect();
+    let mut clean_after_swap = Vec::new();
+    for (user, state) in users {
+        if compacted.contains(&state.bucket) {
+            clean_after_swap.push((user, state));
+        } else {
+            input.clean.insert(user, state);
+        }
+    }
     Ok(JobDone {
+        clean_after_swap,
         tails,
         lens: touched
             .iter()
@@ -393,6 +441,9 @@ fn flush(
         .map(|u| (input.snapshot[u].bucket, *u))
         .collect();
     order.sort_unstable();
+    if input.descending {
+        order.reverse();
+    }
     let mut tails = HashMap::with_capacity(order.len());
     let mut buf = Vec::new();
     let mut i = 0;
@@ -606,6 +657,18 @@ mod tests {
         assert!(e.counters.compactions_total > 0);
         assert!(e.counters.checkpoints_total >= 12);
         e.checkpoint_now().unwrap();
+        // Every bucket byte is a live record or counted dead, including
+        // records acknowledged while a job was writing them.
+        let live_in_buckets: u64 = e
+            .bucket_meta
+            .values()
+            .map(|m| m.record_bytes() - m.dead_bytes)
+            .sum();
+        let live: u64 = model
+            .values()
+            .map(|q| q.len() as u64 * record_stored_bytes(40))
+            .sum();
+        assert_eq!(live_in_buckets, live);
         drop(e);
         let mut e = Engine::open(dir.path(), config).unwrap();
         for u in 0..8u64 {

@@ -40,7 +40,7 @@ impl Engine {
             return Ok(Some(*s));
         }
         if let Some(s) = self.clean.get(&user) {
-            return Ok(Some(*s));
+            return Ok(Some(s));
         }
         self.index.user(user)
     }

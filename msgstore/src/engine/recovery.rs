@@ -46,7 +46,7 @@ impl Engine {
             index: std::sync::Arc::new(index),
             buckets: std::sync::Arc::new(std::sync::Mutex::new(buckets)),
             dirty: HashMap::new(),
-            clean: quick_cache::unsync::Cache::new(config.clean_states_max),
+            clean: std::sync::Arc::new(super::CleanStates::new(config.clean_states_max)),
             memtable: HashMap::new(),
             wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
             totals: Totals {
@@ -69,6 +69,7 @@ impl Engine {
             routing: super::routing::load(dir)?,
             frozen: HashMap::new(),
             batch: 0,
+            acked_during_job: Vec::new(),
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
