@@ -50,7 +50,7 @@ impl Engine {
         self.check_usable()?;
         if self.wal.bytes_since_checkpoint > self.config.wal_bytes_max {
             return Err(Error::Overloaded(
-                "the log is at wal_bytes_max: checkpoints are failing",
+                "the log is at wal_bytes_max: checkpoints are failing or behind",
             ));
         }
         Ok(())
