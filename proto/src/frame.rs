@@ -36,6 +36,28 @@ pub enum Decoded<T> {
     Incomplete,
 }
 
+/// postcard output appended to a `Vec`: each field is a push or a slice
+/// copy, without the `io::Write` layer per field of `postcard::to_io`.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// Encode `msg` as one frame appended to `out`.
 ///
 /// Returns [`FrameError::TooLarge`] (and leaves `out` as it was) if the body
@@ -47,7 +69,7 @@ pub fn encode<T: Serialize>(
 ) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
-    let result = postcard::to_io(msg, &mut *out).map(|_| ());
+    let result = postcard::serialize_with_flavor(msg, AppendTo(&mut *out));
     let len = out.len() - start - FRAME_HEADER_BYTES;
     if let Err(e) = result {
         out.truncate(start);

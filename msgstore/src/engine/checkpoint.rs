@@ -106,18 +106,6 @@ fn syncfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Drop a merged job on a short-lived thread: its maps hold every record
-/// and user state of the checkpoint (hundreds of thousands of allocations),
-/// and freeing them would stall the engine's owner between batches.
-fn free_elsewhere(job: Job, done: JobDone) {
-    let spawned = std::thread::Builder::new()
-        .name("msgstore-free".into())
-        .spawn(move || drop((job, done)));
-    // If no thread could be started, the closure (and the job) was dropped
-    // here instead.
-    drop(spawned);
-}
-
 pub(super) fn lock(buckets: &Mutex<Buckets>) -> std::sync::MutexGuard<'_, Buckets> {
     // A panic while holding the lock cannot leave a map half-updated in a
     // way later readers trust: records are checked by checksum.
@@ -251,7 +239,6 @@ impl Engine {
             .wal
             .bytes_since_checkpoint
             .saturating_sub(job.log_bytes);
-        free_elsewhere(job, done);
         self.counters.checkpoints_total += 1;
         self.counters.compactions_total += done_compactions;
         metrics::counter!("msgstore_checkpoints_total").increment(1);

@@ -83,10 +83,12 @@ impl Engine {
         let unflushed = self.unflushed(user).filter(|p| p.seq >= start).count();
         page.records = Vec::with_capacity(limits.count_max.min(links.len() + unflushed));
         let committed = self.committed_len(state.bucket);
-        let mut buckets = lock(&self.buckets);
-        let view = match links.is_empty() {
-            true => &[][..],
-            false => buckets.view(state.bucket)?.unwrap_or(&[]),
+        // Only a page with bucket records takes the lock (a running
+        // checkpoint holds it while it writes each bucket).
+        let mut buckets = (!links.is_empty()).then(|| lock(&self.buckets));
+        let view = match buckets.as_mut() {
+            Some(b) => b.view(state.bucket)?.unwrap_or(&[]),
+            None => &[][..],
         };
         let view = &view[..committed.min(view.len())];
         // The walk went newest first and checked every record it returned.
