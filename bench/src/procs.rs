@@ -207,18 +207,19 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     stat_cpu_time(&format!("/proc/{pid}/stat"))
 }
 
-/// Wait until `pid` is idle: it used under `SETTLE_CPU_SHARE` of one core
-/// over a `SETTLE_WINDOW`, e.g. once a server has finished the background
-/// work a load left behind. Returns how long that took, or `None` if it was
-/// still busy after `max`.
-pub async fn settle(pid: u32, max: Duration) -> Result<Option<Duration>> {
+/// Wait until the processes `pids` (with their children, such as Redis's
+/// AOF rewrite) are idle: together they used under `SETTLE_CPU_SHARE` of one
+/// core over a `SETTLE_WINDOW`, e.g. once servers have finished the
+/// background work a load left behind. Returns how long that took, or
+/// `None` if they were still busy after `max`.
+pub async fn settle(pids: &[u32], max: Duration) -> Result<Option<Duration>> {
     const SETTLE_WINDOW: Duration = Duration::from_millis(300);
     const SETTLE_CPU_SHARE: f64 = 0.05;
     let start = std::time::Instant::now();
     loop {
-        let before = cpu_time(pid)?;
+        let before = family_cpu_time(pids);
         tokio::time::sleep(SETTLE_WINDOW).await;
-        let used = cpu_time(pid)?.saturating_sub(before);
+        let used = family_cpu_time(pids).saturating_sub(before);
         if used.as_secs_f64() < SETTLE_CPU_SHARE * SETTLE_WINDOW.as_secs_f64() {
             return Ok(Some(start.elapsed()));
         }
@@ -226,6 +227,29 @@ pub async fn settle(pid: u32, max: Duration) -> Result<Option<Duration>> {
             return Ok(None);
         }
     }
+}
+
+/// CPU time of `pids` and their live children (a process that ended in
+/// between is simply not counted).
+fn family_cpu_time(pids: &[u32]) -> Duration {
+    let children = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| parent_of(*p).is_some_and(|pp| pids.contains(&pp)));
+    pids.iter()
+        .copied()
+        .chain(children.collect::<Vec<_>>())
+        .filter_map(|p| cpu_time(p).ok())
+        .sum()
+}
+
+/// The parent of `pid` (field 4 of /proc/PID/stat).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// CPU time (user + system) one thread of this process has used so far.
@@ -309,6 +333,16 @@ mod tests {
             assert_eq!(parse_listening_line(line, N), Some(a), "{line}");
         }
         assert_eq!(parse_listening_line("starting", N), None);
+    }
+
+    #[test]
+    fn children_are_found_by_their_parent() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert_eq!(parent_of(child.id()), Some(std::process::id()));
+        // The family's CPU time includes the child's (read without error).
+        assert!(family_cpu_time(&[std::process::id()]) >= cpu_time(child.id()).unwrap());
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -435,7 +435,14 @@ async fn append_pair(
     let redis_setting = aof.to_string();
     let shard_setting = fsync.to_string();
     let mut redis_acked = 0;
+    // Every phase starts with both servers idle: neither's background work
+    // (our checkpoints, Redis's AOF rewrite) spills into the other's phase.
+    let pids: Vec<u32> = [Some(redis.proc.pid()), shard.as_ref().map(|s| s.proc.pid())]
+        .into_iter()
+        .flatten()
+        .collect();
     for pipeline in APPEND_PIPELINES {
+        settle(s, &pids, "the last phase").await?;
         let spec = s.spec(redis.addr, pipeline, true);
         let (out, cpu) = with_cpu(
             redis.proc.pid(),
@@ -451,6 +458,7 @@ async fn append_pair(
             .push(phase("append", "redis", &redis_setting, &spec, (&out, cpu)));
 
         if let Some(server) = &shard {
+            settle(s, &pids, "the last phase").await?;
             let spec = s.spec(server.addr, pipeline, true);
             let (result, cpu) = with_cpu(
                 server.proc.pid(),
@@ -486,6 +494,25 @@ async fn append_pair(
                 .problems
                 .push(format!("msgstore ({fsync}) footprint: {e:#}")),
         }
+    }
+    Ok(())
+}
+
+/// Wait until the servers `pids` are idle (at most `SETTLE_MAX`; 5 s with
+/// `--quick`), so the next phase measures only itself; says so if it took
+/// a while or they stayed busy.
+async fn settle(s: &Settings, pids: &[u32], after: &str) -> Result<()> {
+    let max = if s.args.quick {
+        SETTLE_MAX_QUICK
+    } else {
+        SETTLE_MAX
+    };
+    match crate::procs::settle(pids, max).await? {
+        Some(t) if t > Duration::from_secs(1) => {
+            eprintln!("  (servers idle {:.1} s after {after})", t.as_secs_f64())
+        }
+        Some(_) => {}
+        None => eprintln!("  (servers still busy {max:?} after {after}; measuring anyway)"),
     }
     Ok(())
 }
@@ -660,15 +687,7 @@ async fn prefill_then_drain<C: Codec>(
     let prefill = prefill.context("prefill")?;
     // Drain once the server has finished what the prefill left behind
     // (our checkpoints; Redis's AOF rewrite), so the drain measures draining.
-    let max = if s.args.quick {
-        SETTLE_MAX_QUICK
-    } else {
-        SETTLE_MAX
-    };
-    match crate::procs::settle(server_pid, max).await? {
-        Some(t) => eprintln!("  (server idle {:.1} s after the prefill)", t.as_secs_f64()),
-        None => eprintln!("  (server still busy {max:?} after the prefill; draining anyway)"),
-    }
+    settle(s, &[server_pid], "the prefill").await?;
     let drain_spec = LoadSpec {
         pipeline: s.args.drain_pipeline,
         ..spec.clone()
