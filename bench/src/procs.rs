@@ -337,7 +337,10 @@ mod tests {
 
     #[test]
     fn children_are_found_by_their_parent() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         assert_eq!(parent_of(child.id()), Some(std::process::id()));
         // The family's CPU time includes the child's (read without error).
         assert!(family_cpu_time(&[std::process::id()]) >= cpu_time(child.id()).unwrap());
