@@ -109,26 +109,29 @@ impl Engine {
         payload: Vec<u8>,
     ) {
         debug_assert_eq!(header.seq, state.next_seq);
-        self.save_for_undo(header.user);
-        if state.next_seq == 1 && !self.dirty.contains_key(&header.user) {
-            // A user's first append ever: it cannot be in the index.
-            self.totals.users += 1;
-        }
+        let first_ever = state.next_seq == 1;
         state.next_seq = header.seq + 1;
         state.live_bytes += payload.len() as u64;
         self.totals.live_messages += 1;
         self.totals.live_bytes += payload.len() as u64;
-        self.dirty.insert(header.user, state);
-        self.memtable
-            .entry(header.user)
-            .or_default()
-            .push_back(Pending {
-                batch: self.batch,
-                seq: header.seq,
-                timestamp_ms: header.timestamp_ms,
-                msg_id: header.msg_id,
-                payload,
-            });
+        let queue = self.memtable.entry(header.user).or_default();
+        let queued_before = queue.len();
+        queue.push_back(Pending {
+            batch: self.batch,
+            seq: header.seq,
+            timestamp_ms: header.timestamp_ms,
+            msg_id: header.msg_id,
+            payload,
+        });
+        // The map hands back what the undo log needs: no extra lookups.
+        let before = self.dirty.insert(header.user, state);
+        if first_ever && before.is_none() {
+            // A user's first append ever: it cannot be in the index.
+            self.totals.users += 1;
+        }
+        if self.undo.active {
+            self.undo.users.push((header.user, before, queued_before));
+        }
     }
 
     pub(super) fn ack(&mut self, user: u64, up_to_seq: u64) -> Result<u64> {
