@@ -302,9 +302,10 @@ impl Engine {
         }
     }
 
-    /// Note what `user` looks like before the batch changes it. Saved
-    /// every time (a push, no lookup); rollback restores in reverse order,
-    /// so the first save of the batch wins.
+    /// Note what `user` looks like before the batch changes it. Saved on
+    /// every change (no check whether the batch saved it already): rollback
+    /// restores in reverse order, so the first save of the batch wins.
+    /// (`apply_append` pushes the same entry from its own map operations.)
     pub(super) fn save_for_undo(&mut self, user: u64) {
         if self.undo.active {
             let len = self.memtable.get(&user).map_or(0, |q| q.len());
