@@ -497,8 +497,17 @@ fn bit_flip_in_a_bucket_record_is_never_returned() {
         .find(|r| r.2 == USER && r.3 == 3)
         .expect("USER's seq 3 is in the bucket");
     let body = at + FRAME_HEADER;
-    // A payload byte, the checksum, the seq field, the prev-offset field.
-    for flip_at in [body + RECORD_FIXED + 3, at + 6, body + 8, body + 40] {
+    // Damage to the payload or the checksum leaves the chain intact: only
+    // seq 3 is skipped. Damage to the seq or the prev-offset field breaks
+    // the chain there: 1 and 2 become unreachable.
+    let intact: &[u64] = &[1, 2, 4, 5];
+    let broken: &[u64] = &[4, 5];
+    for (flip_at, reachable) in [
+        (body + RECORD_FIXED + 3, intact),
+        (at + 6, intact),
+        (body + 8, broken),
+        (body + 40, broken),
+    ] {
         assert!(flip_at < at + len);
         let dir = tempfile::tempdir().unwrap();
         let records_again = write_bucket(dir.path());
@@ -507,9 +516,8 @@ fn bit_flip_in_a_bucket_record_is_never_returned() {
 
         let shard = open(dir.path());
         let corrupt_before = corrupt_total(&shard);
-        // USER's chain walks back from seq 5: 5, 4, then the damaged 3
-        // ends it. 1 and 2 are unreachable; nothing damaged is returned.
-        assert_records(&shard, USER, &[4, 5]);
+        // The damaged seq 3 is never returned.
+        assert_records(&shard, USER, reachable);
         assert!(
             corrupt_total(&shard) > corrupt_before,
             "the damaged record is counted"
@@ -531,10 +539,11 @@ fn bit_flip_in_a_bucket_record_is_never_returned() {
             6
         );
         shard.checkpoint().wait().unwrap();
-        assert_records(&shard, USER, &[4, 5, 6]);
+        let with_6 = [reachable, &[6]].concat();
+        assert_records(&shard, USER, &with_6);
         shard.close().unwrap();
         let shard = open(dir.path());
-        assert_records(&shard, USER, &[4, 5, 6]);
+        assert_records(&shard, USER, &with_6);
         assert_records(&shard, OTHER, &[1, 2, 3]);
         shard.close().unwrap();
     }

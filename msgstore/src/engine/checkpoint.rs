@@ -271,7 +271,7 @@ impl Engine {
                 let Some(then) = copied.get(user) else {
                     continue;
                 };
-                let links = self.chain(then, then.acked_seq + 1)?;
+                let links = self.chain(*user, then, then.acked_seq + 1)?;
                 links
                     .iter()
                     .filter(|l| l.seq <= live.acked_seq)

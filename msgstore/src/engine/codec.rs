@@ -155,10 +155,11 @@ pub fn read_record(
     })
 }
 
-/// The record at `offset`, parsed without checking its checksum: only for
-/// offsets a checked walk ([`read_record`]) just returned, over the same
-/// unchanged bytes. Bounds are still checked: `None` if it does not fit.
-pub fn record_at_verified(region: &[u8], offset: u64) -> Option<RecordView<'_>> {
+/// The record at `offset`, parsed without checking its checksum (for
+/// walks that only follow or count records; whatever is shown to a reader
+/// goes through [`read_record`]). Bounds are still checked: `None` if it
+/// does not fit.
+pub fn parse_record(region: &[u8], offset: u64) -> Option<RecordView<'_>> {
     let at = usize::try_from(offset).ok()?;
     let len = le_u32(region.get(at..at + 4)?) as usize;
     let start = at + FRAME_HEADER_BYTES;
@@ -196,9 +197,9 @@ mod tests {
         assert_eq!(rec.stored_bytes() as usize, out.len() - 3);
         for cut in 3..out.len() {
             assert!(read_record(&out[..cut], 3, 1024).is_err(), "cut at {cut}");
-            assert!(record_at_verified(&out[..cut], 3).is_none(), "cut at {cut}");
+            assert!(parse_record(&out[..cut], 3).is_none(), "cut at {cut}");
         }
-        assert_eq!(record_at_verified(&out, 3), Some(rec));
+        assert_eq!(parse_record(&out, 3), Some(rec));
     }
 
     #[test]
@@ -217,7 +218,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256), at in 0u64..300) {
             let _ = read_record(&bytes, at, 128);
             let _ = read_frame(&bytes, at as usize, 128);
-            let _ = record_at_verified(&bytes, at);
+            let _ = parse_record(&bytes, at);
         }
     }
 }

@@ -1,9 +1,10 @@
-//! Reading one page of a mailbox. The chain walk checks each record's
-//! checksum once; the page then borrows the payloads from the bucket map and
+//! Reading one page of a mailbox. The chain walk follows the structure;
+//! each record the page shows has its checksum checked (a damaged one is
+//! skipped, counted and logged). The page borrows the payloads from the bucket map and
 //! the memtable, and the caller encodes it wherever it wants (the daemon:
 //! straight into a connection's buffer, with no copy per record).
 
-use super::{checkpoint::lock, codec::record_at_verified, Engine};
+use super::{checkpoint::lock, codec::read_record, Engine};
 use crate::{Fetched, Result};
 use proto::{
     shard::{FETCH_BYTES_MAX, FETCH_COUNT_MAX},
@@ -76,7 +77,7 @@ impl Engine {
             full: false,
         };
         let links = if start <= state.tail_seq {
-            self.chain(&state, start)?
+            self.chain(user, &state, start)?
         } else {
             Vec::new()
         };
@@ -91,10 +92,15 @@ impl Engine {
             None => &[][..],
         };
         let view = &view[..committed.min(view.len())];
-        // The walk went newest first and checked every record it returned.
+        // The walk went newest first; the page shows the oldest.
+        let mut corrupt = Vec::new();
         for link in links.iter().rev() {
-            let Some(rec) = record_at_verified(view, link.offset) else {
-                break;
+            let rec = match read_record(view, link.offset, usize::MAX >> 1) {
+                Ok(rec) => rec,
+                Err(_) => {
+                    corrupt.push(link.offset);
+                    continue;
+                }
             };
             if !limits.admit(page.records.len(), rec.payload.len()) {
                 break;
@@ -120,7 +126,13 @@ impl Engine {
         }
         let last_returned = page.records.last().map_or(start - 1, |r| r.seq);
         page.more = last_returned < state.last_seq();
-        Ok(answer(&page))
+        let answered = answer(&page);
+        drop(page);
+        drop(buckets);
+        for offset in corrupt {
+            self.count_corrupt(state.bucket, offset, "checksum mismatch; not shown");
+        }
+        Ok(answered)
     }
 
     /// [`Engine::fetch_with`], copied out.

@@ -4,7 +4,7 @@
 
 use super::{
     checkpoint::lock,
-    codec::{read_record, record_stored_bytes, MessageHeader, NO_PREV},
+    codec::{parse_record, record_stored_bytes, MessageHeader, NO_PREV},
     migrate::mailbox_stats,
     state::{bucket_for_user, UserState},
     wal, Engine, Pending,
@@ -176,7 +176,7 @@ impl Engine {
     /// (payload bytes freed, bucket bytes made dead) by acknowledging
     /// `acked_seq + 1 ..= up_to`: walks the bucket chain.
     fn acked_bytes(&mut self, user: u64, state: &UserState, up_to: u64) -> Result<(u64, u64)> {
-        let links = self.chain(state, state.acked_seq + 1)?;
+        let links = self.chain(user, state, state.acked_seq + 1)?;
         let (mut freed_payload, mut dead_stored) = (0u64, 0u64);
         for link in links.iter().filter(|l| l.seq <= up_to) {
             freed_payload += link.payload_bytes;
@@ -227,9 +227,18 @@ impl Engine {
     }
 
     /// The user's records in its bucket with `seq >= min_seq`, newest first.
-    /// A record that fails its checksum ends the walk: it is counted and
-    /// logged, and older records of this user become unreachable.
-    pub(super) fn chain(&mut self, state: &UserState, min_seq: u64) -> Result<Vec<ChainLink>> {
+    /// The walk checks structure only (frame bounds, the record is the
+    /// user's, seqs fall and offsets go back): checksums are checked where
+    /// a record is shown ([`Engine::fetch_with`]), not where it is only
+    /// counted. A record that breaks the structure ends the walk: it is
+    /// counted and logged, and older records of this user become
+    /// unreachable.
+    pub(super) fn chain(
+        &mut self,
+        user: u64,
+        state: &UserState,
+        min_seq: u64,
+    ) -> Result<Vec<ChainLink>> {
         let mut links = Vec::new();
         if state.tail_offset == NO_PREV || min_seq > state.tail_seq {
             return Ok(links);
@@ -243,23 +252,18 @@ impl Engine {
         let mut offset = state.tail_offset;
         let mut expect_seq = state.tail_seq;
         while offset != NO_PREV {
-            let rec = match read_record(view, offset, usize::MAX >> 1) {
-                Ok(rec)
-                    if rec.header.seq <= expect_seq
+            let rec = match parse_record(view, offset) {
+                Some(rec)
+                    if rec.header.user == user
+                        && rec.header.seq <= expect_seq
                         && (rec.prev_offset == NO_PREV || rec.prev_offset < offset) =>
                 {
                     rec
                 }
-                other => {
-                    let fault = other.err();
-                    tracing::error!(
-                        bucket = state.bucket,
-                        offset,
-                        ?fault,
-                        "corrupt record in bucket; dropping the rest of this chain"
-                    );
-                    self.counters.corrupt_records_total += 1;
-                    metrics::counter!("msgstore_corrupt_records_total").increment(1);
+                _ => {
+                    drop(buckets);
+                    let what = "chain broken; older records of this user are unreachable";
+                    self.count_corrupt(state.bucket, offset, what);
                     break;
                 }
             };
@@ -276,6 +280,13 @@ impl Engine {
             offset = rec.prev_offset;
         }
         Ok(links)
+    }
+
+    /// Count and log a damaged bucket record.
+    pub(super) fn count_corrupt(&mut self, bucket: u32, offset: u64, what: &str) {
+        tracing::error!(bucket, offset, "corrupt record in bucket: {what}");
+        self.counters.corrupt_records_total += 1;
+        metrics::counter!("msgstore_corrupt_records_total").increment(1);
     }
 
     pub(super) fn user_stats(&mut self, user: u64) -> Result<MailboxStats> {
