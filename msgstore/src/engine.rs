@@ -8,7 +8,7 @@
 //! every command of the batch gets the error. Checkpoints move logged
 //! records into the bucket files and the index, then trim the log.
 
-mod buckets;
+pub(crate) mod buckets;
 mod checkpoint;
 mod codec;
 mod fetch;
@@ -75,6 +75,11 @@ pub(crate) enum Command {
         reply: Reply<()>,
     },
 }
+
+/// User states changed since the last checkpoint.
+type DirtyStates = HashMap<u64, UserState>;
+/// Each user's logged records not yet in its bucket, oldest first.
+type Memtable = HashMap<u64, VecDeque<Pending>>;
 
 /// The cache of user states as the index has them.
 type CleanStates = quick_cache::sync::Cache<u64, UserState>;
@@ -151,11 +156,14 @@ pub(crate) struct Engine {
     /// Buckets that have a file; absent ones are `BucketMeta::default()`.
     bucket_meta: HashMap<u32, BucketMeta>,
     /// User states changed since the last checkpoint (the index has the rest).
-    dirty: HashMap<u64, UserState>,
+    dirty: DirtyStates,
     /// Recently checkpointed user states, exactly as the index has them
     /// (filled by checkpoint helper threads).
     clean: std::sync::Arc<CleanStates>,
-    memtable: HashMap<u64, VecDeque<Pending>>,
+    memtable: Memtable,
+    /// The last merged checkpoint's maps, emptied, to become the next
+    /// job's `dirty` and `memtable` (see [`Engine::start_checkpoint`]).
+    spare_maps: Option<(DirtyStates, Memtable)>,
     wal: Wal,
     totals: Totals,
     counters: ShardStats,

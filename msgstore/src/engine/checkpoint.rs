@@ -33,13 +33,12 @@ use super::{
     index::{CheckpointMeta, Index},
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
     wal::Position,
-    CleanStates, Engine, Pending, Totals,
+    CleanStates, DirtyStates, Engine, Memtable, Totals,
 };
 use crate::{Error, Result};
 // Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::{
-    collections::VecDeque,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -49,8 +48,8 @@ use std::{
 /// What the helper thread works from: the engine's state as of `position`.
 struct JobInput {
     position: Position,
-    snapshot: Arc<HashMap<u64, UserState>>,
-    frozen: Arc<HashMap<u64, VecDeque<Pending>>>,
+    snapshot: Arc<DirtyStates>,
+    frozen: Arc<Memtable>,
     /// Every bucket's state as of `position`.
     metas: HashMap<u32, BucketMeta>,
     candidates: Vec<u32>,
@@ -87,8 +86,8 @@ struct JobDone {
 /// A checkpoint in progress.
 pub(super) struct Job {
     position: Position,
-    pub(super) snapshot: Arc<HashMap<u64, UserState>>,
-    pub(super) frozen: Arc<HashMap<u64, VecDeque<Pending>>>,
+    pub(super) snapshot: Arc<DirtyStates>,
+    pub(super) frozen: Arc<Memtable>,
     candidates: Vec<u32>,
     log_bytes: u64,
     started: Instant,
@@ -128,8 +127,12 @@ impl Engine {
         {
             return Ok(());
         }
-        let snapshot = Arc::new(std::mem::take(&mut self.dirty));
-        let frozen = Arc::new(std::mem::take(&mut self.memtable));
+        // The next maps start from the last job's (cleared, their memory
+        // kept): a map regrown from empty rehashes on the server thread and
+        // faults in fresh pages at every doubling.
+        let spare = self.spare_maps.take().unwrap_or_default();
+        let snapshot = Arc::new(std::mem::replace(&mut self.dirty, spare.0));
+        let frozen = Arc::new(std::mem::replace(&mut self.memtable, spare.1));
         let candidates: Vec<u32> = self.compact_candidates.drain().collect();
         let input = JobInput {
             position: self.wal.position(),
@@ -246,6 +249,7 @@ impl Engine {
         let merge_secs = merge_started.elapsed().as_secs_f64();
         metrics::histogram!("msgstore_checkpoint_merge_seconds").record(merge_secs);
         tracing::debug!(elapsed_ms, merge_ms = merge_secs * 1e3, "checkpoint done");
+        self.keep_spare_maps(job.snapshot, job.frozen);
         Ok(())
     }
 
@@ -306,6 +310,19 @@ impl Engine {
     /// A failed job: give the engine its state back. Records the helper
     /// wrote past a bucket's length are garbage the next job overwrites;
     /// the log is kept, so the next checkpoint covers everything.
+    /// Keep a merged job's maps, emptied, for the next job (if the helper
+    /// thread has let go of them).
+    fn keep_spare_maps(&mut self, snapshot: Arc<DirtyStates>, frozen: Arc<Memtable>) {
+        drop(self.spare_maps.take());
+        if let (Ok(mut snapshot), Ok(mut frozen)) =
+            (Arc::try_unwrap(snapshot), Arc::try_unwrap(frozen))
+        {
+            snapshot.clear();
+            frozen.clear();
+            self.spare_maps = Some((snapshot, frozen));
+        }
+    }
+
     fn abandon(&mut self, job: Job) {
         self.acked_during_job.clear();
         let snapshot = Arc::try_unwrap(job.snapshot).unwrap_or_else(|a| (*a).clone());

@@ -48,6 +48,7 @@ impl Engine {
             dirty: HashMap::new(),
             clean: std::sync::Arc::new(super::CleanStates::new(config.clean_states_max)),
             memtable: HashMap::new(),
+            spare_maps: None,
             wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
             totals: Totals {
                 users: meta.users_total,
