@@ -1,5 +1,6 @@
 //! Engine configuration: every limit the shard enforces, with its default.
 
+use crate::engine::buckets::{auto_open_maps_max, max_map_count, MAP_COUNT_HEADROOM};
 use serde::{Deserialize, Serialize};
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -72,9 +73,11 @@ pub struct EngineConfig {
     pub mailbox_messages_max: u64,
     /// Most unacknowledged payload bytes one user's mailbox holds.
     pub mailbox_bytes_max: u64,
-    /// Most bucket files mapped at once (each map is one `vm.max_map_count`
-    /// entry; the kernel default allows 65,530 for the whole process).
-    pub open_maps_max: usize,
+    /// Most bucket files mapped at once. Each map is one `vm.max_map_count`
+    /// entry (the kernel default allows 65,530 for the whole process).
+    /// Absent: every bucket if the limit allows it with 2,048 entries to
+    /// spare, else as many as it allows (32,768 if it cannot be read).
+    pub open_maps_max: Option<usize>,
     /// User states kept in memory after a checkpoint wrote them to the
     /// index, so users who are active again skip the index lookup.
     pub clean_states_max: usize,
@@ -112,7 +115,7 @@ impl Default for EngineConfig {
             message_bytes_max: 64 * 1024,
             mailbox_messages_max: 10_000,
             mailbox_bytes_max: 16 * 1024 * 1024,
-            open_maps_max: 32_768,
+            open_maps_max: None,
             clean_states_max: 1_000_000,
             precreate_buckets: false,
             queue_requests_max: 65_536,
@@ -153,7 +156,9 @@ impl EngineConfig {
             1 << 32,
         )?;
         range("mailbox_bytes_max", self.mailbox_bytes_max, 1, 1 << 40)?;
-        range("open_maps_max", self.open_maps_max as u64, 1, 60_000)?;
+        if let Some(maps) = self.open_maps_max {
+            range("open_maps_max", maps as u64, 1, 1 << 24)?;
+        }
         range(
             "queue_requests_max",
             self.queue_requests_max as u64,
@@ -196,6 +201,28 @@ impl EngineConfig {
 
     pub fn buckets(&self) -> u32 {
         u32::from(self.bucket_dirs) * u32::from(self.bucket_files)
+    }
+
+    /// `open_maps_max`, or the automatic budget for this machine.
+    pub(crate) fn resolved_open_maps_max(&self) -> usize {
+        let buckets = self.buckets() as usize;
+        if let Some(maps) = self.open_maps_max {
+            return maps;
+        }
+        let limit = max_map_count();
+        let maps = auto_open_maps_max(buckets, limit);
+        if maps < buckets {
+            tracing::warn!(
+                buckets,
+                open_maps_max = maps,
+                vm_max_map_count = limit,
+                "the process may not map every bucket file, so checkpoints will unmap and map \
+                 files again; raise vm.max_map_count to at least {} (e.g. sysctl -w \
+                 vm.max_map_count=262144) to keep them all mapped",
+                buckets + MAP_COUNT_HEADROOM
+            );
+        }
+        maps
     }
 
     pub(crate) fn checkpoint_interval(&self) -> Duration {

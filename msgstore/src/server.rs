@@ -621,6 +621,10 @@ fn describe_metrics() {
         "Connections closed at once because connections_max was reached"
     );
     describe_gauge!("msgstore_connections", "Open client connections");
+    describe_counter!(
+        "msgstore_map_failures_total",
+        "Bucket maps the kernel refused (ENOMEM); least recently used maps were dropped"
+    );
     describe_histogram!(
         "msgstore_commit_seconds",
         Unit::Seconds,

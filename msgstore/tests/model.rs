@@ -30,7 +30,7 @@ fn config() -> EngineConfig {
         message_bytes_max: MESSAGE_BYTES_MAX,
         mailbox_messages_max: MESSAGES_MAX,
         mailbox_bytes_max: MAILBOX_BYTES_MAX,
-        open_maps_max: 2, // fewer than the 4 buckets: maps get evicted
+        open_maps_max: Some(2), // fewer than the 4 buckets: maps get evicted
         // Small: some checkpoints also happen on their own.
         checkpoint_wal_bytes: 16 * 1024,
         compact_dead_ratio: 0.1,

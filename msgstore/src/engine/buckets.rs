@@ -25,6 +25,34 @@ const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
 /// flush. Only the file's bytes are ever touched through the map.
 const MAP_RESERVE_GROWTH: u64 = 4;
 const MAP_RESERVE_BYTES_MIN: u64 = 1024 * 1024;
+/// `vm.max_map_count` entries the automatic map budget leaves for
+/// everything else the process maps (libraries, thread stacks, the
+/// allocator, LMDB): a loaded daemon was seen using about 100.
+pub const MAP_COUNT_HEADROOM: usize = 2048;
+/// The automatic map budget when `vm.max_map_count` cannot be read.
+const OPEN_MAPS_FALLBACK: usize = 32_768;
+
+/// The kernel's per-process limit on mappings, if it can be read.
+pub fn max_map_count() -> Option<usize> {
+    fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// How many of `buckets` files to keep mapped when the config leaves it to
+/// us: all of them if the process may map that many (with
+/// [`MAP_COUNT_HEADROOM`] to spare), else as many as it may. A checkpoint
+/// touches nearly every bucket, so each bucket that does not fit costs an
+/// unmap (a TLB flush on every CPU running the process) and a map per
+/// checkpoint.
+pub fn auto_open_maps_max(buckets: usize, max_map_count: Option<usize>) -> usize {
+    let budget = max_map_count.map_or(OPEN_MAPS_FALLBACK, |limit| {
+        limit.saturating_sub(MAP_COUNT_HEADROOM)
+    });
+    budget.min(buckets).max(1)
+}
 
 pub fn bucket_header(bucket: u32, gen: u64) -> [u8; BUCKET_HEADER_BYTES as usize] {
     let mut h = [0u8; BUCKET_HEADER_BYTES as usize];
@@ -119,19 +147,45 @@ impl Buckets {
             self.insert(bucket, file)?;
         }
         let end = offset + bytes.len() as u64;
-        let path = self.path(bucket);
-        let m = self.maps.get_mut(&bucket).expect("mapped above");
-        if (m.file_len as u64) < end {
-            let size = end.next_power_of_two().max(BUCKET_FILE_BYTES_MIN);
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            allocate(&file, size)?;
-            if (m.map.len() as u64) < size {
-                m.map = map_file(&file, size)?;
-            }
-            m.file_len =
-                usize::try_from(size).map_err(|_| std::io::Error::other("bucket too large"))?;
+        if self
+            .maps
+            .get(&bucket)
+            .is_none_or(|m| (m.file_len as u64) < end)
+        {
+            self.grow(bucket, end)?;
         }
+        let m = self.maps.get_mut(&bucket).expect("mapped above");
         m.map[offset as usize..end as usize].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Grow `bucket`'s file to hold `end` bytes, and map it again if that
+    /// is past the room its map reserved.
+    fn grow(&mut self, bucket: u32, end: u64) -> Result<()> {
+        let size = end.next_power_of_two().max(BUCKET_FILE_BYTES_MIN);
+        let file_len =
+            usize::try_from(size).map_err(|_| std::io::Error::other("bucket too large"))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path(bucket))?;
+        allocate(&file, size)?;
+        match self.maps.get_mut(&bucket) {
+            Some(m) if m.map.len() as u64 >= size => m.file_len = file_len,
+            _ => {
+                // Unmapped first: the replacement needs no extra map-count
+                // entry.
+                self.maps.remove(&bucket);
+                let map = self.map_or_evict(|| map_file(&file, size))?;
+                let last_use = self.clock;
+                let mapped = Mapped {
+                    map,
+                    file_len,
+                    last_use,
+                };
+                self.maps.insert(bucket, mapped);
+            }
+        }
         Ok(())
     }
 
@@ -172,7 +226,7 @@ impl Buckets {
             self.evict();
         }
         let file_len = file.metadata()?.len();
-        let map = map_file(&file, file_len)?;
+        let map = self.map_or_evict(|| map_file(&file, file_len))?;
         drop(file);
         let file_len =
             usize::try_from(file_len).map_err(|_| std::io::Error::other("bucket too large"))?;
@@ -193,6 +247,25 @@ impl Buckets {
         let m = self.maps.get_mut(&bucket)?;
         m.last_use = self.clock;
         Some(m)
+    }
+
+    /// Run `map`; if the process may not map more (`ENOMEM`: the kernel's
+    /// `vm.max_map_count`, or address space), drop the least recently used
+    /// eighth of the maps and try once more. The error stands if that fails
+    /// too (the checkpoint or read needing the map fails and is retried).
+    fn map_or_evict(&mut self, map: impl Fn() -> std::io::Result<MmapMut>) -> Result<MmapMut> {
+        match map() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && !self.maps.is_empty() => {
+                tracing::warn!(
+                    open_maps = self.maps.len(),
+                    "the process may not map more files; unmapping the least recently used"
+                );
+                metrics::counter!("msgstore_map_failures_total").increment(1);
+                self.evict();
+                Ok(map()?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Drop the least recently used eighth of the maps (at least one), so
@@ -238,7 +311,7 @@ impl Buckets {
 }
 
 /// Map `file` (`file_len` bytes long) with room to grow.
-fn map_file(file: &File, file_len: u64) -> Result<MmapMut> {
+fn map_file(file: &File, file_len: u64) -> std::io::Result<MmapMut> {
     let reserve = file_len
         .saturating_mul(MAP_RESERVE_GROWTH)
         .max(MAP_RESERVE_BYTES_MIN);
@@ -247,7 +320,7 @@ fn map_file(file: &File, file_len: u64) -> Result<MmapMut> {
     // SAFETY: bucket files are only modified through this process's maps
     // (the directory is locked) and never shrink while mapped; callers only
     // touch the first `file_len` bytes (see `Mapped`), which the file has.
-    Ok(unsafe { MmapOptions::new().len(reserve).map_mut(file)? })
+    unsafe { MmapOptions::new().len(reserve).map_mut(file) }
 }
 
 /// Grow `file` to `size` bytes with real blocks behind them, so a full disk
@@ -324,6 +397,70 @@ mod tests {
         let first = BUCKET_HEADER_BYTES as usize;
         assert_eq!(&view[first..first + chunk.len()], &chunk[..]);
         assert_eq!(header_gen(view, 3), Some(0));
+    }
+
+    #[test]
+    fn the_automatic_map_budget_keeps_headroom_and_never_exceeds_the_buckets() {
+        // The kernel default leaves room for 63,482 of 65,536 buckets.
+        assert_eq!(auto_open_maps_max(65_536, Some(65_530)), 63_482);
+        assert_eq!(auto_open_maps_max(65_536, Some(262_144)), 65_536);
+        assert_eq!(auto_open_maps_max(16, Some(65_530)), 16);
+        assert_eq!(auto_open_maps_max(65_536, None), OPEN_MAPS_FALLBACK);
+        assert_eq!(auto_open_maps_max(65_536, Some(100)), 1);
+    }
+
+    /// A map refused for lack of map-count entries (`ENOMEM`) costs the
+    /// least recently used maps and is tried once more; a second refusal
+    /// is the caller's error, and the set stays usable.
+    #[test]
+    fn a_refused_map_evicts_and_retries_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Buckets::new(dir.path(), 4, 16).unwrap();
+        for id in 0..16u32 {
+            b.write(id, 0, BUCKET_HEADER_BYTES, &id.to_le_bytes())
+                .unwrap();
+        }
+        assert_eq!(b.open_maps(), 16);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(b.path(0))
+            .unwrap();
+        let enomem = || std::io::Error::from_raw_os_error(libc::ENOMEM);
+
+        let tries = std::cell::Cell::new(0);
+        let map = b.map_or_evict(|| {
+            tries.set(tries.get() + 1);
+            if tries.get() == 1 {
+                Err(enomem())
+            } else {
+                map_file(&file, 4096)
+            }
+        });
+        assert!(map.is_ok());
+        assert_eq!(tries.get(), 2);
+        assert_eq!(b.open_maps(), 14, "an eighth of the maps went");
+
+        tries.set(0);
+        let refused = b.map_or_evict(|| {
+            tries.set(tries.get() + 1);
+            Err(enomem())
+        });
+        assert!(refused.is_err());
+        assert_eq!(tries.get(), 2, "tried once more, not again");
+        // Another error is not retried.
+        tries.set(0);
+        let other = b.map_or_evict(|| {
+            tries.set(tries.get() + 1);
+            Err(std::io::Error::other("no"))
+        });
+        assert!(other.is_err());
+        assert_eq!(tries.get(), 1);
+        for id in 0..16u32 {
+            let v = b.view(id).unwrap().unwrap();
+            let at = BUCKET_HEADER_BYTES as usize;
+            assert_eq!(&v[at..at + 4], &id.to_le_bytes());
+        }
     }
 
     #[test]

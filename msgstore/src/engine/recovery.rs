@@ -28,7 +28,7 @@ impl Engine {
         let mut buckets = Buckets::new(
             &dir.join("buckets"),
             config.bucket_files,
-            config.open_maps_max,
+            config.resolved_open_maps_max(),
         )?;
         finish_swaps(&dir.join("compact"), &meta.pending_swaps, &mut buckets)?;
         let wal_dir = dir.join("wal");
