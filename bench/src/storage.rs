@@ -236,6 +236,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
             "engine_appenders": s.args.appenders,
             "record_header_bytes": s.args.record_header_bytes,
             "work_dir": work_dir,
+            "vm_max_map_count": msgstore::max_map_count(),
         }),
         append: Vec::new(),
         drain: Vec::new(),
@@ -244,6 +245,11 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         servers: Vec::new(),
         problems: Vec::new(),
     };
+    // A shard keeps fewer than its 65,536 buckets mapped below 67,584.
+    match msgstore::max_map_count() {
+        Some(limit) => eprintln!("host: vm.max_map_count = {limit}"),
+        None => eprintln!("host: vm.max_map_count unknown"),
+    }
     let msgstore_bin = match shard_driver::locate_msgstore(s.args.msgstore_bin.as_deref()) {
         Ok(b) => Some(b),
         Err(e) => {

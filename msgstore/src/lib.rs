@@ -24,6 +24,9 @@ pub mod rebalance;
 pub mod server;
 
 pub use config::{EngineConfig, FsyncPolicy};
+/// The kernel's per-process limit on mappings (`vm.max_map_count`), which
+/// bounds how many bucket files a shard keeps mapped.
+pub use engine::buckets::max_map_count;
 pub use error::{Error, Result};
 pub use handle::{AppendRequest, Fetched, Shard, Ticket};
 pub use proto::shard::{MailboxStats, ShardStats, StoredRecord};
