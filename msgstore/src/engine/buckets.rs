@@ -354,21 +354,33 @@ pub fn parse_compacted_name(name: &str) -> Option<(u32, u64)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn maps_stay_bounded_and_data_survives_eviction() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = Buckets::new(dir.path(), 4, 3).unwrap();
+    /// Buckets 0..16 in `dir`, each holding its number after the header,
+    /// with at most `maps_max` mapped (checked after every write).
+    fn sixteen_buckets(dir: &Path, maps_max: usize) -> Buckets {
+        let mut b = Buckets::new(dir, 4, maps_max).unwrap();
         for id in 0..16u32 {
             b.write(id, 0, BUCKET_HEADER_BYTES, &id.to_le_bytes())
                 .unwrap();
-            assert!(b.open_maps() <= 3);
+            assert!(b.open_maps() <= maps_max);
         }
+        b
+    }
+
+    /// Every bucket of [`sixteen_buckets`] reads back as written.
+    fn assert_sixteen_intact(b: &mut Buckets) {
         for id in 0..16u32 {
             let v = b.view(id).unwrap().unwrap();
             assert_eq!(header_gen(v, id), Some(0));
             let at = BUCKET_HEADER_BYTES as usize;
             assert_eq!(&v[at..at + 4], &id.to_le_bytes());
         }
+    }
+
+    #[test]
+    fn maps_stay_bounded_and_data_survives_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = sixteen_buckets(dir.path(), 3);
+        assert_sixteen_intact(&mut b);
         assert!(b.view(99).unwrap().is_none());
     }
 
@@ -415,11 +427,7 @@ mod tests {
     #[test]
     fn a_refused_map_evicts_and_retries_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut b = Buckets::new(dir.path(), 4, 16).unwrap();
-        for id in 0..16u32 {
-            b.write(id, 0, BUCKET_HEADER_BYTES, &id.to_le_bytes())
-                .unwrap();
-        }
+        let mut b = sixteen_buckets(dir.path(), 16);
         assert_eq!(b.open_maps(), 16);
         let file = OpenOptions::new()
             .read(true)
@@ -456,11 +464,7 @@ mod tests {
         });
         assert!(other.is_err());
         assert_eq!(tries.get(), 1);
-        for id in 0..16u32 {
-            let v = b.view(id).unwrap().unwrap();
-            let at = BUCKET_HEADER_BYTES as usize;
-            assert_eq!(&v[at..at + 4], &id.to_le_bytes());
-        }
+        assert_sixteen_intact(&mut b);
     }
 
     #[test]
