@@ -103,6 +103,8 @@ impl Embedded {
             };
             c.engine.bucket_dirs = config.bucket_fanout;
             c.engine.bucket_files = config.bucket_fanout;
+            // The shards share this process's map-count limit.
+            c.engine.open_maps_max = Some(c.engine.shared_open_maps_max(config.shards.len()));
             shards.push(
                 msgstore::daemon::start(c)
                     .await

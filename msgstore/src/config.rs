@@ -203,6 +203,12 @@ impl EngineConfig {
         u32::from(self.bucket_dirs) * u32::from(self.bucket_files)
     }
 
+    /// The automatic `open_maps_max` for one of `shards` shards run in
+    /// the same process (they share its `vm.max_map_count`).
+    pub fn shared_open_maps_max(&self, shards: usize) -> usize {
+        auto_open_maps_max(self.buckets() as usize, max_map_count(), shards)
+    }
+
     /// `open_maps_max`, or the automatic budget for this machine.
     pub(crate) fn resolved_open_maps_max(&self) -> usize {
         let buckets = self.buckets() as usize;
@@ -210,7 +216,7 @@ impl EngineConfig {
             return maps;
         }
         let limit = max_map_count();
-        let maps = auto_open_maps_max(buckets, limit);
+        let maps = auto_open_maps_max(buckets, limit, 1);
         if maps < buckets {
             tracing::warn!(
                 buckets,

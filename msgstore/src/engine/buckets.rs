@@ -41,17 +41,17 @@ pub fn max_map_count() -> Option<usize> {
         .ok()
 }
 
-/// How many of `buckets` files to keep mapped when the config leaves it to
-/// us: all of them if the process may map that many (with
-/// [`MAP_COUNT_HEADROOM`] to spare), else as many as it may. A checkpoint
-/// touches nearly every bucket, so each bucket that does not fit costs an
-/// unmap (a TLB flush on every CPU running the process) and a map per
-/// checkpoint.
-pub fn auto_open_maps_max(buckets: usize, max_map_count: Option<usize>) -> usize {
+/// How many of `buckets` files one of `shards` shards in this process keeps
+/// mapped when the config leaves it to us: all of them if the process may
+/// map that many for each shard (with [`MAP_COUNT_HEADROOM`] to spare), else
+/// its share of what the process may map. A checkpoint touches nearly every
+/// bucket, so each bucket that does not fit costs an unmap (a TLB flush on
+/// every CPU running the process) and a map per checkpoint.
+pub fn auto_open_maps_max(buckets: usize, max_map_count: Option<usize>, shards: usize) -> usize {
     let budget = max_map_count.map_or(OPEN_MAPS_FALLBACK, |limit| {
         limit.saturating_sub(MAP_COUNT_HEADROOM)
     });
-    budget.min(buckets).max(1)
+    (budget / shards.max(1)).min(buckets).max(1)
 }
 
 pub fn bucket_header(bucket: u32, gen: u64) -> [u8; BUCKET_HEADER_BYTES as usize] {
@@ -414,11 +414,14 @@ mod tests {
     #[test]
     fn the_automatic_map_budget_keeps_headroom_and_never_exceeds_the_buckets() {
         // The kernel default leaves room for 63,482 of 65,536 buckets.
-        assert_eq!(auto_open_maps_max(65_536, Some(65_530)), 63_482);
-        assert_eq!(auto_open_maps_max(65_536, Some(262_144)), 65_536);
-        assert_eq!(auto_open_maps_max(16, Some(65_530)), 16);
-        assert_eq!(auto_open_maps_max(65_536, None), OPEN_MAPS_FALLBACK);
-        assert_eq!(auto_open_maps_max(65_536, Some(100)), 1);
+        assert_eq!(auto_open_maps_max(65_536, Some(65_530), 1), 63_482);
+        assert_eq!(auto_open_maps_max(65_536, Some(262_144), 1), 65_536);
+        assert_eq!(auto_open_maps_max(16, Some(65_530), 1), 16);
+        assert_eq!(auto_open_maps_max(65_536, None, 1), OPEN_MAPS_FALLBACK);
+        assert_eq!(auto_open_maps_max(65_536, Some(100), 1), 1);
+        // Shards sharing one process share its limit.
+        assert_eq!(auto_open_maps_max(65_536, Some(65_530), 2), 31_741);
+        assert_eq!(auto_open_maps_max(65_536, Some(262_144), 2), 65_536);
     }
 
     /// A map refused for lack of map-count entries (`ENOMEM`) costs the
