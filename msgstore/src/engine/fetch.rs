@@ -1,8 +1,9 @@
 //! Reading one page of a mailbox. The chain walk follows the structure;
 //! each record the page shows has its checksum checked (a damaged one is
-//! skipped, counted and logged). The page borrows the payloads from the bucket map and
-//! the memtable, and the caller encodes it wherever it wants (the daemon:
-//! straight into a connection's buffer, with no copy per record).
+//! skipped, counted and logged). The page borrows the payloads from the
+//! bucket map and the memtable, and the caller encodes it wherever it wants
+//! (the daemon: straight into a connection's buffer, with no copy per
+//! record).
 
 use super::{checkpoint::lock, codec::read_record, Engine};
 use crate::{Fetched, Result};
