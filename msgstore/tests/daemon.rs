@@ -527,3 +527,68 @@ async fn a_fetch_never_shows_records_whose_write_failed() {
         other => panic!("the fetch must answer the write's error: {other:?}"),
     }
 }
+
+/// Pages answered at once that fill a connection's outbox past what the
+/// reader writes itself (64 KiB), pipelined with appends answered after
+/// their batch, far more than the socket takes while the client does not
+/// read: every answer arrives whole, once, with its records.
+#[tokio::test]
+async fn large_pipelined_pages_and_staged_answers_arrive_whole() {
+    use proto::shard::{Request, RequestBody as B, ResponseBody as R};
+    const MESSAGES: u64 = 32;
+    const PAYLOAD_BYTES: usize = 8 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_with(daemon_command_with(dir.path(), "always"));
+    let client = connect(daemon.addr).await;
+    let body = |i: u64| vec![i as u8; PAYLOAD_BYTES];
+    for i in 1..=MESSAGES {
+        client.append(9, u128::from(i), body(i)).await.unwrap();
+    }
+    let mut batch = Vec::new();
+    for id in 0..60u64 {
+        batch.push(Request {
+            id,
+            body: if id % 3 == 2 {
+                B::Append {
+                    user: 10,
+                    msg_id: u128::from(id),
+                    payload: vec![1; 100],
+                }
+            } else {
+                B::Fetch {
+                    user: 9,
+                    after_seq: 0,
+                    max_count: 100,
+                    max_bytes: 1 << 20,
+                }
+            },
+        });
+    }
+    let mut raw = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    // In three reads, with nothing read back meanwhile: the later requests
+    // come while the server's socket is full.
+    for chunk in batch.chunks(20) {
+        raw.write_all(&frames(chunk)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
+    let got = responses(&mut raw, &ids).await;
+    assert_eq!(got.len(), ids.len(), "every request answered");
+    let mut appended = Vec::new();
+    for (id, answer) in &got {
+        match answer {
+            R::Records { records, more } => {
+                assert!(!more);
+                assert_eq!(records.len() as u64, MESSAGES, "answer {id}");
+                for (i, r) in records.iter().enumerate() {
+                    assert_eq!(r.seq, i as u64 + 1);
+                    assert_eq!(r.payload, body(r.seq), "answer {id} seq {}", r.seq);
+                }
+            }
+            R::Appended { seq } => appended.push(*seq),
+            other => panic!("answer to {id}: {other:?}"),
+        }
+    }
+    appended.sort_unstable();
+    assert_eq!(appended, (1..=20).collect::<Vec<_>>());
+}
