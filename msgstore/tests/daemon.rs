@@ -7,7 +7,7 @@ use proto::shard::{AppendItem, ShardErrorCode, APPEND_BATCH_ITEMS_MAX};
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -35,6 +35,15 @@ fn daemon_command_with(data: &Path, fsync: &str) -> Command {
         .args(["--listen", "127.0.0.1:0", "--fsync", fsync])
         .env("RUST_LOG", "warn");
     cmd
+}
+
+/// Write `toml` as `dir/msgstore.toml` and start `cmd` with it; returns
+/// the file's path.
+fn with_config(cmd: &mut Command, dir: &Path, toml: &str) -> PathBuf {
+    let config = dir.join("msgstore.toml");
+    std::fs::write(&config, toml).unwrap();
+    cmd.arg("--config").arg(&config);
+    config
 }
 
 async fn connect(addr: SocketAddr) -> ShardClient {
@@ -297,15 +306,13 @@ fn help_and_bad_config_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_limits_backpressure_and_connection_cap() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("msgstore.toml");
-    // `listen` in the file is overridden by the --listen flag.
-    std::fs::write(
-        &config,
-        "listen = \"127.0.0.1:1\"\n[server]\ninflight_requests_max = 2\nconnections_max = 1\n",
-    )
-    .unwrap();
     let mut cmd = daemon_command(&dir.path().join("data"));
-    cmd.arg("--config").arg(&config);
+    // `listen` in the file is overridden by the --listen flag.
+    with_config(
+        &mut cmd,
+        dir.path(),
+        "listen = \"127.0.0.1:1\"\n[server]\ninflight_requests_max = 2\nconnections_max = 1\n",
+    );
     let daemon = start_with(cmd);
 
     // Far more pipelined requests than the server lets one connection have
@@ -357,14 +364,12 @@ fn limit_file_size_to_1_mib(cmd: &mut Command) {
 #[tokio::test]
 async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("msgstore.toml");
-    std::fs::write(
-        &config,
-        "[engine]\nwal_segment_bytes = 262144\nbucket_dirs = 2\nbucket_files = 2\n",
-    )
-    .unwrap();
     let mut cmd = daemon_command_with(&dir.path().join("shard"), "always");
-    cmd.arg("--config").arg(&config);
+    let config = with_config(
+        &mut cmd,
+        dir.path(),
+        "[engine]\nwal_segment_bytes = 262144\nbucket_dirs = 2\nbucket_files = 2\n",
+    );
     limit_file_size_to_1_mib(&mut cmd);
     let mut daemon = start_with(cmd);
     let client = connect(daemon.addr).await;
@@ -493,9 +498,11 @@ async fn a_fetch_never_shows_records_whose_write_failed() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = daemon_command_with(dir.path(), "always");
     limit_file_size_to_1_mib(&mut cmd);
-    let config = dir.path().join("msgstore.toml");
-    std::fs::write(&config, "[engine]\nwal_segment_bytes = 262144\n").unwrap();
-    cmd.arg("--config").arg(&config);
+    with_config(
+        &mut cmd,
+        dir.path(),
+        "[engine]\nwal_segment_bytes = 262144\n",
+    );
     let daemon = start_with(cmd);
     let items: Vec<AppendItem> = (0..1000)
         .map(|i| AppendItem {
