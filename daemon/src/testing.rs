@@ -115,3 +115,25 @@ pub fn workspace_binary(beside: &std::path::Path, name: &str) -> std::path::Path
     }
     bin
 }
+
+/// The value of metric `name` (without labels) on a Prometheus endpoint;
+/// 0 if the endpoint does not list it (yet).
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint");
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A free loopback TCP port's address (for a daemon's --metrics-addr).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}

@@ -95,6 +95,12 @@ pub struct EngineConfig {
     pub checkpoint_wal_bytes: u64,
     /// ... or this long after the last one, if anything changed.
     pub checkpoint_interval_ms: u64,
+    /// While a checkpoint runs and the log not yet checkpointed exceeds
+    /// this, the server reads no new requests until the checkpoint is done
+    /// (back-pressure on clients, so checkpoints keep up with sustained
+    /// load instead of the log reaching `wal_bytes_max`). Between
+    /// `checkpoint_wal_bytes` and `wal_bytes_max`.
+    pub checkpoint_stall_wal_bytes: u64,
     /// Appends are refused with `Error::Overloaded` while the un-checkpointed
     /// log exceeds this (a checkpoint keeps failing, e.g. disk full).
     pub wal_bytes_max: u64,
@@ -123,6 +129,7 @@ impl Default for EngineConfig {
             wal_segment_bytes: 32 * 1024 * 1024,
             checkpoint_wal_bytes: 64 * 1024 * 1024,
             checkpoint_interval_ms: 30_000,
+            checkpoint_stall_wal_bytes: 256 * 1024 * 1024,
             wal_bytes_max: 1024 * 1024 * 1024,
             index_map_bytes: 4 * 1024 * 1024 * 1024,
             compact_dead_ratio: 0.5,
@@ -188,6 +195,12 @@ impl EngineConfig {
             self.wal_bytes_max,
             self.checkpoint_wal_bytes,
             1 << 42,
+        )?;
+        range(
+            "checkpoint_stall_wal_bytes",
+            self.checkpoint_stall_wal_bytes,
+            self.checkpoint_wal_bytes,
+            self.wal_bytes_max,
         )?;
         range("index_map_bytes", self.index_map_bytes, 1 << 20, 1 << 44)?;
         if !(0.0..=1.0).contains(&self.compact_dead_ratio) {

@@ -11,6 +11,7 @@
 pub(crate) mod buckets;
 mod checkpoint;
 mod codec;
+mod durability;
 mod fetch;
 mod index;
 mod migrate;
@@ -181,6 +182,9 @@ pub(crate) struct Engine {
     checkpoint_retry_at: Instant,
     /// Deferred log writes handed out and not reported back yet.
     log_inflight: usize,
+    /// The same writes as their writers report them: what a checkpoint
+    /// started with writes in flight waits for.
+    log_durability: std::sync::Arc<durability::LogDurability>,
     /// The cluster maps this shard routes by, if installed.
     routing: Option<routing::RoutingTable>,
     /// Users whose writes are refused while they are being moved.
@@ -196,14 +200,21 @@ pub(crate) struct Engine {
 pub(crate) struct DeferredWrite {
     write: wal::LogWrite,
     bytes: Vec<u8>,
+    /// Reports the outcome to a checkpoint that waits for this write.
+    ticket: durability::WriteTicket,
 }
 
 impl DeferredWrite {
-    /// Write and (the log being `O_DSYNC`) make durable.
-    pub(crate) fn perform(&self) -> Result<(), String> {
-        self.write
+    /// Write and (the log being `O_DSYNC`) make durable. (Dropping the
+    /// write unperformed counts as a failure.)
+    pub(crate) fn perform(self) -> Result<(), String> {
+        let result = self
+            .write
             .perform(&self.bytes)
-            .map_err(|f| f.error.to_string())
+            .map_err(|f| f.error.to_string());
+        self.ticket
+            .finish(result.as_ref().map(|_| ()).map_err(|e| e.as_str()));
+        result
     }
 }
 
@@ -217,6 +228,11 @@ impl Engine {
     pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
         let mut batch = Vec::with_capacity(self.config.batch_requests_max);
         loop {
+            if self.checkpoint_stalled() {
+                // Back-pressure, as in the daemon: callers wait (their queue
+                // is bounded) while the checkpoint catches up.
+                self.merge_checkpoint(true);
+            }
             match rx.recv_timeout(self.next_wakeup()) {
                 Ok(cmd) => batch.push(cmd),
                 Err(flume::RecvTimeoutError::Timeout) => {
@@ -342,7 +358,12 @@ impl Engine {
         self.batch_logged();
         self.batch_committed();
         self.log_inflight += 1;
-        Ok(Some(DeferredWrite { write, bytes }))
+        let ticket = self.log_durability.issue();
+        Ok(Some(DeferredWrite {
+            write,
+            bytes,
+            ticket,
+        }))
     }
 
     /// The batch's changes stand: stop recording undo, drop what it acked
@@ -480,19 +501,33 @@ impl Engine {
             return;
         }
         if self.checkpoint_running() {
-            if let Some(Err(e)) = self.poll_checkpoint(false) {
-                tracing::error!(error = %e, "msgstore checkpoint failed; will retry");
-            }
+            self.merge_checkpoint(false);
             return;
         }
-        // A checkpoint covers the log up to its start: every write before
-        // that must be known durable, or the index could get a state whose
-        // log write then fails.
-        if self.checkpoint_due() && self.log_inflight == 0 {
+        // A checkpoint covers the log up to its start (the open batch is
+        // empty here); before it commits the index it waits for the log
+        // writes still in flight (see `durability`).
+        if self.checkpoint_due() {
             if let Err(e) = self.start_checkpoint() {
                 tracing::error!(error = %e, "msgstore checkpoint could not start; will retry");
             }
         }
+    }
+
+    /// Merge the running checkpoint if it is done (or, with `wait`, once it
+    /// is); a failure is logged and the checkpoint retried later.
+    fn merge_checkpoint(&mut self, wait: bool) {
+        if let Some(Err(e)) = self.poll_checkpoint(wait) {
+            tracing::error!(error = %e, "msgstore checkpoint failed; will retry");
+        }
+    }
+
+    /// Checkpoints are behind: one is running and the log not yet
+    /// checkpointed exceeds `checkpoint_stall_wal_bytes`. The server then
+    /// reads no new requests until this turns false.
+    pub(crate) fn checkpoint_stalled(&self) -> bool {
+        self.checkpoint_running()
+            && self.wal.bytes_since_checkpoint > self.config.checkpoint_stall_wal_bytes
     }
 
     /// A checkpoint should start (the owner of deferred writes lets them

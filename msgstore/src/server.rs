@@ -24,6 +24,11 @@
 //! * [`ServerConfig::inflight_requests_max`] requests of one connection not
 //!   written back yet: the server stops reading that socket until answers
 //!   drain;
+//! * a checkpoint running with more than the engine's
+//!   `checkpoint_stall_wal_bytes` of log behind it: no connection is read
+//!   until it is done (`msgstore_stalls_total`), so sustained load slows
+//!   to what checkpoints sustain instead of filling the log to
+//!   `wal_bytes_max`;
 //! * [`ServerConfig::connections_max`] open connections: further connections
 //!   are accepted and closed at once (`msgstore_connections_rejected_total`);
 //! * protocol limits (applied where requests are answered, in the engine):
@@ -227,6 +232,10 @@ struct Core {
     work: Notify,
     stopping: Cell<bool>,
     stop_reading: Notify,
+    /// Checkpoints are behind ([`Engine::checkpoint_stalled`]): readers
+    /// read no new requests until `unstalled` fires.
+    stalled: Cell<bool>,
+    unstalled: Notify,
     /// Every connection is done: the committer may exit.
     finished: Cell<bool>,
     connections: Cell<usize>,
@@ -329,6 +338,8 @@ impl Core {
             work: Notify::new(),
             stopping: Cell::new(false),
             stop_reading: Notify::new(),
+            stalled: Cell::new(false),
+            unstalled: Notify::new(),
             finished: Cell::new(false),
             connections: Cell::new(0),
             connection_closed: Notify::new(),
@@ -353,7 +364,9 @@ impl Core {
         };
         engine.tick();
         engine.begin_batch();
+        let stalled = engine.checkpoint_stalled();
         drop(engine);
+        self.set_stalled(stalled);
         if !staged.is_empty() {
             metrics::histogram!("msgstore_commit_requests").record(staged.len() as f64);
         }
@@ -369,6 +382,20 @@ impl Core {
             return;
         }
         self.answer_durable();
+    }
+
+    /// Start or end a stall: while checkpoints are behind, readers wait.
+    fn set_stalled(&self, stalled: bool) {
+        if self.stalled.replace(stalled) == stalled {
+            return;
+        }
+        metrics::gauge!("msgstore_stalled").set(if stalled { 1.0 } else { 0.0 });
+        if stalled {
+            metrics::counter!("msgstore_stalls_total").increment(1);
+            tracing::debug!("checkpoints are behind: reading no new requests until one is done");
+        } else {
+            self.unstalled.notify_waiters();
+        }
     }
 
     /// A log write finished: mark its batch (and, on failure, every later
@@ -437,17 +464,14 @@ impl Core {
     /// Whether the open batch may be closed now: it has answers, and either
     /// no log write is running, or a writer is free and the batch is large
     /// enough to be worth a write of its own (small batches wait for the
-    /// running write: fewer, larger writes cost less CPU), and no due
-    /// checkpoint is waiting for the writes in flight to drain.
+    /// running write: fewer, larger writes cost less CPU).
     fn may_close(&self) -> bool {
-        let engine = self.engine.borrow();
-        let inflight = engine.log_inflight();
+        let inflight = self.engine.borrow().log_inflight();
         let staged = self.staged.borrow().len();
         staged > 0
             && (inflight == 0
                 || (inflight < self.config.log_writes_inflight_max
-                    && staged >= EAGER_BATCH_REQUESTS
-                    && !engine.checkpoint_due()))
+                    && staged >= EAGER_BATCH_REQUESTS))
     }
 
     /// Answer one request in the open batch: the answer to stage, or
@@ -624,6 +648,12 @@ async fn read_requests(
         if core.stopping.get() {
             return ReadEnd::Drain;
         }
+        if core.stalled.get() {
+            tokio::select! {
+                _ = core.unstalled.notified() => continue,
+                _ = core.stop_reading.notified() => return ReadEnd::Drain,
+            }
+        }
         tokio::select! {
             read = rd.read_buf(&mut buf) => match read {
                 Ok(0) => return ReadEnd::Drain,
@@ -688,6 +718,14 @@ fn describe_metrics() {
         "Connections closed at once because connections_max was reached"
     );
     describe_gauge!("msgstore_connections", "Open client connections");
+    describe_gauge!(
+        "msgstore_stalled",
+        "1 while checkpoints are behind and no new requests are read"
+    );
+    describe_counter!(
+        "msgstore_stalls_total",
+        "Times reading stopped because a checkpoint ran with more than checkpoint_stall_wal_bytes of log behind it"
+    );
     describe_counter!(
         "msgstore_map_failures_total",
         "Bucket maps the kernel refused (ENOMEM); least recently used maps were dropped"

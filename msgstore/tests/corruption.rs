@@ -40,6 +40,7 @@ fn config() -> EngineConfig {
         bucket_dirs: 1,
         bucket_files: 1,
         checkpoint_wal_bytes: 1 << 30,
+        checkpoint_stall_wal_bytes: 1 << 30,
         wal_bytes_max: 1 << 30,
         checkpoint_interval_ms: 1 << 40,
         index_map_bytes: 16 << 20,

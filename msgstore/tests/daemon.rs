@@ -599,3 +599,55 @@ async fn large_pipelined_pages_and_staged_answers_arrive_whole() {
     appended.sort_unstable();
     assert_eq!(appended, (1..=20).collect::<Vec<_>>());
 }
+
+/// Checkpoints that fall behind sustained load stop the server reading
+/// (back-pressure, counted) until they catch up, instead of letting the log
+/// run on to `wal_bytes_max`; reading resumes, and a load several times
+/// `wal_bytes_max` is acknowledged and stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_load_stalls_on_checkpoints_instead_of_refusing_appends() {
+    const APPENDS: u64 = 3000;
+    const USERS: u64 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = daemon_command_with(&dir.path().join("data"), "always");
+    let metrics = daemon::testing::free_addr();
+    cmd.arg("--metrics-addr").arg(metrics.to_string());
+    with_config(
+        &mut cmd,
+        dir.path(),
+        "[engine]\nbucket_dirs = 2\nbucket_files = 2\ncheckpoint_wal_bytes = 65536\n\
+         checkpoint_stall_wal_bytes = 131072\nwal_bytes_max = 1048576\n",
+    );
+    let daemon = start_with(cmd);
+    let client = connect(daemon.addr).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..APPENDS {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let body = vec![(i % 251) as u8; 1024];
+            client.append(i % USERS, u128::from(i), body).await
+        });
+    }
+    let mut acked = 0;
+    while let Some(done) = tokio::time::timeout(HANG_LIMIT, tasks.join_next())
+        .await
+        .expect("appends finished")
+    {
+        done.unwrap().expect("no append refused");
+        acked += 1;
+    }
+    assert_eq!(acked, APPENDS);
+    assert!(daemon::testing::metric(metrics, "msgstore_stalls_total").await >= 1.0);
+    for user in 0..USERS {
+        let mut seen = 0;
+        loop {
+            let (records, more) = client.fetch(user, seen, 1000, 1 << 22).await.unwrap();
+            seen += records.len() as u64;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, APPENDS / USERS, "user {user}");
+    }
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

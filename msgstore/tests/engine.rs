@@ -363,3 +363,32 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// In-process callers get the same back-pressure as the daemon's clients:
+/// while a checkpoint runs with more than `checkpoint_stall_wal_bytes` of
+/// log behind it, the engine takes no new requests until it is done. A
+/// stream of appends many times `wal_bytes_max` is never refused.
+#[test]
+fn checkpoints_that_fall_behind_slow_appends_instead_of_refusing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        fsync: FsyncPolicy::Never,
+        checkpoint_wal_bytes: 4096,
+        checkpoint_stall_wal_bytes: 8192,
+        wal_bytes_max: 32 * 1024,
+        batch_requests_max: 4,
+        ..small_config()
+    };
+    let shard = open(dir.path(), &config);
+    let tickets: Vec<_> = (0..2000u64)
+        .map(|i| shard.append(i % 16, i.into(), vec![i as u8; 1000]))
+        .collect();
+    for (i, ticket) in tickets.into_iter().enumerate() {
+        ticket
+            .wait()
+            .unwrap_or_else(|e| panic!("append {i} refused: {e}"));
+    }
+    let stats = shard.stats().wait().unwrap();
+    assert_eq!(stats.live_messages, 2000);
+    assert!(stats.checkpoints_total > 10, "{stats:?}");
+}

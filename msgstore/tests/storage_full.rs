@@ -15,6 +15,7 @@ fn config(index_map_bytes: u64) -> EngineConfig {
         bucket_files: 2,
         wal_segment_bytes: 256 * 1024,
         checkpoint_wal_bytes: 64 * 1024,
+        checkpoint_stall_wal_bytes: 2 * 1024 * 1024,
         wal_bytes_max: 4 * 1024 * 1024,
         index_map_bytes,
         ..EngineConfig::default()

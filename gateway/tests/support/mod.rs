@@ -356,24 +356,6 @@ impl TestClient {
     }
 }
 
-/// The value of metric `name` (without labels) on a Prometheus endpoint;
-/// 0 if the endpoint does not list it (yet).
-pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics endpoint");
-    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// A free loopback TCP port's address (for a daemon's --metrics-addr).
-pub fn free_addr() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
+// (Not every test binary uses them.)
+#[allow(unused_imports)]
+pub use daemon::testing::{free_addr, metric};

@@ -17,7 +17,10 @@
 //!    `len`, chained from the snapshot's tails;
 //! 3. (helper) write compacted copies of candidate buckets to `compact/`,
 //!    synced;
-//! 4. (helper) `syncfs`: every bucket byte written so far is durable;
+//! 4. (helper) `syncfs`: every bucket byte written so far is durable; then
+//!    wait until every log write issued before P is durable (under
+//!    `always` the job may start while some are in flight: see
+//!    `durability`); if one failed, the job fails here;
 //! 5. (helper) one LMDB transaction: the snapshot's user states with their
 //!    new tails, bucket states, `wal_start = P`, the compacted files to swap
 //!    in; commit; then the committed states (but those of compacted
@@ -30,6 +33,7 @@
 use super::{
     buckets::{compacted_path, header_gen, Buckets},
     codec::{encode_record, read_record, record_stored_bytes, MessageHeader, NO_PREV},
+    durability::LogDurability,
     index::{CheckpointMeta, Index},
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
     wal::Position,
@@ -62,6 +66,11 @@ struct JobInput {
     buckets: Arc<Mutex<Buckets>>,
     index: Arc<Index>,
     clean: Arc<CleanStates>,
+    /// Log writes issued before `position` (up to this number) that may
+    /// still be in flight: the index is committed only once they are
+    /// durable.
+    log: Arc<LogDurability>,
+    log_written_through: u64,
 }
 
 /// A compacted copy of one bucket, in place once the job is merged.
@@ -147,6 +156,8 @@ impl Engine {
             buckets: self.buckets.clone(),
             index: self.index.clone(),
             clean: self.clean.clone(),
+            log: self.log_durability.clone(),
+            log_written_through: self.log_durability.issued(),
         };
         let (tx, rx) = flume::bounded(1);
         let spawned = std::thread::Builder::new()
@@ -371,6 +382,10 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
         }
     }
     syncfs(&input.dir)?;
+    input
+        .log
+        .wait_durable(input.log_written_through)
+        .map_err(|e| Error::Storage(format!("a log write before the checkpoint failed: {e}")))?;
     let meta = CheckpointMeta {
         wal_start: input.position,
         pending_swaps: compactions.iter().map(|c| (c.bucket, c.meta.gen)).collect(),
@@ -576,7 +591,7 @@ fn remove_compacted(input: &JobInput) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{handle::AppendRequest, EngineConfig, FsyncPolicy};
+    use crate::{engine::DeferredWrite, handle::AppendRequest, EngineConfig, FsyncPolicy};
 
     fn append(e: &mut Engine, user: u64, n: u8) -> u64 {
         e.begin_batch();
@@ -681,5 +696,97 @@ mod tests {
             assert_eq!(stats.live_count as usize, model[&u].len());
             assert_eq!(stats.live_bytes as usize, model[&u].len() * 40);
         }
+    }
+
+    fn always_config() -> EngineConfig {
+        EngineConfig {
+            fsync: FsyncPolicy::Always,
+            bucket_dirs: 2,
+            bucket_files: 2,
+            wal_segment_bytes: 256 * 1024,
+            checkpoint_wal_bytes: 4096,
+            checkpoint_stall_wal_bytes: 8192,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// Append under `always` the way the server does: the batch's log write
+    /// is handed back, not performed.
+    fn append_deferred(e: &mut Engine, user: u64, payload_bytes: usize) -> DeferredWrite {
+        e.begin_batch();
+        e.append(AppendRequest {
+            user,
+            msg_id: 1,
+            payload: vec![7; payload_bytes],
+        })
+        .unwrap();
+        let write = e.end_batch_deferred().unwrap().expect("a log write");
+        e.begin_batch();
+        write
+    }
+
+    /// Under sustained load a log write is always in flight; a checkpoint
+    /// starts anyway, and commits the index only once that write is durable.
+    #[test]
+    fn a_checkpoint_started_during_a_log_write_commits_once_it_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Engine::open(dir.path(), always_config()).unwrap();
+        let write = append_deferred(&mut e, 1, 100);
+        e.start_checkpoint().unwrap();
+        assert!(e.checkpoint_running());
+        for _ in 0..10 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert!(
+                e.poll_checkpoint(false).is_none(),
+                "the job must wait for the log write"
+            );
+        }
+        e.log_write_done(&write.perform());
+        e.poll_checkpoint(true).unwrap().unwrap();
+        assert_eq!(e.counters.checkpoints_total, 1);
+        drop(e);
+        let mut e = Engine::open(dir.path(), always_config()).unwrap();
+        let page = e.fetch(1, 0, 10, 1 << 20).unwrap();
+        assert_eq!(page.records.len(), 1);
+        assert_eq!(page.records[0].seq, 1);
+    }
+
+    /// If a log write issued before the checkpoint fails, the checkpoint
+    /// fails too: the index never gets the state of an append that was
+    /// never durable.
+    #[test]
+    fn a_checkpoint_whose_earlier_log_write_fails_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Engine::open(dir.path(), always_config()).unwrap();
+        let write = append_deferred(&mut e, 1, 100);
+        e.start_checkpoint().unwrap();
+        drop(write);
+        e.log_write_done(&Err("the disk is gone".into()));
+        let failed = e.poll_checkpoint(true).unwrap().unwrap_err();
+        assert!(failed.to_string().contains("log write"), "{failed}");
+        assert_eq!(e.counters.checkpoints_total, 0);
+        drop(e);
+        let mut e = Engine::open(dir.path(), always_config()).unwrap();
+        assert!(e.fetch(1, 0, 10, 1 << 20).unwrap().records.is_empty());
+        assert_eq!(e.user_stats(1).unwrap().last_seq, 0);
+    }
+
+    #[test]
+    fn checkpoints_are_behind_while_one_runs_past_the_stall_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Engine::open(dir.path(), always_config()).unwrap();
+        let first = append_deferred(&mut e, 1, 5000);
+        e.log_write_done(&first.perform());
+        assert!(!e.checkpoint_stalled(), "no checkpoint runs");
+        e.start_checkpoint().unwrap();
+        assert!(
+            !e.checkpoint_stalled(),
+            "5 KB behind, the threshold is 8 KB"
+        );
+        let second = append_deferred(&mut e, 2, 5000);
+        assert!(e.checkpoint_stalled(), "10 KB behind a running checkpoint");
+        e.log_write_done(&second.perform());
+        e.poll_checkpoint(true).unwrap().unwrap();
+        assert!(!e.checkpoint_stalled(), "the checkpoint is done");
     }
 }

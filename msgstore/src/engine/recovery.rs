@@ -67,6 +67,7 @@ impl Engine {
             job: None,
             checkpoint_retry_at: Instant::now(),
             log_inflight: 0,
+            log_durability: Default::default(),
             routing: super::routing::load(dir)?,
             frozen: HashMap::new(),
             batch: 0,
