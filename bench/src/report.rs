@@ -138,8 +138,22 @@ pub struct StorageReport {
     pub engine: Option<EngineResult>,
     pub disk_ceiling: Option<DiskResult>,
     pub servers: Vec<ServerResult>,
+    /// Our shard's log not yet checkpointed when each append phase ended:
+    /// work the phase's rate did not pay for (at most the daemon's
+    /// `checkpoint_stall_wal_bytes` plus a running checkpoint's share).
+    pub backlogs: Vec<Backlog>,
     /// Failures that left a figure out (e.g. the daemon did not start).
     pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Backlog {
+    pub setting: String,
+    pub pipeline: usize,
+    /// Log bytes written since the last finished checkpoint.
+    pub log_bytes: u64,
+    /// Appends completed in the phase (for scale).
+    pub phase_ops: u64,
 }
 
 pub fn ratio(ours: Option<f64>, peer: Option<f64>) -> Option<f64> {
@@ -256,6 +270,22 @@ pub fn render_table(report: &StorageReport) -> String {
                 s.start_secs
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or_else(|| "-".into()),
+            );
+        }
+    }
+    if !report.backlogs.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nmsgstore log not yet checkpointed at the end of each append phase:"
+        );
+        for b in &report.backlogs {
+            let _ = writeln!(
+                out,
+                "  {:<14} pipe {:>2}: {:>12} (the phase completed {} appends)",
+                b.setting,
+                b.pipeline,
+                fmt_bytes(b.log_bytes),
+                b.phase_ops
             );
         }
     }

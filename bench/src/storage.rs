@@ -6,7 +6,7 @@ use crate::{
     inproc::{self, EngineSpec},
     load::{run_load, Codec, Drain, LoadOutcome, LoadSpec, Prefill, RandomAppends},
     redis::{self, RedisAof, RedisServer, RespCodec},
-    report::{self, PhaseResult, Ratios, ServerResult, StorageReport},
+    report::{self, Backlog, PhaseResult, Ratios, ServerResult, StorageReport},
     shard_driver::{self, ShardCodec, ShardServer},
 };
 use anyhow::{Context, Result};
@@ -243,6 +243,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         engine: None,
         disk_ceiling: None,
         servers: Vec::new(),
+        backlogs: Vec::new(),
         problems: Vec::new(),
     };
     // A shard keeps fewer than its 65,536 buckets mapped below 67,584.
@@ -474,13 +475,16 @@ async fn append_pair(
             )
             .await;
             match result {
-                Ok(out) => report.append.push(phase(
-                    "append",
-                    "msgstore",
-                    &shard_setting,
-                    &spec,
-                    (&out, cpu),
-                )),
+                Ok(out) => {
+                    report.append.push(phase(
+                        "append",
+                        "msgstore",
+                        &shard_setting,
+                        &spec,
+                        (&out, cpu),
+                    ));
+                    note_backlog(server.addr, (&shard_setting, pipeline, out.ops), report).await;
+                }
                 Err(e) => {
                     report.problems.push(format!(
                         "append to msgstore ({fsync}, pipeline {pipeline}): {e:#}"
@@ -502,6 +506,26 @@ async fn append_pair(
         }
     }
     Ok(())
+}
+
+/// Record how much log the shard at `addr` has not checkpointed yet.
+async fn note_backlog(
+    addr: std::net::SocketAddr,
+    (setting, pipeline, phase_ops): (&str, usize, u64),
+    report: &mut StorageReport,
+) {
+    // A stalled shard answers once its checkpoint is done.
+    let stats = tokio::time::timeout(SETTLE_MAX, shard_driver::fetch_stats(addr)).await;
+    match stats {
+        Ok(Ok(stats)) => report.backlogs.push(Backlog {
+            setting: setting.into(),
+            pipeline,
+            log_bytes: stats.wal_bytes,
+            phase_ops,
+        }),
+        Ok(Err(e)) => report.problems.push(format!("msgstore stats: {e:#}")),
+        Err(_) => report.problems.push("msgstore stats: no answer".into()),
+    }
 }
 
 /// Wait until the servers `pids` are idle (at most `SETTLE_MAX`; 5 s with
