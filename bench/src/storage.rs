@@ -47,7 +47,9 @@ pub struct StorageArgs {
     pub users: Option<u64>,
     #[arg(long, default_value_t = 200)]
     pub payload_bytes: usize,
-    /// Length of each timed phase [default: 10; quick: 1.5].
+    /// Length of each timed phase [default: 30; quick: 1.5]. Long enough by
+    /// default that our append phases pay for several checkpoints (one per
+    /// 256 MiB of log), not just fill the memtable.
     #[arg(long)]
     pub duration_secs: Option<f64>,
     /// Mailboxes prefilled and drained [default: 5,000; quick: 2,000].
@@ -142,7 +144,7 @@ impl Settings {
             .max(1);
         let duration_secs = args
             .duration_secs
-            .unwrap_or(if args.quick { 1.5 } else { 10.0 });
+            .unwrap_or(if args.quick { 1.5 } else { 30.0 });
         let duration =
             Duration::try_from_secs_f64(duration_secs).context("--duration-secs is not valid")?;
         let drain_users = args

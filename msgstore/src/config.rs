@@ -92,6 +92,10 @@ pub struct EngineConfig {
     /// Size of one write-ahead-log segment file (preallocated, zero-filled).
     pub wal_segment_bytes: u64,
     /// A checkpoint runs once this many log bytes were written since the last.
+    /// Larger checkpoints write more records per bucket page they touch (at
+    /// 1 M users over 65,536 buckets, 256 MiB sustained a third more appends
+    /// than 64 MiB); the cost is memory (the records wait in memory) and
+    /// replay time after a crash.
     pub checkpoint_wal_bytes: u64,
     /// ... or this long after the last one, if anything changed.
     pub checkpoint_interval_ms: u64,
@@ -127,9 +131,9 @@ impl Default for EngineConfig {
             queue_requests_max: 65_536,
             batch_requests_max: 4096,
             wal_segment_bytes: 32 * 1024 * 1024,
-            checkpoint_wal_bytes: 64 * 1024 * 1024,
+            checkpoint_wal_bytes: 256 * 1024 * 1024,
             checkpoint_interval_ms: 30_000,
-            checkpoint_stall_wal_bytes: 256 * 1024 * 1024,
+            checkpoint_stall_wal_bytes: 512 * 1024 * 1024,
             wal_bytes_max: 1024 * 1024 * 1024,
             index_map_bytes: 4 * 1024 * 1024 * 1024,
             compact_dead_ratio: 0.5,

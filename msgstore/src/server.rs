@@ -736,6 +736,11 @@ fn describe_metrics() {
         "Time to make one batch of requests durable (the log write and sync)"
     );
     describe_histogram!(
+        "msgstore_checkpoint_seconds",
+        Unit::Seconds,
+        "Time from a checkpoint's start to its merge (its helper thread's work)"
+    );
+    describe_histogram!(
         "msgstore_checkpoint_merge_seconds",
         Unit::Seconds,
         "Time the server thread paused to take a finished checkpoint in"

@@ -90,6 +90,25 @@ struct JobDone {
     /// Committed states of users in compacted buckets: they go into the
     /// clean cache only once the compacted files are in place.
     clean_after_swap: Vec<(u64, UserState)>,
+    /// Milliseconds spent in each step, for the log.
+    steps: StepTimes,
+}
+
+/// Where a checkpoint's time went (milliseconds).
+#[derive(Debug, Default)]
+struct StepTimes {
+    flush: u64,
+    compact: u64,
+    sync: u64,
+    log_wait: u64,
+    commit: u64,
+}
+
+/// Milliseconds since `*at`; moves `*at` to now.
+fn lap(at: &mut Instant) -> u64 {
+    let ms = at.elapsed().as_millis() as u64;
+    *at = Instant::now();
+    ms
 }
 
 /// A checkpoint in progress.
@@ -259,7 +278,25 @@ impl Engine {
         metrics::counter!("msgstore_compactions_total").increment(done_compactions);
         let merge_secs = merge_started.elapsed().as_secs_f64();
         metrics::histogram!("msgstore_checkpoint_merge_seconds").record(merge_secs);
-        tracing::debug!(elapsed_ms, merge_ms = merge_secs * 1e3, "checkpoint done");
+        metrics::histogram!("msgstore_checkpoint_seconds").record(elapsed_ms as f64 / 1e3);
+        let StepTimes {
+            flush,
+            compact,
+            sync,
+            log_wait,
+            commit,
+        } = done.steps;
+        tracing::debug!(
+            elapsed_ms,
+            users = job.snapshot.len(),
+            flush_ms = flush,
+            compact_ms = compact,
+            sync_ms = sync,
+            log_wait_ms = log_wait,
+            commit_ms = commit,
+            merge_ms = merge_secs * 1e3,
+            "checkpoint done"
+        );
         self.keep_spare_maps(job.snapshot, job.frozen);
         Ok(())
     }
@@ -368,8 +405,10 @@ impl Engine {
 
 /// The helper thread's part: steps 2 to 5.
 fn run_job(input: &JobInput) -> Result<JobDone> {
+    let (mut at, mut steps) = (Instant::now(), StepTimes::default());
     let mut metas = input.metas.clone();
     let tails = flush(input, &mut metas)?;
+    steps.flush = lap(&mut at);
     let mut compactions = Vec::new();
     for &bucket in &input.candidates {
         if let Some(c) = compact(
@@ -381,11 +420,14 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
             compactions.push(c);
         }
     }
+    steps.compact = lap(&mut at);
     syncfs(&input.dir)?;
+    steps.sync = lap(&mut at);
     input
         .log
         .wait_durable(input.log_written_through)
         .map_err(|e| Error::Storage(format!("a log write before the checkpoint failed: {e}")))?;
+    steps.log_wait = lap(&mut at);
     let meta = CheckpointMeta {
         wal_start: input.position,
         pending_swaps: compactions.iter().map(|c| (c.bucket, c.meta.gen)).collect(),
@@ -428,6 +470,7 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
     // The index has them: cache them here, off the engine's thread. Every
     // such user is in the snapshot, which the engine reads first until the
     // merge. Compacted buckets wait for their files to be swapped in.
+    steps.commit = lap(&mut at);
     let compacted: HashSet<u32> = compactions.iter().map(|c| c.bucket).collect();
     let mut clean_after_swap = Vec::new();
     for (user, state) in users {
@@ -445,6 +488,7 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
             .filter_map(|b| metas.get(b).map(|m| (*b, m.len)))
             .collect(),
         compactions,
+        steps,
     })
 }
 
