@@ -275,5 +275,14 @@ mod tests {
             ..EngineConfig::default()
         };
         assert!(bad.validate().unwrap_err().contains("bucket_dirs"));
+        // The stall point lies between the checkpoint size and the log limit.
+        for stall in [1 << 20, 2 << 30] {
+            let bad = EngineConfig {
+                checkpoint_stall_wal_bytes: stall,
+                ..EngineConfig::default()
+            };
+            let e = bad.validate().unwrap_err();
+            assert!(e.contains("checkpoint_stall_wal_bytes"), "{e}");
+        }
     }
 }
