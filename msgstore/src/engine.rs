@@ -530,8 +530,9 @@ impl Engine {
             && self.wal.bytes_since_checkpoint > self.config.checkpoint_stall_wal_bytes
     }
 
-    /// A checkpoint should start (the owner of deferred writes lets them
-    /// drain first: see [`Engine::tick`]).
+    /// A checkpoint should start: `checkpoint_wal_bytes` of log since the
+    /// last, or its interval passed with something changed (and none runs,
+    /// and no failed one waits for its retry time).
     pub(crate) fn checkpoint_due(&self) -> bool {
         if self.poisoned.is_some()
             || self.checkpoint_running()
