@@ -523,11 +523,12 @@ impl Engine {
     }
 
     /// Checkpoints are behind: one is running and the log not yet
-    /// checkpointed exceeds `checkpoint_stall_wal_bytes`. The server then
-    /// reads no new requests until this turns false.
+    /// checkpointed (with the open batch's entries) exceeds
+    /// `checkpoint_stall_wal_bytes`. The server then reads no new requests
+    /// until this turns false.
     pub(crate) fn checkpoint_stalled(&self) -> bool {
-        self.checkpoint_running()
-            && self.wal.bytes_since_checkpoint > self.config.checkpoint_stall_wal_bytes
+        let behind = self.wal.bytes_since_checkpoint + self.wal_buf.len() as u64;
+        self.checkpoint_running() && behind > self.config.checkpoint_stall_wal_bytes
     }
 
     /// A checkpoint should start: `checkpoint_wal_bytes` of log since the

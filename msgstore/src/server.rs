@@ -648,6 +648,11 @@ async fn read_requests(
         if core.stopping.get() {
             return ReadEnd::Drain;
         }
+        // Checked before every read, not only when a batch closes: one
+        // batch may read a great deal.
+        if !core.stalled.get() && core.engine.borrow().checkpoint_stalled() {
+            core.set_stalled(true);
+        }
         if core.stalled.get() {
             tokio::select! {
                 _ = core.unstalled.notified() => continue,
