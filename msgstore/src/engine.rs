@@ -534,7 +534,7 @@ impl Engine {
     /// A checkpoint should start: `checkpoint_wal_bytes` of log since the
     /// last, or its interval passed with something changed (and none runs,
     /// and no failed one waits for its retry time).
-    pub(crate) fn checkpoint_due(&self) -> bool {
+    fn checkpoint_due(&self) -> bool {
         if self.poisoned.is_some()
             || self.checkpoint_running()
             || Instant::now() < self.checkpoint_retry_at
