@@ -14,6 +14,7 @@ mod codec;
 mod durability;
 mod fetch;
 mod index;
+mod log_buffers;
 mod migrate;
 mod ops;
 mod recovery;
@@ -185,6 +186,8 @@ pub(crate) struct Engine {
     /// The same writes as their writers report them: what a checkpoint
     /// started with writes in flight waits for.
     log_durability: std::sync::Arc<durability::LogDurability>,
+    /// Buffers the log writers give back, for the next batches' bytes.
+    log_buffers: std::sync::Arc<log_buffers::LogBuffers>,
     /// The cluster maps this shard routes by, if installed.
     routing: Option<routing::RoutingTable>,
     /// Users whose writes are refused while they are being moved.
@@ -202,6 +205,8 @@ pub(crate) struct DeferredWrite {
     bytes: Vec<u8>,
     /// Reports the outcome to a checkpoint that waits for this write.
     ticket: durability::WriteTicket,
+    /// Where `bytes` go back once written.
+    buffers: std::sync::Arc<log_buffers::LogBuffers>,
 }
 
 impl DeferredWrite {
@@ -214,6 +219,7 @@ impl DeferredWrite {
             .map_err(|f| f.error.to_string());
         self.ticket
             .finish(result.as_ref().map(|_| ()).map_err(|e| e.as_str()));
+        self.buffers.give_back(self.bytes);
         result
     }
 }
@@ -354,7 +360,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let bytes = std::mem::take(&mut self.wal_buf);
+        let bytes = std::mem::replace(&mut self.wal_buf, self.log_buffers.take());
         self.batch_logged();
         self.batch_committed();
         self.log_inflight += 1;
@@ -363,6 +369,7 @@ impl Engine {
             write,
             bytes,
             ticket,
+            buffers: self.log_buffers.clone(),
         }))
     }
 

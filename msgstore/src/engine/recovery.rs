@@ -68,6 +68,7 @@ impl Engine {
             checkpoint_retry_at: Instant::now(),
             log_inflight: 0,
             log_durability: Default::default(),
+            log_buffers: Default::default(),
             routing: super::routing::load(dir)?,
             frozen: HashMap::new(),
             batch: 0,
