@@ -41,7 +41,9 @@ const CONNECTIONS: usize = 3;
 const APPEND_TASKS: usize = 8;
 const ACK_TASKS: usize = 4;
 
-/// Small limits so kills land in checkpoints and compactions too.
+/// Small limits so kills land in checkpoints, compactions and checkpoint
+/// stalls (reads paused while a checkpoint has over 128 KiB of log behind
+/// it) too.
 const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
 
@@ -50,6 +52,7 @@ fsync = "always"
 bucket_dirs = 4
 bucket_files = 4
 checkpoint_wal_bytes = 65536
+checkpoint_stall_wal_bytes = 131072
 wal_segment_bytes = 262144
 checkpoint_interval_ms = 50
 compact_dead_ratio = 0.3
