@@ -78,10 +78,17 @@ pub(crate) enum Command {
     },
 }
 
-/// User states changed since the last checkpoint.
-type DirtyStates = HashMap<u64, UserState>;
-/// Each user's logged records not yet in its bucket, oldest first.
-type Memtable = HashMap<u64, VecDeque<Pending>>;
+/// A user changed since the last checkpoint: its state, and its logged
+/// records not yet in its bucket (the memtable), oldest first. One entry
+/// holds both, so an append finds them with one lookup.
+#[derive(Clone)]
+struct Dirty {
+    state: UserState,
+    pending: VecDeque<Pending>,
+}
+
+/// Every user changed since the last checkpoint.
+type DirtyUsers = HashMap<u64, Dirty>;
 
 /// The cache of user states as the index has them.
 type CleanStates = quick_cache::sync::Cache<u64, UserState>;
@@ -157,15 +164,15 @@ pub(crate) struct Engine {
     buckets: std::sync::Arc<std::sync::Mutex<Buckets>>,
     /// Buckets that have a file; absent ones are `BucketMeta::default()`.
     bucket_meta: HashMap<u32, BucketMeta>,
-    /// User states changed since the last checkpoint (the index has the rest).
-    dirty: DirtyStates,
+    /// Users changed since the last checkpoint, with their memtable
+    /// records (the index has the rest).
+    dirty: DirtyUsers,
     /// Recently checkpointed user states, exactly as the index has them
     /// (filled by checkpoint helper threads).
     clean: std::sync::Arc<CleanStates>,
-    memtable: Memtable,
-    /// The last merged checkpoint's maps, emptied, to become the next
-    /// job's `dirty` and `memtable` (see [`Engine::start_checkpoint`]).
-    spare_maps: Option<(DirtyStates, Memtable)>,
+    /// The last merged checkpoint's map, emptied, to become the next
+    /// `dirty` (see [`Engine::start_checkpoint`]).
+    spare_dirty: Option<DirtyUsers>,
     wal: Wal,
     totals: Totals,
     counters: ShardStats,
@@ -444,13 +451,19 @@ impl Engine {
         // Newest first: a user saved twice ends at its first saved value.
         for (user, prev, len) in self.undo.users.drain(..).rev() {
             match prev {
-                Some(s) => self.dirty.insert(user, s),
-                None => self.dirty.remove(&user),
-            };
-            if len == 0 {
-                self.memtable.remove(&user);
-            } else if let Some(q) = self.memtable.get_mut(&user) {
-                q.truncate(len);
+                Some(state) => {
+                    let d = self.dirty.entry(user).or_insert_with(|| Dirty {
+                        state,
+                        pending: VecDeque::new(),
+                    });
+                    d.state = state;
+                    d.pending.truncate(len);
+                }
+                None => {
+                    // Not dirty before: it had no memtable records either.
+                    debug_assert_eq!(len, 0);
+                    self.dirty.remove(&user);
+                }
             }
         }
         for (bucket, prev) in self.undo.buckets.drain(..).rev() {
@@ -469,16 +482,12 @@ impl Engine {
                 .extend_from_slice(&self.acked_in_batch);
         }
         for user in std::mem::take(&mut self.acked_in_batch) {
-            let Some(acked) = self.dirty.get(&user).map(|s| s.acked_seq) else {
+            let Some(d) = self.dirty.get_mut(&user) else {
                 continue;
             };
-            if let Some(q) = self.memtable.get_mut(&user) {
-                while q.front().is_some_and(|p| p.seq <= acked) {
-                    q.pop_front();
-                }
-                if q.is_empty() {
-                    self.memtable.remove(&user);
-                }
+            let acked = d.state.acked_seq;
+            while d.pending.front().is_some_and(|p| p.seq <= acked) {
+                d.pending.pop_front();
             }
         }
     }

@@ -4,16 +4,17 @@
 //!
 //! The work runs on a helper thread while the owner of the engine keeps
 //! answering requests. At the start the engine hands the job its state as
-//! of the log position P, by moving it out: the changed user states
-//! (`snapshot`) and the memtable (`frozen`). Until the job is merged back,
-//! lookups fall through `dirty` -> `snapshot` -> index, and unflushed
-//! records are `frozen` then the memtable. The helper appends the frozen
-//! records past each bucket's committed length, which nothing reads until
-//! the merge, so readers never see a half-written chain.
+//! of the log position P, by moving it out: the changed users, each with
+//! its state and memtable records (`snapshot`). Until the job is merged
+//! back, lookups fall through `dirty` -> `snapshot` -> index, and a user's
+//! unflushed records are its snapshot's then its `dirty` entry's. The
+//! helper appends the snapshot's records past each bucket's committed
+//! length, which nothing reads until the merge, so readers never see a
+//! half-written chain.
 //!
 //! Order (docs/STORAGE.md explains why each crash point is safe):
-//! 1. (owner) note P; move `dirty` and the memtable into the job;
-//! 2. (helper) write the frozen records into bucket maps past each bucket's
+//! 1. (owner) note P; move `dirty` (states and memtable) into the job;
+//! 2. (helper) write the snapshot's records into bucket maps past each bucket's
 //!    `len`, chained from the snapshot's tails;
 //! 3. (helper) write compacted copies of candidate buckets to `compact/`,
 //!    synced;
@@ -37,7 +38,7 @@ use super::{
     index::{CheckpointMeta, Index},
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
     wal::Position,
-    CleanStates, DirtyStates, Engine, Memtable, Pending, Totals,
+    CleanStates, Dirty, DirtyUsers, Engine, Pending, Totals,
 };
 use crate::{Error, Result};
 // Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
@@ -53,8 +54,7 @@ use std::{
 /// What the helper thread works from: the engine's state as of `position`.
 struct JobInput {
     position: Position,
-    snapshot: Arc<DirtyStates>,
-    frozen: Arc<Memtable>,
+    snapshot: Arc<DirtyUsers>,
     /// Every bucket's state as of `position`.
     metas: HashMap<u32, BucketMeta>,
     candidates: Vec<u32>,
@@ -115,8 +115,7 @@ fn lap(at: &mut Instant) -> u64 {
 /// A checkpoint in progress.
 pub(super) struct Job {
     position: Position,
-    pub(super) snapshot: Arc<DirtyStates>,
-    pub(super) frozen: Arc<Memtable>,
+    pub(super) snapshot: Arc<DirtyUsers>,
     candidates: Vec<u32>,
     log_bytes: u64,
     started: Instant,
@@ -149,24 +148,18 @@ impl Engine {
     /// checkpoint and none is running.
     pub(super) fn start_checkpoint(&mut self) -> Result<()> {
         self.last_checkpoint = Instant::now();
-        if self.job.is_some()
-            || (self.dirty.is_empty()
-                && self.memtable.is_empty()
-                && self.compact_candidates.is_empty())
-        {
+        if self.job.is_some() || (self.dirty.is_empty() && self.compact_candidates.is_empty()) {
             return Ok(());
         }
-        // The next maps start from the last job's (cleared, their memory
+        // The next map starts from the last job's (cleared, its memory
         // kept): a map regrown from empty rehashes on the server thread and
         // faults in fresh pages at every doubling.
-        let spare = self.spare_maps.take().unwrap_or_default();
-        let snapshot = Arc::new(std::mem::replace(&mut self.dirty, spare.0));
-        let frozen = Arc::new(std::mem::replace(&mut self.memtable, spare.1));
+        let spare = self.spare_dirty.take().unwrap_or_default();
+        let snapshot = Arc::new(std::mem::replace(&mut self.dirty, spare));
         let candidates: Vec<u32> = self.compact_candidates.drain().collect();
         let input = JobInput {
             position: self.wal.position(),
             snapshot: snapshot.clone(),
-            frozen: frozen.clone(),
             // The whole map (a quick copy); the helper picks what it touches.
             metas: self.bucket_meta.clone(),
             candidates: candidates.clone(),
@@ -195,7 +188,6 @@ impl Engine {
         self.job = Some(Job {
             position: self.wal.position(),
             snapshot,
-            frozen,
             candidates,
             log_bytes: self.wal.bytes_since_checkpoint,
             started: Instant::now(),
@@ -240,8 +232,8 @@ impl Engine {
         // (The helper put the other committed states in the clean cache.)
         for (user, flushed) in &done.flushed {
             if let Some(live) = self.dirty.get_mut(user) {
-                live.tail_offset = flushed.tail_offset;
-                live.tail_seq = flushed.tail_seq;
+                live.state.tail_offset = flushed.tail_offset;
+                live.state.tail_seq = flushed.tail_seq;
             }
         }
         for (bucket, len) in &done.lens {
@@ -255,7 +247,7 @@ impl Engine {
             self.compact_candidates.remove(&c.bucket);
             for (user, s) in &c.states {
                 if let Some(live) = self.dirty.get_mut(user) {
-                    live.tail_offset = s.tail_offset;
+                    live.state.tail_offset = s.tail_offset;
                 }
             }
         }
@@ -298,7 +290,7 @@ impl Engine {
             merge_ms = merge_secs * 1e3,
             "checkpoint done"
         );
-        self.keep_spare_maps(job.snapshot, job.frozen);
+        self.keep_spare_map(job.snapshot);
         Ok(())
     }
 
@@ -332,8 +324,8 @@ impl Engine {
                     .sum()
             } else {
                 // Oldest first: stop at the first live record.
-                job.frozen.get(user).map_or(0, |queue| {
-                    queue
+                job.snapshot.get(user).map_or(0, |then| {
+                    then.pending
                         .iter()
                         .take_while(|p| p.seq <= live.acked_seq)
                         .map(|p| record_stored_bytes(p.payload.len()))
@@ -353,39 +345,36 @@ impl Engine {
         self.dirty
             .get(user)
             .or_else(|| job.snapshot.get(user))
-            .copied()
+            .map(|d| d.state)
     }
 
     /// A failed job: give the engine its state back. Records the helper
     /// wrote past a bucket's length are garbage the next job overwrites;
     /// the log is kept, so the next checkpoint covers everything.
-    /// Keep a merged job's maps, emptied, for the next job (if the helper
-    /// thread has let go of them).
-    fn keep_spare_maps(&mut self, snapshot: Arc<DirtyStates>, frozen: Arc<Memtable>) {
-        drop(self.spare_maps.take());
-        if let (Ok(mut snapshot), Ok(mut frozen)) =
-            (Arc::try_unwrap(snapshot), Arc::try_unwrap(frozen))
-        {
+    /// Keep a merged job's map, emptied, for the next job (if the helper
+    /// thread has let go of it).
+    fn keep_spare_map(&mut self, snapshot: Arc<DirtyUsers>) {
+        drop(self.spare_dirty.take());
+        if let Ok(mut snapshot) = Arc::try_unwrap(snapshot) {
             snapshot.clear();
-            frozen.clear();
-            self.spare_maps = Some((snapshot, frozen));
+            self.spare_dirty = Some(snapshot);
         }
     }
 
     fn abandon(&mut self, job: Job) {
         self.acked_during_job.clear();
         let snapshot = Arc::try_unwrap(job.snapshot).unwrap_or_else(|a| (*a).clone());
-        for (user, state) in snapshot {
-            self.dirty.entry(user).or_insert(state);
-        }
-        let frozen = Arc::try_unwrap(job.frozen).unwrap_or_else(|a| (*a).clone());
-        for (user, mut older) in frozen {
-            let acked = self.dirty.get(&user).map_or(0, |s| s.acked_seq);
-            older.retain(|p| p.seq > acked);
-            older.extend(self.memtable.remove(&user).unwrap_or_default());
-            if !older.is_empty() {
-                self.memtable.insert(user, older);
-            }
+        for (user, mut older) in snapshot {
+            // The live state stands; the older records go before the live
+            // ones, but those acknowledged since.
+            let live = self.dirty.entry(user).or_insert_with(|| Dirty {
+                state: older.state,
+                pending: VecDeque::new(),
+            });
+            let acked = live.state.acked_seq;
+            older.pending.retain(|p| p.seq > acked);
+            older.pending.append(&mut live.pending);
+            live.pending = older.pending;
         }
         self.compact_candidates.extend(job.candidates);
         self.checkpoint_retry_at = Instant::now() + super::CHECKPOINT_RETRY_DELAY;
@@ -452,13 +441,13 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
         input
             .snapshot
             .iter()
-            .filter(|(u, _)| !input.frozen.contains_key(*u))
-            .map(|(u, s)| (*u, *s)),
+            .filter(|(_, d)| d.pending.is_empty())
+            .map(|(u, d)| (*u, d.state)),
     );
     let touched: HashSet<u32> = input
         .snapshot
         .values()
-        .map(|s| s.bucket)
+        .map(|d| d.state.bucket)
         .chain(input.candidates.iter().copied())
         .collect();
     let mut bucket_states: HashMap<u32, BucketMeta> = touched
@@ -509,17 +498,15 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
     })
 }
 
-/// Append every frozen record to its bucket, chained from the snapshot's
+/// Append every snapshot record to its bucket, chained from the snapshot's
 /// tails, bucket by bucket. Returns the flushed users' new states.
 fn flush(input: &JobInput, metas: &mut HashMap<u32, BucketMeta>) -> Result<Vec<(u64, UserState)>> {
     // Each user's state and records in hand: no second lookup per user.
     let mut order: Vec<(u32, u64, &UserState, &VecDeque<Pending>)> = input
-        .frozen
+        .snapshot
         .iter()
-        .map(|(u, queue)| {
-            let state = &input.snapshot[u];
-            (state.bucket, *u, state, queue)
-        })
+        .filter(|(_, d)| !d.pending.is_empty())
+        .map(|(u, d)| (d.state.bucket, *u, &d.state, &d.pending))
         .collect();
     order.sort_unstable_by_key(|&(bucket, user, _, _)| (bucket, user));
     if input.descending {
@@ -599,7 +586,7 @@ fn compact(
         let user = rec.header.user;
         if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(user) {
             let known = match input.snapshot.get(&user) {
-                Some(s) => Some(*s),
+                Some(d) => Some(d.state),
                 None => input.index.user(user)?,
             };
             let Some(mut s) = known else {

@@ -167,13 +167,13 @@ impl Engine {
         if ack_to > state.acked_seq {
             wal::encode_ack(user, ack_to, &mut self.wal_buf);
             self.apply_ack(user, state, ack_to)?;
-            state = self.dirty[&user];
+            state = self.dirty[&user].state;
         }
         let next_seq = state.next_seq.max(acked_seq + 1);
         if state.live_count() == 0 && (next_seq != state.next_seq || state.moved) {
             wal::encode_reseq(user, next_seq, &mut self.wal_buf);
             self.apply_reseq(user, existing.is_some(), state, next_seq)?;
-            state = self.dirty[&user];
+            state = self.dirty[&user].state;
         }
         for rec in records {
             if rec.seq < state.next_seq {
@@ -193,7 +193,7 @@ impl Engine {
             };
             wal::encode_append(&header, &rec.payload, &mut self.wal_buf);
             self.apply_append(state, header, rec.payload.clone());
-            state = self.dirty[&user];
+            state = self.dirty[&user].state;
         }
         metrics::counter!("msgstore_imported_records_total").increment(records.len() as u64);
         Ok(mailbox_stats(Some(&state)))
@@ -223,7 +223,7 @@ impl Engine {
                 let last = state.last_seq();
                 wal::encode_ack(user, last, &mut self.wal_buf);
                 removed = self.apply_ack(user, state, last)?;
-                state = self.dirty[&user];
+                state = self.dirty[&user].state;
             }
             wal::encode_moved(user, &mut self.wal_buf);
             self.apply_moved(user, state);
@@ -248,7 +248,7 @@ impl Engine {
         if state.live_count() > 0 {
             let last = state.last_seq();
             self.apply_ack(user, state, last)?;
-            state = self.dirty[&user];
+            state = self.dirty[&user].state;
         }
         self.save_for_undo(user);
         if !existed && !self.dirty.contains_key(&user) {
@@ -258,7 +258,7 @@ impl Engine {
         state.acked_seq = state.next_seq - 1;
         state.live_bytes = 0;
         state.moved = false;
-        self.dirty.insert(user, state);
+        self.set_dirty_state(user, state);
         self.acked_in_batch.push(user);
         Ok(())
     }
@@ -268,7 +268,7 @@ impl Engine {
         debug_assert_eq!(state.live_count(), 0, "only an empty mailbox is moved");
         self.save_for_undo(user);
         state.moved = true;
-        self.dirty.insert(user, state);
+        self.set_dirty_state(user, state);
     }
 }
 

@@ -7,11 +7,14 @@ use super::{
     codec::{parse_record, record_stored_bytes, MessageHeader, NO_PREV},
     migrate::mailbox_stats,
     state::{bucket_for_user, UserState},
-    wal, Engine, Pending,
+    wal, Dirty, Engine, Pending,
 };
 use crate::{handle::AppendRequest, Error, Result};
 use proto::shard::{MailboxStats, ShardStats};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    collections::{hash_map::Entry, VecDeque},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 /// One record found walking a user's chain in its bucket.
 #[derive(Debug, Clone, Copy)]
@@ -33,16 +36,30 @@ impl Engine {
     /// or changed before it (in its snapshot), or as the index has it (the
     /// clean cache holds some of those).
     pub(super) fn load_user(&self, user: u64) -> Result<Option<UserState>> {
-        if let Some(s) = self.dirty.get(&user) {
-            return Ok(Some(*s));
+        if let Some(d) = self.dirty.get(&user) {
+            return Ok(Some(d.state));
         }
-        if let Some(s) = self.job.as_ref().and_then(|j| j.snapshot.get(&user)) {
-            return Ok(Some(*s));
+        if let Some(d) = self.job.as_ref().and_then(|j| j.snapshot.get(&user)) {
+            return Ok(Some(d.state));
         }
         if let Some(s) = self.clean.get(&user) {
             return Ok(Some(s));
         }
         self.index.user(user)
+    }
+
+    /// Make `state` the user's current state (its memtable records, if
+    /// any, stay).
+    pub(super) fn set_dirty_state(&mut self, user: u64, state: UserState) {
+        match self.dirty.entry(user) {
+            Entry::Occupied(o) => o.into_mut().state = state,
+            Entry::Vacant(v) => {
+                v.insert(Dirty {
+                    state,
+                    pending: VecDeque::new(),
+                });
+            }
+        }
     }
 
     /// Refuse new log entries while the log is at its limit.
@@ -114,17 +131,30 @@ impl Engine {
         state.live_bytes += payload.len() as u64;
         self.totals.live_messages += 1;
         self.totals.live_bytes += payload.len() as u64;
-        let queue = self.memtable.entry(header.user).or_default();
-        let queued_before = queue.len();
-        queue.push_back(Pending {
+        let pending = Pending {
             batch: self.batch,
             seq: header.seq,
             timestamp_ms: header.timestamp_ms,
             msg_id: header.msg_id,
             payload,
-        });
-        // The map hands back what the undo log needs: no extra lookups.
-        let before = self.dirty.insert(header.user, state);
+        };
+        // One lookup, which also hands back what the undo log needs.
+        let (before, queued_before) = match self.dirty.entry(header.user) {
+            Entry::Occupied(o) => {
+                let d = o.into_mut();
+                let before = (Some(d.state), d.pending.len());
+                d.state = state;
+                d.pending.push_back(pending);
+                before
+            }
+            Entry::Vacant(v) => {
+                v.insert(Dirty {
+                    state,
+                    pending: VecDeque::from([pending]),
+                });
+                (None, 0)
+            }
+        };
         if first_ever && before.is_none() {
             // A user's first append ever: it cannot be in the index.
             self.totals.users += 1;
@@ -168,7 +198,7 @@ impl Engine {
         state.live_bytes = state.live_bytes.saturating_sub(freed_payload);
         self.totals.live_messages = self.totals.live_messages.saturating_sub(removed);
         self.totals.live_bytes = self.totals.live_bytes.saturating_sub(freed_payload);
-        self.dirty.insert(user, state);
+        self.set_dirty_state(user, state);
         self.acked_in_batch.push(user);
         Ok(removed)
     }
@@ -219,11 +249,11 @@ impl Engine {
     /// The user's records not yet in its bucket, oldest first: those a
     /// running checkpoint has yet to flush, then the memtable's.
     pub(super) fn unflushed(&self, user: u64) -> impl Iterator<Item = &Pending> {
-        let frozen = self.job.as_ref().and_then(|j| j.frozen.get(&user));
+        let frozen = self.job.as_ref().and_then(|j| j.snapshot.get(&user));
         frozen
             .into_iter()
-            .flatten()
-            .chain(self.memtable.get(&user).into_iter().flatten())
+            .chain(self.dirty.get(&user))
+            .flat_map(|d| &d.pending)
     }
 
     /// The user's records in its bucket with `seq >= min_seq`, newest first.
@@ -319,10 +349,12 @@ impl Engine {
     /// (`apply_append` pushes the same entry from its own map operations.)
     pub(super) fn save_for_undo(&mut self, user: u64) {
         if self.undo.active {
-            let len = self.memtable.get(&user).map_or(0, |q| q.len());
-            self.undo
-                .users
-                .push((user, self.dirty.get(&user).copied(), len));
+            let before = self.dirty.get(&user).map(|d| (d.state, d.pending.len()));
+            self.undo.users.push((
+                user,
+                before.map(|(s, _)| s),
+                before.map_or(0, |(_, len)| len),
+            ));
         }
     }
 

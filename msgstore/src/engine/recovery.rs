@@ -47,8 +47,7 @@ impl Engine {
             buckets: std::sync::Arc::new(std::sync::Mutex::new(buckets)),
             dirty: HashMap::new(),
             clean: std::sync::Arc::new(super::CleanStates::new(config.clean_states_max)),
-            memtable: HashMap::new(),
-            spare_maps: None,
+            spare_dirty: None,
             wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
             totals: Totals {
                 users: meta.users_total,
@@ -178,7 +177,7 @@ impl Engine {
                 if let Some(mut state) = self.load_user(user)? {
                     if state.live_count() > 0 {
                         self.apply_ack(user, state, state.last_seq())?;
-                        state = self.dirty[&user];
+                        state = self.dirty[&user].state;
                     }
                     self.apply_moved(user, state);
                 }
