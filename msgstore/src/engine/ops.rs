@@ -31,6 +31,9 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Records a user's memtable queue has room for when it is made.
+const PENDING_QUEUE_FIRST_CAPACITY: usize = 4;
+
 impl Engine {
     /// A user's current state: changed since the running checkpoint began,
     /// or changed before it (in its snapshot), or as the index has it (the
@@ -148,9 +151,13 @@ impl Engine {
                 before
             }
             Entry::Vacant(v) => {
+                // Room for a few (as a queue grown from empty gets): one
+                // exactly the size of its first record regrows at once.
+                let mut queue = VecDeque::with_capacity(PENDING_QUEUE_FIRST_CAPACITY);
+                queue.push_back(pending);
                 v.insert(Dirty {
                     state,
-                    pending: VecDeque::from([pending]),
+                    pending: queue,
                 });
                 (None, 0)
             }
