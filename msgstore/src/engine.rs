@@ -90,6 +90,17 @@ struct Dirty {
 /// Every user changed since the last checkpoint.
 type DirtyUsers = HashMap<u64, Dirty>;
 
+impl Dirty {
+    /// `user`'s entry in `dirty`; one made from `state` (with no memtable
+    /// records) if it has none.
+    fn entry(dirty: &mut DirtyUsers, user: u64, state: UserState) -> &mut Dirty {
+        dirty.entry(user).or_insert_with(|| Dirty {
+            state,
+            pending: VecDeque::new(),
+        })
+    }
+}
+
 /// The cache of user states as the index has them.
 type CleanStates = quick_cache::sync::Cache<u64, UserState>;
 
@@ -452,10 +463,7 @@ impl Engine {
         for (user, prev, len) in self.undo.users.drain(..).rev() {
             match prev {
                 Some(state) => {
-                    let d = self.dirty.entry(user).or_insert_with(|| Dirty {
-                        state,
-                        pending: VecDeque::new(),
-                    });
+                    let d = Dirty::entry(&mut self.dirty, user, state);
                     d.state = state;
                     d.pending.truncate(len);
                 }

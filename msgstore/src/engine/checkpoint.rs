@@ -367,10 +367,7 @@ impl Engine {
         for (user, mut older) in snapshot {
             // The live state stands; the older records go before the live
             // ones, but those acknowledged since.
-            let live = self.dirty.entry(user).or_insert_with(|| Dirty {
-                state: older.state,
-                pending: VecDeque::new(),
-            });
+            let live = Dirty::entry(&mut self.dirty, user, older.state);
             let acked = live.state.acked_seq;
             older.pending.retain(|p| p.seq > acked);
             older.pending.append(&mut live.pending);

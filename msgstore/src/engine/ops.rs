@@ -54,15 +54,7 @@ impl Engine {
     /// Make `state` the user's current state (its memtable records, if
     /// any, stay).
     pub(super) fn set_dirty_state(&mut self, user: u64, state: UserState) {
-        match self.dirty.entry(user) {
-            Entry::Occupied(o) => o.into_mut().state = state,
-            Entry::Vacant(v) => {
-                v.insert(Dirty {
-                    state,
-                    pending: VecDeque::new(),
-                });
-            }
-        }
+        Dirty::entry(&mut self.dirty, user, state).state = state;
     }
 
     /// Refuse new log entries while the log is at its limit.
