@@ -59,6 +59,7 @@ pub fn ceiling(
             ops_per_sec: records as f64 / elapsed.as_secs_f64().max(1e-9),
             latency: hist.summary(),
             server_cpu_us_per_op: None,
+            client_cpu_us_per_op: None,
         },
         record_bytes,
         records_per_sync,

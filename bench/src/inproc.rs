@@ -127,6 +127,7 @@ async fn run(shard: &Shard, spec: &EngineSpec) -> Result<EngineResult> {
             ops_per_sec: ops_in_window as f64 / spec.duration.as_secs_f64().max(1e-9),
             latency: hist.summary(),
             server_cpu_us_per_op: None,
+            client_cpu_us_per_op: None,
         },
         appends,
         batches,

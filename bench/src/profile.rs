@@ -18,6 +18,7 @@ use crate::{
     procs::{self, ChildProc},
     redis::{self, RedisAof, RespValue},
     report::{self, LatencyHist, PhaseResult},
+    storage::{self, PhaseCpu},
 };
 use anyhow::{bail, ensure, Context, Result};
 use profile::{passwords::Hasher, ProfileClient};
@@ -218,9 +219,13 @@ fn phase(
     s: &Settings,
     window: Duration,
     out: (u64, u64, Option<String>, LatencyHist, Duration),
-    cpu: Option<Duration>,
+    cpu: PhaseCpu,
 ) -> PhaseResult {
     let (ops, errors, first_error, hist, elapsed) = out;
+    let per_op = |used: Option<Duration>| {
+        used.filter(|_| ops > 0)
+            .map(|c| c.as_secs_f64() * 1e6 / ops as f64)
+    };
     let r = PhaseResult {
         phase: name.into(),
         target: target.into(),
@@ -235,9 +240,8 @@ fn phase(
         elapsed_secs: elapsed.as_secs_f64(),
         ops_per_sec: ops as f64 / window.as_secs_f64().max(1e-9),
         latency: hist.summary(),
-        server_cpu_us_per_op: cpu
-            .filter(|_| ops > 0)
-            .map(|c| c.as_secs_f64() * 1e6 / ops as f64),
+        server_cpu_us_per_op: per_op(cpu.server),
+        client_cpu_us_per_op: per_op(cpu.client),
     };
     eprintln!(
         "  {:<15} {:<8} {:>10.0} /s  p50 {} us  p99 {} us  errors {}{}",
@@ -255,15 +259,13 @@ fn phase(
     r
 }
 
-/// CPU time of `pid` spent while `f` runs.
+/// CPU time of `pid` and of this process spent while `f` runs.
 async fn with_cpu<T>(
     pid: u32,
     f: impl std::future::Future<Output = Result<T>>,
-) -> Result<(T, Option<Duration>)> {
-    let before = procs::cpu_time(pid).ok();
-    let out = f.await?;
-    let after = procs::cpu_time(pid).ok();
-    Ok((out, before.zip(after).map(|(b, a)| a.saturating_sub(b))))
+) -> Result<(T, PhaseCpu)> {
+    let (out, cpu) = storage::with_cpu(pid, f).await;
+    Ok((out?, cpu))
 }
 
 pub async fn run(args: ProfileArgs) -> Result<()> {
@@ -393,13 +395,26 @@ fn render(r: &ProfileReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<15} {:<8} {:<28} {:>6} {:>10} {:>8} {:>8} {:>7} {:>11}",
-        "phase", "target", "setting", "conns", "ops/s", "p50 us", "p99 us", "errors", "srv cpu/op"
+        "{:<15} {:<8} {:<28} {:>6} {:>10} {:>8} {:>8} {:>7} {:>11} {:>11}",
+        "phase",
+        "target",
+        "setting",
+        "conns",
+        "ops/s",
+        "p50 us",
+        "p99 us",
+        "errors",
+        "srv cpu/op",
+        "cli cpu/op"
     );
+    let us = |v: Option<f64>| {
+        v.map(|us| format!("{us:.1} us"))
+            .unwrap_or_else(|| "-".into())
+    };
     for p in r.reads.iter().chain(r.password_checks.as_ref()) {
         let _ = writeln!(
             out,
-            "{:<15} {:<8} {:<28} {:>6} {:>10.0} {:>8} {:>8} {:>7} {:>11}",
+            "{:<15} {:<8} {:<28} {:>6} {:>10.0} {:>8} {:>8} {:>7} {:>11} {:>11}",
             p.phase,
             p.target,
             p.setting,
@@ -408,9 +423,8 @@ fn render(r: &ProfileReport) -> String {
             p.latency.p50_us,
             p.latency.p99_us,
             p.errors,
-            p.server_cpu_us_per_op
-                .map(|us| format!("{us:.1} us"))
-                .unwrap_or_else(|| "-".into())
+            us(p.server_cpu_us_per_op),
+            us(p.client_cpu_us_per_op)
         );
     }
     let show = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into());

@@ -80,6 +80,11 @@ pub struct PhaseResult {
     /// operation during the phase, in microseconds; what bounds a rate on a
     /// machine whose cores the load generator shares.
     pub server_cpu_us_per_op: Option<f64>,
+    /// CPU time this benchmark process (the load generator, all its
+    /// threads) used per completed operation during the phase, in
+    /// microseconds: with the server's figure, what the phase asked of the
+    /// machine's cores.
+    pub client_cpu_us_per_op: Option<f64>,
 }
 
 /// A server process after its phases: footprint on disk and in memory.
@@ -182,7 +187,7 @@ pub(crate) fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11}{}",
+            "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11}{}",
             r.phase,
             r.target,
             r.setting,
@@ -192,9 +197,8 @@ pub(crate) fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
             r.latency.p50_us,
             r.latency.p99_us,
             r.errors,
-            r.server_cpu_us_per_op
-                .map(|us| format!("{us:.2} us"))
-                .unwrap_or_else(|| "-".into()),
+            cpu_cell(r.server_cpu_us_per_op),
+            cpu_cell(r.client_cpu_us_per_op),
             r.first_error
                 .as_deref()
                 .map(|e| format!("  first error: {e}"))
@@ -207,7 +211,7 @@ pub(crate) fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
 pub(crate) fn phase_header(out: &mut String) {
     let _ = writeln!(
         out,
-        "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11}",
+        "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11}",
         "phase",
         "target",
         "setting",
@@ -217,8 +221,15 @@ pub(crate) fn phase_header(out: &mut String) {
         "p50 us",
         "p99 us",
         "errors",
-        "srv cpu/op"
+        "srv cpu/op",
+        "cli cpu/op"
     );
+}
+
+fn cpu_cell(us_per_op: Option<f64>) -> String {
+    us_per_op
+        .map(|us| format!("{us:.2} us"))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// The human-readable table.

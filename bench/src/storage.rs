@@ -176,8 +176,12 @@ pub(crate) fn phase(
     target: &str,
     setting: &str,
     spec: &LoadSpec,
-    (out, server_cpu): (&LoadOutcome, Option<Duration>),
+    (out, cpu): (&LoadOutcome, PhaseCpu),
 ) -> PhaseResult {
+    let per_op = |used: Option<Duration>| {
+        used.filter(|_| out.ops > 0)
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / out.ops as f64)
+    };
     let r = PhaseResult {
         phase: phase.into(),
         target: target.into(),
@@ -192,9 +196,8 @@ pub(crate) fn phase(
         elapsed_secs: out.elapsed.as_secs_f64(),
         ops_per_sec: out.ops_per_sec(),
         latency: out.hist.summary(),
-        server_cpu_us_per_op: server_cpu
-            .filter(|_| out.ops > 0)
-            .map(|cpu| cpu.as_secs_f64() * 1e6 / out.ops as f64),
+        server_cpu_us_per_op: per_op(cpu.server),
+        client_cpu_us_per_op: per_op(cpu.client),
     };
     eprintln!(
         "  {:<8} {:<9} {:<13} pipeline {:>2}: {:>10.0} ops/s  p50 {} us  p99 {} us  errors {}",
@@ -743,18 +746,42 @@ async fn prefill_then_drain<C: Codec>(
     ))
 }
 
-/// A phase's outcome and the CPU time the server used during it.
-pub(crate) type Measured = (LoadOutcome, Option<Duration>);
+/// A phase's outcome and the CPU time used during it.
+pub(crate) type Measured = (LoadOutcome, PhaseCpu);
 
-/// Run `load`, measuring the CPU time process `pid` used meanwhile.
+/// CPU time used during a phase (`None` where it could not be read).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PhaseCpu {
+    /// By the server process, all its threads.
+    pub server: Option<Duration>,
+    /// By this process: the load generator.
+    pub client: Option<Duration>,
+}
+
+/// Run `load`, measuring the CPU time server process `pid` and this
+/// process used meanwhile.
 pub(crate) async fn with_cpu<T>(
     pid: u32,
     load: impl std::future::Future<Output = T>,
-) -> (T, Option<Duration>) {
-    let before = crate::procs::cpu_time(pid).ok();
+) -> (T, PhaseCpu) {
+    let used = |before: Option<Duration>, after: Option<Duration>| {
+        before.zip(after).map(|(b, a)| a.saturating_sub(b))
+    };
+    let me = std::process::id();
+    let before = (
+        crate::procs::cpu_time(pid).ok(),
+        crate::procs::cpu_time(me).ok(),
+    );
     let out = load.await;
-    let after = crate::procs::cpu_time(pid).ok();
-    (out, before.zip(after).map(|(b, a)| a.saturating_sub(b)))
+    let after = (
+        crate::procs::cpu_time(pid).ok(),
+        crate::procs::cpu_time(me).ok(),
+    );
+    let cpu = PhaseCpu {
+        server: used(before.0, after.0),
+        client: used(before.1, after.1),
+    };
+    (out, cpu)
 }
 
 fn rate(
@@ -812,5 +839,21 @@ mod tests {
         let mut all: Vec<u64> = (0..3).flat_map(|c| users_of(c, 3, 10)).collect();
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_phase_counts_the_cpu_time_of_the_server_and_of_this_process() {
+        let me = std::process::id();
+        let burn = Duration::from_millis(100);
+        // The "server" is this process too, so both figures see the burn.
+        let ((), cpu) = with_cpu(me, async {
+            let start = crate::procs::cpu_time(me).unwrap();
+            while crate::procs::cpu_time(me).unwrap() < start + burn {
+                std::hint::spin_loop();
+            }
+        })
+        .await;
+        assert!(cpu.server.unwrap() >= burn, "{cpu:?}");
+        assert!(cpu.client.unwrap() >= burn, "{cpu:?}");
     }
 }
