@@ -594,8 +594,7 @@ fn ratios(report: &PresenceReport) -> PresenceRatios {
 
 fn render(report: &PresenceReport) -> String {
     let mut out = String::new();
-    report::phase_header(&mut out);
-    report::phase_rows(&mut out, &report.phases);
+    report::phase_table(&mut out, &report.phases.iter().collect::<Vec<_>>());
     let _ = writeln!(
         out,
         "\n{:<9} {:>12} {:>14} {:>14} {:>12} {:>12}",

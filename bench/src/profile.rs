@@ -393,40 +393,8 @@ pub async fn run(args: ProfileArgs) -> Result<()> {
 fn render(r: &ProfileReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<15} {:<8} {:<28} {:>6} {:>10} {:>8} {:>8} {:>7} {:>11} {:>11}",
-        "phase",
-        "target",
-        "setting",
-        "conns",
-        "ops/s",
-        "p50 us",
-        "p99 us",
-        "errors",
-        "srv cpu/op",
-        "cli cpu/op"
-    );
-    let us = |v: Option<f64>| {
-        v.map(|us| format!("{us:.1} us"))
-            .unwrap_or_else(|| "-".into())
-    };
-    for p in r.reads.iter().chain(r.password_checks.as_ref()) {
-        let _ = writeln!(
-            out,
-            "{:<15} {:<8} {:<28} {:>6} {:>10.0} {:>8} {:>8} {:>7} {:>11} {:>11}",
-            p.phase,
-            p.target,
-            p.setting,
-            p.connections,
-            p.ops_per_sec,
-            p.latency.p50_us,
-            p.latency.p99_us,
-            p.errors,
-            us(p.server_cpu_us_per_op),
-            us(p.client_cpu_us_per_op)
-        );
-    }
+    let rows: Vec<&PhaseResult> = r.reads.iter().chain(&r.password_checks).collect();
+    report::phase_table(&mut out, &rows);
     let show = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into());
     let _ = writeln!(
         out,

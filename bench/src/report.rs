@@ -183,11 +183,34 @@ fn fmt_bytes(v: u64) -> String {
     format!("{:.1} MiB", v as f64 / MIB)
 }
 
-pub(crate) fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
+/// The phases as a table: a header line, then a row each. The setting
+/// column is as wide as the longest setting.
+pub(crate) fn phase_table(out: &mut String, rows: &[&PhaseResult]) {
+    let w = rows
+        .iter()
+        .map(|r| r.setting.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
+    let _ = writeln!(
+        out,
+        "{:<14} {:<9} {:<w$} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11}",
+        "phase",
+        "target",
+        "setting",
+        "conns",
+        "pipe",
+        "ops/s",
+        "p50 us",
+        "p99 us",
+        "errors",
+        "srv cpu/op",
+        "cli cpu/op"
+    );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11}{}",
+            "{:<14} {:<9} {:<w$} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11}{}",
             r.phase,
             r.target,
             r.setting,
@@ -207,25 +230,6 @@ pub(crate) fn phase_rows(out: &mut String, rows: &[PhaseResult]) {
     }
 }
 
-/// The header line of [`phase_rows`].
-pub(crate) fn phase_header(out: &mut String) {
-    let _ = writeln!(
-        out,
-        "{:<14} {:<9} {:<14} {:>5} {:>4} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11}",
-        "phase",
-        "target",
-        "setting",
-        "conns",
-        "pipe",
-        "ops/s",
-        "p50 us",
-        "p99 us",
-        "errors",
-        "srv cpu/op",
-        "cli cpu/op"
-    );
-}
-
 fn cpu_cell(us_per_op: Option<f64>) -> String {
     us_per_op
         .map(|us| format!("{us:.2} us"))
@@ -235,15 +239,12 @@ fn cpu_cell(us_per_op: Option<f64>) -> String {
 /// The human-readable table.
 pub fn render_table(report: &StorageReport) -> String {
     let mut out = String::new();
-    phase_header(&mut out);
-    phase_rows(&mut out, &report.append);
-    phase_rows(&mut out, &report.drain);
-    if let Some(e) = &report.engine {
-        phase_rows(&mut out, std::slice::from_ref(&e.phase));
-    }
-    if let Some(d) = &report.disk_ceiling {
-        phase_rows(&mut out, std::slice::from_ref(&d.phase));
-    }
+    let rows: Vec<&PhaseResult> = (report.append.iter())
+        .chain(&report.drain)
+        .chain(report.engine.as_ref().map(|e| &e.phase))
+        .chain(report.disk_ceiling.as_ref().map(|d| &d.phase))
+        .collect();
+    phase_table(&mut out, &rows);
     if let Some(e) = &report.engine {
         let _ = writeln!(
             out,
