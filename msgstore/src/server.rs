@@ -732,6 +732,10 @@ fn describe_metrics() {
         "Times reading stopped because a checkpoint ran with more than checkpoint_stall_wal_bytes of log behind it"
     );
     describe_counter!(
+        "msgstore_index_reads_total",
+        "User states read from the index: users new to the shard, or whose state was not in memory (see clean_states_max)"
+    );
+    describe_counter!(
         "msgstore_map_failures_total",
         "Bucket maps the kernel refused (ENOMEM); least recently used maps were dropped"
     );

@@ -640,6 +640,10 @@ async fn sustained_load_stalls_on_checkpoints_instead_of_refusing_appends() {
     }
     assert_eq!(acked, APPENDS);
     assert!(daemon::testing::metric(metrics, "msgstore_stalls_total").await >= 1.0);
+    // Each user's state came from the index once, when the user was new;
+    // across every checkpoint since, it stayed in memory.
+    let index_reads = daemon::testing::metric(metrics, "msgstore_index_reads_total").await;
+    assert_eq!(index_reads, USERS as f64);
     for user in 0..USERS {
         let mut seen = 0;
         loop {

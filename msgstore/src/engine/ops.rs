@@ -48,6 +48,9 @@ impl Engine {
         if let Some(s) = self.clean.get(&user) {
             return Ok(Some(s));
         }
+        // A new user, or one whose clean state was evicted: sizes
+        // `clean_states_max`.
+        metrics::counter!("msgstore_index_reads_total").increment(1);
         self.index.user(user)
     }
 
