@@ -222,10 +222,7 @@ fn phase(
     cpu: PhaseCpu,
 ) -> PhaseResult {
     let (ops, errors, first_error, hist, elapsed) = out;
-    let per_op = |used: Option<Duration>| {
-        used.filter(|_| ops > 0)
-            .map(|c| c.as_secs_f64() * 1e6 / ops as f64)
-    };
+    let (server_cpu_us_per_op, client_cpu_us_per_op) = cpu.us_per_op(ops);
     let r = PhaseResult {
         phase: name.into(),
         target: target.into(),
@@ -240,8 +237,8 @@ fn phase(
         elapsed_secs: elapsed.as_secs_f64(),
         ops_per_sec: ops as f64 / window.as_secs_f64().max(1e-9),
         latency: hist.summary(),
-        server_cpu_us_per_op: per_op(cpu.server),
-        client_cpu_us_per_op: per_op(cpu.client),
+        server_cpu_us_per_op,
+        client_cpu_us_per_op,
     };
     eprintln!(
         "  {:<15} {:<8} {:>10.0} /s  p50 {} us  p99 {} us  errors {}{}",

@@ -178,10 +178,7 @@ pub(crate) fn phase(
     spec: &LoadSpec,
     (out, cpu): (&LoadOutcome, PhaseCpu),
 ) -> PhaseResult {
-    let per_op = |used: Option<Duration>| {
-        used.filter(|_| out.ops > 0)
-            .map(|cpu| cpu.as_secs_f64() * 1e6 / out.ops as f64)
-    };
+    let (server_cpu_us_per_op, client_cpu_us_per_op) = cpu.us_per_op(out.ops);
     let r = PhaseResult {
         phase: phase.into(),
         target: target.into(),
@@ -196,8 +193,8 @@ pub(crate) fn phase(
         elapsed_secs: out.elapsed.as_secs_f64(),
         ops_per_sec: out.ops_per_sec(),
         latency: out.hist.summary(),
-        server_cpu_us_per_op: per_op(cpu.server),
-        client_cpu_us_per_op: per_op(cpu.client),
+        server_cpu_us_per_op,
+        client_cpu_us_per_op,
     };
     eprintln!(
         "  {:<8} {:<9} {:<13} pipeline {:>2}: {:>10.0} ops/s  p50 {} us  p99 {} us  errors {}",
@@ -758,28 +755,32 @@ pub(crate) struct PhaseCpu {
     pub client: Option<Duration>,
 }
 
+impl PhaseCpu {
+    /// Server and client CPU time per operation, in microseconds (none
+    /// for a phase that completed no operation).
+    pub fn us_per_op(&self, ops: u64) -> (Option<f64>, Option<f64>) {
+        let per_op = |used: Option<Duration>| {
+            used.filter(|_| ops > 0)
+                .map(|cpu| cpu.as_secs_f64() * 1e6 / ops as f64)
+        };
+        (per_op(self.server), per_op(self.client))
+    }
+}
+
 /// Run `load`, measuring the CPU time server process `pid` and this
 /// process used meanwhile.
 pub(crate) async fn with_cpu<T>(
     pid: u32,
     load: impl std::future::Future<Output = T>,
 ) -> (T, PhaseCpu) {
-    let used = |before: Option<Duration>, after: Option<Duration>| {
-        before.zip(after).map(|(b, a)| a.saturating_sub(b))
-    };
-    let me = std::process::id();
-    let before = (
-        crate::procs::cpu_time(pid).ok(),
-        crate::procs::cpu_time(me).ok(),
-    );
+    let sample = || [pid, std::process::id()].map(|p| crate::procs::cpu_time(p).ok());
+    let before = sample();
     let out = load.await;
-    let after = (
-        crate::procs::cpu_time(pid).ok(),
-        crate::procs::cpu_time(me).ok(),
-    );
+    let after = sample();
+    let used = |i: usize| before[i].zip(after[i]).map(|(b, a)| a.saturating_sub(b));
     let cpu = PhaseCpu {
-        server: used(before.0, after.0),
-        client: used(before.1, after.1),
+        server: used(0),
+        client: used(1),
     };
     (out, cpu)
 }
@@ -855,5 +856,8 @@ mod tests {
         .await;
         assert!(cpu.server.unwrap() >= burn, "{cpu:?}");
         assert!(cpu.client.unwrap() >= burn, "{cpu:?}");
+        assert_eq!(cpu.us_per_op(0), (None, None), "no operations, no rate");
+        let (server_us, client_us) = cpu.us_per_op(1000);
+        assert!(server_us.unwrap() >= 100.0 && client_us.unwrap() >= 100.0);
     }
 }
