@@ -317,5 +317,8 @@ pub fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::Subscribe => "subscribe",
         RequestBody::Info => "info",
         RequestBody::Ping => "ping",
+        RequestBody::Block { .. } => "block",
+        RequestBody::Unblock { .. } => "unblock",
+        RequestBody::GetRelations { .. } => "get_relations",
     }
 }

@@ -73,13 +73,17 @@ pub enum RequestBody {
     ImportUsers {
         users: Vec<ImportUser>,
     },
-    /// Replace a password; [`ResponseBody::Done`].
+    /// Replace a password; [`ResponseBody::Done`]. Increments the user's
+    /// credential epoch (revoking every resume token) and its version (so
+    /// an [`Event::Invalidate`] is pushed).
     SetPassword {
         user: UserId,
         #[serde(with = "serde_bytes")]
         password: Vec<u8>,
     },
-    /// Disable (or enable again) an account; [`ResponseBody::Done`].
+    /// Disable (or enable again) an account; [`ResponseBody::Done`]. When
+    /// the flag changes, the credential epoch and the version increase as
+    /// for [`RequestBody::SetPassword`]; otherwise nothing changes.
     SetDisabled {
         user: UserId,
         disabled: bool,
@@ -172,6 +176,27 @@ pub enum RequestBody {
     /// The service's argon2id parameters; [`ResponseBody::Info`].
     Info,
     Ping,
+    /// `user` blocks `blocked`: friend requests from `blocked` to `user` are
+    /// refused, and the gateway refuses messages between them.
+    /// [`ResponseBody::Version`] (`user`'s); blocking someone already
+    /// blocked changes nothing.
+    Block {
+        user: UserId,
+        blocked: UserId,
+    },
+    /// `user` no longer blocks `blocked`; [`ResponseBody::Version`]
+    /// (`user`'s). Unblocking someone not blocked changes nothing.
+    Unblock {
+        user: UserId,
+        blocked: UserId,
+    },
+    /// What a gateway needs to decide whether one user may write to another
+    /// and whether a resume token is still valid;
+    /// [`ResponseBody::Relations`], unknown users left out. At most
+    /// [`GET_PROFILES_MAX`] users.
+    GetRelations {
+        users: Vec<UserId>,
+    },
 }
 
 /// A user's public profile.
@@ -182,7 +207,8 @@ pub struct Profile {
     pub nickname: String,
     pub signature: String,
     pub avatar: Option<AvatarHash>,
-    /// Increases on every change of the profile or the friend list.
+    /// Increases on every change of the profile, the friend list, the
+    /// pending requests, the block list or the credentials.
     pub version: u64,
 }
 
@@ -206,6 +232,23 @@ pub struct FriendGroup {
 pub struct PendingRequest {
     pub from: UserId,
     pub username: String,
+}
+
+/// One user's relations and credential state, as a gateway caches them
+/// (dropped on [`Event::Invalidate`] for the user).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relations {
+    pub user: UserId,
+    pub disabled: bool,
+    /// Increases on every password change and every change of `disabled`:
+    /// a resume token carrying an older epoch is no longer valid.
+    pub credential_epoch: u32,
+    /// The user's version (the same number as [`Profile::version`]).
+    pub version: u64,
+    /// Every friend of the user, sorted ascending.
+    pub friends: Vec<UserId>,
+    /// Users this user blocks, sorted ascending.
+    pub blocked: Vec<UserId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,9 +282,11 @@ pub enum ErrorCode {
     /// A text field is not UTF-8.
     InvalidUtf8,
     /// A field breaks a rule other than length (empty, bad characters,
-    /// weak or malformed password hash, a user befriending itself, ...).
+    /// weak or malformed password hash, a user befriending or blocking
+    /// itself, ...).
     InvalidField,
-    /// A per-user limit (friends, groups, pending requests) is reached.
+    /// A per-user limit (friends, groups, pending requests, blocks) is
+    /// reached.
     LimitReached,
     /// Not a PNG, JPEG or WebP image, or dimensions over the limit.
     BadImage,
@@ -294,12 +339,15 @@ pub enum ResponseBody {
     Subscribed,
     Pong,
     Error(ProfileError),
+    /// Answer to [`RequestBody::GetRelations`], in the order asked.
+    Relations(Vec<Relations>),
 }
 
 /// Pushed to subscribed connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    /// `user`'s profile or friend list changed; its version is now `version`.
+    /// `user`'s profile, friend list, block list or credentials changed;
+    /// its version is now `version`.
     Invalidate { user: UserId, version: u64 },
     /// Drop every cached entry: sent first on every subscription, and when
     /// events had to be dropped (a subscriber that fell behind).
@@ -373,6 +421,57 @@ mod tests {
         );
     }
 
+    #[test]
+    fn block_and_relations_layout_is_as_documented() {
+        let block = Request {
+            id: 3,
+            body: RequestBody::Block {
+                user: 5,
+                blocked: 7,
+            },
+        };
+        // Block = variant 22, Unblock = 23, GetRelations = 24.
+        assert_eq!(postcard::to_stdvec(&block).unwrap(), [3, 22, 5, 7]);
+        let unblock = RequestBody::Unblock {
+            user: 5,
+            blocked: 7,
+        };
+        assert_eq!(postcard::to_stdvec(&unblock).unwrap(), [23, 5, 7]);
+        let get = Request {
+            id: 4,
+            body: RequestBody::GetRelations {
+                users: vec![5, 300],
+            },
+        };
+        let mut frame = Vec::new();
+        encode(&get, 1024, &mut frame).unwrap();
+        assert_eq!(frame, [6, 0, 0, 0, 4, 24, 2, 5, 0xac, 0x02]);
+        // Response = 0, id 4, Relations = variant 14, one entry: user 5,
+        // enabled, epoch 2, version 300, friends [7, 9], blocked [300].
+        let answer = ServerMessage::Response(Response {
+            id: 4,
+            body: ResponseBody::Relations(vec![Relations {
+                user: 5,
+                disabled: false,
+                credential_epoch: 2,
+                version: 300,
+                friends: vec![7, 9],
+                blocked: vec![300],
+            }]),
+        });
+        let mut frame = Vec::new();
+        encode(&answer, 1024, &mut frame).unwrap();
+        assert_eq!(
+            frame,
+            [15, 0, 0, 0, 0, 4, 14, 1, 5, 0, 2, 0xac, 0x02, 2, 7, 9, 1, 0xac, 0x02]
+        );
+        let mut buf = BytesMut::from(&frame[..]);
+        assert_eq!(
+            decode::<ServerMessage>(&mut buf, 1024),
+            Ok(Decoded::Frame(answer))
+        );
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -385,6 +484,35 @@ mod tests {
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 1..256)) {
             let _ = crate::frame::decode_body::<Request>(&body);
             let _ = crate::frame::decode_body::<ServerMessage>(&body);
+        }
+
+        /// Random bytes rarely reach the newest variants' contents; a valid
+        /// relations answer or request, damaged, does.
+        #[test]
+        fn damaged_relations_never_panic(
+            users in proptest::collection::vec(any::<u64>(), 0..4),
+            epoch in any::<u32>(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            mask in 1u8..,
+        ) {
+            let relations = users.iter().map(|&u| Relations {
+                user: u,
+                disabled: u % 2 == 0,
+                credential_epoch: epoch,
+                version: u.rotate_left(7),
+                friends: users.clone(),
+                blocked: vec![u],
+            }).collect();
+            let answer = ServerMessage::Response(Response { id: 1, body: ResponseBody::Relations(relations) });
+            let request = Request { id: 2, body: RequestBody::GetRelations { users } };
+            for mut bytes in [postcard::to_stdvec(&answer).unwrap(), postcard::to_stdvec(&request).unwrap()] {
+                let at = flip.index(bytes.len());
+                bytes[at] ^= mask;
+                bytes.truncate(cut.index(bytes.len()) + 1);
+                let _ = crate::frame::decode_body::<Request>(&bytes);
+                let _ = crate::frame::decode_body::<ServerMessage>(&bytes);
+            }
         }
     }
 }
