@@ -138,6 +138,8 @@ pub struct Limits {
     pub groups_max: usize,
     /// Most friend requests waiting for one user's answer.
     pub requests_pending_max: usize,
+    /// Most users one user blocks.
+    pub blocks_max: usize,
     /// Largest avatar image (at most 256 KiB).
     pub avatar_bytes_max: usize,
     /// Largest avatar width and height in pixels.
@@ -154,6 +156,7 @@ impl Default for Limits {
             friends_max: 1000,
             groups_max: 32,
             requests_pending_max: 100,
+            blocks_max: 1000,
             avatar_bytes_max: proto::profile::AVATAR_BYTES_MAX,
             avatar_dimension_max: 1024,
         }
@@ -279,6 +282,7 @@ impl Config {
             1,
             100_000,
         )?;
+        range("limits.blocks_max", l.blocks_max as u64, 1, 100_000)?;
         let avatar_max = proto::profile::AVATAR_BYTES_MAX as u64;
         range(
             "limits.avatar_bytes_max",
@@ -350,5 +354,18 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("frame_body_bytes_max"));
+    }
+
+    #[test]
+    fn blocks_max_outside_its_range_is_refused_by_name() {
+        for bad in [0, 100_001] {
+            let config = Config::parse(&format!("[limits]\nblocks_max = {bad}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.contains("limits.blocks_max"), "{err}");
+        }
+        for good in [1, 100_000] {
+            let config = Config::parse(&format!("[limits]\nblocks_max = {good}\n")).unwrap();
+            config.validate().unwrap();
+        }
     }
 }

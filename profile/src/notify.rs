@@ -1,5 +1,5 @@
-//! Change notifications: every committed change of a user's profile or
-//! friends is pushed as `Invalidate { user, version }` to every subscribed
+//! Change notifications: every committed change of a user's profile,
+//! friends, pending requests, block list or credentials is pushed as `Invalidate { user, version }` to every subscribed
 //! connection.
 //!
 //! Each subscription has a bounded queue (`server.subscriber_events_max`).

@@ -86,6 +86,7 @@ impl Service {
                 | RequestBody::GetProfile { .. }
                 | RequestBody::GetProfiles { .. }
                 | RequestBody::LoginView { .. }
+                | RequestBody::GetRelations { .. }
                 | RequestBody::AvatarRange { .. }
                 | RequestBody::Info
                 | RequestBody::Ping
@@ -114,6 +115,12 @@ impl Service {
                 ResponseBody::Profiles(s.profiles(&users)?)
             }
             RequestBody::LoginView { user } => ResponseBody::LoginView(s.login_view(user)?),
+            RequestBody::GetRelations { users } => {
+                if users.len() > GET_PROFILES_MAX {
+                    return Err(too_many("users", users.len(), GET_PROFILES_MAX));
+                }
+                ResponseBody::Relations(s.relations(&users)?)
+            }
             RequestBody::AvatarRange { hash, offset, len } => {
                 let (total_len, bytes) =
                     s.avatar_range(&hash, offset, len, AVATAR_RANGE_BYTES_MAX)?;
@@ -216,6 +223,8 @@ impl Service {
                     pairs,
                 }
             }
+            RequestBody::Block { user, blocked } => WriteOp::Block { user, blocked },
+            RequestBody::Unblock { user, blocked } => WriteOp::Unblock { user, blocked },
             RequestBody::Subscribe => {
                 return Err(Error::BadRequest("Subscribe needs a connection".into()))
             }

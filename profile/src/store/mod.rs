@@ -16,17 +16,20 @@ use heed::{
     CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, WithoutTls,
 };
 use proto::profile::{
-    Account, AvatarHash, FriendGroup, LoginView, PendingRequest, Profile, UserId,
+    Account, AvatarHash, FriendGroup, LoginView, PendingRequest, Profile, Relations, UserId,
 };
-use records::{decode, AccountRecord, FriendsRecord, ProfileRecord};
+use records::{decode, AccountRecord, BlocksRecord, FriendsRecord, ProfileRecord};
 use std::path::Path;
 
 pub(crate) type UserDb = Database<'static, U64<BigEndian>, Bytes>;
 pub(crate) type NameDb = Database<'static, Str, U64<BigEndian>>;
 pub(crate) type RawDb = Database<'static, Bytes, Bytes>;
 
-/// Named LMDB databases of the environment.
-pub(crate) const DATABASES: [&str; 8] = [
+/// Named LMDB databases of the environment. `blocks` and `auth` came after
+/// the first layout; opening creates whichever is missing, so an older
+/// environment opens as it is (absent records mean "blocks nobody" and
+/// "epoch 0").
+pub(crate) const DATABASES: [&str; 10] = [
     "accounts",
     "usernames",
     "profiles",
@@ -35,6 +38,8 @@ pub(crate) const DATABASES: [&str; 8] = [
     "avatars",
     "avatar_refs",
     "meta",
+    "blocks",
+    "auth",
 ];
 
 /// The open environment and its databases; shared by readers and the writer.
@@ -44,6 +49,10 @@ pub struct Store {
     pub(crate) usernames: NameDb,
     pub(crate) profiles: UserDb,
     pub(crate) friends: UserDb,
+    /// value: [`BlocksRecord`].
+    pub(crate) blocks: UserDb,
+    /// value: the credential epoch (u32 BE); absent = 0.
+    pub(crate) auth: UserDb,
     /// key: recipient (8 bytes BE) ++ sender (8 bytes BE); value: the
     /// sender's group name for the recipient (UTF-8).
     pub(crate) requests: RawDb,
@@ -66,6 +75,14 @@ pub(crate) fn request_key(to: UserId, from: UserId) -> [u8; 16] {
     k[..8].copy_from_slice(&to.to_be_bytes());
     k[8..].copy_from_slice(&from.to_be_bytes());
     k
+}
+
+/// The credential epoch stored in `auth` (4 bytes, big-endian).
+pub(crate) fn decode_epoch(user: UserId, bytes: &[u8]) -> Result<u32> {
+    let bytes: [u8; 4] = bytes
+        .try_into()
+        .map_err(|_| Error::Corrupt(format!("credential epoch of user {user} is not 4 bytes")))?;
+    Ok(u32::from_be_bytes(bytes))
 }
 
 /// The postcard record of `user` in `db`, if any.
@@ -105,10 +122,14 @@ impl Store {
                     Some(_) => return Ok(CommitOrAbort::Abort(())),
                 }
                 Ok::<_, heed::Error>(CommitOrAbort::Commit((
-                    dbo.create_database(wtxn, Some("accounts"))?,
                     dbo.create_database(wtxn, Some("usernames"))?,
-                    dbo.create_database(wtxn, Some("profiles"))?,
-                    dbo.create_database(wtxn, Some("friends"))?,
+                    [
+                        dbo.create_database(wtxn, Some("accounts"))?,
+                        dbo.create_database(wtxn, Some("profiles"))?,
+                        dbo.create_database(wtxn, Some("friends"))?,
+                        dbo.create_database(wtxn, Some("blocks"))?,
+                        dbo.create_database(wtxn, Some("auth"))?,
+                    ],
                     [
                         dbo.create_database(wtxn, Some("requests"))?,
                         dbo.create_database(wtxn, Some("avatars"))?,
@@ -119,19 +140,19 @@ impl Store {
             })?
             .commit()
             .ok_or_else(|| Error::Corrupt("unknown layout version in meta".into()))?;
-        let (accounts, usernames, profiles, friends, [requests, avatars, avatar_refs, meta]): (
-            UserDb,
-            NameDb,
-            UserDb,
-            UserDb,
-            [RawDb; 4],
-        ) = dbs;
+        let (
+            usernames,
+            [accounts, profiles, friends, blocks, auth],
+            [requests, avatars, avatar_refs, meta],
+        ): (NameDb, [UserDb; 5], [RawDb; 4]) = dbs;
         Ok(Store {
             env,
             accounts,
             usernames,
             profiles,
             friends,
+            blocks,
+            auth,
             requests,
             avatars,
             avatar_refs,
@@ -166,6 +187,20 @@ impl Store {
         user: UserId,
     ) -> Result<FriendsRecord> {
         Ok(record_in(&self.friends, txn, user, "friends")?.unwrap_or_default())
+    }
+
+    pub(crate) fn blocks_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        user: UserId,
+    ) -> Result<BlocksRecord> {
+        Ok(record_in(&self.blocks, txn, user, "blocks")?.unwrap_or_default())
+    }
+
+    pub(crate) fn epoch_in(&self, txn: &RoTxn<'_, WithoutTls>, user: UserId) -> Result<u32> {
+        self.auth
+            .get(txn, &user)?
+            .map_or(Ok(0), |b| decode_epoch(user, b))
     }
 
     /// The id and PHC hash of `username`, or `None`.
@@ -274,6 +309,36 @@ impl Store {
         })
     }
 
+    /// Relations of the `users` that exist, in the order given, all from
+    /// one read transaction (each `version` matches the lists beside it).
+    pub fn relations(&self, users: &[UserId]) -> Result<Vec<Relations>> {
+        let txn = self.read_txn()?;
+        let mut out = Vec::with_capacity(users.len());
+        for &u in users {
+            if let Some(r) = self.relations_in(&txn, u)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn relations_in(&self, txn: &RoTxn<'_, WithoutTls>, user: UserId) -> Result<Option<Relations>> {
+        let Some(account) = self.account_in(txn, user)? else {
+            return Ok(None);
+        };
+        let profile = self
+            .profile_in(txn, user)?
+            .ok_or_else(|| Error::Corrupt(format!("account {user} has no profile")))?;
+        Ok(Some(Relations {
+            user,
+            disabled: account.disabled,
+            credential_epoch: self.epoch_in(txn, user)?,
+            version: profile.version,
+            friends: self.friends_in(txn, user)?.sorted_members(),
+            blocked: self.blocks_in(txn, user)?.blocked,
+        }))
+    }
+
     /// `len` bytes (at most `max`) of an avatar from `offset`, and its size.
     pub fn avatar_range(
         &self,
@@ -324,5 +389,81 @@ impl Store {
     pub fn avatar_count(&self) -> Result<u64> {
         let txn = self.read_txn()?;
         Ok(self.avatars.len(&txn)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An environment made before `blocks` and `auth` existed: the first
+    /// layout's eight databases, one account with its profile.
+    fn first_layout(dir: &Path) {
+        // SAFETY: a fresh temporary directory, opened once at a time.
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .map_size(16 << 20)
+                .max_dbs(8)
+                .open(dir)
+                .unwrap()
+        };
+        let account = AccountRecord {
+            username: "old".into(),
+            phc: "x".into(),
+            disabled: false,
+            created_ms: 0,
+        };
+        let profile = ProfileRecord {
+            username: "old".into(),
+            version: 4,
+            ..ProfileRecord::default()
+        };
+        let key = 1u64.to_be_bytes();
+        let wtxn = env.write_txn().unwrap();
+        env.create_databases_and_commit(wtxn, |dbo, wtxn| {
+            let mut dbs = Vec::new();
+            for name in &DATABASES[..8] {
+                dbs.push(dbo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
+            }
+            let [accounts, _, profiles, .., meta] = dbs[..] else {
+                unreachable!("eight databases")
+            };
+            meta.put(wtxn, META_LAYOUT, &1u32.to_be_bytes())?;
+            accounts.put(wtxn, &key, &records::encode(&account).unwrap())?;
+            profiles.put(wtxn, &key, &records::encode(&profile).unwrap())?;
+            Ok::<_, heed::Error>(CommitOrAbort::<_, ()>::Commit(()))
+        })
+        .unwrap()
+        .unwrap_commit();
+    }
+
+    #[test]
+    fn an_environment_without_blocks_and_auth_opens_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        first_layout(dir.path());
+        let store = Store::open(dir.path(), 16 << 20, Limits::default()).unwrap();
+        let relations = store.relations(&[1, 2]).unwrap();
+        assert_eq!(
+            relations,
+            [Relations {
+                user: 1,
+                disabled: false,
+                credential_epoch: 0,
+                version: 4,
+                friends: vec![],
+                blocked: vec![],
+            }]
+        );
+        let txn = store.read_txn().unwrap();
+        assert_eq!(store.blocks.len(&txn).unwrap(), 0);
+        assert_eq!(store.auth.len(&txn).unwrap(), 0);
+        let layout = store.meta.get(&txn, META_LAYOUT).unwrap();
+        assert_eq!(layout, Some(&LAYOUT_VERSION.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn a_corrupt_epoch_is_a_typed_error() {
+        assert_eq!(decode_epoch(1, &[0, 0, 1, 2]).unwrap(), 258);
+        assert!(matches!(decode_epoch(1, &[1, 2]), Err(Error::Corrupt(_))));
     }
 }

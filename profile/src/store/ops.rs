@@ -4,7 +4,7 @@
 //! leaves nothing behind.
 
 use super::{
-    records::{decode, encode, AccountRecord, FriendsRecord, ProfileRecord},
+    records::{decode, encode, AccountRecord, BlocksRecord, FriendsRecord, ProfileRecord},
     request_key, Store, META_NEXT_USER,
 };
 use crate::{error::Error, Result};
@@ -64,6 +64,14 @@ pub enum WriteOp {
         group: String,
         pairs: Vec<(UserId, UserId)>,
     },
+    Block {
+        user: UserId,
+        blocked: UserId,
+    },
+    Unblock {
+        user: UserId,
+        blocked: UserId,
+    },
 }
 
 /// What a successful op returns.
@@ -93,9 +101,16 @@ impl Store {
     ) -> Result<Outcome> {
         match op {
             WriteOp::CreateUser { username, phc } => self.create_user(txn, username, phc),
-            WriteOp::SetPassword { user, phc } => self.update_account(txn, user, |a| a.phc = phc),
+            WriteOp::SetPassword { user, phc } => {
+                self.update_credentials(txn, user, changes, |a| {
+                    a.phc = phc;
+                    true
+                })
+            }
             WriteOp::SetDisabled { user, disabled } => {
-                self.update_account(txn, user, |a| a.disabled = disabled)
+                self.update_credentials(txn, user, changes, |a| {
+                    std::mem::replace(&mut a.disabled, disabled) != disabled
+                })
             }
             WriteOp::SetProfile {
                 user,
@@ -130,6 +145,8 @@ impl Store {
             WriteOp::ImportFriendships { group, pairs } => {
                 self.import_friendships(txn, &group, &pairs, changes)
             }
+            WriteOp::Block { user, blocked } => self.block(txn, user, blocked, changes),
+            WriteOp::Unblock { user, blocked } => self.unblock(txn, user, blocked, changes),
         }
     }
 
@@ -163,18 +180,30 @@ impl Store {
         Ok(Outcome::User(user))
     }
 
-    fn update_account(
+    /// Apply `f` to `user`'s account; if it says the credentials changed
+    /// (a new password, `disabled` flipped), write the account, increment
+    /// the credential epoch (revoking every resume token of the user) and
+    /// bump the version, so caches holding the old epoch are invalidated.
+    fn update_credentials(
         &self,
         txn: &mut RwTxn,
         user: UserId,
-        f: impl FnOnce(&mut AccountRecord),
+        changes: &mut Changes,
+        f: impl FnOnce(&mut AccountRecord) -> bool,
     ) -> Result<Outcome> {
         let mut a: AccountRecord = match self.accounts.get(txn, &user)? {
             Some(b) => decode("account", b)?,
             None => return Err(Error::not_found_user(user)),
         };
-        f(&mut a);
+        if !f(&mut a) {
+            return Ok(Outcome::Done);
+        }
+        let p = self.profile_rw(txn, user)?;
+        // Wrapping: an old token matches again only after 2^32 changes.
+        let epoch = self.epoch_in(txn, user)?.wrapping_add(1);
         self.accounts.put(txn, &user, &encode(&a)?)?;
+        self.auth.put(txn, &user, &epoch.to_be_bytes())?;
+        self.put_profile(txn, user, p, changes)?;
         Ok(Outcome::Done)
     }
 
@@ -296,6 +325,11 @@ impl Store {
         }
         self.profile_rw(txn, from)?;
         self.profile_rw(txn, to)?;
+        if self.blocks_in(txn, to)?.contains(from) {
+            // The same error as an unknown `to`: a blocked user learns
+            // nothing from it.
+            return Err(Error::not_found_user(to));
+        }
         let mine = self.friends_rw(txn, from)?;
         if mine.contains(to) {
             return Err(Error::AlreadyFriends(from, to));
@@ -432,5 +466,69 @@ impl Store {
             self.bump(txn, u, changes)?;
         }
         Ok(Outcome::Done)
+    }
+
+    /// `user` and `blocked`, both existing and distinct, with `user`'s
+    /// profile (for its version) and block list.
+    fn block_parties(
+        &self,
+        txn: &RwTxn,
+        user: UserId,
+        blocked: UserId,
+    ) -> Result<(ProfileRecord, BlocksRecord)> {
+        if user == blocked {
+            return Err(Error::InvalidField {
+                field: "blocked",
+                reason: "a user cannot block itself".into(),
+            });
+        }
+        let p = self.profile_rw(txn, user)?;
+        self.profile_rw(txn, blocked)?;
+        Ok((p, self.blocks_in(txn, user)?))
+    }
+
+    /// `user` blocks `blocked`; already blocked changes nothing (the
+    /// current version, no bump, no invalidation).
+    fn block(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        blocked: UserId,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let (p, mut list) = self.block_parties(txn, user, blocked)?;
+        if list.contains(blocked) {
+            return Ok(Outcome::Version(p.version));
+        }
+        if list.blocked.len() >= self.limits.blocks_max {
+            return Err(Error::LimitReached(format!(
+                "user {user} blocks {} users (blocks_max)",
+                self.limits.blocks_max
+            )));
+        }
+        list.insert(blocked);
+        self.blocks.put(txn, &user, &encode(&list)?)?;
+        Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
+    }
+
+    /// `user` no longer blocks `blocked`; not blocked changes nothing. An
+    /// emptied list is deleted (absent means "blocks nobody").
+    fn unblock(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        blocked: UserId,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
+        let (p, mut list) = self.block_parties(txn, user, blocked)?;
+        if !list.remove(blocked) {
+            return Ok(Outcome::Version(p.version));
+        }
+        if list.blocked.is_empty() {
+            self.blocks.delete(txn, &user)?;
+        } else {
+            self.blocks.put(txn, &user, &encode(&list)?)?;
+        }
+        Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
     }
 }

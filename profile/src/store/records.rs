@@ -24,7 +24,9 @@ pub struct ProfileRecord {
     pub nickname: String,
     pub signature: String,
     pub avatar: Option<AvatarHash>,
-    /// Increases on every change of this record or of the user's friends.
+    /// Increases on every change of this record, of the user's friends,
+    /// pending requests or block list, and of its credentials (password,
+    /// `disabled`): whatever a cache of the user holds.
     pub version: u64,
 }
 
@@ -76,6 +78,54 @@ impl FriendsRecord {
     pub fn would_add_group(&self, group: &str) -> bool {
         !self.groups.iter().any(|g| g.name == group)
     }
+
+    /// Every friend, whatever the group, sorted ascending.
+    pub fn sorted_members(&self) -> Vec<UserId> {
+        let mut all: Vec<UserId> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.members.iter().copied())
+            .collect();
+        all.sort_unstable();
+        all
+    }
+}
+
+/// `blocks`: user id -> this (absent: blocks nobody). Sorted ascending,
+/// no duplicates, so a check is a binary search and the list goes out in
+/// [`proto::profile::Relations`] as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BlocksRecord {
+    pub blocked: Vec<UserId>,
+}
+
+impl BlocksRecord {
+    pub fn contains(&self, user: UserId) -> bool {
+        self.blocked.binary_search(&user).is_ok()
+    }
+
+    /// Add `user` in its place; whether it was new. The caller checks
+    /// `blocks_max`.
+    pub fn insert(&mut self, user: UserId) -> bool {
+        match self.blocked.binary_search(&user) {
+            Ok(_) => false,
+            Err(i) => {
+                self.blocked.insert(i, user);
+                true
+            }
+        }
+    }
+
+    /// Remove `user`; whether it was there.
+    pub fn remove(&mut self, user: UserId) -> bool {
+        match self.blocked.binary_search(&user) {
+            Ok(i) => {
+                self.blocked.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -108,5 +158,21 @@ mod tests {
         );
         assert_eq!(decode::<FriendsRecord>("friends", &bytes).unwrap(), f);
         assert!(decode::<FriendsRecord>("friends", &[5]).is_err());
+        f.add(3, "Work");
+        assert_eq!(f.sorted_members(), [3, 8, 9]);
+    }
+
+    #[test]
+    fn blocks_record_stays_sorted_without_duplicates() {
+        let mut b = BlocksRecord::default();
+        assert!(b.insert(300) && b.insert(7) && b.insert(9));
+        assert!(!b.insert(7), "already blocked");
+        assert_eq!(b.blocked, [7, 9, 300]);
+        assert!(b.contains(9) && !b.contains(8));
+        assert!(b.remove(9) && !b.remove(9));
+        // blocked: 2 entries, varints 7 and 300.
+        let bytes = encode(&b).unwrap();
+        assert_eq!(bytes, [2, 7, 0xac, 0x02]);
+        assert_eq!(decode::<BlocksRecord>("blocks", &bytes).unwrap(), b);
     }
 }
