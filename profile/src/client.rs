@@ -22,7 +22,7 @@ use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     profile::{
         Account, AvatarHash, ErrorCode, Event, ImportUser, LoginView, Profile, ProfileError,
-        Request, RequestBody, ResponseBody, ServerMessage, ServiceInfo, UserId,
+        Relations, Request, RequestBody, ResponseBody, ServerMessage, ServiceInfo, UserId,
         AVATAR_RANGE_BYTES_MAX,
     },
 };
@@ -289,6 +289,8 @@ impl ProfileClient {
         expect_body!(self.call(RequestBody::ImportUsers { users }).await?, ResponseBody::Imported(r) => r)
     }
 
+    /// Replace `user`'s password; revokes its resume tokens (the credential
+    /// epoch increases).
     pub async fn set_password(&self, user: UserId, password: &[u8]) -> Result<(), ClientError> {
         let body = RequestBody::SetPassword {
             user,
@@ -297,6 +299,7 @@ impl ProfileClient {
         expect_body!(self.call(body).await?, ResponseBody::Done => ())
     }
 
+    /// Disable or enable `user`; a change revokes its resume tokens.
     pub async fn set_disabled(&self, user: UserId, disabled: bool) -> Result<(), ClientError> {
         expect_body!(self.call(RequestBody::SetDisabled { user, disabled }).await?, ResponseBody::Done => ())
     }
@@ -448,6 +451,25 @@ impl ProfileClient {
             pairs,
         };
         expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// `user` blocks `blocked`; `user`'s version after it (unchanged if
+    /// `blocked` was already blocked).
+    pub async fn block(&self, user: UserId, blocked: UserId) -> Result<u64, ClientError> {
+        expect_body!(self.call(RequestBody::Block { user, blocked }).await?, ResponseBody::Version(v) => v)
+    }
+
+    /// `user` no longer blocks `blocked`; `user`'s version after it
+    /// (unchanged if `blocked` was not blocked).
+    pub async fn unblock(&self, user: UserId, blocked: UserId) -> Result<u64, ClientError> {
+        expect_body!(self.call(RequestBody::Unblock { user, blocked }).await?, ResponseBody::Version(v) => v)
+    }
+
+    /// Friends, blocks, disabled flag, credential epoch and version of the
+    /// users that exist (at most [`proto::profile::GET_PROFILES_MAX`]), in
+    /// the order asked; each from one consistent snapshot.
+    pub async fn relations(&self, users: Vec<UserId>) -> Result<Vec<Relations>, ClientError> {
+        expect_body!(self.call(RequestBody::GetRelations { users }).await?, ResponseBody::Relations(r) => r)
     }
 
     /// The service's argon2id parameters.
