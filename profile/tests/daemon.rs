@@ -1,5 +1,5 @@
-//! The `profile` daemon as a real process: pushed invalidations reach a
-//! subscribed client, a restart makes it drop its cache and reconnect,
+//! The `profile` daemon as a real process: pushed invalidations (profile,
+//! friends, blocks, passwords) reach a subscribed client, a restart makes it drop its cache and reconnect,
 //! requests never hang on a dead link, SIGTERM exits 0, the data directory
 //! is locked.
 
@@ -107,6 +107,42 @@ async fn invalidations_are_pushed_and_a_restart_resets_the_cache() {
     assert_eq!(view.groups.len(), 1);
     assert_eq!(view.groups[0].name, "Buddies");
     assert_eq!(view.groups[0].friends[0].nickname, "Ann");
+
+    // Blocks and credential changes reach the gateway's cache the same way.
+    let v = writer.block(ben, ann).await.unwrap();
+    assert_eq!(v, 4);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Invalidate {
+            user: ben,
+            version: v
+        }
+    );
+    assert_eq!(writer.block(ben, ann).await.unwrap(), v, "no-op");
+    writer.set_password(ben, b"new").await.unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Invalidate {
+            user: ben,
+            version: v + 1
+        },
+        "the no-op pushed nothing"
+    );
+    let relations = watcher.relations(vec![ben, 999]).await.unwrap();
+    assert_eq!(relations.len(), 1, "unknown users left out");
+    let r = &relations[0];
+    assert_eq!(
+        (&r.friends, &r.blocked, r.credential_epoch, r.version),
+        (&vec![ann], &vec![ann], 1, v + 1)
+    );
+    assert_eq!(writer.unblock(ben, ann).await.unwrap(), v + 2);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Invalidate {
+            user: ben,
+            version: v + 2
+        }
+    );
 
     // A password check in flight when the daemon dies fails; it never hangs.
     let pending = {
