@@ -331,6 +331,33 @@ mod tests {
         assert_eq!(encode(&login), [0x01, 0x01, 0x01, 0x09]);
     }
 
+    /// Request ids are u32 varints in both directions (section 6.2).
+    #[test]
+    fn request_ids_are_varints() {
+        let fetch = ClientMessage {
+            id: 300,
+            call: Call::Fetch {
+                after_seq: 0,
+                max_count: 200,
+                max_bytes: 49_152,
+            },
+        };
+        assert_eq!(
+            encode(&fetch),
+            [0xac, 0x02, 0x01, 0x00, 0xc8, 0x01, 0x80, 0x80, 0x03]
+        );
+        let logout = ClientMessage {
+            id: u32::MAX,
+            call: Call::Logout,
+        };
+        assert_eq!(encode(&logout), [0xff, 0xff, 0xff, 0xff, 0x0f, 0x0c]);
+        let done = GatewayMessage::Reply {
+            id: 300,
+            result: Ok(Reply::Done),
+        };
+        assert_eq!(encode(&done), [0x00, 0xac, 0x02, 0x00, 0x06]);
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -232,6 +232,7 @@ pub fn cookie(secret: &[u8; 32], addr: SocketAddr) -> [u8; MAC_BYTES] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::wire::{INIT_MAC1_AT, INIT_MAC2_AT};
 
     #[test]
     fn keys_are_deterministic_per_seed_and_round_trip() {
@@ -288,6 +289,41 @@ mod tests {
         let n = theirs.write_message(42, b"pong", &mut buf).unwrap();
         assert_eq!(ours.open(42, &buf[..n], &mut out), Some(4));
         assert_eq!(&out[..4], b"pong");
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Test vectors quoted in docs/PROTOCOL.md section 2.2: the MACs are
+    /// keyed BLAKE2s with digest length 16 in the parameter block (RFC
+    /// 7693; Python's `hashlib.blake2s(data, key=k, digest_size=16)`), not
+    /// a 32-byte digest cut to 16 bytes.
+    #[test]
+    fn mac1_cookie_and_mac2_match_the_documented_vectors() {
+        let server_public: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let key = mac1_key(&server_public);
+        assert_eq!(
+            hex(&key),
+            "fd597bfa8b9c70c4109c88b5f4ca649e4dc5c79decf8240c40ebcbfe7780879f"
+        );
+        let init: Vec<u8> = (0..INIT_MAC2_AT).map(|i| i as u8).collect();
+        let mac1 = mac(&key, &init[..INIT_MAC1_AT]);
+        assert_eq!(hex(&mac1), "7bc2148b1235264677257977f78b0e96");
+        assert!(mac_verify(&key, &init[..INIT_MAC1_AT], &mac1));
+        // The value a truncated BLAKE2s-256 would give, which must differ.
+        let mut long = <blake2::Blake2sMac256 as KeyInit>::new_from_slice(&key).unwrap();
+        Mac::update(&mut long, &init[..INIT_MAC1_AT]);
+        let long = long.finalize().into_bytes();
+        assert_eq!(hex(&long[..16]), "b298c79b63cf42d9af34a754458f93d6");
+
+        let from: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let c = cookie(&[7; 32], from);
+        assert_eq!(hex(&c), "ecaa0718dc7866629ed29a959bea9074");
+        let mut covered = init[..INIT_MAC1_AT].to_vec();
+        covered.extend_from_slice(&mac1);
+        assert_eq!(covered.len(), INIT_MAC2_AT);
+        assert_eq!(hex(&mac(&c, &covered)), "c9e0b982a4d6049166077a941c895876");
     }
 
     #[test]
