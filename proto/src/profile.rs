@@ -177,7 +177,8 @@ pub enum RequestBody {
     Info,
     Ping,
     /// `user` blocks `blocked`: friend requests from `blocked` to `user` are
-    /// refused, and the gateway refuses messages between them.
+    /// refused; gateways read block lists ([`RequestBody::GetRelations`])
+    /// to decide who may write to whom.
     /// [`ResponseBody::Version`] (`user`'s); blocking someone already
     /// blocked changes nothing.
     Block {

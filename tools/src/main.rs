@@ -47,7 +47,7 @@ enum Command {
     Presence(presence_cmd::PresenceArgs),
     /// Accounts on the profile service: add, passwd, disable, show, import.
     User(user_cmd::UserArgs),
-    /// Friend requests and friend lists on the profile service.
+    /// Friend requests, friend lists and block lists on the profile service.
     Friend(friend_cmd::FriendArgs),
     /// Avatar images on the profile service.
     Avatar(avatar_cmd::AvatarArgs),

@@ -1,5 +1,5 @@
-//! `imctl user`, `friend` and `avatar` against a real profile daemon (run
-//! in-process on port 0).
+//! `imctl user`, `friend` (requests, lists, blocks) and `avatar` against a
+//! real profile daemon (run in-process on port 0).
 
 mod common;
 
@@ -95,6 +95,44 @@ fn users_friends_and_avatars() {
         ok && stdout.contains("Friends (1)") && stdout.contains("alice"),
         "{stdout}"
     );
+
+    // Block lists: by username, a repeated block changes nothing, listed
+    // with names (sorted by id), a blocked user's friend request refused.
+    let id = |name: &str| json(&addr, &["user", "show", name])["user"].as_u64();
+    let (bob_id, carol_id, dave_id) = (id("bob"), id("carol"), id("dave"));
+    let first = json(&addr, &["friend", "block", "bob", "dave"]);
+    assert_eq!(
+        (first["user"].as_u64(), first["blocked"].as_u64()),
+        (bob_id, dave_id)
+    );
+    let second = json(&addr, &["friend", "block", "bob", "carol"]);
+    assert!(second["version"].as_u64() > first["version"].as_u64());
+    let again = json(&addr, &["friend", "block", "bob", "carol"]);
+    assert_eq!(again["version"], second["version"], "no change");
+    let blocked = json(&addr, &["friend", "blocked", "bob"]);
+    assert_eq!(
+        blocked,
+        serde_json::json!({ "user": bob_id, "blocked": [
+            { "user": carol_id, "username": "carol" },
+            { "user": dave_id, "username": "dave" },
+        ] })
+    );
+    let (ok, stdout, _) = imctl(&addr, &["friend", "blocked", "bob"], None);
+    assert!(
+        ok && stdout.contains("carol") && stdout.contains("dave"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = imctl(&addr, &["friend", "add", "carol", "bob"], None);
+    assert!(!ok && stderr.contains("NotFound"), "{stderr}");
+    let (ok, _, stderr) = imctl(&addr, &["friend", "block", "bob", "bob"], None);
+    assert!(!ok && stderr.contains("InvalidField"), "{stderr}");
+    let (ok, stdout, _) = imctl(&addr, &["friend", "unblock", "bob", "dave"], None);
+    assert!(ok && stdout.contains("no longer blocks"), "{stdout}");
+    let unblocked = json(&addr, &["friend", "unblock", "bob", "carol"]);
+    assert_eq!(unblocked["unblocked"].as_u64(), carol_id);
+    let (ok, stdout, _) = imctl(&addr, &["friend", "blocked", "bob"], None);
+    assert!(ok && stdout.contains("blocks nobody"), "{stdout}");
+    json(&addr, &["friend", "add", "carol", "bob"]);
 
     let png = profile::avatar::samples::png(48, 48, 3000);
     let image = dir.path().join("a.png");
