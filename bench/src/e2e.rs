@@ -24,8 +24,8 @@ use crate::{
     udp_load::{self, LoadShared, RawPeer},
 };
 use anyhow::{bail, ensure, Context, Result};
-use client::udp;
 use gateway::embedded::{Embedded, EmbeddedConfig};
+use netio::udp;
 use profile::{passwords::Hasher, ProfileClient};
 use proto::{
     app::LoginMethod,

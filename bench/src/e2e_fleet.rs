@@ -4,8 +4,8 @@
 //! [`Peer`], so `udp_load::drive` runs it with batched I/O.
 
 use crate::udp_load::{os_seed, Peer};
-use client::udp;
 use hdrhistogram::Histogram;
+use netio::udp;
 use proto::{
     app::{
         self, Call, ClientMessage, GatewayMessage, Login, LoginAnswer, LoginMethod, Reply,

@@ -14,7 +14,8 @@ use crate::{
     udp_load::{self, HandshakePeer, LoadShared, Peer, RawPeer, SessionPeer},
 };
 use anyhow::{ensure, Context, Result};
-use client::{udp, EchoConfig, EchoServer, EchoStats};
+use client::{EchoConfig, EchoServer, EchoStats};
+use netio::udp;
 use proto::session::{CookieMode, ServerConfig, StaticKeypair};
 use serde::Serialize;
 use std::{

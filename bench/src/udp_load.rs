@@ -4,10 +4,8 @@
 //! (the ceiling: the same batching, no crypto, no reliability).
 
 use anyhow::{Context, Result};
-use client::{
-    echo::RECV_BATCHES_PER_PASS,
-    udp::{self, RecvBatch, SendBatch},
-};
+use client::echo::RECV_BATCHES_PER_PASS;
+use netio::udp::{self, RecvBatch, SendBatch};
 use proto::session::{wire, ClientConfig, ClientSession, Event, SendError};
 use rand::{rngs::OsRng, RngCore};
 use std::{
@@ -68,7 +66,7 @@ pub async fn drive<P: Peer>(
             .map_or(now + STOP_POLL, |t| t.min(now + STOP_POLL));
         tokio::select! {
             r = socket.readable() => r.context("wait for the socket")?,
-            () = client::sleep_until(Some(wake)) => {}
+            () = netio::sleep_until(Some(wake)) => {}
         }
         let now = Instant::now();
         let mut completed = 0;

@@ -8,7 +8,7 @@
 //! before it reads more datagrams: the kernel buffer fills, and the
 //! protocol's retransmissions cover what the kernel drops.
 
-use crate::{
+use netio::{
     sleep_until,
     udp::{self, RecvBatch, SendBatch},
 };

@@ -7,7 +7,7 @@
 //! `recvmmsg`), fire due timers, answer events, then flush every transmit
 //! in `sendmmsg` batches, and wait for the socket or the next timer.
 
-use crate::{
+use netio::{
     sleep_until,
     udp::{self, RecvBatch, SendBatch},
 };

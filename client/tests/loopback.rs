@@ -1,7 +1,8 @@
 //! The session layer over real loopback UDP sockets: the echo server and
 //! client drivers, with the batched I/O underneath.
 
-use client::{udp, Client, DriverConfig, EchoConfig, EchoServer};
+use client::{Client, DriverConfig, EchoConfig, EchoServer};
+use netio::udp;
 use proto::session::{
     config::DATAGRAM_BYTES_MAX, wire, ClientConfig, CloseReason, CookieMode, Event, SendError,
     ServerConfig, StaticKeypair,

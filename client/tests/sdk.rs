@@ -162,7 +162,7 @@ impl StubGateway {
                     let Ok((n, from)) = r else { continue };
                     self.endpoint.handle_datagram(Instant::now(), from, &datagram[..n]);
                 }
-                () = client::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now()),
+                () = netio::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now()),
             }
         }
     }

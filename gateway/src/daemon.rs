@@ -144,7 +144,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         addr: map.profile.clone(),
         error: e.to_string(),
     })?;
-    let socket = client::udp::bind(config.listen).map_err(|error| StartError::Listen {
+    let socket = netio::udp::bind(config.listen).map_err(|error| StartError::Listen {
         addr: config.listen,
         error,
     })?;

@@ -11,8 +11,8 @@ use crate::{
     login::{self, LoginOutcome},
     services::{now_ms, Services},
 };
-use client::udp::{self, RecvBatch, SendBatch};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use netio::udp::{self, RecvBatch, SendBatch};
 use presence::PresenceEvent;
 use proto::{
     app::{
@@ -155,7 +155,7 @@ impl Loop {
                 Some(cmd) = cmds.recv() => self.on_cmd(cmd),
                 Some(event) = presence_events.recv() => self.on_presence(event),
                 Some(event) = profile_events.recv() => self.on_profile(event),
-                () = client::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now()),
+                () = netio::sleep_until(deadline) => self.endpoint.handle_timeout(Instant::now()),
                 _ = housekeeping.tick() => {
                     self.message_rate.retain_recent();
                     self.handshake_rate.retain_recent();

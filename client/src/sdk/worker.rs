@@ -8,7 +8,7 @@ use super::{
     outbox::{Entry, Outbox, SendReply},
     ConnectError, ImEvent, LostReason, Page, SdkConfig, SdkError, Shared, SharedState,
 };
-use crate::sleep_until;
+use netio::sleep_until;
 use proto::{
     app::{decode, encode, AppErrorCode, Call, ClientMessage, GatewayMessage, Reply},
     session::{Event, SendError},

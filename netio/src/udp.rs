@@ -1,7 +1,8 @@
 //! Batched UDP I/O on a tokio `UdpSocket`: `recvmmsg` / `sendmmsg`, up to
 //! [`BATCH_DATAGRAMS`] datagrams per system call, into and out of buffers
 //! allocated once. Generic over what the datagrams carry: the client
-//! driver, the echo server and the gateway all use it.
+//! driver, the echo server, the gateway and the benchmarks' load
+//! generators all use it.
 //!
 //! Readiness comes from tokio (`async_io` / `try_io`): a call that would
 //! block clears the socket's readiness and waits for the next epoll event,
