@@ -14,7 +14,7 @@ use proto::{
     session::{wire, ClientConfig, ClientSession, Event},
 };
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -24,6 +24,8 @@ use std::{
 
 /// Bytes of every message body.
 pub const BODY_BYTES: usize = 100;
+/// A receiver acknowledges its mailbox after this many pushes.
+const ACK_EVERY: u64 = 256;
 /// Latencies in microseconds, 1 us .. 60 s, 3 significant digits.
 const LATENCY_US_MAX: u64 = 60_000_000;
 
@@ -124,6 +126,12 @@ struct Sim {
     sends: HashMap<u32, (u128, Instant)>,
     /// The request id of the outstanding `Fetch`.
     fetch_id: Option<u32>,
+    /// Receivers: every pushed seq up to this one arrived ...
+    contiguous_seq: u64,
+    /// ... these past it too ...
+    early_seqs: BTreeSet<u64>,
+    /// ... and the mailbox was acknowledged up to this one.
+    acked_seq: u64,
 }
 
 impl Sim {
@@ -233,6 +241,9 @@ impl Fleet {
                 sent: 0,
                 sends: HashMap::new(),
                 fetch_id: None,
+                contiguous_seq: 0,
+                early_seqs: BTreeSet::new(),
+                acked_seq: 0,
             });
             self.handshaking += 1;
         }
@@ -370,7 +381,10 @@ impl Fleet {
 
     fn on_message(&mut self, i: usize, now: Instant, bytes: &[u8]) {
         match app::decode::<GatewayMessage>(bytes) {
-            Ok(GatewayMessage::Deliver(d)) => self.log.received.push(d.msg_id),
+            Ok(GatewayMessage::Deliver(d)) => {
+                self.log.received.push(d.msg_id);
+                self.on_push(i, d.seq);
+            }
             Ok(GatewayMessage::Reply { id, result }) => {
                 if self.sims[i].fetch_id == Some(id) {
                     self.on_mailbox(i, result);
@@ -396,14 +410,10 @@ impl Fleet {
     ) {
         bump(&self.counters.ops_finished, 1);
         match result {
-            Ok(Reply::Sent(SendOutcome::Delivered)) => {
+            Ok(Reply::Sent(SendOutcome { .. })) => {
                 let us = u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX);
                 self.log.latency.saturating_record(us.max(1));
                 self.log.delivered.push(msg_id);
-                bump(&self.counters.ops_ok, 1);
-            }
-            Ok(Reply::Sent(SendOutcome::Stored { .. })) => {
-                self.log.stored.push(msg_id);
                 bump(&self.counters.ops_ok, 1);
             }
             Ok(other) => self.log.problem(format!("send answered {other:?}")),
@@ -433,6 +443,24 @@ impl Fleet {
         }
     }
 
+    /// A receiver got `seq` pushed: acknowledge the mailbox in steps of
+    /// `ACK_EVERY` up to the highest seq below which every push arrived
+    /// (what a client does after showing them), so mailboxes stay small.
+    fn on_push(&mut self, i: usize, seq: u64) {
+        let sim = &mut self.sims[i];
+        if seq > sim.contiguous_seq {
+            sim.early_seqs.insert(seq);
+        }
+        while sim.early_seqs.remove(&(sim.contiguous_seq + 1)) {
+            sim.contiguous_seq += 1;
+        }
+        if sim.contiguous_seq >= sim.acked_seq + ACK_EVERY {
+            sim.acked_seq = sim.contiguous_seq;
+            let up_to_seq = sim.acked_seq;
+            sim.request(Call::Ack { up_to_seq });
+        }
+    }
+
     fn fetch(&mut self, i: usize, after_seq: u64) {
         let call = Call::Fetch {
             after_seq,
@@ -445,13 +473,13 @@ impl Fleet {
     fn on_mailbox(&mut self, i: usize, result: Result<Reply, app::AppError>) {
         self.sims[i].fetch_id = None;
         let (messages, more) = match result {
-            Ok(Reply::Mailbox { messages, more }) => (messages, more),
+            Ok(Reply::Mailbox { messages, more, .. }) => (messages, more),
             Ok(other) => return self.drain_ended(format!("fetch answered {other:?}")),
             Err(e) => return self.drain_ended(format!("fetch refused: {:?}", e.code)),
         };
         let n = messages.len() as u64;
         self.log.received.extend(messages.iter().map(|m| m.msg_id));
-        let Some(last) = messages.last().and_then(|m| m.seq) else {
+        let Some(last) = messages.last().map(|m| m.seq) else {
             bump(&self.counters.drains_done, 1);
             return;
         };

@@ -1,17 +1,25 @@
-//! Client calls answered by the services behind the gateway, run in tasks
-//! off the event loop. Each returns the reply for the client.
+//! The service work the router asks for, run in tasks off the event loop:
+//! client calls answered by presence, profile and the shards, stores,
+//! notifying the gateway a recipient is on, and reading relations. Every
+//! wait is bounded by `timers.service_timeout_ms`.
 
-use crate::{services::Services, shards::ShardCallError};
+use crate::{
+    router::{CallEffects, StoreItem},
+    services::Services,
+    shards::ShardCallError,
+};
 use presence::client::ClientError as PresenceError;
 use profile::client::ClientError as ProfileError;
 use proto::{
     app::{
-        self, AppError, AppErrorCode, Delivery, Reply, SendOutcome, StoredEnvelope,
-        FETCH_BYTES_MAX, FETCH_COUNT_MAX, PROFILES_MAX,
+        self, AppError, AppErrorCode, Call, Delivery, Reply, StoredEnvelope, FETCH_BYTES_MAX,
+        FETCH_COUNT_MAX, PROFILES_MAX,
     },
+    peer::Forward,
     presence::Status,
-    profile::AVATAR_RANGE_BYTES_MAX,
+    profile::{Relations, AVATAR_RANGE_BYTES_MAX},
 };
+use std::{future::Future, time::Duration};
 
 pub type CallResult = Result<Reply, AppError>;
 
@@ -20,6 +28,20 @@ pub fn error(code: AppErrorCode, message: impl Into<String>) -> AppError {
         code,
         message: message.into(),
     }
+}
+
+/// `fut`, given up after `timers.service_timeout_ms`.
+pub async fn with_timeout<T>(
+    services: &Services,
+    fut: impl Future<Output = T>,
+) -> Result<T, AppError> {
+    let limit = Duration::from_millis(services.config.timers.service_timeout_ms);
+    tokio::time::timeout(limit, fut).await.map_err(|_| {
+        error(
+            AppErrorCode::Unavailable,
+            format!("no answer within {} ms", limit.as_millis()),
+        )
+    })
 }
 
 fn from_profile(e: ProfileError) -> AppError {
@@ -48,65 +70,147 @@ pub fn from_shard(e: ShardCallError) -> AppError {
     }
 }
 
-/// Deliver to a recipient not online on this gateway: forward to the
-/// gateway presence says it is on, else (offline, or the forward failed or
-/// was given up) store it in its mailbox.
-pub async fn deliver_elsewhere(
-    services: &Services,
-    to: u64,
-    msg_id: u128,
-    envelope: &StoredEnvelope,
-) -> Result<SendOutcome, AppError> {
-    if let Some(gateway) = remote_gateway(services, to).await {
-        let forward = proto::peer::Forward {
-            to,
-            from: envelope.from,
-            msg_id,
-            sent_at_ms: envelope.sent_at_ms,
-            body: envelope.body.clone(),
-        };
-        let outcome = services
-            .peers
-            .forward(&services.presence, gateway, forward)
-            .await;
-        if outcome == Some(proto::peer::PeerOutcome::Delivered) {
-            return Ok(SendOutcome::Delivered);
-        }
-    }
-    store(services, to, msg_id, envelope).await
-}
-
-/// The other gateway `to` is online on, if any (per presence).
-async fn remote_gateway(services: &Services, to: u64) -> Option<u32> {
-    let entry = services
-        .presence
-        .lookup(&[to])
-        .await
-        .ok()?
-        .pop()
-        .flatten()?;
-    (entry.gateway != services.gateway_id).then_some(entry.gateway)
-}
-
-/// Store a message in the recipient's mailbox (durably, per the shard's
-/// policy) after checking the recipient exists.
+/// Append `items` to `to`'s mailbox, in order: per item its seq or why not.
 pub async fn store(
     services: &Services,
     to: u64,
-    msg_id: u128,
-    envelope: &StoredEnvelope,
-) -> Result<SendOutcome, AppError> {
-    services
-        .profile
-        .get_profile(to)
-        .await
-        .map_err(from_profile)?;
-    let seq = services
-        .shards
-        .append(to, msg_id, app::encode(envelope))
-        .await
+    items: Vec<StoreItem>,
+) -> Result<Vec<Result<u64, AppError>>, AppError> {
+    let payloads: Vec<(u128, Vec<u8>)> = items
+        .into_iter()
+        .map(|i| (i.msg_id, app::encode(&i.envelope)))
+        .collect();
+    let results = with_timeout(services, services.shards.append_batch(to, payloads))
+        .await?
         .map_err(from_shard)?;
-    Ok(SendOutcome::Stored { seq })
+    Ok(results.into_iter().map(|r| r.map_err(from_shard)).collect())
+}
+
+/// `to` has no session on this gateway: push `delivery` (already stored)
+/// through the gateway presence says it is on. Best effort: a recipient
+/// that misses the push finds the message by seq (a later push reveals the
+/// gap, and every login fetches).
+pub async fn notify(services: &Services, to: u64, delivery: Delivery) {
+    let lookup = with_timeout(services, services.presence.lookup(&[to])).await;
+    let gateway = match lookup {
+        Ok(Ok(mut entries)) => match entries.pop().flatten() {
+            Some(entry) if entry.gateway != services.gateway_id => entry.gateway,
+            _ => return, // offline, or here (between login and register)
+        },
+        _ => {
+            metrics::counter!("gateway_notify_failed_total", "why" => "presence").increment(1);
+            return;
+        }
+    };
+    let forward = Forward {
+        to,
+        from: delivery.from,
+        msg_id: delivery.msg_id,
+        sent_at_ms: delivery.sent_at_ms,
+        body: delivery.body,
+        seq: delivery.seq,
+    };
+    let sent = services.peers.forward(&services.presence, gateway, forward);
+    if with_timeout(services, sent).await.ok().flatten().is_none() {
+        metrics::counter!("gateway_notify_failed_total", "why" => "peer").increment(1);
+    }
+}
+
+/// Relations of those of `users` that exist.
+pub async fn relations(services: &Services, users: Vec<u64>) -> Result<Vec<Relations>, AppError> {
+    with_timeout(services, services.profile.relations(users))
+        .await?
+        .map_err(from_profile)
+}
+
+/// Serve one client call; its reply and what it changed.
+pub async fn run(
+    services: &Services,
+    session: u64,
+    user: u64,
+    call: Call,
+) -> (CallResult, CallEffects) {
+    let mut effects = CallEffects::default();
+    let changed = match &call {
+        Call::FriendAccept { from, .. } => vec![user, *from],
+        Call::FriendRemove { friend } => vec![user, *friend],
+        Call::Block { .. } | Call::Unblock { .. } => vec![user],
+        _ => Vec::new(),
+    };
+    let result =
+        match with_timeout(services, serve(services, session, user, call, &mut effects)).await {
+            Ok(r) => r,
+            Err(e) => Err(e),
+        };
+    if result.is_ok() {
+        effects.changed = changed;
+    }
+    (result, effects)
+}
+
+async fn serve(
+    services: &Services,
+    session: u64,
+    user: u64,
+    call: Call,
+    effects: &mut CallEffects,
+) -> CallResult {
+    match call {
+        Call::Fetch {
+            after_seq,
+            max_count,
+            max_bytes,
+        } => fetch(services, user, after_seq, max_count, max_bytes).await,
+        Call::Ack { up_to_seq } => ack(services, user, up_to_seq).await,
+        Call::LoginView => {
+            let (reply, friends) = login_view(services, user, session).await?;
+            effects.watching = Some(friends);
+            Ok(reply)
+        }
+        Call::Profiles { users } => profiles(services, users).await,
+        Call::AvatarRange { hash, offset, len } => {
+            let len = len.clamp(1, AVATAR_RANGE_BYTES_MAX);
+            let (total_len, bytes) = services
+                .profile
+                .avatar_range(hash, offset, len)
+                .await
+                .map_err(from_profile)?;
+            Ok(Reply::AvatarBytes { total_len, bytes })
+        }
+        Call::SetProfile {
+            nickname,
+            signature,
+        } => done(
+            services
+                .profile
+                .set_profile(user, nickname.as_deref(), signature.as_deref())
+                .await,
+        ),
+        Call::SetStatus(status) => set_status(services, user, session, status).await,
+        Call::FriendRequest { to_username, group } => {
+            let to = services
+                .profile
+                .lookup(&to_username)
+                .await
+                .map_err(from_profile)?;
+            done(services.profile.friend_request(user, to, &group).await)
+        }
+        Call::FriendAccept { from, group } => {
+            done(services.profile.friend_accept(user, from, &group).await)
+        }
+        Call::FriendReject { from } => done(services.profile.friend_reject(user, from).await),
+        Call::FriendRemove { friend } => done(services.profile.friend_remove(user, friend).await),
+        Call::Block { user: other } => done(services.profile.block(user, other).await),
+        Call::Unblock { user: other } => done(services.profile.unblock(user, other).await),
+        Call::Send { .. } | Call::Logout => {
+            Err(error(AppErrorCode::BadRequest, "handled by the router"))
+        }
+    }
+}
+
+/// `Done` for any successful profile write.
+fn done<T>(result: Result<T, ProfileError>) -> CallResult {
+    result.map(|_| Reply::Done).map_err(from_profile)
 }
 
 pub async fn fetch(
@@ -123,6 +227,7 @@ pub async fn fetch(
         .fetch(user, after_seq, count, bytes)
         .await
         .map_err(from_shard)?;
+    let last_seq = records.last().map_or(0, |r| r.seq);
     let mut messages = Vec::with_capacity(records.len());
     for r in records {
         match app::decode::<StoredEnvelope>(&r.payload) {
@@ -131,15 +236,21 @@ pub async fn fetch(
                 msg_id: r.msg_id,
                 sent_at_ms: env.sent_at_ms,
                 body: env.body,
-                seq: Some(r.seq),
+                seq: r.seq,
             }),
-            // Not ours (written by another tool): skip it, never crash.
+            // Not ours (written by another tool): skip it, never crash;
+            // `last_seq` moves the client past it.
             Err(e) => {
+                metrics::counter!("gateway_undecodable_records_total").increment(1);
                 tracing::warn!(user, seq = r.seq, error = %e, "undecodable stored message skipped")
             }
         }
     }
-    Ok(Reply::Mailbox { messages, more })
+    Ok(Reply::Mailbox {
+        messages,
+        last_seq,
+        more,
+    })
 }
 
 pub async fn ack(services: &Services, user: u64, up_to_seq: u64) -> CallResult {
@@ -152,7 +263,7 @@ pub async fn ack(services: &Services, user: u64, up_to_seq: u64) -> CallResult {
 }
 
 /// The login view, and a watch on every friend for `session` so their
-/// status changes are pushed.
+/// status changes are pushed; the friends.
 pub async fn login_view(
     services: &Services,
     user: u64,
@@ -177,6 +288,7 @@ pub async fn login_view(
     Ok((Reply::LoginView { view, online }, friends))
 }
 
+/// Profiles, from the gateway's cache where it has them.
 pub async fn profiles(services: &Services, users: Vec<u64>) -> CallResult {
     if users.len() > PROFILES_MAX {
         return Err(error(
@@ -185,41 +297,8 @@ pub async fn profiles(services: &Services, users: Vec<u64>) -> CallResult {
         ));
     }
     Ok(Reply::Profiles(
-        services
-            .profile
-            .get_profiles(users)
-            .await
-            .map_err(from_profile)?,
+        services.profiles(&users).await.map_err(from_profile)?,
     ))
-}
-
-pub async fn avatar_range(
-    services: &Services,
-    hash: [u8; 32],
-    offset: u32,
-    len: u32,
-) -> CallResult {
-    let len = len.clamp(1, AVATAR_RANGE_BYTES_MAX);
-    let (total_len, bytes) = services
-        .profile
-        .avatar_range(hash, offset, len)
-        .await
-        .map_err(from_profile)?;
-    Ok(Reply::AvatarBytes { total_len, bytes })
-}
-
-pub async fn set_profile(
-    services: &Services,
-    user: u64,
-    nickname: Option<String>,
-    signature: Option<String>,
-) -> CallResult {
-    services
-        .profile
-        .set_profile(user, nickname.as_deref(), signature.as_deref())
-        .await
-        .map_err(from_profile)?;
-    Ok(Reply::Done)
 }
 
 pub async fn set_status(
@@ -233,51 +312,5 @@ pub async fn set_status(
         .online(user, session, status)
         .await
         .map_err(from_presence)?;
-    Ok(Reply::Done)
-}
-
-pub async fn friend_request(
-    services: &Services,
-    user: u64,
-    to_username: &str,
-    group: &str,
-) -> CallResult {
-    let to = services
-        .profile
-        .lookup(to_username)
-        .await
-        .map_err(from_profile)?;
-    services
-        .profile
-        .friend_request(user, to, group)
-        .await
-        .map_err(from_profile)?;
-    Ok(Reply::Done)
-}
-
-pub async fn friend_accept(services: &Services, user: u64, from: u64, group: &str) -> CallResult {
-    services
-        .profile
-        .friend_accept(user, from, group)
-        .await
-        .map_err(from_profile)?;
-    Ok(Reply::Done)
-}
-
-pub async fn friend_reject(services: &Services, user: u64, from: u64) -> CallResult {
-    services
-        .profile
-        .friend_reject(user, from)
-        .await
-        .map_err(from_profile)?;
-    Ok(Reply::Done)
-}
-
-pub async fn friend_remove(services: &Services, user: u64, friend: u64) -> CallResult {
-    services
-        .profile
-        .friend_remove(user, friend)
-        .await
-        .map_err(from_profile)?;
     Ok(Reply::Done)
 }

@@ -51,6 +51,12 @@ pub struct Limits {
     /// Profiles cached by the gateway at most (dropped when the profile
     /// service pushes a newer version).
     pub profile_cache_entries: usize,
+    /// Bytes of users' relations (friends, blocks) cached at most, to
+    /// decide who may write to whom without a round trip per message.
+    pub relations_cache_bytes_max: usize,
+    /// Whether users may write to users who are not their friends (blocks
+    /// still apply). Off: a send to a non-friend is answered `NotAllowed`.
+    pub allow_strangers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +74,17 @@ pub struct Timers {
     /// At start, how long to wait for the shards' routings (the newest
     /// cluster map they know); 0: do not ask.
     pub map_discovery_timeout_ms: u64,
+    /// Every send is answered within this long while the services are up:
+    /// `Sent` once stored, else `Unavailable` (the store goes on; a retry
+    /// of the same message waits for it instead of storing it again).
+    pub send_answer_ms_max: u64,
+    /// After a send failed with a retryable error, later sends of the same
+    /// conversation are refused until it is sent again, for at most this
+    /// long (so a retry never lands behind a message sent after it).
+    pub retry_hold_ms: u64,
+    /// A call to a service behind the gateway (a shard, profile, presence)
+    /// is given up after this long and counts as failed (`Unavailable`).
+    pub service_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -96,6 +113,8 @@ impl Default for Limits {
             dedupe_entries_max: 1_000_000,
             requests_in_flight_per_session_max: 64,
             profile_cache_entries: 100_000,
+            relations_cache_bytes_max: 64 * 1024 * 1024,
+            allow_strangers: false,
         }
     }
 }
@@ -108,6 +127,9 @@ impl Default for Timers {
             resume_token_ttl_s: 7 * 24 * 3600,
             shard_busy_wait_ms_max: 5000,
             map_discovery_timeout_ms: 2000,
+            send_answer_ms_max: 5000,
+            retry_hold_ms: 30_000,
+            service_timeout_ms: 10_000,
         }
     }
 }
@@ -163,6 +185,10 @@ impl GatewayConfig {
                 l.profile_cache_entries >= 1,
                 "limits.profile_cache_entries must be at least 1",
             ),
+            (
+                l.relations_cache_bytes_max >= 4096,
+                "limits.relations_cache_bytes_max must be at least 4096",
+            ),
             (t.heartbeat_s >= 1, "timers.heartbeat_s must be at least 1"),
             (
                 t.idle_timeout_s > t.heartbeat_s,
@@ -179,6 +205,18 @@ impl GatewayConfig {
             (
                 t.map_discovery_timeout_ms <= 60_000,
                 "timers.map_discovery_timeout_ms must be at most 60000",
+            ),
+            (
+                (100..=60_000).contains(&t.send_answer_ms_max),
+                "timers.send_answer_ms_max must be 100 to 60000",
+            ),
+            (
+                (t.send_answer_ms_max..=600_000).contains(&t.retry_hold_ms),
+                "timers.retry_hold_ms must be send_answer_ms_max to 600000",
+            ),
+            (
+                (100..=600_000).contains(&t.service_timeout_ms),
+                "timers.service_timeout_ms must be 100 to 600000",
             ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
@@ -214,6 +252,12 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = GatewayConfig::default();
         c.timers.map_discovery_timeout_ms = 60_001;
+        assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.timers.send_answer_ms_max = 99;
+        assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.timers.retry_hold_ms = c.timers.send_answer_ms_max - 1;
         assert!(c.validate().is_err());
         assert!(daemon::config::parse_toml::<GatewayConfig>("bogus = 1").is_err());
     }

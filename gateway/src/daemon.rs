@@ -5,10 +5,10 @@
 
 use crate::{
     config::GatewayConfig,
+    driver::Driver,
     keys::{self, KeyError},
     map_update::{self, MapKeeper},
     resume::TokenKeys,
-    server::Loop,
     services::Services,
     shards::Shards,
 };
@@ -179,7 +179,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         cmds_tx.clone(),
         services.clone(),
     ));
-    let event_loop = Loop::new(services, endpoint, cmds_tx);
+    let event_loop = Driver::new(services, endpoint, cmds_tx);
     let task =
         tokio::spawn(event_loop.run(socket, cmds_rx, presence_events, profile_events, stop_rx));
     Ok(Running {

@@ -1,9 +1,13 @@
 //! The login gateway: the only process clients reach, over UDP.
 //!
-//! * [`server`]: the event loop (session endpoint, routing, pushes).
+//! * [`router`]: the routing logic, sans-IO: sessions, sends, pushes,
+//!   dedupe, rate limits, who may write to whom, timers.
+//! * [`driver`]: the event loop around the session endpoint and the
+//!   router (socket, clock, tasks for service work).
 //! * [`login`]: checking a login off the loop (password via profile, or a
 //!   resume token).
-//! * [`calls`]: client calls answered by presence, profile and the shards.
+//! * [`calls`]: the service work: client calls answered by presence,
+//!   profile and the shards, stores, notifications, relation reads.
 //! * [`peers`]: the gateway-to-gateway link (forwarded messages).
 //! * [`shards`]: placement by consistent hashing over the cluster map in
 //!   use, following `Moved` and `Busy`; [`shard_links`]: the connections.
@@ -18,6 +22,7 @@ pub mod calls;
 pub mod config;
 pub mod daemon;
 pub mod dedupe;
+pub mod driver;
 pub mod embedded;
 pub mod keys;
 pub mod login;
@@ -25,7 +30,7 @@ pub mod map_push;
 pub mod map_update;
 pub mod peers;
 pub mod resume;
-pub mod server;
+pub mod router;
 pub mod services;
 pub mod shard_links;
 pub mod shards;

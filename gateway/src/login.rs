@@ -1,18 +1,22 @@
 //! Checking a login (the handshake payload) off the event loop: a password
 //! goes to the profile service (argon2id on its pool), a resume token is
-//! checked here in microseconds. The answer carries a fresh token and the
-//! user's offline-mailbox count.
+//! checked here in microseconds and must carry the account's current
+//! credential epoch (a password change or a disable revokes every earlier
+//! token). The answer carries a fresh token and the user's offline-mailbox
+//! figures.
 
-use crate::{resume::ResumeClaims, services::Services};
+use crate::{
+    calls::with_timeout,
+    resume::{ResumeClaims, NONCE_BYTES},
+    router::{LoginOk, LoginOutcome},
+    services::Services,
+};
 use presence::Status;
 use proto::{
     app::{self, Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, APP_PROTOCOL_VERSION},
-    profile::ErrorCode,
+    profile::{ErrorCode, Relations},
 };
-
-/// The outcome of one login: the user and the encoded answer, or the
-/// encoded refusal.
-pub type LoginOutcome = Result<(u64, Vec<u8>), Vec<u8>>;
+use rand::RngCore;
 
 fn refuse(code: LoginError, message: impl Into<String>) -> Vec<u8> {
     app::encode(&LoginAnswer::Refused {
@@ -22,62 +26,113 @@ fn refuse(code: LoginError, message: impl Into<String>) -> Vec<u8> {
 }
 
 /// Check the login in `payload`; if it is good, record `session` (the id the
-/// loop will accept it as) with presence before answering, so nobody sees
+/// router will accept it as) with presence before answering, so nobody sees
 /// the user offline after the client heard it is logged in.
 pub async fn check(services: &Services, payload: &[u8], session: u64) -> LoginOutcome {
+    match checked(services, payload, session).await {
+        Ok(ok) => LoginOutcome::Accepted(ok),
+        Err(refusal) => LoginOutcome::Refused(refusal),
+    }
+}
+
+async fn checked(services: &Services, payload: &[u8], session: u64) -> Result<LoginOk, Vec<u8>> {
     let login: Login =
         app::decode(payload).map_err(|e| refuse(LoginError::BadRequest, e.to_string()))?;
     if login.version != APP_PROTOCOL_VERSION {
         return Err(refuse(
             LoginError::BadRequest,
-            format!("protocol version {} not supported", login.version),
+            format!(
+                "protocol version {} not supported (this gateway speaks {APP_PROTOCOL_VERSION})",
+                login.version
+            ),
         ));
     }
     let now_s = crate::services::now_ms() / 1000;
-    let user = match login.method {
+    let (user, token_epoch) = match login.method {
         LoginMethod::Password { username, password } => {
-            password_login(services, &username, &password).await?
+            (password_login(services, &username, &password).await?, None)
         }
         LoginMethod::Resume { token } => {
-            services
+            let claims = services
                 .tokens
                 .verify(&token, now_s)
-                .map_err(|e| refuse(LoginError::BadToken, e.to_string()))?
-                .user
+                .map_err(|e| refuse(LoginError::BadToken, e.to_string()))?;
+            (claims.user, Some(claims.credential_epoch))
         }
     };
-    if let Err(e) = services
-        .presence
-        .online(user, session, Status::Online)
-        .await
-    {
+    let relations = account_state(services, user, token_epoch).await?;
+    let go_online = services.presence.online(user, session, Status::Online);
+    if let Err(e) | Ok(Err(e)) = with_timeout(services, go_online).await.map(|r| {
+        r.map_err(|e| crate::calls::error(proto::app::AppErrorCode::Unavailable, e.to_string()))
+    }) {
         // The presence client keeps the change and sends it when its link
         // is back; the login goes on.
-        tracing::warn!(user, error = %e, "presence did not record a login yet");
+        tracing::warn!(user, error = %e.message, "presence did not record a login yet");
     }
-    let (mailbox_count, mailbox_high_seq) = match services.shards.user_stats(user).await {
-        Ok(s) => (s.live_count, s.last_seq),
-        Err(e) => {
+    let stats = with_timeout(services, services.shards.user_stats(user)).await;
+    let (mailbox_count, mailbox_high_seq) = match stats {
+        Ok(Ok(s)) => (s.live_count, s.last_seq),
+        failed => {
             // The mailbox stays safe on its shard; the client learns the
-            // count when it fetches.
-            tracing::warn!(user, error = %e, "mailbox stats unavailable at login");
+            // figures when it fetches.
+            tracing::warn!(user, ?failed, "mailbox stats unavailable at login");
             (0, 0)
         }
     };
     let ttl = services.config.timers.resume_token_ttl_s;
-    let token = services.tokens.issue(ResumeClaims {
+    let mut nonce = [0u8; NONCE_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let claims = ResumeClaims {
         user,
         issued_at_s: now_s,
         expires_at_s: now_s + ttl,
-    });
+        credential_epoch: relations.credential_epoch,
+    };
     let answer = LoginAnswer::Accepted(LoginAccepted {
         user,
-        resume_token: token.to_vec(),
+        resume_token: services.tokens.issue(claims, nonce).to_vec(),
         mailbox_count,
         mailbox_high_seq,
         heartbeat_s: services.config.timers.heartbeat_s,
     });
-    Ok((user, app::encode(&answer)))
+    Ok(LoginOk {
+        user,
+        answer: app::encode(&answer),
+        relations,
+    })
+}
+
+/// The account as profile has it now: enabled, and (for a token) still at
+/// the token's credential epoch.
+async fn account_state(
+    services: &Services,
+    user: u64,
+    token_epoch: Option<u32>,
+) -> Result<Relations, Vec<u8>> {
+    let read = with_timeout(services, services.profile.relations(vec![user])).await;
+    let relations = match read {
+        Ok(Ok(mut list)) => list.pop().filter(|r| r.user == user),
+        failed => {
+            tracing::warn!(user, ?failed, "cannot read the account at login");
+            return Err(refuse(
+                LoginError::Unavailable,
+                "profile service unavailable",
+            ));
+        }
+    };
+    let Some(relations) = relations else {
+        return Err(refuse(LoginError::WrongCredentials, "no such user"));
+    };
+    if relations.disabled {
+        return Err(refuse(LoginError::AccountDisabled, "account disabled"));
+    }
+    if token_epoch.is_some_and(|e| e != relations.credential_epoch) {
+        return Err(refuse(
+            LoginError::BadToken,
+            "the password changed since this token was issued",
+        ));
+    }
+    Ok(relations)
 }
 
 async fn password_login(

@@ -1,10 +1,11 @@
-//! The gateway-to-gateway link (`proto::peer`): forwarding a message to the
-//! gateway its recipient is online on, and serving forwards from the others
-//! and cluster-map pushes (`imctl rebalance`, see [`crate::map_push`]).
-//! One pipelined TCP connection per peer, opened on first use; a broken link
-//! fails its forwards, which the caller then stores offline.
+//! The gateway-to-gateway link (`proto::peer`): telling the gateway a
+//! recipient is online on to push a message already stored in its mailbox,
+//! and serving such forwards from the others and cluster-map pushes
+//! (`imctl rebalance`, see [`crate::map_push`]). One pipelined TCP
+//! connection per peer, opened on first use; a broken link fails its
+//! forwards (the recipient finds the message by seq).
 
-use crate::{server::Cmd, services::Services};
+use crate::{driver::Cmd, services::Services};
 use bytes::BytesMut;
 use presence::PresenceClient;
 use proto::{
@@ -34,7 +35,7 @@ pub struct PeerLinks {
 
 impl PeerLinks {
     /// Forward to gateway `gateway`; `None` if it cannot be reached or the
-    /// link failed before an answer (the caller stores the message).
+    /// link failed before an answer.
     /// Presence is asked for the gateway's address only to open a link.
     pub async fn forward(
         &self,

@@ -2,17 +2,25 @@
 //! gateway of the cluster checks by itself in microseconds (an HMAC under a
 //! key the gateways share), so a reconnect storm never touches argon2.
 //!
-//! Layout (56 bytes): `version u8 (1) | key_id u8 | reserved [u8; 2] (0) |
-//! user u64 | issued_at_s u64 | expires_at_s u64 | mac [u8; 24]`, where
-//! `mac` = the first 24 bytes of HMAC-SHA256(key, the 32 bytes before it).
-//! Times are Unix seconds. Two keys may be valid at once (by `key_id`) so
-//! the cluster can rotate its key without logging everyone out.
+//! Layout (72 bytes, all integers little-endian): `version u8 (2) | key_id
+//! u8 | reserved [u8; 2] (0) | user u64 | issued_at_s u64 | expires_at_s u64
+//! | credential_epoch u32 | nonce [u8; 16] | mac [u8; 24]`, where `mac` =
+//! the first 24 bytes of HMAC-SHA256(key, the 48 bytes before it). Times are
+//! Unix seconds. The nonce is fresh randomness from the issuer, so no two
+//! tokens are alike. `credential_epoch` is the account's epoch when the
+//! token was issued: a password change or a disable moves the epoch on
+//! (profile), and the gateway refuses a token of another epoch, so that
+//! revokes every earlier token of the user. Two keys may be valid at once
+//! (by `key_id`) so the cluster can rotate its key without logging everyone
+//! out.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-pub const TOKEN_BYTES: usize = 56;
-const VERSION: u8 = 1;
+pub const TOKEN_BYTES: usize = 72;
+/// Bytes of fresh randomness in a token.
+pub const NONCE_BYTES: usize = 16;
+const VERSION: u8 = 2;
 const MAC_BYTES: usize = 24;
 const SIGNED_BYTES: usize = TOKEN_BYTES - MAC_BYTES;
 
@@ -22,6 +30,8 @@ pub struct ResumeClaims {
     pub user: u64,
     pub issued_at_s: u64,
     pub expires_at_s: u64,
+    /// The account's credential epoch when the token was issued.
+    pub credential_epoch: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,15 +87,18 @@ impl TokenKeys {
         m
     }
 
-    pub fn issue(&self, claims: ResumeClaims) -> [u8; TOKEN_BYTES] {
+    /// A token for `claims`; `nonce` must be fresh randomness.
+    pub fn issue(&self, claims: ResumeClaims, nonce: [u8; NONCE_BYTES]) -> [u8; TOKEN_BYTES] {
         let key = &self.keys[0].1;
         let mut t = [0u8; TOKEN_BYTES];
         t[0] = VERSION;
         t[1] = self.signing;
+        // bytes 2..4 reserved (zero), covered by the MAC
         t[4..12].copy_from_slice(&claims.user.to_le_bytes());
         t[12..20].copy_from_slice(&claims.issued_at_s.to_le_bytes());
         t[20..28].copy_from_slice(&claims.expires_at_s.to_le_bytes());
-        // bytes 28..32 reserved (zero), covered by the MAC
+        t[28..32].copy_from_slice(&claims.credential_epoch.to_le_bytes());
+        t[32..SIGNED_BYTES].copy_from_slice(&nonce);
         let tag = Self::mac(key, &t[..SIGNED_BYTES]).finalize().into_bytes();
         t[SIGNED_BYTES..].copy_from_slice(&tag[..MAC_BYTES]);
         t
@@ -93,11 +106,7 @@ impl TokenKeys {
 
     /// Check a token (constant-time MAC comparison) and its expiry.
     pub fn verify(&self, token: &[u8], now_s: u64) -> Result<ResumeClaims, TokenError> {
-        if token.len() != TOKEN_BYTES
-            || token[0] != VERSION
-            || token[2..4] != [0, 0]
-            || token[28..32] != [0; 4]
-        {
+        if token.len() != TOKEN_BYTES || token[0] != VERSION || token[2..4] != [0, 0] {
             return Err(TokenError::Malformed);
         }
         let key = self
@@ -110,10 +119,12 @@ impl TokenKeys {
             .verify_truncated_left(&token[SIGNED_BYTES..])
             .map_err(|_| TokenError::BadMac)?;
         let u64_at = |at: usize| u64::from_le_bytes(token[at..at + 8].try_into().expect("8 bytes"));
+        let epoch = u32::from_le_bytes(token[28..32].try_into().expect("4 bytes"));
         let claims = ResumeClaims {
             user: u64_at(4),
             issued_at_s: u64_at(12),
             expires_at_s: u64_at(20),
+            credential_epoch: epoch,
         };
         if now_s >= claims.expires_at_s {
             return Err(TokenError::Expired);
@@ -132,21 +143,31 @@ mod tests {
             user: 42,
             issued_at_s: 1_000,
             expires_at_s: 2_000,
+            credential_epoch: 3,
         }
     }
 
     #[test]
     fn a_token_verifies_until_it_expires() {
         let keys = TokenKeys::new((1, [7; 32]), &[]);
-        let t = keys.issue(claims());
+        let t = keys.issue(claims(), [5; NONCE_BYTES]);
         assert_eq!(keys.verify(&t, 1_500), Ok(claims()));
         assert_eq!(keys.verify(&t, 2_000), Err(TokenError::Expired));
     }
 
     #[test]
+    fn tokens_of_the_same_claims_differ_by_their_nonce() {
+        let keys = TokenKeys::new((1, [7; 32]), &[]);
+        let a = keys.issue(claims(), [1; NONCE_BYTES]);
+        let b = keys.issue(claims(), [2; NONCE_BYTES]);
+        assert_ne!(a, b, "two logins in the same second get different tokens");
+        assert_eq!(keys.verify(&a, 1_500), keys.verify(&b, 1_500));
+    }
+
+    #[test]
     fn tampering_and_foreign_keys_are_refused() {
         let keys = TokenKeys::new((1, [7; 32]), &[]);
-        let t = keys.issue(claims());
+        let t = keys.issue(claims(), [5; NONCE_BYTES]);
         for i in 0..TOKEN_BYTES {
             let mut bad = t;
             bad[i] ^= 1;
@@ -165,10 +186,10 @@ mod tests {
     #[test]
     fn rotation_keeps_old_tokens_valid_while_their_key_is_accepted() {
         let old = TokenKeys::new((1, [7; 32]), &[]);
-        let t = old.issue(claims());
+        let t = old.issue(claims(), [5; NONCE_BYTES]);
         let rotated = TokenKeys::new((2, [9; 32]), &[(1, [7; 32])]);
         assert_eq!(rotated.verify(&t, 1_500), Ok(claims()));
-        let fresh = rotated.issue(claims());
+        let fresh = rotated.issue(claims(), [6; NONCE_BYTES]);
         assert_eq!(fresh[1], 2);
         assert_eq!(old.verify(&fresh, 1_500), Err(TokenError::UnknownKey));
     }

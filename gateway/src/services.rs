@@ -48,11 +48,6 @@ impl Services {
         Ok(users.iter().filter_map(|u| found.remove(u)).collect())
     }
 
-    /// Whether `user` exists (cached).
-    pub async fn user_exists(&self, user: u64) -> Result<bool, profile::ClientError> {
-        Ok(!self.profiles(&[user]).await?.is_empty())
-    }
-
     /// The profile service says `user` changed (or, with `None`, that
     /// anything may have): drop what is cached.
     pub fn invalidate(&self, user: Option<u64>) {

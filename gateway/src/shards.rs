@@ -14,7 +14,7 @@ use crate::shard_links::{Link, ShardLinks};
 use msgstore::client::{ClientError, ShardClient};
 use proto::{
     cluster::{ClusterMap, ShardRing},
-    shard::{MailboxStats, ShardError, ShardErrorCode, StoredRecord},
+    shard::{AppendItem, MailboxStats, ShardError, ShardErrorCode, StoredRecord},
 };
 use std::{
     collections::HashMap,
@@ -261,6 +261,43 @@ impl Shards {
         .await
     }
 
+    /// Store messages durably in `user`'s mailbox, in this order: per item
+    /// its sequence number or why it was not stored. Routing is decided per
+    /// user, so a batch is moved or busy as a whole and followed as one.
+    pub async fn append_batch(
+        &self,
+        user: u64,
+        items: Vec<(u128, Vec<u8>)>,
+    ) -> Result<Vec<Result<u64, ShardCallError>>, ShardCallError> {
+        let results = self
+            .call(user, |c| {
+                let items = items
+                    .iter()
+                    .map(|(msg_id, payload)| AppendItem {
+                        user,
+                        msg_id: *msg_id,
+                        payload: payload.clone(),
+                    })
+                    .collect();
+                async move {
+                    let results = c.append_batch(items).await?;
+                    match results.first() {
+                        Some(Err(e))
+                            if matches!(
+                                e.code,
+                                ShardErrorCode::Moved { .. } | ShardErrorCode::Busy
+                            ) =>
+                        {
+                            Err(ClientError::Shard(e.clone()))
+                        }
+                        _ => Ok(results),
+                    }
+                }
+            })
+            .await?;
+        Ok(results.into_iter().map(|r| r.map_err(item_error)).collect())
+    }
+
     pub async fn fetch(
         &self,
         user: u64,
@@ -282,6 +319,18 @@ impl Shards {
     pub async fn user_stats(&self, user: u64) -> Result<MailboxStats, ShardCallError> {
         self.call(user, |c| async move { c.user_stats(user).await })
             .await
+    }
+}
+
+/// Why one item of a batch was not stored.
+fn item_error(e: ShardError) -> ShardCallError {
+    match e.code {
+        ShardErrorCode::MailboxFull => ShardCallError::MailboxFull,
+        ShardErrorCode::MessageTooLarge => ShardCallError::TooLarge,
+        _ => ShardCallError::Unavailable {
+            shard: String::new(),
+            reason: e.message,
+        },
     }
 }
 

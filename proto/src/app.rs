@@ -14,8 +14,11 @@ use crate::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Bumped on any incompatible change; sent in [`Login`].
-pub const APP_PROTOCOL_VERSION: u16 = 1;
+/// Bumped on any incompatible change; sent in [`Login`]. Version 2: the
+/// mailbox is the single source of truth (every message is stored, then
+/// pushed with its seq; `Reply::Sent` carries the seq), blocks, typed
+/// permission errors, `MailboxChanged`.
+pub const APP_PROTOCOL_VERSION: u16 = 2;
 /// Largest message body a client may send.
 pub const BODY_BYTES_MAX: usize = 16 * 1024;
 /// Largest page of stored messages one fetch returns (bytes of bodies).
@@ -93,7 +96,8 @@ pub struct ClientMessage {
 pub enum Call {
     /// Send `body` to `to`. `msg_id` is chosen by the sender, unique per
     /// message, and kept across retries: the gateway and the recipient
-    /// drop a second copy. Answered with [`Reply::Sent`].
+    /// drop a second copy. Answered with [`Reply::Sent`] once the message
+    /// is durable in `to`'s mailbox (docs/PROTOCOL.md §6.4).
     Send {
         to: u64,
         msg_id: u128,
@@ -144,6 +148,13 @@ pub enum Call {
     },
     /// End the session; presence is told at once.
     Logout,
+    /// Refuse messages (and friend requests) from `user` from now on.
+    Block {
+        user: u64,
+    },
+    Unblock {
+        user: u64,
+    },
 }
 
 /// Everything the gateway sends inside a session.
@@ -161,6 +172,10 @@ pub enum GatewayMessage {
     ProfileChanged { user: u64, version: u64 },
     /// The user logged in elsewhere; this session is over.
     Kicked,
+    /// Messages up to `high_seq` wait in the mailbox and some of them could
+    /// not be pushed (the session's send queue was full): fetch after the
+    /// last seq shown.
+    MailboxChanged { high_seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,8 +187,9 @@ pub struct Delivery {
     pub sent_at_ms: u64,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
-    /// The mailbox sequence number, for messages read with `Fetch`.
-    pub seq: Option<u64>,
+    /// The message's sequence number in the recipient's mailbox: pushed
+    /// and fetched copies of one message carry the same seq.
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +197,10 @@ pub enum Reply {
     Sent(SendOutcome),
     Mailbox {
         messages: Vec<Delivery>,
+        /// The seq of the page's last record (0 for an empty page). A record
+        /// the gateway cannot decode is left out of `messages` but counted
+        /// here, so a client moves past it.
+        last_seq: u64,
         /// Whether more stored messages follow the last one returned.
         more: bool,
     },
@@ -201,12 +221,12 @@ pub enum Reply {
     Done,
 }
 
+/// The answer to a send: the message is durable in the recipient's mailbox
+/// (per its shard's fsync policy) at `seq`; a recipient online gets it
+/// pushed, one offline fetches it after login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SendOutcome {
-    /// The recipient's client acknowledged it.
-    Delivered,
-    /// The recipient's shard made it durable; the recipient fetches it.
-    Stored { seq: u64 },
+pub struct SendOutcome {
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +250,20 @@ pub enum AppErrorCode {
     BadRequest,
     /// Refused by the profile service (the message says why).
     Refused,
+    /// The sender may not write to this recipient: not friends (while the
+    /// gateway's `allow_strangers` is off), or blocked by the recipient.
+    /// One code for both on purpose: it reveals nothing more.
+    NotAllowed,
+    /// The recipient's account is disabled.
+    RecipientDisabled,
+}
+
+impl AppErrorCode {
+    /// Whether the same request may succeed later unchanged: a client
+    /// re-sends it (with the same `msg_id`, for a send) after a delay.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, AppErrorCode::RateLimited | AppErrorCode::Unavailable)
+    }
 }
 
 /// What the gateway stores in a shard record's payload for an offline
@@ -278,7 +312,7 @@ mod tests {
         assert!(encode(&login).len() <= INIT_PAYLOAD_MAX);
         let answer = LoginAnswer::Accepted(LoginAccepted {
             user: u64::MAX,
-            resume_token: vec![0; 56],
+            resume_token: vec![0; 72],
             mailbox_count: u64::MAX,
             mailbox_high_seq: u64::MAX,
             heartbeat_s: 30,
@@ -312,9 +346,9 @@ mod tests {
         assert_eq!(encode(&ack), [0x01, 0x02, 0x05]);
         let sent = GatewayMessage::Reply {
             id: 1,
-            result: Ok(Reply::Sent(SendOutcome::Stored { seq: 300 })),
+            result: Ok(Reply::Sent(SendOutcome { seq: 300 })),
         };
-        assert_eq!(encode(&sent), [0x00, 0x01, 0x00, 0x00, 0x01, 0xac, 0x02]);
+        assert_eq!(encode(&sent), [0x00, 0x01, 0x00, 0x00, 0xac, 0x02]);
         let err = GatewayMessage::Reply {
             id: 2,
             result: Err(AppError {
@@ -325,10 +359,25 @@ mod tests {
         assert_eq!(encode(&err), [0x00, 0x02, 0x01, 0x03, 0x01, b'x']);
         assert_eq!(encode(&GatewayMessage::Kicked), [0x04]);
         let login = Login {
-            version: 1,
+            version: 2,
             method: LoginMethod::Resume { token: vec![9] },
         };
-        assert_eq!(encode(&login), [0x01, 0x01, 0x01, 0x09]);
+        assert_eq!(encode(&login), [0x02, 0x01, 0x01, 0x09]);
+        let push = GatewayMessage::Deliver(Delivery {
+            from: 3,
+            msg_id: 4,
+            sent_at_ms: 5,
+            body: b"hi".to_vec(),
+            seq: 300,
+        });
+        assert_eq!(encode(&push), [0x01, 3, 4, 5, 2, b'h', b'i', 0xac, 0x02]);
+        let changed = GatewayMessage::MailboxChanged { high_seq: 7 };
+        assert_eq!(encode(&changed), [0x05, 0x07]);
+        let block = ClientMessage {
+            id: 9,
+            call: Call::Block { user: 3 },
+        };
+        assert_eq!(encode(&block), [0x09, 0x0d, 0x03]);
     }
 
     /// Request ids are u32 varints in both directions (section 6.2).

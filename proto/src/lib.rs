@@ -4,6 +4,8 @@
 //! * [`cluster`]: the cluster map and the placement of users on shards.
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
+//! * [`inbox`]: the receiving side of a mailbox (sans-IO): each message
+//!   shown once, in seq order, whether pushed or fetched.
 //! * [`peer`]: the gateway-to-gateway link (forwarded messages).
 //! * [`shard`]: the messages of the msgstore shard protocol;
 //!   [`shard_page`]: a fetch page encoded without copying its records.
@@ -18,6 +20,7 @@
 pub mod app;
 pub mod cluster;
 pub mod frame;
+pub mod inbox;
 pub mod peer;
 pub mod presence;
 pub mod profile;

@@ -1,5 +1,6 @@
-//! The gateway-to-gateway link: a gateway forwards a message to the gateway
-//! its recipient is online on (per presence), and the rebalance tool pushes
+//! The gateway-to-gateway link: a gateway that stored a message tells the
+//! gateway its recipient is online on (per presence) to push it, and the
+//! rebalance tool pushes
 //! a new cluster map to every gateway, over TCP with the usual
 //! length-prefixed postcard frames (`frame`). Byte layout:
 //! `docs/PROTOCOL.md` section 7.
@@ -16,14 +17,15 @@ pub struct PeerRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRequestBody {
-    /// Push a message to a session on the receiving gateway.
+    /// Push a stored message to a session on the receiving gateway.
     Forward(Forward),
     /// Route by this cluster map from now on, if its epoch is newer than
     /// the one in use (answered [`PeerResponseBody::Map`]).
     MapUpdate(ClusterMap),
 }
 
-/// Push this message to `to`'s session on the receiving gateway.
+/// Push this message, already stored in `to`'s mailbox at `seq`, to `to`'s
+/// session on the receiving gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forward {
     pub to: u64,
@@ -32,6 +34,7 @@ pub struct Forward {
     pub sent_at_ms: u64,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    pub seq: u64,
 }
 
 /// Sent back by the receiving gateway, once per request.
@@ -49,14 +52,14 @@ pub enum PeerResponseBody {
     Map(MapAnswer),
 }
 
+/// What the receiving gateway did with a [`Forward`]. Either way the
+/// message stays in the mailbox: a recipient shows it once, by its seq.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerOutcome {
-    /// The recipient's client acknowledged the push.
-    Delivered,
+    /// Handed to the recipient's session (not yet acknowledged by it).
+    Pushed,
     /// The recipient has no session on this gateway (any more).
     NotHere,
-    /// The push was given up (the session closed first): store it.
-    GivenUp,
 }
 
 /// What a gateway did with a pushed map. `epoch` is always the epoch of
@@ -89,9 +92,9 @@ mod tests {
     fn frames_round_trip_with_pinned_bytes() {
         let r = PeerResponse {
             id: 7,
-            body: PeerResponseBody::Forwarded(PeerOutcome::GivenUp),
+            body: PeerResponseBody::Forwarded(PeerOutcome::NotHere),
         };
-        assert_eq!(round_trip(&r), [3, 0, 0, 0, 7, 0, 2]);
+        assert_eq!(round_trip(&r), [3, 0, 0, 0, 7, 0, 1]);
         let accepted = PeerResponse {
             id: 8,
             body: PeerResponseBody::Map(MapAnswer::Accepted { epoch: 300 }),
@@ -110,11 +113,12 @@ mod tests {
                 msg_id: 4,
                 sent_at_ms: 5,
                 body: b"hi".to_vec(),
+                seq: 6,
             }),
         };
         assert_eq!(
             round_trip(&forward),
-            [9, 0, 0, 0, 1, 0, 2, 3, 4, 5, 2, b'h', b'i']
+            [10, 0, 0, 0, 1, 0, 2, 3, 4, 5, 2, b'h', b'i', 6]
         );
         let update = PeerRequest {
             id: 2,

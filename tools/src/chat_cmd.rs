@@ -1,6 +1,8 @@
 //! `imctl chat`: a line-based chat client for a person, on the client SDK.
 //! Incoming messages and friends' comings and goings are printed above the
 //! line being typed (rustyline's external printer), never through it.
+//! Each typed line is handled before the next prompt is drawn, so the
+//! prompt always names the current recipient.
 
 use crate::session_cmd::LoginArgs;
 use anyhow::Context;
@@ -12,7 +14,7 @@ use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -23,9 +25,15 @@ pub struct ChatArgs {
     to: Option<String>,
 }
 
-const HELP: &str = "type a message and Enter to send it to the current friend; commands: \
-/to NAME (talk to NAME), /friends, /nick TEXT, /sig TEXT, /add USER (friend request), \
-/accept USER, /quit";
+const HELP: &str = "\
+type a message and Enter to send it to the current friend. Commands:
+  /to NAME       talk to NAME (a friend)
+  /friends       friends, who is online, friend requests
+  /add NAME      ask NAME to be your friend
+  /accept NAME   accept NAME's friend request
+  /block NAME    refuse messages and requests from NAME; /unblock NAME
+  /nick TEXT     set your nickname; /sig TEXT sets your signature
+  /help          this text; /quit leaves";
 
 struct Friend {
     username: String,
@@ -77,19 +85,15 @@ impl Chat {
         lines.sort();
         let mut text = format!("friends ({}):\n{}", lines.len(), lines.join("\n"));
         for name in self.requests.keys() {
-            text.push_str(&format!("\n  friend request from {name} (/accept {name})"));
+            text.push('\n');
+            text.push_str(&request_line(name));
         }
         text
     }
 
     fn show(&self, d: &Delivery) -> String {
-        let tag = if d.seq.is_some() {
-            " (while you were away)"
-        } else {
-            ""
-        };
         format!(
-            "{}{tag}: {}",
+            "{}: {}",
             self.name(d.from),
             String::from_utf8_lossy(&d.body)
         )
@@ -101,10 +105,11 @@ impl Chat {
         *self.prompt.lock().expect("prompt lock") = format!("to {label}> ");
     }
 
-    async fn refresh(&mut self) -> anyhow::Result<()> {
+    /// Read the friend list and requests again; what changed, to print.
+    async fn refresh(&mut self) -> anyhow::Result<Vec<String>> {
         let view = self.conn.login_view().await?;
         let online: HashMap<u64, Status> = view.online.into_iter().collect();
-        self.friends = view
+        let friends: HashMap<u64, Friend> = view
             .view
             .groups
             .iter()
@@ -119,13 +124,29 @@ impl Chat {
                 (p.user, friend)
             })
             .collect();
-        self.requests = view
+        let requests: HashMap<String, u64> = view
             .view
             .requests
             .iter()
             .map(|r| (r.username.clone(), r.from))
             .collect();
-        Ok(())
+        let mut news = Vec::new();
+        for (id, f) in &friends {
+            if !self.friends.contains_key(id) {
+                news.push(format!(
+                    "* {} is now your friend (/to {} to talk)",
+                    f.username, f.username
+                ));
+            }
+        }
+        for name in requests.keys() {
+            if !self.requests.contains_key(name) {
+                news.push(request_line(name));
+            }
+        }
+        self.friends = friends;
+        self.requests = requests;
+        Ok(news)
     }
 
     /// One typed line; the text to print, and whether to quit.
@@ -135,14 +156,8 @@ impl Chat {
         let result: anyhow::Result<String> = match cmd {
             "/quit" => return (String::new(), true),
             "/help" => Ok(HELP.to_string()),
-            "/friends" => self.refresh().await.map(|()| self.friends_text()),
-            "/to" => match self.by_name(rest) {
-                Some(id) => {
-                    self.set_peer(Some(id));
-                    Ok(format!("talking to {rest}"))
-                }
-                None => Ok(format!("{rest} is not a friend (see /friends)")),
-            },
+            "/friends" => self.refresh().await.map(|_| self.friends_text()),
+            "/to" => self.talk_to(rest).await,
             "/nick" => self
                 .conn
                 .set_profile(Some(rest.to_string()), None)
@@ -162,10 +177,34 @@ impl Chat {
                 .map(|()| format!("friend request sent to {rest}"))
                 .map_err(Into::into),
             "/accept" => self.accept(rest).await,
-            _ if cmd.starts_with('/') => Ok(format!("unknown command {cmd}; {HELP}")),
+            "/block" => self.block(rest, true).await,
+            "/unblock" => self.block(rest, false).await,
+            _ if cmd.starts_with('/') => Ok(format!("unknown command {cmd}\n{HELP}")),
             _ => self.send(line).await,
         };
         (result.unwrap_or_else(|e| format!("error: {e:#}")), false)
+    }
+
+    /// A friend by name, reading the list again if it is not known (a
+    /// friendship accepted a moment ago).
+    async fn friend(&mut self, name: &str) -> anyhow::Result<Option<u64>> {
+        if let Some(id) = self.by_name(name) {
+            return Ok(Some(id));
+        }
+        self.refresh().await?;
+        Ok(self.by_name(name))
+    }
+
+    async fn talk_to(&mut self, name: &str) -> anyhow::Result<String> {
+        match self.friend(name).await? {
+            Some(id) => {
+                self.set_peer(Some(id));
+                Ok(format!("talking to {name}"))
+            }
+            None => Ok(format!(
+                "{name} is not a friend (see /friends, /add {name})"
+            )),
+        }
     }
 
     async fn accept(&mut self, name: &str) -> anyhow::Result<String> {
@@ -176,20 +215,42 @@ impl Chat {
             .with_context(|| format!("no friend request from {name}"))?;
         self.conn.friend_accept(from, "Friends").await?;
         self.refresh().await?;
-        Ok(format!("{name} is now a friend"))
+        Ok(format!("{name} is now a friend (/to {name} to talk)"))
+    }
+
+    async fn block(&mut self, name: &str, block: bool) -> anyhow::Result<String> {
+        let id = match self.friend(name).await? {
+            Some(id) => id,
+            None => *self
+                .requests
+                .get(name)
+                .with_context(|| format!("{name} is neither a friend nor asking to be one"))?,
+        };
+        if block {
+            self.conn.block(id).await?;
+            Ok(format!("{name} is blocked (/unblock {name} to undo)"))
+        } else {
+            self.conn.unblock(id).await?;
+            Ok(format!("{name} is no longer blocked"))
+        }
     }
 
     async fn send(&mut self, text: &str) -> anyhow::Result<String> {
         let peer = self.peer.context("no friend chosen: /to NAME first")?;
-        let outcome = match self.conn.send(peer, text.as_bytes().to_vec()).await? {
-            proto::app::SendOutcome::Delivered => "delivered",
-            proto::app::SendOutcome::Stored { .. } => "stored: they will get it when they are back",
-        };
-        Ok(format!("  ({outcome})"))
+        self.conn.send(peer, text.as_bytes().to_vec()).await?;
+        let online = self.friends.get(&peer).is_some_and(|f| f.online.is_some());
+        Ok(if online {
+            "  (sent)".into()
+        } else {
+            format!(
+                "  (sent; {} is offline and will get it when back)",
+                self.name(peer)
+            )
+        })
     }
 
     /// A pushed event; the text to print, and whether the chat is over.
-    fn on_event(&mut self, event: ImEvent) -> (String, bool) {
+    async fn on_event(&mut self, event: ImEvent) -> (String, bool) {
         match event {
             ImEvent::Message(d) => (self.show(&d), false),
             ImEvent::FriendStatus { user, status } => {
@@ -201,8 +262,19 @@ impl Chat {
                 });
                 (format!("* {} {what}", self.name(user)), false)
             }
+            // Own profile: friends or requests may have changed.
+            ImEvent::ProfileChanged { user, .. } if user == self.conn.user() => {
+                match self.refresh().await {
+                    Ok(news) => (news.join("\n"), false),
+                    Err(e) => (format!("error: {e:#}"), false),
+                }
+            }
             ImEvent::ProfileChanged { user, .. } => {
-                (format!("* profile of {} changed", self.name(user)), false)
+                let _ = self.refresh().await;
+                (
+                    format!("* {} changed their profile", self.name(user)),
+                    false,
+                )
             }
             ImEvent::Reconnected { gateway, .. } => {
                 (format!("* reconnected (gateway {gateway})"), false)
@@ -211,6 +283,10 @@ impl Chat {
             ImEvent::SessionLost { reason } => (format!("* connection lost: {reason}"), true),
         }
     }
+}
+
+fn request_line(name: &str) -> String {
+    format!("* {name} asked to be your friend: /accept {name} (or /block {name})")
 }
 
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
@@ -225,27 +301,31 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     chat.refresh().await?;
     println!(
-        "logged in as {} (user {}). {HELP}",
+        "logged in as {} (user {}). /help lists the commands.",
         args.login.user(),
         chat.conn.user()
     );
     println!("{}", chat.friends_text());
-    for d in chat.conn.drain_mailbox().await? {
-        println!("{}", chat.show(&d));
-    }
     let first = args.to.as_deref().and_then(|n| chat.by_name(n));
     chat.set_peer(first);
-    let (lines_tx, mut lines) = mpsc::channel::<Option<String>>(16);
+    let (lines_tx, mut lines) = mpsc::channel::<Line>(16);
     let mut print = start_input(prompt, lines_tx)?;
     loop {
         let (text, done) = tokio::select! {
-            line = lines.recv() => match line.flatten() {
-                Some(line) if line.trim().is_empty() => continue,
-                Some(line) => chat.on_line(line.trim()).await,
-                None => (String::new(), true),
+            line = lines.recv() => match line {
+                Some(Line { text: Some(line), handled }) => {
+                    let result = if line.trim().is_empty() {
+                        (String::new(), false)
+                    } else {
+                        chat.on_line(line.trim()).await
+                    };
+                    let _ = handled.send(());
+                    result
+                }
+                Some(Line { text: None, .. }) | None => (String::new(), true),
             },
             event = events.recv() => match event {
-                Some(event) => chat.on_event(event),
+                Some(event) => chat.on_event(event).await,
                 None => ("* connection closed".into(), true),
             },
         };
@@ -260,12 +340,19 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A typed line (`None`: end of input), and who waits for it to be
+/// handled before drawing the next prompt.
+struct Line {
+    text: Option<String>,
+    handled: oneshot::Sender<()>,
+}
+
 /// Start reading lines on a thread of their own; how to print while
 /// reading. On a terminal the line being typed is kept intact (rustyline);
 /// otherwise (a script piping lines in) lines are read and printed plainly.
 fn start_input(
     prompt: Arc<Mutex<String>>,
-    lines: mpsc::Sender<Option<String>>,
+    lines: mpsc::Sender<Line>,
 ) -> anyhow::Result<Box<dyn FnMut(String)>> {
     use std::io::IsTerminal;
     if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
@@ -282,33 +369,39 @@ fn start_input(
         use std::io::BufRead;
         for line in std::io::stdin().lock().lines() {
             let Ok(line) = line else { break };
-            if lines.blocking_send(Some(line)).is_err() {
+            if !hand_over(&lines, Some(line)) {
                 return;
             }
         }
-        let _ = lines.blocking_send(None);
+        hand_over(&lines, None);
     });
     Ok(Box::new(|text| println!("{text}")))
 }
 
+/// Give a line to the chat and wait until it was handled; false once the
+/// chat is gone.
+fn hand_over(lines: &mpsc::Sender<Line>, text: Option<String>) -> bool {
+    let (handled, done) = oneshot::channel();
+    if lines.blocking_send(Line { text, handled }).is_err() {
+        return false;
+    }
+    done.blocking_recv().is_ok()
+}
+
 /// The blocking line reader (a thread of its own); `None` at end of input
 /// or Ctrl-C/Ctrl-D.
-fn read_lines(
-    mut editor: DefaultEditor,
-    prompt: Arc<Mutex<String>>,
-    lines: mpsc::Sender<Option<String>>,
-) {
+fn read_lines(mut editor: DefaultEditor, prompt: Arc<Mutex<String>>, lines: mpsc::Sender<Line>) {
     loop {
         let p = prompt.lock().expect("prompt lock").clone();
         match editor.readline(&p) {
             Ok(line) => {
                 let _ = editor.add_history_entry(line.as_str());
-                if lines.blocking_send(Some(line)).is_err() {
+                if !hand_over(&lines, Some(line)) {
                     return;
                 }
             }
             Err(ReadlineError::Interrupted | ReadlineError::Eof) | Err(_) => {
-                let _ = lines.blocking_send(None);
+                hand_over(&lines, None);
                 return;
             }
         }

@@ -8,8 +8,8 @@ use crate::{
 };
 use anyhow::{bail, Context};
 use clap::Args;
-use client::sdk::{self, Connection, Credentials, SdkConfig};
-use proto::app::{Delivery, SendOutcome};
+use client::sdk::{self, Connection, Credentials, ImEvent, SdkConfig};
+use proto::app::Delivery;
 use serde::Serialize;
 use std::{collections::HashMap, path::PathBuf};
 
@@ -60,6 +60,14 @@ impl LoginArgs {
     pub async fn connect(
         &self,
     ) -> anyhow::Result<(Connection, tokio::sync::mpsc::Receiver<sdk::ImEvent>)> {
+        self.connect_with(|_| {}).await
+    }
+
+    /// Log in through the SDK, with `tune` adjusting its settings.
+    pub async fn connect_with(
+        &self,
+        tune: impl FnOnce(&mut SdkConfig),
+    ) -> anyhow::Result<(Connection, tokio::sync::mpsc::Receiver<sdk::ImEvent>)> {
         let demo = Demo::load(&self.data).ok();
         let gateway = match (&self.gateway, &demo) {
             (Some(g), _) => g.clone(),
@@ -88,7 +96,9 @@ impl LoginArgs {
             username: self.user.clone(),
             password,
         };
-        sdk::connect(SdkConfig::new(gateway, public_key, credentials))
+        let mut config = SdkConfig::new(gateway, public_key, credentials);
+        tune(&mut config);
+        sdk::connect(config)
             .await
             .with_context(|| format!("cannot log in as {}", self.user))
     }
@@ -108,11 +118,16 @@ async fn friend_names(conn: &Connection) -> anyhow::Result<HashMap<u64, String>>
 #[derive(Serialize)]
 struct Sent {
     to: u64,
-    outcome: String,
+    seq: u64,
 }
 
+/// How long `imctl send` keeps trying a message the gateway could not
+/// take yet (a shard down, a rate limit) before it says so.
+const SEND_TIMEOUT_MS: u64 = 15_000;
+
 pub async fn send(args: SendArgs, out: &Output) -> anyhow::Result<()> {
-    let (conn, _events) = args.login.connect().await?;
+    let tune = |c: &mut SdkConfig| c.limits.send_timeout_ms = SEND_TIMEOUT_MS;
+    let (conn, _events) = args.login.connect_with(tune).await?;
     let friends = friend_names(&conn).await?;
     let to = match args.to.parse::<u64>() {
         Ok(id) => id,
@@ -129,30 +144,63 @@ pub async fn send(args: SendArgs, out: &Output) -> anyhow::Result<()> {
                 .0
         }
     };
-    let outcome = conn.send(to, args.text.join(" ").into_bytes()).await?;
-    let outcome = match outcome {
-        SendOutcome::Delivered => "delivered".to_string(),
-        SendOutcome::Stored { seq } => format!("stored (mailbox seq {seq})"),
-    };
+    let sent = conn.send(to, args.text.join(" ").into_bytes()).await;
     conn.close().await;
-    let sent = Sent { to, outcome };
-    out.emit(&sent, || format!("sent to {}: {}", args.to, sent.outcome))
+    let sent = Sent {
+        to,
+        seq: sent
+            .with_context(|| format!("message to {} not sent (or not confirmed)", args.to))?
+            .seq,
+    };
+    out.emit(&sent, || {
+        format!("sent to {} (mailbox seq {})", args.to, sent.seq)
+    })
 }
 
 #[derive(Serialize)]
 struct InboxMessage {
     from: u64,
     from_name: Option<String>,
-    seq: Option<u64>,
+    seq: u64,
     sent_at_ms: u64,
     text: String,
 }
 
+/// The messages waiting for the logged-in user: the connection shows them
+/// (as events) after login, and `synced` says when all were shown and
+/// acknowledged.
+async fn waiting_messages(
+    conn: &Connection,
+    events: &mut tokio::sync::mpsc::Receiver<ImEvent>,
+) -> anyhow::Result<Vec<Delivery>> {
+    let mut messages = Vec::new();
+    let synced = conn.synced();
+    tokio::pin!(synced);
+    loop {
+        tokio::select! {
+            done = &mut synced => {
+                done?;
+                break;
+            }
+            event = events.recv() => match event {
+                Some(ImEvent::Message(d)) => messages.push(d),
+                Some(_) => {}
+                None => bail!("the connection ended before the mailbox was read"),
+            },
+        }
+    }
+    while let Ok(event) = events.try_recv() {
+        if let ImEvent::Message(d) = event {
+            messages.push(d);
+        }
+    }
+    Ok(messages)
+}
+
 pub async fn inbox(args: InboxArgs, out: &Output) -> anyhow::Result<()> {
-    let (conn, _events) = args.login.connect().await?;
+    let (conn, mut events) = args.login.connect().await?;
     let friends = friend_names(&conn).await?;
-    let messages: Vec<InboxMessage> = conn
-        .drain_mailbox()
+    let messages: Vec<InboxMessage> = waiting_messages(&conn, &mut events)
         .await?
         .into_iter()
         .map(|d: Delivery| InboxMessage {

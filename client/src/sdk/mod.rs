@@ -5,14 +5,20 @@
 //! returns a [`Connection`] handle (cheap to clone) and a channel of
 //! [`ImEvent`]s. One tokio task per connection owns the session: it
 //! matches replies to requests by id, keeps every unanswered message in a
-//! bounded outbox, drops duplicate deliveries, and when the session is
-//! lost it logs in again with backoff (the latest resume token first, the
-//! password as fallback) and re-sends the outbox with the same message ids.
+//! bounded outbox, and when the session is lost it logs in again with
+//! backoff (the latest resume token first, the password as fallback) and
+//! re-sends the outbox with the same message ids, in order.
+//!
+//! Receiving follows the mailbox (`proto::inbox`): every message a user
+//! gets is stored in its mailbox with a seq, pushed while the user is
+//! online, and fetched after every login. The task shows each seq once, in
+//! order, as an [`ImEvent::Message`], whether it was pushed, fetched or
+//! both, and acknowledges what it showed (which deletes it from the
+//! mailbox).
 //!
 //! Read the event channel concurrently with making calls: when it holds
 //! `events_max` undelivered events the task waits for the application.
 
-mod dedupe;
 mod error;
 mod establish;
 mod outbox;
@@ -26,6 +32,7 @@ use proto::{
         Call, Delivery, LoginAccepted, Reply, SendOutcome, BODY_BYTES_MAX, FETCH_BYTES_MAX,
         FETCH_COUNT_MAX, PROFILES_MAX,
     },
+    inbox::InboxStats,
     presence::Status,
     profile::{AvatarHash, LoginView, Profile, UserId, AVATAR_BYTES_MAX, AVATAR_RANGE_BYTES_MAX},
     session::ClientConfig,
@@ -75,6 +82,11 @@ pub struct SdkLimits {
     /// A request other than a send fails with `SdkError::Timeout` after
     /// this long; a send's request is re-sent (same `msg_id`) instead.
     pub request_timeout_ms: u64,
+    /// A send without a final answer this long after `send` fails with its
+    /// last retryable error (or `Timeout`): the message may still arrive,
+    /// but it was not confirmed. 0: keep trying as long as the connection
+    /// lasts.
+    pub send_timeout_ms: u64,
     /// Messages waiting for the gateway's final answer at most; one more
     /// `send` fails with `SdkError::OutboxFull`.
     pub outbox_max: usize,
@@ -85,10 +97,9 @@ pub struct SdkLimits {
     pub events_max: usize,
     /// Session events buffered between the session driver and the SDK task.
     pub session_events_max: usize,
-    /// (sender, message id) pairs remembered to drop duplicates.
+    /// (sender, message id) pairs remembered to drop a message stored twice
+    /// (a sender's retry after a lost answer).
     pub dedupe_ids_max: usize,
-    /// Messages `drain_mailbox` gathers at most per call.
-    pub drain_messages_max: usize,
     /// First reconnect delay; doubles per failed attempt up to the max
     /// (each delay is jittered down by up to half).
     pub reconnect_backoff_min_ms: u64,
@@ -104,12 +115,12 @@ impl Default for SdkLimits {
             requests_in_flight_max: 16,
             sends_in_flight_max: 32,
             request_timeout_ms: 15_000,
+            send_timeout_ms: 60_000,
             outbox_max: 256,
             send_retry_delay_ms: 1_000,
             events_max: 1024,
             session_events_max: 1024,
             dedupe_ids_max: 65_536,
-            drain_messages_max: 10_000,
             reconnect_backoff_min_ms: 200,
             reconnect_backoff_max_ms: 10_000,
             reconnect_attempts_max: 30,
@@ -151,7 +162,8 @@ impl SdkConfig {
 /// What the gateway pushes, and what happens to the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImEvent {
-    /// A message pushed by the gateway, shown once (duplicates dropped).
+    /// A message for this user: each once, in mailbox (seq) order, whether
+    /// it was pushed or fetched from the mailbox after a login.
     Message(Delivery),
     /// A friend came online, changed status, or went offline (`None`).
     FriendStatus {
@@ -163,9 +175,9 @@ pub enum ImEvent {
     /// The user logged in elsewhere; the connection is over (last event).
     Kicked,
     /// Logged in again after the session was lost; the outbox is being
-    /// re-sent. The mailbox figures are those of the new login: messages
-    /// stored meanwhile wait there (`drain_mailbox`), and friends' status
-    /// pushes resume after `login_view` is called again.
+    /// re-sent and messages stored meanwhile are fetched (they come as
+    /// `Message` events). Friends' status pushes resume after `login_view`
+    /// is called again.
     Reconnected {
         gateway: SocketAddr,
         mailbox_count: u64,
@@ -176,14 +188,12 @@ pub enum ImEvent {
     SessionLost { reason: LostReason },
 }
 
-/// One page of the offline mailbox.
+/// One page of the mailbox, as [`Connection::fetch`] reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
-    /// The page's messages, duplicates of ones already shown removed.
     pub messages: Vec<Delivery>,
-    /// The highest sequence number in the page before duplicates were
-    /// removed (acknowledge up to it); `None` for an empty page.
-    pub last_seq: Option<u64>,
+    /// The seq of the page's last record (0 for an empty page).
+    pub last_seq: u64,
     /// Whether more stored messages follow.
     pub more: bool,
 }
@@ -199,8 +209,8 @@ pub struct FriendsView {
 /// Counters of one connection.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SdkStats {
-    /// Deliveries dropped because their message id was seen already.
-    pub duplicates_dropped: u64,
+    /// What the inbox showed, dropped as duplicates, skipped, fetched.
+    pub inbox: InboxStats,
     /// Gateway messages that did not decode, dropped.
     pub malformed_messages: u64,
     /// Replies whose request was unknown (timed out or answered already).
@@ -231,7 +241,6 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     in_flight: Semaphore,
     request_timeout: Duration,
-    drain_messages_max: usize,
     shared: Shared,
 }
 
@@ -267,7 +276,6 @@ pub async fn connect(
         commands: commands_tx,
         in_flight: Semaphore::new(limits.requests_in_flight_max.max(1)),
         request_timeout: Duration::from_millis(limits.request_timeout_ms),
-        drain_messages_max: limits.drain_messages_max,
         shared: worker::start(config, commands_rx, events_tx).await?,
     };
     let connection = Connection {
@@ -278,10 +286,12 @@ pub async fn connect(
 
 impl Connection {
     /// Send `body` (1 to `BODY_BYTES_MAX` bytes) to `to`. Resolves with the
-    /// gateway's final answer: `Delivered`, `Stored`, or a final error
-    /// (`MailboxFull`, `MessageTooLarge`, `UnknownUser`, ...). Across lost
-    /// sessions the message stays in the outbox and is re-sent with the
-    /// same message id.
+    /// gateway's final answer: `Sent{seq}` once the message is durable in
+    /// the recipient's mailbox, or a final error (`NotAllowed`,
+    /// `MailboxFull`, `MessageTooLarge`, `UnknownUser`, ...). Across lost
+    /// sessions and retryable refusals the message stays in the outbox and
+    /// is re-sent with the same message id, before any later message,
+    /// until `send_timeout_ms`.
     pub async fn send(&self, to: UserId, body: Vec<u8>) -> Result<SendOutcome, SdkError> {
         if body.is_empty() || body.len() > BODY_BYTES_MAX {
             return Err(SdkError::Invalid(format!(
@@ -294,7 +304,10 @@ impl Connection {
         rx.await.map_err(|_| self.closed())?
     }
 
-    /// One page of stored messages with `seq > after_seq`.
+    /// One page of stored messages with `seq > after_seq`, read as they
+    /// are (no duplicates dropped, nothing marked shown or acknowledged:
+    /// the connection's own mailbox sync does that and shows them as
+    /// events).
     pub async fn fetch(
         &self,
         after_seq: u64,
@@ -316,52 +329,14 @@ impl Connection {
         self.request(Command::Fetch { call, reply }, rx).await
     }
 
-    /// Delete stored messages up to and including `up_to_seq`; returns how
-    /// many were removed.
-    pub async fn ack(&self, up_to_seq: u64) -> Result<u64, SdkError> {
-        match self.call(Call::Ack { up_to_seq }).await? {
-            Reply::Acked { removed } => Ok(removed),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Fetch the stored messages page by page (from the first: what was
-    /// acknowledged is deleted) and acknowledge each page cumulatively;
-    /// stops after `drain_messages_max` messages (call again for more).
-    /// Fetched messages count as seen (later copies are dropped), so an
-    /// error after some were gathered ends the drain early with those
-    /// rather than losing them; the error is returned only when nothing
-    /// was gathered.
-    pub async fn drain_mailbox(&self) -> Result<Vec<Delivery>, SdkError> {
-        let mut out = Vec::new();
-        match self.drain_into(&mut out).await {
-            Err(e) if out.is_empty() => Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, gathered = out.len(), "mailbox drain ended early");
-                Ok(out)
-            }
-            Ok(()) => Ok(out),
-        }
-    }
-
-    async fn drain_into(&self, out: &mut Vec<Delivery>) -> Result<(), SdkError> {
-        let mut after = 0;
-        while out.len() < self.inner.drain_messages_max {
-            let page = self.fetch(after, FETCH_COUNT_MAX, FETCH_BYTES_MAX).await?;
-            let Some(last) = page.last_seq else { break };
-            if last <= after {
-                return Err(SdkError::Protocol(format!(
-                    "fetch after {after} returned up to {last}"
-                )));
-            }
-            out.extend(page.messages);
-            self.ack(last).await?;
-            after = last;
-            if !page.more {
-                break;
-            }
-        }
-        Ok(())
+    /// Wait until every message known to be in the mailbox was handed out
+    /// as an `ImEvent::Message` and acknowledged; the seq shown up to. After
+    /// a login this is the moment the messages stored while the user was
+    /// away have all been shown.
+    pub async fn synced(&self) -> Result<u64, SdkError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Synced { reply }).await?;
+        rx.await.map_err(|_| self.closed())?
     }
 
     /// Own profile, friend groups with profiles, pending friend requests
@@ -458,9 +433,19 @@ impl Connection {
         self.done(Call::FriendRemove { friend }).await
     }
 
+    /// Refuse messages and friend requests from `user` from now on.
+    pub async fn block(&self, user: UserId) -> Result<(), SdkError> {
+        self.done(Call::Block { user }).await
+    }
+
+    pub async fn unblock(&self, user: UserId) -> Result<(), SdkError> {
+        self.done(Call::Unblock { user }).await
+    }
+
     /// End the session at the gateway (presence is told at once) and the
-    /// connection; unanswered sends fail with `Closed`.
-    /// Returns once the session's CLOSE is out (or after `CLOSE_WAIT`).
+    /// connection, after acknowledging what was shown; unanswered sends
+    /// fail with `Closed`. Returns once the session's CLOSE is out (or
+    /// after `CLOSE_WAIT` twice).
     pub async fn logout(&self) -> Result<(), SdkError> {
         let (reply, rx) = oneshot::channel();
         let result = self.request(Command::Logout { reply }, rx).await;
@@ -469,17 +454,19 @@ impl Connection {
     }
 
     /// End the connection without logging out (the gateway sees the
-    /// session close); unanswered sends fail with `Closed`. Returns once
-    /// the CLOSE is out (or after `CLOSE_WAIT`), so a program may exit.
+    /// session close), after acknowledging what was shown; unanswered sends
+    /// fail with `Closed`. Returns once the CLOSE is out (or after
+    /// `CLOSE_WAIT` twice), so a program may exit.
     pub async fn close(&self) {
         let _ = self.inner.commands.send(Command::Close).await;
         self.ended().await;
     }
 
-    /// Wait for the connection's task to end (bounded by `CLOSE_WAIT`:
-    /// the task may be waiting for the application to read events).
+    /// Wait for the connection's task to end (bounded by twice
+    /// `CLOSE_WAIT`: the last acks, then the CLOSE; the task may also be
+    /// waiting for the application to read events).
     async fn ended(&self) {
-        let _ = tokio::time::timeout(CLOSE_WAIT, self.inner.commands.closed()).await;
+        let _ = tokio::time::timeout(2 * CLOSE_WAIT, self.inner.commands.closed()).await;
     }
 
     /// The current login: user id, latest resume token, mailbox figures.

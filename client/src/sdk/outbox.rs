@@ -5,7 +5,10 @@
 
 use super::SdkError;
 use proto::app::SendOutcome;
-use std::{collections::BTreeMap, time::Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 use tokio::sync::oneshot;
 
 pub(crate) type SendReply = oneshot::Sender<Result<SendOutcome, SdkError>>;
@@ -21,6 +24,10 @@ pub(crate) struct Entry {
     pub(crate) retry_at: Option<Instant>,
     /// Times it was put on the wire.
     pub(crate) attempts: u32,
+    /// When the application sent it.
+    pub(crate) queued_at: Instant,
+    /// The last retryable error it was answered with.
+    pub(crate) last_error: Option<SdkError>,
 }
 
 pub(crate) struct Outbox {
@@ -78,6 +85,28 @@ impl Outbox {
             .filter(|e| e.request.is_none())
             .filter_map(|e| e.retry_at)
             .min()
+    }
+
+    /// When the oldest entry runs out of `send_timeout`.
+    pub(crate) fn next_give_up(&self, send_timeout: Option<Duration>) -> Option<Instant> {
+        let timeout = send_timeout?;
+        self.entries.values().map(|e| e.queued_at + timeout).min()
+    }
+
+    /// Take the entries older than `send_timeout`: their sends fail (they
+    /// may still have been stored; the application is told they were not
+    /// confirmed).
+    pub(crate) fn give_up(&mut self, now: Instant, send_timeout: Option<Duration>) -> Vec<Entry> {
+        let Some(timeout) = send_timeout else {
+            return Vec::new();
+        };
+        let old: Vec<u64> = (self.entries.iter())
+            .filter(|(_, e)| e.queued_at + timeout <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        old.into_iter()
+            .filter_map(|k| self.entries.remove(&k))
+            .collect()
     }
 
     /// Forget which request carried each entry (the session is gone).

@@ -1,8 +1,8 @@
 //! The connection's task: owns the session, the requests in flight, the
-//! outbox and the dedupe memory; reconnects when the session is lost.
+//! outbox and the inbox (`proto::inbox`: what to show next, what to fetch
+//! and acknowledge); reconnects when the session is lost.
 
 use super::{
-    dedupe::Dedupe,
     establish::{establish, Established, Link, Secrets},
     lock,
     outbox::{Entry, Outbox, SendReply},
@@ -10,7 +10,8 @@ use super::{
 };
 use netio::sleep_until;
 use proto::{
-    app::{decode, encode, AppErrorCode, Call, ClientMessage, GatewayMessage, Reply},
+    app::{decode, encode, Call, ClientMessage, GatewayMessage, Reply},
+    inbox::{Inbox, InboxConfig, InboxRequest},
     session::{Event, SendError},
 };
 use rand::Rng;
@@ -40,6 +41,11 @@ pub(crate) enum Command {
     Logout {
         reply: oneshot::Sender<Result<(), SdkError>>,
     },
+    /// Answer once everything known to be in the mailbox was shown and
+    /// acknowledged (the shown seq).
+    Synced {
+        reply: oneshot::Sender<Result<u64, SdkError>>,
+    },
     Close,
 }
 
@@ -49,6 +55,9 @@ enum Waiter {
     /// The outbox entry this request carries.
     Send(u64),
     Logout(oneshot::Sender<Result<(), SdkError>>),
+    /// The inbox's fetch, or its ack up to this seq.
+    InboxFetch,
+    InboxAck(u64),
 }
 
 struct Pending {
@@ -70,6 +79,8 @@ enum Step {
     Command(Option<Command>),
     Session(Option<Event>),
     Reconnected(Result<Established, LostReason>),
+    /// The application's event channel has room (false: it is closed).
+    EventRoom(bool),
     Timer,
 }
 
@@ -86,8 +97,18 @@ struct Worker {
     /// full, or the session is being re-established), in order.
     unsent: VecDeque<(u32, Vec<u8>)>,
     outbox: Outbox,
-    dedupe: Dedupe,
+    inbox: Inbox,
+    /// Events for the application, in order, not yet in its channel.
+    out_events: VecDeque<ImEvent>,
+    /// Waiting for the inbox to catch up.
+    synced: Vec<oneshot::Sender<Result<u64, SdkError>>>,
+    /// Logging out or closing once the inbox's acks are out (or `CLOSE_WAIT`
+    /// passed).
+    ending: Option<(Ending, Instant)>,
     request_timeout: Duration,
+    /// A send without a final answer fails after this long (its last
+    /// retryable error); `None`: never.
+    send_timeout: Option<Duration>,
     /// The closed session's driver, sending its CLOSE.
     lingering: Option<tokio::task::JoinHandle<()>>,
 }
@@ -108,10 +129,22 @@ pub(crate) async fn start(
         stats: Default::default(),
     }));
     let limits = &config.limits;
+    let mut inbox = Inbox::new(InboxConfig {
+        dedupe_ids_max: limits.dedupe_ids_max.max(1),
+        ready_max: limits.events_max.max(1),
+        ..InboxConfig::default()
+    });
+    let login = lock(&shared).accepted.clone();
+    inbox.on_login(Instant::now(), login.mailbox_count, login.mailbox_high_seq);
     let worker = Worker {
         outbox: Outbox::new(limits.outbox_max),
-        dedupe: Dedupe::new(limits.dedupe_ids_max.max(1)),
+        inbox,
+        out_events: VecDeque::new(),
+        synced: Vec::new(),
+        ending: None,
         request_timeout: Duration::from_millis(limits.request_timeout_ms),
+        send_timeout: (limits.send_timeout_ms > 0)
+            .then(|| Duration::from_millis(limits.send_timeout_ms)),
         config: Arc::new(config),
         secrets,
         commands,
@@ -127,23 +160,34 @@ pub(crate) async fn start(
     Ok(shared)
 }
 
+/// What the application asked for once the acks are out.
+enum Ending {
+    Logout(oneshot::Sender<Result<(), SdkError>>),
+    Close,
+}
+
 impl Worker {
     async fn run(mut self) {
         loop {
+            self.drive_inbox(Instant::now());
             self.pump();
             let deadline = self.next_deadline();
+            let has_events = !self.out_events.is_empty();
             let step = match &mut self.link {
                 LinkState::Up(link) => tokio::select! {
                     c = self.commands.recv() => Step::Command(c),
                     e = link.events.recv() => Step::Session(e),
+                    room = self.events.reserve(), if has_events => Step::EventRoom(room.is_ok()),
                     () = sleep_until(deadline) => Step::Timer,
                 },
                 LinkState::Reconnecting(attempt) => tokio::select! {
                     c = self.commands.recv() => Step::Command(c),
                     r = attempt => Step::Reconnected(r),
+                    room = self.events.reserve(), if has_events => Step::EventRoom(room.is_ok()),
                     () = sleep_until(deadline) => Step::Timer,
                 },
                 LinkState::Gone => {
+                    self.flush_events().await;
                     if let Some(closing) = self.lingering.take() {
                         let _ = closing.await;
                     }
@@ -152,14 +196,48 @@ impl Worker {
             };
             match step {
                 Step::Command(Some(c)) => self.command(c),
-                Step::Command(None) => self.finish(LostReason::Closed).await,
-                Step::Session(Some(e)) => self.session_event(e).await,
+                Step::Command(None) => self.finish(LostReason::Closed),
+                Step::Session(Some(e)) => self.session_event(e),
                 Step::Session(None) => self.session_lost(),
-                Step::Reconnected(Ok(e)) => self.reconnected(e).await,
-                Step::Reconnected(Err(reason)) => self.finish(reason).await,
+                Step::Reconnected(Ok(e)) => self.reconnected(e),
+                Step::Reconnected(Err(reason)) => self.finish(reason),
+                Step::EventRoom(true) => self.hand_out_events(),
+                Step::EventRoom(false) => self.out_events.clear(), // nobody listens
                 Step::Timer => self.timers(Instant::now()),
             }
         }
+    }
+
+    /// Hand queued events to the application while its channel has room
+    /// (never waiting: replies keep being processed while it is full).
+    fn hand_out_events(&mut self) {
+        while let Some(event) = self.out_events.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.out_events.push_front(event);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.out_events.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The connection is over: hand out the last events (the application
+    /// is told why it ended), waiting at most `CLOSE_WAIT`.
+    async fn flush_events(&mut self) {
+        let events = std::mem::take(&mut self.out_events);
+        let all = async {
+            for event in events {
+                if self.events.send(event).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(super::CLOSE_WAIT, all).await;
     }
 
     // ---- requests out ----------------------------------------------------
@@ -172,16 +250,9 @@ impl Worker {
             Command::Fetch { call, reply } => {
                 self.issue(call, Waiter::Fetch(reply));
             }
-            Command::Logout { reply } => {
-                if matches!(self.link, LinkState::Up(_)) {
-                    self.issue(Call::Logout, Waiter::Logout(reply));
-                } else {
-                    // No session to end: the gateway's has ended already.
-                    let _ = reply.send(Ok(()));
-                    self.stop_now();
-                }
-            }
-            Command::Close => self.stop_now(),
+            Command::Logout { reply } => self.begin_ending(Ending::Logout(reply)),
+            Command::Close => self.begin_ending(Ending::Close),
+            Command::Synced { reply } => self.synced.push(reply),
             Command::Send { to, body, reply } => {
                 let entry = Entry {
                     to,
@@ -191,6 +262,8 @@ impl Worker {
                     request: None,
                     retry_at: None,
                     attempts: 0,
+                    queued_at: Instant::now(),
+                    last_error: None,
                 };
                 match self.outbox.push(entry) {
                     Ok(_) => self.fill_window(Instant::now()),
@@ -217,6 +290,78 @@ impl Worker {
         debug_assert!(previous.is_none(), "request ids wrapped onto a live one");
         self.unsent.push_back((id, bytes));
         id
+    }
+
+    /// Logout or close after the inbox's last acknowledgement is out, so
+    /// the next login does not show again what this one showed.
+    fn begin_ending(&mut self, ending: Ending) {
+        if !matches!(self.link, LinkState::Up(_)) {
+            // No session to end: the gateway's has ended already.
+            if let Ending::Logout(reply) = ending {
+                let _ = reply.send(Ok(()));
+            }
+            return self.stop_now();
+        }
+        let now = Instant::now();
+        self.inbox.ack_now(now);
+        self.ending = Some((ending, now + super::CLOSE_WAIT));
+    }
+
+    /// The ending asked for, once the acks are out (or their time is up).
+    fn finish_ending(&mut self, now: Instant) {
+        let Some((_, deadline)) = &self.ending else {
+            return;
+        };
+        if !self.inbox.all_acked() && now < *deadline {
+            return;
+        }
+        match self.ending.take().expect("checked").0 {
+            Ending::Logout(reply) => {
+                self.issue(Call::Logout, Waiter::Logout(reply));
+            }
+            Ending::Close => self.stop_now(),
+        }
+    }
+
+    /// Hand the inbox's requests to the session and what it shows to the
+    /// application; answer `synced` waiters once it caught up.
+    fn drive_inbox(&mut self, now: Instant) {
+        if matches!(self.link, LinkState::Up(_)) {
+            while let Some(r) = self.inbox.poll_request(now) {
+                match r {
+                    InboxRequest::Fetch {
+                        after_seq,
+                        max_count,
+                        max_bytes,
+                    } => {
+                        let call = Call::Fetch {
+                            after_seq,
+                            max_count,
+                            max_bytes,
+                        };
+                        self.issue(call, Waiter::InboxFetch);
+                    }
+                    InboxRequest::Ack { up_to_seq } => {
+                        self.issue(Call::Ack { up_to_seq }, Waiter::InboxAck(up_to_seq));
+                    }
+                }
+            }
+        }
+        // Messages wait in the inbox (which stops fetching, and drops
+        // pushes to fetch them later) while the application is behind.
+        while self.out_events.len() < self.config.limits.events_max {
+            let Some(d) = self.inbox.poll_show() else {
+                break;
+            };
+            self.emit(ImEvent::Message(d));
+        }
+        if self.inbox.caught_up() && self.inbox.all_acked() && self.out_events.is_empty() {
+            let seq = self.inbox.shown_seq();
+            for w in self.synced.drain(..) {
+                let _ = w.send(Ok(seq));
+            }
+        }
+        self.finish_ending(now);
     }
 
     /// Put outbox entries on the wire, oldest first, while fewer than
@@ -290,10 +435,10 @@ impl Worker {
 
     // ---- what comes back ------------------------------------------------
 
-    async fn session_event(&mut self, event: Event) {
+    fn session_event(&mut self, event: Event) {
         match event {
             Event::Message(bytes) => match decode::<GatewayMessage>(&bytes) {
-                Ok(message) => self.gateway_message(message).await,
+                Ok(message) => self.gateway_message(message),
                 Err(e) => {
                     tracing::warn!(error = %e, "dropping a malformed gateway message");
                     lock(&self.shared).stats.malformed_messages += 1;
@@ -310,7 +455,7 @@ impl Worker {
         }
     }
 
-    async fn gateway_message(&mut self, message: GatewayMessage) {
+    fn gateway_message(&mut self, message: GatewayMessage) {
         match message {
             GatewayMessage::Reply { id, result } => {
                 let result = result.map_err(|e| SdkError::App {
@@ -322,20 +467,20 @@ impl Worker {
                 }
             }
             GatewayMessage::Deliver(d) => {
-                if self.dedupe.first_time(d.from, d.msg_id) {
-                    self.emit(ImEvent::Message(d)).await;
-                } else {
-                    lock(&self.shared).stats.duplicates_dropped += 1;
-                }
+                self.inbox.on_push(Instant::now(), d);
+                lock(&self.shared).stats.inbox = self.inbox.stats();
+            }
+            GatewayMessage::MailboxChanged { high_seq } => {
+                self.inbox.on_mailbox_changed(high_seq);
             }
             GatewayMessage::FriendStatus { user, status } => {
-                self.emit(ImEvent::FriendStatus { user, status }).await;
+                self.emit(ImEvent::FriendStatus { user, status });
             }
             GatewayMessage::ProfileChanged { user, version } => {
-                self.emit(ImEvent::ProfileChanged { user, version }).await;
+                self.emit(ImEvent::ProfileChanged { user, version });
             }
             GatewayMessage::Kicked => {
-                self.emit(ImEvent::Kicked).await;
+                self.emit(ImEvent::Kicked);
                 self.close_link();
                 self.end(LostReason::Kicked);
             }
@@ -362,41 +507,52 @@ impl Worker {
                 let _ = tx.send(result.map(|_| ()));
                 self.stop_now();
             }
+            Waiter::InboxFetch => {
+                let now = Instant::now();
+                match result {
+                    Ok(Reply::Mailbox {
+                        messages,
+                        last_seq,
+                        more,
+                    }) => self.inbox.on_page(now, messages, last_seq, more),
+                    other => {
+                        tracing::debug!(?other, "mailbox fetch failed; retrying later");
+                        self.inbox.on_fetch_failed(now);
+                    }
+                }
+                lock(&self.shared).stats.inbox = self.inbox.stats();
+            }
+            Waiter::InboxAck(up_to) => match result {
+                Ok(Reply::Acked { .. }) => self.inbox.on_ack_done(Instant::now(), up_to),
+                _ => self.inbox.on_ack_failed(Instant::now()),
+            },
         }
         true
     }
 
     fn page(&mut self, reply: Reply) -> Result<Page, SdkError> {
-        let Reply::Mailbox { messages, more } = reply else {
-            return Err(SdkError::Protocol(format!("fetch answered with {reply:?}")));
-        };
-        let last_seq = messages.iter().filter_map(|d| d.seq).max();
-        let total = messages.len();
-        let messages: Vec<_> = messages
-            .into_iter()
-            .filter(|d| self.dedupe.first_time(d.from, d.msg_id))
-            .collect();
-        lock(&self.shared).stats.duplicates_dropped += (total - messages.len()) as u64;
-        Ok(Page {
-            messages,
-            last_seq,
-            more,
-        })
+        match reply {
+            Reply::Mailbox {
+                messages,
+                last_seq,
+                more,
+            } => Ok(Page {
+                messages,
+                last_seq,
+                more,
+            }),
+            other => Err(SdkError::Protocol(format!("fetch answered with {other:?}"))),
+        }
     }
 
     fn send_answered(&mut self, key: u64, result: Result<Reply, SdkError>) {
-        let retryable = matches!(
-            &result,
-            Err(SdkError::App {
-                code: AppErrorCode::RateLimited | AppErrorCode::Unavailable,
-                ..
-            })
-        );
+        let retryable = matches!(&result, Err(SdkError::App { code, .. }) if code.is_retryable());
         if retryable {
             let delay = Duration::from_millis(self.config.limits.send_retry_delay_ms);
             if let Some(entry) = self.outbox.get_mut(key) {
                 entry.request = None;
                 entry.retry_at = Some(Instant::now() + delay);
+                entry.last_error = result.err();
             }
             return;
         }
@@ -416,11 +572,16 @@ impl Worker {
     fn next_deadline(&self) -> Option<Instant> {
         let requests = self.requests.values().map(|p| p.deadline).min();
         // Retries wait for a session; a reconnect re-issues them all.
-        let retries = match self.link {
-            LinkState::Up(_) => self.outbox.next_retry(),
-            _ => None,
+        let (retries, inbox) = match self.link {
+            LinkState::Up(_) => (self.outbox.next_retry(), self.inbox.poll_timeout()),
+            _ => (None, None),
         };
-        [requests, retries].into_iter().flatten().min()
+        let ending = self.ending.as_ref().map(|(_, t)| *t);
+        let give_up = self.outbox.next_give_up(self.send_timeout);
+        [requests, retries, inbox, ending, give_up]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn timers(&mut self, now: Instant) {
@@ -445,9 +606,15 @@ impl Worker {
                 }
                 Waiter::Call(tx) => drop(tx.send(Err(SdkError::Timeout))),
                 Waiter::Fetch(tx) => drop(tx.send(Err(SdkError::Timeout))),
+                Waiter::InboxFetch => self.inbox.on_fetch_failed(now),
+                Waiter::InboxAck(_) => self.inbox.on_ack_failed(now),
             }
         }
         self.unsent.retain(|(id, _)| self.requests.contains_key(id));
+        for entry in self.outbox.give_up(now, self.send_timeout) {
+            let error = entry.last_error.clone().unwrap_or(SdkError::Timeout);
+            let _ = entry.reply.send(Err(error));
+        }
         self.fill_window(now);
     }
 
@@ -461,10 +628,14 @@ impl Worker {
         }
         self.outbox.detach_all();
         let mut logged_out = false;
+        let now = Instant::now();
         for (id, pending) in std::mem::take(&mut self.requests) {
             let (deadline, sent) = (pending.deadline, pending.sent);
             match pending.waiter {
                 Waiter::Send(_) => {}
+                // The next login's mailbox figures start the inbox again.
+                Waiter::InboxFetch => self.inbox.on_fetch_failed(now),
+                Waiter::InboxAck(_) => self.inbox.on_ack_failed(now),
                 Waiter::Logout(tx) => {
                     // The gateway ended the session, as asked.
                     let _ = tx.send(Ok(()));
@@ -492,7 +663,7 @@ impl Worker {
         self.link = LinkState::Reconnecting(Box::pin(attempt));
     }
 
-    async fn reconnected(&mut self, established: Established) {
+    fn reconnected(&mut self, established: Established) {
         let Established { link, accepted } = established;
         self.secrets.token = Some(accepted.resume_token.clone());
         let event = ImEvent::Reconnected {
@@ -500,6 +671,11 @@ impl Worker {
             mailbox_count: accepted.mailbox_count,
             mailbox_high_seq: accepted.mailbox_high_seq,
         };
+        self.inbox.on_login(
+            Instant::now(),
+            accepted.mailbox_count,
+            accepted.mailbox_high_seq,
+        );
         {
             let mut shared = lock(&self.shared);
             shared.gateway = link.addr;
@@ -509,15 +685,15 @@ impl Worker {
         tracing::info!(gateway = %link.addr, "reconnected");
         self.link = LinkState::Up(link);
         self.fill_window(Instant::now());
-        self.emit(event).await;
+        self.emit(event);
     }
 
     /// The connection is over: tell the application why (unless it asked).
-    async fn finish(&mut self, reason: LostReason) {
+    fn finish(&mut self, reason: LostReason) {
         self.close_link();
         self.end(reason.clone());
         if reason != LostReason::Closed {
-            self.emit(ImEvent::SessionLost { reason }).await;
+            self.emit(ImEvent::SessionLost { reason });
         }
     }
 
@@ -537,8 +713,14 @@ impl Worker {
                 Waiter::Call(tx) => drop(tx.send(Err(error.clone()))),
                 Waiter::Fetch(tx) => drop(tx.send(Err(error.clone()))),
                 Waiter::Logout(tx) => drop(tx.send(Ok(()))),
-                Waiter::Send(_) => {}
+                Waiter::Send(_) | Waiter::InboxFetch | Waiter::InboxAck(_) => {}
             }
+        }
+        for w in self.synced.drain(..) {
+            let _ = w.send(Err(error.clone()));
+        }
+        if let Some((Ending::Logout(reply), _)) = self.ending.take() {
+            let _ = reply.send(Ok(()));
         }
         self.unsent.clear();
         self.link = LinkState::Gone;
@@ -558,9 +740,10 @@ impl Worker {
         }));
     }
 
-    async fn emit(&mut self, event: ImEvent) {
-        // Nobody listening is fine: requests still work.
-        let _ = self.events.send(event).await;
+    /// Queue an event for the application (handed out as its channel has
+    /// room; nobody listening is fine: requests still work).
+    fn emit(&mut self, event: ImEvent) {
+        self.out_events.push_back(event);
     }
 }
 

@@ -27,8 +27,16 @@ use std::{
 pub type SessionId = u64;
 
 /// A handshake waiting for the application's `accept` or `reject`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PendingId(u64);
+
+impl PendingId {
+    /// An id made outside an endpoint, for simulations that drive an
+    /// application (the gateway's router) without one.
+    pub fn from_raw(raw: u64) -> PendingId {
+        PendingId(raw)
+    }
+}
 
 /// Datagrams (handshake answers, cookie replies) queued before sessions'
 /// own transmits, at most; beyond it they are dropped and counted.

@@ -1,0 +1,298 @@
+//! The gateway's event loop: the thin tokio driver around the two sans-IO
+//! machines. It owns the UDP socket (batched I/O), the session endpoint
+//! (`proto::session::ServerEndpoint`), the router (`crate::router`) and
+//! the clock; it moves datagrams, timeouts and events between them, runs
+//! the router's service work in tasks (each bounded by
+//! `timers.service_timeout_ms`) and feeds the answers back as [`Cmd`]s. It
+//! decides nothing itself.
+
+use crate::{
+    calls, login,
+    router::{Action, Answer, Now, Router, RouterConfig, Sessions},
+    services::{now_ms, Services},
+};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use netio::udp::{self, RecvBatch, SendBatch};
+use presence::PresenceEvent;
+use proto::{
+    app::{self, LoginAnswer, LoginError},
+    peer::{Forward, PeerOutcome},
+    session::{wire, MsgId, PendingId, SendError, ServerEndpoint},
+};
+use std::{net::IpAddr, num::NonZeroU32, sync::Arc, time::Instant};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, oneshot, Semaphore},
+};
+
+/// Work finished off the loop.
+pub enum Cmd {
+    /// A service's answer to the router's work.
+    Answer(Answer),
+    /// Another gateway stored a message for a user it believes is here.
+    PeerForward {
+        forward: Forward,
+        reply: oneshot::Sender<PeerOutcome>,
+    },
+}
+
+/// Relation reads running at once at most (a `CacheReset` asks for every
+/// online user's; they must not swamp the profile service).
+pub const RELATION_LOADS_MAX: usize = 8;
+
+impl Sessions for ServerEndpoint {
+    fn fresh_session_id(&mut self) -> u64 {
+        ServerEndpoint::fresh_session_id(self)
+    }
+
+    fn accept(&mut self, now: Instant, pending: PendingId, session: u64, answer: &[u8]) -> bool {
+        self.accept_as(now, pending, session, answer).is_ok()
+    }
+
+    fn reject(&mut self, pending: PendingId, answer: &[u8]) {
+        let _ = ServerEndpoint::reject(self, pending, answer);
+    }
+
+    fn send(&mut self, session: u64, bytes: Vec<u8>) -> Result<MsgId, SendError> {
+        ServerEndpoint::send(self, session, bytes)
+    }
+
+    fn close(&mut self, session: u64) {
+        ServerEndpoint::close(self, session)
+    }
+}
+
+pub struct Driver {
+    services: Arc<Services>,
+    endpoint: ServerEndpoint,
+    router: Router,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    relation_loads: Arc<Semaphore>,
+    handshake_rate: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+fn now() -> Now {
+    Now {
+        at: Instant::now(),
+        wall_ms: now_ms(),
+    }
+}
+
+impl Driver {
+    pub fn new(
+        services: Arc<Services>,
+        endpoint: ServerEndpoint,
+        cmds: mpsc::UnboundedSender<Cmd>,
+    ) -> Driver {
+        let per_ip = NonZeroU32::new(services.config.limits.handshakes_per_ip_per_s.max(1))
+            .expect("at least 1");
+        Driver {
+            router: Router::new(RouterConfig::new(&services.config), Instant::now()),
+            handshake_rate: RateLimiter::keyed(Quota::per_second(per_ip)),
+            relation_loads: Arc::new(Semaphore::new(RELATION_LOADS_MAX)),
+            services,
+            endpoint,
+            cmds,
+        }
+    }
+
+    /// Serve until `stop` fires; then close every session and tell presence.
+    pub async fn run(
+        mut self,
+        socket: UdpSocket,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        mut presence_events: mpsc::Receiver<PresenceEvent>,
+        mut profile_events: mpsc::Receiver<proto::profile::Event>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> std::io::Result<()> {
+        let mut inbox = RecvBatch::new();
+        let mut outbox = SendBatch::new();
+        let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            self.flush(&socket, &mut outbox).await;
+            let deadline = self
+                .endpoint
+                .poll_timeout()
+                .map_or(self.router.poll_timeout(), |t| {
+                    t.min(self.router.poll_timeout())
+                });
+            tokio::select! {
+                r = socket.readable() => {
+                    r?;
+                    while udp::try_recv(&socket, &mut inbox)? > 0 {
+                        let at = Instant::now();
+                        for (from, d) in inbox.iter() {
+                            self.on_datagram(at, from, d);
+                        }
+                        self.pump();
+                    }
+                }
+                Some(cmd) = cmds.recv() => self.on_cmd(cmd),
+                Some(event) = presence_events.recv() => self.on_presence(event),
+                Some(event) = profile_events.recv() => self.on_profile(event),
+                () = netio::sleep_until(Some(deadline)) => {
+                    let now = now();
+                    self.endpoint.handle_timeout(now.at);
+                    self.router.handle_timeout(now, &mut self.endpoint);
+                }
+                _ = housekeeping.tick() => self.handshake_rate.retain_recent(),
+                _ = &mut stop => break,
+            }
+            self.pump();
+        }
+        self.shutdown(&socket, &mut outbox).await;
+        Ok(())
+    }
+
+    async fn flush(&mut self, socket: &UdpSocket, outbox: &mut SendBatch) {
+        let now = Instant::now();
+        let endpoint = &mut self.endpoint;
+        udp::send_all(socket, outbox, |buf| {
+            endpoint.poll_transmit(now, buf).map(|t| (t.dest, t.len))
+        })
+        .await;
+    }
+
+    fn on_datagram(&mut self, now: Instant, from: std::net::SocketAddr, d: &[u8]) {
+        if d.first() == Some(&wire::TYPE_INIT) && self.handshake_rate.check_key(&from.ip()).is_err()
+        {
+            metrics::counter!("gateway_handshakes_limited_total").increment(1);
+            return;
+        }
+        self.endpoint.handle_datagram(now, from, d);
+    }
+
+    /// Session events to the router, the router's work to tasks.
+    fn pump(&mut self) {
+        let now = now();
+        while let Some(event) = self.endpoint.poll_event() {
+            self.router.handle_event(now, event, &mut self.endpoint);
+        }
+        while let Some(action) = self.router.poll_action() {
+            self.spawn(action);
+        }
+        metrics::gauge!("gateway_sessions").set(self.router.session_count() as f64);
+        metrics::gauge!("gateway_sends_in_progress").set(self.router.sends_in_progress() as f64);
+    }
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Answer(answer) => self.router.handle_answer(now(), answer, &mut self.endpoint),
+            Cmd::PeerForward { forward, reply } => {
+                let outcome = self.router.peer_forward(forward, &mut self.endpoint);
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    fn on_presence(&mut self, event: PresenceEvent) {
+        match event {
+            PresenceEvent::StatusChanged {
+                user,
+                entry,
+                sessions,
+            } => {
+                let status = entry.map(|e| e.status);
+                self.router
+                    .friend_status(user, status, &sessions, &mut self.endpoint);
+            }
+            PresenceEvent::Kicked { session, .. } => {
+                self.router.presence_kicked(session, &mut self.endpoint)
+            }
+            PresenceEvent::Reconnected => {}
+        }
+    }
+
+    fn on_profile(&mut self, event: proto::profile::Event) {
+        match event {
+            proto::profile::Event::Invalidate { user, .. } => self.services.invalidate(Some(user)),
+            proto::profile::Event::CacheReset => self.services.invalidate(None),
+        }
+        self.router.profile_event(event, &mut self.endpoint);
+    }
+
+    /// Run one piece of the router's work in a task; its answer comes back
+    /// as a [`Cmd`].
+    fn spawn(&self, action: Action) {
+        let services = self.services.clone();
+        let cmds = self.cmds.clone();
+        let loads = self.relation_loads.clone();
+        tokio::spawn(async move {
+            if let Some(answer) = perform(&services, action, &loads).await {
+                let _ = cmds.send(Cmd::Answer(answer));
+            }
+        });
+    }
+
+    /// Close every session (clients reconnect, to this gateway when it is
+    /// back or to another) and tell presence they are gone.
+    async fn shutdown(&mut self, socket: &UdpSocket, outbox: &mut SendBatch) {
+        self.router.shutdown(&mut self.endpoint);
+        self.flush(socket, outbox).await;
+        let mut set = tokio::task::JoinSet::new();
+        while let Some(action) = self.router.poll_action() {
+            if let Action::Offline { user, session } = action {
+                let services = self.services.clone();
+                set.spawn(async move { services.presence.offline(user, session).await });
+            }
+        }
+        let all = async { while set.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), all).await;
+    }
+}
+
+/// Do `action`; the router's answer, if it expects one.
+async fn perform(services: &Services, action: Action, loads: &Semaphore) -> Option<Answer> {
+    Some(match action {
+        Action::Login {
+            pending,
+            session,
+            payload,
+        } => {
+            let outcome = calls::with_timeout(services, login::check(services, &payload, session))
+                .await
+                .unwrap_or_else(|e| {
+                    crate::router::LoginOutcome::Refused(app::encode(&LoginAnswer::Refused {
+                        code: LoginError::Unavailable,
+                        message: e.message,
+                    }))
+                });
+            Answer::Login {
+                pending,
+                session,
+                outcome,
+            }
+        }
+        Action::Call {
+            session,
+            id,
+            user,
+            call,
+        } => {
+            let (result, effects) = calls::run(services, session, user, call).await;
+            Answer::Call {
+                session,
+                id,
+                result,
+                effects,
+            }
+        }
+        Action::Store { batch, to, items } => Answer::Stored {
+            batch,
+            result: calls::store(services, to, items).await,
+        },
+        Action::LoadRelations { users } => {
+            let _permit = loads.acquire().await.expect("never closed");
+            let result = calls::relations(services, users.clone()).await;
+            Answer::Relations { users, result }
+        }
+        Action::Notify { to, delivery } => {
+            calls::notify(services, to, delivery).await;
+            return None;
+        }
+        Action::Offline { user, session } => {
+            let _ = calls::with_timeout(services, services.presence.offline(user, session)).await;
+            return None;
+        }
+    })
+}

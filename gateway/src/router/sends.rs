@@ -1,0 +1,583 @@
+//! Sends: accepted in arrival order per conversation (sender, recipient),
+//! stored in that order (one store per conversation in flight, the rest
+//! batched behind it), answered once durable or at `send_answer_ms_max`,
+//! remembered for retries, then pushed to the recipient.
+
+use super::{error, relations::Lookup, Action, Now, Router, Sessions, StoreItem};
+use crate::dedupe::{FastMap, RecentSends, SendKey};
+use proto::app::{
+    AppError, AppErrorCode, Delivery, Reply, SendOutcome, StoredEnvelope, BODY_BYTES_MAX,
+};
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    time::Instant,
+};
+
+/// (sender, recipient).
+pub(crate) type ConvKey = (u64, u64);
+/// A request waiting for a send's outcome: (session, request id).
+pub(crate) type Waiter = (u64, u32);
+
+/// A `Call::Send` as it arrived.
+pub(crate) struct NewSend {
+    pub session: u64,
+    pub id: u32,
+    pub key: SendKey,
+    pub to: u64,
+    pub body: Vec<u8>,
+}
+
+struct Pending {
+    to: u64,
+    /// When it first arrived, in the order of all sends (a conversation's
+    /// messages arrive in the order sent, on one session).
+    arrival: u64,
+    envelope: StoredEnvelope,
+    waiters: Vec<Waiter>,
+    /// When the waiters are answered `Unavailable` if no outcome came;
+    /// `None` once they were (the store goes on; a retry waits again).
+    deadline: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Conv {
+    /// Accepted, not yet in a store, in arrival order.
+    queue: VecDeque<SendKey>,
+    /// The store in flight.
+    storing: Option<u64>,
+}
+
+struct Batch {
+    conv: ConvKey,
+    keys: Vec<SendKey>,
+}
+
+/// After a retryable refusal: the conversation's messages refused so far,
+/// by arrival, which must come again, in that order, before any other
+/// message of it is taken.
+struct Hold {
+    /// arrival -> msg_id.
+    waiting: BTreeMap<u64, u128>,
+    arrivals: FastMap<u128, u64>,
+    code: AppErrorCode,
+    until: Instant,
+}
+
+/// Messages one hold waits for at most (a client has at most its window
+/// of sends on the wire; past this, refusals are not remembered and the
+/// hold just runs out).
+pub const HOLD_IDS_MAX: usize = 256;
+
+pub(crate) struct Sends {
+    pending: FastMap<SendKey, Pending>,
+    convs: FastMap<ConvKey, Conv>,
+    batches: FastMap<u64, Batch>,
+    holds: FastMap<ConvKey, Hold>,
+    deadlines: BTreeSet<(Instant, SendKey)>,
+    /// Conversations waiting for their recipient's relations, by recipient.
+    waiting: FastMap<u64, Vec<ConvKey>>,
+    done: RecentSends,
+    next_batch: u64,
+    next_arrival: u64,
+}
+
+impl Sends {
+    pub(crate) fn new(dedupe_entries_max: usize) -> Sends {
+        Sends {
+            pending: FastMap::default(),
+            convs: FastMap::default(),
+            batches: FastMap::default(),
+            holds: FastMap::default(),
+            deadlines: BTreeSet::new(),
+            waiting: FastMap::default(),
+            done: RecentSends::new(dedupe_entries_max),
+            next_batch: 0,
+            next_arrival: 0,
+        }
+    }
+
+    pub(crate) fn in_progress(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// Sends whose answer is due: their waiters, taken (the sends go on).
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<(SendKey, Vec<Waiter>)> {
+        let mut out = Vec::new();
+        while let Some(&(at, key)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(p) = self.pending.get_mut(&key) {
+                p.deadline = None;
+                out.push((key, std::mem::take(&mut p.waiters)));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn forget_expired_holds(&mut self, now: Instant) {
+        self.holds.retain(|_, h| h.until > now);
+    }
+
+    fn arrival(&mut self) -> u64 {
+        self.next_arrival += 1;
+        self.next_arrival
+    }
+
+    /// `msg_id` of `conv` (which arrived at `arrival`; `None`: just now)
+    /// was refused with a retryable error: hold the conversation until it
+    /// comes again.
+    fn hold(
+        &mut self,
+        conv: ConvKey,
+        msg_id: u128,
+        arrival: Option<u64>,
+        code: AppErrorCode,
+        (now, until): (Instant, Instant),
+        extend: bool,
+    ) {
+        let arrival = match arrival {
+            Some(a) => a,
+            None => self.arrival(),
+        };
+        let h = self.holds.entry(conv).or_insert_with(|| Hold {
+            waiting: BTreeMap::new(),
+            arrivals: FastMap::default(),
+            code,
+            until,
+        });
+        if h.until <= now {
+            h.waiting.clear();
+            h.arrivals.clear();
+            h.until = until;
+        }
+        h.code = code;
+        if extend {
+            // A new failure; a refusal by the hold itself does not make it
+            // last longer (a message the hold waits for may never come).
+            h.until = h.until.max(until);
+        }
+        if h.waiting.len() < HOLD_IDS_MAX && !h.arrivals.contains_key(&msg_id) {
+            h.waiting.insert(arrival, msg_id);
+            h.arrivals.insert(msg_id, arrival);
+        }
+    }
+
+    /// Whether a send of `msg_id` may go ahead in `conv`: yes if nothing
+    /// refused waits, or if it is the first of them to have arrived; else
+    /// it is refused (again). A client sends refused messages again in the
+    /// order it first sent them, on one session, so every message it sent
+    /// before it heard of a refusal reaches the gateway while the hold
+    /// still waits.
+    ///
+    /// `Ok` carries the message's first arrival if the hold waited for it
+    /// (it keeps its place should it be refused again).
+    fn check_hold(
+        &mut self,
+        conv: ConvKey,
+        msg_id: u128,
+        now: Instant,
+    ) -> Result<Option<u64>, Refusal> {
+        let Some(h) = self.holds.get_mut(&conv) else {
+            return Ok(None);
+        };
+        if h.until <= now {
+            self.holds.remove(&conv);
+            return Ok(None);
+        }
+        if let Some((&arrival, &first)) = h.waiting.first_key_value() {
+            if first == msg_id {
+                h.waiting.pop_first();
+                h.arrivals.remove(&msg_id);
+                if h.waiting.is_empty() {
+                    self.holds.remove(&conv);
+                }
+                return Ok(Some(arrival));
+            }
+        }
+        Err(Refusal {
+            error: error(
+                h.code,
+                "an earlier message to this user must be sent again first",
+            ),
+            by_hold: true,
+        })
+    }
+
+    /// Forget `user`'s holds: its session ended, and its client sends
+    /// everything unanswered again, in order, on its next one.
+    pub(crate) fn forget_holds_of(&mut self, user: u64) {
+        self.holds.retain(|(from, _), _| *from != user);
+    }
+
+    fn set_deadline(&mut self, key: SendKey, at: Instant) {
+        if let Some(p) = self.pending.get_mut(&key) {
+            if let Some(old) = p.deadline.replace(at) {
+                self.deadlines.remove(&(old, key));
+            }
+            self.deadlines.insert((at, key));
+        }
+    }
+}
+
+impl Router {
+    pub(super) fn on_send(
+        &mut self,
+        now: Now,
+        send: NewSend,
+        in_flight_full: bool,
+        io: &mut impl Sessions,
+    ) {
+        let (from, msg_id) = send.key;
+        let Refusal { error: e, by_hold } = match self.admit(now, &send, in_flight_full) {
+            Ok(Admit::Answered(outcome)) => {
+                metrics::counter!("gateway_messages_total", "outcome" => "duplicate").increment(1);
+                self.reply(send.session, send.id, Ok(Reply::Sent(outcome)), io);
+                return;
+            }
+            Ok(Admit::Joined) => return,
+            Ok(Admit::New { arrival }) => return self.accept_send(now, send, arrival, io),
+            Err(r) => r,
+        };
+        let outcome = if e.code.is_retryable() {
+            self.hold(now, (from, send.to), msg_id, None, e.code, !by_hold);
+            "retry"
+        } else {
+            "refused"
+        };
+        metrics::counter!("gateway_messages_total", "outcome" => outcome).increment(1);
+        self.reply(send.session, send.id, Err(e), io);
+    }
+
+    /// Take a send that passed every check: queue it behind its
+    /// conversation's earlier messages.
+    fn accept_send(
+        &mut self,
+        now: Now,
+        send: NewSend,
+        arrival: Option<u64>,
+        io: &mut impl Sessions,
+    ) {
+        let (from, _) = send.key;
+        let conv = (from, send.to);
+        self.sessions.take_slot(send.session);
+        let envelope = StoredEnvelope {
+            from,
+            sent_at_ms: now.wall_ms,
+            body: send.body,
+        };
+        let arrival = match arrival {
+            Some(a) => a,
+            None => self.sends.arrival(),
+        };
+        let pending = Pending {
+            to: send.to,
+            arrival,
+            envelope,
+            waiters: vec![(send.session, send.id)],
+            deadline: None,
+        };
+        self.sends.pending.insert(send.key, pending);
+        self.sends
+            .set_deadline(send.key, now.at + self.config.send_answer);
+        self.sends
+            .convs
+            .entry(conv)
+            .or_default()
+            .queue
+            .push_back(send.key);
+        self.pump(now, conv, io);
+    }
+
+    /// The checks a send passes before it is accepted, cheapest first.
+    fn admit(&mut self, now: Now, send: &NewSend, in_flight_full: bool) -> Result<Admit, Refusal> {
+        if send.body.is_empty() {
+            return Err(error(AppErrorCode::BadRequest, "an empty message").into());
+        }
+        if send.body.len() > BODY_BYTES_MAX {
+            return Err(error(
+                AppErrorCode::MessageTooLarge,
+                format!("a message body is at most {BODY_BYTES_MAX} bytes"),
+            )
+            .into());
+        }
+        if let Some(outcome) = self.sends.done.get(&send.key) {
+            return Ok(Admit::Answered(outcome));
+        }
+        if in_flight_full {
+            return Err(error(AppErrorCode::RateLimited, "too many requests in flight").into());
+        }
+        if let Some(p) = self.sends.pending.get_mut(&send.key) {
+            // A retry while the first copy is on its way: same outcome.
+            p.waiters.push((send.session, send.id));
+            let rearm = p.deadline.is_none();
+            self.sessions.take_slot(send.session);
+            if rearm {
+                self.sends
+                    .set_deadline(send.key, now.at + self.config.send_answer);
+            }
+            return Ok(Admit::Joined);
+        }
+        let conv = (send.key.0, send.to);
+        let arrival = self.sends.check_hold(conv, send.key.1, now.at)?;
+        if self.message_rate.check_key(&send.key.0).is_err() {
+            // Refused after all: back in the hold, in its place.
+            let until = now.at + self.config.retry_hold;
+            let code = AppErrorCode::RateLimited;
+            let times = (now.at, until);
+            self.sends
+                .hold(conv, send.key.1, arrival, code, times, true);
+            return Err(error(code, "sending too fast").into());
+        }
+        Ok(Admit::New { arrival })
+    }
+
+    /// Start the next store of `conv` if none is in flight: as many queued
+    /// messages as one store takes, each checked against the recipient's
+    /// relations (loaded first if not cached).
+    pub(super) fn pump(&mut self, now: Now, conv: ConvKey, io: &mut impl Sessions) {
+        let Some(c) = self.sends.convs.get(&conv) else {
+            return;
+        };
+        if c.storing.is_some() {
+            return;
+        }
+        if c.queue.is_empty() {
+            self.sends.convs.remove(&conv);
+            return;
+        }
+        let to = conv.1;
+        let verdict = match self.relations.lookup(now.at, to) {
+            Lookup::Missing => {
+                self.relations.request(to);
+                let waiting = self.sends.waiting.entry(to).or_default();
+                if !waiting.contains(&conv) {
+                    waiting.push(conv);
+                }
+                return;
+            }
+            Lookup::Known(rel) => super::relations::may_write(rel, conv.0, to, &self.config),
+        };
+        if let Err(e) = verdict {
+            // The recipient refuses this sender: every queued message.
+            let keys: Vec<SendKey> = self
+                .sends
+                .convs
+                .remove(&conv)
+                .unwrap_or_default()
+                .queue
+                .into();
+            for key in keys {
+                self.finish(now, key, Err(e.clone()), io);
+            }
+            return;
+        }
+        self.start_store(conv);
+    }
+
+    fn start_store(&mut self, conv: ConvKey) {
+        let c = self.sends.convs.get_mut(&conv).expect("pumped");
+        let (mut items, mut keys, mut bytes) = (Vec::new(), Vec::new(), 0);
+        while let Some(&key) = c.queue.front() {
+            let p = &self.sends.pending[&key];
+            let len = p.envelope.body.len();
+            let full = items.len() >= self.config.store_batch_items_max
+                || bytes + len > self.config.store_batch_bytes_max;
+            if !items.is_empty() && full {
+                break;
+            }
+            c.queue.pop_front();
+            bytes += len;
+            items.push(StoreItem {
+                msg_id: key.1,
+                envelope: p.envelope.clone(),
+            });
+            keys.push(key);
+        }
+        let batch = self.sends.next_batch;
+        self.sends.next_batch += 1;
+        c.storing = Some(batch);
+        self.sends.batches.insert(batch, Batch { conv, keys });
+        self.actions.push_back(Action::Store {
+            batch,
+            to: conv.1,
+            items,
+        });
+    }
+
+    pub(super) fn on_stored(
+        &mut self,
+        now: Now,
+        batch: u64,
+        result: Result<Vec<Result<u64, AppError>>, AppError>,
+        io: &mut impl Sessions,
+    ) {
+        let Some(Batch { conv, keys }) = self.sends.batches.remove(&batch) else {
+            return;
+        };
+        if let Some(c) = self.sends.convs.get_mut(&conv) {
+            c.storing = None;
+        }
+        let results = match result {
+            Ok(r) if r.len() == keys.len() => r,
+            Ok(r) => {
+                let e = error(
+                    AppErrorCode::Unavailable,
+                    format!("the shard answered {} of {} items", r.len(), keys.len()),
+                );
+                vec![Err(e); keys.len()]
+            }
+            Err(e) => vec![Err(e); keys.len()],
+        };
+        let mut failed: Option<AppError> = None;
+        for (key, r) in keys.into_iter().zip(results) {
+            if let Err(e) = &r {
+                if e.code.is_retryable() {
+                    failed = Some(e.clone());
+                }
+            }
+            self.finish(now, key, r.map(|seq| SendOutcome { seq }), io);
+        }
+        if let Some(e) = failed {
+            self.fail_conversation(now, conv, e, io);
+        }
+        self.pump(now, conv, io);
+    }
+
+    fn hold(
+        &mut self,
+        now: Now,
+        conv: ConvKey,
+        msg_id: u128,
+        arrival: Option<u64>,
+        code: AppErrorCode,
+        extend: bool,
+    ) {
+        let until = now.at + self.config.retry_hold;
+        self.sends
+            .hold(conv, msg_id, arrival, code, (now.at, until), extend);
+    }
+
+    /// A retryable failure in `conv`: fail what is queued behind it too, so
+    /// nothing overtakes the retry (each failed message holds the
+    /// conversation until it comes again).
+    pub(super) fn fail_conversation(
+        &mut self,
+        now: Now,
+        conv: ConvKey,
+        e: AppError,
+        io: &mut impl Sessions,
+    ) {
+        let queued: Vec<SendKey> = match self.sends.convs.get_mut(&conv) {
+            Some(c) => c.queue.drain(..).collect(),
+            None => Vec::new(),
+        };
+        for key in queued {
+            self.finish(now, key, Err(e.clone()), io);
+        }
+    }
+
+    /// Conversations waiting for `to`'s relations, which are now known (or
+    /// could not be loaded: `Err`).
+    pub(super) fn relations_arrived(
+        &mut self,
+        now: Now,
+        to: u64,
+        failed: Option<AppError>,
+        io: &mut impl Sessions,
+    ) {
+        for conv in self.sends.waiting.remove(&to).unwrap_or_default() {
+            match &failed {
+                Some(e) => self.fail_conversation(now, conv, e.clone(), io),
+                None => self.pump(now, conv, io),
+            }
+        }
+    }
+
+    /// The send's outcome: answer its waiters; a stored message is
+    /// remembered for retries and pushed to its recipient.
+    fn finish(
+        &mut self,
+        now: Now,
+        key: SendKey,
+        result: Result<SendOutcome, AppError>,
+        io: &mut impl Sessions,
+    ) {
+        let Some(p) = self.sends.pending.remove(&key) else {
+            return;
+        };
+        if let Some(at) = p.deadline {
+            self.sends.deadlines.remove(&(at, key));
+        }
+        let outcome = match &result {
+            Ok(_) => "stored",
+            Err(e) if e.code.is_retryable() => {
+                self.hold(now, (key.0, p.to), key.1, Some(p.arrival), e.code, true);
+                "retry"
+            }
+            Err(_) => "refused",
+        };
+        metrics::counter!("gateway_messages_total", "outcome" => outcome).increment(1);
+        self.answer_waiters(&p.waiters, result.clone(), io);
+        let Ok(outcome) = result else {
+            return;
+        };
+        self.sends.done.insert(key, outcome);
+        let delivery = Delivery {
+            from: key.0,
+            msg_id: key.1,
+            sent_at_ms: p.envelope.sent_at_ms,
+            body: p.envelope.body,
+            seq: outcome.seq,
+        };
+        match self.sessions.session_of(p.to) {
+            Some(session) => self.push_delivery(session, delivery, io),
+            None => self
+                .actions
+                .push_back(Action::Notify { to: p.to, delivery }),
+        }
+    }
+
+    pub(super) fn answer_waiters(
+        &mut self,
+        waiters: &[Waiter],
+        result: Result<SendOutcome, AppError>,
+        io: &mut impl Sessions,
+    ) {
+        for &(session, id) in waiters {
+            self.sessions.free_slot(session);
+            self.reply(session, id, result.clone().map(Reply::Sent), io);
+        }
+    }
+}
+
+/// Why `admit` refused a send.
+struct Refusal {
+    error: AppError,
+    /// Refused because the conversation is held (not a new failure).
+    by_hold: bool,
+}
+
+impl From<AppError> for Refusal {
+    fn from(error: AppError) -> Refusal {
+        Refusal {
+            error,
+            by_hold: false,
+        }
+    }
+}
+
+/// What `admit` decided for a send that may go ahead.
+enum Admit {
+    /// Settled before: its first outcome.
+    Answered(SendOutcome),
+    /// In progress: the request waits for the same outcome.
+    Joined,
+    /// To be stored; `arrival`: its first arrival, if a hold waited for it.
+    New { arrival: Option<u64> },
+}

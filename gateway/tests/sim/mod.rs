@@ -1,0 +1,1538 @@
+//! A deterministic world for the gateway's router, in the style of
+//! quinn-proto's `tests/util.rs`: virtual time, one or more routers (each
+//! behind a fake session endpoint), model services (a shard's mailboxes,
+//! profile's relations, presence) with scripted latencies and faults, and
+//! model clients that follow docs/PROTOCOL.md §6.4 (an outbox re-sent in
+//! order with the same ids; `proto::inbox::Inbox` to show what arrives).
+//! Nothing here reads a clock or touches a socket: a seed replays a run
+//! exactly.
+#![allow(dead_code)]
+
+use gateway::router::{
+    Action, Answer, CallEffects, LoginOk, LoginOutcome, Now, Router, RouterConfig, Sessions,
+    StoreItem,
+};
+use proto::{
+    app::{
+        self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, Login,
+        LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply, StoredEnvelope,
+        APP_PROTOCOL_VERSION,
+    },
+    inbox::{Inbox, InboxConfig, InboxRequest},
+    peer::Forward,
+    profile::Relations,
+    session::{CloseReason, Event, MsgId, PendingId, SendError, ServerEvent},
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    time::{Duration, Instant},
+};
+
+pub const MS: Duration = Duration::from_millis(1);
+/// A client gives up on a request's reply after this long (sends are
+/// re-sent with the same id, other requests fail).
+pub const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
+/// A client re-sends a send refused with a retryable error after this long.
+pub const CLIENT_RETRY_DELAY: Duration = Duration::from_millis(300);
+/// Sends a client keeps on the wire at most.
+pub const CLIENT_SENDS_IN_FLIGHT: usize = 16;
+/// The driver's bound on every service call (`timers.service_timeout_ms`).
+pub const SERVICE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes one fake session queues for its client at most (the session
+/// layer's `send_queue_bytes_max`, small here to reach it).
+pub const SESSION_QUEUE_BYTES: usize = 8192;
+/// The page a model client asks for (well below the session queue, as the
+/// real 48 KiB page is below the real 1 MiB queue).
+pub const FETCH_BYTES: u32 = 2048;
+/// How late past `send_answer` a reply may be: the world's step.
+pub const ANSWER_SLACK: Duration = Duration::from_millis(10);
+/// A client silent this long loses its session (the retry budget).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+pub fn config() -> RouterConfig {
+    RouterConfig {
+        sessions_max: 1000,
+        pending_logins_max: 100,
+        requests_in_flight_per_session_max: 64,
+        messages_per_user_per_s: 1000,
+        messages_burst: 1000,
+        dedupe_entries_max: 100_000,
+        relations_cache_bytes_max: 1 << 20,
+        allow_strangers: false,
+        send_answer: Duration::from_secs(2),
+        retry_hold: Duration::from_secs(10),
+        store_batch_items_max: 8,
+        store_batch_bytes_max: 64 * 1024,
+    }
+}
+
+// ---- the fake endpoint ------------------------------------------------------
+
+/// A session as the router sees it: what it sent, not yet read by the
+/// client.
+pub struct FakeSession {
+    pub user: u64,
+    /// (message, bytes, when it was queued).
+    pub to_client: VecDeque<(MsgId, Vec<u8>, Instant)>,
+    queued_bytes: usize,
+    next_mid: MsgId,
+    /// When each request (by id) reached the router, for the answer bound.
+    arrived: BTreeMap<u32, Instant>,
+}
+
+/// Sessions of one gateway, and what the router did to them.
+pub struct FakeEndpoint {
+    pub sessions: BTreeMap<u64, FakeSession>,
+    next_session: u64,
+    /// Decided logins: pending -> Some(session) accepted, None rejected
+    /// with the answer.
+    pub decided: Vec<(PendingId, Option<u64>, Vec<u8>)>,
+    /// Sessions the router closed.
+    pub closed: Vec<u64>,
+    /// Closed, the router not yet told.
+    closed_pending: Vec<u64>,
+    /// Sends answered later than the bound: (session, id, how late).
+    pub late_answers: Vec<(u64, u32, Duration)>,
+    pub now: Instant,
+    pub send_answer: Duration,
+    /// Pending logins still undecided.
+    pub pending: BTreeSet<PendingId>,
+}
+
+impl FakeEndpoint {
+    fn new(first_session: u64, now: Instant, send_answer: Duration) -> FakeEndpoint {
+        FakeEndpoint {
+            sessions: BTreeMap::new(),
+            next_session: first_session,
+            decided: Vec::new(),
+            closed: Vec::new(),
+            closed_pending: Vec::new(),
+            late_answers: Vec::new(),
+            now,
+            send_answer,
+            pending: BTreeSet::new(),
+        }
+    }
+}
+
+impl Sessions for FakeEndpoint {
+    fn fresh_session_id(&mut self) -> u64 {
+        self.next_session += 1;
+        self.next_session
+    }
+
+    fn accept(&mut self, _now: Instant, pending: PendingId, session: u64, answer: &[u8]) -> bool {
+        if !self.pending.remove(&pending) {
+            return false;
+        }
+        let Ok(LoginAnswer::Accepted(a)) = app::decode::<LoginAnswer>(answer) else {
+            panic!("accepted with a refusal");
+        };
+        self.sessions.insert(
+            session,
+            FakeSession {
+                user: a.user,
+                to_client: VecDeque::new(),
+                queued_bytes: 0,
+                next_mid: 0,
+                arrived: BTreeMap::new(),
+            },
+        );
+        self.decided.push((pending, Some(session), answer.to_vec()));
+        true
+    }
+
+    fn reject(&mut self, pending: PendingId, answer: &[u8]) {
+        if self.pending.remove(&pending) {
+            self.decided.push((pending, None, answer.to_vec()));
+        }
+    }
+
+    fn send(&mut self, session: u64, bytes: Vec<u8>) -> Result<MsgId, SendError> {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Err(SendError::UnknownSession);
+        };
+        if s.queued_bytes + bytes.len() > SESSION_QUEUE_BYTES {
+            return Err(SendError::QueueFull);
+        }
+        if let Ok(GatewayMessage::Reply { id, .. }) = app::decode::<GatewayMessage>(&bytes) {
+            if let Some(at) = s.arrived.remove(&id) {
+                let took = self.now - at;
+                // One step of the world's clock is the timer's granularity.
+                if took > self.send_answer + ANSWER_SLACK {
+                    self.late_answers
+                        .push((session, id, took - self.send_answer));
+                }
+            }
+        }
+        let mid = s.next_mid;
+        s.next_mid += 1;
+        s.queued_bytes += bytes.len();
+        s.to_client.push_back((mid, bytes, self.now));
+        Ok(mid)
+    }
+
+    fn close(&mut self, session: u64) {
+        if self.sessions.remove(&session).is_some() {
+            self.closed.push(session);
+            self.closed_pending.push(session);
+        }
+    }
+}
+
+// ---- model services ----------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub seq: u64,
+    pub msg_id: u128,
+    pub envelope: StoredEnvelope,
+}
+
+#[derive(Debug, Default)]
+pub struct MailboxModel {
+    pub records: Vec<Record>,
+    pub acked: u64,
+}
+
+impl MailboxModel {
+    pub fn last_seq(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.seq)
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Record> {
+        let acked = self.acked;
+        self.records.iter().filter(move |r| r.seq > acked)
+    }
+}
+
+/// How a service behaves right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    /// Refuses at once (a dead shard: connection refused).
+    Down,
+    /// Takes every request and answers none (a paused process): the
+    /// driver gives up after `SERVICE_TIMEOUT`; the work is done later,
+    /// when it is up again, or never.
+    Hung,
+}
+
+/// Faults the world injects; all off by default.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Chance that a store is applied but its answer lost (the driver then
+    /// answers `Unavailable` at its timeout).
+    pub store_answer_lost: f64,
+    /// Chance that a fetch or ack fails.
+    pub read_failure: f64,
+    /// Chance that a relations read fails.
+    pub relations_failure: f64,
+    /// Service latency range (ms).
+    pub latency_ms: (u64, u64),
+}
+
+struct InFlight {
+    due: Instant,
+    gateway: usize,
+    generation: u64,
+    work: Work,
+}
+
+enum Work {
+    /// Answer this at `due`.
+    Answer(Answer),
+    /// A store to apply at `due` (then answer, unless `lose_answer`).
+    Store {
+        batch: u64,
+        to: u64,
+        items: Vec<StoreItem>,
+        lose_answer: bool,
+    },
+    /// A hung store: applied when the shard is up again (if ever).
+    HungStore {
+        to: u64,
+        items: Vec<StoreItem>,
+    },
+    Notify {
+        to: u64,
+        delivery: Delivery,
+    },
+}
+
+// ---- model clients -----------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct OutMsg {
+    pub to: u64,
+    pub msg_id: u128,
+    pub body: Vec<u8>,
+    request: Option<u32>,
+    retry_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ReqKind {
+    Send(u128),
+    Fetch,
+    Ack(u64),
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    Offline,
+    LoggingIn(PendingId, usize),
+    Online(u64, usize),
+}
+
+pub struct ClientModel {
+    pub user: u64,
+    pub state: ClientState,
+    /// Where it logs in next.
+    pub gateway: usize,
+    pub paused: bool,
+    /// Silent since (paused or offline): a session silent for
+    /// `SESSION_TIMEOUT` is lost.
+    silent_since: Option<Instant>,
+    pub want_online: bool,
+    outbox: BTreeMap<u64, OutMsg>,
+    next_out: u64,
+    next_req: u32,
+    requests: BTreeMap<u32, (ReqKind, Instant)>,
+    pub inbox: Inbox,
+    /// What the client showed, in order.
+    pub shown: Vec<Delivery>,
+    /// Sends answered `Sent`: msg_id -> seq.
+    pub sent: BTreeMap<u128, u64>,
+    /// Sends answered with a final error: msg_id -> code.
+    pub refused: BTreeMap<u128, AppErrorCode>,
+    /// What the application sent, in order: (to, msg_id).
+    pub app_sends: Vec<(u64, u128)>,
+    /// Every push other than a delivery or a reply.
+    pub pushes: Vec<GatewayMessage>,
+    pub kicked: bool,
+    pub logins_refused: Vec<LoginError>,
+}
+
+impl ClientModel {
+    fn new(user: u64, gateway: usize) -> ClientModel {
+        ClientModel {
+            user,
+            state: ClientState::Offline,
+            gateway,
+            paused: false,
+            silent_since: None,
+            want_online: true,
+            outbox: BTreeMap::new(),
+            next_out: 0,
+            next_req: 0,
+            requests: BTreeMap::new(),
+            inbox: Inbox::new(InboxConfig {
+                fetch_bytes_max: FETCH_BYTES,
+                ..InboxConfig::default()
+            }),
+            shown: Vec::new(),
+            sent: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            app_sends: Vec::new(),
+            pushes: Vec::new(),
+            kicked: false,
+            logins_refused: Vec::new(),
+        }
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn session(&self) -> Option<(u64, usize)> {
+        match self.state {
+            ClientState::Online(s, g) => Some((s, g)),
+            _ => None,
+        }
+    }
+}
+
+// ---- the world -----------------------------------------------------------------
+
+pub struct Gateway {
+    pub router: Router,
+    pub endpoint: FakeEndpoint,
+    /// Bumped when the gateway dies: its in-flight work is forgotten.
+    generation: u64,
+}
+
+pub struct World {
+    pub now: Instant,
+    start_wall_ms: u64,
+    start: Instant,
+    pub rng: ChaCha8Rng,
+    pub gateways: Vec<Gateway>,
+    pub mailboxes: BTreeMap<u64, MailboxModel>,
+    pub relations: BTreeMap<u64, Relations>,
+    pub passwords_ok: bool,
+    /// user -> (gateway, session).
+    pub presence: BTreeMap<u64, (usize, u64)>,
+    pub clients: BTreeMap<u64, ClientModel>,
+    inflight: Vec<InFlight>,
+    pub shard: Health,
+    pub profile: Health,
+    pub faults: Faults,
+    pub config: RouterConfig,
+    /// One-way delay between clients and gateways (both directions).
+    pub link_delay: Duration,
+    /// Client messages on their way to a gateway: (due, gateway, session,
+    /// bytes), in order.
+    uplink: VecDeque<(Instant, usize, u64, Vec<u8>)>,
+    /// Actions the routers asked for, by kind (for "no round trip per
+    /// message" checks).
+    pub action_counts: BTreeMap<&'static str, u64>,
+    next_pending: u64,
+    next_msg_id: u128,
+    /// Sends on their way: (gateway, session, request id).
+    pending_sends: BTreeMap<(usize, u64, u32), ()>,
+}
+
+impl World {
+    pub fn new(seed: u64, gateways: usize) -> World {
+        World::with_config(seed, gateways, config())
+    }
+
+    pub fn with_config(seed: u64, gateways: usize, config: RouterConfig) -> World {
+        let now = Instant::now();
+        let gateways = (0..gateways)
+            .map(|i| Gateway {
+                router: Router::new(config.clone(), now),
+                endpoint: FakeEndpoint::new(i as u64 * 1_000_000, now, config.send_answer),
+                generation: 0,
+            })
+            .collect();
+        World {
+            now,
+            start: now,
+            start_wall_ms: 1_700_000_000_000,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            gateways,
+            mailboxes: BTreeMap::new(),
+            relations: BTreeMap::new(),
+            passwords_ok: true,
+            presence: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            inflight: Vec::new(),
+            shard: Health::Up,
+            profile: Health::Up,
+            faults: Faults {
+                latency_ms: (0, 3),
+                ..Faults::default()
+            },
+            config,
+            link_delay: Duration::ZERO,
+            uplink: VecDeque::new(),
+            action_counts: BTreeMap::new(),
+            next_pending: 0,
+            next_msg_id: 0,
+            pending_sends: BTreeMap::new(),
+        }
+    }
+
+    fn now_at(&self) -> Now {
+        Now {
+            at: self.now,
+            wall_ms: self.start_wall_ms + (self.now - self.start).as_millis() as u64,
+        }
+    }
+
+    /// A user with an account, on `gateway` when it logs in.
+    pub fn user(&mut self, user: u64, gateway: usize) {
+        self.relations.insert(
+            user,
+            Relations {
+                user,
+                disabled: false,
+                credential_epoch: 0,
+                version: 1,
+                friends: Vec::new(),
+                blocked: Vec::new(),
+            },
+        );
+        self.clients.insert(user, ClientModel::new(user, gateway));
+    }
+
+    pub fn befriend(&mut self, a: u64, b: u64) {
+        for (x, y) in [(a, b), (b, a)] {
+            let r = self.relations.get_mut(&x).expect("a user");
+            r.friends.push(y);
+            r.friends.sort_unstable();
+            r.version += 1;
+        }
+    }
+
+    /// Change `user`'s relations at profile and push the invalidation to
+    /// every gateway.
+    pub fn change_relations(&mut self, user: u64, change: impl FnOnce(&mut Relations)) {
+        let r = self.relations.get_mut(&user).expect("a user");
+        change(r);
+        r.friends.sort_unstable();
+        r.blocked.sort_unstable();
+        r.version += 1;
+        let event = proto::profile::Event::Invalidate {
+            user,
+            version: r.version,
+        };
+        for g in &mut self.gateways {
+            g.router.profile_event(event, &mut g.endpoint);
+        }
+        self.collect_actions();
+    }
+
+    pub fn client(&mut self, user: u64) -> &mut ClientModel {
+        self.clients.get_mut(&user).expect("a client")
+    }
+
+    /// The application of `from` sends a message to `to`; its msg_id.
+    pub fn send(&mut self, from: u64, to: u64, body: &[u8]) -> u128 {
+        self.next_msg_id += 1;
+        let msg_id = self.next_msg_id;
+        let c = self.client(from);
+        c.app_sends.push((to, msg_id));
+        let key = c.next_out;
+        c.next_out += 1;
+        c.outbox.insert(
+            key,
+            OutMsg {
+                to,
+                msg_id,
+                body: body.to_vec(),
+                request: None,
+                retry_at: None,
+            },
+        );
+        self.client_pump(from);
+        msg_id
+    }
+
+    /// Run for `d` of virtual time in steps of `step`.
+    pub fn run_for(&mut self, d: Duration, step: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += step;
+            self.tick();
+        }
+    }
+
+    /// Run until `done` holds (checked every step), at most `limit`.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&World) -> bool) -> bool {
+        let end = self.now + limit;
+        while self.now < end {
+            if done(self) {
+                return true;
+            }
+            self.now += 5 * MS;
+            self.tick();
+        }
+        done(self)
+    }
+
+    /// Heal everything and run until every client is online, has sent its
+    /// outbox and shown everything in its mailbox.
+    pub fn settle(&mut self) {
+        self.shard = Health::Up;
+        self.profile = Health::Up;
+        self.faults = Faults {
+            latency_ms: (0, 3),
+            ..Faults::default()
+        };
+        let users: Vec<u64> = self.clients.keys().copied().collect();
+        for u in &users {
+            let c = self.client(*u);
+            c.paused = false;
+            c.want_online = true;
+            c.kicked = false;
+        }
+        let settled = self.run_until(Duration::from_secs(120), |w| w.quiet());
+        assert!(settled, "the world settled: {}", self.describe());
+        // A store a hung shard applied after the gateway gave up on it is
+        // pushed to nobody (its sender's retry was stored and pushed
+        // instead); the recipient's next login fetches it (a duplicate,
+        // dropped). Log everyone in again and check every mailbox drains.
+        for u in &users {
+            self.logout(*u);
+            self.client(*u).want_online = true;
+        }
+        let drained = self.run_until(Duration::from_secs(120), |w| {
+            w.quiet()
+                && w.clients.values().all(|c| {
+                    w.mailboxes.get(&c.user).is_none_or(|m| {
+                        c.inbox.shown_seq() >= m.last_seq() && m.acked >= m.last_seq()
+                    })
+                })
+        });
+        assert!(drained, "every mailbox drained: {}", self.describe());
+    }
+
+    /// Nothing in flight, every client online with its outbox sent and its
+    /// inbox caught up and acknowledged.
+    fn quiet(&self) -> bool {
+        self.inflight.is_empty()
+            && self.uplink.is_empty()
+            && self.clients.values().all(|c| {
+                c.session().is_some()
+                    && c.outbox.is_empty()
+                    && c.inbox.caught_up()
+                    && c.inbox.unacked().is_none()
+                    && c.requests.is_empty()
+            })
+    }
+
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "t={:?} inflight={}\n",
+            self.now - self.start,
+            self.inflight.len()
+        );
+        for c in self.clients.values() {
+            out += &format!(
+                "  user {}: {:?} paused={} outbox={} requests={} shown={} inbox_shown_seq={} caught_up={} mailbox_last={}\n",
+                c.user,
+                c.state,
+                c.paused,
+                c.outbox.len(),
+                c.requests.len(),
+                c.shown.len(),
+                c.inbox.shown_seq(),
+                c.inbox.caught_up(),
+                self.mailboxes.get(&c.user).map_or(0, |m| m.last_seq()),
+            );
+        }
+        out
+    }
+
+    /// One step of virtual time.
+    pub fn tick(&mut self) {
+        self.deliver_uplink();
+        self.complete_due_work();
+        let users: Vec<u64> = self.clients.keys().copied().collect();
+        for u in &users {
+            self.client_step(*u);
+        }
+        for g in 0..self.gateways.len() {
+            let now = self.now_at();
+            let gw = &mut self.gateways[g];
+            gw.endpoint.now = self.now;
+            if gw.router.poll_timeout() <= self.now {
+                gw.router.handle_timeout(now, &mut gw.endpoint);
+            }
+        }
+        self.collect_actions();
+    }
+
+    // ---- gateways -------------------------------------------------------------
+
+    /// Gateway `g` dies (SIGKILL) and a fresh one starts in its place: its
+    /// sessions and work in flight are gone (a store may have been applied
+    /// already); presence forgets its users.
+    pub fn kill_gateway(&mut self, g: usize) {
+        self.trace(|| format!("kill gw{g}"));
+        let now = self.now;
+        let gw = &mut self.gateways[g];
+        gw.generation += 1;
+        gw.router = Router::new(self.config.clone(), self.now);
+        let first = gw.endpoint.next_session + 1_000;
+        gw.endpoint = FakeEndpoint::new(first, self.now, self.config.send_answer);
+        self.presence.retain(|_, (gg, _)| *gg != g);
+        for c in self.clients.values_mut() {
+            if matches!(c.state, ClientState::Online(_, gg) | ClientState::LoggingIn(_, gg) if gg == g)
+            {
+                c.state = ClientState::Offline;
+                lose_requests(c, now);
+            }
+        }
+    }
+
+    fn feed_event(&mut self, g: usize, event: ServerEvent) {
+        let now = self.now_at();
+        let gw = &mut self.gateways[g];
+        gw.endpoint.now = self.now;
+        gw.router.handle_event(now, event, &mut gw.endpoint);
+        self.collect_actions();
+    }
+
+    /// Take the routers' actions into the world's work in flight.
+    fn collect_actions(&mut self) {
+        loop {
+            let mut progressed = false;
+            for g in 0..self.gateways.len() {
+                while let Some(session) = self.gateways[g].endpoint.closed_pending.pop() {
+                    let now = self.now_at();
+                    let gw = &mut self.gateways[g];
+                    let event = Event::Closed(CloseReason::Local);
+                    gw.router.handle_event(
+                        now,
+                        ServerEvent::Session { session, event },
+                        &mut gw.endpoint,
+                    );
+                    progressed = true;
+                }
+                while let Some(action) = self.gateways[g].router.poll_action() {
+                    self.take_action(g, action);
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn latency(&mut self) -> Duration {
+        let (lo, hi) = self.faults.latency_ms;
+        MS * self.rng.gen_range(lo..=hi.max(lo)) as u32
+    }
+
+    fn schedule(&mut self, gateway: usize, due: Instant, work: Work) {
+        let generation = self.gateways[gateway].generation;
+        self.inflight.push(InFlight {
+            due,
+            gateway,
+            generation,
+            work,
+        });
+    }
+
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!("{:>8?} {}", self.now - self.start, what());
+        }
+    }
+
+    fn take_action(&mut self, g: usize, action: Action) {
+        if let Action::Store { batch, to, items } = &action {
+            self.trace(|| {
+                let ids: Vec<u128> = items.iter().map(|i| i.msg_id).collect();
+                format!(
+                    "gw{g} store batch {batch} to {to}: {ids:?} shard {:?}",
+                    self.shard
+                )
+            });
+        }
+        let kind = match &action {
+            Action::Login { .. } => "login",
+            Action::Call { .. } => "call",
+            Action::Store { .. } => "store",
+            Action::Notify { .. } => "notify",
+            Action::LoadRelations { .. } => "relations",
+            Action::Offline { .. } => "offline",
+        };
+        *self.action_counts.entry(kind).or_default() += 1;
+        let due = self.now + self.latency();
+        match action {
+            Action::Store { batch, to, items } => match self.shard {
+                Health::Up => {
+                    let lose_answer = self.rng.gen_bool(self.faults.store_answer_lost);
+                    let due = if lose_answer {
+                        self.now + SERVICE_TIMEOUT
+                    } else {
+                        due
+                    };
+                    self.schedule(
+                        g,
+                        due,
+                        Work::Store {
+                            batch,
+                            to,
+                            items,
+                            lose_answer,
+                        },
+                    );
+                }
+                Health::Down => {
+                    let e = unavailable("shard down");
+                    self.schedule(
+                        g,
+                        due,
+                        Work::Answer(Answer::Stored {
+                            batch,
+                            result: Err(e),
+                        }),
+                    );
+                }
+                Health::Hung => {
+                    self.schedule(g, self.now, Work::HungStore { to, items });
+                    let e = unavailable("no answer in time");
+                    let at = self.now + SERVICE_TIMEOUT;
+                    self.schedule(
+                        g,
+                        at,
+                        Work::Answer(Answer::Stored {
+                            batch,
+                            result: Err(e),
+                        }),
+                    );
+                }
+            },
+            Action::Notify { to, delivery } => self.schedule(g, due, Work::Notify { to, delivery }),
+            Action::Offline { user, session } => {
+                if self.presence.get(&user) == Some(&(g, session)) {
+                    self.presence.remove(&user);
+                }
+            }
+            other => {
+                let (due, answer) = self.serve(g, due, other);
+                self.schedule(g, due, Work::Answer(answer));
+            }
+        }
+    }
+
+    /// The answer of a login, call or relations read, and when it comes.
+    fn serve(&mut self, g: usize, due: Instant, action: Action) -> (Instant, Answer) {
+        let late = self.now + SERVICE_TIMEOUT;
+        match action {
+            Action::Login {
+                pending,
+                session,
+                payload,
+            } => {
+                let login: Login = app::decode(&payload).expect("a login");
+                let LoginMethod::Password { username, .. } = login.method else {
+                    panic!("the sim logs in with passwords");
+                };
+                let user: u64 = username[1..].parse().expect("u<id>");
+                let outcome = match (self.relations.get(&user), self.profile) {
+                    (_, Health::Down | Health::Hung) => {
+                        LoginOutcome::Refused(refusal(LoginError::Unavailable))
+                    }
+                    (None, _) => LoginOutcome::Refused(refusal(LoginError::WrongCredentials)),
+                    (Some(r), _) if r.disabled => {
+                        LoginOutcome::Refused(refusal(LoginError::AccountDisabled))
+                    }
+                    (Some(r), _) => {
+                        // Presence learns of the session before the answer,
+                        // and tells another gateway holding the user's
+                        // session that it was replaced.
+                        if let Some((old_g, old)) = self.presence.insert(user, (g, session)) {
+                            if old_g != g {
+                                let gw = &mut self.gateways[old_g];
+                                gw.router.presence_kicked(old, &mut gw.endpoint);
+                            }
+                        }
+                        let mb = self.mailboxes.entry(user).or_default();
+                        let answer = LoginAnswer::Accepted(LoginAccepted {
+                            user,
+                            resume_token: vec![1; 72],
+                            mailbox_count: mb.last_seq() - mb.acked.min(mb.last_seq()),
+                            mailbox_high_seq: mb.last_seq(),
+                            heartbeat_s: 30,
+                        });
+                        LoginOutcome::Accepted(LoginOk {
+                            user,
+                            answer: app::encode(&answer),
+                            relations: r.clone(),
+                        })
+                    }
+                };
+                (
+                    due,
+                    Answer::Login {
+                        pending,
+                        session,
+                        outcome,
+                    },
+                )
+            }
+            Action::Call {
+                session,
+                id,
+                user,
+                call,
+            } => {
+                let (due, result, effects) = self.serve_call(due, user, call);
+                let answer = Answer::Call {
+                    session,
+                    id,
+                    result,
+                    effects,
+                };
+                (due, answer)
+            }
+            Action::LoadRelations { users } => {
+                let fail =
+                    self.profile != Health::Up || self.rng.gen_bool(self.faults.relations_failure);
+                let result = if fail {
+                    Err(unavailable("profile unavailable"))
+                } else {
+                    Ok(users
+                        .iter()
+                        .filter_map(|u| self.relations.get(u).cloned())
+                        .collect())
+                };
+                let due = if self.profile == Health::Hung {
+                    late
+                } else {
+                    due
+                };
+                (due, Answer::Relations { users, result })
+            }
+            other => unreachable!("{other:?} is served elsewhere"),
+        }
+    }
+
+    fn serve_call(
+        &mut self,
+        due: Instant,
+        user: u64,
+        call: Call,
+    ) -> (Instant, Result<Reply, AppError>, CallEffects) {
+        let late = self.now + SERVICE_TIMEOUT;
+        let mut effects = CallEffects::default();
+        let shard_fails = self.shard != Health::Up || self.rng.gen_bool(self.faults.read_failure);
+        let due_shard = if self.shard == Health::Hung {
+            late
+        } else {
+            due
+        };
+        let result = match call {
+            Call::Fetch {
+                after_seq,
+                max_count,
+                max_bytes,
+            } => {
+                if shard_fails {
+                    return (due_shard, Err(unavailable("shard")), effects);
+                }
+                let mb = self.mailboxes.entry(user).or_default();
+                let live: Vec<&Record> = mb.live().filter(|r| r.seq > after_seq).collect();
+                // The shard's page rule: the first record always, then
+                // while the bodies stay within max_bytes.
+                let mut bytes = 0;
+                let fits = live
+                    .iter()
+                    .take(max_count as usize)
+                    .take_while(|r| {
+                        bytes += r.envelope.body.len();
+                        bytes == r.envelope.body.len() || bytes <= max_bytes as usize
+                    })
+                    .count();
+                let page: Vec<Delivery> = live
+                    .iter()
+                    .take(fits)
+                    .map(|r| Delivery {
+                        from: r.envelope.from,
+                        msg_id: r.msg_id,
+                        sent_at_ms: r.envelope.sent_at_ms,
+                        body: r.envelope.body.clone(),
+                        seq: r.seq,
+                    })
+                    .collect();
+                let more = live.len() > page.len();
+                let last_seq = page.last().map_or(0, |d| d.seq);
+                Ok(Reply::Mailbox {
+                    messages: page,
+                    last_seq,
+                    more,
+                })
+            }
+            Call::Ack { up_to_seq } => {
+                if shard_fails {
+                    return (due_shard, Err(unavailable("shard")), effects);
+                }
+                let mb = self.mailboxes.entry(user).or_default();
+                let up_to = up_to_seq.min(mb.last_seq());
+                let removed = up_to.saturating_sub(mb.acked);
+                mb.acked = mb.acked.max(up_to);
+                Ok(Reply::Acked { removed })
+            }
+            Call::LoginView => {
+                let friends = self
+                    .relations
+                    .get(&user)
+                    .map(|r| r.friends.clone())
+                    .unwrap_or_default();
+                effects.watching = Some(friends);
+                Ok(Reply::Done)
+            }
+            Call::Block { user: other } => {
+                let r = self.relations.get_mut(&user).expect("a user");
+                if !r.blocked.contains(&other) {
+                    r.blocked.push(other);
+                    r.blocked.sort_unstable();
+                    r.version += 1;
+                }
+                effects.changed = vec![user];
+                Ok(Reply::Done)
+            }
+            _ => Ok(Reply::Done),
+        };
+        (due, result, effects)
+    }
+
+    fn complete_due_work(&mut self) {
+        loop {
+            let Some(i) = (0..self.inflight.len()).find(|&i| self.inflight[i].due <= self.now)
+            else {
+                return;
+            };
+            let f = self.inflight.swap_remove(i);
+            let alive = self.gateways[f.gateway].generation == f.generation;
+            match f.work {
+                Work::Answer(answer) if alive => {
+                    let now = self.now_at();
+                    let gw = &mut self.gateways[f.gateway];
+                    gw.endpoint.now = self.now;
+                    gw.router.handle_answer(now, answer, &mut gw.endpoint);
+                }
+                Work::Answer(_) => {}
+                Work::Store {
+                    batch,
+                    to,
+                    items,
+                    lose_answer,
+                } => {
+                    let result = Ok(self.apply_store(to, items));
+                    if alive && !lose_answer {
+                        let now = self.now_at();
+                        let gw = &mut self.gateways[f.gateway];
+                        gw.router.handle_answer(
+                            now,
+                            Answer::Stored { batch, result },
+                            &mut gw.endpoint,
+                        );
+                    } else if alive {
+                        let e = unavailable("no answer in time");
+                        let now = self.now_at();
+                        let gw = &mut self.gateways[f.gateway];
+                        gw.router.handle_answer(
+                            now,
+                            Answer::Stored {
+                                batch,
+                                result: Err(e),
+                            },
+                            &mut gw.endpoint,
+                        );
+                    }
+                }
+                Work::HungStore { to, items } => {
+                    // Applied once the shard runs again, if it does.
+                    if self.shard == Health::Up {
+                        self.apply_store(to, items);
+                    } else if self.shard == Health::Hung {
+                        let due = self.now + 50 * MS;
+                        let work = Work::HungStore { to, items };
+                        self.inflight.push(InFlight { due, work, ..f });
+                        continue;
+                    }
+                }
+                Work::Notify { to, delivery } => {
+                    if let Some(&(g, _)) = self.presence.get(&to) {
+                        if g != f.gateway {
+                            let forward = Forward {
+                                to,
+                                from: delivery.from,
+                                msg_id: delivery.msg_id,
+                                sent_at_ms: delivery.sent_at_ms,
+                                body: delivery.body,
+                                seq: delivery.seq,
+                            };
+                            let gw = &mut self.gateways[g];
+                            gw.router.peer_forward(forward, &mut gw.endpoint);
+                        }
+                    }
+                }
+            }
+            self.collect_actions();
+        }
+    }
+
+    fn apply_store(&mut self, to: u64, items: Vec<StoreItem>) -> Vec<Result<u64, AppError>> {
+        self.trace(|| {
+            let ids: Vec<u128> = items.iter().map(|i| i.msg_id).collect();
+            format!("applied to {to}: {ids:?}")
+        });
+        let mb = self.mailboxes.entry(to).or_default();
+        items
+            .into_iter()
+            .map(|i| {
+                let seq = mb.last_seq() + 1;
+                mb.records.push(Record {
+                    seq,
+                    msg_id: i.msg_id,
+                    envelope: i.envelope,
+                });
+                Ok(seq)
+            })
+            .collect()
+    }
+
+    // ---- clients -----------------------------------------------------------------
+
+    /// Start a login of `user` at its gateway.
+    pub fn login(&mut self, user: u64) {
+        self.next_pending += 1;
+        let pending = PendingId::from_raw(self.next_pending);
+        let c = self.client(user);
+        let g = c.gateway;
+        c.state = ClientState::LoggingIn(pending, g);
+        c.silent_since = None;
+        let payload = app::encode(&Login {
+            version: APP_PROTOCOL_VERSION,
+            method: LoginMethod::Password {
+                username: format!("u{user}"),
+                password: "pw".into(),
+            },
+        });
+        self.gateways[g].endpoint.pending.insert(pending);
+        let from = "127.0.0.1:1".parse().expect("an address");
+        self.feed_event(
+            g,
+            ServerEvent::HandshakeRequest {
+                pending,
+                from,
+                payload,
+            },
+        );
+    }
+
+    /// The client ends its session (Logout, then the session closes).
+    pub fn logout(&mut self, user: u64) {
+        let now = self.now;
+        let c = self.client(user);
+        c.want_online = false;
+        if let ClientState::Online(session, g) = c.state {
+            c.state = ClientState::Offline;
+            lose_requests(c, now);
+            self.request_raw(user, session, g, Call::Logout);
+            self.close_session(g, session, CloseReason::Local);
+        }
+    }
+
+    /// A session ends from the gateway's side too (timeout, close).
+    fn close_session(&mut self, g: usize, session: u64, reason: CloseReason) {
+        let now = self.now_at();
+        let gw = &mut self.gateways[g];
+        let Some(s) = gw.endpoint.sessions.remove(&session) else {
+            return;
+        };
+        for (mid, data, _) in s.to_client {
+            let event = Event::GivenUp { id: mid, data };
+            gw.router.handle_event(
+                now,
+                ServerEvent::Session { session, event },
+                &mut gw.endpoint,
+            );
+        }
+        let event = Event::Closed(reason);
+        gw.router.handle_event(
+            now,
+            ServerEvent::Session { session, event },
+            &mut gw.endpoint,
+        );
+        self.collect_actions();
+    }
+
+    fn request_raw(&mut self, user: u64, session: u64, g: usize, call: Call) -> Option<u32> {
+        let is_send = matches!(call, Call::Send { .. });
+        let c = self.client(user);
+        let id = c.next_req;
+        c.next_req += 1;
+        let bytes = app::encode(&ClientMessage { id, call });
+        if !self.gateways[g].endpoint.sessions.contains_key(&session) {
+            return None;
+        }
+        let due = self.now + self.link_delay;
+        self.uplink.push_back((due, g, session, bytes));
+        if is_send {
+            self.pending_sends.insert((g, session, id), ());
+        }
+        self.deliver_uplink();
+        Some(id)
+    }
+
+    /// Client messages whose delay is over reach their gateway, in order.
+    fn deliver_uplink(&mut self) {
+        while let Some(&(due, g, session, _)) = self.uplink.front() {
+            if due > self.now {
+                return;
+            }
+            let (_, _, _, bytes) = self.uplink.pop_front().expect("looked at it");
+            let Some(s) = self.gateways[g].endpoint.sessions.get_mut(&session) else {
+                continue; // the session ended on the way
+            };
+            let msg = app::decode::<ClientMessage>(&bytes).expect("ours");
+            let id = msg.id;
+            if let Call::Send { to, msg_id, .. } = &msg.call {
+                let user = s.user;
+                self.trace(|| format!("gw{g} <- user {user} send {msg_id} to {to} (req {id})"));
+            }
+            let Some(s) = self.gateways[g].endpoint.sessions.get_mut(&session) else {
+                continue;
+            };
+            if self.pending_sends.remove(&(g, session, id)).is_some() {
+                s.arrived.insert(id, self.now);
+            }
+            let event = Event::Message(bytes);
+            self.feed_event(g, ServerEvent::Session { session, event });
+        }
+    }
+
+    fn request(&mut self, user: u64, call: Call, kind: ReqKind) -> Option<u32> {
+        let (session, g) = self.client(user).session()?;
+        let id = self.request_raw(user, session, g, call)?;
+        let deadline = self.now + CLIENT_REQUEST_TIMEOUT;
+        self.client(user).requests.insert(id, (kind, deadline));
+        Some(id)
+    }
+
+    /// Put outbox entries on the wire, oldest first, none overtaking one
+    /// held back for a retry.
+    fn client_pump(&mut self, user: u64) {
+        let now = self.now;
+        let c = self.client(user);
+        if c.paused || c.session().is_none() {
+            return;
+        }
+        let on_wire = c.outbox.values().filter(|m| m.request.is_some()).count();
+        let ready: Vec<u64> = c
+            .outbox
+            .iter()
+            .filter(|(_, m)| m.request.is_none())
+            .take_while(|(_, m)| m.retry_at.is_none_or(|t| t <= now))
+            .take(CLIENT_SENDS_IN_FLIGHT.saturating_sub(on_wire))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in ready {
+            let m = self.client(user).outbox[&key].clone();
+            let call = Call::Send {
+                to: m.to,
+                msg_id: m.msg_id,
+                body: m.body.clone(),
+            };
+            if let Some(id) = self.request(user, call, ReqKind::Send(m.msg_id)) {
+                let m = self.client(user).outbox.get_mut(&key).expect("kept");
+                m.request = Some(id);
+                m.retry_at = None;
+            }
+        }
+        while let Some(r) = self.client(user).inbox.poll_request(now) {
+            match r {
+                InboxRequest::Fetch {
+                    after_seq,
+                    max_count,
+                    max_bytes,
+                } => {
+                    let call = Call::Fetch {
+                        after_seq,
+                        max_count,
+                        max_bytes,
+                    };
+                    if self.request(user, call, ReqKind::Fetch).is_none() {
+                        self.client(user).inbox.on_fetch_failed(now);
+                    }
+                }
+                InboxRequest::Ack { up_to_seq } => {
+                    let call = Call::Ack { up_to_seq };
+                    if self.request(user, call, ReqKind::Ack(up_to_seq)).is_none() {
+                        self.client(user).inbox.on_ack_failed(now);
+                    }
+                }
+            }
+        }
+        let c = self.client(user);
+        while let Some(d) = c.inbox.poll_show() {
+            c.shown.push(d);
+        }
+    }
+
+    fn client_step(&mut self, user: u64) {
+        let now = self.now;
+        let c = self.client(user);
+        // A session whose client stayed silent too long is lost.
+        if let ClientState::Online(session, g) = c.state {
+            if c.paused && c.silent_since.is_some_and(|t| now - t >= SESSION_TIMEOUT) {
+                self.close_session(g, session, CloseReason::TimedOut);
+            }
+        }
+        let c = self.client(user);
+        if c.paused {
+            if c.silent_since.is_none() {
+                c.silent_since = Some(now);
+            }
+            return;
+        }
+        c.silent_since = None;
+        // The client notices a session that ended (closed by the gateway,
+        // timed out, or the gateway died).
+        if let ClientState::Online(session, g) = c.state {
+            if !self.gateways[g].endpoint.sessions.contains_key(&session) {
+                let now = self.now;
+                let c = self.client(user);
+                c.state = ClientState::Offline;
+                lose_requests(c, now);
+            }
+        }
+        if let ClientState::LoggingIn(pending, g) = self.client(user).state {
+            self.finish_login(user, pending, g);
+        }
+        let c = self.client(user);
+        if c.state == ClientState::Offline && c.want_online && !c.kicked {
+            self.login(user);
+            return;
+        }
+        self.client_read(user);
+        self.client_timers(user);
+        self.client_pump(user);
+    }
+
+    fn finish_login(&mut self, user: u64, pending: PendingId, g: usize) {
+        let decided = &mut self.gateways[g].endpoint.decided;
+        let Some(i) = decided.iter().position(|(p, _, _)| *p == pending) else {
+            return;
+        };
+        let (_, session, answer) = decided.remove(i);
+        let answer: LoginAnswer = app::decode(&answer).expect("an answer");
+        let now = self.now;
+        let c = self.client(user);
+        match (session, answer) {
+            (Some(session), LoginAnswer::Accepted(a)) => {
+                c.state = ClientState::Online(session, g);
+                c.inbox.on_login(now, a.mailbox_count, a.mailbox_high_seq);
+                for m in c.outbox.values_mut() {
+                    m.request = None;
+                }
+                let _ = self.request(user, Call::LoginView, ReqKind::Other);
+            }
+            (_, LoginAnswer::Refused { code, .. }) => {
+                c.state = ClientState::Offline;
+                c.logins_refused.push(code);
+                if matches!(
+                    code,
+                    LoginError::AccountDisabled | LoginError::WrongCredentials
+                ) {
+                    c.want_online = false;
+                }
+            }
+            other => panic!("login decided oddly: {other:?}"),
+        }
+    }
+
+    fn client_read(&mut self, user: u64) {
+        let Some((session, g)) = self.client(user).session() else {
+            return;
+        };
+        loop {
+            let gw = &mut self.gateways[g];
+            let Some(s) = gw.endpoint.sessions.get_mut(&session) else {
+                return;
+            };
+            let delay = self.link_delay;
+            match s.to_client.front() {
+                Some((_, _, queued)) if *queued + delay <= self.now => {}
+                _ => return,
+            }
+            let (mid, bytes, _) = s.to_client.pop_front().expect("looked at it");
+            s.queued_bytes -= bytes.len();
+            let event = Event::Acked(mid);
+            self.feed_event(g, ServerEvent::Session { session, event });
+            let msg: GatewayMessage = app::decode(&bytes).expect("a gateway message");
+            self.client_message(user, msg);
+        }
+    }
+
+    fn client_message(&mut self, user: u64, msg: GatewayMessage) {
+        let now = self.now;
+        let c = self.client(user);
+        match msg {
+            GatewayMessage::Reply { id, result } => {
+                let Some((kind, _)) = c.requests.remove(&id) else {
+                    return; // timed out already
+                };
+                match kind {
+                    ReqKind::Send(msg_id) => c.send_answered(msg_id, result, now),
+                    ReqKind::Fetch => match result {
+                        Ok(Reply::Mailbox {
+                            messages,
+                            last_seq,
+                            more,
+                        }) => {
+                            if std::env::var_os("SIM_TRACE").is_some() {
+                                let seqs: Vec<u64> = messages.iter().map(|d| d.seq).collect();
+                                eprintln!("          user {user} page {seqs:?} last {last_seq} more {more} (shown {})", c.inbox.shown_seq());
+                            }
+                            c.inbox.on_page(now, messages, last_seq, more)
+                        }
+                        _ => c.inbox.on_fetch_failed(now),
+                    },
+                    ReqKind::Ack(up_to) => match result {
+                        Ok(Reply::Acked { .. }) => c.inbox.on_ack_done(now, up_to),
+                        _ => c.inbox.on_ack_failed(now),
+                    },
+                    ReqKind::Other => {}
+                }
+            }
+            GatewayMessage::Deliver(d) => {
+                if std::env::var_os("SIM_TRACE").is_some() {
+                    eprintln!(
+                        "          user {user} push seq {} id {} (shown {})",
+                        d.seq,
+                        d.msg_id,
+                        c.inbox.shown_seq()
+                    );
+                }
+                c.inbox.on_push(now, d)
+            }
+            GatewayMessage::MailboxChanged { high_seq } => c.inbox.on_mailbox_changed(high_seq),
+            GatewayMessage::Kicked => {
+                c.kicked = true;
+                c.pushes.push(GatewayMessage::Kicked);
+            }
+            other => c.pushes.push(other),
+        }
+    }
+
+    fn client_timers(&mut self, user: u64) {
+        let now = self.now;
+        let c = self.client(user);
+        let expired: Vec<u32> = c
+            .requests
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let (kind, _) = c.requests.remove(&id).expect("listed");
+            match kind {
+                ReqKind::Send(msg_id) => {
+                    if let Some(m) = c.outbox.values_mut().find(|m| m.msg_id == msg_id) {
+                        m.request = None;
+                    }
+                }
+                ReqKind::Fetch => c.inbox.on_fetch_failed(now),
+                ReqKind::Ack(_) => c.inbox.on_ack_failed(now),
+                ReqKind::Other => {}
+            }
+        }
+    }
+
+    // ---- checks ------------------------------------------------------------------
+
+    /// The delivery invariants, after `settle`: every message answered
+    /// `Sent` is shown to its recipient exactly once; nothing is shown
+    /// twice; each recipient shows each sender's messages in the order the
+    /// sender's application sent them; every send was answered within the
+    /// bound.
+    pub fn check_invariants(&self) {
+        for gw in &self.gateways {
+            assert!(
+                gw.endpoint.late_answers.is_empty(),
+                "sends answered late: {:?}",
+                gw.endpoint.late_answers
+            );
+        }
+        let mut shown_by: BTreeMap<u64, Vec<(u64, u128)>> = BTreeMap::new();
+        for c in self.clients.values() {
+            let ids: Vec<(u64, u128)> = c.shown.iter().map(|d| (d.from, d.msg_id)).collect();
+            let distinct: BTreeSet<_> = ids.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                ids.len(),
+                "user {} showed a message twice: {ids:?}",
+                c.user
+            );
+            shown_by.insert(c.user, ids);
+        }
+        for c in self.clients.values() {
+            for (&msg_id, _) in &c.sent {
+                let to = c
+                    .app_sends
+                    .iter()
+                    .find(|(_, m)| *m == msg_id)
+                    .expect("sent by the app")
+                    .0;
+                assert!(
+                    shown_by[&to].contains(&(c.user, msg_id)),
+                    "message {msg_id} from {} to {to} was answered Sent but never shown",
+                    c.user
+                );
+            }
+            for &to in c.app_sends.iter().map(|(t, _)| t).collect::<BTreeSet<_>>() {
+                let sent_order: Vec<u128> = c
+                    .app_sends
+                    .iter()
+                    .filter(|(t, m)| *t == to && !c.refused.contains_key(m))
+                    .map(|(_, m)| *m)
+                    .collect();
+                let shown_order: Vec<u128> = shown_by
+                    .get(&to)
+                    .map(|s| {
+                        s.iter()
+                            .filter(|(f, _)| *f == c.user)
+                            .map(|(_, m)| *m)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                assert_eq!(
+                    shown_order, sent_order,
+                    "{} -> {to}: shown in the order sent",
+                    c.user
+                );
+            }
+        }
+    }
+}
+
+impl ClientModel {
+    fn send_answered(&mut self, msg_id: u128, result: Result<Reply, AppError>, now: Instant) {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!("          user {} answer {msg_id}: {result:?}", self.user);
+        }
+        let Some((&key, _)) = self.outbox.iter().find(|(_, m)| m.msg_id == msg_id) else {
+            return;
+        };
+        match result {
+            Ok(Reply::Sent(outcome)) => {
+                self.outbox.remove(&key);
+                self.sent.insert(msg_id, outcome.seq);
+            }
+            Err(e) if e.code.is_retryable() => {
+                let m = self.outbox.get_mut(&key).expect("found");
+                m.request = None;
+                m.retry_at = Some(now + CLIENT_RETRY_DELAY);
+            }
+            Err(e) => {
+                self.outbox.remove(&key);
+                self.refused.insert(msg_id, e.code);
+            }
+            Ok(other) => panic!("a send answered {other:?}"),
+        }
+    }
+}
+
+/// The session is gone: requests on it are lost (sends stay in the
+/// outbox and go out again after the next login).
+fn lose_requests(c: &mut ClientModel, now: Instant) {
+    for (_, (kind, _)) in std::mem::take(&mut c.requests) {
+        match kind {
+            ReqKind::Fetch => c.inbox.on_fetch_failed(now),
+            ReqKind::Ack(_) => c.inbox.on_ack_failed(now),
+            _ => {}
+        }
+    }
+    for m in c.outbox.values_mut() {
+        m.request = None;
+    }
+}
+
+fn unavailable(why: &str) -> AppError {
+    AppError {
+        code: AppErrorCode::Unavailable,
+        message: why.into(),
+    }
+}
+
+fn refusal(code: LoginError) -> Vec<u8> {
+    app::encode(&LoginAnswer::Refused {
+        code,
+        message: String::new(),
+    })
+}
