@@ -277,11 +277,16 @@ async fn perform(services: &Services, action: Action, loads: &Semaphore) -> Opti
                 effects,
             }
         }
-        Action::Store { batch, to, items } => Answer::Stored {
-            batch,
-            result: calls::store(services, to, items).await,
-        },
+        Action::Store { batch, to, items } => {
+            metrics::counter!("gateway_stores_total").increment(1);
+            metrics::counter!("gateway_stored_items_total").increment(items.len() as u64);
+            Answer::Stored {
+                batch,
+                result: calls::store(services, to, items).await,
+            }
+        }
         Action::LoadRelations { users } => {
+            metrics::counter!("gateway_relation_reads_total").increment(1);
             let _permit = loads.acquire().await.expect("never closed");
             let result = calls::relations(services, users.clone()).await;
             Answer::Relations { users, result }
