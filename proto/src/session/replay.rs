@@ -2,7 +2,7 @@
 //! one 128-bit word): checked after decryption, updated only for datagrams
 //! that were authentic and fully valid.
 
-use super::config::REPLAY_WINDOW_COUNTERS;
+use super::config::{COUNTER_LIMIT, REPLAY_WINDOW_COUNTERS};
 
 #[derive(Debug, Default, Clone)]
 pub struct ReplayWindow {
@@ -14,7 +14,13 @@ pub struct ReplayWindow {
 
 impl ReplayWindow {
     /// Whether `counter` is new and inside the window (no state change).
+    /// A counter at or past `COUNTER_LIMIT` is never valid: a sender closes
+    /// its session before it gets there (and `counter + 1` must not
+    /// overflow).
     pub fn check(&self, counter: u64) -> bool {
+        if counter >= COUNTER_LIMIT {
+            return false;
+        }
         if counter >= self.next {
             return true;
         }
@@ -60,7 +66,28 @@ mod tests {
         assert!(!w.check(205 - 128));
     }
 
+    #[test]
+    fn counters_past_the_limit_are_refused_not_overflowed() {
+        let mut w = ReplayWindow::default();
+        assert!(!w.check(u64::MAX), "an authentic datagram cannot reset the window");
+        assert!(!w.check(COUNTER_LIMIT));
+        assert!(w.check(COUNTER_LIMIT - 1));
+        assert!(w.accept(COUNTER_LIMIT - 1));
+        assert!(!w.check(COUNTER_LIMIT - 1));
+    }
+
     proptest! {
+        #[test]
+        fn any_counter_is_checked_without_panicking(c in any::<u64>(), prior in any::<u64>()) {
+            let mut w = ReplayWindow::default();
+            if w.check(prior) {
+                w.accept(prior);
+            }
+            if w.check(c) {
+                w.accept(c);
+            }
+        }
+
         #[test]
         fn each_counter_is_accepted_at_most_once(counters in proptest::collection::vec(0u64..400, 1..300)) {
             let mut w = ReplayWindow::default();
