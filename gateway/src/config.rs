@@ -57,6 +57,20 @@ pub struct Limits {
     /// Whether users may write to users who are not their friends (blocks
     /// still apply). Off: a send to a non-friend is answered `NotAllowed`.
     pub allow_strangers: bool,
+    /// When a handshake must prove its source address with a cookie first
+    /// (docs/PROTOCOL.md §2.4): `never`, `always`, or `under-load` (more
+    /// than `cookie_inits_per_s_max` mac1-valid initiations this second).
+    pub cookie_mode: CookieModeSetting,
+    pub cookie_inits_per_s_max: u32,
+}
+
+/// `limits.cookie_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CookieModeSetting {
+    Never,
+    UnderLoad,
+    Always,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +129,8 @@ impl Default for Limits {
             profile_cache_entries: 100_000,
             relations_cache_bytes_max: 64 * 1024 * 1024,
             allow_strangers: false,
+            cookie_mode: CookieModeSetting::UnderLoad,
+            cookie_inits_per_s_max: 2000,
         }
     }
 }
@@ -140,6 +156,20 @@ pub enum ConfigError {
     Load(#[from] daemon::config::ConfigError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+impl Limits {
+    /// The session layer's cookie mode these settings ask for.
+    pub fn cookie_mode(&self) -> proto::session::CookieMode {
+        use proto::session::CookieMode;
+        match self.cookie_mode {
+            CookieModeSetting::Never => CookieMode::Never,
+            CookieModeSetting::Always => CookieMode::Always,
+            CookieModeSetting::UnderLoad => CookieMode::UnderLoad {
+                inits_per_s_max: self.cookie_inits_per_s_max,
+            },
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -188,6 +218,10 @@ impl GatewayConfig {
             (
                 l.relations_cache_bytes_max >= 4096,
                 "limits.relations_cache_bytes_max must be at least 4096",
+            ),
+            (
+                l.cookie_inits_per_s_max >= 1,
+                "limits.cookie_inits_per_s_max must be at least 1",
             ),
             (t.heartbeat_s >= 1, "timers.heartbeat_s must be at least 1"),
             (
@@ -260,5 +294,12 @@ mod tests {
         c.timers.retry_hold_ms = c.timers.send_answer_ms_max - 1;
         assert!(c.validate().is_err());
         assert!(daemon::config::parse_toml::<GatewayConfig>("bogus = 1").is_err());
+        let c: GatewayConfig =
+            daemon::config::parse_toml("[limits]\ncookie_mode = \"always\"\n").unwrap();
+        assert_eq!(c.limits.cookie_mode(), proto::session::CookieMode::Always);
+        assert!(daemon::config::parse_toml::<GatewayConfig>(
+            "[limits]\ncookie_mode = \"sometimes\"\n"
+        )
+        .is_err());
     }
 }

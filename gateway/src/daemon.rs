@@ -14,7 +14,7 @@ use crate::{
 };
 use proto::{
     cluster::{ClusterMap, ClusterMapError},
-    session::{CookieMode, ServerConfig, ServerEndpoint, SessionConfig},
+    session::{ServerConfig, ServerEndpoint, SessionConfig},
 };
 use rand::RngCore;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -104,9 +104,7 @@ fn endpoint_config(config: &GatewayConfig) -> ServerConfig {
             ..SessionConfig::default()
         },
         sessions_max: config.limits.sessions_max,
-        cookie_mode: CookieMode::UnderLoad {
-            inits_per_s_max: 2000,
-        },
+        cookie_mode: config.limits.cookie_mode(),
         ..ServerConfig::default()
     }
 }

@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn counters_past_the_limit_are_refused_not_overflowed() {
         let mut w = ReplayWindow::default();
-        assert!(!w.check(u64::MAX), "an authentic datagram cannot reset the window");
+        assert!(
+            !w.check(u64::MAX),
+            "an authentic datagram cannot reset the window"
+        );
         assert!(!w.check(COUNTER_LIMIT));
         assert!(w.check(COUNTER_LIMIT - 1));
         assert!(w.accept(COUNTER_LIMIT - 1));
