@@ -147,6 +147,12 @@ impl Client {
         self.shared.session().session_id()
     }
 
+    /// See `ClientSession::set_keepalive`.
+    pub fn set_keepalive(&self, keepalive: std::time::Duration) {
+        self.shared.session().set_keepalive(keepalive);
+        self.shared.wake.notify_one();
+    }
+
     pub fn stats(&self) -> EndpointStats {
         self.shared.session().stats().clone()
     }

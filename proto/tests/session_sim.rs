@@ -265,6 +265,31 @@ fn client_heartbeats_keep_an_idle_session_alive_and_silence_expires_it() {
 }
 
 #[test]
+fn a_keepalive_set_after_the_handshake_keeps_the_session_alive() {
+    // A client configured without heartbeats learns at login that its
+    // gateway wants them (`heartbeat_s`) and sets them then.
+    let (server_config, mut client_config) = configs(10);
+    client_config.session.keepalive = Duration::ZERO;
+    for set in [false, true] {
+        let mut sim = Sim::new(70, NetConfig::perfect(), server_config.clone());
+        let key = sim.public_key();
+        sim.connect(client_config.clone(), key, b"login alice");
+        assert!(sim.run_until(Duration::from_secs(10), |s| s.session_of(0).is_some()));
+        if set {
+            sim.clients[0]
+                .session
+                .set_keepalive(Duration::from_secs(20));
+        }
+        sim.run_until(Duration::from_secs(600), |_| false);
+        assert_eq!(
+            sim.server.session_count(),
+            usize::from(set),
+            "keepalive set: {set}"
+        );
+    }
+}
+
+#[test]
 fn a_clean_close_reaches_the_peer() {
     let mut o = exchange(8, NetConfig::perfect(), 1, 10);
     o.sim.clients[0].session.close();

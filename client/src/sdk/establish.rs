@@ -155,14 +155,22 @@ async fn handshake(
     // The session's first event is the handshake's outcome.
     match events.recv().await {
         Some(Event::Connected { payload, .. }) => match decode::<LoginAnswer>(&payload) {
-            Ok(LoginAnswer::Accepted(accepted)) => Ok(Established {
-                link: Link {
-                    client,
-                    events,
-                    addr,
-                },
-                accepted,
-            }),
+            Ok(LoginAnswer::Accepted(accepted)) => {
+                // Heartbeats at least as often as the gateway asked.
+                let asked = std::time::Duration::from_secs(accepted.heartbeat_s.max(1).into());
+                let configured = config.session.session.keepalive;
+                if configured.is_zero() || asked < configured {
+                    client.set_keepalive(asked);
+                }
+                Ok(Established {
+                    link: Link {
+                        client,
+                        events,
+                        addr,
+                    },
+                    accepted,
+                })
+            }
             other => {
                 client.close();
                 Err(ConnectError::BadAnswer(format!(

@@ -95,6 +95,13 @@ impl ClientSession {
         &self.stats
     }
 
+    /// Send a keepalive PING after this long without sending anything
+    /// (0: never), from now on: a client sets what its gateway asked for at
+    /// login (`heartbeat_s`), which it learns only after the handshake.
+    pub fn set_keepalive(&mut self, keepalive: Duration) {
+        self.config.session.keepalive = keepalive;
+    }
+
     pub fn session_id(&self) -> Option<u64> {
         match &self.state {
             State::Established(core) => Some(core.id()),
