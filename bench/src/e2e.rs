@@ -275,6 +275,19 @@ impl Cluster {
         Ok(ids)
     }
 
+    /// Make `a[i]` and `b[i]` friends (only friends may write to each
+    /// other).
+    async fn befriend(&self, a: &[u64], b: &[u64]) -> Result<()> {
+        let pairs: Vec<(u64, u64)> = a.iter().copied().zip(b.iter().copied()).collect();
+        for chunk in pairs.chunks(proto::profile::IMPORT_FRIENDSHIPS_MAX) {
+            self.profile
+                .import_friendships("Friends", chunk.to_vec())
+                .await
+                .context("make the pairs friends")?;
+        }
+        Ok(())
+    }
+
     fn gateway_cpu(&self) -> Option<Duration> {
         procs::cpu_time(self.gateway.pid()).ok()
     }
@@ -396,6 +409,7 @@ async fn online_phase(
     let first = load(&cluster.next_user);
     let ids = cluster.users(2 * pairs).await?;
     let (senders, receivers) = ids.split_at(pairs);
+    cluster.befriend(senders, receivers).await?;
     let counters = Arc::new(Counters::default());
     let logins = password_login(receivers, first + pairs as u64, |_| Role::Receiver);
     let rx = Running::launch(cluster, logins, plan.sockets, pairs, &counters)?;
@@ -513,6 +527,7 @@ async fn offline_phase(cluster: &Cluster, plan: &Plan) -> Result<(OfflineResult,
     let first = load(&cluster.next_user);
     let ids = cluster.users(2 * plan.pairs).await?;
     let (senders, receivers) = ids.split_at(plan.pairs);
+    cluster.befriend(senders, receivers).await?;
     let total = plan.offline_per_sender * plan.pairs as u64;
     let counters = Arc::new(Counters::default());
     let role = |i: usize| Role::Sender {
