@@ -5,7 +5,7 @@
 use crate::demo::{Demo, DemoUser, DATA_DIR_DEFAULT};
 use anyhow::Context;
 use clap::Args;
-use gateway::embedded::{Embedded, EmbeddedConfig};
+use embedded::{Embedded, EmbeddedConfig};
 use rand::{distributions::Alphanumeric, Rng};
 use std::{net::SocketAddr, path::PathBuf};
 

@@ -1,8 +1,10 @@
 //! A whole cluster in one process: presence, profile, msgstore shards and
 //! (optionally) a gateway, with their data under one directory and a
-//! cluster map written for them. `imctl up` runs it; tests use it too.
+//! cluster map written for them. `imctl up` runs it; benchmarks and tests
+//! use it too. A crate of its own so that the gateway library does not
+//! carry every other component for them.
 
-use crate::{config::GatewayConfig, daemon as gateway_daemon};
+use gateway::{config::GatewayConfig, daemon as gateway_daemon};
 use proto::cluster::{ClusterMap, GatewayEntry, ShardEntry};
 use std::{net::SocketAddr, path::PathBuf};
 
