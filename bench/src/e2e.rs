@@ -1,5 +1,5 @@
 //! `imbench e2e`: the whole IM system end to end. Presence, profile and two
-//! msgstore shards run in this process (`gateway::embedded`), the gateway
+//! msgstore shards run in this process (crate `embedded`), the gateway
 //! runs as its own process (its CPU time and datagrams are its own), and
 //! simulated clients speak the real application protocol over real UDP
 //! sessions (`e2e_fleet`). In the same run, the raw UDP echo ceiling of
@@ -24,7 +24,7 @@ use crate::{
     udp_load::{self, LoadShared, RawPeer},
 };
 use anyhow::{bail, ensure, Context, Result};
-use gateway::embedded::{Embedded, EmbeddedConfig};
+use embedded::{Embedded, EmbeddedConfig};
 use netio::udp;
 use profile::{passwords::Hasher, ProfileClient};
 use proto::{

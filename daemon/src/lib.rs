@@ -46,21 +46,45 @@ pub fn init_tracing() {
 #[error("cannot start the metrics listener on {addr}: {message}")]
 pub struct MetricsError {
     pub addr: SocketAddr,
+    /// The kind of the listen failure, if binding `addr` was what failed
+    /// (`AddrInUse`: another process has the port).
+    pub listen_error: Option<std::io::ErrorKind>,
     pub message: String,
 }
 
+impl MetricsError {
+    pub fn is_addr_in_use(&self) -> bool {
+        self.listen_error == Some(std::io::ErrorKind::AddrInUse)
+    }
+}
+
 /// Serve every `metrics` counter, gauge and histogram of this process at
-/// `http://ADDR/metrics`. Must be called inside a tokio runtime.
-pub fn install_metrics(addr: SocketAddr) -> Result<(), MetricsError> {
+/// `http://ADDR/metrics`; the address it listens on (port 0 in `addr`: one
+/// the kernel chose). Must be called inside a tokio runtime.
+///
+/// The exporter binds the address itself and reports a failure only as
+/// text, so the address is bound here first, and closed again, to learn a
+/// failure's kind and the port to hand the exporter. Another process could
+/// take the port in between; the exporter then fails without a kind.
+pub fn install_metrics(addr: SocketAddr) -> Result<SocketAddr, MetricsError> {
+    let listen_failed = |e: std::io::Error| MetricsError {
+        addr,
+        listen_error: Some(e.kind()),
+        message: e.to_string(),
+    };
+    let bound = std::net::TcpListener::bind(addr)
+        .and_then(|probe| probe.local_addr())
+        .map_err(listen_failed)?;
     metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
+        .with_http_listener(bound)
         .install()
         .map_err(|e| MetricsError {
             addr,
+            listen_error: None,
             message: e.to_string(),
         })?;
-    tracing::info!(%addr, "metrics exporter listening");
-    Ok(())
+    tracing::info!(addr = %bound, "metrics exporter listening");
+    Ok(bound)
 }
 
 /// The body of a daemon's `main`: logs, a current-thread runtime for
@@ -89,5 +113,17 @@ pub fn exit_code(name: &str, result: anyhow::Result<()>) -> ExitCode {
             eprintln!("{name}: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_metrics_address_in_use_is_told_apart() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = super::install_metrics(addr).unwrap_err();
+        assert!(e.is_addr_in_use(), "{e}");
+        assert_eq!(e.addr, addr);
     }
 }

@@ -15,15 +15,13 @@
 //!   [`map_push`]: pushing one to a gateway (`imctl rebalance`).
 //! * [`dedupe`]: outcomes of recent sends, for retries.
 //! * [`resume`]: resume tokens. [`keys`]: key files. [`config`]: TOML.
-//! * [`daemon`]: start and stop. [`embedded`]: a whole cluster in one
-//!   process (`imctl up`, tests).
+//! * [`daemon`]: start and stop.
 
 pub mod calls;
 pub mod config;
 pub mod daemon;
 pub mod dedupe;
 pub mod driver;
-pub mod embedded;
 pub mod keys;
 pub mod login;
 pub mod map_push;

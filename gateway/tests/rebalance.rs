@@ -7,8 +7,8 @@
 
 mod support;
 
+use embedded::{Embedded, EmbeddedConfig};
 use gateway::{
-    embedded::{Embedded, EmbeddedConfig},
     map_push::{push_map, MapPushError},
     shards::{ShardCallError, Shards, SHARD_REDIRECTS_MAX},
 };

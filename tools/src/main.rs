@@ -68,6 +68,11 @@ fn main() -> ExitCode {
         }
     };
     let out = output::Output { json: cli.json };
+    // `imctl up` runs for long and speaks as itself (its stop messages too).
+    let name = match cli.command {
+        Command::Up(_) => "imctl up",
+        _ => "imctl",
+    };
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up_cmd::run(args).await,
@@ -82,11 +87,5 @@ fn main() -> ExitCode {
             Command::Rebalance(args) => rebalance_cmd::run(args, &out).await,
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("imctl: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::exit_code(name, result)
 }

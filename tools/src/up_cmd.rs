@@ -1,33 +1,76 @@
 //! `imctl up`: the whole system on one machine, in this process: presence,
-//! profile, two msgstore shards and a gateway, data under `./data`, demo
-//! users on first start. Ctrl-C stops everything cleanly.
+//! profile, msgstore shards and a gateway, data under `./data`, demo users
+//! on first start, and one Prometheus listener for the metrics of all of
+//! them. Every address has a flag; a taken one is named with its flag.
+//! Ctrl-C stops everything cleanly.
 
 use crate::demo::{Demo, DemoUser, DATA_DIR_DEFAULT};
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use clap::Args;
-use gateway::embedded::{Embedded, EmbeddedConfig};
+use embedded::{Component, Embedded, EmbeddedConfig, EmbeddedError};
 use rand::{distributions::Alphanumeric, Rng};
 use std::{net::SocketAddr, path::PathBuf};
+
+/// Where `imctl up` serves `/metrics` unless told otherwise.
+pub const METRICS_ADDR_DEFAULT: &str = "127.0.0.1:9100";
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// Directory for all data (created if missing).
     #[arg(long, value_name = "DIR", default_value = DATA_DIR_DEFAULT)]
     data: PathBuf,
-    /// UDP address of the gateway.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7100")]
+    /// UDP address of the gateway (where clients log in).
+    #[arg(long, value_name = "ADDR", default_value = embedded::GATEWAY_ADDR_DEFAULT)]
     gateway: SocketAddr,
+    /// TCP address of the gateway's peer listener (other gateways, map
+    /// pushes by `imctl rebalance`); the cluster map names it as given.
+    #[arg(long, value_name = "ADDR", default_value = embedded::GATEWAY_PEER_ADDR_DEFAULT)]
+    gateway_peer: SocketAddr,
+    /// TCP address of presence.
+    #[arg(long, value_name = "ADDR", default_value = embedded::PRESENCE_ADDR_DEFAULT)]
+    presence: SocketAddr,
+    /// TCP address of the profile service.
+    #[arg(long, value_name = "ADDR", default_value = embedded::PROFILE_ADDR_DEFAULT)]
+    profile: SocketAddr,
+    /// TCP address of a msgstore shard, one per shard (repeat the flag or
+    /// separate with commas).
+    #[arg(
+        long = "shard",
+        value_name = "ADDR",
+        value_delimiter = ',',
+        default_values = embedded::SHARD_ADDRS_DEFAULT
+    )]
+    shards: Vec<SocketAddr>,
+    /// HTTP address serving the Prometheus metrics of every component at
+    /// /metrics.
+    #[arg(long, value_name = "ADDR", default_value = METRICS_ADDR_DEFAULT)]
+    metrics: SocketAddr,
 }
 
 const DEMO_USERS: [&str; 2] = ["alice", "bob"];
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let signals = daemon::Signals::install()?;
-    let mut config = EmbeddedConfig::standard(args.data.clone());
-    config.gateway = Some(args.gateway);
-    let cluster = Embedded::start(config)
-        .await
-        .context("cannot start the cluster (is another `imctl up` or daemon using its ports?)")?;
+    // Before the components: they record from their start on, and a taken
+    // metrics port then stops nothing that was running. The components
+    // record through the process's global recorder, so this one listener
+    // serves them all.
+    let metrics = daemon::install_metrics(args.metrics).map_err(|e| {
+        if e.is_addr_in_use() {
+            in_use(args.metrics, "metrics", "--metrics")
+        } else {
+            e.into()
+        }
+    })?;
+    let config = EmbeddedConfig {
+        presence: args.presence,
+        profile: args.profile,
+        shards: args.shards.clone(),
+        gateway: Some(args.gateway),
+        gateway_peer: args.gateway_peer,
+        ..EmbeddedConfig::standard(args.data.clone())
+    };
+    let cluster = Embedded::start(config).await.map_err(explain)?;
     let demo = match demo_users(&cluster, &args).await {
         Ok(demo) => demo,
         Err(e) => {
@@ -35,12 +78,33 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    print_guide(&args, &demo);
+    print_guide(&args, &cluster, &demo, metrics);
     let signal = signals.wait().await;
     eprintln!("imctl up: {signal}: stopping");
     cluster.shutdown().await;
     eprintln!("imctl up: stopped cleanly");
     Ok(())
+}
+
+/// A taken address is named with what wanted it and the flag that moves
+/// it; any other failure as it is.
+fn explain(e: EmbeddedError) -> anyhow::Error {
+    let flag = match e.component {
+        Component::Presence => "--presence",
+        Component::Profile => "--profile",
+        Component::Shard(_) => "--shard",
+        Component::Gateway => "--gateway",
+        Component::GatewayPeer => "--gateway-peer",
+        Component::DataDir | Component::ClusterMap => return e.into(),
+    };
+    match e.addr_in_use {
+        Some(addr) => in_use(addr, &e.component.to_string(), flag),
+        None => e.into(),
+    }
+}
+
+fn in_use(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Error {
+    anyhow!("{addr} is already in use ({what}; pick another with {flag} ADDR)")
 }
 
 /// Create alice and bob (friends of each other) on first start; the demo
@@ -94,7 +158,7 @@ fn capitalized(name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn print_guide(args: &UpArgs, demo: &Demo) {
+fn print_guide(args: &UpArgs, cluster: &Embedded, demo: &Demo, metrics: SocketAddr) {
     let data = args.data.display();
     println!(
         "im-server is up: gateway {} (UDP), data in {data}/",
@@ -104,6 +168,18 @@ fn print_guide(args: &UpArgs, demo: &Demo) {
     for u in &demo.users {
         println!("  demo user {:<6} password {}", u.name, u.password);
     }
+    let shards: Vec<String> = cluster
+        .shards
+        .iter()
+        .map(|s| s.local_addr().to_string())
+        .collect();
+    println!(
+        "  presence {}, profile {}, shards {}",
+        cluster.presence.local_addr(),
+        cluster.profile.local_addr(),
+        shards.join(", ")
+    );
+    println!("  metrics of every component: http://{metrics}/metrics");
     println!("Next, in another terminal:");
     println!("  imctl send --user alice --to bob hello     # alice -> bob");
     println!("  imctl inbox --user bob                     # bob reads his messages");

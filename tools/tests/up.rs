@@ -1,15 +1,21 @@
 //! The README's path: `imctl up`, then `imctl send`, `imctl inbox` and
-//! `imctl chat` with nothing but the demo file. (`imctl up` uses the standard ports
-//! 7100/7300/7401/7402/7500, which must be free.)
+//! `imctl chat` with nothing but the demo file. (That test uses the standard ports
+//! 7100/7101/7300/7401/7402/7500/9100, which must be free; the others here
+//! let the kernel pick every port, so they run beside it.) Also: a taken
+//! port is named with its flag, and `/metrics` serves every component.
 
 mod common;
 
 use daemon::testing::signal;
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
+    net::SocketAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+/// Any free loopback port.
+const ANY: &str = "127.0.0.1:0";
 
 /// Kills `imctl up` if the test fails before stopping it.
 struct KillOnDrop(std::process::Child);
@@ -57,6 +63,11 @@ fn up_then_send_and_inbox_with_the_demo_defaults() {
         "acknowledged messages are gone"
     );
     chat_in_a_terminal(data);
+    stop(&mut up);
+}
+
+/// SIGINT, then `imctl up` must exit cleanly.
+fn stop(up: &mut KillOnDrop) {
     signal(&up.0, libc::SIGINT);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -67,6 +78,118 @@ fn up_then_send_and_inbox_with_the_demo_defaults() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "imctl up exited with {status}");
+}
+
+/// `imctl up` arguments with every address on a port the kernel picks,
+/// but `flag` set to `value`.
+fn up_args(data: &str, flag: &str, value: &str) -> Vec<String> {
+    let mut args = vec!["up".to_string(), "--data".into(), data.into()];
+    for f in [
+        "--gateway",
+        "--gateway-peer",
+        "--presence",
+        "--profile",
+        "--shard",
+        "--metrics",
+    ] {
+        let v = match f {
+            _ if f == flag => value.to_string(),
+            "--shard" => format!("{ANY},{ANY}"),
+            _ => ANY.to_string(),
+        };
+        args.extend([f.to_string(), v]);
+    }
+    args
+}
+
+#[test]
+fn a_port_in_use_is_named_with_what_wanted_it_and_its_flag() {
+    let tcp = std::net::TcpListener::bind(ANY).unwrap();
+    let udp = std::net::UdpSocket::bind(ANY).unwrap();
+    let tcp = tcp.local_addr().unwrap().to_string();
+    let udp = udp.local_addr().unwrap().to_string();
+    let cases = [
+        ("--presence", tcp.clone(), &tcp, "presence"),
+        ("--profile", tcp.clone(), &tcp, "profile"),
+        // The second shard: the first, profile and presence are running
+        // by then and must be stopped cleanly.
+        ("--shard", format!("{ANY},{tcp}"), &tcp, "shard 2"),
+        ("--gateway", udp.clone(), &udp, "the gateway"),
+        (
+            "--gateway-peer",
+            tcp.clone(),
+            &tcp,
+            "the gateway's peer listener",
+        ),
+        ("--metrics", tcp.clone(), &tcp, "metrics"),
+    ];
+    for (flag, value, taken, what) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let args = up_args(dir.path().to_str().unwrap(), flag, &value);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = common::run(&args, None);
+        assert!(!ok, "imctl up {flag} {value} started on a taken port");
+        let expected = format!(
+            "imctl up: error: {taken} is already in use ({what}; pick another with {flag} ADDR)"
+        );
+        assert_eq!(err.trim(), expected, "imctl up {flag} {value}");
+    }
+}
+
+#[test]
+fn metrics_of_every_component_are_served_on_one_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_imctl"))
+        .args(up_args(data, "--metrics", ANY))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start imctl up");
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut up = KillOnDrop(up);
+    let metrics: SocketAddr = loop {
+        let line = lines.next().expect("the metrics line").expect("utf-8");
+        if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            let addr = url.strip_prefix("http://").unwrap();
+            break addr
+                .strip_suffix("/metrics")
+                .expect("a /metrics URL")
+                .parse()
+                .unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let (ok, _, err) = common::run(
+        &[
+            "send", "--data", data, "--user", "alice", "--to", "bob", "hi",
+        ],
+        None,
+    );
+    assert!(ok, "send failed: {err}");
+    let text = scrape(metrics);
+    for prefix in ["gateway_", "msgstore_", "presence_", "profile_"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(prefix)),
+            "no {prefix} metric in:\n{text}"
+        );
+    }
+    stop(&mut up);
+}
+
+/// `GET /metrics`: the whole answer, headers included.
+fn scrape(addr: SocketAddr) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text
 }
 
 /// `imctl chat` in a real terminal: the friend list and prompt, a message

@@ -5,7 +5,7 @@
 
 use client::{Client, DriverConfig};
 use daemon::testing::DaemonProcess;
-use gateway::embedded::{Embedded, EmbeddedConfig};
+use embedded::{Embedded, EmbeddedConfig};
 use proto::{
     app::{
         self, Call, ClientMessage, GatewayMessage, Login, LoginAnswer, LoginMethod, Reply,
