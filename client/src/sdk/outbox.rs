@@ -27,7 +27,7 @@ pub(crate) struct Entry {
     /// When the application sent it.
     pub(crate) queued_at: Instant,
     /// The last retryable error it was answered with.
-    pub(crate) last_error: Option<SdkError>,
+    pub(crate) last_error: Option<Box<SdkError>>,
 }
 
 pub(crate) struct Outbox {

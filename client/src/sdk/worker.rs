@@ -552,7 +552,7 @@ impl Worker {
             if let Some(entry) = self.outbox.get_mut(key) {
                 entry.request = None;
                 entry.retry_at = Some(Instant::now() + delay);
-                entry.last_error = result.err();
+                entry.last_error = result.err().map(Box::new);
             }
             return;
         }
@@ -612,7 +612,7 @@ impl Worker {
         }
         self.unsent.retain(|(id, _)| self.requests.contains_key(id));
         for entry in self.outbox.give_up(now, self.send_timeout) {
-            let error = entry.last_error.clone().unwrap_or(SdkError::Timeout);
+            let error = entry.last_error.map_or(SdkError::Timeout, |e| *e);
             let _ = entry.reply.send(Err(error));
         }
         self.fill_window(now);

@@ -25,6 +25,7 @@
 //!   relations (friends, blocks, disabled), invalidated by the profile
 //!   service's pushes, not by a round trip per message.
 
+mod holds;
 mod relations;
 mod sends;
 mod sessions;

@@ -3,18 +3,23 @@
 //! batched behind it), answered once durable or at `send_answer_ms_max`,
 //! remembered for retries, then pushed to the recipient.
 
-use super::{error, relations::Lookup, Action, Now, Router, Sessions, StoreItem};
+use super::{
+    error,
+    holds::{Hold, Holds},
+    relations::Lookup,
+    Action, Now, Router, Sessions, StoreItem,
+};
 use crate::dedupe::{FastMap, RecentSends, SendKey};
 use proto::app::{
     AppError, AppErrorCode, Delivery, Reply, SendOutcome, StoredEnvelope, BODY_BYTES_MAX,
 };
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeSet, VecDeque},
     time::Instant,
 };
 
 /// (sender, recipient).
-pub(crate) type ConvKey = (u64, u64);
+pub(crate) use super::holds::ConvKey;
 /// A request waiting for a send's outcome: (session, request id).
 pub(crate) type Waiter = (u64, u32);
 
@@ -52,27 +57,11 @@ struct Batch {
     keys: Vec<SendKey>,
 }
 
-/// After a retryable refusal: the conversation's messages refused so far,
-/// by arrival, which must come again, in that order, before any other
-/// message of it is taken.
-struct Hold {
-    /// arrival -> msg_id.
-    waiting: BTreeMap<u64, u128>,
-    arrivals: FastMap<u128, u64>,
-    code: AppErrorCode,
-    until: Instant,
-}
-
-/// Messages one hold waits for at most (a client has at most its window
-/// of sends on the wire; past this, refusals are not remembered and the
-/// hold just runs out).
-pub const HOLD_IDS_MAX: usize = 256;
-
 pub(crate) struct Sends {
     pending: FastMap<SendKey, Pending>,
     convs: FastMap<ConvKey, Conv>,
     batches: FastMap<u64, Batch>,
-    holds: FastMap<ConvKey, Hold>,
+    holds: Holds,
     deadlines: BTreeSet<(Instant, SendKey)>,
     /// Conversations waiting for their recipient's relations, by recipient.
     waiting: FastMap<u64, Vec<ConvKey>>,
@@ -87,7 +76,7 @@ impl Sends {
             pending: FastMap::default(),
             convs: FastMap::default(),
             batches: FastMap::default(),
-            holds: FastMap::default(),
+            holds: Holds::default(),
             deadlines: BTreeSet::new(),
             waiting: FastMap::default(),
             done: RecentSends::new(dedupe_entries_max),
@@ -121,98 +110,18 @@ impl Sends {
     }
 
     pub(crate) fn forget_expired_holds(&mut self, now: Instant) {
-        self.holds.retain(|_, h| h.until > now);
-    }
-
-    fn arrival(&mut self) -> u64 {
-        self.next_arrival += 1;
-        self.next_arrival
-    }
-
-    /// `msg_id` of `conv` (which arrived at `arrival`; `None`: just now)
-    /// was refused with a retryable error: hold the conversation until it
-    /// comes again.
-    fn hold(
-        &mut self,
-        conv: ConvKey,
-        msg_id: u128,
-        arrival: Option<u64>,
-        code: AppErrorCode,
-        (now, until): (Instant, Instant),
-        extend: bool,
-    ) {
-        let arrival = match arrival {
-            Some(a) => a,
-            None => self.arrival(),
-        };
-        let h = self.holds.entry(conv).or_insert_with(|| Hold {
-            waiting: BTreeMap::new(),
-            arrivals: FastMap::default(),
-            code,
-            until,
-        });
-        if h.until <= now {
-            h.waiting.clear();
-            h.arrivals.clear();
-            h.until = until;
-        }
-        h.code = code;
-        if extend {
-            // A new failure; a refusal by the hold itself does not make it
-            // last longer (a message the hold waits for may never come).
-            h.until = h.until.max(until);
-        }
-        if h.waiting.len() < HOLD_IDS_MAX && !h.arrivals.contains_key(&msg_id) {
-            h.waiting.insert(arrival, msg_id);
-            h.arrivals.insert(msg_id, arrival);
-        }
-    }
-
-    /// Whether a send of `msg_id` may go ahead in `conv`: yes if nothing
-    /// refused waits, or if it is the first of them to have arrived; else
-    /// it is refused (again). A client sends refused messages again in the
-    /// order it first sent them, on one session, so every message it sent
-    /// before it heard of a refusal reaches the gateway while the hold
-    /// still waits.
-    ///
-    /// `Ok` carries the message's first arrival if the hold waited for it
-    /// (it keeps its place should it be refused again).
-    fn check_hold(
-        &mut self,
-        conv: ConvKey,
-        msg_id: u128,
-        now: Instant,
-    ) -> Result<Option<u64>, Refusal> {
-        let Some(h) = self.holds.get_mut(&conv) else {
-            return Ok(None);
-        };
-        if h.until <= now {
-            self.holds.remove(&conv);
-            return Ok(None);
-        }
-        if let Some((&arrival, &first)) = h.waiting.first_key_value() {
-            if first == msg_id {
-                h.waiting.pop_first();
-                h.arrivals.remove(&msg_id);
-                if h.waiting.is_empty() {
-                    self.holds.remove(&conv);
-                }
-                return Ok(Some(arrival));
-            }
-        }
-        Err(Refusal {
-            error: error(
-                h.code,
-                "an earlier message to this user must be sent again first",
-            ),
-            by_hold: true,
-        })
+        self.holds.forget_expired(now);
     }
 
     /// Forget `user`'s holds: its session ended, and its client sends
     /// everything unanswered again, in order, on its next one.
     pub(crate) fn forget_holds_of(&mut self, user: u64) {
-        self.holds.retain(|(from, _), _| *from != user);
+        self.holds.forget_sender(user);
+    }
+
+    fn arrival(&mut self) -> u64 {
+        self.next_arrival += 1;
+        self.next_arrival
     }
 
     fn set_deadline(&mut self, key: SendKey, at: Instant) {
@@ -324,14 +233,21 @@ impl Router {
             return Ok(Admit::Joined);
         }
         let conv = (send.key.0, send.to);
-        let arrival = self.sends.check_hold(conv, send.key.1, now.at)?;
+        let arrival = self
+            .sends
+            .holds
+            .check(conv, send.key.1, now.at)
+            .map_err(|code| Refusal {
+                error: error(
+                    code,
+                    "an earlier message to this user must be sent again first",
+                ),
+                by_hold: true,
+            })?;
         if self.message_rate.check_key(&send.key.0).is_err() {
             // Refused after all: back in the hold, in its place.
-            let until = now.at + self.config.retry_hold;
             let code = AppErrorCode::RateLimited;
-            let times = (now.at, until);
-            self.sends
-                .hold(conv, send.key.1, arrival, code, times, true);
+            self.hold(now, conv, send.key.1, arrival, code, true);
             return Err(error(code, "sending too fast").into());
         }
         Ok(Admit::New { arrival })
@@ -458,9 +374,18 @@ impl Router {
         code: AppErrorCode,
         extend: bool,
     ) {
-        let until = now.at + self.config.retry_hold;
-        self.sends
-            .hold(conv, msg_id, arrival, code, (now.at, until), extend);
+        let arrival = match arrival {
+            Some(a) => a,
+            None => self.sends.arrival(),
+        };
+        let hold = Hold {
+            msg_id,
+            arrival,
+            code,
+            until: now.at + self.config.retry_hold,
+            extend,
+        };
+        self.sends.holds.hold(conv, hold, now.at);
     }
 
     /// A retryable failure in `conv`: fail what is queued behind it too, so
