@@ -171,6 +171,29 @@ async fn a_blocked_user_cannot_send_a_friend_request_and_blocking_keeps_friends(
 }
 
 #[tokio::test]
+async fn blocking_drops_the_blocked_users_pending_friend_request() {
+    let t = common::open(|_| {});
+    let s = &t.service;
+    let ids = common::import(s, 3).await;
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let ask = |from, to| RequestBody::FriendRequest {
+        from,
+        to,
+        group: b"g".to_vec(),
+    };
+    assert_eq!(s.handle(ask(a, b)).await, ResponseBody::Done);
+    assert_eq!(s.handle(ask(c, b)).await, ResponseBody::Done);
+    version(s.handle(block(b, a)).await);
+    let accept = RequestBody::FriendAccept {
+        user: b,
+        from: a,
+        group: b"g".to_vec(),
+    };
+    assert_eq!(code(s.handle(accept).await), ErrorCode::NotFound, "gone");
+    assert_eq!(s.store().pending_requests().unwrap().len(), 1, "c's stays");
+}
+
+#[tokio::test]
 async fn relations_are_sorted_consistent_and_leave_unknown_users_out() {
     let t = common::open(|_| {});
     let s = &t.service;

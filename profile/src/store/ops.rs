@@ -487,8 +487,9 @@ impl Store {
         Ok((p, self.blocks_in(txn, user)?))
     }
 
-    /// `user` blocks `blocked`; already blocked changes nothing (the
-    /// current version, no bump, no invalidation).
+    /// `user` blocks `blocked`, and drops `blocked`'s pending friend
+    /// request to `user` if there is one; already blocked changes nothing
+    /// (the current version, no bump, no invalidation).
     fn block(
         &self,
         txn: &mut RwTxn,
@@ -508,6 +509,7 @@ impl Store {
         }
         list.insert(blocked);
         self.blocks.put(txn, &user, &encode(&list)?)?;
+        self.requests.delete(txn, &request_key(user, blocked))?;
         Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
     }
 
