@@ -1166,3 +1166,260 @@ async fn at_most_sends_in_flight_max_sends_wait_for_an_answer() {
     );
     assert!(alice.stats().sends_reissued >= 2);
 }
+
+// ---- protocol v2: the mailbox is the single source of truth -----------------
+
+#[tokio::test]
+async fn messages_stored_while_offline_come_after_login_in_order_once() {
+    let stub = Stub::fresh().await;
+    stub.state().page_max = Some(3); // several pages
+    let (alice, _alice_events) = login(&stub, "alice").await;
+    for i in 0..7u8 {
+        let outcome = alice.send(BOB, vec![i]).await;
+        assert_eq!(
+            outcome,
+            Ok(SendOutcome {
+                seq: u64::from(i) + 1
+            })
+        );
+    }
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    let accepted = bob.login();
+    assert_eq!((accepted.mailbox_count, accepted.mailbox_high_seq), (7, 7));
+    let shown = messages(&mut bob_events, 7).await;
+    assert_eq!(seqs(&shown), [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(
+        bodies(&shown),
+        (0..7u8).map(|i| vec![i]).collect::<Vec<_>>()
+    );
+    assert!(shown.iter().all(|d| d.from == ALICE));
+    assert_eq!(synced(&bob, &mut bob_events).await, (7, vec![]), "once");
+    assert!(stub.state().fetches.len() >= 3, "page by page");
+    bob.close().await;
+    let mailbox = stub.mailbox(BOB);
+    assert_eq!((mailbox.acked, mailbox.records.len()), (7, 0));
+
+    // The next login finds them acknowledged: nothing is shown again.
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    let accepted = bob.login();
+    assert_eq!((accepted.mailbox_count, accepted.mailbox_high_seq), (0, 7));
+    assert_eq!(synced(&bob, &mut bob_events).await, (7, vec![]));
+}
+
+/// `close` and `logout` send the last acknowledgement first (without
+/// waiting for `synced`), so the next login does not show it again.
+#[tokio::test]
+async fn close_and_logout_acknowledge_what_was_shown_first() {
+    let stub = Stub::fresh().await;
+    for i in 1..=3u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    assert_eq!(seqs(&messages(&mut bob_events, 3).await), [1, 2, 3]);
+    bob.close().await;
+    assert_eq!(stub.mailbox(BOB).acked, 3);
+
+    for i in 4..=5u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    assert_eq!(bob.login().mailbox_count, 2);
+    assert_eq!(seqs(&messages(&mut bob_events, 2).await), [4, 5]);
+    bob.logout().await.unwrap();
+    assert_eq!(stub.mailbox(BOB).acked, 5);
+    assert_eq!(stub.state().acks.last(), Some(&(BOB, 5)));
+}
+
+#[tokio::test]
+async fn pushes_overlapping_the_login_fetch_are_shown_once() {
+    let stub = Stub::fresh().await;
+    for i in 0..3u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    // Every stored message is pushed right after the login, while the
+    // client's own fetch reads the same seqs.
+    stub.state().push_mailbox_on_login = true;
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    let (seq, shown) = synced(&bob, &mut bob_events).await;
+    assert_eq!(seq, 3);
+    assert_eq!(seqs(&shown), [1, 2, 3]);
+    let fetches = stub.state().fetches.clone();
+    assert_eq!(fetches[0], (BOB, 0, vec![1, 2, 3]), "the page overlapped");
+
+    // Online: one seq pushed, then fetched after a mailbox change too.
+    let (alice, _alice_events) = login(&stub, "alice").await;
+    stub.state().push_mailbox_on_login = false;
+    assert_eq!(
+        alice.send(BOB, b"x".to_vec()).await,
+        Ok(SendOutcome { seq: 4 })
+    );
+    assert_eq!(next_message(&mut bob_events).await.seq, 4);
+    stub.store(BOB, ALICE, 99, b"y");
+    stub.push(BOB, &[4, 5, 4]);
+    stub.mailbox_changed(BOB);
+    assert_eq!(next_message(&mut bob_events).await.seq, 5);
+    assert_eq!(synced(&bob, &mut bob_events).await, (5, vec![]));
+}
+
+#[tokio::test]
+async fn pushes_out_of_seq_order_are_shown_in_order() {
+    let stub = Stub::fresh().await;
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    for i in 1..=4u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    stub.push(BOB, &[3, 1, 4, 2]);
+    let shown = messages(&mut bob_events, 4).await;
+    assert_eq!(seqs(&shown), [1, 2, 3, 4]);
+    assert_eq!(bodies(&shown), [[1], [2], [3], [4]]);
+    assert_eq!(synced(&bob, &mut bob_events).await, (4, vec![]));
+}
+
+#[tokio::test]
+async fn a_message_stored_twice_is_shown_once() {
+    let stub = Stub::fresh().await;
+    // A sender's retry after a lost answer: one msg_id, two seqs.
+    stub.store(BOB, ALICE, 42, b"x");
+    stub.store(BOB, ALICE, 42, b"x");
+    stub.store(BOB, ALICE, 43, b"y");
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    let (seq, shown) = synced(&bob, &mut bob_events).await;
+    assert_eq!(seq, 3, "the copy's seq counts as shown");
+    assert_eq!(seqs(&shown), [1, 3]);
+    assert_eq!(bodies(&shown), [b"x".to_vec(), b"y".to_vec()]);
+    assert_eq!(stub.mailbox(BOB).acked, 3);
+
+    // Pushed, the same; the same msg_id from another sender is another
+    // message.
+    stub.store(BOB, ALICE, 44, b"z");
+    stub.store(BOB, ALICE, 44, b"z");
+    stub.store(BOB, BOB, 44, b"own");
+    stub.push(BOB, &[4, 5, 6]);
+    let shown = messages(&mut bob_events, 2).await;
+    assert_eq!(seqs(&shown), [4, 6]);
+    assert_eq!(synced(&bob, &mut bob_events).await, (6, vec![]));
+    assert_eq!(bob.stats().inbox.duplicates, 2);
+}
+
+#[tokio::test]
+async fn calls_are_answered_while_the_application_reads_no_events() {
+    let stub = Stub::fresh().await;
+    for i in 0..20u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    let mut config = config(&stub, password("bob"));
+    config.limits.events_max = 2;
+    let (bob, mut bob_events) = connect(config).await.unwrap();
+    // Nobody reads the events: more messages wait than the channel holds.
+    let view = within("login view", bob.login_view()).await.unwrap();
+    assert_eq!(view.view.profile.user, BOB);
+    assert_eq!(view.view.groups[0].friends[0].user, ALICE);
+    let shown = messages(&mut bob_events, 20).await;
+    assert_eq!(seqs(&shown), (1..=20).collect::<Vec<u64>>());
+    assert_eq!(synced(&bob, &mut bob_events).await, (20, vec![]));
+}
+
+#[tokio::test]
+async fn a_mailbox_change_fetches_what_was_not_pushed() {
+    let stub = Stub::fresh().await;
+    let (alice, _alice_events) = login(&stub, "alice").await;
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    stub.state().suppress_pushes = true;
+    for i in 0..3u8 {
+        alice.send(BOB, vec![i]).await.unwrap();
+    }
+    assert!(stub.state().fetches.is_empty(), "nothing told bob yet");
+    stub.mailbox_changed(BOB);
+    let shown = messages(&mut bob_events, 3).await;
+    assert_eq!(seqs(&shown), [1, 2, 3]);
+    assert_eq!(synced(&bob, &mut bob_events).await, (3, vec![]));
+    assert_eq!(stub.state().fetches[0].0, BOB);
+}
+
+#[tokio::test]
+async fn a_send_answered_unavailable_is_resent_and_not_overtaken() {
+    let stub = Stub::fresh().await;
+    stub.state().unavailable_sends = 2;
+    let mut config = config(&stub, password("alice"));
+    // One send on the wire at a time: the second waits in the outbox while
+    // the first is held back for its retry delay.
+    config.limits.sends_in_flight_max = 1;
+    let (alice, _events) = connect(config).await.unwrap();
+    let (first, second) = tokio::join!(
+        alice.send(BOB, b"first".to_vec()),
+        alice.send(BOB, b"second".to_vec())
+    );
+    assert_eq!(first, Ok(SendOutcome { seq: 1 }));
+    assert_eq!(second, Ok(SendOutcome { seq: 2 }));
+    let sends = stub.sends();
+    let order: Vec<&[u8]> = sends.iter().map(|s| s.2.as_slice()).collect();
+    assert_eq!(order, [b"first".as_slice(), b"first", b"first", b"second"]);
+    assert!(sends[..3].iter().all(|s| s.1 == sends[0].1), "one msg_id");
+    assert_ne!(sends[3].1, sends[0].1);
+    assert_eq!(alice.stats().sends_reissued, 2);
+    let stored = stub.mailbox(BOB).records;
+    assert_eq!(bodies(&stored), [b"first".to_vec(), b"second".to_vec()]);
+}
+
+#[tokio::test]
+async fn a_send_never_accepted_fails_after_the_send_timeout() {
+    let stub = Stub::fresh().await;
+    stub.state().unavailable_sends = u32::MAX;
+    let mut config = config(&stub, password("alice"));
+    config.limits.send_timeout_ms = 500;
+    let (alice, _events) = connect(config).await.unwrap();
+    let failed = within("the send gives up", alice.send(BOB, b"x".to_vec())).await;
+    assert!(
+        matches!(
+            failed,
+            Err(SdkError::App {
+                code: AppErrorCode::Unavailable,
+                ..
+            })
+        ),
+        "{failed:?}"
+    );
+    let sends = stub.sends();
+    assert!(sends.len() >= 2, "re-sent meanwhile: {sends:?}");
+    assert!(sends.iter().all(|s| s.1 == sends[0].1), "one msg_id");
+    // The outbox let it go: the next message goes through on its own.
+    // (A last copy of the first may still have been on its way, and be
+    // stored: it was not confirmed, which is all a failed send says.)
+    stub.state().unavailable_sends = 0;
+    let next = within("the next send", alice.send(BOB, b"y".to_vec())).await;
+    assert!(matches!(next, Ok(SendOutcome { .. })), "{next:?}");
+    let stored = bodies(&stub.mailbox(BOB).records);
+    assert_eq!(stored.last(), Some(&b"y".to_vec()), "{stored:?}");
+}
+
+#[tokio::test]
+async fn block_and_unblock_reach_the_gateway() {
+    let stub = Stub::fresh().await;
+    let (alice, _alice_events) = login(&stub, "alice").await;
+    let (bob, _bob_events) = login(&stub, "bob").await;
+    bob.block(ALICE).await.unwrap();
+    let refused = within("a final answer", alice.send(BOB, b"x".to_vec())).await;
+    assert!(
+        matches!(
+            refused,
+            Err(SdkError::App {
+                code: AppErrorCode::NotAllowed,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(stub.sends().len(), 1, "a final error: not re-sent");
+    bob.unblock(ALICE).await.unwrap();
+    assert_eq!(
+        alice.send(BOB, b"y".to_vec()).await,
+        Ok(SendOutcome { seq: 1 })
+    );
+    assert_eq!(
+        stub.state().relation_calls,
+        vec![
+            (BOB, Call::Block { user: ALICE }),
+            (BOB, Call::Unblock { user: ALICE })
+        ]
+    );
+}
