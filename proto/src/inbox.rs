@@ -286,15 +286,22 @@ impl Inbox {
     }
 
     /// When [`Inbox::poll_request`] may have something new without any
-    /// other input.
+    /// other input. Never a time at which it would have nothing to do: a
+    /// retry delay or an ack delay whose cause went away meanwhile (a gap
+    /// filled by pushes, an ack the next login reported applied) is not
+    /// named, or a driver woken by it would be woken at once again and
+    /// again.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let can_fetch = self.fetching.is_none() && self.ready.len() < self.config.ready_max;
         let gap = self
             .gap_since
             .filter(|_| can_fetch)
             .map(|t| (t + self.config.gap_wait).max(self.fetch_not_before.unwrap_or(t)));
-        let retry = self.fetch_not_before.filter(|_| can_fetch);
-        let ack = self.ack_due.filter(|_| self.ack_in_flight.is_none());
+        let unseen = self.more || (self.known_high > self.shown && self.held.is_empty());
+        let retry = self.fetch_not_before.filter(|_| can_fetch && unseen);
+        let ack = self
+            .ack_due
+            .filter(|_| self.ack_in_flight.is_none() && self.shown > self.acked);
         [gap, ack, retry].into_iter().flatten().min()
     }
 
