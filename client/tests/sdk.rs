@@ -1423,3 +1423,33 @@ async fn block_and_unblock_reach_the_gateway() {
         ]
     );
 }
+
+/// What the application was never handed (it stopped reading while more
+/// messages waited than its channel holds) is not acknowledged at close:
+/// the next login shows it, each message once overall.
+#[tokio::test]
+async fn a_close_acknowledges_only_what_was_handed_out() {
+    let stub = Stub::fresh().await;
+    for i in 1..=10u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    let mut config = config(&stub, password("bob"));
+    config.limits.events_max = 2;
+    let (bob, mut bob_events) = connect(config.clone()).await.unwrap();
+    let first = next_message(&mut bob_events).await;
+    assert_eq!(first.seq, 1);
+    bob.close().await;
+    // What the channel still holds after the close was handed out too.
+    let mut got = vec![first];
+    got.extend(handed_out(&mut bob_events));
+    let n = got.len() as u64;
+    assert_eq!(seqs(&got), (1..=n).collect::<Vec<u64>>());
+    assert!(n < 10, "the channel holds 2 events: {n} handed out");
+    assert_eq!(stub.mailbox(BOB).acked, n, "no more than was handed out");
+
+    let (bob, mut bob_events) = connect(config).await.unwrap();
+    assert_eq!(bob.login().mailbox_count, 10 - n);
+    let rest = messages(&mut bob_events, (10 - n) as usize).await;
+    assert_eq!(seqs(&rest), (n + 1..=10).collect::<Vec<u64>>());
+    assert_eq!(synced(&bob, &mut bob_events).await, (10, vec![]));
+}

@@ -64,10 +64,66 @@ fn many_shown_messages_are_acknowledged_at_once() {
     for seq in 1..=3 {
         inbox.on_push(now, msg(seq, 1, seq as u128));
     }
+    assert_eq!(shown(&mut inbox), [1, 2, 3]);
     assert_eq!(
         inbox.poll_request(now),
         Some(InboxRequest::Ack { up_to_seq: 3 })
     );
+}
+
+#[test]
+fn only_messages_taken_are_acknowledged() {
+    let now = t0();
+    let config = InboxConfig {
+        ack_every: 3,
+        ..InboxConfig::default()
+    };
+    let mut inbox = Inbox::new(config);
+    inbox.on_login(now, 4, 4);
+    assert!(inbox.poll_request(now).is_some(), "the login's fetch");
+    page(
+        &mut inbox,
+        now,
+        (1..=4).map(|s| msg(s, 1, s as u128)).collect(),
+        false,
+    );
+    assert_eq!(inbox.waiting(), 4);
+    assert_eq!(inbox.poll_request(now), None, "nothing taken: no ack");
+    assert_eq!(inbox.poll_timeout(), None);
+    assert!(inbox.all_acked());
+    assert_eq!(inbox.poll_show().map(|d| d.seq), Some(1));
+    let due = inbox.poll_timeout().expect("the ack's delay");
+    assert_eq!(
+        inbox.poll_request(due),
+        Some(InboxRequest::Ack { up_to_seq: 1 }),
+        "taken, not the 3 still waiting"
+    );
+    inbox.on_ack_done(due, 1);
+    assert_eq!(shown(&mut inbox), [2, 3, 4]);
+    assert_eq!(inbox.unacked(), Some(4));
+    assert_eq!(
+        inbox.poll_request(due),
+        Some(InboxRequest::Ack { up_to_seq: 4 }),
+        "ack_every reached"
+    );
+}
+
+#[test]
+fn a_close_acknowledges_what_was_taken_not_what_waits() {
+    let now = t0();
+    let mut inbox = Inbox::new(InboxConfig::default());
+    inbox.on_push(now, msg(1, 1, 1));
+    inbox.on_push(now, msg(2, 1, 2));
+    assert_eq!(inbox.poll_show().map(|d| d.seq), Some(1));
+    inbox.ack_now(now);
+    assert_eq!(
+        inbox.poll_request(now),
+        Some(InboxRequest::Ack { up_to_seq: 1 })
+    );
+    inbox.on_ack_done(now, 1);
+    // A client closing now leaves seq 2 in the mailbox for its next login.
+    assert!(inbox.all_acked(), "the close may go ahead");
+    assert_eq!(inbox.unacked(), None);
 }
 
 #[test]
