@@ -172,9 +172,18 @@ struct Stub {
 
 impl Stub {
     async fn start(addr: SocketAddr, keys: StaticKeypair) -> Stub {
+        Stub::start_with(addr, keys, Arc::default()).await
+    }
+
+    /// A stub on `state` (a restarted gateway whose mailboxes, kept by
+    /// their shards, survived it).
+    async fn start_with(
+        addr: SocketAddr,
+        keys: StaticKeypair,
+        state: Arc<Mutex<StubState>>,
+    ) -> Stub {
         let socket = UdpSocket::bind(addr).await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(StubState::default()));
         let mut seed = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut seed);
         let config = ServerConfig {
@@ -1452,4 +1461,52 @@ async fn a_close_acknowledges_only_what_was_handed_out() {
     let rest = messages(&mut bob_events, (10 - n) as usize).await;
     assert_eq!(seqs(&rest), (n + 1..=10).collect::<Vec<u64>>());
     assert_eq!(synced(&bob, &mut bob_events).await, (10, vec![]));
+}
+
+#[tokio::test]
+async fn a_reconnect_fetches_what_was_stored_meanwhile_and_acknowledges_again() {
+    let stub = Stub::fresh().await;
+    let mut config = config(&stub, password("bob"));
+    config.limits.request_timeout_ms = 300;
+    let (bob, mut bob_events) = connect(config).await.unwrap();
+    stub.state().swallow_acks = true;
+    for i in 1..=2u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    stub.push(BOB, &[1, 2]);
+    assert_eq!(seqs(&messages(&mut bob_events, 2).await), [1, 2]);
+    until("bob acknowledges", || !stub.state().acks.is_empty()).await;
+
+    // The gateway restarts; the mailbox, on its shard, keeps the unacked
+    // messages and gets two more meanwhile.
+    let state = stub.state.clone();
+    let (addr, keys) = stub.kill().await;
+    {
+        let mut state = state.lock().unwrap();
+        state.swallow_acks = false;
+        for i in 3..=4u8 {
+            state.mailbox(BOB).store(ALICE, u128::from(i), vec![i]);
+        }
+    }
+    let stub = Stub::start_with(addr, keys, state).await;
+    let reconnected = within("Reconnected", async {
+        loop {
+            match bob_events.recv().await.expect("events") {
+                ImEvent::Reconnected {
+                    mailbox_count,
+                    mailbox_high_seq,
+                    ..
+                } => return (mailbox_count, mailbox_high_seq),
+                ImEvent::Message(d) => panic!("shown again before the reconnect: {d:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(reconnected, (4, 4));
+    let shown = messages(&mut bob_events, 2).await;
+    assert_eq!(seqs(&shown), [3, 4], "1 and 2 are not shown again");
+    assert_eq!(synced(&bob, &mut bob_events).await, (4, vec![]));
+    let mailbox = stub.mailbox(BOB);
+    assert_eq!((mailbox.acked, mailbox.records.len()), (4, 0));
 }
