@@ -335,7 +335,8 @@ impl Connection {
     /// Wait until every message known to be in the mailbox was handed out
     /// as an `ImEvent::Message` and acknowledged; the seq shown up to. After
     /// a login this is the moment the messages stored while the user was
-    /// away have all been shown.
+    /// away have all been shown. Read the events meanwhile: messages beyond
+    /// the channel's room (`events_max`) wait for it, and so does this.
     pub async fn synced(&self) -> Result<u64, SdkError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Synced { reply }).await?;
