@@ -1282,6 +1282,15 @@ async fn pushes_out_of_seq_order_are_shown_in_order() {
     assert_eq!(seqs(&shown), [1, 2, 3, 4]);
     assert_eq!(bodies(&shown), [[1], [2], [3], [4]]);
     assert_eq!(synced(&bob, &mut bob_events).await, (4, vec![]));
+
+    // A gap no push fills is fetched after a moment.
+    for i in 5..=7u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    stub.push(BOB, &[7]);
+    assert_eq!(seqs(&messages(&mut bob_events, 3).await), [5, 6, 7]);
+    assert_eq!(stub.state().fetches.last(), Some(&(BOB, 4, vec![5, 6, 7])));
+    assert_eq!(synced(&bob, &mut bob_events).await, (7, vec![]));
 }
 
 #[tokio::test]
