@@ -9,8 +9,10 @@
 //! order, whichever way it arrived (pushed, pushed twice, fetched after a
 //! reconnect, or both). A push past a gap waits a moment for the missing
 //! ones (pushes from different senders may overtake each other), then the
-//! gap is fetched. What was shown is acknowledged cumulatively, which
-//! deletes it from the mailbox.
+//! gap is fetched. What was taken to show ([`Inbox::poll_show`]) is
+//! acknowledged cumulatively, which deletes it from the mailbox; a message
+//! still waiting to be taken is not, so a client that stops before taking
+//! it is shown it after its next login.
 //!
 //! A sender that retries after losing an answer may have its message
 //! stored twice (under two seqs, one `msg_id`): the second is dropped by a
@@ -122,7 +124,9 @@ pub struct Inbox {
     /// Since when a gap is open (a message held past it).
     gap_since: Option<Instant>,
     fetch_not_before: Option<Instant>,
-    /// Acknowledged (or being acknowledged) up to here.
+    /// Acknowledged (or being acknowledged) up to here: by this inbox no
+    /// further than [`Inbox::taken`], by another client of the user (as a
+    /// login reports) maybe further.
     acked: u64,
     ack_in_flight: Option<u64>,
     ack_due: Option<Instant>,
@@ -174,6 +178,10 @@ impl Inbox {
         }
         self.advance(now);
         self.more = self.known_high > self.shown;
+        if self.shown > self.acked && self.ack_due.is_none() {
+            // An ack lost with the old session goes again.
+            self.ack_due = Some(now + self.config.ack_delay);
+        }
     }
 
     /// A pushed message (`GatewayMessage::Deliver`).
@@ -272,48 +280,61 @@ impl Inbox {
                 max_bytes: self.config.fetch_bytes_max,
             });
         }
-        if self.ack_in_flight.is_none() && self.shown > self.acked {
-            let many = self.shown - self.acked >= self.config.ack_every;
+        let taken = self.taken();
+        if self.ack_in_flight.is_none() && taken > self.acked {
+            let many = taken - self.acked >= self.config.ack_every;
             if many || self.ack_due.is_some_and(|t| t <= now) {
-                self.ack_in_flight = Some(self.shown);
+                self.ack_in_flight = Some(taken);
                 self.ack_due = None;
-                return Some(InboxRequest::Ack {
-                    up_to_seq: self.shown,
-                });
+                return Some(InboxRequest::Ack { up_to_seq: taken });
             }
         }
         None
     }
 
     /// When [`Inbox::poll_request`] may have something new without any
-    /// other input.
+    /// other input. Never a time at which it would have nothing to do: a
+    /// retry delay or an ack delay whose cause went away meanwhile (a gap
+    /// filled by pushes, an ack the next login reported applied) is not
+    /// named, or a driver woken by it would be woken at once again and
+    /// again.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let can_fetch = self.fetching.is_none() && self.ready.len() < self.config.ready_max;
         let gap = self
             .gap_since
             .filter(|_| can_fetch)
             .map(|t| (t + self.config.gap_wait).max(self.fetch_not_before.unwrap_or(t)));
-        let retry = self.fetch_not_before.filter(|_| can_fetch);
-        let ack = self.ack_due.filter(|_| self.ack_in_flight.is_none());
+        let unseen = self.more || (self.known_high > self.shown && self.held.is_empty());
+        let retry = self.fetch_not_before.filter(|_| can_fetch && unseen);
+        let ack = self
+            .ack_due
+            .filter(|_| self.ack_in_flight.is_none() && self.taken() > self.acked);
         [gap, ack, retry].into_iter().flatten().min()
     }
 
     /// An acknowledgement not yet sent (to send before closing).
     pub fn unacked(&self) -> Option<u64> {
-        (self.shown > self.acked && self.ack_in_flight.is_none()).then_some(self.shown)
+        let taken = self.taken();
+        (taken > self.acked && self.ack_in_flight.is_none()).then_some(taken)
     }
 
-    /// Acknowledge what was shown at the next [`Inbox::poll_request`],
+    /// Acknowledge what was taken at the next [`Inbox::poll_request`],
     /// without waiting for `ack_delay` (before a close).
     pub fn ack_now(&mut self, now: Instant) {
-        if self.shown > self.acked {
+        if self.taken() > self.acked {
             self.ack_due = Some(now);
         }
     }
 
-    /// Everything shown was acknowledged (and confirmed).
+    /// Everything taken was acknowledged (and confirmed); messages still
+    /// waiting to be taken are left in the mailbox.
     pub fn all_acked(&self) -> bool {
-        self.shown <= self.acked
+        self.taken() <= self.acked
+    }
+
+    /// Messages ready to show and not yet taken ([`Inbox::poll_show`]).
+    pub fn waiting(&self) -> usize {
+        self.ready.len()
     }
 
     /// Everything known to exist was shown and nothing is being fetched.
@@ -325,9 +346,16 @@ impl Inbox {
             && self.ready.is_empty()
     }
 
-    /// Every seq up to this one was shown.
+    /// Every seq up to this one was shown (some may still wait to be
+    /// taken).
     pub fn shown_seq(&self) -> u64 {
         self.shown
+    }
+
+    /// Every seq up to this one was taken by [`Inbox::poll_show`], or
+    /// dropped as a copy, or skipped: what may be acknowledged.
+    fn taken(&self) -> u64 {
+        self.ready.front().map_or(self.shown, |d| d.seq - 1)
     }
 
     pub fn stats(&self) -> InboxStats {

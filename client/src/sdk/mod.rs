@@ -13,11 +13,13 @@
 //! gets is stored in its mailbox with a seq, pushed while the user is
 //! online, and fetched after every login. The task shows each seq once, in
 //! order, as an [`ImEvent::Message`], whether it was pushed, fetched or
-//! both, and acknowledges what it showed (which deletes it from the
-//! mailbox).
+//! both, and acknowledges what it handed to the application's event
+//! channel (which deletes it from the mailbox).
 //!
-//! Read the event channel concurrently with making calls: when it holds
-//! `events_max` undelivered events the task waits for the application.
+//! Calls are answered whether or not the application reads its events.
+//! While the event channel is full, messages wait in the mailbox,
+//! unacknowledged: what the connection never handed out (it ended first)
+//! is shown after the next login.
 
 mod error;
 mod establish;
@@ -93,7 +95,8 @@ pub struct SdkLimits {
     /// After `RateLimited` or `Unavailable`, a message is re-sent this
     /// long later.
     pub send_retry_delay_ms: u64,
-    /// Events buffered for the application at most.
+    /// Events buffered for the application at most (the channel's
+    /// capacity); messages beyond it wait in the mailbox.
     pub events_max: usize,
     /// Session events buffered between the session driver and the SDK task.
     pub session_events_max: usize,
@@ -332,7 +335,8 @@ impl Connection {
     /// Wait until every message known to be in the mailbox was handed out
     /// as an `ImEvent::Message` and acknowledged; the seq shown up to. After
     /// a login this is the moment the messages stored while the user was
-    /// away have all been shown.
+    /// away have all been shown. Read the events meanwhile: messages beyond
+    /// the channel's room (`events_max`) wait for it, and so does this.
     pub async fn synced(&self) -> Result<u64, SdkError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Synced { reply }).await?;
@@ -443,7 +447,7 @@ impl Connection {
     }
 
     /// End the session at the gateway (presence is told at once) and the
-    /// connection, after acknowledging what was shown; unanswered sends
+    /// connection, after acknowledging what was handed out; unanswered sends
     /// fail with `Closed`. Returns once the session's CLOSE is out (or
     /// after `CLOSE_WAIT` twice).
     pub async fn logout(&self) -> Result<(), SdkError> {
@@ -454,7 +458,7 @@ impl Connection {
     }
 
     /// End the connection without logging out (the gateway sees the
-    /// session close), after acknowledging what was shown; unanswered sends
+    /// session close), after acknowledging what was handed out; unanswered sends
     /// fail with `Closed`. Returns once the CLOSE is out (or after
     /// `CLOSE_WAIT` twice), so a program may exit.
     pub async fn close(&self) {

@@ -47,9 +47,9 @@ impl Outbox {
     }
 
     /// Add a message; refused (and handed back) when `max` are waiting.
-    pub(crate) fn push(&mut self, entry: Entry) -> Result<u64, Entry> {
+    pub(crate) fn push(&mut self, entry: Entry) -> Result<u64, Box<Entry>> {
         if self.entries.len() >= self.max {
-            return Err(entry);
+            return Err(Box::new(entry));
         }
         let key = self.next;
         self.next += 1;
@@ -78,13 +78,14 @@ impl Outbox {
             .collect()
     }
 
-    /// The earliest retry delay still running.
+    /// When [`Outbox::ready`] may have an entry again: the retry delay of
+    /// the first entry off the wire (the ones behind it wait for it, so
+    /// their delays, maybe shorter, wake nothing).
     pub(crate) fn next_retry(&self) -> Option<Instant> {
         self.entries
             .values()
-            .filter(|e| e.request.is_none())
-            .filter_map(|e| e.retry_at)
-            .min()
+            .find(|e| e.request.is_none())?
+            .retry_at
     }
 
     /// When the oldest entry runs out of `send_timeout`.
@@ -125,5 +126,58 @@ impl Outbox {
 
     pub(crate) fn max(&self) -> usize {
         self.max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Add an entry off the wire, to retry at `retry_at`; its key.
+    fn push(outbox: &mut Outbox, retry_at: Option<Instant>) -> u64 {
+        let entry = Entry {
+            to: 2,
+            msg_id: 1,
+            body: vec![1],
+            reply: oneshot::channel().0,
+            request: None,
+            retry_at,
+            attempts: 1,
+            queued_at: Instant::now(),
+            last_error: None,
+        };
+        outbox.push(entry).ok().expect("room")
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The task sleeps until `next_retry`; a time at which `ready` still
+    /// has nothing would wake it at once, again and again.
+    #[test]
+    fn a_shorter_retry_behind_a_longer_one_wakes_nothing() {
+        let now = Instant::now();
+        let mut outbox = Outbox::new(8);
+        push(&mut outbox, Some(now + ms(60)));
+        push(&mut outbox, Some(now + ms(50)));
+        push(&mut outbox, None);
+        let wake = outbox.next_retry().expect("a retry is waiting");
+        assert_eq!(wake, now + ms(60));
+        assert!(outbox.ready(wake - ms(1), 8).is_empty());
+        assert_eq!(outbox.ready(wake, 8), [0, 1, 2], "then all, in order");
+    }
+
+    #[test]
+    fn entries_on_the_wire_hold_nothing_back() {
+        let now = Instant::now();
+        let mut outbox = Outbox::new(8);
+        let first = push(&mut outbox, None);
+        outbox.get_mut(first).unwrap().request = Some(7);
+        push(&mut outbox, Some(now + ms(50)));
+        push(&mut outbox, None);
+        assert_eq!(outbox.next_retry(), Some(now + ms(50)));
+        assert!(outbox.ready(now, 8).is_empty(), "nothing overtakes a retry");
+        assert_eq!(outbox.ready(now + ms(50), 8), [1, 2]);
     }
 }

@@ -172,7 +172,8 @@ impl Worker {
             self.drive_inbox(Instant::now());
             self.pump();
             let deadline = self.next_deadline();
-            let has_events = !self.out_events.is_empty();
+            // Queued events, or messages waiting in the inbox for room.
+            let has_events = !self.out_events.is_empty() || self.inbox.waiting() > 0;
             let step = match &mut self.link {
                 LinkState::Up(link) => tokio::select! {
                     c = self.commands.recv() => Step::Command(c),
@@ -323,9 +324,28 @@ impl Worker {
         }
     }
 
-    /// Hand the inbox's requests to the session and what it shows to the
-    /// application; answer `synced` waiters once it caught up.
+    /// Hand what the inbox shows to the application and its requests to
+    /// the session; answer `synced` waiters once it caught up.
     fn drive_inbox(&mut self, now: Instant) {
+        // A message leaves the inbox only into the application's channel
+        // (after the events queued before it): the inbox acknowledges what
+        // was taken, so what still waits for room when the connection ends
+        // stays in the mailbox for the next login. While the application is
+        // behind, the inbox stops fetching and drops pushes (fetched later).
+        while self.out_events.is_empty() {
+            match self.events.try_reserve() {
+                Ok(permit) => match self.inbox.poll_show() {
+                    Some(d) => permit.send(ImEvent::Message(d)),
+                    None => break,
+                },
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    // Nobody listens: taken and dropped, as other events.
+                    while self.inbox.poll_show().is_some() {}
+                    break;
+                }
+            }
+        }
         if matches!(self.link, LinkState::Up(_)) {
             while let Some(r) = self.inbox.poll_request(now) {
                 match r {
@@ -346,14 +366,6 @@ impl Worker {
                     }
                 }
             }
-        }
-        // Messages wait in the inbox (which stops fetching, and drops
-        // pushes to fetch them later) while the application is behind.
-        while self.out_events.len() < self.config.limits.events_max {
-            let Some(d) = self.inbox.poll_show() else {
-                break;
-            };
-            self.emit(ImEvent::Message(d));
         }
         if self.inbox.caught_up() && self.inbox.all_acked() && self.out_events.is_empty() {
             let seq = self.inbox.shown_seq();

@@ -64,10 +64,66 @@ fn many_shown_messages_are_acknowledged_at_once() {
     for seq in 1..=3 {
         inbox.on_push(now, msg(seq, 1, seq as u128));
     }
+    assert_eq!(shown(&mut inbox), [1, 2, 3]);
     assert_eq!(
         inbox.poll_request(now),
         Some(InboxRequest::Ack { up_to_seq: 3 })
     );
+}
+
+#[test]
+fn only_messages_taken_are_acknowledged() {
+    let now = t0();
+    let config = InboxConfig {
+        ack_every: 3,
+        ..InboxConfig::default()
+    };
+    let mut inbox = Inbox::new(config);
+    inbox.on_login(now, 4, 4);
+    assert!(inbox.poll_request(now).is_some(), "the login's fetch");
+    page(
+        &mut inbox,
+        now,
+        (1..=4).map(|s| msg(s, 1, s as u128)).collect(),
+        false,
+    );
+    assert_eq!(inbox.waiting(), 4);
+    assert_eq!(inbox.poll_request(now), None, "nothing taken: no ack");
+    assert_eq!(inbox.poll_timeout(), None);
+    assert!(inbox.all_acked());
+    assert_eq!(inbox.poll_show().map(|d| d.seq), Some(1));
+    let due = inbox.poll_timeout().expect("the ack's delay");
+    assert_eq!(
+        inbox.poll_request(due),
+        Some(InboxRequest::Ack { up_to_seq: 1 }),
+        "taken, not the 3 still waiting"
+    );
+    inbox.on_ack_done(due, 1);
+    assert_eq!(shown(&mut inbox), [2, 3, 4]);
+    assert_eq!(inbox.unacked(), Some(4));
+    assert_eq!(
+        inbox.poll_request(due),
+        Some(InboxRequest::Ack { up_to_seq: 4 }),
+        "ack_every reached"
+    );
+}
+
+#[test]
+fn a_close_acknowledges_what_was_taken_not_what_waits() {
+    let now = t0();
+    let mut inbox = Inbox::new(InboxConfig::default());
+    inbox.on_push(now, msg(1, 1, 1));
+    inbox.on_push(now, msg(2, 1, 2));
+    assert_eq!(inbox.poll_show().map(|d| d.seq), Some(1));
+    inbox.ack_now(now);
+    assert_eq!(
+        inbox.poll_request(now),
+        Some(InboxRequest::Ack { up_to_seq: 1 })
+    );
+    inbox.on_ack_done(now, 1);
+    // A client closing now leaves seq 2 in the mailbox for its next login.
+    assert!(inbox.all_acked(), "the close may go ahead");
+    assert_eq!(inbox.unacked(), None);
 }
 
 #[test]
@@ -232,6 +288,60 @@ fn a_new_session_voids_the_old_sessions_requests() {
     ));
 }
 
+/// Answer every request until no timer is left; each time `poll_timeout`
+/// names must have a request due then, or its driver, woken at once again
+/// and again with nothing to do, spins.
+fn settle(inbox: &mut Inbox, mut now: Instant) {
+    for _ in 0..10 {
+        let Some(t) = inbox.poll_timeout() else {
+            return;
+        };
+        now = now.max(t);
+        match inbox.poll_request(now) {
+            Some(InboxRequest::Ack { up_to_seq }) => inbox.on_ack_done(now, up_to_seq),
+            Some(r) => panic!("unexpected {r:?}"),
+            None => panic!("poll_timeout named {t:?} with nothing due"),
+        }
+    }
+    panic!("timers without end");
+}
+
+#[test]
+fn a_fetch_failed_after_its_gap_filled_leaves_no_timer_behind() {
+    let now = t0();
+    let mut inbox = Inbox::new(InboxConfig::default());
+    inbox.on_push(now, msg(2, 7, 2));
+    let wait = inbox.poll_timeout().expect("the gap's deadline");
+    assert!(matches!(
+        inbox.poll_request(wait),
+        Some(InboxRequest::Fetch { after_seq: 0, .. })
+    ));
+    inbox.on_fetch_failed(wait);
+    inbox.on_push(wait, msg(1, 7, 1)); // the gap filled by itself
+    assert_eq!(shown(&mut inbox), [1, 2]);
+    assert!(inbox.caught_up());
+    settle(&mut inbox, wait);
+}
+
+#[test]
+fn an_ack_lost_with_its_session_but_applied_leaves_no_timer_behind() {
+    let now = t0();
+    let mut inbox = Inbox::new(InboxConfig::default());
+    inbox.on_login(now, 0, 0);
+    inbox.on_push(now, msg(1, 7, 1));
+    inbox.on_push(now, msg(2, 7, 2));
+    assert_eq!(shown(&mut inbox), [1, 2]);
+    let due = inbox.poll_timeout().expect("the ack's delay");
+    assert_eq!(
+        inbox.poll_request(due),
+        Some(InboxRequest::Ack { up_to_seq: 2 })
+    );
+    inbox.on_ack_failed(due); // the session was lost before the answer
+    inbox.on_login(due, 0, 2); // ... and the gateway had applied it
+    assert_eq!(inbox.unacked(), None);
+    settle(&mut inbox, due);
+}
+
 /// A mailbox as the shard keeps it, for the simulation.
 struct Mailbox {
     records: Vec<Delivery>,
@@ -313,6 +423,7 @@ fn simulate(seed: u64) {
             _ => {}
         }
         pending.extend(issue(&mut inbox, &mailbox, now));
+        no_idle_timer(&inbox, now, seed);
         shown_ids.extend(std::iter::from_fn(|| inbox.poll_show()).map(|d| (d.from, d.msg_id)));
     }
     // Quiet network: everything answered until caught up.
@@ -321,6 +432,7 @@ fn simulate(seed: u64) {
     for _ in 0..10_000 {
         now += Duration::from_millis(50);
         pending.extend(issue(&mut inbox, &mailbox, now));
+        no_idle_timer(&inbox, now, seed);
         for (r, page) in std::mem::take(&mut pending) {
             answer(&mut inbox, &mut mailbox, now, r, page, false);
         }
@@ -338,6 +450,15 @@ fn simulate(seed: u64) {
     }
     assert_eq!(shown_ids, want, "seed {seed}: once each, in seq order");
     assert_eq!(mailbox.acked, high, "seed {seed}: all acknowledged");
+}
+
+/// Once `poll_request(now)` has nothing more, `poll_timeout` names a later
+/// time (or none): one at or before `now` would wake its driver at once,
+/// again and again.
+fn no_idle_timer(inbox: &Inbox, now: Instant, seed: u64) {
+    if let Some(t) = inbox.poll_timeout() {
+        assert!(t > now, "seed {seed}: a timer at {t:?} with nothing due");
+    }
 }
 
 /// The inbox's new requests, each fetch with the page read now.
