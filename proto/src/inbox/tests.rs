@@ -383,7 +383,7 @@ fn simulate(seed: u64) {
     // Requests with the page the mailbox held when each was sent: a page is
     // read when the fetch arrives and answered later, after pushes of
     // messages stored meanwhile may have come.
-    let mut pending: Vec<(InboxRequest, Option<(Vec<Delivery>, bool)>)> = Vec::new();
+    let mut pending: Vec<Issued> = Vec::new();
     for _ in 0..400 {
         now += Duration::from_millis(rng.gen_range(0..60));
         match rng.gen_range(0..10) {
@@ -406,11 +406,9 @@ fn simulate(seed: u64) {
                 let i = rng.gen_range(0..in_transit.len());
                 inbox.on_push(now, in_transit.swap_remove(i));
             }
-            6 => {
-                if !pending.is_empty() {
-                    let (r, page) = pending.remove(0);
-                    answer(&mut inbox, &mut mailbox, now, r, page, rng.gen_bool(0.2));
-                }
+            6 if !pending.is_empty() => {
+                let (r, page) = pending.remove(0);
+                answer(&mut inbox, &mut mailbox, now, r, page, rng.gen_bool(0.2));
             }
             7 if rng.gen_bool(0.1) => {
                 // The session is lost: requests in flight and pushes in
@@ -461,12 +459,11 @@ fn no_idle_timer(inbox: &Inbox, now: Instant, seed: u64) {
     }
 }
 
+/// A request, and for a fetch the page (and `more`) read when it was sent.
+type Issued = (InboxRequest, Option<(Vec<Delivery>, bool)>);
+
 /// The inbox's new requests, each fetch with the page read now.
-fn issue(
-    inbox: &mut Inbox,
-    mailbox: &Mailbox,
-    now: Instant,
-) -> Vec<(InboxRequest, Option<(Vec<Delivery>, bool)>)> {
+fn issue(inbox: &mut Inbox, mailbox: &Mailbox, now: Instant) -> Vec<Issued> {
     std::iter::from_fn(|| inbox.poll_request(now))
         .map(|r| match r {
             InboxRequest::Fetch {
