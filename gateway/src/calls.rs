@@ -102,14 +102,7 @@ pub async fn notify(services: &Services, to: u64, delivery: Delivery) {
             return;
         }
     };
-    let forward = Forward {
-        to,
-        from: delivery.from,
-        msg_id: delivery.msg_id,
-        sent_at_ms: delivery.sent_at_ms,
-        body: delivery.body,
-        seq: delivery.seq,
-    };
+    let forward = Forward::new(to, delivery);
     let sent = services.peers.forward(&services.presence, gateway, forward);
     if with_timeout(services, sent).await.ok().flatten().is_none() {
         metrics::counter!("gateway_notify_failed_total", "why" => "peer").increment(1);

@@ -22,7 +22,7 @@
 //! messages to show out: no socket, clock or thread. The client SDK drives
 //! it; the gateway's test harness drives it as its simulated clients.
 
-use crate::app::{Delivery, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
+use crate::app::{Call, Delivery, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
     time::{Duration, Instant},
@@ -83,6 +83,24 @@ pub enum InboxRequest {
     /// `Call::Ack`; answer with [`Inbox::on_ack_done`] or
     /// [`Inbox::on_ack_failed`].
     Ack { up_to_seq: u64 },
+}
+
+impl InboxRequest {
+    /// The application call that carries this request.
+    pub fn call(self) -> Call {
+        match self {
+            InboxRequest::Fetch {
+                after_seq,
+                max_count,
+                max_bytes,
+            } => Call::Fetch {
+                after_seq,
+                max_count,
+                max_bytes,
+            },
+            InboxRequest::Ack { up_to_seq } => Call::Ack { up_to_seq },
+        }
+    }
 }
 
 /// Counters of one inbox.

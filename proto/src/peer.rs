@@ -5,7 +5,7 @@
 //! length-prefixed postcard frames (`frame`). Byte layout:
 //! `docs/PROTOCOL.md` section 7.
 
-use crate::cluster::ClusterMap;
+use crate::{app::Delivery, cluster::ClusterMap};
 use serde::{Deserialize, Serialize};
 
 /// Sent by the gateway of the sender, or by `imctl rebalance`.
@@ -35,6 +35,31 @@ pub struct Forward {
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     pub seq: u64,
+}
+
+impl Forward {
+    /// Push `delivery`, stored in `to`'s mailbox, to `to`.
+    pub fn new(to: u64, delivery: Delivery) -> Forward {
+        Forward {
+            to,
+            from: delivery.from,
+            msg_id: delivery.msg_id,
+            sent_at_ms: delivery.sent_at_ms,
+            body: delivery.body,
+            seq: delivery.seq,
+        }
+    }
+
+    /// What to push to the recipient's session.
+    pub fn into_delivery(self) -> Delivery {
+        Delivery {
+            from: self.from,
+            msg_id: self.msg_id,
+            sent_at_ms: self.sent_at_ms,
+            body: self.body,
+            seq: self.seq,
+        }
+    }
 }
 
 /// Sent back by the receiving gateway, once per request.

@@ -348,23 +348,11 @@ impl Worker {
         }
         if matches!(self.link, LinkState::Up(_)) {
             while let Some(r) = self.inbox.poll_request(now) {
-                match r {
-                    InboxRequest::Fetch {
-                        after_seq,
-                        max_count,
-                        max_bytes,
-                    } => {
-                        let call = Call::Fetch {
-                            after_seq,
-                            max_count,
-                            max_bytes,
-                        };
-                        self.issue(call, Waiter::InboxFetch);
-                    }
-                    InboxRequest::Ack { up_to_seq } => {
-                        self.issue(Call::Ack { up_to_seq }, Waiter::InboxAck(up_to_seq));
-                    }
-                }
+                let waiter = match r {
+                    InboxRequest::Fetch { .. } => Waiter::InboxFetch,
+                    InboxRequest::Ack { up_to_seq } => Waiter::InboxAck(up_to_seq),
+                };
+                self.issue(r.call(), waiter);
             }
         }
         if self.inbox.caught_up() && self.inbox.all_acked() && self.out_events.is_empty() {

@@ -416,17 +416,9 @@ impl Router {
 
     /// Another gateway stored a message for a user it believes is here.
     pub fn peer_forward(&mut self, forward: Forward, io: &mut impl Sessions) -> PeerOutcome {
-        let to = forward.to;
-        let delivery = Delivery {
-            from: forward.from,
-            msg_id: forward.msg_id,
-            sent_at_ms: forward.sent_at_ms,
-            body: forward.body,
-            seq: forward.seq,
-        };
-        match self.sessions.session_of(to) {
+        match self.sessions.session_of(forward.to) {
             Some(session) => {
-                self.push_delivery(session, delivery, io);
+                self.push_delivery(session, forward.into_delivery(), io);
                 PeerOutcome::Pushed
             }
             None => PeerOutcome::NotHere,

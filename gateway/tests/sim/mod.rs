@@ -1027,14 +1027,7 @@ impl World {
                 Work::Notify { to, delivery } => {
                     if let Some(&(g, _)) = self.presence.get(&to) {
                         if g != f.gateway {
-                            let forward = Forward {
-                                to,
-                                from: delivery.from,
-                                msg_id: delivery.msg_id,
-                                sent_at_ms: delivery.sent_at_ms,
-                                body: delivery.body,
-                                seq: delivery.seq,
-                            };
+                            let forward = Forward::new(to, delivery);
                             let gw = &mut self.gateways[g];
                             gw.router.peer_forward(forward, &mut gw.endpoint);
                         }
@@ -1215,26 +1208,15 @@ impl World {
             }
         }
         while let Some(r) = self.client(user).inbox.poll_request(now) {
-            match r {
-                InboxRequest::Fetch {
-                    after_seq,
-                    max_count,
-                    max_bytes,
-                } => {
-                    let call = Call::Fetch {
-                        after_seq,
-                        max_count,
-                        max_bytes,
-                    };
-                    if self.request(user, call, ReqKind::Fetch).is_none() {
-                        self.client(user).inbox.on_fetch_failed(now);
-                    }
-                }
-                InboxRequest::Ack { up_to_seq } => {
-                    let call = Call::Ack { up_to_seq };
-                    if self.request(user, call, ReqKind::Ack(up_to_seq)).is_none() {
-                        self.client(user).inbox.on_ack_failed(now);
-                    }
+            let kind = match r {
+                InboxRequest::Fetch { .. } => ReqKind::Fetch,
+                InboxRequest::Ack { up_to_seq } => ReqKind::Ack(up_to_seq),
+            };
+            if self.request(user, r.call(), kind).is_none() {
+                let inbox = &mut self.client(user).inbox;
+                match r {
+                    InboxRequest::Fetch { .. } => inbox.on_fetch_failed(now),
+                    InboxRequest::Ack { .. } => inbox.on_ack_failed(now),
                 }
             }
         }
