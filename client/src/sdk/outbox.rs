@@ -47,9 +47,9 @@ impl Outbox {
     }
 
     /// Add a message; refused (and handed back) when `max` are waiting.
-    pub(crate) fn push(&mut self, entry: Entry) -> Result<u64, Entry> {
+    pub(crate) fn push(&mut self, entry: Entry) -> Result<u64, Box<Entry>> {
         if self.entries.len() >= self.max {
-            return Err(entry);
+            return Err(Box::new(entry));
         }
         let key = self.next;
         self.next += 1;
