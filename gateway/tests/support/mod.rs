@@ -386,13 +386,33 @@ impl ShardProcess {
         }
     }
 
-    /// SIGSTOP: the process stays, its sockets stay open, nothing is read
-    /// or answered until [`ShardProcess::resume`].
+    /// SIGSTOP, and wait until every thread of the process has stopped (a
+    /// signal is delivered asynchronously): it stays, its sockets stay
+    /// open, nothing is read or answered until [`ShardProcess::resume`].
     pub fn pause(&self) {
-        self.process
-            .as_ref()
-            .expect("running")
-            .signal(libc::SIGSTOP);
+        let process = self.process.as_ref().expect("running");
+        process.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", process.child.id());
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let states: Vec<String> = std::fs::read_dir(&tasks)
+                .expect("the process's threads")
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+                .collect();
+            // The state follows the parenthesised command name.
+            let stopped = |stat: &String| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            };
+            if !states.is_empty() && states.iter().all(stopped) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shard did not stop: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT after [`ShardProcess::pause`].
