@@ -199,3 +199,32 @@ async fn a_killed_shard_fails_sends_back_and_loses_nothing_it_acknowledged() {
         "every message acknowledged as stored survived the kill, once, in order"
     );
 }
+
+/// A shard killed and restarted while nobody talked to it: the gateway's
+/// connection to it broke meanwhile. The next login must still read the
+/// mailbox's figures (on a new connection), or the SDK, told the mailbox
+/// is empty, never fetches what waits there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_after_a_shard_restart_sees_the_messages_waiting() {
+    let (c, mut shards) = Cluster::start_with_shard_processes(1).await;
+    let a = c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
+    let mut alice = c.login("alice", "pa").await.unwrap();
+    assert_eq!(
+        alice.send(b, 1, b"waiting").await,
+        Ok(Reply::Sent(SendOutcome { seq: 1 }))
+    );
+    shards[0].kill();
+    shards[0].restart();
+    let (bob, mut events) = c.sdk("bob", "pb").await;
+    assert_eq!(
+        (bob.login().mailbox_count, bob.login().mailbox_high_seq),
+        (1, 1),
+        "the login read the mailbox's figures"
+    );
+    let shown = support::messages_until_synced(&bob, &mut events).await;
+    let bodies: Vec<&[u8]> = shown.iter().map(|d| d.body.as_slice()).collect();
+    assert_eq!(bodies, [&b"waiting"[..]]);
+    bob.close().await;
+}
