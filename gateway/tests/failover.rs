@@ -57,7 +57,7 @@ async fn a_killed_gateway_loses_nothing_clients_move_to_the_other() {
         "alice moved to the surviving gateway"
     );
     // Everything bob was pushed or fetches now, each once by seq.
-    let shown = support::messages_until_synced(&bob, &mut bob_events).await;
+    let shown = support::messages_until_shown(&bob, &mut bob_events, 40).await;
     bob.close().await;
     alice.close().await;
     let bodies: Vec<String> = shown

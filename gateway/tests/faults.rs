@@ -116,7 +116,7 @@ async fn a_lossy_path_delivers_every_message_once_in_order() {
             "message {i}: stored once, in the order sent"
         );
     }
-    let shown = support::messages_until_synced(&bob, &mut bob_events).await;
+    let shown = support::messages_until_shown(&bob, &mut bob_events, count as usize).await;
     let got: Vec<(u128, u64)> = shown.iter().map(|d| (d.msg_id, d.seq)).collect();
     let want: Vec<(u128, u64)> = (0..count).map(|i| (7000 + i as u128, i + 1)).collect();
     assert_eq!(got, want, "every message shown once, in order");

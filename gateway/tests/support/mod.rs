@@ -327,6 +327,29 @@ pub async fn messages_until_synced(
     shown
 }
 
+/// Read `conn`'s events until `count` messages were shown, then until it
+/// is synced: for a connection online while the messages were sent
+/// (`synced` covers what the connection knows of, and a push may still be
+/// on its way).
+pub async fn messages_until_shown(
+    conn: &Connection,
+    events: &mut mpsc::Receiver<ImEvent>,
+    count: usize,
+) -> Vec<app::Delivery> {
+    let mut shown = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while shown.len() < count {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(ImEvent::Message(d))) => shown.push(d),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the connection ended: {} of {count} shown", shown.len()),
+            Err(_) => panic!("{} of {count} shown within {WAIT:?}", shown.len()),
+        }
+    }
+    shown.extend(messages_until_synced(conn, events).await);
+    shown
+}
+
 pub fn start_gateway(dir: &Path) -> DaemonProcess {
     start_gateway_with(dir, 1, &dir.join("gateway"), &[])
 }
