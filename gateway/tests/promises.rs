@@ -8,8 +8,10 @@
 mod support;
 
 use client::sdk::{self, Connection, ImEvent, SdkError};
-use proto::app::{AppError, SendOutcome};
-use proto::app::{AppErrorCode, Call, Delivery, GatewayMessage, LoginAnswer, LoginError, Reply};
+use proto::app::{
+    AppError, AppErrorCode, Call, Delivery, GatewayMessage, LoginAnswer, LoginError, Reply,
+    SendOutcome,
+};
 use std::{
     future::Future,
     pin::Pin,
@@ -205,7 +207,7 @@ async fn a_paused_receiver_neither_holds_up_the_sender_nor_sees_a_message_twice(
     let want: Vec<u64> = (1..=count).collect();
     assert_eq!(seqs(answers), want, "all sent, in order");
 
-    let shown = support::messages_until_synced(&bob, &mut bob_events).await;
+    let shown = support::messages_until_shown(&bob, &mut bob_events, count as usize).await;
     let want: Vec<String> = (0..count).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies(&shown), want, "every message once, in order");
     assert!(
