@@ -95,7 +95,9 @@ pub async fn notify(services: &Services, to: u64, delivery: Delivery) {
     let gateway = match lookup {
         Ok(Ok(mut entries)) => match entries.pop().flatten() {
             Some(entry) if entry.gateway != services.gateway_id => entry.gateway,
-            _ => return, // offline, or here (between login and register)
+            // Offline, or here between login and register: the router
+            // tells that session `MailboxChanged` when it registers.
+            _ => return,
         },
         _ => {
             metrics::counter!("gateway_notify_failed_total", "why" => "presence").increment(1);

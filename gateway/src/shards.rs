@@ -192,10 +192,14 @@ impl Shards {
     }
 
     /// Run `op` against `user`'s shard, following `Moved` and waiting out
-    /// `Busy` within their limits.
+    /// `Busy` within their limits. A connection found broken is dropped;
+    /// an `op` that may run twice (`Retry::OnBrokenLink`: a read, an ack)
+    /// is then tried once more on a new one, since a link breaks silently
+    /// while nothing is sent on it (the shard restarted meanwhile).
     async fn call<T, F>(
         &self,
         user: u64,
+        retry: Retry,
         op: impl Fn(ShardClient) -> F,
     ) -> Result<T, ShardCallError>
     where
@@ -204,6 +208,7 @@ impl Shards {
         let mut target = self.owner(user);
         let mut redirects = 0;
         let mut busy = BusyBackoff::new(self.busy_wait_ms_max);
+        let mut retried = false;
         loop {
             let (link, client) = self.client(&target).await?;
             let error = match op(client).await {
@@ -242,6 +247,11 @@ impl Shards {
                     };
                     tokio::time::sleep(wait).await;
                 }
+                ClientError::Disconnected if retry == Retry::OnBrokenLink && !retried => {
+                    retried = true;
+                    link.forget().await;
+                    metrics::counter!("gateway_shard_reconnect_retries_total").increment(1);
+                }
                 e => return Err(failed(&target.shard, &link, e).await),
             }
         }
@@ -254,7 +264,7 @@ impl Shards {
         msg_id: u128,
         payload: Vec<u8>,
     ) -> Result<u64, ShardCallError> {
-        self.call(user, |c| {
+        self.call(user, Retry::Never, |c| {
             let payload = payload.clone();
             async move { c.append(user, msg_id, payload).await }
         })
@@ -270,7 +280,7 @@ impl Shards {
         items: Vec<(u128, Vec<u8>)>,
     ) -> Result<Vec<Result<u64, ShardCallError>>, ShardCallError> {
         let results = self
-            .call(user, |c| {
+            .call(user, Retry::Never, |c| {
                 let items = items
                     .iter()
                     .map(|(msg_id, payload)| AppendItem {
@@ -305,21 +315,34 @@ impl Shards {
         max_count: u32,
         max_bytes: u32,
     ) -> Result<(Vec<StoredRecord>, bool), ShardCallError> {
-        self.call(user, |c| async move {
+        self.call(user, Retry::OnBrokenLink, |c| async move {
             c.fetch(user, after_seq, max_count, max_bytes).await
         })
         .await
     }
 
     pub async fn ack(&self, user: u64, up_to_seq: u64) -> Result<u64, ShardCallError> {
-        self.call(user, |c| async move { c.ack(user, up_to_seq).await })
-            .await
+        self.call(user, Retry::OnBrokenLink, |c| async move {
+            c.ack(user, up_to_seq).await
+        })
+        .await
     }
 
     pub async fn user_stats(&self, user: u64) -> Result<MailboxStats, ShardCallError> {
-        self.call(user, |c| async move { c.user_stats(user).await })
-            .await
+        self.call(user, Retry::OnBrokenLink, |c| async move {
+            c.user_stats(user).await
+        })
+        .await
     }
+}
+
+/// Whether a shard call may be sent again after its connection broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Appends: the shard may have stored them before the link broke.
+    Never,
+    /// Reads and (cumulative) acks: the same result either way.
+    OnBrokenLink,
 }
 
 /// Why one item of a batch was not stored.

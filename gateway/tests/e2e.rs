@@ -1,6 +1,7 @@
 //! The whole system end to end on loopback: log in, see friends and who is
 //! online, send messages that arrive whether the friend is online or not,
-//! exactly once and in order.
+//! exactly once and in order (stored first, answered with their seq, then
+//! pushed with it).
 
 mod support;
 
@@ -12,6 +13,10 @@ use proto::{
     presence::Status,
 };
 use support::{Cluster, TestClient};
+
+fn sent(seq: u64) -> Result<Reply, proto::app::AppError> {
+    Ok(Reply::Sent(SendOutcome { seq }))
+}
 
 fn delivered(push: Option<GatewayMessage>) -> proto::app::Delivery {
     match push {
@@ -59,71 +64,62 @@ async fn logins_are_checked_and_tokens_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn online_messages_arrive_once_in_order_and_are_delivered() {
+async fn online_messages_arrive_once_in_order_with_their_seq() {
     let c = Cluster::start(2).await;
     let a = c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
     let mut alice = c.login("alice", "pa").await.unwrap();
     let mut bob = c.login("bob", "pb").await.unwrap();
     for i in 0..20u128 {
         let reply = alice
             .send(b, 1000 + i, format!("hello {i}").as_bytes())
             .await;
-        assert_eq!(
-            reply,
-            Ok(Reply::Sent(SendOutcome::Delivered)),
-            "message {i}"
-        );
+        assert_eq!(reply, sent(i as u64 + 1), "message {i}");
     }
     for i in 0..20u128 {
         let d = delivered(bob.push().await);
         assert_eq!(
-            (d.from, d.msg_id, d.body),
-            (a, 1000 + i, format!("hello {i}").into_bytes())
+            (d.from, d.msg_id, d.seq, d.body),
+            (a, 1000 + i, i as u64 + 1, format!("hello {i}").into_bytes())
         );
     }
-    // A retry of a delivered message gets the same answer and no second copy.
+    // A retry of a sent message gets the same answer and no second copy.
+    assert_eq!(alice.send(b, 1005, b"hello 5").await, sent(6));
+    assert_eq!(alice.send(b, 2000, b"after").await, sent(21));
+    let d = delivered(bob.push().await);
     assert_eq!(
-        alice.send(b, 1005, b"hello 5").await,
-        Ok(Reply::Sent(SendOutcome::Delivered))
-    );
-    assert_eq!(
-        alice.send(b, 2000, b"after").await,
-        Ok(Reply::Sent(SendOutcome::Delivered))
-    );
-    assert_eq!(
-        delivered(bob.push().await).msg_id,
-        2000,
-        "the retry was not delivered again"
+        (d.msg_id, d.seq),
+        (2000, 21),
+        "the retry was neither stored nor pushed again"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_messages_are_stored_and_drained_at_login() {
+async fn offline_messages_are_stored_and_fetched_at_login() {
     let c = Cluster::start(3).await;
-    c.user("alice", "pa").await;
+    let a = c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
     let mut alice = c.login("alice", "pa").await.unwrap();
     let mut seqs = Vec::new();
     for i in 0..10u128 {
         match alice.send(b, i + 1, format!("m{i}").as_bytes()).await {
-            Ok(Reply::Sent(SendOutcome::Stored { seq })) => seqs.push(seq),
-            other => panic!("expected stored, got {other:?}"),
+            Ok(Reply::Sent(SendOutcome { seq })) => seqs.push(seq),
+            other => panic!("expected sent, got {other:?}"),
         }
     }
     assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
     // A retry of a stored message is answered the same and stored once.
-    assert_eq!(
-        alice.send(b, 3, b"m2").await,
-        Ok(Reply::Sent(SendOutcome::Stored { seq: 3 }))
-    );
+    assert_eq!(alice.send(b, 3, b"m2").await, sent(3));
     let mut bob = c.login("bob", "pb").await.unwrap();
     assert_eq!(
         (bob.login.mailbox_count, bob.login.mailbox_high_seq),
         (10, 10)
     );
-    let (messages, more) = bob.fetch(0, 4).await;
+    let (messages, last_seq, more) = bob.fetch(0, 4).await;
     assert!(more);
+    assert_eq!(last_seq, 4);
     let bodies: Vec<_> = messages
         .iter()
         .map(|m| String::from_utf8(m.body.clone()).unwrap())
@@ -133,17 +129,18 @@ async fn offline_messages_are_stored_and_drained_at_login() {
         bob.call(Call::Ack { up_to_seq: 4 }).await,
         Ok(Reply::Acked { removed: 4 })
     );
-    let (messages, more) = bob.fetch(4, 100).await;
+    let (messages, last_seq, more) = bob.fetch(4, 100).await;
     assert!(!more);
+    assert_eq!(last_seq, 10);
     assert_eq!(
-        messages.iter().map(|m| m.seq.unwrap()).collect::<Vec<_>>(),
+        messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         (5..=10).collect::<Vec<_>>()
     );
     assert_eq!(
         bob.call(Call::Ack { up_to_seq: 10 }).await,
         Ok(Reply::Acked { removed: 6 })
     );
-    assert_eq!(bob.fetch(10, 100).await, (vec![], false));
+    assert_eq!(bob.fetch(10, 100).await, (vec![], 0, false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,8 +188,9 @@ async fn a_second_login_kicks_the_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sends_get_typed_errors_and_garbage_is_dropped() {
     let c = Cluster::start(1).await;
-    c.user("alice", "pa").await;
+    let a = c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
     let mut alice = c.login("alice", "pa").await.unwrap();
     let too_big = vec![b'x'; BODY_BYTES_MAX + 1];
     assert_eq!(
@@ -219,10 +217,7 @@ async fn bad_sends_get_typed_errors_and_garbage_is_dropped() {
         d[0] = (i % 6) as u8;
         junk.send_to(&d, c.gateway.addr).await.unwrap();
     }
-    assert!(matches!(
-        alice.send(b, 3, b"still here").await,
-        Ok(Reply::Sent(SendOutcome::Stored { .. }))
-    ));
+    assert_eq!(alice.send(b, 3, b"still here").await, sent(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,52 +226,42 @@ async fn messages_cross_gateways_through_the_peer_link() {
     let second = c.second_gateway(2);
     let a = c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
     let mut alice = c.login("alice", "pa").await.unwrap();
-    let method = LoginMethod::Password {
-        username: "bob".into(),
-        password: "pb".into(),
-    };
-    let mut bob = TestClient::connect(second.addr, c.gateway_public, method)
-        .await
-        .unwrap();
+    let mut bob = c.login_at(second.addr, "bob", "pb").await.unwrap();
     for i in 0..10u128 {
         let reply = alice
             .send(b, 500 + i, format!("across {i}").as_bytes())
             .await;
-        assert_eq!(
-            reply,
-            Ok(Reply::Sent(SendOutcome::Delivered)),
-            "message {i}"
-        );
+        assert_eq!(reply, sent(i as u64 + 1), "message {i}");
     }
-    for i in 0..10u128 {
+    // Each forward is its own task (a presence lookup, then the peer link),
+    // so pushes may overtake each other; each carries its seq, by which
+    // clients show them (proto::inbox).
+    let mut pushed: Vec<(u64, u128, u64)> = Vec::new();
+    for _ in 0..10 {
         let d = delivered(bob.push().await);
-        assert_eq!((d.from, d.msg_id), (a, 500 + i), "in order, once");
+        pushed.push((d.seq, d.msg_id, d.from));
     }
+    pushed.sort_unstable();
+    let want: Vec<(u64, u128, u64)> = (0..10u128).map(|i| (i as u64 + 1, 500 + i, a)).collect();
+    assert_eq!(pushed, want, "each pushed once, with its seq");
     // And back.
-    assert_eq!(
-        bob.send(a, 900, b"reply").await,
-        Ok(Reply::Sent(SendOutcome::Delivered))
-    );
+    assert_eq!(bob.send(a, 900, b"reply").await, sent(1));
     assert_eq!(delivered(alice.push().await).body, b"reply");
-    // Bob leaves: the next message is stored, not lost.
+    // Bob leaves: the next message is stored, and fetched at his next login.
     bob.client.close();
-    let stored = loop {
-        match alice.send(b, 1000 + rand_id(), b"later").await {
-            Ok(Reply::Sent(SendOutcome::Stored { seq })) => break seq,
-            Ok(Reply::Sent(SendOutcome::Delivered)) => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await
-            }
-            other => panic!("{other:?}"),
-        }
-    };
-    assert!(stored >= 1);
-}
-
-fn rand_id() -> u128 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed) as u128
+    assert_eq!(alice.send(b, 1000, b"later").await, sent(11));
+    let mut bob = c.login("bob", "pb").await.unwrap();
+    let (messages, _, more) = bob.fetch(10, 100).await;
+    assert!(!more);
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| (m.msg_id, m.seq))
+            .collect::<Vec<_>>(),
+        [(1000, 11)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,8 +294,9 @@ async fn cached_profiles_are_refreshed_when_they_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_user_message_rate_is_limited() {
     let c = Cluster::start(1).await;
-    c.user("alice", "pa").await;
+    let a = c.user("alice", "pa").await;
     let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
     let config = c.dir.path().join("limited.toml");
     std::fs::write(
         &config,

@@ -30,12 +30,14 @@ fn maps(c: &Cluster) -> (ClusterMap, ClusterMap) {
     (old, new)
 }
 
-/// A new user (password "pb") whom `map` places on shard `shard`.
-async fn user_on(c: &Cluster, map: &ClusterMap, shard: &str, name: &str) -> u64 {
+/// A new user (password "pb") whom `map` places on shard `shard`, made a
+/// friend of `friend` (who writes to it).
+async fn user_on(c: &Cluster, map: &ClusterMap, shard: &str, name: &str, friend: u64) -> u64 {
     let ring = ShardRing::new(&map.shards);
     for i in 0..64 {
         let user = c.user(&format!("{name}{i}"), "pb").await;
         if ring.owner(user) == shard {
+            c.befriend(friend, user).await;
             return user;
         }
     }
@@ -74,8 +76,8 @@ async fn copy_and_release(from: &ShardClient, to: &ShardClient, user: u64, token
 
 async fn send(client: &mut support::TestClient, to: u64, id: u128, body: &str) -> u64 {
     match client.send(to, id, body.as_bytes()).await {
-        Ok(Reply::Sent(SendOutcome::Stored { seq })) => seq,
-        other => panic!("expected stored, got {other:?}"),
+        Ok(Reply::Sent(SendOutcome { seq })) => seq,
+        other => panic!("expected sent, got {other:?}"),
     }
 }
 
@@ -83,11 +85,11 @@ async fn send(client: &mut support::TestClient, to: u64, id: u128, body: &str) -
 async fn mailbox(c: &Cluster, bob: u64) -> Vec<(u64, String)> {
     let name = c.profile_client.get_profile(bob).await.unwrap().username;
     let mut client = c.login(&name, "pb").await.unwrap();
-    let (messages, more) = client.fetch(0, 100).await;
+    let (messages, _, more) = client.fetch(0, 100).await;
     assert!(!more);
     messages
         .into_iter()
-        .map(|m| (m.seq.unwrap(), String::from_utf8(m.body).unwrap()))
+        .map(|m| (m.seq, String::from_utf8(m.body).unwrap()))
         .collect()
 }
 
@@ -99,8 +101,8 @@ fn expect(pairs: &[(u64, &str)]) -> Vec<(u64, String)> {
 async fn a_moved_users_messages_follow_it_to_a_shard_the_gateway_does_not_know() {
     let c = Cluster::start_with_spare_shards(2, 1).await;
     let (old, new) = maps(&c);
-    c.user("alice", "pa").await;
-    let bob = user_on(&c, &new, "s2", "bob").await;
+    let a = c.user("alice", "pa").await;
+    let bob = user_on(&c, &new, "s2", "bob", a).await;
     let mut alice = c.login("alice", "pa").await.unwrap();
     assert_eq!(send(&mut alice, bob, 1, "m1").await, 1);
     assert_eq!(send(&mut alice, bob, 2, "m2").await, 2);
@@ -122,15 +124,21 @@ async fn a_moved_users_messages_follow_it_to_a_shard_the_gateway_does_not_know()
 async fn a_frozen_users_message_waits_and_is_stored_once_moved() {
     let mut c = Cluster::start_with_spare_shards(2, 1).await;
     let metrics = support::free_addr();
-    // A long budget, so the wait outlasts any slowness of this machine.
+    // A long budget, so the wait outlasts any slowness of this machine;
+    // the send's answer waits as long (an `Unavailable` at the answer bound
+    // would be right too, but this test is about the store).
     let config = c.dir.path().join("patient.toml");
-    std::fs::write(&config, "[timers]\nshard_busy_wait_ms_max = 60000\n").unwrap();
+    std::fs::write(
+        &config,
+        "[timers]\nshard_busy_wait_ms_max = 60000\nsend_answer_ms_max = 60000\nretry_hold_ms = 60000\n",
+    )
+    .unwrap();
     let config = config.to_str().unwrap().to_string();
     let metrics_arg = metrics.to_string();
     c.restart_gateway(&["--config", &config, "--metrics-addr", &metrics_arg]);
     let (old, new) = maps(&c);
-    c.user("alice", "pa").await;
-    let bob = user_on(&c, &new, "s2", "bob").await;
+    let a = c.user("alice", "pa").await;
+    let bob = user_on(&c, &new, "s2", "bob", a).await;
     let mut alice = c.login("alice", "pa").await.unwrap();
     assert_eq!(send(&mut alice, bob, 1, "m1").await, 1);
 
@@ -163,8 +171,8 @@ async fn a_frozen_users_message_waits_and_is_stored_once_moved() {
 async fn a_pushed_map_is_adopted_if_newer_and_kept_across_a_restart() {
     let mut c = Cluster::start_with_spare_shards(2, 1).await;
     let (old, new) = maps(&c);
-    c.user("alice", "pa").await;
-    let bob = user_on(&c, &new, "s2", "bob").await;
+    let a = c.user("alice", "pa").await;
+    let bob = user_on(&c, &new, "s2", "bob", a).await;
     let peer = c.peer_addr(1).await;
     assert_eq!(push_map(&peer, &new).await.unwrap(), 2);
     assert_eq!(push_map(&peer, &new).await.unwrap(), 2, "again: the same");

@@ -8,7 +8,7 @@
 
 mod support;
 
-use client::sdk::{self, Connection, Credentials, ImEvent, SdkConfig};
+use client::sdk::{Connection, ImEvent};
 use msgstore::{
     client::ShardClient,
     rebalance::{Mover, Plan, Progress},
@@ -22,7 +22,8 @@ use std::{
     },
     time::Duration,
 };
-use support::Cluster;
+use support::{Cluster, Options};
+use tokio::sync::mpsc;
 
 struct Quiet;
 
@@ -32,19 +33,15 @@ impl Progress for Quiet {
 }
 
 async fn connect(c: &Cluster, user: &str) -> (Connection, tokio::sync::mpsc::Receiver<ImEvent>) {
-    let credentials = Credentials::Password {
-        username: user.into(),
-        password: "pw".into(),
-    };
-    let config = SdkConfig::new(c.gateway.addr.to_string(), c.gateway_public, credentials);
-    sdk::connect(config).await.unwrap()
+    c.sdk(user, "pw").await
 }
 
-/// The bodies in `conn`'s mailbox (fetched and acknowledged); closes it.
-async fn drain(conn: &Connection) -> Vec<String> {
-    let stored = conn.drain_mailbox().await.unwrap();
+/// The bodies `conn` shows until everything in its mailbox was shown and
+/// acknowledged; closes it.
+async fn drain(conn: &Connection, events: &mut mpsc::Receiver<ImEvent>) -> Vec<String> {
+    let shown = support::messages_until_synced(conn, events).await;
     conn.close().await;
-    stored
+    shown
         .into_iter()
         .map(|d| String::from_utf8(d.body).unwrap())
         .collect()
@@ -67,7 +64,15 @@ async fn rebalance(plan: Plan, gateway_peer: &str) -> ClusterMap {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_survive_adding_and_removing_shards_under_traffic() {
-    let c = Cluster::start_with_spare_shards(4, 3).await;
+    // Senders write to users who are not their friends: this test is about
+    // the moves, not about who may write.
+    let options = Options {
+        shards: 3,
+        spare_shards: 1,
+        gateway_toml: Some("[limits]\nallow_strangers = true\n".into()),
+        ..Options::default()
+    };
+    let c = Cluster::start_with(options).await.0;
     let mut receivers = Vec::new();
     for i in 0..24 {
         receivers.push(c.user(&format!("r{i}"), "pw").await);
@@ -75,16 +80,25 @@ async fn messages_survive_adding_and_removing_shards_under_traffic() {
     let mut online = Vec::new();
     for i in 0..4 {
         let (conn, mut events) = connect(&c, &format!("r{i}")).await;
+        // Shows everything while online, then until synced at the end.
+        let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+        let reader_conn = conn.clone();
         let got = tokio::spawn(async move {
             let mut bodies = Vec::new();
-            while let Some(event) = events.recv().await {
-                if let ImEvent::Message(d) = event {
-                    bodies.push(String::from_utf8(d.body).unwrap());
+            loop {
+                tokio::select! {
+                    Some(event) = events.recv() => {
+                        if let ImEvent::Message(d) = event {
+                            bodies.push(String::from_utf8(d.body).unwrap());
+                        }
+                    }
+                    _ = &mut stop => break,
                 }
             }
+            bodies.extend(drain(&reader_conn, &mut events).await);
             bodies
         });
-        online.push((conn, got));
+        online.push((stop_tx, got));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let mut senders = Vec::new();
@@ -135,13 +149,15 @@ async fn messages_survive_adding_and_removing_shards_under_traffic() {
 
     // Everything each receiver got: pushes while online, then its mailbox.
     let mut received: Vec<String> = Vec::new();
-    for (conn, got) in online {
-        received.extend(drain(&conn).await);
+    for (stop, got) in online {
+        let _ = stop.send(());
         received.extend(got.await.unwrap());
     }
-    for i in 4..receivers.len() {
-        let (conn, _events) = connect(&c, &format!("r{i}")).await;
-        received.extend(drain(&conn).await);
+    // Then every receiver logs in (again): what was not shown yet (a push
+    // still on its way when the online ones synced) waits in its mailbox.
+    for i in 0..receivers.len() {
+        let (conn, mut events) = connect(&c, &format!("r{i}")).await;
+        received.extend(drain(&conn, &mut events).await);
     }
     let mut seen = HashSet::new();
     for body in &received {

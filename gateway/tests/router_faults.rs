@@ -13,7 +13,6 @@ mod sim;
 
 use rand::Rng;
 use sim::{Health, World, MS};
-use std::time::Duration;
 
 /// Seeds that once failed, kept as regression tests.
 /// 0: a refusal held the conversation for a later message than the first
@@ -26,7 +25,7 @@ const USERS: u64 = 6;
 
 fn run(seed: u64) {
     let mut config = sim::config();
-    if seed % 3 == 0 {
+    if seed.is_multiple_of(3) {
         config.messages_per_user_per_s = 40;
         config.messages_burst = 10;
     }

@@ -356,3 +356,50 @@ fn a_gateway_killed_mid_stream_loses_nothing_and_shows_nothing_twice() {
         w.check_invariants();
     }
 }
+
+/// A message stored while its recipient logs in, after the login read the
+/// mailbox's figures and before the session is registered, is in neither:
+/// it cannot be pushed (no session yet, and presence already names this
+/// gateway, or another gateway where the session is not registered yet).
+/// The new session must learn of it without another login or message.
+#[test]
+fn a_message_stored_while_its_recipient_logs_in_is_shown() {
+    for gateways in [1, 2] {
+        let mut missed = Vec::new();
+        for seed in 0..40 {
+            let mut w = World::new(200 + seed, gateways);
+            w.user(A, 0);
+            w.user(B, gateways - 1);
+            w.befriend(A, B);
+            w.faults.latency_ms = (0, 50);
+            w.client(B).want_online = false; // logs in below, not before
+            online(&mut w, &[A]);
+            // B's relations cached and its mailbox acknowledged: the next
+            // store races the login, and no fetch at login masks it.
+            let first = w.send(A, B, b"before");
+            w.run_until(Duration::from_secs(5), |w| w.clients[&A].outbox_len() == 0);
+            online(&mut w, &[B]);
+            let acked = w.run_until(Duration::from_secs(5), |w| {
+                w.mailboxes.get(&B).is_some_and(|m| m.acked >= 1)
+            });
+            assert!(acked, "{}", w.describe());
+            w.logout(B);
+            w.run_for(Duration::from_millis(200), 5 * MS);
+            w.login(B);
+            let second = w.send(A, B, b"while logging in");
+            let done = w.run_until(Duration::from_secs(5), |w| {
+                w.clients[&A].outbox_len() == 0 && w.clients[&B].session().is_some()
+            });
+            assert!(done, "seed {seed}: {}", w.describe());
+            // No settle: it logs everyone in again, which would fetch it.
+            w.run_for(Duration::from_secs(2), 5 * MS);
+            if shown_ids(&w, B) != [first, second] {
+                missed.push(seed);
+            }
+        }
+        assert!(
+            missed.is_empty(),
+            "{gateways} gateway(s), seeds {missed:?}: the message was never shown"
+        );
+    }
+}

@@ -1424,7 +1424,7 @@ impl World {
             shown_by.insert(c.user, ids);
         }
         for c in self.clients.values() {
-            for (&msg_id, _) in &c.sent {
+            for &msg_id in c.sent.keys() {
                 let to = c
                     .app_sends
                     .iter()

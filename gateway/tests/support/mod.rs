@@ -1,9 +1,14 @@
 //! A whole cluster on loopback for end-to-end tests: presence, profile and
-//! msgstore shards run in-process (each a real TCP daemon), the gateway runs
-//! as a real `gateway` process; clients speak the real protocol over UDP.
+//! msgstore shards run in-process (each a real TCP daemon) or as real
+//! `msgstore` processes, the gateway runs as a real `gateway` process;
+//! clients speak the real protocol over UDP (raw, [`TestClient`], or
+//! through the SDK, [`Cluster::sdk`]).
 #![allow(dead_code)]
 
-use client::{Client, DriverConfig};
+use client::{
+    sdk::{self, Connection, Credentials, ImEvent, SdkConfig},
+    Client, DriverConfig,
+};
 use daemon::testing::DaemonProcess;
 use embedded::{Embedded, EmbeddedConfig};
 use proto::{
@@ -13,10 +18,33 @@ use proto::{
     },
     session::Event,
 };
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// How to set up a [`Cluster`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Shards in the gateway's cluster map.
+    pub shards: usize,
+    /// In-process shards started but left out of the gateway's map (to move
+    /// users to); `services.map` lists them after the others.
+    pub spare_shards: usize,
+    /// The map's shards as real `msgstore` processes (so a test can SIGKILL
+    /// or SIGSTOP them) instead of in-process ones.
+    pub shard_processes: bool,
+    /// The gateways' config file (`--config`), e.g. `"[limits]\nallow_strangers = true\n"`.
+    pub gateway_toml: Option<String>,
+    /// Serve gateway 1's Prometheus `/metrics` (see [`Cluster::metric`]).
+    pub metrics: bool,
+}
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -24,35 +52,69 @@ pub struct Cluster {
     pub gateway: DaemonProcess,
     pub gateway_public: [u8; 32],
     pub profile_client: profile::ProfileClient,
+    /// The config file every gateway of this cluster is started with.
+    pub gateway_config: Option<PathBuf>,
+    /// Gateway 1's `/metrics` address.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Cluster {
     /// Presence, profile and `shards` shards in-process; the gateway as a
     /// real process.
     pub async fn start(shards: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let services = Embedded::start(EmbeddedConfig::ephemeral(dir.path().to_path_buf(), shards))
-            .await
-            .expect("start the services");
-        Cluster::with_gateway(dir, services).await
+        let options = Options {
+            shards,
+            ..Options::default()
+        };
+        Cluster::start_with(options).await.0
     }
 
     /// Like `start`, but the shards are real `msgstore` processes (so a
     /// test can SIGKILL them), on the given data directories.
     pub async fn start_with_shard_processes(shards: usize) -> (Cluster, Vec<ShardProcess>) {
+        let options = Options {
+            shards,
+            shard_processes: true,
+            ..Options::default()
+        };
+        Cluster::start_with(options).await
+    }
+
+    /// Like `start`, but the gateway's cluster map (`dir/cluster.toml`,
+    /// epoch 1) holds only the first `in_map` shards; the others are spares
+    /// to move users to. `services.map` still lists them all.
+    pub async fn start_with_spare_shards(shards: usize, in_map: usize) -> Cluster {
+        let options = Options {
+            shards: in_map,
+            spare_shards: shards - in_map,
+            ..Options::default()
+        };
+        Cluster::start_with(options).await.0
+    }
+
+    /// The cluster `options` describe; the shard processes, if any.
+    pub async fn start_with(options: Options) -> (Cluster, Vec<ShardProcess>) {
         let dir = tempfile::tempdir().unwrap();
-        let mut services = Embedded::start(EmbeddedConfig::ephemeral(dir.path().to_path_buf(), 0))
-            .await
-            .expect("start the services");
-        let processes: Vec<ShardProcess> = (0..shards)
-            .map(|i| {
-                ShardProcess::start(
-                    dir.path().join(format!("pshard{i}")),
-                    "127.0.0.1:0".parse().unwrap(),
-                )
-            })
-            .collect();
-        services.map.shards = processes
+        let in_process = if options.shard_processes {
+            options.spare_shards
+        } else {
+            options.shards + options.spare_shards
+        };
+        let config = EmbeddedConfig::ephemeral(dir.path().to_path_buf(), in_process);
+        let mut services = Embedded::start(config).await.expect("start the services");
+        let processes: Vec<ShardProcess> = if options.shard_processes {
+            (0..options.shards)
+                .map(|i| {
+                    ShardProcess::start(
+                        dir.path().join(format!("pshard{i}")),
+                        "127.0.0.1:0".parse().unwrap(),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut in_map: Vec<_> = processes
             .iter()
             .enumerate()
             .map(|(i, p)| proto::cluster::ShardEntry {
@@ -61,32 +123,66 @@ impl Cluster {
                 weight: 1,
             })
             .collect();
-        std::fs::write(dir.path().join("cluster.toml"), services.map.to_toml()).unwrap();
-        (Cluster::with_gateway(dir, services).await, processes)
+        let spares = services.map.shards.clone();
+        if options.shard_processes {
+            services.map.shards = in_map.iter().chain(&spares).cloned().collect();
+        } else {
+            in_map = spares[..options.shards].to_vec();
+        }
+        let mut gateway_map = services.map.clone();
+        gateway_map.shards = in_map;
+        std::fs::write(dir.path().join("cluster.toml"), gateway_map.to_toml()).unwrap();
+        let gateway_config = options.gateway_toml.map(|toml| {
+            let path = dir.path().join("gateway.toml");
+            std::fs::write(&path, toml).unwrap();
+            path
+        });
+        let metrics = options.metrics.then(free_addr);
+        let mut extra: Vec<String> = Vec::new();
+        if let Some(path) = &gateway_config {
+            extra.extend(["--config".into(), path.display().to_string()]);
+        }
+        if let Some(addr) = metrics {
+            extra.extend(["--metrics-addr".into(), addr.to_string()]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let gateway = start_gateway_with(dir.path(), 1, &dir.path().join("gateway"), &extra);
+        let profile_client = profile::ProfileClient::connect(services.map.profile.clone())
+            .await
+            .unwrap();
+        let public = std::fs::read_to_string(dir.path().join("gateway/gateway.pub")).unwrap();
+        let gateway_public = gateway::keys::from_hex(&public).expect("hex public key");
+        let cluster = Cluster {
+            dir,
+            services,
+            gateway,
+            gateway_public,
+            profile_client,
+            gateway_config,
+            metrics,
+        };
+        (cluster, processes)
     }
 
-    /// Like `start`, but the gateway's cluster map (`dir/cluster.toml`,
-    /// epoch 1) holds only the first `in_map` shards; the others are spares
-    /// to move users to. `services.map` still lists them all.
-    pub async fn start_with_spare_shards(shards: usize, in_map: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let services = Embedded::start(EmbeddedConfig::ephemeral(dir.path().to_path_buf(), shards))
-            .await
-            .expect("start the services");
-        let mut map = services.map.clone();
-        map.shards.truncate(in_map);
-        std::fs::write(dir.path().join("cluster.toml"), map.to_toml()).unwrap();
-        Cluster::with_gateway(dir, services).await
+    /// Gateway 1's metric `name` (without labels); its metrics must be on.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(self.metrics.expect("Options::metrics was set"), name).await
     }
 
     /// Stop gateway 1 (SIGTERM; it must exit cleanly) and start it again
-    /// on the same data directory and cluster file, with `extra` flags.
+    /// on the same data directory and cluster file, with `extra` flags
+    /// (and the cluster's config file unless they name one).
     pub fn restart_gateway(&mut self, extra: &[&str]) {
         self.gateway.signal(libc::SIGTERM);
         let status = self.gateway.child.wait().expect("wait for the gateway");
         assert!(status.success(), "the gateway stopped cleanly: {status}");
         let dir = self.dir.path();
-        self.gateway = start_gateway_with(dir, 1, &dir.join("gateway"), extra);
+        let mut flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let (Some(path), false) = (&self.gateway_config, extra.contains(&"--config")) {
+            flags.extend(["--config".into(), path.display().to_string()]);
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        self.gateway = start_gateway_with(dir, 1, &dir.join("gateway"), &flags);
     }
 
     /// Where gateway `id` listens for peer links (as registered with
@@ -111,24 +207,6 @@ impl Cluster {
         }
     }
 
-    /// Start gateway 1 as a process for `services` (whose cluster map is in
-    /// `dir/cluster.toml`).
-    async fn with_gateway(dir: tempfile::TempDir, services: Embedded) -> Cluster {
-        let profile_client = profile::ProfileClient::connect(services.map.profile.clone())
-            .await
-            .unwrap();
-        let gateway = start_gateway(dir.path());
-        let public = std::fs::read_to_string(dir.path().join("gateway/gateway.pub")).unwrap();
-        let gateway_public = gateway::keys::from_hex(&public).expect("hex public key");
-        Cluster {
-            dir,
-            services,
-            gateway,
-            gateway_public,
-            profile_client,
-        }
-    }
-
     /// Another gateway of the cluster (same keys, so clients know one
     /// public key and resume tokens work on both).
     pub fn second_gateway(&self, id: u32) -> DaemonProcess {
@@ -137,7 +215,15 @@ impl Cluster {
         for file in ["gateway.key", "token.key"] {
             std::fs::copy(self.dir.path().join("gateway").join(file), data.join(file)).unwrap();
         }
-        start_gateway_with(self.dir.path(), id, &data, &[])
+        let config = self
+            .gateway_config
+            .as_ref()
+            .map(|p| p.display().to_string());
+        let extra: Vec<&str> = match &config {
+            Some(path) => vec!["--config", path],
+            None => Vec::new(),
+        };
+        start_gateway_with(self.dir.path(), id, &data, &extra)
     }
 
     /// Create a user; its id.
@@ -160,12 +246,108 @@ impl Cluster {
     }
 
     pub async fn login(&self, username: &str, password: &str) -> Result<TestClient, LoginAnswer> {
+        self.login_at(self.gateway.addr, username, password).await
+    }
+
+    /// A raw login at the gateway listening on `addr`.
+    pub async fn login_at(
+        &self,
+        addr: SocketAddr,
+        username: &str,
+        password: &str,
+    ) -> Result<TestClient, LoginAnswer> {
         let method = LoginMethod::Password {
             username: username.into(),
             password: password.into(),
         };
+        TestClient::connect(addr, self.gateway_public, method).await
+    }
+
+    /// A raw login with a resume token at gateway 1.
+    pub async fn resume(&self, token: &[u8]) -> Result<TestClient, LoginAnswer> {
+        let method = LoginMethod::Resume {
+            token: token.to_vec(),
+        };
         TestClient::connect(self.gateway.addr, self.gateway_public, method).await
     }
+
+    /// SDK settings for `username` at `gateways` (`host:port`, comma
+    /// separated), with the SDK's defaults otherwise.
+    pub fn sdk_config(&self, gateways: &str, username: &str, password: &str) -> SdkConfig {
+        let credentials = Credentials::Password {
+            username: username.into(),
+            password: password.into(),
+        };
+        SdkConfig::new(gateways, self.gateway_public, credentials)
+    }
+
+    /// An SDK connection of `username` at gateway 1.
+    pub async fn sdk(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> (Connection, mpsc::Receiver<ImEvent>) {
+        let config = self.sdk_config(&self.gateway.addr.to_string(), username, password);
+        sdk::connect(config).await.expect("SDK login")
+    }
+}
+
+/// Read `conn`'s events until its `synced` answers (everything in the
+/// mailbox was shown and acknowledged), for a connection whose events
+/// nobody else reads; the messages shown, in order.
+pub async fn messages_until_synced(
+    conn: &Connection,
+    events: &mut mpsc::Receiver<ImEvent>,
+) -> Vec<app::Delivery> {
+    let mut shown = Vec::new();
+    let synced = conn.synced();
+    tokio::pin!(synced);
+    let deadline = tokio::time::sleep(WAIT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            r = &mut synced => {
+                r.expect("synced");
+                break;
+            }
+            Some(event) = events.recv() => {
+                if let ImEvent::Message(d) = event {
+                    shown.push(d);
+                }
+            }
+            () = &mut deadline => panic!("not synced within {WAIT:?}: {} shown", shown.len()),
+        }
+    }
+    // `synced` answers once every event was handed to the channel.
+    while let Ok(event) = events.try_recv() {
+        if let ImEvent::Message(d) = event {
+            shown.push(d);
+        }
+    }
+    shown
+}
+
+/// Read `conn`'s events until `count` messages were shown, then until it
+/// is synced: for a connection online while the messages were sent
+/// (`synced` covers what the connection knows of, and a push may still be
+/// on its way).
+pub async fn messages_until_shown(
+    conn: &Connection,
+    events: &mut mpsc::Receiver<ImEvent>,
+    count: usize,
+) -> Vec<app::Delivery> {
+    let mut shown = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while shown.len() < count {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(ImEvent::Message(d))) => shown.push(d),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the connection ended: {} of {count} shown", shown.len()),
+            Err(_) => panic!("{} of {count} shown within {WAIT:?}", shown.len()),
+        }
+    }
+    shown.extend(messages_until_synced(conn, events).await);
+    shown
 }
 
 pub fn start_gateway(dir: &Path) -> DaemonProcess {
@@ -227,6 +409,43 @@ impl ShardProcess {
         }
     }
 
+    /// SIGSTOP, and wait until every thread of the process has stopped (a
+    /// signal is delivered asynchronously): it stays, its sockets stay
+    /// open, nothing is read or answered until [`ShardProcess::resume`].
+    pub fn pause(&self) {
+        let process = self.process.as_ref().expect("running");
+        process.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", process.child.id());
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let states: Vec<String> = std::fs::read_dir(&tasks)
+                .expect("the process's threads")
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+                .collect();
+            // The state follows the parenthesised command name.
+            let stopped = |stat: &String| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            };
+            if !states.is_empty() && states.iter().all(stopped) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shard did not stop: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGCONT after [`ShardProcess::pause`].
+    pub fn resume(&self) {
+        self.process
+            .as_ref()
+            .expect("running")
+            .signal(libc::SIGCONT);
+    }
+
     /// Start again on the same data directory and address.
     pub fn restart(&mut self) {
         let again = ShardProcess::start(self.data.clone(), self.addr);
@@ -242,6 +461,8 @@ pub struct TestClient {
     next_id: u32,
     /// Pushes seen while waiting for replies.
     pub pushes: Vec<GatewayMessage>,
+    /// Replies to other requests seen while waiting for one.
+    replies: BTreeMap<u32, Result<Reply, app::AppError>>,
     pub closed: Option<Event>,
 }
 
@@ -276,6 +497,7 @@ impl TestClient {
                 login,
                 next_id: 0,
                 pushes: Vec::new(),
+                replies: BTreeMap::new(),
                 closed: None,
             }),
             refused => Err(refused),
@@ -303,11 +525,26 @@ impl TestClient {
 
     /// Send a call and wait for its reply, keeping pushes that come first.
     pub async fn call(&mut self, call: Call) -> Result<Reply, app::AppError> {
+        let id = self.start(call);
+        self.reply(id).await
+    }
+
+    /// Send a call without waiting for its reply (pipelining); its id.
+    pub fn start(&mut self, call: Call) -> u32 {
         self.next_id += 1;
         let id = self.next_id;
         self.client
             .send(app::encode(&ClientMessage { id, call }))
             .expect("queue the request");
+        id
+    }
+
+    /// Wait for the reply to request `id`, keeping pushes and other
+    /// replies that come first.
+    pub async fn reply(&mut self, id: u32) -> Result<Reply, app::AppError> {
+        if let Some(result) = self.replies.remove(&id) {
+            return result;
+        }
         loop {
             match self
                 .next()
@@ -315,20 +552,31 @@ impl TestClient {
                 .expect("session open while waiting for a reply")
             {
                 GatewayMessage::Reply { id: got, result } if got == id => return result,
+                GatewayMessage::Reply { id: got, result } => {
+                    self.replies.insert(got, result);
+                }
                 other => self.pushes.push(other),
             }
         }
     }
 
-    /// One mailbox page: (messages, more).
-    pub async fn fetch(&mut self, after_seq: u64, max_count: u32) -> (Vec<app::Delivery>, bool) {
+    /// One mailbox page: (messages, last_seq, more).
+    pub async fn fetch(
+        &mut self,
+        after_seq: u64,
+        max_count: u32,
+    ) -> (Vec<app::Delivery>, u64, bool) {
         let call = Call::Fetch {
             after_seq,
             max_count,
             max_bytes: app::FETCH_BYTES_MAX,
         };
         match self.call(call).await {
-            Ok(Reply::Mailbox { messages, more }) => (messages, more),
+            Ok(Reply::Mailbox {
+                messages,
+                last_seq,
+                more,
+            }) => (messages, last_seq, more),
             other => panic!("fetch: {other:?}"),
         }
     }
@@ -352,7 +600,21 @@ impl TestClient {
         if !self.pushes.is_empty() {
             return Some(self.pushes.remove(0));
         }
-        self.next().await
+        loop {
+            match self.next().await? {
+                GatewayMessage::Reply { id, result } => {
+                    self.replies.insert(id, result);
+                }
+                push => return Some(push),
+            }
+        }
+    }
+
+    /// Wait until the gateway closes this session (skipping pushes); the
+    /// session's closing event.
+    pub async fn closed(&mut self) -> Event {
+        while self.next().await.is_some() {}
+        self.closed.clone().expect("closed")
     }
 }
 
