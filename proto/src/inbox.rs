@@ -176,7 +176,8 @@ impl Inbox {
 
     /// A (new) session is up: its login said the mailbox holds
     /// `mailbox_count` messages up to `mailbox_high_seq`. Requests of an
-    /// earlier session are void (their answers never come).
+    /// earlier session are void (their answers never come). One fetch
+    /// follows every login.
     pub fn on_login(&mut self, now: Instant, mailbox_count: u64, mailbox_high_seq: u64) {
         let acked = mailbox_high_seq.saturating_sub(mailbox_count);
         self.fetching = None;
@@ -195,7 +196,11 @@ impl Inbox {
             self.shown = acked;
         }
         self.advance(now);
-        self.more = self.known_high > self.shown;
+        // Fetch once after every login, whatever the figures say: they are
+        // 0/0 when the shard did not answer during the login, and a
+        // message stored between the login's read of them and the
+        // session's start is in neither them nor a push.
+        self.more = true;
         if self.shown > self.acked && self.ack_due.is_none() {
             // An ack lost with the old session goes again.
             self.ack_due = Some(now + self.config.ack_delay);

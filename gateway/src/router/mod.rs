@@ -32,7 +32,7 @@ mod relations;
 mod sends;
 mod sessions;
 
-use crate::{calls::CallResult, config::GatewayConfig, dedupe::Recent};
+use crate::{calls::CallResult, config::GatewayConfig};
 use governor::{clock::FakeRelativeClock, Quota, RateLimiter};
 use proto::{
     app::{
@@ -215,9 +215,6 @@ pub const STORE_BATCH_BYTES_MAX: usize = 512 * 1024;
 /// How often the router tidies up (rate-limiter memory, expired holds,
 /// sessions whose relations could not be checked).
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
-/// Recipients remembered with the highest seq stored for them while they
-/// had no session here: a login registered meanwhile is told of it.
-pub const UNPUSHED_REMEMBERED: usize = 65_536;
 
 type MessageRate = RateLimiter<
     u64,
@@ -251,9 +248,6 @@ pub struct Router {
     message_rate: MessageRate,
     clock: Clock,
     next_housekeeping: Instant,
-    /// Recipient -> the highest seq stored for it (or forwarded to it) while
-    /// it had no session here: not pushed.
-    unpushed: Recent<u64, u64>,
 }
 
 fn quota(per_s: u32, burst: u32) -> Quota {
@@ -284,7 +278,6 @@ impl Router {
             message_rate,
             clock: Clock { clock, at: now },
             next_housekeeping: now + HOUSEKEEPING,
-            unpushed: Recent::new(UNPUSHED_REMEMBERED),
             config,
         }
     }
@@ -430,11 +423,7 @@ impl Router {
                 self.push_delivery(session, forward.into_delivery(), io);
                 PeerOutcome::Pushed
             }
-            None => {
-                // Perhaps logging in here, its session not registered yet.
-                self.note_unpushed(to, delivery.seq);
-                PeerOutcome::NotHere
-            }
+            None => PeerOutcome::NotHere,
         }
     }
 
@@ -521,35 +510,6 @@ impl Router {
         if let Some(old) = self.sessions.register(session, ok.user, epoch) {
             self.kick(old, io);
         }
-        self.tell_unpushed(session, ok.user, &ok.answer, io);
-    }
-
-    /// A message stored for `user` while it had no session here was not
-    /// pushed. If that was while this login was being checked, after it
-    /// read the mailbox's figures, the new session knows nothing of it and
-    /// no push or later login may come to reveal it: tell it
-    /// `MailboxChanged`, so it fetches.
-    fn tell_unpushed(&mut self, session: u64, user: u64, answer: &[u8], io: &mut impl Sessions) {
-        let Some(high_seq) = self.unpushed.get(&user) else {
-            return;
-        };
-        let known = match app::decode::<app::LoginAnswer>(answer) {
-            Ok(app::LoginAnswer::Accepted(a)) => a.mailbox_high_seq,
-            _ => 0,
-        };
-        if high_seq <= known {
-            return;
-        }
-        let hint = GatewayMessage::MailboxChanged { high_seq };
-        if io.send(session, app::encode(&hint)).is_err() {
-            self.sessions.note_missed(session, high_seq);
-        }
-    }
-
-    /// `seq` was stored for `user`, who has no session here.
-    pub(crate) fn note_unpushed(&mut self, user: u64, seq: u64) {
-        let high = self.unpushed.get(&user).map_or(seq, |s| s.max(seq));
-        self.unpushed.insert(user, high);
     }
 
     /// Tell a replaced session it was kicked; close it once that arrived.

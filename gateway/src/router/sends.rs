@@ -462,11 +462,9 @@ impl Router {
         };
         match self.sessions.session_of(p.to) {
             Some(session) => self.push_delivery(session, delivery, io),
-            None => {
-                self.note_unpushed(p.to, outcome.seq);
-                self.actions
-                    .push_back(Action::Notify { to: p.to, delivery })
-            }
+            None => self
+                .actions
+                .push_back(Action::Notify { to: p.to, delivery }),
         }
     }
 

@@ -819,11 +819,12 @@ impl World {
                             }
                         }
                         let mb = self.mailboxes.entry(user).or_default();
+                        let high = mb.last_seq();
                         let answer = LoginAnswer::Accepted(LoginAccepted {
                             user,
                             resume_token: vec![1; 72],
-                            mailbox_count: mb.last_seq() - mb.acked.min(mb.last_seq()),
-                            mailbox_high_seq: mb.last_seq(),
+                            mailbox_count: high - mb.acked.min(high),
+                            mailbox_high_seq: high,
                             heartbeat_s: 30,
                         });
                         LoginOutcome::Accepted(LoginOk {

@@ -35,7 +35,15 @@ fn in_order_pushes_are_shown_once_and_acknowledged_after_the_delay() {
     let now = t0();
     let mut inbox = Inbox::new(InboxConfig::default());
     inbox.on_login(now, 0, 0);
-    assert_eq!(inbox.poll_request(now), None, "an empty mailbox: no fetch");
+    assert!(
+        matches!(
+            inbox.poll_request(now),
+            Some(InboxRequest::Fetch { after_seq: 0, .. })
+        ),
+        "one fetch after every login, the mailbox's figures 0/0 or not"
+    );
+    page(&mut inbox, now, Vec::new(), false);
+    assert_eq!(inbox.poll_request(now), None, "an empty mailbox: no more");
     inbox.on_push(now, msg(1, 7, 1));
     inbox.on_push(now, msg(2, 7, 2));
     inbox.on_push(now, msg(2, 7, 2));
@@ -328,6 +336,8 @@ fn an_ack_lost_with_its_session_but_applied_leaves_no_timer_behind() {
     let now = t0();
     let mut inbox = Inbox::new(InboxConfig::default());
     inbox.on_login(now, 0, 0);
+    assert!(inbox.poll_request(now).is_some(), "the login's fetch");
+    page(&mut inbox, now, Vec::new(), false);
     inbox.on_push(now, msg(1, 7, 1));
     inbox.on_push(now, msg(2, 7, 2));
     assert_eq!(shown(&mut inbox), [1, 2]);
