@@ -435,6 +435,19 @@ async fn online_phase(
     let start = Snapshot::take(&counters, cluster);
     tokio::time::sleep(plan.duration).await;
     let end = Snapshot::take(&counters, cluster);
+    // Leave nothing behind: every send answered, then every receiver
+    // fetches what it did not see pushed (pushes follow the answers).
+    counters.quiesce.store(true, Ordering::Relaxed);
+    let failed = || load(&counters.login_failures);
+    wait_for("the online sends' last answers", || {
+        load(&counters.senders_idle) + failed() >= pairs as u64
+    })
+    .await?;
+    counters.catch_up.store(true, Ordering::Relaxed);
+    wait_for("the online receivers' last fetch", || {
+        load(&counters.caught_up) + failed() >= pairs as u64
+    })
+    .await?;
     let mut logs = tx.stop().await?;
     logs.extend(rx.stop().await?);
     Ok((

@@ -15,6 +15,12 @@
 //! drop a message stored twice under two seqs (as `proto::inbox::Inbox`
 //! does by `(from, msg_id)`): that is a duplicate the delivery check must
 //! see.
+//!
+//! An online phase ends the way clients would leave nothing behind: on
+//! `Counters::quiesce` senders send no more and wait for their answers;
+//! then on `Counters::catch_up` receivers fetch after the last seq they
+//! saw (every message answered `Sent` is in the mailbox by then, but its
+//! push may still be on its way: the gateway pushes after answering).
 
 use crate::udp_load::{os_seed, Peer};
 use hdrhistogram::Histogram;
@@ -95,11 +101,21 @@ pub struct Counters {
     pub fetched: AtomicU64,
     /// Receivers whose mailbox fetching ended (nothing more, or refused).
     pub drains_done: AtomicU64,
+    /// Senders that stopped on `quiesce` with no send unanswered.
+    pub senders_idle: AtomicU64,
+    /// Receivers whose fetch after `catch_up` ended (or whose session was
+    /// gone).
+    pub caught_up: AtomicU64,
     pub datagrams_in: AtomicU64,
     pub datagrams_out: AtomicU64,
     /// Set by the controller: logged-in users start their work (senders
     /// send, receivers fetch), all at once.
     pub go: AtomicBool,
+    /// Set by the controller: senders send nothing more.
+    pub quiesce: AtomicBool,
+    /// Set by the controller once every send was answered: receivers fetch
+    /// what they did not see pushed.
+    pub catch_up: AtomicBool,
     /// Set by the controller: every fleet closes all its sessions.
     pub close: AtomicBool,
 }
@@ -143,6 +159,8 @@ pub struct Log {
     /// Copies of a seq already seen (pushed after it was fetched, or
     /// fetched after it was pushed), dropped.
     pub seq_repeats: u64,
+    /// `MailboxChanged` pushes (pushes the gateway could not queue).
+    pub mailbox_changed: u64,
     /// Resume tokens from accepted logins: (user, token).
     pub tokens: Vec<(u64, Vec<u8>)>,
     /// Anything unexpected, counted by kind.
@@ -164,6 +182,7 @@ impl Log {
             delivery: latency_histogram(),
             fetched: 0,
             seq_repeats: 0,
+            mailbox_changed: 0,
             tokens: Vec::new(),
             problems: BTreeMap::new(),
         }
@@ -211,6 +230,16 @@ impl SeenSeqs {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    No,
+    /// Asked for; a fetch sent before it may be in flight.
+    Wanted,
+    /// A fetch sent after it is in flight (or its next pages).
+    Fetching,
+    Done,
+}
+
 /// One simulated user: a session and its role's state.
 struct Sim {
     user: u64,
@@ -226,6 +255,12 @@ struct Sim {
     sends: HashMap<u32, (u128, Instant)>,
     /// The request id of the outstanding `Fetch`.
     fetch_id: Option<u32>,
+    /// Fetch again once the outstanding one is answered.
+    refetch: bool,
+    /// Receivers: where the fetch asked for by `Counters::catch_up` is.
+    catch_up: CatchUp,
+    /// Senders: stopped on `Counters::quiesce` with nothing unanswered.
+    idle: bool,
     /// Receivers: the mailbox seqs seen ...
     seen: SeenSeqs,
     /// ... and the mailbox was acknowledged up to this one.
@@ -260,6 +295,10 @@ pub struct Fleet {
     closed_all: bool,
     /// Whether the users' work started on `Counters::go`.
     started: bool,
+    /// Whether senders stopped on `Counters::quiesce`.
+    quiescing: bool,
+    /// Whether receivers were asked to fetch on `Counters::catch_up`.
+    catching_up: bool,
     /// Users with a handshake in flight (a user's next login waits).
     busy: HashSet<u64>,
     counters: Arc<Counters>,
@@ -296,6 +335,8 @@ impl Fleet {
             created: Instant::now(),
             closed_all: false,
             started: false,
+            quiescing: false,
+            catching_up: false,
             busy: HashSet::new(),
             counters,
             body: vec![b'm'; BODY_BYTES],
@@ -340,6 +381,9 @@ impl Fleet {
                 sent: 0,
                 sends: HashMap::new(),
                 fetch_id: None,
+                refetch: false,
+                catch_up: CatchUp::No,
+                idle: false,
                 seen: SeenSeqs::default(),
                 acked_seq: 0,
             });
@@ -432,6 +476,9 @@ impl Fleet {
         let abandoned = self.sims[i].sends.len() as u64;
         self.sims[i].sends.clear();
         bump(&self.counters.ops_finished, abandoned);
+        self.check_idle(i);
+        self.sims[i].fetch_id = None;
+        self.end_catch_up(i);
     }
 
     fn on_login(&mut self, i: usize, now: Instant, payload: &[u8]) {
@@ -473,6 +520,64 @@ impl Fleet {
         !self.started && self.counters.go.load(Ordering::Relaxed)
     }
 
+    fn quiesce_requested(&self) -> bool {
+        !self.quiescing && self.counters.quiesce.load(Ordering::Relaxed)
+    }
+
+    /// The controller said quiesce: senders send no more.
+    fn quiesce_all(&mut self) {
+        self.quiescing = true;
+        for i in 0..self.sims.len() {
+            self.check_idle(i);
+        }
+    }
+
+    /// A quiescing sender with nothing unanswered is idle (counted once).
+    fn check_idle(&mut self, i: usize) {
+        let sim = &mut self.sims[i];
+        if self.quiescing
+            && sim.connected
+            && matches!(sim.role, Role::Sender { .. })
+            && !sim.idle
+            && sim.sends.is_empty()
+        {
+            sim.idle = true;
+            bump(&self.counters.senders_idle, 1);
+        }
+    }
+
+    fn catch_up_requested(&self) -> bool {
+        !self.catching_up && self.counters.catch_up.load(Ordering::Relaxed)
+    }
+
+    /// The controller said catch up: every receiver fetches after the last
+    /// seq it saw (one whose session is gone counts as caught up; one
+    /// that never logged in counts as a login failure).
+    fn catch_up_all(&mut self) {
+        self.catching_up = true;
+        for i in 0..self.sims.len() {
+            let sim = &mut self.sims[i];
+            if !matches!(sim.role, Role::Receiver) || !sim.connected {
+                continue;
+            }
+            sim.catch_up = CatchUp::Wanted;
+            if !sim.closing {
+                self.want_fetch(i);
+                self.mark_dirty(i);
+            } else {
+                self.end_catch_up(i);
+            }
+        }
+    }
+
+    fn end_catch_up(&mut self, i: usize) {
+        let sim = &mut self.sims[i];
+        if matches!(sim.catch_up, CatchUp::Wanted | CatchUp::Fetching) {
+            sim.catch_up = CatchUp::Done;
+            bump(&self.counters.caught_up, 1);
+        }
+    }
+
     /// The controller said go: every logged-in user starts its work.
     fn start_all(&mut self, now: Instant) {
         self.started = true;
@@ -492,6 +597,12 @@ impl Fleet {
                     self.on_mailbox(i, result);
                 } else if let Some((msg_id, at)) = self.sims[i].sends.remove(&id) {
                     self.on_sent(i, now, msg_id, at, result);
+                }
+            }
+            Ok(GatewayMessage::MailboxChanged { high_seq }) => {
+                self.log.mailbox_changed += 1;
+                if high_seq > self.sims[i].seen.through {
+                    self.want_fetch(i);
                 }
             }
             Ok(GatewayMessage::Kicked) => self.log.problem("kicked"),
@@ -521,6 +632,7 @@ impl Fleet {
             Err(e) => self.log.problem(format!("send refused: {:?}", e.code)),
         }
         self.send_more(i, now);
+        self.check_idle(i);
     }
 
     fn send_more(&mut self, i: usize, now: Instant) {
@@ -528,7 +640,7 @@ impl Fleet {
         let Role::Sender { to, window, count } = sim.role else {
             return;
         };
-        while sim.sends.len() < window && sim.sent < count {
+        while !self.quiescing && sim.sends.len() < window && sim.sent < count {
             let msg_id = (u128::from(sim.user) << 64) | u128::from(sim.sent);
             let call = Call::Send {
                 to,
@@ -569,14 +681,31 @@ impl Fleet {
         }
     }
 
+    /// Fetch now, or once the fetch in flight is answered.
+    fn want_fetch(&mut self, i: usize) {
+        if self.sims[i].fetch_id.is_some() {
+            self.sims[i].refetch = true;
+        } else {
+            self.fetch(i);
+        }
+    }
+
     /// Fetch the page after the last seq below which every seq was seen.
     fn fetch(&mut self, i: usize) {
+        let sim = &mut self.sims[i];
         let call = Call::Fetch {
-            after_seq: self.sims[i].seen.through,
+            after_seq: sim.seen.through,
             max_count: FETCH_COUNT_MAX,
             max_bytes: FETCH_BYTES_MAX,
         };
-        self.sims[i].fetch_id = self.sims[i].request(call);
+        sim.refetch = false;
+        if sim.catch_up == CatchUp::Wanted {
+            sim.catch_up = CatchUp::Fetching;
+        }
+        sim.fetch_id = sim.request(call);
+        if sim.fetch_id.is_none() {
+            self.fetching_ended(i, "fetch queue refused".into());
+        }
     }
 
     /// A page: log its messages whose seq is new, acknowledge everything
@@ -589,8 +718,8 @@ impl Fleet {
                 last_seq,
                 more,
             }) => (messages, last_seq, more),
-            Ok(other) => return self.drain_ended(format!("fetch answered {other:?}")),
-            Err(e) => return self.drain_ended(format!("fetch refused: {:?}", e.code)),
+            Ok(other) => return self.fetching_ended(i, format!("fetch answered {other:?}")),
+            Err(e) => return self.fetching_ended(i, format!("fetch refused: {:?}", e.code)),
         };
         let sim = &mut self.sims[i];
         let mut new = 0;
@@ -612,15 +741,19 @@ impl Fleet {
             let up_to_seq = sim.acked_seq;
             sim.request(Call::Ack { up_to_seq });
         }
-        if more && last_seq > 0 {
+        if (more && last_seq > 0) || sim.refetch || sim.catch_up == CatchUp::Wanted {
             self.fetch(i);
         } else {
             bump(&self.counters.drains_done, 1);
+            self.end_catch_up(i);
         }
     }
 
-    fn drain_ended(&mut self, why: String) {
+    /// A fetch failed: the receiver fetches no more.
+    fn fetching_ended(&mut self, i: usize, why: String) {
         bump(&self.counters.drains_done, 1);
+        self.sims[i].refetch = false;
+        self.end_catch_up(i);
         self.log.problem(why);
     }
 
@@ -676,7 +809,11 @@ impl Peer for Fleet {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        if self.close_requested() || self.go_requested() {
+        if self.close_requested()
+            || self.go_requested()
+            || self.quiesce_requested()
+            || self.catch_up_requested()
+        {
             return Some(self.created); // due at once
         }
         self.next_timeout
@@ -685,6 +822,12 @@ impl Peer for Fleet {
     fn handle_timeout(&mut self, now: Instant) {
         if self.go_requested() {
             self.start_all(now);
+        }
+        if self.quiesce_requested() {
+            self.quiesce_all();
+        }
+        if self.catch_up_requested() {
+            self.catch_up_all();
         }
         if self.close_requested() {
             self.close_all(now);

@@ -85,12 +85,16 @@ pub struct OnlineResult {
     /// Send -> the push at the recipient, every message of the phase first
     /// seen pushed (warm-up included).
     pub delivery: Latency,
-    /// Messages the receivers saw first in the page of their opening
-    /// `Fetch` rather than pushed (no delivery latency).
+    /// Messages the receivers saw first in a fetched page rather than
+    /// pushed (no delivery latency): their opening fetch, fetches after
+    /// `MailboxChanged`, and the last fetch once every send was answered.
     pub fetched: u64,
-    /// Copies of a mailbox seq already seen (a push of a message the
-    /// opening fetch returned, or the reverse), dropped as a client does.
+    /// Copies of a mailbox seq already seen (a push of a message a fetch
+    /// returned, or the reverse), dropped as a client does.
     pub seq_repeats: u64,
+    /// `MailboxChanged` pushes: pushes the gateway could not queue (the
+    /// receiver then fetches).
+    pub mailbox_changed: u64,
     /// Datagrams between the clients and the gateway, both ways, per second.
     pub datagrams_per_sec: f64,
     pub datagrams_per_message: Option<f64>,
@@ -124,6 +128,7 @@ impl OnlineResult {
             delivery: Latency::of(logs.iter().map(|l| &l.delivery)),
             fetched: logs.iter().map(|l| l.fetched).sum(),
             seq_repeats: logs.iter().map(|l| l.seq_repeats).sum(),
+            mailbox_changed: logs.iter().map(|l| l.mailbox_changed).sum(),
             datagrams_per_sec: datagrams as f64 / secs,
             datagrams_per_message: per_message(datagrams as f64),
             gateway_cpu_us_per_message: cpu(end.gateway_cpu, start.gateway_cpu),
@@ -346,8 +351,8 @@ fn render_phase(out: &mut String, name: &str, o: &OnlineResult) {
     };
     latency(out, "answer (send->Sent)", &o.answer, "");
     let note = format!(
-        "; {} first seen fetched, {} seq repeats dropped",
-        o.fetched, o.seq_repeats
+        "; {} first seen fetched, {} seq repeats dropped, {} MailboxChanged",
+        o.fetched, o.seq_repeats, o.mailbox_changed
     );
     latency(out, "delivery (send->push)", &o.delivery, &note);
     let opt = |v: Option<f64>, unit: &str| {
