@@ -5,11 +5,14 @@
 //! sessions (`e2e_fleet`). In the same run, the raw UDP echo ceiling of
 //! `imbench session` gives the datagram rate the gateway is compared with.
 //!
-//! Phases: online messages between logged-in pairs (rate, latency send ->
-//! `Delivered`) in two shapes, a login storm (passwords, then resume
-//! tokens), offline messages (`Stored`) and their drain (`Fetch` + `Ack`).
-//! Every message id a receiver gets is checked against what senders were
-//! told. The two online shapes:
+//! Phases: online messages between logged-in pairs (rate; latency of the
+//! answer, send -> `Sent`, and of the delivery, send -> the push at the
+//! recipient) in two shapes, a login storm (passwords, then resume tokens),
+//! messages to offline users and their drain (`Fetch` + `Ack`). Every send
+//! is stored in the recipient's mailbox before it is answered `Sent{seq}`
+//! and pushed after (application protocol v2, `docs/PROTOCOL.md` §6.4).
+//! Every message id a receiver gets (each mailbox seq once) is checked
+//! against what senders were told. The two online shapes:
 //! * bulk: few pairs with many sends in flight each (`--pairs`, `--window`):
 //!   the most messages per second, several messages per datagram;
 //! * chat: many pairs with one send in flight each (`--chat-pairs`), as
@@ -432,6 +435,19 @@ async fn online_phase(
     let start = Snapshot::take(&counters, cluster);
     tokio::time::sleep(plan.duration).await;
     let end = Snapshot::take(&counters, cluster);
+    // Leave nothing behind: every send answered, then every receiver
+    // fetches what it did not see pushed (pushes follow the answers).
+    counters.quiesce.store(true, Ordering::Relaxed);
+    let failed = || load(&counters.login_failures);
+    wait_for("the online sends' last answers", || {
+        load(&counters.senders_idle) + failed() >= pairs as u64
+    })
+    .await?;
+    counters.catch_up.store(true, Ordering::Relaxed);
+    wait_for("the online receivers' last fetch", || {
+        load(&counters.caught_up) + failed() >= pairs as u64
+    })
+    .await?;
     let mut logs = tx.stop().await?;
     logs.extend(rx.stop().await?);
     Ok((
@@ -521,8 +537,8 @@ async fn storm(
     Ok((result, logs))
 }
 
-/// Senders send to users who never logged in (answered `Stored`); then the
-/// receivers log in and drain their mailboxes.
+/// Senders send to users who never logged in (stored in their mailboxes,
+/// answered `Sent`); then the receivers log in and drain their mailboxes.
 async fn offline_phase(cluster: &Cluster, plan: &Plan) -> Result<(OfflineResult, Vec<Log>)> {
     let first = load(&cluster.next_user);
     let ids = cluster.users(2 * plan.pairs).await?;
@@ -563,7 +579,7 @@ async fn offline_phase(cluster: &Cluster, plan: &Plan) -> Result<(OfflineResult,
     .await?;
     let drain_secs = drain_start.elapsed().as_secs_f64();
     logs.extend(rx.stop().await?);
-    let drained = load(&drain.ops_ok);
+    let drained = load(&drain.fetched);
     Ok((
         OfflineResult::new(&start, &end, &logs, drained, drain_secs),
         logs,

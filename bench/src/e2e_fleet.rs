@@ -2,19 +2,39 @@
 //! socket (demultiplexed by the handshake's client index, then by session
 //! id), each playing one role of the application protocol. A fleet is a
 //! [`Peer`], so `udp_load::drive` runs it with batched I/O.
+//!
+//! Two latencies are measured from the instant a send is queued: its
+//! **answer** (`Reply::Sent`, at the sender) and its **delivery** (the push
+//! reaching the recipient). Sender and receiver fleets run in one process,
+//! so the send instant travels in the message body (its first 8 bytes:
+//! nanoseconds since [`epoch`]).
+//!
+//! Receivers count each mailbox seq once, the first time they see it
+//! (pushed or fetched), as a client shows it once (`docs/PROTOCOL.md` §6.4);
+//! later copies of a seq are counted as repeats and dropped. They do not
+//! drop a message stored twice under two seqs (as `proto::inbox::Inbox`
+//! does by `(from, msg_id)`): that is a duplicate the delivery check must
+//! see.
+//!
+//! An online phase ends the way clients would leave nothing behind: on
+//! `Counters::quiesce` senders send no more and wait for their answers;
+//! then on `Counters::catch_up` receivers fetch after the last seq they
+//! saw (every message answered `Sent` is in the mailbox by then, but its
+//! push may still be on its way: the gateway pushes after answering).
 
 use crate::udp_load::{os_seed, Peer};
 use hdrhistogram::Histogram;
 use netio::udp;
 use proto::{
     app::{
-        self, Call, ClientMessage, GatewayMessage, Login, LoginAnswer, LoginMethod, Reply,
-        SendOutcome, APP_PROTOCOL_VERSION, FETCH_BYTES_MAX, FETCH_COUNT_MAX,
+        self, Call, ClientMessage, Delivery, GatewayMessage, Login, LoginAnswer, LoginMethod,
+        Reply, SendOutcome, APP_PROTOCOL_VERSION, FETCH_BYTES_MAX, FETCH_COUNT_MAX,
     },
     session::{wire, ClientConfig, ClientSession, Event},
 };
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    sync::OnceLock,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -24,10 +44,47 @@ use std::{
 
 /// Bytes of every message body.
 pub const BODY_BYTES: usize = 100;
+/// The body's first bytes: the send instant, nanoseconds since [`epoch`].
+const STAMP_BYTES: usize = 8;
+const _: () = assert!(BODY_BYTES >= STAMP_BYTES);
 /// A receiver acknowledges its mailbox after this many pushes.
 const ACK_EVERY: u64 = 256;
 /// Latencies in microseconds, 1 us .. 60 s, 3 significant digits.
 const LATENCY_US_MAX: u64 = 60_000_000;
+
+/// The process-wide instant message bodies count their send time from.
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `at` as nanoseconds since [`epoch`] (0 before it).
+fn stamp(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A body carrying `at` in its first 8 bytes.
+fn stamped(body: &[u8], at: Instant) -> Vec<u8> {
+    let mut body = body.to_vec();
+    body[..STAMP_BYTES].copy_from_slice(&stamp(at).to_le_bytes());
+    body
+}
+
+/// The send instant a body carries, as nanoseconds since [`epoch`].
+fn sent_ns(body: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(
+        body.get(..STAMP_BYTES)?.try_into().ok()?,
+    ))
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
+}
+
+fn record_us(hist: &mut Histogram<u64>, nanos: u128) {
+    let us = u64::try_from(nanos / 1000).unwrap_or(u64::MAX);
+    hist.saturating_record(us.max(1));
+}
 
 /// Progress of a phase, shared by its fleets and read by the controller.
 #[derive(Default)]
@@ -36,17 +93,29 @@ pub struct Counters {
     pub logins: AtomicU64,
     /// Logins refused or timed out.
     pub login_failures: AtomicU64,
-    /// Sends answered (any answer) plus messages drained: the progress.
+    /// Sends answered (any answer, or abandoned at a session's end).
     pub ops_finished: AtomicU64,
-    /// Sends answered Delivered or Stored, plus messages drained.
+    /// Sends answered `Sent`: stored in the recipient's mailbox.
     pub ops_ok: AtomicU64,
+    /// Messages receivers saw first in a fetched page (the drain's progress).
+    pub fetched: AtomicU64,
     /// Receivers whose mailbox fetching ended (nothing more, or refused).
     pub drains_done: AtomicU64,
+    /// Senders that stopped on `quiesce` with no send unanswered.
+    pub senders_idle: AtomicU64,
+    /// Receivers whose fetch after `catch_up` ended (or whose session was
+    /// gone).
+    pub caught_up: AtomicU64,
     pub datagrams_in: AtomicU64,
     pub datagrams_out: AtomicU64,
     /// Set by the controller: logged-in users start their work (senders
     /// send, receivers fetch), all at once.
     pub go: AtomicBool,
+    /// Set by the controller: senders send nothing more.
+    pub quiesce: AtomicBool,
+    /// Set by the controller once every send was answered: receivers fetch
+    /// what they did not see pushed.
+    pub catch_up: AtomicBool,
     /// Set by the controller: every fleet closes all its sessions.
     pub close: AtomicBool,
 }
@@ -60,7 +129,8 @@ fn bump(counter: &AtomicU64, n: u64) {
 pub enum Role {
     /// Keep `window` sends outstanding to `to`, `count` messages in all.
     Sender { to: u64, window: usize, count: u64 },
-    /// Record pushes; fetch and acknowledge the whole mailbox at login.
+    /// Record pushes; fetch and acknowledge the whole mailbox at the go
+    /// signal (or at login after it).
     Receiver,
     /// Log in, then close the session at once.
     LoginOnly,
@@ -74,13 +144,23 @@ pub struct PlannedLogin {
 
 /// What a fleet saw, read once its phase is over.
 pub struct Log {
-    /// Message ids received (pushed or fetched), repeats included.
+    /// Message ids received: one per mailbox seq, logged the first time
+    /// the seq was seen (pushed or fetched).
     pub received: Vec<u128>,
-    /// Message ids answered `Delivered` / `Stored`.
-    pub delivered: Vec<u128>,
-    pub stored: Vec<u128>,
-    /// Send to `Delivered` reply, microseconds.
-    pub latency: Histogram<u64>,
+    /// Message ids answered `Sent` (stored in the recipient's mailbox).
+    pub sent: Vec<u128>,
+    /// Send -> `Sent` reply at the sender, microseconds.
+    pub answer: Histogram<u64>,
+    /// Send -> push at the recipient, microseconds: every message first
+    /// seen pushed.
+    pub delivery: Histogram<u64>,
+    /// Messages first seen in a fetched page (no delivery latency).
+    pub fetched: u64,
+    /// Copies of a seq already seen (pushed after it was fetched, or
+    /// fetched after it was pushed), dropped.
+    pub seq_repeats: u64,
+    /// `MailboxChanged` pushes (pushes the gateway could not queue).
+    pub mailbox_changed: u64,
     /// Resume tokens from accepted logins: (user, token).
     pub tokens: Vec<(u64, Vec<u8>)>,
     /// Anything unexpected, counted by kind.
@@ -97,10 +177,12 @@ impl Log {
     pub fn new() -> Self {
         Log {
             received: Vec::new(),
-            delivered: Vec::new(),
-            stored: Vec::new(),
-            latency: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
-                .expect("valid histogram bounds"),
+            sent: Vec::new(),
+            answer: latency_histogram(),
+            delivery: latency_histogram(),
+            fetched: 0,
+            seq_repeats: 0,
+            mailbox_changed: 0,
             tokens: Vec::new(),
             problems: BTreeMap::new(),
         }
@@ -109,6 +191,53 @@ impl Log {
     pub fn problem(&mut self, what: impl Into<String>) {
         *self.problems.entry(what.into()).or_default() += 1;
     }
+}
+
+/// The mailbox seqs a receiver has seen, as a client keeps what it showed.
+#[derive(Debug, Default)]
+struct SeenSeqs {
+    /// Every seq up to this one was seen (or is gone from the mailbox) ...
+    through: u64,
+    /// ... and these past it.
+    past: BTreeSet<u64>,
+}
+
+impl SeenSeqs {
+    /// Whether `seq` is seen for the first time (it is recorded).
+    fn first_sight(&mut self, seq: u64) -> bool {
+        if seq <= self.through || !self.past.insert(seq) {
+            return false;
+        }
+        self.advance();
+        true
+    }
+
+    /// A fetched page covered every seq up to `last_seq` (those it did not
+    /// hold are gone): the page must have been asked for after a seq not
+    /// above `through`.
+    fn covered_through(&mut self, last_seq: u64) {
+        if last_seq > self.through {
+            self.through = last_seq;
+            self.past = self.past.split_off(&(last_seq + 1));
+            self.advance();
+        }
+    }
+
+    fn advance(&mut self) {
+        while self.past.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    No,
+    /// Asked for; a fetch sent before it may be in flight.
+    Wanted,
+    /// A fetch sent after it is in flight (or its next pages).
+    Fetching,
+    Done,
 }
 
 /// One simulated user: a session and its role's state.
@@ -126,10 +255,14 @@ struct Sim {
     sends: HashMap<u32, (u128, Instant)>,
     /// The request id of the outstanding `Fetch`.
     fetch_id: Option<u32>,
-    /// Receivers: every pushed seq up to this one arrived ...
-    contiguous_seq: u64,
-    /// ... these past it too ...
-    early_seqs: BTreeSet<u64>,
+    /// Fetch again once the outstanding one is answered.
+    refetch: bool,
+    /// Receivers: where the fetch asked for by `Counters::catch_up` is.
+    catch_up: CatchUp,
+    /// Senders: stopped on `Counters::quiesce` with nothing unanswered.
+    idle: bool,
+    /// Receivers: the mailbox seqs seen ...
+    seen: SeenSeqs,
     /// ... and the mailbox was acknowledged up to this one.
     acked_seq: u64,
 }
@@ -162,6 +295,10 @@ pub struct Fleet {
     closed_all: bool,
     /// Whether the users' work started on `Counters::go`.
     started: bool,
+    /// Whether senders stopped on `Counters::quiesce`.
+    quiescing: bool,
+    /// Whether receivers were asked to fetch on `Counters::catch_up`.
+    catching_up: bool,
     /// Users with a handshake in flight (a user's next login waits).
     busy: HashSet<u64>,
     counters: Arc<Counters>,
@@ -183,6 +320,7 @@ impl Fleet {
         handshakes_max: usize,
         counters: Arc<Counters>,
     ) -> Self {
+        epoch(); // fixed before the first send
         let mut fleet = Fleet {
             server_public,
             sims: Vec::with_capacity(logins.len()),
@@ -197,6 +335,8 @@ impl Fleet {
             created: Instant::now(),
             closed_all: false,
             started: false,
+            quiescing: false,
+            catching_up: false,
             busy: HashSet::new(),
             counters,
             body: vec![b'm'; BODY_BYTES],
@@ -241,8 +381,10 @@ impl Fleet {
                 sent: 0,
                 sends: HashMap::new(),
                 fetch_id: None,
-                contiguous_seq: 0,
-                early_seqs: BTreeSet::new(),
+                refetch: false,
+                catch_up: CatchUp::No,
+                idle: false,
+                seen: SeenSeqs::default(),
                 acked_seq: 0,
             });
             self.handshaking += 1;
@@ -334,6 +476,9 @@ impl Fleet {
         let abandoned = self.sims[i].sends.len() as u64;
         self.sims[i].sends.clear();
         bump(&self.counters.ops_finished, abandoned);
+        self.check_idle(i);
+        self.sims[i].fetch_id = None;
+        self.end_catch_up(i);
     }
 
     fn on_login(&mut self, i: usize, now: Instant, payload: &[u8]) {
@@ -342,7 +487,14 @@ impl Fleet {
             other => return self.login_failed(format!("login not accepted: {other:?}")),
         };
         bump(&self.counters.logins, 1);
-        self.sims[i].connected = true;
+        let sim = &mut self.sims[i];
+        sim.connected = true;
+        // Seqs up to here were acknowledged before this login.
+        let acked = accepted
+            .mailbox_high_seq
+            .saturating_sub(accepted.mailbox_count);
+        sim.seen.covered_through(acked);
+        sim.acked_seq = sim.acked_seq.max(acked);
         self.log
             .tokens
             .push((self.sims[i].user, accepted.resume_token));
@@ -359,13 +511,71 @@ impl Fleet {
     fn start_work(&mut self, i: usize, now: Instant) {
         match self.sims[i].role {
             Role::Sender { .. } => self.send_more(i, now),
-            Role::Receiver => self.fetch(i, 0),
+            Role::Receiver => self.fetch(i),
             Role::LoginOnly => {}
         }
     }
 
     fn go_requested(&self) -> bool {
         !self.started && self.counters.go.load(Ordering::Relaxed)
+    }
+
+    fn quiesce_requested(&self) -> bool {
+        !self.quiescing && self.counters.quiesce.load(Ordering::Relaxed)
+    }
+
+    /// The controller said quiesce: senders send no more.
+    fn quiesce_all(&mut self) {
+        self.quiescing = true;
+        for i in 0..self.sims.len() {
+            self.check_idle(i);
+        }
+    }
+
+    /// A quiescing sender with nothing unanswered is idle (counted once).
+    fn check_idle(&mut self, i: usize) {
+        let sim = &mut self.sims[i];
+        if self.quiescing
+            && sim.connected
+            && matches!(sim.role, Role::Sender { .. })
+            && !sim.idle
+            && sim.sends.is_empty()
+        {
+            sim.idle = true;
+            bump(&self.counters.senders_idle, 1);
+        }
+    }
+
+    fn catch_up_requested(&self) -> bool {
+        !self.catching_up && self.counters.catch_up.load(Ordering::Relaxed)
+    }
+
+    /// The controller said catch up: every receiver fetches after the last
+    /// seq it saw (one whose session is gone counts as caught up; one
+    /// that never logged in counts as a login failure).
+    fn catch_up_all(&mut self) {
+        self.catching_up = true;
+        for i in 0..self.sims.len() {
+            let sim = &mut self.sims[i];
+            if !matches!(sim.role, Role::Receiver) || !sim.connected {
+                continue;
+            }
+            sim.catch_up = CatchUp::Wanted;
+            if !sim.closing {
+                self.want_fetch(i);
+                self.mark_dirty(i);
+            } else {
+                self.end_catch_up(i);
+            }
+        }
+    }
+
+    fn end_catch_up(&mut self, i: usize) {
+        let sim = &mut self.sims[i];
+        if matches!(sim.catch_up, CatchUp::Wanted | CatchUp::Fetching) {
+            sim.catch_up = CatchUp::Done;
+            bump(&self.counters.caught_up, 1);
+        }
     }
 
     /// The controller said go: every logged-in user starts its work.
@@ -381,15 +591,18 @@ impl Fleet {
 
     fn on_message(&mut self, i: usize, now: Instant, bytes: &[u8]) {
         match app::decode::<GatewayMessage>(bytes) {
-            Ok(GatewayMessage::Deliver(d)) => {
-                self.log.received.push(d.msg_id);
-                self.on_push(i, d.seq);
-            }
+            Ok(GatewayMessage::Deliver(d)) => self.on_push(i, now, &d),
             Ok(GatewayMessage::Reply { id, result }) => {
                 if self.sims[i].fetch_id == Some(id) {
                     self.on_mailbox(i, result);
                 } else if let Some((msg_id, at)) = self.sims[i].sends.remove(&id) {
                     self.on_sent(i, now, msg_id, at, result);
+                }
+            }
+            Ok(GatewayMessage::MailboxChanged { high_seq }) => {
+                self.log.mailbox_changed += 1;
+                if high_seq > self.sims[i].seen.through {
+                    self.want_fetch(i);
                 }
             }
             Ok(GatewayMessage::Kicked) => self.log.problem("kicked"),
@@ -411,15 +624,15 @@ impl Fleet {
         bump(&self.counters.ops_finished, 1);
         match result {
             Ok(Reply::Sent(SendOutcome { .. })) => {
-                let us = u64::try_from((now - at).as_micros()).unwrap_or(u64::MAX);
-                self.log.latency.saturating_record(us.max(1));
-                self.log.delivered.push(msg_id);
+                record_us(&mut self.log.answer, (now - at).as_nanos());
+                self.log.sent.push(msg_id);
                 bump(&self.counters.ops_ok, 1);
             }
             Ok(other) => self.log.problem(format!("send answered {other:?}")),
             Err(e) => self.log.problem(format!("send refused: {:?}", e.code)),
         }
         self.send_more(i, now);
+        self.check_idle(i);
     }
 
     fn send_more(&mut self, i: usize, now: Instant) {
@@ -427,12 +640,12 @@ impl Fleet {
         let Role::Sender { to, window, count } = sim.role else {
             return;
         };
-        while sim.sends.len() < window && sim.sent < count {
+        while !self.quiescing && sim.sends.len() < window && sim.sent < count {
             let msg_id = (u128::from(sim.user) << 64) | u128::from(sim.sent);
             let call = Call::Send {
                 to,
                 msg_id,
-                body: self.body.clone(),
+                body: stamped(&self.body, now),
             };
             let Some(id) = sim.request(call) else {
                 self.log.problem("send queue refused a message");
@@ -443,58 +656,104 @@ impl Fleet {
         }
     }
 
-    /// A receiver got `seq` pushed: acknowledge the mailbox in steps of
-    /// `ACK_EVERY` up to the highest seq below which every push arrived
+    /// A receiver got a message pushed: log it if its seq is new (its
+    /// delivery latency too), then acknowledge the mailbox in steps of
+    /// `ACK_EVERY` up to the highest seq below which every seq was seen
     /// (what a client does after showing them), so mailboxes stay small.
-    fn on_push(&mut self, i: usize, seq: u64) {
+    fn on_push(&mut self, i: usize, now: Instant, d: &Delivery) {
+        if !self.sims[i].seen.first_sight(d.seq) {
+            self.log.seq_repeats += 1;
+            return;
+        }
+        self.log.received.push(d.msg_id);
+        match sent_ns(&d.body) {
+            Some(sent) => {
+                let nanos = u128::from(stamp(now).saturating_sub(sent));
+                record_us(&mut self.log.delivery, nanos);
+            }
+            None => self.log.problem("a pushed body without its send time"),
+        }
         let sim = &mut self.sims[i];
-        if seq > sim.contiguous_seq {
-            sim.early_seqs.insert(seq);
-        }
-        while sim.early_seqs.remove(&(sim.contiguous_seq + 1)) {
-            sim.contiguous_seq += 1;
-        }
-        if sim.contiguous_seq >= sim.acked_seq + ACK_EVERY {
-            sim.acked_seq = sim.contiguous_seq;
+        if sim.seen.through >= sim.acked_seq + ACK_EVERY {
+            sim.acked_seq = sim.seen.through;
             let up_to_seq = sim.acked_seq;
             sim.request(Call::Ack { up_to_seq });
         }
     }
 
-    fn fetch(&mut self, i: usize, after_seq: u64) {
-        let call = Call::Fetch {
-            after_seq,
-            max_count: FETCH_COUNT_MAX,
-            max_bytes: FETCH_BYTES_MAX,
-        };
-        self.sims[i].fetch_id = self.sims[i].request(call);
-    }
-
-    fn on_mailbox(&mut self, i: usize, result: Result<Reply, app::AppError>) {
-        self.sims[i].fetch_id = None;
-        let (messages, more) = match result {
-            Ok(Reply::Mailbox { messages, more, .. }) => (messages, more),
-            Ok(other) => return self.drain_ended(format!("fetch answered {other:?}")),
-            Err(e) => return self.drain_ended(format!("fetch refused: {:?}", e.code)),
-        };
-        let n = messages.len() as u64;
-        self.log.received.extend(messages.iter().map(|m| m.msg_id));
-        let Some(last) = messages.last().map(|m| m.seq) else {
-            bump(&self.counters.drains_done, 1);
-            return;
-        };
-        bump(&self.counters.ops_ok, n);
-        bump(&self.counters.ops_finished, n);
-        self.sims[i].request(Call::Ack { up_to_seq: last });
-        if more {
-            self.fetch(i, last);
+    /// Fetch now, or once the fetch in flight is answered.
+    fn want_fetch(&mut self, i: usize) {
+        if self.sims[i].fetch_id.is_some() {
+            self.sims[i].refetch = true;
         } else {
-            bump(&self.counters.drains_done, 1);
+            self.fetch(i);
         }
     }
 
-    fn drain_ended(&mut self, why: String) {
+    /// Fetch the page after the last seq below which every seq was seen.
+    fn fetch(&mut self, i: usize) {
+        let sim = &mut self.sims[i];
+        let call = Call::Fetch {
+            after_seq: sim.seen.through,
+            max_count: FETCH_COUNT_MAX,
+            max_bytes: FETCH_BYTES_MAX,
+        };
+        sim.refetch = false;
+        if sim.catch_up == CatchUp::Wanted {
+            sim.catch_up = CatchUp::Fetching;
+        }
+        sim.fetch_id = sim.request(call);
+        if sim.fetch_id.is_none() {
+            self.fetching_ended(i, "fetch queue refused".into());
+        }
+    }
+
+    /// A page: log its messages whose seq is new, acknowledge everything
+    /// up to it, fetch the next one while more follow.
+    fn on_mailbox(&mut self, i: usize, result: Result<Reply, app::AppError>) {
+        self.sims[i].fetch_id = None;
+        let (messages, last_seq, more) = match result {
+            Ok(Reply::Mailbox {
+                messages,
+                last_seq,
+                more,
+            }) => (messages, last_seq, more),
+            Ok(other) => return self.fetching_ended(i, format!("fetch answered {other:?}")),
+            Err(e) => return self.fetching_ended(i, format!("fetch refused: {:?}", e.code)),
+        };
+        let sim = &mut self.sims[i];
+        let mut new = 0;
+        for m in &messages {
+            if sim.seen.first_sight(m.seq) {
+                self.log.received.push(m.msg_id);
+                new += 1;
+            } else {
+                self.log.seq_repeats += 1;
+            }
+        }
+        self.log.fetched += new;
+        bump(&self.counters.fetched, new);
+        // The page was asked for after `seen.through` as it was then: every
+        // seq up to `last_seq` it does not hold is gone.
+        sim.seen.covered_through(last_seq);
+        if sim.seen.through > sim.acked_seq {
+            sim.acked_seq = sim.seen.through;
+            let up_to_seq = sim.acked_seq;
+            sim.request(Call::Ack { up_to_seq });
+        }
+        if (more && last_seq > 0) || sim.refetch || sim.catch_up == CatchUp::Wanted {
+            self.fetch(i);
+        } else {
+            bump(&self.counters.drains_done, 1);
+            self.end_catch_up(i);
+        }
+    }
+
+    /// A fetch failed: the receiver fetches no more.
+    fn fetching_ended(&mut self, i: usize, why: String) {
         bump(&self.counters.drains_done, 1);
+        self.sims[i].refetch = false;
+        self.end_catch_up(i);
         self.log.problem(why);
     }
 
@@ -550,7 +809,11 @@ impl Peer for Fleet {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        if self.close_requested() || self.go_requested() {
+        if self.close_requested()
+            || self.go_requested()
+            || self.quiesce_requested()
+            || self.catch_up_requested()
+        {
             return Some(self.created); // due at once
         }
         self.next_timeout
@@ -559,6 +822,12 @@ impl Peer for Fleet {
     fn handle_timeout(&mut self, now: Instant) {
         if self.go_requested() {
             self.start_all(now);
+        }
+        if self.quiesce_requested() {
+            self.quiesce_all();
+        }
+        if self.catch_up_requested() {
+            self.catch_up_all();
         }
         if self.close_requested() {
             self.close_all(now);
@@ -573,5 +842,44 @@ impl Peer for Fleet {
             self.next_timeout = earlier(self.next_timeout, self.sims[i].session.poll_timeout());
         }
         self.start_logins(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn each_seq_is_seen_once_whether_pushed_or_fetched() {
+        let mut seen = SeenSeqs::default();
+        assert!(seen.first_sight(2), "pushed past a gap");
+        assert!(seen.first_sight(1));
+        assert_eq!(seen.through, 2);
+        assert!(!seen.first_sight(2), "the page repeats a pushed seq");
+        assert!(seen.first_sight(5));
+        assert!(!seen.first_sight(5));
+        // A page after 2 up to 6 that held 3 and 6: 4 is gone.
+        assert!(seen.first_sight(3));
+        assert!(seen.first_sight(6));
+        seen.covered_through(6);
+        assert_eq!(seen.through, 6);
+        assert!(seen.past.is_empty());
+        assert!(!seen.first_sight(4), "covered by the page");
+        assert!(seen.first_sight(8));
+        seen.covered_through(7);
+        assert_eq!(seen.through, 8, "8 was seen already");
+        seen.covered_through(3);
+        assert_eq!(seen.through, 8, "never moves back");
+    }
+
+    #[test]
+    fn bodies_carry_their_send_instant() {
+        let at = epoch() + Duration::from_micros(1234);
+        let body = stamped(&[b'm'; BODY_BYTES], at);
+        assert_eq!(body.len(), BODY_BYTES);
+        assert_eq!(sent_ns(&body), Some(1_234_000));
+        assert_eq!(&body[STAMP_BYTES..], &[b'm'; BODY_BYTES - STAMP_BYTES]);
+        assert_eq!(sent_ns(&body[..7]), None);
     }
 }

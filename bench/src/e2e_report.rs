@@ -13,6 +13,13 @@ use std::{collections::HashMap, fmt::Write as _, time::Duration};
 /// The target for `ratios.datagrams_vs_raw_udp`.
 const DATAGRAMS_RATIO_TARGET: f64 = 0.5;
 
+/// The target of `ratios.send_answer_ms_p999`: the gateway's promise to
+/// answer every send within `timers.send_answer_ms_max` (the run keeps its
+/// default).
+fn send_answer_target_ms() -> u64 {
+    gateway::config::Timers::default().send_answer_ms_max
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Ratios {
     /// Datagrams the gateway handled per second in the chat-shaped online
@@ -22,6 +29,10 @@ pub struct Ratios {
     /// The same in the bulk phase, where several messages share a datagram
     /// (so fewer datagrams carry more messages).
     pub datagrams_vs_raw_udp_bulk: Option<f64>,
+    /// The slowest 0.1% of send answers (send -> `Sent` reply) in the
+    /// chat-shaped online phase, milliseconds; the gateway promises at most
+    /// `timers.send_answer_ms_max` (5,000 by default).
+    pub send_answer_ms_p999: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,28 +44,63 @@ pub struct RawResult {
     pub datagrams_per_sec: f64,
 }
 
+/// A latency distribution, microseconds (hdrhistogram, 3 significant
+/// digits).
 #[derive(Debug, Clone, Serialize)]
-pub struct OnlineResult {
-    pub pairs: usize,
-    pub window: usize,
-    /// Sends answered `Delivered` (or `Stored`) in the timed window.
-    pub messages: u64,
-    pub secs: f64,
-    pub messages_per_sec: f64,
-    /// Send -> `Delivered` reply, every send of the phase (warm-up included).
+pub struct Latency {
     pub p50_us: u64,
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
-    pub latency_samples: u64,
+    pub samples: u64,
+}
+
+impl Latency {
+    pub fn of<'a>(hists: impl IntoIterator<Item = &'a Histogram<u64>>) -> Self {
+        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        for h in hists {
+            all.add(h).expect("same bounds");
+        }
+        Latency {
+            p50_us: all.value_at_quantile(0.50),
+            p99_us: all.value_at_quantile(0.99),
+            p999_us: all.value_at_quantile(0.999),
+            max_us: all.max(),
+            samples: all.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OnlineResult {
+    pub pairs: usize,
+    pub window: usize,
+    /// Sends answered `Sent` in the timed window.
+    pub messages: u64,
+    pub secs: f64,
+    pub messages_per_sec: f64,
+    /// Send -> `Sent` reply at the sender, every send of the phase
+    /// (warm-up included).
+    pub answer: Latency,
+    /// Send -> the push at the recipient, every message of the phase first
+    /// seen pushed (warm-up included).
+    pub delivery: Latency,
+    /// Messages the receivers saw first in a fetched page rather than
+    /// pushed (no delivery latency): their opening fetch, fetches after
+    /// `MailboxChanged`, and the last fetch once every send was answered.
+    pub fetched: u64,
+    /// Copies of a mailbox seq already seen (a push of a message a fetch
+    /// returned, or the reverse), dropped as a client does.
+    pub seq_repeats: u64,
+    /// `MailboxChanged` pushes: pushes the gateway could not queue (the
+    /// receiver then fetches).
+    pub mailbox_changed: u64,
     /// Datagrams between the clients and the gateway, both ways, per second.
     pub datagrams_per_sec: f64,
     pub datagrams_per_message: Option<f64>,
     pub gateway_cpu_us_per_message: Option<f64>,
     /// CPU of imbench's process (clients, presence, profile, shards).
     pub imbench_cpu_us_per_message: Option<f64>,
-    /// Sends answered `Stored` although the receiver was online (expected 0).
-    pub answered_stored: usize,
 }
 
 impl OnlineResult {
@@ -67,10 +113,6 @@ impl OnlineResult {
         let secs = (end.at - start.at).as_secs_f64();
         let messages = end.ops_ok - start.ops_ok;
         let datagrams = end.datagrams - start.datagrams;
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-        for log in logs {
-            hist.add(&log.latency).expect("same bounds");
-        }
         let per_message = |v: f64| (messages > 0).then(|| v / messages as f64);
         let cpu = |b: Option<Duration>, a: Option<Duration>| {
             b.zip(a)
@@ -82,16 +124,15 @@ impl OnlineResult {
             messages,
             secs,
             messages_per_sec: messages as f64 / secs,
-            p50_us: hist.value_at_quantile(0.50),
-            p99_us: hist.value_at_quantile(0.99),
-            p999_us: hist.value_at_quantile(0.999),
-            max_us: hist.max(),
-            latency_samples: hist.len(),
+            answer: Latency::of(logs.iter().map(|l| &l.answer)),
+            delivery: Latency::of(logs.iter().map(|l| &l.delivery)),
+            fetched: logs.iter().map(|l| l.fetched).sum(),
+            seq_repeats: logs.iter().map(|l| l.seq_repeats).sum(),
+            mailbox_changed: logs.iter().map(|l| l.mailbox_changed).sum(),
             datagrams_per_sec: datagrams as f64 / secs,
             datagrams_per_message: per_message(datagrams as f64),
             gateway_cpu_us_per_message: cpu(end.gateway_cpu, start.gateway_cpu),
             imbench_cpu_us_per_message: cpu(end.imbench_cpu, start.imbench_cpu),
-            answered_stored: logs.iter().map(|l| l.stored.len()).sum(),
         }
     }
 }
@@ -109,15 +150,15 @@ pub struct LoginResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OfflineResult {
-    /// Sends answered `Stored` in all.
+    /// Sends answered `Sent` (stored in the mailboxes of users who never
+    /// logged in), in all.
     pub stored: usize,
-    /// Sends answered `Delivered` (expected 0: the receivers are offline).
-    pub answered_delivered: usize,
     /// From the go signal (every sender logged in) to the last answer.
     pub store_secs: f64,
-    /// Sends answered (`Stored`) per second.
+    /// Sends answered `Sent` per second.
     pub stored_per_sec: f64,
-    /// Messages fetched by the receivers once they logged in.
+    /// Messages fetched by the receivers once they logged in (each seq
+    /// once).
     pub drained: u64,
     /// From the go signal (every receiver logged in) to the last page.
     pub drain_secs: f64,
@@ -134,8 +175,7 @@ impl OfflineResult {
     ) -> Self {
         let store_secs = (end.at - start.at).as_secs_f64();
         OfflineResult {
-            stored: logs.iter().map(|l| l.stored.len()).sum(),
-            answered_delivered: logs.iter().map(|l| l.delivered.len()).sum(),
+            stored: logs.iter().map(|l| l.sent.len()).sum(),
             store_secs,
             stored_per_sec: (end.ops_ok - start.ops_ok) as f64 / store_secs,
             drained,
@@ -152,13 +192,15 @@ impl OfflineResult {
 /// What senders were told against what receivers got, over all phases.
 #[derive(Debug, Clone, Serialize)]
 pub struct Delivery {
-    /// Message ids answered `Delivered` or `Stored`.
+    /// Message ids answered `Sent`.
     pub acknowledged: usize,
     /// Distinct message ids received (pushed or fetched).
     pub received: usize,
     /// Acknowledged but never received.
     pub lost: u64,
-    /// Receptions beyond the first of the same id.
+    /// Receptions beyond the first of the same id. Receivers log each
+    /// mailbox seq once, so this counts a message stored under several
+    /// seqs (or received by several users).
     pub duplicated: u64,
 }
 
@@ -168,11 +210,7 @@ impl Delivery {
         for id in logs.iter().flat_map(|l| l.received.iter()) {
             *seen.entry(*id).or_default() += 1;
         }
-        let acked: Vec<u128> = logs
-            .iter()
-            .flat_map(|l| l.delivered.iter().chain(l.stored.iter()))
-            .copied()
-            .collect();
+        let acked: Vec<u128> = logs.iter().flat_map(|l| l.sent.iter()).copied().collect();
         Delivery {
             acknowledged: acked.len(),
             received: seen.len(),
@@ -187,8 +225,10 @@ pub struct E2eReport {
     pub ratios: Ratios,
     pub lost: Option<u64>,
     pub duplicated: Option<u64>,
-    /// The chat-shaped online phase's send -> `Delivered` p99.
+    /// The chat-shaped online phase's send -> `Sent` answer p99.
     pub p99_us: Option<u64>,
+    /// The chat-shaped online phase's send -> push at the recipient p99.
+    pub delivery_p99_us: Option<u64>,
     pub config: serde_json::Value,
     pub raw_udp: Option<RawResult>,
     /// The bulk online phase.
@@ -209,6 +249,7 @@ impl E2eReport {
             lost: None,
             duplicated: None,
             p99_us: None,
+            delivery_p99_us: None,
             config,
             raw_udp: None,
             online: None,
@@ -240,7 +281,10 @@ impl E2eReport {
         self.ratios.datagrams_vs_raw_udp_bulk = vs_raw(&self.online);
         self.lost = self.delivery.as_ref().map(|d| d.lost);
         self.duplicated = self.delivery.as_ref().map(|d| d.duplicated);
-        self.p99_us = self.chat.as_ref().map(|o| o.p99_us);
+        self.ratios.send_answer_ms_p999 =
+            self.chat.as_ref().map(|o| o.answer.p999_us as f64 / 1000.0);
+        self.p99_us = self.chat.as_ref().map(|o| o.answer.p99_us);
+        self.delivery_p99_us = self.chat.as_ref().map(|o| o.delivery.p99_us);
     }
 }
 
@@ -291,19 +335,26 @@ fn render_online(out: &mut String, r: &E2eReport) {
 fn render_phase(out: &mut String, name: &str, o: &OnlineResult) {
     let _ = writeln!(
         out,
-        "{name:<12}   {:>9} msgs/s  ({} in {:.1} s; {} pairs x {} in flight; {} answered Stored)",
+        "{name:<12}   {:>9} msgs/s  ({} answered Sent in {:.1} s; {} pairs x {} in flight)",
         fmt_rate(o.messages_per_sec),
         o.messages,
         o.secs,
         o.pairs,
         o.window,
-        o.answered_stored
     );
-    let _ = writeln!(
-        out,
-        "  send -> Delivered    p50 {} us  p99 {} us  p999 {} us  max {} us  ({} samples)",
-        o.p50_us, o.p99_us, o.p999_us, o.max_us, o.latency_samples
+    let latency = |out: &mut String, what: &str, l: &Latency, note: &str| {
+        let _ = writeln!(
+            out,
+            "  {what:<21}  p50 {} us  p99 {} us  p999 {} us  max {} us  ({} samples{note})",
+            l.p50_us, l.p99_us, l.p999_us, l.max_us, l.samples
+        );
+    };
+    latency(out, "answer (send->Sent)", &o.answer, "");
+    let note = format!(
+        "; {} first seen fetched, {} seq repeats dropped, {} MailboxChanged",
+        o.fetched, o.seq_repeats, o.mailbox_changed
     );
+    latency(out, "delivery (send->push)", &o.delivery, &note);
     let opt = |v: Option<f64>, unit: &str| {
         v.map(|v| format!("{v:.2}{unit}"))
             .unwrap_or_else(|| "-".into())
@@ -345,10 +396,9 @@ fn render_offline(out: &mut String, r: &E2eReport) {
     let Some(o) = &r.offline else { return };
     let _ = writeln!(
         out,
-        "offline store          {:>9} msgs/s  ({} Stored, {} Delivered; {:.2} s)",
+        "offline store          {:>9} msgs/s  ({} answered Sent in {:.2} s)",
         fmt_rate(o.stored_per_sec),
         o.stored,
-        o.answered_delivered,
         o.store_secs
     );
     let _ = writeln!(
@@ -364,7 +414,7 @@ fn render_verdicts(out: &mut String, r: &E2eReport) {
     if let Some(d) = &r.delivery {
         let _ = writeln!(
             out,
-            "\ndelivery check: {} acknowledged, {} distinct received -> lost {}, duplicated {} (must be 0 and 0: {})",
+            "\ndelivery check: {} answered Sent, {} distinct received -> lost {}, duplicated {} (must be 0 and 0: {})",
             d.acknowledged,
             d.received,
             d.lost,
@@ -385,32 +435,93 @@ fn render_verdicts(out: &mut String, r: &E2eReport) {
         out,
         "ratios (ours / raw UDP echo, target >= {DATAGRAMS_RATIO_TARGET}):\n  datagrams_vs_raw_udp       {verdict}   (chat shape)\n  datagrams_vs_raw_udp_bulk  {bulk}   (bulk shape: several messages per datagram)"
     );
+    let target = send_answer_target_ms();
+    let answer = match r.ratios.send_answer_ms_p999 {
+        Some(v) if v <= target as f64 => format!("{v:.1} -> met"),
+        Some(v) => format!("{v:.1} -> NOT met"),
+        None => "n/a".into(),
+    };
+    let _ = writeln!(
+        out,
+        "  send_answer_ms_p999        {answer}   (target <= {target}: chat shape, slowest 0.1% of send -> Sent)"
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn log(delivered: &[u128], stored: &[u128], received: &[u128]) -> Log {
+    fn log(sent: &[u128], received: &[u128]) -> Log {
         let mut log = Log::new();
-        log.delivered = delivered.to_vec();
-        log.stored = stored.to_vec();
+        log.sent = sent.to_vec();
         log.received = received.to_vec();
         log
     }
 
     #[test]
     fn delivery_check_counts_lost_and_duplicated_across_fleets() {
-        let senders = log(&[1, 2, 3], &[4], &[]);
-        let receivers = log(&[], &[], &[1, 2, 2, 4]);
-        let more = log(&[], &[], &[2, 5]);
+        let senders = log(&[1, 2, 3, 4], &[]);
+        let receivers = log(&[], &[1, 2, 2, 4]);
+        let more = log(&[], &[2, 5]);
         let d = Delivery::check(&[senders, receivers, more]);
         assert_eq!(d.acknowledged, 4);
         assert_eq!(d.received, 4, "1, 2, 4, 5");
-        assert_eq!(d.lost, 1, "3 was Delivered but never received");
+        assert_eq!(d.lost, 1, "3 was answered Sent but never received");
         assert_eq!(d.duplicated, 2, "2 arrived three times");
-        let clean = Delivery::check(&[log(&[7], &[8], &[8, 7])]);
+        let clean = Delivery::check(&[log(&[7, 8], &[8, 7])]);
         assert_eq!((clean.lost, clean.duplicated), (0, 0));
+    }
+
+    #[test]
+    fn latency_merges_the_fleets_histograms() {
+        let mut a = Log::new();
+        let mut b = Log::new();
+        for us in 1..=999 {
+            a.answer.record(us).unwrap();
+        }
+        b.answer.record(50_000).unwrap();
+        let l = Latency::of([&a.answer, &b.answer]);
+        assert_eq!(l.samples, 1000);
+        assert_eq!(l.p50_us, 500);
+        assert_eq!(l.p999_us, 999, "the slowest 0.1% is the one sample above");
+        assert!((50_000..50_100).contains(&l.max_us));
+    }
+
+    #[test]
+    fn send_answer_ratio_is_the_chat_phases_p999_in_ms() {
+        let mut r = E2eReport::new(serde_json::Value::Null);
+        let mut log = Log::new();
+        for _ in 0..999 {
+            log.answer.record(1_000).unwrap();
+        }
+        log.answer.record(2_500_000).unwrap();
+        log.delivery.record(3_000).unwrap();
+        let snap = |ops_ok| crate::e2e::Snapshot {
+            at: std::time::Instant::now(),
+            ops_ok,
+            datagrams: 0,
+            gateway_cpu: None,
+            imbench_cpu: None,
+        };
+        r.chat = Some(OnlineResult::new((1, 1), &snap(0), &snap(1000), &[log]));
+        r.finish();
+        assert_eq!(r.ratios.send_answer_ms_p999, Some(1.0));
+        assert_eq!(r.p99_us, Some(1_000));
+        assert!(r
+            .delivery_p99_us
+            .is_some_and(|us| (3_000..3_010).contains(&us)));
+        let text = render_verdicts_text(&r);
+        assert!(
+            text.contains("send_answer_ms_p999        1.0 -> met"),
+            "{text}"
+        );
+        assert!(text.contains("target <= 5000"), "{text}");
+    }
+
+    fn render_verdicts_text(r: &E2eReport) -> String {
+        let mut out = String::new();
+        render_verdicts(&mut out, r);
+        out
     }
 
     #[test]
