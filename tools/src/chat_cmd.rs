@@ -311,26 +311,33 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let (lines_tx, mut lines) = mpsc::channel::<Line>(16);
     let mut print = start_input(prompt, lines_tx)?;
     loop {
-        let (text, done) = tokio::select! {
+        let (text, done, handled) = tokio::select! {
             line = lines.recv() => match line {
                 Some(Line { text: Some(line), handled }) => {
-                    let result = if line.trim().is_empty() {
+                    let (text, done) = if line.trim().is_empty() {
                         (String::new(), false)
                     } else {
                         chat.on_line(line.trim()).await
                     };
-                    let _ = handled.send(());
-                    result
+                    (text, done, Some(handled))
                 }
-                Some(Line { text: None, .. }) | None => (String::new(), true),
+                Some(Line { text: None, .. }) | None => (String::new(), true, None),
             },
-            event = events.recv() => match event {
-                Some(event) => chat.on_event(event).await,
-                None => ("* connection closed".into(), true),
-            },
+            event = events.recv() => {
+                let (text, done) = match event {
+                    Some(event) => chat.on_event(event).await,
+                    None => ("* connection closed".into(), true),
+                };
+                (text, done, None)
+            }
         };
         if !text.is_empty() {
             print(text);
+        }
+        // Only now may the reader draw the next prompt: the answer to a
+        // line is printed above it, not where the prompt then goes.
+        if let Some(handled) = handled {
+            let _ = handled.send(());
         }
         if done {
             break;
@@ -361,7 +368,13 @@ fn start_input(
             .create_external_printer()
             .context("cannot print beside the input line")?;
         std::thread::spawn(move || read_lines(editor, prompt, lines));
-        return Ok(Box::new(move |text| {
+        return Ok(Box::new(move |mut text| {
+            // Between two prompts the printer writes the text as it is, so
+            // it must end its line itself (else the next prompt is drawn
+            // over it); while a prompt is up it adds no second newline.
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
             let _ = printer.print(text);
         }));
     }
