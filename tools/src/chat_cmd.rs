@@ -335,8 +335,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             print(text);
         }
         // Only now may the reader draw the next prompt: the answer to a
-        // line is printed above it, not where the prompt then goes.
-        if let Some(handled) = handled {
+        // line is printed above it, not where the prompt then goes. After
+        // /quit it draws none (dropping `handled` ends it): a prompt would
+        // put the terminal in raw mode again, and the chat would exit so.
+        if let (Some(handled), false) = (handled, done) {
             let _ = handled.send(());
         }
         if done {
@@ -392,7 +394,7 @@ fn start_input(
 }
 
 /// Give a line to the chat and wait until it was handled; false once the
-/// chat is gone.
+/// chat is gone or reads no more (`/quit`).
 fn hand_over(lines: &mpsc::Sender<Line>, text: Option<String>) -> bool {
     let (handled, done) = oneshot::channel();
     if lines.blocking_send(Line { text, handled }).is_err() {
