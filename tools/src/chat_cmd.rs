@@ -276,8 +276,15 @@ impl Chat {
                     false,
                 )
             }
+            // A new session: friends' status pushes start again only with
+            // a new login view (and friends or requests may have changed).
             ImEvent::Reconnected { gateway, .. } => {
-                (format!("* reconnected (gateway {gateway})"), false)
+                let mut lines = vec![format!("* reconnected (gateway {gateway})")];
+                match self.refresh().await {
+                    Ok(news) => lines.extend(news),
+                    Err(e) => lines.push(format!("error: {e:#}")),
+                }
+                (lines.join("\n"), false)
             }
             ImEvent::Kicked => ("* logged in elsewhere: this chat is over".into(), true),
             ImEvent::SessionLost { reason } => (format!("* connection lost: {reason}"), true),
