@@ -230,16 +230,35 @@ impl PipedChat {
     /// Wait (up to `limit`: a guard against a hang) for a line of output
     /// that `done` accepts; the line.
     fn wait_line(&self, what: &str, limit: Duration, done: impl Fn(&str) -> bool) -> String {
+        self.wait_line_after(None, what, limit, done)
+    }
+
+    /// Like [`PipedChat::wait_line`], but only lines after the first one
+    /// equal to `after` count (if given).
+    fn wait_line_after(
+        &self,
+        after: Option<&str>,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| done(l)) {
-                return line.clone();
+            {
+                let lines = self.lines.lock().unwrap();
+                let from = match after {
+                    Some(after) => lines.iter().position(|l| l == after).map(|at| at + 1),
+                    None => Some(0),
+                };
+                if let Some(line) = from.and_then(|from| lines[from..].iter().find(|l| done(l))) {
+                    return line.clone();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the chat never printed {what}; it printed:\n{}",
+                    lines.join("\n")
+                );
             }
-            assert!(
-                Instant::now() < deadline,
-                "the chat never printed {what}; it printed:\n{}",
-                self.lines.lock().unwrap().join("\n")
-            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -337,14 +356,23 @@ fn paused_receiver(pause: Pause) {
     signal(&bob.child, libc::SIGCONT);
 
     bob.wait_line("alice: x", limit, |l| l == "alice: x");
-    if let Pause::UntilTheSessionEnds = pause {
-        bob.wait_line("that it reconnected", Duration::from_secs(120), |l| {
-            l.starts_with("* reconnected")
-        });
-    }
+    let reconnected = match pause {
+        Pause::Short => None,
+        Pause::UntilTheSessionEnds => Some(bob.wait_line(
+            "that it reconnected",
+            Duration::from_secs(120),
+            |l| l.starts_with("* reconnected"),
+        )),
+    };
     // Shown in mailbox order: a second copy of x would come before y.
     alice_sends(&up, "y", 2);
     bob.wait_line("alice: y", limit, |l| l == "alice: y");
+    if let Some(reconnected) = reconnected {
+        // Friends' comings and goings are shown again after the new login.
+        bob.wait_line_after(Some(&reconnected), "alice coming online", limit, |l| {
+            l == "* alice is online"
+        });
+    }
     let lines = bob.finish();
     let shown = |text: &str| lines.iter().filter(|l| *l == text).count();
     assert_eq!(shown("alice: x"), 1, "{lines:#?}");
