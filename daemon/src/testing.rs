@@ -102,13 +102,20 @@ pub fn sigkill(child: &mut Child) {
 
 /// The workspace binary `name` (of the package of the same name): next to
 /// `beside`, a binary cargo built for the running test (cargo builds every
-/// workspace binary for the workspace's tests); built on demand otherwise.
+/// workspace binary for the workspace's tests); built on demand otherwise,
+/// in the profile `beside` was built in (its directory: `target/release`
+/// is `--profile release`, `target/debug` is `dev`), so it lands there.
 pub fn workspace_binary(beside: &std::path::Path, name: &str) -> std::path::PathBuf {
     let bin = beside.with_file_name(name);
     if !bin.exists() {
+        let dir = beside.parent().and_then(|d| d.file_name());
+        let profile = match dir.and_then(|d| d.to_str()) {
+            Some("debug") | None => "dev",
+            Some(profile) => profile,
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", name, "--bin", name])
+            .args(["build", "--profile", profile, "-p", name, "--bin", name])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cannot build the {name} binary");

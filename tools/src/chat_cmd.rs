@@ -276,8 +276,15 @@ impl Chat {
                     false,
                 )
             }
+            // A new session: friends' status pushes start again only with
+            // a new login view (and friends or requests may have changed).
             ImEvent::Reconnected { gateway, .. } => {
-                (format!("* reconnected (gateway {gateway})"), false)
+                let mut lines = vec![format!("* reconnected (gateway {gateway})")];
+                match self.refresh().await {
+                    Ok(news) => lines.extend(news),
+                    Err(e) => lines.push(format!("error: {e:#}")),
+                }
+                (lines.join("\n"), false)
             }
             ImEvent::Kicked => ("* logged in elsewhere: this chat is over".into(), true),
             ImEvent::SessionLost { reason } => (format!("* connection lost: {reason}"), true),
@@ -311,26 +318,35 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let (lines_tx, mut lines) = mpsc::channel::<Line>(16);
     let mut print = start_input(prompt, lines_tx)?;
     loop {
-        let (text, done) = tokio::select! {
+        let (text, done, handled) = tokio::select! {
             line = lines.recv() => match line {
                 Some(Line { text: Some(line), handled }) => {
-                    let result = if line.trim().is_empty() {
+                    let (text, done) = if line.trim().is_empty() {
                         (String::new(), false)
                     } else {
                         chat.on_line(line.trim()).await
                     };
-                    let _ = handled.send(());
-                    result
+                    (text, done, Some(handled))
                 }
-                Some(Line { text: None, .. }) | None => (String::new(), true),
+                Some(Line { text: None, .. }) | None => (String::new(), true, None),
             },
-            event = events.recv() => match event {
-                Some(event) => chat.on_event(event).await,
-                None => ("* connection closed".into(), true),
-            },
+            event = events.recv() => {
+                let (text, done) = match event {
+                    Some(event) => chat.on_event(event).await,
+                    None => ("* connection closed".into(), true),
+                };
+                (text, done, None)
+            }
         };
         if !text.is_empty() {
             print(text);
+        }
+        // Only now may the reader draw the next prompt: the answer to a
+        // line is printed above it, not where the prompt then goes. After
+        // /quit it draws none (dropping `handled` ends it): a prompt would
+        // put the terminal in raw mode again, and the chat would exit so.
+        if let (Some(handled), false) = (handled, done) {
+            let _ = handled.send(());
         }
         if done {
             break;
@@ -361,7 +377,13 @@ fn start_input(
             .create_external_printer()
             .context("cannot print beside the input line")?;
         std::thread::spawn(move || read_lines(editor, prompt, lines));
-        return Ok(Box::new(move |text| {
+        return Ok(Box::new(move |mut text| {
+            // Between two prompts the printer writes the text as it is, so
+            // it must end its line itself (else the next prompt is drawn
+            // over it); while a prompt is up it adds no second newline.
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
             let _ = printer.print(text);
         }));
     }
@@ -379,7 +401,7 @@ fn start_input(
 }
 
 /// Give a line to the chat and wait until it was handled; false once the
-/// chat is gone.
+/// chat is gone or reads no more (`/quit`).
 fn hand_over(lines: &mpsc::Sender<Line>, text: Option<String>) -> bool {
     let (handled, done) = oneshot::channel();
     if lines.blocking_send(Line { text, handled }).is_err() {

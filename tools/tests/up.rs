@@ -51,7 +51,7 @@ fn up_then_send_and_inbox_with_the_demo_defaults() {
         None,
     );
     assert!(ok, "send failed: {err}");
-    assert_eq!(out.trim(), "sent to bob: stored (mailbox seq 1)");
+    assert_eq!(out.trim(), "sent to bob (mailbox seq 1)");
     let (ok, out, err) = common::run(&["inbox", "--data", data, "--user", "bob"], None);
     assert!(ok, "inbox failed: {err}");
     assert_eq!(out.trim(), "alice: hello bob");
@@ -219,14 +219,14 @@ fn chat_in_a_terminal(data: &str) {
         None,
     );
     assert!(ok, "send failed: {err}");
-    assert_eq!(out.trim(), "sent to alice: delivered");
+    assert_eq!(out.trim(), "sent to alice (mailbox seq 1)");
     term.wait_for("bob: incoming now");
     let screen = term.wait_for("* bob went offline");
     let last = screen.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
     assert_eq!(last.trim_end(), "to bob> half typed", "screen:\n{screen}");
     term.type_text(" and finished");
     term.enter();
-    term.wait_for("(stored: they will get it when they are back)");
+    term.wait_for("(sent; bob is offline and will get it when back)");
     term.type_text("/quit");
     term.enter();
     term.wait_exit();

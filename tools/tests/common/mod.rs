@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 pub mod tmux;
+pub mod up;
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 /// Run `imctl ARGS` (with `stdin` as its standard input, if given):
@@ -33,6 +35,41 @@ pub fn run(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Like [`run`], but `imctl` must exit within `limit` (a guard against a
+/// hang, not a measure of speed): it is killed and the test fails if not.
+pub fn run_within(args: &[&str], limit: Duration) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imctl"))
+        .args(args)
+        .env_remove("IMCTL_PASSWORD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run imctl");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("imctl {args:?} still ran after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.success(), out.join().unwrap(), err.join().unwrap())
 }
 
 /// Run `imctl --json ARGS`, which must succeed; its output parsed.

@@ -3,8 +3,13 @@
 
 use std::{
     process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
+
+/// Terminals started by this process so far: each gets a tmux server of
+/// its own, so tests (and two terminals of one test) run side by side.
+static STARTED: AtomicUsize = AtomicUsize::new(0);
 
 pub struct Tmux {
     socket: String,
@@ -14,7 +19,11 @@ impl Tmux {
     /// Run `command` (a shell command line) in a new 120x40 terminal.
     pub fn start(command: &str) -> Tmux {
         let tmux = Tmux {
-            socket: format!("imctl-test-{}", std::process::id()),
+            socket: format!(
+                "imctl-test-{}-{}",
+                std::process::id(),
+                STARTED.fetch_add(1, Ordering::Relaxed)
+            ),
         };
         tmux.run(&[
             "new-session",
@@ -53,22 +62,41 @@ impl Tmux {
         self.run(&["send-keys", "-t", "t", "Enter"]);
     }
 
+    /// Type `text` and Enter.
+    pub fn line(&self, text: &str) {
+        self.type_text(text);
+        self.enter();
+    }
+
     /// The terminal's visible text.
     pub fn screen(&self) -> String {
         self.run(&["capture-pane", "-t", "t", "-p"])
     }
 
-    /// Wait (up to 20 s) until the screen shows `text`; the screen.
+    /// Everything the terminal showed: the lines scrolled off the top,
+    /// then the visible ones (lines the terminal wrapped joined again).
+    pub fn history(&self) -> String {
+        self.run(&["capture-pane", "-t", "t", "-p", "-J", "-S", "-"])
+    }
+
+    /// Wait (up to 20 s) until the terminal has shown `text` (visible or
+    /// scrolled off); the history.
     pub fn wait_for(&self, text: &str) -> String {
+        self.wait_until(&format!("{text:?}"), |screen| screen.contains(text))
+    }
+
+    /// Wait (up to 20 s) until `done` holds for the whole history
+    /// ([`Tmux::history`]); the history. `what` says what was awaited.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let screen = self.screen();
-            if screen.contains(text) {
-                return screen;
+            let history = self.history();
+            if done(&history) {
+                return history;
             }
             assert!(
                 Instant::now() < deadline,
-                "the terminal never showed {text:?}; it shows:\n{screen}"
+                "the terminal never showed {what}; it shows:\n{history}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
