@@ -304,11 +304,6 @@ impl Router {
         self.sends.in_progress()
     }
 
-    /// The session's user, if it is open.
-    pub fn user_of(&self, session: u64) -> Option<u64> {
-        self.sessions.get(session).map(|s| s.user)
-    }
-
     // ---- inputs ----------------------------------------------------------
 
     pub fn handle_event(&mut self, now: Now, event: ServerEvent, io: &mut impl Sessions) {
@@ -344,7 +339,7 @@ impl Router {
                 id,
                 result,
                 effects,
-            } => self.on_call_done(now, session, id, result, effects, io),
+            } => self.on_call_done(session, id, result, effects, io),
             Answer::Stored { batch, result } => self.on_stored(now, batch, result, io),
             Answer::Relations { users, result } => self.on_relations(now, users, result, io),
         }
@@ -590,7 +585,6 @@ impl Router {
 
     fn on_call_done(
         &mut self,
-        now: Now,
         session: u64,
         id: u32,
         result: CallResult,
@@ -604,7 +598,6 @@ impl Router {
         for user in effects.changed {
             self.relations.drop_entry(user);
         }
-        let _ = now;
         self.reply(session, id, result, io);
     }
 
