@@ -11,6 +11,7 @@ use crate::{
     router::{Action, Answer, Now, Router, RouterConfig, Sessions},
     services::{now_ms, Services},
 };
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use netio::udp::{self, RecvBatch, SendBatch};
 use presence::PresenceEvent;
@@ -39,6 +40,9 @@ pub enum Cmd {
 /// Relation reads running at once at most (a `CacheReset` asks for every
 /// online user's; they must not swamp the profile service).
 pub const RELATION_LOADS_MAX: usize = 8;
+/// Answers taken from the queue in one pass of the loop at most, before
+/// its transmits go out (one `sendmmsg` for many answers, not one each).
+pub const CMDS_PER_PASS_MAX: usize = 256;
 
 impl Sessions for ServerEndpoint {
     fn fresh_session_id(&mut self) -> u64 {
@@ -127,7 +131,13 @@ impl Driver {
                         self.pump();
                     }
                 }
-                Some(cmd) = cmds.recv() => self.on_cmd(cmd),
+                Some(cmd) = cmds.recv() => {
+                    self.on_cmd(cmd);
+                    for _ in 1..CMDS_PER_PASS_MAX {
+                        let Ok(cmd) = cmds.try_recv() else { break };
+                        self.on_cmd(cmd);
+                    }
+                }
                 Some(event) = presence_events.recv() => self.on_presence(event),
                 Some(event) = profile_events.recv() => self.on_profile(event),
                 () = netio::sleep_until(Some(deadline)) => {
@@ -168,9 +178,8 @@ impl Driver {
         while let Some(event) = self.endpoint.poll_event() {
             self.router.handle_event(now, event, &mut self.endpoint);
         }
-        while let Some(action) = self.router.poll_action() {
-            self.spawn(action);
-        }
+        let actions: Vec<Action> = std::iter::from_fn(|| self.router.poll_action()).collect();
+        self.spawn(actions);
         metrics::gauge!("gateway_sessions").set(self.router.session_count() as f64);
         metrics::gauge!("gateway_sends_in_progress").set(self.router.sends_in_progress() as f64);
     }
@@ -211,16 +220,27 @@ impl Driver {
         self.router.profile_event(event, &mut self.endpoint);
     }
 
-    /// Run one piece of the router's work in a task; its answer comes back
-    /// as a [`Cmd`].
-    fn spawn(&self, action: Action) {
+    /// Run one pass's work of the router in one task, each piece
+    /// concurrently; each answer comes back as a [`Cmd`] as soon as it is
+    /// there. (One task a pass, not one a piece: the requests of a pass are
+    /// queued on their links together, so they go out in few writes.)
+    fn spawn(&self, actions: Vec<Action>) {
+        if actions.is_empty() {
+            return;
+        }
         let services = self.services.clone();
         let cmds = self.cmds.clone();
         let loads = self.relation_loads.clone();
         tokio::spawn(async move {
-            if let Some(answer) = perform(&services, action, &loads).await {
-                let _ = cmds.send(Cmd::Answer(answer));
-            }
+            let mut work: FuturesUnordered<_> = actions
+                .into_iter()
+                .map(|action| async {
+                    if let Some(answer) = perform(&services, action, &loads).await {
+                        let _ = cmds.send(Cmd::Answer(answer));
+                    }
+                })
+                .collect();
+            while work.next().await.is_some() {}
         });
     }
 
