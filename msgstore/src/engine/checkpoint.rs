@@ -47,7 +47,7 @@ use std::{
     collections::VecDeque,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Instant,
 };
 
@@ -72,13 +72,23 @@ struct JobInput {
     /// durable.
     log: Arc<LogDurability>,
     log_written_through: u64,
+    /// Filled just before the commit: see [`Job::superseded`].
+    superseded: Arc<OnceLock<Superseded>>,
 }
+
+/// Index states a job's commit replaces although the engine does not hold
+/// them in the job's snapshot: those of users in compacted buckets who did
+/// not change before the job started. Keyed by user.
+pub(super) type Superseded = HashMap<u64, UserState>;
 
 /// A compacted copy of one bucket, in place once the job is merged.
 struct Compaction {
     bucket: u32,
     meta: BucketMeta,
     states: Vec<(u64, UserState)>,
+    /// The index states that `states` replace, of users not in the
+    /// snapshot (the snapshot holds the others' current states).
+    superseded: Vec<(u64, UserState)>,
 }
 
 /// What the helper thread did, once the index has it.
@@ -116,6 +126,13 @@ fn lap(at: &mut Instant) -> u64 {
 pub(super) struct Job {
     position: Position,
     pub(super) snapshot: Arc<DirtyUsers>,
+    /// Published by the helper before it commits the index; until the
+    /// merge these are the states that match the bucket files in place.
+    /// Once the commit is visible the index already holds the compacted
+    /// files' offsets for these users, but those files are renamed into
+    /// place only by the merge: a user read from the index meanwhile must
+    /// be read as it was (see [`Engine::load_user`]).
+    pub(super) superseded: Arc<OnceLock<Superseded>>,
     candidates: Vec<u32>,
     log_bytes: u64,
     started: Instant,
@@ -157,6 +174,7 @@ impl Engine {
         let spare = self.spare_dirty.take().unwrap_or_default();
         let snapshot = Arc::new(std::mem::replace(&mut self.dirty, spare));
         let candidates: Vec<u32> = self.compact_candidates.drain().collect();
+        let superseded = Arc::new(OnceLock::new());
         let input = JobInput {
             position: self.wal.position(),
             snapshot: snapshot.clone(),
@@ -171,6 +189,7 @@ impl Engine {
             clean: self.clean.clone(),
             log: self.log_durability.clone(),
             log_written_through: self.log_durability.issued(),
+            superseded: superseded.clone(),
         };
         let (tx, rx) = flume::bounded(1);
         let spawned = std::thread::Builder::new()
@@ -188,6 +207,7 @@ impl Engine {
         self.job = Some(Job {
             position: self.wal.position(),
             snapshot,
+            superseded,
             candidates,
             log_bytes: self.wal.bytes_since_checkpoint,
             started: Instant::now(),
@@ -464,6 +484,17 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
     // ones (baselines.md: ~1.7 M/s vs ~88 k/s per transaction).
     users.sort_unstable_by_key(|(u, _)| *u);
     let mut bucket_states: Vec<(u32, BucketMeta)> = bucket_states.into_iter().collect();
+    if !compactions.is_empty() {
+        // Before the commit makes the new states visible: the engine reads
+        // a user from the index first and from this second, so whichever
+        // state it got, it ends with the one matching the files in place.
+        let superseded: Superseded = compactions
+            .iter()
+            .flat_map(|c| c.superseded.iter().copied())
+            .collect();
+        // Only this job sets it, once.
+        let _ = input.superseded.set(superseded);
+    }
     bucket_states.sort_unstable_by_key(|(b, _)| *b);
     input.index.commit_checkpoint(
         users.iter().map(|(u, s)| (*u, s)),
@@ -564,6 +595,7 @@ fn compact(
         view[..meta.len as usize].to_vec()
     };
     let mut states: HashMap<u64, UserState> = HashMap::new();
+    let mut superseded = Vec::new();
     let mut buf = Vec::new();
     let mut at = BUCKET_HEADER_BYTES;
     while at < meta.len {
@@ -584,7 +616,11 @@ fn compact(
         if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(user) {
             let known = match input.snapshot.get(&user) {
                 Some(d) => Some(d.state),
-                None => input.index.user(user)?,
+                None => {
+                    let indexed = input.index.user(user)?;
+                    superseded.extend(indexed.map(|s| (user, s)));
+                    indexed
+                }
             };
             let Some(mut s) = known else {
                 tracing::error!(
@@ -618,6 +654,7 @@ fn compact(
         bucket,
         meta: new_meta,
         states: states.into_iter().collect(),
+        superseded,
     }))
 }
 
@@ -738,6 +775,74 @@ mod tests {
             assert_eq!(stats.live_count as usize, model[&u].len());
             assert_eq!(stats.live_bytes as usize, model[&u].len() * 40);
         }
+    }
+
+    /// Wait (without merging) until the running job has committed the
+    /// index and handed its result back.
+    fn wait_until_committed(e: &Engine) {
+        let job = e.job.as_ref().expect("a job runs");
+        while job.done.is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// A user untouched since the last checkpoint and not in the clean
+    /// cache (as every user is right after a restart) is read from the
+    /// index. Once a job compacting its bucket has committed, the index
+    /// holds the user's offsets in the compacted file, which is swapped in
+    /// only at the merge: reads in between must still see the state that
+    /// matches the file in place (they used to walk the old file with the
+    /// new offsets: "chain broken", an empty page saying `more`, and an ack
+    /// freeing too few bytes).
+    #[test]
+    fn a_user_read_from_the_index_before_a_compaction_is_merged_sees_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Never,
+            bucket_dirs: 1,
+            bucket_files: 1,
+            compact_min_bytes: 64,
+            compact_dead_ratio: 0.2,
+            ..EngineConfig::default()
+        };
+        // One bucket: user 1's records first, then user 2's.
+        let (gone, kept) = (1u64, 2u64);
+        let mut e = Engine::open(dir.path(), config.clone()).unwrap();
+        for n in 0..5 {
+            append(&mut e, gone, n);
+        }
+        for n in 10..13 {
+            append(&mut e, kept, n);
+        }
+        e.checkpoint_now().unwrap();
+        drop(e);
+
+        // Restarted: no state is cached. Acking all of user 1 makes the
+        // bucket a compaction candidate; user 2's records move up in it.
+        let mut e = Engine::open(dir.path(), config.clone()).unwrap();
+        assert_eq!(ack(&mut e, gone, 5), 5);
+        assert!(e.compact_candidates.contains(&0));
+        e.start_checkpoint().unwrap();
+        wait_until_committed(&e);
+        assert!(e.checkpoint_running(), "committed, not merged");
+
+        let page = e.fetch(kept, 0, 1000, 1 << 20).unwrap();
+        let got: Vec<(u64, u8)> = page.records.iter().map(|r| (r.seq, r.payload[0])).collect();
+        assert_eq!(got, vec![(1, 10), (2, 11), (3, 12)]);
+        assert!(!page.more);
+        assert_eq!(ack(&mut e, kept, 1), 1);
+        assert_eq!(e.user_stats(kept).unwrap().live_bytes, 2 * 40);
+        assert_eq!(e.counters.corrupt_records_total, 0, "no chain broke");
+
+        e.poll_checkpoint(true).unwrap().unwrap();
+        assert_eq!(e.counters.compactions_total, 1);
+        assert_eq!(seqs(&mut e, kept), vec![(2, 11), (3, 12)]);
+        e.checkpoint_now().unwrap();
+        drop(e);
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        assert_eq!(seqs(&mut e, kept), vec![(2, 11), (3, 12)]);
+        assert_eq!(e.user_stats(kept).unwrap().live_bytes, 2 * 40);
+        assert_eq!(e.counters.corrupt_records_total, 0);
     }
 
     fn always_config() -> EngineConfig {

@@ -51,7 +51,18 @@ impl Engine {
         // A new user, or one whose clean state was evicted: sizes
         // `clean_states_max`.
         metrics::counter!("msgstore_index_reads_total").increment(1);
-        self.index.user(user)
+        let indexed = self.index.user(user)?;
+        // A running job that compacts may have committed already: the index
+        // then has the user's offsets in a compacted file not yet in place.
+        // The job publishes the states it replaces before committing, and
+        // they are looked at after the index read: if the read saw the
+        // commit, they are there.
+        let superseded = self
+            .job
+            .as_ref()
+            .and_then(|j| j.superseded.get())
+            .and_then(|s| s.get(&user));
+        Ok(superseded.copied().or(indexed))
     }
 
     /// Make `state` the user's current state (its memtable records, if
