@@ -687,3 +687,78 @@ fn acking_across_a_damaged_record_leaves_no_phantom_bytes() {
     check(&shard, "after a restart");
     shard.close().unwrap();
 }
+
+/// Pages through USER's mailbox `max_count` records at a time the way a
+/// client does (after the last seq seen, while `more`); returns the seqs.
+/// A page that is empty yet says `more` would make a client ask for the
+/// same page forever.
+fn page_through(shard: &Shard, max_count: u32) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = shard.fetch(USER, after, max_count, 1 << 20).wait().unwrap();
+        assert!(
+            !page.records.is_empty() || !page.more,
+            "an empty page after seq {after} says more"
+        );
+        seqs.extend(page.records.iter().map(|r| r.seq));
+        after = seqs.last().copied().unwrap_or(after);
+        if !page.more {
+            return seqs;
+        }
+    }
+}
+
+/// A record that cannot be shown (its checksum fails, or a damaged link
+/// cut it off from the chain) is not a reason for `more`: a page says more
+/// only if a record the next page can show remains, so paging ends, and an
+/// empty page says more only when `max_count` is 0.
+#[test]
+fn a_page_says_more_only_while_readable_records_remain() {
+    let probe = tempfile::tempdir().unwrap();
+    let records = write_bucket(probe.path());
+    let (at, _, _, _) = *records
+        .iter()
+        .find(|r| r.2 == USER && r.3 == 5)
+        .expect("USER's seq 5, its newest, is in the bucket");
+    let body = at + FRAME_HEADER;
+    // A flipped payload: seq 5 fails its checksum, 1..=4 stay readable.
+    // A flipped seq field: the chain breaks at its start, nothing of USER
+    // is reachable.
+    for (flip_at, readable) in [
+        (body + RECORD_FIXED + 3, &[1u64, 2, 3, 4][..]),
+        (body + 8, &[][..]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(write_bucket(dir.path()), records);
+        flip(&bucket_file(dir.path()), flip_at);
+        let shard = open(dir.path());
+        assert_eq!(
+            shard.user_stats(USER).wait().unwrap().last_seq,
+            5,
+            "the state still counts seq 5"
+        );
+        for max_count in [1, 2, 1000] {
+            assert_eq!(page_through(&shard, max_count), readable, "{max_count}");
+        }
+        let last = shard.fetch(USER, 4, 1000, 1 << 20).wait().unwrap();
+        assert!(last.records.is_empty() && !last.more, "after seq 4");
+        let none = shard.fetch(USER, 0, 0, 1 << 20).wait().unwrap();
+        assert!(none.records.is_empty());
+        assert_eq!(none.more, !readable.is_empty(), "max_count 0");
+        // Records appended since are readable, after what is not.
+        assert_eq!(
+            shard
+                .append(USER, msg_id(USER, 6), payload(USER, 6))
+                .wait()
+                .unwrap(),
+            6
+        );
+        let with_6 = [readable, &[6]].concat();
+        assert_eq!(page_through(&shard, 1), with_6);
+        shard.checkpoint().wait().unwrap();
+        assert_eq!(page_through(&shard, 1), with_6);
+        assert_records(&shard, OTHER, &[1, 2, 3]);
+        shard.close().unwrap();
+    }
+}

@@ -15,7 +15,12 @@ use proto::{
 /// A page of records, borrowed from the engine.
 pub(crate) struct PageRef<'a> {
     pub records: Vec<StoredRecordRef<'a>>,
-    /// Live records with a higher seq remain after this page.
+    /// Records with a higher seq remain that a fetch can show: the page
+    /// left one out for its limits. (Live records that cannot be shown, a
+    /// damaged one or those a damaged link cut off from the chain, do not
+    /// count: otherwise a page could be empty and still say more, and a
+    /// client would ask for it again forever. Undamaged, this is exactly
+    /// "live records with a higher seq than the last one returned remain".)
     pub more: bool,
     /// The newest batch that logged a record of this page; 0 if every
     /// record came from a bucket file (which holds only durable records).
@@ -29,7 +34,7 @@ struct Limits {
     count_max: usize,
     bytes_max: u64,
     /// A record was refused: nothing later may be added, or the page
-    /// would skip it.
+    /// would skip it; the page says more.
     full: bool,
 }
 
@@ -125,8 +130,9 @@ impl Engine {
                 payload: &p.payload,
             });
         }
-        let last_returned = page.records.last().map_or(start - 1, |r| r.seq);
-        page.more = last_returned < state.last_seq();
+        // Every readable record from `start` on was offered to the page, in
+        // seq order: one remains iff the limits refused one.
+        page.more = limits.full;
         let answered = answer(&page);
         drop(page);
         drop(buckets);
