@@ -371,7 +371,10 @@ impl Engine {
         if self.config.fsync != FsyncPolicy::Always || self.wal_buf.is_empty() {
             return self.end_batch().map(|()| None);
         }
-        let write = match self.wal.reserve(self.wal_buf.len() as u64) {
+        let reserved = self
+            .settle_before_rotation(self.wal_buf.len() as u64)
+            .and_then(|()| self.wal.reserve(self.wal_buf.len() as u64));
+        let write = match reserved {
             Ok(write) => write,
             Err(e) => {
                 self.rollback();
@@ -417,11 +420,33 @@ impl Engine {
         }
     }
 
+    /// Before `len` log bytes start a new segment, wait until every
+    /// deferred write handed out so far (each into the old segment) is
+    /// durable. Replay reads a segment's zeros as its clean end and goes on
+    /// with the next segment: had a write into the new segment become
+    /// durable before one still in flight into the old, a kill between the
+    /// two would replay the later batch without the earlier one, a gap in
+    /// its users' seqs. (Within a segment replay stops at such a gap.) Once
+    /// per segment, for the few writes the server keeps in flight.
+    fn settle_before_rotation(&self, len: u64) -> Result<()> {
+        if !self.wal.rotates_for(len) {
+            return Ok(());
+        }
+        self.log_durability
+            .wait_durable(self.log_durability.issued())
+            .map_err(|e| {
+                Error::Storage(format!(
+                    "a log write into the segment being closed failed: {e}"
+                ))
+            })
+    }
+
     /// Write the batch's log entries and reach the policy's durability point.
     fn commit_batch(&mut self) -> Result<()> {
         if self.wal_buf.is_empty() {
             return Ok(());
         }
+        self.settle_before_rotation(self.wal_buf.len() as u64)?;
         if let Err(failed) = self.wal.write(&self.wal_buf) {
             if !failed.log_intact {
                 self.poison(&failed.error);
@@ -597,5 +622,83 @@ impl Engine {
             Some(m) => Err(Error::Poisoned(m.clone())),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+
+    /// Under `always`, appends one record of `payload_bytes` to `user` and
+    /// closes the batch the way the server does: its write handed back.
+    fn append_deferred(e: &mut Engine, user: u64, payload_bytes: usize) -> DeferredWrite {
+        e.begin_batch();
+        e.append(AppendRequest {
+            user,
+            msg_id: 1,
+            payload: vec![7; payload_bytes],
+        })
+        .unwrap();
+        e.end_batch_deferred().unwrap().expect("a log write")
+    }
+
+    /// A batch that starts a new log segment is handed out only once every
+    /// write into the old segment is durable: otherwise a kill could leave
+    /// the later batch in the new segment and the earlier one missing from
+    /// the old, and replay (which takes the old segment's zeros for its
+    /// end) would bring back the later one after a gap.
+    #[test]
+    fn a_write_into_a_new_segment_waits_for_those_into_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment_bytes = 64 * 1024;
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Always,
+            bucket_dirs: 1,
+            bucket_files: 1,
+            wal_segment_bytes: segment_bytes,
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::open(dir.path(), config.clone()).unwrap();
+        let first = append_deferred(&mut e, 1, 40 * 1024);
+        e.log_write_done(&first.perform());
+        // Still fits in the first segment; left in flight.
+        let in_flight = append_deferred(&mut e, 1, 100);
+        let segment = e.wal.position().segment;
+        let performed = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let performed = performed.clone();
+            std::thread::spawn(move || {
+                // Long enough for an engine that does not wait to hand the
+                // next write out first; an engine that waits is correct
+                // however long this takes.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let result = in_flight.perform();
+                performed.store(true, Ordering::SeqCst);
+                result
+            })
+        };
+        // Does not fit: goes to the next segment.
+        let next = append_deferred(&mut e, 1, 40 * 1024);
+        assert!(
+            performed.load(Ordering::SeqCst),
+            "a write into the next segment was handed out while one into the old was in flight"
+        );
+        assert_eq!(e.wal.position().segment, segment + 1);
+        e.log_write_done(&writer.join().unwrap());
+        e.log_write_done(&next.perform());
+        drop(e); // a kill: no checkpoint
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        let seqs: Vec<u64> = e
+            .fetch(1, 0, 100, 1 << 20)
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
     }
 }

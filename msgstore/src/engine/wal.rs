@@ -334,7 +334,7 @@ impl Wal {
     /// Writes must complete in the order they were reserved before any of
     /// them is acknowledged: replay stops at the first gap.
     pub fn reserve(&mut self, len: u64) -> Result<LogWrite> {
-        if self.offset + len > self.segment_bytes && self.offset > SEGMENT_HEADER_BYTES {
+        if self.rotates_for(len) {
             self.rotate()?;
         }
         let write = LogWrite {
@@ -344,6 +344,12 @@ impl Wal {
         self.offset += len;
         self.bytes_since_checkpoint += len;
         Ok(write)
+    }
+
+    /// Whether the next `len` bytes go to a new segment (they do not fit
+    /// in the rest of this one, and this one holds something).
+    pub fn rotates_for(&self, len: u64) -> bool {
+        self.offset + len > self.segment_bytes && self.offset > SEGMENT_HEADER_BYTES
     }
 
     /// Make every written entry durable (already done under `O_DSYNC`).
