@@ -332,7 +332,10 @@ impl Wal {
     /// Claim the next `len` bytes of the log (moving to the next segment
     /// first if they do not fit) for a write another thread performs.
     /// Writes must complete in the order they were reserved before any of
-    /// them is acknowledged: replay stops at the first gap.
+    /// them is acknowledged: replay stops at the first gap within a
+    /// segment, but takes a segment's zeros for its end, so the first write
+    /// into a new segment may start only once those into the old one are
+    /// durable ([`Wal::rotates_for`] tells the caller when that is).
     pub fn reserve(&mut self, len: u64) -> Result<LogWrite> {
         if self.rotates_for(len) {
             self.rotate()?;
