@@ -28,7 +28,7 @@ use netio::udp;
 use proto::{
     app::{
         self, Call, ClientMessage, Delivery, GatewayMessage, Login, LoginAnswer, LoginMethod,
-        Reply, SendOutcome, APP_PROTOCOL_VERSION, FETCH_BYTES_MAX, FETCH_COUNT_MAX,
+        Reply, SendOutcome, FETCH_BYTES_MAX, FETCH_COUNT_MAX,
     },
     session::{wire, ClientConfig, ClientSession, Event},
 };
@@ -352,10 +352,7 @@ impl Fleet {
                 return;
             };
             self.busy.insert(plan.user);
-            let payload = app::encode(&Login {
-                version: APP_PROTOCOL_VERSION,
-                method: plan.method,
-            });
+            let payload = app::encode(&Login::new(plan.method, client::next_login_ns(0)));
             let mut session = ClientSession::new(
                 now,
                 ClientConfig::default(),

@@ -12,6 +12,7 @@ use crate::{
     services::Services,
 };
 use presence::Status;
+use profile::client::LoginClaim;
 use proto::{
     app::{self, Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, APP_PROTOCOL_VERSION},
     profile::{ErrorCode, Relations},
@@ -36,17 +37,18 @@ pub async fn check(services: &Services, payload: &[u8], session: u64) -> LoginOu
 }
 
 async fn checked(services: &Services, payload: &[u8], session: u64) -> Result<LoginOk, Vec<u8>> {
-    let login: Login =
-        app::decode(payload).map_err(|e| refuse(LoginError::BadRequest, e.to_string()))?;
-    if login.version != APP_PROTOCOL_VERSION {
+    let version = Login::version_of(payload);
+    if version.is_some_and(|v| v != APP_PROTOCOL_VERSION) {
         return Err(refuse(
             LoginError::BadRequest,
             format!(
                 "protocol version {} not supported (this gateway speaks {APP_PROTOCOL_VERSION})",
-                login.version
+                version.unwrap_or_default()
             ),
         ));
     }
+    let login: Login =
+        app::decode(payload).map_err(|e| refuse(LoginError::BadRequest, e.to_string()))?;
     let now_s = crate::services::now_ms() / 1000;
     let (user, token_epoch) = match login.method {
         LoginMethod::Password { username, password } => {
@@ -60,7 +62,7 @@ async fn checked(services: &Services, payload: &[u8], session: u64) -> Result<Lo
             (claims.user, Some(claims.credential_epoch))
         }
     };
-    let relations = account_state(services, user, token_epoch).await?;
+    let relations = account_state(services, user, login.login_ns, token_epoch).await?;
     let go_online = services.presence.online(user, session, Status::Online);
     if let Err(e) | Ok(Err(e)) = with_timeout(services, go_online).await.map(|r| {
         r.map_err(|e| crate::calls::error(proto::app::AppErrorCode::Unavailable, e.to_string()))
@@ -102,16 +104,26 @@ async fn checked(services: &Services, payload: &[u8], session: u64) -> Result<Lo
     })
 }
 
-/// The account as profile has it now: enabled, and (for a token) still at
-/// the token's credential epoch.
+/// Claim the login's freshness with profile (refused if `login_ns` is not
+/// newer than the user's last accepted login: a replayed handshake), and
+/// check the account as profile has it then: enabled, and (for a token)
+/// still at the token's credential epoch.
 async fn account_state(
     services: &Services,
     user: u64,
+    login_ns: u64,
     token_epoch: Option<u32>,
 ) -> Result<Relations, Vec<u8>> {
-    let read = with_timeout(services, services.profile.relations(vec![user])).await;
-    let relations = match read {
-        Ok(Ok(mut list)) => list.pop().filter(|r| r.user == user),
+    let claim = with_timeout(services, services.profile.claim_login(user, login_ns)).await;
+    let relations = match claim {
+        Ok(Ok(LoginClaim::Fresh(relations))) => relations,
+        Ok(Ok(LoginClaim::Stale { last_ns })) => {
+            metrics::counter!("gateway_logins_stale_total").increment(1);
+            return Err(app::encode(&LoginAnswer::Stale { last_ns }));
+        }
+        Ok(Err(e)) if e.code() == Some(ErrorCode::NotFound) => {
+            return Err(refuse(LoginError::WrongCredentials, "no such user"));
+        }
         failed => {
             tracing::warn!(user, ?failed, "cannot read the account at login");
             return Err(refuse(
@@ -119,9 +131,6 @@ async fn account_state(
                 "profile service unavailable",
             ));
         }
-    };
-    let Some(relations) = relations else {
-        return Err(refuse(LoginError::WrongCredentials, "no such user"));
     };
     if relations.disabled {
         return Err(refuse(LoginError::AccountDisabled, "account disabled"));

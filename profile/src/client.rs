@@ -45,12 +45,21 @@ use tokio::{
 
 /// Match one response variant or fail with a protocol error naming it.
 macro_rules! expect_body {
-    ($got:expr, $pat:pat => $out:expr) => {
+    ($got:expr, $($pat:pat => $out:expr),+) => {
         match $got {
-            $pat => Ok($out),
+            $($pat => Ok($out),)+
             other => Err(unexpected(&other)),
         }
     };
+}
+
+/// What [`ProfileClient::claim_login`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginClaim {
+    /// Recorded; the user's relations as of then.
+    Fresh(Relations),
+    /// Not newer than the user's last recorded login; nothing changed.
+    Stale { last_ns: u64 },
 }
 
 /// Bytes the writer task gathers into one write at most.
@@ -470,6 +479,19 @@ impl ProfileClient {
     /// the order asked; each from one consistent snapshot.
     pub async fn relations(&self, users: Vec<UserId>) -> Result<Vec<Relations>, ClientError> {
         expect_body!(self.call(RequestBody::GetRelations { users }).await?, ResponseBody::Relations(r) => r)
+    }
+
+    /// Record `login_ns` as `user`'s newest login (see
+    /// [`RequestBody::ClaimLogin`]).
+    pub async fn claim_login(
+        &self,
+        user: UserId,
+        login_ns: u64,
+    ) -> Result<LoginClaim, ClientError> {
+        let body = RequestBody::ClaimLogin { user, login_ns };
+        expect_body!(self.call(body).await?,
+            ResponseBody::LoginClaimed(r) => LoginClaim::Fresh(r),
+            ResponseBody::StaleLogin { last_ns } => LoginClaim::Stale { last_ns })
     }
 
     /// The service's argon2id parameters.

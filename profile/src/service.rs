@@ -17,8 +17,8 @@ use crate::{
     Result,
 };
 use proto::profile::{
-    ImportUser, RequestBody, ResponseBody, ServiceInfo, AVATAR_RANGE_BYTES_MAX, GET_PROFILES_MAX,
-    IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
+    ImportUser, RequestBody, ResponseBody, ServiceInfo, UserId, AVATAR_RANGE_BYTES_MAX,
+    GET_PROFILES_MAX, IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
 };
 use std::{path::Path, sync::Arc, thread::JoinHandle};
 
@@ -225,6 +225,9 @@ impl Service {
             }
             RequestBody::Block { user, blocked } => WriteOp::Block { user, blocked },
             RequestBody::Unblock { user, blocked } => WriteOp::Unblock { user, blocked },
+            RequestBody::ClaimLogin { user, login_ns } => {
+                return self.claim_login(user, login_ns).await
+            }
             RequestBody::Subscribe => {
                 return Err(Error::BadRequest("Subscribe needs a connection".into()))
             }
@@ -234,7 +237,26 @@ impl Service {
             Outcome::User(user) => ResponseBody::User(user),
             Outcome::Version(v) => ResponseBody::Version(v),
             Outcome::Done => ResponseBody::Done,
+            Outcome::Stale(last_ns) => ResponseBody::StaleLogin { last_ns },
         })
+    }
+
+    /// Record a login if it is newer than the user's last one (durably:
+    /// the answer comes after the commit), then answer with the user's
+    /// relations as they are after it.
+    async fn claim_login(&self, user: UserId, login_ns: u64) -> Result<ResponseBody> {
+        match self
+            .writer
+            .write(WriteOp::ClaimLogin { user, login_ns })
+            .await?
+        {
+            Outcome::Stale(last_ns) => Ok(ResponseBody::StaleLogin { last_ns }),
+            _ => {
+                let relations = self.store.relations(&[user])?.pop();
+                let relations = relations.ok_or_else(|| Error::not_found_user(user))?;
+                Ok(ResponseBody::LoginClaimed(relations))
+            }
+        }
     }
 
     /// The user id if `password` is right and the account enabled. Unknown
@@ -329,5 +351,6 @@ pub fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::Block { .. } => "block",
         RequestBody::Unblock { .. } => "unblock",
         RequestBody::GetRelations { .. } => "get_relations",
+        RequestBody::ClaimLogin { .. } => "claim_login",
     }
 }

@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 /// Bumped on any incompatible change; sent in [`Login`]. Version 2: the
 /// mailbox is the single source of truth (every message is stored, then
 /// pushed with its seq; `Reply::Sent` carries the seq), blocks, typed
-/// permission errors, `MailboxChanged`.
-pub const APP_PROTOCOL_VERSION: u16 = 2;
+/// permission errors, `MailboxChanged`. Version 3: [`Login::login_ns`]
+/// (a login is accepted only with a newer one than the user's last) and
+/// [`LoginAnswer::Stale`].
+pub const APP_PROTOCOL_VERSION: u16 = 3;
 /// Largest message body a client may send.
 pub const BODY_BYTES_MAX: usize = 16 * 1024;
 /// Largest page of stored messages one fetch returns (bytes of bodies).
@@ -33,6 +35,32 @@ pub const PROFILES_MAX: usize = 200;
 pub struct Login {
     pub version: u16,
     pub method: LoginMethod,
+    /// The login's freshness: nanoseconds since the Unix epoch by the
+    /// client's clock, and greater than every `login_ns` the client used
+    /// before. The service accepts a login only if this is greater than the
+    /// last one it accepted for the user, so a captured handshake replayed
+    /// later is refused whatever its age ([`LoginAnswer::Stale`]).
+    pub login_ns: u64,
+}
+
+impl Login {
+    /// A login of this protocol version.
+    pub fn new(method: LoginMethod, login_ns: u64) -> Login {
+        Login {
+            version: APP_PROTOCOL_VERSION,
+            method,
+            login_ns,
+        }
+    }
+
+    /// The protocol version a login payload claims, read from its first
+    /// field alone, so a client of another version is told which one the
+    /// gateway speaks even when the rest does not decode.
+    pub fn version_of(payload: &[u8]) -> Option<u16> {
+        postcard::take_from_bytes::<u16>(payload)
+            .ok()
+            .map(|(v, _)| v)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +80,18 @@ pub enum LoginMethod {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LoginAnswer {
     Accepted(LoginAccepted),
-    Refused { code: LoginError, message: String },
+    Refused {
+        code: LoginError,
+        message: String,
+    },
+    /// `login_ns` was not greater than `last_ns`, the last one accepted
+    /// for this user (a replayed handshake, or a device whose clock is
+    /// behind another's). Nothing happened. A client that built this login
+    /// itself logs in again with a `login_ns` above `last_ns`; a replay's
+    /// sender cannot build one.
+    Stale {
+        last_ns: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,14 +341,14 @@ mod tests {
 
     #[test]
     fn logins_and_answers_fit_the_handshake() {
-        let login = Login {
-            version: APP_PROTOCOL_VERSION,
-            method: LoginMethod::Password {
-                username: "u".repeat(64),
-                password: "p".repeat(crate::profile::PASSWORD_BYTES_MAX),
-            },
+        let method = LoginMethod::Password {
+            username: "u".repeat(64),
+            password: "p".repeat(crate::profile::PASSWORD_BYTES_MAX),
         };
+        let login = Login::new(method, u64::MAX);
         assert!(encode(&login).len() <= INIT_PAYLOAD_MAX);
+        let stale = LoginAnswer::Stale { last_ns: u64::MAX };
+        assert!(encode(&stale).len() <= RESPONSE_PAYLOAD_MAX);
         let answer = LoginAnswer::Accepted(LoginAccepted {
             user: u64::MAX,
             resume_token: vec![0; 72],
@@ -358,11 +397,13 @@ mod tests {
         };
         assert_eq!(encode(&err), [0x00, 0x02, 0x01, 0x03, 0x01, b'x']);
         assert_eq!(encode(&GatewayMessage::Kicked), [0x04]);
-        let login = Login {
-            version: 2,
-            method: LoginMethod::Resume { token: vec![9] },
-        };
-        assert_eq!(encode(&login), [0x02, 0x01, 0x01, 0x09]);
+        let login = Login::new(LoginMethod::Resume { token: vec![9] }, 300);
+        assert_eq!(encode(&login), [0x03, 0x01, 0x01, 0x09, 0xac, 0x02]);
+        assert_eq!(Login::version_of(&encode(&login)), Some(3));
+        assert_eq!(Login::version_of(&[0x02, 0xff]), Some(2), "the rest unread");
+        assert_eq!(Login::version_of(&[]), None);
+        let stale = LoginAnswer::Stale { last_ns: 300 };
+        assert_eq!(encode(&stale), [0x02, 0xac, 0x02]);
         let push = GatewayMessage::Deliver(Delivery {
             from: 3,
             msg_id: 4,

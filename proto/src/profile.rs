@@ -198,6 +198,16 @@ pub enum RequestBody {
     GetRelations {
         users: Vec<UserId>,
     },
+    /// A gateway is about to accept a login of `user` whose credentials it
+    /// checked: record `login_ns` as the user's newest login if it is
+    /// greater than the last one recorded (durably, before answering), and
+    /// answer [`ResponseBody::LoginClaimed`] with the user's relations;
+    /// otherwise record nothing and answer [`ResponseBody::StaleLogin`].
+    /// One `login_ns` is claimed at most once, whichever gateway asks.
+    ClaimLogin {
+        user: UserId,
+        login_ns: u64,
+    },
 }
 
 /// A user's public profile.
@@ -342,6 +352,14 @@ pub enum ResponseBody {
     Error(ProfileError),
     /// Answer to [`RequestBody::GetRelations`], in the order asked.
     Relations(Vec<Relations>),
+    /// Answer to [`RequestBody::ClaimLogin`]: the login was newer and is
+    /// recorded; the user's relations as of then.
+    LoginClaimed(Relations),
+    /// Answer to [`RequestBody::ClaimLogin`]: not newer than `last_ns`,
+    /// the user's last recorded login; nothing changed.
+    StaleLogin {
+        last_ns: u64,
+    },
 }
 
 /// Pushed to subscribed connections.

@@ -16,7 +16,6 @@ use proto::{
     app::{
         self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, Login,
         LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply, StoredEnvelope,
-        APP_PROTOCOL_VERSION,
     },
     inbox::{Inbox, InboxConfig, InboxRequest},
     peer::Forward,
@@ -1069,13 +1068,11 @@ impl World {
         let g = c.gateway;
         c.state = ClientState::LoggingIn(pending, g);
         c.silent_since = None;
-        let payload = app::encode(&Login {
-            version: APP_PROTOCOL_VERSION,
-            method: LoginMethod::Password {
-                username: format!("u{user}"),
-                password: "pw".into(),
-            },
-        });
+        let method = LoginMethod::Password {
+            username: format!("u{user}"),
+            password: "pw".into(),
+        };
+        let payload = app::encode(&Login::new(method, self.next_pending));
         self.gateways[g].endpoint.pending.insert(pending);
         let from = "127.0.0.1:1".parse().expect("an address");
         self.feed_event(

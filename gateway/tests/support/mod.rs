@@ -12,10 +12,7 @@ use client::{
 use daemon::testing::DaemonProcess;
 use embedded::{Embedded, EmbeddedConfig};
 use proto::{
-    app::{
-        self, Call, ClientMessage, GatewayMessage, Login, LoginAnswer, LoginMethod, Reply,
-        APP_PROTOCOL_VERSION,
-    },
+    app::{self, Call, ClientMessage, GatewayMessage, Login, LoginAnswer, LoginMethod, Reply},
     session::Event,
 };
 use std::{
@@ -472,10 +469,7 @@ impl TestClient {
         public: [u8; 32],
         method: LoginMethod,
     ) -> Result<TestClient, LoginAnswer> {
-        let login = app::encode(&Login {
-            version: APP_PROTOCOL_VERSION,
-            method,
-        });
+        let login = app::encode(&Login::new(method, client::next_login_ns(0)));
         let (client, mut events) = Client::connect(DriverConfig::new(addr, public, login))
             .await
             .expect("bind");

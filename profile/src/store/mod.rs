@@ -25,11 +25,11 @@ pub(crate) type UserDb = Database<'static, U64<BigEndian>, Bytes>;
 pub(crate) type NameDb = Database<'static, Str, U64<BigEndian>>;
 pub(crate) type RawDb = Database<'static, Bytes, Bytes>;
 
-/// Named LMDB databases of the environment. `blocks` and `auth` came after
-/// the first layout; opening creates whichever is missing, so an older
-/// environment opens as it is (absent records mean "blocks nobody" and
-/// "epoch 0").
-pub(crate) const DATABASES: [&str; 10] = [
+/// Named LMDB databases of the environment. `blocks`, `auth` and `logins`
+/// came after the first layout; opening creates whichever is missing, so
+/// an older environment opens as it is (absent records mean "blocks
+/// nobody", "epoch 0" and "no login recorded").
+pub(crate) const DATABASES: [&str; 11] = [
     "accounts",
     "usernames",
     "profiles",
@@ -40,6 +40,7 @@ pub(crate) const DATABASES: [&str; 10] = [
     "meta",
     "blocks",
     "auth",
+    "logins",
 ];
 
 /// The open environment and its databases; shared by readers and the writer.
@@ -53,6 +54,9 @@ pub struct Store {
     pub(crate) blocks: UserDb,
     /// value: the credential epoch (u32 BE); absent = 0.
     pub(crate) auth: UserDb,
+    /// value: the `login_ns` of the user's last accepted login (u64 BE);
+    /// absent = none yet.
+    pub(crate) logins: UserDb,
     /// key: recipient (8 bytes BE) ++ sender (8 bytes BE); value: the
     /// sender's group name for the recipient (UTF-8).
     pub(crate) requests: RawDb,
@@ -129,6 +133,7 @@ impl Store {
                         dbo.create_database(wtxn, Some("friends"))?,
                         dbo.create_database(wtxn, Some("blocks"))?,
                         dbo.create_database(wtxn, Some("auth"))?,
+                        dbo.create_database(wtxn, Some("logins"))?,
                     ],
                     [
                         dbo.create_database(wtxn, Some("requests"))?,
@@ -142,9 +147,9 @@ impl Store {
             .ok_or_else(|| Error::Corrupt("unknown layout version in meta".into()))?;
         let (
             usernames,
-            [accounts, profiles, friends, blocks, auth],
+            [accounts, profiles, friends, blocks, auth, logins],
             [requests, avatars, avatar_refs, meta],
-        ): (NameDb, [UserDb; 5], [RawDb; 4]) = dbs;
+        ): (NameDb, [UserDb; 6], [RawDb; 4]) = dbs;
         Ok(Store {
             env,
             accounts,
@@ -153,6 +158,7 @@ impl Store {
             friends,
             blocks,
             auth,
+            logins,
             requests,
             avatars,
             avatar_refs,

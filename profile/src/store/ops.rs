@@ -72,6 +72,12 @@ pub enum WriteOp {
         user: UserId,
         blocked: UserId,
     },
+    /// Record `login_ns` as the user's last login if it is greater than
+    /// the one recorded ([`Outcome::Stale`] otherwise).
+    ClaimLogin {
+        user: UserId,
+        login_ns: u64,
+    },
 }
 
 /// What a successful op returns.
@@ -80,6 +86,8 @@ pub enum Outcome {
     User(UserId),
     Version(u64),
     Done,
+    /// A login not newer than this one, the user's last (nothing written).
+    Stale(u64),
 }
 
 /// Users whose version an op changed: (user, new version).
@@ -147,7 +155,26 @@ impl Store {
             }
             WriteOp::Block { user, blocked } => self.block(txn, user, blocked, changes),
             WriteOp::Unblock { user, blocked } => self.unblock(txn, user, blocked, changes),
+            WriteOp::ClaimLogin { user, login_ns } => self.claim_login(txn, user, login_ns),
         }
+    }
+
+    /// The user's version does not change (nothing a cache holds did).
+    fn claim_login(&self, txn: &mut RwTxn, user: UserId, login_ns: u64) -> Result<Outcome> {
+        if self.accounts.get(txn, &user)?.is_none() {
+            return Err(Error::not_found_user(user));
+        }
+        let last = match self.logins.get(txn, &user)? {
+            Some(b) => u64::from_be_bytes(b.try_into().map_err(|_| {
+                Error::Corrupt(format!("last login of user {user} is not 8 bytes"))
+            })?),
+            None => 0,
+        };
+        if login_ns <= last {
+            return Ok(Outcome::Stale(last));
+        }
+        self.logins.put(txn, &user, &login_ns.to_be_bytes())?;
+        Ok(Outcome::Done)
     }
 
     fn create_user(&self, txn: &mut RwTxn, username: String, phc: String) -> Result<Outcome> {
