@@ -1,6 +1,6 @@
 //! The client SDK against a stub gateway: a tokio task on a real UDP
 //! socket around `ServerEndpoint` that speaks the application protocol
-//! (`proto::app`, version 2) for two users, with switches to misbehave.
+//! (`proto::app`, version 3) for two users, with switches to misbehave.
 //!
 //! Like the real gateway, the stub stores every message in the recipient's
 //! mailbox first (per-recipient seq), answers the sender `Sent{seq}`, then
@@ -145,6 +145,12 @@ struct StubState {
     blocked: BTreeSet<(u64, u64)>,
     /// Accepted logins by method: (user, by resume token).
     logins: Vec<(u64, bool)>,
+    /// Each user's last accepted `login_ns`, as the profile service keeps
+    /// it (stubs that share a state share this too, as gateways share
+    /// profile): a login not newer is answered `Stale`.
+    last_login_ns: HashMap<u64, u64>,
+    /// Logins answered `Stale`.
+    stale_logins: usize,
     mailboxes: BTreeMap<u64, StubMailbox>,
 }
 
@@ -367,6 +373,22 @@ impl StubGateway {
             self.endpoint.reject(pending, &encode(&answer)).unwrap();
             return;
         };
+        let last_ns = {
+            let mut state = self.state.lock().unwrap();
+            let last = state.last_login_ns.get(&user).copied().unwrap_or(0);
+            if login.login_ns > last {
+                state.last_login_ns.insert(user, login.login_ns);
+                None
+            } else {
+                state.stale_logins += 1;
+                Some(last)
+            }
+        };
+        if let Some(last_ns) = last_ns {
+            let answer = LoginAnswer::Stale { last_ns };
+            self.endpoint.reject(pending, &encode(&answer)).unwrap();
+            return;
+        }
         let mut resume_token = b"token:".to_vec();
         resume_token.extend_from_slice(&user.to_le_bytes());
         let mailbox = self.state.lock().unwrap().mailbox(user).clone();
@@ -612,6 +634,7 @@ fn config(stub: &Stub, credentials: Credentials) -> SdkConfig {
         },
         handshake_retry: Duration::from_millis(100),
         handshake_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
     };
     config.limits.reconnect_backoff_min_ms = 50;
     config.limits.reconnect_backoff_max_ms = 500;
@@ -1006,6 +1029,107 @@ async fn a_dead_gateway_fails_over_to_another_address() {
     })
     .await;
     assert_eq!(reconnected, alive.addr);
+}
+
+/// Two stubs with the same key and one shared state (mailboxes and each
+/// user's last login: a cluster's gateways share the shards and profile).
+async fn cluster() -> (Stub, Stub) {
+    let mut seed = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut seed);
+    let keys = StaticKeypair::generate(seed);
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let state: Arc<Mutex<StubState>> = Arc::default();
+    let one = Stub::start_with(any, keys.clone(), state.clone()).await;
+    let two = Stub::start_with(any, keys, state).await;
+    (one, two)
+}
+
+#[tokio::test]
+async fn racing_gateways_open_one_session_and_the_loser_is_stale() {
+    for _ in 0..5 {
+        let (one, two) = cluster().await;
+        let mut config = config(&one, password("alice"));
+        config.gateway = format!("{}, {}", one.addr, two.addr);
+        config.limits.gateway_stagger_ms = 0; // both handshakes at once
+        let (alice, mut events) = within("login", connect(config)).await.unwrap();
+        let outcome = within("send", alice.send(BOB, b"x".to_vec())).await;
+        assert_eq!(outcome, Ok(SendOutcome { seq: 1 }));
+        // The losing handshake, if it went out before the winner's answer
+        // came (it went out before that send), was answered Stale: its
+        // login_ns was claimed by the winner's.
+        assert_eq!(one.state().logins, vec![(ALICE, false)], "one session");
+        assert!(one.state().stale_logins <= 1);
+        let seen: Vec<ImEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        assert!(
+            !seen
+                .iter()
+                .any(|e| matches!(e, ImEvent::Kicked | ImEvent::SessionLost { .. })),
+            "the race kicked nobody: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dead_address_first_costs_no_handshake_timeout() {
+    let (live, other) = cluster().await;
+    let (dead, _keys) = other.kill().await;
+    let mut config = config(&live, password("alice"));
+    config.gateway = format!("{dead}, {}", live.addr);
+    // Were the dead address waited out, the login would take this long and
+    // `within` would fail the test first.
+    config.session.handshake_timeout = Duration::from_secs(600);
+    config.limits.gateway_stagger_ms = 100;
+    for _ in 0..5 {
+        let (alice, _events) = within("login past a dead address", connect(config.clone()))
+            .await
+            .unwrap();
+        assert_eq!(alice.gateway(), live.addr);
+        alice.close().await;
+    }
+    assert_eq!(live.state().logins.len(), 5);
+}
+
+#[tokio::test]
+async fn a_gateway_that_stopped_answering_is_tried_last() {
+    // Four rounds: were the silent address not remembered, each reconnect
+    // would try it first half the time.
+    for _ in 0..4 {
+        let (one, two) = cluster().await;
+        let mut config = config(&one, password("alice"));
+        config.gateway = format!("{}, {}", one.addr, two.addr);
+        config.limits.gateway_stagger_ms = 60_000; // one address at a time
+        let (alice, _events) = within("login", connect(config)).await.unwrap();
+        let (dead, alive) = if alice.gateway() == one.addr {
+            (one, two)
+        } else {
+            (two, one)
+        };
+        let (addr, _keys) = dead.kill().await;
+        // The address stays bound and answers nothing: its INITs are counted.
+        let silent = UdpSocket::bind(addr).await.unwrap();
+        let outcome = within("send after failover", alice.send(BOB, b"x".to_vec())).await;
+        assert_eq!(outcome, Ok(SendOutcome { seq: 1 }));
+        assert_eq!(alice.gateway(), alive.addr);
+        let mut buf = [0u8; 2048];
+        let mut inits = 0;
+        while let Ok((n, _)) = silent.try_recv_from(&mut buf) {
+            inits += usize::from(n > 0 && buf[0] == 1);
+        }
+        assert_eq!(inits, 0, "the reconnect tried the silent gateway first");
+        alice.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_login_behind_another_device_s_clock_retries_above_it() {
+    let stub = Stub::fresh().await;
+    let ahead_ns = client::login_clock::wall_ns() + 3_600 * 1_000_000_000;
+    stub.state().last_login_ns.insert(ALICE, ahead_ns);
+    let (alice, _events) = login(&stub, "alice").await;
+    assert_eq!(stub.state().stale_logins, 1, "refused once, then above it");
+    assert!(stub.state().last_login_ns[&ALICE] > ahead_ns);
+    let outcome = within("send", alice.send(BOB, b"x".to_vec())).await;
+    assert_eq!(outcome, Ok(SendOutcome { seq: 1 }));
 }
 
 /// Kill the stub under a connected client; start a new one on the same

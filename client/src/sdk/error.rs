@@ -14,6 +14,12 @@ pub enum ConnectError {
     /// The gateway answered and refused the login.
     #[error("login refused ({code:?}): {message}")]
     Refused { code: LoginError, message: String },
+    /// The login was refused as not newer than the user's last accepted
+    /// login (`last_ns`): another device's clock is ahead of this one's.
+    /// The SDK retries above it by itself; this reaches the application
+    /// only when that kept failing.
+    #[error("login refused as stale: the last accepted login is at {last_ns} ns")]
+    Stale { last_ns: u64 },
     /// No gateway address answered the handshake in time.
     #[error("no gateway answered the handshake ({tried} addresses tried)")]
     Unreachable { tried: usize },
@@ -36,7 +42,8 @@ impl ConnectError {
             ConnectError::Resolve { .. }
             | ConnectError::NoAddress(_)
             | ConnectError::Io(_)
-            | ConnectError::Unreachable { .. } => true,
+            | ConnectError::Unreachable { .. }
+            | ConnectError::Stale { .. } => true,
             ConnectError::BadAnswer(_) | ConnectError::LoginTooLarge(_) => false,
         }
     }

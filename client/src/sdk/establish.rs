@@ -1,21 +1,35 @@
-//! One login: resolve the gateway's name, try its addresses in random
-//! order (failing over to the next when a handshake times out), and run
-//! the handshake that carries the login. The first connect and every
+//! One login: resolve the gateways' names and race handshakes to their
+//! addresses in the style of happy eyeballs (RFC 8305): the first address
+//! at once, the next one `gateway_stagger_ms` later while none has
+//! answered (or at once when one fails), the first to accept wins and the
+//! others are dropped. Every handshake of one round carries the same
+//! `login_ns`, and the profile service accepts one `login_ns` once, so at
+//! most one gateway can accept a round: the race never opens two sessions
+//! that would kick each other. Addresses that failed are remembered for
+//! `dead_gateway_memory_ms` and tried last. The first connect and every
 //! reconnect go through here.
 
 use super::{ConnectError, Credentials, SdkConfig};
-use crate::{Client, DriverConfig, DriverError};
+use crate::{next_login_ns, Client, DriverConfig, DriverError};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use proto::{
-    app::APP_PROTOCOL_VERSION,
     app::{decode, encode, Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod},
     session::Event,
 };
 use rand::seq::SliceRandom;
-use std::net::SocketAddr;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 use tokio::sync::mpsc;
 
 /// Addresses of one gateway name tried per login at most.
 pub const GATEWAY_ADDRS_MAX: usize = 64;
+/// Rounds in a row refused as stale (another device's clock ahead) before
+/// a login gives up; each retries above the `last_ns` it was told.
+pub const STALE_ROUNDS_MAX: usize = 2;
 
 /// A live session with a gateway.
 pub(crate) struct Link {
@@ -67,29 +81,139 @@ impl Secrets {
     }
 }
 
-/// Log in at one of the gateway's addresses, in random order; an address
-/// that does not answer the handshake (or whose socket fails) passes the
-/// turn to the next.
+/// Gateway addresses whose handshake (or session) failed recently, each
+/// with the time until which it is tried last; shared by every login of
+/// one connection. At most [`GATEWAY_ADDRS_MAX`] are remembered.
+#[derive(Clone, Default)]
+pub(crate) struct Dialer {
+    dead: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+}
+
+impl Dialer {
+    fn dead(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+        self.dead.lock().expect("dialer mutex poisoned")
+    }
+
+    /// `addrs` in the order to try them: those not known to be dead first,
+    /// each group shuffled.
+    fn order(&self, mut addrs: Vec<SocketAddr>, now: Instant) -> Vec<SocketAddr> {
+        addrs.shuffle(&mut rand::thread_rng());
+        let mut dead = self.dead();
+        dead.retain(|_, until| *until > now);
+        addrs.sort_by_key(|a| dead.contains_key(a)); // stable: keeps the shuffle
+        addrs
+    }
+
+    /// Try `addr` last until `memory` has passed.
+    pub(crate) fn mark_dead(&self, addr: SocketAddr, now: Instant, memory: Duration) {
+        let mut dead = self.dead();
+        dead.retain(|_, until| *until > now);
+        if dead.len() >= GATEWAY_ADDRS_MAX && !dead.contains_key(&addr) {
+            let soonest = dead
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(a, _)| *a);
+            if let Some(a) = soonest {
+                dead.remove(&a);
+            }
+        }
+        dead.insert(addr, now + memory);
+    }
+
+    fn mark_alive(&self, addr: SocketAddr) {
+        self.dead().remove(&addr);
+    }
+
+    /// Whether `addr` is remembered as dead now (tests).
+    #[cfg(test)]
+    fn is_dead(&self, addr: SocketAddr, now: Instant) -> bool {
+        self.dead().get(&addr).is_some_and(|until| *until > now)
+    }
+}
+
+/// Log in at one of the gateways: token first, the password when the token
+/// is refused; a stale refusal (the user's last login carries a later
+/// `login_ns`, from another device's clock) is retried above it.
 pub(crate) async fn establish(
     config: &SdkConfig,
     secrets: &Secrets,
+    dialer: &Dialer,
 ) -> Result<Established, ConnectError> {
-    let mut addrs = resolve(&config.gateway).await?;
-    addrs.shuffle(&mut rand::thread_rng());
-    let mut last = ConnectError::Unreachable { tried: addrs.len() };
-    for &addr in &addrs {
-        match login_at(config, addr, secrets).await {
-            Err(ConnectError::Unreachable { .. }) => {
-                tracing::debug!(%addr, "gateway handshake timed out; trying the next address");
-            }
-            Err(e @ ConnectError::Io(_)) => {
-                tracing::debug!(%addr, error = %e, "socket failed; trying the next address");
-                last = e;
+    let addrs = dialer.order(resolve(&config.gateway).await?, Instant::now());
+    let methods = secrets.methods();
+    let (mut method, mut floor_ns, mut stale_rounds) = (0, 0, 0);
+    loop {
+        let login_ns = next_login_ns(floor_ns);
+        match race(config, &addrs, &methods[method], login_ns, dialer).await {
+            Err(ConnectError::Refused {
+                code: LoginError::BadToken,
+                ..
+            }) if method + 1 < methods.len() => method += 1,
+            Err(ConnectError::Stale { last_ns }) if stale_rounds < STALE_ROUNDS_MAX => {
+                tracing::info!(
+                    last_ns,
+                    login_ns,
+                    "login refused as stale; retrying above it"
+                );
+                floor_ns = last_ns;
+                stale_rounds += 1;
             }
             other => return other,
         }
     }
-    Err(last)
+}
+
+/// One round: handshakes carrying `method` and `login_ns` to `addrs`,
+/// staggered; the first acceptance, else the most telling failure.
+async fn race(
+    config: &SdkConfig,
+    addrs: &[SocketAddr],
+    method: &LoginMethod,
+    login_ns: u64,
+    dialer: &Dialer,
+) -> Result<Established, ConnectError> {
+    let login = encode(&Login::new(method.clone(), login_ns));
+    let stagger = Duration::from_millis(config.limits.gateway_stagger_ms);
+    let memory = Duration::from_millis(config.limits.dead_gateway_memory_ms);
+    let mut attempts = FuturesUnordered::new();
+    let mut next = 0;
+    let mut next_start = Instant::now();
+    let mut failure = ConnectError::Unreachable { tried: addrs.len() };
+    loop {
+        if next < addrs.len() && Instant::now() >= next_start {
+            let addr = addrs[next];
+            let login = login.clone();
+            attempts.push(async move { (addr, handshake(config, addr, login).await) });
+            next += 1;
+            next_start = Instant::now() + stagger;
+        }
+        if attempts.is_empty() {
+            return Err(failure);
+        }
+        let more = next < addrs.len();
+        tokio::select! {
+            Some((addr, result)) = attempts.next() => match result {
+                Ok(established) => {
+                    dialer.mark_alive(addr);
+                    return Ok(established); // the other attempts are dropped
+                }
+                Err(e @ (ConnectError::Unreachable { .. } | ConnectError::Io(_))) => {
+                    tracing::debug!(%addr, error = %e, "gateway did not answer; trying the next");
+                    dialer.mark_dead(addr, Instant::now(), memory);
+                    next_start = Instant::now();
+                }
+                // Another attempt of this round claimed the login: its
+                // answer is on its way (or its gateway died after the claim,
+                // and the round ends unreachable).
+                Err(ConnectError::Stale { last_ns }) if last_ns == login_ns => {}
+                Err(e) if e.is_transient() || matches!(e, ConnectError::Stale { .. }) => {
+                    failure = e;
+                }
+                Err(refused) => return Err(refused),
+            },
+            () = tokio::time::sleep_until(next_start.into()), if more => {}
+        }
+    }
 }
 
 /// Every address of every comma-separated `host:port` in `gateway`, each
@@ -115,36 +239,11 @@ async fn resolve(gateway: &str) -> Result<Vec<SocketAddr>, ConnectError> {
     Ok(addrs)
 }
 
-/// Try each login method in turn; a refused token falls back to the
-/// password.
-async fn login_at(
-    config: &SdkConfig,
-    addr: SocketAddr,
-    secrets: &Secrets,
-) -> Result<Established, ConnectError> {
-    let methods = secrets.methods();
-    let last = methods.len().saturating_sub(1);
-    for (i, method) in methods.into_iter().enumerate() {
-        match handshake(config, addr, method).await {
-            Err(ConnectError::Refused {
-                code: LoginError::BadToken,
-                ..
-            }) if i < last => {}
-            other => return other,
-        }
-    }
-    unreachable!("credentials always hold a token or a password")
-}
-
 async fn handshake(
     config: &SdkConfig,
     addr: SocketAddr,
-    method: LoginMethod,
+    login: Vec<u8>,
 ) -> Result<Established, ConnectError> {
-    let login = encode(&Login {
-        version: APP_PROTOCOL_VERSION,
-        method,
-    });
     let mut driver = DriverConfig::new(addr, config.gateway_public, login);
     driver.session = config.session.clone();
     driver.events_max = config.limits.session_events_max;
@@ -182,6 +281,7 @@ async fn handshake(
             Ok(LoginAnswer::Refused { code, message }) => {
                 Err(ConnectError::Refused { code, message })
             }
+            Ok(LoginAnswer::Stale { last_ns }) => Err(ConnectError::Stale { last_ns }),
             other => Err(ConnectError::BadAnswer(format!(
                 "rejected handshake without a refusal: {other:?}"
             ))),
@@ -190,5 +290,46 @@ async fn handshake(
         Some(other) => Err(ConnectError::BadAnswer(format!(
             "unexpected first session event {other:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn dead_addresses_go_last_until_their_memory_passes() {
+        let dialer = Dialer::default();
+        let now = Instant::now();
+        let memory = Duration::from_secs(30);
+        dialer.mark_dead(addr(1), now, memory);
+        for _ in 0..20 {
+            let order = dialer.order(vec![addr(1), addr(2), addr(3)], now);
+            assert_eq!(order[2], addr(1), "{order:?}");
+        }
+        assert!(dialer.is_dead(addr(1), now + memory - Duration::from_millis(1)));
+        assert!(!dialer.is_dead(addr(1), now + memory));
+        dialer.mark_alive(addr(1));
+        assert!(!dialer.is_dead(addr(1), now));
+    }
+
+    #[test]
+    fn the_dead_list_is_bounded() {
+        let dialer = Dialer::default();
+        let now = Instant::now();
+        for port in 0..(GATEWAY_ADDRS_MAX as u16 + 10) {
+            let memory = Duration::from_secs(100 + u64::from(port));
+            dialer.mark_dead(addr(port), now, memory);
+        }
+        assert_eq!(dialer.dead().len(), GATEWAY_ADDRS_MAX);
+        assert!(
+            !dialer.is_dead(addr(0), now),
+            "the soonest to expire went first"
+        );
+        assert!(dialer.is_dead(addr(GATEWAY_ADDRS_MAX as u16 + 9), now));
     }
 }

@@ -110,6 +110,13 @@ pub struct SdkLimits {
     /// Failed reconnect attempts in a row before the connection ends with
     /// `LostReason::GaveUp`.
     pub reconnect_attempts_max: u32,
+    /// A login tries the gateways' addresses in turn, starting the next one
+    /// this long after the previous one while none has answered (at once
+    /// when one fails); the first to accept wins (happy eyeballs).
+    pub gateway_stagger_ms: u64,
+    /// An address whose handshake failed, or whose session stopped
+    /// answering, is tried last for this long.
+    pub dead_gateway_memory_ms: u64,
 }
 
 impl Default for SdkLimits {
@@ -127,6 +134,8 @@ impl Default for SdkLimits {
             reconnect_backoff_min_ms: 200,
             reconnect_backoff_max_ms: 10_000,
             reconnect_attempts_max: 30,
+            gateway_stagger_ms: 250,
+            dead_gateway_memory_ms: 30_000,
         }
     }
 }
@@ -134,8 +143,9 @@ impl Default for SdkLimits {
 #[derive(Debug, Clone)]
 pub struct SdkConfig {
     /// `host:port`, or several separated by commas. Every address the
-    /// names resolve to is a gateway: one is picked at random for each
-    /// login, and the others are tried when its handshake times out.
+    /// names resolve to is a gateway; a login races them (in random order,
+    /// those that failed lately last, the next one `gateway_stagger_ms`
+    /// after the previous) and keeps the first that accepts.
     pub gateway: String,
     /// The gateways' static public key (Noise_NK).
     pub gateway_public: [u8; 32],

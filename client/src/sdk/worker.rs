@@ -3,7 +3,7 @@
 //! and acknowledge); reconnects when the session is lost.
 
 use super::{
-    establish::{establish, Established, Link, Secrets},
+    establish::{establish, Dialer, Established, Link, Secrets},
     lock,
     outbox::{Entry, Outbox, SendReply},
     ConnectError, ImEvent, LostReason, Page, SdkConfig, SdkError, Shared, SharedState,
@@ -12,7 +12,7 @@ use netio::sleep_until;
 use proto::{
     app::{decode, encode, Call, ClientMessage, GatewayMessage, Reply},
     inbox::{Inbox, InboxConfig, InboxRequest},
-    session::{Event, SendError},
+    session::{CloseReason, Event, SendError},
 };
 use rand::Rng;
 use std::{
@@ -87,6 +87,8 @@ enum Step {
 struct Worker {
     config: Arc<SdkConfig>,
     secrets: Secrets,
+    /// Which gateway addresses failed lately (tried last on reconnects).
+    dialer: Dialer,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<ImEvent>,
     shared: Shared,
@@ -120,7 +122,8 @@ pub(crate) async fn start(
     events: mpsc::Sender<ImEvent>,
 ) -> Result<Shared, ConnectError> {
     let mut secrets = Secrets::new(&config.credentials);
-    let Established { link, accepted } = establish(&config, &secrets).await?;
+    let dialer = Dialer::default();
+    let Established { link, accepted } = establish(&config, &secrets, &dialer).await?;
     secrets.token = Some(accepted.resume_token.clone());
     let shared = Arc::new(Mutex::new(SharedState {
         accepted,
@@ -147,6 +150,7 @@ pub(crate) async fn start(
             .then(|| Duration::from_millis(limits.send_timeout_ms)),
         config: Arc::new(config),
         secrets,
+        dialer,
         commands,
         events,
         shared: shared.clone(),
@@ -446,6 +450,14 @@ impl Worker {
             },
             Event::Closed(reason) => {
                 tracing::info!(?reason, "gateway session lost");
+                if matches!(reason, CloseReason::TimedOut | CloseReason::Expired) {
+                    // The gateway stopped answering: log in elsewhere first.
+                    if let LinkState::Up(link) = &self.link {
+                        let memory =
+                            Duration::from_millis(self.config.limits.dead_gateway_memory_ms);
+                        self.dialer.mark_dead(link.addr, Instant::now(), memory);
+                    }
+                }
                 self.session_lost();
             }
             // Acks make room (`pump` runs next); given-up messages are
@@ -659,7 +671,11 @@ impl Worker {
             self.stop_now();
             return;
         }
-        let attempt = reconnect(self.config.clone(), self.secrets.clone());
+        let attempt = reconnect(
+            self.config.clone(),
+            self.secrets.clone(),
+            self.dialer.clone(),
+        );
         self.link = LinkState::Reconnecting(Box::pin(attempt));
     }
 
@@ -752,7 +768,11 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Log in again with backoff until it works, is refused for good, or
 /// `reconnect_attempts_max` attempts have failed.
-async fn reconnect(config: Arc<SdkConfig>, secrets: Secrets) -> Result<Established, LostReason> {
+async fn reconnect(
+    config: Arc<SdkConfig>,
+    secrets: Secrets,
+    dialer: Dialer,
+) -> Result<Established, LostReason> {
     let limits = &config.limits;
     let backoff_max_ms = limits.reconnect_backoff_max_ms.max(1);
     let mut backoff_ms = limits.reconnect_backoff_min_ms.clamp(1, backoff_max_ms);
@@ -761,7 +781,7 @@ async fn reconnect(config: Arc<SdkConfig>, secrets: Secrets) -> Result<Establish
         let delay_ms = rand::thread_rng().gen_range(backoff_ms / 2..=backoff_ms);
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         attempts += 1;
-        match establish(&config, &secrets).await {
+        match establish(&config, &secrets, &dialer).await {
             Ok(established) => return Ok(established),
             Err(e) if !e.is_transient() => return Err(LostReason::Refused(e)),
             Err(last) if attempts >= limits.reconnect_attempts_max => {
