@@ -5,6 +5,8 @@
 //! * [`run_main`]: the body of every daemon's `main`.
 //! * [`init_tracing`]: structured logs to stderr, filtered by `RUST_LOG`.
 //! * [`install_metrics`]: the Prometheus `/metrics` HTTP listener.
+//! * [`accept`]: the accept step of every listener ([`Acceptor`]): backs
+//!   off instead of spinning when descriptors run out.
 //! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
 //! * [`run_until_signal`] and [`Service`]: the main loop of every daemon.
 //! * [`DirLock`]: one process per data directory.
@@ -15,14 +17,17 @@
 //! The shutdown pattern itself (stop accepting, drain, flush, exit 0) lives
 //! in each daemon's `serve` function, which selects on [`Signals::wait`].
 
+pub mod accept;
 pub mod config;
 pub mod files;
 pub mod link;
 mod lock;
+mod metrics_http;
 mod service;
 mod signals;
 pub mod testing;
 
+pub use accept::{Acceptor, LogLimiter};
 pub use lock::{DirLock, LockError, LOCK_WAIT_MS};
 pub use service::{run_until_signal, Service};
 pub use signals::Signals;
@@ -62,27 +67,28 @@ impl MetricsError {
 /// `http://ADDR/metrics`; the address it listens on (port 0 in `addr`: one
 /// the kernel chose). Must be called inside a tokio runtime.
 ///
-/// The exporter binds the address itself and reports a failure only as
-/// text, so the address is bound here first, and closed again, to learn a
-/// failure's kind and the port to hand the exporter. Another process could
-/// take the port in between; the exporter then fails without a kind.
+/// The endpoint is served by our own small HTTP server on an [`Acceptor`]
+/// (see `metrics_http`; accept errors are counted in
+/// `metrics_http_accept_errors_total`).
 pub fn install_metrics(addr: SocketAddr) -> Result<SocketAddr, MetricsError> {
     let listen_failed = |e: std::io::Error| MetricsError {
         addr,
         listen_error: Some(e.kind()),
         message: e.to_string(),
     };
-    let bound = std::net::TcpListener::bind(addr)
-        .and_then(|probe| probe.local_addr())
-        .map_err(listen_failed)?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(bound)
-        .install()
+    let listener = std::net::TcpListener::bind(addr).map_err(listen_failed)?;
+    let bound = listener.local_addr().map_err(listen_failed)?;
+    listener.set_nonblocking(true).map_err(listen_failed)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_failed)?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
         .map_err(|e| MetricsError {
             addr,
             listen_error: None,
             message: e.to_string(),
         })?;
+    let acceptor = Acceptor::new(listener, "metrics_http");
+    tokio::spawn(metrics_http::serve(acceptor, handle));
     tracing::info!(addr = %bound, "metrics exporter listening");
     Ok(bound)
 }

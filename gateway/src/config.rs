@@ -62,6 +62,10 @@ pub struct Limits {
     /// than `cookie_inits_per_s_max` mac1-valid initiations this second).
     pub cookie_mode: CookieModeSetting,
     pub cookie_inits_per_s_max: u32,
+    /// Connections to the peer port (other gateways' links, `imctl
+    /// rebalance`) open at once at most; further ones are accepted and
+    /// closed at once, and counted.
+    pub peer_connections_max: usize,
 }
 
 /// `limits.cookie_mode`.
@@ -99,6 +103,9 @@ pub struct Timers {
     /// A call to a service behind the gateway (a shard, profile, presence)
     /// is given up after this long and counts as failed (`Unavailable`).
     pub service_timeout_ms: u64,
+    /// A link on the peer port that brings no complete frame for this long
+    /// is closed (the other gateway opens a new one on its next forward).
+    pub peer_idle_timeout_s: u32,
 }
 
 impl Default for GatewayConfig {
@@ -131,6 +138,7 @@ impl Default for Limits {
             allow_strangers: false,
             cookie_mode: CookieModeSetting::UnderLoad,
             cookie_inits_per_s_max: 2000,
+            peer_connections_max: 256,
         }
     }
 }
@@ -146,6 +154,7 @@ impl Default for Timers {
             send_answer_ms_max: 5000,
             retry_hold_ms: 30_000,
             service_timeout_ms: 10_000,
+            peer_idle_timeout_s: 300,
         }
     }
 }
@@ -223,6 +232,10 @@ impl GatewayConfig {
                 l.cookie_inits_per_s_max >= 1,
                 "limits.cookie_inits_per_s_max must be at least 1",
             ),
+            (
+                (1..=65_536).contains(&l.peer_connections_max),
+                "limits.peer_connections_max must be 1 to 65536",
+            ),
             (t.heartbeat_s >= 1, "timers.heartbeat_s must be at least 1"),
             (
                 t.idle_timeout_s > t.heartbeat_s,
@@ -251,6 +264,10 @@ impl GatewayConfig {
             (
                 (100..=600_000).contains(&t.service_timeout_ms),
                 "timers.service_timeout_ms must be 100 to 600000",
+            ),
+            (
+                (1..=86_400).contains(&t.peer_idle_timeout_s),
+                "timers.peer_idle_timeout_s must be 1 to 86400",
             ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
@@ -292,6 +309,12 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = GatewayConfig::default();
         c.timers.retry_hold_ms = c.timers.send_answer_ms_max - 1;
+        assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.limits.peer_connections_max = 0;
+        assert!(c.validate().is_err());
+        let mut c = GatewayConfig::default();
+        c.timers.peer_idle_timeout_s = 0;
         assert!(c.validate().is_err());
         assert!(daemon::config::parse_toml::<GatewayConfig>("bogus = 1").is_err());
         let c: GatewayConfig =

@@ -4,6 +4,22 @@
 //! (`imctl rebalance`, see [`crate::map_push`]). One pipelined TCP
 //! connection per peer, opened on first use; a broken link fails its
 //! forwards (the recipient finds the message by seq).
+//!
+//! Limits of the peer port (what happens at each):
+//! * `limits.peer_connections_max` links open at once: a further connection
+//!   is accepted and closed at once, so the backlog never fills
+//!   (`gateway_peer_connections_refused_total`, warned at most once per
+//!   10 s); `gateway_peer_connections` is the number open;
+//! * `timers.peer_idle_timeout_s` without a complete frame: the link is
+//!   closed (`gateway_peer_idle_closed_total`); a forward racing the close
+//!   fails like on any broken link;
+//! * a frame body over [`PEER_FRAME_BYTES_MAX`] or bytes that are not a
+//!   request: the link is closed (`gateway_bad_peer_frames_total`), so a
+//!   link buffers at most one frame and one read;
+//! * [`PEER_IN_FLIGHT_MAX`] requests of one link unanswered: the link is
+//!   not read until answers are written;
+//! * accept errors back off instead of spinning ([`daemon::Acceptor`],
+//!   `gateway_peer_accept_errors_total{kind}`).
 
 use crate::{driver::Cmd, services::Services};
 use bytes::BytesMut;
@@ -12,11 +28,12 @@ use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     peer::{Forward, PeerOutcome, PeerRequest, PeerRequestBody, PeerResponse, PeerResponseBody},
 };
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{tcp::OwnedWriteHalf, TcpListener, TcpStream},
-    sync::{mpsc, oneshot, Mutex},
+    sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore},
+    time::Instant,
 };
 
 /// Forwards waiting for an answer on one link at most; beyond it `forward`
@@ -120,61 +137,153 @@ async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Wait
 }
 
 /// Accept links from other gateways (and tools); every forward goes to the
-/// event loop, every map push to the map keeper.
+/// event loop, every map push to the map keeper. Runs until aborted (the
+/// gateway's shutdown); the links end with the process.
 pub async fn serve(
     listener: TcpListener,
     cmds: mpsc::UnboundedSender<Cmd>,
     services: Arc<Services>,
 ) {
+    describe_metrics();
+    let max = services.config.limits.peer_connections_max;
+    let idle = Duration::from_secs(services.config.timers.peer_idle_timeout_s.into());
+    let slots = Arc::new(Semaphore::new(max));
+    let mut refusals = daemon::LogLimiter::new(daemon::accept::WARN_INTERVAL);
+    let mut acceptor = daemon::Acceptor::new(listener, "gateway_peer");
     loop {
-        let Ok((stream, from)) = listener.accept().await else {
+        let (stream, from) = acceptor.accept().await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("gateway_peer_connections_refused_total").increment(1);
+            if let Some(held_back) = refusals.check() {
+                tracing::warn!(%from, max, held_back, "peer connection limit reached; closing");
+            }
+            drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         tracing::debug!(%from, "peer gateway connected");
-        tokio::spawn(serve_link(stream, cmds.clone(), services.clone()));
+        let open = OpenLink::new(slot);
+        let (cmds, services) = (cmds.clone(), services.clone());
+        tokio::spawn(async move {
+            serve_link(stream, cmds, services, idle).await;
+            drop(open);
+            tracing::debug!(%from, "peer link closed");
+        });
     }
 }
 
-async fn serve_link(stream: TcpStream, cmds: mpsc::UnboundedSender<Cmd>, services: Arc<Services>) {
+/// One link counted in `gateway_peer_connections`, holding its slot.
+struct OpenLink(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl OpenLink {
+    fn new(slot: OwnedSemaphorePermit) -> OpenLink {
+        metrics::gauge!("gateway_peer_connections").increment(1.0);
+        OpenLink(slot)
+    }
+}
+
+impl Drop for OpenLink {
+    fn drop(&mut self) {
+        metrics::gauge!("gateway_peer_connections").decrement(1.0);
+    }
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("gateway_peer_connections", "Open links on the peer port");
+    describe_counter!(
+        "gateway_peer_connections_refused_total",
+        "Peer-port connections closed at once because limits.peer_connections_max links were open"
+    );
+    describe_counter!(
+        "gateway_peer_idle_closed_total",
+        "Peer-port links closed after timers.peer_idle_timeout_s without a complete frame"
+    );
+    describe_counter!(
+        "gateway_bad_peer_frames_total",
+        "Peer-port links closed for an oversized or malformed frame"
+    );
+}
+
+/// What reading a link brought.
+#[derive(Debug)]
+enum LinkRead {
+    Request(PeerRequest),
+    /// The other side closed the link, or it failed.
+    Closed,
+    /// No complete frame before the idle deadline.
+    Idle,
+    Bad(frame::FrameError),
+}
+
+/// The next request in `buf`, reading `rd` as needed until `deadline`.
+async fn next_request(
+    rd: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> LinkRead {
+    loop {
+        match frame::decode::<PeerRequest>(buf, PEER_FRAME_BYTES_MAX) {
+            Ok(Decoded::Frame(request)) => return LinkRead::Request(request),
+            Ok(Decoded::Incomplete) => {
+                match tokio::time::timeout_at(deadline, rd.read_buf(buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => return LinkRead::Closed,
+                    Err(_) => return LinkRead::Idle,
+                }
+            }
+            Err(e) => return LinkRead::Bad(e),
+        }
+    }
+}
+
+async fn serve_link(
+    stream: TcpStream,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    services: Arc<Services>,
+    idle: Duration,
+) {
     let (mut rd, wr) = stream.into_split();
     let wr = Arc::new(Mutex::new(wr));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(PEER_IN_FLIGHT_MAX));
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut deadline = Instant::now() + idle;
     loop {
-        match frame::decode::<PeerRequest>(&mut buf, PEER_FRAME_BYTES_MAX) {
-            Ok(Decoded::Frame(request)) => {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    return;
-                };
-                let answer = match request.body {
-                    PeerRequestBody::Forward(forward) => {
-                        let (tx, rx) = oneshot::channel();
-                        if cmds.send(Cmd::PeerForward { forward, reply: tx }).is_err() {
-                            return;
-                        }
-                        Answer::Forward(rx)
-                    }
-                    PeerRequestBody::MapUpdate(map) => Answer::Map(map),
-                };
-                tokio::spawn(answer_one(
-                    request.id,
-                    answer,
-                    services.clone(),
-                    wr.clone(),
-                    permit,
-                ));
+        let request = match next_request(&mut rd, &mut buf, deadline).await {
+            LinkRead::Request(request) => request,
+            LinkRead::Closed => return,
+            LinkRead::Idle => {
+                metrics::counter!("gateway_peer_idle_closed_total").increment(1);
+                tracing::debug!(?idle, "peer link idle; closing it");
+                return;
             }
-            Ok(Decoded::Incomplete) => match rd.read_buf(&mut buf).await {
-                Ok(n) if n > 0 => {}
-                _ => return,
-            },
-            Err(e) => {
+            LinkRead::Bad(e) => {
                 metrics::counter!("gateway_bad_peer_frames_total").increment(1);
                 tracing::warn!(error = %e, "bad frame from a peer gateway; closing the link");
                 return;
             }
-        }
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        deadline = Instant::now() + idle;
+        let answer = match request.body {
+            PeerRequestBody::Forward(forward) => {
+                let (tx, rx) = oneshot::channel();
+                if cmds.send(Cmd::PeerForward { forward, reply: tx }).is_err() {
+                    return;
+                }
+                Answer::Forward(rx)
+            }
+            PeerRequestBody::MapUpdate(map) => Answer::Map(map),
+        };
+        tokio::spawn(answer_one(
+            request.id,
+            answer,
+            services.clone(),
+            wr.clone(),
+            permit,
+        ));
     }
 }
 
@@ -203,5 +312,83 @@ async fn answer_one(
     let mut out = Vec::new();
     if frame::encode(&PeerResponse { id, body }, PEER_FRAME_BYTES_MAX, &mut out).is_ok() {
         let _ = wr.lock().await.write_all(&out).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_frame(id: u64) -> Vec<u8> {
+        let forward = Forward {
+            to: 7,
+            from: 8,
+            msg_id: 9,
+            sent_at_ms: 10,
+            body: b"hi".to_vec(),
+            seq: 11,
+        };
+        let mut out = Vec::new();
+        let request = PeerRequest {
+            id,
+            body: PeerRequestBody::Forward(forward),
+        };
+        frame::encode(&request, PEER_FRAME_BYTES_MAX, &mut out).unwrap();
+        out
+    }
+
+    /// Paused time: the idle deadline passes as soon as nothing else can
+    /// happen, so these tests wait for no clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_link_without_a_complete_frame_until_its_deadline_is_idle() {
+        let (mut near, mut far) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::new();
+        let idle = Duration::from_secs(300);
+
+        near.write_all(&request_frame(1)).await.unwrap();
+        let read = next_request(&mut far, &mut buf, Instant::now() + idle).await;
+        assert!(
+            matches!(read, LinkRead::Request(ref r) if r.id == 1),
+            "{read:?}"
+        );
+
+        // Silence.
+        let read = next_request(&mut far, &mut buf, Instant::now() + idle).await;
+        assert!(matches!(read, LinkRead::Idle), "{read:?}");
+
+        // Half a frame, then silence: still idle.
+        let frame = request_frame(2);
+        near.write_all(&frame[..frame.len() / 2]).await.unwrap();
+        let read = next_request(&mut far, &mut buf, Instant::now() + idle).await;
+        assert!(matches!(read, LinkRead::Idle), "{read:?}");
+
+        // The rest before the deadline: the frame.
+        let deadline = Instant::now() + idle;
+        let rest = frame[frame.len() / 2..].to_vec();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(299)).await;
+            near.write_all(&rest).await.unwrap();
+            near
+        });
+        let read = next_request(&mut far, &mut buf, deadline).await;
+        assert!(
+            matches!(read, LinkRead::Request(ref r) if r.id == 2),
+            "{read:?}"
+        );
+
+        drop(writer.await.unwrap());
+        let read = next_request(&mut far, &mut buf, Instant::now() + idle).await;
+        assert!(matches!(read, LinkRead::Closed), "{read:?}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_without_buffering_it() {
+        let (mut near, mut far) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::new();
+        let len = (PEER_FRAME_BYTES_MAX as u32 + 1).to_le_bytes();
+        near.write_all(&len).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let read = next_request(&mut far, &mut buf, deadline).await;
+        assert!(matches!(read, LinkRead::Bad(_)), "{read:?}");
     }
 }

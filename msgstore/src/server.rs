@@ -172,17 +172,15 @@ pub(crate) async fn run(
     let core = Rc::new(Core::new(engine, config, log));
     let committer = tokio::task::spawn_local(commit_loop(core.clone()));
     let completions = tokio::task::spawn_local(completion_loop(core.clone(), done));
+    let mut acceptor = daemon::Acceptor::new(listener, "msgstore");
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => admit(&core, stream, peer),
-                Err(e) => accept_failed(e).await,
-            },
+            (stream, peer) = acceptor.accept() => admit(&core, stream, peer),
             _ = wait_for_shutdown(&mut shutdown) => break,
             _ = core.fatal_notify.notified() => break,
         }
     }
-    drop(listener);
+    drop(acceptor);
     tracing::info!(
         connections = core.connections.get(),
         "shutting down: draining connections"
@@ -762,10 +760,6 @@ fn describe_metrics() {
 async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
     // An error means the sender is gone: treat it as a shutdown request.
     let _ = shutdown.wait_for(|stop| *stop).await;
-}
-async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 /// Put a staged answer into its outbox: as it is, or (its batch failed)
 /// as the error.

@@ -147,19 +147,14 @@ pub(crate) async fn run(
     });
     let expirer = tokio::task::spawn_local(expire_loop(core.clone()));
     let gauges = tokio::task::spawn_local(gauge_loop(core.clone()));
+    let mut acceptor = daemon::Acceptor::new(listener, "presence");
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => admit(&core, stream, peer),
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            (stream, peer) = acceptor.accept() => admit(&core, stream, peer),
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
     }
-    drop(listener);
+    drop(acceptor);
     core.stopping.set(true);
     core.stop_reading.notify_waiters();
     let drain = Duration::from_millis(core.config.shutdown_drain_ms);

@@ -83,20 +83,15 @@ pub async fn run(
     });
     let mut stop = shutdown;
     let mut tasks = tokio::task::JoinSet::new();
+    let mut acceptor = daemon::Acceptor::new(listener, "profile");
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => admit(&shared, &mut tasks, stream, peer),
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            (stream, peer) = acceptor.accept() => admit(&shared, &mut tasks, stream, peer),
             _ = stopped(&mut stop) => break,
         }
         while tasks.try_join_next().is_some() {}
     }
-    drop(listener);
+    drop(acceptor);
     let drain = Duration::from_millis(shared.config.shutdown_drain_ms);
     if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
         .await
