@@ -5,8 +5,8 @@
 //! jittered backoff (`handshake_retry` × 1.5 per retry up to
 //! `handshake_retry_max`, each wait ±20%) until the response arrives, so
 //! the gateway answers a retransmission with its remembered response
-//! instead of a second login. A cookie reply makes the client add mac2,
-//! send at once and start the schedule over. A response that fails to
+//! instead of a second login. A new cookie makes the client add mac2,
+//! send the INIT twice at once and start the schedule over. A response that fails to
 //! decrypt (forged) restarts the handshake with a fresh ephemeral key on
 //! the next retry.
 //!
@@ -61,7 +61,8 @@ pub struct ClientSession {
     rng: ChaCha20Rng,
     started: Instant,
     state: State,
-    send_init: bool,
+    /// Copies of the initiation to send now (1; 2 after a new cookie).
+    send_init: u8,
     /// The RESET token from the accepted RESPONSE (zeros: the gateway
     /// sends no RESETs, and none is accepted).
     reset_token: [u8; RESET_TOKEN_BYTES],
@@ -73,6 +74,8 @@ pub struct ClientSession {
 const RETRY_GROWTH: (u32, u32) = (3, 2);
 /// ... and jittered by up to this many percent either way.
 const RETRY_JITTER_PERCENT: u64 = 20;
+/// Copies of the first initiation sent with a new cookie (back to back).
+const COOKIE_INIT_COPIES: u8 = 2;
 
 /// `base` ± RETRY_JITTER_PERCENT, uniformly, from the session's RNG.
 fn jittered(base: Duration, rng: &mut ChaCha20Rng) -> Duration {
@@ -108,7 +111,7 @@ impl ClientSession {
             rng,
             started: now,
             state: State::Handshaking(handshake),
-            send_init: true,
+            send_init: 1,
             reset_token: [0; RESET_TOKEN_BYTES],
             events: VecDeque::new(),
             stats: EndpointStats::default(),
@@ -247,16 +250,21 @@ impl ClientSession {
         if client_index != h.client_index {
             return Err(DropReason::UnknownSession);
         }
-        if h.cookie != Some(cookie) {
-            // A new cookie: the path works and the answer to the INIT sent
-            // now is due in a round trip, so the schedule starts over.
-            h.retry_delay = self.config.handshake_retry;
-            h.next_retry = now + jittered(h.retry_delay, &mut self.rng);
+        if h.cookie == Some(cookie) {
+            // The same cookie again (the gateway sends each twice, and
+            // answers every INIT sent before the first arrived): nothing new.
+            return Ok(());
         }
         h.cookie = Some(cookie);
         let mac2 = crypto::mac(&cookie, &h.init[..INIT_MAC2_AT]);
         h.init[INIT_MAC2_AT..].copy_from_slice(&mac2);
-        self.send_init = true;
+        // A new cookie made the handshake two round trips: the first INIT
+        // with it goes out twice at once, so that one loss does not cost a
+        // retry, and the schedule starts over (the path works; the answer
+        // is due in a round trip).
+        self.send_init = COOKIE_INIT_COPIES;
+        h.retry_delay = self.config.handshake_retry;
+        h.next_retry = now + jittered(h.retry_delay, &mut self.rng);
         Ok(())
     }
 
@@ -280,8 +288,8 @@ impl ClientSession {
 
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         match &mut self.state {
-            State::Handshaking(h) if self.send_init => {
-                self.send_init = false;
+            State::Handshaking(h) if self.send_init > 0 => {
+                self.send_init -= 1;
                 if h.broken {
                     let cookie = h.cookie;
                     *h = build_handshake(
@@ -332,7 +340,7 @@ impl ClientSession {
                 let (num, den) = RETRY_GROWTH;
                 h.retry_delay = (h.retry_delay * num / den).min(self.config.handshake_retry_max);
                 h.next_retry = now + jittered(h.retry_delay, &mut self.rng);
-                self.send_init = true;
+                self.send_init = 1;
             }
             State::Established(core) => {
                 core.handle_timeout(now, &self.config.session, &mut self.events)

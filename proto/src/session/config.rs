@@ -56,8 +56,9 @@ pub struct SessionConfig {
     /// (nothing authentic received in between) and nothing authentic has
     /// arrived for `unresponsive_after` since this side began waiting for
     /// an answer, the session closes with `CloseReason::TimedOut`. While it
-    /// waits, this side sends a PING probe every
-    /// `clamp(rto, unresponsive_after / 16, unresponsive_after / 8)`.
+    /// waits, this side sends PING probes: the first
+    /// `clamp(rto, unresponsive_after / 16, unresponsive_after / 8)` after
+    /// its last ack-eliciting datagram, then every `unresponsive_after / 16`.
     pub unresponsive_timeouts: u8,
     /// See `unresponsive_timeouts`.
     pub unresponsive_after: Duration,

@@ -4,8 +4,9 @@
 //!
 //! The unresponsive-peer rule (`SessionConfig::unresponsive_timeouts`, the
 //! client's): while an ack-eliciting datagram is unanswered (nothing
-//! authentic received since it went out), PING probes go out every
-//! `clamp(rto, after / 16, after / 8)`; once `unresponsive_timeouts`
+//! authentic received since it went out), PING probes go out, the first
+//! `clamp(rto, after / 16, after / 8)` after the last ack-eliciting
+//! datagram, the next ones every `after / 16`; once `unresponsive_timeouts`
 //! retransmission or probe timeouts have fired in a row and
 //! `unresponsive_after` has passed since the wait began, the session closes
 //! (`CloseReason::TimedOut`, CLOSE reason 1).
@@ -377,10 +378,16 @@ impl Core {
         Some(t)
     }
 
-    /// The wait between two PING probes of the unresponsive-peer rule.
+    /// The wait before the next PING probe of the unresponsive-peer rule:
+    /// `clamp(rto, after / 16, after / 8)` while no timeout has fired since
+    /// the last receipt, then `after / 16`, so that a false verdict needs
+    /// about 15 lost round trips in a row whatever the RTT estimate says.
     fn probe_interval(&self, config: &SessionConfig) -> Duration {
         let after = config.unresponsive_after;
         let floor = (after / 16).max(super::config::GRANULARITY);
+        if self.timeouts_in_row > 0 {
+            return floor;
+        }
         self.rtt.rto(0).clamp(floor, (after / 8).max(floor))
     }
 

@@ -46,6 +46,11 @@ impl PendingId {
 /// own transmits, at most; beyond it they are dropped and counted.
 pub const RAW_OUT_MAX: usize = 1024;
 
+/// COOKIE datagrams sent in answer to one initiation (back to back): the
+/// cookie makes a handshake two round trips, so one loss should not cost a
+/// retry; 2 × 21 bytes is still far less than the 1,200 that caused them.
+pub const COOKIE_COPIES: usize = 2;
+
 /// How often the per-source handshake limiters forget the addresses whose
 /// bucket is full again (only while they remember any).
 pub const HANDSHAKE_LIMIT_HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -387,8 +392,11 @@ impl ServerEndpoint {
                 return Err(DropReason::Limited);
             }
             let cookie = crypto::cookie(&self.cookies.current, from);
-            if self.queue_raw(from, wire::write_cookie(init.client_index, &cookie)) {
-                self.stats.cookies_sent += 1;
+            let reply = wire::write_cookie(init.client_index, &cookie);
+            for _ in 0..COOKIE_COPIES {
+                if self.queue_raw(from, reply.clone()) {
+                    self.stats.cookies_sent += 1;
+                }
             }
             return Ok(());
         }
