@@ -612,6 +612,7 @@ fn config(stub: &Stub, credentials: Credentials) -> SdkConfig {
         },
         handshake_retry: Duration::from_millis(100),
         handshake_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
     };
     config.limits.reconnect_backoff_min_ms = 50;
     config.limits.reconnect_backoff_max_ms = 500;

@@ -9,8 +9,7 @@ mod support;
 use proptest::prelude::*;
 use proto::session::{
     crypto, wire, ClientConfig, ClientSession, CloseReason, CookieMode, DropReason, Event,
-    ServerConfig, ServerEndpoint, ServerEvent, SessionConfig, StaticKeypair,
-    HANDSHAKE_LIMIT_HOUSEKEEPING,
+    ServerConfig, ServerEndpoint, SessionConfig, StaticKeypair, HANDSHAKE_LIMIT_HOUSEKEEPING,
 };
 use std::{
     net::SocketAddr,

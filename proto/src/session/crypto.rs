@@ -360,10 +360,9 @@ mod tests {
     }
 
     /// Test vectors quoted in docs/PROTOCOL.md section 2.5.1 (the RESET
-    /// key derivation and token). Python: `k = hashlib.blake2s(b"im-reset-"
-    /// + b"192.0.2.1:7000", key=bytes([7]*32)).digest()`, then
-    /// `hashlib.blake2s((0x0102030405060708).to_bytes(8, "little"), key=k,
-    /// digest_size=16)`.
+    /// key derivation and token). Python:
+    /// `k = hashlib.blake2s(b"im-reset-192.0.2.1:7000", key=bytes([7] * 32)).digest()`,
+    /// then `hashlib.blake2s(bytes(range(8, 0, -1)), key=k, digest_size=16)`.
     #[test]
     fn reset_key_and_token_match_the_documented_vectors() {
         let key = reset_key(&[7; 32], "192.0.2.1:7000");
