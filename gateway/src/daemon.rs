@@ -14,7 +14,7 @@ use crate::{
 };
 use proto::{
     cluster::{ClusterMap, ClusterMapError},
-    session::{ServerConfig, ServerEndpoint, SessionConfig},
+    session::{crypto, ServerConfig, ServerEndpoint, SessionConfig},
 };
 use rand::RngCore;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -97,7 +97,9 @@ pub fn read_cluster_map(config: &GatewayConfig) -> Result<ClusterMap, StartError
     Ok(ClusterMap::from_toml(&text)?)
 }
 
-fn endpoint_config(config: &GatewayConfig) -> ServerConfig {
+/// The session endpoint's settings. `reset_key`: this gateway's RESET key
+/// (`crypto::reset_key` of its `reset.key` secret and its UDP address).
+fn endpoint_config(config: &GatewayConfig, reset_key: [u8; 32]) -> ServerConfig {
     ServerConfig {
         session: SessionConfig {
             idle_timeout: Duration::from_secs(config.timers.idle_timeout_s as u64),
@@ -105,12 +107,18 @@ fn endpoint_config(config: &GatewayConfig) -> ServerConfig {
         },
         sessions_max: config.limits.sessions_max,
         cookie_mode: config.limits.cookie_mode(),
+        handshakes_per_source_per_s: config.limits.handshakes_per_ip_per_s,
+        reset_key: Some(reset_key),
         ..ServerConfig::default()
     }
 }
 
 pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
-    let (keypair, token_key) = keys::load_dir(&config.data)?;
+    let keys::GatewayKeys {
+        keypair,
+        token: token_key,
+        reset_secret,
+    } = keys::load_dir(&config.data)?;
     let discovery = Duration::from_millis(config.timers.map_discovery_timeout_ms);
     let map =
         map_update::choose_at_start(read_cluster_map(&config)?, &config.data, discovery).await?;
@@ -153,8 +161,10 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
     let mut seed = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut seed);
     let public_key = keypair.public;
+    // The address as bound (a configured port 0 becomes the real one).
+    let reset_key = crypto::reset_key(&reset_secret, &local_addr.to_string());
     let endpoint = ServerEndpoint::new(
-        endpoint_config(&config),
+        endpoint_config(&config, reset_key),
         keypair,
         seed,
         std::time::Instant::now(),

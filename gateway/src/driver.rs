@@ -12,15 +12,14 @@ use crate::{
     services::{now_ms, Services},
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use netio::udp::{self, RecvBatch, SendBatch};
 use presence::PresenceEvent;
 use proto::{
     app::{self, LoginAnswer, LoginError},
     peer::{Forward, PeerOutcome},
-    session::{wire, MsgId, PendingId, SendError, ServerEndpoint},
+    session::{EndpointStats, MsgId, PendingId, SendError, ServerEndpoint},
 };
-use std::{net::IpAddr, num::NonZeroU32, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 use tokio::{
     net::UdpSocket,
     sync::{mpsc, oneshot, Semaphore},
@@ -72,7 +71,8 @@ pub struct Driver {
     router: Router,
     cmds: mpsc::UnboundedSender<Cmd>,
     relation_loads: Arc<Semaphore>,
-    handshake_rate: DefaultKeyedRateLimiter<IpAddr>,
+    /// The endpoint's counters as last exported to metrics.
+    exported: EndpointStats,
 }
 
 fn now() -> Now {
@@ -88,11 +88,9 @@ impl Driver {
         endpoint: ServerEndpoint,
         cmds: mpsc::UnboundedSender<Cmd>,
     ) -> Driver {
-        let per_ip = NonZeroU32::new(services.config.limits.handshakes_per_ip_per_s.max(1))
-            .expect("at least 1");
         Driver {
             router: Router::new(RouterConfig::new(&services.config), Instant::now()),
-            handshake_rate: RateLimiter::keyed(Quota::per_second(per_ip)),
+            exported: EndpointStats::default(),
             relation_loads: Arc::new(Semaphore::new(RELATION_LOADS_MAX)),
             services,
             endpoint,
@@ -111,7 +109,6 @@ impl Driver {
     ) -> std::io::Result<()> {
         let mut inbox = RecvBatch::new();
         let mut outbox = SendBatch::new();
-        let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(10));
         loop {
             self.flush(&socket, &mut outbox).await;
             let deadline = self
@@ -126,7 +123,7 @@ impl Driver {
                     while udp::try_recv(&socket, &mut inbox)? > 0 {
                         let at = Instant::now();
                         for (from, d) in inbox.iter() {
-                            self.on_datagram(at, from, d);
+                            self.endpoint.handle_datagram(at, from, d);
                         }
                         self.pump();
                     }
@@ -145,10 +142,10 @@ impl Driver {
                     self.endpoint.handle_timeout(now.at);
                     self.router.handle_timeout(now, &mut self.endpoint);
                 }
-                _ = housekeeping.tick() => self.handshake_rate.retain_recent(),
                 _ = &mut stop => break,
             }
             self.pump();
+            self.export_stats();
         }
         self.shutdown(&socket, &mut outbox).await;
         Ok(())
@@ -163,15 +160,6 @@ impl Driver {
         .await;
     }
 
-    fn on_datagram(&mut self, now: Instant, from: std::net::SocketAddr, d: &[u8]) {
-        if d.first() == Some(&wire::TYPE_INIT) && self.handshake_rate.check_key(&from.ip()).is_err()
-        {
-            metrics::counter!("gateway_handshakes_limited_total").increment(1);
-            return;
-        }
-        self.endpoint.handle_datagram(now, from, d);
-    }
-
     /// Session events to the router, the router's work to tasks.
     fn pump(&mut self) {
         let now = now();
@@ -182,6 +170,64 @@ impl Driver {
         self.spawn(actions);
         metrics::gauge!("gateway_sessions").set(self.router.session_count() as f64);
         metrics::gauge!("gateway_sends_in_progress").set(self.router.sends_in_progress() as f64);
+    }
+
+    /// Add what the endpoint counted since the last pass to the metrics:
+    /// `gateway_datagrams_dropped_total{reason}`, `gateway_cookies_sent_total`,
+    /// `gateway_resets_sent_total` (RESETs not sent for the per-second cap:
+    /// `gateway_resets_limited_total`).
+    fn export_stats(&mut self) {
+        let (s, last) = (self.endpoint.stats(), &self.exported);
+        if s == last {
+            return;
+        }
+        let drops = [
+            ("malformed", s.dropped_malformed, last.dropped_malformed),
+            (
+                "unauthentic",
+                s.dropped_unauthentic,
+                last.dropped_unauthentic,
+            ),
+            ("replayed", s.dropped_replayed, last.dropped_replayed),
+            (
+                "unknown_session",
+                s.dropped_unknown_session,
+                last.dropped_unknown_session,
+            ),
+            ("closed", s.dropped_closed, last.dropped_closed),
+            (
+                "duplicate_handshake",
+                s.dropped_duplicate_handshake,
+                last.dropped_duplicate_handshake,
+            ),
+            ("full", s.dropped_full, last.dropped_full),
+            ("limited", s.dropped_limited, last.dropped_limited),
+        ];
+        for (reason, now, before) in drops {
+            if now > before {
+                metrics::counter!("gateway_datagrams_dropped_total", "reason" => reason)
+                    .increment(now - before);
+            }
+        }
+        let counters = [
+            (
+                "gateway_cookies_sent_total",
+                s.cookies_sent,
+                last.cookies_sent,
+            ),
+            ("gateway_resets_sent_total", s.resets_sent, last.resets_sent),
+            (
+                "gateway_resets_limited_total",
+                s.resets_limited,
+                last.resets_limited,
+            ),
+        ];
+        for (name, now, before) in counters {
+            if now > before {
+                metrics::counter!(name).increment(now - before);
+            }
+        }
+        self.exported = s.clone();
     }
 
     fn on_cmd(&mut self, cmd: Cmd) {

@@ -1,5 +1,8 @@
 //! The gateway's key files: the static X25519 key clients authenticate it
-//! by, and the resume-token key the cluster's gateways share.
+//! by, the resume-token key the cluster's gateways share, and the secret
+//! its session RESET key is derived from (`reset.key`; the endpoint's key is
+//! `proto::session::crypto::reset_key(secret, listen address)`, so it
+//! survives restarts and differs between gateways sharing a directory).
 
 use proto::session::StaticKeypair;
 use rand::RngCore;
@@ -12,6 +15,17 @@ use std::{
 pub const STATIC_KEY_FILE: &str = "gateway.key";
 pub const PUBLIC_KEY_FILE: &str = "gateway.pub";
 pub const TOKEN_KEY_FILE: &str = "token.key";
+pub const RESET_KEY_FILE: &str = "reset.key";
+
+/// The keys [`load_dir`] reads (or creates).
+#[derive(Debug, Clone)]
+pub struct GatewayKeys {
+    pub keypair: StaticKeypair,
+    /// The resume-token key.
+    pub token: [u8; 32],
+    /// The secret of the session RESET key (see the module doc).
+    pub reset_secret: [u8; 32],
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -75,11 +89,12 @@ pub fn from_hex(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The gateway's keys from `dir`, creating missing ones; writes
-/// `gateway.pub` (hex) for clients.
-pub fn load_dir(dir: &Path) -> Result<(StaticKeypair, [u8; 32]), KeyError> {
+/// The gateway's keys from `dir`, creating missing ones (mode 0600);
+/// writes `gateway.pub` (hex) for clients.
+pub fn load_dir(dir: &Path) -> Result<GatewayKeys, KeyError> {
     let keypair = StaticKeypair::from_private(load_or_create(&dir.join(STATIC_KEY_FILE))?);
     let token = load_or_create(&dir.join(TOKEN_KEY_FILE))?;
+    let reset_secret = load_or_create(&dir.join(RESET_KEY_FILE))?;
     let public = dir.join(PUBLIC_KEY_FILE);
     std::fs::write(&public, format!("{}\n", to_hex(&keypair.public))).map_err(|error| {
         KeyError::Io {
@@ -87,22 +102,37 @@ pub fn load_dir(dir: &Path) -> Result<(StaticKeypair, [u8; 32]), KeyError> {
             error,
         }
     })?;
-    Ok((keypair, token))
+    Ok(GatewayKeys {
+        keypair,
+        token,
+        reset_secret,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn keys_persist_and_hex_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, ta) = load_dir(dir.path()).unwrap();
-        let (b, tb) = load_dir(dir.path()).unwrap();
-        assert_eq!(a.public, b.public);
-        assert_eq!(ta, tb);
+        let a = load_dir(dir.path()).unwrap();
+        let b = load_dir(dir.path()).unwrap();
+        assert_eq!(a.keypair.public, b.keypair.public);
+        assert_eq!(a.token, b.token);
+        assert_eq!(
+            a.reset_secret, b.reset_secret,
+            "the reset secret survives restarts"
+        );
+        assert_ne!(a.reset_secret, a.token, "separate secrets");
+        let mode = std::fs::metadata(dir.path().join(RESET_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         let text = std::fs::read_to_string(dir.path().join(PUBLIC_KEY_FILE)).unwrap();
-        assert_eq!(from_hex(&text), Some(a.public));
+        assert_eq!(from_hex(&text), Some(a.keypair.public));
         assert_eq!(from_hex("zz"), None);
         std::fs::write(dir.path().join(TOKEN_KEY_FILE), b"short").unwrap();
         assert!(matches!(

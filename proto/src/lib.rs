@@ -1,6 +1,7 @@
 //! Every byte that crosses a wire or a process boundary.
 //!
 //! * [`app`]: what clients and gateways say inside a UDP session.
+//! * [`clock`]: governor rate limiters driven by the `now` passed in.
 //! * [`cluster`]: the cluster map and the placement of users on shards.
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
@@ -18,6 +19,7 @@
 //! values and values into bytes.
 
 pub mod app;
+pub mod clock;
 pub mod cluster;
 pub mod frame;
 pub mod inbox;

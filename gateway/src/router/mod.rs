@@ -33,11 +33,11 @@ mod sends;
 mod sessions;
 
 use crate::{calls::CallResult, config::GatewayConfig};
-use governor::{clock::FakeRelativeClock, Quota, RateLimiter};
 use proto::{
     app::{
         self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, StoredEnvelope,
     },
+    clock::{quota, Clock, KeyedLimiter},
     peer::{Forward, PeerOutcome},
     presence::Status,
     profile::Relations,
@@ -48,7 +48,6 @@ use sends::Sends;
 use sessions::SessionTable;
 use std::{
     collections::VecDeque,
-    num::NonZeroU32,
     time::{Duration, Instant},
 };
 
@@ -216,27 +215,7 @@ pub const STORE_BATCH_BYTES_MAX: usize = 512 * 1024;
 /// sessions whose relations could not be checked).
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
-type MessageRate = RateLimiter<
-    u64,
-    governor::state::keyed::HashMapStateStore<u64>,
-    FakeRelativeClock,
-    governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
->;
-
-/// The governor clock, driven by the `now` the router is given.
-struct Clock {
-    clock: FakeRelativeClock,
-    at: Instant,
-}
-
-impl Clock {
-    fn advance_to(&mut self, now: Instant) {
-        if now > self.at {
-            self.clock.advance(now - self.at);
-            self.at = now;
-        }
-    }
-}
+type MessageRate = KeyedLimiter<u64>;
 
 pub struct Router {
     config: RouterConfig,
@@ -250,11 +229,6 @@ pub struct Router {
     next_housekeeping: Instant,
 }
 
-fn quota(per_s: u32, burst: u32) -> Quota {
-    let n = |v: u32| NonZeroU32::new(v.max(1)).expect("at least 1");
-    Quota::per_second(n(per_s)).allow_burst(n(burst))
-}
-
 pub(crate) fn error(code: AppErrorCode, message: impl Into<String>) -> AppError {
     AppError {
         code,
@@ -264,11 +238,9 @@ pub(crate) fn error(code: AppErrorCode, message: impl Into<String>) -> AppError 
 
 impl Router {
     pub fn new(config: RouterConfig, now: Instant) -> Router {
-        let clock = FakeRelativeClock::default();
-        let message_rate = RateLimiter::hashmap_with_clock(
-            quota(config.messages_per_user_per_s, config.messages_burst),
-            clock.clone(),
-        );
+        let clock = Clock::new(now);
+        let message_rate =
+            clock.keyed(quota(config.messages_per_user_per_s, config.messages_burst));
         Router {
             sends: Sends::new(config.dedupe_entries_max),
             relations: RelationsCache::new(config.relations_cache_bytes_max),
@@ -276,7 +248,7 @@ impl Router {
             actions: VecDeque::new(),
             pending_logins: 0,
             message_rate,
-            clock: Clock { clock, at: now },
+            clock,
             next_housekeeping: now + HOUSEKEEPING,
             config,
         }

@@ -1,12 +1,17 @@
 //! The client side: one session to one gateway.
 //!
 //! The initiation is built once (padded to HANDSHAKE_INIT_BYTES, mac1 under
-//! the gateway's public key) and retransmitted unchanged with exponential
-//! backoff until the response arrives, so the gateway answers a
-//! retransmission with its remembered response instead of a second login.
-//! A cookie reply makes the client add mac2 and send at once. A response
-//! that fails to decrypt (forged) restarts the handshake with a fresh
-//! ephemeral key on the next retry.
+//! the gateway's public key) and retransmitted unchanged with bounded,
+//! jittered backoff (`handshake_retry` × 1.5 per retry up to
+//! `handshake_retry_max`, each wait ±20%) until the response arrives, so
+//! the gateway answers a retransmission with its remembered response
+//! instead of a second login. A new cookie makes the client add mac2,
+//! send the INIT twice at once and start the schedule over. A response that fails to
+//! decrypt (forged) restarts the handshake with a fresh ephemeral key on
+//! the next retry.
+//!
+//! Once established, an authentic RESET (the session id and the token the
+//! RESPONSE carried) closes the session at once (`CloseReason::Reset`).
 
 use super::{
     config::{ClientConfig, HANDSHAKE_INIT_BYTES},
@@ -15,6 +20,7 @@ use super::{
     server::EndpointStats,
     wire::{
         self, INIT_BLOCK_BYTES, INIT_MAC1_AT, INIT_MAC2_AT, INIT_NOISE_BYTES, INIT_PAYLOAD_MAX,
+        RESET_TOKEN_BYTES,
     },
     CloseReason, DropReason, Event, MsgId, SendError,
 };
@@ -36,6 +42,7 @@ struct Handshake {
     client_index: u32,
     cookie: Option<[u8; wire::MAC_BYTES]>,
     next_retry: Instant,
+    /// The current wait before jitter.
     retry_delay: Duration,
     /// A forged response broke `hs`: build a new initiation before resending.
     broken: bool,
@@ -54,9 +61,28 @@ pub struct ClientSession {
     rng: ChaCha20Rng,
     started: Instant,
     state: State,
-    send_init: bool,
+    /// Copies of the initiation to send now (1; 2 after a new cookie).
+    send_init: u8,
+    /// The RESET token from the accepted RESPONSE (zeros: the gateway
+    /// sends no RESETs, and none is accepted).
+    reset_token: [u8; RESET_TOKEN_BYTES],
     events: VecDeque<Event>,
     stats: EndpointStats,
+}
+
+/// Each handshake wait is multiplied by this (as a fraction) ...
+const RETRY_GROWTH: (u32, u32) = (3, 2);
+/// ... and jittered by up to this many percent either way.
+const RETRY_JITTER_PERCENT: u64 = 20;
+/// Copies of the first initiation sent with a new cookie (back to back).
+const COOKIE_INIT_COPIES: u8 = 2;
+
+/// `base` ± RETRY_JITTER_PERCENT, uniformly, from the session's RNG.
+fn jittered(base: Duration, rng: &mut ChaCha20Rng) -> Duration {
+    let us = base.as_micros() as u64;
+    let spread = us * RETRY_JITTER_PERCENT / 100;
+    let offset = rng.next_u64() % (2 * spread + 1);
+    Duration::from_micros(us - spread + offset)
 }
 
 impl ClientSession {
@@ -85,7 +111,8 @@ impl ClientSession {
             rng,
             started: now,
             state: State::Handshaking(handshake),
-            send_init: true,
+            send_init: 1,
+            reset_token: [0; RESET_TOKEN_BYTES],
             events: VecDeque::new(),
             stats: EndpointStats::default(),
         })
@@ -142,7 +169,8 @@ impl ClientSession {
         let result = match d.first() {
             Some(&wire::TYPE_TRANSPORT) => self.on_transport(now, d),
             Some(&wire::TYPE_RESPONSE) => self.on_response(now, d),
-            Some(&wire::TYPE_COOKIE) => self.on_cookie(d),
+            Some(&wire::TYPE_COOKIE) => self.on_cookie(now, d),
+            Some(&wire::TYPE_RESET) => self.on_reset(d),
             _ => Err(DropReason::Malformed),
         };
         if let Err(reason) = result {
@@ -175,12 +203,13 @@ impl ClientSession {
             h.broken = true; // snow's state is spent; start over on the next retry
             return Err(DropReason::Unauthentic);
         };
-        let Some((status, payload)) = parse_response_block(&block[..n]) else {
+        let Some((status, token, payload)) = wire::parse_response_block(&block[..n]) else {
             h.broken = true;
             return Err(DropReason::Malformed);
         };
         let payload = payload.to_vec();
         if status == wire::STATUS_ACCEPTED {
+            self.reset_token = token;
             let keys = TransportKeys::split(&mut h.hs);
             self.state = State::Established(Core::new(r.session_id, keys, now));
             self.events.push_back(Event::Connected {
@@ -194,7 +223,26 @@ impl ClientSession {
         Ok(())
     }
 
-    fn on_cookie(&mut self, d: &[u8]) -> Result<(), DropReason> {
+    fn on_reset(&mut self, d: &[u8]) -> Result<(), DropReason> {
+        let (session_id, token) = wire::parse_reset(d).ok_or(DropReason::Malformed)?;
+        let State::Established(core) = &mut self.state else {
+            return Err(DropReason::UnknownSession);
+        };
+        if session_id != core.id() {
+            return Err(DropReason::UnknownSession);
+        }
+        if core.is_closed() {
+            return Err(DropReason::Closed);
+        }
+        let expected = self.reset_token;
+        if expected == [0; RESET_TOKEN_BYTES] || !crypto::token_eq(&token, &expected) {
+            return Err(DropReason::Unauthentic);
+        }
+        core.reset(&mut self.events);
+        Ok(())
+    }
+
+    fn on_cookie(&mut self, now: Instant, d: &[u8]) -> Result<(), DropReason> {
         let (client_index, cookie) = wire::parse_cookie(d).ok_or(DropReason::Malformed)?;
         let State::Handshaking(h) = &mut self.state else {
             return Err(DropReason::UnknownSession);
@@ -202,10 +250,21 @@ impl ClientSession {
         if client_index != h.client_index {
             return Err(DropReason::UnknownSession);
         }
+        if h.cookie == Some(cookie) {
+            // The same cookie again (the gateway sends each twice, and
+            // answers every INIT sent before the first arrived): nothing new.
+            return Ok(());
+        }
         h.cookie = Some(cookie);
         let mac2 = crypto::mac(&cookie, &h.init[..INIT_MAC2_AT]);
         h.init[INIT_MAC2_AT..].copy_from_slice(&mac2);
-        self.send_init = true;
+        // A new cookie made the handshake two round trips: the first INIT
+        // with it goes out twice at once, so that one loss does not cost a
+        // retry, and the schedule starts over (the path works; the answer
+        // is due in a round trip).
+        self.send_init = COOKIE_INIT_COPIES;
+        h.retry_delay = self.config.handshake_retry;
+        h.next_retry = now + jittered(h.retry_delay, &mut self.rng);
         Ok(())
     }
 
@@ -229,8 +288,8 @@ impl ClientSession {
 
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         match &mut self.state {
-            State::Handshaking(h) if self.send_init => {
-                self.send_init = false;
+            State::Handshaking(h) if self.send_init > 0 => {
+                self.send_init -= 1;
                 if h.broken {
                     let cookie = h.cookie;
                     *h = build_handshake(
@@ -278,9 +337,10 @@ impl ClientSession {
                     .push_back(Event::Closed(CloseReason::HandshakeTimedOut));
             }
             State::Handshaking(h) if now >= h.next_retry => {
-                h.retry_delay = (h.retry_delay * 2).min(Duration::from_secs(8));
-                h.next_retry = now + h.retry_delay;
-                self.send_init = true;
+                let (num, den) = RETRY_GROWTH;
+                h.retry_delay = (h.retry_delay * num / den).min(self.config.handshake_retry_max);
+                h.next_retry = now + jittered(h.retry_delay, &mut self.rng);
+                self.send_init = 1;
             }
             State::Established(core) => {
                 core.handle_timeout(now, &self.config.session, &mut self.events)
@@ -322,19 +382,8 @@ fn build_handshake(
         init,
         client_index,
         cookie: None,
-        next_retry: now + config.handshake_retry,
+        next_retry: now + jittered(config.handshake_retry, rng),
         retry_delay: config.handshake_retry,
         broken: false,
     }
-}
-
-/// status u8 | payload_len u16 LE | payload, exactly.
-fn parse_response_block(b: &[u8]) -> Option<(u8, &[u8])> {
-    if b.len() < wire::RESPONSE_BLOCK_HEADER_BYTES {
-        return None;
-    }
-    let len = u16::from_le_bytes([b[1], b[2]]) as usize;
-    let payload = &b[wire::RESPONSE_BLOCK_HEADER_BYTES..];
-    let status_ok = b[0] == wire::STATUS_ACCEPTED || b[0] == wire::STATUS_REJECTED;
-    (status_ok && payload.len() == len).then_some((b[0], payload))
 }

@@ -51,6 +51,17 @@ pub struct SessionConfig {
     pub keepalive: Duration,
     /// Nothing received for this long: the session expires.
     pub idle_timeout: Duration,
+    /// The unresponsive-peer rule (0: off; the gateway's default): when at
+    /// least this many retransmission or probe timeouts have fired in a row
+    /// (nothing authentic received in between) and nothing authentic has
+    /// arrived for `unresponsive_after` since this side began waiting for
+    /// an answer, the session closes with `CloseReason::TimedOut`. While it
+    /// waits, this side sends PING probes: the first
+    /// `clamp(rto, unresponsive_after / 16, unresponsive_after / 8)` after
+    /// its last ack-eliciting datagram, then every `unresponsive_after / 16`.
+    pub unresponsive_timeouts: u8,
+    /// See `unresponsive_timeouts`.
+    pub unresponsive_after: Duration,
 }
 
 impl Default for SessionConfig {
@@ -61,15 +72,20 @@ impl Default for SessionConfig {
             transmissions_max: 10,
             keepalive: Duration::ZERO,
             idle_timeout: Duration::from_secs(90),
+            unresponsive_timeouts: 0,
+            unresponsive_after: Duration::from_secs(4),
         }
     }
 }
 
 impl SessionConfig {
-    /// The client's defaults: a heartbeat every 30 s.
+    /// The client's defaults: a heartbeat every 30 s, and a gateway that
+    /// leaves 3 timeouts in a row and 4 s unanswered is declared dead.
     pub fn client() -> Self {
         SessionConfig {
             keepalive: Duration::from_secs(30),
+            unresponsive_timeouts: 3,
+            unresponsive_after: Duration::from_secs(4),
             ..SessionConfig::default()
         }
     }
@@ -107,6 +123,26 @@ pub struct ServerConfig {
     /// The cookie secret rotates this often; cookies of the current and
     /// previous secret are accepted.
     pub cookie_rotation: Duration,
+    /// Handshake initiations per source IP address (port ignored) and
+    /// second, bursts of the same number; 0: no limit. Counted only after
+    /// mac1, in two buckets per address: one for initiations without a
+    /// valid cookie (mac2), whose empty bucket is answered with a COOKIE,
+    /// and one for initiations with one, whose empty bucket drops
+    /// (`DropReason::Limited`). docs/PROTOCOL.md §2.2.
+    pub handshakes_per_source_per_s: u32,
+    /// Source addresses each of the two handshake limiters remembers at
+    /// most. A full table stores no new address: an initiation without a
+    /// valid cookie is then answered with a COOKIE (dropped as `Limited`
+    /// under `CookieMode::Never`), one with a valid cookie skips the
+    /// per-source check. Addresses whose bucket is full again are forgotten
+    /// every second.
+    pub handshake_sources_max: usize,
+    /// The key of the RESET tokens (`crypto::reset_token`); `None`: no
+    /// token in the RESPONSE (zeros) and no RESET is ever sent.
+    pub reset_key: Option<[u8; 32]>,
+    /// RESET datagrams sent per second at most (a one-second window, the
+    /// whole endpoint); beyond it nothing is sent (`resets_limited`).
+    pub resets_per_s_max: u32,
 }
 
 impl Default for ServerConfig {
@@ -121,6 +157,10 @@ impl Default for ServerConfig {
                 inits_per_s_max: 2000,
             },
             cookie_rotation: Duration::from_secs(120),
+            handshakes_per_source_per_s: 20,
+            handshake_sources_max: 65_536,
+            reset_key: None,
+            resets_per_s_max: 1000,
         }
     }
 }
@@ -129,8 +169,13 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub session: SessionConfig,
-    /// First retransmission of an unanswered initiation; doubles each time.
+    /// First retransmission of an unanswered initiation; each next wait is
+    /// 1.5 times the previous one, at most `handshake_retry_max`, and every
+    /// wait is jittered by ±20% (the session's seeded RNG). A COOKIE starts
+    /// the schedule over (the path works; the next answer is due).
     pub handshake_retry: Duration,
+    /// The longest wait between two initiations (before jitter).
+    pub handshake_retry_max: Duration,
     /// Give up the handshake after this long.
     pub handshake_timeout: Duration,
 }
@@ -140,6 +185,7 @@ impl Default for ClientConfig {
         ClientConfig {
             session: SessionConfig::client(),
             handshake_retry: Duration::from_millis(500),
+            handshake_retry_max: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(15),
         }
     }

@@ -2,6 +2,15 @@
 //! encryption with the explicit counter, the replay window, reliability
 //! (send and receive halves), keepalive and idle expiry, and close.
 //!
+//! The unresponsive-peer rule (`SessionConfig::unresponsive_timeouts`, the
+//! client's): while an ack-eliciting datagram is unanswered (nothing
+//! authentic received since it went out), PING probes go out, the first
+//! `clamp(rto, after / 16, after / 8)` after the last ack-eliciting
+//! datagram, the next ones every `after / 16`; once `unresponsive_timeouts`
+//! retransmission or probe timeouts have fired in a row and
+//! `unresponsive_after` has passed since the wait began, the session closes
+//! (`CloseReason::TimedOut`, CLOSE reason 1).
+//!
 //! An idle session keeps only what it must (keys, counters, the replay
 //! window, RTT estimate, two timestamps); queues and buffers live in a box
 //! that exists only while something is queued, in flight, buffered or
@@ -53,6 +62,13 @@ pub struct Core {
     last_send: Instant,
     state: State,
     active: Option<Box<Active>>,
+    /// The unresponsive-peer rule: when the oldest ack-eliciting datagram
+    /// sent since the last authentic receipt went out.
+    awaiting_since: Option<Instant>,
+    /// Retransmission and probe timeouts since the last authentic receipt.
+    timeouts_in_row: u8,
+    /// When the next PING probe goes out (while awaiting an answer).
+    next_probe: Option<Instant>,
 }
 
 impl Core {
@@ -70,6 +86,9 @@ impl Core {
             last_send: now,
             state: State::Open,
             active: None,
+            awaiting_since: None,
+            timeouts_in_row: 0,
+            next_probe: None,
         }
     }
 
@@ -154,6 +173,13 @@ impl Core {
         self.state = State::Closing(code, reason);
     }
 
+    /// The peer sent an authentic RESET: close at once, sending nothing.
+    pub fn reset(&mut self, events: &mut VecDeque<Event>) {
+        if self.state != State::Closed {
+            self.finish(CloseReason::Reset, events);
+        }
+    }
+
     /// Close at once without telling the peer (it is gone or broken).
     fn finish(&mut self, reason: CloseReason, events: &mut VecDeque<Event>) {
         if let Some(a) = self.active.as_mut() {
@@ -191,6 +217,9 @@ impl Core {
         }
         let newest = self.replay.accept(t.counter);
         self.last_recv = now;
+        self.awaiting_since = None;
+        self.timeouts_in_row = 0;
+        self.next_probe = None;
         self.apply(now, &plain[..len], config, events);
         self.shrink();
         Ok(newest)
@@ -308,7 +337,12 @@ impl Core {
             }
             State::Open => {
                 let a = self.active.as_mut().expect("wants_transmit saw it");
-                write_frames(a, &mut w, now, recv_next, config);
+                if write_frames(a, &mut w, now, recv_next, config)
+                    && config.unresponsive_timeouts > 0
+                {
+                    self.awaiting_since.get_or_insert(now);
+                    self.next_probe = Some(now + self.probe_interval(config));
+                }
             }
             State::Closed => return None,
         }
@@ -335,7 +369,36 @@ impl Core {
             let others = [a.recv.ack_deadline(), a.send.deadline(&self.rtt)];
             t = others.into_iter().flatten().fold(t, Instant::min);
         }
+        if let Some(p) = self.next_probe {
+            t = t.min(p);
+        }
+        if let Some(dead_at) = self.unresponsive_at(config) {
+            t = t.min(dead_at);
+        }
         Some(t)
+    }
+
+    /// The wait before the next PING probe of the unresponsive-peer rule:
+    /// `clamp(rto, after / 16, after / 8)` while no timeout has fired since
+    /// the last receipt, then `after / 16`, so that a false verdict needs
+    /// about 15 lost round trips in a row whatever the RTT estimate says.
+    fn probe_interval(&self, config: &SessionConfig) -> Duration {
+        let after = config.unresponsive_after;
+        let floor = (after / 16).max(super::config::GRANULARITY);
+        if self.timeouts_in_row > 0 {
+            return floor;
+        }
+        self.rtt.rto(0).clamp(floor, (after / 8).max(floor))
+    }
+
+    /// When the unresponsive-peer rule closes the session, if enough
+    /// timeouts have fired in a row.
+    fn unresponsive_at(&self, config: &SessionConfig) -> Option<Instant> {
+        let n = config.unresponsive_timeouts;
+        if n == 0 || self.timeouts_in_row < n {
+            return None;
+        }
+        self.awaiting_since.map(|t| t + config.unresponsive_after)
     }
 
     pub fn handle_timeout(
@@ -357,24 +420,50 @@ impl Core {
         let rtt = self.rtt.clone();
         if let Some(a) = self.active.as_mut() {
             a.recv.on_timeout(now);
-            if a.send.on_timeout(now, &rtt, config).is_err() {
+            let backoff = a.send.backoff();
+            let result = a.send.on_timeout(now, &rtt, config);
+            if a.send.backoff() > backoff {
+                self.timeouts_in_row = self.timeouts_in_row.saturating_add(1);
+            }
+            if result.is_err() {
                 self.begin_close(CLOSE_TIMED_OUT, CloseReason::TimedOut, events);
             }
         }
+        if self.state == State::Open && config.unresponsive_timeouts > 0 {
+            self.check_unresponsive(now, config, events);
+        }
         self.shrink();
+    }
+
+    /// Fire a due PING probe (one more timeout in a row), and close the
+    /// session if the peer has been unresponsive long enough.
+    fn check_unresponsive(
+        &mut self,
+        now: Instant,
+        config: &SessionConfig,
+        events: &mut VecDeque<Event>,
+    ) {
+        if self.next_probe.is_some_and(|t| t <= now) {
+            self.next_probe = None;
+            self.timeouts_in_row = self.timeouts_in_row.saturating_add(1);
+            self.active().ping = true;
+        }
+        if self.unresponsive_at(config).is_some_and(|t| t <= now) {
+            self.begin_close(CLOSE_TIMED_OUT, CloseReason::TimedOut, events);
+        }
     }
 }
 
 /// Fill one datagram: the ACK (if one is pending), then lost and new
 /// fragments while they fit, then a PING if one is due and nothing else is
-/// ack-eliciting.
+/// ack-eliciting. Whether the datagram is ack-eliciting.
 fn write_frames(
     a: &mut Active,
     w: &mut FrameWriter<'_>,
     now: Instant,
     recv_next: u32,
     config: &SessionConfig,
-) {
+) -> bool {
     if let Some((una, sack, delay)) = a.recv.take_ack(recv_next, now) {
         w.ack(una, sack, delay);
     }
@@ -389,5 +478,7 @@ fn write_frames(
     }
     if a.ping && (eliciting || w.ping()) {
         a.ping = false;
+        eliciting = true;
     }
+    eliciting
 }

@@ -11,8 +11,8 @@
 
 use super::wire::{DH_BYTES, MAC_BYTES, TAG_BYTES};
 use blake2::{
-    digest::{consts::U16, Digest, KeyInit, Mac},
-    Blake2s256, Blake2sMac,
+    digest::{consts::U16, CtOutput, Digest, KeyInit, Mac},
+    Blake2s256, Blake2sMac, Blake2sMac256,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -29,6 +29,8 @@ use std::net::SocketAddr;
 pub const NOISE_PARAMS: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
 /// Label mixed into the mac1 key (as WireGuard's "mac1----").
 pub const MAC1_LABEL: &[u8] = b"im-mac1-";
+/// Label of the reset-key derivation ([`reset_key`]).
+pub const RESET_LABEL: &[u8] = b"im-reset-";
 
 type Mac128 = Blake2sMac<U16>;
 
@@ -229,6 +231,33 @@ pub fn cookie(secret: &[u8; 32], addr: SocketAddr) -> [u8; MAC_BYTES] {
     mac(secret, &data)
 }
 
+/// A gateway's RESET key: keyed BLAKE2s-256 (RFC 7693, digest length 32,
+/// key = `secret`) of `RESET_LABEL || listen`, where `secret` is the
+/// gateway's 32-byte `reset.key` file and `listen` its UDP listen address
+/// as text (e.g. `"192.0.2.1:7000"`). The secret survives restarts, so a
+/// restarted gateway can answer its old sessions' datagrams with a valid
+/// RESET; the address makes the key distinct per gateway even where
+/// gateways share a key directory, so no gateway can be made to reveal
+/// the token of another gateway's session. docs/PROTOCOL.md §2.5.1.
+pub fn reset_key(secret: &[u8; 32], listen: &str) -> [u8; 32] {
+    let mut m = <Blake2sMac256 as KeyInit>::new_from_slice(secret).expect("a 32-byte key");
+    Mac::update(&mut m, RESET_LABEL);
+    Mac::update(&mut m, listen.as_bytes());
+    m.finalize().into_bytes().into()
+}
+
+/// The RESET token of a session: BLAKE2s-MAC-128(key = reset key, data =
+/// session_id u64 LE). Sent to the client inside the encrypted RESPONSE,
+/// and in clear in a RESET once the gateway no longer knows the session.
+pub fn reset_token(reset_key: &[u8; 32], session_id: u64) -> [u8; MAC_BYTES] {
+    mac(reset_key, &session_id.to_le_bytes())
+}
+
+/// Constant-time equality of two 16-byte tokens.
+pub fn token_eq(a: &[u8; MAC_BYTES], b: &[u8; MAC_BYTES]) -> bool {
+    CtOutput::<Mac128>::new((*a).into()) == CtOutput::<Mac128>::new((*b).into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +320,10 @@ mod tests {
         assert_eq!(&out[..4], b"pong");
     }
 
+    const RESET_KEY_VECTOR: &str =
+        "5d6fdd9fa2dbaf6c0e237b4913ae48a6f526a43060eee9c3cb2d5cf499983639";
+    const RESET_TOKEN_VECTOR: &str = "735653ebc01ed2b0841ac8d3c0d0b58c";
+
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -324,6 +357,25 @@ mod tests {
         covered.extend_from_slice(&mac1);
         assert_eq!(covered.len(), INIT_MAC2_AT);
         assert_eq!(hex(&mac(&c, &covered)), "c9e0b982a4d6049166077a941c895876");
+    }
+
+    /// Test vectors quoted in docs/PROTOCOL.md section 2.5.1 (the RESET
+    /// key derivation and token). Python:
+    /// `k = hashlib.blake2s(b"im-reset-192.0.2.1:7000", key=bytes([7] * 32)).digest()`,
+    /// then `hashlib.blake2s(bytes(range(8, 0, -1)), key=k, digest_size=16)`.
+    #[test]
+    fn reset_key_and_token_match_the_documented_vectors() {
+        let key = reset_key(&[7; 32], "192.0.2.1:7000");
+        assert_eq!(hex(&key), RESET_KEY_VECTOR);
+        let token = reset_token(&key, 0x0102_0304_0506_0708);
+        assert_eq!(hex(&token), RESET_TOKEN_VECTOR);
+        assert_ne!(key, reset_key(&[7; 32], "192.0.2.1:7001"), "per address");
+        assert_ne!(key, reset_key(&[8; 32], "192.0.2.1:7000"), "per secret");
+        assert_ne!(token, reset_token(&key, 0x0102_0304_0506_0709));
+        assert!(token_eq(&token, &token));
+        let mut other = token;
+        other[15] ^= 1;
+        assert!(!token_eq(&token, &other));
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub use client::ClientSession;
 pub use client::ConnectError;
 pub use config::{ClientConfig, CookieMode, ServerConfig, SessionConfig};
 pub use crypto::StaticKeypair;
+pub use server::HANDSHAKE_LIMIT_HOUSEKEEPING;
 pub use server::{
     AcceptError, EndpointStats, PendingId, ServerEndpoint, ServerEvent, SessionId, Transmit,
 };
@@ -75,6 +76,10 @@ pub enum CloseReason {
     CounterExhausted,
     /// Client only: no handshake answer within `handshake_timeout`.
     HandshakeTimedOut,
+    /// Client only: the gateway answered with an authentic RESET: it no
+    /// longer knows this session (it restarted, or closed the session and
+    /// the CLOSE was lost). Log in again at once.
+    Reset,
 }
 
 /// Why `send` refused a message (nothing was queued).
@@ -110,4 +115,8 @@ pub enum DropReason {
     DuplicateHandshake,
     /// A limit was reached (sessions or pending handshakes).
     Full,
+    /// A handshake initiation over its source address's rate
+    /// (`handshakes_per_source_per_s`) that no cookie can help: it carried
+    /// a valid cookie already, or the endpoint never sends cookies.
+    Limited,
 }

@@ -69,6 +69,11 @@ impl SendSide {
         self.msgs.is_empty()
     }
 
+    /// Retransmission timeouts in a row (reset by any new ack).
+    pub fn backoff(&self) -> u8 {
+        self.backoff
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.bytes
     }

@@ -9,19 +9,23 @@
 //! retransmitted initiation gets the same answer.
 
 use super::{
-    config::ServerConfig,
+    config::{CookieMode, ServerConfig},
     core::Core,
     crypto::{self, StaticKeypair, TransportKeys},
-    wire::{self, Init, INIT_BLOCK_BYTES, INIT_MAC1_AT, INIT_MAC2_AT, INIT_PAYLOAD_MAX},
+    wire::{
+        self, Init, INIT_BLOCK_BYTES, INIT_MAC1_AT, INIT_MAC2_AT, INIT_PAYLOAD_MAX, MAC_BYTES,
+        RESET_TOKEN_BYTES,
+    },
     DropReason, Event, MsgId, SendError,
 };
+use crate::clock::{quota, Clock, KeyedLimiter};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use snow::HandshakeState;
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
-    net::SocketAddr,
-    time::Instant,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
 };
 
 pub type SessionId = u64;
@@ -41,6 +45,15 @@ impl PendingId {
 /// Datagrams (handshake answers, cookie replies) queued before sessions'
 /// own transmits, at most; beyond it they are dropped and counted.
 pub const RAW_OUT_MAX: usize = 1024;
+
+/// COOKIE datagrams sent in answer to one initiation (back to back): the
+/// cookie makes a handshake two round trips, so one loss should not cost a
+/// retry; 2 × 21 bytes is still far less than the 1,200 that caused them.
+pub const COOKIE_COPIES: usize = 2;
+
+/// How often the per-source handshake limiters forget the addresses whose
+/// bucket is full again (only while they remember any).
+pub const HANDSHAKE_LIMIT_HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerEvent {
@@ -87,6 +100,12 @@ pub struct EndpointStats {
     pub dropped_closed: u64,
     pub dropped_duplicate_handshake: u64,
     pub dropped_full: u64,
+    /// Initiations over their source's rate that no cookie could help.
+    pub dropped_limited: u64,
+    /// RESETs sent in answer to transport datagrams of unknown sessions.
+    pub resets_sent: u64,
+    /// RESETs not sent because `resets_per_s_max` was reached.
+    pub resets_limited: u64,
 }
 
 impl EndpointStats {
@@ -99,6 +118,7 @@ impl EndpointStats {
             DropReason::Closed => &mut self.dropped_closed,
             DropReason::DuplicateHandshake => &mut self.dropped_duplicate_handshake,
             DropReason::Full => &mut self.dropped_full,
+            DropReason::Limited => &mut self.dropped_limited,
         };
         *c += 1;
     }
@@ -111,6 +131,7 @@ impl EndpointStats {
             + self.dropped_closed
             + self.dropped_duplicate_handshake
             + self.dropped_full
+            + self.dropped_limited
     }
 }
 
@@ -142,6 +163,68 @@ struct Pending {
     state: PendingState,
 }
 
+/// The per-source handshake limit: one bucket per source IP address for
+/// initiations without a valid cookie, another for those with one.
+struct SourceLimits {
+    clock: Clock,
+    unproven: KeyedLimiter<IpAddr>,
+    proven: KeyedLimiter<IpAddr>,
+    /// Due while either table remembers an address.
+    next_housekeeping: Option<Instant>,
+}
+
+impl SourceLimits {
+    fn new(per_s: u32, now: Instant) -> Option<SourceLimits> {
+        if per_s == 0 {
+            return None;
+        }
+        let clock = Clock::new(now);
+        Some(SourceLimits {
+            unproven: clock.keyed(quota(per_s, per_s)),
+            proven: clock.keyed(quota(per_s, per_s)),
+            clock,
+            next_housekeeping: None,
+        })
+    }
+
+    /// Whether `ip` may start a handshake now; takes a token. A full table
+    /// stores no new address: unproven sources are then refused (they get
+    /// a COOKIE), proven ones pass unchecked.
+    fn admit(&mut self, now: Instant, ip: IpAddr, proven: bool, max: usize) -> bool {
+        self.clock.advance_to(now);
+        let table = if proven { &self.proven } else { &self.unproven };
+        if table.len() >= max {
+            return proven;
+        }
+        let ok = table.check_key(&ip).is_ok();
+        self.next_housekeeping
+            .get_or_insert(now + HANDSHAKE_LIMIT_HOUSEKEEPING);
+        ok
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        if self.next_housekeeping.is_none_or(|t| t > now) {
+            return;
+        }
+        self.clock.advance_to(now);
+        self.unproven.retain_recent();
+        self.proven.retain_recent();
+        self.next_housekeeping = if self.unproven.is_empty() && self.proven.is_empty() {
+            self.unproven.shrink_to_fit();
+            self.proven.shrink_to_fit();
+            None
+        } else {
+            Some(now + HANDSHAKE_LIMIT_HOUSEKEEPING)
+        };
+    }
+}
+
+/// The one-second window of the RESET rate.
+struct Resets {
+    window_start: Instant,
+    sent_in_window: u32,
+}
+
 struct Cookies {
     current: [u8; 32],
     previous: [u8; 32],
@@ -169,6 +252,8 @@ pub struct ServerEndpoint {
     /// Entries of `pending` still deciding (the rest are answered).
     deciding: usize,
     cookies: Cookies,
+    sources: Option<SourceLimits>,
+    resets: Resets,
     raw_out: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ServerEvent>,
     scratch: VecDeque<Event>,
@@ -191,6 +276,7 @@ impl ServerEndpoint {
             window_start: now,
             inits_in_window: 0,
         };
+        let sources = SourceLimits::new(config.handshakes_per_source_per_s, now);
         ServerEndpoint {
             mac1_key: crypto::mac1_key(&keys.public),
             config,
@@ -207,6 +293,11 @@ impl ServerEndpoint {
             next_pending: 0,
             deciding: 0,
             cookies,
+            sources,
+            resets: Resets {
+                window_start: now,
+                sent_in_window: 0,
+            },
             raw_out: VecDeque::new(),
             events: VecDeque::new(),
             scratch: VecDeque::new(),
@@ -245,6 +336,13 @@ impl ServerEndpoint {
             .count()
     }
 
+    /// Source addresses the handshake limiters remember (both tables).
+    pub fn handshake_source_count(&self) -> usize {
+        self.sources
+            .as_ref()
+            .map_or(0, |s| s.unproven.len() + s.proven.len())
+    }
+
     /// The peer address a session currently sends to.
     pub fn peer(&self, session: SessionId) -> Option<SocketAddr> {
         let slot = *self.index.get(&session)?;
@@ -265,10 +363,10 @@ impl ServerEndpoint {
 
     fn on_transport(&mut self, now: Instant, from: SocketAddr, d: &[u8]) -> Result<(), DropReason> {
         let t = wire::parse_transport(d).ok_or(DropReason::Malformed)?;
-        let slot = *self
-            .index
-            .get(&t.session_id)
-            .ok_or(DropReason::UnknownSession)?;
+        let Some(&slot) = self.index.get(&t.session_id) else {
+            self.reset(now, from, t.session_id);
+            return Err(DropReason::UnknownSession);
+        };
         let s = self.slots[slot as usize].as_mut().expect("indexed slot");
         let newest = s
             .core
@@ -286,11 +384,24 @@ impl ServerEndpoint {
             return Err(DropReason::Unauthentic);
         }
         self.rotate_cookie_secret(now);
-        if self.cookie_required(now) && !self.cookie_valid(from, &d[..INIT_MAC2_AT], init.mac2) {
+        let proven =
+            init.mac2 != [0u8; MAC_BYTES] && self.cookie_valid(from, &d[..INIT_MAC2_AT], init.mac2);
+        let demanded = self.cookie_required(now);
+        if !proven && (demanded || !self.admit(now, from.ip(), false)) {
+            if self.config.cookie_mode == CookieMode::Never {
+                return Err(DropReason::Limited);
+            }
             let cookie = crypto::cookie(&self.cookies.current, from);
-            self.queue_raw(from, wire::write_cookie(init.client_index, &cookie));
-            self.stats.cookies_sent += 1;
+            let reply = wire::write_cookie(init.client_index, &cookie);
+            for _ in 0..COOKIE_COPIES {
+                if self.queue_raw(from, reply.clone()) {
+                    self.stats.cookies_sent += 1;
+                }
+            }
             return Ok(());
+        }
+        if proven && !self.admit(now, from.ip(), true) {
+            return Err(DropReason::Limited);
         }
         let ephemeral: [u8; 32] = init.noise[..32].try_into().expect("32 bytes");
         if let Some(&pid) = self.by_ephemeral.get(&ephemeral) {
@@ -302,6 +413,36 @@ impl ServerEndpoint {
             return Err(DropReason::Full);
         }
         self.start_pending(now, from, &init, ephemeral)
+    }
+
+    /// Whether the per-source limit lets `ip` start a handshake now.
+    fn admit(&mut self, now: Instant, ip: IpAddr, proven: bool) -> bool {
+        let max = self.config.handshake_sources_max;
+        self.sources
+            .as_mut()
+            .is_none_or(|s| s.admit(now, ip, proven, max))
+    }
+
+    /// Answer a transport datagram of an unknown session with a RESET,
+    /// when a reset key is configured and the per-second cap allows.
+    fn reset(&mut self, now: Instant, to: SocketAddr, session_id: SessionId) {
+        let Some(key) = self.config.reset_key else {
+            return;
+        };
+        let r = &mut self.resets;
+        if now >= r.window_start + Duration::from_secs(1) {
+            r.window_start = now;
+            r.sent_in_window = 0;
+        }
+        if r.sent_in_window >= self.config.resets_per_s_max {
+            self.stats.resets_limited += 1;
+            return;
+        }
+        r.sent_in_window += 1;
+        let token = crypto::reset_token(&key, session_id);
+        if self.queue_raw(to, wire::write_reset(session_id, &token)) {
+            self.stats.resets_sent += 1;
+        }
     }
 
     fn on_duplicate_init(&mut self, pid: u64, from: SocketAddr) -> Result<(), DropReason> {
@@ -381,9 +522,9 @@ impl ServerEndpoint {
         }
         c.inits_in_window = c.inits_in_window.saturating_add(1);
         match self.config.cookie_mode {
-            super::CookieMode::Never => false,
-            super::CookieMode::Always => true,
-            super::CookieMode::UnderLoad { inits_per_s_max } => c.inits_in_window > inits_per_s_max,
+            CookieMode::Never => false,
+            CookieMode::Always => true,
+            CookieMode::UnderLoad { inits_per_s_max } => c.inits_in_window > inits_per_s_max,
         }
     }
 
@@ -393,12 +534,14 @@ impl ServerEndpoint {
             .any(|secret| crypto::mac_verify(&crypto::cookie(secret, from), covered, mac2))
     }
 
-    fn queue_raw(&mut self, to: SocketAddr, datagram: Vec<u8>) {
+    /// Queue a datagram; false (dropped, counted `Full`) beyond RAW_OUT_MAX.
+    fn queue_raw(&mut self, to: SocketAddr, datagram: Vec<u8>) -> bool {
         if self.raw_out.len() >= RAW_OUT_MAX {
             self.stats.count_drop(DropReason::Full);
-            return;
+            return false;
         }
         self.raw_out.push_back((to, datagram));
+        true
     }
 
     /// Accept a login: the session exists from now on and `payload` rides
@@ -441,7 +584,12 @@ impl ServerEndpoint {
         if id == 0 || self.index.contains_key(&id) {
             return Err(AcceptError::IdTaken(id));
         }
-        let (mut hs, from, reply) = self.answer(pending, id, wire::STATUS_ACCEPTED, payload);
+        let token = self
+            .config
+            .reset_key
+            .map_or([0; RESET_TOKEN_BYTES], |k| crypto::reset_token(&k, id));
+        let (mut hs, from, reply) =
+            self.answer(pending, id, wire::STATUS_ACCEPTED, &token, payload);
         let keys = TransportKeys::split(&mut hs);
         let slot = self.insert_session(Session {
             core: Core::new(id, keys, now),
@@ -458,7 +606,8 @@ impl ServerEndpoint {
     /// Refuse a login; `payload` (the reason) rides in the response.
     pub fn reject(&mut self, pending: PendingId, payload: &[u8]) -> Result<(), AcceptError> {
         self.check_answer(pending, payload)?;
-        let (_, from, reply) = self.answer(pending, 0, wire::STATUS_REJECTED, payload);
+        let zeros = [0; RESET_TOKEN_BYTES];
+        let (_, from, reply) = self.answer(pending, 0, wire::STATUS_REJECTED, &zeros, payload);
         self.queue_raw(from, reply);
         self.stats.handshakes_rejected += 1;
         Ok(())
@@ -488,6 +637,7 @@ impl ServerEndpoint {
         pending: PendingId,
         id: SessionId,
         status: u8,
+        reset_token: &[u8; RESET_TOKEN_BYTES],
         payload: &[u8],
     ) -> (Box<HandshakeState>, SocketAddr, Vec<u8>) {
         let p = self.pending.get_mut(&pending.0).expect("checked");
@@ -496,7 +646,7 @@ impl ServerEndpoint {
         else {
             unreachable!("checked by check_answer");
         };
-        let reply = write_response(&mut hs, p.client_index, id, status, payload);
+        let reply = write_response(&mut hs, p.client_index, id, status, reset_token, payload);
         p.state = PendingState::Answered(reply.clone());
         let from = p.from;
         self.deciding -= 1;
@@ -629,11 +779,15 @@ impl ServerEndpoint {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let timer = self.timers.first().map(|(t, _)| *t);
         let pending = self.pending_expiry.front().map(|(t, _)| *t);
-        [timer, pending].into_iter().flatten().min()
+        let sources = self.sources.as_ref().and_then(|s| s.next_housekeeping);
+        [timer, pending, sources].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_pending(now);
+        if let Some(s) = self.sources.as_mut() {
+            s.housekeeping(now);
+        }
         while let Some(&(t, slot)) = self.timers.first() {
             if t > now {
                 break;
@@ -667,18 +821,16 @@ impl ServerEndpoint {
 }
 
 /// RESPONSE: type | client_index | session_id | noise msg2 whose plaintext
-/// is status | payload_len u16 | payload.
+/// is status | reset_token | payload_len u16 | payload.
 fn write_response(
     hs: &mut HandshakeState,
     client_index: u32,
     id: SessionId,
     status: u8,
+    reset_token: &[u8; RESET_TOKEN_BYTES],
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut block = Vec::with_capacity(wire::RESPONSE_BLOCK_HEADER_BYTES + payload.len());
-    block.push(status);
-    block.extend_from_slice(&(payload.len() as u16).to_le_bytes());
-    block.extend_from_slice(payload);
+    let block = wire::write_response_block(status, reset_token, payload);
     let mut d = vec![0u8; super::config::HANDSHAKE_INIT_BYTES];
     d[0] = wire::TYPE_RESPONSE;
     d[1..5].copy_from_slice(&client_index.to_le_bytes());

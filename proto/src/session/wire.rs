@@ -1,4 +1,4 @@
-//! Byte layouts of the four datagram types and of the frames inside a
+//! Byte layouts of the five datagram types and of the frames inside a
 //! transport datagram's plaintext. Every parser checks exact lengths and
 //! returns `None` for anything else; none of them panics.
 
@@ -8,6 +8,7 @@ pub const TYPE_INIT: u8 = 1;
 pub const TYPE_RESPONSE: u8 = 2;
 pub const TYPE_COOKIE: u8 = 3;
 pub const TYPE_TRANSPORT: u8 = 4;
+pub const TYPE_RESET: u8 = 5;
 
 pub const MAC_BYTES: usize = 16;
 pub const TAG_BYTES: usize = 16;
@@ -25,9 +26,12 @@ pub const INIT_MAC1_AT: usize = 5 + INIT_NOISE_BYTES;
 pub const INIT_MAC2_AT: usize = INIT_MAC1_AT + MAC_BYTES;
 
 /// RESPONSE: type | client_index u32 | session_id u64 | noise msg2, where
-/// msg2's plaintext block is status u8 | payload_len u16 | payload.
+/// msg2's plaintext block is status u8 | reset_token [16] | payload_len u16
+/// | payload.
 pub const RESPONSE_HEADER_BYTES: usize = 1 + 4 + 8;
-pub const RESPONSE_BLOCK_HEADER_BYTES: usize = 3;
+/// A session's RESET token (`crypto::reset_token`), 16 bytes.
+pub const RESET_TOKEN_BYTES: usize = MAC_BYTES;
+pub const RESPONSE_BLOCK_HEADER_BYTES: usize = 1 + RESET_TOKEN_BYTES + 2;
 /// Largest answer payload; with it the response is never larger than the
 /// (always padded) initiation.
 pub const RESPONSE_PAYLOAD_MAX: usize = HANDSHAKE_INIT_BYTES
@@ -38,6 +42,10 @@ pub const RESPONSE_PAYLOAD_MAX: usize = HANDSHAKE_INIT_BYTES
 
 /// COOKIE: type | client_index u32 | cookie.
 pub const COOKIE_BYTES: usize = 1 + 4 + MAC_BYTES;
+
+/// RESET: type | session_id u64 | reset_token [16]; smaller than the
+/// smallest TRANSPORT datagram, the only thing it answers.
+pub const RESET_BYTES: usize = 1 + 8 + RESET_TOKEN_BYTES;
 
 /// TRANSPORT: type | session_id u64 | counter u64 | AEAD(plaintext).
 pub const TRANSPORT_HEADER_BYTES: usize = 1 + 8 + 8;
@@ -118,6 +126,52 @@ pub fn write_cookie(client_index: u32, cookie: &[u8; MAC_BYTES]) -> Vec<u8> {
     d.push(TYPE_COOKIE);
     d.extend_from_slice(&client_index.to_le_bytes());
     d.extend_from_slice(cookie);
+    d
+}
+
+/// The plaintext block of a RESPONSE: status | reset_token | payload_len
+/// u16 | payload, exactly (the payload at most `RESPONSE_PAYLOAD_MAX`).
+pub fn write_response_block(
+    status: u8,
+    reset_token: &[u8; RESET_TOKEN_BYTES],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert!(payload.len() <= RESPONSE_PAYLOAD_MAX);
+    let mut block = Vec::with_capacity(RESPONSE_BLOCK_HEADER_BYTES + payload.len());
+    block.push(status);
+    block.extend_from_slice(reset_token);
+    block.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+    block.extend_from_slice(payload);
+    block
+}
+
+/// A RESPONSE's plaintext block: (status, reset_token, payload), or `None`
+/// unless the status is known and the length field matches exactly.
+pub fn parse_response_block(b: &[u8]) -> Option<(u8, [u8; RESET_TOKEN_BYTES], &[u8])> {
+    if b.len() < RESPONSE_BLOCK_HEADER_BYTES {
+        return None;
+    }
+    let token: [u8; RESET_TOKEN_BYTES] = b[1..1 + RESET_TOKEN_BYTES].try_into().ok()?;
+    let at = 1 + RESET_TOKEN_BYTES;
+    let len = u16::from_le_bytes([b[at], b[at + 1]]) as usize;
+    let payload = &b[RESPONSE_BLOCK_HEADER_BYTES..];
+    let status_ok = b[0] == STATUS_ACCEPTED || b[0] == STATUS_REJECTED;
+    (status_ok && payload.len() == len).then_some((b[0], token, payload))
+}
+
+/// A RESET: (session_id, reset_token), exactly `RESET_BYTES` long.
+pub fn parse_reset(d: &[u8]) -> Option<(u64, [u8; RESET_TOKEN_BYTES])> {
+    if d.len() != RESET_BYTES || d[0] != TYPE_RESET {
+        return None;
+    }
+    Some((u64_at(d, 1), d[9..].try_into().ok()?))
+}
+
+pub fn write_reset(session_id: u64, token: &[u8; RESET_TOKEN_BYTES]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(RESET_BYTES);
+    d.push(TYPE_RESET);
+    d.extend_from_slice(&session_id.to_le_bytes());
+    d.extend_from_slice(token);
     d
 }
 
@@ -337,7 +391,9 @@ mod tests {
     fn layout_constants_add_up() {
         assert_eq!(INIT_MAC2_AT + MAC_BYTES, HANDSHAKE_INIT_BYTES);
         assert_eq!(INIT_PAYLOAD_MAX, 1113);
-        assert_eq!(RESPONSE_PAYLOAD_MAX, 1136);
+        assert_eq!(RESPONSE_PAYLOAD_MAX, 1120);
+        const { assert!(RESET_BYTES < TRANSPORT_HEADER_BYTES + TAG_BYTES + 1) };
+        assert_eq!(RESET_BYTES, 25);
         assert_eq!(PLAINTEXT_BYTES_MAX, 1167);
         assert_eq!(FRAG_DATA_MAX, 1142);
         let response_max = RESPONSE_HEADER_BYTES
@@ -347,6 +403,32 @@ mod tests {
             + TAG_BYTES;
         assert!(response_max <= HANDSHAKE_INIT_BYTES);
         const { assert!(COOKIE_BYTES < HANDSHAKE_INIT_BYTES) };
+    }
+
+    #[test]
+    fn reset_and_response_block_round_trip_and_refuse_other_lengths() {
+        let token = [9u8; RESET_TOKEN_BYTES];
+        let d = write_reset(0x0102_0304_0506_0708, &token);
+        assert_eq!(d.len(), RESET_BYTES);
+        assert_eq!(parse_reset(&d), Some((0x0102_0304_0506_0708, token)));
+        assert_eq!(parse_reset(&d[..24]), None);
+        let mut long = d.clone();
+        long.push(0);
+        assert_eq!(parse_reset(&long), None);
+        let mut other = d.clone();
+        other[0] = TYPE_TRANSPORT;
+        assert_eq!(parse_reset(&other), None);
+
+        let b = write_response_block(STATUS_ACCEPTED, &token, b"hi");
+        assert_eq!(b.len(), RESPONSE_BLOCK_HEADER_BYTES + 2);
+        assert_eq!(
+            parse_response_block(&b),
+            Some((STATUS_ACCEPTED, token, &b"hi"[..]))
+        );
+        assert_eq!(parse_response_block(&b[..b.len() - 1]), None);
+        let mut bad = b.clone();
+        bad[0] = 7;
+        assert_eq!(parse_response_block(&bad), None);
     }
 
     #[test]
@@ -398,6 +480,8 @@ mod tests {
             let _ = parse_response(&d);
             let _ = parse_cookie(&d);
             let _ = parse_transport(&d);
+            let _ = parse_reset(&d);
+            let _ = parse_response_block(&d);
             let _ = frames_valid(&d);
             let _ = frames(&d).count();
         }
