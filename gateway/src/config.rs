@@ -35,8 +35,12 @@ pub struct Limits {
     pub sessions_max: usize,
     /// Logins being checked at once at most (password checks included).
     pub pending_logins_max: usize,
-    /// Handshake initiations per second from one IP address; beyond it
-    /// they are dropped and counted.
+    /// Handshake initiations per second (and burst) from one IP address,
+    /// counted only once mac1 verified (a forged flood costs nobody else):
+    /// beyond it an initiation without a cookie is answered with a COOKIE,
+    /// and one with a valid cookie is dropped and counted
+    /// (`gateway_datagrams_dropped_total{reason="limited"}`). At least 1.
+    /// docs/PROTOCOL.md §2.2.
     pub handshakes_per_ip_per_s: u32,
     /// Messages a user may send per second (token bucket) ...
     pub messages_per_user_per_s: u32,

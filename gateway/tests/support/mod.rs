@@ -182,6 +182,26 @@ impl Cluster {
         self.gateway = start_gateway_with(dir, 1, &dir.join("gateway"), &flags);
     }
 
+    /// SIGKILL gateway 1, leave it down for `down`, and start it again on
+    /// the same UDP address, data directory, cluster file, config file and
+    /// metrics address (its sessions are gone; its keys are not).
+    pub async fn kill_and_restart_gateway(&mut self, down: Duration) {
+        self.gateway.signal(libc::SIGKILL);
+        let _ = self.gateway.child.wait();
+        tokio::time::sleep(down).await;
+        let listen = self.gateway.addr.to_string();
+        let mut flags: Vec<String> = vec!["--listen".into(), listen];
+        if let Some(path) = &self.gateway_config {
+            flags.extend(["--config".into(), path.display().to_string()]);
+        }
+        if let Some(addr) = self.metrics {
+            flags.extend(["--metrics-addr".into(), addr.to_string()]);
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let dir = self.dir.path();
+        self.gateway = start_gateway_with(dir, 1, &dir.join("gateway"), &flags);
+    }
+
     /// Where gateway `id` listens for peer links (as registered with
     /// presence), waiting for it to register.
     pub async fn peer_addr(&self, id: u32) -> String {
@@ -356,7 +376,10 @@ pub fn start_gateway(dir: &Path) -> DaemonProcess {
 pub fn start_gateway_with(dir: &Path, id: u32, data: &Path, extra: &[&str]) -> DaemonProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
     cmd.args(extra);
-    cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(["--peer-listen", "127.0.0.1:0"])
         .arg("--id")
         .arg(id.to_string())
         .arg("--cluster")

@@ -128,7 +128,9 @@ pub struct ServerConfig {
     /// mac1, in two buckets per address: one for initiations without a
     /// valid cookie (mac2), whose empty bucket is answered with a COOKIE,
     /// and one for initiations with one, whose empty bucket drops
-    /// (`DropReason::Limited`). docs/PROTOCOL.md §2.2.
+    /// (`DropReason::Limited`). docs/PROTOCOL.md §2.2. Default 0: an
+    /// endpoint in a test or a benchmark takes every handshake; the gateway
+    /// daemon sets its `limits.handshakes_per_ip_per_s` (default 20).
     pub handshakes_per_source_per_s: u32,
     /// Source addresses each of the two handshake limiters remembers at
     /// most. A full table stores no new address: an initiation without a
@@ -157,7 +159,7 @@ impl Default for ServerConfig {
                 inits_per_s_max: 2000,
             },
             cookie_rotation: Duration::from_secs(120),
-            handshakes_per_source_per_s: 20,
+            handshakes_per_source_per_s: 0,
             handshake_sources_max: 65_536,
             reset_key: None,
             resets_per_s_max: 1000,
