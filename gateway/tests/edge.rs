@@ -19,23 +19,13 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use support::{messages_until_shown, Cluster, Options};
+use support::{messages_until_shown, Cluster};
 use tokio::{net::UdpSocket, sync::mpsc};
 
 /// A guard against a hang, never a timing assertion.
 const HANG: Duration = Duration::from_secs(60);
 
 const FAST: &str = "[limits]\nmessages_per_user_per_s = 100000\nmessages_burst = 100000\n";
-
-async fn cluster(gateway_toml: &str) -> Cluster {
-    let options = Options {
-        shards: 1,
-        gateway_toml: Some(gateway_toml.into()),
-        metrics: true,
-        ..Options::default()
-    };
-    Cluster::start_with(options).await.0
-}
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(HANG, f)
@@ -94,7 +84,7 @@ async fn response(socket: &UdpSocket, to: SocketAddr, datagram: &[u8]) -> Vec<u8
 /// cookie round trip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_the_clients_own_address_does_not_lock_it_out() {
-    let c = cluster(FAST).await;
+    let c = Cluster::metered(FAST).await;
     let alice = c.user("alice", "pa").await;
     let bob = c.user("bob", "pb").await;
     c.befriend(alice, bob).await;
@@ -164,7 +154,7 @@ fn flood_from_loopback(gateway: SocketAddr, public: [u8; 32], flood: &Flood) {
 /// the live session carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_login_is_refused_and_kicks_nobody() {
-    let mut c = cluster(FAST).await;
+    let mut c = Cluster::metered(FAST).await;
     let alice = c.user("alice", "pa").await;
     let bob = c.user("bob", "pb").await;
     c.befriend(alice, bob).await;
@@ -223,7 +213,7 @@ async fn a_replayed_login_is_refused_and_kicks_nobody() {
 /// one waited out (here 10 minutes), the guard would fail the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_address_first_in_the_list_costs_no_handshake_timeout() {
-    let c = cluster(FAST).await;
+    let c = Cluster::metered(FAST).await;
     let alice = c.user("alice", "pa").await;
     let bob = c.user("bob", "pb").await;
     c.befriend(alice, bob).await;
@@ -251,7 +241,7 @@ async fn a_dead_address_first_in_the_list_costs_no_handshake_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_and_restarted_under_a_chat_loses_nothing() {
     let toml = format!("{FAST}[timers]\nheartbeat_s = 2\n");
-    let mut c = cluster(&toml).await;
+    let mut c = Cluster::metered(&toml).await;
     let alice = c.user("alice", "pa").await;
     let bob = c.user("bob", "pb").await;
     c.befriend(alice, bob).await;

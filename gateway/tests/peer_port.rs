@@ -11,7 +11,7 @@ use proto::{
     frame::{self, Decoded},
     peer::{Forward, PeerOutcome, PeerRequest, PeerRequestBody, PeerResponse, PeerResponseBody},
 };
-use support::{Cluster, Options, WAIT};
+use support::{Cluster, WAIT};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -75,19 +75,9 @@ async fn await_metric(c: &Cluster, name: &str, want: f64) {
     }
 }
 
-async fn cluster(gateway_toml: &str) -> Cluster {
-    let options = Options {
-        shards: 1,
-        gateway_toml: Some(gateway_toml.into()),
-        metrics: true,
-        ..Options::default()
-    };
-    Cluster::start_with(options).await.0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_peer_connections_max_a_link_is_closed_and_the_open_ones_are_served() {
-    let c = cluster("[limits]\npeer_connections_max = 2\n").await;
+    let c = Cluster::metered("[limits]\npeer_connections_max = 2\n").await;
     let peer = c.peer_addr(1).await;
     let mut a = TcpStream::connect(&peer).await.unwrap();
     let mut b = TcpStream::connect(&peer).await.unwrap();
@@ -124,7 +114,7 @@ async fn beyond_peer_connections_max_a_link_is_closed_and_the_open_ones_are_serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_link_without_a_frame_for_peer_idle_timeout_s_is_closed() {
-    let c = cluster("[timers]\npeer_idle_timeout_s = 2\n").await;
+    let c = Cluster::metered("[timers]\npeer_idle_timeout_s = 2\n").await;
     let peer = c.peer_addr(1).await;
     let mut silent = TcpStream::connect(&peer).await.unwrap();
     let mut half = TcpStream::connect(&peer).await.unwrap();

@@ -635,7 +635,11 @@ mod tests {
 
     /// Under `always`, appends one record of `payload_bytes` to `user` and
     /// closes the batch the way the server does: its write handed back.
-    fn append_deferred(e: &mut Engine, user: u64, payload_bytes: usize) -> DeferredWrite {
+    pub(crate) fn append_deferred(
+        e: &mut Engine,
+        user: u64,
+        payload_bytes: usize,
+    ) -> DeferredWrite {
         e.begin_batch();
         e.append(AppendRequest {
             user,

@@ -66,6 +66,18 @@ impl Cluster {
         Cluster::start_with(options).await.0
     }
 
+    /// One in-process shard, the gateway started with `gateway_toml` as its
+    /// config file and serving `/metrics`.
+    pub async fn metered(gateway_toml: &str) -> Cluster {
+        let options = Options {
+            shards: 1,
+            gateway_toml: Some(gateway_toml.into()),
+            metrics: true,
+            ..Options::default()
+        };
+        Cluster::start_with(options).await.0
+    }
+
     /// Like `start`, but the shards are real `msgstore` processes (so a
     /// test can SIGKILL them), on the given data directories.
     pub async fn start_with_shard_processes(shards: usize) -> (Cluster, Vec<ShardProcess>) {

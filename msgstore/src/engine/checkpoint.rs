@@ -857,17 +857,10 @@ mod tests {
         }
     }
 
-    /// Append under `always` the way the server does: the batch's log write
-    /// is handed back, not performed.
+    /// Append under `always` the way the server does (the batch's log
+    /// write is handed back, not performed), leaving the next batch open.
     fn append_deferred(e: &mut Engine, user: u64, payload_bytes: usize) -> DeferredWrite {
-        e.begin_batch();
-        e.append(AppendRequest {
-            user,
-            msg_id: 1,
-            payload: vec![7; payload_bytes],
-        })
-        .unwrap();
-        let write = e.end_batch_deferred().unwrap().expect("a log write");
+        let write = crate::engine::tests::append_deferred(e, user, payload_bytes);
         e.begin_batch();
         write
     }
