@@ -243,6 +243,59 @@ fn serve_on_this_thread(
 
 daemon::impl_service!(Daemon);
 
+/// `msgstore --repair` / `imctl shard repair`: open the shard in `dir`
+/// offline (it must not be running: the directory lock is taken), and if
+/// its log is damaged with valid entries after the damage, cut the log
+/// there. Before anything is cut, every user's next seq is raised past
+/// every seq the dropped part may have given it and checkpointed (so no
+/// seq is ever given twice). A clean log or a torn tail is handled as a
+/// normal open does. Returns what was dropped.
+pub fn repair_log(dir: &Path, config: EngineConfig) -> Result<crate::error::RepairReport, Error> {
+    config.validate().map_err(Error::Config)?;
+    let (engine, report) = Engine::open_for_repair(dir, config)?;
+    engine.finish_repair(&report)?;
+    if let Some(d) = &report.damage {
+        tracing::warn!(
+            file = %d.file,
+            offset = d.offset,
+            entries = d.valid_after,
+            appends = d.appends_after,
+            unreadable_bytes = d.unreadable_bytes,
+            raised = report.raised.len(),
+            "repaired the log: cut at the damage"
+        );
+    }
+    Ok(report)
+}
+
+/// The lines `msgstore --repair` prints: exactly what was dropped.
+pub fn repair_summary(report: &crate::error::RepairReport) -> Vec<String> {
+    let Some(d) = &report.damage else {
+        return vec!["log is not corrupt: nothing to repair".to_string()];
+    };
+    let mut out = vec![format!(
+        "cut the log at {} byte offset {} ({}): dropped {} valid entries ({} appends) and {} unreadable bytes \
+         (at most {} entries of unknown user)",
+        d.file,
+        d.offset,
+        d.fault,
+        d.valid_after,
+        d.appends_after,
+        d.unreadable_bytes,
+        d.unreadable_bytes.div_ceil(49)
+    )];
+    for (file, from, to) in &d.dropped_ranges {
+        out.push(format!("dropped bytes {from}..{to} of {file}"));
+    }
+    for (user, lo, hi) in &d.dropped_seqs {
+        out.push(format!("dropped user {user} seqs {lo}..={hi}"));
+    }
+    for (user, next) in &report.raised {
+        out.push(format!("user {user}: next seq raised to {next}"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,11 @@ pub enum Error {
     Index(#[from] heed::Error),
     #[error("corrupt shard data: {0}")]
     Corrupt(String),
+    /// The log has damage with valid entries after it: the shard refuses
+    /// to start rather than drop acknowledged entries; `msgstore --repair`
+    /// cuts the log there.
+    #[error("{0}; refusing to start (nothing was changed on disk): run `msgstore --repair` (or `imctl shard repair --data DIR`) to cut the log there and drop what follows")]
+    LogDamaged(Box<LogDamage>),
     #[error("storage error: {0}")]
     Storage(String),
     #[error("user moved to shard {shard} at {addr} (cluster map epoch {epoch})")]
@@ -69,6 +74,7 @@ impl Error {
             | Error::Io(_)
             | Error::Index(_)
             | Error::Corrupt(_)
+            | Error::LogDamaged(_)
             | Error::Storage(_) => ShardErrorCode::Storage,
         };
         ShardError {
@@ -101,4 +107,56 @@ impl Error {
             other => Error::Storage(other.to_string()),
         }
     }
+}
+
+/// Where the write-ahead log is damaged with valid entries after the damage
+/// (corruption, not a torn tail; docs/STORAGE.md, "Recovery").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogDamage {
+    /// The segment file holding the first bad byte.
+    pub file: String,
+    /// Byte offset of the first bad frame in that file (0: its header).
+    pub offset: u64,
+    /// What was wrong there.
+    pub fault: String,
+    /// Valid entries (checksum verified, known kind) after the damage, in
+    /// this and later segments: what a repair drops.
+    pub valid_after: u64,
+    /// Appends among them.
+    pub appends_after: u64,
+    /// Bytes after the damage that are not part of a valid entry (nonzero,
+    /// unreadable): the most entries of unknown user they can have held is
+    /// `unreadable_bytes / 49` (the smallest append frame).
+    pub unreadable_bytes: u64,
+    /// (segment file, first byte, end byte) of every range a repair drops.
+    pub dropped_ranges: Vec<(String, u64, u64)>,
+    /// Per user: (lowest, highest) seq of the valid appends after the
+    /// damage (and `next_seq - 1` of any Reseq), sorted by user.
+    pub dropped_seqs: Vec<(u64, u64, u64)>,
+}
+
+impl std::fmt::Display for LogDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "write-ahead log segment {} is damaged at byte offset {} ({}), with {} valid entries \
+             ({} appends) after it and {} unreadable bytes",
+            self.file,
+            self.offset,
+            self.fault,
+            self.valid_after,
+            self.appends_after,
+            self.unreadable_bytes
+        )
+    }
+}
+
+/// What `msgstore --repair` dropped (one entry per damaged log).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// The damage that was cut off, if any (a clean log needs no repair).
+    pub damage: Option<LogDamage>,
+    /// Users whose next seq was raised past every seq they may have been
+    /// given in the dropped part: (user, new next seq).
+    pub raised: Vec<(u64, u64)>,
 }

@@ -339,35 +339,22 @@ fn bit_flip_in_the_wal_tail_drops_that_entry_only() {
 }
 
 #[test]
-fn bit_flip_in_the_middle_of_the_wal_ends_replay_there() {
-    // Entries: appends 1..=5, ack 2, appends 6, 7. Damage append 4: replay
-    // keeps the prefix 1..=3 and nothing after it (no gaps, no ack of
-    // records that are gone).
+fn bit_flip_in_the_middle_of_the_wal_is_corruption_and_refused() {
+    // Entries: appends 1..=5, ack 2, appends 6, 7. Damage append 4: valid
+    // entries follow it, so this is corruption, not a torn tail: the open
+    // is refused (nothing acknowledged is silently dropped).
     let crashed = crash_writer(5, 2, 2);
     let seg = wal_segments(crashed.dir.path()).remove(0);
     let log = fs::read(&seg).unwrap();
     let (at, _) = frames(&log, WAL_HEADER)[3];
     flip(&seg, at + FRAME_HEADER + WAL_APPEND_FIXED + 2);
-    let shard = open(crashed.dir.path());
-    assert!(corrupt_total(&shard) >= 1);
-    assert_records(&shard, USER, &[1, 2, 3]);
-    let stats = shard.user_stats(USER).wait().unwrap();
-    assert_eq!(
-        (stats.last_seq, stats.acked_seq, stats.live_count),
-        (3, 0, 3)
-    );
-    assert_eq!(
-        shard
-            .append(USER, msg_id(USER, 4), payload(USER, 4))
-            .wait()
-            .unwrap(),
-        4
-    );
-    shard.close().unwrap();
-    let shard = open(crashed.dir.path());
-    assert_eq!(corrupt_total(&shard), 0);
-    assert_records(&shard, USER, &[1, 2, 3, 4]);
-    shard.close().unwrap();
+    match Shard::open(crashed.dir.path(), config()) {
+        Err(msgstore::Error::LogDamaged(d)) => {
+            assert_eq!((d.offset, d.valid_after), (at as u64, 4));
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("a corrupt log must not open"),
+    }
 }
 
 #[test]
@@ -385,8 +372,13 @@ fn wal_segment_with_a_garbage_header_is_dropped_and_counted() {
     bytes[..WAL_HEADER].copy_from_slice(&[0xA5; WAL_HEADER]);
     let bad = copy.path().join("wal").join(format!("{:016x}.log", 2));
     fs::write(&bad, &bytes).unwrap();
+    // Valid entries after a bad header: corruption, refused until repaired.
+    assert!(matches!(
+        Shard::open(copy.path(), config()),
+        Err(msgstore::Error::LogDamaged(_))
+    ));
+    msgstore::daemon::repair_log(copy.path(), config()).unwrap();
     let shard = open(copy.path());
-    assert!(corrupt_total(&shard) >= 1);
     assert!(!bad.exists(), "the garbage segment is removed");
     assert_records(&shard, USER, &[1, 2, 3, 4]);
     assert_eq!(
@@ -405,7 +397,23 @@ fn wal_segment_with_a_garbage_header_is_dropped_and_counted() {
     // (b) The only segment's header damaged (one byte, or cut short as by
     // a crash while the segment was created): its entries cannot be
     // trusted and are dropped; nothing comes back as garbage.
-    for damage in [Damage::Flip(12), Damage::Flip(30), Damage::CutTo(10)] {
+    for damage in [Damage::Flip(12), Damage::Flip(30)] {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(crashed.dir.path(), copy.path());
+        let seg = wal_segments(copy.path()).remove(0);
+        if let Damage::Flip(at) = damage {
+            flip(&seg, at);
+        }
+        assert!(
+            matches!(
+                Shard::open(copy.path(), config()),
+                Err(msgstore::Error::LogDamaged(_))
+            ),
+            "{damage:?}: valid entries after a bad header are refused"
+        );
+    }
+    #[allow(clippy::single_element_loop)]
+    for damage in [Damage::CutTo(10)] {
         let copy = tempfile::tempdir().unwrap();
         copy_dir(crashed.dir.path(), copy.path());
         let seg = wal_segments(copy.path()).remove(0);

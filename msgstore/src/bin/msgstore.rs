@@ -39,10 +39,18 @@ struct Args {
     /// TOML config file (see msgstore.example.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Do not serve: if the log is corrupt (damage with valid entries
+    /// after it), cut it at the damage, print exactly what was dropped and
+    /// exit. The shard must not be running.
+    #[arg(long)]
+    repair: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.repair {
+        return repair(&args);
+    }
     // The async runtime only waits for signals and serves metrics; the
     // shard runs on its own thread (see `msgstore::server`).
     daemon::run_main("msgstore", || Ok(serve(load_config(&args)?)))
@@ -86,4 +94,26 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     daemon::run_until_signal("msgstore", signals, running).await
+}
+
+fn repair(args: &Args) -> ExitCode {
+    let result = load_config(args).and_then(|config| {
+        let dir = config
+            .data
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(shard_daemon::DATA_DIR_DEFAULT));
+        Ok(shard_daemon::repair_log(&dir, config.engine)?)
+    });
+    match result {
+        Ok(report) => {
+            for line in shard_daemon::repair_summary(&report) {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("msgstore --repair: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -6,10 +6,13 @@ use super::{
     codec::MESSAGE_HEADER_BYTES,
     index::Index,
     state::{bucket_for_user, UserState},
-    wal::{self, Entry, Position, SegmentEnd, Wal},
+    wal::{self, Entry, LogScan, Position, SegmentEnd, Wal},
     Engine, Totals, Undo,
 };
-use crate::{EngineConfig, FsyncPolicy, Result};
+use crate::{
+    error::{LogDamage, RepairReport},
+    EngineConfig, Error, FsyncPolicy, Result,
+};
 use proto::shard::ShardStats;
 // Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -21,6 +24,135 @@ const REPLAY_ENTRY_BYTES_MAX: usize = 1 + MESSAGE_HEADER_BYTES + 16 * 1024 * 102
 
 impl Engine {
     pub(crate) fn open(dir: &Path, config: EngineConfig) -> Result<Engine> {
+        Ok(Engine::open_inner(dir, config, false)?.0)
+    }
+
+    /// Open for `msgstore --repair`: a log damaged with valid entries after
+    /// the damage is replayed up to the damage (nothing on disk changed
+    /// yet) and every seq the dropped part may have given is put out of
+    /// reach; [`Engine::finish_repair`] then makes that durable and cuts
+    /// the log.
+    pub(crate) fn open_for_repair(
+        dir: &Path,
+        config: EngineConfig,
+    ) -> Result<(Engine, RepairReport)> {
+        let (mut engine, damage) = Engine::open_inner(dir, config, true)?;
+        let mut report = RepairReport::default();
+        if let Some(damage) = damage {
+            report.raised = engine.raise_seqs_past(&damage)?;
+            report.damage = Some(damage);
+        }
+        Ok((engine, report))
+    }
+
+    /// Checkpoint (the raised seqs and the replayed prefix become durable in
+    /// the index), then cut the log at the damage: only then is anything
+    /// dropped, so a crash in between leaves the log to be repaired again.
+    pub(crate) fn finish_repair(mut self, report: &RepairReport) -> Result<()> {
+        self.shutdown()?;
+        if let Some(damage) = &report.damage {
+            let wal_dir = self.dir.join("wal");
+            let current = self.wal.position().segment;
+            let bad = std::path::PathBuf::from(&damage.file);
+            for seg in wal::list_segments(&wal_dir)? {
+                let path = wal_dir.join(format!("{seg:016x}.log"));
+                if seg >= current || path < bad {
+                    continue;
+                }
+                if path == bad && damage.offset > 0 {
+                    let f = match std::fs::OpenOptions::new().write(true).open(&path) {
+                        Ok(f) => f,
+                        // The checkpoint's trim got there first.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let len = f.metadata()?.len();
+                    if len > damage.offset {
+                        use std::os::unix::fs::FileExt;
+                        f.write_all_at(&vec![0u8; (len - damage.offset) as usize], damage.offset)?;
+                    }
+                    f.sync_all()?;
+                } else {
+                    match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                        _ => {}
+                    }
+                }
+            }
+            wal::sync_dir(&wal_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Raise each user's next seq above every seq the dropped part of the
+    /// log may have given it: users with valid dropped appends go past the
+    /// highest of them; then every user goes up by the most appends the
+    /// unreadable bytes can have held (their user is unknown).
+    fn raise_seqs_past(&mut self, damage: &LogDamage) -> Result<Vec<(u64, u64)>> {
+        let unknown = damage
+            .unreadable_bytes
+            .div_ceil(wal::APPEND_FRAME_BYTES_MIN);
+        let mut users: std::collections::BTreeSet<u64> =
+            damage.dropped_seqs.iter().map(|d| d.0).collect();
+        if unknown > 0 {
+            users.extend(self.dirty.keys().copied());
+            let mut from = 0u64;
+            loop {
+                let page = self.index.users_from(from, 4096)?;
+                let Some(&last) = page.last() else { break };
+                users.extend(page.iter().copied());
+                match last.checked_add(1) {
+                    Some(n) => from = n,
+                    None => break,
+                }
+            }
+        }
+        let mut raised = Vec::new();
+        for user in users {
+            let known = damage
+                .dropped_seqs
+                .iter()
+                .find(|d| d.0 == user)
+                .map_or(0, |d| d.2);
+            let state = match self.load_user(user)? {
+                Some(s) => s,
+                None => UserState::new(bucket_for_user(user, self.config.buckets())),
+            };
+            if state.moved {
+                continue;
+            }
+            let next = state
+                .next_seq
+                .max(known.saturating_add(1))
+                .saturating_add(unknown);
+            if next <= state.next_seq {
+                continue;
+            }
+            let mut state = state;
+            let fresh = state.next_seq == 1 && state.acked_seq == 0;
+            if state.live_count() == 0 {
+                // Nothing live: the skipped seqs are simply acknowledged.
+                state.acked_seq = next - 1;
+            } else {
+                // Live records then a gap: the skipped seqs count as live
+                // but unreadable (like a damaged bucket record) until acked.
+                self.totals.live_messages += next - state.next_seq;
+            }
+            if fresh && self.load_user(user)?.is_none() {
+                self.totals.users += 1;
+            }
+            state.next_seq = next;
+            self.set_dirty_state(user, state);
+            raised.push((user, next));
+        }
+        Ok(raised)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        config: EngineConfig,
+        repair: bool,
+    ) -> Result<(Engine, Option<LogDamage>)> {
         let lock = daemon::DirLock::acquire(dir)?;
         let index = Index::open(&dir.join("index"), config.index_map_bytes)?;
         index.check_fanout(config.bucket_dirs, config.bucket_files)?;
@@ -34,6 +166,28 @@ impl Engine {
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir)?;
         let segments: Vec<u64> = wal::list_segments(&wal_dir)?;
+        // Decide torn tail or corruption before anything on disk changes.
+        let damage =
+            match wal::scan_log(&wal_dir, meta.wal_start, &segments, REPLAY_ENTRY_BYTES_MAX)? {
+                LogScan::Corrupt(damage) => {
+                    metrics::counter!("msgstore_wal_corrupt_total").increment(1);
+                    metrics::counter!("msgstore_corrupt_records_total").increment(1);
+                    tracing::error!(
+                        file = %damage.file,
+                        offset = damage.offset,
+                        fault = %damage.fault,
+                        valid_after = damage.valid_after,
+                        appends_after = damage.appends_after,
+                        unreadable_bytes = damage.unreadable_bytes,
+                        "the log is corrupt: valid entries follow damaged bytes"
+                    );
+                    if !repair {
+                        return Err(Error::LogDamaged(Box::new(damage)));
+                    }
+                    Some(damage)
+                }
+                LogScan::TornTail { .. } | LogScan::Clean => None,
+            };
         let next_segment = segments
             .last()
             .map_or(1, |s| s + 1)
@@ -75,7 +229,10 @@ impl Engine {
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
-        engine.replay(&wal_dir, meta.wal_start, &segments)?;
+        engine.replay(&wal_dir, meta.wal_start, &segments, damage.is_none())?;
+        if damage.is_some() {
+            engine.counters.corrupt_records_total += 1;
+        }
         engine.prune_acked();
         if engine.config.precreate_buckets {
             let started = Instant::now();
@@ -87,16 +244,28 @@ impl Engine {
                 "created missing bucket files"
             );
         }
-        Ok(engine)
+        Ok((engine, damage))
     }
 
     /// Apply every valid entry of the segments, oldest first. The first torn
     /// or corrupt entry ends the replay: the segment is cut there and later
     /// segments (which cannot be trusted to follow it) are removed.
-    fn replay(&mut self, wal_dir: &Path, start: Position, segments: &[u64]) -> Result<()> {
+    ///
+    /// With `cut` false (a repair of corruption), nothing on disk changes:
+    /// the damage is cut by [`Engine::finish_repair`] after a checkpoint.
+    fn replay(
+        &mut self,
+        wal_dir: &Path,
+        start: Position,
+        segments: &[u64],
+        cut: bool,
+    ) -> Result<()> {
         let mut ended = false;
         let mut replayed = 0u64;
         for &seg in segments.iter().filter(|s| **s >= start.segment) {
+            if ended && !cut {
+                continue;
+            }
             if ended {
                 tracing::warn!(segment = seg, "removing log segment after a torn one");
                 std::fs::remove_file(wal_dir.join(format!("{seg:016x}.log")))?;
@@ -107,18 +276,21 @@ impl Engine {
             } else {
                 0
             };
-            let end = wal::replay_segment(wal_dir, seg, from, REPLAY_ENTRY_BYTES_MAX, |e| {
+            let end = wal::replay_segment(wal_dir, seg, from, REPLAY_ENTRY_BYTES_MAX, cut, |e| {
                 replayed += 1;
                 self.replay_entry(e)
             })?;
-            if let SegmentEnd::Torn { valid_bytes, fault } = end {
+            if let (SegmentEnd::Torn { .. }, false) = (end, cut) {
+                ended = true;
+            } else if let SegmentEnd::Torn { valid_bytes, fault } = end {
                 tracing::warn!(
                     segment = seg,
                     valid_bytes,
                     ?fault,
-                    "log tail was torn or corrupt; dropped it"
+                    "log tail was torn (nothing valid after it); dropped it"
                 );
                 metrics::counter!("msgstore_wal_torn_tails_total").increment(1);
+                metrics::counter!("msgstore_corrupt_records_total").increment(1);
                 self.counters.corrupt_records_total += 1;
                 ended = true;
             }

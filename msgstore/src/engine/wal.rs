@@ -168,6 +168,7 @@ pub fn replay_segment(
     segment: u64,
     from: u64,
     entry_bytes_max: usize,
+    cut_tail: bool,
     mut apply: impl FnMut(Entry<'_>) -> Result<()>,
 ) -> Result<SegmentEnd> {
     let path = segment_path(dir, segment);
@@ -203,7 +204,7 @@ pub fn replay_segment(
             };
         }
     };
-    if let SegmentEnd::Torn { .. } = end {
+    if let (SegmentEnd::Torn { .. }, true) = (end, cut_tail) {
         if at == 0 {
             fs::remove_file(&path)?;
         } else {
@@ -213,6 +214,175 @@ pub fn replay_segment(
         }
     }
     Ok(end)
+}
+
+/// Smallest frame that can advance a seq: an Append with an empty payload.
+pub const APPEND_FRAME_BYTES_MIN: u64 = (FRAME_HEADER_BYTES + 1 + MESSAGE_HEADER_BYTES) as u64;
+
+/// What [`scan_log`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogScan {
+    /// Every segment's entries end where its zeros begin.
+    Clean,
+    /// Nothing valid follows the first bad byte: a torn tail (a crash
+    /// mid-write), dropped at replay.
+    TornTail { segment: u64, offset: u64 },
+    /// Valid entries follow the damage: corruption.
+    Corrupt(crate::error::LogDamage),
+}
+
+/// Per-user summary of the valid entries found after damage.
+#[derive(Default)]
+struct AfterDamage {
+    valid: u64,
+    appends: u64,
+    unreadable: u64,
+    ranges: Vec<(String, u64, u64)>,
+    seqs: std::collections::BTreeMap<u64, (u64, u64)>,
+}
+
+impl AfterDamage {
+    fn note(&mut self, entry: &Entry<'_>) {
+        self.valid += 1;
+        let (user, seq) = match entry {
+            Entry::Append { header, .. } => {
+                self.appends += 1;
+                (header.user, header.seq)
+            }
+            Entry::Reseq { user, next_seq } => (*user, next_seq.saturating_sub(1)),
+            _ => return,
+        };
+        let e = self.seqs.entry(user).or_insert((seq, seq));
+        e.0 = e.0.min(seq);
+        e.1 = e.1.max(seq);
+    }
+
+    /// Walk `bytes[at..]` after damage: chains of valid frames, and between
+    /// them bytes no valid frame starts in (counted unreadable unless zero).
+    fn walk(&mut self, bytes: &[u8], mut at: usize, entry_bytes_max: usize) {
+        while at < bytes.len() {
+            if bytes[at..].iter().all(|b| *b == 0) {
+                return;
+            }
+            match valid_entry_at(bytes, at, entry_bytes_max) {
+                Some((entry, len)) => {
+                    self.note(&entry);
+                    at += len;
+                }
+                None => {
+                    if bytes[at] != 0 {
+                        self.unreadable += 1;
+                    }
+                    at += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The valid entry at `at` (checksum verified, known kind) and its frame
+/// length.
+fn valid_entry_at(bytes: &[u8], at: usize, entry_bytes_max: usize) -> Option<(Entry<'_>, usize)> {
+    let body = read_frame(bytes, at, entry_bytes_max).ok()?;
+    Some((decode_entry(body)?, FRAME_HEADER_BYTES + body.len()))
+}
+
+/// Find the first damage in the log from `start` without changing anything,
+/// and decide whether it is a torn tail or corruption.
+///
+/// The rule (docs/STORAGE.md, "Recovery"): the *bad point* is the first
+/// segment header that is wrong, or the first frame (in a segment with a
+/// good header) that is truncated, fails its checksum or is of unknown kind,
+/// unless its 8 header bytes are all zero (an unwritten range: a deferred
+/// write that never reached the disk while a later one did; the entries
+/// after it were never acknowledged). If any *valid entry* (a frame whose
+/// checksum verifies and whose body decodes as a known entry kind) starts
+/// at any byte offset after the bad point, in that segment or any later
+/// one, the log is corrupt; otherwise the bad point starts a torn tail.
+pub fn scan_log(
+    dir: &Path,
+    start: Position,
+    segments: &[u64],
+    entry_bytes_max: usize,
+) -> Result<LogScan> {
+    let mut bad: Option<(u64, u64, String, bool)> = None; // (seg, offset, fault, hole)
+    let mut after = AfterDamage::default();
+    for &seg in segments.iter().filter(|s| **s >= start.segment) {
+        let path = segment_path(dir, seg);
+        let name = path.display().to_string();
+        let bytes = fs::read(&path)?;
+        let header_ok =
+            bytes.get(..SEGMENT_HEADER_BYTES as usize) == Some(&segment_header(seg)[..]);
+        let first = SEGMENT_HEADER_BYTES as usize;
+        if bad.is_some() {
+            let before = (after.valid, after.unreadable);
+            after.walk(&bytes, first.min(bytes.len()), entry_bytes_max);
+            if (after.valid, after.unreadable) != before {
+                after.ranges.push((name, 0, bytes.len() as u64));
+            }
+            continue;
+        }
+        if !header_ok {
+            bad = Some((seg, 0, "bad segment header".into(), false));
+            after.walk(&bytes, first.min(bytes.len()), entry_bytes_max);
+            after.ranges.push((name, 0, bytes.len() as u64));
+            continue;
+        }
+        let mut at = if seg == start.segment {
+            start.offset.max(SEGMENT_HEADER_BYTES) as usize
+        } else {
+            first
+        };
+        loop {
+            if bytes[at.min(bytes.len())..].iter().all(|b| *b == 0) {
+                break;
+            }
+            match read_frame(&bytes, at, entry_bytes_max) {
+                Ok(body) if decode_entry(body).is_some() => {
+                    at += FRAME_HEADER_BYTES + body.len();
+                    continue;
+                }
+                result => {
+                    let fault = match result {
+                        Ok(_) => "unknown entry kind".to_string(),
+                        Err(f) => format!("{f:?}"),
+                    };
+                    let hole = bytes
+                        .get(at..at + FRAME_HEADER_BYTES)
+                        .is_some_and(|h| h.iter().all(|b| *b == 0));
+                    bad = Some((seg, at as u64, fault, hole));
+                    after.walk(&bytes, at + 1, entry_bytes_max);
+                    if !hole && bytes[at] != 0 {
+                        after.unreadable += 1; // the bad frame's first byte
+                    }
+                    after
+                        .ranges
+                        .push((name.clone(), at as u64, bytes.len() as u64));
+                    break;
+                }
+            }
+        }
+    }
+    let Some((segment, offset, fault, hole)) = bad else {
+        return Ok(LogScan::Clean);
+    };
+    if after.valid == 0 || hole {
+        return Ok(LogScan::TornTail { segment, offset });
+    }
+    Ok(LogScan::Corrupt(crate::error::LogDamage {
+        file: segment_path(dir, segment).display().to_string(),
+        offset,
+        fault,
+        valid_after: after.valid,
+        appends_after: after.appends,
+        unreadable_bytes: after.unreadable,
+        dropped_ranges: after.ranges,
+        dropped_seqs: after
+            .seqs
+            .into_iter()
+            .map(|(u, (lo, hi))| (u, lo, hi))
+            .collect(),
+    }))
 }
 
 /// Create `path` zero-filled to `bytes` and make it durable.
@@ -468,7 +638,7 @@ mod tests {
 
     fn collect(dir: &Path, seg: u64) -> (Vec<(u64, Vec<u8>)>, SegmentEnd) {
         let mut got = Vec::new();
-        let end = replay_segment(dir, seg, 0, 1 << 20, |e| {
+        let end = replay_segment(dir, seg, 0, 1 << 20, true, |e| {
             match e {
                 Entry::Append { header, payload } => got.push((header.seq, payload.to_vec())),
                 Entry::Ack { up_to_seq, .. } => got.push((up_to_seq, b"ack".to_vec())),
