@@ -137,7 +137,7 @@ impl Engine {
         drop(page);
         drop(buckets);
         for offset in corrupt {
-            self.count_corrupt(state.bucket, offset, "checksum mismatch; not shown");
+            self.count_unreachable(state.bucket, offset, 1, "checksum");
         }
         Ok(answered)
     }

@@ -4,7 +4,7 @@
 
 use super::{
     checkpoint::lock,
-    codec::{parse_record, record_stored_bytes, MessageHeader, NO_PREV},
+    codec::{parse_record, read_record, record_stored_bytes, MessageHeader, NO_PREV},
     migrate::mailbox_stats,
     state::{bucket_for_user, UserState},
     wal, Dirty, Engine, Pending,
@@ -13,6 +13,7 @@ use crate::{handle::AppendRequest, Error, Result};
 use proto::shard::{MailboxStats, ShardStats};
 use std::{
     collections::{hash_map::Entry, VecDeque},
+    sync::atomic::{AtomicU64, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -29,6 +30,24 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Run `log` at most once a second across the process, passing how many
+/// calls were suppressed since the last one that ran.
+pub(super) fn rate_limited(log: impl FnOnce(u64)) {
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(u64::MAX);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let second = now_ms() / 1000;
+    let last = LAST_SECOND.load(Ordering::Relaxed);
+    if last != second
+        && LAST_SECOND
+            .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        log(SUPPRESSED.swap(0, Ordering::Relaxed));
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Records a user's memtable queue has room for when it is made.
@@ -177,6 +196,12 @@ impl Engine {
         }
     }
 
+    /// A client's Ack. It deletes only records a fetch could have returned:
+    /// it is capped at the seq before the first live record up to
+    /// `up_to_seq` that the shard cannot read (cut off from its chain, or
+    /// failing its checksum), so damaged records stay on disk for a repair
+    /// (docs/STORAGE.md, "Reading past damage"). Returns how many records
+    /// it deleted.
     pub(super) fn ack(&mut self, user: u64, up_to_seq: u64) -> Result<u64> {
         self.check_usable()?;
         let state = self.load_user(user)?;
@@ -184,23 +209,99 @@ impl Engine {
         let Some(state) = state else {
             return Ok(0);
         };
-        let up_to = up_to_seq.min(state.last_seq());
+        let mut up_to = up_to_seq.min(state.last_seq());
         if up_to <= state.acked_seq {
             return Ok(0);
         }
+        let mut bytes = None;
+        if state.acked_seq < state.tail_seq {
+            // Live records in the bucket: find any damage among them.
+            let (links, lost) = self.walk(user, &state, state.acked_seq + 1)?;
+            let first_bad = self.first_unreadable(&state, &links, up_to, lost)?;
+            if let Some(bad) = first_bad.filter(|b| *b <= up_to) {
+                metrics::counter!("msgstore_acks_capped_total").increment(1);
+                rate_limited(|suppressed| {
+                    tracing::warn!(
+                        user,
+                        up_to_seq,
+                        capped_to = bad - 1,
+                        suppressed,
+                        "ack capped before a record the shard cannot read; it stays for a repair"
+                    );
+                });
+                up_to = bad - 1;
+                if up_to <= state.acked_seq {
+                    return Ok(0);
+                }
+            }
+            let (mut freed_payload, mut dead_stored) = (0u64, 0u64);
+            for link in links.iter().filter(|l| l.seq <= up_to) {
+                freed_payload += link.payload_bytes;
+                dead_stored += link.stored_bytes;
+            }
+            freed_payload += self
+                .unflushed(user)
+                .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
+                .map(|p| p.payload.len() as u64)
+                .sum::<u64>();
+            bytes = Some((freed_payload, dead_stored));
+        }
         wal::encode_ack(user, up_to, &mut self.wal_buf);
-        let removed = self.apply_ack(user, state, up_to)?;
+        let removed = self.apply_ack_counted(user, state, up_to, bytes)?;
         self.counters.acks_total += 1;
         metrics::counter!("msgstore_acks_total").increment(1);
         Ok(removed)
     }
 
+    /// The lowest seq up to `up_to` among the user's live bucket records
+    /// that cannot be read: `lost` (the lowest a walk could not reach) or
+    /// the lowest of `links` failing its checksum.
+    fn first_unreadable(
+        &mut self,
+        state: &UserState,
+        links: &[ChainLink],
+        up_to: u64,
+        lost: Option<u64>,
+    ) -> Result<Option<u64>> {
+        let mut first = lost;
+        let committed = self.committed_len(state.bucket);
+        let mut bad = None;
+        {
+            let mut buckets = lock(&self.buckets);
+            let view = buckets.view(state.bucket)?.unwrap_or(&[]);
+            let view = &view[..committed.min(view.len())];
+            // Newest first: the last failure found is the lowest.
+            for link in links.iter().filter(|l| l.seq <= up_to) {
+                if read_record(view, link.offset, usize::MAX >> 1).is_err() {
+                    bad = Some((link.seq, link.offset));
+                }
+            }
+        }
+        if let Some((seq, offset)) = bad {
+            self.count_unreachable(state.bucket, offset, 1, "checksum");
+            first = Some(first.map_or(seq, |f| f.min(seq)));
+        }
+        Ok(first)
+    }
+
     /// Mark `acked_seq + 1 ..= up_to` dead; returns how many that is.
-    pub(super) fn apply_ack(&mut self, user: u64, mut state: UserState, up_to: u64) -> Result<u64> {
-        let (freed_payload, dead_stored) = if up_to == state.last_seq() {
-            self.all_acked_bytes(user, &state)
-        } else {
-            self.acked_bytes(user, &state, up_to)?
+    pub(super) fn apply_ack(&mut self, user: u64, state: UserState, up_to: u64) -> Result<u64> {
+        self.apply_ack_counted(user, state, up_to, None)
+    }
+
+    /// [`Engine::apply_ack`] with the (payload bytes freed, bucket bytes
+    /// made dead) if the caller counted them already.
+    fn apply_ack_counted(
+        &mut self,
+        user: u64,
+        mut state: UserState,
+        up_to: u64,
+        bytes: Option<(u64, u64)>,
+    ) -> Result<u64> {
+        let (freed_payload, dead_stored) = match bytes {
+            Some(b) => b,
+            None if up_to == state.last_seq() => self.all_acked_bytes(user, &state),
+            None => self.acked_bytes(user, &state, up_to)?,
         };
         self.save_for_undo(user);
         if dead_stored > 0 {
@@ -269,32 +370,59 @@ impl Engine {
             .flat_map(|d| &d.pending)
     }
 
-    /// The user's records in its bucket with `seq >= min_seq`, newest first.
-    /// The walk checks structure only (frame bounds, the record is the
-    /// user's, seqs fall and offsets go back): checksums are checked where
-    /// a record is shown ([`Engine::fetch_with`]), not where it is only
-    /// counted. A record that breaks the structure ends the walk: it is
-    /// counted and logged, and older records of this user become
-    /// unreachable.
+    /// The user's records in its bucket with `seq >= min_seq`, newest first
+    /// (see [`Engine::walk`]).
     pub(super) fn chain(
         &mut self,
         user: u64,
         state: &UserState,
         min_seq: u64,
     ) -> Result<Vec<ChainLink>> {
+        Ok(self.walk(user, state, min_seq)?.0)
+    }
+
+    /// The user's records in its bucket with `seq >= min_seq`, newest
+    /// first, and the lowest such seq the walk could not reach, if any.
+    /// The walk checks structure only (frame bounds, the record is the
+    /// user's, seqs fall and offsets go back): checksums are checked where
+    /// a record is shown ([`Engine::fetch_with`]) or deleted
+    /// ([`Engine::ack`]), not where it is only counted. Live records in the
+    /// bucket have no gaps (seqs `acked_seq + 1 ..= tail_seq`), so every
+    /// one of them the walk does not reach is unreachable: a record that
+    /// breaks the structure ends the walk (older records are cut off), a
+    /// link that skips seqs loses those, a bucket id past the fan-out or a
+    /// missing file loses them all. Each is counted and logged.
+    pub(super) fn walk(
+        &mut self,
+        user: u64,
+        state: &UserState,
+        min_seq: u64,
+    ) -> Result<(Vec<ChainLink>, Option<u64>)> {
         let mut links = Vec::new();
         if state.tail_offset == NO_PREV || min_seq > state.tail_seq {
-            return Ok(links);
+            return Ok((links, None));
+        }
+        let lost_all = (state.tail_seq - min_seq + 1, Some(min_seq));
+        if state.bucket >= self.config.buckets() {
+            let (n, lost) = lost_all;
+            self.count_unreachable(state.bucket, state.tail_offset, n, "bad_bucket_id");
+            return Ok((links, lost));
         }
         let committed = self.committed_len(state.bucket);
         let mut buckets = lock(&self.buckets);
         let Some(view) = buckets.view(state.bucket)? else {
-            return Ok(links);
+            drop(buckets);
+            let (n, lost) = lost_all;
+            self.count_unreachable(state.bucket, state.tail_offset, n, "no_bucket_file");
+            return Ok((links, lost));
         };
         let view = &view[..committed.min(view.len())];
         let mut offset = state.tail_offset;
         let mut expect_seq = state.tail_seq;
-        while offset != NO_PREV {
+        // (lowest seq lost, records lost, where) of a skip in the chain.
+        let mut skipped: Option<(u64, u64, u64)> = None;
+        let mut broken = None;
+        while offset != NO_PREV && expect_seq >= min_seq {
             let rec = match parse_record(view, offset) {
                 Some(rec)
                     if rec.header.user == user
@@ -304,12 +432,20 @@ impl Engine {
                     rec
                 }
                 _ => {
-                    drop(buckets);
-                    let what = "chain broken; older records of this user are unreachable";
-                    self.count_corrupt(state.bucket, offset, what);
+                    broken = Some((offset, expect_seq - min_seq + 1));
                     break;
                 }
             };
+            if rec.header.seq < expect_seq {
+                // The link skipped live seqs (a bad tail offset or
+                // prev-offset pointing at an older record).
+                let lowest = (rec.header.seq + 1).max(min_seq);
+                let n = expect_seq - lowest + 1;
+                skipped = Some(match skipped {
+                    Some((_, m, at)) => (lowest, m + n, at),
+                    None => (lowest, n, offset),
+                });
+            }
             if rec.header.seq < min_seq {
                 break;
             }
@@ -322,14 +458,47 @@ impl Engine {
             expect_seq = rec.header.seq.saturating_sub(1);
             offset = rec.prev_offset;
         }
-        Ok(links)
+        if offset == NO_PREV && expect_seq >= min_seq && broken.is_none() {
+            // The chain ended before the oldest live record.
+            broken = Some((offset, expect_seq - min_seq + 1));
+        }
+        drop(buckets);
+        let mut lost = None;
+        if let Some((lowest, n, at)) = skipped {
+            self.count_unreachable(state.bucket, at, n, "chain_skips_seqs");
+            lost = Some(lowest);
+        }
+        if let Some((at, n)) = broken {
+            self.count_unreachable(state.bucket, at, n, "chain_broken");
+            lost = Some(min_seq);
+        }
+        Ok((links, lost))
     }
 
-    /// Count and log a damaged bucket record.
-    pub(super) fn count_corrupt(&mut self, bucket: u32, offset: u64, what: &str) {
-        tracing::error!(bucket, offset, "corrupt record in bucket: {what}");
+    /// Count one damaged place in `bucket` that makes `records` live
+    /// records unreadable (`why`: `checksum`, `chain_broken`,
+    /// `chain_skips_seqs`, `bad_bucket_id`, `no_bucket_file`), and log it
+    /// (at most once a second: a client may ask again and again).
+    pub(super) fn count_unreachable(
+        &mut self,
+        bucket: u32,
+        offset: u64,
+        records: u64,
+        why: &'static str,
+    ) {
         self.counters.corrupt_records_total += 1;
         metrics::counter!("msgstore_corrupt_records_total").increment(1);
+        metrics::counter!("msgstore_unreachable_records_total", "why" => why).increment(records);
+        rate_limited(|suppressed| {
+            tracing::error!(
+                bucket,
+                offset,
+                records,
+                why,
+                suppressed,
+                "damaged bucket: live records cannot be read"
+            );
+        });
     }
 
     pub(super) fn user_stats(&mut self, user: u64) -> Result<MailboxStats> {
