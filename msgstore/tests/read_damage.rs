@@ -202,6 +202,16 @@ fn a_bad_bucket_id_reads_nothing_counts_it_and_an_ack_deletes_nothing() {
         v[0..4].copy_from_slice(&0xFFFF_FF00u32.to_le_bytes())
     });
     check_damaged(dir.path(), &[], 0);
+    // A record appended now would land outside the user's bucket (here:
+    // outside the fan-out): refused, typed, and nothing is written.
+    let shard = open(dir.path());
+    let refused = shard.append(USER, 99, payload(21)).wait();
+    assert!(
+        matches!(refused, Err(msgstore::Error::Corrupt(_))),
+        "{refused:?}"
+    );
+    assert_eq!(shard.user_stats(USER).wait().unwrap().last_seq, LIVE);
+    shard.close().unwrap();
 }
 
 /// A bad `tail_offset`: past the file, into the middle of a record, or at

@@ -112,8 +112,18 @@ impl Engine {
         }
         let state = self.load_user(req.user)?;
         self.admit(req.user, state.as_ref(), true)?;
-        let state = state
-            .unwrap_or_else(|| UserState::new(bucket_for_user(req.user, self.config.buckets())));
+        let home = bucket_for_user(req.user, self.config.buckets());
+        if let Some(s) = state.filter(|s| s.bucket != home) {
+            // A damaged index entry: a record appended now would go into
+            // another user's bucket, or a file outside the fan-out.
+            metrics::counter!("msgstore_appends_refused_damaged_total").increment(1);
+            return Err(Error::Corrupt(format!(
+                "the index entry of user {} names bucket {} (its bucket is {home}): \
+                 appends are refused until it is repaired",
+                req.user, s.bucket
+            )));
+        }
+        let state = state.unwrap_or_else(|| UserState::new(home));
         if state.next_seq == u64::MAX {
             // Only an import can bring a user here; the next seq must exist.
             return Err(Error::MailboxFull {
