@@ -224,3 +224,75 @@ fn torn_tail_is_dropped_and_nothing_before_it_is_lost() {
     assert_eq!(shard.append(user, 1, b"x".to_vec()).wait().unwrap(), lost);
     shard.close().unwrap();
 }
+
+/// The same rules through the `msgstore` binary, as an operator meets
+/// them: a daemon on a log damaged in the middle exits with an error that
+/// names the file and the offset and tells how to repair; `--repair` cuts
+/// the log and says what was lost; then the daemon starts and serves.
+#[test]
+fn the_daemon_refuses_a_damaged_log_and_repair_lets_it_start() {
+    let (dir, _) = logged(200);
+    let seg = wal_segments(dir.path()).remove(0);
+    let log = fs::read(&seg).unwrap();
+    let (at, len) = frames(&log, WAL_HEADER)[100];
+    flip(&seg, at + len - 3);
+    let toml = dir.path().join("msgstore.toml");
+    // The engine settings `config()` made the shard with (its fan-out
+    // cannot change).
+    fs::write(
+        &toml,
+        "[engine]\nbucket_dirs = 1\nbucket_files = 1\nwal_segment_bytes = 1048576\n\
+         index_map_bytes = 16777216\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_msgstore"))
+            .arg("--data")
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&toml)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("run msgstore");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    };
+    let before = snapshot(dir.path());
+    let (status, text) = run(&[]);
+    assert!(!status.success(), "a damaged log must not start: {text}");
+    assert!(text.contains(&seg.display().to_string()), "{text}");
+    assert!(text.contains(&format!("offset {at}")), "{text}");
+    assert!(text.contains("--repair"), "{text}");
+    assert_eq!(snapshot(dir.path()), before, "nothing on disk changed");
+
+    let (status, text) = run(&["--repair"]);
+    assert!(status.success(), "{text}");
+    assert!(text.contains("cut the log at"), "{text}");
+    assert!(text.contains("dropped 99 valid entries"), "{text}");
+
+    let mut daemon = daemon::testing::DaemonProcess::start(
+        {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_msgstore"));
+            cmd.arg("--data")
+                .arg(dir.path())
+                .arg("--config")
+                .arg(&toml)
+                .args(["--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "error");
+            cmd
+        },
+        "msgstore",
+        std::time::Duration::from_secs(60),
+    );
+    daemon.signal(libc::SIGTERM);
+    assert!(
+        daemon.child.wait().unwrap().success(),
+        "serves, stops cleanly"
+    );
+}
