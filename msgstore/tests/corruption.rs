@@ -9,7 +9,10 @@
 //! that appends with `fsync = always`, prints every acknowledged seq and
 //! then kills itself with SIGKILL.
 
-use msgstore::{EngineConfig, FsyncPolicy, Shard, StoredRecord};
+mod damage;
+
+use damage::{config, frames, open, wal_segments, FRAME_HEADER, WAL_HEADER};
+use msgstore::{EngineConfig, Shard, StoredRecord};
 use std::{
     fs,
     io::Write,
@@ -20,9 +23,7 @@ use std::{
 
 const USER: u64 = 42;
 const OTHER: u64 = 7;
-const WAL_HEADER: usize = 32;
 const BUCKET_HEADER: usize = 64;
-const FRAME_HEADER: usize = 8;
 /// Body of a log append entry before the payload: kind + message header.
 const WAL_APPEND_FIXED: usize = 1 + 40;
 /// Body of a bucket record before the payload: message header + prev offset.
@@ -30,27 +31,6 @@ const RECORD_FIXED: usize = 40 + 8;
 
 /// Set in the child process: the shard directory it writes.
 const CHILD_DIR: &str = "MSGSTORE_CORRUPTION_CHILD_DIR";
-
-/// One fan-out bucket (so the one bucket file is easy to find) and no
-/// checkpoint during a test unless asked for.
-fn config() -> EngineConfig {
-    EngineConfig {
-        wal_segment_bytes: 1 << 20,
-        fsync: FsyncPolicy::Always,
-        bucket_dirs: 1,
-        bucket_files: 1,
-        checkpoint_wal_bytes: 1 << 30,
-        checkpoint_stall_wal_bytes: 1 << 30,
-        wal_bytes_max: 1 << 30,
-        checkpoint_interval_ms: 1 << 40,
-        index_map_bytes: 16 << 20,
-        ..EngineConfig::default()
-    }
-}
-
-fn open(dir: &Path) -> Shard {
-    Shard::open(dir, config()).expect("open shard")
-}
 
 fn msg_id(user: u64, seq: u64) -> u128 {
     (u128::from(user) << 64) | u128::from(seq) | (1 << 127)
@@ -83,32 +63,6 @@ fn assert_records(shard: &Shard, user: u64, seqs: &[u64]) {
 
 fn corrupt_total(shard: &Shard) -> u64 {
     shard.stats().wait().unwrap().corrupt_records_total
-}
-
-/// Offsets and total lengths (header included) of the checked frames of a
-/// file, starting at `at`; stops at a zero length (a bucket file's unused
-/// tail) or the end.
-fn frames(bytes: &[u8], mut at: usize) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    while at + FRAME_HEADER <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        if len == 0 || at + FRAME_HEADER + len > bytes.len() {
-            break;
-        }
-        out.push((at, FRAME_HEADER + len));
-        at += FRAME_HEADER + len;
-    }
-    out
-}
-
-fn wal_segments(dir: &Path) -> Vec<PathBuf> {
-    let mut segs: Vec<PathBuf> = fs::read_dir(dir.join("wal"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    segs.sort();
-    segs
 }
 
 fn flip(path: &Path, at: usize) {

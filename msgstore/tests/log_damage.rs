@@ -4,54 +4,17 @@
 //! changes nothing, until `repair_log` cuts the log there, after which no
 //! seq is ever given twice.
 
-use msgstore::{daemon::repair_log, EngineConfig, Error, FsyncPolicy, Shard};
+mod damage;
+
+use damage::{config, frames, wal_segments, WAL_HEADER};
+use msgstore::{daemon::repair_log, Error, Shard};
 use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
 };
 
-const WAL_HEADER: usize = 32;
-const FRAME_HEADER: usize = 8;
 const USERS: [u64; 3] = [1, 2, 3];
-
-fn config() -> EngineConfig {
-    EngineConfig {
-        wal_segment_bytes: 1 << 20,
-        fsync: FsyncPolicy::Always,
-        bucket_dirs: 1,
-        bucket_files: 1,
-        checkpoint_wal_bytes: 1 << 30,
-        checkpoint_stall_wal_bytes: 1 << 30,
-        wal_bytes_max: 1 << 30,
-        checkpoint_interval_ms: 1 << 40,
-        index_map_bytes: 16 << 20,
-        ..EngineConfig::default()
-    }
-}
-
-fn frames(bytes: &[u8], mut at: usize) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    while at + FRAME_HEADER <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        if len == 0 || at + FRAME_HEADER + len > bytes.len() {
-            break;
-        }
-        out.push((at, FRAME_HEADER + len));
-        at += FRAME_HEADER + len;
-    }
-    out
-}
-
-fn wal_segments(dir: &Path) -> Vec<PathBuf> {
-    let mut segs: Vec<PathBuf> = fs::read_dir(dir.join("wal"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    segs.sort();
-    segs
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();

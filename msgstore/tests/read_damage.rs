@@ -7,33 +7,15 @@
 //! (docs/STORAGE.md, "Reading past damage").
 
 use heed::{types::Bytes, CommitOrAbort, Database, EnvOpenOptions};
-use msgstore::{EngineConfig, FsyncPolicy, Shard};
+mod damage;
+
+use damage::{open, FRAME_HEADER};
+use msgstore::Shard;
 use std::{fs, path::Path};
 
 const USER: u64 = 42;
 const LIVE: u64 = 20;
 const BUCKET_HEADER: usize = 64;
-const FRAME_HEADER: usize = 8;
-
-/// One bucket file, no checkpoint unless asked for.
-fn config() -> EngineConfig {
-    EngineConfig {
-        wal_segment_bytes: 1 << 20,
-        fsync: FsyncPolicy::Always,
-        bucket_dirs: 1,
-        bucket_files: 1,
-        checkpoint_wal_bytes: 1 << 30,
-        checkpoint_stall_wal_bytes: 1 << 30,
-        wal_bytes_max: 1 << 30,
-        checkpoint_interval_ms: 1 << 40,
-        index_map_bytes: 16 << 20,
-        ..EngineConfig::default()
-    }
-}
-
-fn open(dir: &Path) -> Shard {
-    Shard::open(dir, config()).expect("open shard")
-}
 
 fn payload(seq: u64) -> Vec<u8> {
     format!("message {seq};")

@@ -244,17 +244,7 @@ impl Engine {
                     return Ok(0);
                 }
             }
-            let (mut freed_payload, mut dead_stored) = (0u64, 0u64);
-            for link in links.iter().filter(|l| l.seq <= up_to) {
-                freed_payload += link.payload_bytes;
-                dead_stored += link.stored_bytes;
-            }
-            freed_payload += self
-                .unflushed(user)
-                .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
-                .map(|p| p.payload.len() as u64)
-                .sum::<u64>();
-            bytes = Some((freed_payload, dead_stored));
+            bytes = Some(self.freed_by(user, &state, &links, up_to));
         }
         wal::encode_ack(user, up_to, &mut self.wal_buf);
         let removed = self.apply_ack_counted(user, state, up_to, bytes)?;
@@ -331,6 +321,18 @@ impl Engine {
     /// `acked_seq + 1 ..= up_to`: walks the bucket chain.
     fn acked_bytes(&mut self, user: u64, state: &UserState, up_to: u64) -> Result<(u64, u64)> {
         let links = self.chain(user, state, state.acked_seq + 1)?;
+        Ok(self.freed_by(user, state, &links, up_to))
+    }
+
+    /// (payload bytes freed, bucket bytes made dead) by acknowledging
+    /// `acked_seq + 1 ..= up_to`, given the user's walked bucket `links`.
+    fn freed_by(
+        &self,
+        user: u64,
+        state: &UserState,
+        links: &[ChainLink],
+        up_to: u64,
+    ) -> (u64, u64) {
         let (mut freed_payload, mut dead_stored) = (0u64, 0u64);
         for link in links.iter().filter(|l| l.seq <= up_to) {
             freed_payload += link.payload_bytes;
@@ -341,7 +343,7 @@ impl Engine {
             .filter(|p| p.seq > state.acked_seq && p.seq <= up_to)
             .map(|p| p.payload.len() as u64)
             .sum::<u64>();
-        Ok((freed_payload, dead_stored))
+        (freed_payload, dead_stored)
     }
 
     /// Like [`Engine::acked_bytes`] for an ack of everything live, without
