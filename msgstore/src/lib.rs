@@ -20,6 +20,7 @@ pub mod error;
 mod handle;
 mod log_writer;
 mod migration_client;
+pub mod raft;
 pub mod rebalance;
 pub mod server;
 
