@@ -164,6 +164,7 @@ impl Shards {
             id: id.clone(),
             addr: server.addr.to_string(),
             weight: 1,
+            replicas: Vec::new(),
         }
     }
 

@@ -195,6 +195,7 @@ mod tests {
                 id: "s0".into(),
                 addr: daemon.local_addr().to_string(),
                 weight: 1,
+                replicas: Vec::new(),
             }],
         };
         (daemon, map)

@@ -38,6 +38,7 @@ pub(crate) fn write_or_keep(
                 id: format!("s{}", i + 1),
                 addr: addr.to_string(),
                 weight: 1,
+                replicas: Vec::new(),
             })
             .collect(),
     };

@@ -118,6 +118,7 @@ mod tests {
                 id: "s1".into(),
                 addr: "127.0.0.1:3".into(),
                 weight: 1,
+                replicas: Vec::new(),
             }],
         }
     }

@@ -197,6 +197,7 @@ mod tests {
                     id: id.to_string(),
                     addr: format!("127.0.0.1:{}", 10 + id.len()),
                     weight: 1,
+                    replicas: Vec::new(),
                 })
                 .collect(),
         }

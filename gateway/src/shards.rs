@@ -42,11 +42,18 @@ pub enum ShardCallError {
     Unavailable { shard: String, reason: String },
 }
 
+/// `NotLeader` answers naming a leader one call follows at most; past it
+/// the call waits and tries the group's replicas in turn, like a group
+/// with no leader known.
+pub const LEADER_REDIRECTS_MAX: u32 = 3;
+
 /// A cluster map with its ring built and its shards' addresses by id.
 struct Placement {
     map: Arc<ClusterMap>,
     ring: ShardRing,
     addrs: HashMap<String, String>,
+    /// Every replica address of each shard (`addr` first).
+    replicas: HashMap<String, Vec<String>>,
 }
 
 impl Placement {
@@ -56,9 +63,11 @@ impl Placement {
             .iter()
             .map(|s| (s.id.clone(), s.addr.clone()))
             .collect();
+        let replicas = map.shards.iter().map(|s| (s.id.clone(), s.addrs())).collect();
         Placement {
             ring: ShardRing::new(&map.shards),
             addrs,
+            replicas,
             map: Arc::new(map),
         }
     }
@@ -103,6 +112,9 @@ pub struct Shards {
     placement: RwLock<Arc<Placement>>,
     links: ShardLinks,
     busy_wait_ms_max: u64,
+    /// The replica each replicated shard was last answered by as leader
+    /// (or named as leader by another replica).
+    leaders: RwLock<HashMap<String, String>>,
 }
 
 impl Shards {
@@ -114,6 +126,7 @@ impl Shards {
             placement: RwLock::new(Arc::new(Placement::new(map))),
             links: ShardLinks::default(),
             busy_wait_ms_max,
+            leaders: RwLock::default(),
         }
     }
 
@@ -138,7 +151,7 @@ impl Shards {
         if map.epoch > slot.map.epoch {
             let next = Placement::new(map);
             self.links
-                .retain(|addr| next.addrs.values().any(|a| a == addr));
+                .retain(|addr| next.replicas.values().flatten().any(|a| a == addr));
             tracing::info!(
                 from = slot.map.epoch,
                 to = next.map.epoch,
@@ -150,12 +163,42 @@ impl Shards {
         slot.map.epoch
     }
 
-    /// The owner of `user` under the map in use.
+    /// The owner of `user` under the map in use (its leader, if known).
     fn owner(&self, user: u64) -> Target {
         let placement = self.placement();
         let shard = placement.ring.owner(user).to_string();
-        let addr = placement.addrs[&shard].clone();
+        let addr = self
+            .leader_of(&shard)
+            .unwrap_or_else(|| placement.addrs[&shard].clone());
         Target { shard, addr }
+    }
+
+    fn leader_of(&self, shard: &str) -> Option<String> {
+        let leaders = self.leaders.read().unwrap_or_else(|p| p.into_inner());
+        leaders.get(shard).cloned()
+    }
+
+    fn set_leader(&self, shard: &str, addr: Option<String>) {
+        let mut leaders = self.leaders.write().unwrap_or_else(|p| p.into_inner());
+        match addr {
+            Some(a) => leaders.insert(shard.to_string(), a),
+            None => leaders.remove(shard),
+        };
+    }
+
+    /// The replica after `target`'s in its group, if the shard has others.
+    fn next_replica(&self, target: &Target) -> Option<Target> {
+        let placement = self.placement();
+        let replicas = placement.replicas.get(&target.shard)?;
+        if replicas.len() < 2 {
+            return None;
+        }
+        let at = replicas.iter().position(|a| *a == target.addr);
+        let next = at.map_or(0, |i| (i + 1) % replicas.len());
+        Some(Target {
+            shard: target.shard.clone(),
+            addr: replicas[next].clone(),
+        })
     }
 
     /// Where a `Moved` answer points; an answer without an address names
@@ -177,7 +220,7 @@ impl Shards {
     }
 
     fn is_in_map(&self, addr: &str) -> bool {
-        self.placement().addrs.values().any(|a| a == addr)
+        self.placement().replicas.values().flatten().any(|a| a == addr)
     }
 
     async fn client(&self, target: &Target) -> Result<(Arc<Link>, ShardClient), ShardCallError> {
@@ -207,10 +250,26 @@ impl Shards {
     {
         let mut target = self.owner(user);
         let mut redirects = 0;
+        let mut leader_redirects = 0;
         let mut busy = BusyBackoff::new(self.busy_wait_ms_max);
         let mut retried = false;
         loop {
-            let (link, client) = self.client(&target).await?;
+            let (link, client) = match self.client(&target).await {
+                Ok(c) => c,
+                // Nothing was sent: another replica of the group may lead.
+                Err(e) => match self.next_replica(&target) {
+                    Some(next) => {
+                        self.set_leader(&target.shard, None);
+                        let Some(wait) = busy.next_wait() else {
+                            return Err(e);
+                        };
+                        tokio::time::sleep(wait).await;
+                        target = next;
+                        continue;
+                    }
+                    None => return Err(e),
+                },
+            };
             let error = match op(client).await {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
@@ -233,6 +292,32 @@ impl Shards {
                     }
                     tracing::debug!(user, from = %target.shard, to = %shard, epoch, "user moved");
                     target = self.redirect(shard, addr)?;
+                }
+                ClientError::Shard(ShardError {
+                    code: ShardErrorCode::NotLeader { leader },
+                    ..
+                }) => {
+                    metrics::counter!("gateway_shard_not_leader_total").increment(1);
+                    leader_redirects += 1;
+                    match leader.filter(|_| leader_redirects <= LEADER_REDIRECTS_MAX) {
+                        Some(addr) => {
+                            self.set_leader(&target.shard, Some(addr.clone()));
+                            target.addr = addr;
+                        }
+                        None => {
+                            // No leader known (an election): wait, then ask
+                            // the next replica.
+                            self.set_leader(&target.shard, None);
+                            let Some(wait) = busy.next_wait() else {
+                                return Err(unavailable(format!(
+                                    "no leader of the group within {} ms",
+                                    self.busy_wait_ms_max
+                                )));
+                            };
+                            tokio::time::sleep(wait).await;
+                            target = self.next_replica(&target).unwrap_or(target);
+                        }
+                    }
                 }
                 ClientError::Shard(ShardError {
                     code: ShardErrorCode::Busy,
@@ -295,7 +380,9 @@ impl Shards {
                         Some(Err(e))
                             if matches!(
                                 e.code,
-                                ShardErrorCode::Moved { .. } | ShardErrorCode::Busy
+                                ShardErrorCode::Moved { .. }
+                                    | ShardErrorCode::Busy
+                                    | ShardErrorCode::NotLeader { .. }
                             ) =>
                         {
                             Err(ClientError::Shard(e.clone()))

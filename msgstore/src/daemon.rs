@@ -4,6 +4,7 @@
 
 use crate::{
     engine::Engine,
+    raft::node::{self as replica, RaftConfig},
     server::{self, ServerConfig},
     EngineConfig, Error,
 };
@@ -35,6 +36,9 @@ pub struct DaemonConfig {
     pub server: ServerConfig,
     /// Storage engine settings.
     pub engine: EngineConfig,
+    /// Present: this shard is one replica of a replicated shard group
+    /// (`docs/STORAGE.md`, "Replicated shards").
+    pub raft: Option<RaftConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -47,6 +51,7 @@ impl Default for DaemonConfig {
             metrics_addr: None,
             server: ServerConfig::default(),
             engine: EngineConfig::default(),
+            raft: None,
         }
     }
 }
@@ -110,6 +115,9 @@ impl DaemonConfig {
             return Err("no data directory: set `data` in the config file or pass --data".into());
         }
         self.server.validate()?;
+        if let Some(raft) = &self.raft {
+            raft.validate()?;
+        }
         self.engine.validate()
     }
 }
@@ -169,16 +177,17 @@ pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let data = config.data.clone().unwrap_or_default();
     let (engine_config, server_config) = (config.engine.clone(), config.server.clone());
+    let raft_config = config.raft.clone();
     std::thread::Builder::new()
         .name("msgstore-core".into())
         .spawn(move || {
-            let result = serve_on_this_thread(
-                &data,
-                (engine_config, server_config),
-                listener,
-                shutdown_rx,
-                opened_tx,
-            );
+            let configs = (engine_config, server_config);
+            let result = match raft_config {
+                Some(raft) => {
+                    serve_replica(&data, (configs, raft), listener, shutdown_rx, opened_tx)
+                }
+                None => serve_on_this_thread(&data, configs, listener, shutdown_rx, opened_tx),
+            };
             let _ = done_tx.send(result);
         })
         .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
@@ -238,6 +247,51 @@ fn serve_on_this_thread(
         server::run(listener, engine, server_config, shutdown)
             .await
             .map_err(DaemonError::Close)
+    })
+}
+
+/// A replica's thread: a runtime of its own (Raft's tasks, the engine's
+/// work on blocking threads), serving until shutdown (see `raft::node`).
+fn serve_replica(
+    data: &Path,
+    ((engine_config, server_config), raft): ((EngineConfig, ServerConfig), RaftConfig),
+    listener: std::net::TcpListener,
+    shutdown: watch::Receiver<bool>,
+    opened: tokio::sync::oneshot::Sender<Result<(), DaemonError>>,
+) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("msgstore-replica")
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
+    runtime.block_on(async move {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
+        let listener =
+            TcpListener::from_std(listener).map_err(|error| DaemonError::Listen { addr, error })?;
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let configs = (engine_config, server_config, raft);
+        let run = replica::run(data, configs, listener, shutdown, started_tx);
+        tokio::pin!(run);
+        tokio::select! {
+            started = &mut started_rx => {
+                let started = started.unwrap_or_else(|_| Err("the replica ended at start".into()));
+                let failed = started.is_err();
+                let _ = opened.send(started.map_err(|e| DaemonError::Engine(Error::Storage(e))));
+                if failed {
+                    return Ok(());
+                }
+            }
+            result = &mut run => {
+                let _ = opened.send(Err(DaemonError::Engine(Error::Storage(
+                    "the replica ended at start".into(),
+                ))));
+                return result.map_err(DaemonError::Close);
+            }
+        }
+        run.await.map_err(DaemonError::Close)
     })
 }
 

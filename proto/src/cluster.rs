@@ -67,6 +67,24 @@ pub struct ShardEntry {
     /// Relative share of users (1 ..= SHARD_WEIGHT_MAX).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// A replicated shard group: the shard-protocol address of every
+    /// replica (at most [`SHARD_REPLICAS_MAX`]); `addr` is then one of
+    /// them, tried first. Empty: the shard is the one daemon at `addr`.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+/// Most replicas of one shard group.
+pub const SHARD_REPLICAS_MAX: usize = 7;
+
+impl ShardEntry {
+    /// Every address the shard is served at: `addr`, then the other
+    /// replicas in map order.
+    pub fn addrs(&self) -> Vec<String> {
+        let mut out = vec![self.addr.clone()];
+        out.extend(self.replicas.iter().filter(|r| **r != self.addr).cloned());
+        out
+    }
 }
 
 fn default_weight() -> u32 {
@@ -125,6 +143,9 @@ impl ClusterMap {
             }
             if !ids.insert(s.id.as_str()) {
                 return Err(ClusterMapError::DuplicateShard(s.id.clone()));
+            }
+            if s.replicas.len() > SHARD_REPLICAS_MAX {
+                return Err(too_many("replicas of one shard", s.replicas.len(), SHARD_REPLICAS_MAX));
             }
             if s.weight == 0 || s.weight > SHARD_WEIGHT_MAX {
                 return Err(ClusterMapError::BadWeight {
@@ -252,6 +273,7 @@ mod tests {
                 id: id.to_string(),
                 addr: format!("127.0.0.1:1/{id}"),
                 weight: 1,
+                replicas: Vec::new(),
             })
             .collect()
     }

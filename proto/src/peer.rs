@@ -160,6 +160,7 @@ mod tests {
                     id: "s1".into(),
                     addr: "a".into(),
                     weight: 1,
+                    replicas: Vec::new(),
                 }],
             }),
         };

@@ -213,6 +213,10 @@ pub enum ShardErrorCode {
     /// The request contradicts the shard's state (a freeze that expired,
     /// an import with a gap, a routing older than the installed one).
     Conflict,
+    /// This replica of a shard group does not lead it: retry at `leader`
+    /// (the leader's shard-protocol address), if known, else at another
+    /// replica of the group a moment later.
+    NotLeader { leader: Option<String> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ mod profile_conn;
 mod rebalance_cmd;
 mod session_cmd;
 mod shard_cmd;
+mod shard_group_cmd;
 mod up_cmd;
 mod user_cmd;
 

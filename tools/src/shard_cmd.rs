@@ -38,13 +38,25 @@ enum ShardCommand {
         #[arg(long, value_name = "USER")]
         user: Option<u64>,
     },
+    /// A replicated shard group (--addr is then a replica's replication
+    /// address, its raft.listen).
+    #[command(subcommand)]
+    Group(crate::shard_group_cmd::GroupCommand),
 }
 
 pub async fn run(args: ShardArgs, out: &Output) -> anyhow::Result<()> {
-    let client = ShardClient::connect(args.addr.as_str())
-        .await
-        .with_context(|| format!("cannot connect to shard {}", args.addr))?;
     match args.command {
+        ShardCommand::Group(group) => crate::shard_group_cmd::run(&args.addr, group, out).await,
+        command => run_on_shard(&args.addr, command, out).await,
+    }
+}
+
+async fn run_on_shard(addr: &str, command: ShardCommand, out: &Output) -> anyhow::Result<()> {
+    let client = ShardClient::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to shard {addr}"))?;
+    match command {
+        ShardCommand::Group(group) => crate::shard_group_cmd::run(addr, group, out).await,
         ShardCommand::Append { user, text } => append(&client, out, user, text).await,
         ShardCommand::Fetch { user, after, max } => fetch(&client, out, user, after, max).await,
         ShardCommand::Ack { user, seq } => ack(&client, out, user, seq).await,

@@ -47,6 +47,7 @@ impl Shard {
             id: self.id.clone(),
             addr: self.addr.to_string(),
             weight: 1,
+            replicas: Vec::new(),
         }
     }
 

@@ -130,6 +130,7 @@ impl Cluster {
                 id: format!("p{i}"),
                 addr: p.addr().to_string(),
                 weight: 1,
+                replicas: Vec::new(),
             })
             .collect();
         let spares = services.map.shards.clone();

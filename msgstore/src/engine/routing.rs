@@ -164,6 +164,7 @@ pub(super) mod tests {
                     id: id.to_string(),
                     addr: format!("127.0.0.1:9{}", id.len()),
                     weight: 1,
+                    replicas: Vec::new(),
                 })
                 .collect(),
         }

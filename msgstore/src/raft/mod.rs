@@ -12,6 +12,15 @@
 //! See `docs/STORAGE.md` ("Replicated shards") for what is durable when.
 
 pub mod log_store;
+pub mod network;
+pub mod node;
+pub mod service;
+pub mod state_machine;
+pub mod testing;
+
+/// A Raft entry carries at most about this much payload: the writes of one
+/// connection's read are split into several entries past it.
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
 
 use proto::shard::{RequestBody, ResponseBody};
 use serde::{Deserialize, Serialize};

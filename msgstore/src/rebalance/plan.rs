@@ -41,6 +41,7 @@ impl Plan {
             id: id.to_owned(),
             addr: addr.to_owned(),
             weight,
+            replicas: Vec::new(),
         });
         Plan::new(from, to)
     }
@@ -164,6 +165,7 @@ mod tests {
                     id: id.to_string(),
                     addr: format!("127.0.0.1:74{}", id.len()),
                     weight: 1,
+                    replicas: Vec::new(),
                 })
                 .collect(),
         }

@@ -1,0 +1,376 @@
+//! The replication links of a shard group: one TCP connection per peer,
+//! the shard protocol's framing (`docs/PROTOCOL.md` §1.1: a u32 length, a
+//! postcard body), one request at a time per connection.
+//!
+//! The same port carries the operator's group commands (`imctl shard
+//! group`): [`PeerRequest::Admin`].
+//!
+//! Limits: a frame body over [`PEER_FRAME_BODY_BYTES_MAX`] closes the
+//! connection (counted in `msgstore_raft_bad_frames_total`); an RPC that
+//! gets no answer within openraft's deadline is a timeout and the
+//! connection is dropped (the next RPC dials again).
+
+use super::{Replica, ReplicaId, TypeConfig};
+use bytes::BytesMut;
+use openraft::{
+    error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
+    network::{RPCOption, RaftNetwork, RaftNetworkFactory},
+    raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+        InstallSnapshotResponse, VoteRequest, VoteResponse,
+    },
+};
+use proto::frame::{self, Decoded};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::{collections::BTreeMap, time::Duration};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Largest frame body on a replication link: an AppendEntries of
+/// `max_payload_entries` batches (each at most about
+/// [`super::BATCH_BYTES_MAX`]) or a snapshot chunk, with room to spare.
+pub const PEER_FRAME_BODY_BYTES_MAX: usize = 80 * 1024 * 1024;
+
+/// How long dialing a peer may take before the RPC counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A request on the replication port.
+#[derive(Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)]
+pub enum PeerRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<ReplicaId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    Admin(AdminRequest),
+}
+
+/// An operator's command to a replica (`imctl shard group`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Make a new group of these members (sent to one of them).
+    Init {
+        members: BTreeMap<ReplicaId, Replica>,
+    },
+    /// Start replicating to a new replica (it catches up by snapshot, then
+    /// log); answered once it has caught up.
+    AddLearner { id: ReplicaId, replica: Replica },
+    /// Make the group's voters exactly these (learners among them are
+    /// promoted; voters not among them are removed).
+    ChangeMembership { voters: Vec<ReplicaId> },
+    /// This replica's view of the group.
+    Status,
+}
+
+/// What an admin command answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Done,
+    Status(GroupStatus),
+    /// Not done; `leader` (its replication address), if known, can do it.
+    NotLeader {
+        leader: Option<String>,
+    },
+    Failed(String),
+}
+
+/// A replica's view of its group (from openraft's metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub id: ReplicaId,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<ReplicaId>,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub voters: Vec<ReplicaId>,
+    pub learners: Vec<ReplicaId>,
+    pub members: BTreeMap<ReplicaId, Replica>,
+    /// On the leader: each replica's highest matched log index.
+    pub matched: BTreeMap<ReplicaId, Option<u64>>,
+}
+
+/// An answer on the replication port. Raft errors travel as their
+/// `Display` text: the caller only needs to know the call failed.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    AppendEntries(Result<AppendEntriesResponse<ReplicaId>, RaftError<ReplicaId>>),
+    Vote(Result<VoteResponse<ReplicaId>, RaftError<ReplicaId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<ReplicaId>, RaftError<ReplicaId, InstallSnapshotError>>,
+    ),
+    Admin(AdminResponse),
+}
+
+/// Failures of one exchange on a replication link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach {addr}: {error}")]
+    Connect { addr: String, error: String },
+    #[error("link to {addr} failed: {error}")]
+    Io { addr: String, error: std::io::Error },
+    #[error("bad frame from {addr}: {error}")]
+    Frame { addr: String, error: String },
+    #[error("no answer from {addr} within {ms} ms")]
+    Timeout { addr: String, ms: u128 },
+    #[error("{addr} answered a different kind of response")]
+    Unexpected { addr: String },
+}
+
+/// One request/answer connection to a peer, dialed on first use and after
+/// any failure.
+pub struct Link {
+    addr: String,
+    stream: Option<TcpStream>,
+    buf: BytesMut,
+}
+
+impl Link {
+    pub fn new(addr: String) -> Link {
+        Link {
+            addr,
+            stream: None,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Send `request` and wait for its answer, all within `deadline`.
+    pub async fn call(
+        &mut self,
+        request: &PeerRequest,
+        deadline: Duration,
+    ) -> Result<PeerResponse, LinkError> {
+        let addr = self.addr.clone();
+        match tokio::time::timeout(deadline, self.exchange(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                self.stream = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.stream = None;
+                Err(LinkError::Timeout {
+                    addr,
+                    ms: deadline.as_millis(),
+                })
+            }
+        }
+    }
+
+    async fn exchange(&mut self, request: &PeerRequest) -> Result<PeerResponse, LinkError> {
+        let mut bytes = Vec::new();
+        frame::encode(request, PEER_FRAME_BODY_BYTES_MAX, &mut bytes).map_err(|e| {
+            LinkError::Frame {
+                addr: self.addr.clone(),
+                error: e.to_string(),
+            }
+        })?;
+        let stream = self.connected().await?;
+        let io = |error| LinkError::Io {
+            addr: String::new(),
+            error,
+        };
+        stream.write_all(&bytes).await.map_err(io)?;
+        self.buf.clear();
+        read_frame(self.stream.as_mut().expect("connected"), &mut self.buf)
+            .await
+            .map_err(|e| e.at(&self.addr))
+    }
+
+    async fn connected(&mut self) -> Result<&mut TcpStream, LinkError> {
+        if self.stream.is_none() {
+            let dial = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr));
+            let stream = match dial.await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(LinkError::Connect {
+                        addr: self.addr.clone(),
+                        error: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    return Err(LinkError::Connect {
+                        addr: self.addr.clone(),
+                        error: "timed out".into(),
+                    })
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            self.stream = Some(stream);
+        }
+        Ok(self.stream.as_mut().expect("just set"))
+    }
+}
+
+impl LinkError {
+    fn at(self, addr: &str) -> LinkError {
+        match self {
+            LinkError::Io { error, .. } => LinkError::Io {
+                addr: addr.into(),
+                error,
+            },
+            LinkError::Frame { error, .. } => LinkError::Frame {
+                addr: addr.into(),
+                error,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Read one frame from `stream` (bytes beyond it stay in `buf`). `Ok(None)`
+/// at a clean end of stream before any byte of a frame.
+pub async fn read_frame_or_end<T: DeserializeOwned>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<T>, LinkError> {
+    loop {
+        match frame::decode::<T>(buf, PEER_FRAME_BODY_BYTES_MAX) {
+            Ok(Decoded::Frame(msg)) => return Ok(Some(msg)),
+            Ok(Decoded::Incomplete) => {}
+            Err(e) => {
+                metrics::counter!("msgstore_raft_bad_frames_total").increment(1);
+                return Err(LinkError::Frame {
+                    addr: String::new(),
+                    error: e.to_string(),
+                });
+            }
+        }
+        buf.reserve(64 * 1024);
+        let n = stream.read_buf(buf).await.map_err(|error| LinkError::Io {
+            addr: String::new(),
+            error,
+        })?;
+        if n == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(LinkError::Io {
+                addr: String::new(),
+                error: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+    }
+}
+
+async fn read_frame<T: DeserializeOwned>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<T, LinkError> {
+    read_frame_or_end(stream, buf)
+        .await?
+        .ok_or_else(|| LinkError::Io {
+            addr: String::new(),
+            error: std::io::ErrorKind::UnexpectedEof.into(),
+        })
+}
+
+/// Makes a [`PeerClient`] per peer for openraft.
+#[derive(Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: ReplicaId, node: &Replica) -> PeerClient {
+        PeerClient {
+            target,
+            link: Link::new(node.raft_addr.clone()),
+        }
+    }
+}
+
+/// openraft's connection to one peer.
+pub struct PeerClient {
+    target: ReplicaId,
+    link: Link,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>>>;
+
+impl PeerClient {
+    async fn rpc<E: std::error::Error>(
+        &mut self,
+        request: PeerRequest,
+        option: &RPCOption,
+    ) -> Result<PeerResponse, RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>>> {
+        self.link
+            .call(&request, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                LinkError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })
+    }
+
+    fn unexpected<E: std::error::Error>(&self) -> RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>> {
+        RPCError::Network(NetworkError::new(&LinkError::Unexpected {
+            addr: format!("replica {}", self.target),
+        }))
+    }
+
+    fn remote<E: std::error::Error>(
+        &self,
+        e: RaftError<ReplicaId, E>,
+    ) -> RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>> {
+        RPCError::RemoteError(RemoteError::new(self.target, e))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<ReplicaId>> {
+        match self.rpc(PeerRequest::AppendEntries(rpc), &option).await? {
+            PeerResponse::AppendEntries(r) => r.map_err(|e| self.remote(e)),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<ReplicaId>, InstallSnapshotError> {
+        let bytes = rpc.data.len() as u64;
+        match self.rpc(PeerRequest::InstallSnapshot(rpc), &option).await? {
+            PeerResponse::InstallSnapshot(r) => {
+                metrics::counter!("msgstore_raft_snapshot_bytes_total", "direction" => "sent")
+                    .increment(bytes);
+                r.map_err(|e| self.remote(e))
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<ReplicaId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<ReplicaId>> {
+        match self.rpc(PeerRequest::Vote(rpc), &option).await? {
+            PeerResponse::Vote(r) => r.map_err(|e| self.remote(e)),
+            _ => Err(self.unexpected()),
+        }
+    }
+}
+
+/// Send one admin command to the replica whose replication port is `addr`.
+pub async fn admin(
+    addr: &str,
+    request: AdminRequest,
+    deadline: Duration,
+) -> Result<AdminResponse, LinkError> {
+    let mut link = Link::new(addr.to_string());
+    match link.call(&PeerRequest::Admin(request), deadline).await? {
+        PeerResponse::Admin(r) => Ok(r),
+        _ => Err(LinkError::Unexpected { addr: addr.into() }),
+    }
+}

@@ -1,0 +1,420 @@
+//! One replica of a shard group, running: the Raft node (`openraft`), its
+//! replication port (peer RPCs and the operator's group commands), the
+//! shard protocol port, the engine's time-driven work and the metrics.
+
+use super::{
+    log_store::{LogStore, LogStoreConfig},
+    network::{
+        read_frame_or_end, AdminRequest, AdminResponse, GroupStatus, Network, PeerRequest,
+        PeerResponse, PEER_FRAME_BODY_BYTES_MAX,
+    },
+    service,
+    state_machine::{Shared, StateMachine},
+    Replica, ReplicaId, TypeConfig,
+};
+use crate::{server::ServerConfig, EngineConfig, Error};
+use bytes::BytesMut;
+use openraft::{error::ClientWriteError, error::RaftError, Raft, ServerState, SnapshotPolicy};
+use proto::shard::{RequestBody, ResponseBody, ShardErrorCode};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+/// The `[raft]` table of the daemon's config: present, the shard runs as
+/// a replica of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// This replica's id in its group (from 1; unique in the group).
+    pub id: ReplicaId,
+    /// Address of the replication port (peer RPCs, `imctl shard group`).
+    pub listen: SocketAddr,
+    /// How often the leader sends heartbeats.
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time between these
+    /// two starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A snapshot (a checkpoint exported) is built after this many log
+    /// entries since the last; the log before it is then purged.
+    pub snapshot_every_entries: u64,
+    /// A write or read not committed / confirmed within this is answered
+    /// `Unavailable` (a leader cut off from its majority).
+    pub write_timeout_ms: u64,
+    /// Largest log segment file before a new one starts.
+    pub log_segment_bytes: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            listen: "127.0.0.1:7500".parse().expect("valid address"),
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_every_entries: 50_000,
+            write_timeout_ms: 2_000,
+            log_segment_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl RaftConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("raft.id must be at least 1".into());
+        }
+        if self.heartbeat_ms == 0 || self.heartbeat_ms * 2 >= self.election_timeout_min_ms {
+            return Err("raft.heartbeat_ms must be above 0 and under half of raft.election_timeout_min_ms".into());
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return Err("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+        }
+        if self.snapshot_every_entries == 0 || self.write_timeout_ms == 0 {
+            return Err("raft.snapshot_every_entries and raft.write_timeout_ms must be above 0".into());
+        }
+        Ok(())
+    }
+
+    fn openraft(&self) -> Result<openraft::Config, String> {
+        openraft::Config {
+            cluster_name: "imserver-shard".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            max_payload_entries: 32,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: 1_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// A running replica, shared by its tasks.
+pub struct Node {
+    pub raft: Raft<TypeConfig>,
+    pub shared: Arc<Shared>,
+    pub id: ReplicaId,
+    config: RaftConfig,
+    server: ServerConfig,
+    stop: watch::Receiver<bool>,
+}
+
+impl Node {
+    pub(crate) fn frame_body_bytes_max(&self) -> usize {
+        self.server.frame_body_bytes_max
+    }
+
+    pub(crate) fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.write_timeout_ms)
+    }
+
+    /// Resolves once the node is stopping.
+    pub(crate) async fn stopping(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|s| *s).await;
+    }
+
+    /// `Ping` and `Stats`: this replica's own state.
+    pub(crate) fn answer_locally(&self, body: RequestBody) -> ResponseBody {
+        match self.shared.engine().as_mut() {
+            Some(engine) => engine.respond(body),
+            None => service::error(
+                ShardErrorCode::Unavailable,
+                "the replica is installing a snapshot".into(),
+            ),
+        }
+    }
+
+    /// This replica's view of the group.
+    pub fn status(&self) -> GroupStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<ReplicaId> = membership.voter_ids().collect();
+        GroupStatus {
+            id: m.id,
+            role: role_name(m.state).into(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            committed_index: m.last_applied.map(|l| l.index),
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            voters: voters.iter().copied().collect(),
+            learners: membership.learner_ids().collect(),
+            members: membership
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect(),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn admin(&self, request: AdminRequest) -> AdminResponse {
+        let result = match request {
+            AdminRequest::Status => return AdminResponse::Status(self.status()),
+            AdminRequest::Init { members } => self
+                .raft
+                .initialize(members)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            AdminRequest::AddLearner { id, replica } => {
+                match self.raft.add_learner(id, replica, true).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => return self.write_error(e),
+                }
+            }
+            AdminRequest::ChangeMembership { voters } => {
+                let voters: BTreeSet<ReplicaId> = voters.into_iter().collect();
+                match self.raft.change_membership(voters, false).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => return self.write_error(e),
+                }
+            }
+        };
+        match result {
+            Ok(()) => AdminResponse::Done,
+            Err(e) => AdminResponse::Failed(e),
+        }
+    }
+
+    fn write_error(&self, e: RaftError<ReplicaId, ClientWriteError<ReplicaId, Replica>>) -> AdminResponse {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminResponse::NotLeader {
+                leader: f.leader_node.map(|n| n.raft_addr),
+            },
+            other => AdminResponse::Failed(other.to_string()),
+        }
+    }
+}
+
+fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// Start a replica: open the log and the engine in `data` (`data/raft`,
+/// `data/engine`, `data/snapshots`), start Raft and both listeners. The
+/// node serves until `stop` turns true; then it shuts Raft down and
+/// checkpoints the engine.
+pub async fn run(
+    data: &Path,
+    (engine, server, raft): (EngineConfig, ServerConfig, RaftConfig),
+    client_listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    opened: tokio::sync::oneshot::Sender<Result<(), String>>,
+) -> Result<(), Error> {
+    let started = start(data, (engine, server, raft), stop.clone()).await;
+    let (node, raft_listener) = match started {
+        Ok(x) => {
+            let _ = opened.send(Ok(()));
+            x
+        }
+        Err(e) => {
+            let _ = opened.send(Err(e.to_string()));
+            return Err(e);
+        }
+    };
+    describe_metrics();
+    let metrics = tokio::spawn(export_metrics(node.clone()));
+    let ticker = std::thread::spawn({
+        let (shared, stop) = (node.shared.clone(), stop.clone());
+        move || tick_engine(&shared, &stop)
+    });
+    let peers = tokio::spawn(accept_peers(node.clone(), raft_listener));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut acceptor = daemon::Acceptor::new(client_listener, "msgstore");
+    loop {
+        tokio::select! {
+            (stream, _) = acceptor.accept() => admit(&node, stream, &connections),
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    tracing::info!("replica stopping");
+    peers.abort();
+    metrics.abort();
+    let _ = node.raft.shutdown().await;
+    let _ = tokio::task::spawn_blocking(move || ticker.join()).await;
+    node.shared.close()
+}
+
+async fn start(
+    data: &Path,
+    (engine, server, raft): (EngineConfig, ServerConfig, RaftConfig),
+    stop: watch::Receiver<bool>,
+) -> Result<(Arc<Node>, TcpListener), Error> {
+    raft.validate().map_err(Error::Config)?;
+    let openraft_config = Arc::new(raft.openraft().map_err(Error::Config)?);
+    let raft_listener = TcpListener::bind(raft.listen).await?;
+    let log = LogStore::<TypeConfig>::open(
+        &data.join("raft"),
+        LogStoreConfig {
+            fsync: engine.fsync,
+            segment_bytes_max: raft.log_segment_bytes,
+            ..LogStoreConfig::default()
+        },
+    )
+    .map_err(|e| Error::Storage(e.to_string()))?;
+    let data = data.to_owned();
+    let shared = tokio::task::spawn_blocking(move || Shared::open(&data, engine))
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
+    let sm = StateMachine {
+        shared: shared.clone(),
+    };
+    let handle = Raft::new(raft.id, openraft_config, Network, log, sm)
+        .await
+        .map_err(|e| Error::Storage(format!("raft did not start: {e}")))?;
+    let node = Arc::new(Node {
+        raft: handle,
+        shared,
+        id: raft.id,
+        config: raft,
+        server,
+        stop,
+    });
+    Ok((node, raft_listener))
+}
+
+fn admit(node: &Arc<Node>, stream: TcpStream, connections: &Arc<AtomicUsize>) {
+    if connections.load(Ordering::Relaxed) >= node.server.connections_max {
+        metrics::counter!("msgstore_connections_rejected_total").increment(1);
+        return;
+    }
+    connections.fetch_add(1, Ordering::Relaxed);
+    let (node, connections) = (node.clone(), connections.clone());
+    tokio::spawn(async move {
+        service::serve(node, stream).await;
+        connections.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// The engine's time-driven work (checkpoints), on its own thread: a
+/// checkpoint merge may wait on disk.
+fn tick_engine(shared: &Shared, stop: &watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        let wake = match shared.engine().as_mut() {
+            Some(engine) => {
+                engine.tick();
+                engine.next_wakeup()
+            }
+            None => Duration::from_millis(10),
+        };
+        std::thread::sleep(wake.min(Duration::from_millis(50)));
+    }
+}
+
+async fn accept_peers(node: Arc<Node>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_peer(node.clone(), stream));
+    }
+}
+
+/// Answer one peer's RPCs, one at a time, until it hangs up.
+async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) {
+    let mut buf = BytesMut::new();
+    loop {
+        let request = match read_frame_or_end::<PeerRequest>(&mut stream, &mut buf).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad replication frame; closing the link");
+                return;
+            }
+        };
+        let response = match request {
+            PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(node.raft.append_entries(r).await),
+            PeerRequest::Vote(r) => PeerResponse::Vote(node.raft.vote(r).await),
+            PeerRequest::InstallSnapshot(r) => {
+                PeerResponse::InstallSnapshot(node.raft.install_snapshot(r).await)
+            }
+            PeerRequest::Admin(r) => PeerResponse::Admin(node.admin(r).await),
+        };
+        let mut out = Vec::new();
+        if let Err(e) = proto::frame::encode(&response, PEER_FRAME_BODY_BYTES_MAX, &mut out) {
+            tracing::error!(error = %e, "replication answer not encodable");
+            return;
+        }
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("msgstore_raft_term", "The replica's current Raft term.");
+    describe_gauge!("msgstore_raft_is_leader", "1 if this replica leads its group, else 0.");
+    describe_gauge!("msgstore_raft_commit_index", "Highest log index known committed and applied here.");
+    describe_gauge!("msgstore_raft_last_log_index", "Highest log index in this replica's log.");
+    describe_gauge!("msgstore_raft_follower_lag_entries", "On the leader: entries each follower lacks.");
+    describe_counter!("msgstore_raft_elections_total", "Times this replica became a candidate.");
+    describe_counter!("msgstore_raft_snapshot_bytes_total", "Snapshot bytes sent or received.");
+    describe_counter!("msgstore_raft_not_leader_answers_total", "Requests answered NotLeader.");
+    describe_counter!("msgstore_raft_proposals_total", "Raft entries proposed by this replica.");
+}
+
+/// Keep the Raft gauges current.
+async fn export_metrics(node: Arc<Node>) {
+    let mut rx = node.raft.metrics();
+    let mut was_candidate = false;
+    loop {
+        let m = rx.borrow_and_update().clone();
+        metrics::gauge!("msgstore_raft_term").set(m.current_term as f64);
+        let leader = m.state == ServerState::Leader;
+        metrics::gauge!("msgstore_raft_is_leader").set(if leader { 1.0 } else { 0.0 });
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        metrics::gauge!("msgstore_raft_commit_index").set(applied as f64);
+        let last = m.last_log_index.unwrap_or(0);
+        metrics::gauge!("msgstore_raft_last_log_index").set(last as f64);
+        let candidate = m.state == ServerState::Candidate;
+        if candidate && !was_candidate {
+            metrics::counter!("msgstore_raft_elections_total").increment(1);
+        }
+        was_candidate = candidate;
+        let lags: BTreeMap<ReplicaId, u64> = m
+            .replication
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|(id, l)| (*id, last.saturating_sub(l.map_or(0, |l| l.index))))
+            .collect();
+        for (id, lag) in lags {
+            metrics::gauge!("msgstore_raft_follower_lag_entries", "replica" => id.to_string())
+                .set(lag as f64);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

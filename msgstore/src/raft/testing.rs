@@ -1,0 +1,362 @@
+//! Shared by the replicated-shard tests and `imbench failover`: a group
+//! of real `msgstore` processes on fixed ports, a client that finds the
+//! leader, and a model of what was acknowledged to check the group
+//! against.
+
+use daemon::testing::{free_addr, sigkill, wait_for_listening};
+use super::{
+    network::{admin, AdminRequest, AdminResponse, GroupStatus},
+    Replica,
+};
+use crate::{
+    client::{ClientError, ShardClient},
+    StoredRecord,
+};
+use proto::shard::ShardErrorCode;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+/// Engine settings small enough for tests (the fan-out cannot change
+/// between runs of one directory).
+pub const CONFIG: &str = "[engine]\nbucket_dirs = 2\nbucket_files = 4\nwal_segment_bytes = 1048576\n\
+index_map_bytes = 16777216\ncheckpoint_wal_bytes = 262144\ncheckpoint_stall_wal_bytes = 524288\n\
+wal_bytes_max = 1048576\n";
+
+/// One replica: a `msgstore` process on fixed ports (kept across
+/// restarts, so the group's membership stays true).
+pub struct ReplicaProcess {
+    bin: PathBuf,
+    pub id: u64,
+    pub client: SocketAddr,
+    pub raft: SocketAddr,
+    pub data: PathBuf,
+    config: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl ReplicaProcess {
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--data")
+            .arg(&self.data)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--listen", &self.client.to_string()])
+            .args(["--raft-id", &self.id.to_string()])
+            .args(["--raft-listen", &self.raft.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn msgstore");
+        wait_for_listening(&mut child, "msgstore", Duration::from_secs(60));
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            sigkill(&mut child);
+        }
+    }
+
+    pub fn terminate(&mut self) -> bool {
+        match self.child.take() {
+            Some(mut child) => {
+                daemon::testing::signal(&child, libc::SIGTERM);
+                child.wait().expect("wait").success()
+            }
+            None => true,
+        }
+    }
+
+    pub fn replica(&self) -> Replica {
+        Replica {
+            raft_addr: self.raft.to_string(),
+            client_addr: self.client.to_string(),
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A group of replicas, each with its data directory under `dir`.
+pub struct Group {
+    pub replicas: Vec<ReplicaProcess>,
+}
+
+impl Group {
+    /// Start `n` replicas of the `msgstore` binary `bin` with the config
+    /// `config_text`, data under `dir`, and form a group of them.
+    pub async fn start(bin: &Path, dir: &Path, n: u64, config_text: &str) -> Group {
+        let config = dir.join("msgstore.toml");
+        std::fs::write(&config, config_text).expect("write the config");
+        let mut replicas: Vec<ReplicaProcess> = (1..=n)
+            .map(|id| ReplicaProcess {
+                bin: bin.to_owned(),
+                id,
+                client: free_addr(),
+                raft: free_addr(),
+                data: dir.join(format!("r{id}")),
+                config: config.clone(),
+                child: None,
+            })
+            .collect();
+        for r in &mut replicas {
+            r.start();
+        }
+        let members: BTreeMap<u64, Replica> =
+            replicas.iter().map(|r| (r.id, r.replica())).collect();
+        let answer = admin(
+            &replicas[0].raft.to_string(),
+            AdminRequest::Init { members },
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("init");
+        assert!(matches!(answer, AdminResponse::Done), "{answer:?}");
+        let group = Group { replicas };
+        group.wait_for_leader(Duration::from_secs(10)).await;
+        group
+    }
+
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.replicas.iter().map(|r| r.client).collect()
+    }
+
+    pub async fn status(&self, i: usize) -> Option<GroupStatus> {
+        let addr = self.replicas[i].raft.to_string();
+        match admin(&addr, AdminRequest::Status, Duration::from_secs(2)).await {
+            Ok(AdminResponse::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The index of the replica that leads, as the running replicas see it.
+    pub async fn wait_for_leader(&self, limit: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            for i in 0..self.replicas.len() {
+                if !self.replicas[i].is_running() {
+                    continue;
+                }
+                if let Some(s) = self.status(i).await {
+                    if s.role == "leader" {
+                        return i;
+                    }
+                }
+            }
+            assert!(start.elapsed() < limit, "no leader within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until every running replica applied the same index.
+    pub async fn wait_converged(&self, limit: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            let mut applied = Vec::new();
+            for i in 0..self.replicas.len() {
+                if let Some(s) = self.status(i).await {
+                    applied.push(s.applied_index.unwrap_or(0));
+                }
+            }
+            if applied.len() == self.replicas.len() && applied.iter().all(|a| *a == applied[0]) {
+                return applied[0];
+            }
+            assert!(
+                start.elapsed() < limit,
+                "replicas did not converge within {limit:?}: applied {applied:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Talks to whichever replica leads, following `NotLeader` and trying the
+/// next replica when one cannot be reached.
+pub struct GroupClient {
+    addrs: Vec<SocketAddr>,
+    at: usize,
+    client: Option<ShardClient>,
+}
+
+/// What a call to the group came to.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    Done(T),
+    /// Refused for a reason every replica agrees on.
+    Refused(ShardErrorCode),
+    /// Unknown: the connection broke or the group did not answer in time;
+    /// a write may or may not have happened.
+    Unknown,
+}
+
+impl GroupClient {
+    pub fn new(addrs: Vec<SocketAddr>) -> GroupClient {
+        GroupClient {
+            addrs,
+            at: 0,
+            client: None,
+        }
+    }
+
+    async fn connected(&mut self) -> Option<&ShardClient> {
+        if self.client.is_none() {
+            let addr = self.addrs[self.at];
+            let dial = tokio::time::timeout(Duration::from_millis(500), ShardClient::connect(addr));
+            match dial.await {
+                Ok(Ok(c)) => self.client = Some(c),
+                _ => {
+                    self.at = (self.at + 1) % self.addrs.len();
+                    return None;
+                }
+            }
+        }
+        self.client.as_ref()
+    }
+
+    fn follow(&mut self, leader: Option<String>) {
+        self.client = None;
+        match leader.and_then(|l| self.addrs.iter().position(|a| a.to_string() == l)) {
+            Some(i) => self.at = i,
+            None => self.at = (self.at + 1) % self.addrs.len(),
+        }
+    }
+
+    /// Run `op` at the leader. `idempotent` ops are retried after an
+    /// unknown outcome; others are reported `Unknown`.
+    pub async fn call<T, F, Fut>(&mut self, idempotent: bool, op: F) -> Outcome<T>
+    where
+        F: Fn(ShardClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let Some(client) = self.connected().await.cloned() else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let answer = tokio::time::timeout(Duration::from_secs(5), op(client)).await;
+            match answer {
+                Ok(Ok(v)) => return Outcome::Done(v),
+                Ok(Err(ClientError::Shard(e))) => match e.code {
+                    ShardErrorCode::NotLeader { leader } => {
+                        self.follow(leader);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    ShardErrorCode::Unavailable if !idempotent => {
+                        self.follow(None);
+                        return Outcome::Unknown;
+                    }
+                    ShardErrorCode::Unavailable => {
+                        self.follow(None);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    code => return Outcome::Refused(code),
+                },
+                Ok(Err(_)) | Err(_) => {
+                    self.follow(None);
+                    if !idempotent {
+                        return Outcome::Unknown;
+                    }
+                }
+            }
+        }
+        Outcome::Unknown
+    }
+
+    /// Every live record of `user`, oldest first.
+    pub async fn fetch_all(&mut self, user: u64) -> Vec<StoredRecord> {
+        let mut out: Vec<StoredRecord> = Vec::new();
+        loop {
+            let after = out.last().map_or(0, |r| r.seq);
+            let page = self
+                .call(true, |c| async move { c.fetch(user, after, 1000, 1 << 20).await })
+                .await;
+            let Outcome::Done((records, more)) = page else {
+                panic!("fetch of user {user} failed: {page:?}");
+            };
+            assert!(!more || !records.is_empty(), "a page says more with no records");
+            out.extend(records);
+            if !more {
+                return out;
+            }
+        }
+    }
+}
+
+/// What the clients were told, per user.
+#[derive(Default, Debug)]
+pub struct Model {
+    /// msg_id -> seq of every acknowledged append.
+    pub acked: HashMap<u64, BTreeMap<u128, u64>>,
+    /// Appends whose outcome is unknown: present at most once.
+    pub maybe: HashMap<u64, Vec<u128>>,
+    /// The highest acknowledged ack per user.
+    pub acked_up_to: HashMap<u64, u64>,
+}
+
+impl Model {
+    /// What a fetch served while writes run can promise: seqs without
+    /// gaps, and nothing at or below an ack answered before it was sent.
+    pub fn check_live(user: u64, records: &[StoredRecord], acked_before: u64) -> Result<(), String> {
+        for w in records.windows(2) {
+            if w[1].seq != w[0].seq + 1 {
+                return Err(format!("user {user}: seq gap {} -> {}", w[0].seq, w[1].seq));
+            }
+        }
+        match records.first() {
+            Some(r) if r.seq <= acked_before => Err(format!(
+                "user {user}: seq {} came back after ack {acked_before}",
+                r.seq
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Check `records` (a user's live records, all writes answered)
+    /// against what was answered.
+    pub fn check_user(&self, user: u64, records: &[StoredRecord]) -> Result<(), String> {
+        let up_to = self.acked_up_to.get(&user).copied().unwrap_or(0);
+        let acked = self.acked.get(&user).cloned().unwrap_or_default();
+        let maybe = self.maybe.get(&user).cloned().unwrap_or_default();
+        let mut seen = HashMap::new();
+        Self::check_live(user, records, up_to)?;
+        for r in records {
+            if seen.insert(r.msg_id, r.seq).is_some() {
+                return Err(format!("user {user}: msg {:x} stored twice", r.msg_id));
+            }
+            match acked.get(&r.msg_id) {
+                Some(seq) if *seq != r.seq => {
+                    return Err(format!("user {user}: msg acked at seq {seq} found at {}", r.seq))
+                }
+                Some(_) => {}
+                None if maybe.contains(&r.msg_id) => {}
+                None => return Err(format!("user {user}: unknown msg {:x}", r.msg_id)),
+            }
+        }
+        for (id, seq) in &acked {
+            if *seq > up_to && !seen.contains_key(id) {
+                return Err(format!("user {user}: acknowledged msg at seq {seq} lost"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The engine directory of a replica's data directory.
+pub fn engine_dir(data: &Path) -> PathBuf {
+    data.join("engine")
+}
