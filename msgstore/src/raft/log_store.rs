@@ -70,6 +70,8 @@ mod state;
 mod store;
 mod writer;
 
+#[cfg(test)]
+mod tests;
 
 use crate::FsyncPolicy;
 use std::{io, path::PathBuf};
