@@ -92,6 +92,9 @@ pub(super) struct Shared<C: RaftTypeConfig> {
     /// Held by a test to stop the writer before it drains its queue.
     #[cfg(test)]
     pub gate: Mutex<()>,
+    /// Set by a test to make every segment sync fail.
+    #[cfg(test)]
+    pub fail_syncs: std::sync::atomic::AtomicBool,
 }
 
 impl<C: RaftTypeConfig> Shared<C> {
@@ -102,6 +105,8 @@ impl<C: RaftTypeConfig> Shared<C> {
             config,
             #[cfg(test)]
             gate: Mutex::new(()),
+            #[cfg(test)]
+            fail_syncs: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -261,6 +266,7 @@ impl<C: RaftTypeConfig> State<C> {
             );
             self.cache_bytes += frame_bytes;
         }
+        self.evict();
         (seq, chunks)
     }
 

@@ -263,6 +263,10 @@ impl<C: RaftTypeConfig> Writer<C> {
     /// `fdatasync` these segments.
     fn sync_segments(&self, segs: &BTreeSet<SegId>) -> io::Result<()> {
         for &seg in segs {
+            #[cfg(test)]
+            if self.shared.fail_syncs.load(Ordering::Relaxed) {
+                return Err(io::Error::other("injected sync failure"));
+            }
             self.file(seg)?.sync_data()?;
             self.shared.syncs_total.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(METRIC_SYNCS).increment(1);
@@ -270,25 +274,28 @@ impl<C: RaftTypeConfig> Writer<C> {
         Ok(())
     }
 
-    /// Remove segments (last first), then cut one.
+    /// Remove segments (last first), then cut one. Under `Always` the
+    /// removals are made durable before the cut, so a crash never leaves
+    /// a cut segment followed by one that should be gone (a gap).
     fn truncate(&mut self, plan: TruncatePlan) -> io::Result<()> {
+        let always = self.policy() == FsyncPolicy::Always;
         let removed = !plan.remove.is_empty();
         for (seg, first) in plan.remove {
             self.remove(seg, first)?;
         }
-        if let Some((seg, offset)) = plan.cut {
-            self.file(seg)?.set_len(offset)?;
-            self.sizes.insert(seg, offset);
-            self.dirty.insert(seg);
+        if removed && always {
+            sync_dir(&self.dir)?;
         }
-        if self.policy() == FsyncPolicy::Always {
-            let dirty = std::mem::take(&mut self.dirty);
-            self.sync_segments(&dirty)?;
-            if removed {
-                sync_dir(&self.dir)?;
-            }
+        self.dir_dirty |= removed && !always;
+        let Some((seg, offset)) = plan.cut else {
+            return Ok(());
+        };
+        self.file(seg)?.set_len(offset)?;
+        self.sizes.insert(seg, offset);
+        if always {
+            self.sync_segments(&BTreeSet::from([seg]))?;
         } else {
-            self.dir_dirty |= removed;
+            self.dirty.insert(seg);
         }
         Ok(())
     }
