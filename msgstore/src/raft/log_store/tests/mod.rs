@@ -6,6 +6,7 @@ mod group_commit;
 mod model;
 mod sm;
 mod suite;
+mod writer;
 
 use super::{LogStore, LogStoreConfig};
 use crate::FsyncPolicy;
