@@ -40,27 +40,43 @@
 //!
 //! * Appends are written by one writer thread: every append pending when
 //!   it wakes is written with one `write` per segment and, under
-//!   [`FsyncPolicy::Always`](crate::FsyncPolicy::Always), one `fdatasync`
-//!   per segment before any of their callbacks is called (group commit).
+//!   [`FsyncPolicy::Always`], one `fdatasync`
+//!   per segment before any of their callbacks is called (group commit;
+//!   a segment is synced before the next one is created).
 //!   Under `IntervalMs` the callbacks are called once written and the
 //!   segments are synced at that interval; under `Never`, never.
-//! * `vote`, `committed` and `purged` are synced under every policy.
-//! * Truncation cuts a segment at the first removed frame's offset and
-//!   removes later segments (last first); purging writes `purged` first,
-//!   then removes the segments wholly at or below it.
+//! * `vote`, `committed` and `purged` are synced under every policy, after
+//!   every append queued before them was written (and synced).
+//! * Truncation (ordered after the appends queued before it) removes the
+//!   later segments (last first; under `Always` the directory is synced),
+//!   then cuts the segment holding the first removed entry at that
+//!   entry's offset (synced under `Always`).
+//! * Purging writes `purged` first, then removes the segments wholly at
+//!   or below it; a segment partly below it keeps its purged frames,
+//!   which are skipped when reading. Entries appended at or below the
+//!   last purged index are dropped (they are purged already).
 //!
 //! # Opening
 //!
-//! Segments are read in order and checked. A last frame of the last
-//! segment that is cut short or fails its CRC (or is longer than
-//! `entry_bytes_max`), with no valid frame after it, is a torn write: it is
-//! cut off (logged, counted in `msgstore_raft_log_torn_tails_total`). Any
-//! other damage (a bad frame with a valid one after it, in the same segment
-//! or a later one; a frame whose CRC holds but whose body does not decode;
-//! an index gap or an index going backwards; a segment whose name is not
-//! its first index) fails [`LogStore::open`] with
-//! [`LogStoreError::Damaged`] naming the file and the byte offset, and
-//! nothing on disk is changed.
+//! Segments are read in order and checked. A frame is valid if its length
+//! is within bounds, its body is all there and its CRC holds. In the last
+//! segment, an invalid frame after which no valid frame starts (at any
+//! byte offset) is a torn write: the segment is cut at its offset (or
+//! removed, if nothing is left), which is logged and counted in
+//! `msgstore_raft_log_torn_tails_total`. Any other damage (an invalid
+//! frame with a valid one after it, in the same segment or a later one; a
+//! valid frame whose body does not decode; an index gap or an index going
+//! backwards; a segment whose name is not its first index, or not 20
+//! digits; a segment without entries before the last; a `vote`,
+//! `committed` or `purged` file that is not exactly one valid frame)
+//! fails [`LogStore::open`] with [`LogStoreError::Damaged`] naming the
+//! file and the byte offset, and nothing on disk is changed.
+//!
+//! Once every file checked out, opening also removes a last segment left
+//! without entries and the segments wholly at or below `purged` (a purge
+//! interrupted by a crash), and lowers a saved committed id that is past
+//! the last entry to the last entry (possible only if an unsynced tail
+//! was lost, under `IntervalMs` or `Never`).
 
 mod frame;
 mod raft_impl;
