@@ -39,8 +39,8 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
 }
 
 /// Read the entries of `range` that exist: from the cache, else from the
-/// segments (outside the lock). A read that fails because a truncation or
-/// purge moved the entries meanwhile is done again.
+/// segments (outside the lock). A read during which a truncation or purge
+/// moved the entries is done again.
 pub(super) fn read_entries<C>(
     shared: &Shared<C>,
     range: impl RangeBounds<u64>,
@@ -62,14 +62,12 @@ where
                 })?;
             (slots, state.generation)
         };
-        match resolve::<C>(slots, shared.config.entry_bytes_max) {
-            Ok(entries) => return Ok(entries),
-            Err(e) => {
-                attempt += 1;
-                if shared.lock().generation == generation || attempt >= READ_ATTEMPTS_MAX {
-                    return Err(e);
-                }
-            }
+        let result = resolve::<C>(slots, shared.config.entry_bytes_max);
+        attempt += 1;
+        // Unmoved meanwhile: the entries are those of one moment (or the
+        // error is real). Moved: read again, a few times at most.
+        if shared.lock().generation == generation || attempt >= READ_ATTEMPTS_MAX {
+            return result;
         }
     }
 }
