@@ -3,6 +3,7 @@
 mod alloc_count;
 mod disk;
 mod e2e;
+mod failover;
 mod e2e_fleet;
 mod e2e_report;
 mod idle_sessions;
@@ -56,6 +57,10 @@ enum Cmd {
     /// Live shard rebalancing: users and MB moved per second while a load
     /// runs, the load during vs before, the fraction moved vs the ideal.
     Rebalance(rebalance::RebalanceArgs),
+    /// A 3-replica shard group under steady appends, its leader SIGKILLed
+    /// again and again: time to the next acknowledged append, lost and
+    /// duplicated appends.
+    Failover(failover::FailoverArgs),
 }
 
 #[tokio::main]
@@ -67,6 +72,7 @@ async fn main() -> Result<()> {
         Cmd::Profile(args) => profile::run(args).await,
         Cmd::Session(args) => session::run(args).await,
         Cmd::E2e(args) => e2e::run(args).await,
+        Cmd::Failover(args) => failover::run(args).await,
         Cmd::Rebalance(args) => rebalance::run(args).await,
     }
 }

@@ -33,8 +33,10 @@
 //! segments (segment `n + 1` starts at the index after segment `n`'s
 //! last). A new segment is started once the current one holds
 //! `segment_bytes_max` bytes or more. A `vote`, `committed` or `purged`
-//! file is exactly one frame; it is replaced atomically (write
-//! `<name>.tmp`, fsync it, rename it over `<name>`, fsync the directory).
+//! file is exactly one frame. `vote` and `purged` are replaced atomically
+//! (write `<name>.tmp`, fsync it, rename it over `<name>`, fsync the
+//! directory); `committed`, a hint, is overwritten in place and not
+//! synced (see Durability).
 //!
 //! # Durability
 //!
@@ -45,8 +47,12 @@
 //!   a segment is synced before the next one is created).
 //!   Under `IntervalMs` the callbacks are called once written and the
 //!   segments are synced at that interval; under `Never`, never.
-//! * `vote`, `committed` and `purged` are synced under every policy, after
-//!   every append queued before them was written (and synced).
+//! * `vote` and `purged` are synced under every policy, after every
+//!   append queued before them was written (and synced). `committed` is
+//!   written after them too but never synced: openraft saves it at every
+//!   commit and uses it only to re-apply committed entries at start; one
+//!   older than the truth (or lost, or torn: read as none, with a
+//!   warning) only leaves the rest to be committed again by the leader.
 //! * Truncation (ordered after the appends queued before it) removes the
 //!   later segments (last first; under `Always` the directory is synced),
 //!   then cuts the segment holding the first removed entry at that
@@ -67,8 +73,8 @@
 //! frame with a valid one after it, in the same segment or a later one; a
 //! valid frame whose body does not decode; an index gap or an index going
 //! backwards; a segment whose name is not its first index, or not 20
-//! digits; a segment without entries before the last; a `vote`,
-//! `committed` or `purged` file that is not exactly one valid frame)
+//! digits; a segment without entries before the last; a `vote` or
+//! `purged` file that is not exactly one valid frame)
 //! fails [`LogStore::open`] with [`LogStoreError::Damaged`] naming the
 //! file and the byte offset, and nothing on disk is changed.
 //!

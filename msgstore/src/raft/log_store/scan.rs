@@ -66,7 +66,14 @@ where
     fs::create_dir_all(dir).map_err(|e| LogStoreError::io("create", dir, e))?;
     let purged: Option<LogId<NodeIdOf<C>>> = read_meta(dir, "purged")?;
     let vote = read_meta(dir, "vote")?;
-    let committed: Option<LogId<NodeIdOf<C>>> = read_meta(dir, "committed")?.flatten();
+    // A hint written without a sync (see the writer): a torn one is no id.
+    let committed: Option<LogId<NodeIdOf<C>>> = match read_meta(dir, "committed") {
+        Ok(c) => c.flatten(),
+        Err(e) => {
+            tracing::warn!(error = %e, "Raft log: the committed hint is unreadable; ignoring it");
+            None
+        }
+    };
     let mut segments = scan_segments::<C>(&list_segments(dir)?, config.entry_bytes_max)?;
     check_purged_gap(&segments, purged.as_ref())?;
     // Nothing was changed on disk up to here.

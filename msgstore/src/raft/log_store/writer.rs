@@ -152,6 +152,13 @@ impl<C: RaftTypeConfig> Writer<C> {
                 Op::Append(_) => {}
                 Op::Truncate(plan, reply) => self.reply(reply, |w| w.truncate(plan)),
                 Op::Purge(bytes, remove, reply) => self.reply(reply, |w| w.purge(&bytes, remove)),
+                // The committed id is a hint (openraft re-applies up to it
+                // at start; a lower one only means the leader commits the
+                // rest again): written, not synced, so a commit costs no
+                // fsync. Anything else is replaced durably.
+                Op::SaveMeta(name @ "committed", bytes, reply) => {
+                    self.reply(reply, |w| std::fs::write(w.dir.join(name), &bytes))
+                }
                 Op::SaveMeta(name, bytes, reply) => {
                     self.reply(reply, |w| write_atomic(&w.dir, name, &bytes))
                 }
