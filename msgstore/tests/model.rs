@@ -265,7 +265,8 @@ fn check_fetch(
     let mut bytes = 0u64;
     for (seq, msg_id, payload) in mb.live.iter().filter(|r| r.0 > start) {
         let len = payload.len() as u64;
-        if want.len() >= max_count as usize || (!want.is_empty() && bytes + len > max_bytes.into())
+        if want.len() >= max_count as usize
+            || (!want.is_empty() && bytes + len > u64::from(max_bytes))
         {
             break;
         }
