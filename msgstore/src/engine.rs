@@ -18,6 +18,7 @@ mod log_buffers;
 mod migrate;
 mod ops;
 mod recovery;
+mod replicated;
 mod routing;
 mod state;
 mod wal;
@@ -215,6 +216,9 @@ pub(crate) struct Engine {
     /// Users whose acknowledged seq moved while a checkpoint ran (with
     /// repeats): the merge counts their flushed-but-acknowledged records.
     acked_during_job: Vec<u64>,
+    /// The clock set by [`Engine::set_clock_ms`] (ms since the epoch);
+    /// `None`: the system wall clock.
+    clock_ms: Option<u64>,
 }
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].
@@ -615,6 +619,12 @@ impl Engine {
             self.sync_wal()?;
         }
         self.checkpoint_now()
+    }
+
+    /// The engine's clock (ms since the Unix epoch): the last value given
+    /// to [`Engine::set_clock_ms`], else the system wall clock.
+    pub(super) fn now_ms(&self) -> u64 {
+        self.clock_ms.unwrap_or_else(ops::system_now_ms)
     }
 
     fn check_usable(&self) -> Result<()> {

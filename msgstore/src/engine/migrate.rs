@@ -13,13 +13,14 @@ use proto::shard::{
     MailboxStats, Routing, StoredRecord, UserEntry, FREEZE_HOLD_MS, FROZEN_USERS_MAX,
     LIST_USERS_MAX,
 };
-use std::time::{Duration, Instant};
 
 /// A user whose writes are refused while a tool copies the mailbox.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Freeze {
-    token: u64,
-    until: Instant,
+    /// The token the freeze was taken under; `Release` must name it.
+    pub(super) token: u64,
+    /// The freeze lapses at this engine-clock time (ms since the epoch).
+    pub(super) until_ms: u64,
 }
 
 impl Engine {
@@ -58,7 +59,7 @@ impl Engine {
             return false;
         }
         match self.frozen.get(&user) {
-            Some(f) if f.until > Instant::now() => true,
+            Some(f) if f.until_ms > self.now_ms() => true,
             Some(_) => {
                 self.frozen.remove(&user);
                 false
@@ -135,13 +136,13 @@ impl Engine {
         self.check_usable()?;
         let state = self.load_user(user)?;
         self.admit(user, state.as_ref(), false)?;
-        let now = Instant::now();
-        self.frozen.retain(|_, f| f.until > now);
+        let now_ms = self.now_ms();
+        self.frozen.retain(|_, f| f.until_ms > now_ms);
         if !self.frozen.contains_key(&user) && self.frozen.len() >= FROZEN_USERS_MAX {
             return Err(Error::Busy("too many users are frozen on this shard"));
         }
-        let until = now + Duration::from_millis(FREEZE_HOLD_MS);
-        self.frozen.insert(user, Freeze { token, until });
+        let until_ms = now_ms.saturating_add(FREEZE_HOLD_MS);
+        self.frozen.insert(user, Freeze { token, until_ms });
         Ok(mailbox_stats(state.as_ref()))
     }
 
@@ -203,10 +204,11 @@ impl Engine {
     /// mailbox and mark it moved. Returns how many records were deleted.
     pub(super) fn release(&mut self, user: u64, token: u64, moved: bool) -> Result<u64> {
         self.check_usable()?;
+        let now_ms = self.now_ms();
         let held = self
             .frozen
             .get(&user)
-            .is_some_and(|f| f.token == token && f.until > Instant::now());
+            .is_some_and(|f| f.token == token && f.until_ms > now_ms);
         if !held {
             return Err(Error::Conflict(format!(
                 "user {user} is not frozen under this token (the freeze expired or was replaced)"

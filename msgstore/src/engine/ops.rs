@@ -26,7 +26,8 @@ pub(super) struct ChainLink {
     pub payload_bytes: u64,
 }
 
-fn now_ms() -> u64 {
+/// The system wall clock in milliseconds since the Unix epoch.
+pub(super) fn system_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -37,7 +38,7 @@ fn now_ms() -> u64 {
 pub(super) fn rate_limited(log: impl FnOnce(u64)) {
     static LAST_SECOND: AtomicU64 = AtomicU64::new(u64::MAX);
     static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let second = now_ms() / 1000;
+    let second = system_now_ms() / 1000;
     let last = LAST_SECOND.load(Ordering::Relaxed);
     if last != second
         && LAST_SECOND
@@ -146,7 +147,7 @@ impl Engine {
         let header = MessageHeader {
             user: req.user,
             seq: state.next_seq,
-            timestamp_ms: now_ms(),
+            timestamp_ms: self.now_ms(),
             msg_id: req.msg_id,
         };
         wal::encode_append(&header, &req.payload, &mut self.wal_buf);

@@ -226,6 +226,7 @@ impl Engine {
             frozen: HashMap::new(),
             batch: 0,
             acked_during_job: Vec::new(),
+            clock_ms: None,
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
