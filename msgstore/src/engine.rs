@@ -219,6 +219,14 @@ pub(crate) struct Engine {
     /// The clock set by [`Engine::set_clock_ms`] (ms since the epoch);
     /// `None`: the system wall clock.
     clock_ms: Option<u64>,
+    /// The state machine of a Raft group ([`Engine::open_replicated`]):
+    /// batches write no log.
+    replicated: bool,
+    /// Checkpoint meta other than the log position changed since the last
+    /// checkpoint started (the applied marker; a replicated shard's frozen
+    /// users or routing; its first checkpoint's new log start): the next
+    /// checkpoint runs even if no user changed.
+    meta_dirty: bool,
 }
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].
@@ -372,7 +380,7 @@ impl Engine {
     /// batch with nothing to log, or under another policy, is committed
     /// here and `None` returned.
     pub(crate) fn end_batch_deferred(&mut self) -> Result<Option<DeferredWrite>> {
-        if self.config.fsync != FsyncPolicy::Always || self.wal_buf.is_empty() {
+        if self.replicated || self.config.fsync != FsyncPolicy::Always || self.wal_buf.is_empty() {
             return self.end_batch().map(|()| None);
         }
         let reserved = self
@@ -448,6 +456,10 @@ impl Engine {
     /// Write the batch's log entries and reach the policy's durability point.
     fn commit_batch(&mut self) -> Result<()> {
         if self.wal_buf.is_empty() {
+            return Ok(());
+        }
+        if self.replicated {
+            self.count_unlogged();
             return Ok(());
         }
         self.settle_before_rotation(self.wal_buf.len() as u64)?;
@@ -596,7 +608,7 @@ impl Engine {
         }
         let bytes_due = self.wal.bytes_since_checkpoint >= self.config.checkpoint_wal_bytes;
         let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
-            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
+            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty() || self.meta_dirty);
         bytes_due || time_due
     }
 

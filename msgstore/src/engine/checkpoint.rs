@@ -135,6 +135,8 @@ pub(super) struct Job {
     pub(super) superseded: Arc<OnceLock<Superseded>>,
     candidates: Vec<u32>,
     log_bytes: u64,
+    /// The job carries changed checkpoint meta (see [`Engine::meta_dirty`]).
+    meta_dirty: bool,
     started: Instant,
     done: flume::Receiver<Result<JobDone>>,
 }
@@ -165,9 +167,11 @@ impl Engine {
     /// checkpoint and none is running.
     pub(super) fn start_checkpoint(&mut self) -> Result<()> {
         self.last_checkpoint = Instant::now();
-        if self.job.is_some() || (self.dirty.is_empty() && self.compact_candidates.is_empty()) {
+        let idle = self.dirty.is_empty() && self.compact_candidates.is_empty() && !self.meta_dirty;
+        if self.job.is_some() || idle {
             return Ok(());
         }
+        let meta_dirty = std::mem::take(&mut self.meta_dirty);
         // The next map starts from the last job's (cleared, its memory
         // kept): a map regrown from empty rehashes on the server thread and
         // faults in fresh pages at every doubling.
@@ -210,6 +214,7 @@ impl Engine {
             superseded,
             candidates,
             log_bytes: self.wal.bytes_since_checkpoint,
+            meta_dirty,
             started: Instant::now(),
             done: rx,
         });
@@ -278,7 +283,12 @@ impl Engine {
         // The renames need no sync here: the index keeps listing them as
         // pending swaps (finished at open) until the next checkpoint, whose
         // own syncfs makes them durable before it replaces that list.
-        self.wal.remove_before_in_background(job.position)?;
+        if self.replicated {
+            // Only the first checkpoint finds segments (of a standalone past).
+            self.wal.remove_before(job.position)?;
+        } else {
+            self.wal.remove_before_in_background(job.position)?;
+        }
         let done_compactions = done.compactions.len() as u64;
         let elapsed_ms = job.started.elapsed().as_millis() as u64;
         self.wal.bytes_since_checkpoint = self
@@ -394,13 +404,17 @@ impl Engine {
             live.pending = older.pending;
         }
         self.compact_candidates.extend(job.candidates);
+        self.meta_dirty |= job.meta_dirty;
         self.checkpoint_retry_at = Instant::now() + super::CHECKPOINT_RETRY_DELAY;
         metrics::counter!("msgstore_checkpoint_failures_total").increment(1);
     }
 
-    /// Run a whole checkpoint now, covering everything logged so far (waits
-    /// for one in progress first).
-    pub(super) fn checkpoint_now(&mut self) -> Result<()> {
+    /// Run a whole checkpoint now, covering everything applied so far:
+    /// waits for one in progress first (whose failure is returned; the
+    /// caller may call again), then runs one and waits for it to be merged.
+    /// On `Ok` the index holds the engine's whole state, the applied marker
+    /// included.
+    pub(crate) fn checkpoint_now(&mut self) -> Result<()> {
         self.check_usable()?;
         if let Some(r) = self.poll_checkpoint(true) {
             r?;

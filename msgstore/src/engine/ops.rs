@@ -91,10 +91,13 @@ impl Engine {
         Dirty::entry(&mut self.dirty, user, state).state = state;
     }
 
-    /// Refuse new log entries while the log is at its limit.
+    /// Refuse new log entries while the log is at its limit. A replicated
+    /// shard refuses nothing here: whether its checkpoints keep up is its
+    /// own affair, and a refusal would make replicas differ (the Raft glue
+    /// holds proposals back instead: [`Engine::over_wal_bytes_max`]).
     pub(super) fn check_wal_room(&self) -> Result<()> {
         self.check_usable()?;
-        if self.wal.bytes_since_checkpoint > self.config.wal_bytes_max {
+        if !self.replicated && self.over_wal_bytes_max() {
             return Err(Error::Overloaded(
                 "the log is at wal_bytes_max: checkpoints are failing or behind",
             ));

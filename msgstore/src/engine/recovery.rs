@@ -22,9 +22,20 @@ use std::{path::Path, time::Instant};
 /// (it may have been lowered since the entry was written).
 const REPLAY_ENTRY_BYTES_MAX: usize = 1 + MESSAGE_HEADER_BYTES + 16 * 1024 * 1024;
 
+/// How a shard is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OpenMode {
+    /// Serve with its own write-ahead log.
+    Standalone,
+    /// `msgstore --repair`: replay a damaged log up to the damage.
+    Repair,
+    /// As the state machine of a Raft group: no log of its own.
+    Replicated,
+}
+
 impl Engine {
     pub(crate) fn open(dir: &Path, config: EngineConfig) -> Result<Engine> {
-        Ok(Engine::open_inner(dir, config, false)?.0)
+        Ok(Engine::open_inner(dir, config, OpenMode::Standalone)?.0)
     }
 
     /// Open for `msgstore --repair`: a log damaged with valid entries after
@@ -36,7 +47,7 @@ impl Engine {
         dir: &Path,
         config: EngineConfig,
     ) -> Result<(Engine, RepairReport)> {
-        let (mut engine, damage) = Engine::open_inner(dir, config, true)?;
+        let (mut engine, damage) = Engine::open_inner(dir, config, OpenMode::Repair)?;
         let mut report = RepairReport::default();
         if let Some(damage) = damage {
             report.raised = engine.raise_seqs_past(&damage)?;
@@ -148,10 +159,10 @@ impl Engine {
         Ok(raised)
     }
 
-    fn open_inner(
+    pub(super) fn open_inner(
         dir: &Path,
         config: EngineConfig,
-        repair: bool,
+        mode: OpenMode,
     ) -> Result<(Engine, Option<LogDamage>)> {
         let lock = daemon::DirLock::acquire(dir)?;
         let index = Index::open(&dir.join("index"), config.index_map_bytes)?;
@@ -181,7 +192,7 @@ impl Engine {
                         unreadable_bytes = damage.unreadable_bytes,
                         "the log is corrupt: valid entries follow damaged bytes"
                     );
-                    if !repair {
+                    if mode != OpenMode::Repair {
                         return Err(Error::LogDamaged(Box::new(damage)));
                     }
                     Some(damage)
@@ -193,6 +204,14 @@ impl Engine {
             .map_or(1, |s| s + 1)
             .max(meta.wal_start.segment);
         let dsync = config.fsync == FsyncPolicy::Always;
+        let wal = match mode {
+            OpenMode::Replicated => {
+                Wal::detached(&wal_dir, next_segment, config.wal_segment_bytes)?
+            }
+            OpenMode::Standalone | OpenMode::Repair => {
+                Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?
+            }
+        };
         let mut engine = Engine {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -202,7 +221,7 @@ impl Engine {
             dirty: HashMap::new(),
             clean: std::sync::Arc::new(super::CleanStates::new(config.clean_states_max)),
             spare_dirty: None,
-            wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
+            wal,
             totals: Totals {
                 users: meta.users_total,
                 live_messages: meta.live_messages,
@@ -227,6 +246,8 @@ impl Engine {
             batch: 0,
             acked_during_job: Vec::new(),
             clock_ms: None,
+            replicated: mode == OpenMode::Replicated,
+            meta_dirty: false,
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
