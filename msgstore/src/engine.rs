@@ -227,6 +227,8 @@ pub(crate) struct Engine {
     /// users or routing; its first checkpoint's new log start): the next
     /// checkpoint runs even if no user changed.
     meta_dirty: bool,
+    /// The marker of the last applied Raft entry ([`Engine::set_applied`]).
+    applied: Option<Vec<u8>>,
 }
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].

@@ -35,7 +35,7 @@ use super::{
     buckets::{compacted_path, header_gen, Buckets},
     codec::{encode_record, read_record, record_stored_bytes, MessageHeader, NO_PREV},
     durability::LogDurability,
-    index::{CheckpointMeta, Index},
+    index::{CheckpointMeta, ExtraMeta, Index},
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
     wal::Position,
     CleanStates, Dirty, DirtyUsers, Engine, Pending, Totals,
@@ -74,6 +74,9 @@ struct JobInput {
     log_written_through: u64,
     /// Filled just before the commit: see [`Job::superseded`].
     superseded: Arc<OnceLock<Superseded>>,
+    /// Meta entries as of `position` (the applied marker; a replicated
+    /// shard's frozen users and routing), committed with the rest.
+    extra_meta: ExtraMeta,
 }
 
 /// Index states a job's commit replaces although the engine does not hold
@@ -171,6 +174,8 @@ impl Engine {
         if self.job.is_some() || idle {
             return Ok(());
         }
+        // First: it may fail, and nothing has moved yet.
+        let extra_meta = self.extra_meta()?;
         let meta_dirty = std::mem::take(&mut self.meta_dirty);
         // The next map starts from the last job's (cleared, its memory
         // kept): a map regrown from empty rehashes on the server thread and
@@ -194,6 +199,7 @@ impl Engine {
             log: self.log_durability.clone(),
             log_written_through: self.log_durability.issued(),
             superseded: superseded.clone(),
+            extra_meta,
         };
         let (tx, rx) = flume::bounded(1);
         let spawned = std::thread::Builder::new()
@@ -514,6 +520,7 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
         users.iter().map(|(u, s)| (*u, s)),
         bucket_states.into_iter(),
         &meta,
+        &input.extra_meta,
     )?;
     // The index has them: cache them here, off the engine's thread. Every
     // such user is in the snapshot, which the engine reads first until the

@@ -9,6 +9,8 @@ use super::{
     wal, Engine,
 };
 use crate::{Error, Result};
+// Keys are user ids: a seeded fast hash, not SipHash.
+use foldhash::HashMap;
 use proto::shard::{
     MailboxStats, Routing, StoredRecord, UserEntry, FREEZE_HOLD_MS, FROZEN_USERS_MAX,
     LIST_USERS_MAX,
@@ -68,12 +70,20 @@ impl Engine {
         }
     }
 
+    /// Install `routing`. A standalone shard persists it in
+    /// `routing.toml` before answering; a replicated one in its next
+    /// checkpoint (a file written now would run ahead of the checkpointed
+    /// state the Raft log is applied to again after a restart).
     pub(super) fn set_routing(&mut self, routing: Routing) -> Result<()> {
         let table = RoutingTable::new(routing)?;
         if let Some(old) = &self.routing {
             old.check_successor(table.routing())?;
         }
-        routing::store(&self.dir, table.routing())?;
+        if self.replicated {
+            self.meta_dirty = true;
+        } else {
+            routing::store(&self.dir, table.routing())?;
+        }
         tracing::info!(
             me = %table.routing().me,
             current = table.routing().current.epoch,
@@ -143,6 +153,7 @@ impl Engine {
         }
         let until_ms = now_ms.saturating_add(FREEZE_HOLD_MS);
         self.frozen.insert(user, Freeze { token, until_ms });
+        self.frozen_changed();
         Ok(mailbox_stats(state.as_ref()))
     }
 
@@ -231,7 +242,17 @@ impl Engine {
             self.apply_moved(user, state);
         }
         self.frozen.remove(&user);
+        self.frozen_changed();
         Ok(removed)
+    }
+
+    /// A replicated shard's frozen users are part of its checkpointed
+    /// state (a replica restarted, or installed from a snapshot, must
+    /// refuse the same writes as the others); a standalone shard's are not.
+    fn frozen_changed(&mut self) {
+        if self.replicated {
+            self.meta_dirty = true;
+        }
     }
 
     fn new_user(&self, user: u64) -> UserState {
@@ -272,6 +293,39 @@ impl Engine {
         state.moved = true;
         self.set_dirty_state(user, state);
     }
+}
+
+/// Bytes of one frozen user in [`encode_frozen`].
+const FROZEN_ENTRY_BYTES: usize = 24;
+
+/// The `frozen` meta entry: `n` u64, then `n` times (`user`, `token`,
+/// `until_ms`), each u64, ascending by user; little-endian.
+pub(super) fn encode_frozen(frozen: &HashMap<u64, Freeze>) -> Vec<u8> {
+    let mut users: Vec<(&u64, &Freeze)> = frozen.iter().collect();
+    users.sort_unstable_by_key(|(u, _)| **u);
+    let mut b = Vec::with_capacity(8 + users.len() * FROZEN_ENTRY_BYTES);
+    b.extend_from_slice(&(users.len() as u64).to_le_bytes());
+    for (user, f) in users {
+        for v in [*user, f.token, f.until_ms] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// Decode [`encode_frozen`]'s bytes; `None` if they are malformed.
+pub(super) fn decode_frozen(b: &[u8]) -> Option<HashMap<u64, Freeze>> {
+    use super::codec::le_u64;
+    let n = usize::try_from(le_u64(b.get(..8)?)).ok()?;
+    let rest = &b[8..];
+    if n > FROZEN_USERS_MAX || rest.len() != n * FROZEN_ENTRY_BYTES {
+        return None;
+    }
+    let entries = rest.chunks_exact(FROZEN_ENTRY_BYTES).map(|c| {
+        let (token, until_ms) = (le_u64(&c[8..16]), le_u64(&c[16..24]));
+        (le_u64(&c[..8]), Freeze { token, until_ms })
+    });
+    Some(entries.collect())
 }
 
 pub(super) fn mailbox_stats(state: Option<&UserState>) -> MailboxStats {

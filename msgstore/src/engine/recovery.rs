@@ -4,7 +4,9 @@ use super::{
     buckets::{parse_compacted_name, Buckets},
     checkpoint,
     codec::MESSAGE_HEADER_BYTES,
-    index::Index,
+    index::{Index, META_APPLIED, META_FROZEN, META_ROUTING},
+    migrate::{decode_frozen, Freeze},
+    routing::{self, RoutingTable},
     state::{bucket_for_user, UserState},
     wal::{self, Entry, LogScan, Position, SegmentEnd, Wal},
     Engine, Totals, Undo,
@@ -212,8 +214,14 @@ impl Engine {
                 Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?
             }
         };
+        let frozen = match mode {
+            OpenMode::Replicated => load_frozen(&index)?,
+            OpenMode::Standalone | OpenMode::Repair => HashMap::new(),
+        };
         let mut engine = Engine {
             dir: dir.to_path_buf(),
+            routing: load_routing(dir, &index)?,
+            applied: index.meta_value(META_APPLIED)?,
             _lock: lock,
             bucket_meta: index.buckets()?.into_iter().collect(),
             index: std::sync::Arc::new(index),
@@ -241,8 +249,7 @@ impl Engine {
             log_inflight: 0,
             log_durability: Default::default(),
             log_buffers: Default::default(),
-            routing: super::routing::load(dir)?,
-            frozen: HashMap::new(),
+            frozen,
             batch: 0,
             acked_during_job: Vec::new(),
             clock_ms: None,
@@ -378,6 +385,30 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// The routing `routing.toml` holds, else the one a replicated past left
+/// in the index (a replicated shard moves the file into the index at open,
+/// so a file is always at least as new as the index's).
+fn load_routing(dir: &Path, index: &Index) -> Result<Option<RoutingTable>> {
+    if let Some(table) = routing::load(dir)? {
+        return Ok(Some(table));
+    }
+    let Some(bytes) = index.meta_value(META_ROUTING)? else {
+        return Ok(None);
+    };
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::Corrupt("the index's routing is not UTF-8".into()))?;
+    routing::from_text(&text, "the index's routing").map(Some)
+}
+
+/// The frozen users a replicated shard's last checkpoint recorded.
+fn load_frozen(index: &Index) -> Result<HashMap<u64, Freeze>> {
+    match index.meta_value(META_FROZEN)? {
+        None => Ok(HashMap::new()),
+        Some(b) => decode_frozen(&b)
+            .ok_or_else(|| Error::Corrupt("the index's frozen users record".into())),
     }
 }
 

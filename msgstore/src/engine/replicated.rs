@@ -1,12 +1,19 @@
 //! What a Raft group's state machine needs of the engine
 //! (docs/STORAGE.md, "Replicated shards"): no log of its own (the Raft log
-//! is the durability point), an engine clock every replica sets alike.
+//! is the durability point), an engine clock every replica sets alike, the
+//! applied marker, and checkpoints that hold everything a write's answer
+//! depends on (the frozen users and the routing too).
 //!
 //! The Raft glue (`crate::raft`) drives these; until it calls every one of
 //! them they are unused outside tests.
 #![allow(dead_code, reason = "called by the Raft glue in crate::raft")]
 
-use super::{recovery::OpenMode, Engine};
+use super::{
+    index::{ExtraMeta, META_APPLIED, META_FROZEN, META_ROUTING},
+    migrate::encode_frozen,
+    recovery::OpenMode,
+    routing, Engine,
+};
 use crate::{EngineConfig, Result};
 use std::path::Path;
 
@@ -26,7 +33,47 @@ impl Engine {
         engine.meta_dirty = true;
         engine.checkpoint_now()?;
         engine.wal.remove_all()?;
+        // The index holds the routing now; it changes only with the
+        // checkpointed state from here on.
+        routing::remove_file(&engine.dir)?;
         Ok(engine)
+    }
+
+    /// Remember `marker` (opaque: the Raft glue's last applied log id and
+    /// membership) as describing the state applied so far. Each checkpoint
+    /// stores the marker current when it captures the state it covers, in
+    /// the same index transaction; an open restores the last committed
+    /// checkpoint's. Call it right after the entry's [`Engine::end_batch`],
+    /// before anything may start a checkpoint ([`Engine::tick`]). Cheap: no
+    /// I/O.
+    pub(crate) fn set_applied(&mut self, marker: Vec<u8>) {
+        self.applied = Some(marker);
+        self.meta_dirty = true;
+    }
+
+    /// The marker last given to [`Engine::set_applied`], or after an open
+    /// the one the last committed checkpoint stored; `None` if never set.
+    pub(crate) fn applied(&self) -> Option<&[u8]> {
+        self.applied.as_deref()
+    }
+
+    /// The meta entries a checkpoint starting now commits besides its log
+    /// position: the applied marker (if set); for a replicated shard also
+    /// the frozen users and the routing (if installed). Nothing for a
+    /// standalone shard that never had a marker set.
+    pub(super) fn extra_meta(&self) -> Result<ExtraMeta> {
+        let mut extra = ExtraMeta::new();
+        if let Some(marker) = &self.applied {
+            extra.push((META_APPLIED, marker.clone()));
+        }
+        if self.replicated {
+            extra.push((META_FROZEN, encode_frozen(&self.frozen)));
+            if let Some(table) = &self.routing {
+                let text = routing::to_text(table.routing())?;
+                extra.push((META_ROUTING, text.into_bytes()));
+            }
+        }
+        Ok(extra)
     }
 
     /// Whether this engine was opened with [`Engine::open_replicated`].
@@ -62,5 +109,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod determinism;
 #[cfg(test)]
 mod tests;
