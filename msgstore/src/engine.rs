@@ -20,9 +20,12 @@ mod ops;
 mod recovery;
 mod replicated;
 mod routing;
+mod snapshot;
 mod state;
 mod wal;
 mod wire;
+#[allow(unused_imports, reason = "the Raft glue in crate::raft names it")]
+pub(crate) use snapshot::SnapshotSummary;
 pub(crate) use wire::failed as failed_answer;
 
 use crate::{

@@ -223,6 +223,14 @@ impl Index {
         wtxn.commit()?;
         Ok(())
     }
+
+    /// Copy the environment, compacted, into `file` (consistent: as of one
+    /// read transaction; `file` must be open for writing).
+    pub fn copy_to(&self, file: &mut std::fs::File) -> Result<()> {
+        self.env
+            .copy_to_file(file, heed::CompactionOption::Enabled)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

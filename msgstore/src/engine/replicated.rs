@@ -12,7 +12,7 @@ use super::{
     index::{ExtraMeta, META_APPLIED, META_FROZEN, META_ROUTING},
     migrate::encode_frozen,
     recovery::OpenMode,
-    routing, Engine,
+    routing, snapshot, Engine,
 };
 use crate::{EngineConfig, Result};
 use std::path::Path;
@@ -25,8 +25,14 @@ impl Engine {
     /// [`Engine::end_batch`] and [`Engine::end_batch_deferred`] commit at
     /// once (the latter returns `Ok(None)`). Checkpoints are triggered as
     /// before, by the bytes batches would have logged and by time.
+    ///
+    /// First it finishes or undoes a snapshot install a crash interrupted
+    /// ([`Engine::install_snapshot`]), and once `dir` is locked it removes
+    /// what such an install left beside it.
     pub(crate) fn open_replicated(dir: &Path, config: EngineConfig) -> Result<Engine> {
+        snapshot::finish_interrupted_install(dir)?;
         let (mut engine, _) = Engine::open_inner(dir, config, OpenMode::Replicated)?;
+        snapshot::remove_install_leftovers(dir)?;
         // Even with nothing replayed: the index's log start must name the
         // (never written) segment this engine stands at, so that a later
         // standalone open starts its log there and replays all of it.
@@ -112,4 +118,4 @@ impl Engine {
 #[cfg(test)]
 mod determinism;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -1,7 +1,7 @@
 //! Replicas fed the same entries (clock + write requests) give the same
 //! answers and end with the same mailboxes, however their checkpoints are
-//! timed, and also when one restarts from its last checkpoint and applies
-//! the entries after its marker again.
+//! timed, also when one restarts from its last checkpoint and applies the
+//! entries after its marker again, and when one starts from a snapshot.
 
 use super::tests::{append, apply, config, records};
 use crate::{
@@ -240,15 +240,40 @@ fn run_restarting(
     (answers, e)
 }
 
+/// Replica D: a replica run up to entry `at` writes a snapshot, which is
+/// installed into `dir`; the installed copy applies from its marker on.
+/// Answers before that are left empty.
+fn run_from_snapshot(dir: &Path, entries: &[Entry], at: usize) -> (Vec<Vec<ResponseBody>>, Engine) {
+    let leader = tempfile::tempdir().unwrap();
+    let mut e = Engine::open_replicated(leader.path(), config()).unwrap();
+    for i in 0..=at {
+        apply_entry(&mut e, entries, i);
+    }
+    let mut snap = Vec::new();
+    e.write_snapshot(&mut snap).unwrap();
+    drop(e);
+    Engine::install_snapshot(dir, &mut &snap[..]).unwrap();
+    let mut e = Engine::open_replicated(dir, config()).unwrap();
+    let mut answers = vec![Vec::new(); entries.len()];
+    let from = resume_at(&e);
+    assert_eq!(from, at + 1, "the snapshot's marker is its last entry");
+    for (i, slot) in answers.iter_mut().enumerate().skip(from) {
+        *slot = apply_entry(&mut e, entries, i);
+    }
+    (answers, e)
+}
+
 #[test]
 fn replicas_fed_the_same_entries_answer_alike_and_end_alike() {
     let x = user_of_b();
     let entries = entries(x, 150);
     let users: Vec<u64> = (0..USERS).chain([x]).collect();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a_answers, mut a) = run_ticking(dirs[0].path(), &entries);
     let (b_answers, mut b) = run_checkpointing(dirs[1].path(), &entries);
     let (c_answers, mut c) = run_restarting(dirs[2].path(), &entries, &[2, 60], &[5, 80]);
+    let d_dir = dirs[3].path().join("shard");
+    let (d_answers, mut d) = run_from_snapshot(&d_dir, &entries, 3);
 
     // The script did what it is there for.
     let busy = |r: &ResponseBody| matches!(r, ResponseBody::Error(e) if e.code == proto::shard::ShardErrorCode::Busy);
@@ -257,9 +282,13 @@ fn replicas_fed_the_same_entries_answer_alike_and_end_alike() {
     for (i, want) in a_answers.iter().enumerate() {
         assert_eq!(&b_answers[i], want, "replica B, entry {i}");
         assert_eq!(&c_answers[i], want, "replica C, entry {i}");
+        if i > 3 {
+            assert_eq!(&d_answers[i], want, "replica D, entry {i}");
+        }
     }
     assert_same_end(&mut b, &mut a, &users, "replica B");
     assert_same_end(&mut c, &mut a, &users, "replica C");
+    assert_same_end(&mut d, &mut a, &users, "replica D");
     // Every kind of answer happened, so the comparison covered them.
     let all: Vec<&ResponseBody> = a_answers.iter().flatten().collect();
     let kinds = [

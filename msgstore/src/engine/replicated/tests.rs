@@ -7,7 +7,7 @@ use proto::shard::{RequestBody, ResponseBody, StoredRecord};
 use std::path::PathBuf;
 
 /// A small shard: 2 x 2 buckets, small log thresholds.
-pub(super) fn config() -> EngineConfig {
+pub(in crate::engine) fn config() -> EngineConfig {
     EngineConfig {
         fsync: FsyncPolicy::Always,
         bucket_dirs: 2,
@@ -24,7 +24,11 @@ pub(super) fn config() -> EngineConfig {
 
 /// Apply `requests` as one batch at clock `now_ms`, the way the Raft glue
 /// applies an entry; the answers.
-pub(super) fn apply(e: &mut Engine, now_ms: u64, requests: &[RequestBody]) -> Vec<ResponseBody> {
+pub(in crate::engine) fn apply(
+    e: &mut Engine,
+    now_ms: u64,
+    requests: &[RequestBody],
+) -> Vec<ResponseBody> {
     e.set_clock_ms(now_ms);
     e.begin_batch();
     let answers = requests.iter().map(|r| e.respond(r.clone())).collect();
@@ -33,7 +37,7 @@ pub(super) fn apply(e: &mut Engine, now_ms: u64, requests: &[RequestBody]) -> Ve
 }
 
 /// An append of `len` bytes of `byte` to `user`.
-pub(super) fn append(user: u64, byte: u8, len: usize) -> RequestBody {
+pub(in crate::engine) fn append(user: u64, byte: u8, len: usize) -> RequestBody {
     RequestBody::Append {
         user,
         msg_id: u128::from(byte) << 8 | len as u128,
@@ -42,7 +46,7 @@ pub(super) fn append(user: u64, byte: u8, len: usize) -> RequestBody {
 }
 
 /// Every live record of `user` (or the error's text).
-pub(super) fn records(e: &mut Engine, user: u64) -> Result<Vec<StoredRecord>, String> {
+pub(in crate::engine) fn records(e: &mut Engine, user: u64) -> Result<Vec<StoredRecord>, String> {
     let mut out: Vec<StoredRecord> = Vec::new();
     loop {
         let after = out.last().map_or(0, |r| r.seq);
