@@ -64,7 +64,7 @@ fn bad(why: impl Into<String>) -> Error {
 /// Whether `path` may name a file of a shard directory in an archive:
 /// relative, plain components (no `.`, `..`, empty ones, NUL or
 /// backslash), and one of `index/data.mdb`, `routing.toml`,
-/// `buckets/<2 hex>/<2 hex>`, `compact/<bucket>.<gen>.next`.
+/// `buckets/<2 hex>/<2 hex>`, `compact/<8 hex>.<16 hex>.next`.
 pub(super) fn check_path(path: &str) -> Result<()> {
     let plain = !path.is_empty()
         && path.len() <= PATH_BYTES_MAX
@@ -75,12 +75,17 @@ pub(super) fn check_path(path: &str) -> Result<()> {
     if !plain {
         return Err(bad(format!("unsafe path {path:?}")));
     }
-    let hex2 = |c: &str| c.len() == 2 && c.bytes().all(|b| b.is_ascii_hexdigit());
+    let hex = |c: &str, n: usize| c.len() == n && c.bytes().all(|b| b.is_ascii_hexdigit());
+    let compacted = |name: &str| {
+        let stem = name.strip_suffix(".next");
+        let parts = stem.and_then(|s| s.split_once('.'));
+        parts.is_some_and(|(bucket, gen)| hex(bucket, 8) && hex(gen, 16))
+    };
     let parts: Vec<&str> = path.split('/').collect();
     let known = match parts.as_slice() {
         ["index", "data.mdb"] | ["routing.toml"] => true,
-        ["buckets", d, f] => hex2(d) && hex2(f),
-        ["compact", name] => crate::engine::buckets::parse_compacted_name(name).is_some(),
+        ["buckets", d, f] => hex(d, 2) && hex(f, 2),
+        ["compact", name] => compacted(name),
         _ => false,
     };
     if !known {

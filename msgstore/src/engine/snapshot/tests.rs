@@ -306,6 +306,8 @@ fn unsafe_paths_absurd_lengths_and_archives_without_an_index_are_refused() {
         crafted("buckets/00/./01", 3, b"bad"),
         crafted("wal/0000000000000001.log", 3, b"bad"),
         crafted("LOCK", 3, b"bad"),
+        crafted("compact/1.2.next", 3, b"bad"),
+        crafted("buckets/000/01", 3, b"bad"),
         crafted("buckets/00/01", archive::FILE_BYTES_MAX + 1, b""),
         crafted("buckets/00/01", 3, b"bkt"),
     ];
@@ -381,4 +383,46 @@ fn a_snapshot_is_not_installed_over_an_open_shard() {
     assert!(matches!(got, Err(Error::Locked { .. })), "{got:?}");
     assert_eq!(e.applied(), Some(&b"the target's own"[..]));
     assert!(!Siblings::of(&dir).unwrap().incoming.exists());
+}
+
+/// A compacted file still awaiting its swap (as a crash between a commit
+/// and its merge's rename leaves it) goes into the archive, and the open of
+/// the installed copy swaps it in.
+#[test]
+fn a_compacted_file_awaiting_its_swap_travels_and_is_swapped_in() {
+    let src = tempfile::tempdir().unwrap();
+    let mut e = Engine::open_replicated(src.path(), config()).unwrap();
+    for round in 0..4u8 {
+        let appends: Vec<_> = (0..USERS).map(|u| append(u, round, 60)).collect();
+        apply(&mut e, 1, &appends);
+    }
+    e.checkpoint_now().unwrap();
+    let acks: Vec<_> = (0..USERS)
+        .map(|user| RequestBody::Ack { user, up_to_seq: 3 })
+        .collect();
+    apply(&mut e, 2, &acks);
+    e.checkpoint_now().unwrap(); // compacts and lists the swaps
+    let pending = e.index.checkpoint_meta().unwrap().pending_swaps;
+    let &(bucket, gen) = pending.first().expect("a compaction is listed");
+    // The merge renamed it into place; put a copy back where a lost
+    // rename would have left it.
+    let placed = super::lock(&e.buckets).path(bucket);
+    let compact = src.path().join("compact");
+    fs::create_dir_all(&compact).unwrap();
+    let name = format!("{bucket:08x}.{gen:016x}.next");
+    fs::copy(&placed, compact.join(&name)).unwrap();
+    let mut snap = Vec::new();
+    e.write_snapshot(&mut snap).unwrap();
+    let paths: Vec<String> = landmarks(&snap)
+        .into_iter()
+        .filter_map(|(what, _)| what.strip_suffix(": path").map(str::to_owned))
+        .collect();
+    assert!(paths.contains(&format!("compact/{name}")), "{paths:?}");
+
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("shard");
+    Engine::install_snapshot(&dir, &mut &snap[..]).unwrap();
+    let mut t = Engine::open_replicated(&dir, config()).unwrap();
+    assert!(!dir.join("compact").join(&name).exists(), "swapped in");
+    assert_eq!(state(&mut t), state(&mut e));
 }
