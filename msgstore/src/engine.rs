@@ -18,10 +18,14 @@ mod log_buffers;
 mod migrate;
 mod ops;
 mod recovery;
+mod replicated;
 mod routing;
+mod snapshot;
 mod state;
 mod wal;
 mod wire;
+#[allow(unused_imports, reason = "the Raft glue in crate::raft names it")]
+pub(crate) use snapshot::SnapshotSummary;
 pub(crate) use wire::failed as failed_answer;
 
 use crate::{
@@ -215,6 +219,19 @@ pub(crate) struct Engine {
     /// Users whose acknowledged seq moved while a checkpoint ran (with
     /// repeats): the merge counts their flushed-but-acknowledged records.
     acked_during_job: Vec<u64>,
+    /// The clock set by [`Engine::set_clock_ms`] (ms since the epoch);
+    /// `None`: the system wall clock.
+    clock_ms: Option<u64>,
+    /// The state machine of a Raft group ([`Engine::open_replicated`]):
+    /// batches write no log.
+    replicated: bool,
+    /// Checkpoint meta other than the log position changed since the last
+    /// checkpoint started (the applied marker; a replicated shard's frozen
+    /// users or routing; its first checkpoint's new log start): the next
+    /// checkpoint runs even if no user changed.
+    meta_dirty: bool,
+    /// The marker of the last applied Raft entry ([`Engine::set_applied`]).
+    applied: Option<Vec<u8>>,
 }
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].
@@ -368,7 +385,7 @@ impl Engine {
     /// batch with nothing to log, or under another policy, is committed
     /// here and `None` returned.
     pub(crate) fn end_batch_deferred(&mut self) -> Result<Option<DeferredWrite>> {
-        if self.config.fsync != FsyncPolicy::Always || self.wal_buf.is_empty() {
+        if self.replicated || self.config.fsync != FsyncPolicy::Always || self.wal_buf.is_empty() {
             return self.end_batch().map(|()| None);
         }
         let reserved = self
@@ -444,6 +461,10 @@ impl Engine {
     /// Write the batch's log entries and reach the policy's durability point.
     fn commit_batch(&mut self) -> Result<()> {
         if self.wal_buf.is_empty() {
+            return Ok(());
+        }
+        if self.replicated {
+            self.count_unlogged();
             return Ok(());
         }
         self.settle_before_rotation(self.wal_buf.len() as u64)?;
@@ -592,7 +613,7 @@ impl Engine {
         }
         let bytes_due = self.wal.bytes_since_checkpoint >= self.config.checkpoint_wal_bytes;
         let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
-            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty());
+            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty() || self.meta_dirty);
         bytes_due || time_due
     }
 
@@ -615,6 +636,12 @@ impl Engine {
             self.sync_wal()?;
         }
         self.checkpoint_now()
+    }
+
+    /// The engine's clock (ms since the Unix epoch): the last value given
+    /// to [`Engine::set_clock_ms`], else the system wall clock.
+    pub(super) fn now_ms(&self) -> u64 {
+        self.clock_ms.unwrap_or_else(ops::system_now_ms)
     }
 
     fn check_usable(&self) -> Result<()> {

@@ -41,6 +41,10 @@ pub enum Error {
     Busy(&'static str),
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A snapshot archive that is damaged, truncated or not one this
+    /// version writes; nothing of it was installed.
+    #[error("snapshot archive refused (nothing installed): {0}")]
+    BadSnapshot(String),
 }
 
 impl From<daemon::LockError> for Error {
@@ -75,6 +79,7 @@ impl Error {
             | Error::Index(_)
             | Error::Corrupt(_)
             | Error::LogDamaged(_)
+            | Error::BadSnapshot(_)
             | Error::Storage(_) => ShardErrorCode::Storage,
         };
         ShardError {

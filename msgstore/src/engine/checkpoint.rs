@@ -35,7 +35,7 @@ use super::{
     buckets::{compacted_path, header_gen, Buckets},
     codec::{encode_record, read_record, record_stored_bytes, MessageHeader, NO_PREV},
     durability::LogDurability,
-    index::{CheckpointMeta, Index},
+    index::{CheckpointMeta, ExtraMeta, Index},
     state::{BucketMeta, UserState, BUCKET_HEADER_BYTES},
     wal::Position,
     CleanStates, Dirty, DirtyUsers, Engine, Pending, Totals,
@@ -74,6 +74,9 @@ struct JobInput {
     log_written_through: u64,
     /// Filled just before the commit: see [`Job::superseded`].
     superseded: Arc<OnceLock<Superseded>>,
+    /// Meta entries as of `position` (the applied marker; a replicated
+    /// shard's frozen users and routing), committed with the rest.
+    extra_meta: ExtraMeta,
 }
 
 /// Index states a job's commit replaces although the engine does not hold
@@ -135,6 +138,8 @@ pub(super) struct Job {
     pub(super) superseded: Arc<OnceLock<Superseded>>,
     candidates: Vec<u32>,
     log_bytes: u64,
+    /// The job carries changed checkpoint meta (see [`Engine::meta_dirty`]).
+    meta_dirty: bool,
     started: Instant,
     done: flume::Receiver<Result<JobDone>>,
 }
@@ -165,9 +170,13 @@ impl Engine {
     /// checkpoint and none is running.
     pub(super) fn start_checkpoint(&mut self) -> Result<()> {
         self.last_checkpoint = Instant::now();
-        if self.job.is_some() || (self.dirty.is_empty() && self.compact_candidates.is_empty()) {
+        let idle = self.dirty.is_empty() && self.compact_candidates.is_empty() && !self.meta_dirty;
+        if self.job.is_some() || idle {
             return Ok(());
         }
+        // First: it may fail, and nothing has moved yet.
+        let extra_meta = self.extra_meta()?;
+        let meta_dirty = std::mem::take(&mut self.meta_dirty);
         // The next map starts from the last job's (cleared, its memory
         // kept): a map regrown from empty rehashes on the server thread and
         // faults in fresh pages at every doubling.
@@ -190,6 +199,7 @@ impl Engine {
             log: self.log_durability.clone(),
             log_written_through: self.log_durability.issued(),
             superseded: superseded.clone(),
+            extra_meta,
         };
         let (tx, rx) = flume::bounded(1);
         let spawned = std::thread::Builder::new()
@@ -210,6 +220,7 @@ impl Engine {
             superseded,
             candidates,
             log_bytes: self.wal.bytes_since_checkpoint,
+            meta_dirty,
             started: Instant::now(),
             done: rx,
         });
@@ -278,7 +289,12 @@ impl Engine {
         // The renames need no sync here: the index keeps listing them as
         // pending swaps (finished at open) until the next checkpoint, whose
         // own syncfs makes them durable before it replaces that list.
-        self.wal.remove_before_in_background(job.position)?;
+        if self.replicated {
+            // Only the first checkpoint finds segments (of a standalone past).
+            self.wal.remove_before(job.position)?;
+        } else {
+            self.wal.remove_before_in_background(job.position)?;
+        }
         let done_compactions = done.compactions.len() as u64;
         let elapsed_ms = job.started.elapsed().as_millis() as u64;
         self.wal.bytes_since_checkpoint = self
@@ -394,13 +410,17 @@ impl Engine {
             live.pending = older.pending;
         }
         self.compact_candidates.extend(job.candidates);
+        self.meta_dirty |= job.meta_dirty;
         self.checkpoint_retry_at = Instant::now() + super::CHECKPOINT_RETRY_DELAY;
         metrics::counter!("msgstore_checkpoint_failures_total").increment(1);
     }
 
-    /// Run a whole checkpoint now, covering everything logged so far (waits
-    /// for one in progress first).
-    pub(super) fn checkpoint_now(&mut self) -> Result<()> {
+    /// Run a whole checkpoint now, covering everything applied so far:
+    /// waits for one in progress first (whose failure is returned; the
+    /// caller may call again), then runs one and waits for it to be merged.
+    /// On `Ok` the index holds the engine's whole state, the applied marker
+    /// included.
+    pub(crate) fn checkpoint_now(&mut self) -> Result<()> {
         self.check_usable()?;
         if let Some(r) = self.poll_checkpoint(true) {
             r?;
@@ -500,6 +520,7 @@ fn run_job(input: &JobInput) -> Result<JobDone> {
         users.iter().map(|(u, s)| (*u, s)),
         bucket_states.into_iter(),
         &meta,
+        &input.extra_meta,
     )?;
     // The index has them: cache them here, off the engine's thread. Every
     // such user is in the snapshot, which the engine reads first until the

@@ -33,6 +33,16 @@ pub struct CheckpointMeta {
 
 const META_CHECKPOINT: &str = "checkpoint";
 const META_FANOUT: &str = "fanout";
+/// The applied marker ([`super::Engine::set_applied`]): opaque bytes.
+pub const META_APPLIED: &str = "applied";
+/// A replicated shard's frozen users (see `migrate::encode_frozen`).
+pub const META_FROZEN: &str = "frozen";
+/// A replicated shard's routing: the TOML text `routing.toml` would hold.
+pub const META_ROUTING: &str = "routing";
+
+/// `meta` entries a checkpoint writes besides `checkpoint`, in its
+/// transaction: (key, value).
+pub type ExtraMeta = Vec<(&'static str, Vec<u8>)>;
 
 impl CheckpointMeta {
     fn encode(&self) -> Vec<u8> {
@@ -183,13 +193,21 @@ impl Index {
         }
     }
 
-    /// Write one checkpoint in one durable transaction. On error nothing of
-    /// it is visible (LMDB aborts the transaction).
+    /// The `meta` entry `key`, if any.
+    pub fn meta_value(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let rtxn = self.env.read_txn()?;
+        Ok(self.meta.get(&rtxn, key)?.map(<[u8]>::to_vec))
+    }
+
+    /// Write one checkpoint in one durable transaction, with the `extra`
+    /// meta entries. On error nothing of it is visible (LMDB aborts the
+    /// transaction).
     pub fn commit_checkpoint<'a>(
         &self,
         users: impl Iterator<Item = (u64, &'a UserState)>,
         buckets: impl Iterator<Item = (u32, BucketMeta)>,
         meta: &CheckpointMeta,
+        extra: &ExtraMeta,
     ) -> Result<()> {
         let mut wtxn = self.env.write_txn()?;
         for (user, state) in users {
@@ -199,7 +217,18 @@ impl Index {
             self.buckets.put(&mut wtxn, &id, &m.encode())?;
         }
         self.meta.put(&mut wtxn, META_CHECKPOINT, &meta.encode())?;
+        for (key, value) in extra {
+            self.meta.put(&mut wtxn, key, value)?;
+        }
         wtxn.commit()?;
+        Ok(())
+    }
+
+    /// Copy the environment, compacted, into `file` (consistent: as of one
+    /// read transaction; `file` must be open for writing).
+    pub fn copy_to(&self, file: &mut std::fs::File) -> Result<()> {
+        self.env
+            .copy_to_file(file, heed::CompactionOption::Enabled)?;
         Ok(())
     }
 }

@@ -9,17 +9,20 @@ use super::{
     wal, Engine,
 };
 use crate::{Error, Result};
+// Keys are user ids: a seeded fast hash, not SipHash.
+use foldhash::HashMap;
 use proto::shard::{
     MailboxStats, Routing, StoredRecord, UserEntry, FREEZE_HOLD_MS, FROZEN_USERS_MAX,
     LIST_USERS_MAX,
 };
-use std::time::{Duration, Instant};
 
 /// A user whose writes are refused while a tool copies the mailbox.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Freeze {
-    token: u64,
-    until: Instant,
+    /// The token the freeze was taken under; `Release` must name it.
+    pub(super) token: u64,
+    /// The freeze lapses at this engine-clock time (ms since the epoch).
+    pub(super) until_ms: u64,
 }
 
 impl Engine {
@@ -58,7 +61,7 @@ impl Engine {
             return false;
         }
         match self.frozen.get(&user) {
-            Some(f) if f.until > Instant::now() => true,
+            Some(f) if f.until_ms > self.now_ms() => true,
             Some(_) => {
                 self.frozen.remove(&user);
                 false
@@ -67,12 +70,20 @@ impl Engine {
         }
     }
 
+    /// Install `routing`. A standalone shard persists it in
+    /// `routing.toml` before answering; a replicated one in its next
+    /// checkpoint (a file written now would run ahead of the checkpointed
+    /// state the Raft log is applied to again after a restart).
     pub(super) fn set_routing(&mut self, routing: Routing) -> Result<()> {
         let table = RoutingTable::new(routing)?;
         if let Some(old) = &self.routing {
             old.check_successor(table.routing())?;
         }
-        routing::store(&self.dir, table.routing())?;
+        if self.replicated {
+            self.meta_dirty = true;
+        } else {
+            routing::store(&self.dir, table.routing())?;
+        }
         tracing::info!(
             me = %table.routing().me,
             current = table.routing().current.epoch,
@@ -135,13 +146,14 @@ impl Engine {
         self.check_usable()?;
         let state = self.load_user(user)?;
         self.admit(user, state.as_ref(), false)?;
-        let now = Instant::now();
-        self.frozen.retain(|_, f| f.until > now);
+        let now_ms = self.now_ms();
+        self.frozen.retain(|_, f| f.until_ms > now_ms);
         if !self.frozen.contains_key(&user) && self.frozen.len() >= FROZEN_USERS_MAX {
             return Err(Error::Busy("too many users are frozen on this shard"));
         }
-        let until = now + Duration::from_millis(FREEZE_HOLD_MS);
-        self.frozen.insert(user, Freeze { token, until });
+        let until_ms = now_ms.saturating_add(FREEZE_HOLD_MS);
+        self.frozen.insert(user, Freeze { token, until_ms });
+        self.frozen_changed();
         Ok(mailbox_stats(state.as_ref()))
     }
 
@@ -203,10 +215,11 @@ impl Engine {
     /// mailbox and mark it moved. Returns how many records were deleted.
     pub(super) fn release(&mut self, user: u64, token: u64, moved: bool) -> Result<u64> {
         self.check_usable()?;
+        let now_ms = self.now_ms();
         let held = self
             .frozen
             .get(&user)
-            .is_some_and(|f| f.token == token && f.until > Instant::now());
+            .is_some_and(|f| f.token == token && f.until_ms > now_ms);
         if !held {
             return Err(Error::Conflict(format!(
                 "user {user} is not frozen under this token (the freeze expired or was replaced)"
@@ -229,7 +242,17 @@ impl Engine {
             self.apply_moved(user, state);
         }
         self.frozen.remove(&user);
+        self.frozen_changed();
         Ok(removed)
+    }
+
+    /// A replicated shard's frozen users are part of its checkpointed
+    /// state (a replica restarted, or installed from a snapshot, must
+    /// refuse the same writes as the others); a standalone shard's are not.
+    fn frozen_changed(&mut self) {
+        if self.replicated {
+            self.meta_dirty = true;
+        }
     }
 
     fn new_user(&self, user: u64) -> UserState {
@@ -270,6 +293,39 @@ impl Engine {
         state.moved = true;
         self.set_dirty_state(user, state);
     }
+}
+
+/// Bytes of one frozen user in [`encode_frozen`].
+const FROZEN_ENTRY_BYTES: usize = 24;
+
+/// The `frozen` meta entry: `n` u64, then `n` times (`user`, `token`,
+/// `until_ms`), each u64, ascending by user; little-endian.
+pub(super) fn encode_frozen(frozen: &HashMap<u64, Freeze>) -> Vec<u8> {
+    let mut users: Vec<(&u64, &Freeze)> = frozen.iter().collect();
+    users.sort_unstable_by_key(|(u, _)| **u);
+    let mut b = Vec::with_capacity(8 + users.len() * FROZEN_ENTRY_BYTES);
+    b.extend_from_slice(&(users.len() as u64).to_le_bytes());
+    for (user, f) in users {
+        for v in [*user, f.token, f.until_ms] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// Decode [`encode_frozen`]'s bytes; `None` if they are malformed.
+pub(super) fn decode_frozen(b: &[u8]) -> Option<HashMap<u64, Freeze>> {
+    use super::codec::le_u64;
+    let n = usize::try_from(le_u64(b.get(..8)?)).ok()?;
+    let rest = &b[8..];
+    if n > FROZEN_USERS_MAX || rest.len() != n * FROZEN_ENTRY_BYTES {
+        return None;
+    }
+    let entries = rest.chunks_exact(FROZEN_ENTRY_BYTES).map(|c| {
+        let (token, until_ms) = (le_u64(&c[8..16]), le_u64(&c[16..24]));
+        (le_u64(&c[..8]), Freeze { token, until_ms })
+    });
+    Some(entries.collect())
 }
 
 pub(super) fn mailbox_stats(state: Option<&UserState>) -> MailboxStats {

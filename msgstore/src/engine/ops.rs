@@ -26,7 +26,8 @@ pub(super) struct ChainLink {
     pub payload_bytes: u64,
 }
 
-fn now_ms() -> u64 {
+/// The system wall clock in milliseconds since the Unix epoch.
+pub(super) fn system_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -37,7 +38,7 @@ fn now_ms() -> u64 {
 pub(super) fn rate_limited(log: impl FnOnce(u64)) {
     static LAST_SECOND: AtomicU64 = AtomicU64::new(u64::MAX);
     static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let second = now_ms() / 1000;
+    let second = system_now_ms() / 1000;
     let last = LAST_SECOND.load(Ordering::Relaxed);
     if last != second
         && LAST_SECOND
@@ -90,10 +91,13 @@ impl Engine {
         Dirty::entry(&mut self.dirty, user, state).state = state;
     }
 
-    /// Refuse new log entries while the log is at its limit.
+    /// Refuse new log entries while the log is at its limit. A replicated
+    /// shard refuses nothing here: whether its checkpoints keep up is its
+    /// own affair, and a refusal would make replicas differ (the Raft glue
+    /// holds proposals back instead: [`Engine::over_wal_bytes_max`]).
     pub(super) fn check_wal_room(&self) -> Result<()> {
         self.check_usable()?;
-        if self.wal.bytes_since_checkpoint > self.config.wal_bytes_max {
+        if !self.replicated && self.over_wal_bytes_max() {
             return Err(Error::Overloaded(
                 "the log is at wal_bytes_max: checkpoints are failing or behind",
             ));
@@ -146,7 +150,7 @@ impl Engine {
         let header = MessageHeader {
             user: req.user,
             seq: state.next_seq,
-            timestamp_ms: now_ms(),
+            timestamp_ms: self.now_ms(),
             msg_id: req.msg_id,
         };
         wal::encode_append(&header, &req.payload, &mut self.wal_buf);

@@ -4,7 +4,9 @@ use super::{
     buckets::{parse_compacted_name, Buckets},
     checkpoint,
     codec::MESSAGE_HEADER_BYTES,
-    index::Index,
+    index::{Index, META_APPLIED, META_FROZEN, META_ROUTING},
+    migrate::{decode_frozen, Freeze},
+    routing::{self, RoutingTable},
     state::{bucket_for_user, UserState},
     wal::{self, Entry, LogScan, Position, SegmentEnd, Wal},
     Engine, Totals, Undo,
@@ -22,9 +24,20 @@ use std::{path::Path, time::Instant};
 /// (it may have been lowered since the entry was written).
 const REPLAY_ENTRY_BYTES_MAX: usize = 1 + MESSAGE_HEADER_BYTES + 16 * 1024 * 1024;
 
+/// How a shard is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OpenMode {
+    /// Serve with its own write-ahead log.
+    Standalone,
+    /// `msgstore --repair`: replay a damaged log up to the damage.
+    Repair,
+    /// As the state machine of a Raft group: no log of its own.
+    Replicated,
+}
+
 impl Engine {
     pub(crate) fn open(dir: &Path, config: EngineConfig) -> Result<Engine> {
-        Ok(Engine::open_inner(dir, config, false)?.0)
+        Ok(Engine::open_inner(dir, config, OpenMode::Standalone)?.0)
     }
 
     /// Open for `msgstore --repair`: a log damaged with valid entries after
@@ -36,7 +49,7 @@ impl Engine {
         dir: &Path,
         config: EngineConfig,
     ) -> Result<(Engine, RepairReport)> {
-        let (mut engine, damage) = Engine::open_inner(dir, config, true)?;
+        let (mut engine, damage) = Engine::open_inner(dir, config, OpenMode::Repair)?;
         let mut report = RepairReport::default();
         if let Some(damage) = damage {
             report.raised = engine.raise_seqs_past(&damage)?;
@@ -148,10 +161,10 @@ impl Engine {
         Ok(raised)
     }
 
-    fn open_inner(
+    pub(super) fn open_inner(
         dir: &Path,
         config: EngineConfig,
-        repair: bool,
+        mode: OpenMode,
     ) -> Result<(Engine, Option<LogDamage>)> {
         let lock = daemon::DirLock::acquire(dir)?;
         let index = Index::open(&dir.join("index"), config.index_map_bytes)?;
@@ -181,7 +194,7 @@ impl Engine {
                         unreadable_bytes = damage.unreadable_bytes,
                         "the log is corrupt: valid entries follow damaged bytes"
                     );
-                    if !repair {
+                    if mode != OpenMode::Repair {
                         return Err(Error::LogDamaged(Box::new(damage)));
                     }
                     Some(damage)
@@ -193,8 +206,22 @@ impl Engine {
             .map_or(1, |s| s + 1)
             .max(meta.wal_start.segment);
         let dsync = config.fsync == FsyncPolicy::Always;
+        let wal = match mode {
+            OpenMode::Replicated => {
+                Wal::detached(&wal_dir, next_segment, config.wal_segment_bytes)?
+            }
+            OpenMode::Standalone | OpenMode::Repair => {
+                Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?
+            }
+        };
+        let frozen = match mode {
+            OpenMode::Replicated => load_frozen(&index)?,
+            OpenMode::Standalone | OpenMode::Repair => HashMap::new(),
+        };
         let mut engine = Engine {
             dir: dir.to_path_buf(),
+            routing: load_routing(dir, &index)?,
+            applied: index.meta_value(META_APPLIED)?,
             _lock: lock,
             bucket_meta: index.buckets()?.into_iter().collect(),
             index: std::sync::Arc::new(index),
@@ -202,7 +229,7 @@ impl Engine {
             dirty: HashMap::new(),
             clean: std::sync::Arc::new(super::CleanStates::new(config.clean_states_max)),
             spare_dirty: None,
-            wal: Wal::create(&wal_dir, next_segment, config.wal_segment_bytes, dsync)?,
+            wal,
             totals: Totals {
                 users: meta.users_total,
                 live_messages: meta.live_messages,
@@ -222,10 +249,12 @@ impl Engine {
             log_inflight: 0,
             log_durability: Default::default(),
             log_buffers: Default::default(),
-            routing: super::routing::load(dir)?,
-            frozen: HashMap::new(),
+            frozen,
             batch: 0,
             acked_during_job: Vec::new(),
+            clock_ms: None,
+            replicated: mode == OpenMode::Replicated,
+            meta_dirty: false,
             config,
         };
         engine.wal.remove_before(meta.wal_start)?;
@@ -356,6 +385,30 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// The routing `routing.toml` holds, else the one a replicated past left
+/// in the index (a replicated shard moves the file into the index at open,
+/// so a file is always at least as new as the index's).
+fn load_routing(dir: &Path, index: &Index) -> Result<Option<RoutingTable>> {
+    if let Some(table) = routing::load(dir)? {
+        return Ok(Some(table));
+    }
+    let Some(bytes) = index.meta_value(META_ROUTING)? else {
+        return Ok(None);
+    };
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::Corrupt("the index's routing is not UTF-8".into()))?;
+    routing::from_text(&text, "the index's routing").map(Some)
+}
+
+/// The frozen users a replicated shard's last checkpoint recorded.
+fn load_frozen(index: &Index) -> Result<HashMap<u64, Freeze>> {
+    match index.meta_value(META_FROZEN)? {
+        None => Ok(HashMap::new()),
+        Some(b) => decode_frozen(&b)
+            .ok_or_else(|| Error::Corrupt("the index's frozen users record".into())),
     }
 }
 

@@ -12,7 +12,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-const ROUTING_FILE: &str = "routing.toml";
+/// The routing file's name in the shard directory.
+pub(super) const ROUTING_FILE: &str = "routing.toml";
 
 /// An installed routing with its rings built.
 pub(super) struct RoutingTable {
@@ -125,25 +126,45 @@ fn routing_path(dir: &Path) -> PathBuf {
     dir.join(ROUTING_FILE)
 }
 
-/// The routing persisted in `dir`, if any.
+/// The routing persisted in `dir`'s `routing.toml`, if any.
 pub(super) fn load(dir: &Path) -> Result<Option<RoutingTable>> {
     let text = match fs::read_to_string(routing_path(dir)) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let routing: Routing = toml::from_str(&text)
-        .map_err(|e| Error::Corrupt(format!("{}: {e}", routing_path(dir).display())))?;
-    RoutingTable::new(routing).map(Some)
+    from_text(&text, &routing_path(dir).display().to_string()).map(Some)
+}
+
+/// The routing `text` (TOML, as `routing.toml` holds it) describes;
+/// `origin` names where it was read, for the error.
+pub(super) fn from_text(text: &str, origin: &str) -> Result<RoutingTable> {
+    let routing: Routing =
+        toml::from_str(text).map_err(|e| Error::Corrupt(format!("{origin}: {e}")))?;
+    RoutingTable::new(routing)
+}
+
+/// `routing` as `routing.toml` holds it.
+pub(super) fn to_text(routing: &Routing) -> Result<String> {
+    toml::to_string_pretty(routing)
+        .map_err(|e| Error::Storage(format!("routing does not serialize: {e}")))
 }
 
 /// Persist `routing` in `dir` atomically and durably (temp file, fsync,
 /// rename, fsync of the directory).
 pub(super) fn store(dir: &Path, routing: &Routing) -> Result<()> {
-    let text = toml::to_string_pretty(routing)
-        .map_err(|e| Error::Storage(format!("routing does not serialize: {e}")))?;
-    daemon::files::write_atomic(&routing_path(dir), text.as_bytes())?;
+    daemon::files::write_atomic(&routing_path(dir), to_text(routing)?.as_bytes())?;
     Ok(())
+}
+
+/// Delete `dir`'s `routing.toml` (a replicated shard keeps its routing in
+/// the index), durably.
+pub(super) fn remove_file(dir: &Path) -> Result<()> {
+    match fs::remove_file(routing_path(dir)) {
+        Ok(()) => Ok(fs::File::open(dir)?.sync_all()?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -449,8 +449,12 @@ pub struct Wal {
     offset: u64,
     /// The zero-filled spare segment being prepared in the background.
     spare: Option<JoinHandle<std::io::Result<()>>>,
-    /// Entry bytes written since the last successful checkpoint.
+    /// Entry bytes written since the last successful checkpoint (for a
+    /// detached log: the bytes batches would have written).
     pub bytes_since_checkpoint: u64,
+    /// A log of a replicated shard ([`Wal::detached`]): no segment file,
+    /// nothing is ever written.
+    detached: bool,
 }
 
 impl Wal {
@@ -469,9 +473,45 @@ impl Wal {
             offset: SEGMENT_HEADER_BYTES,
             spare: None,
             bytes_since_checkpoint: 0,
+            detached: false,
         };
         wal.install_spare(segment)?;
         Ok(wal)
+    }
+
+    /// A log that writes nothing, for a replicated shard (its Raft log is
+    /// the durability point): it creates no segment and no spare, stays at
+    /// the start of segment `segment`, and refuses [`Wal::reserve`] and
+    /// [`Wal::write`]. The engine counts what batches would have written
+    /// in `bytes_since_checkpoint`.
+    pub fn detached(dir: &Path, segment: u64, segment_bytes: u64) -> Result<Wal> {
+        fs::create_dir_all(dir)?;
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            dsync: false,
+            segment,
+            // Never written: no segment file exists.
+            file: Arc::new(File::open(dir)?),
+            offset: SEGMENT_HEADER_BYTES,
+            spare: None,
+            bytes_since_checkpoint: 0,
+            detached: true,
+        })
+    }
+
+    /// Delete every segment and the spare: a replicated shard's checkpoint
+    /// covers all they held.
+    pub fn remove_all(&self) -> Result<()> {
+        let segments = list_segments(&self.dir)?.into_iter();
+        let paths = segments.map(|seg| segment_path(&self.dir, seg));
+        for path in paths.chain([self.dir.join(SPARE_NAME)]) {
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        sync_dir(&self.dir)
     }
 
     /// The position the next entry will be written at.
@@ -507,6 +547,11 @@ impl Wal {
     /// into a new segment may start only once those into the old one are
     /// durable ([`Wal::rotates_for`] tells the caller when that is).
     pub fn reserve(&mut self, len: u64) -> Result<LogWrite> {
+        if self.detached {
+            return Err(crate::Error::Storage(
+                "a replicated shard writes no log of its own".into(),
+            ));
+        }
         if self.rotates_for(len) {
             self.rotate()?;
         }
@@ -527,7 +572,7 @@ impl Wal {
 
     /// Make every written entry durable (already done under `O_DSYNC`).
     pub fn sync(&mut self) -> std::io::Result<()> {
-        if self.dsync {
+        if self.dsync || self.detached {
             return Ok(());
         }
         self.file.sync_data()
