@@ -108,7 +108,11 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
         let killed_ns = shared.start.elapsed().as_nanos() as u64;
         group.replicas[leader].kill();
         let ms = wait_for_ack_after(&shared, killed_ns).await?;
-        println!("kill {}: replica {} (leader); appends again after {ms:.1} ms", kill + 1, leader + 1);
+        println!(
+            "kill {}: replica {} (leader); appends again after {ms:.1} ms",
+            kill + 1,
+            leader + 1
+        );
         failovers.push(ms);
         group.replicas[leader].start();
     }
@@ -189,7 +193,10 @@ async fn wait_for_ack_after(shared: &Shared, killed_ns: u64) -> Result<f64> {
         if last > killed_ns {
             return Ok((last - killed_ns) as f64 / 1e6);
         }
-        anyhow::ensure!(Instant::now() < limit, "no append acknowledged within 60 s of a kill");
+        anyhow::ensure!(
+            Instant::now() < limit,
+            "no append acknowledged within 60 s of a kill"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -236,5 +243,8 @@ fn print(r: &Report) {
     println!("  duplicated       {} (must be 0)", r.ratios.duplicated);
     println!("  kills            {}", r.ratios.kills);
     println!("  failover_ms_p50  {:.1}", r.ratios.failover_ms_p50);
-    println!("  failover_ms_max  {:.1} (target < 3000)", r.ratios.failover_ms_max);
+    println!(
+        "  failover_ms_max  {:.1} (target < 3000)",
+        r.ratios.failover_ms_max
+    );
 }

@@ -3,9 +3,9 @@
 mod alloc_count;
 mod disk;
 mod e2e;
-mod failover;
 mod e2e_fleet;
 mod e2e_report;
+mod failover;
 mod idle_sessions;
 mod inproc;
 mod load;

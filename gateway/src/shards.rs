@@ -63,7 +63,11 @@ impl Placement {
             .iter()
             .map(|s| (s.id.clone(), s.addr.clone()))
             .collect();
-        let replicas = map.shards.iter().map(|s| (s.id.clone(), s.addrs())).collect();
+        let replicas = map
+            .shards
+            .iter()
+            .map(|s| (s.id.clone(), s.addrs()))
+            .collect();
         Placement {
             ring: ShardRing::new(&map.shards),
             addrs,
@@ -220,7 +224,11 @@ impl Shards {
     }
 
     fn is_in_map(&self, addr: &str) -> bool {
-        self.placement().replicas.values().flatten().any(|a| a == addr)
+        self.placement()
+            .replicas
+            .values()
+            .flatten()
+            .any(|a| a == addr)
     }
 
     async fn client(&self, target: &Target) -> Result<(Arc<Link>, ShardClient), ShardCallError> {

@@ -271,7 +271,7 @@ fn serve_replica(
             .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
         let listener =
             TcpListener::from_std(listener).map_err(|error| DaemonError::Listen { addr, error })?;
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (started_tx, mut started_rx) = tokio::sync::oneshot::channel();
         let configs = (engine_config, server_config, raft);
         let run = replica::run(data, configs, listener, shutdown, started_tx);
         tokio::pin!(run);

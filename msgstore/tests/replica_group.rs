@@ -121,7 +121,11 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_kills() {
         } else {
             (leader + rng.gen_range(1..3)) % 3
         };
-        eprintln!("round {round}: kill replica {} (leader {})", victim + 1, leader + 1);
+        eprintln!(
+            "round {round}: kill replica {} (leader {})",
+            victim + 1,
+            leader + 1
+        );
         group.replicas[victim].kill();
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..800))).await;
         group.replicas[victim].start();
@@ -148,27 +152,42 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_kills() {
         assert!(r.terminate(), "replica {} did not stop cleanly", r.id);
     }
     for r in &group.replicas {
-        let shard = msgstore::Shard::open(engine_dir(&r.data), test_engine_config()).unwrap();
-        let mut users = Vec::new();
-        for user in 1..=USERS {
-            let mut records: Vec<msgstore::StoredRecord> = Vec::new();
-            loop {
-                let after = records.last().map_or(0, |r| r.seq);
-                let page = shard.fetch(user, after, 1000, 1 << 20).await.unwrap();
-                records.extend(page.records);
-                if !page.more {
-                    break;
-                }
-            }
-            users.push(records);
-        }
-        shard.close().unwrap();
-        digests.push(users);
+        let dir = engine_dir(&r.data);
+        digests.push(
+            tokio::task::spawn_blocking(move || offline_view(&dir))
+                .await
+                .unwrap(),
+        );
     }
     for (i, d) in digests.iter().enumerate() {
-        assert!(d == &leader_view, "replica {} differs from what the leader served", i + 1);
+        assert!(
+            d == &leader_view,
+            "replica {} differs from what the leader served",
+            i + 1
+        );
     }
     eprintln!("acknowledged appends: {acked}");
+}
+
+/// Every user's live records as the engine in `dir` holds them, read
+/// with the daemon stopped.
+fn offline_view(dir: &std::path::Path) -> Vec<Vec<msgstore::StoredRecord>> {
+    let shard = msgstore::Shard::open(dir, test_engine_config()).unwrap();
+    let mut users = Vec::new();
+    for user in 1..=USERS {
+        let mut records: Vec<msgstore::StoredRecord> = Vec::new();
+        loop {
+            let after = records.last().map_or(0, |r| r.seq);
+            let page = shard.fetch(user, after, 1000, 1 << 20).wait().unwrap();
+            records.extend(page.records);
+            if !page.more {
+                break;
+            }
+        }
+        users.push(records);
+    }
+    shard.close().unwrap();
+    users
 }
 
 fn test_engine_config() -> msgstore::EngineConfig {

@@ -145,7 +145,11 @@ impl ClusterMap {
                 return Err(ClusterMapError::DuplicateShard(s.id.clone()));
             }
             if s.replicas.len() > SHARD_REPLICAS_MAX {
-                return Err(too_many("replicas of one shard", s.replicas.len(), SHARD_REPLICAS_MAX));
+                return Err(too_many(
+                    "replicas of one shard",
+                    s.replicas.len(),
+                    SHARD_REPLICAS_MAX,
+                ));
             }
             if s.weight == 0 || s.weight > SHARD_WEIGHT_MAX {
                 return Err(ClusterMapError::BadWeight {

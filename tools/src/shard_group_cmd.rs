@@ -65,12 +65,19 @@ pub async fn run(addr: &str, command: GroupCommand, out: &Output) -> anyhow::Res
         }
         GroupCommand::RemoveReplica { id } => {
             let leader = leader_addr(addr).await?;
-            let voters: Vec<_> = status(&leader).await?.voters.into_iter().filter(|v| *v != id).collect();
+            let voters: Vec<_> = status(&leader)
+                .await?
+                .voters
+                .into_iter()
+                .filter(|v| *v != id)
+                .collect();
             if voters.is_empty() {
                 bail!("replica {id} is the group's last voter");
             }
             send(&leader, AdminRequest::ChangeMembership { voters }).await?;
-            out.emit(&serde_json::json!({"removed": id}), || format!("replica {id} removed"))
+            out.emit(&serde_json::json!({"removed": id}), || {
+                format!("replica {id} removed")
+            })
         }
         GroupCommand::Status => {
             let s = status(addr).await?;
@@ -87,7 +94,9 @@ fn parse_replica(text: &str) -> anyhow::Result<(ReplicaId, Replica)> {
     let (raft, client) = addrs
         .split_once('@')
         .with_context(|| format!("{text:?}: expected ID=RAFT_ADDR@CLIENT_ADDR"))?;
-    let id: ReplicaId = id.parse().with_context(|| format!("{id:?} is not a replica id"))?;
+    let id: ReplicaId = id
+        .parse()
+        .with_context(|| format!("{id:?} is not a replica id"))?;
     if id == 0 {
         bail!("replica ids start at 1");
     }
@@ -110,7 +119,9 @@ async fn status(addr: &str) -> anyhow::Result<GroupStatus> {
 /// The replication address of the group's leader, as `addr` knows it.
 async fn leader_addr(addr: &str) -> anyhow::Result<String> {
     let s = status(addr).await?;
-    let leader = s.leader.context("the group has no leader right now; try again")?;
+    let leader = s
+        .leader
+        .context("the group has no leader right now; try again")?;
     s.members
         .get(&leader)
         .map(|r| r.raft_addr.clone())
@@ -144,7 +155,11 @@ fn render(s: &GroupStatus) -> String {
     );
     let last = s.last_log_index.unwrap_or(0);
     for (id, r) in &s.members {
-        let kind = if s.voters.contains(id) { "voter" } else { "learner" };
+        let kind = if s.voters.contains(id) {
+            "voter"
+        } else {
+            "learner"
+        };
         let matched = s.matched.get(id).copied().flatten();
         let lag = matched.map_or("?".into(), |m| last.saturating_sub(m).to_string());
         let _ = writeln!(

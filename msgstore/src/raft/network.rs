@@ -308,7 +308,9 @@ impl PeerClient {
             })
     }
 
-    fn unexpected<E: std::error::Error>(&self) -> RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>> {
+    fn unexpected<E: std::error::Error>(
+        &self,
+    ) -> RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>> {
         RPCError::Network(NetworkError::new(&LinkError::Unexpected {
             addr: format!("replica {}", self.target),
         }))

@@ -79,13 +79,20 @@ impl RaftConfig {
             return Err("raft.id must be at least 1".into());
         }
         if self.heartbeat_ms == 0 || self.heartbeat_ms * 2 >= self.election_timeout_min_ms {
-            return Err("raft.heartbeat_ms must be above 0 and under half of raft.election_timeout_min_ms".into());
+            return Err(
+                "raft.heartbeat_ms must be above 0 and under half of raft.election_timeout_min_ms"
+                    .into(),
+            );
         }
         if self.election_timeout_max_ms <= self.election_timeout_min_ms {
-            return Err("raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into());
+            return Err(
+                "raft.election_timeout_max_ms must exceed raft.election_timeout_min_ms".into(),
+            );
         }
         if self.snapshot_every_entries == 0 || self.write_timeout_ms == 0 {
-            return Err("raft.snapshot_every_entries and raft.write_timeout_ms must be above 0".into());
+            return Err(
+                "raft.snapshot_every_entries and raft.write_timeout_ms must be above 0".into(),
+            );
         }
         Ok(())
     }
@@ -158,10 +165,7 @@ impl Node {
             snapshot_index: m.snapshot.map(|l| l.index),
             voters: voters.iter().copied().collect(),
             learners: membership.learner_ids().collect(),
-            members: membership
-                .nodes()
-                .map(|(id, n)| (*id, n.clone()))
-                .collect(),
+            members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
             matched: m
                 .replication
                 .as_ref()
@@ -199,7 +203,10 @@ impl Node {
         }
     }
 
-    fn write_error(&self, e: RaftError<ReplicaId, ClientWriteError<ReplicaId, Replica>>) -> AdminResponse {
+    fn write_error(
+        &self,
+        e: RaftError<ReplicaId, ClientWriteError<ReplicaId, Replica>>,
+    ) -> AdminResponse {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminResponse::NotLeader {
                 leader: f.leader_node.map(|n| n.raft_addr),
@@ -354,7 +361,9 @@ async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) {
             }
         };
         let response = match request {
-            PeerRequest::AppendEntries(r) => PeerResponse::AppendEntries(node.raft.append_entries(r).await),
+            PeerRequest::AppendEntries(r) => {
+                PeerResponse::AppendEntries(node.raft.append_entries(r).await)
+            }
             PeerRequest::Vote(r) => PeerResponse::Vote(node.raft.vote(r).await),
             PeerRequest::InstallSnapshot(r) => {
                 PeerResponse::InstallSnapshot(node.raft.install_snapshot(r).await)
@@ -375,14 +384,38 @@ async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) {
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge};
     describe_gauge!("msgstore_raft_term", "The replica's current Raft term.");
-    describe_gauge!("msgstore_raft_is_leader", "1 if this replica leads its group, else 0.");
-    describe_gauge!("msgstore_raft_commit_index", "Highest log index known committed and applied here.");
-    describe_gauge!("msgstore_raft_last_log_index", "Highest log index in this replica's log.");
-    describe_gauge!("msgstore_raft_follower_lag_entries", "On the leader: entries each follower lacks.");
-    describe_counter!("msgstore_raft_elections_total", "Times this replica became a candidate.");
-    describe_counter!("msgstore_raft_snapshot_bytes_total", "Snapshot bytes sent or received.");
-    describe_counter!("msgstore_raft_not_leader_answers_total", "Requests answered NotLeader.");
-    describe_counter!("msgstore_raft_proposals_total", "Raft entries proposed by this replica.");
+    describe_gauge!(
+        "msgstore_raft_is_leader",
+        "1 if this replica leads its group, else 0."
+    );
+    describe_gauge!(
+        "msgstore_raft_commit_index",
+        "Highest log index known committed and applied here."
+    );
+    describe_gauge!(
+        "msgstore_raft_last_log_index",
+        "Highest log index in this replica's log."
+    );
+    describe_gauge!(
+        "msgstore_raft_follower_lag_entries",
+        "On the leader: entries each follower lacks."
+    );
+    describe_counter!(
+        "msgstore_raft_elections_total",
+        "Times this replica became a candidate."
+    );
+    describe_counter!(
+        "msgstore_raft_snapshot_bytes_total",
+        "Snapshot bytes sent or received."
+    );
+    describe_counter!(
+        "msgstore_raft_not_leader_answers_total",
+        "Requests answered NotLeader."
+    );
+    describe_counter!(
+        "msgstore_raft_proposals_total",
+        "Raft entries proposed by this replica."
+    );
 }
 
 /// Keep the Raft gauges current.

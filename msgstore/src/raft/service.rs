@@ -143,7 +143,10 @@ async fn answer_chunk(node: Arc<Node>, requests: Vec<Request>) -> Vec<u8> {
         let body = body.expect("every request is answered");
         let response = Response { id, body };
         if let Err(e) = frame::encode(&response, RESPONSE_BODY_BYTES_MAX, &mut out) {
-            let body = error(ShardErrorCode::Storage, format!("answer not encodable: {e}"));
+            let body = error(
+                ShardErrorCode::Storage,
+                format!("answer not encodable: {e}"),
+            );
             frame::encode(&Response { id, body }, RESPONSE_BODY_BYTES_MAX, &mut out)
                 .expect("an error answer encodes");
         }
@@ -153,10 +156,7 @@ async fn answer_chunk(node: Arc<Node>, requests: Vec<Request>) -> Vec<u8> {
 
 /// Propose the writes (in batches of at most [`BATCH_BYTES_MAX`]) and
 /// answer each with its outcome.
-async fn write_all(
-    node: &Node,
-    writes: Vec<(usize, RequestBody)>,
-) -> Vec<(usize, ResponseBody)> {
+async fn write_all(node: &Node, writes: Vec<(usize, RequestBody)>) -> Vec<(usize, ResponseBody)> {
     let mut out = Vec::with_capacity(writes.len());
     for group in split_by_bytes(writes) {
         let (slots, requests): (Vec<usize>, Vec<RequestBody>) = group.into_iter().unzip();

@@ -73,7 +73,10 @@ impl Shared {
     }
 
     pub fn applied(&self) -> Applied {
-        self.applied.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_applied(&self, applied: Applied) {
@@ -98,7 +101,9 @@ impl Shared {
     /// Export the engine's state as of the last applied entry.
     fn build(&self) -> Result<SnapshotMeta<ReplicaId, Replica>, SmError> {
         let mut guard = self.engine();
-        let engine = guard.as_mut().ok_or_else(|| sm_error("no engine to snapshot"))?;
+        let engine = guard
+            .as_mut()
+            .ok_or_else(|| sm_error("no engine to snapshot"))?;
         let applied = self.applied();
         let (snap, meta_path) = self.current_paths();
         let tmp = self.snapshot_dir.join("build.tmp");
@@ -114,7 +119,9 @@ impl Shared {
             snapshot_id: format!(
                 "{}-{}",
                 applied.log_id.map_or(0, |l| l.index),
-                crate::engine::now_ms_wall()
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
             ),
         };
         write_meta(&meta_path, &meta).map_err(|e| snap_error(&e))?;
@@ -129,7 +136,11 @@ impl Shared {
     }
 
     /// Replace the engine's state with the snapshot in `incoming`.
-    fn install(&self, meta: &SnapshotMeta<ReplicaId, Replica>, incoming: &Path) -> Result<(), SmError> {
+    fn install(
+        &self,
+        meta: &SnapshotMeta<ReplicaId, Replica>,
+        incoming: &Path,
+    ) -> Result<(), SmError> {
         let mut guard = self.engine();
         if let Some(engine) = guard.take() {
             // Its state is being replaced: nothing of it need be kept.
@@ -173,7 +184,9 @@ impl Shared {
     /// Apply committed entries in order; one [`Outcomes`] per entry.
     fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Outcomes>, SmError> {
         let mut guard = self.engine();
-        let engine = guard.as_mut().ok_or_else(|| sm_error("no engine to apply to"))?;
+        let engine = guard
+            .as_mut()
+            .ok_or_else(|| sm_error("no engine to apply to"))?;
         let mut applied = self.applied();
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -251,11 +264,11 @@ fn write_meta(path: &Path, meta: &SnapshotMeta<ReplicaId, Replica>) -> std::io::
     std::fs::rename(&tmp, path)
 }
 
-fn sm_error(e: &dyn std::fmt::Display) -> SmError {
+fn sm_error(e: impl std::fmt::Display) -> SmError {
     StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
 }
 
-fn snap_error(e: &dyn std::fmt::Display) -> SmError {
+fn snap_error(e: impl std::fmt::Display) -> SmError {
     StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()
 }
 
@@ -293,7 +306,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<ReplicaId>>, StoredMembership<ReplicaId, Replica>), SmError> {
+    ) -> Result<
+        (
+            Option<LogId<ReplicaId>>,
+            StoredMembership<ReplicaId, Replica>,
+        ),
+        SmError,
+    > {
         let a = self.shared.applied();
         Ok((a.log_id, a.membership))
     }

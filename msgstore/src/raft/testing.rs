@@ -3,7 +3,6 @@
 //! leader, and a model of what was acknowledged to check the group
 //! against.
 
-use daemon::testing::{free_addr, sigkill, wait_for_listening};
 use super::{
     network::{admin, AdminRequest, AdminResponse, GroupStatus},
     Replica,
@@ -12,6 +11,7 @@ use crate::{
     client::{ClientError, ShardClient},
     StoredRecord,
 };
+use daemon::testing::{free_addr, sigkill, wait_for_listening};
 use proto::shard::ShardErrorCode;
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,7 +23,8 @@ use std::{
 
 /// Engine settings small enough for tests (the fan-out cannot change
 /// between runs of one directory).
-pub const CONFIG: &str = "[engine]\nbucket_dirs = 2\nbucket_files = 4\nwal_segment_bytes = 1048576\n\
+pub const CONFIG: &str =
+    "[engine]\nbucket_dirs = 2\nbucket_files = 4\nwal_segment_bytes = 1048576\n\
 index_map_bytes = 16777216\ncheckpoint_wal_bytes = 262144\ncheckpoint_stall_wal_bytes = 524288\n\
 wal_bytes_max = 1048576\n";
 
@@ -283,12 +284,17 @@ impl GroupClient {
         loop {
             let after = out.last().map_or(0, |r| r.seq);
             let page = self
-                .call(true, |c| async move { c.fetch(user, after, 1000, 1 << 20).await })
+                .call(true, |c| async move {
+                    c.fetch(user, after, 1000, 1 << 20).await
+                })
                 .await;
             let Outcome::Done((records, more)) = page else {
                 panic!("fetch of user {user} failed: {page:?}");
             };
-            assert!(!more || !records.is_empty(), "a page says more with no records");
+            assert!(
+                !more || !records.is_empty(),
+                "a page says more with no records"
+            );
             out.extend(records);
             if !more {
                 return out;
@@ -311,7 +317,11 @@ pub struct Model {
 impl Model {
     /// What a fetch served while writes run can promise: seqs without
     /// gaps, and nothing at or below an ack answered before it was sent.
-    pub fn check_live(user: u64, records: &[StoredRecord], acked_before: u64) -> Result<(), String> {
+    pub fn check_live(
+        user: u64,
+        records: &[StoredRecord],
+        acked_before: u64,
+    ) -> Result<(), String> {
         for w in records.windows(2) {
             if w[1].seq != w[0].seq + 1 {
                 return Err(format!("user {user}: seq gap {} -> {}", w[0].seq, w[1].seq));
@@ -340,7 +350,10 @@ impl Model {
             }
             match acked.get(&r.msg_id) {
                 Some(seq) if *seq != r.seq => {
-                    return Err(format!("user {user}: msg acked at seq {seq} found at {}", r.seq))
+                    return Err(format!(
+                        "user {user}: msg acked at seq {seq} found at {}",
+                        r.seq
+                    ))
                 }
                 Some(_) => {}
                 None if maybe.contains(&r.msg_id) => {}
