@@ -362,6 +362,20 @@ mod tests {
     }
 
     #[test]
+    fn the_example_raft_table_parses_to_the_defaults() {
+        let text = include_str!("../msgstore.example.toml");
+        let start = text.find("# [raft]").expect("the example documents [raft]");
+        let table: String = text[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(""))
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = DaemonConfig::parse(&table).expect("the [raft] example parses");
+        assert_eq!(config.raft, Some(RaftConfig::default()));
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let err = DaemonConfig::parse("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
         assert!(err.contains("bogus"), "{err}");

@@ -6,7 +6,6 @@
 //!
 //! The Raft glue (`crate::raft`) drives these; until it calls every one of
 //! them they are unused outside tests.
-#![allow(dead_code, reason = "called by the Raft glue in crate::raft")]
 
 use super::{
     index::{ExtraMeta, META_APPLIED, META_FROZEN, META_ROUTING},
@@ -80,11 +79,6 @@ impl Engine {
             }
         }
         Ok(extra)
-    }
-
-    /// Whether this engine was opened with [`Engine::open_replicated`].
-    pub(crate) fn is_replicated(&self) -> bool {
-        self.replicated
     }
 
     /// The bytes batches logged (or, replicated, would have logged) since

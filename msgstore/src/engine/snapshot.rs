@@ -5,7 +5,6 @@
 //! [`Engine::install_snapshot`] unpacks an archive beside a shard
 //! directory, checks all of it, and swaps it in with renames that
 //! [`Engine::open_replicated`] finishes or undoes after a crash.
-#![allow(dead_code, reason = "called by the Raft glue in crate::raft")]
 
 mod archive;
 

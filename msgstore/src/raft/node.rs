@@ -51,6 +51,9 @@ pub struct RaftConfig {
     /// A snapshot (a checkpoint exported) is built after this many log
     /// entries since the last; the log before it is then purged.
     pub snapshot_every_entries: u64,
+    /// Entries kept in the log below the newest snapshot (so a follower
+    /// a little behind catches up from the log, not by a snapshot).
+    pub log_kept_after_snapshot_entries: u64,
     /// A write or read not committed / confirmed within this is answered
     /// `Unavailable` (a leader cut off from its majority).
     pub write_timeout_ms: u64,
@@ -67,6 +70,7 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             snapshot_every_entries: 50_000,
+            log_kept_after_snapshot_entries: 1_000,
             write_timeout_ms: 2_000,
             log_segment_bytes: 64 * 1024 * 1024,
         }
@@ -105,7 +109,7 @@ impl RaftConfig {
             election_timeout_max: self.election_timeout_max_ms,
             max_payload_entries: 32,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
-            max_in_snapshot_log_to_keep: 1_000,
+            max_in_snapshot_log_to_keep: self.log_kept_after_snapshot_entries,
             ..Default::default()
         }
         .validate()
@@ -136,6 +140,15 @@ impl Node {
     pub(crate) async fn stopping(&self) {
         let mut stop = self.stop.clone();
         let _ = stop.wait_for(|s| *s).await;
+    }
+
+    /// The engine holds more than `wal_bytes_max` not yet checkpointed:
+    /// the leader proposes no more writes until checkpoints catch up.
+    pub(crate) fn overloaded(&self) -> bool {
+        self.shared
+            .engine()
+            .as_ref()
+            .is_some_and(|e| e.over_wal_bytes_max())
     }
 
     /// `Ping` and `Stats`: this replica's own state.
@@ -288,6 +301,8 @@ async fn start(
         },
     )
     .map_err(|e| Error::Storage(e.to_string()))?;
+    let mut log = log;
+    step_down_at_start(&mut log, raft.id).await?;
     let data = data.to_owned();
     let shared = tokio::task::spawn_blocking(move || Shared::open(&data, engine))
         .await
@@ -307,6 +322,35 @@ async fn start(
         stop,
     });
     Ok((node, raft_listener))
+}
+
+/// A replica that led when it stopped starts as a follower of no one.
+///
+/// openraft 0.9 restores a leader whose vote was committed as leader at
+/// once, in the same term, without a new entry of that term; its read
+/// index is then the committed id it saved, which may be older than what
+/// it answered before it stopped, and a read would show an older state
+/// (found by `tests/replica_group.rs`). Turning the saved vote for itself
+/// back into a candidate's vote (still for itself, in the same term: no
+/// promise it made is taken back) makes it a follower; leadership comes
+/// back only through an election of a later term, whose leader commits a
+/// blank entry before it serves a read.
+async fn step_down_at_start(log: &mut LogStore<TypeConfig>, me: ReplicaId) -> Result<(), Error> {
+    let Some(vote) = log.vote() else {
+        return Ok(());
+    };
+    if !vote.committed || vote.leader_id.node_id != me {
+        return Ok(());
+    }
+    let candidate = openraft::Vote::new(vote.leader_id.term, me);
+    log.write_vote(&candidate)
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))?;
+    tracing::info!(
+        term = vote.leader_id.term,
+        "led when it stopped: starts as a follower"
+    );
+    Ok(())
 }
 
 fn admit(node: &Arc<Node>, stream: TcpStream, connections: &Arc<AtomicUsize>) {

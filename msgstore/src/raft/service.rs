@@ -158,6 +158,22 @@ async fn answer_chunk(node: Arc<Node>, requests: Vec<Request>) -> Vec<u8> {
 /// answer each with its outcome.
 async fn write_all(node: &Node, writes: Vec<(usize, RequestBody)>) -> Vec<(usize, ResponseBody)> {
     let mut out = Vec::with_capacity(writes.len());
+    if writes.is_empty() {
+        return out;
+    }
+    if node.overloaded() {
+        // Checkpoints keep failing (a full disk?): what is not checkpointed
+        // lives in memory, so no more is taken until they succeed again.
+        let refusal = error(
+            ShardErrorCode::Unavailable,
+            "the shard's checkpoints are failing (disk full?); nothing stored".into(),
+        );
+        metrics::counter!("msgstore_raft_proposals_refused_total").increment(1);
+        return writes
+            .into_iter()
+            .map(|(i, _)| (i, refusal.clone()))
+            .collect();
+    }
     for group in split_by_bytes(writes) {
         let (slots, requests): (Vec<usize>, Vec<RequestBody>) = group.into_iter().unzip();
         let batch = Batch {

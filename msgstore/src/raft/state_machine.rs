@@ -14,6 +14,9 @@
 //! replica (openraft treats a state-machine error as fatal), which restarts
 //! from its checkpoint and log or rebuilds from a peer's snapshot.
 
+// openraft's traits fix the error type (`StorageError`, 224 bytes).
+#![allow(clippy::result_large_err)]
+
 use super::{Batch, Outcomes, Replica, ReplicaId, TypeConfig};
 use crate::{engine::Engine, EngineConfig};
 use openraft::{
@@ -152,7 +155,7 @@ impl Shared {
             .map_err(|e| snap_error(&e))?;
         let applied = decode_marker(engine.applied()).map_err(|e| snap_error(&e))?;
         if applied.log_id != meta.last_log_id {
-            return Err(snap_error(&format!(
+            return Err(snap_error(format!(
                 "the snapshot's engine state is at {:?}, its meta says {:?}",
                 applied.log_id, meta.last_log_id
             )));
@@ -295,7 +298,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             shared.build()?;
             shared
                 .current()?
-                .ok_or_else(|| snap_error(&"the snapshot just built is missing"))
+                .ok_or_else(|| snap_error("the snapshot just built is missing"))
         })
         .await
     }

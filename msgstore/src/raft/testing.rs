@@ -50,12 +50,29 @@ impl ReplicaProcess {
             .args(["--listen", &self.client.to_string()])
             .args(["--raft-id", &self.id.to_string()])
             .args(["--raft-listen", &self.raft.to_string()])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+            .stderr(self.log_file());
         let mut child = cmd.spawn().expect("spawn msgstore");
         wait_for_listening(&mut child, "msgstore", Duration::from_secs(60));
         self.child = Some(child);
+    }
+
+    /// Where the replica's logs go (appended across restarts): beside its
+    /// data directory, `<data>.log`, so a failed run can be read.
+    fn log_file(&self) -> std::process::Stdio {
+        let path = self.data.with_extension("log");
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => f.into(),
+            Err(_) => std::process::Stdio::null(),
+        }
     }
 
     pub fn kill(&mut self) {
@@ -144,19 +161,32 @@ impl Group {
         }
     }
 
-    /// The index of the replica that leads, as the running replicas see it.
+    /// The index of the replica that leads, as the running replicas see it
+    /// (of two that both believe they lead, the one of the newer term).
+    /// Panics if two replicas lead in the same term: Raft's election
+    /// safety, checked every time a test looks for the leader.
     pub async fn wait_for_leader(&self, limit: Duration) -> usize {
         let start = Instant::now();
         loop {
+            let mut leaders: Vec<(u64, usize)> = Vec::new();
             for i in 0..self.replicas.len() {
                 if !self.replicas[i].is_running() {
                     continue;
                 }
-                if let Some(s) = self.status(i).await {
-                    if s.role == "leader" {
-                        return i;
-                    }
+                if let Some(s) = self.status(i).await.filter(|s| s.role == "leader") {
+                    leaders.push((s.term, i));
                 }
+            }
+            leaders.sort_unstable();
+            for w in leaders.windows(2) {
+                assert!(
+                    w[0].0 != w[1].0,
+                    "two leaders in term {}: {leaders:?}",
+                    w[0].0
+                );
+            }
+            if let Some((_, i)) = leaders.last() {
+                return *i;
             }
             assert!(start.elapsed() < limit, "no leader within {limit:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -226,6 +256,11 @@ impl GroupClient {
             }
         }
         self.client.as_ref()
+    }
+
+    /// The replica the client talks to now (for failure messages).
+    pub fn current(&self) -> SocketAddr {
+        self.addrs[self.at]
     }
 
     fn follow(&mut self, leader: Option<String>) {
@@ -367,6 +402,41 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The engine settings of a daemon config file's text.
+pub fn engine_config(text: &str) -> crate::EngineConfig {
+    crate::daemon::DaemonConfig::parse(text)
+        .expect("a valid daemon config")
+        .engine
+}
+
+/// Every user's live records as the engine in `dir` holds them, read with
+/// its daemon stopped (blocking).
+pub fn offline_view(
+    dir: &Path,
+    config: crate::EngineConfig,
+    users: std::ops::RangeInclusive<u64>,
+) -> Vec<Vec<StoredRecord>> {
+    let shard = crate::Shard::open(dir, config).expect("open the engine");
+    let view = users
+        .map(|user| {
+            let mut records: Vec<StoredRecord> = Vec::new();
+            loop {
+                let after = records.last().map_or(0, |r| r.seq);
+                let page = shard
+                    .fetch(user, after, 1000, 1 << 20)
+                    .wait()
+                    .expect("fetch");
+                records.extend(page.records);
+                if !page.more {
+                    return records;
+                }
+            }
+        })
+        .collect();
+    shard.close().expect("close the engine");
+    view
 }
 
 /// The engine directory of a replica's data directory.
