@@ -21,6 +21,7 @@ mod report;
 mod session;
 mod shard_driver;
 mod storage;
+mod storage_replicated;
 mod udp_load;
 
 use anyhow::Result;

@@ -47,6 +47,16 @@ pub struct RedisServer {
 /// Start redis-server on a free loopback port with its data (and nothing
 /// else) in `root/data`, its log in `root/redis.log`; wait until it answers.
 pub fn start(redis_bin: &Path, root: &Path, aof: RedisAof) -> Result<RedisServer> {
+    start_with(redis_bin, root, aof, &[])
+}
+
+/// [`start`] with more command-line arguments (e.g. `--replicaof`).
+pub fn start_with(
+    redis_bin: &Path,
+    root: &Path,
+    aof: RedisAof,
+    extra: &[String],
+) -> Result<RedisServer> {
     let data_dir = root.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("create {}", data_dir.display()))?;
     let log_path = root.join("redis.log");
@@ -65,6 +75,7 @@ pub fn start(redis_bin: &Path, root: &Path, aof: RedisAof) -> Result<RedisServer
         RedisAof::EverySec => cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]),
         RedisAof::Off => cmd.args(["--appendonly", "no"]),
     };
+    cmd.args(extra);
     cmd.stdout(log.try_clone()?).stderr(Stdio::from(log));
     let mut proc = procs::spawn("redis-server", &mut cmd)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -132,6 +132,9 @@ pub struct Ratios {
     pub append_always_vs_redis_off_p1: Option<f64>,
     pub drain_vs_redis: Option<f64>,
     pub engine_vs_disk_ceiling: Option<f64>,
+    /// With `--replicas 3`: a 3-replica group vs a Redis primary with one
+    /// replica, 16 appends per connection then (Redis) `WAIT 1 0`.
+    pub replicated_vs_redis_wait_p16: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -319,6 +322,10 @@ pub fn render_table(report: &StorageReport) -> String {
         ),
         ("drain_vs_redis", r.drain_vs_redis),
         ("engine_vs_disk_ceiling", r.engine_vs_disk_ceiling),
+        (
+            "replicated_vs_redis_wait_p16",
+            r.replicated_vs_redis_wait_p16,
+        ),
     ] {
         let _ = writeln!(out, "  {name:<36} {}", show(v));
     }
@@ -341,7 +348,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ratios_serialize_with_exactly_the_five_keys() {
+    fn ratios_serialize_with_exactly_the_six_keys() {
         let v = serde_json::to_value(Ratios::default()).unwrap();
         let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         keys.sort();
@@ -352,7 +359,8 @@ mod tests {
                 "append_always_vs_redis_always_p16",
                 "append_always_vs_redis_off_p1",
                 "drain_vs_redis",
-                "engine_vs_disk_ceiling"
+                "engine_vs_disk_ceiling",
+                "replicated_vs_redis_wait_p16"
             ]
         );
     }

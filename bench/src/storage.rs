@@ -8,6 +8,7 @@ use crate::{
     redis::{self, RedisAof, RedisServer, RespCodec},
     report::{self, Backlog, PhaseResult, Ratios, ServerResult, StorageReport},
     shard_driver::{self, ShardCodec, ShardServer},
+    storage_replicated,
 };
 use anyhow::{Context, Result};
 use msgstore::FsyncPolicy;
@@ -92,6 +93,10 @@ pub struct StorageArgs {
     /// `engine` (it needs the engine's batch size).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Phase::all())]
     pub phases: Vec<Phase>,
+    /// 3: also run the replicated phase (a 3-replica msgstore group vs a
+    /// Redis primary with one replica and `WAIT 1 0`); 1 (default): not.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub replicas: u8,
 }
 
 /// A selectable part of the storage benchmark.
@@ -235,6 +240,8 @@ pub async fn run(args: StorageArgs) -> Result<()> {
             "drain_pipeline": s.args.drain_pipeline,
             "drain_page_count": DRAIN_PAGE_COUNT,
             "drain_setting": "redis aof_always vs msgstore always",
+            "replicas": s.args.replicas,
+            "replicated_pipeline": storage_replicated::REPLICATED_PIPELINE,
             "engine_appenders": s.args.appenders,
             "record_header_bytes": s.args.record_header_bytes,
             "work_dir": work_dir,
@@ -294,6 +301,25 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     }
     if wanted(Phase::Engine) {
         engine_and_disk(&s, root.path(), &mut report).await?;
+    }
+    if s.args.replicas == 3 {
+        match &msgstore_bin {
+            Some(bin) => {
+                let r = storage_replicated::ReplicatedSpec {
+                    // Each side sets its own address.
+                    spec: s.spec(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), 1, true),
+                    users: s.users,
+                    seed: SEED,
+                    redis_bin: &s.args.redis_bin,
+                    msgstore_bin: bin,
+                    precreate_buckets: s.precreate_buckets(),
+                };
+                storage_replicated::run(&r, root.path(), &mut report).await?;
+            }
+            None => report
+                .problems
+                .push("replicated phase: no msgstore binary".into()),
+        }
     }
     finish(s, root, report)
 }
@@ -773,7 +799,22 @@ pub(crate) async fn with_cpu<T>(
     pid: u32,
     load: impl std::future::Future<Output = T>,
 ) -> (T, PhaseCpu) {
-    let sample = || [pid, std::process::id()].map(|p| crate::procs::cpu_time(p).ok());
+    with_cpu_of(&[pid], load).await
+}
+
+/// Run `load`, measuring the CPU the processes `servers` (together) and
+/// this process used meanwhile.
+pub(crate) async fn with_cpu_of<T>(
+    servers: &[u32],
+    load: impl std::future::Future<Output = T>,
+) -> (T, PhaseCpu) {
+    let sample = || {
+        let server: Option<Duration> = servers
+            .iter()
+            .map(|p| crate::procs::cpu_time(*p).ok())
+            .sum();
+        [server, crate::procs::cpu_time(std::process::id()).ok()]
+    };
     let before = sample();
     let out = load.await;
     let after = sample();
@@ -827,6 +868,22 @@ fn compute_ratios(report: &StorageReport) -> Ratios {
         engine_vs_disk_ceiling: report::ratio(
             report.engine.as_ref().map(|e| e.phase.ops_per_sec),
             report.disk_ceiling.as_ref().map(|d| d.phase.ops_per_sec),
+        ),
+        replicated_vs_redis_wait_p16: report::ratio(
+            rate(
+                &report.append,
+                "replicated",
+                "msgstore",
+                "always_3_replicas",
+                None,
+            ),
+            rate(
+                &report.append,
+                "replicated",
+                "redis",
+                "aof_always+replica_wait",
+                None,
+            ),
         ),
     }
 }
