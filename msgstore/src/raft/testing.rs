@@ -38,11 +38,24 @@ pub struct ReplicaProcess {
     pub data: PathBuf,
     config: PathBuf,
     pub child: Option<Child>,
+    /// The network namespace the process runs in (`ip netns exec NS`), if
+    /// any; its addresses must be that namespace's.
+    pub netns: Option<String>,
 }
 
 impl ReplicaProcess {
     pub fn start(&mut self) {
-        let mut cmd = Command::new(&self.bin);
+        // `ip netns exec` execs the command in its own process (no fork),
+        // so the child's pid is msgstore's and signals reach it (checked
+        // below).
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(&self.bin);
+                cmd
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.arg("--data")
             .arg(&self.data)
             .arg("--config")
@@ -58,6 +71,14 @@ impl ReplicaProcess {
             .stderr(self.log_file());
         let mut child = cmd.spawn().expect("spawn msgstore");
         wait_for_listening(&mut child, "msgstore", Duration::from_secs(60));
+        if self.netns.is_some() {
+            let exe = std::fs::read_link(format!("/proc/{}/exe", child.id()));
+            let bin = std::fs::canonicalize(&self.bin).ok();
+            assert!(
+                exe.ok() == bin,
+                "`ip netns exec` did not exec msgstore in place: signals would miss it"
+            );
+        }
         self.child = Some(child);
     }
 
@@ -118,17 +139,31 @@ impl Group {
     /// Start `n` replicas of the `msgstore` binary `bin` with the config
     /// `config_text`, data under `dir`, and form a group of them.
     pub async fn start(bin: &Path, dir: &Path, n: u64, config_text: &str) -> Group {
+        let places = (1..=n).map(|_| (free_addr(), free_addr(), None)).collect();
+        Group::start_with(bin, dir, config_text, places).await
+    }
+
+    /// [`Group::start`] with one replica per entry of `places`, numbered
+    /// from 1: its client address, raft address and network namespace.
+    pub async fn start_with(
+        bin: &Path,
+        dir: &Path,
+        config_text: &str,
+        places: Vec<(SocketAddr, SocketAddr, Option<String>)>,
+    ) -> Group {
         let config = dir.join("msgstore.toml");
         std::fs::write(&config, config_text).expect("write the config");
-        let mut replicas: Vec<ReplicaProcess> = (1..=n)
-            .map(|id| ReplicaProcess {
+        let mut replicas: Vec<ReplicaProcess> = (1..)
+            .zip(places)
+            .map(|(id, (client, raft, netns))| ReplicaProcess {
                 bin: bin.to_owned(),
                 id,
-                client: free_addr(),
-                raft: free_addr(),
+                client,
+                raft,
                 data: dir.join(format!("r{id}")),
                 config: config.clone(),
                 child: None,
+                netns,
             })
             .collect();
         for r in &mut replicas {
