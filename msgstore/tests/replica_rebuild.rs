@@ -3,10 +3,12 @@
 //! replica, start it on an empty disk, add it back) bring it back by
 //! snapshot, then log; it ends holding what the others hold.
 
+use msgstore::client::ShardClient;
 use msgstore::raft::{
     network::{admin, AdminRequest, AdminResponse},
     testing::{engine_config, engine_dir, offline_view, Group, GroupClient, Outcome, CONFIG},
 };
+use proto::shard::ShardRole;
 use std::time::Duration;
 
 const USERS: u64 = 50;
@@ -27,6 +29,26 @@ async fn append_many(client: &mut GroupClient, from: u64, n: u64) {
     }
 }
 
+/// Every replica's `Stats` names its role; the one leader is the replica
+/// every follower names.
+async fn roles_agree(group: &Group) {
+    let leader = group.wait_for_leader(Duration::from_secs(10)).await;
+    for (i, r) in group.replicas.iter().enumerate() {
+        let stats = ShardClient::connect(r.client)
+            .await
+            .unwrap()
+            .stats()
+            .await
+            .unwrap();
+        if i == leader {
+            assert_eq!(stats.role, ShardRole::Leader);
+        } else {
+            assert_eq!(stats.role, ShardRole::Follower);
+        }
+        assert_eq!(stats.leader, Some(group.replicas[leader].id), "{stats:?}");
+    }
+}
+
 async fn command(addr: &str, request: AdminRequest) {
     let answer = admin(addr, request, Duration::from_secs(60)).await.unwrap();
     assert!(matches!(answer, AdminResponse::Done), "{answer:?}");
@@ -42,6 +64,7 @@ async fn a_replica_whose_disk_was_lost_comes_back_by_snapshot() {
     let mut group = Group::start(bin, dir.path(), 3, &config).await;
     let mut client = GroupClient::new(group.client_addrs());
     append_many(&mut client, 0, 500).await;
+    roles_agree(&group).await;
 
     // Replica 3 (made a follower: the leader is moved off it) loses its disk.
     let mut leader = group.wait_for_leader(Duration::from_secs(10)).await;

@@ -186,6 +186,23 @@ pub struct ShardStats {
     pub dead_bytes: u64,
     pub open_maps: u64,
     pub corrupt_records_total: u64,
+    /// What this shard process is in its group.
+    pub role: ShardRole,
+    /// Of a replica: the replica id of the group's leader, if known.
+    pub leader: Option<u64>,
+}
+
+/// What a shard process is: a shard of its own, or a replica of a
+/// replicated shard group in one of Raft's roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardRole {
+    #[default]
+    Standalone,
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
 }
 
 /// Typed failures a shard reports for one request.

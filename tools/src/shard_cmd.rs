@@ -195,7 +195,14 @@ fn human_shard_stats(s: &ShardStats) -> String {
         ("open_maps", s.open_maps),
         ("corrupt_records_total", s.corrupt_records_total),
     ];
-    rows.iter()
+    let mut text: String = rows
+        .iter()
         .map(|(name, value)| format!("{:<22} {value}\n", format!("{name}:")))
-        .collect()
+        .collect();
+    let role = serde_json::to_value(s.role).unwrap_or_default();
+    let _ = writeln!(text, "{:<22} {}", "role:", role.as_str().unwrap_or("?"));
+    if let Some(leader) = s.leader {
+        let _ = writeln!(text, "{:<22} replica {leader}", "leader:");
+    }
+    text
 }

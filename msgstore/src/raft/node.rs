@@ -15,7 +15,7 @@ use super::{
 use crate::{server::ServerConfig, EngineConfig, Error};
 use bytes::BytesMut;
 use openraft::{error::ClientWriteError, error::RaftError, Raft, ServerState, SnapshotPolicy};
-use proto::shard::{RequestBody, ResponseBody, ShardErrorCode};
+use proto::shard::{RequestBody, ResponseBody, ShardErrorCode, ShardRole};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -151,14 +151,24 @@ impl Node {
             .is_some_and(|e| e.over_wal_bytes_max())
     }
 
-    /// `Ping` and `Stats`: this replica's own state.
+    /// `Ping` and `Stats`: this replica's own state (`Stats` with its role
+    /// and the leader it knows).
     pub(crate) fn answer_locally(&self, body: RequestBody) -> ResponseBody {
-        match self.shared.engine().as_mut() {
+        let answer = match self.shared.engine().as_mut() {
             Some(engine) => engine.respond(body),
             None => service::error(
                 ShardErrorCode::Unavailable,
                 "the replica is installing a snapshot".into(),
             ),
+        };
+        match answer {
+            ResponseBody::Stats(mut stats) => {
+                let m = self.raft.metrics().borrow().clone();
+                stats.role = shard_role(m.state);
+                stats.leader = m.current_leader;
+                ResponseBody::Stats(stats)
+            }
+            other => other,
         }
     }
 
@@ -226,6 +236,15 @@ impl Node {
             },
             other => AdminResponse::Failed(other.to_string()),
         }
+    }
+}
+
+fn shard_role(state: ServerState) -> ShardRole {
+    match state {
+        ServerState::Leader => ShardRole::Leader,
+        ServerState::Follower | ServerState::Shutdown => ShardRole::Follower,
+        ServerState::Candidate => ShardRole::Candidate,
+        ServerState::Learner => ShardRole::Learner,
     }
 }
 
