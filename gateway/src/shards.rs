@@ -267,6 +267,7 @@ impl Shards {
                 // Nothing was sent: another replica of the group may lead.
                 Err(e) => match self.next_replica(&target) {
                     Some(next) => {
+                        metrics::counter!("gateway_shard_replica_switches_total").increment(1);
                         self.set_leader(&target.shard, None);
                         let Some(wait) = busy.next_wait() else {
                             return Err(e);

@@ -612,3 +612,57 @@ async fn a_gateway_killed_mid_stream_loses_nothing_and_shows_nothing_twice() {
     );
     alice.close().await;
 }
+
+/// A replicated shard losing its leader. The map's one shard is a group of
+/// three `msgstore` processes. A sender's first hundred messages are
+/// stored; then the group's leader is SIGKILLed and the next hundred are
+/// sent at once, while the group has no leader (it is restarted half a
+/// second later). The gateway follows `NotLeader` to the new leader and
+/// tries the replicas in turn meanwhile; a send answered `Unavailable` is
+/// re-sent by the SDK. Every message ends `Sent`, and the receiver is
+/// shown each once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_group_losing_its_leader_keeps_every_message_and_shows_it_once() {
+    let options = Options {
+        shard_group: true,
+        metrics: true,
+        ..options(1)
+    };
+    let (mut c, _) = Cluster::start_with(options).await;
+    let a = c.user("alice", "pa").await;
+    let b = c.user("bob", "pb").await;
+    c.befriend(a, b).await;
+    let (alice, _alice_events) = c.sdk("alice", "pa").await;
+    let bodies_sent: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    let as_bytes = |r: std::ops::Range<usize>| -> Vec<Vec<u8>> {
+        bodies_sent[r]
+            .iter()
+            .map(|b| b.clone().into_bytes())
+            .collect()
+    };
+    let answered = AtomicUsize::new(0);
+    seqs(send_all(&alice, b, as_bytes(0..100), &answered).await);
+
+    let group = c.group.as_mut().expect("a shard group");
+    let leader = group.wait_for_leader(HANG).await;
+    group.replicas[leader].kill();
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        group.replicas[leader].start();
+    };
+    let sends = tokio::time::timeout(HANG * 2, send_all(&alice, b, as_bytes(100..200), &answered));
+    let (answers, ()) = tokio::join!(sends, restart);
+    seqs(answers.expect("every send answered"));
+    alice.close().await;
+    let switched = c.metric("gateway_shard_replica_switches_total").await
+        + c.metric("gateway_shard_not_leader_total").await;
+    assert!(
+        switched > 0.0,
+        "the gateway went looking for the new leader"
+    );
+
+    let (bob, mut events) = c.sdk("bob", "pb").await;
+    let shown = support::messages_until_synced(&bob, &mut events).await;
+    assert_eq!(bodies(&shown), bodies_sent, "each shown once, in order");
+    bob.close().await;
+}

@@ -41,6 +41,9 @@ pub struct Options {
     pub gateway_toml: Option<String>,
     /// Serve gateway 1's Prometheus `/metrics` (see [`Cluster::metric`]).
     pub metrics: bool,
+    /// The map's one shard is a replicated group of three real `msgstore`
+    /// processes ([`Cluster::group`]) instead of `shards` shards.
+    pub shard_group: bool,
 }
 
 pub struct Cluster {
@@ -53,6 +56,8 @@ pub struct Cluster {
     pub gateway_config: Option<PathBuf>,
     /// Gateway 1's `/metrics` address.
     pub metrics: Option<SocketAddr>,
+    /// With [`Options::shard_group`]: the group's replica processes.
+    pub group: Option<msgstore::raft::testing::Group>,
 }
 
 impl Cluster {
@@ -139,6 +144,19 @@ impl Cluster {
         } else {
             in_map = spares[..options.shards].to_vec();
         }
+        let group = match options.shard_group {
+            true => Some(start_group(dir.path()).await),
+            false => None,
+        };
+        if let Some(g) = &group {
+            let addrs: Vec<String> = g.client_addrs().iter().map(|a| a.to_string()).collect();
+            in_map = vec![proto::cluster::ShardEntry {
+                id: "g1".into(),
+                addr: addrs[0].clone(),
+                weight: 1,
+                replicas: addrs,
+            }];
+        }
         let mut gateway_map = services.map.clone();
         gateway_map.shards = in_map;
         std::fs::write(dir.path().join("cluster.toml"), gateway_map.to_toml()).unwrap();
@@ -170,6 +188,7 @@ impl Cluster {
             profile_client,
             gateway_config,
             metrics,
+            group,
         };
         (cluster, processes)
     }
@@ -404,6 +423,14 @@ pub fn start_gateway_with(dir: &Path, id: u32, data: &Path, extra: &[&str]) -> D
 }
 
 /// The `msgstore` binary: next to this test's `gateway` binary.
+/// A shard group of three `msgstore` processes, data under `dir/group`.
+async fn start_group(dir: &Path) -> msgstore::raft::testing::Group {
+    let data = dir.join("group");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = "[engine]\nbucket_dirs = 4\nbucket_files = 4\n";
+    msgstore::raft::testing::Group::start(&msgstore_binary(), &data, 3, config).await
+}
+
 pub fn msgstore_binary() -> std::path::PathBuf {
     daemon::testing::workspace_binary(Path::new(env!("CARGO_BIN_EXE_gateway")), "msgstore")
 }
