@@ -15,8 +15,13 @@ pub struct EmbeddedConfig {
     pub data: PathBuf,
     pub presence: SocketAddr,
     pub profile: SocketAddr,
-    /// One shard per address.
+    /// One shard per address (with `replicas` > 1: its first replica's).
     pub shards: Vec<SocketAddr>,
+    /// Replicas per shard: 1 (a shard of its own) or 3, 5, 7 (a
+    /// replicated group). Replica `r` (from 1) of a shard at port `p`
+    /// serves the shard protocol on `p + 10 (r - 1)` and replicates on
+    /// that port + 1000 (any free ports for a shard at port 0).
+    pub replicas: usize,
     /// UDP address of the gateway; `None`: start no gateway (run it as a
     /// process yourself with `cluster_path()`).
     pub gateway: Option<SocketAddr>,
@@ -39,6 +44,7 @@ impl EmbeddedConfig {
             presence: addr(PRESENCE_ADDR_DEFAULT),
             profile: addr(PROFILE_ADDR_DEFAULT),
             shards: SHARD_ADDRS_DEFAULT.iter().map(|s| addr(s)).collect(),
+            replicas: 1,
             gateway: Some(addr(GATEWAY_ADDR_DEFAULT)),
             gateway_peer: addr(GATEWAY_PEER_ADDR_DEFAULT),
             bucket_fanout: 256,
@@ -54,6 +60,7 @@ impl EmbeddedConfig {
             presence: any,
             profile: any,
             shards: vec![any; shards],
+            replicas: 1,
             gateway: None,
             gateway_peer: any,
             bucket_fanout: 4,

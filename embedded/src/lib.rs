@@ -118,12 +118,23 @@ async fn start_all(
     let presence = presence.local_addr();
     let profile = started.profile.insert(parts::profile(config).await?);
     let profile = profile.local_addr();
+    let mut shards = Vec::new();
     for (i, listen) in config.shards.iter().enumerate() {
-        started
-            .shards
-            .push(parts::shard(config, i + 1, *listen).await?);
+        let first = started.shards.len();
+        if config.replicas > 1 {
+            parts::shard_group(config, i + 1, *listen, &mut started.shards).await?;
+        } else {
+            started
+                .shards
+                .push(parts::shard(config, i + 1, *listen).await?);
+        }
+        shards.push(
+            started.shards[first..]
+                .iter()
+                .map(|s| s.local_addr())
+                .collect(),
+        );
     }
-    let shards: Vec<_> = started.shards.iter().map(|s| s.local_addr()).collect();
     let map = map::write_or_keep(config, presence, profile, &shards)?;
     if let Some(listen) = config.gateway {
         started.gateway = Some(parts::gateway(config, listen).await?);

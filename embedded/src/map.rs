@@ -18,7 +18,7 @@ pub(crate) fn write_or_keep(
     config: &EmbeddedConfig,
     presence: SocketAddr,
     profile: SocketAddr,
-    shards: &[SocketAddr],
+    shards: &[Vec<SocketAddr>],
 ) -> Result<ClusterMap, EmbeddedError> {
     // Without a gateway the map names no reachable gateway port; one
     // started as a process reads its own addresses from its flags.
@@ -34,11 +34,14 @@ pub(crate) fn write_or_keep(
         shards: shards
             .iter()
             .enumerate()
-            .map(|(i, addr)| ShardEntry {
+            .map(|(i, addrs)| ShardEntry {
                 id: format!("s{}", i + 1),
-                addr: addr.to_string(),
+                addr: addrs[0].to_string(),
                 weight: 1,
-                replicas: Vec::new(),
+                replicas: match addrs.len() {
+                    1 => Vec::new(),
+                    _ => addrs.iter().map(|a| a.to_string()).collect(),
+                },
             })
             .collect(),
     };

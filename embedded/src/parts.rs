@@ -5,6 +5,7 @@
 
 use crate::{map, Component, EmbeddedConfig, EmbeddedError};
 use gateway::{config::GatewayConfig, daemon::StartError};
+use msgstore::raft::{node::RaftConfig, Replica};
 use std::net::SocketAddr;
 
 pub(crate) fn presence(config: &EmbeddedConfig) -> Result<presence::daemon::Daemon, EmbeddedError> {
@@ -45,15 +46,106 @@ pub(crate) async fn shard(
     n: usize,
     listen: SocketAddr,
 ) -> Result<msgstore::daemon::Daemon, EmbeddedError> {
+    let data = config.data.join(format!("shard{n}"));
+    start_shard(n, shard_config(config, listen, data)).await
+}
+
+/// Shard `n` as a group of `config.replicas` replicas pushed onto
+/// `started` (data in `shardN/rR`), formed into a group on its first
+/// start.
+pub(crate) async fn shard_group(
+    config: &EmbeddedConfig,
+    n: usize,
+    listen: SocketAddr,
+    started: &mut Vec<msgstore::daemon::Daemon>,
+) -> Result<(), EmbeddedError> {
+    let mut members = std::collections::BTreeMap::new();
+    for r in 1..=config.replicas {
+        let (client, raft) = replica_addrs(listen, r)
+            .map_err(|e| EmbeddedError::new(Component::Shard(n), format_args!("{e}")))?;
+        let data = config.data.join(format!("shard{n}/r{r}"));
+        let mut c = shard_config(config, client, data);
+        c.raft = Some(RaftConfig {
+            id: r as u64,
+            listen: raft,
+            ..RaftConfig::default()
+        });
+        let daemon = start_shard(n, c).await?;
+        members.insert(
+            r as u64,
+            Replica {
+                raft_addr: raft.to_string(),
+                client_addr: daemon.local_addr().to_string(),
+            },
+        );
+        started.push(daemon);
+    }
+    form_group(members)
+        .await
+        .map_err(|e| EmbeddedError::new(Component::Shard(n), format_args!("{e}")))
+}
+
+/// Replica `r`'s shard-protocol and replication addresses.
+fn replica_addrs(first: SocketAddr, r: usize) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    if first.port() == 0 {
+        let free = || std::net::TcpListener::bind((first.ip(), 0))?.local_addr();
+        return Ok((free()?, free()?));
+    }
+    let port = |offset: usize| {
+        u16::try_from(usize::from(first.port()) + offset)
+            .map(|p| SocketAddr::new(first.ip(), p))
+            .map_err(|_| std::io::Error::other("replica ports run past 65535"))
+    };
+    Ok((port(10 * (r - 1))?, port(10 * (r - 1) + 1000)?))
+}
+
+/// Form the group unless it was formed on an earlier start.
+async fn form_group(
+    members: std::collections::BTreeMap<u64, Replica>,
+) -> Result<(), msgstore::raft::network::LinkError> {
+    use msgstore::raft::network::{admin, AdminRequest, AdminResponse};
+    let first = members
+        .values()
+        .next()
+        .map(|r| r.raft_addr.clone())
+        .unwrap_or_default();
+    let deadline = std::time::Duration::from_secs(10);
+    if let AdminResponse::Status(s) = admin(&first, AdminRequest::Status, deadline).await? {
+        if !s.voters.is_empty() {
+            return Ok(());
+        }
+    }
+    match admin(&first, AdminRequest::Init { members }, deadline).await? {
+        AdminResponse::Done => Ok(()),
+        other => {
+            tracing::warn!(answer = ?other, "forming the shard group");
+            Ok(())
+        }
+    }
+}
+
+fn shard_config(
+    config: &EmbeddedConfig,
+    listen: SocketAddr,
+    data: std::path::PathBuf,
+) -> msgstore::daemon::DaemonConfig {
     let mut c = msgstore::daemon::DaemonConfig {
         listen,
-        data: Some(config.data.join(format!("shard{n}"))),
+        data: Some(data),
         ..Default::default()
     };
     c.engine.bucket_dirs = config.bucket_fanout;
     c.engine.bucket_files = config.bucket_fanout;
     // The shards share this process's map-count limit.
-    c.engine.open_maps_max = Some(c.engine.shared_open_maps_max(config.shards.len()));
+    let processes = config.shards.len() * config.replicas.max(1);
+    c.engine.open_maps_max = Some(c.engine.shared_open_maps_max(processes));
+    c
+}
+
+async fn start_shard(
+    n: usize,
+    c: msgstore::daemon::DaemonConfig,
+) -> Result<msgstore::daemon::Daemon, EmbeddedError> {
     msgstore::daemon::start(c).await.map_err(|e| match &e {
         msgstore::daemon::DaemonError::Listen { addr, error } => {
             EmbeddedError::listen(Component::Shard(n), *addr, error, &e)

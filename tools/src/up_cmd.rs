@@ -41,6 +41,11 @@ pub struct UpArgs {
         default_values = embedded::SHARD_ADDRS_DEFAULT
     )]
     shards: Vec<SocketAddr>,
+    /// Run every shard as a replicated group of this many replicas (1, 3,
+    /// 5 or 7), all in this process: replica R of the shard at port P
+    /// serves on P + 10(R-1) and replicates on that port + 1000.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = replicas)]
+    replicas: usize,
     /// HTTP address serving the Prometheus metrics of every component at
     /// /metrics.
     #[arg(long, value_name = "ADDR", default_value = METRICS_ADDR_DEFAULT)]
@@ -66,6 +71,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         presence: args.presence,
         profile: args.profile,
         shards: args.shards.clone(),
+        replicas: args.replicas,
         gateway: Some(args.gateway),
         gateway_peer: args.gateway_peer,
         ..EmbeddedConfig::standard(args.data.clone())
@@ -100,6 +106,13 @@ fn explain(e: EmbeddedError) -> anyhow::Error {
     match e.addr_in_use {
         Some(addr) => in_use(addr, &e.component.to_string(), flag),
         None => e.into(),
+    }
+}
+
+fn replicas(text: &str) -> Result<usize, String> {
+    match text.parse() {
+        Ok(n @ (1 | 3 | 5 | 7)) => Ok(n),
+        _ => Err("a shard has 1, 3, 5 or 7 replicas".into()),
     }
 }
 
