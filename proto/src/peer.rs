@@ -164,9 +164,10 @@ mod tests {
                 }],
             }),
         };
-        let mut want = vec![20, 0, 0, 0, 2, 1, 6, 1, b'p', 1, b'q'];
+        let mut want = vec![21, 0, 0, 0, 2, 1, 6, 1, b'p', 1, b'q'];
         want.extend([1, 1, 1, b'u', 1, b'v']);
-        want.extend([1, 2, b's', b'1', 1, b'a', 1]);
+        // A shard: id, addr, weight, replicas (none).
+        want.extend([1, 2, b's', b'1', 1, b'a', 1, 0]);
         assert_eq!(round_trip(&update), want);
     }
 
