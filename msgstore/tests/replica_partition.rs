@@ -30,9 +30,7 @@
 
 use msgstore::{
     client::{ClientError, ShardClient},
-    raft::testing::{
-        engine_config, engine_dir, offline_view, Group, GroupClient, Model, Outcome, CONFIG,
-    },
+    raft::testing::{Group, Load, CONFIG},
 };
 use proto::shard::ShardErrorCode;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -41,10 +39,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::{Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -375,70 +370,6 @@ fn seed() -> u64 {
 }
 
 /// Appends acknowledged per replica (by the one the client talked to).
-type Served = Arc<Vec<AtomicU64>>;
-
-async fn appender(
-    addrs: Vec<SocketAddr>,
-    model: Arc<Mutex<Model>>,
-    served: Served,
-    stop: Arc<AtomicBool>,
-    mut rng: StdRng,
-) {
-    let mut client = GroupClient::new(addrs.clone());
-    while !stop.load(Ordering::Relaxed) {
-        let user = rng.gen_range(1..=USERS);
-        let msg_id: u128 = rng.gen();
-        let payload = msg_id.to_le_bytes().to_vec();
-        let outcome = client
-            .call(false, |c| {
-                let payload = payload.clone();
-                async move { c.append(user, msg_id, payload).await }
-            })
-            .await;
-        let mut m = model.lock().unwrap();
-        match outcome {
-            Outcome::Done(seq) => {
-                m.acked.entry(user).or_default().insert(msg_id, seq);
-                let at = addrs.iter().position(|a| *a == client.current());
-                served[at.expect("a group address")].fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Unknown => m.maybe.entry(user).or_default().push(msg_id),
-            Outcome::Refused(code) => panic!("append refused: {code:?}"),
-        }
-    }
-}
-
-/// Fetch a user's records and ack up to the one before the newest.
-async fn acker(
-    addrs: Vec<SocketAddr>,
-    model: Arc<Mutex<Model>>,
-    stop: Arc<AtomicBool>,
-    mut rng: StdRng,
-) {
-    let mut client = GroupClient::new(addrs);
-    while !stop.load(Ordering::Relaxed) {
-        let user = rng.gen_range(1..=USERS);
-        let acked_before = model.lock().unwrap().acked_up_to.get(&user).copied();
-        let records = client.fetch_all(user).await;
-        if let Err(e) = Model::check_live(user, &records, acked_before.unwrap_or(0)) {
-            panic!("{e} (served by {})", client.current());
-        }
-        if records.len() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        let up_to = records[records.len() - 2].seq;
-        let outcome = client
-            .call(true, |c| async move { c.ack(user, up_to).await })
-            .await;
-        if let Outcome::Done(_) = outcome {
-            let mut m = model.lock().unwrap();
-            let at = m.acked_up_to.entry(user).or_default();
-            *at = (*at).max(up_to);
-        }
-    }
-}
-
 /// Send one append straight to the isolated leader: it must not be
 /// acknowledged. Returns the append (user, msg_id) for the model's maybe
 /// list (an unanswered write may be committed later).
@@ -463,7 +394,7 @@ async fn probe_isolated(addr: SocketAddr, user: u64, msg_id: u128) -> (u64, u128
     (user, msg_id)
 }
 
-fn served_by(served: &Served, replicas: impl Iterator<Item = usize>) -> u64 {
+fn served_by(served: &[AtomicU64], replicas: impl Iterator<Item = usize>) -> u64 {
     replicas.map(|i| served[i].load(Ordering::Relaxed)).sum()
 }
 
@@ -504,28 +435,16 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
     let mut group = Group::start_with(bin, &dir, CONFIG, places).await;
     let addrs = group.client_addrs();
 
-    let model = Arc::new(Mutex::new(Model::default()));
-    let served: Served = Arc::new((0..REPLICAS).map(|_| AtomicU64::new(0)).collect());
-    let stop = Arc::new(AtomicBool::new(false));
+    let load = Load::new(addrs.clone(), USERS);
+    let served = load.served.clone();
     let mut tasks = Vec::new();
     for i in 0..3 {
         let r = StdRng::seed_from_u64(seed ^ (i + 1));
-        let task = appender(
-            addrs.clone(),
-            model.clone(),
-            served.clone(),
-            stop.clone(),
-            r,
-        );
-        tasks.push(tokio::spawn(task));
+        tasks.push(tokio::spawn(load.clone().append(r)));
     }
-    let r = StdRng::seed_from_u64(seed ^ 99);
-    tasks.push(tokio::spawn(acker(
-        addrs.clone(),
-        model.clone(),
-        stop.clone(),
-        r,
-    )));
+    tasks.push(tokio::spawn(
+        load.clone().ack(StdRng::seed_from_u64(seed ^ 99)),
+    ));
 
     for round in 0..ROUNDS {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1000))).await;
@@ -571,7 +490,7 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
             group.wait_for_leader(ELECTION_LIMIT).await;
         }
         let (user, msg_id) = probe.await.expect("the probe panicked");
-        model
+        load.model
             .lock()
             .unwrap()
             .maybe
@@ -595,7 +514,7 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
             healed_at.elapsed()
         );
     }
-    stop.store(true, Ordering::Relaxed);
+    load.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.expect("a client task panicked");
     }
@@ -606,34 +525,11 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
         converge_at.elapsed()
     );
 
-    let m = std::mem::take(&mut *model.lock().unwrap());
+    let m = std::mem::take(&mut *load.model.lock().unwrap());
     let acked: usize = m.acked.values().map(|v| v.len()).sum();
     let unknown: usize = m.maybe.values().map(|v| v.len()).sum();
     assert!(acked > 50, "too few appends were acknowledged: {acked}");
-    let mut client = GroupClient::new(addrs);
-    let mut leader_view = Vec::new();
-    for user in 1..=USERS {
-        let records = client.fetch_all(user).await;
-        m.check_user(user, &records).unwrap();
-        leader_view.push(records);
-    }
-    // Every replica's own state, read offline after a clean stop.
-    for r in &mut group.replicas {
-        assert!(r.terminate(), "replica {} did not stop cleanly", r.id);
-    }
-    let mut views = Vec::new();
-    for r in &group.replicas {
-        let dir = engine_dir(&r.data);
-        let view = move || offline_view(&dir, engine_config(CONFIG), 1..=USERS);
-        views.push(tokio::task::spawn_blocking(view).await.unwrap());
-    }
-    for (i, v) in views.iter().enumerate() {
-        assert!(
-            v == &leader_view,
-            "replica {} differs from what the leader served",
-            i + 1
-        );
-    }
+    group.check_against(&m, USERS, CONFIG).await;
     let served: Vec<u64> = served.iter().map(|s| s.load(Ordering::Relaxed)).collect();
     eprintln!(
         "acknowledged appends: {acked} (per replica {served:?}), unknown outcomes: {unknown}"

@@ -250,6 +250,39 @@ impl Group {
     }
 }
 
+impl Group {
+    /// The end of a fault test, with every write answered: each of users
+    /// `1..=users` as the leader serves it passes `model`'s checks; then
+    /// every replica stops cleanly and its own engine (read offline, with
+    /// the settings of `config_text`) holds exactly what the leader served.
+    pub async fn check_against(&mut self, model: &Model, users: u64, config_text: &str) {
+        let mut client = GroupClient::new(self.client_addrs());
+        let mut served = Vec::new();
+        for user in 1..=users {
+            let records = client.fetch_all(user).await;
+            if let Err(e) = model.check_user(user, &records) {
+                panic!("{e}");
+            }
+            served.push(records);
+        }
+        for r in &mut self.replicas {
+            assert!(r.terminate(), "replica {} did not stop cleanly", r.id);
+        }
+        for r in &self.replicas {
+            let (dir, config) = (engine_dir(&r.data), engine_config(config_text));
+            let view = move || offline_view(&dir, config, 1..=users);
+            let view = tokio::task::spawn_blocking(view)
+                .await
+                .expect("read offline");
+            assert!(
+                view == served,
+                "replica {} differs from what the leader served",
+                r.id
+            );
+        }
+    }
+}
+
 /// Talks to whichever replica leads, following `NotLeader` and trying the
 /// next replica when one cannot be reached.
 pub struct GroupClient {
@@ -436,6 +469,97 @@ impl Model {
             }
         }
         Ok(())
+    }
+}
+
+/// Load on a group for the fault tests: appenders and an acker recording
+/// every answer in a shared [`Model`], until `stop`.
+#[derive(Clone)]
+pub struct Load {
+    pub addrs: Vec<SocketAddr>,
+    pub model: std::sync::Arc<std::sync::Mutex<Model>>,
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Per replica (in `addrs` order): appends it acknowledged.
+    pub served: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>,
+    /// Users 1..=users are written to.
+    pub users: u64,
+}
+
+impl Load {
+    pub fn new(addrs: Vec<SocketAddr>, users: u64) -> Load {
+        let served = addrs.iter().map(|_| Default::default()).collect();
+        Load {
+            addrs,
+            model: Default::default(),
+            stop: Default::default(),
+            served: std::sync::Arc::new(served),
+            users,
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn model(&self) -> std::sync::MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Append to random users until stopped; panics on a refusal.
+    pub async fn append(self, mut rng: rand::rngs::StdRng) {
+        use rand::Rng;
+        let mut client = GroupClient::new(self.addrs.clone());
+        while !self.stopped() {
+            let user = rng.gen_range(1..=self.users);
+            let msg_id: u128 = rng.gen();
+            let payload = msg_id.to_le_bytes().to_vec();
+            let outcome = client
+                .call(false, |c| {
+                    let payload = payload.clone();
+                    async move { c.append(user, msg_id, payload).await }
+                })
+                .await;
+            let mut m = self.model();
+            match outcome {
+                Outcome::Done(seq) => {
+                    m.acked.entry(user).or_default().insert(msg_id, seq);
+                    if let Some(i) = self.addrs.iter().position(|a| *a == client.current()) {
+                        self.served[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Outcome::Unknown => m.maybe.entry(user).or_default().push(msg_id),
+                Outcome::Refused(code) => panic!("append refused: {code:?}"),
+            }
+        }
+    }
+
+    /// Fetch random users' records (checking what a fetch can promise
+    /// while writes run) and ack up to the one before the newest, until
+    /// stopped.
+    pub async fn ack(self, mut rng: rand::rngs::StdRng) {
+        use rand::Rng;
+        let mut client = GroupClient::new(self.addrs.clone());
+        while !self.stopped() {
+            let user = rng.gen_range(1..=self.users);
+            let acked_before = self.model().acked_up_to.get(&user).copied();
+            let records = client.fetch_all(user).await;
+            if let Err(e) = Model::check_live(user, &records, acked_before.unwrap_or(0)) {
+                panic!("{e} (served by {})", client.current());
+            }
+            if records.len() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let up_to = records[records.len() - 2].seq;
+            let outcome = client
+                .call(true, |c| async move { c.ack(user, up_to).await })
+                .await;
+            if let Outcome::Done(_) = outcome {
+                let mut m = self.model();
+                let at = m.acked_up_to.entry(user).or_default();
+                *at = (*at).max(up_to);
+            }
+        }
     }
 }
 
