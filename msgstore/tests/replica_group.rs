@@ -20,6 +20,20 @@ fn seed() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_three_keeps_every_acknowledged_write_through_kills() {
+    kill_rounds(20).await;
+}
+
+/// The same for longer: `cargo test --release -p msgstore --test
+/// replica_group -- --ignored` (GROUP_ROUNDS overrides the 200 rounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak: about 3 minutes"]
+async fn soak_a_group_of_three_through_many_kills() {
+    kill_rounds(200).await;
+}
+
+/// SIGKILL a random replica (the leader half the time) `rounds` times
+/// (or GROUP_ROUNDS) under load, restarting it each time; then check.
+async fn kill_rounds(rounds: usize) {
     let seed = seed();
     eprintln!("GROUP_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -40,7 +54,7 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_kills() {
     let rounds = std::env::var("GROUP_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(rounds);
     for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..600))).await;
         let leader = group.wait_for_leader(Duration::from_secs(10)).await;
