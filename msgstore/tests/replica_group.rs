@@ -5,18 +5,11 @@
 //! seqs are gap-free, no acknowledged ack is undone, and every replica
 //! holds the same mailboxes.
 
-use msgstore::raft::testing::{Group, GroupClient, Load, Outcome, CONFIG};
+use msgstore::raft::testing::{seed_from_env, Group, GroupClient, Load, Outcome, CONFIG};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::{sync::atomic::Ordering, time::Duration};
 
 const USERS: u64 = 40;
-
-fn seed() -> u64 {
-    std::env::var("GROUP_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_three_keeps_every_acknowledged_write_through_kills() {
@@ -34,8 +27,7 @@ async fn soak_a_group_of_three_through_many_kills() {
 /// SIGKILL a random replica (the leader half the time) `rounds` times
 /// (or GROUP_ROUNDS) under load, restarting it each time; then check.
 async fn kill_rounds(rounds: usize) {
-    let seed = seed();
-    eprintln!("GROUP_SEED={seed}");
+    let seed = seed_from_env();
     let mut rng = StdRng::seed_from_u64(seed);
     // Kept on failure (the replicas' logs are in it), removed on success.
     let dir = tempfile::tempdir().unwrap().keep();
@@ -43,14 +35,7 @@ async fn kill_rounds(rounds: usize) {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
     let mut group = Group::start(bin, &dir, 3, CONFIG).await;
     let load = Load::new(group.client_addrs(), USERS);
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let r = StdRng::seed_from_u64(seed ^ (i + 1));
-        tasks.push(tokio::spawn(load.clone().append(r)));
-    }
-    tasks.push(tokio::spawn(
-        load.clone().ack(StdRng::seed_from_u64(seed ^ 99)),
-    ));
+    let tasks = load.start(seed);
     let rounds = std::env::var("GROUP_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

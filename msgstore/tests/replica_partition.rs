@@ -30,7 +30,7 @@
 
 use msgstore::{
     client::{ClientError, ShardClient},
-    raft::testing::{Group, Load, CONFIG},
+    raft::testing::{seed_from_env, Group, Load, CONFIG},
 };
 use proto::shard::ShardErrorCode;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -362,13 +362,6 @@ fn free_subnet(pid: u32) -> Result<u8, String> {
         .ok_or_else(|| "no free 10.77.x.0/24 subnet".into())
 }
 
-fn seed() -> u64 {
-    std::env::var("GROUP_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
-}
-
 /// Appends acknowledged per replica (by the one the client talked to).
 /// Send one append straight to the isolated leader: it must not be
 /// acknowledged. Returns the append (user, msg_id) for the model's maybe
@@ -414,8 +407,7 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
         "network 10.77.{}.0/24, namespaces {:?}, partitions by {:?}",
         net.subnet, net.namespaces, net.cut
     );
-    let seed = seed();
-    eprintln!("GROUP_SEED={seed}");
+    let seed = seed_from_env();
     let mut rng = StdRng::seed_from_u64(seed);
     // Kept on failure (the replicas' logs are in it), removed on success.
     let dir = tempfile::tempdir().unwrap().keep();
@@ -437,14 +429,7 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
 
     let load = Load::new(addrs.clone(), USERS);
     let served = load.served.clone();
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let r = StdRng::seed_from_u64(seed ^ (i + 1));
-        tasks.push(tokio::spawn(load.clone().append(r)));
-    }
-    tasks.push(tokio::spawn(
-        load.clone().ack(StdRng::seed_from_u64(seed ^ 99)),
-    ));
+    let tasks = load.start(seed);
 
     for round in 0..ROUNDS {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1000))).await;

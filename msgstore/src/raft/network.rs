@@ -376,3 +376,32 @@ pub async fn admin(
         _ => Err(LinkError::Unexpected { addr: addr.into() }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a stranger sends to the replication port, decoding a
+        /// request or an answer from it returns an error or a value; it
+        /// never panics.
+        #[test]
+        fn peer_frames_from_arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512)
+        ) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = frame::decode::<PeerRequest>(&mut buf, PEER_FRAME_BODY_BYTES_MAX);
+            let _ = frame::decode_body::<PeerRequest>(&bytes);
+            let _ = frame::decode_body::<PeerResponse>(&bytes);
+            let _ = frame::decode_body::<AdminRequest>(&bytes);
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_its_body_arrives() {
+        let mut buf = BytesMut::from(&(u32::MAX).to_le_bytes()[..]);
+        let refused = frame::decode::<PeerRequest>(&mut buf, PEER_FRAME_BODY_BYTES_MAX);
+        assert!(refused.is_err());
+    }
+}

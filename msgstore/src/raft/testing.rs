@@ -497,6 +497,17 @@ impl Load {
         }
     }
 
+    /// Start three appenders and an acker, seeded from `seed`.
+    pub fn start(&self, seed: u64) -> Vec<tokio::task::JoinHandle<()>> {
+        use rand::SeedableRng;
+        let rng = |salt: u64| rand::rngs::StdRng::seed_from_u64(seed ^ salt);
+        let mut tasks: Vec<_> = (1..=3)
+            .map(|i| tokio::spawn(self.clone().append(rng(i))))
+            .collect();
+        tasks.push(tokio::spawn(self.clone().ack(rng(99))));
+        tasks
+    }
+
     fn stopped(&self) -> bool {
         self.stop.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -561,6 +572,17 @@ impl Load {
             }
         }
     }
+}
+
+/// The fault tests' seed: `GROUP_SEED` if set (to replay a failure), else
+/// a random one; printed either way.
+pub fn seed_from_env() -> u64 {
+    let seed = std::env::var("GROUP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("GROUP_SEED={seed}");
+    seed
 }
 
 /// The engine settings of a daemon config file's text.
