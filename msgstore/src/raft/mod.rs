@@ -14,6 +14,7 @@
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod proposer;
 pub mod service;
 pub mod state_machine;
 pub mod testing;
@@ -31,10 +32,14 @@ pub type ReplicaId = u64;
 /// The write requests of one Raft entry, applied in order to the engine of
 /// every replica, with the leader's wall clock when it proposed them (so an
 /// append's timestamp and a freeze's deadline are the same everywhere).
+///
+/// The requests are shared: openraft clones an entry for every follower
+/// it sends it to and for the state machine, and a shared list makes those
+/// clones free (it is encoded exactly as the list itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub now_ms: u64,
-    pub requests: Vec<RequestBody>,
+    pub requests: std::sync::Arc<Vec<RequestBody>>,
 }
 
 /// The answers to a [`Batch`]'s requests, in order.

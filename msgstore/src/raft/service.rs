@@ -4,14 +4,16 @@
 //! it, as one *chunk*, to a task that answers it; the connection's writer
 //! sends the chunks' answers in the order the chunks were read. Within a
 //! chunk:
-//! * the writes (append, ack, routing, freeze, import, release) become one
-//!   Raft entry (a [`Batch`], split only past [`BATCH_BYTES_MAX`]) and are
-//!   answered with what applying it gave, once it is committed on a
-//!   majority and applied here;
-//! * the reads (fetch, mailbox stats, routing, user lists) are answered
-//!   from the engine after a read index (`ensure_linearizable`: the leader
-//!   confirms it still leads and has applied everything committed when the
-//!   read arrived), so no read shows a state older than an answer given;
+//! * the writes (append, ack, routing, freeze, import, release) are queued,
+//!   in the order read, for the [proposer](super::proposer), which packs
+//!   the writes of every connection into Raft entries; each is answered
+//!   with what applying it gave, once committed on a majority and applied
+//!   here;
+//! * the reads (fetch, mailbox stats, routing, user lists) wait for the
+//!   connection's earlier writes, then are answered from the engine after
+//!   a read index (`ensure_linearizable`: the leader confirms it still
+//!   leads and has applied everything committed when the read arrived),
+//!   so no read shows a state older than an answer given;
 //! * `Ping` and `Stats` are answered by any replica from its own state.
 //!
 //! A replica that does not lead answers writes and reads with
@@ -22,10 +24,10 @@
 //! reader waits), the server's frame limit per request (a bad frame closes
 //! the connection), `connections_max` connections.
 
-use super::{node::Node, Batch, BATCH_BYTES_MAX};
+use super::{node::Node, proposer::answers_of};
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use proto::{
     frame::{self, Decoded},
     shard::{Request, RequestBody, Response, ResponseBody, ShardError, ShardErrorCode},
@@ -34,7 +36,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::mpsc,
+    sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
 
@@ -83,6 +85,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
     });
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let frame_max = node.frame_body_bytes_max();
+    let mut last_writes = None;
     loop {
         let mut requests = Vec::new();
         let bad = loop {
@@ -97,7 +100,9 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
             }
         };
         if !requests.is_empty() {
-            let answer = tokio::spawn(answer_chunk(node.clone(), requests));
+            // Queued here, in the order read; answered on a task.
+            let chunk = Chunk::queue(&node, requests, &mut last_writes).await;
+            let answer = tokio::spawn(chunk.answer(node.clone()));
             if tx.send(answer).await.is_err() {
                 break;
             }
@@ -118,26 +123,101 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
     let _ = writer.await;
 }
 
-/// Answer one chunk's requests, encoded as response frames in order.
-async fn answer_chunk(node: Arc<Node>, requests: Vec<Request>) -> Vec<u8> {
-    let mut answers: Vec<Option<ResponseBody>> = vec![None; requests.len()];
-    let mut writes = Vec::new();
-    let mut reads = Vec::new();
-    let mut ids = Vec::with_capacity(requests.len());
-    for (i, r) in requests.into_iter().enumerate() {
-        ids.push(r.id);
-        match kind(&r.body) {
-            Kind::Write => writes.push((i, r.body)),
-            Kind::Read => reads.push((i, r.body)),
-            Kind::Local => answers[i] = Some(node.answer_locally(r.body)),
+/// The requests of one read: local ones answered, writes queued for the
+/// proposer, reads waiting for the writes before them.
+struct Chunk {
+    ids: Vec<u64>,
+    answers: Vec<Option<ResponseBody>>,
+    /// Where the writes' answers go, and where they come from.
+    write_slots: Vec<usize>,
+    writes: Vec<oneshot::Receiver<Vec<ResponseBody>>>,
+    /// Told once this chunk's writes are answered.
+    writes_done: Option<watch::Sender<bool>>,
+    reads: Vec<(usize, RequestBody)>,
+    /// The connection's writes before this chunk, answered.
+    earlier_writes: Option<watch::Receiver<bool>>,
+}
+
+impl Chunk {
+    /// Sort the requests, answer the local ones, queue the writes.
+    /// `last_writes` is the connection's latest queued writes' signal.
+    async fn queue(
+        node: &Node,
+        requests: Vec<Request>,
+        last_writes: &mut Option<watch::Receiver<bool>>,
+    ) -> Chunk {
+        let mut chunk = Chunk {
+            ids: Vec::with_capacity(requests.len()),
+            answers: vec![None; requests.len()],
+            write_slots: Vec::new(),
+            writes: Vec::new(),
+            writes_done: None,
+            reads: Vec::new(),
+            earlier_writes: last_writes.clone(),
+        };
+        let mut writes = Vec::new();
+        for (i, r) in requests.into_iter().enumerate() {
+            chunk.ids.push(r.id);
+            match kind(&r.body) {
+                Kind::Write => {
+                    chunk.write_slots.push(i);
+                    writes.push(r.body);
+                }
+                Kind::Read => chunk.reads.push((i, r.body)),
+                Kind::Local => chunk.answers[i] = Some(node.answer_locally(r.body)),
+            }
         }
+        if writes.is_empty() {
+            return chunk;
+        }
+        if node.overloaded() {
+            // Checkpoints keep failing (a full disk?): what is not
+            // checkpointed lives in memory, so no more is taken until they
+            // succeed again.
+            let refusal = error(
+                ShardErrorCode::Unavailable,
+                "the shard's checkpoints are failing (disk full?); nothing stored".into(),
+            );
+            metrics::counter!("msgstore_raft_proposals_refused_total").increment(1);
+            for &i in &chunk.write_slots {
+                chunk.answers[i] = Some(refusal.clone());
+            }
+            chunk.write_slots.clear();
+            return chunk;
+        }
+        chunk.writes = node.proposer.queue(writes).await;
+        let (done, signal) = watch::channel(false);
+        chunk.writes_done = Some(done);
+        *last_writes = Some(signal);
+        chunk
     }
-    for (i, body) in write_all(&node, writes).await {
-        answers[i] = Some(body);
+
+    /// Wait for the writes, then answer the reads; the response frames in
+    /// the order of the requests.
+    async fn answer(mut self, node: Arc<Node>) -> Vec<u8> {
+        let count = self.write_slots.len();
+        let bodies = answers_of(std::mem::take(&mut self.writes), count).await;
+        for (&i, body) in self.write_slots.iter().zip(bodies) {
+            self.answers[i] = Some(body);
+        }
+        if let Some(done) = self.writes_done.take() {
+            let _ = done.send(true);
+        }
+        if !self.reads.is_empty() {
+            if let Some(mut earlier) = self.earlier_writes.take() {
+                // Gone only if that chunk's task is: nothing to wait for.
+                let _ = earlier.wait_for(|answered| *answered).await;
+            }
+            for (i, body) in read_all(&node, std::mem::take(&mut self.reads)).await {
+                self.answers[i] = Some(body);
+            }
+        }
+        encode_answers(self.ids, self.answers)
     }
-    for (i, body) in read_all(&node, reads).await {
-        answers[i] = Some(body);
-    }
+}
+
+/// The response frames, in order.
+fn encode_answers(ids: Vec<u64>, answers: Vec<Option<ResponseBody>>) -> Vec<u8> {
     let mut out = Vec::new();
     for (id, body) in ids.into_iter().zip(answers) {
         let body = body.expect("every request is answered");
@@ -152,79 +232,6 @@ async fn answer_chunk(node: Arc<Node>, requests: Vec<Request>) -> Vec<u8> {
         }
     }
     out
-}
-
-/// Propose the writes (in batches of at most [`BATCH_BYTES_MAX`]) and
-/// answer each with its outcome.
-async fn write_all(node: &Node, writes: Vec<(usize, RequestBody)>) -> Vec<(usize, ResponseBody)> {
-    let mut out = Vec::with_capacity(writes.len());
-    if writes.is_empty() {
-        return out;
-    }
-    if node.overloaded() {
-        // Checkpoints keep failing (a full disk?): what is not checkpointed
-        // lives in memory, so no more is taken until they succeed again.
-        let refusal = error(
-            ShardErrorCode::Unavailable,
-            "the shard's checkpoints are failing (disk full?); nothing stored".into(),
-        );
-        metrics::counter!("msgstore_raft_proposals_refused_total").increment(1);
-        return writes
-            .into_iter()
-            .map(|(i, _)| (i, refusal.clone()))
-            .collect();
-    }
-    for group in split_by_bytes(writes) {
-        let (slots, requests): (Vec<usize>, Vec<RequestBody>) = group.into_iter().unzip();
-        let batch = Batch {
-            now_ms: now_ms(),
-            requests,
-        };
-        let n = slots.len();
-        let write = tokio::time::timeout(node.write_timeout(), node.raft.client_write(batch));
-        let bodies = match write.await {
-            Ok(Ok(resp)) if resp.data.0.len() == n => resp.data.0,
-            Ok(Ok(resp)) => vec![
-                error(
-                    ShardErrorCode::Storage,
-                    format!("{} outcomes for {n} requests", resp.data.0.len())
-                );
-                n
-            ],
-            Ok(Err(e)) => vec![write_refusal(&e); n],
-            Err(_) => vec![unavailable(node.write_timeout()); n],
-        };
-        metrics::counter!("msgstore_raft_proposals_total").increment(1);
-        out.extend(slots.into_iter().zip(bodies));
-    }
-    out
-}
-
-/// Split writes so that no batch carries much more than
-/// [`BATCH_BYTES_MAX`] of payload.
-fn split_by_bytes(writes: Vec<(usize, RequestBody)>) -> Vec<Vec<(usize, RequestBody)>> {
-    let mut groups = vec![Vec::new()];
-    let mut bytes = 0usize;
-    for (i, body) in writes {
-        let size = payload_bytes(&body);
-        if bytes > 0 && bytes + size > BATCH_BYTES_MAX {
-            groups.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += size;
-        groups.last_mut().expect("one group").push((i, body));
-    }
-    groups.retain(|g| !g.is_empty());
-    groups
-}
-
-fn payload_bytes(body: &RequestBody) -> usize {
-    match body {
-        RequestBody::Append { payload, .. } => payload.len() + 64,
-        RequestBody::AppendBatch { items } => items.iter().map(|i| i.payload.len() + 64).sum(),
-        RequestBody::Import { records, .. } => records.iter().map(|r| r.payload.len() + 64).sum(),
-        _ => 64,
-    }
 }
 
 /// Answer the reads after one read index for all of them.
@@ -255,13 +262,6 @@ async fn read_all(node: &Node, reads: Vec<(usize, RequestBody)>) -> Vec<(usize, 
         .collect()
 }
 
-fn write_refusal(e: &RaftError<u64, ClientWriteError<u64, super::Replica>>) -> ResponseBody {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f),
-        other => error(ShardErrorCode::Unavailable, other.to_string()),
-    }
-}
-
 fn read_refusal(e: &RaftError<u64, CheckIsLeaderError<u64, super::Replica>>) -> ResponseBody {
     match e {
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => not_leader(f),
@@ -269,7 +269,7 @@ fn read_refusal(e: &RaftError<u64, CheckIsLeaderError<u64, super::Replica>>) -> 
     }
 }
 
-fn not_leader(f: &ForwardToLeader<u64, super::Replica>) -> ResponseBody {
+pub(crate) fn not_leader(f: &ForwardToLeader<u64, super::Replica>) -> ResponseBody {
     metrics::counter!("msgstore_raft_not_leader_answers_total").increment(1);
     error(
         ShardErrorCode::NotLeader {
@@ -282,7 +282,7 @@ fn not_leader(f: &ForwardToLeader<u64, super::Replica>) -> ResponseBody {
     )
 }
 
-fn unavailable(waited: Duration) -> ResponseBody {
+pub(crate) fn unavailable(waited: Duration) -> ResponseBody {
     error(
         ShardErrorCode::Unavailable,
         format!(
@@ -294,10 +294,4 @@ fn unavailable(waited: Duration) -> ResponseBody {
 
 pub(crate) fn error(code: ShardErrorCode, message: String) -> ResponseBody {
     ResponseBody::Error(ShardError { code, message })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -142,28 +142,44 @@ where
         Ok(())
     }
 
-    /// Save the committed id durably (after every write queued before it).
+    /// Save the committed id as a hint: queued after every write queued
+    /// before it, written unsynced, and not waited for. openraft awaits
+    /// this inside its core loop on every commit; waiting here for the
+    /// writer (busy with the next group's fsync) stalled the whole
+    /// pipeline once per commit. A committed id lost or torn in a crash
+    /// only means the leader commits those entries again; one above the
+    /// log's end is lowered at open.
     pub async fn write_committed(
         &mut self,
         committed: Option<LogId<NodeIdOf<C>>>,
     ) -> Result<(), LogStoreError> {
-        self.save_meta("committed", &committed).await?;
+        let _unawaited = self.queue_meta("committed", &committed).await?;
         self.shared.lock().committed = committed;
         Ok(())
     }
 
+    /// Queue `value` to replace the file `name` and wait until it has.
     async fn save_meta<T: Serialize>(
         &mut self,
         name: &'static str,
         value: &T,
     ) -> Result<(), LogStoreError> {
+        wait(self.queue_meta(name, value).await?).await
+    }
+
+    /// Queue `value` to replace the file `name`; the writer's answer.
+    async fn queue_meta<T: Serialize>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<oneshot::Receiver<io::Result<()>>, LogStoreError> {
         self.writable()?;
         let bytes =
             encode_meta(value).map_err(|source| LogStoreError::Encode { index: 0, source })?;
         let permit = self.permit().await?;
         let (reply, rx) = oneshot::channel();
         self.send(Op::SaveMeta(name, bytes, reply), permit)?;
-        wait(rx).await
+        Ok(rx)
     }
 
     /// The saved vote.
