@@ -8,6 +8,7 @@ use super::{
         read_frame_or_end, AdminRequest, AdminResponse, GroupStatus, Network, PeerRequest,
         PeerResponse, PEER_FRAME_BODY_BYTES_MAX,
     },
+    proposer::Proposer,
     service,
     state_machine::{Shared, StateMachine},
     Replica, ReplicaId, TypeConfig,
@@ -45,7 +46,11 @@ pub struct RaftConfig {
     /// How often the leader sends heartbeats.
     pub heartbeat_ms: u64,
     /// A follower that hears no leader for a random time between these
-    /// two starts an election.
+    /// two starts an election. openraft 0.9 draws the time once per
+    /// process and adds a lease of the maximum after a leader was heard,
+    /// and twice the maximum for a candidate whose log is behind another's
+    /// (its vote refused): a failover takes about max + [min, max], plus
+    /// 2 x max for each such round.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// A snapshot (a checkpoint exported) is built after this many log
@@ -66,9 +71,9 @@ impl Default for RaftConfig {
         Self {
             id: 1,
             listen: "127.0.0.1:7500".parse().expect("valid address"),
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_every_entries: 50_000,
             log_kept_after_snapshot_entries: 1_000,
             write_timeout_ms: 2_000,
@@ -120,6 +125,8 @@ impl RaftConfig {
 /// A running replica, shared by its tasks.
 pub struct Node {
     pub raft: Raft<TypeConfig>,
+    /// Packs the connections' writes into entries (leader only).
+    pub(crate) proposer: Proposer,
     pub shared: Arc<Shared>,
     pub id: ReplicaId,
     config: RaftConfig,
@@ -145,10 +152,7 @@ impl Node {
     /// The engine holds more than `wal_bytes_max` not yet checkpointed:
     /// the leader proposes no more writes until checkpoints catch up.
     pub(crate) fn overloaded(&self) -> bool {
-        self.shared
-            .engine()
-            .as_ref()
-            .is_some_and(|e| e.over_wal_bytes_max())
+        self.shared.overloaded()
     }
 
     /// `Ping` and `Stats`: this replica's own state (`Stats` with its role
@@ -332,8 +336,10 @@ async fn start(
     let handle = Raft::new(raft.id, openraft_config, Network, log, sm)
         .await
         .map_err(|e| Error::Storage(format!("raft did not start: {e}")))?;
+    let proposer = Proposer::start(handle.clone(), Duration::from_millis(raft.write_timeout_ms));
     let node = Arc::new(Node {
         raft: handle,
+        proposer,
         shared,
         id: raft.id,
         config: raft,
@@ -392,6 +398,7 @@ fn tick_engine(shared: &Shared, stop: &watch::Receiver<bool>) {
         let wake = match shared.engine().as_mut() {
             Some(engine) => {
                 engine.tick();
+                shared.note_load(engine);
                 engine.next_wakeup()
             }
             None => Duration::from_millis(10),
