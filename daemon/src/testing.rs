@@ -144,3 +144,19 @@ pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
+
+/// Copy the directory tree `from` to `to`, leaving out files named `skip`:
+/// a data directory as a crash would leave it, taken from a process still
+/// running (which keeps its lock on `from`).
+pub fn copy_dir_except(from: &std::path::Path, to: &std::path::Path, skip: &str) {
+    std::fs::create_dir_all(to).expect("create the copy's directory");
+    for entry in std::fs::read_dir(from).expect("read the directory") {
+        let entry = entry.expect("a directory entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("its type").is_dir() {
+            copy_dir_except(&entry.path(), &target, skip);
+        } else if entry.file_name() != skip {
+            std::fs::copy(entry.path(), target).expect("copy a file");
+        }
+    }
+}

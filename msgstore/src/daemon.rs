@@ -322,6 +322,17 @@ pub fn repair_log(dir: &Path, config: EngineConfig) -> Result<crate::error::Repa
     Ok(report)
 }
 
+/// `msgstore --repair` and `imctl shard repair --data DIR`: repair the
+/// log of the standalone shard `config` describes (see [`repair_log`]);
+/// the lines saying exactly what was dropped.
+pub fn repair_shard(config: DaemonConfig) -> Result<Vec<String>, Error> {
+    let dir = config
+        .data
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
+    Ok(repair_summary(&repair_log(&dir, config.engine)?))
+}
+
 /// The lines `msgstore --repair` prints: exactly what was dropped.
 pub fn repair_summary(report: &crate::error::RepairReport) -> Vec<String> {
     let Some(d) = &report.damage else {

@@ -71,20 +71,10 @@ fn flip(path: &Path, at: usize) {
     fs::write(path, bytes).unwrap();
 }
 
+/// A copy of a crashed shard's directory, without the preallocated, not
+/// yet used log segment.
 fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() == "spare.tmp" {
-            continue; // a preallocated, not yet used log segment
-        }
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), target).unwrap();
-        }
-    }
+    daemon::testing::copy_dir_except(from, to, "spare.tmp");
 }
 
 /// What the child did before it was killed.

@@ -16,22 +16,6 @@ use std::{
 
 const USERS: [u64; 3] = [1, 2, 3];
 
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() == "spare.tmp" {
-            continue;
-        }
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// Every log file (segments, spare) with a hash of its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, u64> {
     use std::hash::{Hash, Hasher};
@@ -65,7 +49,7 @@ fn logged(n: usize) -> (tempfile::TempDir, Vec<(u64, u64)>) {
         acked.push((user, seq));
     }
     let copy = tempfile::tempdir().unwrap();
-    copy_dir(live.path(), copy.path());
+    daemon::testing::copy_dir_except(live.path(), copy.path(), "spare.tmp");
     // Never closed (closing checkpoints, emptying the log): a crash.
     std::mem::forget(shard);
     std::mem::forget(live);

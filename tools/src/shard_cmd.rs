@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 
 #[derive(Debug, Args)]
 pub struct ShardArgs {
-    /// Address of the shard (HOST:PORT).
+    /// Address of the shard (HOST:PORT); every command but `repair`.
     #[arg(long, value_name = "HOST:PORT", env = "IMCTL_SHARD_ADDR")]
-    addr: String,
+    addr: Option<String>,
     #[command(subcommand)]
     command: ShardCommand,
 }
@@ -42,13 +42,46 @@ enum ShardCommand {
     /// address, its raft.listen).
     #[command(subcommand)]
     Group(crate::shard_group_cmd::GroupCommand),
+    /// Offline, with the shard stopped: cut a standalone shard's log at
+    /// the damage that keeps it from starting (a corrupt entry with valid
+    /// ones after it) and print exactly what was dropped. Seqs past the
+    /// cut are never given again. Does nothing to a log that is not
+    /// corrupt.
+    Repair {
+        /// The shard's data directory (its `data` setting).
+        #[arg(long, value_name = "DIR")]
+        data: std::path::PathBuf,
+        /// The shard's TOML config, for its engine settings.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 pub async fn run(args: ShardArgs, out: &Output) -> anyhow::Result<()> {
-    match args.command {
-        ShardCommand::Group(group) => crate::shard_group_cmd::run(&args.addr, group, out).await,
-        command => run_on_shard(&args.addr, command, out).await,
+    if let ShardCommand::Repair { data, config } = args.command {
+        return repair(data, config, out);
     }
+    let addr = args
+        .addr
+        .context("--addr (or IMCTL_SHARD_ADDR) is required")?;
+    match args.command {
+        ShardCommand::Group(group) => crate::shard_group_cmd::run(&addr, group, out).await,
+        command => run_on_shard(&addr, command, out).await,
+    }
+}
+
+fn repair(
+    data: std::path::PathBuf,
+    config: Option<std::path::PathBuf>,
+    out: &Output,
+) -> anyhow::Result<()> {
+    let mut config = match config {
+        Some(path) => msgstore::daemon::DaemonConfig::load(&path)?,
+        None => msgstore::daemon::DaemonConfig::default(),
+    };
+    config.data = Some(data);
+    let lines = msgstore::daemon::repair_shard(config)?;
+    out.emit(&lines, || lines.join("\n"))
 }
 
 async fn run_on_shard(addr: &str, command: ShardCommand, out: &Output) -> anyhow::Result<()> {
@@ -57,6 +90,7 @@ async fn run_on_shard(addr: &str, command: ShardCommand, out: &Output) -> anyhow
         .with_context(|| format!("cannot connect to shard {addr}"))?;
     match command {
         ShardCommand::Group(group) => crate::shard_group_cmd::run(addr, group, out).await,
+        ShardCommand::Repair { .. } => anyhow::bail!("repair runs offline, not against --addr"),
         ShardCommand::Append { user, text } => append(&client, out, user, text).await,
         ShardCommand::Fetch { user, after, max } => fetch(&client, out, user, after, max).await,
         ShardCommand::Ack { user, seq } => ack(&client, out, user, seq).await,

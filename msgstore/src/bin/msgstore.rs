@@ -113,16 +113,10 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
 }
 
 fn repair(args: &Args) -> ExitCode {
-    let result = load_config(args).and_then(|config| {
-        let dir = config
-            .data
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(shard_daemon::DATA_DIR_DEFAULT));
-        Ok(shard_daemon::repair_log(&dir, config.engine)?)
-    });
+    let result = load_config(args).and_then(|config| Ok(shard_daemon::repair_shard(config)?));
     match result {
-        Ok(report) => {
-            for line in shard_daemon::repair_summary(&report) {
+        Ok(lines) => {
+            for line in lines {
                 println!("{line}");
             }
             ExitCode::SUCCESS
