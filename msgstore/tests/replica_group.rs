@@ -13,7 +13,15 @@ const USERS: u64 = 40;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_three_keeps_every_acknowledged_write_through_kills() {
-    kill_rounds(20).await;
+    fault_rounds(20, Fault::Kill).await;
+}
+
+/// The same with SIGSTOP for up to 1.5 s, then SIGCONT: a paused leader
+/// is deposed while it sleeps and wakes up believing it still leads; it
+/// must neither acknowledge a write nor answer a read from its old state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_three_keeps_every_acknowledged_write_through_pauses() {
+    fault_rounds(10, Fault::Pause).await;
 }
 
 /// The same for longer: `cargo test --release -p msgstore --test
@@ -21,12 +29,20 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_kills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a soak: about 3 minutes"]
 async fn soak_a_group_of_three_through_many_kills() {
-    kill_rounds(200).await;
+    fault_rounds(200, Fault::Kill).await;
 }
 
-/// SIGKILL a random replica (the leader half the time) `rounds` times
-/// (or GROUP_ROUNDS) under load, restarting it each time; then check.
-async fn kill_rounds(rounds: usize) {
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGKILL, then start again after 100-800 ms.
+    Kill,
+    /// SIGSTOP, then SIGCONT after 200-1500 ms.
+    Pause,
+}
+
+/// Hit a random replica (the leader half the time) with `fault` `rounds`
+/// times (or GROUP_ROUNDS) under load; then check.
+async fn fault_rounds(rounds: usize, fault: Fault) {
     let seed = seed_from_env();
     let mut rng = StdRng::seed_from_u64(seed);
     // Kept on failure (the replicas' logs are in it), removed on success.
@@ -49,13 +65,22 @@ async fn kill_rounds(rounds: usize) {
             (leader + rng.gen_range(1..3)) % 3
         };
         eprintln!(
-            "round {round}: kill replica {} (leader {})",
+            "round {round}: {fault:?} replica {} (leader {})",
             victim + 1,
             leader + 1
         );
-        group.replicas[victim].kill();
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..800))).await;
-        group.replicas[victim].start();
+        match fault {
+            Fault::Kill => {
+                group.replicas[victim].kill();
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(100..800))).await;
+                group.replicas[victim].start();
+            }
+            Fault::Pause => {
+                group.replicas[victim].signal(libc::SIGSTOP);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+                group.replicas[victim].signal(libc::SIGCONT);
+            }
+        }
     }
     load.stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -119,4 +144,150 @@ async fn a_leader_restarted_at_once_never_serves_an_older_state() {
             last - 1
         );
     }
+}
+
+/// One connection's appends, sent in many writes without waiting for
+/// answers, get seqs in the order sent, and a fetch sent after some of
+/// them sees at least those. (The group packs the writes of every connection into shared
+/// Raft entries; a connection's writes keep their order across entries.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_s_pipelined_writes_keep_their_order_across_entries() {
+    use bytes::BytesMut;
+    use proto::{
+        frame::{self, Decoded},
+        shard::{Request, RequestBody, Response, ResponseBody},
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
+    let group = Group::start(bin, dir.path(), 3, CONFIG).await;
+    let leader = group.wait_for_leader(Duration::from_secs(30)).await;
+    let conn = tokio::net::TcpStream::connect(group.replicas[leader].client)
+        .await
+        .unwrap();
+    conn.set_nodelay(true).unwrap();
+    let (user, writes, per_write) = (5u64, 40u64, 25u64);
+    let count = writes * per_write;
+    let mut ids = 0u64;
+    let mut request = |body| {
+        ids += 1;
+        let mut out = Vec::new();
+        frame::encode(&Request { id: ids, body }, 1 << 20, &mut out).unwrap();
+        out
+    };
+    let (mut rd, mut wr) = conn.into_split();
+    for w in 0..writes {
+        let mut bytes = Vec::new();
+        for k in 0..per_write {
+            let i = w * per_write + k;
+            bytes.extend(request(RequestBody::Append {
+                user,
+                msg_id: u128::from(i + 1),
+                payload: i.to_string().into_bytes(),
+            }));
+        }
+        // A fetch after every other write: it must see what came before.
+        if w % 2 == 1 {
+            bytes.extend(request(RequestBody::Fetch {
+                user,
+                after_seq: 0,
+                max_count: u32::MAX,
+                max_bytes: 1 << 20,
+            }));
+        }
+        wr.write_all(&bytes).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let mut buf = BytesMut::new();
+    let mut answers = Vec::new();
+    let expected = count + writes / 2;
+    while (answers.len() as u64) < expected {
+        match frame::decode::<Response>(&mut buf, 1 << 24).unwrap() {
+            Decoded::Frame(r) => answers.push(r),
+            Decoded::Incomplete => {
+                let n = tokio::time::timeout(Duration::from_secs(30), rd.read_buf(&mut buf))
+                    .await
+                    .expect("answers within 30 s")
+                    .unwrap();
+                assert!(n > 0, "the replica closed the connection");
+            }
+        }
+    }
+    let mut appended = 0u64;
+    for r in answers {
+        match r.body {
+            ResponseBody::Appended { seq } => {
+                appended += 1;
+                assert_eq!(seq, appended, "answer to request {}", r.id);
+            }
+            ResponseBody::Records { records, more } => {
+                // The first seqs, without a gap, and at least every append
+                // answered before it (later ones, sent before its answer
+                // came, may be there too); only a page that says `more`
+                // may stop short.
+                let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+                let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+                assert_eq!(seqs, want, "fetch {} after {appended} appends", r.id);
+                assert!(
+                    more || seqs.len() as u64 >= appended,
+                    "fetch {} shows {} records after {appended} appends",
+                    r.id,
+                    seqs.len()
+                );
+                for rec in records {
+                    assert_eq!(rec.payload, (rec.seq - 1).to_string().into_bytes());
+                }
+            }
+            other => panic!("request {}: {other:?}", r.id),
+        }
+    }
+    assert_eq!(appended, count);
+}
+
+/// `imctl rebalance` on a replicated shard talks to its leader, wherever
+/// the map's address points: the map names a follower first, and a survey
+/// of who would move (reads, which only the leader answers) still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_finds_the_leader_of_a_replicated_shard() {
+    use msgstore::rebalance::{Mover, Plan};
+    use proto::cluster::{ClusterMap, ShardEntry};
+
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
+    let group = Group::start(bin, dir.path(), 3, CONFIG).await;
+    let leader = group.wait_for_leader(Duration::from_secs(30)).await;
+    let mut client = GroupClient::new(group.client_addrs());
+    let users = 200u64;
+    for user in 1..=users {
+        let outcome = client
+            .call(false, |c| async move {
+                c.append(user, user.into(), vec![1]).await
+            })
+            .await;
+        assert!(matches!(outcome, Outcome::Done(1)), "{outcome:?}");
+    }
+    let follower = (leader + 1) % group.replicas.len();
+    let from = ClusterMap {
+        epoch: 1,
+        presence: "127.0.0.1:1".into(),
+        profile: "127.0.0.1:1".into(),
+        gateways: Vec::new(),
+        shards: vec![ShardEntry {
+            id: "g".into(),
+            addr: group.replicas[follower].client.to_string(),
+            weight: 1,
+            replicas: group.client_addrs().iter().map(|a| a.to_string()).collect(),
+        }],
+    };
+    let plan = Plan::add_shard(&from, "new", "127.0.0.1:1", 1).unwrap();
+    let mover = Mover::connect_sources(plan)
+        .await
+        .expect("connects to the leader");
+    let flows = mover.survey().await.expect("the leader answers the survey");
+    let moving: u64 = flows.iter().map(|f| f.users).sum();
+    assert!(
+        moving > 0 && moving < users,
+        "some of {users} users move to the new shard: {flows:?}"
+    );
 }

@@ -102,6 +102,13 @@ impl ReplicaProcess {
         }
     }
 
+    /// Send `sig` (SIGSTOP, SIGCONT) to the running replica.
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Some(child) = &self.child {
+            daemon::testing::signal(child, sig);
+        }
+    }
+
     pub fn terminate(&mut self) -> bool {
         match self.child.take() {
             Some(mut child) => {

@@ -69,6 +69,49 @@ fn shard_error(shard: &str, e: ClientError) -> RebalanceError {
     }
 }
 
+/// How long [`connect_leader`] waits for a replicated shard's group to
+/// have a leader (an election in progress).
+const LEADER_WAIT_MS_MAX: u64 = 5_000;
+
+/// A connection to the shard: a standalone shard at its address; a
+/// replicated one at the replica that leads its group (the one whose
+/// `Stats` says `Leader`), so that every write of the rebalance goes
+/// where it can commit. A leader lost during the rebalance makes its
+/// calls fail with `NotLeader`: run the command again, it resumes.
+async fn connect_leader(s: &proto::cluster::ShardEntry) -> Result<ShardClient, RebalanceError> {
+    if s.replicas.is_empty() {
+        return ShardClient::connect(s.addr.as_str())
+            .await
+            .map_err(|e| shard_error(&s.id, e));
+    }
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_millis(LEADER_WAIT_MS_MAX);
+    loop {
+        for addr in s.addrs() {
+            let Ok(client) = ShardClient::connect(addr.as_str()).await else {
+                continue;
+            };
+            if client
+                .stats()
+                .await
+                .is_ok_and(|st| st.role == proto::shard::ShardRole::Leader)
+            {
+                return Ok(client);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RebalanceError::Shard {
+                shard: s.id.clone(),
+                message: format!(
+                    "no replica of {:?} leads its group within {LEADER_WAIT_MS_MAX} ms",
+                    s.addrs()
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 fn code(e: &ClientError) -> Option<&ShardErrorCode> {
     match e {
         ClientError::Shard(s) => Some(&s.code),
@@ -104,9 +147,7 @@ impl Mover {
     ) -> Result<Mover, RebalanceError> {
         let mut clients = HashMap::new();
         for s in shards {
-            let client = ShardClient::connect(s.addr.as_str())
-                .await
-                .map_err(|e| shard_error(&s.id, e))?;
+            let client = connect_leader(&s).await?;
             clients.insert(s.id.clone(), client);
         }
         Ok(Mover {
