@@ -163,23 +163,19 @@ async fn propose(
     metrics::counter!("msgstore_raft_proposals_total").increment(1);
     let submitted = raft.client_write_ff(batch).await;
     tokio::spawn(async move {
-        let answered = match submitted {
-            Ok(rx) => tokio::time::timeout_at(deadline, rx).await,
-            Err(fatal) => {
-                answer(group, Err(fatal_refusal(&fatal)));
-                return;
-            }
+        let result = match submitted {
+            Err(fatal) => Err(fatal_refusal(&fatal)),
+            Ok(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Ok(response))) => Ok(response),
+                Ok(Ok(Err(refusal))) => Err(write_refusal(&refusal)),
+                Ok(Err(_dropped)) => Err(error(
+                    ShardErrorCode::Unavailable,
+                    "the replica stopped before the write was answered; it may still commit".into(),
+                )),
+                Err(_elapsed) => Err(unavailable(write_timeout)),
+            },
         };
-        let bodies = match answered {
-            Ok(Ok(Ok(response))) => Ok(response),
-            Ok(Ok(Err(refusal))) => Err(write_refusal(&refusal)),
-            Ok(Err(_dropped)) => Err(error(
-                ShardErrorCode::Unavailable,
-                "the replica stopped before the write was answered; it may still commit".into(),
-            )),
-            Err(_elapsed) => Err(unavailable(write_timeout)),
-        };
-        answer(group, bodies);
+        answer(group, result);
         drop(slot);
     });
 }
