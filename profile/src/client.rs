@@ -12,14 +12,17 @@
 //!
 //! [`ProfileClient::connect_subscribed`] also returns a bounded receiver of
 //! the service's pushed [`Event`]s: `Invalidate { user, version }` after
-//! every change, and `CacheReset` when the link was lost and again when
-//! it is back (anything may have changed meanwhile) and when events were
-//! dropped because the receiver fell [`ClientConfig::events_max`] behind.
+//! every change of a user, `GroupChanged { group, version }` after every
+//! change of a chat group, and `CacheReset` when the link was lost and
+//! again when it is back (anything may have changed meanwhile) and when
+//! events were dropped because the receiver fell
+//! [`ClientConfig::events_max`] behind.
 
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
+    groups::{GroupId, GroupInfo, GroupRole, UserGroups},
     profile::{
         Account, AvatarHash, ErrorCode, Event, ImportUser, LoginView, Profile, ProfileError,
         Relations, Request, RequestBody, ResponseBody, ServerMessage, ServiceInfo, UserId,
@@ -492,6 +495,176 @@ impl ProfileClient {
         expect_body!(self.call(body).await?,
             ResponseBody::LoginClaimed(r) => LoginClaim::Fresh(r),
             ResponseBody::StaleLogin { last_ns } => LoginClaim::Stale { last_ns })
+    }
+
+    /// Create a group owned by `owner` (its only member, cursor 0).
+    pub async fn group_create(
+        &self,
+        owner: UserId,
+        name: &str,
+        topic: &str,
+    ) -> Result<GroupInfo, ClientError> {
+        let body = RequestBody::GroupCreate {
+            owner,
+            name: name.as_bytes().to_vec(),
+            topic: topic.as_bytes().to_vec(),
+        };
+        expect_body!(self.call(body).await?, ResponseBody::Group(g) => g)
+    }
+
+    /// Member `by` invites `invitee` (inviting again changes nothing).
+    pub async fn group_invite(
+        &self,
+        by: UserId,
+        group: GroupId,
+        invitee: UserId,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupInvite { by, group, invitee };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// `user` accepts (cursor `read_seq`) or declines an invitation.
+    pub async fn group_answer_invite(
+        &self,
+        user: UserId,
+        group: GroupId,
+        accept: bool,
+        read_seq: u64,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupAnswerInvite {
+            user,
+            group,
+            accept,
+            read_seq,
+        };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// `user` asks to join `group`.
+    pub async fn group_join_request(
+        &self,
+        user: UserId,
+        group: GroupId,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupJoinRequest { user, group };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// Owner or admin `by` approves (cursor `read_seq`) or refuses
+    /// `user`'s join request.
+    pub async fn group_answer_join(
+        &self,
+        by: UserId,
+        group: GroupId,
+        user: UserId,
+        accept: bool,
+        read_seq: u64,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupAnswerJoin {
+            by,
+            group,
+            user,
+            accept,
+            read_seq,
+        };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// `user` leaves `group` (not its owner).
+    pub async fn group_leave(&self, user: UserId, group: GroupId) -> Result<(), ClientError> {
+        let body = RequestBody::GroupLeave { user, group };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// `by` removes `user` from `group`.
+    pub async fn group_remove(
+        &self,
+        by: UserId,
+        group: GroupId,
+        user: UserId,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupRemove { by, group, user };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// The owner makes `user` an admin or a plain member.
+    pub async fn group_set_role(
+        &self,
+        by: UserId,
+        group: GroupId,
+        user: UserId,
+        role: GroupRole,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupSetRole {
+            by,
+            group,
+            user,
+            role,
+        };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// The owner hands `group` to member `to` and becomes an admin.
+    pub async fn group_transfer(
+        &self,
+        by: UserId,
+        group: GroupId,
+        to: UserId,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupTransfer { by, group, to };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// Owner or admin `by` changes the fields given (`None`: unchanged).
+    pub async fn group_rename(
+        &self,
+        by: UserId,
+        group: GroupId,
+        name: Option<&str>,
+        topic: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::GroupRename {
+            by,
+            group,
+            name: name.map(|s| s.as_bytes().to_vec()),
+            topic: topic.map(|s| s.as_bytes().to_vec()),
+        };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// The owner ends `group`.
+    pub async fn group_dissolve(&self, by: UserId, group: GroupId) -> Result<(), ClientError> {
+        let body = RequestBody::GroupDissolve { by, group };
+        expect_body!(self.call(body).await?, ResponseBody::Done => ())
+    }
+
+    /// A group with its members (sorted by user) and join requests.
+    pub async fn get_group(&self, group: GroupId) -> Result<GroupInfo, ClientError> {
+        expect_body!(self.call(RequestBody::GetGroup { group }).await?, ResponseBody::Group(g) => g)
+    }
+
+    /// `user`'s groups and the invitations waiting for it.
+    pub async fn user_groups(&self, user: UserId) -> Result<UserGroups, ClientError> {
+        expect_body!(self.call(RequestBody::GetUserGroups { user }).await?,
+            ResponseBody::UserGroups(g) => g)
+    }
+
+    /// Member `user` read `group` up to `up_to_seq`: its cursor (never
+    /// moved back) and the group's lowest cursor, `(read_seq,
+    /// min_read_seq)`.
+    pub async fn group_read(
+        &self,
+        user: UserId,
+        group: GroupId,
+        up_to_seq: u64,
+    ) -> Result<(u64, u64), ClientError> {
+        let body = RequestBody::GroupRead {
+            user,
+            group,
+            up_to_seq,
+        };
+        expect_body!(self.call(body).await?,
+            ResponseBody::GroupRead { read_seq, min_read_seq } => (read_seq, min_read_seq))
     }
 
     /// The service's argon2id parameters.

@@ -144,6 +144,20 @@ pub struct Limits {
     pub avatar_bytes_max: usize,
     /// Largest avatar width and height in pixels.
     pub avatar_dimension_max: u32,
+    /// Most members of one chat group (`LimitReached` when a join or an
+    /// accepted invitation would pass it).
+    pub group_members_max: usize,
+    /// Most chat groups one user is a member of (created or joined).
+    pub user_groups_max: usize,
+    /// Longest chat group name in bytes (`group_name_bytes_max` is the
+    /// friend groups' limit).
+    pub chat_group_name_bytes_max: usize,
+    /// Longest chat group topic in bytes (0: topics must be empty).
+    pub group_topic_bytes_max: usize,
+    /// Most chat group invitations waiting for one user's answer.
+    pub group_invites_pending_max: usize,
+    /// Most join requests waiting in one chat group.
+    pub group_joins_pending_max: usize,
 }
 
 impl Default for Limits {
@@ -159,6 +173,12 @@ impl Default for Limits {
             blocks_max: 1000,
             avatar_bytes_max: proto::profile::AVATAR_BYTES_MAX,
             avatar_dimension_max: 1024,
+            group_members_max: 2000,
+            user_groups_max: 500,
+            chat_group_name_bytes_max: 64,
+            group_topic_bytes_max: 512,
+            group_invites_pending_max: 100,
+            group_joins_pending_max: 500,
         }
     }
 }
@@ -296,6 +316,7 @@ impl Config {
             1,
             16384,
         )?;
+        self.validate_group_limits()?;
         // A SetAvatar request carries the whole image plus a few header bytes.
         let avatar_frame = l.avatar_bytes_max as u64 + AVATAR_FRAME_OVERHEAD_BYTES;
         if (s.frame_body_bytes_max as u64) < avatar_frame {
@@ -304,6 +325,39 @@ impl Config {
                  limits.avatar_bytes_max = {} bytes (needs at least {avatar_frame})",
                 s.frame_body_bytes_max, l.avatar_bytes_max
             ));
+        }
+        Ok(())
+    }
+
+    /// Chat group limits. The upper bounds keep a group's `GetGroup` and
+    /// a user's `GetUserGroups` answer within `RESPONSE_BODY_BYTES_MAX`,
+    /// and a dissolve (one transaction over every member) reasonable.
+    fn validate_group_limits(&self) -> Result<(), String> {
+        let l = &self.limits;
+        for (name, v, lo, hi) in [
+            ("group_members_max", l.group_members_max, 1, 100_000),
+            ("user_groups_max", l.user_groups_max, 1, 10_000),
+            (
+                "chat_group_name_bytes_max",
+                l.chat_group_name_bytes_max,
+                1,
+                255,
+            ),
+            ("group_topic_bytes_max", l.group_topic_bytes_max, 0, 16_384),
+            (
+                "group_invites_pending_max",
+                l.group_invites_pending_max,
+                1,
+                10_000,
+            ),
+            (
+                "group_joins_pending_max",
+                l.group_joins_pending_max,
+                1,
+                100_000,
+            ),
+        ] {
+            range(&format!("limits.{name}"), v as u64, lo, hi)?;
         }
         Ok(())
     }
@@ -365,6 +419,25 @@ mod tests {
         }
         for good in [1, 100_000] {
             let config = Config::parse(&format!("[limits]\nblocks_max = {good}\n")).unwrap();
+            config.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn group_limits_outside_their_ranges_are_refused_by_name() {
+        for (field, bad, good) in [
+            ("group_members_max", 0, 100_000),
+            ("group_members_max", 100_001, 1),
+            ("user_groups_max", 10_001, 10_000),
+            ("chat_group_name_bytes_max", 0, 255),
+            ("group_topic_bytes_max", 16_385, 0),
+            ("group_invites_pending_max", 0, 10_000),
+            ("group_joins_pending_max", 0, 100_000),
+        ] {
+            let config = Config::parse(&format!("[limits]\n{field} = {bad}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(&format!("limits.{field}")), "{err}");
+            let config = Config::parse(&format!("[limits]\n{field} = {good}\n")).unwrap();
             config.validate().unwrap();
         }
     }

@@ -32,6 +32,12 @@ pub enum Error {
     AlreadyFriends(u64, u64),
     #[error("users {0} and {1} are not friends")]
     NotFriends(u64, u64),
+    #[error("not a member: {0}")]
+    NotMember(String),
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
+    #[error("already a member: {0}")]
+    AlreadyMember(String),
     #[error("the service is busy: {0}")]
     Busy(&'static str),
     #[error("bad request: {0}")]
@@ -76,6 +82,9 @@ impl Error {
             Error::ImageTooLarge { .. } => ErrorCode::ImageTooLarge,
             Error::AlreadyFriends(..) => ErrorCode::AlreadyFriends,
             Error::NotFriends(..) => ErrorCode::NotFriends,
+            Error::NotMember(_) => ErrorCode::NotMember,
+            Error::NotPermitted(_) => ErrorCode::NotPermitted,
+            Error::AlreadyMember(_) => ErrorCode::AlreadyMember,
             Error::Busy(_) | Error::Closed => ErrorCode::Busy,
             Error::BadRequest(_) | Error::Config(_) => ErrorCode::BadRequest,
             Error::Locked { .. } | Error::Io(_) | Error::Lmdb(_) | Error::Corrupt(_) => {
@@ -94,5 +103,9 @@ impl Error {
 
     pub(crate) fn not_found_user(user: u64) -> Error {
         Error::NotFound(format!("user {user}"))
+    }
+
+    pub(crate) fn not_found_group(group: u64) -> Error {
+        Error::NotFound(format!("group {group}"))
     }
 }

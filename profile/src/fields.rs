@@ -51,6 +51,25 @@ pub fn group_name(bytes: &[u8], limits: &Limits) -> Result<String> {
     Ok(s)
 }
 
+/// A chat group's name: non-empty text within
+/// `limits.chat_group_name_bytes_max`.
+pub fn chat_group_name(bytes: &[u8], limits: &Limits) -> Result<String> {
+    let s = text("group name", bytes, limits.chat_group_name_bytes_max)?;
+    if s.trim().is_empty() {
+        return Err(Error::InvalidField {
+            field: "group name",
+            reason: "must not be empty".into(),
+        });
+    }
+    Ok(s)
+}
+
+/// A chat group's topic: text (possibly empty) within
+/// `limits.group_topic_bytes_max`.
+pub fn group_topic(bytes: &[u8], limits: &Limits) -> Result<String> {
+    text("group topic", bytes, limits.group_topic_bytes_max)
+}
+
 /// A password: not empty, at most [`proto::profile::PASSWORD_BYTES_MAX`].
 pub fn password(bytes: &[u8]) -> Result<()> {
     let max = proto::profile::PASSWORD_BYTES_MAX;
@@ -104,6 +123,26 @@ mod tests {
         );
         assert!(group_name(b"  ", &Limits::default()).is_err());
         assert!(password(b"").is_err());
+        let l = Limits::default();
+        assert_eq!(chat_group_name(b"team", &l).unwrap(), "team");
+        for (bad, code) in [
+            (&b" "[..], ErrorCode::InvalidField),
+            (b"", ErrorCode::InvalidField),
+            (b"a\tb", ErrorCode::InvalidField),
+            (b"\xff", ErrorCode::InvalidUtf8),
+            (&[b'a'; 65], ErrorCode::FieldTooLong),
+        ] {
+            assert_eq!(
+                chat_group_name(bad, &l).unwrap_err().code(),
+                code,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(group_topic(b"", &l).unwrap(), "");
+        assert_eq!(
+            group_topic(&[b'a'; 513], &l).unwrap_err().code(),
+            ErrorCode::FieldTooLong
+        );
         assert!(password(&[1; 257]).is_err());
     }
 }

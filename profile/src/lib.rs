@@ -1,4 +1,5 @@
-//! profile: accounts, profiles, friend groups and avatars.
+//! profile: accounts, profiles, friend groups, avatars and chat groups
+//! (members, roles, invitations, join requests, read cursors).
 //!
 //! * [`service::Service`]: the service itself (store + password pool +
 //!   change notifications), used by the daemon and in-process by tests.
@@ -6,7 +7,8 @@
 //!   (layout in `docs/STORAGE.md`).
 //! * [`server`] / [`daemon`]: the TCP daemon (`profile` binary).
 //! * [`client::ProfileClient`]: the async client the gateway and imctl use
-//!   (reconnects by itself; pushed invalidations on a bounded channel).
+//!   (reconnects by itself; pushed invalidations and group changes on a
+//!   bounded channel).
 //! * [`passwords`]: argon2id on a bounded thread pool.
 //! * [`avatar`]: image checks and content addresses.
 

@@ -1,13 +1,16 @@
 //! Change notifications: every committed change of a user's profile,
-//! friends, pending requests, block list or credentials is pushed as `Invalidate { user, version }` to every subscribed
-//! connection.
+//! friends, pending requests, block list, credentials or chat group list
+//! is pushed as `Invalidate { user, version }`, and every committed change
+//! of a chat group (name, topic, members, roles, join requests, dissolve)
+//! as `GroupChanged { group, version }`, to every subscribed connection,
+//! in commit order.
 //!
 //! Each subscription has a bounded queue (`server.subscriber_events_max`).
 //! A subscriber that falls behind that far loses its queued events, which
 //! are replaced by one `CacheReset` (counted in
 //! `profile_subscriber_resets_total`): its cache is dropped, never wrong.
 
-use proto::profile::{Event, UserId};
+use proto::profile::Event;
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, Weak},
@@ -74,8 +77,9 @@ impl Hub {
         sub
     }
 
-    /// Push one `Invalidate` per change to every subscriber.
-    pub fn publish(&self, changes: &[(UserId, u64)]) {
+    /// Push the events of committed changes, in order, to every
+    /// subscriber.
+    pub fn publish(&self, changes: &[Event]) {
         if changes.is_empty() {
             return;
         }
@@ -85,12 +89,19 @@ impl Hub {
             subs.iter().filter_map(Weak::upgrade).collect()
         };
         for sub in &live {
-            for &(user, version) in changes {
-                sub.push(Event::Invalidate { user, version });
+            for &event in changes {
+                sub.push(event);
             }
         }
-        let sent = (live.len() * changes.len()) as u64;
-        metrics::counter!("profile_invalidations_sent_total").increment(sent);
+        let groups = changes
+            .iter()
+            .filter(|e| matches!(e, Event::GroupChanged { .. }))
+            .count();
+        let users = changes.len() - groups;
+        metrics::counter!("profile_invalidations_sent_total")
+            .increment((live.len() * users) as u64);
+        metrics::counter!("profile_group_events_sent_total")
+            .increment((live.len() * groups) as u64);
     }
 }
 
@@ -98,12 +109,19 @@ impl Hub {
 mod tests {
     use super::*;
 
+    fn inv(changes: &[(u64, u64)]) -> Vec<Event> {
+        changes
+            .iter()
+            .map(|&(user, version)| Event::Invalidate { user, version })
+            .collect()
+    }
+
     #[tokio::test]
     async fn reset_first_then_invalidations_and_reset_on_overflow() {
         let hub = Hub::default();
         let sub = hub.subscribe(3);
         assert_eq!(sub.next_events().await, vec![Event::CacheReset]);
-        hub.publish(&[(1, 2), (3, 4)]);
+        hub.publish(&inv(&[(1, 2), (3, 4)]));
         assert_eq!(
             sub.next_events().await,
             vec![
@@ -117,7 +135,7 @@ mod tests {
                 }
             ]
         );
-        hub.publish(&[(1, 3), (1, 4), (1, 5), (1, 6), (2, 9)]);
+        hub.publish(&inv(&[(1, 3), (1, 4), (1, 5), (1, 6), (2, 9)]));
         assert_eq!(
             sub.next_events().await,
             vec![
@@ -129,8 +147,16 @@ mod tests {
             ],
             "past the limit the queue collapses into one reset"
         );
+        let group = proto::groups::GROUP_ID_BASE + 1;
+        let changed = Event::GroupChanged { group, version: 2 };
+        hub.publish(&[inv(&[(4, 1)])[0], changed]);
+        assert_eq!(
+            sub.next_events().await,
+            [inv(&[(4, 1)])[0], changed],
+            "group events in between, in order"
+        );
         drop(sub);
-        hub.publish(&[(1, 7)]);
+        hub.publish(&inv(&[(1, 7)]));
         assert!(
             hub.subs.lock().unwrap().is_empty(),
             "dropped subscriptions go"

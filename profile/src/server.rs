@@ -312,6 +312,11 @@ fn describe_metrics() {
         "Invalidate events queued to subscribers"
     );
     describe_counter!(
+        "profile_group_events_sent_total",
+        "GroupChanged events queued to subscribers"
+    );
+    describe_gauge!("profile_groups", "Chat groups stored");
+    describe_counter!(
         "profile_subscriber_resets_total",
         "Subscriber queues collapsed into a CacheReset"
     );

@@ -10,15 +10,19 @@ use crate::{
     notify::Hub,
     passwords::PasswordPool,
     store::{
+        groups::GroupOp,
         ops::{Outcome, WriteOp},
         writer::Writer,
         Store,
     },
     Result,
 };
-use proto::profile::{
-    ImportUser, RequestBody, ResponseBody, ServiceInfo, UserId, AVATAR_RANGE_BYTES_MAX,
-    GET_PROFILES_MAX, IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
+use proto::{
+    groups::GroupId,
+    profile::{
+        ImportUser, RequestBody, ResponseBody, ServiceInfo, UserId, AVATAR_RANGE_BYTES_MAX,
+        GET_PROFILES_MAX, IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
+    },
 };
 use std::{path::Path, sync::Arc, thread::JoinHandle};
 
@@ -54,6 +58,7 @@ impl Service {
             argon2_t: p.argon2_t,
             argon2_p: p.argon2_p,
         };
+        metrics::gauge!("profile_groups").set(store.group_count()? as f64);
         let service = Service {
             store,
             writer,
@@ -87,6 +92,8 @@ impl Service {
                 | RequestBody::GetProfiles { .. }
                 | RequestBody::LoginView { .. }
                 | RequestBody::GetRelations { .. }
+                | RequestBody::GetGroup { .. }
+                | RequestBody::GetUserGroups { .. }
                 | RequestBody::AvatarRange { .. }
                 | RequestBody::Info
                 | RequestBody::Ping
@@ -126,6 +133,8 @@ impl Service {
                     s.avatar_range(&hash, offset, len, AVATAR_RANGE_BYTES_MAX)?;
                 ResponseBody::AvatarBytes { total_len, bytes }
             }
+            RequestBody::GetGroup { group } => ResponseBody::Group(s.group(group)?),
+            RequestBody::GetUserGroups { user } => ResponseBody::UserGroups(s.user_groups(user)?),
             RequestBody::Info => ResponseBody::Info(self.info),
             RequestBody::Ping => ResponseBody::Pong,
             other => {
@@ -231,13 +240,142 @@ impl Service {
             RequestBody::Subscribe => {
                 return Err(Error::BadRequest("Subscribe needs a connection".into()))
             }
-            read => return Ok(self.read(read)),
+            RequestBody::GroupRead {
+                user,
+                group,
+                up_to_seq,
+            } => return self.group_read(user, group, up_to_seq).await,
+            read if Self::is_read(&read) => return Ok(self.read(read)),
+            group => WriteOp::Group(self.group_op(group)?),
         };
-        Ok(match self.writer.write(op).await? {
+        let counts = matches!(
+            op,
+            WriteOp::Group(GroupOp::Create { .. } | GroupOp::Dissolve { .. })
+        );
+        let outcome = self.writer.write(op).await?;
+        if counts {
+            // A gauge only: its read failing does not undo the write.
+            if let Ok(n) = self.store.group_count() {
+                metrics::gauge!("profile_groups").set(n as f64);
+            }
+        }
+        Ok(match outcome {
             Outcome::User(user) => ResponseBody::User(user),
             Outcome::Version(v) => ResponseBody::Version(v),
             Outcome::Done => ResponseBody::Done,
             Outcome::Stale(last_ns) => ResponseBody::StaleLogin { last_ns },
+            Outcome::Group(info) => ResponseBody::Group(*info),
+            Outcome::Read {
+                read_seq,
+                min_read_seq,
+            } => ResponseBody::GroupRead {
+                read_seq,
+                min_read_seq,
+            },
+        })
+    }
+
+    /// The write op of a group request, its text fields checked.
+    fn group_op(&self, body: RequestBody) -> Result<GroupOp> {
+        let l = self.limits();
+        Ok(match body {
+            RequestBody::GroupCreate { owner, name, topic } => GroupOp::Create {
+                owner,
+                name: fields::chat_group_name(&name, l)?,
+                topic: fields::group_topic(&topic, l)?,
+            },
+            RequestBody::GroupInvite { by, group, invitee } => {
+                GroupOp::Invite { by, group, invitee }
+            }
+            RequestBody::GroupAnswerInvite {
+                user,
+                group,
+                accept,
+                read_seq,
+            } => GroupOp::AnswerInvite {
+                user,
+                group,
+                accept,
+                read_seq,
+            },
+            RequestBody::GroupJoinRequest { user, group } => GroupOp::JoinRequest { user, group },
+            RequestBody::GroupAnswerJoin {
+                by,
+                group,
+                user,
+                accept,
+                read_seq,
+            } => GroupOp::AnswerJoin {
+                by,
+                group,
+                user,
+                accept,
+                read_seq,
+            },
+            RequestBody::GroupLeave { user, group } => GroupOp::Leave { user, group },
+            RequestBody::GroupRemove { by, group, user } => GroupOp::Remove { by, group, user },
+            RequestBody::GroupSetRole {
+                by,
+                group,
+                user,
+                role,
+            } => GroupOp::SetRole {
+                by,
+                group,
+                user,
+                role,
+            },
+            RequestBody::GroupTransfer { by, group, to } => GroupOp::Transfer { by, group, to },
+            RequestBody::GroupRename {
+                by,
+                group,
+                name,
+                topic,
+            } => GroupOp::Rename {
+                by,
+                group,
+                name: name.map(|n| fields::chat_group_name(&n, l)).transpose()?,
+                topic: topic.map(|t| fields::group_topic(&t, l)).transpose()?,
+            },
+            RequestBody::GroupDissolve { by, group } => GroupOp::Dissolve { by, group },
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "not a group write: {}",
+                    op_name(&other)
+                )))
+            }
+        })
+    }
+
+    /// A read that does not move the cursor is answered from a read
+    /// transaction (cursors never move back, so the answer is as fresh as
+    /// the writer's would be); one that moves it goes to the writer.
+    async fn group_read(
+        &self,
+        user: UserId,
+        group: GroupId,
+        up_to_seq: u64,
+    ) -> Result<ResponseBody> {
+        let (read_seq, min_read_seq) = match self.store.group_cursor(user, group)? {
+            Some((read_seq, min)) if up_to_seq <= read_seq => (read_seq, min),
+            _ => {
+                let op = WriteOp::Group(GroupOp::Read {
+                    user,
+                    group,
+                    up_to_seq,
+                });
+                match self.writer.write(op).await? {
+                    Outcome::Read {
+                        read_seq,
+                        min_read_seq,
+                    } => (read_seq, min_read_seq),
+                    other => return Err(unexpected(other)),
+                }
+            }
+        };
+        Ok(ResponseBody::GroupRead {
+            read_seq,
+            min_read_seq,
         })
     }
 
@@ -352,5 +490,19 @@ pub fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::Unblock { .. } => "unblock",
         RequestBody::GetRelations { .. } => "get_relations",
         RequestBody::ClaimLogin { .. } => "claim_login",
+        RequestBody::GroupCreate { .. } => "group_create",
+        RequestBody::GroupInvite { .. } => "group_invite",
+        RequestBody::GroupAnswerInvite { .. } => "group_answer_invite",
+        RequestBody::GroupJoinRequest { .. } => "group_join_request",
+        RequestBody::GroupAnswerJoin { .. } => "group_answer_join",
+        RequestBody::GroupLeave { .. } => "group_leave",
+        RequestBody::GroupRemove { .. } => "group_remove",
+        RequestBody::GroupSetRole { .. } => "group_set_role",
+        RequestBody::GroupTransfer { .. } => "group_transfer",
+        RequestBody::GroupRename { .. } => "group_rename",
+        RequestBody::GroupDissolve { .. } => "group_dissolve",
+        RequestBody::GetGroup { .. } => "get_group",
+        RequestBody::GetUserGroups { .. } => "get_user_groups",
+        RequestBody::GroupRead { .. } => "group_read",
     }
 }

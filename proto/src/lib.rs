@@ -5,6 +5,7 @@
 //! * [`cluster`]: the cluster map and the placement of users on shards.
 //! * [`frame`]: the length-prefixed postcard framing used by every TCP link
 //!   between daemons (gateway, presence, profile, msgstore).
+//! * [`groups`]: chat group ids, roles, members and cursors.
 //! * [`inbox`]: the receiving side of a mailbox (sans-IO): each message
 //!   shown once, in seq order, whether pushed or fetched.
 //! * [`peer`]: the gateway-to-gateway link (forwarded messages).
@@ -22,6 +23,7 @@ pub mod app;
 pub mod clock;
 pub mod cluster;
 pub mod frame;
+pub mod groups;
 pub mod inbox;
 pub mod peer;
 pub mod presence;

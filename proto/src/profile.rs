@@ -10,6 +10,7 @@
 //! service and is refused with [`ErrorCode::InvalidUtf8`] instead of breaking
 //! the frame. Byte layout: see `docs/PROTOCOL.md`.
 
+use crate::groups::{GroupId, GroupInfo, GroupRole, UserGroups};
 use serde::{Deserialize, Serialize};
 
 /// Version of these types, bumped on any incompatible change (not sent on
@@ -208,6 +209,105 @@ pub enum RequestBody {
         user: UserId,
         login_ns: u64,
     },
+    // ---- chat groups (`crate::groups`; docs/PROTOCOL.md §5.3 "Groups") ----
+    /// Create a group owned by `owner` (its only member, cursor 0);
+    /// [`ResponseBody::Group`].
+    GroupCreate {
+        owner: UserId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        topic: Vec<u8>,
+    },
+    /// Member `by` invites `invitee`, who answers with
+    /// [`RequestBody::GroupAnswerInvite`]; [`ResponseBody::Done`].
+    GroupInvite {
+        by: UserId,
+        group: GroupId,
+        invitee: UserId,
+    },
+    /// `user` accepts (becoming a member whose cursor is `read_seq`: the
+    /// group mailbox's last seq as the caller read it) or declines an
+    /// invitation; [`ResponseBody::Done`].
+    GroupAnswerInvite {
+        user: UserId,
+        group: GroupId,
+        accept: bool,
+        read_seq: u64,
+    },
+    /// `user` asks to join; an owner or admin answers with
+    /// [`RequestBody::GroupAnswerJoin`]. [`ResponseBody::Done`].
+    GroupJoinRequest {
+        user: UserId,
+        group: GroupId,
+    },
+    /// Owner or admin `by` approves (cursor `read_seq`, as for an
+    /// invitation) or refuses `user`'s join request; [`ResponseBody::Done`].
+    GroupAnswerJoin {
+        by: UserId,
+        group: GroupId,
+        user: UserId,
+        accept: bool,
+        read_seq: u64,
+    },
+    /// `user` leaves (the owner cannot: it transfers ownership or
+    /// dissolves first); [`ResponseBody::Done`].
+    GroupLeave {
+        user: UserId,
+        group: GroupId,
+    },
+    /// `by` removes `user` (the owner removes anyone else, an admin only
+    /// members); [`ResponseBody::Done`].
+    GroupRemove {
+        by: UserId,
+        group: GroupId,
+        user: UserId,
+    },
+    /// The owner makes `user` an admin or a member; [`ResponseBody::Done`].
+    GroupSetRole {
+        by: UserId,
+        group: GroupId,
+        user: UserId,
+        role: GroupRole,
+    },
+    /// The owner hands the group to member `to` and becomes an admin;
+    /// [`ResponseBody::Done`].
+    GroupTransfer {
+        by: UserId,
+        group: GroupId,
+        to: UserId,
+    },
+    /// Owner or admin `by` changes the fields given; [`ResponseBody::Done`].
+    GroupRename {
+        by: UserId,
+        group: GroupId,
+        #[serde(with = "serde_bytes")]
+        name: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
+        topic: Option<Vec<u8>>,
+    },
+    /// The owner ends the group: every member and invitation is gone and
+    /// the id is never used again; [`ResponseBody::Done`].
+    GroupDissolve {
+        by: UserId,
+        group: GroupId,
+    },
+    /// [`ResponseBody::Group`].
+    GetGroup {
+        group: GroupId,
+    },
+    /// `user`'s groups and pending invitations; [`ResponseBody::UserGroups`].
+    GetUserGroups {
+        user: UserId,
+    },
+    /// Member `user` read the group up to `up_to_seq`: its cursor becomes
+    /// the larger of the two (never moves back). No version change, no
+    /// event. [`ResponseBody::GroupRead`].
+    GroupRead {
+        user: UserId,
+        group: GroupId,
+        up_to_seq: u64,
+    },
 }
 
 /// A user's public profile.
@@ -311,6 +411,13 @@ pub enum ErrorCode {
     BadRequest,
     /// I/O or LMDB failure (map full, ...): nothing was stored.
     Storage,
+    /// The user is not a member of the group (or not invited, or has not
+    /// asked to join).
+    NotMember,
+    /// The user's role does not allow this (or the owner tried to leave).
+    NotPermitted,
+    /// Already a member (or already invited, or already asked to join).
+    AlreadyMember,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +467,17 @@ pub enum ResponseBody {
     StaleLogin {
         last_ns: u64,
     },
+    /// Answer to [`RequestBody::GroupCreate`] and [`RequestBody::GetGroup`].
+    Group(GroupInfo),
+    /// Answer to [`RequestBody::GetUserGroups`].
+    UserGroups(UserGroups),
+    /// Answer to [`RequestBody::GroupRead`]: the member's cursor now, and
+    /// the lowest cursor of any member (what every member has read: the
+    /// group's mailbox may delete up to it).
+    GroupRead {
+        read_seq: u64,
+        min_read_seq: u64,
+    },
 }
 
 /// Pushed to subscribed connections.
@@ -371,6 +489,10 @@ pub enum Event {
     /// Drop every cached entry: sent first on every subscription, and when
     /// events had to be dropped (a subscriber that fell behind).
     CacheReset,
+    /// `group`'s name, topic, members, roles or join requests changed (or
+    /// it was dissolved); its version is now `version`. Cursor moves are
+    /// not pushed.
+    GroupChanged { group: GroupId, version: u64 },
 }
 
 /// Every frame the service sends.

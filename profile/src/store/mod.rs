@@ -1,10 +1,11 @@
-//! LMDB storage of accounts, profiles, friends and avatars.
+//! LMDB storage of accounts, profiles, friends, avatars and chat groups.
 //!
 //! One writer thread ([`writer`]) owns every write transaction (heed write
 //! transactions must commit on the thread that opened them) and commits
 //! groups of requests; readers open their own read transactions on any
 //! thread, concurrently with it. Layout: `docs/STORAGE.md`.
 
+pub mod groups;
 pub mod ops;
 pub mod records;
 pub mod writer;
@@ -26,10 +27,11 @@ pub(crate) type NameDb = Database<'static, Str, U64<BigEndian>>;
 pub(crate) type RawDb = Database<'static, Bytes, Bytes>;
 
 /// Named LMDB databases of the environment. `blocks`, `auth` and `logins`
-/// came after the first layout; opening creates whichever is missing, so
-/// an older environment opens as it is (absent records mean "blocks
-/// nobody", "epoch 0" and "no login recorded").
-pub(crate) const DATABASES: [&str; 11] = [
+/// came after the first layout, the chat group databases (from `groups`
+/// on) after them; opening creates whichever is missing, so an older
+/// environment opens as it is (absent records mean "blocks nobody",
+/// "epoch 0", "no login recorded" and "no groups").
+pub(crate) const DATABASES: [&str; 18] = [
     "accounts",
     "usernames",
     "profiles",
@@ -41,6 +43,13 @@ pub(crate) const DATABASES: [&str; 11] = [
     "blocks",
     "auth",
     "logins",
+    "groups",
+    "group_members",
+    "user_groups",
+    "group_invites",
+    "group_invitees",
+    "group_joins",
+    "group_cursors",
 ];
 
 /// The open environment and its databases; shared by readers and the writer.
@@ -65,11 +74,30 @@ pub struct Store {
     /// key: SHA-256; value: number of profiles using it (u64 BE).
     pub(crate) avatar_refs: RawDb,
     pub(crate) meta: RawDb,
+    /// key: group id (u64 BE); value: [`records::ChatGroupRecord`].
+    pub(crate) groups: UserDb,
+    /// key: group ++ user (16 bytes BE); value: [`records::MemberRecord`].
+    pub(crate) group_members: RawDb,
+    /// key: user ++ group (16 bytes BE); value: empty. A user's groups.
+    pub(crate) user_groups: RawDb,
+    /// key: invitee ++ group (16 bytes BE); value: the inviter (u64 BE).
+    pub(crate) group_invites: RawDb,
+    /// key: group ++ invitee (16 bytes BE); value: empty. The same
+    /// invitations by group, so a dissolve finds them.
+    pub(crate) group_invitees: RawDb,
+    /// key: group ++ user (16 bytes BE); value: empty. Join requests.
+    pub(crate) group_joins: RawDb,
+    /// key: group ++ read_seq ++ user (24 bytes BE); value: empty. The
+    /// first key with a group's prefix holds its lowest cursor.
+    pub(crate) group_cursors: RawDb,
     pub(crate) limits: Limits,
 }
 
 /// `meta` key of the next user id to assign (u64 BE).
 pub(crate) const META_NEXT_USER: &[u8] = b"next_user_id";
+/// `meta` key of the next group id to assign (u64 BE; absent:
+/// `GROUP_ID_BASE + 1`).
+pub(crate) const META_NEXT_GROUP: &[u8] = b"next_group_id";
 /// `meta` key of the layout version (u32 BE).
 pub(crate) const META_LAYOUT: &[u8] = b"layout";
 pub(crate) const LAYOUT_VERSION: u32 = 1;
@@ -141,6 +169,15 @@ impl Store {
                         dbo.create_database(wtxn, Some("avatar_refs"))?,
                         meta,
                     ],
+                    dbo.create_database(wtxn, Some("groups"))?,
+                    [
+                        dbo.create_database(wtxn, Some("group_members"))?,
+                        dbo.create_database(wtxn, Some("user_groups"))?,
+                        dbo.create_database(wtxn, Some("group_invites"))?,
+                        dbo.create_database(wtxn, Some("group_invitees"))?,
+                        dbo.create_database(wtxn, Some("group_joins"))?,
+                        dbo.create_database(wtxn, Some("group_cursors"))?,
+                    ],
                 )))
             })?
             .commit()
@@ -149,7 +186,9 @@ impl Store {
             usernames,
             [accounts, profiles, friends, blocks, auth, logins],
             [requests, avatars, avatar_refs, meta],
-        ): (NameDb, [UserDb; 6], [RawDb; 4]) = dbs;
+            groups,
+            [group_members, user_groups, group_invites, group_invitees, group_joins, group_cursors],
+        ): (NameDb, [UserDb; 6], [RawDb; 4], UserDb, [RawDb; 6]) = dbs;
         Ok(Store {
             env,
             accounts,
@@ -163,6 +202,13 @@ impl Store {
             avatars,
             avatar_refs,
             meta,
+            groups,
+            group_members,
+            user_groups,
+            group_invites,
+            group_invitees,
+            group_joins,
+            group_cursors,
             limits,
         })
     }
@@ -402,14 +448,15 @@ impl Store {
 mod tests {
     use super::*;
 
-    /// An environment made before `blocks` and `auth` existed: the first
-    /// layout's eight databases, one account with its profile.
-    fn first_layout(dir: &Path) {
+    /// An environment made with the first `n` of [`DATABASES`] (8: before
+    /// `blocks` and `auth` existed; 11: before chat groups), one account
+    /// with its profile.
+    fn older_layout(dir: &Path, n: usize) {
         // SAFETY: a fresh temporary directory, opened once at a time.
         let env = unsafe {
             EnvOpenOptions::new()
                 .map_size(16 << 20)
-                .max_dbs(8)
+                .max_dbs(n as u32)
                 .open(dir)
                 .unwrap()
         };
@@ -428,11 +475,11 @@ mod tests {
         let wtxn = env.write_txn().unwrap();
         env.create_databases_and_commit(wtxn, |dbo, wtxn| {
             let mut dbs = Vec::new();
-            for name in &DATABASES[..8] {
+            for name in &DATABASES[..n] {
                 dbs.push(dbo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
             }
-            let [accounts, _, profiles, .., meta] = dbs[..] else {
-                unreachable!("eight databases")
+            let [accounts, _, profiles, _, _, _, _, meta, ..] = dbs[..] else {
+                unreachable!("at least eight databases")
             };
             meta.put(wtxn, META_LAYOUT, &1u32.to_be_bytes())?;
             accounts.put(wtxn, &key, &records::encode(&account).unwrap())?;
@@ -446,7 +493,7 @@ mod tests {
     #[test]
     fn an_environment_without_blocks_and_auth_opens_as_it_is() {
         let dir = tempfile::tempdir().unwrap();
-        first_layout(dir.path());
+        older_layout(dir.path(), 8);
         let store = Store::open(dir.path(), 16 << 20, Limits::default()).unwrap();
         let relations = store.relations(&[1, 2]).unwrap();
         assert_eq!(
@@ -465,6 +512,31 @@ mod tests {
         assert_eq!(store.auth.len(&txn).unwrap(), 0);
         let layout = store.meta.get(&txn, META_LAYOUT).unwrap();
         assert_eq!(layout, Some(&LAYOUT_VERSION.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn an_environment_without_group_databases_opens_and_creates_them() {
+        let dir = tempfile::tempdir().unwrap();
+        older_layout(dir.path(), 11);
+        let store = Store::open(dir.path(), 16 << 20, Limits::default()).unwrap();
+        assert_eq!(store.group_count().unwrap(), 0);
+        assert_eq!(
+            store.user_groups(1).unwrap(),
+            proto::groups::UserGroups::default()
+        );
+        assert_eq!(store.relations(&[1]).unwrap()[0].version, 4);
+        let txn = store.read_txn().unwrap();
+        assert_eq!(store.meta.get(&txn, META_NEXT_GROUP).unwrap(), None);
+        for db in [
+            &store.group_members,
+            &store.user_groups,
+            &store.group_invites,
+            &store.group_invitees,
+            &store.group_joins,
+            &store.group_cursors,
+        ] {
+            assert_eq!(db.len(&txn).unwrap(), 0, "created empty");
+        }
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //! leaves nothing behind.
 
 use super::{
+    groups::GroupOp,
     records::{decode, encode, AccountRecord, BlocksRecord, FriendsRecord, ProfileRecord},
     request_key, Store, META_NEXT_USER,
 };
 use crate::{error::Error, Result};
 use heed::RwTxn;
-use proto::profile::{AvatarHash, UserId};
+use proto::{
+    groups::GroupInfo,
+    profile::{AvatarHash, Event, UserId},
+};
 use std::collections::{BTreeMap, HashMap};
 
 /// One change the writer applies. Text fields are already validated.
@@ -78,22 +82,33 @@ pub enum WriteOp {
         user: UserId,
         login_ns: u64,
     },
+    /// A chat group write (`store/groups.rs`).
+    Group(GroupOp),
 }
 
 /// What a successful op returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     User(UserId),
     Version(u64),
     Done,
     /// A login not newer than this one, the user's last (nothing written).
     Stale(u64),
+    /// A group as its creation left it.
+    Group(Box<GroupInfo>),
+    /// A member's cursor after a read, and the group's lowest cursor.
+    Read {
+        read_seq: u64,
+        min_read_seq: u64,
+    },
 }
 
-/// Users whose version an op changed: (user, new version).
-pub type Changes = Vec<(UserId, u64)>;
+/// What an op changed, as the events to publish after the commit, in the
+/// order they happened: `Invalidate` for a user whose version grew,
+/// `GroupChanged` for a group whose version grew.
+pub type Changes = Vec<Event>;
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -156,6 +171,7 @@ impl Store {
             WriteOp::Block { user, blocked } => self.block(txn, user, blocked, changes),
             WriteOp::Unblock { user, blocked } => self.unblock(txn, user, blocked, changes),
             WriteOp::ClaimLogin { user, login_ns } => self.claim_login(txn, user, login_ns),
+            WriteOp::Group(op) => self.apply_group(txn, op, changes),
         }
     }
 
@@ -234,7 +250,7 @@ impl Store {
         Ok(Outcome::Done)
     }
 
-    fn profile_rw(&self, txn: &RwTxn, user: UserId) -> Result<ProfileRecord> {
+    pub(super) fn profile_rw(&self, txn: &RwTxn, user: UserId) -> Result<ProfileRecord> {
         self.profile_in(txn, user)?
             .ok_or_else(|| Error::not_found_user(user))
     }
@@ -249,11 +265,19 @@ impl Store {
     ) -> Result<u64> {
         p.version += 1;
         self.profiles.put(txn, &user, &encode(&p)?)?;
-        changes.push((user, p.version));
+        changes.push(Event::Invalidate {
+            user,
+            version: p.version,
+        });
         Ok(p.version)
     }
 
-    fn bump(&self, txn: &mut RwTxn, user: UserId, changes: &mut Changes) -> Result<Outcome> {
+    pub(super) fn bump(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        changes: &mut Changes,
+    ) -> Result<Outcome> {
         let p = self.profile_rw(txn, user)?;
         Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
     }

@@ -2,7 +2,10 @@
 //! as declared; layout in `docs/STORAGE.md`).
 
 use crate::{error::Error, Result};
-use proto::profile::{AvatarHash, UserId};
+use proto::{
+    groups::GroupRole,
+    profile::{AvatarHash, UserId},
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// `accounts`: user id -> this.
@@ -128,6 +131,31 @@ impl BlocksRecord {
     }
 }
 
+/// `groups`: group id -> this (absent: no such group, or dissolved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatGroupRecord {
+    pub name: String,
+    pub topic: String,
+    /// Increases on every change of the name, topic, members, roles or
+    /// join requests (not on cursor moves).
+    pub version: u64,
+    pub created_ms: u64,
+    /// The one member whose role is `Owner`.
+    pub owner: UserId,
+    /// Rows of `group_members` with this group's prefix, kept here so a
+    /// group list and the `group_members_max` check need no count.
+    pub members: u32,
+}
+
+/// `group_members`: group ++ user -> this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub role: GroupRole,
+    /// The member's cursor; `group_cursors` holds the same number.
+    pub read_seq: u64,
+    pub joined_ms: u64,
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     postcard::to_stdvec(value).map_err(|e| Error::Corrupt(format!("cannot encode: {e}")))
 }
@@ -174,5 +202,27 @@ mod tests {
         let bytes = encode(&b).unwrap();
         assert_eq!(bytes, [2, 7, 0xac, 0x02]);
         assert_eq!(decode::<BlocksRecord>("blocks", &bytes).unwrap(), b);
+    }
+
+    #[test]
+    fn group_records_layout() {
+        let g = ChatGroupRecord {
+            name: "ab".into(),
+            topic: String::new(),
+            version: 3,
+            created_ms: 300,
+            owner: 5,
+            members: 2,
+        };
+        let bytes = encode(&g).unwrap();
+        assert_eq!(bytes, [2, b'a', b'b', 0, 3, 0xac, 0x02, 5, 2]);
+        assert_eq!(decode::<ChatGroupRecord>("group", &bytes).unwrap(), g);
+        let m = MemberRecord {
+            role: GroupRole::Admin,
+            read_seq: 300,
+            joined_ms: 1,
+        };
+        // role: variant 1; read_seq 300; joined_ms 1.
+        assert_eq!(encode(&m).unwrap(), [1, 0xac, 0x02, 1]);
     }
 }
