@@ -284,6 +284,15 @@ impl ShardClient {
         }
     }
 
+    /// Delete `user`'s oldest records stored before `before_ms`; returns
+    /// how many went.
+    pub async fn expire(&self, user: u64, before_ms: u64) -> Result<u64, ClientError> {
+        match self.call(RequestBody::Expire { user, before_ms }).await? {
+            ResponseBody::Acked { removed } => Ok(removed),
+            other => Err(unexpected("Acked", &other)),
+        }
+    }
+
     pub async fn user_stats(&self, user: u64) -> Result<MailboxStats, ClientError> {
         match self.call(RequestBody::UserStats { user }).await? {
             ResponseBody::UserStats(stats) => Ok(stats),

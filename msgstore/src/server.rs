@@ -801,6 +801,7 @@ fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::AppendBatch { .. } => "append_batch",
         RequestBody::Fetch { .. } => "fetch",
         RequestBody::Ack { .. } => "ack",
+        RequestBody::Expire { .. } => "expire",
         RequestBody::SetRouting(_) => "set_routing",
         RequestBody::GetRouting => "get_routing",
         RequestBody::ListUsers { .. } => "list_users",

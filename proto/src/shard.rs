@@ -117,6 +117,14 @@ pub enum RequestBody {
         token: u64,
         moved: bool,
     },
+    /// Delete `user`'s oldest records stored (by their `timestamp_ms`)
+    /// before `before_ms`, as an `Ack` up to the newest of them would: how
+    /// a group's mailbox keeps no message past its retention. Looks at the
+    /// first `FETCH_COUNT_MAX` live records at most. Answered `Acked`.
+    Expire {
+        user: u64,
+        before_ms: u64,
+    },
 }
 
 /// What a shard needs to know to refuse users it does not own.

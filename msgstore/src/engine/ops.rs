@@ -10,7 +10,7 @@ use super::{
     wal, Dirty, Engine, Pending,
 };
 use crate::{handle::AppendRequest, Error, Result};
-use proto::shard::{MailboxStats, ShardStats};
+use proto::shard::{MailboxStats, ShardStats, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
 use std::{
     collections::{hash_map::Entry, VecDeque},
     sync::atomic::{AtomicU64, Ordering},
@@ -255,6 +255,29 @@ impl Engine {
         self.counters.acks_total += 1;
         metrics::counter!("msgstore_acks_total").increment(1);
         Ok(removed)
+    }
+
+    /// An `Expire`: ack the user's oldest live records stored before
+    /// `before_ms` (the leading run of the first `FETCH_COUNT_MAX` records
+    /// whose `timestamp_ms` is older). Every replica reads the same
+    /// records, so the same records go.
+    pub(super) fn expire(&mut self, user: u64, before_ms: u64) -> Result<u64> {
+        let limits = (FETCH_COUNT_MAX, FETCH_BYTES_MAX);
+        let newest_expired = self.fetch_with(user, 0, limits, |page| {
+            page.records
+                .iter()
+                .take_while(|r| r.timestamp_ms < before_ms)
+                .last()
+                .map(|r| r.seq)
+        })?;
+        match newest_expired {
+            Some(seq) => {
+                let removed = self.ack(user, seq)?;
+                metrics::counter!("msgstore_expired_records_total").increment(removed);
+                Ok(removed)
+            }
+            None => Ok(0),
+        }
     }
 
     /// The lowest seq up to `up_to` among the user's live bucket records
@@ -578,6 +601,46 @@ mod tests {
         });
         e.end_batch().unwrap();
         r.unwrap();
+    }
+
+    /// `Expire` deletes the leading run of records older than its cutoff,
+    /// by their stored timestamps, in the bucket and unflushed alike, and
+    /// never a newer record behind them.
+    #[test]
+    fn expire_deletes_only_the_leading_records_older_than_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Never,
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        let group = proto::groups::GROUP_ID_BASE | 9;
+        for (i, at) in [1_000u64, 2_000, 3_000, 4_000, 5_000]
+            .into_iter()
+            .enumerate()
+        {
+            e.set_clock_ms(at);
+            append(&mut e, group, 10);
+            if i == 1 {
+                e.checkpoint_now().unwrap();
+            }
+        }
+        let expire = |e: &mut Engine, before_ms| {
+            e.begin_batch();
+            let r = e.expire(group, before_ms);
+            e.end_batch().unwrap();
+            r.unwrap()
+        };
+        assert_eq!(expire(&mut e, 1_000), 0, "nothing stored before 1000");
+        assert_eq!(expire(&mut e, 3_500), 3, "seqs 1..=3");
+        assert_eq!(e.user_stats(group).unwrap().acked_seq, 3);
+        assert_eq!(expire(&mut e, 3_500), 0, "gone already");
+        assert_eq!(expire(&mut e, u64::MAX), 2);
+        let stats = e.user_stats(group).unwrap();
+        assert_eq!(
+            (stats.live_count, stats.acked_seq, stats.last_seq),
+            (0, 5, 5)
+        );
     }
 
     /// An ack of everything counts the same bytes without a walk as with

@@ -69,6 +69,10 @@ impl Engine {
                 Ok(removed) => ResponseBody::Acked { removed },
                 Err(e) => error(e),
             },
+            RequestBody::Expire { user, before_ms } => match self.expire(user, before_ms) {
+                Ok(removed) => ResponseBody::Acked { removed },
+                Err(e) => error(e),
+            },
             RequestBody::UserStats { user } => match self.user_stats(user) {
                 Ok(stats) => ResponseBody::UserStats(stats),
                 Err(e) => error(e),

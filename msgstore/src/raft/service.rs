@@ -58,6 +58,7 @@ fn kind(body: &RequestBody) -> Kind {
         RequestBody::Append { .. }
         | RequestBody::AppendBatch { .. }
         | RequestBody::Ack { .. }
+        | RequestBody::Expire { .. }
         | RequestBody::SetRouting(_)
         | RequestBody::Freeze { .. }
         | RequestBody::Import { .. }
