@@ -18,6 +18,7 @@ use proto::{
     peer::Forward,
     presence::Status,
     profile::{Relations, AVATAR_RANGE_BYTES_MAX},
+    shard::StoredRecord,
 };
 use std::{future::Future, time::Duration};
 
@@ -44,12 +45,15 @@ pub async fn with_timeout<T>(
     })
 }
 
-fn from_profile(e: ProfileError) -> AppError {
+pub(crate) fn from_profile(e: ProfileError) -> AppError {
+    use proto::profile::ErrorCode;
     match e {
         ProfileError::Service(err) => match err.code {
-            proto::profile::ErrorCode::NotFound => error(AppErrorCode::UnknownUser, err.message),
-            proto::profile::ErrorCode::Busy => error(AppErrorCode::Unavailable, err.message),
-            proto::profile::ErrorCode::Storage => error(AppErrorCode::Unavailable, err.message),
+            ErrorCode::NotFound => error(AppErrorCode::UnknownUser, err.message),
+            ErrorCode::NotMember | ErrorCode::NotPermitted => {
+                error(AppErrorCode::NotAllowed, err.message)
+            }
+            ErrorCode::Busy | ErrorCode::Storage => error(AppErrorCode::Unavailable, err.message),
             _ => error(AppErrorCode::Refused, err.message),
         },
         other => error(AppErrorCode::Unavailable, other.to_string()),
@@ -118,6 +122,18 @@ pub async fn relations(services: &Services, users: Vec<u64>) -> Result<Vec<Relat
         .map_err(from_profile)
 }
 
+/// A group's members (`None`: no such group, or dissolved).
+pub async fn group(
+    services: &Services,
+    group: u64,
+) -> Result<Option<proto::groups::GroupInfo>, AppError> {
+    match with_timeout(services, services.profile.get_group(group)).await? {
+        Ok(info) => Ok(Some(info)),
+        Err(ProfileError::Service(e)) if e.code == proto::profile::ErrorCode::NotFound => Ok(None),
+        Err(e) => Err(from_profile(e)),
+    }
+}
+
 /// Serve one client call; its reply and what it changed.
 pub async fn run(
     services: &Services,
@@ -150,6 +166,9 @@ async fn serve(
     call: Call,
     effects: &mut CallEffects,
 ) -> CallResult {
+    if let Some(result) = crate::group_calls::serve(services, user, &call, effects).await {
+        return result;
+    }
     match call {
         Call::Fetch {
             after_seq,
@@ -197,9 +216,7 @@ async fn serve(
         Call::FriendRemove { friend } => done(services.profile.friend_remove(user, friend).await),
         Call::Block { user: other } => done(services.profile.block(user, other).await),
         Call::Unblock { user: other } => done(services.profile.unblock(user, other).await),
-        Call::Send { .. } | Call::Logout => {
-            Err(error(AppErrorCode::BadRequest, "handled by the router"))
-        }
+        _ => Err(error(AppErrorCode::BadRequest, "handled by the router")),
     }
 }
 
@@ -222,6 +239,19 @@ pub async fn fetch(
         .fetch(user, after_seq, count, bytes)
         .await
         .map_err(from_shard)?;
+    let (messages, last_seq) = page(user, records);
+    Ok(Reply::Mailbox {
+        messages,
+        last_seq,
+        more,
+    })
+}
+
+/// A page's records as deliveries, and the seq of its last record. A
+/// record whose payload is not a `StoredEnvelope` (written by another
+/// tool) is skipped and counted, never a crash; `last_seq` moves the
+/// client past it. `mailbox`: a user or group id, for the log.
+pub(crate) fn page(mailbox: u64, records: Vec<StoredRecord>) -> (Vec<Delivery>, u64) {
     let last_seq = records.last().map_or(0, |r| r.seq);
     let mut messages = Vec::with_capacity(records.len());
     for r in records {
@@ -233,19 +263,13 @@ pub async fn fetch(
                 body: env.body,
                 seq: r.seq,
             }),
-            // Not ours (written by another tool): skip it, never crash;
-            // `last_seq` moves the client past it.
             Err(e) => {
                 metrics::counter!("gateway_undecodable_records_total").increment(1);
-                tracing::warn!(user, seq = r.seq, error = %e, "undecodable stored message skipped")
+                tracing::warn!(mailbox, seq = r.seq, error = %e, "undecodable stored message skipped")
             }
         }
     }
-    Ok(Reply::Mailbox {
-        messages,
-        last_seq,
-        more,
-    })
+    (messages, last_seq)
 }
 
 pub async fn ack(services: &Services, user: u64, up_to_seq: u64) -> CallResult {

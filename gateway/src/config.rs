@@ -58,6 +58,13 @@ pub struct Limits {
     /// Bytes of users' relations (friends, blocks) cached at most, to
     /// decide who may write to whom without a round trip per message.
     pub relations_cache_bytes_max: usize,
+    /// Bytes of chat groups' member lists cached at most, to check a group
+    /// send and fan it out without a round trip per message.
+    pub group_cache_bytes_max: usize,
+    /// Days a group message is kept at most, read or not: older ones are
+    /// deleted from the group's mailbox (a member who had not read them is
+    /// told how many it missed). 0 keeps them until every member read them.
+    pub group_retention_days: u32,
     /// Whether users may write to users who are not their friends (blocks
     /// still apply). Off: a send to a non-friend is answered `NotAllowed`.
     pub allow_strangers: bool,
@@ -139,6 +146,8 @@ impl Default for Limits {
             requests_in_flight_per_session_max: 64,
             profile_cache_entries: 100_000,
             relations_cache_bytes_max: 64 * 1024 * 1024,
+            group_cache_bytes_max: 64 * 1024 * 1024,
+            group_retention_days: 30,
             allow_strangers: false,
             cookie_mode: CookieModeSetting::UnderLoad,
             cookie_inits_per_s_max: 2000,
@@ -231,6 +240,10 @@ impl GatewayConfig {
             (
                 l.relations_cache_bytes_max >= 4096,
                 "limits.relations_cache_bytes_max must be at least 4096",
+            ),
+            (
+                l.group_cache_bytes_max >= 4096,
+                "limits.group_cache_bytes_max must be at least 4096",
             ),
             (
                 l.cookie_inits_per_s_max >= 1,

@@ -178,6 +178,8 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         tokens: TokenKeys::new((1, token_key), &[]),
         peers: crate::peers::PeerLinks::default(),
         profiles: quick_cache::sync::Cache::new(config.limits.profile_cache_entries),
+        group_trims: quick_cache::sync::Cache::new(crate::services::GROUP_TRIMS_REMEMBERED),
+        group_expiries: quick_cache::sync::Cache::new(crate::services::GROUP_TRIMS_REMEMBERED),
         config,
     });
     let (cmds_tx, cmds_rx) = mpsc::unbounded_channel();

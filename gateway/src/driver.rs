@@ -16,7 +16,7 @@ use netio::udp::{self, RecvBatch, SendBatch};
 use presence::PresenceEvent;
 use proto::{
     app::{self, LoginAnswer, LoginError},
-    peer::{Forward, PeerOutcome},
+    peer::{Forward, GroupForward, PeerOutcome},
     session::{EndpointStats, MsgId, PendingId, SendError, ServerEndpoint},
 };
 use std::{sync::Arc, time::Instant};
@@ -33,6 +33,12 @@ pub enum Cmd {
     PeerForward {
         forward: Forward,
         reply: oneshot::Sender<PeerOutcome>,
+    },
+    /// Another gateway stored a group message for members it believes are
+    /// here; the reply: how many got it.
+    PeerGroupForward {
+        forward: GroupForward,
+        reply: oneshot::Sender<u32>,
     },
 }
 
@@ -237,6 +243,10 @@ impl Driver {
                 let outcome = self.router.peer_forward(forward, &mut self.endpoint);
                 let _ = reply.send(outcome);
             }
+            Cmd::PeerGroupForward { forward, reply } => {
+                let pushed = self.router.peer_group_forward(forward, &mut self.endpoint);
+                let _ = reply.send(pushed);
+            }
         }
     }
 
@@ -262,6 +272,7 @@ impl Driver {
         match event {
             proto::profile::Event::Invalidate { user, .. } => self.services.invalidate(Some(user)),
             proto::profile::Event::CacheReset => self.services.invalidate(None),
+            proto::profile::Event::GroupChanged { .. } => {}
         }
         self.router.profile_event(event, &mut self.endpoint);
     }
@@ -308,7 +319,7 @@ impl Driver {
 }
 
 /// Do `action`; the router's answer, if it expects one.
-async fn perform(services: &Services, action: Action, loads: &Semaphore) -> Option<Answer> {
+async fn perform(services: &Arc<Services>, action: Action, loads: &Semaphore) -> Option<Answer> {
     Some(match action {
         Action::Login {
             pending,
@@ -346,10 +357,12 @@ async fn perform(services: &Services, action: Action, loads: &Semaphore) -> Opti
         Action::Store { batch, to, items } => {
             metrics::counter!("gateway_stores_total").increment(1);
             metrics::counter!("gateway_stored_items_total").increment(items.len() as u64);
-            Answer::Stored {
-                batch,
-                result: calls::store(services, to, items).await,
+            let result = calls::store(services, to, items).await;
+            if proto::groups::is_group(to) && result.is_ok() {
+                let services = services.clone();
+                tokio::spawn(async move { crate::group_calls::expire_due(&services, to).await });
             }
+            Answer::Stored { batch, result }
         }
         Action::LoadRelations { users } => {
             metrics::counter!("gateway_relation_reads_total").increment(1);
@@ -357,8 +370,18 @@ async fn perform(services: &Services, action: Action, loads: &Semaphore) -> Opti
             let result = calls::relations(services, users.clone()).await;
             Answer::Relations { users, result }
         }
+        Action::LoadGroup { group } => {
+            metrics::counter!("gateway_group_reads_total").increment(1);
+            let _permit = loads.acquire().await.expect("never closed");
+            let result = calls::group(services, group).await;
+            Answer::Group { group, result }
+        }
         Action::Notify { to, delivery } => {
             calls::notify(services, to, delivery).await;
+            return None;
+        }
+        Action::GroupNotify { forward } => {
+            crate::group_calls::notify(services, forward).await;
             return None;
         }
         Action::Offline { user, session } => {

@@ -7,7 +7,9 @@
 //! * [`login`]: checking a login off the loop (password via profile, or a
 //!   resume token).
 //! * [`calls`]: the service work: client calls answered by presence,
-//!   profile and the shards, stores, notifications, relation reads.
+//!   profile and the shards, stores, notifications, relation reads;
+//!   [`group_calls`]: the same for chat groups (paging a group's mailbox,
+//!   cursors, the group list, forwarding a group message once per gateway).
 //! * [`peers`]: the gateway-to-gateway link (forwarded messages).
 //! * [`shards`]: placement by consistent hashing over the cluster map in
 //!   use, following `Moved` and `Busy`; [`shard_links`]: the connections.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod daemon;
 pub mod dedupe;
 pub mod driver;
+pub mod group_calls;
 pub mod keys;
 pub mod login;
 pub mod map_push;

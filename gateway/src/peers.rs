@@ -26,7 +26,10 @@ use bytes::BytesMut;
 use presence::PresenceClient;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
-    peer::{Forward, PeerOutcome, PeerRequest, PeerRequestBody, PeerResponse, PeerResponseBody},
+    peer::{
+        Forward, GroupForward, PeerOutcome, PeerRequest, PeerRequestBody, PeerResponse,
+        PeerResponseBody,
+    },
 };
 use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::{
@@ -42,12 +45,13 @@ pub const PEER_IN_FLIGHT_MAX: usize = 4096;
 /// Largest peer frame body (a message body is at most 16 KiB).
 pub const PEER_FRAME_BYTES_MAX: usize = FRAME_BODY_BYTES_MAX_DEFAULT;
 
-type Waiter = oneshot::Sender<PeerOutcome>;
+type Waiter = oneshot::Sender<PeerResponseBody>;
+type LinkSender = mpsc::Sender<(PeerRequestBody, Waiter)>;
 
 /// Connections to the other gateways, by gateway id.
 #[derive(Default)]
 pub struct PeerLinks {
-    links: Mutex<HashMap<u32, mpsc::Sender<(Forward, Waiter)>>>,
+    links: Mutex<HashMap<u32, LinkSender>>,
 }
 
 impl PeerLinks {
@@ -60,17 +64,41 @@ impl PeerLinks {
         gateway: u32,
         forward: Forward,
     ) -> Option<PeerOutcome> {
-        let link = self.link(presence, gateway).await?;
-        let (tx, rx) = oneshot::channel();
-        link.send((forward, tx)).await.ok()?;
-        rx.await.ok()
+        let body = PeerRequestBody::Forward(forward);
+        match self.request(presence, gateway, body).await? {
+            PeerResponseBody::Forwarded(outcome) => Some(outcome),
+            _ => None,
+        }
     }
 
-    async fn link(
+    /// Forward a group message to gateway `gateway`; how many of its
+    /// members there got it, or `None` as for [`PeerLinks::forward`].
+    pub async fn group_forward(
         &self,
         presence: &PresenceClient,
         gateway: u32,
-    ) -> Option<mpsc::Sender<(Forward, Waiter)>> {
+        forward: GroupForward,
+    ) -> Option<u32> {
+        let body = PeerRequestBody::GroupForward(forward);
+        match self.request(presence, gateway, body).await? {
+            PeerResponseBody::GroupForwarded { pushed } => Some(pushed),
+            _ => None,
+        }
+    }
+
+    async fn request(
+        &self,
+        presence: &PresenceClient,
+        gateway: u32,
+        body: PeerRequestBody,
+    ) -> Option<PeerResponseBody> {
+        let link = self.link(presence, gateway).await?;
+        let (tx, rx) = oneshot::channel();
+        link.send((body, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn link(&self, presence: &PresenceClient, gateway: u32) -> Option<LinkSender> {
         let mut links = self.links.lock().await;
         if let Some(l) = links.get(&gateway).filter(|l| !l.is_closed()) {
             return Some(l.clone());
@@ -97,9 +125,9 @@ impl PeerLinks {
     }
 }
 
-/// One outgoing link: write forwards, match answers by id. Ends (failing
+/// One outgoing link: write requests, match answers by id. Ends (failing
 /// every waiter) when the connection breaks.
-async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Waiter)>) {
+async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(PeerRequestBody, Waiter)>) {
     let (mut rd, mut wr) = stream.into_split();
     let mut waiting: HashMap<u64, Waiter> = HashMap::new();
     let mut next_id = 0u64;
@@ -108,10 +136,10 @@ async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Wait
     loop {
         tokio::select! {
             request = requests.recv() => {
-                let Some((forward, waiter)) = request else { return };
+                let Some((body, waiter)) = request else { return };
                 next_id += 1;
                 out.clear();
-                let request = PeerRequest { id: next_id, body: PeerRequestBody::Forward(forward) };
+                let request = PeerRequest { id: next_id, body };
                 if frame::encode(&request, PEER_FRAME_BYTES_MAX, &mut out).is_err() {
                     continue; // dropping the waiter fails the forward
                 }
@@ -125,10 +153,8 @@ async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(Forward, Wait
                     return;
                 }
                 while let Ok(Decoded::Frame(r)) = frame::decode::<PeerResponse>(&mut buf, PEER_FRAME_BYTES_MAX) {
-                    // A waiter answered with anything else is dropped: its
-                    // forward failed.
-                    if let (Some(w), PeerResponseBody::Forwarded(outcome)) = (waiting.remove(&r.id), r.body) {
-                        let _ = w.send(outcome);
+                    if let Some(w) = waiting.remove(&r.id) {
+                        let _ = w.send(r.body);
                     }
                 }
             }
@@ -276,6 +302,16 @@ async fn serve_link(
                 Answer::Forward(rx)
             }
             PeerRequestBody::MapUpdate(map) => Answer::Map(map),
+            PeerRequestBody::GroupForward(forward) => {
+                let (tx, rx) = oneshot::channel();
+                if cmds
+                    .send(Cmd::PeerGroupForward { forward, reply: tx })
+                    .is_err()
+                {
+                    return;
+                }
+                Answer::GroupForward(rx)
+            }
         };
         tokio::spawn(answer_one(
             request.id,
@@ -293,6 +329,8 @@ enum Answer {
     Forward(oneshot::Receiver<PeerOutcome>),
     /// A map to offer to the map keeper.
     Map(proto::cluster::ClusterMap),
+    /// The event loop's count of members a group message was pushed to.
+    GroupForward(oneshot::Receiver<u32>),
 }
 
 /// Wait for one request's answer and write it back.
@@ -308,6 +346,9 @@ async fn answer_one(
             PeerResponseBody::Forwarded(rx.await.unwrap_or(PeerOutcome::NotHere))
         }
         Answer::Map(map) => PeerResponseBody::Map(services.maps.offer(&services.shards, map).await),
+        Answer::GroupForward(rx) => PeerResponseBody::GroupForwarded {
+            pushed: rx.await.unwrap_or(0),
+        },
     };
     let mut out = Vec::new();
     if frame::encode(&PeerResponse { id, body }, PEER_FRAME_BYTES_MAX, &mut out).is_ok() {

@@ -21,7 +21,20 @@ pub struct Services {
     /// Profiles read through this gateway, at most `limits.profile_cache_entries`;
     /// an entry goes when the profile service pushes a newer version.
     pub profiles: quick_cache::sync::Cache<u64, proto::profile::Profile>,
+    /// Per group, the seq up to which this gateway last trimmed its mailbox
+    /// (every member had read that far), at most `GROUP_TRIMS_REMEMBERED`.
+    pub group_trims: quick_cache::sync::Cache<u64, u64>,
+    /// Per group, when (ms since the Unix epoch) this gateway last had its
+    /// mailbox expire what is past `limits.group_retention_days`.
+    pub group_expiries: quick_cache::sync::Cache<u64, u64>,
 }
+
+/// Groups whose last trim a gateway remembers (a forgotten one costs one
+/// redundant, harmless trim).
+pub const GROUP_TRIMS_REMEMBERED: usize = 100_000;
+/// A group's mailbox is asked to expire old messages at most this often
+/// by one gateway.
+pub const GROUP_EXPIRY_INTERVAL_MS: u64 = 60_000;
 
 impl Services {
     /// Profiles of those of `users` that exist (in order), from the cache

@@ -424,6 +424,14 @@ impl Shards {
         .await
     }
 
+    /// Delete `mailbox`'s oldest records stored before `before_ms`.
+    pub async fn expire(&self, mailbox: u64, before_ms: u64) -> Result<u64, ShardCallError> {
+        self.call(mailbox, Retry::OnBrokenLink, |c| async move {
+            c.expire(mailbox, before_ms).await
+        })
+        .await
+    }
+
     pub async fn user_stats(&self, user: u64) -> Result<MailboxStats, ShardCallError> {
         self.call(user, Retry::OnBrokenLink, |c| async move {
             c.user_stats(user).await

@@ -9,6 +9,7 @@
 //! changes, kicks. Byte layout: `docs/PROTOCOL.md` section 6.
 
 use crate::{
+    groups::{GroupInfo, GroupInvite, GroupRole},
     presence::Status,
     profile::{AvatarHash, LoginView, Profile},
 };
@@ -194,6 +195,96 @@ pub enum Call {
     Unblock {
         user: u64,
     },
+    // ---- chat groups (docs/PROTOCOL.md §6.7) ----
+    /// Send `body` to every member of `group` (the sender must be one). The
+    /// message is stored once, in the group's mailbox; answered
+    /// [`Reply::Sent`] with its group seq once durable there; members
+    /// online get [`GatewayMessage::GroupDeliver`], the others fetch.
+    GroupSend {
+        group: u64,
+        msg_id: u128,
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    },
+    /// The group's stored messages with `seq > after_seq`, as
+    /// [`Call::Fetch`] pages a mailbox; [`Reply::GroupMailbox`].
+    GroupFetch {
+        group: u64,
+        after_seq: u64,
+        max_count: u32,
+        max_bytes: u32,
+    },
+    /// Move this member's read cursor to `up_to_seq` (never back);
+    /// [`Reply::Done`].
+    GroupAck {
+        group: u64,
+        up_to_seq: u64,
+    },
+    /// This user's groups with unread counts, and invitations waiting;
+    /// [`Reply::Groups`].
+    Groups,
+    /// Create a group with this user as owner; [`Reply::Group`].
+    GroupCreate {
+        name: String,
+        topic: String,
+    },
+    /// Invite a user (by username) into a group this user is in;
+    /// [`Reply::Done`].
+    GroupInvite {
+        group: u64,
+        username: String,
+    },
+    /// Accept or decline an invitation; [`Reply::Done`].
+    GroupAnswerInvite {
+        group: u64,
+        accept: bool,
+    },
+    /// Ask to join; an owner or admin answers; [`Reply::Done`].
+    GroupJoin {
+        group: u64,
+    },
+    /// An owner or admin accepts or refuses `user`'s join request;
+    /// [`Reply::Done`].
+    GroupAnswerJoin {
+        group: u64,
+        user: u64,
+        accept: bool,
+    },
+    /// [`Reply::Done`].
+    GroupLeave {
+        group: u64,
+    },
+    /// [`Reply::Done`].
+    GroupRemove {
+        group: u64,
+        user: u64,
+    },
+    /// The owner makes `user` an admin or a member; [`Reply::Done`].
+    GroupSetRole {
+        group: u64,
+        user: u64,
+        role: GroupRole,
+    },
+    /// The owner hands the group to member `to`; [`Reply::Done`].
+    GroupTransfer {
+        group: u64,
+        to: u64,
+    },
+    /// [`Reply::Done`].
+    GroupRename {
+        group: u64,
+        name: Option<String>,
+        topic: Option<String>,
+    },
+    /// [`Reply::Done`].
+    GroupDissolve {
+        group: u64,
+    },
+    /// The group, its members and join requests (members only);
+    /// [`Reply::Group`].
+    GroupInfo {
+        group: u64,
+    },
 }
 
 /// Everything the gateway sends inside a session.
@@ -215,6 +306,15 @@ pub enum GatewayMessage {
     /// not be pushed (the session's send queue was full): fetch after the
     /// last seq shown.
     MailboxChanged { high_seq: u64 },
+    /// A message of a group this user is in, pushed while online;
+    /// `delivery.seq` is its seq in the group's mailbox.
+    GroupDeliver { group: u64, delivery: Delivery },
+    /// The group's name, topic, members, roles or join requests changed,
+    /// or it was dissolved: read it again (`GroupInfo`, `Groups`).
+    GroupChanged { group: u64, version: u64 },
+    /// Group messages up to `high_seq` could not be pushed (the session's
+    /// send queue was full): fetch the group after the last seq shown.
+    GroupMailboxChanged { group: u64, high_seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +358,36 @@ pub enum Reply {
         bytes: Vec<u8>,
     },
     Done,
+    /// A page of a group's mailbox ([`Call::GroupFetch`]).
+    GroupMailbox {
+        messages: Vec<Delivery>,
+        /// As in [`Reply::Mailbox`].
+        last_seq: u64,
+        more: bool,
+        /// Seqs after `after_seq` that no longer exist (past the group's
+        /// retention, or not readable): the client skips them and tells
+        /// its user how many were missed, never a silent gap.
+        dropped: u64,
+    },
+    Groups {
+        groups: Vec<GroupSummary>,
+        invites: Vec<GroupInvite>,
+    },
+    Group(GroupInfo),
+}
+
+/// One group of the user, with where its mailbox stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub group: u64,
+    pub name: String,
+    pub role: GroupRole,
+    pub members: u32,
+    /// The user's cursor: every seq up to it was read.
+    pub read_seq: u64,
+    /// The highest seq stored in the group's mailbox (0 when the shard did
+    /// not answer): `high_seq - read_seq` messages are unread.
+    pub high_seq: u64,
 }
 
 /// The answer to a send: the message is durable in the recipient's mailbox

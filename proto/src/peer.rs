@@ -22,6 +22,23 @@ pub enum PeerRequestBody {
     /// Route by this cluster map from now on, if its epoch is newer than
     /// the one in use (answered [`PeerResponseBody::Map`]).
     MapUpdate(ClusterMap),
+    /// Push a group message, stored once in the group's mailbox, to those
+    /// of `members` with a session on the receiving gateway (answered
+    /// [`PeerResponseBody::GroupForwarded`]). A gateway sends at most one
+    /// per message to each other gateway with members online.
+    GroupForward(GroupForward),
+}
+
+/// A group message for the members presence says are on the receiving
+/// gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupForward {
+    pub group: u64,
+    /// The members to push to, sorted (the receiver pushes only to those
+    /// it has a session of).
+    pub members: Vec<u64>,
+    /// `delivery.seq` is the message's seq in the group's mailbox.
+    pub delivery: Delivery,
 }
 
 /// Push this message, already stored in `to`'s mailbox at `seq`, to `to`'s
@@ -75,6 +92,9 @@ pub enum PeerResponseBody {
     Forwarded(PeerOutcome),
     /// The answer to a [`PeerRequestBody::MapUpdate`].
     Map(MapAnswer),
+    /// The answer to a [`PeerRequestBody::GroupForward`]: how many of the
+    /// members got it handed to their session.
+    GroupForwarded { pushed: u32 },
 }
 
 /// What the receiving gateway did with a [`Forward`]. Either way the

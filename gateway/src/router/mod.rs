@@ -27,18 +27,22 @@
 //!   relations (friends, blocks, disabled), invalidated by the profile
 //!   service's pushes, not by a round trip per message.
 
+mod groups;
 mod holds;
 mod relations;
 mod sends;
 mod sessions;
 
 use crate::{calls::CallResult, config::GatewayConfig};
+use groups::GroupCache;
+pub use groups::GroupMembers;
 use proto::{
     app::{
         self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, StoredEnvelope,
     },
     clock::{quota, Clock, KeyedLimiter},
-    peer::{Forward, PeerOutcome},
+    groups::{is_group, GroupInfo},
+    peer::{Forward, GroupForward, PeerOutcome},
     presence::Status,
     profile::Relations,
     session::{CloseReason, Event, MsgId, PendingId, SendError, ServerEvent},
@@ -104,6 +108,11 @@ pub enum Action {
     /// Read these users' relations from profile; answered
     /// [`Answer::Relations`].
     LoadRelations { users: Vec<u64> },
+    /// Read a group's members from profile; answered [`Answer::Group`].
+    LoadGroup { group: u64 },
+    /// A stored group message for members with no session here: forward
+    /// it once to each gateway presence says some of them are on.
+    GroupNotify { forward: GroupForward },
     /// A session ended: tell presence.
     Offline { user: u64, session: u64 },
 }
@@ -140,6 +149,11 @@ pub enum Answer {
         users: Vec<u64>,
         result: Result<Vec<Relations>, AppError>,
     },
+    /// The group, or `None` if there is no such group.
+    Group {
+        group: u64,
+        result: Result<Option<GroupInfo>, AppError>,
+    },
 }
 
 /// What a finished call changed that the router must know.
@@ -150,6 +164,9 @@ pub struct CallEffects {
     /// Users whose relations changed (a friend accepted, removed, blocked):
     /// dropped from the cache at once, before the profile service's push.
     pub changed: Vec<u64>,
+    /// Groups whose members changed (joined, left, removed): dropped from
+    /// the cache at once, before the profile service's push.
+    pub groups_changed: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +197,7 @@ pub struct RouterConfig {
     pub messages_burst: u32,
     pub dedupe_entries_max: usize,
     pub relations_cache_bytes_max: usize,
+    pub group_cache_bytes_max: usize,
     pub allow_strangers: bool,
     pub send_answer: Duration,
     pub retry_hold: Duration,
@@ -198,6 +216,7 @@ impl RouterConfig {
             messages_burst: l.messages_burst,
             dedupe_entries_max: l.dedupe_entries_max,
             relations_cache_bytes_max: l.relations_cache_bytes_max,
+            group_cache_bytes_max: l.group_cache_bytes_max,
             allow_strangers: l.allow_strangers,
             send_answer: Duration::from_millis(config.timers.send_answer_ms_max),
             retry_hold: Duration::from_millis(config.timers.retry_hold_ms),
@@ -222,6 +241,7 @@ pub struct Router {
     sessions: SessionTable,
     sends: Sends,
     relations: RelationsCache,
+    groups: GroupCache,
     actions: VecDeque<Action>,
     pending_logins: usize,
     message_rate: MessageRate,
@@ -244,6 +264,7 @@ impl Router {
         Router {
             sends: Sends::new(config.dedupe_entries_max),
             relations: RelationsCache::new(config.relations_cache_bytes_max),
+            groups: GroupCache::new(config.group_cache_bytes_max),
             sessions: SessionTable::default(),
             actions: VecDeque::new(),
             pending_logins: 0,
@@ -314,6 +335,7 @@ impl Router {
             } => self.on_call_done(session, id, result, effects, io),
             Answer::Stored { batch, result } => self.on_stored(now, batch, result, io),
             Answer::Relations { users, result } => self.on_relations(now, users, result, io),
+            Answer::Group { group, result } => self.on_group(now, group, result, io),
         }
         self.flush_loads();
     }
@@ -373,8 +395,12 @@ impl Router {
                     self.relations.request(user);
                 }
             }
+            proto::profile::Event::GroupChanged { group, version } => {
+                self.group_changed(group, version);
+            }
             proto::profile::Event::CacheReset => {
                 self.relations.clear();
+                self.groups.clear();
                 for user in self.sessions.users() {
                     self.relations.request(user);
                 }
@@ -512,6 +538,12 @@ impl Router {
                     self.sessions.note_missed(session, high_seq);
                 }
             }
+            for (group, high_seq) in self.sessions.take_missed_groups(session) {
+                let hint = GatewayMessage::GroupMailboxChanged { group, high_seq };
+                if io.send(session, app::encode(&hint)).is_err() {
+                    self.sessions.note_missed_group(session, group, high_seq);
+                }
+            }
         }
     }
 
@@ -527,32 +559,54 @@ impl Router {
             return;
         };
         let in_flight_full = s.in_flight >= self.config.requests_in_flight_per_session_max;
-        match msg.call {
-            Call::Send { to, msg_id, body } => {
-                let send = sends::NewSend {
-                    session,
-                    id: msg.id,
-                    key: (user, msg_id),
-                    to,
-                    body,
-                };
-                self.on_send(now, send, in_flight_full, io);
+        let (to, msg_id, body) = match msg.call {
+            Call::Send { to, msg_id, body } if !is_group(to) => (to, msg_id, body),
+            Call::GroupSend {
+                group,
+                msg_id,
+                body,
+            } if is_group(group) => (group, msg_id, body),
+            Call::Send { .. } | Call::GroupSend { .. } => {
+                let e = error(
+                    AppErrorCode::BadRequest,
+                    "Send takes a user id, GroupSend a group id",
+                );
+                return self.reply(session, msg.id, Err(e), io);
             }
-            Call::Logout => io.close(session),
+            Call::Logout => return io.close(session),
             _ if in_flight_full => {
                 let e = error(AppErrorCode::RateLimited, "too many requests in flight");
-                self.reply(session, msg.id, Err(e), io);
+                return self.reply(session, msg.id, Err(e), io);
             }
             call => {
-                self.sessions.take_slot(session);
-                self.actions.push_back(Action::Call {
-                    session,
-                    id: msg.id,
-                    user,
-                    call,
-                });
+                if let Err(e) = groups::check_ids(&call) {
+                    return self.reply(session, msg.id, Err(e), io);
+                }
+                return match groups::membership_needed(&call) {
+                    Some(group) => self.member_call(now, group, (session, msg.id, user, call), io),
+                    None => self.dispatch_call(session, msg.id, user, call),
+                };
             }
-        }
+        };
+        let send = sends::NewSend {
+            session,
+            id: msg.id,
+            key: (user, msg_id),
+            to,
+            body,
+        };
+        self.on_send(now, send, in_flight_full, io);
+    }
+
+    /// Hand a call to the services.
+    fn dispatch_call(&mut self, session: u64, id: u32, user: u64, call: Call) {
+        self.sessions.take_slot(session);
+        self.actions.push_back(Action::Call {
+            session,
+            id,
+            user,
+            call,
+        });
     }
 
     fn on_call_done(
@@ -569,6 +623,9 @@ impl Router {
         }
         for user in effects.changed {
             self.relations.drop_entry(user);
+        }
+        for group in effects.groups_changed {
+            self.groups.drop_entry(group);
         }
         self.reply(session, id, result, io);
     }
@@ -604,6 +661,9 @@ impl Router {
     fn flush_loads(&mut self) {
         for users in self.relations.take_requests() {
             self.actions.push_back(Action::LoadRelations { users });
+        }
+        for group in self.groups.take_requests() {
+            self.actions.push_back(Action::LoadGroup { group });
         }
     }
 }

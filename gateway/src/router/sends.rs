@@ -5,20 +5,22 @@
 
 use super::{
     error,
+    groups::{self, GroupLookup},
     holds::{Hold, Holds},
     relations::Lookup,
     Action, Now, Router, Sessions, StoreItem,
 };
 use crate::dedupe::{FastMap, RecentSends, SendKey};
-use proto::app::{
-    AppError, AppErrorCode, Delivery, Reply, SendOutcome, StoredEnvelope, BODY_BYTES_MAX,
+use proto::{
+    app::{AppError, AppErrorCode, Delivery, Reply, SendOutcome, StoredEnvelope, BODY_BYTES_MAX},
+    groups::is_group,
 };
 use std::{
     collections::{BTreeSet, VecDeque},
     time::Instant,
 };
 
-/// (sender, recipient).
+/// (sender, recipient): the recipient is a user or a group.
 pub(crate) use super::holds::ConvKey;
 /// A request waiting for a send's outcome: (session, request id).
 pub(crate) type Waiter = (u64, u32);
@@ -268,16 +270,16 @@ impl Router {
             return;
         }
         let to = conv.1;
-        let verdict = match self.relations.lookup(now.at, to) {
-            Lookup::Missing => {
-                self.relations.request(to);
-                let waiting = self.sends.waiting.entry(to).or_default();
-                if !waiting.contains(&conv) {
-                    waiting.push(conv);
-                }
-                return;
+        let verdict = if is_group(to) {
+            match self.groups.lookup(now.at, to) {
+                GroupLookup::Missing => return self.wait_for_recipient(conv),
+                GroupLookup::Known(g) => groups::may_send(g.as_deref(), conv.0),
             }
-            Lookup::Known(rel) => super::relations::may_write(rel, conv.0, to, &self.config),
+        } else {
+            match self.relations.lookup(now.at, to) {
+                Lookup::Missing => return self.wait_for_recipient(conv),
+                Lookup::Known(rel) => super::relations::may_write(rel, conv.0, to, &self.config),
+            }
         };
         if let Err(e) = verdict {
             // The recipient refuses this sender: every queued message.
@@ -294,6 +296,21 @@ impl Router {
             return;
         }
         self.start_store(conv);
+    }
+
+    /// Load what `conv`'s recipient (a user's relations or a group's
+    /// members) needs before its messages are checked; `conv` waits.
+    fn wait_for_recipient(&mut self, conv: ConvKey) {
+        let to = conv.1;
+        if is_group(to) {
+            self.groups.request(to);
+        } else {
+            self.relations.request(to);
+        }
+        let waiting = self.sends.waiting.entry(to).or_default();
+        if !waiting.contains(&conv) {
+            waiting.push(conv);
+        }
     }
 
     fn start_store(&mut self, conv: ConvKey) {
@@ -425,7 +442,8 @@ impl Router {
     }
 
     /// The send's outcome: answer its waiters; a stored message is
-    /// remembered for retries and pushed to its recipient.
+    /// remembered for retries and pushed to its recipient (to a group's
+    /// members as the router knows them now).
     fn finish(
         &mut self,
         now: Now,
@@ -442,7 +460,15 @@ impl Router {
         let outcome = match &result {
             Ok(_) => "stored",
             Err(e) if e.code.is_retryable() => {
-                self.hold(now, (key.0, p.to), key.1, Some(p.arrival), e.code, true);
+                // Only while the sender has a session here: its holds went
+                // with its last one, and a client that comes back re-sends
+                // from its outbox (maybe settled elsewhere meanwhile), so a
+                // hold made now would refuse it for nothing until it ran
+                // out, long enough for a later message to overtake one
+                // whose refusal it never heard.
+                if self.sessions.session_of(key.0).is_some() {
+                    self.hold(now, (key.0, p.to), key.1, Some(p.arrival), e.code, true);
+                }
                 "retry"
             }
             Err(_) => "refused",
@@ -460,6 +486,9 @@ impl Router {
             body: p.envelope.body,
             seq: outcome.seq,
         };
+        if is_group(p.to) {
+            return self.fan_out(now, p.to, delivery, io);
+        }
         match self.sessions.session_of(p.to) {
             Some(session) => self.push_delivery(session, delivery, io),
             None => self

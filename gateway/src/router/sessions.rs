@@ -20,6 +20,8 @@ pub(crate) struct Session {
     watching: Vec<u64>,
     /// The highest seq that could not be pushed (its send queue was full).
     missed: Option<u64>,
+    /// Per group, the highest group seq that could not be pushed.
+    missed_groups: Vec<(u64, u64)>,
 }
 
 #[derive(Default)]
@@ -60,6 +62,7 @@ impl SessionTable {
             closing_after: None,
             watching: Vec::new(),
             missed: None,
+            missed_groups: Vec::new(),
         };
         self.sessions.insert(session, s);
         self.users.insert(user, session)
@@ -155,6 +158,26 @@ impl SessionTable {
 
     pub(crate) fn take_missed(&mut self, session: u64) -> Option<u64> {
         self.sessions.get_mut(&session)?.missed.take()
+    }
+
+    /// A group message could not be pushed to `session` (one entry per
+    /// group: a session is in at most `user_groups_max` groups).
+    pub(crate) fn note_missed_group(&mut self, session: u64, group: u64, seq: u64) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        metrics::counter!("gateway_pushes_missed_total").increment(1);
+        match s.missed_groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, m)) => *m = (*m).max(seq),
+            None => s.missed_groups.push((group, seq)),
+        }
+    }
+
+    pub(crate) fn take_missed_groups(&mut self, session: u64) -> Vec<(u64, u64)> {
+        self.sessions
+            .get_mut(&session)
+            .map(|s| std::mem::take(&mut s.missed_groups))
+            .unwrap_or_default()
     }
 
     pub(crate) fn park_login(&mut self, pending: PendingId, session: u64, ok: LoginOk) {
