@@ -6,6 +6,9 @@
 //! mailbox first (per-recipient seq), answers the sender `Sent{seq}`, then
 //! pushes the stored message with that seq to the recipient's session if it
 //! has one; `Fetch` reads the mailbox, `Ack` deletes from it cumulatively.
+//! Chat groups likewise: one mailbox per group, pushed to every member
+//! online (the sender too), each member's read cursor moved by `GroupAck`,
+//! `Groups` listing the user's groups with cursor and newest seq.
 
 use client::sdk::{
     connect, ConnectError, Connection, Credentials, ImEvent, LostReason, Page, SdkConfig, SdkError,
@@ -13,8 +16,10 @@ use client::sdk::{
 use proto::{
     app::{
         decode, encode, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage,
-        Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply, SendOutcome,
+        GroupSummary, Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply,
+        SendOutcome,
     },
+    groups::{GroupInfo, GroupMember, GroupRole, GROUP_ID_BASE},
     presence::Status,
     profile::{FriendGroup, LoginView, Profile},
     session::{
@@ -152,6 +157,20 @@ struct StubState {
     /// Logins answered `Stale`.
     stale_logins: usize,
     mailboxes: BTreeMap<u64, StubMailbox>,
+    groups: BTreeMap<u64, StubGroup>,
+    /// Every `GroupSend` received: (sender, group, msg_id).
+    group_sends: Vec<(u64, u64, u128)>,
+    /// `Groups` calls answered.
+    group_lists: usize,
+}
+
+/// A chat group: one mailbox (trimmed with `ack`, as past retention) and
+/// each member's read cursor.
+#[derive(Debug, Default, Clone)]
+struct StubGroup {
+    mailbox: StubMailbox,
+    /// member -> read_seq.
+    members: BTreeMap<u64, u64>,
 }
 
 impl StubState {
@@ -166,6 +185,10 @@ enum StubCommand {
     Push { to: u64, seqs: Vec<u64> },
     /// `MailboxChanged` with the mailbox's last seq.
     MailboxChanged { to: u64 },
+    /// Push these stored records of `group` to member `to`, in this order.
+    GroupPush { group: u64, to: u64, seqs: Vec<u64> },
+    /// `GroupChanged` to `to`.
+    GroupChanged { group: u64, to: u64 },
 }
 
 struct Stub {
@@ -259,6 +282,40 @@ impl Stub {
             .send(StubCommand::MailboxChanged { to })
             .unwrap();
     }
+
+    /// Make `user` a member of `group` (created if new) at `read_seq`.
+    fn join(&self, group: u64, user: u64, read_seq: u64) {
+        let mut state = self.state();
+        let g = state.groups.entry(group).or_default();
+        g.members.insert(user, read_seq);
+    }
+
+    /// Store a group message without pushing it; its seq.
+    fn group_store(&self, group: u64, from: u64, body: &[u8]) -> u64 {
+        let mut state = self.state();
+        let g = state.groups.get_mut(&group).expect("a stub group");
+        let msg_id = u128::from(g.mailbox.last_seq + 1) << 64 | u128::from(from);
+        g.mailbox.store(from, msg_id, body.to_vec()).seq
+    }
+
+    fn group(&self, group: u64) -> StubGroup {
+        self.state()
+            .groups
+            .get(&group)
+            .expect("a stub group")
+            .clone()
+    }
+
+    fn group_push(&self, group: u64, to: u64, seqs: &[u64]) {
+        let seqs = seqs.to_vec();
+        let command = StubCommand::GroupPush { group, to, seqs };
+        self.commands.send(command).unwrap();
+    }
+
+    fn group_changed(&self, group: u64, to: u64) {
+        let command = StubCommand::GroupChanged { group, to };
+        self.commands.send(command).unwrap();
+    }
 }
 
 struct StubGateway {
@@ -307,6 +364,18 @@ impl StubGateway {
             StubCommand::MailboxChanged { to } => {
                 let high_seq = self.state.lock().unwrap().mailbox(to).last_seq;
                 self.push_to(to, &GatewayMessage::MailboxChanged { high_seq });
+            }
+            StubCommand::GroupPush { group, to, seqs } => {
+                let g = self.state.lock().unwrap().groups[&group].clone();
+                for seq in seqs {
+                    let d = g.mailbox.records.iter().find(|d| d.seq == seq);
+                    let delivery = d.expect("stored").clone();
+                    self.push_to(to, &GatewayMessage::GroupDeliver { group, delivery });
+                }
+            }
+            StubCommand::GroupChanged { group, to } => {
+                let version = self.state.lock().unwrap().group_lists as u64;
+                self.push_to(to, &GatewayMessage::GroupChanged { group, version });
             }
         }
     }
@@ -543,6 +612,102 @@ impl StubGateway {
                     .collect(),
             )),
             Call::SetStatus(_) => Ok(Reply::Done),
+            Call::GroupSend {
+                group,
+                msg_id,
+                body,
+            } => {
+                let record = (user, group, msg_id);
+                self.state.lock().unwrap().group_sends.push(record);
+                self.group_send(user, group, msg_id, body)
+            }
+            Call::Groups => {
+                let mut state = self.state.lock().unwrap();
+                state.group_lists += 1;
+                let groups = (state.groups.iter())
+                    .filter_map(|(&group, g)| {
+                        Some(GroupSummary {
+                            group,
+                            name: format!("group {group}"),
+                            role: GroupRole::Member,
+                            members: g.members.len() as u32,
+                            read_seq: *g.members.get(&user)?,
+                            high_seq: g.mailbox.last_seq,
+                        })
+                    })
+                    .collect();
+                Ok(Reply::Groups {
+                    groups,
+                    invites: Vec::new(),
+                })
+            }
+            Call::GroupFetch {
+                group,
+                after_seq,
+                max_count,
+                ..
+            } => {
+                let mut state = self.state.lock().unwrap();
+                let max = state.page_max.unwrap_or(usize::MAX).min(max_count as usize);
+                match state.groups.get_mut(&group) {
+                    Some(g) if g.members.contains_key(&user) => {
+                        let (messages, more) = g.mailbox.page(after_seq, max);
+                        let last_seq = messages.last().map_or(0, |d| d.seq);
+                        // As the gateway: seqs after `after_seq` that are
+                        // gone before the page, or up to the newest.
+                        let dropped = match messages.first() {
+                            Some(d) => d.seq - (after_seq + 1),
+                            None if !more => g.mailbox.last_seq.saturating_sub(after_seq),
+                            None => 0,
+                        };
+                        Ok(Reply::GroupMailbox {
+                            messages,
+                            last_seq,
+                            more,
+                            dropped,
+                        })
+                    }
+                    _ => Err(not_a_member()),
+                }
+            }
+            Call::GroupAck { group, up_to_seq } => {
+                let mut state = self.state.lock().unwrap();
+                let g = state.groups.get_mut(&group);
+                match g.and_then(|g| Some((g.mailbox.last_seq, g.members.get_mut(&user)?))) {
+                    Some((last_seq, cursor)) => {
+                        *cursor = (*cursor).max(up_to_seq.min(last_seq));
+                        Ok(Reply::Done)
+                    }
+                    None => Err(not_a_member()),
+                }
+            }
+            Call::GroupCreate { name, topic } => {
+                let mut state = self.state.lock().unwrap();
+                let group = GROUP_ID_BASE | (state.groups.len() as u64 + 1);
+                let g = state.groups.entry(group).or_default();
+                g.members.insert(user, 0);
+                Ok(Reply::Group(GroupInfo {
+                    group,
+                    name,
+                    topic,
+                    version: 1,
+                    created_ms: 0,
+                    members: vec![GroupMember {
+                        user,
+                        role: GroupRole::Owner,
+                        read_seq: 0,
+                    }],
+                    joins: Vec::new(),
+                }))
+            }
+            Call::GroupLeave { group } => {
+                let mut state = self.state.lock().unwrap();
+                let g = state.groups.get_mut(&group);
+                match g.and_then(|g| g.members.remove(&user)) {
+                    Some(_) => Ok(Reply::Done),
+                    None => Err(not_a_member()),
+                }
+            }
             Call::Logout => {
                 self.reply(session, message.id, Ok(Reply::Done));
                 self.endpoint.close(session);
@@ -596,8 +761,61 @@ impl StubGateway {
         Ok(Reply::Sent(SendOutcome { seq }))
     }
 
+    /// Store in the group's mailbox first, then push to every member
+    /// online, the sender too (unless told not to).
+    fn group_send(
+        &mut self,
+        from: u64,
+        group: u64,
+        msg_id: u128,
+        body: Vec<u8>,
+    ) -> Result<Reply, AppError> {
+        let (delivery, members, copies) = {
+            let mut state = self.state.lock().unwrap();
+            if state.unavailable_sends > 0 {
+                state.unavailable_sends -= 1;
+                return Err(AppError {
+                    code: AppErrorCode::Unavailable,
+                    message: "shard down".into(),
+                });
+            }
+            let copies = match (state.suppress_pushes, state.duplicate_deliveries) {
+                (true, _) => 0,
+                (false, false) => 1,
+                (false, true) => 2,
+            };
+            let Some(g) = state.groups.get_mut(&group) else {
+                return Err(AppError {
+                    code: AppErrorCode::UnknownUser,
+                    message: "no such group".into(),
+                });
+            };
+            if !g.members.contains_key(&from) {
+                return Err(not_a_member());
+            }
+            let delivery = g.mailbox.store(from, msg_id, body);
+            let members: Vec<u64> = g.members.keys().copied().collect();
+            (delivery, members, copies)
+        };
+        let seq = delivery.seq;
+        let push = GatewayMessage::GroupDeliver { group, delivery };
+        for member in members {
+            for _ in 0..copies {
+                self.push_to(member, &push);
+            }
+        }
+        Ok(Reply::Sent(SendOutcome { seq }))
+    }
+
     fn reply(&mut self, session: SessionId, id: u32, result: Result<Reply, AppError>) {
         self.push(session, &GatewayMessage::Reply { id, result });
+    }
+}
+
+fn not_a_member() -> AppError {
+    AppError {
+        code: AppErrorCode::NotAllowed,
+        message: "not a member".into(),
     }
 }
 
@@ -1645,4 +1863,259 @@ async fn a_reconnect_fetches_what_was_stored_meanwhile_and_acknowledges_again() 
     assert_eq!(synced(&bob, &mut bob_events).await, (4, vec![]));
     let mailbox = stub.mailbox(BOB);
     assert_eq!((mailbox.acked, mailbox.records.len()), (4, 0));
+}
+
+// ---- chat groups -------------------------------------------------------------
+
+const G1: u64 = GROUP_ID_BASE | 1;
+const G2: u64 = GROUP_ID_BASE | 2;
+
+/// The events already in the channel (without waiting).
+fn drain(events: &mut mpsc::Receiver<ImEvent>) -> Vec<ImEvent> {
+    std::iter::from_fn(|| events.try_recv().ok()).collect()
+}
+
+/// The next `n` group messages as (group, seq, body) (other events are
+/// skipped).
+async fn group_messages(
+    events: &mut mpsc::Receiver<ImEvent>,
+    n: usize,
+) -> Vec<(u64, u64, Vec<u8>)> {
+    within("group messages", async {
+        let mut shown = Vec::new();
+        while shown.len() < n {
+            let event = events.recv().await.expect("event stream ended");
+            if let ImEvent::GroupMessage { group, delivery } = event {
+                shown.push((group, delivery.seq, delivery.body));
+            }
+        }
+        shown
+    })
+    .await
+}
+
+/// Wait for `synced`; the group messages handed out meanwhile, as
+/// (group, seq), and the other group events.
+async fn group_synced(
+    connection: &Connection,
+    events: &mut mpsc::Receiver<ImEvent>,
+) -> (Vec<(u64, u64)>, Vec<ImEvent>) {
+    within("synced", connection.synced()).await.unwrap();
+    let (mut shown, mut other) = (Vec::new(), Vec::new());
+    for event in drain(events) {
+        match event {
+            ImEvent::GroupMessage { group, delivery } => shown.push((group, delivery.seq)),
+            e @ (ImEvent::GroupDropped { .. } | ImEvent::GroupChanged { .. }) => other.push(e),
+            _ => {}
+        }
+    }
+    (shown, other)
+}
+
+#[tokio::test]
+async fn group_messages_are_shown_once_in_order_and_the_cursor_follows() {
+    const N: u64 = 20;
+    let stub = Stub::fresh().await;
+    stub.state().duplicate_deliveries = true;
+    stub.join(G1, ALICE, 0);
+    stub.join(G1, BOB, 0);
+    let (alice, mut alice_events) = login(&stub, "alice").await;
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    // Some messages go out while bob's group list is still being read.
+    for i in 1..=N {
+        let body = format!("m{i}").into_bytes();
+        let sent = alice.group_send(G1, body).await;
+        assert_eq!(sent, Ok(SendOutcome { seq: i }));
+    }
+    let expected: Vec<(u64, u64, Vec<u8>)> = (1..=N)
+        .map(|i| (G1, i, format!("m{i}").into_bytes()))
+        .collect();
+    assert_eq!(group_messages(&mut bob_events, N as usize).await, expected);
+    assert_eq!(
+        group_messages(&mut alice_events, N as usize).await,
+        expected,
+        "the sender sees its own messages in their place"
+    );
+    assert_eq!(group_synced(&bob, &mut bob_events).await, (vec![], vec![]));
+    assert_eq!(stub.group(G1).members[&BOB], N, "bob's cursor");
+    let stats = bob.stats().groups;
+    assert_eq!((stats.inbox.shown, stats.groups), (N, 1));
+    assert!(stats.inbox.duplicates >= N - 1, "{stats:?}");
+    assert_eq!(bob.stats().inbox.shown, 0, "nothing in the 1:1 mailbox");
+}
+
+#[tokio::test]
+async fn group_messages_stored_while_away_come_after_the_cursor_and_gaps_are_told() {
+    let stub = Stub::fresh().await;
+    stub.join(G1, ALICE, 0);
+    stub.join(G1, BOB, 2);
+    for i in 1..=5u8 {
+        stub.group_store(G1, ALICE, &[i]);
+    }
+    // G2 kept only seqs 3 and 4: 1 and 2 went past its retention before
+    // bob read them.
+    stub.join(G2, BOB, 0);
+    for i in 1..=4u8 {
+        stub.group_store(G2, ALICE, &[i]);
+    }
+    stub.state().groups.get_mut(&G2).unwrap().mailbox.ack(2);
+    stub.store(BOB, ALICE, 1, b"direct");
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    within("synced", bob.synced()).await.unwrap();
+    let events = drain(&mut bob_events);
+    let g1: Vec<u64> = (events.iter())
+        .filter_map(|e| match e {
+            ImEvent::GroupMessage {
+                group: G1,
+                delivery,
+            } => Some(delivery.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(g1, [3, 4, 5], "after the cursor, in order, once");
+    let g2: Vec<String> = (events.iter())
+        .filter_map(|e| match e {
+            ImEvent::GroupMessage {
+                group: G2,
+                delivery,
+            } => Some(format!("m{}", delivery.seq)),
+            ImEvent::GroupDropped { group: G2, count } => Some(format!("dropped {count}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(g2, ["dropped 2", "m3", "m4"], "told before what follows");
+    let direct = events
+        .iter()
+        .filter(|e| matches!(e, ImEvent::Message(d) if d.body == b"direct"));
+    assert_eq!(direct.count(), 1);
+    assert_eq!(stub.group(G1).members[&BOB], 5);
+    assert_eq!(stub.group(G2).members[&BOB], 4);
+    let stats = bob.stats().groups;
+    assert_eq!((stats.inbox.shown, stats.dropped_told), (5, 2));
+}
+
+#[tokio::test]
+async fn a_group_joined_after_login_starts_at_its_cursor_whatever_push_comes_first() {
+    let stub = Stub::fresh().await;
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    assert_eq!(group_synced(&bob, &mut bob_events).await, (vec![], vec![]));
+    stub.join(G1, ALICE, 0);
+    for i in 1..=4u8 {
+        stub.group_store(G1, ALICE, &[i]);
+    }
+    // Bob joins at the group's newest seq, 4; then 5 and 6 are stored and
+    // only 6's push reaches him (5's is still on its way, or was dropped).
+    stub.join(G1, BOB, 4);
+    stub.group_store(G1, ALICE, b"five");
+    stub.group_store(G1, ALICE, b"six");
+    stub.group_push(G1, BOB, &[6]);
+    let shown = group_messages(&mut bob_events, 2).await;
+    let shown: Vec<(u64, &[u8])> = shown.iter().map(|(_, s, b)| (*s, &b[..])).collect();
+    assert_eq!(shown, [(5, &b"five"[..]), (6, &b"six"[..])]);
+    assert_eq!(group_synced(&bob, &mut bob_events).await, (vec![], vec![]));
+    assert_eq!(stub.group(G1).members[&BOB], 6);
+    assert!(stub.state().group_lists >= 2, "the push had the list read");
+}
+
+#[tokio::test]
+async fn a_group_change_is_told_and_starts_or_drops_the_group_s_inbox() {
+    let stub = Stub::fresh().await;
+    stub.join(G1, ALICE, 0);
+    stub.group_store(G1, ALICE, b"before bob");
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    assert_eq!(group_synced(&bob, &mut bob_events).await, (vec![], vec![]));
+    // Invited and accepted elsewhere: at cursor 0, so he reads what is kept.
+    stub.join(G1, BOB, 0);
+    stub.group_changed(G1, BOB);
+    let shown = group_messages(&mut bob_events, 1).await;
+    assert_eq!(shown, [(G1, 1, b"before bob".to_vec())]);
+    let (shown, told) = group_synced(&bob, &mut bob_events).await;
+    assert_eq!(shown, []);
+    assert!(
+        told.is_empty(),
+        "the change came before the message: {told:?}"
+    );
+    assert_eq!(bob.stats().groups.groups, 1);
+    // Left: the list read after the change drops the inbox.
+    bob.group_leave(G1).await.unwrap();
+    stub.group_changed(G1, BOB);
+    until("the inbox is dropped", || bob.stats().groups.groups == 0).await;
+    let (_, told) = group_synced(&bob, &mut bob_events).await;
+    assert!(
+        told.iter()
+            .any(|e| matches!(e, ImEvent::GroupChanged { group: G1, .. })),
+        "{told:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_group_send_shares_the_outbox_and_retries_with_the_same_id() {
+    let stub = Stub::fresh().await;
+    let (alice, mut alice_events) = login(&stub, "alice").await;
+    let info = alice.group_create("tea", "oolong").await.unwrap();
+    assert_eq!((info.name.as_str(), info.members.len()), ("tea", 1));
+    let group = info.group;
+    stub.state().unavailable_sends = 2;
+    let first = alice.group_send(group, b"one".to_vec());
+    let second = alice.send(BOB, b"two".to_vec());
+    let (first, second) = within("sends", async { tokio::join!(first, second) }).await;
+    assert_eq!(first, Ok(SendOutcome { seq: 1 }));
+    assert_eq!(second, Ok(SendOutcome { seq: 1 }));
+    let sends = stub.state().group_sends.clone();
+    assert!(sends.len() >= 2, "re-sent after Unavailable: {sends:?}");
+    assert!(
+        sends.iter().all(|s| *s == (ALICE, group, sends[0].2)),
+        "the same id each time: {sends:?}"
+    );
+    assert_eq!(stub.group(group).mailbox.last_seq, 1, "stored once");
+    let shown = group_messages(&mut alice_events, 1).await;
+    assert_eq!(shown, [(group, 1, b"one".to_vec())]);
+
+    // Ids in the wrong place are refused before anything is sent.
+    let invalid = |r: Result<_, SdkError>| matches!(r, Err(SdkError::Invalid(_)));
+    assert!(invalid(alice.send(group, b"x".to_vec()).await.map(drop)));
+    assert!(invalid(
+        alice.group_send(BOB, b"x".to_vec()).await.map(drop)
+    ));
+    assert!(invalid(alice.group_leave(BOB).await));
+    assert!(invalid(alice.group_info(BOB).await.map(drop)));
+    let (groups, invites) = alice.groups().await.unwrap();
+    assert_eq!(groups.iter().map(|g| g.group).collect::<Vec<_>>(), [group]);
+    assert!(invites.is_empty());
+}
+
+#[tokio::test]
+async fn a_reconnect_reads_the_group_list_again_and_goes_on_from_the_cursor() {
+    let stub = Stub::fresh().await;
+    stub.join(G1, ALICE, 0);
+    stub.join(G1, BOB, 0);
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    assert_eq!(group_synced(&bob, &mut bob_events).await, (vec![], vec![]));
+    for i in 1..=2u8 {
+        stub.group_store(G1, ALICE, &[i]);
+    }
+    stub.group_push(G1, BOB, &[2, 1]);
+    let shown = group_messages(&mut bob_events, 2).await;
+    assert_eq!(shown.iter().map(|m| m.1).collect::<Vec<_>>(), [1, 2]);
+    until("bob's cursor moves", || stub.group(G1).members[&BOB] == 2).await;
+
+    // The gateway restarts; the group gets two more messages meanwhile.
+    let state = stub.state.clone();
+    let (addr, keys) = stub.kill().await;
+    for i in 3..=4u8 {
+        let mut state = state.lock().unwrap();
+        let g = state.groups.get_mut(&G1).unwrap();
+        g.mailbox.store(ALICE, u128::from(i), vec![i]);
+    }
+    let stub = Stub::start_with(addr, keys, state).await;
+    let shown = group_messages(&mut bob_events, 2).await;
+    assert_eq!(
+        shown.iter().map(|m| m.1).collect::<Vec<_>>(),
+        [3, 4],
+        "1 and 2 are not shown again"
+    );
+    assert_eq!(group_synced(&bob, &mut bob_events).await, (vec![], vec![]));
+    assert_eq!(stub.group(G1).members[&BOB], 4);
+    assert_eq!(stub.state().group_lists, 2, "one list per login");
+    assert_eq!(bob.stats().reconnects, 1);
 }

@@ -101,6 +101,26 @@ impl InboxRequest {
             InboxRequest::Ack { up_to_seq } => Call::Ack { up_to_seq },
         }
     }
+
+    /// The application call that carries this request for the mailbox of
+    /// `group` (a chat group: the same seq rules, the member's read cursor
+    /// as its acknowledgement): `Call::GroupFetch` or `Call::GroupAck`.
+    /// `GroupAck` is answered `Reply::Done`, not `Reply::Acked`.
+    pub fn group_call(self, group: u64) -> Call {
+        match self {
+            InboxRequest::Fetch {
+                after_seq,
+                max_count,
+                max_bytes,
+            } => Call::GroupFetch {
+                group,
+                after_seq,
+                max_count,
+                max_bytes,
+            },
+            InboxRequest::Ack { up_to_seq } => Call::GroupAck { group, up_to_seq },
+        }
+    }
 }
 
 /// Counters of one inbox.

@@ -16,6 +16,14 @@
 //! both, and acknowledges what it handed to the application's event
 //! channel (which deletes it from the mailbox).
 //!
+//! Chat groups follow the same rules, one mailbox per group
+//! (`group_inboxes`): after every login the task reads the user's group
+//! list (`Call::Groups`) and starts each group's inbox at the member's read
+//! cursor; group messages come as [`ImEvent::GroupMessage`], each once, in
+//! the group's seq order, and the cursor is moved (`GroupAck`) over what
+//! was handed out. Sends to a group ([`Connection::group_send`]) go through
+//! the same outbox as 1:1 sends.
+//!
 //! Calls are answered whether or not the application reads its events.
 //! While the event channel is full, messages wait in the mailbox,
 //! unacknowledged: what the connection never handed out (it ended first)
@@ -23,17 +31,22 @@
 
 mod error;
 mod establish;
+mod group_inboxes;
 mod outbox;
 mod worker;
 
 pub use error::{ConnectError, LostReason, SdkError};
 pub use establish::GATEWAY_ADDRS_MAX;
+pub use group_inboxes::{
+    GroupStats, GROUP_DEDUPE_IDS_MAX, GROUP_HELD_BYTES_MAX, GROUP_READY_MAX, UNLISTED_BYTES_MAX,
+};
 
 use proto::{
     app::{
-        Call, Delivery, LoginAccepted, Reply, SendOutcome, BODY_BYTES_MAX, FETCH_BYTES_MAX,
-        FETCH_COUNT_MAX, PROFILES_MAX,
+        Call, Delivery, GroupSummary, LoginAccepted, Reply, SendOutcome, BODY_BYTES_MAX,
+        FETCH_BYTES_MAX, FETCH_COUNT_MAX, PROFILES_MAX,
     },
+    groups::{is_group, GroupId, GroupInfo, GroupInvite, GroupRole},
     inbox::InboxStats,
     presence::Status,
     profile::{AvatarHash, LoginView, Profile, UserId, AVATAR_BYTES_MAX, AVATAR_RANGE_BYTES_MAX},
@@ -78,8 +91,10 @@ pub struct SdkLimits {
     pub requests_in_flight_max: usize,
     /// Sends waiting for their answer at most; the rest of the outbox
     /// waits its turn, in order. Keep this plus `requests_in_flight_max`
-    /// at or below the gateway's `requests_in_flight_per_session_max`
-    /// (64), beyond which it answers `RateLimited`.
+    /// plus `group_requests_in_flight_max` plus 3 (the mailbox's fetch and
+    /// ack, the group list) at or below the gateway's
+    /// `requests_in_flight_per_session_max` (64), beyond which it answers
+    /// `RateLimited`.
     pub sends_in_flight_max: usize,
     /// A request other than a send fails with `SdkError::Timeout` after
     /// this long; a send's request is re-sent (same `msg_id`) instead.
@@ -117,6 +132,14 @@ pub struct SdkLimits {
     /// An address whose handshake failed, or whose session stopped
     /// answering, is tried last for this long.
     pub dead_gateway_memory_ms: u64,
+    /// Chat groups followed at most (one inbox each; as many as a user may
+    /// be in, the profile service's `user_groups_max`). Groups the list
+    /// names beyond it (by id) are not followed: their pushes are dropped
+    /// and counted (`GroupStats::over_limit`).
+    pub groups_max: usize,
+    /// Fetches and acks of the group inboxes in flight at most; the others
+    /// wait their turn (groups take turns).
+    pub group_requests_in_flight_max: usize,
 }
 
 impl Default for SdkLimits {
@@ -136,6 +159,8 @@ impl Default for SdkLimits {
             reconnect_attempts_max: 30,
             gateway_stagger_ms: 250,
             dead_gateway_memory_ms: 30_000,
+            groups_max: 500,
+            group_requests_in_flight_max: 8,
         }
     }
 }
@@ -199,6 +224,18 @@ pub enum ImEvent {
     /// The connection is over for good (last event); not sent after
     /// `logout` or `close`.
     SessionLost { reason: LostReason },
+    /// A message of a group the user is in: each once, in the group's seq
+    /// order (`delivery.seq`), whether pushed or fetched.
+    GroupMessage { group: GroupId, delivery: Delivery },
+    /// `count` messages of the group were not kept long enough for this
+    /// member to read them (past the group's retention): they will never
+    /// come. Told before the messages that follow them.
+    GroupDropped { group: GroupId, count: u64 },
+    /// The group's name, topic, members, roles or join requests changed,
+    /// or it was dissolved, or the user joined or left it: read it again
+    /// (`group_info`, `groups`). The connection reads its group list again
+    /// by itself (it starts and drops group inboxes).
+    GroupChanged { group: GroupId, version: u64 },
 }
 
 /// One page of the mailbox, as [`Connection::fetch`] reads it.
@@ -232,6 +269,9 @@ pub struct SdkStats {
     pub reconnects: u64,
     /// Sends re-issued (after a timeout, a retryable error or a reconnect).
     pub sends_reissued: u64,
+    /// The group inboxes: messages shown, duplicates, seqs told as dropped
+    /// by retention, pushes dropped.
+    pub groups: GroupStats,
 }
 
 pub(crate) struct SharedState {
@@ -306,6 +346,27 @@ impl Connection {
     /// is re-sent with the same message id, before any later message,
     /// until `send_timeout_ms`.
     pub async fn send(&self, to: UserId, body: Vec<u8>) -> Result<SendOutcome, SdkError> {
+        if is_group(to) {
+            return Err(SdkError::Invalid(format!(
+                "{to} is a group id: send to a group with group_send"
+            )));
+        }
+        self.enqueue(to, body).await
+    }
+
+    /// Send `body` (1 to `BODY_BYTES_MAX` bytes) to every member of
+    /// `group` (this user must be one). As [`Connection::send`]: the same
+    /// outbox, order and retries with the same message id; `Sent{seq}` is
+    /// the message's seq in the group's mailbox. Members online get it
+    /// pushed, this user too (it comes back as an
+    /// [`ImEvent::GroupMessage`] in its place among the group's messages).
+    pub async fn group_send(&self, group: GroupId, body: Vec<u8>) -> Result<SendOutcome, SdkError> {
+        check_group(group)?;
+        self.enqueue(group, body).await
+    }
+
+    /// A message into the outbox (`to`: a user or a group).
+    async fn enqueue(&self, to: u64, body: Vec<u8>) -> Result<SendOutcome, SdkError> {
         if body.is_empty() || body.len() > BODY_BYTES_MAX {
             return Err(SdkError::Invalid(format!(
                 "a body is 1 to {BODY_BYTES_MAX} bytes, not {}",
@@ -343,10 +404,13 @@ impl Connection {
     }
 
     /// Wait until every message known to be in the mailbox was handed out
-    /// as an `ImEvent::Message` and acknowledged; the seq shown up to. After
-    /// a login this is the moment the messages stored while the user was
-    /// away have all been shown. Read the events meanwhile: messages beyond
-    /// the channel's room (`events_max`) wait for it, and so does this.
+    /// as an `ImEvent::Message` and acknowledged, and likewise every group
+    /// message (the group list read since the last login, every group's
+    /// messages handed out as `ImEvent::GroupMessage` and its cursor
+    /// moved); the seq of the user's mailbox shown up to. After a login
+    /// this is the moment the messages stored while the user was away have
+    /// all been shown. Read the events meanwhile: messages beyond the
+    /// channel's room (`events_max`) wait for it, and so does this.
     pub async fn synced(&self) -> Result<u64, SdkError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Synced { reply }).await?;
@@ -456,6 +520,106 @@ impl Connection {
         self.done(Call::Unblock { user }).await
     }
 
+    // ---- chat groups -----------------------------------------------------
+
+    /// The user's groups (with its read cursor and the group's newest seq
+    /// in each) and the invitations waiting for its answer.
+    pub async fn groups(&self) -> Result<(Vec<GroupSummary>, Vec<GroupInvite>), SdkError> {
+        match self.call(Call::Groups).await? {
+            Reply::Groups { groups, invites } => Ok((groups, invites)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Create a group with this user as its owner.
+    pub async fn group_create(&self, name: &str, topic: &str) -> Result<GroupInfo, SdkError> {
+        self.group_info_reply(Call::GroupCreate {
+            name: name.to_string(),
+            topic: topic.to_string(),
+        })
+        .await
+    }
+
+    /// The group, its members and join requests (members only).
+    pub async fn group_info(&self, group: GroupId) -> Result<GroupInfo, SdkError> {
+        check_group(group)?;
+        self.group_info_reply(Call::GroupInfo { group }).await
+    }
+
+    /// Invite a user, by username, into a group this user is in.
+    pub async fn group_invite(&self, group: GroupId, username: &str) -> Result<(), SdkError> {
+        let username = username.to_string();
+        self.group_done(group, Call::GroupInvite { group, username })
+            .await
+    }
+
+    /// Accept or decline an invitation.
+    pub async fn group_answer_invite(&self, group: GroupId, accept: bool) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupAnswerInvite { group, accept })
+            .await
+    }
+
+    /// Ask to join; an owner or admin answers.
+    pub async fn group_join(&self, group: GroupId) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupJoin { group }).await
+    }
+
+    /// As an owner or admin, accept or refuse `user`'s join request.
+    pub async fn group_answer_join(
+        &self,
+        group: GroupId,
+        user: UserId,
+        accept: bool,
+    ) -> Result<(), SdkError> {
+        let call = Call::GroupAnswerJoin {
+            group,
+            user,
+            accept,
+        };
+        self.group_done(group, call).await
+    }
+
+    pub async fn group_leave(&self, group: GroupId) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupLeave { group }).await
+    }
+
+    pub async fn group_remove(&self, group: GroupId, user: UserId) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupRemove { group, user })
+            .await
+    }
+
+    /// As the owner, make `user` an admin or a member.
+    pub async fn group_set_role(
+        &self,
+        group: GroupId,
+        user: UserId,
+        role: GroupRole,
+    ) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupSetRole { group, user, role })
+            .await
+    }
+
+    /// As the owner, hand the group to member `to`.
+    pub async fn group_transfer(&self, group: GroupId, to: UserId) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupTransfer { group, to })
+            .await
+    }
+
+    /// Change the name, the topic or both (`None`: unchanged).
+    pub async fn group_rename(
+        &self,
+        group: GroupId,
+        name: Option<String>,
+        topic: Option<String>,
+    ) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupRename { group, name, topic })
+            .await
+    }
+
+    pub async fn group_dissolve(&self, group: GroupId) -> Result<(), SdkError> {
+        self.group_done(group, Call::GroupDissolve { group }).await
+    }
+
     /// End the session at the gateway (presence is told at once) and the
     /// connection, after acknowledging what was handed out; unanswered sends
     /// fail with `Closed`. Returns once the session's CLOSE is out (or
@@ -523,6 +687,20 @@ impl Connection {
         }
     }
 
+    /// A call about `group` answered `Done`.
+    async fn group_done(&self, group: GroupId, call: Call) -> Result<(), SdkError> {
+        check_group(group)?;
+        self.done(call).await
+    }
+
+    /// A call answered with a group (`Reply::Group`).
+    async fn group_info_reply(&self, call: Call) -> Result<GroupInfo, SdkError> {
+        match self.call(call).await? {
+            Reply::Group(info) => Ok(info),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// A request that takes one of the `requests_in_flight_max` slots
     /// until its reply (the task times it out).
     async fn request<T>(
@@ -551,6 +729,15 @@ impl Connection {
 
     fn closed(&self) -> SdkError {
         SdkError::Closed(self.lost().unwrap_or(LostReason::Closed))
+    }
+}
+
+/// Refuse a user id where a group id belongs, before anything is sent.
+fn check_group(group: u64) -> Result<(), SdkError> {
+    if is_group(group) {
+        Ok(())
+    } else {
+        Err(SdkError::Invalid(format!("{group} is not a group id")))
     }
 }
 

@@ -1,16 +1,21 @@
 //! The connection's task: owns the session, the requests in flight, the
-//! outbox and the inbox (`proto::inbox`: what to show next, what to fetch
-//! and acknowledge); reconnects when the session is lost.
+//! outbox and the inboxes (`proto::inbox`: what to show next, what to fetch
+//! and acknowledge; the user's own mailbox and one per chat group,
+//! `group_inboxes`); reconnects when the session is lost.
 
 use super::{
     establish::{establish, Dialer, Established, Link, Secrets},
+    group_inboxes::{
+        GroupInboxes, GroupTag, GROUP_DEDUPE_IDS_MAX, GROUP_HELD_BYTES_MAX, GROUP_READY_MAX,
+    },
     lock,
     outbox::{Entry, Outbox, SendReply},
-    ConnectError, ImEvent, LostReason, Page, SdkConfig, SdkError, Shared, SharedState,
+    ConnectError, ImEvent, LostReason, Page, SdkConfig, SdkError, SdkLimits, Shared, SharedState,
 };
 use netio::sleep_until;
 use proto::{
     app::{decode, encode, Call, ClientMessage, GatewayMessage, Reply},
+    groups::is_group,
     inbox::{Inbox, InboxConfig, InboxRequest},
     session::{CloseReason, Event, SendError},
 };
@@ -58,6 +63,11 @@ enum Waiter {
     /// The inbox's fetch, or its ack up to this seq.
     InboxFetch,
     InboxAck(u64),
+    /// The group list the task reads itself (after every login, ...).
+    GroupList,
+    /// A group inbox's fetch, or its ack up to this seq.
+    GroupFetch(GroupTag),
+    GroupAck(GroupTag, u64),
 }
 
 struct Pending {
@@ -100,6 +110,8 @@ struct Worker {
     unsent: VecDeque<(u32, Vec<u8>)>,
     outbox: Outbox,
     inbox: Inbox,
+    groups: GroupInboxes,
+    shows: Turns,
     /// Events for the application, in order, not yet in its channel.
     out_events: VecDeque<ImEvent>,
     /// Waiting for the inbox to catch up.
@@ -139,9 +151,13 @@ pub(crate) async fn start(
     });
     let login = lock(&shared).accepted.clone();
     inbox.on_login(Instant::now(), login.mailbox_count, login.mailbox_high_seq);
+    let mut groups = group_inboxes(limits);
+    groups.on_login();
     let worker = Worker {
         outbox: Outbox::new(limits.outbox_max),
         inbox,
+        groups,
+        shows: Turns::default(),
         out_events: VecDeque::new(),
         synced: Vec::new(),
         ending: None,
@@ -164,6 +180,46 @@ pub(crate) async fn start(
     Ok(shared)
 }
 
+/// Whose message is handed out next. The user's own inbox and the group
+/// inboxes take turns (and the groups take turns among themselves), so a
+/// busy group holds up neither the other groups nor direct messages.
+#[derive(Default)]
+struct Turns {
+    groups_next: bool,
+}
+
+impl Turns {
+    fn next(&mut self, inbox: &mut Inbox, groups: &mut GroupInboxes) -> Option<ImEvent> {
+        let direct = |inbox: &mut Inbox| inbox.poll_show().map(ImEvent::Message);
+        let group = |groups: &mut GroupInboxes| {
+            let (group, delivery) = groups.poll_show()?;
+            Some(ImEvent::GroupMessage { group, delivery })
+        };
+        let event = if self.groups_next {
+            group(groups).or_else(|| direct(inbox))
+        } else {
+            direct(inbox).or_else(|| group(groups))
+        };
+        self.groups_next = matches!(event, Some(ImEvent::Message(_)));
+        event
+    }
+}
+
+/// The group inboxes, under `limits`.
+fn group_inboxes(limits: &SdkLimits) -> GroupInboxes {
+    let config = InboxConfig {
+        dedupe_ids_max: limits.dedupe_ids_max.clamp(1, GROUP_DEDUPE_IDS_MAX),
+        ready_max: limits.events_max.clamp(1, GROUP_READY_MAX),
+        held_bytes_max: GROUP_HELD_BYTES_MAX,
+        ..InboxConfig::default()
+    };
+    GroupInboxes::new(
+        config,
+        limits.groups_max,
+        limits.group_requests_in_flight_max,
+    )
+}
+
 /// What the application asked for once the acks are out.
 enum Ending {
     Logout(oneshot::Sender<Result<(), SdkError>>),
@@ -176,8 +232,10 @@ impl Worker {
             self.drive_inbox(Instant::now());
             self.pump();
             let deadline = self.next_deadline();
-            // Queued events, or messages waiting in the inbox for room.
-            let has_events = !self.out_events.is_empty() || self.inbox.waiting() > 0;
+            // Queued events, or messages waiting in the inboxes for room.
+            let has_events = !self.out_events.is_empty()
+                || self.inbox.waiting() > 0
+                || self.groups.waiting() > 0;
             let step = match &mut self.link {
                 LinkState::Up(link) => tokio::select! {
                     c = self.commands.recv() => Step::Command(c),
@@ -309,6 +367,7 @@ impl Worker {
         }
         let now = Instant::now();
         self.inbox.ack_now(now);
+        self.groups.ack_now(now);
         self.ending = Some((ending, now + super::CLOSE_WAIT));
     }
 
@@ -317,7 +376,8 @@ impl Worker {
         let Some((_, deadline)) = &self.ending else {
             return;
         };
-        if !self.inbox.all_acked() && now < *deadline {
+        let acked = self.inbox.all_acked() && self.groups.all_acked();
+        if !acked && now < *deadline {
             return;
         }
         match self.ending.take().expect("checked").0 {
@@ -328,24 +388,24 @@ impl Worker {
         }
     }
 
-    /// Hand what the inbox shows to the application and its requests to
-    /// the session; answer `synced` waiters once it caught up.
+    /// Hand what the inboxes show to the application and their requests to
+    /// the session; answer `synced` waiters once they caught up.
     fn drive_inbox(&mut self, now: Instant) {
-        // A message leaves the inbox only into the application's channel
+        // A message leaves its inbox only into the application's channel
         // (after the events queued before it): the inbox acknowledges what
         // was taken, so what still waits for room when the connection ends
         // stays in the mailbox for the next login. While the application is
-        // behind, the inbox stops fetching and drops pushes (fetched later).
+        // behind, the inboxes stop fetching and drop pushes (fetched later).
         while self.out_events.is_empty() {
             match self.events.try_reserve() {
-                Ok(permit) => match self.inbox.poll_show() {
-                    Some(d) => permit.send(ImEvent::Message(d)),
+                Ok(permit) => match self.shows.next(&mut self.inbox, &mut self.groups) {
+                    Some(event) => permit.send(event),
                     None => break,
                 },
                 Err(mpsc::error::TrySendError::Full(())) => break,
                 Err(mpsc::error::TrySendError::Closed(())) => {
                     // Nobody listens: taken and dropped, as other events.
-                    while self.inbox.poll_show().is_some() {}
+                    while (self.shows.next(&mut self.inbox, &mut self.groups)).is_some() {}
                     break;
                 }
             }
@@ -358,8 +418,19 @@ impl Worker {
                 };
                 self.issue(r.call(), waiter);
             }
+            if self.groups.poll_list(now) {
+                self.issue(Call::Groups, Waiter::GroupList);
+            }
+            while let Some((tag, r)) = self.groups.poll_request(now) {
+                let waiter = match r {
+                    InboxRequest::Fetch { .. } => Waiter::GroupFetch(tag),
+                    InboxRequest::Ack { up_to_seq } => Waiter::GroupAck(tag, up_to_seq),
+                };
+                self.issue(r.group_call(tag.group), waiter);
+            }
         }
-        if self.inbox.caught_up() && self.inbox.all_acked() && self.out_events.is_empty() {
+        let caught_up = self.inbox.caught_up() && self.inbox.all_acked() && self.groups.synced();
+        if caught_up && self.out_events.is_empty() {
             let seq = self.inbox.shown_seq();
             for w in self.synced.drain(..) {
                 let _ = w.send(Ok(seq));
@@ -392,10 +463,15 @@ impl Worker {
         let Some(entry) = self.outbox.get_mut(key) else {
             return;
         };
-        let call = Call::Send {
-            to: entry.to,
-            msg_id: entry.msg_id,
-            body: entry.body.clone(),
+        let (to, msg_id, body) = (entry.to, entry.msg_id, entry.body.clone());
+        let call = if is_group(to) {
+            Call::GroupSend {
+                group: to,
+                msg_id,
+                body,
+            }
+        } else {
+            Call::Send { to, msg_id, body }
         };
         entry.retry_at = None;
         let reissued = entry.attempts > 0;
@@ -496,7 +572,24 @@ impl Worker {
                 self.close_link();
                 self.end(LostReason::Kicked);
             }
+            GatewayMessage::GroupDeliver { group, delivery } => {
+                self.groups.on_push(Instant::now(), group, delivery);
+                self.publish_group_stats();
+            }
+            GatewayMessage::GroupMailboxChanged { group, high_seq } => {
+                self.groups.on_mailbox_changed(group, high_seq);
+            }
+            GatewayMessage::GroupChanged { group, version } => {
+                // Joined, left, dissolved, renamed...: read the list again
+                // (it starts and drops group inboxes).
+                self.groups.want_list();
+                self.emit(ImEvent::GroupChanged { group, version });
+            }
         }
+    }
+
+    fn publish_group_stats(&self) {
+        lock(&self.shared).stats.groups = self.groups.stats();
     }
 
     /// Route a reply to its request; false if no request has this id.
@@ -535,11 +628,62 @@ impl Worker {
                 lock(&self.shared).stats.inbox = self.inbox.stats();
             }
             Waiter::InboxAck(up_to) => match result {
-                Ok(Reply::Acked { .. }) => self.inbox.on_ack_done(Instant::now(), up_to),
+                Ok(reply) if is_ack(&reply) => self.inbox.on_ack_done(Instant::now(), up_to),
                 _ => self.inbox.on_ack_failed(Instant::now()),
+            },
+            Waiter::GroupList => {
+                let now = Instant::now();
+                match result {
+                    Ok(Reply::Groups { groups, .. }) => self.groups.on_list(now, groups),
+                    other => {
+                        tracing::debug!(?other, "group list read failed");
+                        self.groups.on_list_failed(now, !is_retryable(&other));
+                    }
+                }
+                self.publish_group_stats();
+            }
+            Waiter::GroupFetch(tag) => {
+                let now = Instant::now();
+                match result {
+                    Ok(Reply::GroupMailbox {
+                        messages,
+                        last_seq,
+                        more,
+                        dropped,
+                    }) => {
+                        let told =
+                            (self.groups).on_page(now, tag, messages, last_seq, more, dropped);
+                        if told > 0 {
+                            let group = tag.group;
+                            self.emit(ImEvent::GroupDropped { group, count: told });
+                        }
+                    }
+                    other => {
+                        tracing::debug!(?other, group = tag.group, "group fetch failed");
+                        self.group_request_failed(&other);
+                        self.groups.on_fetch_failed(now, tag);
+                    }
+                }
+                self.publish_group_stats();
+            }
+            Waiter::GroupAck(tag, up_to) => match result {
+                Ok(reply) if is_ack(&reply) => self.groups.on_ack_done(Instant::now(), tag, up_to),
+                other => {
+                    self.group_request_failed(&other);
+                    self.groups.on_ack_failed(Instant::now(), tag);
+                }
             },
         }
         true
+    }
+
+    /// A group's fetch or ack refused for good (not a member any more, no
+    /// such group): the list, read again, drops the group's inbox. A
+    /// retryable failure is retried by the inbox itself.
+    fn group_request_failed(&mut self, result: &Result<Reply, SdkError>) {
+        if !is_retryable(result) {
+            self.groups.want_list();
+        }
     }
 
     fn page(&mut self, reply: Reply) -> Result<Page, SdkError> {
@@ -584,13 +728,17 @@ impl Worker {
     fn next_deadline(&self) -> Option<Instant> {
         let requests = self.requests.values().map(|p| p.deadline).min();
         // Retries wait for a session; a reconnect re-issues them all.
-        let (retries, inbox) = match self.link {
-            LinkState::Up(_) => (self.outbox.next_retry(), self.inbox.poll_timeout()),
-            _ => (None, None),
+        let (retries, inbox, groups) = match self.link {
+            LinkState::Up(_) => (
+                self.outbox.next_retry(),
+                self.inbox.poll_timeout(),
+                self.groups.poll_timeout(),
+            ),
+            _ => (None, None, None),
         };
         let ending = self.ending.as_ref().map(|(_, t)| *t);
         let give_up = self.outbox.next_give_up(self.send_timeout);
-        [requests, retries, inbox, ending, give_up]
+        [requests, retries, inbox, groups, ending, give_up]
             .into_iter()
             .flatten()
             .min()
@@ -620,6 +768,9 @@ impl Worker {
                 Waiter::Fetch(tx) => drop(tx.send(Err(SdkError::Timeout))),
                 Waiter::InboxFetch => self.inbox.on_fetch_failed(now),
                 Waiter::InboxAck(_) => self.inbox.on_ack_failed(now),
+                Waiter::GroupList => self.groups.on_list_failed(now, false),
+                Waiter::GroupFetch(tag) => self.groups.on_fetch_failed(now, tag),
+                Waiter::GroupAck(tag, _) => self.groups.on_ack_failed(now, tag),
             }
         }
         self.unsent.retain(|(id, _)| self.requests.contains_key(id));
@@ -645,9 +796,13 @@ impl Worker {
             let (deadline, sent) = (pending.deadline, pending.sent);
             match pending.waiter {
                 Waiter::Send(_) => {}
-                // The next login's mailbox figures start the inbox again.
+                // The next login's mailbox figures start the inbox again
+                // (and its group list the group inboxes).
                 Waiter::InboxFetch => self.inbox.on_fetch_failed(now),
                 Waiter::InboxAck(_) => self.inbox.on_ack_failed(now),
+                Waiter::GroupList => self.groups.on_list_failed(now, false),
+                Waiter::GroupFetch(tag) => self.groups.on_fetch_failed(now, tag),
+                Waiter::GroupAck(tag, _) => self.groups.on_ack_failed(now, tag),
                 Waiter::Logout(tx) => {
                     // The gateway ended the session, as asked.
                     let _ = tx.send(Ok(()));
@@ -692,6 +847,8 @@ impl Worker {
             accepted.mailbox_count,
             accepted.mailbox_high_seq,
         );
+        // The group list is read again; it restarts the group inboxes.
+        self.groups.on_login();
         {
             let mut shared = lock(&self.shared);
             shared.gateway = link.addr;
@@ -729,7 +886,12 @@ impl Worker {
                 Waiter::Call(tx) => drop(tx.send(Err(error.clone()))),
                 Waiter::Fetch(tx) => drop(tx.send(Err(error.clone()))),
                 Waiter::Logout(tx) => drop(tx.send(Ok(()))),
-                Waiter::Send(_) | Waiter::InboxFetch | Waiter::InboxAck(_) => {}
+                Waiter::Send(_)
+                | Waiter::InboxFetch
+                | Waiter::InboxAck(_)
+                | Waiter::GroupList
+                | Waiter::GroupFetch(_)
+                | Waiter::GroupAck(..) => {}
             }
         }
         for w in self.synced.drain(..) {
@@ -760,6 +922,23 @@ impl Worker {
     /// room; nobody listening is fine: requests still work).
     fn emit(&mut self, event: ImEvent) {
         self.out_events.push_back(event);
+    }
+}
+
+/// An acknowledgement's answer: `Acked` for the user's mailbox, `Done` for
+/// a group's cursor.
+fn is_ack(reply: &Reply) -> bool {
+    matches!(reply, Reply::Acked { .. } | Reply::Done)
+}
+
+/// Whether a failed request may succeed unchanged later: a retryable
+/// error, a timeout or a lost session (not a final refusal, nor a reply
+/// that does not fit).
+fn is_retryable(result: &Result<Reply, SdkError>) -> bool {
+    match result {
+        Err(SdkError::App { code, .. }) => code.is_retryable(),
+        Err(SdkError::Timeout | SdkError::SessionLost) => true,
+        Ok(_) | Err(_) => false,
     }
 }
 

@@ -299,6 +299,73 @@ fn a_new_session_voids_the_old_sessions_requests() {
 /// Answer every request until no timer is left; each time `poll_timeout`
 /// names must have a request due then, or its driver, woken at once again
 /// and again with nothing to do, spins.
+#[test]
+fn group_requests_are_carried_by_the_group_calls() {
+    let group = crate::groups::GROUP_ID_BASE | 7;
+    let fetch = InboxRequest::Fetch {
+        after_seq: 4,
+        max_count: 200,
+        max_bytes: 1000,
+    };
+    assert_eq!(
+        fetch.group_call(group),
+        Call::GroupFetch {
+            group,
+            after_seq: 4,
+            max_count: 200,
+            max_bytes: 1000,
+        }
+    );
+    assert_eq!(
+        InboxRequest::Ack { up_to_seq: 9 }.group_call(group),
+        Call::GroupAck {
+            group,
+            up_to_seq: 9
+        }
+    );
+    // The same requests, for the user's own mailbox.
+    assert_eq!(
+        fetch.call(),
+        Call::Fetch {
+            after_seq: 4,
+            max_count: 200,
+            max_bytes: 1000,
+        }
+    );
+    assert_eq!(
+        InboxRequest::Ack { up_to_seq: 9 }.call(),
+        Call::Ack { up_to_seq: 9 }
+    );
+}
+
+/// A group inbox starts at the member's cursor: `on_login(high - read_seq,
+/// high)` takes every seq up to `read_seq` as acknowledged, so the first
+/// fetch is after the cursor and nothing up to it is shown again.
+#[test]
+fn a_group_inbox_starts_at_the_member_s_cursor() {
+    let now = t0();
+    let (read_seq, high_seq) = (5, 8);
+    let mut inbox = Inbox::new(InboxConfig::default());
+    inbox.on_login(now, high_seq - read_seq, high_seq);
+    inbox.on_push(now, msg(4, 1, 4));
+    assert_eq!(
+        inbox.poll_request(now),
+        Some(InboxRequest::Fetch {
+            after_seq: read_seq,
+            max_count: FETCH_COUNT_MAX,
+            max_bytes: FETCH_BYTES_MAX,
+        })
+    );
+    page(
+        &mut inbox,
+        now,
+        (6..=8).map(|s| msg(s, 1, s as u128)).collect(),
+        false,
+    );
+    assert_eq!(shown(&mut inbox), [6, 7, 8]);
+    assert_eq!(inbox.stats().duplicates, 1, "seq 4 was read already");
+}
+
 fn settle(inbox: &mut Inbox, mut now: Instant) {
     for _ in 0..10 {
         let Some(t) = inbox.poll_timeout() else {
