@@ -8,7 +8,11 @@ use crate::session_cmd::LoginArgs;
 use anyhow::Context;
 use clap::Args;
 use client::sdk::{Connection, ImEvent};
-use proto::{app::Delivery, presence::Status};
+use proto::{
+    app::{Delivery, GroupSummary},
+    groups::{is_group, GroupInvite},
+    presence::Status,
+};
 use rustyline::{error::ReadlineError, DefaultEditor, ExternalPrinter};
 use std::{
     collections::HashMap,
@@ -33,6 +37,10 @@ type a message and Enter to send it to the current friend. Commands:
   /accept NAME   accept NAME's friend request
   /block NAME    refuse messages and requests from NAME; /unblock NAME
   /nick TEXT     set your nickname; /sig TEXT sets your signature
+  /groups        your groups (unread counts) and invitations
+  /group NAME    talk in group NAME (a name or an id)
+  /gcreate NAME  create a group; /ginvite USER invites USER to the current group
+  /gaccept NAME  accept an invitation; /gleave leaves the current group
   /help          this text; /quit leaves";
 
 struct Friend {
@@ -47,12 +55,20 @@ struct Chat {
     friends: HashMap<u64, Friend>,
     /// Pending friend requests: username -> user id.
     requests: HashMap<String, u64>,
+    /// The user's groups, by id.
+    groups: HashMap<u64, GroupSummary>,
+    /// Invitations waiting for the user, by group id.
+    invites: HashMap<u64, GroupInvite>,
+    /// Whom typed lines go to: a friend's user id or a group's id.
     peer: Option<u64>,
     prompt: Arc<Mutex<String>>,
 }
 
 impl Chat {
     fn name(&self, user: u64) -> String {
+        if let Some(g) = self.groups.get(&user) {
+            return format!("group {}", g.name);
+        }
         if user == self.conn.user() {
             return "you".into();
         }
@@ -146,7 +162,138 @@ impl Chat {
         }
         self.friends = friends;
         self.requests = requests;
+        news.extend(self.refresh_groups().await?);
         Ok(news)
+    }
+
+    /// Read the group list and invitations again; what changed, to print.
+    async fn refresh_groups(&mut self) -> anyhow::Result<Vec<String>> {
+        let (groups, invites) = self.conn.groups().await?;
+        let mut news = Vec::new();
+        for g in &groups {
+            if !self.groups.contains_key(&g.group) && !self.groups.is_empty() {
+                news.push(format!(
+                    "* you are in group {} (/group {} to talk)",
+                    g.name, g.name
+                ));
+            }
+        }
+        for i in &invites {
+            if !self.invites.contains_key(&i.group) {
+                news.push(format!(
+                    "* {} invited you to group {}: /gaccept {}",
+                    self.name(i.by),
+                    i.name,
+                    i.name
+                ));
+            }
+        }
+        self.groups = groups.into_iter().map(|g| (g.group, g)).collect();
+        self.invites = invites.into_iter().map(|i| (i.group, i)).collect();
+        Ok(news)
+    }
+
+    fn groups_text(&self) -> String {
+        let mut lines: Vec<String> = self
+            .groups
+            .values()
+            .map(|g| {
+                let unread = g.high_seq.saturating_sub(g.read_seq);
+                format!(
+                    "  {:<16} {:<7} {:>4} members  {unread} unread",
+                    g.name,
+                    g.role.name(),
+                    g.members
+                )
+            })
+            .collect();
+        lines.sort();
+        let mut text = format!("groups ({}):\n{}", lines.len(), lines.join("\n"));
+        for i in self.invites.values() {
+            text.push_str(&format!(
+                "\n* invited to {} by {}: /gaccept {}",
+                i.name,
+                self.name(i.by),
+                i.name
+            ));
+        }
+        text
+    }
+
+    /// A group of the user (or, with `invited`, one it is invited to) by
+    /// name or id.
+    fn group_by_name(&self, name: &str, invited: bool) -> Option<u64> {
+        if let Ok(id) = name.parse::<u64>() {
+            return is_group(id).then_some(id);
+        }
+        if invited {
+            return self
+                .invites
+                .values()
+                .find(|i| i.name == name)
+                .map(|i| i.group);
+        }
+        self.groups
+            .values()
+            .find(|g| g.name == name)
+            .map(|g| g.group)
+    }
+
+    async fn group_command(&mut self, cmd: &str, rest: &str) -> anyhow::Result<String> {
+        match cmd {
+            "/groups" => {
+                self.refresh_groups().await?;
+                Ok(self.groups_text())
+            }
+            "/group" => {
+                if self.group_by_name(rest, false).is_none() {
+                    self.refresh_groups().await?;
+                }
+                let group = self
+                    .group_by_name(rest, false)
+                    .with_context(|| format!("you are in no group {rest} (see /groups)"))?;
+                self.set_peer(Some(group));
+                Ok(format!("talking in group {rest}"))
+            }
+            "/gcreate" => {
+                let info = self.conn.group_create(rest, "").await?;
+                self.refresh_groups().await?;
+                self.set_peer(Some(info.group));
+                Ok(format!(
+                    "created group {} (id {}); talking in it",
+                    info.name, info.group
+                ))
+            }
+            "/ginvite" => {
+                let group = self
+                    .peer
+                    .filter(|p| is_group(*p))
+                    .context("no group chosen: /group NAME first")?;
+                self.conn.group_invite(group, rest).await?;
+                Ok(format!("invited {rest}"))
+            }
+            "/gaccept" => {
+                self.refresh_groups().await?;
+                let group = self
+                    .group_by_name(rest, true)
+                    .with_context(|| format!("no invitation to a group {rest}"))?;
+                self.conn.group_answer_invite(group, true).await?;
+                self.refresh_groups().await?;
+                self.set_peer(Some(group));
+                Ok(format!("you joined group {rest}; talking in it"))
+            }
+            "/gleave" => {
+                let group = self
+                    .peer
+                    .filter(|p| is_group(*p))
+                    .context("no group chosen: /group NAME first")?;
+                self.conn.group_leave(group).await?;
+                self.refresh_groups().await?;
+                self.set_peer(None);
+                Ok("you left the group".into())
+            }
+            _ => Ok(format!("unknown command {cmd}\n{HELP}")),
+        }
     }
 
     /// One typed line; the text to print, and whether to quit.
@@ -179,6 +326,9 @@ impl Chat {
             "/accept" => self.accept(rest).await,
             "/block" => self.block(rest, true).await,
             "/unblock" => self.block(rest, false).await,
+            "/groups" | "/group" | "/gcreate" | "/ginvite" | "/gaccept" | "/gleave" => {
+                self.group_command(cmd, rest).await
+            }
             _ if cmd.starts_with('/') => Ok(format!("unknown command {cmd}\n{HELP}")),
             _ => self.send(line).await,
         };
@@ -237,6 +387,10 @@ impl Chat {
 
     async fn send(&mut self, text: &str) -> anyhow::Result<String> {
         let peer = self.peer.context("no friend chosen: /to NAME first")?;
+        if is_group(peer) {
+            self.conn.group_send(peer, text.as_bytes().to_vec()).await?;
+            return Ok("  (sent)".into());
+        }
         self.conn.send(peer, text.as_bytes().to_vec()).await?;
         let online = self.friends.get(&peer).is_some_and(|f| f.online.is_some());
         Ok(if online {
@@ -253,6 +407,23 @@ impl Chat {
     async fn on_event(&mut self, event: ImEvent) -> (String, bool) {
         match event {
             ImEvent::Message(d) => (self.show(&d), false),
+            ImEvent::GroupMessage { group, delivery } => {
+                let from = self.name(delivery.from);
+                let text = String::from_utf8_lossy(&delivery.body);
+                (format!("[{}] {from}: {text}", self.name(group)), false)
+            }
+            ImEvent::GroupDropped { group, count } => (
+                format!(
+                    "* {}: {count} older messages are no longer kept",
+                    self.name(group)
+                ),
+                false,
+            ),
+            ImEvent::GroupChanged { group, .. } => match self.refresh_groups().await {
+                Ok(news) if news.is_empty() => (format!("* {} changed", self.name(group)), false),
+                Ok(news) => (news.join("\n"), false),
+                Err(e) => (format!("error: {e:#}"), false),
+            },
             ImEvent::FriendStatus { user, status } => {
                 if let Some(f) = self.friends.get_mut(&user) {
                     f.online = status;
@@ -303,6 +474,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         conn,
         friends: HashMap::new(),
         requests: HashMap::new(),
+        groups: HashMap::new(),
+        invites: HashMap::new(),
         peer: None,
         prompt: prompt.clone(),
     };

@@ -8,6 +8,7 @@ mod avatar_cmd;
 mod chat_cmd;
 mod demo;
 mod friend_cmd;
+mod group_cmd;
 mod output;
 mod presence_cmd;
 mod profile_conn;
@@ -42,6 +43,9 @@ enum Command {
     Inbox(session_cmd::InboxArgs),
     /// Chat as a user: friends, messages in and out, profile, requests.
     Chat(chat_cmd::ChatArgs),
+    /// Chat groups as a user: create, invite, join, accept, leave, remove,
+    /// list, members, send.
+    Group(group_cmd::GroupArgs),
     /// Talk to one msgstore shard directly.
     Shard(shard_cmd::ShardArgs),
     /// Ask a presence server: stats, lookup USER..., gateways.
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
             Command::Send(args) => session_cmd::send(args, &out).await,
             Command::Inbox(args) => session_cmd::inbox(args, &out).await,
             Command::Chat(args) => chat_cmd::run(args).await,
+            Command::Group(args) => group_cmd::run(args, &out).await,
             Command::Shard(args) => shard_cmd::run(args, &out).await,
             Command::Presence(args) => presence_cmd::run(args, &out).await,
             Command::User(args) => user_cmd::run(args, &out).await,

@@ -159,6 +159,8 @@ pub async fn send(args: SendArgs, out: &Output) -> anyhow::Result<()> {
 
 #[derive(Serialize)]
 struct InboxMessage {
+    /// The group it was sent to; `None` for a message to the user.
+    group: Option<u64>,
     from: u64,
     from_name: Option<String>,
     seq: u64,
@@ -166,13 +168,14 @@ struct InboxMessage {
     text: String,
 }
 
-/// The messages waiting for the logged-in user: the connection shows them
-/// (as events) after login, and `synced` says when all were shown and
+/// The messages waiting for the logged-in user, in its mailbox and its
+/// groups (the group, if any, with each): the connection shows them (as
+/// events) after login, and `synced` says when all were shown and
 /// acknowledged.
 async fn waiting_messages(
     conn: &Connection,
     events: &mut tokio::sync::mpsc::Receiver<ImEvent>,
-) -> anyhow::Result<Vec<Delivery>> {
+) -> anyhow::Result<Vec<(Option<u64>, Delivery)>> {
     let mut messages = Vec::new();
     let synced = conn.synced();
     tokio::pin!(synced);
@@ -183,18 +186,26 @@ async fn waiting_messages(
                 break;
             }
             event = events.recv() => match event {
-                Some(ImEvent::Message(d)) => messages.push(d),
-                Some(_) => {}
+                Some(event) => take_message(event, &mut messages),
                 None => bail!("the connection ended before the mailbox was read"),
             },
         }
     }
     while let Ok(event) = events.try_recv() {
-        if let ImEvent::Message(d) = event {
-            messages.push(d);
-        }
+        take_message(event, &mut messages);
     }
     Ok(messages)
+}
+
+fn take_message(event: ImEvent, messages: &mut Vec<(Option<u64>, Delivery)>) {
+    match event {
+        ImEvent::Message(d) => messages.push((None, d)),
+        ImEvent::GroupMessage { group, delivery } => messages.push((Some(group), delivery)),
+        ImEvent::GroupDropped { group, count } => {
+            eprintln!("group {group}: {count} older messages are no longer kept");
+        }
+        _ => {}
+    }
 }
 
 pub async fn inbox(args: InboxArgs, out: &Output) -> anyhow::Result<()> {
@@ -203,7 +214,8 @@ pub async fn inbox(args: InboxArgs, out: &Output) -> anyhow::Result<()> {
     let messages: Vec<InboxMessage> = waiting_messages(&conn, &mut events)
         .await?
         .into_iter()
-        .map(|d: Delivery| InboxMessage {
+        .map(|(group, d)| InboxMessage {
+            group,
             from: d.from,
             from_name: friends.get(&d.from).cloned(),
             seq: d.seq,
@@ -223,7 +235,10 @@ pub async fn inbox(args: InboxArgs, out: &Output) -> anyhow::Result<()> {
                     .from_name
                     .clone()
                     .unwrap_or_else(|| format!("user {}", m.from));
-                format!("{from}: {}", m.text)
+                match m.group {
+                    Some(g) => format!("[group {g}] {from}: {}", m.text),
+                    None => format!("{from}: {}", m.text),
+                }
             })
             .collect::<Vec<_>>()
             .join("\n")
