@@ -27,6 +27,10 @@ type a message and Enter to send it to the current friend. Commands:
   /accept NAME   accept NAME's friend request
   /block NAME    refuse messages and requests from NAME; /unblock NAME
   /nick TEXT     set your nickname; /sig TEXT sets your signature
+  /groups        your groups (unread counts) and invitations
+  /group NAME    talk in group NAME (a name or an id)
+  /gcreate NAME  create a group; /ginvite USER invites USER to the current group
+  /gaccept NAME  accept an invitation; /gleave leaves the current group
   /help          this text; /quit leaves
 ";
 
@@ -188,6 +192,40 @@ fn a_new_user_asks_alice_to_be_friends_she_accepts_writes_blocks_and_unblocks() 
     assert_eq!(from_carol, ["carol: and now?"], "{history}");
     quit(&alice);
     quit(&carol);
+    up.stop();
+}
+
+#[test]
+fn alice_creates_a_group_invites_bob_he_accepts_and_they_talk_in_it() {
+    let up = Up::start();
+    let alice = chat(&up, "alice", None);
+    let bob = chat(&up, "bob", None);
+    alice.line("/gcreate crew");
+    alice.wait_for("created group crew");
+    let history = alice.wait_until("a prompt naming the group", |h| {
+        prompt_below(h, "talking in it")
+    });
+    assert_eq!(last_line(&history), "to group crew>", "{history}");
+    alice.line("/ginvite bob");
+    alice.wait_for("invited bob");
+    bob.wait_for("* alice invited you to group crew: /gaccept crew");
+    bob.line("/gaccept crew");
+    bob.wait_for("you joined group crew; talking in it");
+    alice.line("hi crew");
+    bob.wait_for("[group crew] alice: hi crew");
+    bob.line("hey alice");
+    alice.wait_for("[group crew] bob: hey alice");
+    alice.line("/groups");
+    let history = alice.wait_for("groups (1):");
+    assert!(
+        history.lines().any(|l| l.contains("crew") && l.contains("owner")),
+        "{history}"
+    );
+    // Each message shown once on each side (the sender's own too, by seq).
+    let history = bob.wait_for("[group crew] you: hey alice");
+    assert_eq!(history.matches("alice: hi crew").count(), 1, "{history}");
+    quit(&alice);
+    quit(&bob);
     up.stop();
 }
 
