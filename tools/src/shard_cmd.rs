@@ -33,7 +33,18 @@ enum ShardCommand {
     },
     /// Delete USER's messages up to and including SEQ.
     Ack { user: u64, seq: u64 },
-    /// Statistics of the shard, or of one mailbox with --user.
+    /// The mailboxes the shard holds, users' and groups' (a group id has
+    /// bit 63 set), with what each keeps.
+    Mailboxes {
+        /// Only users' (`users`) or groups' (`groups`) mailboxes.
+        #[arg(long, value_enum)]
+        only: Option<MailboxKind>,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000, value_name = "N")]
+        max: usize,
+    },
+    /// Statistics of the shard, or of one mailbox with --user (a user or
+    /// group id).
     Stats {
         #[arg(long, value_name = "USER")]
         user: Option<u64>,
@@ -94,9 +105,63 @@ async fn run_on_shard(addr: &str, command: ShardCommand, out: &Output) -> anyhow
         ShardCommand::Append { user, text } => append(&client, out, user, text).await,
         ShardCommand::Fetch { user, after, max } => fetch(&client, out, user, after, max).await,
         ShardCommand::Ack { user, seq } => ack(&client, out, user, seq).await,
+        ShardCommand::Mailboxes { only, max } => mailboxes(&client, out, only, max).await,
         ShardCommand::Stats { user: Some(user) } => user_stats(&client, out, user).await,
         ShardCommand::Stats { user: None } => shard_stats(&client, out).await,
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MailboxKind {
+    Users,
+    Groups,
+}
+
+#[derive(Serialize)]
+struct Mailbox {
+    id: u64,
+    group: bool,
+    live_count: u64,
+    live_bytes: u64,
+}
+
+async fn mailboxes(
+    client: &ShardClient,
+    out: &Output,
+    only: Option<MailboxKind>,
+    max: usize,
+) -> anyhow::Result<()> {
+    let wanted = |id: u64| match only {
+        None => true,
+        Some(MailboxKind::Groups) => proto::groups::is_group(id),
+        Some(MailboxKind::Users) => !proto::groups::is_group(id),
+    };
+    let mut found = Vec::new();
+    let mut start = Some(0);
+    while let Some(from) = start.filter(|_| found.len() < max) {
+        let (page, next) = client
+            .list_users(from, proto::shard::LIST_USERS_MAX as u32)
+            .await?;
+        found.extend(page.into_iter().filter(|u| wanted(u.user)).map(|u| Mailbox {
+            id: u.user,
+            group: proto::groups::is_group(u.user),
+            live_count: u.live_count,
+            live_bytes: u.live_bytes,
+        }));
+        start = next;
+    }
+    found.truncate(max);
+    out.emit(&found, || {
+        let mut text = String::new();
+        for m in &found {
+            let kind = if m.group { "group" } else { "user" };
+            let _ = writeln!(text, "{kind} {}: {} messages, {} bytes", m.id, m.live_count, m.live_bytes);
+        }
+        if text.is_empty() {
+            text = "no mailboxes".into();
+        }
+        text
+    })
 }
 
 #[derive(Serialize)]
