@@ -4,6 +4,11 @@
 //! profile's relations, presence) with scripted latencies and faults, and
 //! model clients that follow docs/PROTOCOL.md §6.4 (an outbox re-sent in
 //! order with the same ids; `proto::inbox::Inbox` to show what arrives).
+//! Chat groups (§6.7): the model profile keeps groups (members, their read
+//! cursors, a version) that a test changes mid-run, pushing `GroupChanged`
+//! to every router after a scripted delay; a group's mailbox is a mailbox
+//! keyed by the group id; group forwards go to the router presence names,
+//! one per router, counted; model clients keep one `Inbox` per group.
 //! Nothing here reads a clock or touches a socket: a seed replays a run
 //! exactly.
 #![allow(dead_code)]
@@ -14,11 +19,13 @@ use gateway::router::{
 };
 use proto::{
     app::{
-        self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, Login,
-        LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply, StoredEnvelope,
+        self, AppError, AppErrorCode, Call, ClientMessage, Delivery, GatewayMessage, GroupSummary,
+        Login, LoginAccepted, LoginAnswer, LoginError, LoginMethod, Reply, StoredEnvelope,
+        FETCH_COUNT_MAX,
     },
+    groups::{is_group, GroupInfo, GroupMember, GroupRole, GROUP_ID_BASE},
     inbox::{Inbox, InboxConfig, InboxRequest},
-    peer::Forward,
+    peer::{Forward, GroupForward},
     profile::Relations,
     session::{CloseReason, Event, MsgId, PendingId, SendError, ServerEvent},
 };
@@ -59,6 +66,7 @@ pub fn config() -> RouterConfig {
         messages_burst: 1000,
         dedupe_entries_max: 100_000,
         relations_cache_bytes_max: 1 << 20,
+        group_cache_bytes_max: 1 << 20,
         allow_strangers: false,
         send_answer: Duration::from_secs(2),
         retry_hold: Duration::from_secs(10),
@@ -188,6 +196,10 @@ pub struct Record {
     pub seq: u64,
     pub msg_id: u128,
     pub envelope: StoredEnvelope,
+    /// The gateway whose store appended it.
+    pub by: usize,
+    /// When the shard applied it.
+    pub at: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -229,6 +241,8 @@ pub struct Faults {
     pub read_failure: f64,
     /// Chance that a relations read fails.
     pub relations_failure: f64,
+    /// Chance that a group read (`LoadGroup`) fails.
+    pub group_failure: f64,
     /// Service latency range (ms).
     pub latency_ms: (u64, u64),
 }
@@ -259,6 +273,29 @@ enum Work {
         to: u64,
         delivery: Delivery,
     },
+    /// A group message for members without a session on the gateway that
+    /// stored it: presence is asked, one forward per other gateway.
+    GroupNotify {
+        forward: GroupForward,
+    },
+    /// Profile's push reaches the gateway.
+    ProfileEvent(proto::profile::Event),
+}
+
+// ---- the model profile's groups --------------------------------------------
+
+/// A group as the model profile service keeps it.
+#[derive(Debug, Clone, Default)]
+pub struct GroupModel {
+    /// Bumped by every membership change.
+    pub version: u64,
+    /// Member -> read cursor (every group seq up to it was read).
+    pub members: BTreeMap<u64, u64>,
+    /// Member -> its cursor when it joined (0 for a founding member): it
+    /// reads what is stored after.
+    pub joined_at: BTreeMap<u64, u64>,
+    /// Users removed (or who left) at some point.
+    pub removed: BTreeSet<u64>,
 }
 
 // ---- model clients -----------------------------------------------------------
@@ -278,6 +315,48 @@ enum ReqKind {
     Fetch,
     Ack(u64),
     Other,
+    /// `Call::Groups`: (re)start the group inboxes.
+    Groups,
+    GroupFetch(u64),
+    /// (group, up_to_seq).
+    GroupAck(u64, u64),
+    /// A call a test made itself: the reply is kept in `replies`.
+    Raw,
+}
+
+/// The receiving side of one group, as a client keeps it (§6.7): an
+/// `Inbox` started at each login from `Groups` (`shown = read_seq`), fed by
+/// `GroupDeliver` and `GroupFetch` pages, acknowledged with `GroupAck`.
+#[derive(Debug)]
+pub struct GroupInbox {
+    pub inbox: Inbox,
+    /// Started in this session (the `Groups` reply listed it).
+    pub started: bool,
+    /// Pushes that came before the inbox was started, fed to it then.
+    early: Vec<Delivery>,
+    /// What the client showed of the group, in order.
+    pub shown: Vec<Delivery>,
+    /// Seqs a page said were gone (`dropped`).
+    pub dropped: u64,
+}
+
+impl GroupInbox {
+    fn new() -> GroupInbox {
+        GroupInbox {
+            inbox: new_inbox(),
+            started: false,
+            early: Vec::new(),
+            shown: Vec::new(),
+            dropped: 0,
+        }
+    }
+}
+
+fn new_inbox() -> Inbox {
+    Inbox::new(InboxConfig {
+        fetch_bytes_max: FETCH_BYTES,
+        ..InboxConfig::default()
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +393,16 @@ pub struct ClientModel {
     pub pushes: Vec<GatewayMessage>,
     pub kicked: bool,
     pub logins_refused: Vec<LoginError>,
+    /// One inbox per group this client heard of.
+    pub groups: BTreeMap<u64, GroupInbox>,
+    /// `Groups` must be read (after a login, a `GroupChanged`, a refusal).
+    groups_wanted: bool,
+    groups_retry_at: Option<Instant>,
+    /// Every `GroupDeliver` that reached the client: (group, delivery,
+    /// when), shown or not.
+    pub group_received: Vec<(u64, Delivery, Instant)>,
+    /// Replies to the calls a test made itself ([`World::call`]), by id.
+    pub replies: BTreeMap<u32, Result<Reply, AppError>>,
 }
 
 impl ClientModel {
@@ -329,10 +418,7 @@ impl ClientModel {
             next_out: 0,
             next_req: 0,
             requests: BTreeMap::new(),
-            inbox: Inbox::new(InboxConfig {
-                fetch_bytes_max: FETCH_BYTES,
-                ..InboxConfig::default()
-            }),
+            inbox: new_inbox(),
             shown: Vec::new(),
             sent: BTreeMap::new(),
             refused: BTreeMap::new(),
@@ -340,7 +426,19 @@ impl ClientModel {
             pushes: Vec::new(),
             kicked: false,
             logins_refused: Vec::new(),
+            groups: BTreeMap::new(),
+            groups_wanted: false,
+            groups_retry_at: None,
+            group_received: Vec::new(),
+            replies: BTreeMap::new(),
         }
+    }
+
+    /// What the client showed of `group`: (from, msg_id), in order.
+    pub fn group_shown(&self, group: u64) -> Vec<(u64, u128)> {
+        self.groups.get(&group).map_or(Vec::new(), |g| {
+            g.shown.iter().map(|d| (d.from, d.msg_id)).collect()
+        })
     }
 
     pub fn outbox_len(&self) -> usize {
@@ -393,6 +491,17 @@ pub struct World {
     next_msg_id: u128,
     /// Sends on their way: (gateway, session, request id).
     pending_sends: BTreeMap<(usize, u64, u32), ()>,
+    /// The model profile's groups, by id.
+    pub groups: BTreeMap<u64, GroupModel>,
+    /// How long profile's `GroupChanged` takes to reach each gateway.
+    pub group_event_delay: Duration,
+    /// Each `GroupChanged` a router processed: (gateway, group, version,
+    /// when).
+    pub group_events_seen: Vec<(usize, u64, u64, Instant)>,
+    /// Group forwards made: (group, seq, receiving gateway) -> how many.
+    pub group_forwards: BTreeMap<(u64, u64, usize), u32>,
+    /// When each message (by msg_id) first reached a gateway, and which.
+    pub send_arrivals: BTreeMap<u128, (usize, Instant)>,
 }
 
 impl World {
@@ -434,6 +543,11 @@ impl World {
             next_pending: 0,
             next_msg_id: 0,
             pending_sends: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            group_event_delay: Duration::ZERO,
+            group_events_seen: Vec::new(),
+            group_forwards: BTreeMap::new(),
+            send_arrivals: BTreeMap::new(),
         }
     }
 
@@ -489,6 +603,107 @@ impl World {
 
     pub fn client(&mut self, user: u64) -> &mut ClientModel {
         self.clients.get_mut(&user).expect("a client")
+    }
+
+    // ---- groups at the model profile -------------------------------------------
+
+    /// A new group of `members` (cursors 0); its id.
+    pub fn group(&mut self, members: &[u64]) -> u64 {
+        let id = GROUP_ID_BASE + 1 + self.groups.len() as u64;
+        let g = GroupModel {
+            version: 1,
+            members: members.iter().map(|&u| (u, 0)).collect(),
+            joined_at: members.iter().map(|&u| (u, 0)).collect(),
+            removed: BTreeSet::new(),
+        };
+        self.groups.insert(id, g);
+        id
+    }
+
+    /// Change `group` at profile (its version moves on) and push
+    /// `GroupChanged` to every gateway after `group_event_delay`.
+    pub fn change_group(&mut self, group: u64, change: impl FnOnce(&mut GroupModel)) {
+        let delays = vec![self.group_event_delay; self.gateways.len()];
+        self.change_group_with_delays(group, change, &delays);
+    }
+
+    /// As [`World::change_group`], the push reaching gateway `i` after
+    /// `delays[i]`.
+    pub fn change_group_with_delays(
+        &mut self,
+        group: u64,
+        change: impl FnOnce(&mut GroupModel),
+        delays: &[Duration],
+    ) {
+        let g = self.groups.get_mut(&group).expect("a group");
+        change(g);
+        g.version += 1;
+        let version = g.version;
+        self.trace(|| format!("group {group} changed: version {version}"));
+        let event = proto::profile::Event::GroupChanged { group, version };
+        for (i, d) in delays.iter().enumerate() {
+            self.schedule(i, self.now + *d, Work::ProfileEvent(event));
+        }
+    }
+
+    /// `user` joins `group` (its cursor: the group's newest seq now, so it
+    /// reads what is stored from now on).
+    pub fn group_add(&mut self, group: u64, user: u64) {
+        let start = self.mailboxes.get(&group).map_or(0, |m| m.last_seq());
+        self.change_group(group, |g| {
+            g.members.insert(user, start);
+            g.joined_at.insert(user, start);
+        });
+    }
+
+    /// `user` is removed from `group`.
+    pub fn group_remove(&mut self, group: u64, user: u64) {
+        self.change_group(group, |g| {
+            g.members.remove(&user);
+            g.removed.insert(user);
+        });
+    }
+
+    /// When gateway `g` processed the `GroupChanged` of `group` at
+    /// `version` (or a later one).
+    pub fn group_change_seen(&self, g: usize, group: u64, version: u64) -> Option<Instant> {
+        self.group_events_seen
+            .iter()
+            .find(|(gg, gr, v, _)| *gg == g && *gr == group && *v >= version)
+            .map(|e| e.3)
+    }
+
+    /// The most forwards one group message got to one gateway.
+    pub fn max_forwards_per_message(&self) -> u32 {
+        self.group_forwards.values().copied().max().unwrap_or(0)
+    }
+
+    fn group_info(&self, group: u64) -> Option<GroupInfo> {
+        let g = self.groups.get(&group)?;
+        let members = g
+            .members
+            .iter()
+            .map(|(&user, &read_seq)| GroupMember {
+                user,
+                role: GroupRole::Member,
+                read_seq,
+            })
+            .collect();
+        Some(GroupInfo {
+            group,
+            name: format!("g{}", group - GROUP_ID_BASE),
+            topic: String::new(),
+            version: g.version,
+            created_ms: self.start_wall_ms,
+            members,
+            joins: Vec::new(),
+        })
+    }
+
+    /// A call made by the test itself (not the client's own logic); its
+    /// reply lands in the client's `replies` under the returned id.
+    pub fn call(&mut self, user: u64, call: Call) -> Option<u32> {
+        self.request(user, call, ReqKind::Raw)
     }
 
     /// The application of `from` sends a message to `to`; its msg_id.
@@ -568,12 +783,14 @@ impl World {
                         c.inbox.shown_seq() >= m.last_seq() && m.acked >= m.last_seq()
                     })
                 })
+                && w.groups_drained()
         });
         assert!(drained, "every mailbox drained: {}", self.describe());
     }
 
     /// Nothing in flight, every client online with its outbox sent and its
-    /// inbox caught up and acknowledged.
+    /// inbox caught up and acknowledged (its group inboxes too, one started
+    /// for every group it is in).
     fn quiet(&self) -> bool {
         self.inflight.is_empty()
             && self.uplink.is_empty()
@@ -583,7 +800,31 @@ impl World {
                     && c.inbox.caught_up()
                     && c.inbox.unacked().is_none()
                     && c.requests.is_empty()
+                    && !c.groups_wanted
+                    && c.groups.values().filter(|g| g.started).all(|g| {
+                        g.inbox.caught_up() && g.inbox.unacked().is_none() && g.early.is_empty()
+                    })
+                    && self
+                        .groups
+                        .iter()
+                        .filter(|(_, g)| g.members.contains_key(&c.user))
+                        .all(|(id, _)| c.groups.get(id).is_some_and(|g| g.started))
             })
+    }
+
+    /// Every member of every group showed and acknowledged (its cursor at
+    /// profile) everything in the group's mailbox.
+    fn groups_drained(&self) -> bool {
+        self.groups.iter().all(|(id, g)| {
+            let last = self.mailboxes.get(id).map_or(0, |m| m.last_seq());
+            g.members.iter().all(|(u, &cursor)| {
+                cursor >= last
+                    && self.clients[u]
+                        .groups
+                        .get(id)
+                        .is_some_and(|gi| gi.inbox.shown_seq() >= last)
+            })
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -605,6 +846,19 @@ impl World {
                 c.inbox.caught_up(),
                 self.mailboxes.get(&c.user).map_or(0, |m| m.last_seq()),
             );
+            for (id, g) in &c.groups {
+                out += &format!(
+                    "    group {}: started={} shown={} inbox_shown_seq={} caught_up={} early={} mailbox_last={} cursor={:?}\n",
+                    id - GROUP_ID_BASE,
+                    g.started,
+                    g.shown.len(),
+                    g.inbox.shown_seq(),
+                    g.inbox.caught_up(),
+                    g.early.len(),
+                    self.mailboxes.get(id).map_or(0, |m| m.last_seq()),
+                    self.groups.get(id).and_then(|m| m.members.get(&c.user)),
+                );
+            }
         }
         out
     }
@@ -723,6 +977,8 @@ impl World {
             Action::Store { .. } => "store",
             Action::Notify { .. } => "notify",
             Action::LoadRelations { .. } => "relations",
+            Action::LoadGroup { .. } => "load_group",
+            Action::GroupNotify { .. } => "group_notify",
             Action::Offline { .. } => "offline",
         };
         *self.action_counts.entry(kind).or_default() += 1;
@@ -773,6 +1029,9 @@ impl World {
                 }
             },
             Action::Notify { to, delivery } => self.schedule(g, due, Work::Notify { to, delivery }),
+            Action::GroupNotify { forward } => {
+                self.schedule(g, due, Work::GroupNotify { forward });
+            }
             Action::Offline { user, session } => {
                 if self.presence.get(&user) == Some(&(g, session)) {
                     self.presence.remove(&user);
@@ -875,6 +1134,21 @@ impl World {
                 };
                 (due, Answer::Relations { users, result })
             }
+            Action::LoadGroup { group } => {
+                let fail =
+                    self.profile != Health::Up || self.rng.gen_bool(self.faults.group_failure);
+                let result = if fail {
+                    Err(unavailable("profile unavailable"))
+                } else {
+                    Ok(self.group_info(group))
+                };
+                let due = if self.profile == Health::Hung {
+                    late
+                } else {
+                    due
+                };
+                (due, Answer::Group { group, result })
+            }
             other => unreachable!("{other:?} is served elsewhere"),
         }
     }
@@ -893,6 +1167,11 @@ impl World {
         } else {
             due
         };
+        let due_profile = if self.profile == Health::Hung {
+            late
+        } else {
+            due
+        };
         let result = match call {
             Call::Fetch {
                 after_seq,
@@ -903,33 +1182,9 @@ impl World {
                     return (due_shard, Err(unavailable("shard")), effects);
                 }
                 let mb = self.mailboxes.entry(user).or_default();
-                let live: Vec<&Record> = mb.live().filter(|r| r.seq > after_seq).collect();
-                // The shard's page rule: the first record always, then
-                // while the bodies stay within max_bytes.
-                let mut bytes = 0;
-                let fits = live
-                    .iter()
-                    .take(max_count as usize)
-                    .take_while(|r| {
-                        bytes += r.envelope.body.len();
-                        bytes == r.envelope.body.len() || bytes <= max_bytes as usize
-                    })
-                    .count();
-                let page: Vec<Delivery> = live
-                    .iter()
-                    .take(fits)
-                    .map(|r| Delivery {
-                        from: r.envelope.from,
-                        msg_id: r.msg_id,
-                        sent_at_ms: r.envelope.sent_at_ms,
-                        body: r.envelope.body.clone(),
-                        seq: r.seq,
-                    })
-                    .collect();
-                let more = live.len() > page.len();
-                let last_seq = page.last().map_or(0, |d| d.seq);
+                let (messages, last_seq, more) = page(mb, after_seq, max_count, max_bytes);
                 Ok(Reply::Mailbox {
-                    messages: page,
+                    messages,
                     last_seq,
                     more,
                 })
@@ -963,6 +1218,116 @@ impl World {
                 effects.changed = vec![user];
                 Ok(Reply::Done)
             }
+            // ---- groups (the router checked membership first) ----
+            Call::GroupFetch {
+                group,
+                after_seq,
+                max_count,
+                max_bytes,
+            } => {
+                if shard_fails {
+                    return (due_shard, Err(unavailable("shard")), effects);
+                }
+                let count = max_count.clamp(1, FETCH_COUNT_MAX);
+                let mb = self.mailboxes.entry(group).or_default();
+                let (messages, last_seq, more) = page(mb, after_seq, count, max_bytes);
+                // Seqs after `after_seq` that are gone before the page (or,
+                // for an empty last page, up to the newest).
+                let dropped = match messages.first() {
+                    Some(first) => first.seq.saturating_sub(after_seq + 1),
+                    None if !more => mb.last_seq().saturating_sub(after_seq),
+                    None => 0,
+                };
+                Ok(Reply::GroupMailbox {
+                    messages,
+                    last_seq,
+                    more,
+                    dropped,
+                })
+            }
+            Call::GroupAck { group, up_to_seq } => {
+                if self.profile != Health::Up || shard_fails {
+                    return (due_profile, Err(unavailable("profile")), effects);
+                }
+                let last = self.mailboxes.get(&group).map_or(0, |m| m.last_seq());
+                match self.groups.get_mut(&group) {
+                    Some(g) if g.members.contains_key(&user) => {
+                        let cursor = g.members.get_mut(&user).expect("a member");
+                        *cursor = (*cursor).max(up_to_seq);
+                        // The lowest cursor bounds what the group keeps.
+                        let lowest = g.members.values().copied().min().unwrap_or(0);
+                        let mb = self.mailboxes.entry(group).or_default();
+                        mb.acked = mb.acked.max(lowest.min(last));
+                        Ok(Reply::Done)
+                    }
+                    _ => Err(AppError {
+                        code: AppErrorCode::NotAllowed,
+                        message: "not a member".into(),
+                    }),
+                }
+            }
+            Call::GroupInfo { group } => {
+                if self.profile != Health::Up {
+                    return (due_profile, Err(unavailable("profile")), effects);
+                }
+                match self.group_info(group) {
+                    Some(info) => Ok(Reply::Group(info)),
+                    None => Err(AppError {
+                        code: AppErrorCode::UnknownUser,
+                        message: "no such group".into(),
+                    }),
+                }
+            }
+            Call::Groups => {
+                if self.profile != Health::Up {
+                    return (due_profile, Err(unavailable("profile")), effects);
+                }
+                let groups = self
+                    .groups
+                    .iter()
+                    .filter_map(|(&id, g)| {
+                        let read_seq = *g.members.get(&user)?;
+                        let high_seq = match self.shard {
+                            Health::Up => self.mailboxes.get(&id).map_or(0, |m| m.last_seq()),
+                            _ => 0,
+                        };
+                        Some(GroupSummary {
+                            group: id,
+                            name: format!("g{}", id - GROUP_ID_BASE),
+                            role: GroupRole::Member,
+                            members: g.members.len() as u32,
+                            read_seq,
+                            high_seq,
+                        })
+                    })
+                    .collect();
+                Ok(Reply::Groups {
+                    groups,
+                    invites: Vec::new(),
+                })
+            }
+            Call::GroupLeave { group } => {
+                if self.profile != Health::Up {
+                    return (due_profile, Err(unavailable("profile")), effects);
+                }
+                if !self
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| g.members.contains_key(&user))
+                {
+                    return (
+                        due,
+                        Err(AppError {
+                            code: AppErrorCode::NotAllowed,
+                            message: "not a member".into(),
+                        }),
+                        effects,
+                    );
+                }
+                self.group_remove(group, user);
+                effects.groups_changed = vec![group];
+                Ok(Reply::Done)
+            }
             _ => Ok(Reply::Done),
         };
         (due, result, effects)
@@ -990,7 +1355,7 @@ impl World {
                     items,
                     lose_answer,
                 } => {
-                    let result = Ok(self.apply_store(to, items));
+                    let result = Ok(self.apply_store(f.gateway, to, items));
                     if alive && !lose_answer {
                         let now = self.now_at();
                         let gw = &mut self.gateways[f.gateway];
@@ -1016,7 +1381,7 @@ impl World {
                 Work::HungStore { to, items } => {
                     // Applied once the shard runs again, if it does.
                     if self.shard == Health::Up {
-                        self.apply_store(to, items);
+                        self.apply_store(f.gateway, to, items);
                     } else if self.shard == Health::Hung {
                         let due = self.now + 50 * MS;
                         let work = Work::HungStore { to, items };
@@ -1033,16 +1398,68 @@ impl World {
                         }
                     }
                 }
+                Work::GroupNotify { forward } if alive => {
+                    // One presence lookup, then one forward per other
+                    // gateway naming its members.
+                    let mut by_gateway: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+                    for &user in &forward.members {
+                        if let Some(&(g, _)) = self.presence.get(&user) {
+                            if g != f.gateway {
+                                by_gateway.entry(g).or_default().push(user);
+                            }
+                        }
+                    }
+                    for (g, members) in by_gateway {
+                        let key = (forward.group, forward.delivery.seq, g);
+                        *self.group_forwards.entry(key).or_default() += 1;
+                        let one = GroupForward {
+                            group: forward.group,
+                            members,
+                            delivery: forward.delivery.clone(),
+                        };
+                        self.trace(|| {
+                            format!(
+                                "gw{} forwards group seq {} to gw{g}: {:?}",
+                                f.gateway, one.delivery.seq, one.members
+                            )
+                        });
+                        let now = self.now;
+                        let gw = &mut self.gateways[g];
+                        gw.endpoint.now = now;
+                        gw.router.peer_group_forward(one, &mut gw.endpoint);
+                    }
+                }
+                Work::GroupNotify { .. } => {}
+                Work::ProfileEvent(event) if alive => {
+                    if let proto::profile::Event::GroupChanged { group, version } = event {
+                        self.group_events_seen
+                            .push((f.gateway, group, version, self.now));
+                        self.trace(|| {
+                            format!("gw{} got GroupChanged {group} v{version}", f.gateway)
+                        });
+                    }
+                    let now = self.now;
+                    let gw = &mut self.gateways[f.gateway];
+                    gw.endpoint.now = now;
+                    gw.router.profile_event(event, &mut gw.endpoint);
+                }
+                Work::ProfileEvent(_) => {}
             }
             self.collect_actions();
         }
     }
 
-    fn apply_store(&mut self, to: u64, items: Vec<StoreItem>) -> Vec<Result<u64, AppError>> {
+    fn apply_store(
+        &mut self,
+        by: usize,
+        to: u64,
+        items: Vec<StoreItem>,
+    ) -> Vec<Result<u64, AppError>> {
         self.trace(|| {
             let ids: Vec<u128> = items.iter().map(|i| i.msg_id).collect();
             format!("applied to {to}: {ids:?}")
         });
+        let at = self.now;
         let mb = self.mailboxes.entry(to).or_default();
         items
             .into_iter()
@@ -1052,6 +1469,8 @@ impl World {
                     seq,
                     msg_id: i.msg_id,
                     envelope: i.envelope,
+                    by,
+                    at,
                 });
                 Ok(seq)
             })
@@ -1123,7 +1542,7 @@ impl World {
     }
 
     fn request_raw(&mut self, user: u64, session: u64, g: usize, call: Call) -> Option<u32> {
-        let is_send = matches!(call, Call::Send { .. });
+        let is_send = matches!(call, Call::Send { .. } | Call::GroupSend { .. });
         let c = self.client(user);
         let id = c.next_req;
         c.next_req += 1;
@@ -1152,9 +1571,14 @@ impl World {
             };
             let msg = app::decode::<ClientMessage>(&bytes).expect("ours");
             let id = msg.id;
-            if let Call::Send { to, msg_id, .. } = &msg.call {
+            if let Call::Send { to, msg_id, .. }
+            | Call::GroupSend {
+                group: to, msg_id, ..
+            } = &msg.call
+            {
                 let user = s.user;
                 self.trace(|| format!("gw{g} <- user {user} send {msg_id} to {to} (req {id})"));
+                self.send_arrivals.entry(*msg_id).or_insert((g, self.now));
             }
             let Some(s) = self.gateways[g].endpoint.sessions.get_mut(&session) else {
                 continue;
@@ -1194,10 +1618,18 @@ impl World {
             .collect();
         for key in ready {
             let m = self.client(user).outbox[&key].clone();
-            let call = Call::Send {
-                to: m.to,
-                msg_id: m.msg_id,
-                body: m.body.clone(),
+            let call = if is_group(m.to) {
+                Call::GroupSend {
+                    group: m.to,
+                    msg_id: m.msg_id,
+                    body: m.body.clone(),
+                }
+            } else {
+                Call::Send {
+                    to: m.to,
+                    msg_id: m.msg_id,
+                    body: m.body.clone(),
+                }
             };
             if let Some(id) = self.request(user, call, ReqKind::Send(m.msg_id)) {
                 let m = self.client(user).outbox.get_mut(&key).expect("kept");
@@ -1221,6 +1653,76 @@ impl World {
         let c = self.client(user);
         while let Some(d) = c.inbox.poll_show() {
             c.shown.push(d);
+        }
+        self.client_pump_groups(user);
+    }
+
+    /// The group side of a client: read `Groups` when it must, drive each
+    /// started group inbox.
+    fn client_pump_groups(&mut self, user: u64) {
+        let now = self.now;
+        let c = self.client(user);
+        let asking = c
+            .requests
+            .values()
+            .any(|(k, _)| matches!(k, ReqKind::Groups));
+        if c.groups_wanted && !asking && c.groups_retry_at.is_none_or(|t| t <= now) {
+            c.groups_wanted = false;
+            c.groups_retry_at = None;
+            if self.request(user, Call::Groups, ReqKind::Groups).is_none() {
+                self.client(user).groups_wanted = true;
+            }
+        }
+        let started: Vec<u64> = self
+            .client(user)
+            .groups
+            .iter()
+            .filter(|(_, g)| g.started)
+            .map(|(id, _)| *id)
+            .collect();
+        for group in started {
+            loop {
+                let gi = self.client(user).groups.get_mut(&group).expect("listed");
+                let Some(r) = gi.inbox.poll_request(now) else {
+                    break;
+                };
+                let (call, kind) = match r {
+                    InboxRequest::Fetch {
+                        after_seq,
+                        max_count,
+                        max_bytes,
+                    } => (
+                        Call::GroupFetch {
+                            group,
+                            after_seq,
+                            max_count,
+                            max_bytes,
+                        },
+                        ReqKind::GroupFetch(group),
+                    ),
+                    InboxRequest::Ack { up_to_seq } => (
+                        Call::GroupAck { group, up_to_seq },
+                        ReqKind::GroupAck(group, up_to_seq),
+                    ),
+                };
+                if self.request(user, call, kind).is_none() {
+                    let inbox = &mut self
+                        .client(user)
+                        .groups
+                        .get_mut(&group)
+                        .expect("listed")
+                        .inbox;
+                    match r {
+                        InboxRequest::Fetch { .. } => inbox.on_fetch_failed(now),
+                        InboxRequest::Ack { .. } => inbox.on_ack_failed(now),
+                    }
+                    break;
+                }
+            }
+            let gi = self.client(user).groups.get_mut(&group).expect("listed");
+            while let Some(d) = gi.inbox.poll_show() {
+                gi.shown.push(d);
+            }
         }
     }
 
@@ -1272,6 +1774,7 @@ impl World {
         let (_, session, answer) = decided.remove(i);
         let answer: LoginAnswer = app::decode(&answer).expect("an answer");
         let now = self.now;
+        let has_groups = !self.groups.is_empty();
         let c = self.client(user);
         match (session, answer) {
             (Some(session), LoginAnswer::Accepted(a)) => {
@@ -1280,6 +1783,13 @@ impl World {
                 for m in c.outbox.values_mut() {
                     m.request = None;
                 }
+                // Group inboxes start again from `Groups` (only in worlds
+                // with groups: the others' runs stay as they were).
+                for gi in c.groups.values_mut() {
+                    gi.started = false;
+                }
+                c.groups_wanted = has_groups;
+                c.groups_retry_at = None;
                 let _ = self.request(user, Call::LoginView, ReqKind::Other);
             }
             (_, LoginAnswer::Refused { code, .. }) => {
@@ -1348,6 +1858,50 @@ impl World {
                         _ => c.inbox.on_ack_failed(now),
                     },
                     ReqKind::Other => {}
+                    ReqKind::Raw => {
+                        c.replies.insert(id, result);
+                    }
+                    ReqKind::Groups => c.groups_listed(now, result),
+                    ReqKind::GroupFetch(group) => {
+                        let refused =
+                            matches!(&result, Err(e) if e.code == AppErrorCode::NotAllowed);
+                        let Some(gi) = c.groups.get_mut(&group).filter(|g| g.started) else {
+                            return; // stopped meanwhile
+                        };
+                        match result {
+                            Ok(Reply::GroupMailbox {
+                                messages,
+                                last_seq,
+                                more,
+                                dropped,
+                            }) => {
+                                if std::env::var_os("SIM_TRACE").is_some() {
+                                    let seqs: Vec<u64> = messages.iter().map(|d| d.seq).collect();
+                                    eprintln!("          user {user} group page {seqs:?} last {last_seq} more {more} dropped {dropped} (shown {})", gi.inbox.shown_seq());
+                                }
+                                gi.dropped += dropped;
+                                gi.inbox.on_page(now, messages, last_seq, more);
+                            }
+                            _ => gi.inbox.on_fetch_failed(now),
+                        }
+                        if refused {
+                            c.groups_wanted = true; // not a member any more?
+                        }
+                    }
+                    ReqKind::GroupAck(group, up_to) => {
+                        let refused =
+                            matches!(&result, Err(e) if e.code == AppErrorCode::NotAllowed);
+                        let Some(gi) = c.groups.get_mut(&group).filter(|g| g.started) else {
+                            return;
+                        };
+                        match result {
+                            Ok(Reply::Done) => gi.inbox.on_ack_done(now, up_to),
+                            _ => gi.inbox.on_ack_failed(now),
+                        }
+                        if refused {
+                            c.groups_wanted = true;
+                        }
+                    }
                 }
             }
             GatewayMessage::Deliver(d) => {
@@ -1362,6 +1916,31 @@ impl World {
                 c.inbox.on_push(now, d)
             }
             GatewayMessage::MailboxChanged { high_seq } => c.inbox.on_mailbox_changed(high_seq),
+            GatewayMessage::GroupDeliver { group, delivery } => {
+                if std::env::var_os("SIM_TRACE").is_some() {
+                    eprintln!(
+                        "          user {user} group push seq {} id {}",
+                        delivery.seq, delivery.msg_id
+                    );
+                }
+                c.group_received.push((group, delivery.clone(), now));
+                let gi = c.groups.entry(group).or_insert_with(GroupInbox::new);
+                if gi.started {
+                    gi.inbox.on_push(now, delivery);
+                } else {
+                    gi.early.push(delivery);
+                }
+            }
+            GatewayMessage::GroupMailboxChanged { group, high_seq } => {
+                // Not started: the fetch that follows the start finds it.
+                if let Some(gi) = c.groups.get_mut(&group).filter(|g| g.started) {
+                    gi.inbox.on_mailbox_changed(high_seq);
+                }
+            }
+            GatewayMessage::GroupChanged { .. } => {
+                c.groups_wanted = true;
+                c.pushes.push(msg);
+            }
             GatewayMessage::Kicked => {
                 c.kicked = true;
                 c.pushes.push(GatewayMessage::Kicked);
@@ -1389,7 +1968,8 @@ impl World {
                 }
                 ReqKind::Fetch => c.inbox.on_fetch_failed(now),
                 ReqKind::Ack(_) => c.inbox.on_ack_failed(now),
-                ReqKind::Other => {}
+                ReqKind::Other | ReqKind::Raw => {}
+                kind => c.group_request_lost(kind, now),
             }
         }
     }
@@ -1429,6 +2009,9 @@ impl World {
                     .find(|(_, m)| *m == msg_id)
                     .expect("sent by the app")
                     .0;
+                if is_group(to) {
+                    continue; // check_group_invariants
+                }
                 assert!(
                     shown_by[&to].contains(&(c.user, msg_id)),
                     "message {msg_id} from {} to {to} was answered Sent but never shown",
@@ -1436,6 +2019,9 @@ impl World {
                 );
             }
             for &to in c.app_sends.iter().map(|(t, _)| t).collect::<BTreeSet<_>>() {
+                if is_group(to) {
+                    continue;
+                }
                 let sent_order: Vec<u128> = c
                     .app_sends
                     .iter()
@@ -1458,10 +2044,166 @@ impl World {
                 );
             }
         }
+        self.check_group_invariants();
+    }
+
+    /// The group promises (§6.7 with §6.4's), after `settle`, for every
+    /// group of the model profile:
+    /// * a send answered `Sent{seq}` is in the group's mailbox at that seq;
+    ///   every send was answered `Sent` or refused;
+    /// * each sender's messages were first stored in the order its
+    ///   application sent them;
+    /// * no client shows a message twice, and each shows in seq order only
+    ///   what the mailbox holds at that seq;
+    /// * every member that was never removed shows exactly the messages
+    ///   stored after it joined, each once (a second copy of a retry is
+    ///   dropped), in seq order, and was never told a seq was gone.
+    pub fn check_group_invariants(&self) {
+        for (&id, g) in &self.groups {
+            let gname = id - GROUP_ID_BASE;
+            let empty = MailboxModel::default();
+            let mb = self.mailboxes.get(&id).unwrap_or(&empty);
+            let by_seq: BTreeMap<u64, &Record> = mb.records.iter().map(|r| (r.seq, r)).collect();
+            for c in self.clients.values() {
+                let to_group: Vec<u128> = c
+                    .app_sends
+                    .iter()
+                    .filter(|(t, _)| *t == id)
+                    .map(|(_, m)| *m)
+                    .collect();
+                for m in &to_group {
+                    match (c.sent.get(m), c.refused.get(m)) {
+                        (Some(&seq), None) => {
+                            let r = by_seq.get(&seq).unwrap_or_else(|| {
+                                panic!("group {gname}: {m} answered Sent at {seq}, not stored")
+                            });
+                            assert_eq!(
+                                (r.envelope.from, r.msg_id),
+                                (c.user, *m),
+                                "group {gname}: seq {seq} holds what was answered"
+                            );
+                        }
+                        (None, Some(_)) => {}
+                        other => panic!(
+                            "group {gname}: user {}'s message {m} ended as {other:?}",
+                            c.user
+                        ),
+                    }
+                }
+                // First copies in the mailbox, in the sender's order.
+                let mut first_seen = BTreeSet::new();
+                let stored_order: Vec<usize> = mb
+                    .records
+                    .iter()
+                    .filter(|r| r.envelope.from == c.user && first_seen.insert(r.msg_id))
+                    .map(|r| {
+                        to_group
+                            .iter()
+                            .position(|m| *m == r.msg_id)
+                            .expect("stored what the app sent")
+                    })
+                    .collect();
+                assert!(
+                    stored_order.windows(2).all(|w| w[0] < w[1]),
+                    "group {gname}: user {}'s messages stored in the order sent: {stored_order:?}",
+                    c.user
+                );
+                let Some(gi) = c.groups.get(&id) else {
+                    continue;
+                };
+                let ids: Vec<(u64, u128)> = gi.shown.iter().map(|d| (d.from, d.msg_id)).collect();
+                let distinct: BTreeSet<_> = ids.iter().collect();
+                assert_eq!(
+                    distinct.len(),
+                    ids.len(),
+                    "group {gname}: user {} showed a message twice: {ids:?}",
+                    c.user
+                );
+                assert!(
+                    gi.shown.windows(2).all(|w| w[0].seq < w[1].seq),
+                    "group {gname}: user {} showed out of seq order",
+                    c.user
+                );
+                for d in &gi.shown {
+                    let r = by_seq.get(&d.seq).expect("shown what is stored");
+                    assert_eq!((r.envelope.from, r.msg_id), (d.from, d.msg_id));
+                }
+            }
+            for (&u, _) in g.members.iter().filter(|(u, _)| !g.removed.contains(u)) {
+                let start = g.joined_at[&u];
+                let mut seen = BTreeSet::new();
+                let expected: Vec<(u64, u128)> = mb
+                    .records
+                    .iter()
+                    .filter(|r| r.seq > start)
+                    .map(|r| (r.envelope.from, r.msg_id))
+                    .filter(|k| seen.insert(*k))
+                    .collect();
+                let c = &self.clients[&u];
+                assert_eq!(
+                    c.group_shown(id),
+                    expected,
+                    "group {gname}: member {u} shows every message after {start} once, in seq order"
+                );
+                let dropped = c.groups.get(&id).map_or(0, |gi| gi.dropped);
+                assert_eq!(
+                    dropped, 0,
+                    "group {gname}: member {u} was told seqs were gone"
+                );
+            }
+        }
     }
 }
 
 impl ClientModel {
+    /// The `Groups` reply: start the inbox of every group listed that is
+    /// not started in this session (`shown` = the cursor), stop those no
+    /// longer listed.
+    fn groups_listed(&mut self, now: Instant, result: Result<Reply, AppError>) {
+        let Ok(Reply::Groups { groups, .. }) = result else {
+            self.groups_wanted = true;
+            self.groups_retry_at = Some(now + CLIENT_RETRY_DELAY);
+            return;
+        };
+        let listed: BTreeSet<u64> = groups.iter().map(|g| g.group).collect();
+        for (id, gi) in self.groups.iter_mut() {
+            if !listed.contains(id) {
+                gi.started = false;
+                gi.early.clear();
+            }
+        }
+        for g in groups {
+            let gi = self.groups.entry(g.group).or_insert_with(GroupInbox::new);
+            if gi.started {
+                continue;
+            }
+            let high = g.high_seq.max(g.read_seq);
+            gi.inbox.on_login(now, high - g.read_seq, high);
+            gi.started = true;
+            for d in std::mem::take(&mut gi.early) {
+                gi.inbox.on_push(now, d);
+            }
+        }
+    }
+
+    /// A group request whose answer will not come (timed out, session lost).
+    fn group_request_lost(&mut self, kind: ReqKind, now: Instant) {
+        match kind {
+            ReqKind::Groups => self.groups_wanted = true,
+            ReqKind::GroupFetch(group) => {
+                if let Some(gi) = self.groups.get_mut(&group) {
+                    gi.inbox.on_fetch_failed(now);
+                }
+            }
+            ReqKind::GroupAck(group, _) => {
+                if let Some(gi) = self.groups.get_mut(&group) {
+                    gi.inbox.on_ack_failed(now);
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn send_answered(&mut self, msg_id: u128, result: Result<Reply, AppError>, now: Instant) {
         if std::env::var_os("SIM_TRACE").is_some() {
             eprintln!("          user {} answer {msg_id}: {result:?}", self.user);
@@ -1495,12 +2237,47 @@ fn lose_requests(c: &mut ClientModel, now: Instant) {
         match kind {
             ReqKind::Fetch => c.inbox.on_fetch_failed(now),
             ReqKind::Ack(_) => c.inbox.on_ack_failed(now),
-            _ => {}
+            kind => c.group_request_lost(kind, now),
         }
     }
     for m in c.outbox.values_mut() {
         m.request = None;
     }
+}
+
+/// A page of `mb` after `after_seq`, by the shard's page rule: the first
+/// record always, then while the bodies stay within `max_bytes`. (messages,
+/// last_seq, more).
+fn page(
+    mb: &MailboxModel,
+    after_seq: u64,
+    max_count: u32,
+    max_bytes: u32,
+) -> (Vec<Delivery>, u64, bool) {
+    let live: Vec<&Record> = mb.live().filter(|r| r.seq > after_seq).collect();
+    let mut bytes = 0;
+    let fits = live
+        .iter()
+        .take(max_count as usize)
+        .take_while(|r| {
+            bytes += r.envelope.body.len();
+            bytes == r.envelope.body.len() || bytes <= max_bytes as usize
+        })
+        .count();
+    let page: Vec<Delivery> = live
+        .iter()
+        .take(fits)
+        .map(|r| Delivery {
+            from: r.envelope.from,
+            msg_id: r.msg_id,
+            sent_at_ms: r.envelope.sent_at_ms,
+            body: r.envelope.body.clone(),
+            seq: r.seq,
+        })
+        .collect();
+    let more = live.len() > page.len();
+    let last_seq = page.last().map_or(0, |d| d.seq);
+    (page, last_seq, more)
 }
 
 fn unavailable(why: &str) -> AppError {
