@@ -74,19 +74,24 @@ pub fn from_shard(e: ShardCallError) -> AppError {
     }
 }
 
-/// Append `items` to `to`'s mailbox, in order: per item its seq or why not.
+/// Append `items` to `to`'s mailbox, in order: per item its seq or why not
+/// (with `once_since_ms`, the seq of a copy stored since then, if any).
 pub async fn store(
     services: &Services,
     to: u64,
     items: Vec<StoreItem>,
+    once_since_ms: Option<u64>,
 ) -> Result<Vec<Result<u64, AppError>>, AppError> {
     let payloads: Vec<(u128, Vec<u8>)> = items
         .into_iter()
         .map(|i| (i.msg_id, app::encode(&i.envelope)))
         .collect();
-    let results = with_timeout(services, services.shards.append_batch(to, payloads))
-        .await?
-        .map_err(from_shard)?;
+    let results = with_timeout(
+        services,
+        services.shards.append_batch(to, payloads, once_since_ms),
+    )
+    .await?
+    .map_err(from_shard)?;
     Ok(results.into_iter().map(|r| r.map_err(from_shard)).collect())
 }
 

@@ -9,7 +9,7 @@
 use crate::{
     calls, login,
     router::{Action, Answer, Now, Router, RouterConfig, Sessions},
-    services::{now_ms, Services},
+    services::{self, now_ms, Services},
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use netio::udp::{self, RecvBatch, SendBatch};
@@ -357,10 +357,14 @@ async fn perform(services: &Arc<Services>, action: Action, loads: &Semaphore) ->
         Action::Store { batch, to, items } => {
             metrics::counter!("gateway_stores_total").increment(1);
             metrics::counter!("gateway_stored_items_total").increment(items.len() as u64);
-            let result = calls::store(services, to, items).await;
+            // A re-sent message may be in the mailbox already (its first
+            // store's answer was lost): stored only if it is not.
+            let once = items.iter().any(|i| i.resent);
+            let since_ms = services::now_ms().saturating_sub(services::GROUP_RESEND_WINDOW_MS);
+            let result = calls::store(services, to, items, once.then_some(since_ms)).await;
             if proto::groups::is_group(to) && result.is_ok() {
                 let services = services.clone();
-                tokio::spawn(async move { crate::group_calls::expire_due(&services, to).await });
+                tokio::spawn(async move { crate::group_calls::tidy_due(&services, to).await });
             }
             Answer::Stored { batch, result }
         }

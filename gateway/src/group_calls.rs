@@ -8,7 +8,7 @@
 use crate::{
     calls::{from_profile, from_shard, page, with_timeout, CallResult},
     router::CallEffects,
-    services::{now_ms, Services, GROUP_EXPIRY_INTERVAL_MS},
+    services::{now_ms, Services, GROUP_EXPIRY_INTERVAL_MS, GROUP_RESEND_WINDOW_MS},
 };
 use futures_util::future::join_all;
 use proto::{
@@ -33,7 +33,7 @@ pub async fn serve(
             max_count,
             max_bytes,
         } => {
-            expire_due(services, group).await;
+            tidy_due(services, group).await;
             fetch(services, group, after_seq, max_count, max_bytes).await
         }
         Call::GroupAck { group, up_to_seq } => ack(services, user, group, up_to_seq).await,
@@ -158,48 +158,54 @@ async fn fetch(
     })
 }
 
-/// Have `group`'s mailbox delete what is past `limits.group_retention_days`,
-/// if this gateway has not asked in the last `GROUP_EXPIRY_INTERVAL_MS`
-/// (after a store and before a page of the group). Best effort: a failed
-/// one is asked again next time.
-pub async fn expire_due(services: &Services, group: u64) {
-    let days = services.config.limits.group_retention_days;
-    if days == 0 {
-        return;
-    }
+/// Tidy `group`'s mailbox, if this gateway has not in the last
+/// `GROUP_EXPIRY_INTERVAL_MS` (after a store, a page or an ack of the
+/// group): delete what every member has read (as far as this gateway knows)
+/// once it is older than `GROUP_RESEND_WINDOW_MS`, and whatever is past
+/// `limits.group_retention_days`. At most two shard requests a minute per
+/// group and gateway, whatever the traffic. Best effort: what fails is
+/// tried again next time.
+pub async fn tidy_due(services: &Services, group: u64) {
     let now = now_ms();
     let last = services.group_expiries.get(&group).unwrap_or(0);
     if now < last.saturating_add(GROUP_EXPIRY_INTERVAL_MS) {
         return;
     }
     services.group_expiries.insert(group, now);
-    let before_ms = now.saturating_sub(u64::from(days) * 86_400_000);
-    match with_timeout(services, services.shards.expire(group, before_ms)).await {
-        Ok(Ok(removed)) => {
-            metrics::counter!("gateway_group_expired_total").increment(removed);
-        }
-        _ => {
-            services.group_expiries.remove(&group);
+    let read_by_all = services.group_trims.get(&group).unwrap_or(0);
+    let days = u64::from(services.config.limits.group_retention_days);
+    let mut expiries = vec![];
+    if read_by_all > 0 {
+        expiries.push((now.saturating_sub(GROUP_RESEND_WINDOW_MS), read_by_all));
+    }
+    if days > 0 {
+        expiries.push((now.saturating_sub(days * 86_400_000), u64::MAX));
+    }
+    for (before_ms, up_to_seq) in expiries {
+        let expire = services.shards.expire(group, before_ms, up_to_seq);
+        match with_timeout(services, expire).await {
+            Ok(Ok(removed)) => {
+                metrics::counter!("gateway_group_expired_total").increment(removed);
+            }
+            _ => {
+                services.group_expiries.remove(&group);
+            }
         }
     }
 }
 
-/// Move the member's cursor; when every member has read further than the
-/// mailbox was trimmed (as far as this gateway knows), trim it.
+/// Move the member's cursor, and remember how far every member has read
+/// (profile's lowest cursor) for the next tidy of the mailbox.
 async fn ack(services: &Services, user: u64, group: u64, up_to_seq: u64) -> CallResult {
     let (_, min_read_seq) = services
         .profile
         .group_read(user, group, up_to_seq)
         .await
         .map_err(from_profile)?;
-    let trimmed = services.group_trims.get(&group).unwrap_or(0);
-    if min_read_seq > trimmed {
-        // Best effort: a failed trim is redone by the next member's ack.
-        if services.shards.ack(group, min_read_seq).await.is_ok() {
-            services.group_trims.insert(group, min_read_seq);
-            metrics::counter!("gateway_group_trims_total").increment(1);
-        }
+    if min_read_seq > services.group_trims.get(&group).unwrap_or(0) {
+        services.group_trims.insert(group, min_read_seq);
     }
+    tidy_due(services, group).await;
     Ok(Reply::Done)
 }
 

@@ -21,11 +21,11 @@ pub struct Services {
     /// Profiles read through this gateway, at most `limits.profile_cache_entries`;
     /// an entry goes when the profile service pushes a newer version.
     pub profiles: quick_cache::sync::Cache<u64, proto::profile::Profile>,
-    /// Per group, the seq up to which this gateway last trimmed its mailbox
-    /// (every member had read that far), at most `GROUP_TRIMS_REMEMBERED`.
+    /// Per group, the highest lowest-cursor this gateway heard of (every
+    /// member had read that far), at most `GROUP_TRIMS_REMEMBERED`.
     pub group_trims: quick_cache::sync::Cache<u64, u64>,
-    /// Per group, when (ms since the Unix epoch) this gateway last had its
-    /// mailbox expire what is past `limits.group_retention_days`.
+    /// Per group, when (ms since the Unix epoch) this gateway last tidied
+    /// its mailbox (`group_calls::tidy_due`).
     pub group_expiries: quick_cache::sync::Cache<u64, u64>,
 }
 
@@ -35,6 +35,10 @@ pub const GROUP_TRIMS_REMEMBERED: usize = 100_000;
 /// A group's mailbox is asked to expire old messages at most this often
 /// by one gateway.
 pub const GROUP_EXPIRY_INTERVAL_MS: u64 = 60_000;
+/// How long a group message stays in its mailbox after every member read
+/// it, and how far back a re-sent group message looks for its first copy:
+/// a re-send within this of the first attempt is never stored twice.
+pub const GROUP_RESEND_WINDOW_MS: u64 = 10 * 60_000;
 
 impl Services {
     /// Profiles of those of `users` that exist (in order), from the cache

@@ -368,10 +368,13 @@ impl Shards {
     /// Store messages durably in `user`'s mailbox, in this order: per item
     /// its sequence number or why it was not stored. Routing is decided per
     /// user, so a batch is moved or busy as a whole and followed as one.
+    /// With `once_since_ms`, an item the mailbox already holds (its msg_id,
+    /// stored since then) is not stored again: its seq is the answer.
     pub async fn append_batch(
         &self,
         user: u64,
         items: Vec<(u128, Vec<u8>)>,
+        once_since_ms: Option<u64>,
     ) -> Result<Vec<Result<u64, ShardCallError>>, ShardCallError> {
         let results = self
             .call(user, Retry::Never, |c| {
@@ -384,7 +387,10 @@ impl Shards {
                     })
                     .collect();
                 async move {
-                    let results = c.append_batch(items).await?;
+                    let results = match once_since_ms {
+                        Some(since_ms) => c.append_batch_once(items, since_ms).await?,
+                        None => c.append_batch(items).await?,
+                    };
                     match results.first() {
                         Some(Err(e))
                             if matches!(
@@ -424,10 +430,16 @@ impl Shards {
         .await
     }
 
-    /// Delete `mailbox`'s oldest records stored before `before_ms`.
-    pub async fn expire(&self, mailbox: u64, before_ms: u64) -> Result<u64, ShardCallError> {
+    /// Delete `mailbox`'s oldest records stored before `before_ms` with a
+    /// seq up to `up_to_seq`.
+    pub async fn expire(
+        &self,
+        mailbox: u64,
+        before_ms: u64,
+        up_to_seq: u64,
+    ) -> Result<u64, ShardCallError> {
         self.call(mailbox, Retry::OnBrokenLink, |c| async move {
-            c.expire(mailbox, before_ms).await
+            c.expire(mailbox, before_ms, up_to_seq).await
         })
         .await
     }

@@ -250,7 +250,26 @@ impl ShardClient {
         &self,
         items: Vec<AppendItem>,
     ) -> Result<Vec<Result<u64, ShardError>>, ClientError> {
-        match self.call(RequestBody::AppendBatch { items }).await? {
+        self.append_items(RequestBody::AppendBatch { items }).await
+    }
+
+    /// `append_batch`, storing no item whose mailbox holds a live record
+    /// with its `msg_id` stored at or after `since_ms` (that record's seq
+    /// is its result instead).
+    pub async fn append_batch_once(
+        &self,
+        items: Vec<AppendItem>,
+        since_ms: u64,
+    ) -> Result<Vec<Result<u64, ShardError>>, ClientError> {
+        self.append_items(RequestBody::AppendBatchOnce { items, since_ms })
+            .await
+    }
+
+    async fn append_items(
+        &self,
+        body: RequestBody,
+    ) -> Result<Vec<Result<u64, ShardError>>, ClientError> {
+        match self.call(body).await? {
             ResponseBody::AppendedBatch { results } => Ok(results),
             other => Err(unexpected("AppendedBatch", &other)),
         }
@@ -284,10 +303,20 @@ impl ShardClient {
         }
     }
 
-    /// Delete `user`'s oldest records stored before `before_ms`; returns
-    /// how many went.
-    pub async fn expire(&self, user: u64, before_ms: u64) -> Result<u64, ClientError> {
-        match self.call(RequestBody::Expire { user, before_ms }).await? {
+    /// Delete `user`'s oldest records stored before `before_ms` with a seq
+    /// up to `up_to_seq`; returns how many went.
+    pub async fn expire(
+        &self,
+        user: u64,
+        before_ms: u64,
+        up_to_seq: u64,
+    ) -> Result<u64, ClientError> {
+        let body = RequestBody::Expire {
+            user,
+            before_ms,
+            up_to_seq,
+        };
+        match self.call(body).await? {
             ResponseBody::Acked { removed } => Ok(removed),
             other => Err(unexpected("Acked", &other)),
         }

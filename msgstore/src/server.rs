@@ -799,6 +799,7 @@ fn op_name(body: &RequestBody) -> &'static str {
     match body {
         RequestBody::Append { .. } => "append",
         RequestBody::AppendBatch { .. } => "append_batch",
+        RequestBody::AppendBatchOnce { .. } => "append_batch_once",
         RequestBody::Fetch { .. } => "fetch",
         RequestBody::Ack { .. } => "ack",
         RequestBody::Expire { .. } => "expire",

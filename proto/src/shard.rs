@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// sent on the wire yet: shards and their callers are deployed together.
 pub const SHARD_PROTOCOL_VERSION: u32 = 1;
 
+/// Most records of a mailbox one item of a
+/// [`RequestBody::AppendBatchOnce`] looks back at for its `msg_id`.
+pub const APPEND_ONCE_SCAN_MAX: u64 = 20_000;
+
 /// Most items in one [`RequestBody::AppendBatch`].
 pub const APPEND_BATCH_ITEMS_MAX: usize = 1024;
 
@@ -118,12 +122,24 @@ pub enum RequestBody {
         moved: bool,
     },
     /// Delete `user`'s oldest records stored (by their `timestamp_ms`)
-    /// before `before_ms`, as an `Ack` up to the newest of them would: how
-    /// a group's mailbox keeps no message past its retention. Looks at the
-    /// first `FETCH_COUNT_MAX` live records at most. Answered `Acked`.
+    /// before `before_ms` and with a seq up to `up_to_seq`, as an `Ack` up
+    /// to the newest of them would: how a group's mailbox keeps no message
+    /// past its retention, and none every member read once it is old
+    /// enough that no retry can still come for it. Looks at the first
+    /// `FETCH_COUNT_MAX` live records at most. Answered `Acked`.
     Expire {
         user: u64,
         before_ms: u64,
+        up_to_seq: u64,
+    },
+    /// `AppendBatch`, except that an item whose mailbox already holds a
+    /// live record with the same `msg_id` stored at or after `since_ms` is
+    /// not stored again: its result is that record's seq. Looks back at
+    /// most [`APPEND_ONCE_SCAN_MAX`] records per item. How a retried group
+    /// message is stored once. Answered `AppendedBatch`.
+    AppendBatchOnce {
+        items: Vec<AppendItem>,
+        since_ms: u64,
     },
 }
 

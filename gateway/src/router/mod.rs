@@ -122,6 +122,11 @@ pub enum Action {
 pub struct StoreItem {
     pub msg_id: u128,
     pub envelope: StoredEnvelope,
+    /// A re-send of a message whose first store may have happened (it
+    /// failed with a retryable error here, or the client says it sent it
+    /// before): stored only if the mailbox does not hold it already
+    /// (`AppendBatchOnce`).
+    pub resent: bool,
 }
 
 /// What a service said.
@@ -594,6 +599,7 @@ impl Router {
             key: (user, msg_id),
             to,
             body,
+            resent: false,
         };
         self.on_send(now, send, in_flight_full, io);
     }

@@ -32,6 +32,9 @@ pub(crate) struct NewSend {
     pub key: SendKey,
     pub to: u64,
     pub body: Vec<u8>,
+    /// The client says it sent this message before (a group send's
+    /// `resend`).
+    pub resent: bool,
 }
 
 struct Pending {
@@ -44,6 +47,10 @@ struct Pending {
     /// When the waiters are answered `Unavailable` if no outcome came;
     /// `None` once they were (the store goes on; a retry waits again).
     deadline: Option<Instant>,
+    /// A re-send after a failure that may have stored it ([`StoreItem`]).
+    resent: bool,
+    /// The session it last came on (first, or a retry that joined it).
+    session: u64,
 }
 
 #[derive(Default)]
@@ -182,6 +189,9 @@ impl Router {
             sent_at_ms: now.wall_ms,
             body: send.body,
         };
+        // A hold waited for it: an earlier attempt failed here, perhaps
+        // after the shard had stored it.
+        let resent = send.resent || arrival.is_some();
         let arrival = match arrival {
             Some(a) => a,
             None => self.sends.arrival(),
@@ -192,6 +202,8 @@ impl Router {
             envelope,
             waiters: vec![(send.session, send.id)],
             deadline: None,
+            resent,
+            session: send.session,
         };
         self.sends.pending.insert(send.key, pending);
         self.sends
@@ -226,6 +238,7 @@ impl Router {
         if let Some(p) = self.sends.pending.get_mut(&send.key) {
             // A retry while the first copy is on its way: same outcome.
             p.waiters.push((send.session, send.id));
+            p.session = send.session;
             let rearm = p.deadline.is_none();
             self.sessions.take_slot(send.session);
             if rearm {
@@ -329,6 +342,7 @@ impl Router {
             items.push(StoreItem {
                 msg_id: key.1,
                 envelope: p.envelope.clone(),
+                resent: p.resent,
             });
             keys.push(key);
         }
@@ -460,13 +474,13 @@ impl Router {
         let outcome = match &result {
             Ok(_) => "stored",
             Err(e) if e.code.is_retryable() => {
-                // Only while the sender has a session here: its holds went
-                // with its last one, and a client that comes back re-sends
-                // from its outbox (maybe settled elsewhere meanwhile), so a
-                // hold made now would refuse it for nothing until it ran
-                // out, long enough for a later message to overtake one
-                // whose refusal it never heard.
-                if self.sessions.session_of(key.0).is_some() {
+                // Only while the session it came on lasts: a client on a new
+                // session re-sends everything unanswered, in order, from
+                // its outbox (maybe settled elsewhere meanwhile), so a hold
+                // made for an older session's message would refuse it for
+                // nothing until it ran out, and a later message could then
+                // overtake one whose refusal the client had not heard yet.
+                if self.sessions.session_of(key.0) == Some(p.session) {
                     self.hold(now, (key.0, p.to), key.1, Some(p.arrival), e.code, true);
                 }
                 "retry"

@@ -10,7 +10,9 @@ use super::{
     wal, Dirty, Engine, Pending,
 };
 use crate::{handle::AppendRequest, Error, Result};
-use proto::shard::{MailboxStats, ShardStats, FETCH_BYTES_MAX, FETCH_COUNT_MAX};
+use proto::shard::{
+    MailboxStats, ShardStats, APPEND_ONCE_SCAN_MAX, FETCH_BYTES_MAX, FETCH_COUNT_MAX,
+};
 use std::{
     collections::{hash_map::Entry, VecDeque},
     sync::atomic::{AtomicU64, Ordering},
@@ -258,15 +260,15 @@ impl Engine {
     }
 
     /// An `Expire`: ack the user's oldest live records stored before
-    /// `before_ms` (the leading run of the first `FETCH_COUNT_MAX` records
-    /// whose `timestamp_ms` is older). Every replica reads the same
-    /// records, so the same records go.
-    pub(super) fn expire(&mut self, user: u64, before_ms: u64) -> Result<u64> {
+    /// `before_ms` with a seq up to `up_to_seq` (the leading run of such
+    /// records among the first `FETCH_COUNT_MAX`). Every replica reads the
+    /// same records, so the same records go.
+    pub(super) fn expire(&mut self, user: u64, before_ms: u64, up_to_seq: u64) -> Result<u64> {
         let limits = (FETCH_COUNT_MAX, FETCH_BYTES_MAX);
         let newest_expired = self.fetch_with(user, 0, limits, |page| {
             page.records
                 .iter()
-                .take_while(|r| r.timestamp_ms < before_ms)
+                .take_while(|r| r.timestamp_ms < before_ms && r.seq <= up_to_seq)
                 .last()
                 .map(|r| r.seq)
         })?;
@@ -278,6 +280,49 @@ impl Engine {
             }
             None => Ok(0),
         }
+    }
+
+    /// An item of an `AppendBatchOnce`: the seq of a live record of its
+    /// user with its `msg_id` stored at or after `since_ms` (among the
+    /// newest `APPEND_ONCE_SCAN_MAX`), else a new append.
+    pub(super) fn append_once(&mut self, req: AppendRequest, since_ms: u64) -> Result<u64> {
+        if let Some(seq) = self.find_recent(req.user, req.msg_id, since_ms)? {
+            metrics::counter!("msgstore_appends_deduplicated_total").increment(1);
+            return Ok(seq);
+        }
+        self.append(req)
+    }
+
+    /// The seq of a live record of `user` with `msg_id` stored at or after
+    /// `since_ms`, among its newest `APPEND_ONCE_SCAN_MAX` live records
+    /// (read a page at a time, oldest first: only retries pay for this).
+    fn find_recent(&mut self, user: u64, msg_id: u128, since_ms: u64) -> Result<Option<u64>> {
+        let Some(state) = self.load_user(user)? else {
+            return Ok(None);
+        };
+        let last = state.last_seq();
+        let mut after = state
+            .acked_seq
+            .max(last.saturating_sub(APPEND_ONCE_SCAN_MAX));
+        while after < last {
+            let limits = (FETCH_COUNT_MAX, FETCH_BYTES_MAX);
+            let (found, page_last, more) = self.fetch_with(user, after, limits, |page| {
+                let found = page
+                    .records
+                    .iter()
+                    .find(|r| r.msg_id == msg_id && r.timestamp_ms >= since_ms)
+                    .map(|r| r.seq);
+                (found, page.records.last().map(|r| r.seq), page.more)
+            })?;
+            if found.is_some() {
+                return Ok(found);
+            }
+            match page_last {
+                Some(seq) if more && seq > after => after = seq,
+                _ => break,
+            }
+        }
+        Ok(None)
     }
 
     /// The lowest seq up to `up_to` among the user's live bucket records
@@ -627,7 +672,7 @@ mod tests {
         }
         let expire = |e: &mut Engine, before_ms| {
             e.begin_batch();
-            let r = e.expire(group, before_ms);
+            let r = e.expire(group, before_ms, u64::MAX);
             e.end_batch().unwrap();
             r.unwrap()
         };
@@ -641,6 +686,52 @@ mod tests {
             (stats.live_count, stats.acked_seq, stats.last_seq),
             (0, 5, 5)
         );
+    }
+
+    /// `AppendBatchOnce` stores an item whose msg_id is among the live
+    /// records stored since its cutoff once (in the bucket or unflushed),
+    /// answering the first seq, and stores it again when the copy is older
+    /// than the cutoff, acknowledged, or another msg_id.
+    #[test]
+    fn append_once_answers_the_seq_already_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Never,
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        let group = proto::groups::GROUP_ID_BASE | 3;
+        let once = |e: &mut Engine, msg_id: u128, since_ms: u64| {
+            e.begin_batch();
+            let req = AppendRequest {
+                user: group,
+                msg_id,
+                payload: b"body".to_vec(),
+            };
+            let r = e.append_once(req, since_ms);
+            e.end_batch().unwrap();
+            r.unwrap()
+        };
+        e.set_clock_ms(1_000);
+        assert_eq!(once(&mut e, 77, 0), 1);
+        for id in 100..2_500u128 {
+            once(&mut e, id, 0); // more than a page of others after it
+        }
+        e.set_clock_ms(2_000);
+        assert_eq!(once(&mut e, 77, 500), 1, "unflushed: the first seq");
+        e.checkpoint_now().unwrap();
+        assert_eq!(once(&mut e, 77, 500), 1, "in the bucket: the first seq");
+        assert_eq!(once(&mut e, 2_499, 0), 2_401, "the newest one too");
+        assert_eq!(
+            once(&mut e, 77, 1_500),
+            2_402,
+            "older than the cutoff: stored"
+        );
+        e.begin_batch();
+        e.ack(group, 2_402).unwrap();
+        e.end_batch().unwrap();
+        assert_eq!(once(&mut e, 77, 0), 2_403, "acknowledged: stored again");
+        assert_eq!(once(&mut e, 78, 0), 2_404, "another id");
     }
 
     /// An ack of everything counts the same bytes without a walk as with

@@ -5,8 +5,8 @@
 use super::Engine;
 use crate::{handle::AppendRequest, Error};
 use proto::shard::{
-    RequestBody, ResponseBody, ShardError, ShardErrorCode, APPEND_BATCH_ITEMS_MAX, FETCH_BYTES_MAX,
-    FETCH_COUNT_MAX, IMPORT_RECORDS_MAX,
+    AppendItem, RequestBody, ResponseBody, ShardError, ShardErrorCode, APPEND_BATCH_ITEMS_MAX,
+    FETCH_BYTES_MAX, FETCH_COUNT_MAX, IMPORT_RECORDS_MAX,
 };
 
 impl Engine {
@@ -26,28 +26,10 @@ impl Engine {
                 Ok(seq) => ResponseBody::Appended { seq },
                 Err(e) => error(e),
             },
-            RequestBody::AppendBatch { items } if items.len() > APPEND_BATCH_ITEMS_MAX => {
-                ResponseBody::Error(ShardError {
-                    code: ShardErrorCode::BadRequest,
-                    message: format!(
-                        "append batch of {} items exceeds the limit of {APPEND_BATCH_ITEMS_MAX}",
-                        items.len()
-                    ),
-                })
+            RequestBody::AppendBatch { items } => self.append_batch(items, None),
+            RequestBody::AppendBatchOnce { items, since_ms } => {
+                self.append_batch(items, Some(since_ms))
             }
-            RequestBody::AppendBatch { items } => ResponseBody::AppendedBatch {
-                results: items
-                    .into_iter()
-                    .map(|i| {
-                        self.append(AppendRequest {
-                            user: i.user,
-                            msg_id: i.msg_id,
-                            payload: i.payload,
-                        })
-                        .map_err(|e| e.to_wire())
-                    })
-                    .collect(),
-            },
             RequestBody::Fetch {
                 user,
                 after_seq,
@@ -69,7 +51,11 @@ impl Engine {
                 Ok(removed) => ResponseBody::Acked { removed },
                 Err(e) => error(e),
             },
-            RequestBody::Expire { user, before_ms } => match self.expire(user, before_ms) {
+            RequestBody::Expire {
+                user,
+                before_ms,
+                up_to_seq,
+            } => match self.expire(user, before_ms, up_to_seq) {
                 Ok(removed) => ResponseBody::Acked { removed },
                 Err(e) => error(e),
             },
@@ -114,6 +100,36 @@ impl Engine {
                 Err(e) => error(e),
             },
         }
+    }
+
+    /// An `AppendBatch` (or, with `once_since_ms`, an `AppendBatchOnce`):
+    /// each item's seq or why it was not stored, in item order.
+    fn append_batch(&mut self, items: Vec<AppendItem>, once_since_ms: Option<u64>) -> ResponseBody {
+        if items.len() > APPEND_BATCH_ITEMS_MAX {
+            return ResponseBody::Error(ShardError {
+                code: ShardErrorCode::BadRequest,
+                message: format!(
+                    "append batch of {} items exceeds the limit of {APPEND_BATCH_ITEMS_MAX}",
+                    items.len()
+                ),
+            });
+        }
+        let results = items
+            .into_iter()
+            .map(|i| {
+                let req = AppendRequest {
+                    user: i.user,
+                    msg_id: i.msg_id,
+                    payload: i.payload,
+                };
+                match once_since_ms {
+                    Some(since_ms) => self.append_once(req, since_ms),
+                    None => self.append(req),
+                }
+                .map_err(|e| e.to_wire())
+            })
+            .collect();
+        ResponseBody::AppendedBatch { results }
     }
 }
 

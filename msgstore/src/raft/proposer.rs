@@ -236,7 +236,9 @@ fn split_by_bytes(writes: Vec<RequestBody>) -> Vec<Vec<RequestBody>> {
 fn payload_bytes(body: &RequestBody) -> usize {
     match body {
         RequestBody::Append { payload, .. } => payload.len() + 64,
-        RequestBody::AppendBatch { items } => items.iter().map(|i| i.payload.len() + 64).sum(),
+        RequestBody::AppendBatch { items } | RequestBody::AppendBatchOnce { items, .. } => {
+            items.iter().map(|i| i.payload.len() + 64).sum()
+        }
         RequestBody::Import { records, .. } => records.iter().map(|r| r.payload.len() + 64).sum(),
         _ => 64,
     }

@@ -57,6 +57,7 @@ fn kind(body: &RequestBody) -> Kind {
     match body {
         RequestBody::Append { .. }
         | RequestBody::AppendBatch { .. }
+        | RequestBody::AppendBatchOnce { .. }
         | RequestBody::Ack { .. }
         | RequestBody::Expire { .. }
         | RequestBody::SetRouting(_)
