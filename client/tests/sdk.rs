@@ -616,6 +616,7 @@ impl StubGateway {
                 group,
                 msg_id,
                 body,
+                ..
             } => {
                 let record = (user, group, msg_id);
                 self.state.lock().unwrap().group_sends.push(record);

@@ -361,3 +361,80 @@ async fn a_group_on_a_shard_group_losing_its_leader_loses_nothing() {
     let shown = group_messages(&conn, &mut events, 100).await;
     check_exact(2, &shown, 100);
 }
+
+/// The gateway a sender is on is SIGKILLed with many group sends in
+/// flight: the SDK logs in at the other gateway and re-sends each
+/// unanswered message with `resend`, which the gateway stores with
+/// `AppendBatchOnce`. Every send ends `Sent`, and the group's mailbox holds
+/// each message once: seqs 1..=count, each shown once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_under_group_sends_stores_each_message_once() {
+    use std::{future::Future, pin::Pin, task::Poll, time::Duration};
+    let c = Cluster::start(2).await;
+    let second = c.second_gateway(2);
+    let owner = c.user("owner", "pw").await;
+    let reader = c.user("reader", "pw").await;
+    let p = &c.profile_client;
+    let group = p.group_create(owner, "tough", "").await.unwrap().group;
+    p.group_invite(owner, group, reader).await.unwrap();
+    p.group_answer_invite(reader, group, true, 0).await.unwrap();
+    let both = format!("{},{}", c.gateway.addr, second.addr);
+    let mut config = c.sdk_config(&both, "owner", "pw");
+    // Notice the dead gateway in about a second.
+    config.session.session.keepalive = Duration::from_millis(200);
+    config.session.session.idle_timeout = Duration::from_millis(1500);
+    config.session.handshake_timeout = Duration::from_secs(1);
+    let (sender, _events) = client::sdk::connect(config).await.unwrap();
+    let (doomed, other) = if sender.gateway() == c.gateway.addr {
+        (&c.gateway, &second)
+    } else {
+        (&second, &c.gateway)
+    };
+    let count = 200;
+    type Send<'a> =
+        Pin<Box<dyn Future<Output = Result<proto::app::SendOutcome, client::sdk::SdkError>> + 'a>>;
+    let mut sends: Vec<Send<'_>> = (0..count)
+        .map(|n| {
+            let body = format!("from sender 0 number {n}").into_bytes();
+            Box::pin(sender.group_send(group, body)) as Send<'_>
+        })
+        .collect();
+    let mut answers: Vec<Option<_>> = vec![None; count];
+    let mut answered = 0;
+    // The gateway dies the moment the tenth answer arrives, the other
+    // sends in flight.
+    let all = std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (send, answer) in sends.iter_mut().zip(answers.iter_mut()) {
+            if answer.is_some() {
+                continue;
+            }
+            match send.as_mut().poll(cx) {
+                Poll::Ready(r) => {
+                    *answer = Some(r);
+                    answered += 1;
+                    if answered == 10 {
+                        doomed.signal(libc::SIGKILL);
+                    }
+                }
+                Poll::Pending => waiting = true,
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    });
+    tokio::time::timeout(WAIT * 2, all)
+        .await
+        .expect("every send answered");
+    for (n, answer) in answers.iter().enumerate() {
+        assert!(matches!(answer, Some(Ok(_))), "send {n}: {answer:?}");
+    }
+    assert!(sender.stats().reconnects >= 1, "the sender moved");
+    let config = c.sdk_config(&other.addr.to_string(), "reader", "pw");
+    let (conn, mut events) = client::sdk::connect(config).await.unwrap();
+    let shown = group_messages(&conn, &mut events, count).await;
+    check_exact(1, &shown, count);
+}

@@ -205,6 +205,10 @@ pub enum Call {
         msg_id: u128,
         #[serde(with = "serde_bytes")]
         body: Vec<u8>,
+        /// The client sent this message before (to this gateway or
+        /// another) and has no answer: it is stored only if the group's
+        /// mailbox does not hold it already.
+        resend: bool,
     },
     /// The group's stored messages with `seq > after_seq`, as
     /// [`Call::Fetch`] pages a mailbox; [`Reply::GroupMailbox`].

@@ -469,6 +469,7 @@ impl Worker {
                 group: to,
                 msg_id,
                 body,
+                resend: entry.attempts > 0,
             }
         } else {
             Call::Send { to, msg_id, body }

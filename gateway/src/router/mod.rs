@@ -564,13 +564,14 @@ impl Router {
             return;
         };
         let in_flight_full = s.in_flight >= self.config.requests_in_flight_per_session_max;
-        let (to, msg_id, body) = match msg.call {
-            Call::Send { to, msg_id, body } if !is_group(to) => (to, msg_id, body),
+        let (to, msg_id, body, resent) = match msg.call {
+            Call::Send { to, msg_id, body } if !is_group(to) => (to, msg_id, body, false),
             Call::GroupSend {
                 group,
                 msg_id,
                 body,
-            } if is_group(group) => (group, msg_id, body),
+                resend,
+            } if is_group(group) => (group, msg_id, body, resend),
             Call::Send { .. } | Call::GroupSend { .. } => {
                 let e = error(
                     AppErrorCode::BadRequest,
@@ -599,7 +600,7 @@ impl Router {
             key: (user, msg_id),
             to,
             body,
-            resent: false,
+            resent,
         };
         self.on_send(now, send, in_flight_full, io);
     }
@@ -637,10 +638,24 @@ impl Router {
     }
 
     fn reply(&mut self, session: u64, id: u32, result: CallResult, io: &mut impl Sessions) {
+        self.try_reply(session, id, result, io);
+    }
+
+    /// Reply; false if the session could not queue it (the client hears
+    /// nothing and retries only at its request timeout).
+    fn try_reply(
+        &mut self,
+        session: u64,
+        id: u32,
+        result: CallResult,
+        io: &mut impl Sessions,
+    ) -> bool {
         let msg = GatewayMessage::Reply { id, result };
         if io.send(session, app::encode(&msg)).is_err() {
             metrics::counter!("gateway_replies_dropped_total").increment(1);
+            return false;
         }
+        true
     }
 
     /// Push to a session here; false if it could not be queued.

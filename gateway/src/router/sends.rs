@@ -162,14 +162,19 @@ impl Router {
             Ok(Admit::New { arrival }) => return self.accept_send(now, send, arrival, io),
             Err(r) => r,
         };
-        let outcome = if e.code.is_retryable() {
-            self.hold(now, (from, send.to), msg_id, None, e.code, !by_hold);
+        let code = e.code;
+        let heard = self.try_reply(send.session, send.id, Err(e), io);
+        let outcome = if code.is_retryable() {
+            // A refusal by the hold itself does not make it last longer,
+            // unless the client did not hear of it: it sends this message
+            // again only at its request timeout, and the hold must still
+            // be there to keep what it sent after from going first.
+            self.hold(now, (from, send.to), msg_id, None, code, !by_hold || !heard);
             "retry"
         } else {
             "refused"
         };
         metrics::counter!("gateway_messages_total", "outcome" => outcome).increment(1);
-        self.reply(send.session, send.id, Err(e), io);
     }
 
     /// Take a send that passed every check: queue it behind its
