@@ -1623,6 +1623,7 @@ impl World {
                     group: m.to,
                     msg_id: m.msg_id,
                     body: m.body.clone(),
+                    resend: false,
                 }
             } else {
                 Call::Send {
