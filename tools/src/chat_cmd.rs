@@ -41,6 +41,7 @@ type a message and Enter to send it to the current friend. Commands:
   /group NAME    talk in group NAME (a name or an id)
   /gcreate NAME  create a group; /ginvite USER invites USER to the current group
   /gaccept NAME  accept an invitation; /gleave leaves the current group
+  /gjoin ID      ask to join group ID; /gapprove NAME USER_ID lets USER_ID in
   /help          this text; /quit leaves";
 
 struct Friend {
@@ -59,6 +60,11 @@ struct Chat {
     groups: HashMap<u64, GroupSummary>,
     /// Invitations waiting for the user, by group id.
     invites: HashMap<u64, GroupInvite>,
+    /// Whether the group list was read once (groups new after that are
+    /// news).
+    groups_loaded: bool,
+    /// Requests to join the groups the user manages, as last shown.
+    joins: HashMap<u64, std::collections::BTreeSet<u64>>,
     /// Whom typed lines go to: a friend's user id or a group's id.
     peer: Option<u64>,
     prompt: Arc<Mutex<String>>,
@@ -171,7 +177,7 @@ impl Chat {
         let (groups, invites) = self.conn.groups().await?;
         let mut news = Vec::new();
         for g in &groups {
-            if !self.groups.contains_key(&g.group) && !self.groups.is_empty() {
+            if !self.groups.contains_key(&g.group) && self.groups_loaded {
                 news.push(format!(
                     "* you are in group {} (/group {} to talk)",
                     g.name, g.name
@@ -190,6 +196,29 @@ impl Chat {
         }
         self.groups = groups.into_iter().map(|g| (g.group, g)).collect();
         self.invites = invites.into_iter().map(|i| (i.group, i)).collect();
+        self.groups_loaded = true;
+        Ok(news)
+    }
+
+    /// What a group's change means to this user: groups joined or
+    /// invitations (from the group list), and, for its owner and admins,
+    /// new requests to join.
+    async fn group_news(&mut self, group: u64) -> anyhow::Result<Vec<String>> {
+        let mut news = self.refresh_groups().await?;
+        let manages = self.groups.get(&group).is_some_and(|g| g.role.manages());
+        if manages {
+            let info = self.conn.group_info(group).await?;
+            let known = self.joins.entry(group).or_default();
+            for &user in &info.joins {
+                if known.insert(user) {
+                    news.push(format!(
+                        "* user {user} asks to join group {}: /gapprove {} {user}",
+                        info.name, info.name
+                    ));
+                }
+            }
+            known.retain(|u| info.joins.contains(u));
+        }
         Ok(news)
     }
 
@@ -282,6 +311,22 @@ impl Chat {
                 self.set_peer(Some(group));
                 Ok(format!("you joined group {rest}; talking in it"))
             }
+            "/gjoin" => {
+                let group: u64 = rest.parse().context("/gjoin takes a group id")?;
+                self.conn.group_join(group).await?;
+                Ok(format!(
+                    "asked to join group {group}; an owner or admin lets you in"
+                ))
+            }
+            "/gapprove" => {
+                let (name, user) = rest.rsplit_once(' ').context("/gapprove GROUP USER_ID")?;
+                let group = self
+                    .group_by_name(name, false)
+                    .with_context(|| format!("you are in no group {name}"))?;
+                let user: u64 = user.parse().context("/gapprove GROUP USER_ID")?;
+                self.conn.group_answer_join(group, user, true).await?;
+                Ok(format!("{} is in group {name} now", self.name(user)))
+            }
             "/gleave" => {
                 let group = self
                     .peer
@@ -326,9 +371,8 @@ impl Chat {
             "/accept" => self.accept(rest).await,
             "/block" => self.block(rest, true).await,
             "/unblock" => self.block(rest, false).await,
-            "/groups" | "/group" | "/gcreate" | "/ginvite" | "/gaccept" | "/gleave" => {
-                self.group_command(cmd, rest).await
-            }
+            "/groups" | "/group" | "/gcreate" | "/ginvite" | "/gaccept" | "/gjoin"
+            | "/gapprove" | "/gleave" => self.group_command(cmd, rest).await,
             _ if cmd.starts_with('/') => Ok(format!("unknown command {cmd}\n{HELP}")),
             _ => self.send(line).await,
         };
@@ -419,7 +463,7 @@ impl Chat {
                 ),
                 false,
             ),
-            ImEvent::GroupChanged { group, .. } => match self.refresh_groups().await {
+            ImEvent::GroupChanged { group, .. } => match self.group_news(group).await {
                 Ok(news) if news.is_empty() => (format!("* {} changed", self.name(group)), false),
                 Ok(news) => (news.join("\n"), false),
                 Err(e) => (format!("error: {e:#}"), false),
@@ -476,6 +520,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         requests: HashMap::new(),
         groups: HashMap::new(),
         invites: HashMap::new(),
+        groups_loaded: false,
+        joins: HashMap::new(),
         peer: None,
         prompt: prompt.clone(),
     };

@@ -142,12 +142,16 @@ async fn mailboxes(
         let (page, next) = client
             .list_users(from, proto::shard::LIST_USERS_MAX as u32)
             .await?;
-        found.extend(page.into_iter().filter(|u| wanted(u.user)).map(|u| Mailbox {
-            id: u.user,
-            group: proto::groups::is_group(u.user),
-            live_count: u.live_count,
-            live_bytes: u.live_bytes,
-        }));
+        found.extend(
+            page.into_iter()
+                .filter(|u| wanted(u.user))
+                .map(|u| Mailbox {
+                    id: u.user,
+                    group: proto::groups::is_group(u.user),
+                    live_count: u.live_count,
+                    live_bytes: u.live_bytes,
+                }),
+        );
         start = next;
     }
     found.truncate(max);
@@ -155,7 +159,11 @@ async fn mailboxes(
         let mut text = String::new();
         for m in &found {
             let kind = if m.group { "group" } else { "user" };
-            let _ = writeln!(text, "{kind} {}: {} messages, {} bytes", m.id, m.live_count, m.live_bytes);
+            let _ = writeln!(
+                text,
+                "{kind} {}: {} messages, {} bytes",
+                m.id, m.live_count, m.live_bytes
+            );
         }
         if text.is_empty() {
             text = "no mailboxes".into();

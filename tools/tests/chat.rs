@@ -31,6 +31,7 @@ type a message and Enter to send it to the current friend. Commands:
   /group NAME    talk in group NAME (a name or an id)
   /gcreate NAME  create a group; /ginvite USER invites USER to the current group
   /gaccept NAME  accept an invitation; /gleave leaves the current group
+  /gjoin ID      ask to join group ID; /gapprove NAME USER_ID lets USER_ID in
   /help          this text; /quit leaves
 ";
 
@@ -218,12 +219,42 @@ fn alice_creates_a_group_invites_bob_he_accepts_and_they_talk_in_it() {
     alice.line("/groups");
     let history = alice.wait_for("groups (1):");
     assert!(
-        history.lines().any(|l| l.contains("crew") && l.contains("owner")),
+        history
+            .lines()
+            .any(|l| l.contains("crew") && l.contains("owner")),
         "{history}"
     );
     // Each message shown once on each side (the sender's own too, by seq).
     let history = bob.wait_for("[group crew] you: hey alice");
     assert_eq!(history.matches("alice: hi crew").count(), 1, "{history}");
+
+    // A join request, shown to the owner as such, and approved.
+    let history = alice.wait_for("created group crew (id ");
+    let id: u64 = history
+        .split("created group crew (id ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|id| id.parse().ok())
+        .expect("the group's id");
+    up.add_user("carol", "carol-secret");
+    let carol = chat(&up, "carol", Some("carol-secret"));
+    carol.line(&format!("/gjoin {id}"));
+    carol.wait_for("asked to join group");
+    let history = alice.wait_for("asks to join group crew: /gapprove crew ");
+    let line = history
+        .lines()
+        .find(|l| l.contains("asks to join group crew"))
+        .unwrap();
+    let carol_id = line.rsplit(' ').next().unwrap().to_string();
+    alice.line(&format!("/gapprove crew {carol_id}"));
+    alice.wait_for("is in group crew now");
+    carol.wait_for("* you are in group crew (/group crew to talk)");
+    carol.line("/group crew");
+    carol.wait_for("talking in group crew");
+    carol.line("hello all");
+    alice.wait_for("] user ");
+    bob.wait_for("hello all");
+    quit(&carol);
     quit(&alice);
     quit(&bob);
     up.stop();

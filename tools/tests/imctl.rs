@@ -80,13 +80,22 @@ fn shard_round_trip() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["id"].as_u64().unwrap(), m["group"].as_bool().unwrap(), m["live_count"].as_u64().unwrap()))
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap(),
+                m["group"].as_bool().unwrap(),
+                m["live_count"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(ids, [(7, false, 1), (group, true, 1)]);
     let groups = json(&addr, &["mailboxes", "--only", "groups"]);
     assert_eq!(groups.as_array().unwrap().len(), 1);
     let (ok, stdout, _) = imctl(&addr, &["mailboxes", "--only", "users"]);
-    assert!(ok && stdout.trim() == "user 7: 1 messages, 1 bytes", "{stdout}");
+    assert!(
+        ok && stdout.trim() == "user 7: 1 messages, 1 bytes",
+        "{stdout}"
+    );
 
     runtime
         .block_on(running.shutdown())
