@@ -77,7 +77,22 @@ fn request(rng: &mut StdRng, epoch: &mut u64) -> RequestBody {
             token: rng.gen_range(0..3),
             moved: rng.gen_bool(0.3),
         },
-        78..=92 => import(rng, user),
+        78..=88 => import(rng, user),
+        89..=90 => RequestBody::Expire {
+            user,
+            before_ms: 1_000_000 + rng.gen_range(0..5_000),
+            up_to_seq: rng.gen_range(0..30),
+        },
+        91..=92 => RequestBody::AppendBatchOnce {
+            items: (0..rng.gen_range(0..4))
+                .map(|i| proto::shard::AppendItem {
+                    user: (user + i) % USERS,
+                    msg_id: u128::from(rng.gen_range(0..8u8)),
+                    payload: vec![i as u8; 20],
+                })
+                .collect(),
+            since_ms: 1_000_000 + rng.gen_range(0..5_000),
+        },
         93..=95 => RequestBody::AppendBatch {
             items: (0..rng.gen_range(0..4))
                 .map(|i| proto::shard::AppendItem {
