@@ -237,19 +237,31 @@ pub async fn fetch(
     max_count: u32,
     max_bytes: u32,
 ) -> CallResult {
-    let count = max_count.clamp(1, FETCH_COUNT_MAX);
-    let bytes = max_bytes.clamp(1, FETCH_BYTES_MAX);
-    let (records, more) = services
-        .shards
-        .fetch(user, after_seq, count, bytes)
-        .await
-        .map_err(from_shard)?;
+    let (records, more) = fetch_records(services, user, after_seq, max_count, max_bytes).await?;
     let (messages, last_seq) = page(user, records);
     Ok(Reply::Mailbox {
         messages,
         last_seq,
         more,
     })
+}
+
+/// A page of `mailbox` (a user's or a group's) after `after_seq`, with the
+/// client's limits clamped (§6.2), and whether more follow.
+pub(crate) async fn fetch_records(
+    services: &Services,
+    mailbox: u64,
+    after_seq: u64,
+    max_count: u32,
+    max_bytes: u32,
+) -> Result<(Vec<StoredRecord>, bool), AppError> {
+    let count = max_count.clamp(1, FETCH_COUNT_MAX);
+    let bytes = max_bytes.clamp(1, FETCH_BYTES_MAX);
+    services
+        .shards
+        .fetch(mailbox, after_seq, count, bytes)
+        .await
+        .map_err(from_shard)
 }
 
 /// A page's records as deliveries, and the seq of its last record. A

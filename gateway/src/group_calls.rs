@@ -6,13 +6,13 @@
 //! The router checked membership before any of the reads and writes here.
 
 use crate::{
-    calls::{from_profile, from_shard, page, with_timeout, CallResult},
+    calls::{fetch_records, from_profile, from_shard, page, with_timeout, CallResult},
     router::CallEffects,
     services::{now_ms, Services, GROUP_EXPIRY_INTERVAL_MS, GROUP_RESEND_WINDOW_MS},
 };
 use futures_util::future::join_all;
 use proto::{
-    app::{Call, GroupSummary, Reply, FETCH_BYTES_MAX, FETCH_COUNT_MAX},
+    app::{Call, GroupSummary, Reply},
     groups::UserGroups,
     peer::GroupForward,
 };
@@ -126,13 +126,7 @@ async fn fetch(
     max_count: u32,
     max_bytes: u32,
 ) -> CallResult {
-    let count = max_count.clamp(1, FETCH_COUNT_MAX);
-    let bytes = max_bytes.clamp(1, FETCH_BYTES_MAX);
-    let (records, more) = services
-        .shards
-        .fetch(group, after_seq, count, bytes)
-        .await
-        .map_err(from_shard)?;
+    let (records, more) = fetch_records(services, group, after_seq, max_count, max_bytes).await?;
     let first = records.first().map(|r| r.seq);
     let (messages, last_seq) = page(group, records);
     let dropped = match first {

@@ -137,6 +137,28 @@ fn count(db: &RawDb, txn: &Txn<'_>, id: u64) -> Result<usize> {
     Ok(n)
 }
 
+/// Whether `key` (owner id ++ other id) may be added to the pending
+/// entries of `db`: false if it is there already (nothing to do),
+/// `LimitReached` (with `full(pending)` as its message) if its owner has
+/// `max` pending.
+fn pending_room(
+    db: &RawDb,
+    txn: &Txn<'_>,
+    key: &[u8; 16],
+    max: usize,
+    full: impl FnOnce(usize) -> String,
+) -> Result<bool> {
+    if db.get(txn, key)?.is_some() {
+        return Ok(false);
+    }
+    let owner = u64::from_be_bytes(key[..8].try_into().expect("16 bytes"));
+    let pending = count(db, txn, owner)?;
+    if pending >= max {
+        return Err(Error::LimitReached(full(pending)));
+    }
+    Ok(true)
+}
+
 fn not_member(user: UserId, group: GroupId) -> Error {
     Error::NotMember(format!("user {user} is not a member of group {group}"))
 }
@@ -166,6 +188,16 @@ impl Store {
     ) -> Result<Option<MemberRecord>> {
         let bytes = self.group_members.get(txn, &pair_key(group, user))?;
         bytes.map(|b| decode("group member", b)).transpose()
+    }
+
+    /// `AlreadyMember` if `user` is a member of `group`.
+    fn not_yet_member(&self, txn: &Txn<'_>, group: GroupId, user: UserId) -> Result<()> {
+        match self.member_in(txn, group, user)? {
+            Some(_) => Err(Error::AlreadyMember(format!(
+                "user {user} is a member of group {group}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// `user`'s row, or `NotMember`.
@@ -567,20 +599,14 @@ impl Store {
             // The same answer as for an unknown invitee.
             return Err(Error::not_found_user(invitee));
         }
-        if self.member_in(txn, group, invitee)?.is_some() {
-            return Err(Error::AlreadyMember(format!(
-                "user {invitee} is a member of group {group}"
-            )));
-        }
+        self.not_yet_member(txn, group, invitee)?;
         let key = pair_key(invitee, group);
-        if self.group_invites.get(txn, &key)?.is_some() {
+        let max = self.limits.group_invites_pending_max;
+        let full = |n| {
+            format!("user {invitee} has {n} pending group invitations (group_invites_pending_max)")
+        };
+        if !pending_room(&self.group_invites, txn, &key, max, full)? {
             return Ok(Outcome::Done);
-        }
-        let pending = count(&self.group_invites, txn, invitee)?;
-        if pending >= self.limits.group_invites_pending_max {
-            return Err(Error::LimitReached(format!(
-                "user {invitee} has {pending} pending group invitations (group_invites_pending_max)"
-            )));
         }
         self.group_invites.put(txn, &key, &by.to_be_bytes())?;
         self.group_invitees
@@ -621,20 +647,13 @@ impl Store {
     ) -> Result<Outcome> {
         let rec = self.group_rw(txn, group)?;
         self.profile_rw(txn, user)?;
-        if self.member_in(txn, group, user)?.is_some() {
-            return Err(Error::AlreadyMember(format!(
-                "user {user} is a member of group {group}"
-            )));
-        }
+        self.not_yet_member(txn, group, user)?;
         let key = pair_key(group, user);
-        if self.group_joins.get(txn, &key)?.is_some() {
+        let max = self.limits.group_joins_pending_max;
+        let full =
+            |n| format!("group {group} has {n} pending join requests (group_joins_pending_max)");
+        if !pending_room(&self.group_joins, txn, &key, max, full)? {
             return Ok(Outcome::Done);
-        }
-        let pending = count(&self.group_joins, txn, group)?;
-        if pending >= self.limits.group_joins_pending_max {
-            return Err(Error::LimitReached(format!(
-                "group {group} has {pending} pending join requests (group_joins_pending_max)"
-            )));
         }
         self.group_joins.put(txn, &key, &[])?;
         self.put_group(txn, group, rec, changes)
