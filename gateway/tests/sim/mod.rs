@@ -307,6 +307,8 @@ pub struct OutMsg {
     pub body: Vec<u8>,
     request: Option<u32>,
     retry_at: Option<Instant>,
+    /// Put on the wire before (a group send says so: `resend`).
+    sent_before: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -722,6 +724,7 @@ impl World {
                 body: body.to_vec(),
                 request: None,
                 retry_at: None,
+                sent_before: false,
             },
         );
         self.client_pump(from);
@@ -1623,7 +1626,7 @@ impl World {
                     group: m.to,
                     msg_id: m.msg_id,
                     body: m.body.clone(),
-                    resend: false,
+                    resend: m.sent_before,
                 }
             } else {
                 Call::Send {
@@ -1636,6 +1639,7 @@ impl World {
                 let m = self.client(user).outbox.get_mut(&key).expect("kept");
                 m.request = Some(id);
                 m.retry_at = None;
+                m.sent_before = true;
             }
         }
         while let Some(r) = self.client(user).inbox.poll_request(now) {
@@ -1937,6 +1941,7 @@ impl World {
                 if let Some(gi) = c.groups.get_mut(&group).filter(|g| g.started) {
                     gi.inbox.on_mailbox_changed(high_seq);
                 }
+                c.pushes.push(msg);
             }
             GatewayMessage::GroupChanged { .. } => {
                 c.groups_wanted = true;
