@@ -6,6 +6,10 @@ mod e2e;
 mod e2e_fleet;
 mod e2e_report;
 mod failover;
+mod group;
+mod group_cluster;
+mod group_members;
+mod group_report;
 mod idle_sessions;
 mod inproc;
 mod load;
@@ -58,6 +62,11 @@ enum Cmd {
     /// Live shard rebalancing: users and MB moved per second while a load
     /// runs, the load during vs before, the fraction moved vs the ideal.
     Rebalance(rebalance::RebalanceArgs),
+    /// Chat groups end to end, every component a process (2 gateways):
+    /// group deliveries/s and send -> every online member latency, shard
+    /// appends, gateway forwards and shard bytes per group message, the
+    /// offline drain, 1:1 messages/s on the same cluster, lost/duplicated.
+    Group(group::GroupArgs),
     /// A 3-replica shard group under steady appends, its leader SIGKILLed
     /// again and again: time to the next acknowledged append, lost and
     /// duplicated appends.
@@ -73,6 +82,7 @@ async fn main() -> Result<()> {
         Cmd::Profile(args) => profile::run(args).await,
         Cmd::Session(args) => session::run(args).await,
         Cmd::E2e(args) => e2e::run(args).await,
+        Cmd::Group(args) => group::run(args).await,
         Cmd::Failover(args) => failover::run(args).await,
         Cmd::Rebalance(args) => rebalance::run(args).await,
     }
