@@ -44,6 +44,14 @@ use std::{
 /// `events_max`). While a group is this far ahead of the application its
 /// inbox stops fetching and drops pushes (fetched later).
 pub const GROUP_READY_MAX: usize = 64;
+/// How long a group push past a gap waits for the missing seqs before the
+/// gap is fetched: longer than a mailbox's 100 ms, because a group's
+/// messages reach a member by two roads (the accepting gateway's push, or a
+/// forward from another gateway after a presence lookup) that overtake each
+/// other by more, and each needless fetch reads a page from the shard for
+/// one member. A push that is really lost costs this much delay (one the
+/// gateway could not queue is followed by `GroupMailboxChanged` at once).
+pub const GROUP_GAP_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// Bytes of one group's message bodies held past a gap at most.
 pub const GROUP_HELD_BYTES_MAX: usize = 64 * 1024;
 /// `(sender, msg_id)` pairs one group remembers to drop a message stored

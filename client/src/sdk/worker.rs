@@ -6,7 +6,8 @@
 use super::{
     establish::{establish, Dialer, Established, Link, Secrets},
     group_inboxes::{
-        GroupInboxes, GroupTag, GROUP_DEDUPE_IDS_MAX, GROUP_HELD_BYTES_MAX, GROUP_READY_MAX,
+        GroupInboxes, GroupTag, GROUP_DEDUPE_IDS_MAX, GROUP_GAP_WAIT, GROUP_HELD_BYTES_MAX,
+        GROUP_READY_MAX,
     },
     lock,
     outbox::{Entry, Outbox, SendReply},
@@ -211,6 +212,7 @@ fn group_inboxes(limits: &SdkLimits) -> GroupInboxes {
         dedupe_ids_max: limits.dedupe_ids_max.clamp(1, GROUP_DEDUPE_IDS_MAX),
         ready_max: limits.events_max.clamp(1, GROUP_READY_MAX),
         held_bytes_max: GROUP_HELD_BYTES_MAX,
+        gap_wait: GROUP_GAP_WAIT,
         ..InboxConfig::default()
     };
     GroupInboxes::new(
