@@ -9,13 +9,21 @@
 //! to every router after a scripted delay; a group's mailbox is a mailbox
 //! keyed by the group id; group forwards go to the router presence names,
 //! one per router, counted; model clients keep one `Inbox` per group.
+//! The model shard answers a store with a re-sent item as `AppendBatchOnce`
+//! does (§1.3: a live record of the item's msg_id stored within
+//! `GROUP_RESEND_WINDOW_MS` is answered, not stored again), and a group's
+//! mailbox keeps what every member read for that window, as the gateway's
+//! `Expire` does (§6.7).
 //! Nothing here reads a clock or touches a socket: a seed replays a run
 //! exactly.
 #![allow(dead_code)]
 
-use gateway::router::{
-    Action, Answer, CallEffects, LoginOk, LoginOutcome, Now, Router, RouterConfig, Sessions,
-    StoreItem,
+use gateway::{
+    router::{
+        Action, Answer, CallEffects, LoginOk, LoginOutcome, Now, Router, RouterConfig, Sessions,
+        StoreItem,
+    },
+    services::GROUP_RESEND_WINDOW_MS,
 };
 use proto::{
     app::{
@@ -200,6 +208,25 @@ pub struct Record {
     pub by: usize,
     /// When the shard applied it.
     pub at: Instant,
+    /// When the router asked for the store (`Action::Store`).
+    pub issued: Instant,
+    /// Its store was an `AppendBatchOnce` (an item of it was re-sent).
+    pub once: bool,
+    /// An earlier record of the mailbox has its msg_id: why the shard
+    /// stored it again.
+    pub copy: Option<Repeat>,
+}
+
+/// Why the model shard stored a record whose msg_id an earlier record of
+/// the mailbox has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeat {
+    /// An `AppendBatchOnce` found no live record of it stored within
+    /// `GROUP_RESEND_WINDOW_MS` (the first copy was deleted, or is older).
+    PastWindow,
+    /// A plain `AppendBatch` (no item of it re-sent): the shard does not
+    /// look.
+    Plain,
 }
 
 #[derive(Debug, Default)]
@@ -216,6 +243,35 @@ impl MailboxModel {
     fn live(&self) -> impl Iterator<Item = &Record> {
         let acked = self.acked;
         self.records.iter().filter(move |r| r.seq > acked)
+    }
+
+    /// The shard's `Expire{before, up_to_seq}`: delete the leading run of
+    /// live records stored before `before` with a seq at most `up_to`.
+    fn expire(&mut self, before: Instant, up_to: u64) {
+        let acked = self.acked;
+        if let Some(last) = self
+            .live()
+            .take_while(|r| r.at < before && r.seq <= up_to)
+            .last()
+        {
+            self.acked = acked.max(last.seq);
+        }
+    }
+
+    /// Records that repeat an earlier record's (from, msg_id), in seq
+    /// order: (the first copy, the repeat).
+    pub fn second_copies(&self) -> Vec<(&Record, &Record)> {
+        let mut first: BTreeMap<(u64, u128), &Record> = BTreeMap::new();
+        let mut out = Vec::new();
+        for r in &self.records {
+            match first.get(&(r.envelope.from, r.msg_id)) {
+                Some(f) => out.push((*f, r)),
+                None => {
+                    first.insert((r.envelope.from, r.msg_id), r);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -235,7 +291,8 @@ pub enum Health {
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Chance that a store is applied but its answer lost (the driver then
-    /// answers `Unavailable` at its timeout).
+    /// answers `Unavailable` at its timeout, `SERVICE_TIMEOUT` after it
+    /// asked).
     pub store_answer_lost: f64,
     /// Chance that a fetch or ack fails.
     pub read_failure: f64,
@@ -257,17 +314,21 @@ struct InFlight {
 enum Work {
     /// Answer this at `due`.
     Answer(Answer),
-    /// A store to apply at `due` (then answer, unless `lose_answer`).
+    /// A store to apply at `due` (then answer; if `lose_answer`,
+    /// `Unavailable` at the driver's timeout instead).
     Store {
         batch: u64,
         to: u64,
         items: Vec<StoreItem>,
         lose_answer: bool,
+        asked: StoreAsked,
     },
-    /// A hung store: applied when the shard is up again (if ever).
+    /// A hung store: applied when the shard is up again (if ever), with
+    /// every other one, in the order asked ([`World::shard_resumed`]).
     HungStore {
         to: u64,
         items: Vec<StoreItem>,
+        asked: StoreAsked,
     },
     Notify {
         to: u64,
@@ -280,6 +341,17 @@ enum Work {
     },
     /// Profile's push reaches the gateway.
     ProfileEvent(proto::profile::Event),
+}
+
+/// How and when the router asked for a store.
+#[derive(Debug, Clone, Copy)]
+struct StoreAsked {
+    at: Instant,
+    /// Stores asked of the shard before this one.
+    order: u64,
+    /// `AppendBatchOnce`'s `since_ms` (the driver's: an item is re-sent),
+    /// as wall-clock ms.
+    once_since_ms: Option<u64>,
 }
 
 // ---- the model profile's groups --------------------------------------------
@@ -504,6 +576,11 @@ pub struct World {
     pub group_forwards: BTreeMap<(u64, u64, usize), u32>,
     /// When each message (by msg_id) first reached a gateway, and which.
     pub send_arrivals: BTreeMap<u128, (usize, Instant)>,
+    /// Items of `AppendBatchOnce` stores answered with the seq of a record
+    /// the mailbox held already (a re-send not stored again): (mailbox,
+    /// seq) -> how many.
+    pub stored_once: BTreeMap<(u64, u64), u32>,
+    stores_asked: u64,
 }
 
 impl World {
@@ -550,13 +627,39 @@ impl World {
             group_events_seen: Vec::new(),
             group_forwards: BTreeMap::new(),
             send_arrivals: BTreeMap::new(),
+            stored_once: BTreeMap::new(),
+            stores_asked: 0,
         }
     }
 
     fn now_at(&self) -> Now {
         Now {
             at: self.now,
-            wall_ms: self.start_wall_ms + (self.now - self.start).as_millis() as u64,
+            wall_ms: self.wall_ms(self.now),
+        }
+    }
+
+    /// The wall clock (ms since the Unix epoch) at `at`, as the shard and
+    /// the driver read it.
+    pub fn wall_ms(&self, at: Instant) -> u64 {
+        self.start_wall_ms + (at - self.start).as_millis() as u64
+    }
+
+    /// What a gateway's tidy of `group`'s mailbox deletes (§6.7): what
+    /// every member has read, once older than `GROUP_RESEND_WINDOW_MS`.
+    /// (The model tidies at every store, page and ack of the group; a
+    /// gateway does at most once a minute, so it keeps more, never less.)
+    fn tidy_group(&mut self, group: u64) {
+        let Some(g) = self.groups.get(&group) else {
+            return;
+        };
+        let read_by_all = g.members.values().copied().min().unwrap_or(0);
+        let window = Duration::from_millis(GROUP_RESEND_WINDOW_MS);
+        let Some(before) = self.now.checked_sub(window) else {
+            return; // nothing is that old
+        };
+        if let Some(mb) = self.mailboxes.get_mut(&group) {
+            mb.expire(before, read_by_all);
         }
     }
 
@@ -678,6 +781,30 @@ impl World {
     /// The most forwards one group message got to one gateway.
     pub fn max_forwards_per_message(&self) -> u32 {
         self.group_forwards.values().copied().max().unwrap_or(0)
+    }
+
+    /// Group forwards beyond one per store that answered the message to
+    /// a router: ((group, seq, receiving gateway), forwards). A re-send the
+    /// shard answered with the seq it had stored is pushed and forwarded
+    /// again by the router it came to, which cannot tell whether the first
+    /// attempt's were (its router may have died before making them).
+    pub fn forwards_beyond_stores(&self) -> Vec<((u64, u64, usize), u32)> {
+        self.group_forwards
+            .iter()
+            .filter(|((group, seq, _), n)| {
+                **n > 1 + self.stored_once.get(&(*group, *seq)).copied().unwrap_or(0)
+            })
+            .map(|(k, n)| (*k, *n))
+            .collect()
+    }
+
+    /// Re-sends the shard answered with a record it held, into `mailbox`.
+    pub fn stored_once_into(&self, mailbox: u64) -> u32 {
+        self.stored_once
+            .iter()
+            .filter(|((m, _), _)| *m == mailbox)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     fn group_info(&self, group: u64) -> Option<GroupInfo> {
@@ -868,6 +995,7 @@ impl World {
 
     /// One step of virtual time.
     pub fn tick(&mut self) {
+        self.shard_resumed();
         self.deliver_uplink();
         self.complete_due_work();
         let users: Vec<u64> = self.clients.keys().copied().collect();
@@ -965,6 +1093,9 @@ impl World {
     }
 
     fn take_action(&mut self, g: usize, action: Action) {
+        // What it asks of the shard comes after what the shard kept while
+        // hung.
+        self.shard_resumed();
         if let Action::Store { batch, to, items } = &action {
             self.trace(|| {
                 let ids: Vec<u128> = items.iter().map(|i| i.msg_id).collect();
@@ -987,50 +1118,9 @@ impl World {
         *self.action_counts.entry(kind).or_default() += 1;
         let due = self.now + self.latency();
         match action {
-            Action::Store { batch, to, items } => match self.shard {
-                Health::Up => {
-                    let lose_answer = self.rng.gen_bool(self.faults.store_answer_lost);
-                    let due = if lose_answer {
-                        self.now + SERVICE_TIMEOUT
-                    } else {
-                        due
-                    };
-                    self.schedule(
-                        g,
-                        due,
-                        Work::Store {
-                            batch,
-                            to,
-                            items,
-                            lose_answer,
-                        },
-                    );
-                }
-                Health::Down => {
-                    let e = unavailable("shard down");
-                    self.schedule(
-                        g,
-                        due,
-                        Work::Answer(Answer::Stored {
-                            batch,
-                            result: Err(e),
-                        }),
-                    );
-                }
-                Health::Hung => {
-                    self.schedule(g, self.now, Work::HungStore { to, items });
-                    let e = unavailable("no answer in time");
-                    let at = self.now + SERVICE_TIMEOUT;
-                    self.schedule(
-                        g,
-                        at,
-                        Work::Answer(Answer::Stored {
-                            batch,
-                            result: Err(e),
-                        }),
-                    );
-                }
-            },
+            Action::Store { batch, to, items } => {
+                self.take_store(g, due, batch, to, items);
+            }
             Action::Notify { to, delivery } => self.schedule(g, due, Work::Notify { to, delivery }),
             Action::GroupNotify { forward } => {
                 self.schedule(g, due, Work::GroupNotify { forward });
@@ -1043,6 +1133,52 @@ impl World {
             other => {
                 let (due, answer) = self.serve(g, due, other);
                 self.schedule(g, due, Work::Answer(answer));
+            }
+        }
+    }
+
+    /// A store the router asked for, to the shard as it is now. Like the
+    /// driver, an `AppendBatchOnce` looking back `GROUP_RESEND_WINDOW_MS`
+    /// when an item is re-sent.
+    fn take_store(&mut self, g: usize, due: Instant, batch: u64, to: u64, items: Vec<StoreItem>) {
+        let once = items.iter().any(|i| i.resent);
+        let since = self
+            .wall_ms(self.now)
+            .saturating_sub(GROUP_RESEND_WINDOW_MS);
+        let asked = StoreAsked {
+            at: self.now,
+            order: self.stores_asked,
+            once_since_ms: once.then_some(since),
+        };
+        self.stores_asked += 1;
+        match self.shard {
+            Health::Up => {
+                let lose_answer = self.rng.gen_bool(self.faults.store_answer_lost);
+                let work = Work::Store {
+                    batch,
+                    to,
+                    items,
+                    lose_answer,
+                    asked,
+                };
+                self.schedule(g, due, work);
+            }
+            Health::Down => {
+                let e = unavailable("shard down");
+                let answer = Answer::Stored {
+                    batch,
+                    result: Err(e),
+                };
+                self.schedule(g, due, Work::Answer(answer));
+            }
+            Health::Hung => {
+                self.schedule(g, self.now, Work::HungStore { to, items, asked });
+                let e = unavailable("no answer in time");
+                let answer = Answer::Stored {
+                    batch,
+                    result: Err(e),
+                };
+                self.schedule(g, self.now + SERVICE_TIMEOUT, Work::Answer(answer));
             }
         }
     }
@@ -1232,6 +1368,7 @@ impl World {
                     return (due_shard, Err(unavailable("shard")), effects);
                 }
                 let count = max_count.clamp(1, FETCH_COUNT_MAX);
+                self.tidy_group(group);
                 let mb = self.mailboxes.entry(group).or_default();
                 let (messages, last_seq, more) = page(mb, after_seq, count, max_bytes);
                 // Seqs after `after_seq` that are gone before the page (or,
@@ -1252,15 +1389,13 @@ impl World {
                 if self.profile != Health::Up || shard_fails {
                     return (due_profile, Err(unavailable("profile")), effects);
                 }
-                let last = self.mailboxes.get(&group).map_or(0, |m| m.last_seq());
                 match self.groups.get_mut(&group) {
                     Some(g) if g.members.contains_key(&user) => {
                         let cursor = g.members.get_mut(&user).expect("a member");
                         *cursor = (*cursor).max(up_to_seq);
-                        // The lowest cursor bounds what the group keeps.
-                        let lowest = g.members.values().copied().min().unwrap_or(0);
-                        let mb = self.mailboxes.entry(group).or_default();
-                        mb.acked = mb.acked.max(lowest.min(last));
+                        // The lowest cursor bounds what the group keeps,
+                        // once the resend window is over.
+                        self.tidy_group(group);
                         Ok(Reply::Done)
                     }
                     _ => Err(AppError {
@@ -1357,8 +1492,9 @@ impl World {
                     to,
                     items,
                     lose_answer,
+                    asked,
                 } => {
-                    let result = Ok(self.apply_store(f.gateway, to, items));
+                    let result = Ok(self.apply_store(f.gateway, to, items, asked));
                     if alive && !lose_answer {
                         let now = self.now_at();
                         let gw = &mut self.gateways[f.gateway];
@@ -1368,26 +1504,27 @@ impl World {
                             &mut gw.endpoint,
                         );
                     } else if alive {
+                        // Applied, the answer lost: the driver gives up at
+                        // its timeout.
                         let e = unavailable("no answer in time");
-                        let now = self.now_at();
-                        let gw = &mut self.gateways[f.gateway];
-                        gw.router.handle_answer(
-                            now,
-                            Answer::Stored {
-                                batch,
-                                result: Err(e),
-                            },
-                            &mut gw.endpoint,
-                        );
+                        let answer = Answer::Stored {
+                            batch,
+                            result: Err(e),
+                        };
+                        let due = asked.at + SERVICE_TIMEOUT;
+                        let work = Work::Answer(answer);
+                        self.inflight.push(InFlight { due, work, ..f });
                     }
                 }
-                Work::HungStore { to, items } => {
+                Work::HungStore { to, items, asked } => {
                     // Applied once the shard runs again, if it does.
                     if self.shard == Health::Up {
-                        self.apply_store(f.gateway, to, items);
+                        let work = Work::HungStore { to, items, asked };
+                        self.inflight.push(InFlight { work, ..f });
+                        self.shard_resumed();
                     } else if self.shard == Health::Hung {
                         let due = self.now + 50 * MS;
-                        let work = Work::HungStore { to, items };
+                        let work = Work::HungStore { to, items, asked };
                         self.inflight.push(InFlight { due, work, ..f });
                         continue;
                     }
@@ -1452,21 +1589,73 @@ impl World {
         }
     }
 
+    /// The shard runs (again): it applies the stores it took while hung,
+    /// all of them, in the order they were asked (one connection per
+    /// gateway and shard, read in order), before anything asked after.
+    fn shard_resumed(&mut self) {
+        if self.shard != Health::Up {
+            return;
+        }
+        let mut hung = Vec::new();
+        let mut i = 0;
+        while i < self.inflight.len() {
+            if matches!(self.inflight[i].work, Work::HungStore { .. }) {
+                hung.push(self.inflight.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let mut hung: Vec<(usize, u64, Vec<StoreItem>, StoreAsked)> = hung
+            .into_iter()
+            .map(|f| match f.work {
+                Work::HungStore { to, items, asked } => (f.gateway, to, items, asked),
+                _ => unreachable!("picked"),
+            })
+            .collect();
+        hung.sort_by_key(|h| h.3.order);
+        for (by, to, items, asked) in hung {
+            self.apply_store(by, to, items, asked);
+        }
+    }
+
+    /// The shard applies a store: `AppendBatch`, or `AppendBatchOnce`
+    /// (an item whose msg_id a live record stored since `since_ms` has is
+    /// answered with that record's seq; items of the batch see each other).
     fn apply_store(
         &mut self,
         by: usize,
         to: u64,
         items: Vec<StoreItem>,
+        asked: StoreAsked,
     ) -> Vec<Result<u64, AppError>> {
         self.trace(|| {
             let ids: Vec<u128> = items.iter().map(|i| i.msg_id).collect();
-            format!("applied to {to}: {ids:?}")
+            let once = asked.once_since_ms.is_some();
+            format!("applied to {to}: {ids:?} once {once}")
         });
         let at = self.now;
+        let (start, start_wall_ms) = (self.start, self.start_wall_ms);
+        let wall_ms = |t: Instant| start_wall_ms + (t - start).as_millis() as u64;
         let mb = self.mailboxes.entry(to).or_default();
-        items
+        let mut found = Vec::new();
+        let results = items
             .into_iter()
             .map(|i| {
+                if let Some(since_ms) = asked.once_since_ms {
+                    let first = mb
+                        .live()
+                        .find(|r| r.msg_id == i.msg_id && wall_ms(r.at) >= since_ms);
+                    if let Some(r) = first {
+                        found.push(r.seq);
+                        return Ok(r.seq);
+                    }
+                }
+                let copy = mb.records.iter().any(|r| r.msg_id == i.msg_id).then_some(
+                    match asked.once_since_ms {
+                        Some(_) => Repeat::PastWindow,
+                        None => Repeat::Plain,
+                    },
+                );
                 let seq = mb.last_seq() + 1;
                 mb.records.push(Record {
                     seq,
@@ -1474,10 +1663,20 @@ impl World {
                     envelope: i.envelope,
                     by,
                     at,
+                    issued: asked.at,
+                    once: asked.once_since_ms.is_some(),
+                    copy,
                 });
                 Ok(seq)
             })
-            .collect()
+            .collect();
+        for seq in found {
+            *self.stored_once.entry((to, seq)).or_default() += 1;
+        }
+        if is_group(to) {
+            self.tidy_group(to);
+        }
+        results
     }
 
     // ---- clients -----------------------------------------------------------------
@@ -2050,6 +2249,17 @@ impl World {
                 );
             }
         }
+        if std::env::var_os("TMP_COUNT_1TO1").is_some() {
+            for (id, mb) in self.mailboxes.iter().filter(|(id, _)| !is_group(**id)) {
+                for (first, again) in mb.second_copies() {
+                    eprintln!(
+                        "TMP1 mailbox {id}: msg {} from {} seq {} gw{} once {} acked {} / seq {} gw{} once {} {:?} asked {:?} vs {:?}",
+                        again.msg_id, again.envelope.from, first.seq, first.by, first.once, mb.acked,
+                        again.seq, again.by, again.once, again.copy, again.issued - self.start, first.issued - self.start
+                    );
+                }
+            }
+        }
         self.check_group_invariants();
     }
 
@@ -2062,14 +2272,34 @@ impl World {
     /// * no client shows a message twice, and each shows in seq order only
     ///   what the mailbox holds at that seq;
     /// * every member that was never removed shows exactly the messages
-    ///   stored after it joined, each once (a second copy of a retry is
-    ///   dropped), in seq order, and was never told a seq was gone.
+    ///   stored after it joined, each once, in seq order, and was never
+    ///   told a seq was gone;
+    /// * stored once: the mailbox never holds two records of one
+    ///   (from, msg_id), except where the shard could not tell
+    ///   ([`legit_repeat`]).
     pub fn check_group_invariants(&self) {
         for (&id, g) in &self.groups {
             let gname = id - GROUP_ID_BASE;
             let empty = MailboxModel::default();
             let mb = self.mailboxes.get(&id).unwrap_or(&empty);
             let by_seq: BTreeMap<u64, &Record> = mb.records.iter().map(|r| (r.seq, r)).collect();
+            for (first, again) in mb.second_copies() {
+                assert!(
+                    legit_repeat(first, again).is_some(),
+                    "group {gname}: user {}'s message {} stored twice, at seq {} (asked at {:?}, \
+                     gw{}) and seq {} (asked at {:?}, gw{}, {:?}, once {})",
+                    again.envelope.from,
+                    again.msg_id,
+                    first.seq,
+                    first.issued - self.start,
+                    first.by,
+                    again.seq,
+                    again.issued - self.start,
+                    again.by,
+                    again.copy,
+                    again.once,
+                );
+            }
             for c in self.clients.values() {
                 let to_group: Vec<u128> = c
                     .app_sends
@@ -2233,6 +2463,27 @@ impl ClientModel {
             }
             Ok(other) => panic!("a send answered {other:?}"),
         }
+    }
+}
+
+/// Why the shard may store `again`, a second record of `first`'s
+/// (from, msg_id), in a group's mailbox without breaking "stored once"
+/// (§6.7); `None`: it may not.
+/// * [`Repeat::PastWindow`]: a re-send (`AppendBatchOnce`) after the first
+///   copy was deleted or left the `GROUP_RESEND_WINDOW_MS` look-back.
+///
+/// [`Repeat::Plain`] never is: it is a re-send the router did not store
+/// with `AppendBatchOnce`. (An earlier attempt applied only after its
+/// re-send was stored would be one too, but the model shard, like a real
+/// one, applies what one connection asked in order, a store whose answer
+/// is lost when it arrives, and what it kept while hung before anything
+/// asked after it ran again. A real shard resuming from a pause could
+/// still read two gateways' connections in either order.)
+pub fn legit_repeat(first: &Record, again: &Record) -> Option<Repeat> {
+    let _ = first;
+    match again.copy? {
+        Repeat::PastWindow => Some(Repeat::PastWindow),
+        Repeat::Plain => None,
     }
 }
 
