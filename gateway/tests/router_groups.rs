@@ -11,12 +11,12 @@
 
 mod sim;
 
+use gateway::services::GROUP_RESEND_WINDOW_MS;
 use proto::{
     app::{AppErrorCode, Call, GatewayMessage, Reply},
     groups::GROUP_ID_BASE,
 };
 use rand::Rng;
-use gateway::services::GROUP_RESEND_WINDOW_MS;
 use sim::{World, MS};
 use std::{collections::BTreeSet, time::Duration};
 
@@ -515,6 +515,95 @@ fn a_router_killed_mid_stream_loses_nothing_and_shows_nothing_twice() {
     }
 }
 
+/// The group's records of `msg_id`: their seqs.
+fn copies(w: &World, group: u64, msg_id: u128) -> Vec<u64> {
+    w.mailboxes.get(&group).map_or(Vec::new(), |m| {
+        m.records
+            .iter()
+            .filter(|r| r.msg_id == msg_id)
+            .map(|r| r.seq)
+            .collect()
+    })
+}
+
+#[test]
+fn a_group_message_whose_store_answer_was_lost_is_stored_once_whichever_router_it_is_resent_to() {
+    // 0: re-sent through the same router (a hold waits for it, and the
+    // client says `resend`); 1: the same with a client that does not say
+    // it (the router knows an attempt failed here); 2: through the other
+    // router, which knows only what the client says.
+    for case in 0..3 {
+        let mut w = World::new(500 + case, 2);
+        for (u, g) in [(A, 0), (B, 0), (C, 1)] {
+            w.user(u, g);
+        }
+        let g = w.group(&[A, B, C]);
+        online(&mut w, &[A, B, C]);
+        w.client(A).says_resend = case != 1;
+        w.faults.store_answer_lost = 1.0;
+        let m = w.send(A, g, b"once");
+        let applied = w.run_until(Duration::from_secs(1), |w| !copies(w, g, m).is_empty());
+        assert!(applied, "case {case}: {}", w.describe());
+        w.faults.store_answer_lost = 0.0;
+        if case == 2 {
+            w.client(A).gateway = 1;
+            w.logout(A);
+            w.client(A).want_online = true;
+        }
+        let sent = w.run_until(Duration::from_secs(10), |w| {
+            w.clients[&A].sent.contains_key(&m)
+        });
+        assert!(sent, "case {case}: {}", w.describe());
+        assert_eq!(w.clients[&A].sent[&m], 1, "case {case}: its first seq");
+        assert_eq!(copies(&w, g, m), [1], "case {case}: stored once");
+        assert_eq!(w.stored_once_into(g), 1, "case {case}: found, not stored");
+        // The re-send's router pushes it (it cannot tell whether the lost
+        // attempt's router did): every member shows it once.
+        w.settle();
+        w.check_invariants();
+        for u in [A, B, C] {
+            assert_eq!(w.clients[&u].group_shown(g), [(A, m)], "case {case}: {u}");
+        }
+    }
+}
+
+#[test]
+fn a_group_message_resent_past_the_window_is_stored_again_and_shown_once() {
+    let mut w = World::new(520, 1);
+    w.user(A, 0);
+    w.user(B, 0);
+    let g = w.group(&[A, B]);
+    online(&mut w, &[A, B]);
+    w.faults.store_answer_lost = 1.0;
+    let m = w.send(A, g, b"late");
+    let applied = w.run_until(Duration::from_secs(1), |w| !copies(w, g, m).is_empty());
+    assert!(applied, "{}", w.describe());
+    w.faults.store_answer_lost = 0.0;
+    // A's client goes away unanswered and comes back with the message
+    // only once its first copy is older than the look-back.
+    w.logout(A);
+    w.run_for(
+        RESEND_WINDOW + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    assert_eq!(w.mailboxes[&g].acked, 0, "the first copy is there, unread");
+    w.client(A).want_online = true;
+    let sent = w.run_until(Duration::from_secs(5), |w| {
+        w.clients[&A].sent.contains_key(&m)
+    });
+    assert!(sent, "{}", w.describe());
+    assert_eq!(w.clients[&A].sent[&m], 2, "stored again");
+    assert_eq!(copies(&w, g, m), [1, 2]);
+    assert_eq!(w.stored_once_into(g), 0);
+    // The invariants allow that second copy (re-sent past the window),
+    // and the members drop it.
+    w.settle();
+    w.check_invariants();
+    for u in [A, B] {
+        assert_eq!(w.clients[&u].group_shown(g), [(A, m)], "{u}");
+    }
+}
+
 mod faults {
     //! Seeded random fault schedules with groups: several senders at once,
     //! pipelined, into two groups and to each other, while receivers pause
@@ -524,7 +613,7 @@ mod faults {
     //! heals and settles, and the promises of §6.4 and §6.7 must hold.
 
     use super::*;
-    use sim::Health;
+    use sim::{Health, Repeat};
 
     /// Seeds that once failed, kept as regression tests. 140: a hold made
     /// after the sender's session here had ended (a store that failed late)
@@ -534,8 +623,12 @@ mod faults {
     /// the hold ran out; 1603: the same with the sender back on that
     /// router in a new session; 2429: a refusal by the hold whose reply
     /// was dropped did not make the hold last until the client's request
-    /// timeout re-sent it, and a later message went first.
-    pub const PINNED: &[u64] = &[140, 1603, 2429];
+    /// timeout re-sent it, and a later message went first; 5369: a first
+    /// attempt through one router reached the shard after its re-send
+    /// through the other had been stored, as two connections may (the
+    /// "stored once" check must allow that copy, and only that); 5478:
+    /// the same, both stores asked for at the same moment.
+    pub const PINNED: &[u64] = &[140, 1603, 2429, 5369, 5478];
 
     /// What a run went through, to check the schedules reach the paths
     /// they are for.
@@ -544,6 +637,10 @@ mod faults {
         /// Re-sent group messages the shard answered with their first
         /// copy's seq (`AppendBatchOnce`) instead of storing them again.
         pub stored_once: u64,
+        /// Group messages stored twice all the same: an earlier attempt
+        /// that reached the shard after its re-send through another
+        /// connection (`sim::legit_repeat`).
+        pub overtaken: usize,
         /// `GroupMailboxChanged` pushes (pushes a full session could not
         /// take).
         pub mailbox_changed: usize,
@@ -618,7 +715,13 @@ mod faults {
             group_sent > 200,
             "seed {seed}: group messages sent ({group_sent})"
         );
+        let overtaken = groups
+            .iter()
+            .flat_map(|g| w.mailboxes[g].second_copies())
+            .filter(|(first, again)| sim::legit_repeat(first, again) == Some(Repeat::Plain))
+            .count();
         Exercised {
+            overtaken,
             stored_once: groups
                 .iter()
                 .map(|&g| u64::from(w.stored_once_into(g)))
@@ -683,6 +786,7 @@ mod faults {
             eprintln!("seed {seed}");
             let e = run(seed);
             total.stored_once += e.stored_once;
+            total.overtaken += e.overtaken;
             total.mailbox_changed += e.mailbox_changed;
             total.forwards += e.forwards;
         }

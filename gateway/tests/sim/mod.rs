@@ -210,6 +210,8 @@ pub struct Record {
     pub at: Instant,
     /// When the router asked for the store (`Action::Store`).
     pub issued: Instant,
+    /// The connection it came on: (gateway, its generation).
+    pub link: (usize, u64),
     /// Its store was an `AppendBatchOnce` (an item of it was re-sent).
     pub once: bool,
     /// An earlier record of the mailbox has its msg_id: why the shard
@@ -347,6 +349,8 @@ enum Work {
 #[derive(Debug, Clone, Copy)]
 struct StoreAsked {
     at: Instant,
+    /// (gateway, generation): one connection to the shard.
+    link: (usize, u64),
     /// Stores asked of the shard before this one.
     order: u64,
     /// `AppendBatchOnce`'s `since_ms` (the driver's: an item is re-sent),
@@ -477,6 +481,9 @@ pub struct ClientModel {
     pub group_received: Vec<(u64, Delivery, Instant)>,
     /// Replies to the calls a test made itself ([`World::call`]), by id.
     pub replies: BTreeMap<u32, Result<Reply, AppError>>,
+    /// A group message put on the wire again says `resend` (as the SDK
+    /// does); `false`: a client that does not.
+    pub says_resend: bool,
 }
 
 impl ClientModel {
@@ -505,6 +512,7 @@ impl ClientModel {
             groups_retry_at: None,
             group_received: Vec::new(),
             replies: BTreeMap::new(),
+            says_resend: true,
         }
     }
 
@@ -776,11 +784,6 @@ impl World {
             .iter()
             .find(|(gg, gr, v, _)| *gg == g && *gr == group && *v >= version)
             .map(|e| e.3)
-    }
-
-    /// The most forwards one group message got to one gateway.
-    pub fn max_forwards_per_message(&self) -> u32 {
-        self.group_forwards.values().copied().max().unwrap_or(0)
     }
 
     /// Group forwards beyond one per store that answered the message to
@@ -1147,6 +1150,7 @@ impl World {
             .saturating_sub(GROUP_RESEND_WINDOW_MS);
         let asked = StoreAsked {
             at: self.now,
+            link: (g, self.gateways[g].generation),
             order: self.stores_asked,
             once_since_ms: once.then_some(since),
         };
@@ -1664,6 +1668,7 @@ impl World {
                     by,
                     at,
                     issued: asked.at,
+                    link: asked.link,
                     once: asked.once_since_ms.is_some(),
                     copy,
                 });
@@ -1818,6 +1823,7 @@ impl World {
             .take(CLIENT_SENDS_IN_FLIGHT.saturating_sub(on_wire))
             .map(|(k, _)| *k)
             .collect();
+        let says_resend = self.client(user).says_resend;
         for key in ready {
             let m = self.client(user).outbox[&key].clone();
             let call = if is_group(m.to) {
@@ -1825,7 +1831,7 @@ impl World {
                     group: m.to,
                     msg_id: m.msg_id,
                     body: m.body.clone(),
-                    resend: m.sent_before,
+                    resend: m.sent_before && says_resend,
                 }
             } else {
                 Call::Send {
@@ -2249,17 +2255,6 @@ impl World {
                 );
             }
         }
-        if std::env::var_os("TMP_COUNT_1TO1").is_some() {
-            for (id, mb) in self.mailboxes.iter().filter(|(id, _)| !is_group(**id)) {
-                for (first, again) in mb.second_copies() {
-                    eprintln!(
-                        "TMP1 mailbox {id}: msg {} from {} seq {} gw{} once {} acked {} / seq {} gw{} once {} {:?} asked {:?} vs {:?}",
-                        again.msg_id, again.envelope.from, first.seq, first.by, first.once, mb.acked,
-                        again.seq, again.by, again.once, again.copy, again.issued - self.start, first.issued - self.start
-                    );
-                }
-            }
-        }
         self.check_group_invariants();
     }
 
@@ -2286,17 +2281,17 @@ impl World {
             for (first, again) in mb.second_copies() {
                 assert!(
                     legit_repeat(first, again).is_some(),
-                    "group {gname}: user {}'s message {} stored twice, at seq {} (asked at {:?}, \
-                     gw{}) and seq {} (asked at {:?}, gw{}, {:?}, once {})",
+                    "group {gname}: user {}'s message {} stored twice, at seq {} (asked at {:?} \
+                     on {:?}, once {}) and seq {} (asked at {:?} on {:?}, once {})",
                     again.envelope.from,
                     again.msg_id,
                     first.seq,
                     first.issued - self.start,
-                    first.by,
+                    first.link,
+                    first.once,
                     again.seq,
                     again.issued - self.start,
-                    again.by,
-                    again.copy,
+                    again.link,
                     again.once,
                 );
             }
@@ -2466,23 +2461,28 @@ impl ClientModel {
     }
 }
 
-/// Why the shard may store `again`, a second record of `first`'s
-/// (from, msg_id), in a group's mailbox without breaking "stored once"
-/// (§6.7); `None`: it may not.
+/// Why a group's mailbox may hold `again`, a later record of `first`'s
+/// (from, msg_id), without breaking "stored once" (§6.7); `None`: it may
+/// not.
 /// * [`Repeat::PastWindow`]: a re-send (`AppendBatchOnce`) after the first
-///   copy was deleted or left the `GROUP_RESEND_WINDOW_MS` look-back.
-///
-/// [`Repeat::Plain`] never is: it is a re-send the router did not store
-/// with `AppendBatchOnce`. (An earlier attempt applied only after its
-/// re-send was stored would be one too, but the model shard, like a real
-/// one, applies what one connection asked in order, a store whose answer
-/// is lost when it arrives, and what it kept while hung before anything
-/// asked after it ran again. A real shard resuming from a pause could
-/// still read two gateways' connections in either order.)
+///   copy was deleted or left the `GROUP_RESEND_WINDOW_MS` look-back;
+/// * [`Repeat::Plain`], asked for before (or as) `first`, a re-send's
+///   copy, on another connection (another gateway, or a dead one's): the
+///   earlier attempt reached the shard after its re-send, which found
+///   nothing.
+///   Nothing orders two connections' requests (in the model, their
+///   latencies). A plain store asked for after is a re-send the router
+///   did not store with `AppendBatchOnce`; one on the same connection
+///   cannot overtake (the model shard, like a real one, applies a store
+///   whose answer is lost when it arrives, and what it kept while hung,
+///   in order, before anything asked after it runs again), and a router
+///   never has two stores of one message in flight.
 pub fn legit_repeat(first: &Record, again: &Record) -> Option<Repeat> {
-    let _ = first;
     match again.copy? {
         Repeat::PastWindow => Some(Repeat::PastWindow),
+        Repeat::Plain if first.once && again.issued <= first.issued && again.link != first.link => {
+            Some(Repeat::Plain)
+        }
         Repeat::Plain => None,
     }
 }
