@@ -140,7 +140,7 @@ async fn mailboxes(
     let mut start = Some(0);
     while let Some(from) = start.filter(|_| found.len() < max) {
         let (page, next) = client
-            .list_users(from, proto::shard::LIST_USERS_MAX as u32)
+            .list_users(from, proto::shard::LIST_USERS_MAX)
             .await?;
         found.extend(
             page.into_iter()
