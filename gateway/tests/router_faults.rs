@@ -12,7 +12,7 @@
 mod sim;
 
 use rand::Rng;
-use sim::{Health, World, MS};
+use sim::{World, MS};
 
 /// Seeds that once failed, kept as regression tests.
 /// 0: a refusal held the conversation for a later message than the first
@@ -48,7 +48,7 @@ fn run(seed: u64) {
     }
     for step in 0..3000 {
         if step % 10 == 0 {
-            fault(&mut w);
+            w.random_fault(USERS);
         }
         if w.rng.gen_bool(0.3) {
             let from = w.rng.gen_range(1..=USERS);
@@ -73,35 +73,6 @@ fn run(seed: u64) {
     );
 }
 
-/// One random fault, or a repair.
-fn fault(w: &mut World) {
-    let user = w.rng.gen_range(1..=USERS);
-    match w.rng.gen_range(0..20) {
-        0..=2 => {
-            let c = w.client(user);
-            c.paused = !c.paused;
-        }
-        3 => w.logout(user),
-        4 => w.client(user).want_online = true,
-        5 => {
-            let c = w.client(user);
-            c.gateway = 1 - c.gateway;
-            w.logout(user);
-            w.client(user).want_online = true;
-        }
-        6 if w.rng.gen_bool(0.2) => {
-            let g = w.rng.gen_range(0..2);
-            w.kill_gateway(g);
-        }
-        7 => w.shard = Health::Down,
-        8 if w.rng.gen_bool(0.3) => w.shard = Health::Hung,
-        9..=11 => w.shard = Health::Up,
-        12 if w.rng.gen_bool(0.3) => w.profile = Health::Hung,
-        13..=14 => w.profile = Health::Up,
-        _ => {}
-    }
-}
-
 #[test]
 fn pinned_seeds() {
     for &seed in PINNED {
@@ -111,15 +82,7 @@ fn pinned_seeds() {
 
 #[test]
 fn random_fault_schedules_keep_the_delivery_invariants() {
-    let seeds: u64 = std::env::var("ROUTER_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-    let first: u64 = std::env::var("ROUTER_SEED_FIRST")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    for seed in first..first + seeds {
+    for seed in sim::seeds(40) {
         eprintln!("seed {seed}");
         run(seed);
     }

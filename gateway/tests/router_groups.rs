@@ -613,7 +613,7 @@ mod faults {
     //! heals and settles, and the promises of §6.4 and §6.7 must hold.
 
     use super::*;
-    use sim::{Health, Repeat};
+    use sim::Repeat;
 
     /// Seeds that once failed, kept as regression tests. 140: a hold made
     /// after the sender's session here had ended (a store that failed late)
@@ -673,7 +673,7 @@ mod faults {
         }
         for step in 0..1500 {
             if step % 10 == 0 {
-                fault(&mut w);
+                w.random_fault(USERS);
             }
             if w.rng.gen_bool(0.4) {
                 let from = w.rng.gen_range(1..=USERS);
@@ -736,34 +736,6 @@ mod faults {
         }
     }
 
-    fn fault(w: &mut World) {
-        let user = w.rng.gen_range(1..=USERS);
-        match w.rng.gen_range(0..20) {
-            0..=2 => {
-                let c = w.client(user);
-                c.paused = !c.paused;
-            }
-            3 => w.logout(user),
-            4 => w.client(user).want_online = true,
-            5 => {
-                let c = w.client(user);
-                c.gateway = 1 - c.gateway;
-                w.logout(user);
-                w.client(user).want_online = true;
-            }
-            6 if w.rng.gen_bool(0.2) => {
-                let g = w.rng.gen_range(0..2);
-                w.kill_gateway(g);
-            }
-            7 => w.shard = Health::Down,
-            8 if w.rng.gen_bool(0.3) => w.shard = Health::Hung,
-            9..=11 => w.shard = Health::Up,
-            12 if w.rng.gen_bool(0.3) => w.profile = Health::Hung,
-            13..=14 => w.profile = Health::Up,
-            _ => {}
-        }
-    }
-
     #[test]
     fn pinned_seeds() {
         for &seed in PINNED {
@@ -773,16 +745,10 @@ mod faults {
 
     #[test]
     fn random_fault_schedules_keep_the_group_promises() {
-        let seeds: u64 = std::env::var("ROUTER_SEEDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(12);
-        let first: u64 = std::env::var("ROUTER_SEED_FIRST")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
         let mut total = Exercised::default();
-        for seed in first..first + seeds {
+        let seeds = sim::seeds(12);
+        let many = seeds.end - seeds.start >= 12;
+        for seed in seeds {
             eprintln!("seed {seed}");
             let e = run(seed);
             total.stored_once += e.stored_once;
@@ -791,7 +757,7 @@ mod faults {
             total.forwards += e.forwards;
         }
         eprintln!("{total:?}");
-        if seeds >= 12 {
+        if many {
             assert!(total.stored_once > 0, "re-sends found stored: {total:?}");
             assert!(total.mailbox_changed > 0, "full sessions: {total:?}");
             assert!(total.forwards > 0, "forwards: {total:?}");

@@ -592,6 +592,36 @@ pub struct World {
 }
 
 impl World {
+    /// One random fault, or a repair (the schedules of `router_faults` and
+    /// `router_groups`).
+    pub fn random_fault(&mut self, users: u64) {
+        let user = self.rng.gen_range(1..=users);
+        match self.rng.gen_range(0..20) {
+            0..=2 => {
+                let c = self.client(user);
+                c.paused = !c.paused;
+            }
+            3 => self.logout(user),
+            4 => self.client(user).want_online = true,
+            5 => {
+                let c = self.client(user);
+                c.gateway = 1 - c.gateway;
+                self.logout(user);
+                self.client(user).want_online = true;
+            }
+            6 if self.rng.gen_bool(0.2) => {
+                let g = self.rng.gen_range(0..2);
+                self.kill_gateway(g);
+            }
+            7 => self.shard = Health::Down,
+            8 if self.rng.gen_bool(0.3) => self.shard = Health::Hung,
+            9..=11 => self.shard = Health::Up,
+            12 if self.rng.gen_bool(0.3) => self.profile = Health::Hung,
+            13..=14 => self.profile = Health::Up,
+            _ => {}
+        }
+    }
+
     pub fn new(seed: u64, gateways: usize) -> World {
         World::with_config(seed, gateways, config())
     }
@@ -2549,4 +2579,12 @@ fn refusal(code: LoginError) -> Vec<u8> {
         code,
         message: String::new(),
     })
+}
+
+/// The seeds a schedule test runs: `ROUTER_SEEDS` of them (default
+/// `default`) from `ROUTER_SEED_FIRST` (default 0).
+pub fn seeds(default: u64) -> std::ops::Range<u64> {
+    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse().ok());
+    let first = var("ROUTER_SEED_FIRST").unwrap_or(0);
+    first..first + var("ROUTER_SEEDS").unwrap_or(default)
 }
