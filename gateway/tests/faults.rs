@@ -11,75 +11,9 @@ use proto::{
     app::{AppErrorCode, LoginMethod, Reply, SendOutcome},
     session::wire,
 };
-use rand::{Rng, SeedableRng};
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::time::Duration;
 use support::{Cluster, TestClient};
 use tokio::net::UdpSocket;
-
-/// A UDP proxy for one client: datagrams both ways are dropped with
-/// `loss`, duplicated with `duplicate`, and delayed by up to `jitter`
-/// (which reorders them). Seeded, so a failing run can be replayed.
-async fn lossy_proxy(
-    gateway: SocketAddr,
-    seed: u64,
-    loss: f64,
-    duplicate: f64,
-    jitter: Duration,
-) -> SocketAddr {
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let addr = front.local_addr().unwrap();
-    let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
-    let rng = Arc::new(std::sync::Mutex::new(
-        rand_chacha::ChaCha8Rng::seed_from_u64(seed),
-    ));
-    let relay = move |from: Arc<UdpSocket>, to: Arc<UdpSocket>, towards_gateway: bool| {
-        let client = client.clone();
-        let rng = rng.clone();
-        async move {
-            let mut buf = vec![0u8; 2048];
-            loop {
-                let Ok((n, src)) = from.recv_from(&mut buf).await else {
-                    return;
-                };
-                let dest = if towards_gateway {
-                    *client.lock().unwrap() = Some(src);
-                    gateway
-                } else {
-                    match *client.lock().unwrap() {
-                        Some(c) => c,
-                        None => continue,
-                    }
-                };
-                let (copies, delays) = {
-                    let mut r = rng.lock().unwrap();
-                    let copies = if r.gen_bool(loss) {
-                        0
-                    } else if r.gen_bool(duplicate) {
-                        2
-                    } else {
-                        1
-                    };
-                    let delays: Vec<u64> = (0..copies)
-                        .map(|_| r.gen_range(0..jitter.as_millis() as u64 + 1))
-                        .collect();
-                    (copies, delays)
-                };
-                for delay in delays.into_iter().take(copies) {
-                    let to = to.clone();
-                    let d = buf[..n].to_vec();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(delay)).await;
-                        let _ = to.send_to(&d, dest).await;
-                    });
-                }
-            }
-        }
-    };
-    tokio::spawn(relay(front.clone(), back.clone(), true));
-    tokio::spawn(relay(back, front, false));
-    addr
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lossy_path_delivers_every_message_once_in_order() {
@@ -88,8 +22,8 @@ async fn a_lossy_path_delivers_every_message_once_in_order() {
     let b = c.user("bob", "pb").await;
     c.befriend(a, b).await;
     let jitter = Duration::from_millis(20);
-    let alice_path = lossy_proxy(c.gateway.addr, 1, 0.3, 0.1, jitter).await;
-    let bob_path = lossy_proxy(c.gateway.addr, 2, 0.3, 0.1, jitter).await;
+    let alice_path = support::lossy_proxy(c.gateway.addr, 1, 0.3, 0.1, jitter).await;
+    let bob_path = support::lossy_proxy(c.gateway.addr, 2, 0.3, 0.1, jitter).await;
     let mut alice = TestClient::connect(
         alice_path,
         c.gateway_public,

@@ -438,3 +438,90 @@ async fn a_gateway_killed_under_group_sends_stores_each_message_once() {
     let shown = group_messages(&conn, &mut events, count).await;
     check_exact(1, &shown, count);
 }
+
+/// Sender and readers each behind 30% loss both ways (with duplication and
+/// reordering): every group send ends `Sent`, stored once, and each member
+/// shows every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_messages_over_a_lossy_path_are_stored_and_shown_once_in_order() {
+    use std::time::Duration;
+    let c = Cluster::start(2).await;
+    let names = ["sender", "online", "later"];
+    let mut users = Vec::new();
+    for name in names {
+        users.push(c.user(name, "pw").await);
+    }
+    let p = &c.profile_client;
+    let group = p.group_create(users[0], "lossy", "").await.unwrap().group;
+    for &u in &users[1..] {
+        p.group_invite(users[0], group, u).await.unwrap();
+        p.group_answer_invite(u, group, true, 0).await.unwrap();
+    }
+    let jitter = Duration::from_millis(20);
+    let mut paths = Vec::new();
+    for seed in 0..3 {
+        paths.push(support::lossy_proxy(c.gateway.addr, 40 + seed, 0.3, 0.1, jitter).await);
+    }
+    let connect = |i: usize| {
+        let config = c.sdk_config(&paths[i].to_string(), names[i], "pw");
+        async move { client::sdk::connect(config).await.expect("login") }
+    };
+    let (sender, _sender_events) = connect(0).await;
+    let (online, mut online_events) = connect(1).await;
+    let count = 30;
+    for n in 0..count {
+        let body = format!("from sender 0 number {n}").into_bytes();
+        sender.group_send(group, body).await.expect("group send");
+    }
+    let shown = group_messages(&online, &mut online_events, count).await;
+    check_exact(1, &shown, count);
+    let (later, mut later_events) = connect(2).await;
+    let shown = group_messages(&later, &mut later_events, count).await;
+    check_exact(2, &shown, count);
+}
+
+/// The group's shard stopped (SIGSTOP) for two seconds under group sends
+/// and continued: every send ends `Sent` (the SDK re-sends what was
+/// answered `Unavailable`), nothing is stored twice, and every member
+/// shows each message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_group_shard_loses_nothing_and_stores_nothing_twice() {
+    use std::time::Duration;
+    let options = support::Options {
+        shards: 1,
+        shard_processes: true,
+        gateway_toml: Some("[timers]\nsend_answer_ms_max = 1000\n".into()),
+        ..support::Options::default()
+    };
+    let (c, shards) = Cluster::start_with(options).await;
+    let owner = c.user("owner", "pw").await;
+    let reader = c.user("reader", "pw").await;
+    let p = &c.profile_client;
+    let group = p.group_create(owner, "paused", "").await.unwrap().group;
+    p.group_invite(owner, group, reader).await.unwrap();
+    p.group_answer_invite(reader, group, true, 0).await.unwrap();
+    let (sender, _events) = c.sdk("owner", "pw").await;
+    let count = 60;
+    let send_range = |r: std::ops::Range<usize>| {
+        let sender = sender.clone();
+        async move {
+            for n in r {
+                let body = format!("from sender 0 number {n}").into_bytes();
+                sender.group_send(group, body).await.expect("group send");
+            }
+        }
+    };
+    send_range(0..20).await;
+    shards[0].pause(); // SIGSTOP: the next sends meet a stopped shard
+    let resume = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        shards[0].resume(); // SIGCONT
+    };
+    let rest = async { tokio::join!(send_range(20..count), resume) };
+    tokio::time::timeout(WAIT * 2, rest)
+        .await
+        .expect("every send answered");
+    let (conn, mut events) = c.sdk("reader", "pw").await;
+    let shown = group_messages(&conn, &mut events, count).await;
+    check_exact(1, &shown, count);
+}

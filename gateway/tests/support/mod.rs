@@ -678,3 +678,71 @@ impl TestClient {
 // (Not every test binary uses them.)
 #[allow(unused_imports)]
 pub use daemon::testing::{free_addr, metric};
+
+/// A UDP proxy for one client: datagrams both ways are dropped with
+/// `loss`, duplicated with `duplicate`, and delayed by up to `jitter`
+/// (which reorders them). Seeded, so a failing run can be replayed.
+pub async fn lossy_proxy(
+    gateway: SocketAddr,
+    seed: u64,
+    loss: f64,
+    duplicate: f64,
+    jitter: Duration,
+) -> SocketAddr {
+    use rand::Rng;
+    let front = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    let client: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>> = std::sync::Arc::default();
+    let rng = std::sync::Arc::new(std::sync::Mutex::new(
+        <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed),
+    ));
+    let relay = move |from: std::sync::Arc<tokio::net::UdpSocket>,
+                      to: std::sync::Arc<tokio::net::UdpSocket>,
+                      towards_gateway: bool| {
+        let client = client.clone();
+        let rng = rng.clone();
+        async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                let Ok((n, src)) = from.recv_from(&mut buf).await else {
+                    return;
+                };
+                let dest = if towards_gateway {
+                    *client.lock().unwrap() = Some(src);
+                    gateway
+                } else {
+                    match *client.lock().unwrap() {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                };
+                let (copies, delays) = {
+                    let mut r = rng.lock().unwrap();
+                    let copies = if r.gen_bool(loss) {
+                        0
+                    } else if r.gen_bool(duplicate) {
+                        2
+                    } else {
+                        1
+                    };
+                    let delays: Vec<u64> = (0..copies)
+                        .map(|_| r.gen_range(0..jitter.as_millis() as u64 + 1))
+                        .collect();
+                    (copies, delays)
+                };
+                for delay in delays.into_iter().take(copies) {
+                    let to = to.clone();
+                    let d = buf[..n].to_vec();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        let _ = to.send_to(&d, dest).await;
+                    });
+                }
+            }
+        }
+    };
+    tokio::spawn(relay(front.clone(), back.clone(), true));
+    tokio::spawn(relay(back, front, false));
+    addr
+}
