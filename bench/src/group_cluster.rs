@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use profile::ProfileClient;
 use proto::{
     cluster::{ClusterMap, ShardEntry},
-    shard::{Request, RequestBody},
+    shard::Request,
 };
 use std::{
     collections::{BTreeMap, HashMap},
@@ -89,23 +89,6 @@ impl RelayBytes {
     }
 }
 
-/// The shard-protocol op of a request (names as `msgstore_requests_total`).
-fn op_name(body: &RequestBody) -> &'static str {
-    match body {
-        RequestBody::Append { .. } => "append",
-        RequestBody::AppendBatch { .. } => "append_batch",
-        RequestBody::AppendBatchOnce { .. } => "append_batch_once",
-        RequestBody::Fetch { .. } => "fetch",
-        RequestBody::Ack { .. } => "ack",
-        RequestBody::Expire { .. } => "expire",
-        RequestBody::UserStats { .. } => "user_stats",
-        RequestBody::GetRouting => "get_routing",
-        RequestBody::Ping => "ping",
-        RequestBody::Stats => "stats",
-        _ => "other",
-    }
-}
-
 /// Request ids of one relayed connection awaiting their answer, by op.
 type InFlight = Arc<Mutex<HashMap<u64, &'static str>>>;
 
@@ -128,7 +111,7 @@ impl RequestFrames {
             let frame = &self.buf[at + 4..at + 4 + len];
             let op = match postcard::from_bytes::<Request>(frame) {
                 Ok(r) => {
-                    let op = op_name(&r.body);
+                    let op = r.body.op_name();
                     in_flight.lock().expect("relay mutex").insert(r.id, op);
                     op
                 }
@@ -642,6 +625,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::shard::RequestBody;
 
     #[test]
     fn metric_sum_adds_every_label_set_and_nothing_else() {

@@ -610,7 +610,7 @@ async fn read_requests(
                     return ReadEnd::Abort;
                 }
             };
-            metrics::counter!("msgstore_requests_total", "op" => op_name(&request.body))
+            metrics::counter!("msgstore_requests_total", "op" => request.body.op_name())
                 .increment(1);
             outbox.unanswered.set(outbox.unanswered.get() + 1);
             let id = request.id;
@@ -794,25 +794,6 @@ fn encode_answer(id: u64, response: &impl Serialize, out: &mut Vec<u8>) {
 }
 fn error_body(code: ShardErrorCode, message: String) -> ResponseBody {
     ResponseBody::Error(ShardError { code, message })
-}
-fn op_name(body: &RequestBody) -> &'static str {
-    match body {
-        RequestBody::Append { .. } => "append",
-        RequestBody::AppendBatch { .. } => "append_batch",
-        RequestBody::AppendBatchOnce { .. } => "append_batch_once",
-        RequestBody::Fetch { .. } => "fetch",
-        RequestBody::Ack { .. } => "ack",
-        RequestBody::Expire { .. } => "expire",
-        RequestBody::SetRouting(_) => "set_routing",
-        RequestBody::GetRouting => "get_routing",
-        RequestBody::ListUsers { .. } => "list_users",
-        RequestBody::Freeze { .. } => "freeze",
-        RequestBody::Import { .. } => "import",
-        RequestBody::Release { .. } => "release",
-        RequestBody::UserStats { .. } => "user_stats",
-        RequestBody::Stats => "stats",
-        RequestBody::Ping => "ping",
-    }
 }
 
 #[cfg(test)]

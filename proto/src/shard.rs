@@ -143,6 +143,29 @@ pub enum RequestBody {
     },
 }
 
+impl RequestBody {
+    /// The request's name in metrics (`msgstore_requests_total{op}`).
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            RequestBody::Append { .. } => "append",
+            RequestBody::AppendBatch { .. } => "append_batch",
+            RequestBody::AppendBatchOnce { .. } => "append_batch_once",
+            RequestBody::Fetch { .. } => "fetch",
+            RequestBody::Ack { .. } => "ack",
+            RequestBody::Expire { .. } => "expire",
+            RequestBody::SetRouting(_) => "set_routing",
+            RequestBody::GetRouting => "get_routing",
+            RequestBody::ListUsers { .. } => "list_users",
+            RequestBody::Freeze { .. } => "freeze",
+            RequestBody::Import { .. } => "import",
+            RequestBody::Release { .. } => "release",
+            RequestBody::UserStats { .. } => "user_stats",
+            RequestBody::Stats => "stats",
+            RequestBody::Ping => "ping",
+        }
+    }
+}
+
 /// What a shard needs to know to refuse users it does not own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Routing {
