@@ -171,9 +171,10 @@ async fn serve(
     call: Call,
     effects: &mut CallEffects,
 ) -> CallResult {
-    if let Some(result) = crate::group_calls::serve(services, user, &call, effects).await {
-        return result;
-    }
+    let call = match crate::group_calls::serve(services, user, call, effects).await {
+        Ok(result) => return result,
+        Err(call) => call,
+    };
     match call {
         Call::Fetch {
             after_seq,

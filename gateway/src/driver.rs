@@ -362,9 +362,10 @@ async fn perform(services: &Arc<Services>, action: Action, loads: &Semaphore) ->
             let once = items.iter().any(|i| i.resent);
             let since_ms = services::now_ms().saturating_sub(services::GROUP_RESEND_WINDOW_MS);
             let result = calls::store(services, to, items, once.then_some(since_ms)).await;
-            if proto::groups::is_group(to) && result.is_ok() {
+            let group = proto::groups::is_group(to);
+            if group && result.is_ok() && crate::group_calls::claim_tidy(services, to) {
                 let services = services.clone();
-                tokio::spawn(async move { crate::group_calls::tidy_due(&services, to).await });
+                tokio::spawn(async move { crate::group_calls::tidy(&services, to).await });
             }
             Answer::Stored { batch, result }
         }

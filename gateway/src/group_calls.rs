@@ -18,15 +18,16 @@ use proto::{
 };
 use std::collections::BTreeMap;
 
-/// Serve a group call; `None` if `call` is not one.
+/// Serve a group call; `Err` gives back a call that is not one.
 pub async fn serve(
     services: &Services,
     user: u64,
-    call: &Call,
+    call: Call,
     effects: &mut CallEffects,
-) -> Option<CallResult> {
+) -> Result<CallResult, Call> {
     let p = &services.profile;
-    let result = match call.clone() {
+    let changed = changed_group(&call);
+    let result = match call {
         Call::GroupFetch {
             group,
             after_seq,
@@ -81,12 +82,12 @@ pub async fn serve(
                 .await,
         ),
         Call::GroupDissolve { group } => done(p.group_dissolve(user, group).await),
-        _ => return None,
+        other => return Err(other),
     };
     if result.is_ok() {
-        effects.groups_changed = changed_group(call).into_iter().collect();
+        effects.groups_changed = changed.into_iter().collect();
     }
-    Some(result)
+    Ok(result)
 }
 
 /// The group whose members a successful `call` changed.
@@ -160,12 +161,27 @@ async fn fetch(
 /// group and gateway, whatever the traffic. Best effort: what fails is
 /// tried again next time.
 pub async fn tidy_due(services: &Services, group: u64) {
+    if claim_tidy(services, group) {
+        tidy(services, group).await;
+    }
+}
+
+/// Whether `group`'s mailbox is due a tidy from this gateway; if so it is
+/// marked done now (cheap: one cache read, so a store answered on the
+/// event loop's task spawns no task for a group that is not due).
+pub fn claim_tidy(services: &Services, group: u64) -> bool {
     let now = now_ms();
     let last = services.group_expiries.get(&group).unwrap_or(0);
     if now < last.saturating_add(GROUP_EXPIRY_INTERVAL_MS) {
-        return;
+        return false;
     }
     services.group_expiries.insert(group, now);
+    true
+}
+
+/// Tidy `group`'s mailbox now (see [`tidy_due`]).
+pub async fn tidy(services: &Services, group: u64) {
+    let now = now_ms();
     let read_by_all = services.group_trims.get(&group).unwrap_or(0);
     let days = u64::from(services.config.limits.group_retention_days);
     let mut expiries = vec![];
