@@ -1,15 +1,20 @@
 //! `imbench group`'s cluster: presence, profile, two msgstore shards and
 //! two gateways, each a real process with its own Prometheus `/metrics`
-//! port, plus a byte-counting TCP relay in front of each shard.
+//! port, plus a byte-counting relay in front of each shard.
 //!
 //! The shards have no byte counters of their own (no `*_bytes_total`
 //! metric on the shard port, none on the gateways' shard links), so the
 //! cluster map names the relays instead of the shards: every byte a
 //! gateway sends to a shard, and every byte a shard answers, passes a
-//! relay and is counted there.
+//! relay and is counted there. Links between the cluster's processes are
+//! encrypted, so a relay ends the gateway's secure link (every process
+//! here, imbench included, holds imbench's cluster key) and opens its own
+//! to the shard: it counts the protocol's frames as sent, not the links'
+//! record overhead.
 
 use crate::procs::{self, ChildProc};
 use anyhow::{bail, Context, Result};
+use daemon::secure::{GateLimits, LinkReader, LinkWriter, SecureListener};
 use profile::ProfileClient;
 use proto::{
     cluster::{ClusterMap, ShardEntry},
@@ -466,24 +471,24 @@ impl Cluster {
 }
 
 impl Relay {
-    /// Listen on a free loopback port; every connection is carried to
-    /// `target`, its bytes counted.
+    /// Listen on a free loopback port; every (secure) link is carried to
+    /// `target` over a secure link of its own, its bytes counted.
     async fn start(target: SocketAddr) -> Result<(SocketAddr, Relay)> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind a shard relay")?;
         let addr = listener.local_addr()?;
+        let mut listener = SecureListener::new(listener, "imbench_relay", GateLimits::default());
         let bytes = Arc::new(RelayBytes::default());
         let counted = bytes.clone();
         let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
+            loop {
+                let inbound = listener.accept().await;
                 let bytes = counted.clone();
                 tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(target).await else {
+                    let Ok(outbound) = daemon::secure::connect(target).await else {
                         return;
                     };
-                    let _ = inbound.set_nodelay(true);
-                    let _ = outbound.set_nodelay(true);
                     let (in_r, in_w) = inbound.into_split();
                     let (out_r, out_w) = outbound.into_split();
                     let in_flight = InFlight::default();
@@ -501,8 +506,8 @@ impl Relay {
 /// Copy `from` to `to` until either ends, counting the bytes (by op: a
 /// request is named before it goes on, so its answer finds its name).
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut from: LinkReader,
+    mut to: LinkWriter,
     bytes: Arc<RelayBytes>,
     in_flight: InFlight,
     up: bool,
@@ -522,7 +527,7 @@ async fn pump(
         } else {
             responses.feed(&buf[..n], &bytes, &in_flight);
         }
-        if to.write_all(&buf[..n]).await.is_err() {
+        if to.send(&buf[..n]).await.is_err() {
             break;
         }
     }
@@ -707,17 +712,18 @@ mod tests {
     async fn the_relay_carries_and_counts_both_ways() {
         let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = echo.local_addr().unwrap();
+        let mut echo = SecureListener::new(echo, "test_echo", GateLimits::default());
         tokio::spawn(async move {
-            let (mut s, _) = echo.accept().await.unwrap();
+            let mut s = echo.accept().await;
             let mut buf = [0u8; 5];
-            s.read_exact(&mut buf).await.unwrap();
-            s.write_all(b"hello world").await.unwrap();
+            s.reader.read_exact(&mut buf).await.unwrap();
+            s.writer.send(b"hello world").await.unwrap();
         });
         let (addr, relay) = Relay::start(target).await.unwrap();
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"12345").await.unwrap();
+        let mut c = daemon::secure::connect(addr).await.unwrap();
+        c.writer.send(b"12345").await.unwrap();
         let mut got = [0u8; 11];
-        c.read_exact(&mut got).await.unwrap();
+        c.reader.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello world");
         assert_eq!(relay.bytes.up.load(Ordering::Relaxed), 5);
         assert_eq!(relay.bytes.down.load(Ordering::Relaxed), 11);

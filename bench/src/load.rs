@@ -1,7 +1,9 @@
 //! The one load loop every TCP target runs through.
 //!
 //! A target (Redis, our shard) only supplies a [`Codec`]: how to encode a
-//! mailbox [`Op`] as its request bytes and how to decode its reply. A
+//! mailbox [`Op`] as its request bytes, how to decode its reply, and
+//! whether it is spoken over a secure link ([`Codec::SECURE_LINK`]: our
+//! daemons accept nothing else) or plain TCP (Redis). A
 //! [`Workload`] decides which ops to issue (random appends, a prefill, a
 //! drain). Each connection task keeps up to `pipeline` requests in flight,
 //! writes everything it can issue in one `write_all`, and matches replies to
@@ -20,6 +22,50 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+
+/// One load connection: plain TCP, or a link authenticated and encrypted
+/// with this process's cluster key (the key the daemons this benchmark
+/// starts are given, see `procs::start_daemon`).
+pub enum Conn {
+    Plain(TcpStream),
+    Secure(Box<daemon::secure::Link>),
+}
+
+impl Conn {
+    /// Connect to `addr`: a secure link if `secure`.
+    pub async fn connect(addr: SocketAddr, secure: bool) -> Result<Conn> {
+        let conn = if secure {
+            Conn::Secure(Box::new(
+                daemon::secure::connect(addr)
+                    .await
+                    .with_context(|| format!("open a secure link to {addr}"))?,
+            ))
+        } else {
+            let stream = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connect to {addr}"))?;
+            stream.set_nodelay(true)?;
+            Conn::Plain(stream)
+        };
+        Ok(conn)
+    }
+
+    /// Send all of `bytes`.
+    pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(bytes).await,
+            Conn::Secure(l) => l.writer.send(bytes).await,
+        }
+    }
+
+    /// Read what is there into `buf`; 0 at the end of the stream.
+    pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read_buf(buf).await,
+            Conn::Secure(l) => l.reader.read_buf(buf).await,
+        }
+    }
+}
 
 /// One mailbox operation, independent of the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +118,9 @@ pub enum Reply {
 
 /// Per-target request encoder and reply decoder.
 pub trait Codec<O = Op>: Send + 'static {
+    /// Whether the target speaks over a secure link (our daemons) rather
+    /// than plain TCP (Redis).
+    const SECURE_LINK: bool = false;
     fn encode(&mut self, op: &O, payload: &[u8], out: &mut Vec<u8>) -> Result<()>;
     /// Decode one reply from the front of `buf`, consuming it; `None` if the
     /// reply is not complete yet.
@@ -166,11 +215,7 @@ where
 {
     let mut streams = Vec::with_capacity(spec.connections);
     for _ in 0..spec.connections {
-        let stream = TcpStream::connect(spec.addr)
-            .await
-            .with_context(|| format!("connect to {}", spec.addr))?;
-        stream.set_nodelay(true)?;
-        streams.push(stream);
+        streams.push(Conn::connect(spec.addr, C::SECURE_LINK).await?);
     }
     let start = Instant::now();
     let deadline = spec.duration.map(|d| start + d);
@@ -209,7 +254,7 @@ where
 }
 
 async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
-    mut stream: TcpStream,
+    mut stream: Conn,
     mut codec: C,
     mut workload: W,
     pipeline: usize,

@@ -126,6 +126,8 @@ impl OurCodec {
 }
 
 impl Codec<PresenceOp> for OurCodec {
+    const SECURE_LINK: bool = true;
+
     fn encode(&mut self, op: &PresenceOp, _payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         if let Some(gateway) = self.register.take() {
             let peer_addr = String::new();

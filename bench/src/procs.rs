@@ -177,12 +177,15 @@ pub fn locate_sibling(name: &str, package: &str, explicit: Option<&Path>) -> Res
 }
 
 /// Start one of our daemons and wait (up to `timeout`) for its
-/// `"<name> listening on ADDR"` line; the process and the address.
+/// `"<name> listening on ADDR"` line; the process and the address. The
+/// daemon gets this process's cluster key (unless `cmd` names a key file),
+/// so the benchmark's clients and the daemons it starts share one key.
 pub fn start_daemon(
     name: &str,
     cmd: &mut Command,
     timeout: Duration,
 ) -> Result<(ChildProc, SocketAddr)> {
+    daemon::testing::with_cluster_key(cmd);
     let needle = format!("{name} listening on ");
     let (proc, line) = spawn_and_wait_for_line(name, cmd, &needle, timeout)?;
     let addr = parse_listening_line(&line, &needle)

@@ -19,10 +19,7 @@ use std::{
     process::Command,
     time::Duration,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::AsyncReadExt;
 
 /// A running `msgstore` daemon.
 pub struct ShardServer {
@@ -91,6 +88,8 @@ impl ShardCodec {
 }
 
 impl Codec for ShardCodec {
+    const SECURE_LINK: bool = true;
+
     fn encode(&mut self, op: &Op, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let body = match *op {
             Op::Append { user, msg_id } => RequestBody::Append {
@@ -149,11 +148,11 @@ impl Codec for ShardCodec {
     }
 }
 
-/// One `Stats` request on a fresh connection.
+/// One `Stats` request on a fresh (secure) link.
 pub async fn fetch_stats(addr: SocketAddr) -> Result<ShardStats> {
-    let mut stream = TcpStream::connect(addr)
+    let mut link = daemon::secure::connect(addr)
         .await
-        .with_context(|| format!("connect to {addr}"))?;
+        .with_context(|| format!("open a secure link to {addr}"))?;
     let mut out = Vec::new();
     frame::encode(
         &Request {
@@ -163,7 +162,7 @@ pub async fn fetch_stats(addr: SocketAddr) -> Result<ShardStats> {
         FRAME_BODY_BYTES_MAX_DEFAULT,
         &mut out,
     )?;
-    stream.write_all(&out).await?;
+    link.writer.send(&out).await?;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         if let Decoded::Frame(resp) =
@@ -174,7 +173,7 @@ pub async fn fetch_stats(addr: SocketAddr) -> Result<ShardStats> {
                 other => bail!("unexpected answer to Stats: {other:?}"),
             };
         }
-        if stream.read_buf(&mut buf).await? == 0 {
+        if link.reader.read_buf(&mut buf).await? == 0 {
             bail!("shard closed the connection before answering Stats");
         }
     }

@@ -59,6 +59,18 @@ pub enum AcceptErrorKind {
 }
 
 impl AcceptErrorKind {
+    pub const ALL: [AcceptErrorKind; 9] = [
+        AcceptErrorKind::Emfile,
+        AcceptErrorKind::Enfile,
+        AcceptErrorKind::Enobufs,
+        AcceptErrorKind::Enomem,
+        AcceptErrorKind::ConnAborted,
+        AcceptErrorKind::ConnReset,
+        AcceptErrorKind::Interrupted,
+        AcceptErrorKind::Proto,
+        AcceptErrorKind::Other,
+    ];
+
     pub fn of(e: &io::Error) -> AcceptErrorKind {
         use AcceptErrorKind::*;
         match e.raw_os_error() {
@@ -136,6 +148,32 @@ impl LogLimiter {
     }
 }
 
+/// A [`LogLimiter`] for a `static`: one per kind of warning, shared by
+/// every connection and thread of the process (a bad frame from each of a
+/// thousand connections is one line per interval, not a thousand).
+#[derive(Debug)]
+pub struct SharedLogLimiter {
+    interval: Duration,
+    state: std::sync::Mutex<Option<LogLimiter>>,
+}
+
+impl SharedLogLimiter {
+    pub const fn new(interval: Duration) -> SharedLogLimiter {
+        SharedLogLimiter {
+            interval,
+            state: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Like [`LogLimiter::check`].
+    pub fn check(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .get_or_insert_with(|| LogLimiter::new(self.interval))
+            .check()
+    }
+}
+
 /// A listener whose [`accept`](Acceptor::accept) never spins (see the
 /// module docs).
 #[derive(Debug)]
@@ -161,6 +199,11 @@ impl Acceptor {
             metric.clone(),
             "Failed accept(2) calls, by kind (emfile, enfile, enobufs, enomem: backed off; econnaborted, econnreset, eintr, eproto: retried at once; other: backed off)"
         );
+        for kind in AcceptErrorKind::ALL {
+            // `increment(0)`: present at zero, without resetting a series
+            // another listener of the same prefix already counted in.
+            metrics::counter!(metric.clone(), "kind" => kind.label()).increment(0);
+        }
         Acceptor {
             listener,
             metric,

@@ -4,13 +4,17 @@
 //! * [`config`]: reading the TOML config file.
 //! * [`run_main`]: the body of every daemon's `main`.
 //! * [`init_tracing`]: structured logs to stderr, filtered by `RUST_LOG`.
-//! * [`install_metrics`]: the Prometheus `/metrics` HTTP listener.
+//! * [`install_metrics`]: the Prometheus `/metrics` HTTP listener;
+//!   [`catalog`]: a daemon's metrics described and at zero from the start.
 //! * [`accept`]: the accept step of every listener ([`Acceptor`]): backs
 //!   off instead of spinning when descriptors run out.
 //! * [`Signals`]: SIGTERM/SIGINT, the start of every graceful shutdown.
 //! * [`run_until_signal`] and [`Service`]: the main loop of every daemon.
 //! * [`DirLock`]: one process per data directory.
 //! * [`testing`]: run a daemon binary as a real process in a test.
+//! * [`heap`]: the process's heap size, from jemalloc.
+//! * [`secure`]: every link between processes, authenticated and
+//!   encrypted with the cluster key.
 //! * [`link`]: the gathering frame writer of client links.
 //! * [`exit_code`]: a binary's fatal error printed, as an exit code.
 //!
@@ -18,16 +22,19 @@
 //! in each daemon's `serve` function, which selects on [`Signals::wait`].
 
 pub mod accept;
+pub mod catalog;
 pub mod config;
 pub mod files;
+pub mod heap;
 pub mod link;
 mod lock;
 mod metrics_http;
+pub mod secure;
 mod service;
 mod signals;
 pub mod testing;
 
-pub use accept::{Acceptor, LogLimiter};
+pub use accept::{Acceptor, LogLimiter, SharedLogLimiter};
 pub use lock::{DirLock, LockError, LOCK_WAIT_MS};
 pub use service::{run_until_signal, Service};
 pub use signals::Signals;
@@ -87,6 +94,7 @@ pub fn install_metrics(addr: SocketAddr) -> Result<SocketAddr, MetricsError> {
             listen_error: None,
             message: e.to_string(),
         })?;
+    heap::describe();
     let acceptor = Acceptor::new(listener, "metrics_http");
     tokio::spawn(metrics_http::serve(acceptor, handle));
     tracing::info!(addr = %bound, "metrics exporter listening");

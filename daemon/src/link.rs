@@ -1,15 +1,16 @@
-//! The sending half of a pipelined TCP link, shared by every client
-//! library (msgstore, profile): frames queued by many callers go out
-//! gathered into few writes.
+//! The sending half of a pipelined link, shared by every client library
+//! (msgstore, profile): frames queued by many callers go out gathered into
+//! few writes.
 
-use tokio::{io::AsyncWriteExt, net::tcp::OwnedWriteHalf, sync::mpsc};
+use crate::secure::LinkWriter;
+use tokio::sync::mpsc;
 
 /// Write queued frames, gathering whatever is already queued (up to
 /// `batch_bytes_max`) into one write. Returns `Ok` once every sender is
 /// gone (after shutting our side down, so the peer sees EOF), or the first
 /// write error.
 pub async fn write_frames(
-    mut wr: OwnedWriteHalf,
+    mut wr: LinkWriter,
     mut frames: mpsc::Receiver<Vec<u8>>,
     batch_bytes_max: usize,
 ) -> std::io::Result<()> {
@@ -23,7 +24,7 @@ pub async fn write_frames(
                 Err(_) => break,
             }
         }
-        wr.write_all(&out).await?;
+        wr.send(&out).await?;
     }
     let _ = wr.shutdown().await;
     Ok(())

@@ -72,6 +72,7 @@ async fn answer(mut stream: TcpStream, handle: PrometheusHandle) -> std::io::Res
     let body = if path == "/health" {
         "OK".to_string()
     } else {
+        crate::heap::refresh();
         tokio::task::spawn_blocking(move || handle.render())
             .await
             .map_err(std::io::Error::other)?

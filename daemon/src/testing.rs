@@ -49,8 +49,11 @@ pub struct DaemonProcess {
 
 impl DaemonProcess {
     /// Start `cmd` (stdout piped, stderr inherited) and wait up to `limit`
-    /// for its `"<name> listening on ADDR"` line.
+    /// for its `"<name> listening on ADDR"` line. Unless `cmd` names a key
+    /// file of its own, the daemon gets this process's cluster key
+    /// ([`cluster_key_file`]).
     pub fn start(mut cmd: Command, name: &str, limit: Duration) -> DaemonProcess {
+        with_cluster_key(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -83,6 +86,32 @@ impl Drop for DaemonProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The environment variable a daemon reads its key file's path from.
+pub const KEY_FILE_ENV: &str = "IM_CLUSTER_KEY_FILE";
+
+/// A file holding this process's cluster key (`crate::secure::key`), for
+/// the daemons and tools a test starts; written once per process, in the
+/// temporary directory.
+pub fn cluster_key_file() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("im-test-cluster-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        crate::secure::write_key_file(&path, crate::secure::key())
+            .expect("write the test key file");
+        path
+    })
+}
+
+/// Give `cmd` this process's cluster key unless it names one already.
+pub fn with_cluster_key(cmd: &mut Command) {
+    let named = cmd.get_envs().any(|(k, _)| k == KEY_FILE_ENV)
+        || cmd.get_args().any(|a| a == "--cluster-key-file");
+    if !named {
+        cmd.env(KEY_FILE_ENV, cluster_key_file());
     }
 }
 
@@ -123,9 +152,26 @@ pub fn workspace_binary(beside: &std::path::Path, name: &str) -> std::path::Path
     bin
 }
 
-/// The value of metric `name` (without labels) on a Prometheus endpoint;
+/// The sum of metric `name` over all its labels on a Prometheus endpoint;
 /// 0 if the endpoint does not list it (yet).
-pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+pub async fn metric_sum(addr: SocketAddr, name: &str) -> f64 {
+    scrape(addr)
+        .await
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if let Some(labelled) = rest.strip_prefix('{') {
+                labelled.split_once("} ")?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// The text of a Prometheus endpoint.
+pub async fn scrape(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -134,11 +180,18 @@ pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).await.unwrap();
-    text.lines()
+    text
+}
+
+/// The value of metric `name` (without labels) on a Prometheus endpoint;
+/// 0 if the endpoint does not list it (yet).
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    scrape(addr)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
 }
-
 /// A free loopback TCP port's address (for a daemon's --metrics-addr).
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

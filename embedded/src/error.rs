@@ -9,6 +9,8 @@ use std::{fmt, io, net::SocketAddr};
 pub enum Component {
     /// Creating the data directory.
     DataDir,
+    /// Reading or writing the cluster key file.
+    ClusterKey,
     Presence,
     Profile,
     /// Shard `n`, counted from 1 in the order of `EmbeddedConfig::shards`.
@@ -25,6 +27,7 @@ impl fmt::Display for Component {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Component::DataDir => write!(f, "the data directory"),
+            Component::ClusterKey => write!(f, "the cluster key"),
             Component::Presence => write!(f, "presence"),
             Component::Profile => write!(f, "profile"),
             Component::Shard(n) => write!(f, "shard {n}"),

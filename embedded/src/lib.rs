@@ -21,6 +21,9 @@ pub use config::{
 pub use error::{Component, EmbeddedError};
 
 use proto::cluster::ClusterMap;
+
+/// The cluster key file's name in the data directory.
+pub const CLUSTER_KEY_FILE: &str = "cluster.key";
 use std::path::PathBuf;
 
 pub struct Embedded {
@@ -104,6 +107,20 @@ impl Started {
 }
 
 /// Start the components one by one into `started`; the map in use.
+/// The cluster's key file in the data directory: this process's key is
+/// written there if there is none (so that `imctl` commands and separate
+/// daemons can join), or the one there is installed.
+fn cluster_key(config: &EmbeddedConfig) -> Result<(), EmbeddedError> {
+    use daemon::secure::{install_key, key, load_key_file, write_key_file};
+    let path = config.data.join(CLUSTER_KEY_FILE);
+    let failed = |e: daemon::secure::KeyError| EmbeddedError::new(Component::ClusterKey, e);
+    if path.exists() {
+        install_key(load_key_file(&path).map_err(failed)?).map_err(failed)
+    } else {
+        write_key_file(&path, key()).map_err(failed)
+    }
+}
+
 async fn start_all(
     config: &EmbeddedConfig,
     started: &mut Started,
@@ -114,6 +131,7 @@ async fn start_all(
             format_args!("{}: {e}", config.data.display()),
         )
     })?;
+    cluster_key(config)?;
     let presence = started.presence.insert(parts::presence(config)?);
     let presence = presence.local_addr();
     let profile = started.profile.insert(parts::profile(config).await?);

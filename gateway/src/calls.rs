@@ -270,6 +270,10 @@ pub(crate) async fn fetch_records(
 /// tool) is skipped and counted, never a crash; `last_seq` moves the
 /// client past it. `mailbox`: a user or group id, for the log.
 pub(crate) fn page(mailbox: u64, records: Vec<StoredRecord>) -> (Vec<Delivery>, u64) {
+    /// One warning per interval at most: a damaged mailbox is read again
+    /// at every fetch (`gateway_undecodable_records_total` counts them all).
+    static UNDECODABLE_RECORD_WARNINGS: daemon::SharedLogLimiter =
+        daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
     let last_seq = records.last().map_or(0, |r| r.seq);
     let mut messages = Vec::with_capacity(records.len());
     for r in records {
@@ -283,7 +287,9 @@ pub(crate) fn page(mailbox: u64, records: Vec<StoredRecord>) -> (Vec<Delivery>, 
             }),
             Err(e) => {
                 metrics::counter!("gateway_undecodable_records_total").increment(1);
-                tracing::warn!(mailbox, seq = r.seq, error = %e, "undecodable stored message skipped")
+                if let Some(held_back) = UNDECODABLE_RECORD_WARNINGS.check() {
+                    tracing::warn!(mailbox, seq = r.seq, error = %e, held_back, "undecodable stored message skipped");
+                }
             }
         }
     }

@@ -114,6 +114,7 @@ fn endpoint_config(config: &GatewayConfig, reset_key: [u8; 32]) -> ServerConfig 
 }
 
 pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
+    crate::metrics::register();
     let keys::GatewayKeys {
         keypair,
         token: token_key,
@@ -135,7 +136,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         ..presence::ClientConfig::default()
     };
     let (presence, presence_events) =
-        presence::PresenceClient::connect(map.presence.clone(), config.id, presence_config)
+        presence::PresenceReplicas::connect(&map.presence_replicas(), config.id, presence_config)
             .await
             .map_err(|e| StartError::Presence {
                 addr: map.presence.clone(),

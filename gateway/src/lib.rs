@@ -29,6 +29,7 @@ pub mod keys;
 pub mod login;
 pub mod map_push;
 pub mod map_update;
+pub mod metrics;
 pub mod peers;
 pub mod resume;
 pub mod router;

@@ -9,10 +9,7 @@ use proto::{
     peer::{MapAnswer, PeerRequest, PeerRequestBody, PeerResponse, PeerResponseBody},
 };
 use std::time::Duration;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::AsyncReadExt;
 
 /// A push (connect, send, answer) gives up after this long.
 pub const MAP_PUSH_TIMEOUT_MS: u64 = 5000;
@@ -82,8 +79,11 @@ async fn exchange(addr: &str, request: &[u8]) -> Result<MapAnswer, MapPushError>
         addr: addr.to_string(),
         reason,
     };
-    let mut stream = TcpStream::connect(addr).await.map_err(io)?;
-    stream.write_all(request).await.map_err(io)?;
+    let (mut rd, mut wr) = daemon::secure::connect(addr)
+        .await
+        .map_err(io)?
+        .into_split();
+    wr.send(request).await.map_err(io)?;
     let mut buf = BytesMut::with_capacity(256);
     loop {
         match frame::decode::<PeerResponse>(&mut buf, crate::peers::PEER_FRAME_BYTES_MAX) {
@@ -97,7 +97,7 @@ async fn exchange(addr: &str, request: &[u8]) -> Result<MapAnswer, MapPushError>
             Ok(Decoded::Incomplete) => {}
             Err(e) => return Err(protocol(e.to_string())),
         }
-        if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
+        if rd.read_buf(&mut buf).await.map_err(io)? == 0 {
             return Err(protocol("the gateway closed the link".into()));
         }
     }
@@ -139,12 +139,17 @@ mod tests {
         held.abort();
 
         let garbling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut garbling = daemon::secure::SecureListener::new(
+            garbling,
+            "test",
+            daemon::secure::GateLimits::default(),
+        );
         let addr = garbling.local_addr().unwrap().to_string();
         tokio::spawn(async move {
-            let (mut s, _) = garbling.accept().await.unwrap();
+            let (mut rd, mut wr) = garbling.accept().await.into_split();
             let mut buf = [0u8; 64];
-            let _ = s.read(&mut buf).await;
-            s.write_all(&[3, 0, 0, 0, 1, 0, 2]).await.unwrap(); // a Forwarded answer
+            let _ = rd.read(&mut buf).await;
+            wr.send(&[3, 0, 0, 0, 1, 0, 2]).await.unwrap(); // a Forwarded answer
         });
         let answer = push_map(&addr, &map()).await;
         assert!(

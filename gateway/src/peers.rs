@@ -23,7 +23,8 @@
 
 use crate::{driver::Cmd, services::Services};
 use bytes::BytesMut;
-use presence::PresenceClient;
+use daemon::secure::{GateLimits, Link, LinkWriter, SecureListener};
+use presence::PresenceReplicas;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     peer::{
@@ -33,8 +34,8 @@ use proto::{
 };
 use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
-    net::{tcp::OwnedWriteHalf, TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt},
+    net::TcpListener,
     sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
@@ -60,7 +61,7 @@ impl PeerLinks {
     /// Presence is asked for the gateway's address only to open a link.
     pub async fn forward(
         &self,
-        presence: &PresenceClient,
+        presence: &PresenceReplicas,
         gateway: u32,
         forward: Forward,
     ) -> Option<PeerOutcome> {
@@ -75,7 +76,7 @@ impl PeerLinks {
     /// members there got it, or `None` as for [`PeerLinks::forward`].
     pub async fn group_forward(
         &self,
-        presence: &PresenceClient,
+        presence: &PresenceReplicas,
         gateway: u32,
         forward: GroupForward,
     ) -> Option<u32> {
@@ -88,7 +89,7 @@ impl PeerLinks {
 
     async fn request(
         &self,
-        presence: &PresenceClient,
+        presence: &PresenceReplicas,
         gateway: u32,
         body: PeerRequestBody,
     ) -> Option<PeerResponseBody> {
@@ -98,7 +99,7 @@ impl PeerLinks {
         rx.await.ok()
     }
 
-    async fn link(&self, presence: &PresenceClient, gateway: u32) -> Option<LinkSender> {
+    async fn link(&self, presence: &PresenceReplicas, gateway: u32) -> Option<LinkSender> {
         let mut links = self.links.lock().await;
         if let Some(l) = links.get(&gateway).filter(|l| !l.is_closed()) {
             return Some(l.clone());
@@ -110,14 +111,13 @@ impl PeerLinks {
             .into_iter()
             .find(|g| g.gateway == gateway && !g.peer_addr.is_empty())?
             .peer_addr;
-        let stream = match TcpStream::connect(addr.as_str()).await {
+        let stream = match daemon::secure::connect(addr.as_str()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(gateway, addr, error = %e, "cannot reach peer gateway");
                 return None;
             }
         };
-        let _ = stream.set_nodelay(true);
         let (tx, rx) = mpsc::channel(PEER_IN_FLIGHT_MAX);
         tokio::spawn(run_link(stream, rx));
         links.insert(gateway, tx.clone());
@@ -127,7 +127,7 @@ impl PeerLinks {
 
 /// One outgoing link: write requests, match answers by id. Ends (failing
 /// every waiter) when the connection breaks.
-async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(PeerRequestBody, Waiter)>) {
+async fn run_link(stream: Link, mut requests: mpsc::Receiver<(PeerRequestBody, Waiter)>) {
     let (mut rd, mut wr) = stream.into_split();
     let mut waiting: HashMap<u64, Waiter> = HashMap::new();
     let mut next_id = 0u64;
@@ -144,7 +144,7 @@ async fn run_link(stream: TcpStream, mut requests: mpsc::Receiver<(PeerRequestBo
                     continue; // dropping the waiter fails the forward
                 }
                 waiting.insert(next_id, waiter);
-                if wr.write_all(&out).await.is_err() {
+                if wr.send(&out).await.is_err() {
                     return;
                 }
             }
@@ -170,14 +170,14 @@ pub async fn serve(
     cmds: mpsc::UnboundedSender<Cmd>,
     services: Arc<Services>,
 ) {
-    describe_metrics();
     let max = services.config.limits.peer_connections_max;
     let idle = Duration::from_secs(services.config.timers.peer_idle_timeout_s.into());
     let slots = Arc::new(Semaphore::new(max));
     let mut refusals = daemon::LogLimiter::new(daemon::accept::WARN_INTERVAL);
-    let mut acceptor = daemon::Acceptor::new(listener, "gateway_peer");
+    let mut acceptor = SecureListener::new(listener, "gateway_peer", GateLimits::default());
     loop {
-        let (stream, from) = acceptor.accept().await;
+        let stream = acceptor.accept().await;
+        let from = stream.peer;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!("gateway_peer_connections_refused_total").increment(1);
             if let Some(held_back) = refusals.check() {
@@ -186,7 +186,6 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
         tracing::debug!(%from, "peer gateway connected");
         let open = OpenLink::new(slot);
         let (cmds, services) = (cmds.clone(), services.clone());
@@ -214,22 +213,11 @@ impl Drop for OpenLink {
     }
 }
 
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_gauge!("gateway_peer_connections", "Open links on the peer port");
-    describe_counter!(
-        "gateway_peer_connections_refused_total",
-        "Peer-port connections closed at once because limits.peer_connections_max links were open"
-    );
-    describe_counter!(
-        "gateway_peer_idle_closed_total",
-        "Peer-port links closed after timers.peer_idle_timeout_s without a complete frame"
-    );
-    describe_counter!(
-        "gateway_bad_peer_frames_total",
-        "Peer-port links closed for an oversized or malformed frame"
-    );
-}
+/// "bad frame from a peer gateway" warnings: at most one per interval, with
+/// how many were held back (`gateway_bad_peer_frames_total` counts them
+/// all).
+static BAD_PEER_FRAME_WARNINGS: daemon::SharedLogLimiter =
+    daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
 
 /// What reading a link brought.
 #[derive(Debug)]
@@ -264,7 +252,7 @@ async fn next_request(
 }
 
 async fn serve_link(
-    stream: TcpStream,
+    stream: Link,
     cmds: mpsc::UnboundedSender<Cmd>,
     services: Arc<Services>,
     idle: Duration,
@@ -285,7 +273,9 @@ async fn serve_link(
             }
             LinkRead::Bad(e) => {
                 metrics::counter!("gateway_bad_peer_frames_total").increment(1);
-                tracing::warn!(error = %e, "bad frame from a peer gateway; closing the link");
+                if let Some(held_back) = BAD_PEER_FRAME_WARNINGS.check() {
+                    tracing::warn!(error = %e, held_back, "bad frame from a peer gateway; closing the link");
+                }
                 return;
             }
         };
@@ -338,7 +328,7 @@ async fn answer_one(
     id: u64,
     answer: Answer,
     services: Arc<Services>,
-    wr: Arc<Mutex<OwnedWriteHalf>>,
+    wr: Arc<Mutex<LinkWriter>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let body = match answer {
@@ -352,13 +342,14 @@ async fn answer_one(
     };
     let mut out = Vec::new();
     if frame::encode(&PeerResponse { id, body }, PEER_FRAME_BYTES_MAX, &mut out).is_ok() {
-        let _ = wr.lock().await.write_all(&out).await;
+        let _ = wr.lock().await.send(&out).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     fn request_frame(id: u64) -> Vec<u8> {
         let forward = Forward {

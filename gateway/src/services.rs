@@ -5,13 +5,13 @@ use crate::{
     config::GatewayConfig, map_update::MapKeeper, peers::PeerLinks, resume::TokenKeys,
     shards::Shards,
 };
-use presence::client::PresenceClient;
+use presence::PresenceReplicas;
 use profile::client::ProfileClient;
 
 pub struct Services {
     pub config: GatewayConfig,
     pub gateway_id: u32,
-    pub presence: PresenceClient,
+    pub presence: PresenceReplicas,
     pub profile: ProfileClient,
     pub shards: Shards,
     /// Takes cluster maps pushed over the peer link.

@@ -1,24 +1,60 @@
 //! The gateway's peer port under too many connections and idle links (the
 //! issue "The UDP edge under attack, loss and gateway failure", item 6):
-//! beyond `limits.peer_connections_max` a connection is closed at once
-//! while the open links keep being served; a link silent for
-//! `timers.peer_idle_timeout_s` is closed.
+//! beyond `limits.peer_connections_max` an (authenticated) link is closed
+//! at once while the open links keep being served; a link silent for
+//! `timers.peer_idle_timeout_s` is closed; connections that never prove the
+//! cluster key take no link slot and lock no peer out.
+//!
+//! Every link here is authenticated with the test process's cluster key,
+//! which the gateway process and the in-process services share.
 
 mod support;
 
 use bytes::BytesMut;
+use daemon::secure::{self, Link};
 use proto::{
     frame::{self, Decoded},
     peer::{Forward, PeerOutcome, PeerRequest, PeerRequestBody, PeerResponse, PeerResponseBody},
 };
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use support::{Cluster, WAIT};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    io::AsyncReadExt,
+    net::{TcpSocket, TcpStream},
 };
 
+/// An authenticated link to the peer port `addr`.
+async fn link(addr: &str) -> Link {
+    tokio::time::timeout(WAIT, secure::connect(addr))
+        .await
+        .expect("no hang")
+        .expect("an authenticated link")
+}
+
+/// An authenticated link to `addr` from the local address `source`.
+async fn link_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<Link> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(addr).await?;
+    secure::dial(stream, secure::key()).await
+}
+
+/// `n` TCP connections to `addr` from 127.0.0.1 that never start the
+/// handshake, kept open by the caller.
+async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut raw = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("no hang")
+            .expect("a raw connection");
+        raw.push(stream);
+    }
+    raw
+}
+
 /// Forward a message to user 999 (online nowhere) over `link`; the answer.
-async fn forward(link: &mut TcpStream, id: u64) -> PeerOutcome {
+async fn forward(link: &mut Link, id: u64) -> PeerOutcome {
     let request = PeerRequest {
         id,
         body: PeerRequestBody::Forward(Forward {
@@ -32,14 +68,17 @@ async fn forward(link: &mut TcpStream, id: u64) -> PeerOutcome {
     };
     let mut out = Vec::new();
     frame::encode(&request, gateway::peers::PEER_FRAME_BYTES_MAX, &mut out).unwrap();
-    link.write_all(&out).await.unwrap();
+    link.writer.send(&out).await.unwrap();
     let mut buf = BytesMut::new();
     let answer = async {
         loop {
             if let Decoded::Frame(r) = frame::decode::<PeerResponse>(&mut buf, 1 << 20).unwrap() {
                 return r;
             }
-            assert!(link.read_buf(&mut buf).await.unwrap() > 0, "link closed");
+            assert!(
+                link.reader.read_buf(&mut buf).await.unwrap() > 0,
+                "link closed"
+            );
         }
     };
     let response = tokio::time::timeout(WAIT, answer).await.expect("answered");
@@ -51,10 +90,10 @@ async fn forward(link: &mut TcpStream, id: u64) -> PeerOutcome {
 }
 
 /// Whether the gateway closed `link` (EOF or reset) within [`WAIT`].
-async fn closed_by_gateway(link: &mut TcpStream) -> bool {
+async fn closed_by_gateway(link: &mut Link) -> bool {
     let mut byte = [0u8; 1];
     matches!(
-        tokio::time::timeout(WAIT, link.read(&mut byte)).await,
+        tokio::time::timeout(WAIT, link.reader.read(&mut byte)).await,
         Ok(Ok(0) | Err(_))
     )
 }
@@ -79,14 +118,14 @@ async fn await_metric(c: &Cluster, name: &str, want: f64) {
 async fn beyond_peer_connections_max_a_link_is_closed_and_the_open_ones_are_served() {
     let c = Cluster::metered("[limits]\npeer_connections_max = 2\n").await;
     let peer = c.peer_addr(1).await;
-    let mut a = TcpStream::connect(&peer).await.unwrap();
-    let mut b = TcpStream::connect(&peer).await.unwrap();
+    let mut a = link(&peer).await;
+    let mut b = link(&peer).await;
     assert_eq!(forward(&mut a, 1).await, PeerOutcome::NotHere);
     assert_eq!(forward(&mut b, 1).await, PeerOutcome::NotHere);
     await_metric(&c, "gateway_peer_connections", 2.0).await;
 
     for _ in 0..3 {
-        let mut refused = TcpStream::connect(&peer).await.unwrap();
+        let mut refused = link(&peer).await;
         assert!(closed_by_gateway(&mut refused).await, "closed at once");
     }
     await_metric(&c, "gateway_peer_connections_refused_total", 3.0).await;
@@ -104,7 +143,7 @@ async fn beyond_peer_connections_max_a_link_is_closed_and_the_open_ones_are_serv
     // A link closed frees its slot.
     drop(b);
     await_metric(&c, "gateway_peer_connections", 1.0).await;
-    let mut d = TcpStream::connect(&peer).await.unwrap();
+    let mut d = link(&peer).await;
     assert_eq!(forward(&mut d, 1).await, PeerOutcome::NotHere);
     assert_eq!(
         c.metric("gateway_peer_connections_refused_total").await,
@@ -116,9 +155,9 @@ async fn beyond_peer_connections_max_a_link_is_closed_and_the_open_ones_are_serv
 async fn a_peer_link_without_a_frame_for_peer_idle_timeout_s_is_closed() {
     let c = Cluster::metered("[timers]\npeer_idle_timeout_s = 2\n").await;
     let peer = c.peer_addr(1).await;
-    let mut silent = TcpStream::connect(&peer).await.unwrap();
-    let mut half = TcpStream::connect(&peer).await.unwrap();
-    half.write_all(&[200, 0, 0, 0, 1]).await.unwrap();
+    let mut silent = link(&peer).await;
+    let mut half = link(&peer).await;
+    half.writer.send(&[200, 0, 0, 0, 1]).await.unwrap();
     assert!(
         closed_by_gateway(&mut silent).await,
         "a silent link is closed"
@@ -131,10 +170,54 @@ async fn a_peer_link_without_a_frame_for_peer_idle_timeout_s_is_closed() {
     await_metric(&c, "gateway_peer_connections", 0.0).await;
 
     // A link that keeps forwarding stays open across the timeout.
-    let mut busy = TcpStream::connect(&peer).await.unwrap();
+    let mut busy = link(&peer).await;
     for id in 1..=12 {
         assert_eq!(forward(&mut busy, id).await, PeerOutcome::NotHere);
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     assert_eq!(c.metric("gateway_peer_idle_closed_total").await, 2.0);
+}
+
+/// Connections that never prove the cluster key take no link slot: with
+/// `peer_connections_max = 1` and 2,000 of them open from 127.0.0.1, a peer
+/// from another address gets the one slot and is answered (and nothing was
+/// counted open or refused); one from 127.0.0.1 itself (the strangers' own
+/// address) gets in and is answered too while they stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_take_no_link_slot_and_lock_no_peer_out() {
+    let c = Cluster::metered("[limits]\npeer_connections_max = 1\n").await;
+    let peer: SocketAddr = c.peer_addr(1).await.parse().unwrap();
+    let raw = idle_raw_connections(peer, 2_000).await;
+
+    let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let mut a = tokio::time::timeout(WAIT, link_from(other, peer))
+        .await
+        .expect("no hang")
+        .expect("a peer from another address gets through");
+    assert_eq!(forward(&mut a, 1).await, PeerOutcome::NotHere);
+    assert_eq!(c.metric("gateway_peer_connections").await, 1.0);
+    assert_eq!(
+        c.metric("gateway_peer_connections_refused_total").await,
+        0.0,
+        "no stranger reached the link limit"
+    );
+    drop(a);
+    await_metric(&c, "gateway_peer_connections", 0.0).await;
+
+    // From the strangers' own address. Retried (until a generous deadline,
+    // no timing asserted): the gate may turn a peer away while their
+    // handshakes are pending.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut same = loop {
+        match secure::connect(peer).await {
+            Ok(link) => break link,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "a peer on 127.0.0.1 was locked out: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(forward(&mut same, 2).await, PeerOutcome::NotHere);
+    drop(raw);
 }

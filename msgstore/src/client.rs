@@ -9,6 +9,7 @@
 
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
+use daemon::secure::{LinkReader, LinkWriter};
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     shard::{
@@ -25,10 +26,7 @@ use std::{
 };
 use tokio::{
     io::AsyncReadExt,
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream, ToSocketAddrs,
-    },
+    net::ToSocketAddrs,
     sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore},
 };
 
@@ -144,9 +142,7 @@ impl ShardClient {
                 "inflight_requests_max must be at least 1".into(),
             ));
         }
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = daemon::secure::connect(addr).await?.into_split();
         let shared = Arc::new(Shared {
             waiters: Mutex::new(Waiters {
                 map: Some(HashMap::new()),
@@ -351,7 +347,7 @@ pub(crate) fn unexpected(wanted: &str, got: &ResponseBody) -> ClientError {
 }
 
 /// Write queued frames (gathered); on a write error, fail every waiter.
-async fn write_frames(wr: OwnedWriteHalf, frames: mpsc::Receiver<Vec<u8>>, shared: Arc<Shared>) {
+async fn write_frames(wr: LinkWriter, frames: mpsc::Receiver<Vec<u8>>, shared: Arc<Shared>) {
     if let Err(e) = daemon::link::write_frames(wr, frames, WRITE_BATCH_BYTES_MAX).await {
         tracing::debug!(error = %e, "shard client write failed");
         shared.disconnect();
@@ -359,7 +355,7 @@ async fn write_frames(wr: OwnedWriteHalf, frames: mpsc::Receiver<Vec<u8>>, share
 }
 
 /// Route responses to their callers until the link ends; then fail the rest.
-async fn read_responses(mut rd: OwnedReadHalf, shared: Arc<Shared>, body_bytes_max: usize) {
+async fn read_responses(mut rd: LinkReader, shared: Arc<Shared>, body_bytes_max: usize) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         loop {

@@ -162,6 +162,7 @@ impl Daemon {
 /// listener is bound.
 pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
     config.validate().map_err(DaemonError::Config)?;
+    crate::metrics::register(config.raft.is_some());
     let listener = std::net::TcpListener::bind(config.listen)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|error| DaemonError::Listen {

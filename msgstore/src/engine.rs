@@ -40,7 +40,7 @@ use state::{BucketMeta, UserState};
 // Keys are user ids and bucket numbers: a seeded fast hash, not SipHash.
 use foldhash::{HashMap, HashSet};
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -138,6 +138,18 @@ struct Undo {
     totals: Totals,
 }
 
+/// What a batch stored, counted (in [`ShardStats`] and the metrics) only
+/// once the batch is: `msgstore_appends_total` never counts an append
+/// whose log write failed (those are in
+/// `msgstore_appends_failed_total{reason="log_write"}`).
+#[derive(Debug, Default, Clone, Copy)]
+struct BatchCounts {
+    appends: u64,
+    acks: u64,
+    expired_records: u64,
+    imported_records: u64,
+}
+
 /// An answer computed in a batch, sent once the batch is durable.
 enum Done {
     Seq(Reply<u64>, Result<u64>),
@@ -197,6 +209,13 @@ pub(crate) struct Engine {
     last_checkpoint: Instant,
     wal_buf: Vec<u8>,
     undo: Undo,
+    /// What the open batch stored so far (see [`BatchCounts`]).
+    batch_counts: BatchCounts,
+    /// The same of each batch whose deferred log write is in flight.
+    deferred_counts: BTreeMap<u64, BatchCounts>,
+    /// The first batch whose deferred log write failed: it and every
+    /// later one are answered with the error.
+    failed_batch: Option<u64>,
     acked_in_batch: Vec<u64>,
     compact_candidates: HashSet<u32>,
     /// The checkpoint in progress, if any.
@@ -236,6 +255,9 @@ pub(crate) struct Engine {
 
 /// A batch's log bytes and where they go; see [`Engine::end_batch_deferred`].
 pub(crate) struct DeferredWrite {
+    /// The batch it logs.
+    #[cfg(test)]
+    batch: u64,
     write: wal::LogWrite,
     bytes: Vec<u8>,
     /// Reports the outcome to a checkpoint that waits for this write.
@@ -245,6 +267,11 @@ pub(crate) struct DeferredWrite {
 }
 
 impl DeferredWrite {
+    #[cfg(test)]
+    pub(crate) fn batch(&self) -> u64 {
+        self.batch
+    }
+
     /// Write and (the log being `O_DSYNC`) make durable. (Dropping the
     /// write unperformed counts as a failure.)
     pub(crate) fn perform(self) -> Result<(), String> {
@@ -357,6 +384,7 @@ impl Engine {
         self.undo.buckets.clear();
         self.undo.totals = self.totals;
         self.undo.active = true;
+        self.batch_counts = BatchCounts::default();
     }
 
     /// Close the batch: write its log entries and reach the policy's
@@ -367,6 +395,8 @@ impl Engine {
         match self.commit_batch() {
             Ok(()) => {
                 self.batch_committed();
+                let counts = std::mem::take(&mut self.batch_counts);
+                self.count_stored(counts);
                 Ok(())
             }
             Err(e) => {
@@ -401,9 +431,13 @@ impl Engine {
         let bytes = std::mem::replace(&mut self.wal_buf, self.log_buffers.take());
         self.batch_logged();
         self.batch_committed();
+        let counts = std::mem::take(&mut self.batch_counts);
+        self.deferred_counts.insert(self.batch, counts);
         self.log_inflight += 1;
         let ticket = self.log_durability.issue();
         Ok(Some(DeferredWrite {
+            #[cfg(test)]
+            batch: self.batch,
             write,
             bytes,
             ticket,
@@ -423,17 +457,56 @@ impl Engine {
         metrics::counter!("msgstore_batches_total").increment(1);
     }
 
-    /// A deferred write finished. A failure poisons the engine: batches
-    /// closed after it were applied on top of it and cannot be taken back,
-    /// so the owner must answer them with the error and reopen the shard.
-    pub(crate) fn log_write_done(&mut self, result: &Result<(), String>) {
+    /// The deferred write of `batch` finished. A failure poisons the
+    /// engine: batches closed after it were applied on top of it and cannot
+    /// be taken back, so the owner must answer them with the error and
+    /// reopen the shard.
+    pub(crate) fn log_write_done(&mut self, batch: u64, result: &Result<(), String>) {
         self.log_inflight -= 1;
         match result {
             Ok(()) => {
                 self.counters.syncs_total += 1;
                 metrics::counter!("msgstore_syncs_total").increment(1);
             }
-            Err(e) => self.poison(e),
+            Err(e) => {
+                self.poison(e);
+                let first = self.failed_batch.map_or(batch, |f| f.min(batch));
+                self.failed_batch = Some(first);
+                // This batch and every later one are answered with the error.
+                for (_, counts) in self.deferred_counts.split_off(&first) {
+                    Self::count_lost(counts);
+                }
+            }
+        }
+        if let Some(counts) = self.deferred_counts.remove(&batch) {
+            self.count_stored(counts);
+        }
+    }
+
+    /// A batch's changes are stored: count them.
+    fn count_stored(&mut self, c: BatchCounts) {
+        self.counters.appends_total += c.appends;
+        self.counters.acks_total += c.acks;
+        for (name, n) in [
+            ("msgstore_appends_total", c.appends),
+            ("msgstore_acks_total", c.acks),
+            ("msgstore_expired_records_total", c.expired_records),
+            ("msgstore_imported_records_total", c.imported_records),
+        ] {
+            if n > 0 {
+                metrics::counter!(name).increment(n);
+            }
+        }
+    }
+
+    /// A batch's log write failed: its appends were not stored.
+    fn count_lost(c: BatchCounts) {
+        if c.appends > 0 {
+            metrics::counter!(
+                "msgstore_appends_failed_total",
+                "reason" => crate::metrics::APPEND_FAILED_LOG_WRITE
+            )
+            .increment(c.appends);
         }
     }
 
@@ -504,6 +577,7 @@ impl Engine {
     }
 
     fn rollback(&mut self) {
+        Self::count_lost(std::mem::take(&mut self.batch_counts));
         self.undo.active = false;
         // Newest first: a user saved twice ends at its first saved value.
         for (user, prev, len) in self.undo.users.drain(..).rev() {
@@ -677,6 +751,44 @@ mod tests {
         e.end_batch_deferred().unwrap().expect("a log write")
     }
 
+    /// An append counts (`appends_total`, `msgstore_appends_total`) once
+    /// its batch is durable, never when its log write failed: neither the
+    /// failed batch nor one closed after it (answered with the error too).
+    #[test]
+    fn appends_count_once_stored_and_never_when_their_log_write_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Always,
+            bucket_dirs: 1,
+            bucket_files: 1,
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        let first = append_deferred(&mut e, 1, 100);
+        assert_eq!(e.counters.appends_total, 0, "not durable yet");
+        e.log_write_done(first.batch(), &first.perform());
+        assert_eq!(e.counters.appends_total, 1);
+        let failed = append_deferred(&mut e, 1, 100);
+        let later = append_deferred(&mut e, 2, 100);
+        let (failed_batch, later_batch) = (failed.batch(), later.batch());
+        drop(failed);
+        e.log_write_done(failed_batch, &Err("No space left on device".into()));
+        e.log_write_done(later_batch, &later.perform());
+        assert_eq!(
+            e.counters.appends_total, 1,
+            "the failed batch and the one after it"
+        );
+        e.begin_batch();
+        let refused = e.append(AppendRequest {
+            user: 3,
+            msg_id: 1,
+            payload: vec![1],
+        });
+        assert!(matches!(refused, Err(Error::Poisoned(_))), "{refused:?}");
+        e.end_batch().unwrap();
+        assert_eq!(e.counters.appends_total, 1, "a refused append");
+    }
+
     /// A batch that starts a new log segment is handed out only once every
     /// write into the old segment is durable: otherwise a kill could leave
     /// the later batch in the new segment and the earlier one missing from
@@ -695,9 +807,10 @@ mod tests {
         };
         let mut e = Engine::open(dir.path(), config.clone()).unwrap();
         let first = append_deferred(&mut e, 1, 40 * 1024);
-        e.log_write_done(&first.perform());
+        e.log_write_done(first.batch(), &first.perform());
         // Still fits in the first segment; left in flight.
         let in_flight = append_deferred(&mut e, 1, 100);
+        let in_flight_batch = in_flight.batch();
         let segment = e.wal.position().segment;
         let performed = Arc::new(AtomicBool::new(false));
         let writer = {
@@ -719,8 +832,8 @@ mod tests {
             "a write into the next segment was handed out while one into the old was in flight"
         );
         assert_eq!(e.wal.position().segment, segment + 1);
-        e.log_write_done(&writer.join().unwrap());
-        e.log_write_done(&next.perform());
+        e.log_write_done(in_flight_batch, &writer.join().unwrap());
+        e.log_write_done(next.batch(), &next.perform());
         drop(e); // a kill: no checkpoint
         let mut e = Engine::open(dir.path(), config).unwrap();
         let seqs: Vec<u64> = e

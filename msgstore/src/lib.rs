@@ -19,6 +19,7 @@ pub(crate) mod engine;
 pub mod error;
 mod handle;
 mod log_writer;
+pub mod metrics;
 mod migration_client;
 pub mod raft;
 pub mod rebalance;

@@ -47,6 +47,7 @@ use crate::{
     Error,
 };
 use bytes::BytesMut;
+use daemon::secure::{GateLimits, Link, LinkReader, LinkWriter};
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     shard::{
@@ -64,10 +65,7 @@ use std::{
 };
 use tokio::{
     io::AsyncReadExt,
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpListener, TcpStream,
-    },
+    net::TcpListener,
     sync::{mpsc, watch, Notify},
 };
 
@@ -91,6 +89,12 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// pipelined, the outboxes of 50 connections were 40 MiB of cold memory,
 /// and encoding pages into them was a fifth of the server thread.)
 const OUTBOX_FLUSH_BYTES: usize = 64 * 1024;
+
+/// "bad frame" warnings (one per connection closed for one): at most one
+/// per interval, with how many were held back (`msgstore_bad_frames_total`
+/// counts them all).
+pub(crate) static BAD_FRAME_WARNINGS: daemon::SharedLogLimiter =
+    daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
 
 /// Limits of the TCP server; the `[server]` table of the daemon's config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,15 +171,15 @@ pub(crate) async fn run(
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> crate::Result<()> {
-    describe_metrics();
     let (log, done) = LogWriter::start(config.log_writes_inflight_max)?;
     let core = Rc::new(Core::new(engine, config, log));
     let committer = tokio::task::spawn_local(commit_loop(core.clone()));
     let completions = tokio::task::spawn_local(completion_loop(core.clone(), done));
-    let mut acceptor = daemon::Acceptor::new(listener, "msgstore");
+    let mut acceptor =
+        daemon::secure::SecureListener::new(listener, "msgstore", GateLimits::default());
     loop {
         tokio::select! {
-            (stream, peer) = acceptor.accept() => admit(&core, stream, peer),
+            link = acceptor.accept() => admit(&core, link),
             _ = wait_for_shutdown(&mut shutdown) => break,
             _ = core.fatal_notify.notified() => break,
         }
@@ -273,28 +277,33 @@ enum Durability {
 
 /// One connection's answers on their way to the socket.
 struct Outbox {
-    wr: OwnedWriteHalf,
+    /// The link's sending half; `None` while the writer task holds it.
+    wr: RefCell<Option<LinkWriter>>,
     /// The writer task holds bytes it has not finished writing: nothing
     /// else may write to the socket.
     writing: Cell<bool>,
-    /// Encoded answers not written yet.
+    /// Encoded answers not sealed yet.
     buf: RefCell<Vec<u8>>,
-    /// Requests read and not written back yet (staged or in `buf`).
+    /// Requests read and not written back yet (staged, in `buf`, or sealed
+    /// and not flushed).
     unanswered: Cell<usize>,
     /// How many answers `buf` holds.
     buffered: Cell<usize>,
+    /// How many answers are sealed in the link and not flushed yet.
+    sealed: Cell<usize>,
     ready: Notify,
     drained: Notify,
 }
 
 impl Outbox {
-    fn new(wr: OwnedWriteHalf) -> Outbox {
+    fn new(wr: LinkWriter) -> Outbox {
         Outbox {
-            wr,
+            wr: RefCell::new(Some(wr)),
             writing: Cell::new(false),
             buf: RefCell::default(),
             unanswered: Cell::new(0),
             buffered: Cell::new(0),
+            sealed: Cell::new(0),
             ready: Notify::new(),
             drained: Notify::new(),
         }
@@ -302,21 +311,26 @@ impl Outbox {
 
     /// Write the buffered answers now, without waiting, if the buffer has
     /// grown past [`OUTBOX_FLUSH_BYTES`] and the writer task holds nothing
-    /// (so bytes stay in order). What the socket does not take stays for
-    /// the writer task; errors are left to it too.
+    /// (so bytes stay in order). What the socket does not take stays
+    /// sealed in the link for the writer task; errors are left to it too.
     fn flush_if_large(&self) {
         let mut buf = self.buf.borrow_mut();
         if self.writing.get() || buf.len() < OUTBOX_FLUSH_BYTES {
             return;
         }
-        match self.wr.try_write(&buf) {
-            Ok(n) if n == buf.len() => {
-                buf.clear();
-                let written = self.buffered.replace(0);
-                self.unanswered.set(self.unanswered.get() - written);
-            }
-            Ok(n) => drop(buf.drain(..n)),
-            Err(_) => {}
+        let mut slot = self.wr.borrow_mut();
+        let Some(wr) = slot.as_mut() else { return };
+        if wr.seal(&buf).is_err() {
+            return;
+        }
+        buf.clear();
+        self.sealed
+            .set(self.sealed.get() + self.buffered.replace(0));
+        if let Ok(true) = wr.try_flush() {
+            self.unanswered
+                .set(self.unanswered.get() - self.sealed.replace(0));
+        } else {
+            self.ready.notify_one();
         }
     }
 }
@@ -399,7 +413,7 @@ impl Core {
     /// A log write finished: mark its batch (and, on failure, every later
     /// one), answer what is durable, keep the log busy.
     fn write_finished(&self, batch: u64, result: Result<(), String>) {
-        self.engine.borrow_mut().log_write_done(&result);
+        self.engine.borrow_mut().log_write_done(batch, &result);
         let mut seen = false;
         for c in self.closed.borrow_mut().iter_mut() {
             seen |= c.batch == batch;
@@ -543,19 +557,19 @@ async fn completion_loop(core: Rc<Core>, mut done: mpsc::UnboundedReceiver<Compl
     }
 }
 
-fn admit(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
+fn admit(core: &Rc<Core>, link: Link) {
+    let peer = link.peer;
     if core.connections.get() >= core.config.connections_max || core.stopping.get() {
         metrics::counter!("msgstore_connections_rejected_total").increment(1);
         tracing::warn!(%peer, max = core.config.connections_max, "connection limit reached; closing");
-        drop(stream);
+        drop(link);
         return;
     }
-    let _ = stream.set_nodelay(true);
     core.connections.set(core.connections.get() + 1);
     metrics::gauge!("msgstore_connections").increment(1.0);
     let core = core.clone();
     tokio::task::spawn_local(async move {
-        serve(&core, stream, peer).await;
+        serve(&core, link).await;
         core.connections.set(core.connections.get() - 1);
         metrics::gauge!("msgstore_connections").decrement(1.0);
         core.connection_closed.notify_waiters();
@@ -571,8 +585,9 @@ enum ReadEnd {
     Abort,
 }
 
-async fn serve(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
-    let (rd, wr) = stream.into_split();
+async fn serve(core: &Rc<Core>, link: Link) {
+    let peer = link.peer;
+    let (rd, wr) = link.into_split();
     let outbox = Rc::new(Outbox::new(wr));
     let writer = tokio::task::spawn_local(write_answers(outbox.clone(), peer));
     match read_requests(core, rd, &outbox, peer).await {
@@ -588,7 +603,7 @@ async fn serve(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
 
 async fn read_requests(
     core: &Rc<Core>,
-    mut rd: OwnedReadHalf,
+    mut rd: LinkReader,
     outbox: &Rc<Outbox>,
     peer: SocketAddr,
 ) -> ReadEnd {
@@ -606,7 +621,9 @@ async fn read_requests(
                 Ok(Decoded::Incomplete) => break,
                 Err(e) => {
                     metrics::counter!("msgstore_bad_frames_total").increment(1);
-                    tracing::warn!(%peer, reason = %e, "bad frame; closing connection");
+                    if let Some(held_back) = BAD_FRAME_WARNINGS.check() {
+                        tracing::warn!(%peer, reason = %e, held_back, "bad frame; closing connection");
+                    }
                     return ReadEnd::Abort;
                 }
             };
@@ -677,12 +694,21 @@ async fn write_answers(outbox: Rc<Outbox>, peer: SocketAddr) {
     loop {
         outbox.ready.notified().await;
         std::mem::swap(&mut out, &mut *outbox.buf.borrow_mut());
-        let count = outbox.buffered.replace(0);
-        if out.is_empty() {
+        let count = outbox.buffered.replace(0) + outbox.sealed.replace(0);
+        if count == 0 && out.is_empty() {
             continue;
         }
         outbox.writing.set(true);
-        let written = write_all(&outbox.wr, &out).await;
+        let mut wr = outbox
+            .wr
+            .borrow_mut()
+            .take()
+            .expect("only the writer task takes the link");
+        let written = match wr.seal(&out) {
+            Ok(()) => wr.flush().await,
+            Err(e) => Err(e),
+        };
+        *outbox.wr.borrow_mut() = Some(wr);
         outbox.writing.set(false);
         if let Err(e) = written {
             tracing::debug!(%peer, error = %e, "write failed");
@@ -696,67 +722,6 @@ async fn write_answers(outbox: Rc<Outbox>, peer: SocketAddr) {
     }
 }
 
-/// Write all of `bytes`, waiting whenever the socket is full.
-async fn write_all(wr: &OwnedWriteHalf, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        match wr.try_write(bytes) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wr.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("msgstore_requests_total", "Requests received, by op");
-    describe_counter!(
-        "msgstore_bad_frames_total",
-        "Connections closed for an oversized or malformed frame"
-    );
-    describe_counter!(
-        "msgstore_connections_rejected_total",
-        "Connections closed at once because connections_max was reached"
-    );
-    describe_gauge!("msgstore_connections", "Open client connections");
-    describe_gauge!(
-        "msgstore_stalled",
-        "1 while checkpoints are behind and no new requests are read"
-    );
-    describe_counter!(
-        "msgstore_stalls_total",
-        "Times reading stopped because a checkpoint ran with more than checkpoint_stall_wal_bytes of log behind it"
-    );
-    describe_counter!(
-        "msgstore_index_reads_total",
-        "User states read from the index: users new to the shard, or whose state was not in memory (see clean_states_max)"
-    );
-    describe_counter!(
-        "msgstore_map_failures_total",
-        "Bucket maps the kernel refused (ENOMEM); least recently used maps were dropped"
-    );
-    describe_histogram!(
-        "msgstore_commit_seconds",
-        Unit::Seconds,
-        "Time to make one batch of requests durable (the log write and sync)"
-    );
-    describe_histogram!(
-        "msgstore_checkpoint_seconds",
-        Unit::Seconds,
-        "Time from a checkpoint's start to its merge (its helper thread's work)"
-    );
-    describe_histogram!(
-        "msgstore_checkpoint_merge_seconds",
-        Unit::Seconds,
-        "Time the server thread paused to take a finished checkpoint in"
-    );
-    describe_histogram!(
-        "msgstore_commit_requests",
-        "Requests answered by one batch (group commit size)"
-    );
-}
 async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
     // An error means the sender is gone: treat it as a shutdown request.
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -801,13 +766,10 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    /// An outbox on one end of a loopback connection, and the other end.
-    async fn outbox_pair() -> (Outbox, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (_rd, wr) = accepted.unwrap().0.into_split();
-        (Outbox::new(wr), client.unwrap())
+    /// An outbox on one end of a loopback link, and the other end.
+    async fn outbox_pair() -> (Outbox, daemon::secure::LinkReader) {
+        let (ours, theirs) = daemon::secure::loopback_pair().await;
+        (Outbox::new(ours.writer), theirs.reader)
     }
 
     fn fill(outbox: &Outbox, bytes: usize, answers: usize) {
@@ -849,9 +811,10 @@ mod tests {
         let total = 64 * 1024 * 1024;
         fill(&outbox, total, 3);
         outbox.flush_if_large();
-        let left = outbox.buf.borrow().len();
+        assert!(outbox.buf.borrow().is_empty(), "sealed into the link");
+        let left = outbox.wr.borrow().as_ref().unwrap().unsent_bytes();
         assert!(left > 0 && left < total, "partly written: {left} left");
-        assert_eq!(outbox.buffered.get(), 3, "the answers are not done yet");
+        assert_eq!(outbox.sealed.get(), 3, "the answers are not done yet");
         assert_eq!(outbox.unanswered.get(), 3);
     }
 }

@@ -71,6 +71,9 @@ fn daemon_command(data: &Path, config: &Path) -> Command {
         .arg(data)
         .args(["--listen", "127.0.0.1:0", "--fsync", "always"])
         .env("RUST_LOG", "warn");
+    // `spawn_daemon` starts it directly: without the key it would exit
+    // before recovering anything.
+    daemon::testing::with_cluster_key(&mut cmd);
     cmd
 }
 

@@ -1,17 +1,24 @@
-//! End-to-end tests of the `msgstore` binary over real sockets.
+//! End-to-end tests of the `msgstore` binary over real sockets
+//! (authenticated links: every daemon gets the test process's cluster key).
 
-use daemon::testing::DaemonProcess as Daemon;
+use daemon::{
+    secure::{self, Link},
+    testing::DaemonProcess as Daemon,
+};
 
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{AppendItem, ShardErrorCode, APPEND_BATCH_ITEMS_MAX};
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpSocket, TcpStream},
+};
 
 /// Guard against a hung test; never a performance assertion.
 const HANG_LIMIT: Duration = Duration::from_secs(60);
@@ -34,6 +41,9 @@ fn daemon_command_with(data: &Path, fsync: &str) -> Command {
         .arg(data)
         .args(["--listen", "127.0.0.1:0", "--fsync", fsync])
         .env("RUST_LOG", "warn");
+    // Also for the runs that are not started through `Daemon::start`: a
+    // daemon without a key would fail for that reason instead.
+    daemon::testing::with_cluster_key(&mut cmd);
     cmd
 }
 
@@ -44,6 +54,36 @@ fn with_config(cmd: &mut Command, dir: &Path, toml: &str) -> PathBuf {
     std::fs::write(&config, toml).unwrap();
     cmd.arg("--config").arg(&config);
     config
+}
+
+/// An authenticated link to the daemon, for hand-written frames.
+async fn link(addr: SocketAddr) -> Link {
+    tokio::time::timeout(HANG_LIMIT, secure::connect(addr))
+        .await
+        .expect("no hang")
+        .expect("an authenticated link")
+}
+
+/// An authenticated link to `addr` from the local address `source`.
+async fn link_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<Link> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(addr).await?;
+    secure::dial(stream, secure::key()).await
+}
+
+/// `n` TCP connections to `addr` from 127.0.0.1 that never start the
+/// handshake, kept open by the caller.
+async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut raw = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = tokio::time::timeout(HANG_LIMIT, TcpStream::connect(addr))
+            .await
+            .expect("no hang")
+            .expect("a raw connection");
+        raw.push(stream);
+    }
+    raw
 }
 
 async fn connect(addr: SocketAddr) -> ShardClient {
@@ -185,12 +225,15 @@ async fn batches_and_limits() {
     );
 }
 
-/// Send raw bytes and read until the server closes the connection.
+/// Send raw bytes inside an authenticated link (so the frame decoder sees
+/// them) and read until the server closes the link.
 async fn expect_closed_after(addr: SocketAddr, bytes: &[u8]) {
-    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    raw.write_all(bytes).await.unwrap();
+    let mut raw = link(addr).await;
+    if !bytes.is_empty() {
+        raw.writer.send(bytes).await.unwrap();
+    }
     let mut sink = Vec::new();
-    let read = tokio::time::timeout(HANG_LIMIT, raw.read_to_end(&mut sink))
+    let read = tokio::time::timeout(HANG_LIMIT, raw.reader.read_to_end(&mut sink))
         .await
         .expect("server closes the connection");
     // EOF or a reset both mean closed; no response may have been sent.
@@ -325,7 +368,8 @@ async fn config_file_limits_backpressure_and_connection_cap() {
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
 
-    // The single allowed connection is taken: another is closed at once.
+    // The single allowed connection is taken: another (authenticated) link
+    // is closed at once.
     expect_closed_after(daemon.addr, &[]).await;
     client
         .ping()
@@ -333,6 +377,58 @@ async fn config_file_limits_backpressure_and_connection_cap() {
         .expect("the admitted connection keeps working");
     drop(client);
 
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// Connections that never prove the cluster key hold no connection slot
+/// and lock no peer out: with `connections_max = 1` and 2,000 of them open
+/// from 127.0.0.1, an authenticated peer from another address gets the one
+/// slot and is answered, and one from 127.0.0.1 itself (the strangers' own
+/// address) gets in and is answered too while they stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_lock_no_peer_out() {
+    use proto::shard::{Request, RequestBody as B, ResponseBody as R};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = daemon_command(&dir.path().join("data"));
+    with_config(&mut cmd, dir.path(), "[server]\nconnections_max = 1\n");
+    let daemon = start_with(cmd);
+    let raw = idle_raw_connections(daemon.addr, 2_000).await;
+
+    let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let mut peer = tokio::time::timeout(HANG_LIMIT, link_from(other, daemon.addr))
+        .await
+        .expect("no hang")
+        .expect("a peer from another address gets through");
+    let ping = |id| Request { id, body: B::Ping };
+    peer.writer.send(&frames(&[ping(1)])).await.unwrap();
+    let got = responses(&mut peer, &[1]).await;
+    assert_eq!(
+        got.get(&1),
+        Some(&R::Pong),
+        "the strangers took no connection slot"
+    );
+    drop(peer);
+
+    // From the strangers' own address. Retried (until a generous deadline,
+    // no timing asserted): the gate may turn a peer away while their
+    // handshakes are pending, and the daemon frees `peer`'s slot when it
+    // sees it go.
+    let deadline = Instant::now() + HANG_LIMIT;
+    loop {
+        if let Ok(Ok(client)) =
+            tokio::time::timeout(HANG_LIMIT, ShardClient::connect(daemon.addr)).await
+        {
+            if client.ping().await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a peer on 127.0.0.1 was locked out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(raw);
     assert_eq!(daemon.terminate().code(), Some(0));
 }
 
@@ -412,10 +508,7 @@ fn frames(requests: &[proto::shard::Request]) -> Vec<u8> {
 }
 
 /// Every response on `raw` until `ids` are all answered or it closes.
-async fn responses(
-    raw: &mut tokio::net::TcpStream,
-    ids: &[u64],
-) -> HashMap<u64, proto::shard::ResponseBody> {
+async fn responses(raw: &mut Link, ids: &[u64]) -> HashMap<u64, proto::shard::ResponseBody> {
     use proto::frame::Decoded;
     let mut got = HashMap::new();
     let mut buf = bytes::BytesMut::new();
@@ -432,7 +525,7 @@ async fn responses(
         if ids.iter().all(|id| got.contains_key(id)) {
             break;
         }
-        let read = tokio::time::timeout(HANG_LIMIT, raw.read_buf(&mut buf)).await;
+        let read = tokio::time::timeout(HANG_LIMIT, raw.reader.read_buf(&mut buf)).await;
         if !matches!(read, Ok(Ok(n)) if n > 0) {
             break;
         }
@@ -469,7 +562,7 @@ async fn pipelined_fetches_see_earlier_appends_and_only_durable_records() {
             payload: payload(user, i),
         },
     };
-    let mut raw = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let mut raw = link(daemon.addr).await;
     let batch = [
         append(1, 8, 0),
         fetch(2, 8),
@@ -477,7 +570,7 @@ async fn pipelined_fetches_see_earlier_appends_and_only_durable_records() {
         append(4, 7, 3),
         fetch(5, 7),
     ];
-    raw.write_all(&frames(&batch)).await.unwrap();
+    raw.writer.send(&frames(&batch)).await.unwrap();
     let got = responses(&mut raw, &[1, 2, 3, 4, 5]).await;
     let seqs = |id: u64| match &got[&id] {
         R::Records { records, .. } => records.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -526,8 +619,8 @@ async fn a_fetch_never_shows_records_whose_write_failed() {
             },
         },
     ];
-    let mut raw = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-    raw.write_all(&frames(&requests)).await.unwrap();
+    let mut raw = link(daemon.addr).await;
+    raw.writer.send(&frames(&requests)).await.unwrap();
     let got = responses(&mut raw, &[1, 2]).await;
     match got.get(&2) {
         Some(R::Error(e)) => assert_eq!(e.code, ShardErrorCode::Storage, "{e:?}"),
@@ -571,11 +664,11 @@ async fn large_pipelined_pages_and_staged_answers_arrive_whole() {
             },
         });
     }
-    let mut raw = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let mut raw = link(daemon.addr).await;
     // In three reads, with nothing read back meanwhile: the later requests
     // come while the server's socket is full.
     for chunk in batch.chunks(20) {
-        raw.write_all(&frames(chunk)).await.unwrap();
+        raw.writer.send(&frames(chunk)).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();

@@ -193,16 +193,17 @@ fn the_daemon_refuses_a_damaged_log_and_repair_lets_it_start() {
     )
     .unwrap();
     let run = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_msgstore"))
-            .arg("--data")
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_msgstore"));
+        cmd.arg("--data")
             .arg(dir.path())
             .arg("--config")
             .arg(&toml)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
-            .env("RUST_LOG", "error")
-            .output()
-            .expect("run msgstore");
+            .env("RUST_LOG", "error");
+        // With the key, so it is the damaged log that stops it.
+        daemon::testing::with_cluster_key(&mut cmd);
+        let out = cmd.output().expect("run msgstore");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

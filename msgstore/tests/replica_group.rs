@@ -157,16 +157,16 @@ async fn a_connection_s_pipelined_writes_keep_their_order_across_entries() {
         frame::{self, Decoded},
         shard::{Request, RequestBody, Response, ResponseBody},
     };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
 
     let dir = tempfile::tempdir().unwrap();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
     let group = Group::start(bin, dir.path(), 3, CONFIG).await;
     let leader = group.wait_for_leader(Duration::from_secs(30)).await;
-    let conn = tokio::net::TcpStream::connect(group.replicas[leader].client)
+    // An authenticated link (no delay), as every client's.
+    let conn = daemon::secure::connect(group.replicas[leader].client)
         .await
         .unwrap();
-    conn.set_nodelay(true).unwrap();
     let (user, writes, per_write) = (5u64, 40u64, 25u64);
     let count = writes * per_write;
     let mut ids = 0u64;
@@ -196,7 +196,7 @@ async fn a_connection_s_pipelined_writes_keep_their_order_across_entries() {
                 max_bytes: 1 << 20,
             }));
         }
-        wr.write_all(&bytes).await.unwrap();
+        wr.send(&bytes).await.unwrap();
         tokio::task::yield_now().await;
     }
     let mut buf = BytesMut::new();

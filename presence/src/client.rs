@@ -43,6 +43,7 @@
 
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
+use daemon::secure::{LinkReader, LinkWriter};
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     presence::{
@@ -59,11 +60,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream,
-    },
+    io::AsyncReadExt,
     sync::{mpsc, oneshot, Notify, Semaphore},
     task::AbortHandle,
 };
@@ -300,6 +297,28 @@ impl PresenceClient {
         gateway: u32,
         config: ClientConfig,
     ) -> Result<(PresenceClient, mpsc::Receiver<PresenceEvent>), ClientError> {
+        Self::open(addr.into(), gateway, config, true).await
+    }
+
+    /// Like [`PresenceClient::connect`], but a first connection that fails
+    /// is retried in the background like any later break (a replica that
+    /// is down when the gateway starts); calls fail with
+    /// [`ClientError::Disconnected`] until it is up, their changes kept for
+    /// the sync.
+    pub async fn start(
+        addr: impl Into<String>,
+        gateway: u32,
+        config: ClientConfig,
+    ) -> Result<(PresenceClient, mpsc::Receiver<PresenceEvent>), ClientError> {
+        Self::open(addr.into(), gateway, config, false).await
+    }
+
+    async fn open(
+        addr: String,
+        gateway: u32,
+        config: ClientConfig,
+        must_connect: bool,
+    ) -> Result<(PresenceClient, mpsc::Receiver<PresenceEvent>), ClientError> {
         if config.inflight_requests_max == 0
             || config.events_queue_max == 0
             || config.batch_users_max == 0
@@ -318,11 +337,18 @@ impl PresenceClient {
             next_id: AtomicU64::new(1),
             slots: Semaphore::new(config.inflight_requests_max),
             gateway,
-            addr: addr.into(),
+            addr,
             config,
             events,
         });
-        let lease = establish(&shared).await?;
+        let lease = match establish(&shared).await {
+            Ok(lease) => lease,
+            Err(e) if must_connect => return Err(e),
+            Err(e) => {
+                tracing::warn!(addr = %shared.addr, error = %e, "presence replica unreachable; retrying in the background");
+                Duration::from_millis(shared.config.backoff_max_ms)
+            }
+        };
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&shared), lease)).abort_handle();
         let guard = Arc::new(Guard {
             shared: shared.clone(),
@@ -550,6 +576,28 @@ impl PresenceClient {
         }
     }
 
+    /// Every watched user with the gateway's sessions watching it.
+    pub fn watchers(&self) -> HashMap<u64, Vec<u64>> {
+        let inner = self.shared.lock();
+        let mut by_user: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (&session, users) in &inner.tracked.watches {
+            for &user in users {
+                by_user.entry(user).or_default().push(session);
+            }
+        }
+        by_user
+    }
+
+    /// Whether the link is up (registered and synced).
+    pub fn is_connected(&self) -> bool {
+        self.shared.lock().link.is_some()
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
     /// The sessions the client tracks (what the next sync sends).
     pub fn tracked_sessions(&self) -> Vec<SessionInfo> {
         self.shared
@@ -640,9 +688,9 @@ async fn wait_all(
 /// Connect, register, send the tracked state, publish the link. Returns
 /// the server's lease.
 async fn establish(shared: &Arc<Shared>) -> Result<Duration, ClientError> {
-    let stream = TcpStream::connect(shared.addr.as_str()).await?;
-    stream.set_nodelay(true)?;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = daemon::secure::connect(shared.addr.as_str())
+        .await?
+        .into_split();
     let link = Arc::new(Link {
         pipe: Mutex::new(Some(Pipe::default())),
         ready: Notify::new(),
@@ -746,7 +794,7 @@ async fn keep_alive(shared: &Shared, link: &Link, lease: Duration) {
 
 /// Write whatever the callers encoded, one write per wake-up, until the
 /// link breaks.
-async fn write_frames(mut wr: OwnedWriteHalf, link: Arc<Link>) {
+async fn write_frames(mut wr: LinkWriter, link: Arc<Link>) {
     let mut out = Vec::new();
     loop {
         link.ready.notified().await;
@@ -757,7 +805,7 @@ async fn write_frames(mut wr: OwnedWriteHalf, link: Arc<Link>) {
         if out.is_empty() {
             continue;
         }
-        if let Err(e) = wr.write_all(&out).await {
+        if let Err(e) = wr.send(&out).await {
             tracing::debug!(error = %e, "presence client write failed");
             break;
         }
@@ -768,7 +816,7 @@ async fn write_frames(mut wr: OwnedWriteHalf, link: Arc<Link>) {
 
 /// Route answers to their callers and events to the receiver until the
 /// link ends.
-async fn read_frames(mut rd: OwnedReadHalf, link: Arc<Link>, shared: Weak<Shared>) {
+async fn read_frames(mut rd: LinkReader, link: Arc<Link>, shared: Weak<Shared>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     'link: loop {
         loop {
@@ -818,7 +866,7 @@ async fn read_frames(mut rd: OwnedReadHalf, link: Arc<Link>, shared: Weak<Shared
 /// One request on a fresh, unregistered connection (operator tools:
 /// `Lookup`, `Gateways`, `Stats`, `Ping`); its answer.
 pub async fn request_once(addr: &str, body: RequestBody) -> Result<ResponseBody, ClientError> {
-    let mut stream = TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = daemon::secure::connect(addr).await?.into_split();
     let mut out = Vec::new();
     frame::encode(
         &Request { id: 1, body },
@@ -826,7 +874,7 @@ pub async fn request_once(addr: &str, body: RequestBody) -> Result<ResponseBody,
         &mut out,
     )
     .map_err(|e| ClientError::Protocol(e.to_string()))?;
-    stream.write_all(&out).await?;
+    wr.send(&out).await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         match frame::decode::<ServerFrame>(&mut buf, RESPONSE_BODY_BYTES_MAX) {
@@ -840,7 +888,7 @@ pub async fn request_once(addr: &str, body: RequestBody) -> Result<ResponseBody,
             Ok(Decoded::Incomplete) => {}
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         }
-        if stream.read_buf(&mut buf).await? == 0 {
+        if rd.read_buf(&mut buf).await? == 0 {
             return Err(ClientError::Disconnected);
         }
     }

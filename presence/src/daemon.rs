@@ -106,6 +106,7 @@ impl Daemon {
 /// the listener is bound.
 pub fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
     config.validate().map_err(DaemonError::Config)?;
+    crate::metrics::register();
     let listen_error = |error| DaemonError::Listen {
         addr: config.listen,
         error,

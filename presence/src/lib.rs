@@ -14,10 +14,13 @@
 
 pub mod client;
 pub mod daemon;
+pub mod metrics;
+pub mod replicas;
 pub mod server;
 pub mod state;
 pub mod table;
 
 pub use client::{ClientConfig, ClientError, PresenceClient, PresenceEvent};
 pub use proto::presence::{Entry, SessionInfo, Status};
+pub use replicas::PresenceReplicas;
 pub use state::{Limits, State};

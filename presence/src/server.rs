@@ -31,6 +31,7 @@ use crate::{
     table::SHARDS,
 };
 use bytes::BytesMut;
+use daemon::secure::{GateLimits, Link, LinkWriter, SecureListener};
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     presence::{
@@ -46,8 +47,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{tcp::OwnedWriteHalf, TcpListener, TcpStream},
+    io::AsyncReadExt,
+    net::TcpListener,
     sync::{watch, Notify},
 };
 
@@ -133,7 +134,6 @@ pub(crate) async fn run(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    describe_metrics();
     let grace = Duration::from_millis(config.grace_ms.into());
     let core = Rc::new(Core {
         state: RefCell::new(State::new(limits, grace)),
@@ -147,10 +147,10 @@ pub(crate) async fn run(
     });
     let expirer = tokio::task::spawn_local(expire_loop(core.clone()));
     let gauges = tokio::task::spawn_local(gauge_loop(core.clone()));
-    let mut acceptor = daemon::Acceptor::new(listener, "presence");
+    let mut acceptor = SecureListener::new(listener, "presence", GateLimits::default());
     loop {
         tokio::select! {
-            (stream, peer) = acceptor.accept() => admit(&core, stream, peer),
+            link = acceptor.accept() => admit(&core, link),
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
     }
@@ -307,13 +307,13 @@ fn set_gauges(core: &Core) {
     metrics::gauge!("presence_table_bytes").set(stats.table_bytes as f64);
 }
 
-fn admit(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
+fn admit(core: &Rc<Core>, link: Link) {
+    let peer = link.peer;
     if core.conns.borrow().len() >= core.config.connections_max || core.stopping.get() {
         metrics::counter!("presence_connections_rejected_total").increment(1);
         tracing::warn!(%peer, max = core.config.connections_max, "connection limit reached; closing");
         return;
     }
-    let _ = stream.set_nodelay(true);
     let id = core.next_conn.get();
     core.next_conn.set(id + 1);
     let conn = Rc::new(Conn {
@@ -324,7 +324,7 @@ fn admit(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     metrics::gauge!("presence_connections").increment(1.0);
     let core = core.clone();
     tokio::task::spawn_local(async move {
-        serve(&core, stream, &conn, peer).await;
+        serve(&core, link, &conn, peer).await;
         core.conns.borrow_mut().remove(&id);
         if let Some(gateway) = conn.gateway.get() {
             core.state
@@ -338,8 +338,14 @@ fn admit(core: &Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     });
 }
 
-async fn serve(core: &Rc<Core>, stream: TcpStream, conn: &Rc<Conn>, peer: SocketAddr) {
-    let (mut rd, wr) = stream.into_split();
+/// "bad frame" warnings (one per connection closed for one): at most one
+/// per interval, with how many were held back (`presence_bad_frames_total`
+/// counts them all).
+static BAD_FRAME_WARNINGS: daemon::SharedLogLimiter =
+    daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
+
+async fn serve(core: &Rc<Core>, link: Link, conn: &Rc<Conn>, peer: SocketAddr) {
+    let (mut rd, wr) = link.into_split();
     let writer = tokio::task::spawn_local(write_frames(wr, conn.clone()));
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let pause_bytes = core.config.outbox_bytes_max / 2;
@@ -361,7 +367,9 @@ async fn serve(core: &Rc<Core>, stream: TcpStream, conn: &Rc<Conn>, peer: Socket
                 Ok(Decoded::Incomplete) => break,
                 Err(e) => {
                     metrics::counter!("presence_bad_frames_total").increment(1);
-                    tracing::warn!(%peer, reason = %e, "bad frame; closing connection");
+                    if let Some(held_back) = BAD_FRAME_WARNINGS.check() {
+                        tracing::warn!(%peer, reason = %e, held_back, "bad frame; closing connection");
+                    }
                     break 'conn;
                 }
             }
@@ -409,7 +417,7 @@ async fn serve(core: &Rc<Core>, stream: TcpStream, conn: &Rc<Conn>, peer: Socket
 
 /// Write whatever is buffered, one write per wake-up, until the connection
 /// is closed and its outbox is empty.
-async fn write_frames(mut wr: OwnedWriteHalf, conn: Rc<Conn>) {
+async fn write_frames(mut wr: LinkWriter, conn: Rc<Conn>) {
     let mut out = Vec::new();
     loop {
         std::mem::swap(&mut out, &mut *conn.outbox.borrow_mut());
@@ -424,7 +432,7 @@ async fn write_frames(mut wr: OwnedWriteHalf, conn: Rc<Conn>) {
             }
             continue;
         }
-        if let Err(e) = wr.write_all(&out).await {
+        if let Err(e) = wr.send(&out).await {
             tracing::debug!(conn = conn.id, error = %e, "write failed");
             conn.close();
             return;
@@ -578,40 +586,4 @@ fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::Stats => "stats",
         RequestBody::Ping => "ping",
     }
-}
-
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_counter!("presence_requests_total", "Requests received, by op");
-    describe_counter!(
-        "presence_bad_frames_total",
-        "Connections closed for an oversized or malformed frame"
-    );
-    describe_counter!(
-        "presence_connections_rejected_total",
-        "Connections closed at once because connections_max was reached"
-    );
-    describe_counter!(
-        "presence_slow_consumers_total",
-        "Connections closed because their unsent events passed outbox_bytes_max"
-    );
-    describe_counter!(
-        "presence_events_dropped_total",
-        "Events for a gateway without a live connection"
-    );
-    describe_counter!(
-        "presence_leases_expired_total",
-        "Connections closed because nothing arrived within lease_ms"
-    );
-    describe_counter!(
-        "presence_expired_users_total",
-        "Users set offline because their gateway's grace period ran out"
-    );
-    describe_gauge!("presence_connections", "Open connections");
-    describe_gauge!("presence_users_online", "Users in the online table");
-    describe_gauge!(
-        "presence_gateways_connected",
-        "Gateways with a live connection"
-    );
-    describe_gauge!("presence_table_bytes", "Bytes of the online table's slots");
 }

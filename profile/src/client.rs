@@ -20,6 +20,7 @@
 
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
+use daemon::secure::{LinkReader, LinkWriter};
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
     groups::{GroupId, GroupInfo, GroupRole, UserGroups},
@@ -39,10 +40,6 @@ use std::{
 };
 use tokio::{
     io::AsyncReadExt,
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream,
-    },
     sync::{mpsc, oneshot, Notify, Semaphore},
 };
 
@@ -740,9 +737,9 @@ async fn send_on(link: &Link, config: &ClientConfig, id: u64, body: RequestBody)
 
 /// Connect, start the link's tasks, subscribe if asked; install the link.
 async fn establish(inner: &Arc<Inner>) -> Result<Arc<Waiters>, ClientError> {
-    let stream = TcpStream::connect(inner.addr.as_str()).await?;
-    stream.set_nodelay(true)?;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = daemon::secure::connect(inner.addr.as_str())
+        .await?
+        .into_split();
     let waiters = Waiters::new();
     let (frames, frames_rx) = mpsc::channel(inner.config.inflight_requests_max + 1);
     tokio::spawn(write_frames(wr, frames_rx, waiters.clone()));
@@ -807,7 +804,7 @@ async fn supervise(inner: Weak<Inner>, mut waiters: Arc<Waiters>) {
     }
 }
 
-async fn write_frames(wr: OwnedWriteHalf, frames: mpsc::Receiver<Vec<u8>>, waiters: Arc<Waiters>) {
+async fn write_frames(wr: LinkWriter, frames: mpsc::Receiver<Vec<u8>>, waiters: Arc<Waiters>) {
     if let Err(e) = daemon::link::write_frames(wr, frames, WRITE_BATCH_BYTES_MAX).await {
         tracing::debug!(error = %e, "profile client write failed");
         waiters.close();
@@ -815,7 +812,7 @@ async fn write_frames(wr: OwnedWriteHalf, frames: mpsc::Receiver<Vec<u8>>, waite
 }
 
 async fn read_messages(
-    mut rd: OwnedReadHalf,
+    mut rd: LinkReader,
     waiters: Arc<Waiters>,
     events: Option<Arc<EventSink>>,
     body_bytes_max: usize,

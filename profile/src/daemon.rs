@@ -32,6 +32,7 @@ impl Daemon {
 /// inside a multi-threaded tokio runtime.
 pub async fn start(config: Config) -> Result<Daemon, Error> {
     config.validate().map_err(Error::Config)?;
+    crate::metrics::register();
     let lock = daemon::DirLock::acquire(&config.data)?;
     let (service, writer_thread) = Service::open(&config.data, &config)?;
     let listener = TcpListener::bind(config.listen).await?;

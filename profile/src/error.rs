@@ -52,11 +52,52 @@ pub enum Error {
     Lmdb(#[from] heed::Error),
     #[error("corrupt profile data: {0}")]
     Corrupt(String),
+    /// A write transaction failed for want of room: the LMDB map or the
+    /// disk is full. Nothing of it was stored; nothing is damaged.
+    #[error("storage full: {0}")]
+    StorageFull(String),
+    /// A write transaction failed (an I/O or LMDB error other than a full
+    /// map or disk). Nothing of it was stored.
+    #[error("write failed, nothing stored: {0}")]
+    WriteFailed(String),
     #[error("the service is closed")]
     Closed,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a write transaction failed (the `reason` label of
+/// `profile_writes_failed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteFailure {
+    /// `MDB_MAP_FULL`: the map reached `store.map_bytes`.
+    MapFull,
+    /// `ENOSPC` (`io::ErrorKind::StorageFull`).
+    DiskFull,
+    /// `EDQUOT` (`io::ErrorKind::QuotaExceeded`).
+    QuotaExceeded,
+    /// Any other I/O or LMDB error.
+    Other,
+}
+
+impl WriteFailure {
+    #[cfg(test)]
+    pub(crate) const ALL: [WriteFailure; 4] = [
+        WriteFailure::MapFull,
+        WriteFailure::DiskFull,
+        WriteFailure::QuotaExceeded,
+        WriteFailure::Other,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            WriteFailure::MapFull => "map_full",
+            WriteFailure::DiskFull => "disk_full",
+            WriteFailure::QuotaExceeded => "quota_exceeded",
+            WriteFailure::Other => "io",
+        }
+    }
+}
 
 impl From<daemon::LockError> for Error {
     fn from(e: daemon::LockError) -> Self {
@@ -87,9 +128,12 @@ impl Error {
             Error::AlreadyMember(_) => ErrorCode::AlreadyMember,
             Error::Busy(_) | Error::Closed => ErrorCode::Busy,
             Error::BadRequest(_) | Error::Config(_) => ErrorCode::BadRequest,
-            Error::Locked { .. } | Error::Io(_) | Error::Lmdb(_) | Error::Corrupt(_) => {
-                ErrorCode::Storage
-            }
+            Error::Locked { .. }
+            | Error::Io(_)
+            | Error::Lmdb(_)
+            | Error::Corrupt(_)
+            | Error::StorageFull(_)
+            | Error::WriteFailed(_) => ErrorCode::Storage,
         }
     }
 
@@ -101,11 +145,89 @@ impl Error {
         }
     }
 
+    /// What the failure `self` of a batch's write transaction is for each
+    /// op of the batch: [`Error::StorageFull`] if the LMDB map or the disk
+    /// is full, else [`Error::WriteFailed`] (never "corrupt": a failed
+    /// write damages nothing).
+    pub(crate) fn write_failed(&self) -> Error {
+        let text = match self.write_failure() {
+            WriteFailure::MapFull => {
+                "the LMDB map is full (store.map_bytes): raise store.map_bytes and restart; nothing was stored"
+            }
+            WriteFailure::DiskFull => "the disk is full (ENOSPC): free space; nothing was stored",
+            WriteFailure::QuotaExceeded => {
+                "the disk quota is exceeded (EDQUOT): free space; nothing was stored"
+            }
+            WriteFailure::Other => return Error::WriteFailed(self.to_string()),
+        };
+        Error::StorageFull(text.to_string())
+    }
+
+    /// Why a write transaction failed with `self`.
+    pub(crate) fn write_failure(&self) -> WriteFailure {
+        let io = match self {
+            Error::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)) => return WriteFailure::MapFull,
+            Error::Lmdb(heed::Error::Io(e)) | Error::Io(e) => e,
+            _ => return WriteFailure::Other,
+        };
+        // ENOSPC and EDQUOT (`raw_os_error`) are these kinds.
+        match io.kind() {
+            std::io::ErrorKind::StorageFull => WriteFailure::DiskFull,
+            std::io::ErrorKind::QuotaExceeded => WriteFailure::QuotaExceeded,
+            _ => WriteFailure::Other,
+        }
+    }
+
     pub(crate) fn not_found_user(user: u64) -> Error {
         Error::NotFound(format!("user {user}"))
     }
 
     pub(crate) fn not_found_group(group: u64) -> Error {
         Error::NotFound(format!("group {group}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(code: i32) -> Error {
+        Error::Lmdb(heed::Error::Io(std::io::Error::from_raw_os_error(code)))
+    }
+
+    #[test]
+    fn a_full_map_or_disk_is_not_called_corrupt() {
+        let map_full = Error::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull));
+        let cases = [
+            (map_full, WriteFailure::MapFull, "LMDB map is full"),
+            (os(libc::ENOSPC), WriteFailure::DiskFull, "disk is full"),
+            (
+                Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+                WriteFailure::DiskFull,
+                "disk is full",
+            ),
+            (os(libc::EDQUOT), WriteFailure::QuotaExceeded, "quota"),
+        ];
+        for (e, why, says) in cases {
+            assert_eq!(e.write_failure(), why, "{e}");
+            let answer = e.write_failed();
+            assert!(matches!(answer, Error::StorageFull(_)), "{answer:?}");
+            let text = answer.to_string();
+            assert!(text.starts_with("storage full: "), "{text}");
+            assert!(text.contains(says), "{text}");
+            assert!(!text.contains("corrupt"), "{text}");
+            assert_eq!(answer.code(), ErrorCode::Storage);
+        }
+    }
+
+    #[test]
+    fn another_write_failure_says_what_happened() {
+        let e = os(libc::EIO);
+        assert_eq!(e.write_failure(), WriteFailure::Other);
+        let answer = e.write_failed();
+        assert!(matches!(answer, Error::WriteFailed(_)), "{answer:?}");
+        let text = answer.to_string();
+        assert!(text.starts_with("write failed, nothing stored: "), "{text}");
+        assert!(!text.contains("corrupt"), "{text}");
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod fields;
+pub mod metrics;
 pub mod notify;
 pub mod passwords;
 pub mod server;

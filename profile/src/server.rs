@@ -27,6 +27,7 @@ use crate::{
     service::{op_name, Service},
 };
 use bytes::BytesMut;
+use daemon::secure::{GateLimits, Link, LinkWriter, SecureListener};
 use proto::{
     frame::{self, Decoded},
     profile::{
@@ -42,8 +43,8 @@ use std::{
     time::Duration,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{tcp::OwnedWriteHalf, TcpListener, TcpStream},
+    io::AsyncReadExt,
+    net::TcpListener,
     sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore},
 };
 
@@ -74,7 +75,6 @@ pub async fn run(
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) {
-    describe_metrics();
     let shared = Arc::new(Shared {
         service,
         config,
@@ -83,10 +83,10 @@ pub async fn run(
     });
     let mut stop = shutdown;
     let mut tasks = tokio::task::JoinSet::new();
-    let mut acceptor = daemon::Acceptor::new(listener, "profile");
+    let mut acceptor = SecureListener::new(listener, "profile", GateLimits::default());
     loop {
         tokio::select! {
-            (stream, peer) = acceptor.accept() => admit(&shared, &mut tasks, stream, peer),
+            link = acceptor.accept() => admit(&shared, &mut tasks, link),
             _ = stopped(&mut stop) => break,
         }
         while tasks.try_join_next().is_some() {}
@@ -102,30 +102,31 @@ pub async fn run(
     }
 }
 
-fn admit(
-    shared: &Arc<Shared>,
-    tasks: &mut tokio::task::JoinSet<()>,
-    stream: TcpStream,
-    peer: SocketAddr,
-) {
+fn admit(shared: &Arc<Shared>, tasks: &mut tokio::task::JoinSet<()>, link: Link) {
+    let peer = link.peer;
     if shared.connections.load(Ordering::Relaxed) >= shared.config.connections_max {
         metrics::counter!("profile_connections_rejected_total").increment(1);
         tracing::warn!(%peer, "connection limit reached; closing");
         return;
     }
-    let _ = stream.set_nodelay(true);
     shared.connections.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("profile_connections").increment(1.0);
     let shared = shared.clone();
     tasks.spawn(async move {
-        serve(&shared, stream, peer).await;
+        serve(&shared, link, peer).await;
         shared.connections.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("profile_connections").decrement(1.0);
     });
 }
 
-async fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let (mut rd, wr) = stream.into_split();
+/// "bad frame" warnings (one per connection closed for one): at most one
+/// per interval, with how many were held back (`profile_bad_frames_total`
+/// counts them all).
+static BAD_FRAME_WARNINGS: daemon::SharedLogLimiter =
+    daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
+
+async fn serve(shared: &Arc<Shared>, link: Link, peer: SocketAddr) {
+    let (mut rd, wr) = link.into_split();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(wr, out_rx, peer));
     let slots = Arc::new(Semaphore::new(shared.config.inflight_requests_max));
@@ -143,7 +144,9 @@ async fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 Ok(Decoded::Incomplete) => break,
                 Err(e) => {
                     metrics::counter!("profile_bad_frames_total").increment(1);
-                    tracing::warn!(%peer, reason = %e, "bad frame; closing connection");
+                    if let Some(held_back) = BAD_FRAME_WARNINGS.check() {
+                        tracing::warn!(%peer, reason = %e, held_back, "bad frame; closing connection");
+                    }
                     writer.abort();
                     return;
                 }
@@ -202,11 +205,7 @@ async fn next_events(sub: &Option<Arc<Subscription>>) -> Vec<proto::profile::Eve
     }
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    peer: SocketAddr,
-) {
+async fn write_loop(mut wr: LinkWriter, mut rx: mpsc::UnboundedReceiver<Out>, peer: SocketAddr) {
     let mut sub: Option<Arc<Subscription>> = None;
     let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
     let mut permits = Vec::new();
@@ -229,14 +228,14 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        if let Err(e) = wr.send(&buf).await {
             tracing::debug!(%peer, error = %e, "write failed");
             return;
         }
         buf.clear();
         permits.clear();
     }
-    let _ = wr.write_all(&buf).await;
+    let _ = wr.send(&buf).await;
     let _ = wr.shutdown().await;
 }
 
@@ -277,52 +276,4 @@ fn encode(msg: &ServerMessage, buf: &mut Vec<u8>) {
             let _ = frame::encode(&fallback, RESPONSE_BODY_BYTES_MAX, buf);
         }
     }
-}
-
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("profile_requests_total", "Requests received, by op");
-    describe_counter!(
-        "profile_bad_frames_total",
-        "Connections closed for a bad frame"
-    );
-    describe_counter!(
-        "profile_connections_rejected_total",
-        "Connections refused at connections_max"
-    );
-    describe_gauge!("profile_connections", "Open connections");
-    describe_gauge!(
-        "profile_subscribers",
-        "Connections subscribed to change events"
-    );
-    describe_counter!(
-        "profile_password_checks_total",
-        "Password checks, by result"
-    );
-    describe_counter!(
-        "profile_password_queue_full_total",
-        "Password jobs refused: queue full (Busy)"
-    );
-    describe_counter!(
-        "profile_write_queue_full_total",
-        "Writes refused: writer queue full (Busy)"
-    );
-    describe_counter!(
-        "profile_invalidations_sent_total",
-        "Invalidate events queued to subscribers"
-    );
-    describe_counter!(
-        "profile_group_events_sent_total",
-        "GroupChanged events queued to subscribers"
-    );
-    describe_gauge!("profile_groups", "Chat groups stored");
-    describe_counter!(
-        "profile_subscriber_resets_total",
-        "Subscriber queues collapsed into a CacheReset"
-    );
-    describe_histogram!(
-        "profile_commit_seconds",
-        Unit::Seconds,
-        "Time of one LMDB write transaction"
-    );
 }

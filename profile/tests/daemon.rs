@@ -214,11 +214,13 @@ async fn writer_after_restart(addr: &SocketAddr) -> ProfileClient {
 fn a_locked_data_directory_refuses_a_second_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let first = start(dir.path(), "127.0.0.1:0");
-    let out = Command::new(env!("CARGO_BIN_EXE_profile"))
+    let mut second = Command::new(env!("CARGO_BIN_EXE_profile"));
+    second
         .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+        .arg(dir.path());
+    // With the key, so it is the lock that stops it.
+    daemon::testing::with_cluster_key(&mut second);
+    let out = second.output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("locked"), "{stderr}");

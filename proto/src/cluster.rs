@@ -36,7 +36,8 @@ pub const SHARD_ID_BYTES_MAX: usize = 64;
 pub struct ClusterMap {
     /// Increases with every change; the newest map wins everywhere.
     pub epoch: u64,
-    /// Address (host:port) of the presence service.
+    /// Address (host:port) of the presence service; several separated by
+    /// commas are its replicas (see [`ClusterMap::presence_replicas`]).
     pub presence: String,
     /// Address (host:port) of the profile service.
     pub profile: String,
@@ -114,6 +115,17 @@ pub enum ClusterMapError {
 }
 
 impl ClusterMap {
+    /// The presence replicas' addresses, in order (the `presence` field
+    /// split at commas; a single address is one replica).
+    pub fn presence_replicas(&self) -> Vec<String> {
+        self.presence
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub fn from_toml(text: &str) -> Result<ClusterMap, ClusterMapError> {
         let map: ClusterMap =
             toml::from_str(text).map_err(|e| ClusterMapError::Parse(e.to_string()))?;

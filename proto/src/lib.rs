@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod frame;
 pub mod groups;
 pub mod inbox;
+pub mod link;
 pub mod peer;
 pub mod presence;
 pub mod profile;

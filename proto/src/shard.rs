@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of these types, bumped on any incompatible change. It is not
 /// sent on the wire yet: shards and their callers are deployed together.
-pub const SHARD_PROTOCOL_VERSION: u32 = 1;
+pub const SHARD_PROTOCOL_VERSION: u32 = 2;
 
 /// Most records of a mailbox one item of a
 /// [`RequestBody::AppendBatchOnce`] looks back at for its `msg_id`.
@@ -217,7 +217,7 @@ pub struct MailboxStats {
     pub acked_seq: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ShardStats {
     pub users: u64,
     pub live_messages: u64,
@@ -237,6 +237,47 @@ pub struct ShardStats {
     pub role: ShardRole,
     /// Of a replica: the replica id of the group's leader, if known.
     pub leader: Option<u64>,
+    /// Of a replica: its Raft state, from openraft's metrics (on the
+    /// leader with every member's replication progress). `None` of a
+    /// standalone shard.
+    pub raft: Option<RaftStats>,
+}
+
+/// A replica's Raft state, as [`ShardStats::raft`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RaftStats {
+    /// This replica's id in its group.
+    pub id: u64,
+    pub term: u64,
+    /// Index of the newest entry in this replica's log (`None`: empty).
+    pub last_log_index: Option<u64>,
+    /// Index of the newest entry this replica knows is committed (`None`:
+    /// none yet, or its Raft core did not tell in time).
+    pub committed_index: Option<u64>,
+    /// Index of the newest entry applied to this replica's engine.
+    pub applied_index: Option<u64>,
+    /// On the leader: every member of the group (itself included), by
+    /// replica id, with the index of the newest entry known to be in its
+    /// log (`None`: nothing yet). Empty on the other replicas.
+    pub matched: Vec<ReplicaProgress>,
+}
+
+impl RaftStats {
+    /// On the leader: how many entries replica `id` lacks of the
+    /// leader's log (`None` if it is not a member the leader tracks).
+    pub fn lag_of(&self, id: u64) -> Option<u64> {
+        let p = self.matched.iter().find(|p| p.replica == id)?;
+        let last = self.last_log_index.unwrap_or(0);
+        Some(last.saturating_sub(p.matched.unwrap_or(0)))
+    }
+}
+
+/// One member's replication progress, as the leader tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReplicaProgress {
+    pub replica: u64,
+    /// Index of the newest entry known to be in its log.
+    pub matched: Option<u64>,
 }
 
 /// What a shard process is: a shard of its own, or a replica of a
@@ -329,4 +370,73 @@ pub enum ResponseBody {
     Released {
         removed: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(stats: ShardStats) -> Vec<u8> {
+        let response = Response {
+            id: 3,
+            body: ResponseBody::Stats(stats),
+        };
+        let bytes = postcard::to_stdvec(&response).unwrap();
+        assert_eq!(postcard::from_bytes::<Response>(&bytes).unwrap(), response);
+        bytes
+    }
+
+    /// `docs/PROTOCOL.md` §1.3 "ShardStats": fields 1-14, `role`,
+    /// `leader`, then `raft` (added at the end, protocol version 2).
+    #[test]
+    fn shard_stats_bytes_are_pinned() {
+        let standalone = ShardStats {
+            users: 1,
+            live_messages: 300,
+            corrupt_records_total: 14,
+            ..ShardStats::default()
+        };
+        let mut expected = vec![3, 5, 1, 0xac, 0x02];
+        expected.extend([0; 11]);
+        expected.extend([14, 0, 0, 0]);
+        assert_eq!(encoded(standalone), expected);
+
+        let leader = ShardStats {
+            role: ShardRole::Leader,
+            leader: Some(2),
+            raft: Some(RaftStats {
+                id: 2,
+                term: 5,
+                last_log_index: Some(1500),
+                committed_index: Some(1499),
+                applied_index: None,
+                matched: vec![
+                    ReplicaProgress {
+                        replica: 1,
+                        matched: Some(400),
+                    },
+                    ReplicaProgress {
+                        replica: 2,
+                        matched: Some(1500),
+                    },
+                    ReplicaProgress {
+                        replica: 3,
+                        matched: None,
+                    },
+                ],
+            }),
+            ..ShardStats::default()
+        };
+        let mut expected = vec![3, 5];
+        expected.extend([0; 14]);
+        expected.extend([1, 1, 2]); // role Leader, leader Some(2)
+        expected.extend([1, 2, 5]); // raft Some, id 2, term 5
+        expected.extend([1, 0xdc, 0x0b, 1, 0xdb, 0x0b, 0]); // 1500, 1499, None
+        expected.extend([3, 1, 1, 0x90, 0x03, 2, 1, 0xdc, 0x0b, 3, 0]);
+        assert_eq!(encoded(leader.clone()), expected);
+        let raft = leader.raft.unwrap();
+        assert_eq!(raft.lag_of(1), Some(1100));
+        assert_eq!(raft.lag_of(3), Some(1500));
+        assert_eq!(raft.lag_of(9), None);
+    }
 }

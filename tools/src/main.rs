@@ -16,11 +16,18 @@ mod rebalance_cmd;
 mod session_cmd;
 mod shard_cmd;
 mod shard_group_cmd;
+mod status_cmd;
 mod up_cmd;
 mod user_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+
+/// jemalloc, as in every daemon: memory freed when connections close goes
+/// back to the system (glibc's heap kept growing as idle connections came
+/// and went), and `process_heap_*_bytes` are read from its statistics.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 #[command(name = "imctl", version, about = "Command line for the IM cluster")]
@@ -28,6 +35,9 @@ struct Cli {
     /// Print machine-readable JSON instead of human-readable text.
     #[arg(long, global = true)]
     json: bool,
+    /// The cluster key file [default: data/cluster.key, if it exists].
+    #[arg(long, global = true, env = "IM_CLUSTER_KEY_FILE", value_name = "FILE")]
+    cluster_key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +68,32 @@ enum Command {
     Avatar(avatar_cmd::AvatarArgs),
     /// Add or remove a shard while traffic flows; status; resume.
     Rebalance(rebalance_cmd::RebalanceArgs),
+    /// The whole cluster on one screen: every process up or down, shards
+    /// and replication, and what is wrong (exit code 1 if anything is).
+    Status(status_cmd::StatusArgs),
+    /// Write a new cluster key to FILE (mode 0600): give the same file to
+    /// every process of the cluster (--cluster-key-file).
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        file: std::path::PathBuf,
+    },
+}
+
+/// The key file `imctl up` writes in its default data directory.
+const DEFAULT_KEY_FILE: &str = "data/cluster.key";
+
+/// Make the cluster key this process's: the file named, or the embedded
+/// default's if there is one. Without a key, links to daemons fail their
+/// handshake (and say so).
+fn install_cluster_key(named: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let default = std::path::Path::new(DEFAULT_KEY_FILE);
+    let path = match named {
+        Some(path) => path,
+        None if default.exists() => default,
+        None => return Ok(()),
+    };
+    daemon::secure::install_key(daemon::secure::load_key_file(path)?)?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -78,6 +114,15 @@ fn main() -> ExitCode {
         Command::Up(_) => "imctl up",
         _ => "imctl",
     };
+    // `up` uses (or writes) the key in its data directory unless one is named.
+    let key = match cli.command {
+        Command::Keygen { .. } => Ok(()),
+        Command::Up(_) if cli.cluster_key_file.is_none() => Ok(()),
+        _ => install_cluster_key(cli.cluster_key_file.as_deref()),
+    };
+    if let Err(e) = key {
+        return daemon::exit_code(name, Err(e));
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up_cmd::run(args).await,
@@ -91,7 +136,20 @@ fn main() -> ExitCode {
             Command::Friend(args) => friend_cmd::run(args, &out).await,
             Command::Avatar(args) => avatar_cmd::run(args, &out).await,
             Command::Rebalance(args) => rebalance_cmd::run(args, &out).await,
+            Command::Status(args) => status_cmd::run(args, &out).await,
+            Command::Keygen { file } => {
+                daemon::secure::write_key_file(&file, &daemon::secure::generate())?;
+                out.emit(&serde_json::json!({ "key_file": file }), || {
+                    format!("wrote a new cluster key to {}", file.display())
+                })
+            }
         }
     });
+    // `imctl status` printed its problems already: only the exit code.
+    if let Err(e) = &result {
+        if e.downcast_ref::<status_cmd::ProblemsFound>().is_some() {
+            return ExitCode::FAILURE;
+        }
+    }
     daemon::exit_code(name, result)
 }

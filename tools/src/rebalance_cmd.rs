@@ -187,15 +187,17 @@ struct GatewayPush {
 /// shards when it starts (and follows `Moved` until then).
 async fn push_to_gateways(map: &ClusterMap) -> Vec<GatewayPush> {
     let mut peers: BTreeSet<String> = map.gateways.iter().map(|g| g.peer.clone()).collect();
-    match presence::client::request_once(&map.presence, PresenceRequest::Gateways).await {
-        Ok(PresenceResponse::Gateways { gateways }) => {
-            peers.extend(gateways.into_iter().map(|g| g.peer_addr))
+    // Every replica: a gateway registered with one that another missed.
+    for replica in map.presence_replicas() {
+        match presence::client::request_once(&replica, PresenceRequest::Gateways).await {
+            Ok(PresenceResponse::Gateways { gateways }) => {
+                peers.extend(gateways.into_iter().map(|g| g.peer_addr))
+            }
+            Ok(other) => eprintln!("imctl: presence answered {other:?} to a gateway listing"),
+            Err(e) => eprintln!(
+                "imctl: cannot list the gateways registered with presence at {replica}: {e}"
+            ),
         }
-        Ok(other) => eprintln!("imctl: presence answered {other:?} to a gateway listing"),
-        Err(e) => eprintln!(
-            "imctl: cannot list the gateways registered with presence at {}: {e}",
-            map.presence
-        ),
     }
     // A map may name a gateway without a reachable peer port (port 0).
     peers.retain(|p| !p.ends_with(":0"));

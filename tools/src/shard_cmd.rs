@@ -311,5 +311,21 @@ fn human_shard_stats(s: &ShardStats) -> String {
     if let Some(leader) = s.leader {
         let _ = writeln!(text, "{:<22} replica {leader}", "leader:");
     }
+    if let Some(raft) = &s.raft {
+        let n = |i: Option<u64>| i.map_or("-".to_string(), |i| i.to_string());
+        let _ = writeln!(text, "{:<22} {} (term {})", "replica:", raft.id, raft.term);
+        let _ = writeln!(text, "{:<22} {}", "last_log_index:", n(raft.last_log_index));
+        let _ = writeln!(
+            text,
+            "{:<22} {}",
+            "committed_index:",
+            n(raft.committed_index)
+        );
+        let _ = writeln!(text, "{:<22} {}", "applied_index:", n(raft.applied_index));
+        for p in raft.matched.iter().filter(|p| p.replica != raft.id) {
+            let lag = raft.lag_of(p.replica).unwrap_or(0);
+            let _ = writeln!(text, "{:<22} replica {}: lag {lag}", "follower:", p.replica);
+        }
+    }
     text
 }

@@ -101,7 +101,7 @@ fn explain(e: EmbeddedError) -> anyhow::Error {
         Component::Shard(_) => "--shard",
         Component::Gateway => "--gateway",
         Component::GatewayPeer => "--gateway-peer",
-        Component::DataDir | Component::ClusterMap => return e.into(),
+        Component::DataDir | Component::ClusterKey | Component::ClusterMap => return e.into(),
     };
     match e.addr_in_use {
         Some(addr) => in_use(addr, &e.component.to_string(), flag),

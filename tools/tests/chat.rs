@@ -40,8 +40,10 @@ type a message and Enter to send it to the current friend. Commands:
 /// exits, the shell prints its exit code and the terminal's settings.
 fn chat(up: &Up, user: &str, password: Option<&str>) -> Tmux {
     let env = password.map_or(String::new(), |p| format!("IMCTL_PASSWORD={p} "));
+    // The cluster's key (`Up` runs with this process's).
+    let key = daemon::testing::cluster_key_file().display();
     let term = Tmux::start(&format!(
-        "{env}RUST_LOG=warn {IMCTL} chat --data {} --user {user}; \
+        "{env}RUST_LOG=warn {IMCTL} chat --data {} --user {user} --cluster-key-file {key}; \
          echo \"imctl chat exited: $?\"; stty -a; sleep 600",
         up.data
     ));
@@ -271,10 +273,13 @@ struct PipedChat {
 
 impl PipedChat {
     fn start(up: &Up, user: &str) -> PipedChat {
-        let mut child = Command::new(IMCTL)
-            .args(["chat", "--data", &up.data, "--user", user])
+        let mut cmd = Command::new(IMCTL);
+        cmd.args(["chat", "--data", &up.data, "--user", user])
             .env("RUST_LOG", "warn")
-            .env_remove("IMCTL_PASSWORD")
+            .env_remove("IMCTL_PASSWORD");
+        // The cluster's key (`Up` runs with this process's).
+        daemon::testing::with_cluster_key(&mut cmd);
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

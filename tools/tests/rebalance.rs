@@ -301,18 +301,19 @@ async fn a_killed_tool_and_a_killed_source_shard_then_resume() {
     } = setup(users, 1).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(router.clone(), users, stop.clone(), ledger.clone());
-    let mut tool = Command::new(env!("CARGO_BIN_EXE_imctl"))
-        .args([
-            "rebalance",
-            "--cluster",
-            cluster.to_str().unwrap(),
-            "add-shard",
-            "s3",
-        ])
-        .arg(shards[3].addr.to_string())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut tool = Command::new(env!("CARGO_BIN_EXE_imctl"));
+    tool.args([
+        "rebalance",
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "add-shard",
+        "s3",
+    ])
+    .arg(shards[3].addr.to_string())
+    .stdout(std::process::Stdio::null());
+    // The shards run with this process's key.
+    daemon::testing::with_cluster_key(&mut tool);
+    let mut tool = tool.spawn().unwrap();
     // Kill the tool once some users have arrived at the new shard.
     let s3 = ShardClient::connect(shards[3].addr).await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;

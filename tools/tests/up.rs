@@ -44,18 +44,18 @@ fn up_then_send_and_inbox_with_the_demo_defaults() {
     let first = lines.next().expect("a guide line").expect("utf-8");
     assert!(first.starts_with("im-server is up"), "{first}");
     std::thread::spawn(move || for _ in lines {});
-    let (ok, out, err) = common::run(
+    let (ok, out, err) = run_against(
+        data,
         &[
             "send", "--data", data, "--user", "alice", "--to", "bob", "hello", "bob",
         ],
-        None,
     );
     assert!(ok, "send failed: {err}");
     assert_eq!(out.trim(), "sent to bob (mailbox seq 1)");
-    let (ok, out, err) = common::run(&["inbox", "--data", data, "--user", "bob"], None);
+    let (ok, out, err) = run_against(data, &["inbox", "--data", data, "--user", "bob"]);
     assert!(ok, "inbox failed: {err}");
     assert_eq!(out.trim(), "alice: hello bob");
-    let (ok, out, _) = common::run(&["inbox", "--data", data, "--user", "bob"], None);
+    let (ok, out, _) = run_against(data, &["inbox", "--data", data, "--user", "bob"]);
     assert!(ok);
     assert_eq!(
         out.trim(),
@@ -64,6 +64,29 @@ fn up_then_send_and_inbox_with_the_demo_defaults() {
     );
     chat_in_a_terminal(data);
     stop(&mut up);
+}
+
+/// The key file `imctl up` (run without one, as here) wrote in its data
+/// directory `data`: its path, after checking it is readable by its owner
+/// only.
+fn cluster_key_file(data: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::path::Path::new(data).join("cluster.key");
+    let mode = std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("imctl up wrote no {}: {e}", path.display()))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", path.display());
+    path.to_str().unwrap().to_string()
+}
+
+/// Run `imctl ARGS` against the `imctl up` of `data`, with that cluster's
+/// key file.
+fn run_against(data: &str, args: &[&str]) -> (bool, String, String) {
+    let key = cluster_key_file(data);
+    let mut all = args.to_vec();
+    all.extend(["--cluster-key-file", &key]);
+    common::run(&all, None)
 }
 
 /// SIGINT, then `imctl up` must exit cleanly.
@@ -159,11 +182,11 @@ fn metrics_of_every_component_are_served_on_one_listener() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let (ok, _, err) = common::run(
+    let (ok, _, err) = run_against(
+        data,
         &[
             "send", "--data", data, "--user", "alice", "--to", "bob", "hi",
         ],
-        None,
     );
     assert!(ok, "send failed: {err}");
     let text = scrape(metrics);
@@ -197,15 +220,17 @@ fn scrape(addr: SocketAddr) -> String {
 /// `/quit`.
 fn chat_in_a_terminal(data: &str) {
     let imctl = env!("CARGO_BIN_EXE_imctl");
+    let key = cluster_key_file(data);
     let term = common::tmux::Tmux::start(&format!(
-        "RUST_LOG=warn {imctl} chat --data {data} --user alice --to bob"
+        "RUST_LOG=warn {imctl} chat --data {data} --user alice --to bob --cluster-key-file {key}"
     ));
     let screen = term.wait_for("to bob>");
     assert!(screen.contains("friends (1):"), "{screen}");
     assert!(screen.contains("logged in as alice"), "{screen}");
     term.type_text("half typed");
     term.wait_for("to bob> half typed");
-    let (ok, out, err) = common::run(
+    let (ok, out, err) = run_against(
+        data,
         &[
             "send",
             "--data",
@@ -216,7 +241,6 @@ fn chat_in_a_terminal(data: &str) {
             "alice",
             "incoming now",
         ],
-        None,
     );
     assert!(ok, "send failed: {err}");
     assert_eq!(out.trim(), "sent to alice (mailbox seq 1)");
@@ -230,7 +254,7 @@ fn chat_in_a_terminal(data: &str) {
     term.type_text("/quit");
     term.enter();
     term.wait_exit();
-    let (ok, out, err) = common::run(&["inbox", "--data", data, "--user", "bob"], None);
+    let (ok, out, err) = run_against(data, &["inbox", "--data", data, "--user", "bob"]);
     assert!(ok, "inbox failed: {err}");
     assert_eq!(out.trim(), "alice: half typed and finished");
 }

@@ -6,6 +6,12 @@ use daemon::Signals;
 use gateway::{config::GatewayConfig, daemon as gateway_daemon, keys};
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+/// jemalloc, as in every daemon: memory freed when connections close goes
+/// back to the system (glibc's heap kept growing as idle connections came
+/// and went), and `process_heap_*_bytes` are read from its statistics.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The login gateway: the only process clients reach, over UDP.
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about)]
@@ -32,10 +38,15 @@ struct Args {
     /// TOML config file (see gateway.example.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    key: daemon::secure::KeyArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.key.install() {
+        return daemon::exit_code("gateway", Err(e));
+    }
     daemon::init_tracing();
     // One thread: the event loop does the gateway's work (crypto, routing)
     // and everything else only waits for services. Tasks on other threads

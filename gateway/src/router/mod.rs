@@ -239,6 +239,11 @@ pub const STORE_BATCH_BYTES_MAX: usize = 512 * 1024;
 /// sessions whose relations could not be checked).
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
+/// "undecodable request" warnings: at most one per interval, with how many
+/// were held back (`gateway_bad_requests_total` counts them all).
+static BAD_REQUEST_WARNINGS: daemon::SharedLogLimiter =
+    daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
+
 type MessageRate = KeyedLimiter<u64>;
 
 pub struct Router {
@@ -561,6 +566,14 @@ impl Router {
         let user = s.user;
         let Ok(msg) = app::decode::<ClientMessage>(bytes) else {
             metrics::counter!("gateway_bad_requests_total").increment(1);
+            if let Some(held_back) = BAD_REQUEST_WARNINGS.check() {
+                tracing::warn!(
+                    user,
+                    session,
+                    held_back,
+                    "undecodable request from a client; dropped"
+                );
+            }
             return;
         };
         let in_flight_full = s.in_flight >= self.config.requests_in_flight_per_session_max;

@@ -44,7 +44,14 @@ pub struct Options {
     /// The map's one shard is a replicated group of three real `msgstore`
     /// processes ([`Cluster::group`]) instead of `shards` shards.
     pub shard_group: bool,
+    /// Presence as this many real replica processes
+    /// ([`Cluster::presence`], grace [`PRESENCE_GRACE_MS`]) instead of the
+    /// in-process one.
+    pub presence_replicas: usize,
 }
+
+/// The grace period of [`Options::presence_replicas`]' processes.
+pub const PRESENCE_GRACE_MS: u32 = 500;
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -58,6 +65,8 @@ pub struct Cluster {
     pub metrics: Option<SocketAddr>,
     /// With [`Options::shard_group`]: the group's replica processes.
     pub group: Option<msgstore::raft::testing::Group>,
+    /// With [`Options::presence_replicas`]: the presence processes.
+    pub presence: Vec<PresenceProcess>,
 }
 
 impl Cluster {
@@ -157,8 +166,15 @@ impl Cluster {
                 replicas: addrs,
             }];
         }
+        let presence: Vec<PresenceProcess> = (0..options.presence_replicas)
+            .map(|_| PresenceProcess::start("127.0.0.1:0".parse().unwrap()))
+            .collect();
         let mut gateway_map = services.map.clone();
         gateway_map.shards = in_map;
+        if !presence.is_empty() {
+            let addrs: Vec<String> = presence.iter().map(|p| p.addr().to_string()).collect();
+            gateway_map.presence = addrs.join(",");
+        }
         std::fs::write(dir.path().join("cluster.toml"), gateway_map.to_toml()).unwrap();
         let gateway_config = options.gateway_toml.map(|toml| {
             let path = dir.path().join("gateway.toml");
@@ -189,6 +205,7 @@ impl Cluster {
             gateway_config,
             metrics,
             group,
+            presence,
         };
         (cluster, processes)
     }
@@ -433,6 +450,45 @@ async fn start_group(dir: &Path) -> msgstore::raft::testing::Group {
 
 pub fn msgstore_binary() -> std::path::PathBuf {
     daemon::testing::workspace_binary(Path::new(env!("CARGO_BIN_EXE_gateway")), "msgstore")
+}
+
+/// A presence replica as a real process, restartable on the same address.
+pub struct PresenceProcess {
+    pub process: Option<DaemonProcess>,
+    addr: std::net::SocketAddr,
+}
+
+impl PresenceProcess {
+    pub fn start(listen: std::net::SocketAddr) -> PresenceProcess {
+        let bin =
+            daemon::testing::workspace_binary(Path::new(env!("CARGO_BIN_EXE_gateway")), "presence");
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", &listen.to_string()])
+            .args(["--grace-ms", &PRESENCE_GRACE_MS.to_string()])
+            .env("RUST_LOG", "warn");
+        let process = DaemonProcess::start(cmd, "presence", WAIT);
+        let addr = process.addr;
+        PresenceProcess {
+            process: Some(process),
+            addr,
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Start again on the same address.
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = PresenceProcess::start(self.addr);
+    }
 }
 
 /// A shard as a real process, restartable on the same data and address.

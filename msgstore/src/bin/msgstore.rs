@@ -51,6 +51,8 @@ struct Args {
     /// exit. The shard must not be running.
     #[arg(long)]
     repair: bool,
+    #[command(flatten)]
+    key: daemon::secure::KeyArgs,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +62,9 @@ fn main() -> ExitCode {
     }
     // The async runtime only waits for signals and serves metrics; the
     // shard runs on its own thread (see `msgstore::server`).
+    if let Err(e) = args.key.install() {
+        return daemon::exit_code("msgstore", Err(e));
+    }
     daemon::run_main("msgstore", || Ok(serve(load_config(&args)?)))
 }
 

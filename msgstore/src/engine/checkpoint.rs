@@ -902,7 +902,7 @@ mod tests {
                 "the job must wait for the log write"
             );
         }
-        e.log_write_done(&write.perform());
+        e.log_write_done(write.batch(), &write.perform());
         e.poll_checkpoint(true).unwrap().unwrap();
         assert_eq!(e.counters.checkpoints_total, 1);
         drop(e);
@@ -921,8 +921,9 @@ mod tests {
         let mut e = Engine::open(dir.path(), always_config()).unwrap();
         let write = append_deferred(&mut e, 1, 100);
         e.start_checkpoint().unwrap();
+        let batch = write.batch();
         drop(write);
-        e.log_write_done(&Err("the disk is gone".into()));
+        e.log_write_done(batch, &Err("the disk is gone".into()));
         let failed = e.poll_checkpoint(true).unwrap().unwrap_err();
         assert!(failed.to_string().contains("log write"), "{failed}");
         assert_eq!(e.counters.checkpoints_total, 0);
@@ -937,7 +938,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut e = Engine::open(dir.path(), always_config()).unwrap();
         let first = append_deferred(&mut e, 1, 5000);
-        e.log_write_done(&first.perform());
+        e.log_write_done(first.batch(), &first.perform());
         assert!(!e.checkpoint_stalled(), "no checkpoint runs");
         e.start_checkpoint().unwrap();
         assert!(
@@ -946,7 +947,7 @@ mod tests {
         );
         let second = append_deferred(&mut e, 2, 5000);
         assert!(e.checkpoint_stalled(), "10 KB behind a running checkpoint");
-        e.log_write_done(&second.perform());
+        e.log_write_done(second.batch(), &second.perform());
         e.poll_checkpoint(true).unwrap().unwrap();
         assert!(!e.checkpoint_stalled(), "the checkpoint is done");
     }

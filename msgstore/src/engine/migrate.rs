@@ -207,7 +207,7 @@ impl Engine {
             self.apply_append(state, header, rec.payload.clone());
             state = self.dirty[&user].state;
         }
-        metrics::counter!("msgstore_imported_records_total").increment(records.len() as u64);
+        self.batch_counts.imported_records += records.len() as u64;
         Ok(mailbox_stats(Some(&state)))
     }
 

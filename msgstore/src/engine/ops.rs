@@ -107,7 +107,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Append `req` in the open batch: its seq, or why it was refused
+    /// (counted in `msgstore_appends_failed_total{reason}`). It counts in
+    /// `msgstore_appends_total` once its batch is stored.
     pub(super) fn append(&mut self, req: AppendRequest) -> Result<u64> {
+        let result = self.stage_append(req);
+        match &result {
+            Ok(_) => self.batch_counts.appends += 1,
+            Err(e) => crate::metrics::count_refused_append(e),
+        }
+        result
+    }
+
+    fn stage_append(&mut self, req: AppendRequest) -> Result<u64> {
         self.check_wal_room()?;
         let len = req.payload.len();
         if len > self.config.message_bytes_max as usize {
@@ -157,8 +169,6 @@ impl Engine {
         };
         wal::encode_append(&header, &req.payload, &mut self.wal_buf);
         self.apply_append(state, header, req.payload);
-        self.counters.appends_total += 1;
-        metrics::counter!("msgstore_appends_total").increment(1);
         Ok(header.seq)
     }
 
@@ -254,8 +264,7 @@ impl Engine {
         }
         wal::encode_ack(user, up_to, &mut self.wal_buf);
         let removed = self.apply_ack_counted(user, state, up_to, bytes)?;
-        self.counters.acks_total += 1;
-        metrics::counter!("msgstore_acks_total").increment(1);
+        self.batch_counts.acks += 1;
         Ok(removed)
     }
 
@@ -275,7 +284,7 @@ impl Engine {
         match newest_expired {
             Some(seq) => {
                 let removed = self.ack(user, seq)?;
-                metrics::counter!("msgstore_expired_records_total").increment(removed);
+                self.batch_counts.expired_records += removed;
                 Ok(removed)
             }
             None => Ok(0),
@@ -605,7 +614,7 @@ impl Engine {
             bucket_bytes,
             dead_bytes,
             open_maps: lock(&self.buckets).open_maps() as u64,
-            ..self.counters
+            ..self.counters.clone()
         }
     }
 

@@ -22,11 +22,12 @@ use openraft::{
 };
 use proto::frame::{self, Decoded};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::{collections::BTreeMap, time::Duration};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest frame body on a replication link: an AppendEntries of
 /// `max_payload_entries` batches (each at most about
@@ -121,31 +122,100 @@ pub enum LinkError {
     Unexpected { addr: String },
 }
 
-/// One request/answer connection to a peer, dialed on first use and after
-/// any failure.
+/// Idle authenticated connections to peers, kept for the next client.
+///
+/// openraft makes a new client per follower for every leadership check of
+/// a linearizable read (and for each election), so without a pool every
+/// read would cost a Noise handshake and, under load, more handshakes from
+/// one address than a listener's per-source limit.
+#[derive(Default)]
+pub struct LinkPool {
+    idle: Mutex<HashMap<String, Vec<daemon::secure::Link>>>,
+}
+
+impl LinkPool {
+    fn take(&self, addr: &str) -> Option<daemon::secure::Link> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let links = idle.get_mut(addr)?;
+        let link = links.pop();
+        if links.is_empty() {
+            idle.remove(addr);
+        }
+        link
+    }
+
+    fn put(&self, addr: &str, link: daemon::secure::Link) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let links = idle.entry(addr.to_owned()).or_default();
+        if links.len() < POOL_LINKS_PER_PEER_MAX {
+            links.push(link);
+        }
+    }
+}
+
+/// Idle links kept per peer at most; more are closed.
+pub const POOL_LINKS_PER_PEER_MAX: usize = 4;
+
+/// One request/answer connection to a peer, dialed (or taken from the
+/// pool) on first use and after any failure. A connection whose last
+/// exchange finished goes back to the pool when the link is dropped; one
+/// cut off mid-exchange is closed (its stream would be out of step).
 pub struct Link {
     addr: String,
-    stream: Option<TcpStream>,
+    stream: Option<daemon::secure::Link>,
+    /// No exchange is half done on `stream`.
+    clean: bool,
     buf: BytesMut,
+    pool: Option<Arc<LinkPool>>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(pool), true) = (self.stream.take(), &self.pool, self.clean) {
+            pool.put(&self.addr, stream);
+        }
+    }
 }
 
 impl Link {
     pub fn new(addr: String) -> Link {
+        Link::with_pool(addr, None)
+    }
+
+    /// A link that takes its connection from `pool` and gives it back.
+    pub fn pooled(addr: String, pool: Arc<LinkPool>) -> Link {
+        Link::with_pool(addr, Some(pool))
+    }
+
+    fn with_pool(addr: String, pool: Option<Arc<LinkPool>>) -> Link {
         Link {
             addr,
             stream: None,
+            clean: true,
             buf: BytesMut::new(),
+            pool,
         }
     }
 
-    /// Send `request` and wait for its answer, all within `deadline`.
+    /// Send `request` and wait for its answer within `deadline` (a dial,
+    /// if needed, has its own [`CONNECT_TIMEOUT`]: a handshake is not
+    /// counted against a heartbeat's deadline).
     pub async fn call(
         &mut self,
         request: &PeerRequest,
         deadline: Duration,
     ) -> Result<PeerResponse, LinkError> {
         let addr = self.addr.clone();
-        match tokio::time::timeout(deadline, self.exchange(request)).await {
+        if !self.clean {
+            // The last call was cut off mid-exchange: its answer may still come.
+            self.stream = None;
+            self.clean = true;
+        }
+        self.connected().await?;
+        self.clean = false;
+        let result = tokio::time::timeout(deadline, self.exchange(request)).await;
+        self.clean = true;
+        match result {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
                 self.stream = None;
@@ -174,16 +244,22 @@ impl Link {
             addr: String::new(),
             error,
         };
-        stream.write_all(&bytes).await.map_err(io)?;
+        stream.writer.send(&bytes).await.map_err(io)?;
         self.buf.clear();
-        read_frame(self.stream.as_mut().expect("connected"), &mut self.buf)
-            .await
-            .map_err(|e| e.at(&self.addr))
+        read_frame(
+            &mut self.stream.as_mut().expect("connected").reader,
+            &mut self.buf,
+        )
+        .await
+        .map_err(|e| e.at(&self.addr))
     }
 
-    async fn connected(&mut self) -> Result<&mut TcpStream, LinkError> {
+    async fn connected(&mut self) -> Result<&mut daemon::secure::Link, LinkError> {
         if self.stream.is_none() {
-            let dial = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr));
+            self.stream = self.pool.as_ref().and_then(|p| p.take(&self.addr));
+        }
+        if self.stream.is_none() {
+            let dial = tokio::time::timeout(CONNECT_TIMEOUT, daemon::secure::connect(&self.addr));
             let stream = match dial.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -199,7 +275,6 @@ impl Link {
                     })
                 }
             };
-            let _ = stream.set_nodelay(true);
             self.stream = Some(stream);
         }
         Ok(self.stream.as_mut().expect("just set"))
@@ -225,7 +300,7 @@ impl LinkError {
 /// Read one frame from `stream` (bytes beyond it stay in `buf`). `Ok(None)`
 /// at a clean end of stream before any byte of a frame.
 pub async fn read_frame_or_end<T: DeserializeOwned>(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
 ) -> Result<Option<T>, LinkError> {
     loop {
@@ -258,7 +333,7 @@ pub async fn read_frame_or_end<T: DeserializeOwned>(
 }
 
 async fn read_frame<T: DeserializeOwned>(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
 ) -> Result<T, LinkError> {
     read_frame_or_end(stream, buf)
@@ -271,7 +346,9 @@ async fn read_frame<T: DeserializeOwned>(
 
 /// Makes a [`PeerClient`] per peer for openraft.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    pool: Arc<LinkPool>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
@@ -279,7 +356,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: ReplicaId, node: &Replica) -> PeerClient {
         PeerClient {
             target,
-            link: Link::new(node.raft_addr.clone()),
+            link: Link::pooled(node.raft_addr.clone(), self.pool.clone()),
         }
     }
 }

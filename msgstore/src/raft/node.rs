@@ -15,8 +15,13 @@ use super::{
 };
 use crate::{server::ServerConfig, EngineConfig, Error};
 use bytes::BytesMut;
-use openraft::{error::ClientWriteError, error::RaftError, Raft, ServerState, SnapshotPolicy};
-use proto::shard::{RequestBody, ResponseBody, ShardErrorCode, ShardRole};
+use daemon::secure::{GateLimits, Link, SecureListener};
+use openraft::{
+    error::ClientWriteError, error::RaftError, Raft, RaftMetrics, ServerState, SnapshotPolicy,
+};
+use proto::shard::{
+    RaftStats, ReplicaProgress, RequestBody, ResponseBody, ShardErrorCode, ShardRole,
+};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,11 +33,7 @@ use std::{
     },
     time::Duration,
 };
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 
 /// The `[raft]` table of the daemon's config: present, the shard runs as
 /// a replica of a group.
@@ -155,9 +156,9 @@ impl Node {
         self.shared.overloaded()
     }
 
-    /// `Ping` and `Stats`: this replica's own state (`Stats` with its role
-    /// and the leader it knows).
-    pub(crate) fn answer_locally(&self, body: RequestBody) -> ResponseBody {
+    /// `Ping` and `Stats`: this replica's own state (`Stats` with its role,
+    /// the leader it knows and its Raft state).
+    pub(crate) async fn answer_locally(&self, body: RequestBody) -> ResponseBody {
         let answer = match self.shared.engine().as_mut() {
             Some(engine) => engine.respond(body),
             None => service::error(
@@ -170,10 +171,25 @@ impl Node {
                 let m = self.raft.metrics().borrow().clone();
                 stats.role = shard_role(m.state);
                 stats.leader = m.current_leader;
+                stats.raft = Some(raft_stats(&m, self.committed_index().await));
                 ResponseBody::Stats(stats)
             }
             other => other,
         }
+    }
+
+    /// The newest committed index this replica knows: openraft 0.9's
+    /// metrics do not carry it, so it is asked of the Raft core, which
+    /// may be busy (a sync): `None` if it does not tell within
+    /// [`COMMITTED_ASK_TIMEOUT`].
+    async fn committed_index(&self) -> Option<u64> {
+        let ask = self
+            .raft
+            .with_raft_state(|st| st.committed.map(|c| c.index));
+        tokio::time::timeout(COMMITTED_ASK_TIMEOUT, ask)
+            .await
+            .ok()?
+            .ok()?
     }
 
     /// This replica's view of the group.
@@ -243,6 +259,30 @@ impl Node {
     }
 }
 
+/// How long a `Stats` answer waits for the Raft core to tell the
+/// committed index.
+const COMMITTED_ASK_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What `Stats` reports of Raft (`docs/PROTOCOL.md` §1.3, `RaftStats`).
+fn raft_stats(m: &RaftMetrics<ReplicaId, Replica>, committed: Option<u64>) -> RaftStats {
+    RaftStats {
+        id: m.id,
+        term: m.current_term,
+        last_log_index: m.last_log_index,
+        committed_index: committed,
+        applied_index: m.last_applied.map(|l| l.index),
+        matched: m
+            .replication
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|(id, l)| ReplicaProgress {
+                replica: *id,
+                matched: l.map(|l| l.index),
+            })
+            .collect(),
+    }
+}
+
 fn shard_role(state: ServerState) -> ShardRole {
     match state {
         ServerState::Leader => ShardRole::Leader,
@@ -284,7 +324,6 @@ pub async fn run(
             return Err(e);
         }
     };
-    describe_metrics();
     let metrics = tokio::spawn(export_metrics(node.clone()));
     let ticker = std::thread::spawn({
         let (shared, stop) = (node.shared.clone(), stop.clone());
@@ -292,10 +331,10 @@ pub async fn run(
     });
     let peers = tokio::spawn(accept_peers(node.clone(), raft_listener));
     let connections = Arc::new(AtomicUsize::new(0));
-    let mut acceptor = daemon::Acceptor::new(client_listener, "msgstore");
+    let mut acceptor = SecureListener::new(client_listener, "msgstore", GateLimits::default());
     loop {
         tokio::select! {
-            (stream, _) = acceptor.accept() => admit(&node, stream, &connections),
+            link = acceptor.accept() => admit(&node, link, &connections),
             _ = stop.wait_for(|s| *s) => break,
         }
     }
@@ -333,7 +372,7 @@ async fn start(
     let sm = StateMachine {
         shared: shared.clone(),
     };
-    let handle = Raft::new(raft.id, openraft_config, Network, log, sm)
+    let handle = Raft::new(raft.id, openraft_config, Network::default(), log, sm)
         .await
         .map_err(|e| Error::Storage(format!("raft did not start: {e}")))?;
     let proposer = Proposer::start(handle.clone(), Duration::from_millis(raft.write_timeout_ms));
@@ -378,7 +417,7 @@ async fn step_down_at_start(log: &mut LogStore<TypeConfig>, me: ReplicaId) -> Re
     Ok(())
 }
 
-fn admit(node: &Arc<Node>, stream: TcpStream, connections: &Arc<AtomicUsize>) {
+fn admit(node: &Arc<Node>, link: Link, connections: &Arc<AtomicUsize>) {
     if connections.load(Ordering::Relaxed) >= node.server.connections_max {
         metrics::counter!("msgstore_connections_rejected_total").increment(1);
         return;
@@ -386,7 +425,7 @@ fn admit(node: &Arc<Node>, stream: TcpStream, connections: &Arc<AtomicUsize>) {
     connections.fetch_add(1, Ordering::Relaxed);
     let (node, connections) = (node.clone(), connections.clone());
     tokio::spawn(async move {
-        service::serve(node, stream).await;
+        service::serve(node, link).await;
         connections.fetch_sub(1, Ordering::Relaxed);
     });
 }
@@ -408,25 +447,30 @@ fn tick_engine(shared: &Shared, stop: &watch::Receiver<bool>) {
 }
 
 async fn accept_peers(node: Arc<Node>, listener: TcpListener) {
+    let mut listener = SecureListener::new(listener, "msgstore_raft", GateLimits::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_peer(node.clone(), stream));
+        let link = listener.accept().await;
+        tokio::spawn(serve_peer(node.clone(), link));
     }
 }
 
+/// "bad replication frame" warnings: at most one per interval (a broken or
+/// hostile peer reconnecting would otherwise fill the log).
+static BAD_PEER_FRAME_WARNINGS: daemon::SharedLogLimiter =
+    daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
+
 /// Answer one peer's RPCs, one at a time, until it hangs up.
-async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) {
+async fn serve_peer(node: Arc<Node>, link: Link) {
+    let (mut stream, mut wr) = link.into_split();
     let mut buf = BytesMut::new();
     loop {
         let request = match read_frame_or_end::<PeerRequest>(&mut stream, &mut buf).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "bad replication frame; closing the link");
+                if let Some(held_back) = BAD_PEER_FRAME_WARNINGS.check() {
+                    tracing::warn!(error = %e, held_back, "bad replication frame; closing the link");
+                }
                 return;
             }
         };
@@ -445,47 +489,10 @@ async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) {
             tracing::error!(error = %e, "replication answer not encodable");
             return;
         }
-        if stream.write_all(&out).await.is_err() {
+        if wr.send(&out).await.is_err() {
             return;
         }
     }
-}
-
-fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge};
-    describe_gauge!("msgstore_raft_term", "The replica's current Raft term.");
-    describe_gauge!(
-        "msgstore_raft_is_leader",
-        "1 if this replica leads its group, else 0."
-    );
-    describe_gauge!(
-        "msgstore_raft_commit_index",
-        "Highest log index known committed and applied here."
-    );
-    describe_gauge!(
-        "msgstore_raft_last_log_index",
-        "Highest log index in this replica's log."
-    );
-    describe_gauge!(
-        "msgstore_raft_follower_lag_entries",
-        "On the leader: entries each follower lacks."
-    );
-    describe_counter!(
-        "msgstore_raft_elections_total",
-        "Times this replica became a candidate."
-    );
-    describe_counter!(
-        "msgstore_raft_snapshot_bytes_total",
-        "Snapshot bytes sent or received."
-    );
-    describe_counter!(
-        "msgstore_raft_not_leader_answers_total",
-        "Requests answered NotLeader."
-    );
-    describe_counter!(
-        "msgstore_raft_proposals_total",
-        "Raft entries proposed by this replica."
-    );
 }
 
 /// Keep the Raft gauges current.

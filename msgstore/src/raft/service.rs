@@ -27,6 +27,7 @@
 use super::{node::Node, proposer::answers_of};
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
+use daemon::secure::Link;
 use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use proto::{
     frame::{self, Decoded},
@@ -34,8 +35,7 @@ use proto::{
 };
 use std::{sync::Arc, time::Duration};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    io::AsyncReadExt,
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
@@ -73,14 +73,13 @@ fn kind(body: &RequestBody) -> Kind {
 }
 
 /// Serve one client connection until it closes or the node stops.
-pub async fn serve(node: Arc<Node>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+pub async fn serve(node: Arc<Node>, link: Link) {
+    let (mut rd, mut wr) = link.into_split();
     let (tx, mut rx) = mpsc::channel::<JoinHandle<Vec<u8>>>(CHUNKS_INFLIGHT_MAX);
     let writer = tokio::spawn(async move {
         while let Some(chunk) = rx.recv().await {
             let Ok(bytes) = chunk.await else { break };
-            if wr.write_all(&bytes).await.is_err() {
+            if wr.send(&bytes).await.is_err() {
                 break;
             }
         }
@@ -95,8 +94,14 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
                 Ok(Decoded::Frame(r)) => requests.push(r),
                 Ok(Decoded::Incomplete) => break false,
                 Err(e) => {
-                    tracing::warn!(error = %e, "bad frame from a client; closing its connection");
                     metrics::counter!("msgstore_bad_frames_total").increment(1);
+                    if let Some(held_back) = crate::server::BAD_FRAME_WARNINGS.check() {
+                        tracing::warn!(
+                            error = %e,
+                            held_back,
+                            "bad frame from a client; closing its connection"
+                        );
+                    }
                     break true;
                 }
             }
@@ -166,7 +171,7 @@ impl Chunk {
                     writes.push(r.body);
                 }
                 Kind::Read => chunk.reads.push((i, r.body)),
-                Kind::Local => chunk.answers[i] = Some(node.answer_locally(r.body)),
+                Kind::Local => chunk.answers[i] = Some(node.answer_locally(r.body).await),
             }
         }
         if writes.is_empty() {

@@ -69,6 +69,8 @@ impl ReplicaProcess {
             )
             .stdout(std::process::Stdio::piped())
             .stderr(self.log_file());
+        // The replicas and this process's clients share this process's key.
+        daemon::testing::with_cluster_key(&mut cmd);
         let mut child = cmd.spawn().expect("spawn msgstore");
         wait_for_listening(&mut child, "msgstore", Duration::from_secs(60));
         if self.netns.is_some() {

@@ -5,6 +5,12 @@ use daemon::Signals;
 use presence::daemon::{self as presence_daemon, DaemonConfig};
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+/// jemalloc, as in every daemon: memory freed when connections close goes
+/// back to the system (glibc's heap kept growing as idle connections came
+/// and went), and `process_heap_*_bytes` are read from its statistics.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The in-memory online-status server, served over TCP.
 #[derive(Debug, Parser)]
 #[command(name = "presence", version, about)]
@@ -23,10 +29,15 @@ struct Args {
     /// TOML config file (see presence.example.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    key: daemon::secure::KeyArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.key.install() {
+        return daemon::exit_code("presence", Err(e));
+    }
     daemon::run_main("presence", || Ok(serve(load_config(&args)?)))
 }
 

@@ -6,6 +6,12 @@ use daemon::Signals;
 use profile::Config;
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+/// jemalloc, as in every daemon: memory freed when connections close goes
+/// back to the system (glibc's heap kept growing as idle connections came
+/// and went), and `process_heap_*_bytes` are read from its statistics.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Accounts, profiles, friends and avatars, served over TCP.
 #[derive(Debug, Parser)]
 #[command(name = "profile", version, about)]
@@ -24,10 +30,15 @@ struct Args {
     /// TOML config file (see profile.example.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    key: daemon::secure::KeyArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.key.install() {
+        return daemon::exit_code("profile", Err(e));
+    }
     daemon::init_tracing();
     daemon::exit_code("profile", run(args))
 }

@@ -63,6 +63,11 @@ impl Writer {
     }
 }
 
+/// Failed write transactions logged at most once per interval (a full disk
+/// fails every write; `profile_writes_failed_total` counts them all).
+static WRITE_FAILURE_ERRORS: daemon::SharedLogLimiter =
+    daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
+
 fn run(store: &Store, hub: &Hub, rx: &flume::Receiver<Job>, batch_max: usize) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -77,9 +82,17 @@ fn run(store: &Store, hub: &Hub, rx: &flume::Receiver<Job>, batch_max: usize) {
         let (results, changes) = match commit_batch(store, &mut batch) {
             Ok(done) => done,
             Err(e) => {
-                // Nothing of the batch was committed: every op fails.
-                tracing::error!(error = %e, "profile write transaction failed");
-                let failed = |n| (0..n).map(|_| Err(Error::Corrupt(format!("write failed: {e}"))));
+                // Nothing of the batch was committed: every op fails, with
+                // an error that says why (a full map or disk, or the I/O
+                // error).
+                let why = e.write_failure();
+                metrics::counter!("profile_writes_failed_total", "reason" => why.label())
+                    .increment(counts.iter().sum::<usize>() as u64);
+                let answer = e.write_failed();
+                if let Some(held_back) = WRITE_FAILURE_ERRORS.check() {
+                    tracing::error!(error = %e, reason = why.label(), held_back, "profile write transaction failed: {answer}");
+                }
+                let failed = |n| (0..n).map(|_| Err(e.write_failed()));
                 let results = counts.iter().map(|&n| failed(n).collect()).collect();
                 (results, Vec::new())
             }
@@ -121,4 +134,44 @@ fn commit_batch(store: &Store, batch: &mut [Job]) -> Result<(Vec<Vec<Result<Outc
     }
     wtxn.commit()?;
     Ok((results, all_changes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+
+    /// A write that finds the LMDB map full is answered "storage full",
+    /// saying so, never "corrupt profile data"; nothing of it is stored.
+    #[tokio::test]
+    async fn a_full_map_is_storage_full_not_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 1 << 20, Limits::default()).unwrap());
+        let (writer, thread) =
+            Writer::start(store.clone(), Arc::new(Hub::default()), 16, 16).unwrap();
+        let mut stored = 0;
+        let failure = loop {
+            let op = WriteOp::CreateUser {
+                username: format!("user{stored}"),
+                phc: "x".repeat(100 * 1024),
+            };
+            match writer.write(op).await {
+                Ok(_) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 100, "a 1 MiB map never filled");
+        };
+        assert!(matches!(failure, Error::StorageFull(_)), "{failure:?}");
+        let text = failure.to_string();
+        assert!(text.contains("LMDB map is full"), "{text}");
+        assert!(!text.contains("corrupt"), "{text}");
+        assert_eq!(failure.code(), proto::profile::ErrorCode::Storage);
+        assert!(store
+            .credentials(&format!("user{stored}"))
+            .unwrap()
+            .is_none());
+        assert!(store.credentials("user0").unwrap().is_some());
+        drop(writer);
+        thread.join().unwrap();
+    }
 }

@@ -81,12 +81,12 @@ impl StaticKeypair {
 
 /// snow's default primitives with a caller-seeded RNG, so that no global
 /// randomness is used inside the session machine.
-struct SeededResolver {
+pub(crate) struct SeededResolver {
     seed: [u8; 32],
 }
 
 impl SeededResolver {
-    fn new(seed: [u8; 32]) -> Self {
+    pub(crate) fn new(seed: [u8; 32]) -> Self {
         SeededResolver { seed }
     }
 }
@@ -136,8 +136,8 @@ pub fn responder(keys: &StaticKeypair, seed: [u8; 32]) -> HandshakeState {
 /// The two transport keys of a finished handshake.
 #[derive(Clone)]
 pub struct TransportKeys {
-    send: [u8; 32],
-    recv: [u8; 32],
+    pub(crate) send: [u8; 32],
+    pub(crate) recv: [u8; 32],
 }
 
 impl TransportKeys {
@@ -160,7 +160,7 @@ impl TransportKeys {
     }
 
     /// Noise ChaChaPoly nonce: 4 zero bytes, then the counter little-endian.
-    fn nonce(counter: u64) -> Nonce {
+    pub(crate) fn nonce(counter: u64) -> Nonce {
         let mut n = [0u8; 12];
         n[4..].copy_from_slice(&counter.to_le_bytes());
         Nonce::assume_unique_for_key(n)
@@ -169,7 +169,7 @@ impl TransportKeys {
     /// The AEAD under `key`. Built per call: keeping ring's key object in
     /// every session would cost hundreds of bytes per idle session, and for
     /// ChaCha20 it is only the 32 key bytes.
-    fn cipher(key: &[u8; 32]) -> LessSafeKey {
+    pub(crate) fn cipher(key: &[u8; 32]) -> LessSafeKey {
         LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key"))
     }
 

@@ -11,12 +11,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// `imctl ARGS` with this test process's cluster key (the key of the
+/// daemons it runs in-process and of [`up::Up`]) unless `args` name one.
+fn imctl(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imctl"));
+    cmd.args(args).env_remove("IMCTL_PASSWORD");
+    daemon::testing::with_cluster_key(&mut cmd);
+    cmd
+}
+
 /// Run `imctl ARGS` (with `stdin` as its standard input, if given):
 /// (success, stdout, stderr).
 pub fn run(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imctl"))
-        .args(args)
-        .env_remove("IMCTL_PASSWORD")
+    let mut child = imctl(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -40,9 +47,7 @@ pub fn run(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
 /// Like [`run`], but `imctl` must exit within `limit` (a guard against a
 /// hang, not a measure of speed): it is killed and the test fails if not.
 pub fn run_within(args: &[&str], limit: Duration) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imctl"))
-        .args(args)
-        .env_remove("IMCTL_PASSWORD")
+    let mut child = imctl(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

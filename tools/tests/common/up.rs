@@ -40,12 +40,12 @@ impl Up {
         }
         let shards = format!("{ANY},{ANY}");
         args.extend(["--shard", &shards]);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imctl"))
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start imctl up");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imctl"));
+        cmd.args(&args).env("RUST_LOG", "warn");
+        // This test process's key: `up` writes it to DATA/cluster.key, and
+        // the `imctl` commands of `super::run` use it too.
+        daemon::testing::with_cluster_key(&mut cmd);
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start imctl up");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = lines.next().expect("a guide line").expect("utf-8");
         assert!(first.starts_with("im-server is up"), "{first}");
