@@ -138,6 +138,52 @@ pub fn describe(table: &[Metric]) {
     }
 }
 
+/// Check a crate's `table` against the `.rs` files under its `src` (a unit
+/// test of every daemon crate): every metric the code emits is in the table
+/// with its type, every metric of the table is emitted somewhere but in
+/// `metrics.rs`, has HELP text and is listed once, and counters end in
+/// `_total`. Panics naming the first mismatch.
+pub fn assert_table_matches_sources(table: &[Metric], src: &Path, owner: &str) {
+    for (kind, name) in source_names(src) {
+        let entry = table.iter().find(|m| m.name == name);
+        let entry = entry.unwrap_or_else(|| panic!("{name} is not in {owner}"));
+        assert_eq!(entry.kind, kind, "{name}: its type");
+    }
+    for m in table {
+        assert!(
+            quoted_in_sources(src, m.name, "metrics.rs"),
+            "{} is in the table but the code never emits it",
+            m.name
+        );
+        assert!(!m.help.is_empty(), "{}: no HELP text", m.name);
+        if m.kind == Kind::Counter {
+            assert!(m.name.ends_with("_total"), "{}", m.name);
+        }
+    }
+    let mut names: Vec<_> = table.iter().map(|m| m.name).collect();
+    names.sort_unstable();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(names.len(), before, "a metric is listed twice in {owner}");
+}
+
+/// Check that `listed` holds exactly the labels the arms of `fn fn_name`
+/// in `file` give (the `op` label's values and the function naming them).
+pub fn assert_arms_are(file: &Path, fn_name: &str, listed: &[&str]) {
+    let source =
+        std::fs::read_to_string(file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+    let mut arms = quoted_arms(&source, fn_name);
+    let mut listed: Vec<String> = listed.iter().map(|l| l.to_string()).collect();
+    arms.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(
+        arms,
+        listed,
+        "the labels of {fn_name} in {}",
+        file.display()
+    );
+}
+
 /// Every metric named by a string literal in a `counter!`, `gauge!` or
 /// `histogram!` call in the `.rs` files under `dir`, with its kind (for a
 /// unit test comparing a crate's table with its code).

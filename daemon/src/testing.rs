@@ -213,3 +213,41 @@ pub fn copy_dir_except(from: &std::path::Path, to: &std::path::Path, skip: &str)
         }
     }
 }
+
+/// How long the link helpers below wait before calling a test hung.
+pub const LINK_HANG_LIMIT: Duration = Duration::from_secs(60);
+
+/// An authenticated link to `addr` with this process's key, for tests that
+/// write frames by hand; panics if it cannot be made.
+pub async fn link(addr: impl tokio::net::ToSocketAddrs) -> crate::secure::Link {
+    tokio::time::timeout(LINK_HANG_LIMIT, crate::secure::connect(addr))
+        .await
+        .expect("no hang")
+        .expect("an authenticated link")
+}
+
+/// An authenticated link to `addr` from the local address `source` (a
+/// second loopback address: another source for per-source limits).
+pub async fn link_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<crate::secure::Link> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(addr).await?;
+    crate::secure::dial(stream, crate::secure::key()).await
+}
+
+/// `n` TCP connections to `addr` from 127.0.0.1 that never start the
+/// handshake (strangers), kept open by the caller.
+pub async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut raw = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = tokio::time::timeout(LINK_HANG_LIMIT, tokio::net::TcpStream::connect(addr))
+            .await
+            .expect("no hang")
+            .expect("a raw connection");
+        raw.push(stream);
+    }
+    raw
+}

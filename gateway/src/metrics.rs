@@ -186,26 +186,11 @@ pub fn register() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use daemon::catalog::Kind;
     use std::path::Path;
 
     #[test]
     fn every_metric_in_the_code_is_in_the_table() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        for (kind, name) in catalog::source_names(&src) {
-            let entry = METRICS.iter().find(|m| m.name == name);
-            let entry = entry.unwrap_or_else(|| panic!("{name} is not in gateway::metrics"));
-            assert_eq!(entry.kind, kind, "{name}: its type");
-        }
-        for m in METRICS {
-            assert!(
-                catalog::quoted_in_sources(&src, m.name, "metrics.rs"),
-                "{} is in the table but the code never emits it",
-                m.name
-            );
-            if m.kind == Kind::Counter {
-                assert!(m.name.ends_with("_total"), "{}", m.name);
-            }
-        }
+        catalog::assert_table_matches_sources(METRICS, &src, "gateway::metrics");
     }
 }

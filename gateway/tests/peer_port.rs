@@ -12,46 +12,14 @@ mod support;
 
 use bytes::BytesMut;
 use daemon::secure::{self, Link};
+use daemon::testing::{idle_raw_connections, link, link_from};
 use proto::{
     frame::{self, Decoded},
     peer::{Forward, PeerOutcome, PeerRequest, PeerRequestBody, PeerResponse, PeerResponseBody},
 };
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use support::{Cluster, WAIT};
-use tokio::{
-    io::AsyncReadExt,
-    net::{TcpSocket, TcpStream},
-};
-
-/// An authenticated link to the peer port `addr`.
-async fn link(addr: &str) -> Link {
-    tokio::time::timeout(WAIT, secure::connect(addr))
-        .await
-        .expect("no hang")
-        .expect("an authenticated link")
-}
-
-/// An authenticated link to `addr` from the local address `source`.
-async fn link_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<Link> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let stream = socket.connect(addr).await?;
-    secure::dial(stream, secure::key()).await
-}
-
-/// `n` TCP connections to `addr` from 127.0.0.1 that never start the
-/// handshake, kept open by the caller.
-async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
-    let mut raw = Vec::with_capacity(n);
-    for _ in 0..n {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-            .await
-            .expect("no hang")
-            .expect("a raw connection");
-        raw.push(stream);
-    }
-    raw
-}
+use tokio::io::AsyncReadExt;
 
 /// Forward a message to user 999 (online nowhere) over `link`; the answer.
 async fn forward(link: &mut Link, id: u64) -> PeerOutcome {

@@ -301,7 +301,6 @@ pub fn register(replicated: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use daemon::catalog::Kind;
     use std::path::Path;
 
     fn all() -> Vec<Metric> {
@@ -311,39 +310,13 @@ mod tests {
     #[test]
     fn every_metric_in_the_code_is_in_the_table() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let table = all();
-        for (kind, name) in catalog::source_names(&src) {
-            let entry = table.iter().find(|m| m.name == name);
-            let entry = entry.unwrap_or_else(|| panic!("{name} is not in msgstore::metrics"));
-            assert_eq!(entry.kind, kind, "{name}: its type");
-        }
-        for m in &table {
-            assert!(
-                catalog::quoted_in_sources(&src, m.name, "metrics.rs"),
-                "{} is in the table but the code never emits it",
-                m.name
-            );
-            assert!(!m.help.is_empty(), "{}", m.name);
-            if m.kind == Kind::Counter {
-                assert!(m.name.ends_with("_total"), "{}", m.name);
-            }
-        }
-        let mut names: Vec<_> = table.iter().map(|m| m.name).collect();
-        names.sort_unstable();
-        let before = names.len();
-        names.dedup();
-        assert_eq!(names.len(), before, "a metric is listed twice");
+        catalog::assert_table_matches_sources(&all(), &src, "msgstore::metrics");
     }
 
     #[test]
     fn the_op_labels_are_every_op() {
-        let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/src/shard.rs");
-        let source = std::fs::read_to_string(proto).unwrap();
-        let mut ops = catalog::quoted_arms(&source, "op_name");
-        let mut listed = OPS.to_vec();
-        ops.sort_unstable();
-        listed.sort_unstable();
-        assert_eq!(ops, listed);
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/src/shard.rs");
+        catalog::assert_arms_are(&file, "op_name", OPS);
     }
 
     #[test]

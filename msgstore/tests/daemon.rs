@@ -1,10 +1,8 @@
 //! End-to-end tests of the `msgstore` binary over real sockets
 //! (authenticated links: every daemon gets the test process's cluster key).
 
-use daemon::{
-    secure::{self, Link},
-    testing::DaemonProcess as Daemon,
-};
+use daemon::testing::{idle_raw_connections, link, link_from};
+use daemon::{secure::Link, testing::DaemonProcess as Daemon};
 
 use msgstore::client::{ClientError, ShardClient};
 use proto::shard::{AppendItem, ShardErrorCode, APPEND_BATCH_ITEMS_MAX};
@@ -15,10 +13,7 @@ use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
-use tokio::{
-    io::AsyncReadExt,
-    net::{TcpSocket, TcpStream},
-};
+use tokio::io::AsyncReadExt;
 
 /// Guard against a hung test; never a performance assertion.
 const HANG_LIMIT: Duration = Duration::from_secs(60);
@@ -54,36 +49,6 @@ fn with_config(cmd: &mut Command, dir: &Path, toml: &str) -> PathBuf {
     std::fs::write(&config, toml).unwrap();
     cmd.arg("--config").arg(&config);
     config
-}
-
-/// An authenticated link to the daemon, for hand-written frames.
-async fn link(addr: SocketAddr) -> Link {
-    tokio::time::timeout(HANG_LIMIT, secure::connect(addr))
-        .await
-        .expect("no hang")
-        .expect("an authenticated link")
-}
-
-/// An authenticated link to `addr` from the local address `source`.
-async fn link_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<Link> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let stream = socket.connect(addr).await?;
-    secure::dial(stream, secure::key()).await
-}
-
-/// `n` TCP connections to `addr` from 127.0.0.1 that never start the
-/// handshake, kept open by the caller.
-async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
-    let mut raw = Vec::with_capacity(n);
-    for _ in 0..n {
-        let stream = tokio::time::timeout(HANG_LIMIT, TcpStream::connect(addr))
-            .await
-            .expect("no hang")
-            .expect("a raw connection");
-        raw.push(stream);
-    }
-    raw
 }
 
 async fn connect(addr: SocketAddr) -> ShardClient {

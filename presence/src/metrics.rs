@@ -79,38 +79,21 @@ pub fn register_client() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use daemon::catalog::Kind;
     use std::path::Path;
 
     #[test]
     fn every_metric_in_the_code_is_in_the_table() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let table = [METRICS, CLIENT].concat();
-        for (kind, name) in catalog::source_names(&src) {
-            let entry = table.iter().find(|m| m.name == name);
-            let entry = entry.unwrap_or_else(|| panic!("{name} is not in presence::metrics"));
-            assert_eq!(entry.kind, kind, "{name}: its type");
-        }
-        for m in &table {
-            assert!(
-                catalog::quoted_in_sources(&src, m.name, "metrics.rs"),
-                "{} is in the table but the code never emits it",
-                m.name
-            );
-            if m.kind == Kind::Counter {
-                assert!(m.name.ends_with("_total"), "{}", m.name);
-            }
-        }
+        catalog::assert_table_matches_sources(
+            &[METRICS, CLIENT].concat(),
+            &src,
+            "presence::metrics",
+        );
     }
 
     #[test]
     fn the_op_labels_are_every_op() {
-        let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server.rs");
-        let source = std::fs::read_to_string(server).unwrap();
-        let mut ops = catalog::quoted_arms(&source, "op_name");
-        let mut listed = OPS.to_vec();
-        ops.sort_unstable();
-        listed.sort_unstable();
-        assert_eq!(ops, listed);
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server.rs");
+        catalog::assert_arms_are(&file, "op_name", OPS);
     }
 }

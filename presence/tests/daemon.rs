@@ -3,8 +3,8 @@
 //! cluster key).
 
 use daemon::{
-    secure::{self, Link},
-    testing::DaemonProcess as Daemon,
+    secure::Link,
+    testing::{idle_raw_connections, link, link_from, DaemonProcess as Daemon},
 };
 use presence::{
     client::{request_once, ClientConfig, ClientError, PresenceClient, PresenceEvent},
@@ -17,11 +17,7 @@ use std::{
     process::Command,
     time::{Duration, Instant},
 };
-use tokio::{
-    io::AsyncReadExt,
-    net::{TcpSocket, TcpStream},
-    sync::mpsc,
-};
+use tokio::{io::AsyncReadExt, sync::mpsc};
 
 /// Guard against a hung test; never a performance assertion.
 const HANG_LIMIT: Duration = Duration::from_secs(60);
@@ -48,36 +44,6 @@ fn start_with_config(toml: &str) -> (Daemon, tempfile::TempDir) {
         .arg(&file)
         .env("RUST_LOG", "warn");
     (Daemon::start(cmd, "presence", HANG_LIMIT), dir)
-}
-
-/// An authenticated link to the daemon, for hand-written frames.
-async fn link(addr: SocketAddr) -> Link {
-    tokio::time::timeout(HANG_LIMIT, secure::connect(addr))
-        .await
-        .expect("no hang")
-        .expect("an authenticated link")
-}
-
-/// An authenticated link to `addr` from the local address `source`.
-async fn link_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<Link> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let stream = socket.connect(addr).await?;
-    secure::dial(stream, secure::key()).await
-}
-
-/// `n` TCP connections to `addr` from 127.0.0.1 that never start the
-/// handshake, kept open by the caller.
-async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
-    let mut raw = Vec::with_capacity(n);
-    for _ in 0..n {
-        let stream = tokio::time::timeout(HANG_LIMIT, TcpStream::connect(addr))
-            .await
-            .expect("no hang")
-            .expect("a raw connection");
-        raw.push(stream);
-    }
-    raw
 }
 
 /// Send request `id` on `link`; its answer (events are skipped), or `None`

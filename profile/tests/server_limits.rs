@@ -9,18 +9,16 @@ mod common;
 
 use bytes::BytesMut;
 use daemon::secure::{self, Link};
+use daemon::testing::{idle_raw_connections, link, link_from};
 use proto::{
     frame::{self, Decoded},
     profile::{ImportUser, Request, RequestBody, ResponseBody, ServerMessage},
 };
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
-use tokio::{
-    io::AsyncReadExt,
-    net::{TcpSocket, TcpStream},
-};
+use tokio::io::AsyncReadExt;
 
 /// Guards against hangs only.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -33,37 +31,6 @@ async fn start(
     config.listen = "127.0.0.1:0".parse().unwrap();
     adjust(&mut config);
     (profile::daemon::start(config).await.unwrap(), dir)
-}
-
-/// An authenticated link to `addr` (with the test process's key, which the
-/// in-process daemon uses too).
-async fn link(addr: SocketAddr) -> Link {
-    tokio::time::timeout(DEADLINE, secure::connect(addr))
-        .await
-        .expect("no hang")
-        .expect("an authenticated link")
-}
-
-/// An authenticated link to `addr` from the local address `source`.
-async fn link_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<Link> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let stream = socket.connect(addr).await?;
-    secure::dial(stream, secure::key()).await
-}
-
-/// `n` TCP connections to `addr` from 127.0.0.1 that never start the
-/// handshake, kept open by the caller.
-async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
-    let mut raw = Vec::with_capacity(n);
-    for _ in 0..n {
-        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
-            .await
-            .expect("no hang")
-            .expect("a raw connection");
-        raw.push(stream);
-    }
-    raw
 }
 
 async fn send(link: &mut Link, id: u64, body: RequestBody) {
