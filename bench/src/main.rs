@@ -1,6 +1,7 @@
 //! imbench: side-by-side benchmarks of this system against real peers.
 
 mod alloc_count;
+mod chaos;
 mod disk;
 mod e2e;
 mod e2e_fleet;
@@ -71,6 +72,11 @@ enum Cmd {
     /// again and again: time to the next acknowledged append, lost and
     /// duplicated appends.
     Failover(failover::FailoverArgs),
+    /// The whole cluster as separate processes (2 presence, 1 profile, 2
+    /// shard groups of 3 replicas, 2 gateways) under SDK clients while one
+    /// process at a time is killed or paused: acknowledged messages lost,
+    /// duplicated or out of order, and how long logins kept failing.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[tokio::main]
@@ -85,5 +91,6 @@ async fn main() -> Result<()> {
         Cmd::Group(args) => group::run(args).await,
         Cmd::Failover(args) => failover::run(args).await,
         Cmd::Rebalance(args) => rebalance::run(args).await,
+        Cmd::Chaos(args) => chaos::run(args).await,
     }
 }

@@ -9,8 +9,9 @@
 //! backoff), and reads from any healthy one:
 //!
 //! * **Writes** (`online`, `offline`, `watch`, `unwatch`, `resync`) go to
-//!   all replicas at once and succeed if one did; a replica that is down
-//!   gets the change with its next sync.
+//!   all replicas at once and return with the first success (a stalled
+//!   replica does not hold a login); a replica that is down gets the change
+//!   with its next sync.
 //! * **Reads** (`lookup`, `gateways`, `stats`) ask the primary replica
 //!   (the first connected one, in the configured order), then the others.
 //! * **Events**: status changes come from the primary only (every replica
@@ -27,7 +28,6 @@
 //! replica's lease and `grace_ms`, and each tells its watchers.
 
 use crate::client::{ClientConfig, ClientError, PresenceClient, PresenceEvent};
-use futures_util::future::join_all;
 use proto::presence::{Entry, GatewayInfo, PresenceStats, SessionInfo, Status};
 use std::{
     collections::HashMap,
@@ -211,26 +211,39 @@ impl PresenceReplicas {
         self.inner.routing.primary.load(Ordering::Relaxed)
     }
 
-    /// Every replica's answer; the primary's if it succeeded, else the
-    /// first success, else the primary's error.
-    async fn ask_all<'a, T, F, Fut>(&'a self, call: F) -> Result<T, ClientError>
+    /// Send a write to every replica at once; the first success, else the
+    /// primary's error. The others finish in the background: a replica that
+    /// is alive but stalled (paused, partitioned) must not hold the caller
+    /// for its request timeout, and one that fails gets the change with its
+    /// next sync (its client tracked it before sending).
+    async fn ask_all<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(&'a PresenceClient) -> Fut,
-        Fut: Future<Output = Result<T, ClientError>>,
+        T: Send + 'static,
+        F: Fn(PresenceClient) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>> + Send + 'static,
     {
-        let mut answers: Vec<_> = join_all(self.inner.replicas.iter().map(call))
-            .await
-            .into_iter()
-            .map(Some)
-            .collect();
         let primary = self.primary();
-        if let Some(Ok(_)) = &answers[primary] {
-            return answers[primary].take().expect("checked");
+        let mut calls = tokio::task::JoinSet::new();
+        for (i, replica) in self.inner.replicas.iter().enumerate() {
+            let answer = call(replica.clone());
+            calls.spawn(async move { (i, answer.await) });
         }
-        if let Some(ok) = answers.iter_mut().find(|a| matches!(a, Some(Ok(_)))) {
-            return ok.take().expect("checked");
+        let mut primary_error = None;
+        let mut other_error = None;
+        while let Some(joined) = calls.join_next().await {
+            match joined {
+                Ok((_, Ok(answer))) => {
+                    calls.detach_all();
+                    return Ok(answer);
+                }
+                Ok((i, Err(e))) if i == primary => primary_error = Some(e),
+                Ok((_, Err(e))) => other_error = Some(e),
+                Err(_) => {}
+            }
         }
-        answers[primary].take().expect("one answer per replica")
+        Err(primary_error
+            .or(other_error)
+            .unwrap_or(ClientError::Disconnected))
     }
 
     /// The primary's answer, or the next replica's if it could not answer
@@ -259,12 +272,14 @@ impl PresenceReplicas {
         session: u64,
         status: Status,
     ) -> Result<Option<Entry>, ClientError> {
-        self.ask_all(|r| r.online(user, session, status)).await
+        self.ask_all(move |r| async move { r.online(user, session, status).await })
+            .await
     }
 
     /// See [`PresenceClient::offline`].
     pub async fn offline(&self, user: u64, session: u64) -> Result<bool, ClientError> {
-        self.ask_all(|r| r.offline(user, session)).await
+        self.ask_all(move |r| async move { r.offline(user, session).await })
+            .await
     }
 
     /// See [`PresenceClient::watch`].
@@ -273,17 +288,31 @@ impl PresenceReplicas {
         session: u64,
         users: &[u64],
     ) -> Result<Vec<Option<Entry>>, ClientError> {
-        self.ask_all(|r| r.watch(session, users)).await
+        let users = Arc::new(users.to_vec());
+        self.ask_all(move |r| {
+            let users = users.clone();
+            async move { r.watch(session, &users).await }
+        })
+        .await
     }
 
     /// See [`PresenceClient::unwatch`].
     pub async fn unwatch(&self, session: u64, users: &[u64]) -> Result<u32, ClientError> {
-        self.ask_all(|r| r.unwatch(session, users)).await
+        let users = Arc::new(users.to_vec());
+        self.ask_all(move |r| {
+            let users = users.clone();
+            async move { r.unwatch(session, &users).await }
+        })
+        .await
     }
 
     /// See [`PresenceClient::resync`].
     pub async fn resync(&self, sessions: Vec<SessionInfo>) -> Result<u32, ClientError> {
-        self.ask_all(|r| r.resync(sessions.clone())).await
+        self.ask_all(move |r| {
+            let sessions = sessions.clone();
+            async move { r.resync(sessions).await }
+        })
+        .await
     }
 
     /// See [`PresenceClient::lookup`].
