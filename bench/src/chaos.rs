@@ -698,16 +698,7 @@ fn print(r: &Report) {
             s.streak.start_ms / 1e3,
             s.after_fault
                 .and_then(|n| r.faults.timeline.get(n - 1))
-                .map(|f| {
-                    format!(
-                        "#{} {} {} {:.1}-{:.1} s",
-                        f.n,
-                        f.kind.name(),
-                        f.target,
-                        f.at_s,
-                        f.end_s
-                    )
-                })
+                .map(Fault::describe)
                 .unwrap_or_else(|| "none".into()),
             s.streak.first_error
         );
@@ -722,16 +713,7 @@ fn print(r: &Report) {
         let fault = d
             .fault_at_first_end
             .and_then(|n| r.faults.timeline.get(n - 1))
-            .map(|f| {
-                format!(
-                    "#{} {} {} {:.1}-{:.1} s",
-                    f.n,
-                    f.kind.name(),
-                    f.target,
-                    f.at_s,
-                    f.end_s
-                )
-            })
+            .map(Fault::describe)
             .unwrap_or_else(|| "none".into());
         let first = d.first_connection.as_ref();
         println!(

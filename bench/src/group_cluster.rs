@@ -355,14 +355,7 @@ impl Cluster {
         for i in 0..gateways {
             let data = dir.join(format!("gateway{}", i + 1));
             if i > 0 {
-                std::fs::create_dir_all(&data)?;
-                for file in [
-                    gateway::keys::STATIC_KEY_FILE,
-                    gateway::keys::TOKEN_KEY_FILE,
-                ] {
-                    std::fs::copy(first.join(file), data.join(file))
-                        .with_context(|| format!("copy {file}"))?;
-                }
+                share_gateway_keys(&first, &data)?;
             }
             let id = (i + 1).to_string();
             let mut gw_args = args([
@@ -625,6 +618,20 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
             value.split_whitespace().next()?.parse::<f64>().ok()
         })
         .sum()
+}
+
+/// Give the gateway whose data directory is `data` the static key and the
+/// resume-token key of the one in `first`, as an operator copies them
+/// (each keeps its own reset key).
+pub(crate) fn share_gateway_keys(first: &std::path::Path, data: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(data)?;
+    for file in [
+        gateway::keys::STATIC_KEY_FILE,
+        gateway::keys::TOKEN_KEY_FILE,
+    ] {
+        std::fs::copy(first.join(file), data.join(file)).with_context(|| format!("copy {file}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -265,14 +265,7 @@ impl Cluster {
         for i in 0..GATEWAYS {
             let data = dir.join(format!("gateway{}", i + 1));
             if i > 0 {
-                std::fs::create_dir_all(&data)?;
-                for file in [
-                    gateway::keys::STATIC_KEY_FILE,
-                    gateway::keys::TOKEN_KEY_FILE,
-                ] {
-                    std::fs::copy(first.join(file), data.join(file))
-                        .with_context(|| format!("copy {file}"))?;
-                }
+                crate::group_cluster::share_gateway_keys(&first, &data)?;
             }
             let udp = free_udp_addr()?;
             let peer = tcp_addr()?;
@@ -481,6 +474,20 @@ pub struct Fault {
     pub down_ms: f64,
     /// ... when it ended (restarted or continued).
     pub end_s: f64,
+}
+
+impl Fault {
+    /// `#N kind target start-end s`, as the report names a fault.
+    pub fn describe(&self) -> String {
+        format!(
+            "#{} {} {} {:.1}-{:.1} s",
+            self.n,
+            self.kind.name(),
+            self.target,
+            self.at_s,
+            self.end_s
+        )
+    }
 }
 
 /// Do one fault to target `t`: kill it, wait `down`, restart it; or stop
