@@ -410,7 +410,7 @@ type SendFuture = Pin<Box<dyn Future<Output = SendResult> + Send>>;
 /// Poll `fut` once (so its command is queued now, in the order of the
 /// calls: the SDK's command channel serves waiting senders first come,
 /// first served); its output if it is already done.
-async fn poll_once(fut: &mut SendFuture) -> Option<SendResult> {
+pub(crate) async fn poll_once<T>(fut: &mut Pin<Box<dyn Future<Output = T> + Send>>) -> Option<T> {
     std::future::poll_fn(|cx| {
         Poll::Ready(match fut.as_mut().poll(cx) {
             Poll::Ready(v) => Some(v),

@@ -25,7 +25,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, MutexGuard,
     },
-    task::Poll,
     time::{Duration, Instant},
 };
 use tokio::{
@@ -452,19 +451,6 @@ async fn read_events(
 type SendResult = (u64, u64, f64, Result<SendOutcome, SdkError>);
 type SendFuture = Pin<Box<dyn Future<Output = SendResult> + Send>>;
 
-/// Poll `fut` once, so its message enters the SDK's outbox now, in the
-/// order of the calls (the SDK's command channel serves waiting senders
-/// first come, first served); its output if already done.
-async fn poll_once(fut: &mut SendFuture) -> Option<SendResult> {
-    std::future::poll_fn(|cx| {
-        Poll::Ready(match fut.as_mut().poll(cx) {
-            Poll::Ready(v) => Some(v),
-            Poll::Pending => None,
-        })
-    })
-    .await
-}
-
 fn record(world: &World, log: &SharedLog, sender: u64, (counter, to, at_ms, r): SendResult) {
     let result = match r {
         Ok(outcome) => Ok(outcome.seq),
@@ -547,7 +533,7 @@ pub async fn user_loop(
                     };
                     (c, to, at_ms, r)
                 });
-                match poll_once(&mut fut).await {
+                match crate::group_members::poll_once(&mut fut).await {
                     Some(done) => record(&world, &log, account.user, done),
                     None => {
                         sends.spawn(fut);
