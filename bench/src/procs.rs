@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use std::{
     collections::VecDeque,
     io::{BufRead, BufReader, Read},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{mpsc, Arc, Mutex},
@@ -313,10 +313,9 @@ fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago (for TCP and UDP).
 pub fn free_loopback_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind a free loopback port")?;
-    Ok(listener.local_addr()?.port())
+    Ok(daemon::testing::free_addr().port())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
+    sync::{mpsc, Mutex},
     time::Duration,
 };
 
@@ -192,10 +192,34 @@ pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
 }
-/// A free loopback TCP port's address (for a daemon's --metrics-addr).
+
+/// Ports [`free_addr`] picks from: below Linux's ephemeral range (32768 and
+/// up by default), so an outgoing connection of some other process cannot
+/// take a port while the daemon that owns it is down for a restart.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free loopback TCP port's address, for a daemon that may be restarted
+/// on it. Never the same port twice in one test process.
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    for attempt in 0u64.. {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(attempt);
+        let port = TEST_PORTS.start + (h.finish() % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            given.push(port);
+            return addr;
+        }
+        assert!(attempt < 10_000, "no free port in {TEST_PORTS:?}");
+    }
+    unreachable!("the loop returns or panics")
 }
 
 /// Copy the directory tree `from` to `to`, leaving out files named `skip`:

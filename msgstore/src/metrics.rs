@@ -239,6 +239,10 @@ const REPLICA: &[Metric] = &[
         "Requests answered NotLeader",
     ),
     Metric::counter(
+        "msgstore_raft_read_index_retries_total",
+        "Leadership checks of a batch of reads that missed their quorum and were tried again",
+    ),
+    Metric::counter(
         "msgstore_raft_bad_frames_total",
         "Replication links closed for an oversized or malformed frame",
     ),

@@ -10,12 +10,13 @@
 
 use crate::procs;
 use anyhow::{ensure, Context, Result};
+use daemon::testing::free_addr;
 use msgstore::raft::testing::Group;
 use proto::cluster::{ClusterMap, ShardEntry};
 use serde::Serialize;
 use std::{
     ffi::OsString,
-    net::{SocketAddr, UdpSocket},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -169,26 +170,6 @@ fn send_signal(pid: u32, sig: libc::c_int) -> Result<()> {
     Ok(())
 }
 
-/// A loopback address whose port was free for both UDP and TCP a moment
-/// ago (a gateway's client port is UDP).
-fn free_udp_addr() -> Result<SocketAddr> {
-    for _ in 0..100 {
-        let udp = UdpSocket::bind("127.0.0.1:0").context("bind a UDP port")?;
-        let addr = udp.local_addr()?;
-        if std::net::TcpListener::bind(addr).is_ok() {
-            return Ok(addr);
-        }
-    }
-    anyhow::bail!("no loopback port free for both UDP and TCP")
-}
-
-fn tcp_addr() -> Result<SocketAddr> {
-    Ok(SocketAddr::from((
-        [127, 0, 0, 1],
-        procs::free_loopback_port()?,
-    )))
-}
-
 fn os(words: &[&str]) -> Vec<OsString> {
     words.iter().map(OsString::from).collect()
 }
@@ -212,14 +193,14 @@ impl Cluster {
     pub async fn start(dir: &Path) -> Result<Cluster> {
         let mut presence = Vec::new();
         for _ in 0..PRESENCE_REPLICAS {
-            let addr = tcp_addr()?;
+            let addr = free_addr();
             let name = format!("presence{}", presence.len() + 1);
             let args = os(&["--listen", &addr.to_string()]);
             let mut d = Daemon::new("presence", &name, dir, addr, args)?;
             d.start()?;
             presence.push(d);
         }
-        let profile_addr = tcp_addr()?;
+        let profile_addr = free_addr();
         let mut args = os(&["--listen", &profile_addr.to_string(), "--data"]);
         args.push(dir.join("profile").into_os_string());
         let mut profile = Daemon::new("profile", "profile", dir, profile_addr, args)?;
@@ -267,8 +248,8 @@ impl Cluster {
             if i > 0 {
                 crate::group_cluster::share_gateway_keys(&first, &data)?;
             }
-            let udp = free_udp_addr()?;
-            let peer = tcp_addr()?;
+            let udp = free_addr();
+            let peer = free_addr();
             let id = (i + 1).to_string();
             let mut args = os(&[
                 "--listen",

@@ -127,12 +127,7 @@ impl Cluster {
         let mut services = Embedded::start(config).await.expect("start the services");
         let processes: Vec<ShardProcess> = if options.shard_processes {
             (0..options.shards)
-                .map(|i| {
-                    ShardProcess::start(
-                        dir.path().join(format!("pshard{i}")),
-                        "127.0.0.1:0".parse().unwrap(),
-                    )
-                })
+                .map(|i| ShardProcess::start(dir.path().join(format!("pshard{i}")), free_addr()))
                 .collect()
         } else {
             Vec::new()
@@ -167,7 +162,7 @@ impl Cluster {
             }];
         }
         let presence: Vec<PresenceProcess> = (0..options.presence_replicas)
-            .map(|_| PresenceProcess::start("127.0.0.1:0".parse().unwrap()))
+            .map(|_| PresenceProcess::start(free_addr()))
             .collect();
         let mut gateway_map = services.map.clone();
         gateway_map.shards = in_map;
@@ -426,7 +421,7 @@ pub fn start_gateway_with(dir: &Path, id: u32, data: &Path, extra: &[&str]) -> D
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
     cmd.args(extra);
     if !extra.contains(&"--listen") {
-        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd.arg("--listen").arg(free_addr().to_string());
     }
     cmd.args(["--peer-listen", "127.0.0.1:0"])
         .arg("--id")
