@@ -155,6 +155,14 @@ pub fn assert_table_matches_sources(table: &[Metric], src: &Path, owner: &str) {
             "{} is in the table but the code never emits it",
             m.name
         );
+    }
+    assert_table_is_well_formed(table, owner);
+}
+
+/// Every metric of `table` has HELP text and is listed once, and counters
+/// end in `_total`. Panics naming the first mismatch.
+pub fn assert_table_is_well_formed(table: &[Metric], owner: &str) {
+    for m in table {
         assert!(!m.help.is_empty(), "{}: no HELP text", m.name);
         if m.kind == Kind::Counter {
             assert!(m.name.ends_with("_total"), "{}", m.name);

@@ -102,8 +102,8 @@ fn replica_addrs(first: SocketAddr, r: usize) -> std::io::Result<(SocketAddr, So
 /// Form the group unless it was formed on an earlier start.
 async fn form_group(
     members: std::collections::BTreeMap<u64, Replica>,
-) -> Result<(), msgstore::raft::network::LinkError> {
-    use msgstore::raft::network::{admin, AdminRequest, AdminResponse};
+) -> Result<(), replication::peer::LinkError> {
+    use replication::peer::{admin, AdminRequest, AdminResponse};
     let first = members
         .values()
         .next()

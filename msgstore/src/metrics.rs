@@ -204,28 +204,6 @@ const STANDALONE: &[Metric] = &[
 
 /// Metrics of a replica of a replicated shard group (`raft/`).
 const REPLICA: &[Metric] = &[
-    Metric::gauge("msgstore_raft_term", "The replica's current Raft term"),
-    Metric::gauge(
-        "msgstore_raft_is_leader",
-        "1 if this replica leads its group, else 0",
-    ),
-    Metric::gauge(
-        "msgstore_raft_commit_index",
-        "Highest log index known committed and applied here",
-    ),
-    Metric::gauge(
-        "msgstore_raft_last_log_index",
-        "Highest log index in this replica's log",
-    ),
-    Metric::gauge(
-        "msgstore_raft_follower_lag_entries",
-        "On the leader: entries each follower (by replica id) lacks",
-    )
-    .by_open("replica"),
-    Metric::counter(
-        "msgstore_raft_elections_total",
-        "Times this replica became a candidate",
-    ),
     Metric::counter(
         "msgstore_raft_proposals_total",
         "Raft entries proposed by this replica",
@@ -243,10 +221,6 @@ const REPLICA: &[Metric] = &[
         "Leadership checks of a batch of reads that missed their quorum and were tried again",
     ),
     Metric::counter(
-        "msgstore_raft_bad_frames_total",
-        "Replication links closed for an oversized or malformed frame",
-    ),
-    Metric::counter(
         "msgstore_raft_snapshots_installed_total",
         "Snapshots received from the leader and installed",
     ),
@@ -256,23 +230,6 @@ const REPLICA: &[Metric] = &[
     )
     .by("direction", &["sent", "received"])
     .unit(Unit::Bytes),
-    Metric::counter(
-        "msgstore_raft_log_appends_total",
-        "Raft log append calls whose entries were written",
-    ),
-    Metric::counter(
-        "msgstore_raft_log_syncs_total",
-        "fdatasync calls on Raft log segment files",
-    ),
-    Metric::gauge(
-        "msgstore_raft_log_bytes",
-        "Bytes of Raft log segment files on disk",
-    )
-    .unit(Unit::Bytes),
-    Metric::counter(
-        "msgstore_raft_log_torn_tails_total",
-        "Torn last writes cut off when the Raft log was opened",
-    ),
 ];
 
 /// Metrics of the in-process engine handle ([`crate::Shard`]) only.
@@ -294,10 +251,12 @@ pub fn register(replicated: bool) {
     catalog::register(COMMON);
     if replicated {
         catalog::register(REPLICA);
+        catalog::register(&replication::metrics::table("msgstore"));
         catalog::describe(STANDALONE);
     } else {
         catalog::register(STANDALONE);
         catalog::describe(REPLICA);
+        catalog::describe(&replication::metrics::table("msgstore"));
     }
     catalog::describe(IN_PROCESS);
 }

@@ -4,11 +4,11 @@
 //! snapshot, then log; it ends holding what the others hold.
 
 use msgstore::client::ShardClient;
-use msgstore::raft::{
-    network::{admin, AdminRequest, AdminResponse},
-    testing::{engine_config, engine_dir, offline_view, Group, GroupClient, Outcome, CONFIG},
+use msgstore::raft::testing::{
+    engine_config, engine_dir, offline_view, Group, GroupClient, Outcome, CONFIG,
 };
 use proto::shard::ShardRole;
+use replication::peer::{admin, AdminRequest, AdminResponse};
 use std::time::Duration;
 
 const USERS: u64 = 50;

@@ -4,8 +4,8 @@
 use crate::output::Output;
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use msgstore::raft::{
-    network::{admin, AdminRequest, AdminResponse, GroupStatus},
+use replication::{
+    peer::{admin, AdminRequest, AdminResponse, GroupStatus},
     Replica, ReplicaId,
 };
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};

@@ -4,15 +4,14 @@
 //! * [`TypeConfig`]: what the group agrees on. One Raft entry is a
 //!   [`Batch`]: the write requests a connection's read brought, with the
 //!   leader's clock, applied in order to the engine on every replica.
-//! * `log_store`: the Raft log on disk (segments of checked frames, group
-//!   commit: many entries per sync), the vote and the committed id.
+//! * `replication::log_store`: the Raft log on disk (segments of checked
+//!   frames, group commit: many entries per sync), the vote and the
+//!   committed id. `replication::peer`: the replication links.
 //! * `state_machine`: the engine as the state machine; a checkpoint is the
 //!   snapshot.
 //!
 //! See `docs/STORAGE.md` ("Replicated shards") for what is durable when.
 
-pub mod log_store;
-pub mod network;
 pub mod node;
 pub mod proposer;
 pub mod service;
@@ -26,8 +25,7 @@ pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
 use proto::shard::{RequestBody, ResponseBody};
 use serde::{Deserialize, Serialize};
 
-/// A replica's id within its group (from 1).
-pub type ReplicaId = u64;
+pub use replication::{Replica, ReplicaId};
 
 /// The write requests of one Raft entry, applied in order to the engine of
 /// every replica, with the leader's wall clock when it proposed them (so an
@@ -45,15 +43,6 @@ pub struct Batch {
 /// The answers to a [`Batch`]'s requests, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Outcomes(pub Vec<ResponseBody>);
-
-/// How a replica is reached: its replication address (Raft RPCs) and its
-/// client address (the shard protocol), which a follower names in
-/// `NotLeader`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Replica {
-    pub raft_addr: String,
-    pub client_addr: String,
-}
 
 openraft::declare_raft_types!(
     /// The Raft types of a shard group.

@@ -3,16 +3,16 @@
 //! leader, and a model of what was acknowledged to check the group
 //! against.
 
-use super::{
-    network::{admin, AdminRequest, AdminResponse, GroupStatus},
-    Replica,
-};
 use crate::{
     client::{ClientError, ShardClient},
     StoredRecord,
 };
 use daemon::testing::{free_addr, sigkill, wait_for_listening};
 use proto::shard::ShardErrorCode;
+use replication::{
+    peer::{admin, AdminRequest, AdminResponse, GroupStatus},
+    Replica,
+};
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,

@@ -100,14 +100,20 @@ use std::{io, path::PathBuf};
 
 pub use store::{LogReader, LogStore};
 
-/// Metric: `append` calls whose entries were written.
-const METRIC_APPENDS: &str = "msgstore_raft_log_appends_total";
+/// Metric (`<prefix>_raft_log_appends_total`): `append` calls whose
+/// entries were written.
+const METRIC_APPENDS: &str = "raft_log_appends_total";
 /// Metric: `fdatasync`s of segment files.
-const METRIC_SYNCS: &str = "msgstore_raft_log_syncs_total";
+const METRIC_SYNCS: &str = "raft_log_syncs_total";
 /// Metric (gauge): bytes of segment files on disk.
-const METRIC_BYTES: &str = "msgstore_raft_log_bytes";
+const METRIC_BYTES: &str = "raft_log_bytes";
 /// Metric: torn tails cut off when a log was opened.
-const METRIC_TORN_TAILS: &str = "msgstore_raft_log_torn_tails_total";
+const METRIC_TORN_TAILS: &str = "raft_log_torn_tails_total";
+
+/// The full name of metric `name` of a log configured with `config`.
+fn metric(config: &LogStoreConfig, name: &str) -> String {
+    crate::metrics::metric_name(config.metric_prefix, name)
+}
 
 /// Largest `entry_bytes_max` accepted (a frame's length is a u32; this
 /// keeps one entry well below it).
@@ -130,6 +136,9 @@ pub struct LogStoreConfig {
     /// replication reads them without touching the disk. Entries not yet
     /// written are kept regardless.
     pub cache_bytes_max: u64,
+    /// The first word of the log's metric names (`msgstore`, `profile`):
+    /// `<prefix>_raft_log_appends_total` and so on.
+    pub metric_prefix: &'static str,
 }
 
 impl Default for LogStoreConfig {
@@ -139,6 +148,7 @@ impl Default for LogStoreConfig {
             segment_bytes_max: 64 * 1024 * 1024,
             entry_bytes_max: 16 * 1024 * 1024,
             cache_bytes_max: 64 * 1024 * 1024,
+            metric_prefix: "msgstore",
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use super::{
     frame::{sync_dir, write_atomic},
+    metric,
     scan::segment_name,
     state::{Chunk, SegId, Shared, TruncatePlan},
     METRIC_APPENDS, METRIC_BYTES, METRIC_SYNCS,
@@ -204,7 +205,8 @@ impl<C: RaftTypeConfig> Writer<C> {
         let result = self.unless_poisoned(|w| w.write_runs(runs(&group)));
         if result.is_ok() {
             self.shared.lock().mark_written(seq);
-            metrics::counter!(METRIC_APPENDS).increment(group.len() as u64);
+            metrics::counter!(metric(&self.shared.config, METRIC_APPENDS))
+                .increment(group.len() as u64);
         }
         for append in group {
             let copy = match &result {
@@ -276,7 +278,7 @@ impl<C: RaftTypeConfig> Writer<C> {
             }
             self.file(seg)?.sync_data()?;
             self.shared.syncs_total.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(METRIC_SYNCS).increment(1);
+            metrics::counter!(metric(&self.shared.config, METRIC_SYNCS)).increment(1);
         }
         Ok(())
     }
@@ -355,7 +357,7 @@ impl<C: RaftTypeConfig> Writer<C> {
 
     fn publish_bytes(&self) {
         let bytes: u64 = self.sizes.values().sum();
-        metrics::gauge!(METRIC_BYTES).set(bytes as f64);
+        metrics::gauge!(metric(&self.shared.config, METRIC_BYTES)).set(bytes as f64);
     }
 }
 

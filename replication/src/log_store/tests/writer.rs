@@ -2,7 +2,7 @@
 //! ordered after queued appends, and the relaxed fsync policies.
 
 use super::{append, append_flushed, config, entry, open, runtime};
-use crate::{raft::log_store::LogStoreError, FsyncPolicy};
+use crate::{log_store::LogStoreError, FsyncPolicy};
 use std::{
     sync::{atomic::Ordering, mpsc},
     time::Duration,

@@ -4,6 +4,7 @@
 
 use super::{
     frame::{decode_frame, read_meta, sync_dir, FRAME_HEADER_BYTES},
+    metric,
     state::{Loc, State},
     LogStoreConfig, LogStoreError, METRIC_TORN_TAILS,
 };
@@ -78,6 +79,7 @@ where
     check_purged_gap(&segments, purged.as_ref())?;
     // Nothing was changed on disk up to here.
     let torn_tails = repair(dir, &mut segments, purged.as_ref())?;
+    metrics::counter!(metric(config, METRIC_TORN_TAILS)).increment(torn_tails);
     let mut state = State::new(purged.clone(), vote, committed, config);
     for seg in segments {
         add_segment(&mut state, seg, purged.as_ref())?;
@@ -257,7 +259,6 @@ fn repair<NID: openraft::NodeId>(
     if let Some(seg) = segments.last() {
         if let Some(at) = seg.torn_at {
             tracing::warn!(file = %seg.path.display(), offset = at, "Raft log: cutting a torn last write");
-            metrics::counter!(METRIC_TORN_TAILS).increment(1);
             torn_tails = 1;
         }
         if seg.frames.is_empty() {

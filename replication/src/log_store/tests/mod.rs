@@ -31,8 +31,8 @@ type Store = LogStore<TestConfig>;
 /// The crate's own type config is served by the store.
 #[test]
 fn the_shard_type_config_is_a_log_storage() {
-    fn is_storage<S: openraft::storage::RaftLogStorage<crate::raft::TypeConfig>>() {}
-    is_storage::<LogStore<crate::raft::TypeConfig>>();
+    fn is_storage<S: openraft::storage::RaftLogStorage<TestConfig>>() {}
+    is_storage::<LogStore<TestConfig>>();
 }
 
 fn log_id(term: u64, index: u64) -> LogId<u64> {
@@ -53,6 +53,7 @@ fn config(fsync: FsyncPolicy, segment_bytes_max: u64, cache_bytes_max: u64) -> L
         segment_bytes_max,
         entry_bytes_max: 64 * 1024,
         cache_bytes_max,
+        metric_prefix: "test",
     }
 }
 

@@ -2,7 +2,7 @@
 //! offset, with nothing on disk changed.
 
 use super::{append_flushed, config, entry, open, runtime, LogStoreConfig, Store, TestConfig};
-use crate::{raft::log_store::LogStoreError, FsyncPolicy};
+use crate::{log_store::LogStoreError, FsyncPolicy};
 use openraft::Entry;
 use proptest::prelude::*;
 use std::{

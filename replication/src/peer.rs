@@ -1,16 +1,18 @@
-//! The replication links of a shard group: one TCP connection per peer,
-//! the shard protocol's framing (`docs/PROTOCOL.md` §1.1: a u32 length, a
-//! postcard body), one request at a time per connection.
+//! The replication links of a group (a shard group, the profile group):
+//! one authenticated connection per peer (`daemon::secure`), the shard
+//! protocol's framing (`docs/PROTOCOL.md` §1.1: a u32 length, a postcard
+//! body), one request at a time per connection. Generic over the group's
+//! Raft types ([`GroupTypes`]).
 //!
 //! The same port carries the operator's group commands (`imctl shard
 //! group`): [`PeerRequest::Admin`].
 //!
 //! Limits: a frame body over [`PEER_FRAME_BODY_BYTES_MAX`] closes the
-//! connection (counted in `msgstore_raft_bad_frames_total`); an RPC that
+//! connection (counted in `<prefix>_raft_bad_frames_total`); an RPC that
 //! gets no answer within openraft's deadline is a timeout and the
 //! connection is dropped (the next RPC dials again).
 
-use super::{Replica, ReplicaId, TypeConfig};
+use crate::{metrics::metric_name, GroupTypes, Replica, ReplicaId};
 use bytes::BytesMut;
 use openraft::{
     error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
@@ -39,11 +41,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A request on the replication port.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(bound = "")]
 #[allow(clippy::large_enum_variant)]
-pub enum PeerRequest {
-    AppendEntries(AppendEntriesRequest<TypeConfig>),
+pub enum PeerRequest<C: GroupTypes> {
+    AppendEntries(AppendEntriesRequest<C>),
     Vote(VoteRequest<ReplicaId>),
-    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    InstallSnapshot(InstallSnapshotRequest<C>),
     Admin(AdminRequest),
 }
 
@@ -200,11 +203,11 @@ impl Link {
     /// Send `request` and wait for its answer within `deadline` (a dial,
     /// if needed, has its own [`CONNECT_TIMEOUT`]: a handshake is not
     /// counted against a heartbeat's deadline).
-    pub async fn call(
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &mut self,
-        request: &PeerRequest,
+        request: &Req,
         deadline: Duration,
-    ) -> Result<PeerResponse, LinkError> {
+    ) -> Result<Resp, LinkError> {
         let addr = self.addr.clone();
         if !self.clean {
             // The last call was cut off mid-exchange: its answer may still come.
@@ -231,7 +234,10 @@ impl Link {
         }
     }
 
-    async fn exchange(&mut self, request: &PeerRequest) -> Result<PeerResponse, LinkError> {
+    async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        request: &Req,
+    ) -> Result<Resp, LinkError> {
         let mut bytes = Vec::new();
         frame::encode(request, PEER_FRAME_BODY_BYTES_MAX, &mut bytes).map_err(|e| {
             LinkError::Frame {
@@ -308,7 +314,6 @@ pub async fn read_frame_or_end<T: DeserializeOwned>(
             Ok(Decoded::Frame(msg)) => return Ok(Some(msg)),
             Ok(Decoded::Incomplete) => {}
             Err(e) => {
-                metrics::counter!("msgstore_raft_bad_frames_total").increment(1);
                 return Err(LinkError::Frame {
                     addr: String::new(),
                     error: e.to_string(),
@@ -345,42 +350,63 @@ async fn read_frame<T: DeserializeOwned>(
 }
 
 /// Makes a [`PeerClient`] per peer for openraft.
-#[derive(Clone, Default)]
-pub struct Network {
+pub struct Network<C> {
     pool: Arc<LinkPool>,
+    /// First word of the metric names (`msgstore`, `profile`).
+    metric_prefix: &'static str,
+    types: std::marker::PhantomData<fn() -> C>,
 }
 
-impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = PeerClient;
+impl<C> Network<C> {
+    pub fn new(metric_prefix: &'static str) -> Network<C> {
+        Network {
+            pool: Arc::default(),
+            metric_prefix,
+            types: std::marker::PhantomData,
+        }
+    }
+}
 
-    async fn new_client(&mut self, target: ReplicaId, node: &Replica) -> PeerClient {
+impl<C: GroupTypes> RaftNetworkFactory<C> for Network<C> {
+    type Network = PeerClient<C>;
+
+    async fn new_client(&mut self, target: ReplicaId, node: &Replica) -> PeerClient<C> {
         PeerClient {
             target,
             link: Link::pooled(node.raft_addr.clone(), self.pool.clone()),
+            metric_prefix: self.metric_prefix,
+            types: std::marker::PhantomData,
         }
     }
 }
 
 /// openraft's connection to one peer.
-pub struct PeerClient {
+pub struct PeerClient<C> {
     target: ReplicaId,
     link: Link,
+    metric_prefix: &'static str,
+    types: std::marker::PhantomData<fn() -> C>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>>>;
 
-impl PeerClient {
+impl<C: GroupTypes> PeerClient<C> {
     async fn rpc<E: std::error::Error>(
         &mut self,
-        request: PeerRequest,
+        request: PeerRequest<C>,
         option: &RPCOption,
     ) -> Result<PeerResponse, RPCError<ReplicaId, Replica, RaftError<ReplicaId, E>>> {
+        let prefix = self.metric_prefix;
         self.link
             .call(&request, option.hard_ttl())
             .await
             .map_err(|e| match e {
                 LinkError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                LinkError::Frame { .. } => {
+                    metrics::counter!(metric_name(prefix, "raft_bad_frames_total")).increment(1);
+                    RPCError::Network(NetworkError::new(&e))
+                }
                 _ => RPCError::Network(NetworkError::new(&e)),
             })
     }
@@ -401,10 +427,10 @@ impl PeerClient {
     }
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+impl<C: GroupTypes> RaftNetwork<C> for PeerClient<C> {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<ReplicaId>> {
         match self.rpc(PeerRequest::AppendEntries(rpc), &option).await? {
@@ -415,14 +441,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<C>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<ReplicaId>, InstallSnapshotError> {
         let bytes = rpc.data.len() as u64;
         match self.rpc(PeerRequest::InstallSnapshot(rpc), &option).await? {
             PeerResponse::InstallSnapshot(r) => {
-                metrics::counter!("msgstore_raft_snapshot_bytes_total", "direction" => "sent")
-                    .increment(bytes);
+                let name = metric_name(self.metric_prefix, "raft_snapshot_bytes_total");
+                metrics::counter!(name, "direction" => "sent").increment(bytes);
                 r.map_err(|e| self.remote(e))
             }
             _ => Err(self.unexpected()),
@@ -448,7 +474,9 @@ pub async fn admin(
     deadline: Duration,
 ) -> Result<AdminResponse, LinkError> {
     let mut link = Link::new(addr.to_string());
-    match link.call(&PeerRequest::Admin(request), deadline).await? {
+    // Admin frames have the same form in every group: any type config does.
+    let request = PeerRequest::<crate::AnyGroup>::Admin(request);
+    match link.call::<_, PeerResponse>(&request, deadline).await? {
         PeerResponse::Admin(r) => Ok(r),
         _ => Err(LinkError::Unexpected { addr: addr.into() }),
     }
@@ -457,6 +485,7 @@ pub async fn admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::AnyGroup;
     use proptest::prelude::*;
 
     proptest! {
@@ -468,8 +497,8 @@ mod tests {
             bytes in proptest::collection::vec(any::<u8>(), 0..512)
         ) {
             let mut buf = BytesMut::from(&bytes[..]);
-            let _ = frame::decode::<PeerRequest>(&mut buf, PEER_FRAME_BODY_BYTES_MAX);
-            let _ = frame::decode_body::<PeerRequest>(&bytes);
+            let _ = frame::decode::<PeerRequest<AnyGroup>>(&mut buf, PEER_FRAME_BODY_BYTES_MAX);
+            let _ = frame::decode_body::<PeerRequest<AnyGroup>>(&bytes);
             let _ = frame::decode_body::<PeerResponse>(&bytes);
             let _ = frame::decode_body::<AdminRequest>(&bytes);
         }
@@ -478,7 +507,7 @@ mod tests {
     #[test]
     fn an_oversized_frame_is_refused_before_its_body_arrives() {
         let mut buf = BytesMut::from(&(u32::MAX).to_le_bytes()[..]);
-        let refused = frame::decode::<PeerRequest>(&mut buf, PEER_FRAME_BODY_BYTES_MAX);
+        let refused = frame::decode::<PeerRequest<AnyGroup>>(&mut buf, PEER_FRAME_BODY_BYTES_MAX);
         assert!(refused.is_err());
     }
 }
