@@ -11,6 +11,8 @@
 //!   bounded channel).
 //! * [`passwords`]: argon2id on a bounded thread pool.
 //! * [`avatar`]: image checks and content addresses.
+//! * [`raft`]: the store as the state machine of a replicated profile
+//!   group (openraft), with the shared `replication` pieces.
 
 pub mod avatar;
 pub mod client;
@@ -21,6 +23,7 @@ pub mod fields;
 pub mod metrics;
 pub mod notify;
 pub mod passwords;
+pub mod raft;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -107,10 +107,29 @@ const METRICS: &[Metric] = &[
     .unit(Unit::Seconds),
 ];
 
+/// Metrics of a replica of a profile group (`raft/`), besides the shared
+/// ones of `replication::metrics`.
+const REPLICA: &[Metric] = &[
+    Metric::counter(
+        "profile_raft_snapshots_installed_total",
+        "Snapshots received from the leader and installed",
+    ),
+    Metric::counter(
+        "profile_raft_snapshot_bytes_total",
+        "Snapshot bytes sent or received, by direction",
+    )
+    .by("direction", &["sent", "received"])
+    .unit(Unit::Bytes),
+];
+
 /// Describe every metric of the profile daemon and put each at zero (a
-/// series already there keeps its value). Call it before serving.
+/// series already there keeps its value). Call it before serving. (The
+/// daemon serves as a single process: the replica metrics are described
+/// only.)
 pub fn register() {
     catalog::register(METRICS);
+    catalog::describe(REPLICA);
+    catalog::describe(&replication::metrics::table("profile"));
 }
 
 #[cfg(test)]
@@ -122,7 +141,11 @@ mod tests {
     #[test]
     fn every_metric_in_the_code_is_in_the_table() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        catalog::assert_table_matches_sources(METRICS, &src, "profile::metrics");
+        catalog::assert_table_matches_sources(
+            &[METRICS, REPLICA].concat(),
+            &src,
+            "profile::metrics",
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use super::{Batch, Outcomes, Replica, ReplicaId, TypeConfig};
 use crate::{engine::Engine, EngineConfig};
 use openraft::{
     storage::{RaftStateMachine, Snapshot},
-    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership,
 };
 use proto::shard::{ResponseBody, ShardErrorCode};
 use serde::{Deserialize, Serialize};
@@ -31,7 +31,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-type SmError = StorageError<ReplicaId>;
+use replication::sm::{blocking, in_place, sm_error, snap_error, SmError};
 
 /// What the engine's checkpoints record: the last applied entry and the
 /// membership as of it.
@@ -283,36 +283,6 @@ fn write_meta(path: &Path, meta: &SnapshotMeta<ReplicaId, Replica>) -> std::io::
     std::fs::write(&tmp, bytes)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-fn sm_error(e: impl std::fmt::Display) -> SmError {
-    StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
-}
-
-fn snap_error(e: impl std::fmt::Display) -> SmError {
-    StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()
-}
-
-/// Run `f` on a blocking thread (engine work takes the lock and may do
-/// disk I/O).
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SmError> + Send + 'static,
-) -> Result<T, SmError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| sm_error(&e))?
-}
-
-/// Run `f` (short blocking work: applying entries) on this thread,
-/// telling a multi-thread runtime so that it moves its other tasks away.
-/// Applying is on the path of every write's answer: handing it to the
-/// blocking pool cost a thread wake-up (about 0.2 ms) per entry.
-fn in_place<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
 }
 
 /// openraft's handle on the state machine.

@@ -9,7 +9,7 @@
 //! `group_cursors` key of a group holds its lowest cursor.
 
 use super::{
-    ops::{now_ms, Changes, Outcome},
+    ops::{Changes, Outcome},
     records::{decode, encode, ChatGroupRecord, MemberRecord},
     RawDb, Store, META_NEXT_GROUP,
 };
@@ -22,11 +22,12 @@ use proto::{
     },
     profile::{Event, UserId},
 };
+use serde::{Deserialize, Serialize};
 
 type Txn<'a> = RoTxn<'a, WithoutTls>;
 
 /// One chat group write; text fields are already validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupOp {
     Create {
         owner: UserId,
@@ -530,7 +531,7 @@ impl Store {
         let row = MemberRecord {
             role: GroupRole::Member,
             read_seq,
-            joined_ms: now_ms(),
+            joined_ms: self.clock_ms(txn)?,
         };
         self.insert_member(txn, group, rec, user, row)
     }
@@ -552,7 +553,7 @@ impl Store {
         self.profile_rw(txn, owner)?;
         self.check_user_room(txn, owner)?;
         let group = self.next_group_id(txn)?;
-        let created_ms = now_ms();
+        let created_ms = self.clock_ms(txn)?;
         let mut rec = ChatGroupRecord {
             name,
             topic,

@@ -213,6 +213,36 @@ impl Store {
         })
     }
 
+    /// Every database by its name (in [`DATABASES`] order), as raw bytes:
+    /// for copying a whole store (a replica installing a snapshot).
+    pub(crate) fn every_database(&self) -> [(&'static str, RawDb); DATABASES.len()] {
+        let handles: [RawDb; DATABASES.len()] = [
+            self.accounts.remap_types(),
+            self.usernames.remap_types(),
+            self.profiles.remap_types(),
+            self.friends.remap_types(),
+            self.requests,
+            self.avatars,
+            self.avatar_refs,
+            self.meta,
+            self.blocks.remap_types(),
+            self.auth.remap_types(),
+            self.logins.remap_types(),
+            self.groups.remap_types(),
+            self.group_members,
+            self.user_groups,
+            self.group_invites,
+            self.group_invitees,
+            self.group_joins,
+            self.group_cursors,
+        ];
+        let mut i = 0;
+        handles.map(|db| {
+            i += 1;
+            (DATABASES[i - 1], db)
+        })
+    }
+
     pub fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>> {
         Ok(self.env.read_txn()?)
     }

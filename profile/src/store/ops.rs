@@ -14,10 +14,12 @@ use proto::{
     groups::GroupInfo,
     profile::{AvatarHash, Event, UserId},
 };
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
 /// One change the writer applies. Text fields are already validated.
-#[derive(Debug, Clone)]
+/// (Serialized: a replicated profile carries ops in its Raft entries.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteOp {
     CreateUser {
         username: String,
@@ -87,7 +89,7 @@ pub enum WriteOp {
 }
 
 /// What a successful op returns.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     User(UserId),
     Version(u64),
@@ -108,13 +110,72 @@ pub enum Outcome {
 /// `GroupChanged` for a group whose version grew.
 pub type Changes = Vec<Event>;
 
+/// The wall clock in ms since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `meta` key of the clock of the write transaction being applied (u64 BE
+/// ms): set by whoever applies a batch (the writer thread: its own clock;
+/// a replica: the leader's, carried in the entry), read by every op that
+/// records a time, so replicas applying the same entry store the same.
+pub(crate) const META_CLOCK: &[u8] = b"clock_ms";
+
 impl Store {
+    /// Set the clock the ops applied next in `txn` record.
+    pub(crate) fn set_clock(&self, txn: &mut RwTxn, ms: u64) -> Result<()> {
+        Ok(self.meta.put(txn, META_CLOCK, &ms.to_be_bytes())?)
+    }
+
+    /// The clock set for `txn` ([`Store::set_clock`]).
+    pub(crate) fn clock_ms(&self, txn: &RwTxn) -> Result<u64> {
+        match self.meta.get(txn, META_CLOCK)? {
+            Some(b) => {
+                Ok(u64::from_be_bytes(b.try_into().map_err(|_| {
+                    Error::Corrupt("clock_ms is not 8 bytes".into())
+                })?))
+            }
+            None => Err(Error::Corrupt("no clock set for this write".into())),
+        }
+    }
+
+    /// Apply `ops` in `wtxn` at clock `now_ms`, each in a nested
+    /// transaction of its own (one failing leaves the others), pushing what
+    /// they changed to `changes`; one result per op. `Err` only for a
+    /// storage failure, after which `wtxn` must be aborted. The writer
+    /// thread and a replica's state machine both apply through this.
+    pub(crate) fn apply_ops(
+        &self,
+        wtxn: &mut RwTxn,
+        ops: Vec<WriteOp>,
+        now_ms: u64,
+        changes: &mut Changes,
+    ) -> Result<Vec<Result<Outcome>>> {
+        self.set_clock(wtxn, now_ms)?;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let mut op_changes = Changes::new();
+            let mut nested = self.env.nested_write_txn(wtxn)?;
+            match self.apply(&mut nested, op, &mut op_changes) {
+                Ok(outcome) => {
+                    nested.commit()?;
+                    changes.extend(op_changes);
+                    results.push(Ok(outcome));
+                }
+                Err(e) => {
+                    nested.abort();
+                    if matches!(e, Error::Lmdb(_) | Error::Io(_)) {
+                        return Err(e);
+                    }
+                    results.push(Err(e));
+                }
+            }
+        }
+        Ok(results)
+    }
+
     /// Apply `op` in `txn`; the users it changed are pushed to `changes`.
     pub(crate) fn apply(
         &self,
@@ -211,7 +272,7 @@ impl Store {
             username: username.clone(),
             phc,
             disabled: false,
-            created_ms: now_ms(),
+            created_ms: self.clock_ms(txn)?,
         };
         self.accounts.put(txn, &user, &encode(&account)?)?;
         let profile = ProfileRecord {

@@ -108,32 +108,15 @@ fn run(store: &Store, hub: &Hub, rx: &flume::Receiver<Job>, batch_max: usize) {
 /// Apply every op of every job in one write transaction and commit it.
 fn commit_batch(store: &Store, batch: &mut [Job]) -> Result<(Vec<Vec<Result<Outcome>>>, Changes)> {
     let mut wtxn = store.env.write_txn()?;
-    let mut all_changes = Changes::new();
+    let mut changes = Changes::new();
+    let now_ms = super::ops::now_ms();
     let mut results = Vec::with_capacity(batch.len());
     for job in batch.iter_mut() {
-        let mut job_results = Vec::with_capacity(job.ops.len());
-        for op in std::mem::take(&mut job.ops) {
-            let mut changes = Changes::new();
-            let mut nested = store.env.nested_write_txn(&mut wtxn)?;
-            match store.apply(&mut nested, op, &mut changes) {
-                Ok(outcome) => {
-                    nested.commit()?;
-                    all_changes.extend(changes);
-                    job_results.push(Ok(outcome));
-                }
-                Err(e) => {
-                    nested.abort();
-                    if matches!(e, Error::Lmdb(_) | Error::Io(_)) {
-                        return Err(e);
-                    }
-                    job_results.push(Err(e));
-                }
-            }
-        }
-        results.push(job_results);
+        let ops = std::mem::take(&mut job.ops);
+        results.push(store.apply_ops(&mut wtxn, ops, now_ms, &mut changes)?);
     }
     wtxn.commit()?;
-    Ok((results, all_changes))
+    Ok((results, changes))
 }
 
 #[cfg(test)]
