@@ -217,10 +217,6 @@ const REPLICA: &[Metric] = &[
         "Requests answered NotLeader",
     ),
     Metric::counter(
-        "msgstore_raft_read_index_retries_total",
-        "Leadership checks of a batch of reads that missed their quorum and were tried again",
-    ),
-    Metric::counter(
         "msgstore_raft_snapshots_installed_total",
         "Snapshots received from the leader and installed",
     ),

@@ -23,6 +23,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub passwords: PasswordConfig,
     pub limits: Limits,
+    /// Present: the daemon is one replica of a profile group (the `[raft]`
+    /// table, as a shard replica's).
+    pub raft: Option<replication::group::RaftConfig>,
 }
 
 impl Default for Config {
@@ -35,6 +38,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             passwords: PasswordConfig::default(),
             limits: Limits::default(),
+            raft: None,
         }
     }
 }

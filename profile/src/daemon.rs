@@ -32,26 +32,40 @@ impl Daemon {
 /// inside a multi-threaded tokio runtime.
 pub async fn start(config: Config) -> Result<Daemon, Error> {
     config.validate().map_err(Error::Config)?;
-    crate::metrics::register();
+    crate::metrics::register(config.raft.is_some());
     let lock = daemon::DirLock::acquire(&config.data)?;
-    let (service, writer_thread) = Service::open(&config.data, &config)?;
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        server::run(listener, service, config.server.clone(), shutdown_rx).await;
-        // The last Service handle is gone: the writer drains its queue and
-        // ends; every commit it made is durable.
-        let joined = tokio::task::spawn_blocking(move || writer_thread.join());
-        if tokio::time::timeout(WRITER_JOIN_TIMEOUT, joined)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the writer thread did not finish in time");
+    let task = match config.raft.clone() {
+        None => {
+            let (service, writer_thread) = Service::open(&config.data, &config)?;
+            tokio::spawn(async move {
+                server::run(listener, service, config.server.clone(), shutdown_rx).await;
+                // The last Service handle is gone: the writer drains its
+                // queue and ends; every commit it made is durable.
+                let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+                if tokio::time::timeout(WRITER_JOIN_TIMEOUT, joined)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("the writer thread did not finish in time");
+                }
+                drop(lock);
+            })
         }
-        drop(lock);
-    });
-    tracing::info!(%local_addr, data = %config.data.display(), "profile service started");
+        Some(raft) => {
+            let (service, replica) = Service::open_replica(&config.data, &config, &raft).await?;
+            tracing::info!(id = raft.id, raft_listen = %raft.listen, "profile replica started");
+            tokio::spawn(async move {
+                server::run(listener, service, config.server.clone(), shutdown_rx).await;
+                // Every entry applied was committed in its own transaction.
+                replica.shutdown().await;
+                drop(lock);
+            })
+        }
+    };
+    tracing::info!(%local_addr, "profile service started");
     Ok(Daemon {
         local_addr,
         shutdown,

@@ -62,6 +62,16 @@ pub enum Error {
     WriteFailed(String),
     #[error("the service is closed")]
     Closed,
+    /// A replica that does not lead its group got a write; `leader` is the
+    /// leader's client address, if known.
+    #[error("this replica does not lead the profile group (leader: {leader:?})")]
+    NotLeader { leader: Option<String> },
+    /// No leader committed or confirmed the request in time.
+    #[error("the profile group is unavailable: {0}")]
+    Unavailable(String),
+    /// An op the group committed and every replica refused alike.
+    #[error("{}", .0.message)]
+    Refused(ProfileError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -134,11 +144,25 @@ impl Error {
             | Error::Corrupt(_)
             | Error::StorageFull(_)
             | Error::WriteFailed(_) => ErrorCode::Storage,
+            Error::NotLeader { .. } | Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Refused(e) => e.code,
+        }
+    }
+
+    /// The answer for a request that failed with `self`: `NotLeader` for a
+    /// follower's refusal, else the error.
+    pub fn into_response(self) -> proto::profile::ResponseBody {
+        match self {
+            Error::NotLeader { leader } => proto::profile::ResponseBody::NotLeader { leader },
+            other => proto::profile::ResponseBody::Error(other.to_wire()),
         }
     }
 
     /// The wire form of this error.
     pub fn to_wire(&self) -> ProfileError {
+        if let Error::Refused(e) = self {
+            return e.clone();
+        }
         ProfileError {
             code: self.code(),
             message: self.to_string(),

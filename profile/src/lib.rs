@@ -27,6 +27,7 @@ pub mod raft;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod writes;
 
 pub use client::{ClientConfig, ClientError, ProfileClient};
 pub use config::Config;

@@ -122,14 +122,17 @@ const REPLICA: &[Metric] = &[
     .unit(Unit::Bytes),
 ];
 
-/// Describe every metric of the profile daemon and put each at zero (a
-/// series already there keeps its value). Call it before serving. (The
-/// daemon serves as a single process: the replica metrics are described
-/// only.)
-pub fn register() {
+/// Describe every metric of the profile daemon and put those of its mode
+/// at zero (`replicated`: a replica of a profile group; a series already
+/// there keeps its value). Call it before serving.
+pub fn register(replicated: bool) {
     catalog::register(METRICS);
-    catalog::describe(REPLICA);
-    catalog::describe(&replication::metrics::table("profile"));
+    let replica = [REPLICA, &replication::metrics::table("profile")].concat();
+    if replicated {
+        catalog::register(&replica);
+    } else {
+        catalog::describe(&replica);
+    }
 }
 
 #[cfg(test)]

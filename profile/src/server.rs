@@ -180,7 +180,7 @@ fn dispatch(
             .hub()
             .subscribe(shared.config.subscriber_events_max);
         let _ = out.send(Out::Subscribed(id, sub, permit));
-    } else if Service::is_read(&body) {
+    } else if Service::is_read(&body) && !shared.service.reads_wait() {
         let body = shared.service.read(body);
         let _ = out.send(Out::Response(Response { id, body }, permit));
     } else {

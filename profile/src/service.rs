@@ -9,12 +9,14 @@ use crate::{
     fields,
     notify::Hub,
     passwords::PasswordPool,
+    raft::node::Replica,
     store::{
         groups::GroupOp,
         ops::{Outcome, WriteOp},
         writer::Writer,
         Store,
     },
+    writes::Writes,
     Result,
 };
 use proto::{
@@ -28,7 +30,7 @@ use std::{path::Path, sync::Arc, thread::JoinHandle};
 
 pub struct Service {
     store: Arc<Store>,
-    writer: Writer,
+    writes: Writes,
     passwords: PasswordPool,
     hub: Arc<Hub>,
     info: ServiceInfo,
@@ -39,18 +41,49 @@ impl Service {
     /// writer thread and the password pool. The join handle is the writer
     /// thread's: it ends once every [`Service`] clone is dropped.
     pub fn open(dir: &Path, config: &Config) -> Result<(Arc<Service>, JoinHandle<()>)> {
-        let store = Arc::new(Store::open(
-            dir,
-            config.store.map_bytes,
-            config.limits.clone(),
-        )?);
-        let hub = Arc::new(Hub::default());
+        let (store, hub) = Self::open_store(dir, config)?;
         let (writer, handle) = Writer::start(
             store.clone(),
             hub.clone(),
             config.store.write_queue_max,
             config.store.write_batch_max,
         )?;
+        let service = Self::with_writes(store, hub, Writes::Local(writer), config)?;
+        Ok((service, handle))
+    }
+
+    /// Open the store in `dir` (the caller holds its lock) as a replica of
+    /// a profile group (`raft`): writes go through the group's leader,
+    /// reads wait for a read index. The [`Replica`] runs Raft and the
+    /// replication port until shut down.
+    pub async fn open_replica(
+        dir: &Path,
+        config: &Config,
+        raft: &replication::group::RaftConfig,
+    ) -> Result<(Arc<Service>, Replica)> {
+        let (store, hub) = Self::open_store(dir, config)?;
+        let parts = (store.clone(), hub.clone());
+        let replica = Replica::start(dir, parts, raft, config.store.map_bytes).await?;
+        let writes = Writes::Replicated(replica.replicated.clone());
+        let service = Self::with_writes(store, hub, writes, config)?;
+        Ok((service, replica))
+    }
+
+    fn open_store(dir: &Path, config: &Config) -> Result<(Arc<Store>, Arc<Hub>)> {
+        let store = Arc::new(Store::open(
+            dir,
+            config.store.map_bytes,
+            config.limits.clone(),
+        )?);
+        Ok((store, Arc::new(Hub::default())))
+    }
+
+    fn with_writes(
+        store: Arc<Store>,
+        hub: Arc<Hub>,
+        writes: Writes,
+        config: &Config,
+    ) -> Result<Arc<Service>> {
         let passwords = PasswordPool::start(&config.passwords, config.password_threads())?;
         let p = &config.passwords;
         let info = ServiceInfo {
@@ -59,14 +92,19 @@ impl Service {
             argon2_p: p.argon2_p,
         };
         metrics::gauge!("profile_groups").set(store.group_count()? as f64);
-        let service = Service {
+        Ok(Arc::new(Service {
             store,
-            writer,
+            writes,
             passwords,
             hub,
             info,
-        };
-        Ok((Arc::new(service), handle))
+        }))
+    }
+
+    /// Whether reads must be answered through [`Service::handle`] (a
+    /// replica: they wait for a read index), not [`Service::read`] at once.
+    pub fn reads_wait(&self) -> bool {
+        self.writes.is_replicated()
     }
 
     pub fn store(&self) -> &Store {
@@ -149,11 +187,14 @@ impl Service {
     /// Answer any request except `Subscribe` (which needs a connection).
     pub async fn handle(&self, body: RequestBody) -> ResponseBody {
         if Self::is_read(&body) {
+            if let Err(e) = self.writes.before_read().await {
+                return e.into_response();
+            }
             return self.read(body);
         }
         self.handle_inner(body)
             .await
-            .unwrap_or_else(|e| ResponseBody::Error(e.to_wire()))
+            .unwrap_or_else(Error::into_response)
     }
 
     async fn handle_inner(&self, body: RequestBody) -> Result<ResponseBody> {
@@ -194,7 +235,7 @@ impl Service {
             RequestBody::SetAvatar { user, image } => {
                 let hash = avatar::check(&image, l)?;
                 return match self
-                    .writer
+                    .writes
                     .write(WriteOp::SetAvatar { user, hash, image })
                     .await?
                 {
@@ -252,7 +293,7 @@ impl Service {
             op,
             WriteOp::Group(GroupOp::Create { .. } | GroupOp::Dissolve { .. })
         );
-        let outcome = self.writer.write(op).await?;
+        let outcome = self.writes.write(op).await?;
         if counts {
             // A gauge only: its read failing does not undo the write.
             if let Ok(n) = self.store.group_count() {
@@ -364,7 +405,7 @@ impl Service {
                     group,
                     up_to_seq,
                 });
-                match self.writer.write(op).await? {
+                match self.writes.write(op).await? {
                     Outcome::Read {
                         read_seq,
                         min_read_seq,
@@ -384,7 +425,7 @@ impl Service {
     /// relations as they are after it.
     async fn claim_login(&self, user: UserId, login_ns: u64) -> Result<ResponseBody> {
         match self
-            .writer
+            .writes
             .write(WriteOp::ClaimLogin { user, login_ns })
             .await?
         {
@@ -404,6 +445,7 @@ impl Service {
         let name =
             fields::username(username, self.limits()).map_err(|_| Error::WrongCredentials)?;
         fields::password(&password).map_err(|_| Error::WrongCredentials)?;
+        self.writes.before_read().await?;
         let account = self.store.credentials(&name)?;
         let phc = account.as_ref().map(|(_, a)| a.phc.clone());
         if !self.passwords.verify(phc, password).await? {
@@ -436,7 +478,7 @@ impl Service {
             .iter()
             .filter_map(|r| r.as_ref().ok().cloned())
             .collect();
-        let mut written = self.writer.write_many(ops).await?.into_iter();
+        let mut written = self.writes.write_many(ops).await?.into_iter();
         let results = checked
             .into_iter()
             .map(|c| match c {

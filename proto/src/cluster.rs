@@ -39,7 +39,8 @@ pub struct ClusterMap {
     /// Address (host:port) of the presence service; several separated by
     /// commas are its replicas (see [`ClusterMap::presence_replicas`]).
     pub presence: String,
-    /// Address (host:port) of the profile service.
+    /// Address (host:port) of the profile service; several separated by
+    /// commas are the client addresses of a profile group's replicas.
     pub profile: String,
     #[serde(default)]
     pub gateways: Vec<GatewayEntry>,

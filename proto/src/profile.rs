@@ -418,6 +418,11 @@ pub enum ErrorCode {
     NotPermitted,
     /// Already a member (or already invited, or already asked to join).
     AlreadyMember,
+    /// A replicated profile group has no leader that confirmed or committed
+    /// the request within its deadline (a replica cut off from its
+    /// majority, an election under way). A write may still be committed
+    /// later; retry, at another replica if this one stays unavailable.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -477,6 +482,12 @@ pub enum ResponseBody {
     GroupRead {
         read_seq: u64,
         min_read_seq: u64,
+    },
+    /// A write sent to a replica of a profile group that does not lead
+    /// it: nothing was done; send it to `leader` (the leader's client
+    /// address, if this replica knows one).
+    NotLeader {
+        leader: Option<String>,
     },
 }
 

@@ -7,18 +7,22 @@ use crate::{
     log_store::{LogStore, LogStoreError},
     metrics::metric_name,
     peer::{
-        read_frame_or_end, AdminRequest, AdminResponse, GroupStatus, PeerRequest, PeerResponse,
-        PEER_FRAME_BODY_BYTES_MAX,
+        read_frame_or_end, AdminRequest, AdminResponse, GroupStatus, LinkPool, PeerRequest,
+        PeerResponse, PEER_FRAME_BODY_BYTES_MAX,
     },
     GroupTypes, Replica, ReplicaId,
 };
 use bytes::BytesMut;
 use daemon::secure::{GateLimits, Link, SecureListener};
-use openraft::{error::ClientWriteError, error::RaftError, Raft, ServerState, SnapshotPolicy};
+use openraft::{
+    error::{CheckIsLeaderError, ClientWriteError, RaftError},
+    Raft, ServerState, SnapshotPolicy,
+};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    time::Duration,
 };
 use tokio::net::TcpListener;
 
@@ -111,6 +115,35 @@ impl RaftConfig {
     }
 }
 
+/// A daemon's flags that make it a replica (they set the `[raft]` table's
+/// `id` and `listen`, adding the table if the config file has none).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RaftArgs {
+    /// Run as replica ID of a group (sets raft.id; the group is formed
+    /// with `imctl shard --addr RAFT_ADDR group init`).
+    #[arg(long, value_name = "ID")]
+    pub raft_id: Option<u64>,
+    /// Address of the replica's replication port (sets raft.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub raft_listen: Option<SocketAddr>,
+}
+
+impl RaftArgs {
+    /// Apply the flags to a config's `[raft]` table.
+    pub fn apply(&self, raft: &mut Option<RaftConfig>) {
+        if self.raft_id.is_none() && self.raft_listen.is_none() {
+            return;
+        }
+        let raft = raft.get_or_insert_with(Default::default);
+        if let Some(id) = self.raft_id {
+            raft.id = id;
+        }
+        if let Some(listen) = self.raft_listen {
+            raft.listen = listen;
+        }
+    }
+}
+
 /// A replica's view of its group (from openraft's metrics).
 pub fn status<C: GroupTypes>(raft: &Raft<C>) -> GroupStatus {
     let m = raft.metrics().borrow().clone();
@@ -140,6 +173,17 @@ pub fn status<C: GroupTypes>(raft: &Raft<C>) -> GroupStatus {
 pub async fn admin<C: GroupTypes>(raft: &Raft<C>, request: AdminRequest) -> AdminResponse {
     let result = match request {
         AdminRequest::Status => return AdminResponse::Status(status(raft)),
+        AdminRequest::ReadIndex => {
+            return match read_index(raft, "").await {
+                Ok(index) => AdminResponse::ReadIndex(index),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    AdminResponse::NotLeader {
+                        leader: f.leader_node.map(|n| n.raft_addr),
+                    }
+                }
+                Err(e) => AdminResponse::Failed(e.to_string()),
+            }
+        }
         AdminRequest::Init { members } => raft
             .initialize(members)
             .await
@@ -161,6 +205,126 @@ pub async fn admin<C: GroupTypes>(raft: &Raft<C>, request: AdminRequest) -> Admi
     match result {
         Ok(()) => AdminResponse::Done,
         Err(e) => AdminResponse::Failed(e),
+    }
+}
+
+/// Pause between two leadership checks of one read.
+const READ_INDEX_RETRY_MS: u64 = 20;
+
+/// A leadership check's failure.
+pub type ReadIndexError = RaftError<ReplicaId, CheckIsLeaderError<ReplicaId, Replica>>;
+
+/// Confirm this replica still leads (a read index) and return the index a
+/// read must see, trying again while a check only missed its quorum: each
+/// check gives the followers one heartbeat interval, which a follower busy
+/// syncing a large entry, or a link being dialed again, can miss. The
+/// caller bounds the whole wait. `prefix` names the retry counter (none
+/// when empty: a check asked by a follower is counted there).
+pub async fn read_index<C: GroupTypes>(
+    raft: &Raft<C>,
+    prefix: &str,
+) -> Result<Option<u64>, ReadIndexError> {
+    loop {
+        match raft.ensure_linearizable().await {
+            Ok(index) => return Ok(index.map(|l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                if !prefix.is_empty() {
+                    metrics::counter!(metric_name(prefix, "raft_read_index_retries_total"))
+                        .increment(1);
+                }
+                tracing::debug!(error = %q, "a read index missed its quorum; trying again");
+                tokio::time::sleep(Duration::from_millis(READ_INDEX_RETRY_MS)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Why a replica may not serve a read now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadRefused {
+    /// No leader confirmed a read index within the deadline.
+    #[error("no leader confirmed a read index within {ms} ms: {why}")]
+    Unavailable { ms: u64, why: String },
+}
+
+/// Wait until this replica may serve a linearizable read: it has applied
+/// everything committed when the call began, as the leader confirms (on
+/// the leader, a read index; on a follower, the leader's read index asked
+/// over the replication port, then waiting to apply up to it). Within
+/// `deadline`; leadership changes on the way are followed.
+pub async fn linearizable<C: GroupTypes>(
+    raft: &Raft<C>,
+    pool: &std::sync::Arc<LinkPool>,
+    prefix: &str,
+    deadline: Duration,
+) -> Result<(), ReadRefused> {
+    let started = tokio::time::Instant::now();
+    let mut why = String::from("no leader known");
+    while let Some(left) = deadline.checked_sub(started.elapsed()) {
+        let m = raft.metrics().borrow().clone();
+        let index = if m.state == ServerState::Leader {
+            match tokio::time::timeout(left, read_index(raft, prefix)).await {
+                Ok(Ok(index)) => Some(index),
+                Ok(Err(e)) => {
+                    why = e.to_string();
+                    None
+                }
+                Err(_) => break,
+            }
+        } else {
+            let leader = m
+                .current_leader
+                .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+            match leader {
+                Some(node) => ask_read_index(pool, &node.raft_addr, left, &mut why).await,
+                None => None,
+            }
+        };
+        if let Some(index) = index {
+            let Some(left) = deadline.checked_sub(started.elapsed()) else {
+                break;
+            };
+            let applied = raft
+                .wait(Some(left))
+                .applied_index_at_least(index, "a read index")
+                .await;
+            if m.state != ServerState::Leader && !prefix.is_empty() {
+                let outcome = if applied.is_ok() { "ok" } else { "unavailable" };
+                metrics::counter!(metric_name(prefix, "raft_follower_reads_total"), "outcome" => outcome)
+                    .increment(1);
+            }
+            return applied.map(|_| ()).map_err(|e| ReadRefused::Unavailable {
+                ms: deadline.as_millis() as u64,
+                why: e.to_string(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(READ_INDEX_RETRY_MS)).await;
+    }
+    Err(ReadRefused::Unavailable {
+        ms: deadline.as_millis() as u64,
+        why,
+    })
+}
+
+/// The read index of the leader at `addr` (`None`, with `why` set, if it
+/// did not give one).
+async fn ask_read_index(
+    pool: &std::sync::Arc<LinkPool>,
+    addr: &str,
+    left: Duration,
+    why: &mut String,
+) -> Option<Option<u64>> {
+    match crate::peer::admin_pooled(pool, addr, AdminRequest::ReadIndex, left).await {
+        Ok(AdminResponse::ReadIndex(index)) => Some(index),
+        Ok(other) => {
+            *why = format!("the leader at {addr} answered {other:?}");
+            None
+        }
+        Err(e) => {
+            *why = e.to_string();
+            None
+        }
     }
 }
 

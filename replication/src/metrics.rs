@@ -37,6 +37,15 @@ const SUFFIXES: &[Metric] = &[
         "Times this replica became a candidate",
     ),
     Metric::counter(
+        "raft_read_index_retries_total",
+        "Leadership checks of reads that missed their quorum and were tried again",
+    ),
+    Metric::counter(
+        "raft_follower_reads_total",
+        "Reads served by a follower after its leader's read index, by outcome",
+    )
+    .by("outcome", &["ok", "unavailable"]),
+    Metric::counter(
         "raft_bad_frames_total",
         "Replication links closed for an oversized or malformed frame",
     ),

@@ -65,6 +65,10 @@ pub enum AdminRequest {
     ChangeMembership { voters: Vec<ReplicaId> },
     /// This replica's view of the group.
     Status,
+    /// Asked of the leader by a follower that serves a read: confirm the
+    /// leadership (a read index) and answer the index the follower must
+    /// have applied before it reads.
+    ReadIndex,
 }
 
 /// What an admin command answers.
@@ -72,6 +76,8 @@ pub enum AdminRequest {
 pub enum AdminResponse {
     Done,
     Status(GroupStatus),
+    /// The leader's read index (none: nothing committed yet).
+    ReadIndex(Option<u64>),
     /// Not done; `leader` (its replication address), if known, can do it.
     NotLeader {
         leader: Option<String>,
@@ -473,12 +479,36 @@ pub async fn admin(
     request: AdminRequest,
     deadline: Duration,
 ) -> Result<AdminResponse, LinkError> {
-    let mut link = Link::new(addr.to_string());
+    admin_on(&mut Link::new(addr.to_string()), request, deadline).await
+}
+
+/// [`admin`] on a link taken from `pool` (a follower asking its leader for
+/// a read index for every read would otherwise pay a handshake each time).
+pub async fn admin_pooled(
+    pool: &Arc<LinkPool>,
+    addr: &str,
+    request: AdminRequest,
+    deadline: Duration,
+) -> Result<AdminResponse, LinkError> {
+    admin_on(
+        &mut Link::pooled(addr.to_string(), pool.clone()),
+        request,
+        deadline,
+    )
+    .await
+}
+
+async fn admin_on(
+    link: &mut Link,
+    request: AdminRequest,
+    deadline: Duration,
+) -> Result<AdminResponse, LinkError> {
+    let addr = link.addr.clone();
     // Admin frames have the same form in every group: any type config does.
     let request = PeerRequest::<crate::AnyGroup>::Admin(request);
     match link.call::<_, PeerResponse>(&request, deadline).await? {
         PeerResponse::Admin(r) => Ok(r),
-        _ => Err(LinkError::Unexpected { addr: addr.into() }),
+        _ => Err(LinkError::Unexpected { addr }),
     }
 }
 

@@ -139,7 +139,9 @@ async fn send(addr: &str, request: AdminRequest) -> anyhow::Result<String> {
                 bail!("{at} does not lead the group and knows no leader; try again")
             }
             AdminResponse::Failed(e) => bail!("{at}: {e}"),
-            AdminResponse::Status(_) => bail!("{at} answered a status"),
+            AdminResponse::Status(_) | AdminResponse::ReadIndex(_) => {
+                bail!("{at} answered something else than a command's outcome")
+            }
         }
     }
     bail!("more than {ADMIN_REDIRECTS_MAX} not-leader answers")

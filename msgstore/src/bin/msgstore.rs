@@ -36,13 +36,8 @@ struct Args {
     /// Address of the Prometheus /metrics HTTP listener.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
-    /// Run as replica ID of a replicated shard group (sets raft.id; the
-    /// group is formed with `imctl shard group init`).
-    #[arg(long, value_name = "ID")]
-    raft_id: Option<u64>,
-    /// Address of the replica's replication port (sets raft.listen).
-    #[arg(long, value_name = "ADDR")]
-    raft_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    raft: replication::group::RaftArgs,
     /// TOML config file (see msgstore.example.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -88,15 +83,7 @@ fn load_config(args: &Args) -> anyhow::Result<DaemonConfig> {
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = Some(addr);
     }
-    if args.raft_id.is_some() || args.raft_listen.is_some() {
-        let raft = config.raft.get_or_insert_with(Default::default);
-        if let Some(id) = args.raft_id {
-            raft.id = id;
-        }
-        if let Some(listen) = args.raft_listen {
-            raft.listen = listen;
-        }
-    }
+    args.raft.apply(&mut config.raft);
     Ok(config)
 }
 

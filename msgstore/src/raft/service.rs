@@ -246,9 +246,12 @@ async fn read_all(node: &Node, reads: Vec<(usize, RequestBody)>) -> Vec<(usize, 
     if reads.is_empty() {
         return Vec::new();
     }
-    let check = tokio::time::timeout(node.write_timeout(), read_index(node));
+    let check = tokio::time::timeout(
+        node.write_timeout(),
+        replication::group::read_index(&node.raft, "msgstore"),
+    );
     let refusal = match check.await {
-        Ok(Ok(())) => None,
+        Ok(Ok(_)) => None,
         Ok(Err(e)) => Some(read_refusal(&e)),
         Err(_) => Some(unavailable(node.write_timeout())),
     };
@@ -267,29 +270,6 @@ async fn read_all(node: &Node, reads: Vec<(usize, RequestBody)>) -> Vec<(usize, 
         .into_iter()
         .map(|(i, body)| (i, engine.respond(body)))
         .collect()
-}
-
-/// Pause between two leadership checks of one batch of reads.
-const READ_INDEX_RETRY_MS: u64 = 20;
-
-/// Confirm this replica still leads (a read index), trying again while a
-/// check only missed its quorum: each check gives the followers one
-/// heartbeat interval, which a follower busy syncing a large entry, or a
-/// link being dialed again, can miss. The caller bounds the whole wait.
-async fn read_index(
-    node: &Node,
-) -> Result<(), RaftError<u64, CheckIsLeaderError<u64, super::Replica>>> {
-    loop {
-        match node.raft.ensure_linearizable().await {
-            Ok(_) => return Ok(()),
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
-                metrics::counter!("msgstore_raft_read_index_retries_total").increment(1);
-                tracing::debug!(error = %q, "a read index missed its quorum; trying again");
-                tokio::time::sleep(Duration::from_millis(READ_INDEX_RETRY_MS)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 fn read_refusal(e: &RaftError<u64, CheckIsLeaderError<u64, super::Replica>>) -> ResponseBody {

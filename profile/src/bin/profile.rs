@@ -31,6 +31,8 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
+    raft: replication::group::RaftArgs,
+    #[command(flatten)]
     key: daemon::secure::KeyArgs,
 }
 
@@ -57,6 +59,7 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = Some(addr);
     }
+    args.raft.apply(&mut config.raft);
     Ok(config)
 }
 

@@ -11,6 +11,7 @@
 //!   is a compacted copy of the LMDB environment (LMDB writes it
 //!   consistently while serving).
 
+pub mod node;
 pub mod state_machine;
 
 use crate::store::ops::{Outcome, WriteOp};

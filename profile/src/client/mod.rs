@@ -18,6 +18,8 @@
 //! events were dropped because the receiver fell
 //! [`ClientConfig::events_max`] behind.
 
+mod replicas;
+
 use crate::server::RESPONSE_BODY_BYTES_MAX;
 use bytes::BytesMut;
 use daemon::secure::{LinkReader, LinkWriter};
@@ -30,6 +32,7 @@ use proto::{
         AVATAR_RANGE_BYTES_MAX,
     },
 };
+use replicas::Replicas;
 use std::{
     collections::HashMap,
     sync::{
@@ -194,10 +197,12 @@ struct Inner {
     events: Option<Arc<EventSink>>,
 }
 
-/// A reconnecting, pipelined client of the profile service.
+/// A reconnecting, pipelined client of the profile service: of one
+/// process, or of the replicas of a profile group (an address list
+/// `"a,b,c"`; see `replicas.rs` for where each request goes).
 #[derive(Clone)]
 pub struct ProfileClient {
-    inner: Arc<Inner>,
+    replicas: Arc<Replicas>,
 }
 
 impl ProfileClient {
@@ -237,29 +242,62 @@ impl ProfileClient {
                 "inflight_requests_max must be at least 1".into(),
             ));
         }
-        let inner = Arc::new(Inner {
-            addr,
-            slots: Semaphore::new(config.inflight_requests_max),
-            config,
-            link: Mutex::new(None),
-            next_id: AtomicU64::new(1),
-            events,
-        });
-        let waiters = establish(&inner).await?;
-        tokio::spawn(supervise(Arc::downgrade(&inner), waiters));
-        Ok(Self { inner })
+        let addrs: Vec<String> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+        if addrs.is_empty() {
+            return Err(ClientError::Protocol("no profile address given".into()));
+        }
+        let mut all = Vec::with_capacity(addrs.len());
+        let mut first_error = None;
+        for addr in addrs {
+            let inner = Arc::new(Inner {
+                addr,
+                slots: Semaphore::new(config.inflight_requests_max),
+                config: config.clone(),
+                link: Mutex::new(None),
+                next_id: AtomicU64::new(1),
+                events: events.clone(),
+            });
+            let waiters = match establish(&inner).await {
+                Ok(w) => w,
+                Err(e) => {
+                    // Reconnected in the background, as after a break.
+                    tracing::debug!(addr = %inner.addr, error = %e, "profile replica not reachable yet");
+                    first_error.get_or_insert(e);
+                    let closed = Waiters::new();
+                    closed.close();
+                    closed
+                }
+            };
+            tokio::spawn(supervise(Arc::downgrade(&inner), waiters));
+            all.push(inner);
+        }
+        let replicas = Arc::new(Replicas::new(all));
+        match first_error {
+            Some(e) if !replicas.is_connected() => Err(e),
+            _ => Ok(Self { replicas }),
+        }
     }
 
-    /// Whether a connection is up right now.
+    /// Whether a connection (to any replica) is up right now.
     pub fn is_connected(&self) -> bool {
-        self.inner.current().is_some()
+        self.replicas.is_connected()
     }
 
     /// Send one request and wait for its answer; an `Error` body becomes
     /// [`ClientError::Service`].
     pub async fn call(&self, body: RequestBody) -> Answer {
-        match self.inner.call(body).await? {
+        match self.replicas.call(body).await? {
             ResponseBody::Error(e) => Err(ClientError::Service(e)),
+            // A follower named alone (a client of one replica).
+            ResponseBody::NotLeader { leader } => Err(ClientError::Service(ProfileError {
+                code: ErrorCode::Unavailable,
+                message: format!("this replica does not lead its group (leader: {leader:?})"),
+            })),
             other => Ok(other),
         }
     }

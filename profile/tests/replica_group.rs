@@ -1,0 +1,213 @@
+//! A profile group of three replicas as real processes: accounts written
+//! through whichever replica leads survive the leader's SIGKILL, every
+//! replica checks passwords and serves reads (never older than a write
+//! answered before), and a replica that was down while the others
+//! compacted their logs comes back by snapshot and holds the same.
+
+use daemon::testing::{free_addr, metric, DaemonProcess};
+use profile::{ClientConfig, ProfileClient};
+use proto::profile::ErrorCode;
+use replication::{
+    peer::{admin, AdminRequest, AdminResponse, GroupStatus},
+    Replica,
+};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, process::Command, time::Duration};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Small snapshots, so a replica down for a few writes misses purged log.
+const CONFIG: &str = "[raft]\nsnapshot_every_entries = 8\nlog_kept_after_snapshot_entries = 0\n";
+
+struct Member {
+    id: u64,
+    client: SocketAddr,
+    raft: SocketAddr,
+    metrics: SocketAddr,
+    process: Option<DaemonProcess>,
+}
+
+impl Member {
+    fn start(&mut self, dir: &Path) {
+        let data = dir.join(format!("replica{}", self.id));
+        let config = dir.join("profile.toml");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_profile"));
+        cmd.arg("--config").arg(&config);
+        cmd.arg("--data").arg(&data);
+        cmd.args(["--listen", &self.client.to_string()]);
+        cmd.args(["--metrics-addr", &self.metrics.to_string()]);
+        cmd.args(["--raft-id", &self.id.to_string()]);
+        cmd.args(["--raft-listen", &self.raft.to_string()]);
+        self.process = Some(DaemonProcess::start(cmd, "profile", DEADLINE));
+    }
+
+    fn kill(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    async fn status(&self) -> Option<GroupStatus> {
+        let addr = self.raft.to_string();
+        match admin(&addr, AdminRequest::Status, Duration::from_secs(2)).await {
+            Ok(AdminResponse::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+struct Group {
+    members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+impl Group {
+    async fn start() -> Group {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("profile.toml"), CONFIG).unwrap();
+        let mut members: Vec<Member> = (1..=3)
+            .map(|id| Member {
+                id,
+                client: free_addr(),
+                raft: free_addr(),
+                metrics: free_addr(),
+                process: None,
+            })
+            .collect();
+        for m in &mut members {
+            m.start(dir.path());
+        }
+        let replicas: BTreeMap<u64, Replica> = members
+            .iter()
+            .map(|m| {
+                let replica = Replica {
+                    raft_addr: m.raft.to_string(),
+                    client_addr: m.client.to_string(),
+                };
+                (m.id, replica)
+            })
+            .collect();
+        let init = AdminRequest::Init { members: replicas };
+        let answer = admin(&members[0].raft.to_string(), init, DEADLINE)
+            .await
+            .unwrap();
+        assert!(matches!(answer, AdminResponse::Done), "{answer:?}");
+        Group { members, dir }
+    }
+
+    /// The index of the member that leads, once one does.
+    async fn leader(&self) -> usize {
+        let started = std::time::Instant::now();
+        while started.elapsed() < DEADLINE {
+            for (i, m) in self.members.iter().enumerate() {
+                if m.process.is_none() {
+                    continue;
+                }
+                if let Some(s) = m.status().await.filter(|s| s.role == "leader") {
+                    assert_eq!(s.id, m.id);
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no leader within {DEADLINE:?}");
+    }
+
+    fn addrs(&self) -> String {
+        let addrs: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        addrs.join(",")
+    }
+}
+
+fn config() -> ClientConfig {
+    ClientConfig {
+        request_timeout_ms: 10_000,
+        reconnect_min_ms: 20,
+        reconnect_max_ms: 200,
+        ..ClientConfig::default()
+    }
+}
+
+/// A client of the one replica `m` (reads and password checks there).
+async fn one(m: &Member) -> ProfileClient {
+    ProfileClient::connect_with(m.client.to_string(), config())
+        .await
+        .unwrap()
+}
+
+async fn create(client: &ProfileClient, from: u32, to: u32) -> Vec<(String, u64)> {
+    let mut made = Vec::new();
+    for i in from..to {
+        let name = format!("user{i}");
+        let id = client
+            .create_user(&name, format!("password-{i}").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        made.push((name, id));
+    }
+    made
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_group_keeps_every_account_through_a_leader_kill_and_rebuilds_by_snapshot() {
+    let mut group = Group::start().await;
+    let client = ProfileClient::connect_with(group.addrs(), config())
+        .await
+        .unwrap();
+    let mut made = create(&client, 0, 6).await;
+    // A follower refuses a write and names the leader; the client follows.
+    let leader = group.leader().await;
+    let follower = (leader + 1) % 3;
+    let lone = one(&group.members[follower]).await;
+    let refused = lone.create_user("nobody", b"password-x").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Unavailable), "{refused}");
+
+    // The leader dies; writes go on through the new one.
+    group.members[leader].kill();
+    made.extend(create(&client, 6, 24).await);
+    let new_leader = group.leader().await;
+    assert_ne!(new_leader, leader);
+    let user = made[3].1;
+    client
+        .set_profile(user, Some("renamed"), None)
+        .await
+        .unwrap();
+
+    // The killed replica comes back after the log it missed was purged.
+    let dir = group.dir.path().to_owned();
+    group.members[leader].start(&dir);
+    let back = &group.members[leader];
+    let started = std::time::Instant::now();
+    while metric(back.metrics, "profile_raft_snapshots_installed_total").await < 1.0 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the restarted replica installed no snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every replica holds every account, checks its password and shows
+    // the write answered last.
+    for m in &group.members {
+        let at = one(m).await;
+        for (name, id) in &made {
+            assert_eq!(at.lookup(name).await.unwrap(), *id, "{name} at {}", m.id);
+        }
+        let (name, id) = &made[made.len() - 1];
+        let i = &name["user".len()..];
+        let checked = at
+            .check_password(name, format!("password-{i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(checked, *id);
+        let wrong = at
+            .check_password(name, b"not-the-password")
+            .await
+            .unwrap_err();
+        assert_eq!(wrong.code(), Some(ErrorCode::WrongCredentials));
+        let profile = at.get_profile(user).await.unwrap();
+        assert_eq!(profile.nickname, "renamed", "at replica {}", m.id);
+    }
+    for m in &mut group.members {
+        m.kill();
+    }
+}
