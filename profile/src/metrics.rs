@@ -48,6 +48,7 @@ pub(crate) const OPS: &[&str] = &[
     "get_group",
     "get_user_groups",
     "group_read",
+    "stats",
 ];
 
 /// The `reason` label of `profile_writes_failed_total`

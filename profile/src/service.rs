@@ -22,9 +22,10 @@ use crate::{
 use proto::{
     groups::GroupId,
     profile::{
-        ImportUser, RequestBody, ResponseBody, ServiceInfo, UserId, AVATAR_RANGE_BYTES_MAX,
-        GET_PROFILES_MAX, IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
+        ImportUser, ProfileStats, RequestBody, ResponseBody, ServiceInfo, UserId,
+        AVATAR_RANGE_BYTES_MAX, GET_PROFILES_MAX, IMPORT_FRIENDSHIPS_MAX, IMPORT_USERS_MAX,
     },
+    shard::ShardRole,
 };
 use std::{path::Path, sync::Arc, thread::JoinHandle};
 
@@ -99,6 +100,25 @@ impl Service {
             hub,
             info,
         }))
+    }
+
+    /// This process's place in its group.
+    pub async fn stats(&self) -> ProfileStats {
+        match &self.writes {
+            Writes::Local(_) => ProfileStats {
+                role: ShardRole::Standalone,
+                leader: None,
+                raft: None,
+            },
+            Writes::Replicated(replica) => {
+                let report = replication::group::report(&replica.raft).await;
+                ProfileStats {
+                    role: report.role,
+                    leader: report.leader_addr,
+                    raft: Some(report.raft),
+                }
+            }
+        }
     }
 
     /// Whether reads must be answered through [`Service::handle`] (a
@@ -186,7 +206,10 @@ impl Service {
 
     /// Answer any request except `Subscribe` (which needs a connection).
     pub async fn handle(&self, body: RequestBody) -> ResponseBody {
-        if Self::is_read(&body) {
+        if matches!(body, RequestBody::Stats) {
+            return ResponseBody::Stats(self.stats().await);
+        }
+        if Self::is_read(&body) && !matches!(body, RequestBody::Ping | RequestBody::Info) {
             if let Err(e) = self.writes.before_read().await {
                 return e.into_response();
             }
@@ -546,5 +569,6 @@ pub fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::GetGroup { .. } => "get_group",
         RequestBody::GetUserGroups { .. } => "get_user_groups",
         RequestBody::GroupRead { .. } => "group_read",
+        RequestBody::Stats => "stats",
     }
 }

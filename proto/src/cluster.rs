@@ -115,16 +115,26 @@ pub enum ClusterMapError {
     BadWeight { id: String, weight: u32 },
 }
 
+/// The addresses of a comma-separated list, trimmed, empty ones left out.
+fn split_addrs(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 impl ClusterMap {
     /// The presence replicas' addresses, in order (the `presence` field
     /// split at commas; a single address is one replica).
     pub fn presence_replicas(&self) -> Vec<String> {
-        self.presence
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .map(str::to_owned)
-            .collect()
+        split_addrs(&self.presence)
+    }
+
+    /// The client addresses of the profile service's replicas (one for a
+    /// single process), in map order.
+    pub fn profile_replicas(&self) -> Vec<String> {
+        split_addrs(&self.profile)
     }
 
     pub fn from_toml(text: &str) -> Result<ClusterMap, ClusterMapError> {

@@ -308,6 +308,10 @@ pub enum RequestBody {
         group: GroupId,
         up_to_seq: u64,
     },
+    /// This process's place in its profile group; [`ResponseBody::Stats`].
+    /// Answered at once, without a read index (a replica cut off from its
+    /// leader still says so).
+    Stats,
 }
 
 /// A user's public profile.
@@ -489,6 +493,19 @@ pub enum ResponseBody {
     NotLeader {
         leader: Option<String>,
     },
+    /// Answer to [`RequestBody::Stats`].
+    Stats(ProfileStats),
+}
+
+/// A profile process's place in its group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileStats {
+    /// `Standalone` for a single process, else its Raft role.
+    pub role: crate::shard::ShardRole,
+    /// The leader's client address, if known (a replica).
+    pub leader: Option<String>,
+    /// Its Raft state (a replica), as a shard replica reports it.
+    pub raft: Option<crate::shard::RaftStats>,
 }
 
 /// Pushed to subscribed connections.

@@ -18,6 +18,7 @@ use openraft::{
     error::{CheckIsLeaderError, ClientWriteError, RaftError},
     Raft, ServerState, SnapshotPolicy,
 };
+use proto::shard::{RaftStats, ReplicaProgress, ShardRole};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -141,6 +142,65 @@ impl RaftArgs {
         if let Some(listen) = self.raft_listen {
             raft.listen = listen;
         }
+    }
+}
+
+/// What a replica reports of its Raft state to a service's stats request
+/// (`docs/PROTOCOL.md` §1.3 `RaftStats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftReport {
+    pub role: ShardRole,
+    /// The leader's id, if known.
+    pub leader: Option<ReplicaId>,
+    /// The leader's client address, if known.
+    pub leader_addr: Option<String>,
+    pub raft: RaftStats,
+}
+
+/// How long a report waits for the Raft core to tell the committed index.
+const COMMITTED_ASK_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// This replica's Raft state. The newest committed index is not in
+/// openraft 0.9's metrics: it is asked of the Raft core, which may be busy
+/// (a sync), and is `None` if it does not tell within
+/// [`COMMITTED_ASK_TIMEOUT`].
+pub async fn report<C: GroupTypes>(raft: &Raft<C>) -> RaftReport {
+    let m = raft.metrics().borrow().clone();
+    let ask = raft.with_raft_state(|st| st.committed.map(|c| c.index));
+    let committed = tokio::time::timeout(COMMITTED_ASK_TIMEOUT, ask)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let leader_addr = m
+        .current_leader
+        .and_then(|id| m.membership_config.membership().get_node(&id).cloned())
+        .map(|n| n.client_addr);
+    RaftReport {
+        role: match m.state {
+            ServerState::Leader => ShardRole::Leader,
+            ServerState::Follower | ServerState::Shutdown => ShardRole::Follower,
+            ServerState::Candidate => ShardRole::Candidate,
+            ServerState::Learner => ShardRole::Learner,
+        },
+        leader: m.current_leader,
+        leader_addr,
+        raft: RaftStats {
+            id: m.id,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            committed_index: committed,
+            applied_index: m.last_applied.map(|l| l.index),
+            matched: m
+                .replication
+                .iter()
+                .flat_map(|r| r.iter())
+                .map(|(id, l)| ReplicaProgress {
+                    replica: *id,
+                    matched: l.map(|l| l.index),
+                })
+                .collect(),
+        },
     }
 }
 

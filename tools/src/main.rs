@@ -58,6 +58,14 @@ enum Command {
     Group(group_cmd::GroupArgs),
     /// Talk to one msgstore shard directly.
     Shard(shard_cmd::ShardArgs),
+    /// A replicated profile group, through a replica's replication port
+    /// (--addr RAFT_ADDR): init, add-replica, remove-replica, status.
+    ProfileGroup {
+        #[arg(long, value_name = "RAFT_ADDR")]
+        addr: String,
+        #[command(subcommand)]
+        command: shard_group_cmd::GroupCommand,
+    },
     /// Ask a presence server: stats, lookup USER..., gateways.
     Presence(presence_cmd::PresenceArgs),
     /// Accounts on the profile service: add, passwd, disable, show, import.
@@ -131,6 +139,9 @@ fn main() -> ExitCode {
             Command::Chat(args) => chat_cmd::run(args).await,
             Command::Group(args) => group_cmd::run(args, &out).await,
             Command::Shard(args) => shard_cmd::run(args, &out).await,
+            Command::ProfileGroup { addr, command } => {
+                shard_group_cmd::run(&addr, command, &out).await
+            }
             Command::Presence(args) => presence_cmd::run(args, &out).await,
             Command::User(args) => user_cmd::run(args, &out).await,
             Command::Friend(args) => friend_cmd::run(args, &out).await,

@@ -1,5 +1,7 @@
-//! `imctl shard --addr RAFT_ADDR group ...`: form and change a replicated
-//! shard group and show its state, through a replica's replication port.
+//! `imctl shard --addr RAFT_ADDR group ...` and `imctl profile-group
+//! --addr RAFT_ADDR ...`: form and change a replica group (a shard's, the
+//! profile service's: the commands are the same) and show its state,
+//! through a replica's replication port.
 
 use crate::output::Output;
 use anyhow::{bail, Context};

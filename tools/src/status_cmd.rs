@@ -50,7 +50,8 @@ pub struct Snapshot {
     pub took_ms: u64,
     /// Every replica of the map's `presence` field, in map order.
     pub presence: Vec<PresenceReplica>,
-    pub profile: ProfileStatus,
+    /// Every replica of the map's `profile` field, in map order.
+    pub profile: Vec<ProfileStatus>,
     /// The map's gateways and those registered with presence (their map
     /// epochs are not known: the peer port has no read-only request).
     pub gateways: Vec<GatewayStatus>,
@@ -75,11 +76,13 @@ pub struct PresenceReplica {
 #[derive(Debug, Serialize)]
 pub struct ProfileStatus {
     pub addr: String,
-    /// It answered `Ping`.
+    /// It answered `Stats`.
     pub up: bool,
     pub error: Option<String>,
-    /// Connect and ping, in milliseconds.
+    /// Connect and `Stats`, in milliseconds.
     pub ping_ms: Option<f64>,
+    /// Its role and Raft state.
+    pub stats: Option<proto::profile::ProfileStats>,
 }
 
 #[derive(Debug, Serialize)]

@@ -6,14 +6,12 @@ use super::{
     proposer::Proposer,
     service,
     state_machine::{Shared, StateMachine},
-    Replica, ReplicaId, TypeConfig,
+    ReplicaId, TypeConfig,
 };
 use crate::{server::ServerConfig, EngineConfig, Error};
 use daemon::secure::{GateLimits, Link, SecureListener};
-use openraft::{Raft, RaftMetrics, ServerState};
-use proto::shard::{
-    RaftStats, ReplicaProgress, RequestBody, ResponseBody, ShardErrorCode, ShardRole,
-};
+use openraft::Raft;
+use proto::shard::{RequestBody, ResponseBody, ShardErrorCode};
 pub use replication::group::RaftConfig;
 use replication::{
     group,
@@ -75,61 +73,14 @@ impl Node {
         };
         match answer {
             ResponseBody::Stats(mut stats) => {
-                let m = self.raft.metrics().borrow().clone();
-                stats.role = shard_role(m.state);
-                stats.leader = m.current_leader;
-                stats.raft = Some(raft_stats(&m, self.committed_index().await));
+                let report = replication::group::report(&self.raft).await;
+                stats.role = report.role;
+                stats.leader = report.leader;
+                stats.raft = Some(report.raft);
                 ResponseBody::Stats(stats)
             }
             other => other,
         }
-    }
-
-    /// The newest committed index this replica knows: openraft 0.9's
-    /// metrics do not carry it, so it is asked of the Raft core, which
-    /// may be busy (a sync): `None` if it does not tell within
-    /// [`COMMITTED_ASK_TIMEOUT`].
-    async fn committed_index(&self) -> Option<u64> {
-        let ask = self
-            .raft
-            .with_raft_state(|st| st.committed.map(|c| c.index));
-        tokio::time::timeout(COMMITTED_ASK_TIMEOUT, ask)
-            .await
-            .ok()?
-            .ok()?
-    }
-}
-
-/// How long a `Stats` answer waits for the Raft core to tell the
-/// committed index.
-const COMMITTED_ASK_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// What `Stats` reports of Raft (`docs/PROTOCOL.md` §1.3, `RaftStats`).
-fn raft_stats(m: &RaftMetrics<ReplicaId, Replica>, committed: Option<u64>) -> RaftStats {
-    RaftStats {
-        id: m.id,
-        term: m.current_term,
-        last_log_index: m.last_log_index,
-        committed_index: committed,
-        applied_index: m.last_applied.map(|l| l.index),
-        matched: m
-            .replication
-            .iter()
-            .flat_map(|r| r.iter())
-            .map(|(id, l)| ReplicaProgress {
-                replica: *id,
-                matched: l.map(|l| l.index),
-            })
-            .collect(),
-    }
-}
-
-fn shard_role(state: ServerState) -> ShardRole {
-    match state {
-        ServerState::Leader => ShardRole::Leader,
-        ServerState::Follower | ServerState::Shutdown => ShardRole::Follower,
-        ServerState::Candidate => ShardRole::Candidate,
-        ServerState::Learner => ShardRole::Learner,
     }
 }
 

@@ -28,8 +28,8 @@ use proto::{
     groups::{GroupId, GroupInfo, GroupRole, UserGroups},
     profile::{
         Account, AvatarHash, ErrorCode, Event, ImportUser, LoginView, Profile, ProfileError,
-        Relations, Request, RequestBody, ResponseBody, ServerMessage, ServiceInfo, UserId,
-        AVATAR_RANGE_BYTES_MAX,
+        ProfileStats, Relations, Request, RequestBody, ResponseBody, ServerMessage, ServiceInfo,
+        UserId, AVATAR_RANGE_BYTES_MAX,
     },
 };
 use replicas::Replicas;
@@ -705,6 +705,11 @@ impl ProfileClient {
     /// The service's argon2id parameters.
     pub async fn info(&self) -> Result<ServiceInfo, ClientError> {
         expect_body!(self.call(RequestBody::Info).await?, ResponseBody::Info(i) => i)
+    }
+
+    /// The process's place in its group (a replica's role and Raft state).
+    pub async fn stats(&self) -> Result<ProfileStats, ClientError> {
+        expect_body!(self.call(RequestBody::Stats).await?, ResponseBody::Stats(s) => s)
     }
 
     pub async fn ping(&self) -> Result<(), ClientError> {

@@ -52,7 +52,8 @@ impl Replicas {
         if let [only] = &self.all[..] {
             return only.call(body).await;
         }
-        if Service::is_read(&body) || matches!(body, RequestBody::CheckPassword { .. }) {
+        let anywhere = matches!(body, RequestBody::CheckPassword { .. } | RequestBody::Stats);
+        if Service::is_read(&body) || anywhere {
             self.read(body).await
         } else {
             self.write(body).await

@@ -31,14 +31,14 @@ pub async fn snapshot(path: &Path, timeout: Duration) -> anyhow::Result<Snapshot
         ClusterMap::from_toml(&text).with_context(|| format!("cluster map {}", path.display()))?;
     let started = Instant::now();
     let presence = spawn_all(map.presence_replicas(), move |a| probe_presence(a, timeout));
-    let profile = tokio::spawn(probe_profile(map.profile.clone(), timeout));
+    let profile = spawn_all(map.profile_replicas(), move |a| probe_profile(a, timeout));
     let shards: Vec<_> = map
         .shards
         .iter()
         .map(|s| spawn_all(s.addrs(), move |a| probe_replica(a, timeout)))
         .collect();
     let presence = join_all(presence).await;
-    let profile = profile.await.expect("the profile probe does not panic");
+    let profile = join_all(profile).await;
     let mut shard_rows = Vec::new();
     for (entry, replicas) in map.shards.iter().zip(shards) {
         shard_rows.push(shard(entry, join_all(replicas).await));
@@ -112,23 +112,33 @@ async fn probe_presence(addr: String, timeout: Duration) -> PresenceReplica {
     }
 }
 
-/// The profile service: connect and `Ping` (it has no statistics request).
+/// One profile process: connect and `Stats` (its role in its group).
 async fn probe_profile(addr: String, timeout: Duration) -> ProfileStatus {
     let started = Instant::now();
-    let ping = async {
+    let ask = async {
         let client = profile::ProfileClient::connect(addr.clone()).await?;
-        client.ping().await
+        client.stats().await
     };
-    let result = match tokio::time::timeout(timeout, ping).await {
-        Ok(Ok(())) => Ok(started.elapsed().as_secs_f64() * 1000.0),
+    let result = match tokio::time::timeout(timeout, ask).await {
+        Ok(Ok(stats)) => Ok((started.elapsed().as_secs_f64() * 1000.0, stats)),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(no_answer(timeout)),
     };
-    ProfileStatus {
-        addr,
-        up: result.is_ok(),
-        error: result.as_ref().err().cloned(),
-        ping_ms: result.ok(),
+    match result {
+        Ok((ms, stats)) => ProfileStatus {
+            addr,
+            up: true,
+            error: None,
+            ping_ms: Some(ms),
+            stats: Some(stats),
+        },
+        Err(e) => ProfileStatus {
+            addr,
+            up: false,
+            error: Some(e),
+            ping_ms: None,
+            stats: None,
+        },
     }
 }
 

@@ -1,6 +1,8 @@
 //! What is wrong with the cluster, in plain words, from a [`Snapshot`].
 
-use super::{brief, gather::leads, PresenceReplica, RoutingStatus, ShardStatus, Snapshot};
+use super::{
+    brief, gather::leads, PresenceReplica, ProfileStatus, RoutingStatus, ShardStatus, Snapshot,
+};
 use proto::shard::ShardRole;
 
 /// A follower this many entries behind its leader is a problem.
@@ -14,18 +16,32 @@ pub const PRESENCE_DISAGREEMENT: f64 = 0.01;
 pub fn find(s: &Snapshot) -> Vec<String> {
     let mut out = Vec::new();
     presence(&s.presence, &mut out);
-    if !s.profile.up {
-        out.push(format!(
-            "profile {} is down: {}",
-            s.profile.addr,
-            brief(s.profile.error.as_deref().unwrap_or("no answer"))
-        ));
-    }
+    profile(&s.profile, &mut out);
     gateways(s, &mut out);
     for shard in &s.shards {
         shard_problems(shard, s.map_epoch, &mut out);
     }
     out
+}
+
+fn profile(replicas: &[ProfileStatus], out: &mut Vec<String>) {
+    for p in replicas.iter().filter(|p| !p.up) {
+        out.push(format!(
+            "profile {} is down: {}",
+            p.addr,
+            brief(p.error.as_deref().unwrap_or("no answer"))
+        ));
+    }
+    let roles: Vec<ShardRole> = replicas
+        .iter()
+        .filter_map(|p| Some(p.stats.as_ref()?.role))
+        .collect();
+    let grouped = replicas.len() > 1 || roles.iter().any(|r| *r != ShardRole::Standalone);
+    if grouped && !roles.contains(&ShardRole::Leader) {
+        out.push(
+            "the profile group has no leader: sign-ups, profile changes and logins fail".into(),
+        );
+    }
 }
 
 fn presence(replicas: &[PresenceReplica], out: &mut Vec<String>) {
@@ -207,7 +223,7 @@ fn routing(shard: &ShardStatus, map_epoch: u64, out: &mut Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status_cmd::{FollowerLag, ProfileStatus, ReplicaStatus, Totals};
+    use crate::status_cmd::{FollowerLag, ReplicaStatus, Totals};
     use proto::{
         presence::{GatewayInfo, PresenceStats},
         shard::{RaftStats, ShardStats},
@@ -275,12 +291,13 @@ mod tests {
             map_epoch: 4,
             took_ms: 0,
             presence,
-            profile: ProfileStatus {
+            profile: vec![ProfileStatus {
                 addr: "p".into(),
                 up: true,
                 error: None,
                 ping_ms: Some(1.0),
-            },
+                stats: None,
+            }],
             gateways: Vec::new(),
             shards,
             totals: Totals::default(),
@@ -318,6 +335,41 @@ mod tests {
             );
         }
         assert_eq!(found.len(), expect.len(), "{found:#?}");
+    }
+
+    /// A profile group with a replica down and none leading says both; one
+    /// leading is all good.
+    #[test]
+    fn a_profile_group_without_a_leader_is_named() {
+        let member = |addr: &str, role: Option<ShardRole>| ProfileStatus {
+            addr: addr.into(),
+            up: role.is_some(),
+            error: role.is_none().then(|| "connection refused".into()),
+            ping_ms: role.map(|_| 1.0),
+            stats: role.map(|role| proto::profile::ProfileStats {
+                role,
+                leader: None,
+                raft: Some(RaftStats::default()),
+            }),
+        };
+        let mut s = snapshot(vec![presence("p1", 10, true)], Vec::new());
+        s.profile = vec![
+            member("r1", Some(ShardRole::Follower)),
+            member("r2", None),
+            member("r3", Some(ShardRole::Candidate)),
+        ];
+        let found = find(&s);
+        assert_eq!(
+            found,
+            [
+                "profile r2 is down: connection refused",
+                "the profile group has no leader: sign-ups, profile changes and logins fail",
+            ],
+            "{found:#?}"
+        );
+        s.profile[0] = member("r1", Some(ShardRole::Leader));
+        let found = find(&s);
+        assert_eq!(found, ["profile r2 is down: connection refused"]);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A [`Snapshot`] as text for a person: one screen, problems last.
 
 use super::{
-    brief, FollowerLag, GatewayStatus, PresenceReplica, ReplicaStatus, RoutingStatus, ShardStatus,
-    Snapshot, Totals,
+    brief, FollowerLag, GatewayStatus, PresenceReplica, ProfileStatus, ReplicaStatus,
+    RoutingStatus, ShardStatus, Snapshot, Totals,
 };
 use proto::shard::ShardRole;
 use std::{fmt::Write as _, time::Duration};
@@ -25,10 +25,9 @@ pub fn human(s: &Snapshot, watching: Option<Duration>) -> String {
         presence(&mut t, p);
     }
     t.push_str("PROFILE\n");
-    let _ = match (&s.profile.ping_ms, &s.profile.error) {
-        (Some(ms), _) => writeln!(t, "  {:<21} up    ping {ms:.1} ms", s.profile.addr),
-        (None, e) => writeln!(t, "  {:<21} DOWN  {}", s.profile.addr, or_unknown(e)),
-    };
+    for p in &s.profile {
+        profile(&mut t, p);
+    }
     t.push_str("GATEWAYS (their map epochs are not shown)\n");
     if s.gateways.is_empty() {
         t.push_str("  none\n");
@@ -47,6 +46,19 @@ pub fn human(s: &Snapshot, watching: Option<Duration>) -> String {
 
 fn or_unknown(e: &Option<String>) -> String {
     brief(e.as_deref().unwrap_or("no answer"))
+}
+
+fn profile(t: &mut String, p: &ProfileStatus) {
+    let (Some(ms), Some(st)) = (p.ping_ms, &p.stats) else {
+        let _ = writeln!(t, "  {:<21} DOWN  {}", p.addr, or_unknown(&p.error));
+        return;
+    };
+    let _ = write!(t, "  {:<21} up    ping {ms:.1} ms", p.addr);
+    if let Some(raft) = &st.raft {
+        let applied = raft.applied_index.unwrap_or(0);
+        let _ = write!(t, ", {:?}, term {}, applied {applied}", st.role, raft.term);
+    }
+    t.push('\n');
 }
 
 fn presence(t: &mut String, p: &PresenceReplica) {
