@@ -57,9 +57,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Before the faults, every user must have logged in within this long.
 const WARMUP_LIMIT: Duration = Duration::from_secs(30);
 
-const NO_PROFILE_REPLICAS: &str = "profile replicas do not exist yet: the profile service is \
-    one process, so while it is down or paused password logins (and everything else that needs \
-    it) fail; its faults are part of login_gap_ms_max";
 const NO_PARTITIONS: &str = "network partitions (netns + nftables) are not injected: only \
     SIGKILL + restart and SIGSTOP + SIGCONT";
 
@@ -193,7 +190,6 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     println!(
         "chaos: seed {seed}; {secs} s of faults; {users_n} users, {groups_n} groups, 1 prober"
     );
-    println!("note: {NO_PROFILE_REPLICAS}");
     println!("note: {NO_PARTITIONS}");
     let t0 = Instant::now();
     let dir = tempfile::tempdir().context("a temporary directory")?;
@@ -202,7 +198,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         "cluster up in {:.1} s: presence {}, profile {}, shard groups {}, gateways {}",
         t0.elapsed().as_secs_f64(),
         cluster.map.presence,
-        cluster.profile_addr,
+        cluster.profile_addrs,
         cluster
             .map
             .shards
@@ -217,7 +213,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" "),
     );
-    let profile = profile::ProfileClient::connect(cluster.profile_addr.to_string())
+    let profile = profile::ProfileClient::connect(cluster.profile_addrs.clone())
         .await
         .context("connect to the profile service")?;
     let pop = users::populate(&profile, users_n, groups_n).await?;
@@ -379,7 +375,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             drain: drain_secs,
             total: t0.elapsed().as_secs_f64(),
         },
-        notes: vec![NO_PROFILE_REPLICAS, NO_PARTITIONS],
+        notes: vec![NO_PARTITIONS],
         problems,
         config: serde_json::json!({
             "quick": args.quick,

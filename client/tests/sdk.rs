@@ -11,7 +11,8 @@
 //! `Groups` listing the user's groups with cursor and newest seq.
 
 use client::sdk::{
-    connect, ConnectError, Connection, Credentials, ImEvent, LostReason, Page, SdkConfig, SdkError,
+    connect, ConnectError, Connection, Credentials, ImEvent, LostReason, Mailbox, Page, SdkConfig,
+    SdkError, ShownMarks,
 };
 use proto::{
     app::{
@@ -1580,6 +1581,51 @@ async fn close_and_logout_acknowledge_what_was_shown_first() {
     bob.logout().await.unwrap();
     assert_eq!(stub.mailbox(BOB).acked, 5);
     assert_eq!(stub.state().acks.last(), Some(&(BOB, 5)));
+}
+
+/// The acknowledgements of a connection are lost (the gateway swallows
+/// them, as one paused while the application closes): the next connection
+/// made with the same `ShownMarks` shows none of those messages again and
+/// acknowledges them; one made without them shows them all again.
+#[tokio::test]
+async fn a_new_connection_with_the_same_marks_never_shows_a_message_again() {
+    let stub = Stub::fresh().await;
+    for i in 1..=3u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    stub.state().swallow_acks = true;
+    let marks = ShownMarks::new();
+    let mut first = config(&stub, password("bob"));
+    first.shown = marks.clone();
+    let (bob, mut bob_events) = within("login", connect(first)).await.unwrap();
+    assert_eq!(seqs(&messages(&mut bob_events, 3).await), [1, 2, 3]);
+    bob.close().await;
+    assert_eq!(stub.mailbox(BOB).acked, 0, "every ack was lost");
+    assert_eq!(marks.get(Mailbox::Direct), 3);
+    stub.state().swallow_acks = false;
+
+    stub.store(BOB, ALICE, 4, &[4]);
+    let mut again = config(&stub, password("bob"));
+    again.shown = marks.clone();
+    let (bob, mut bob_events) = within("login", connect(again)).await.unwrap();
+    let (seq, shown) = synced(&bob, &mut bob_events).await;
+    assert_eq!(
+        seqs(&shown),
+        [4],
+        "1..=3 were shown by the first connection"
+    );
+    assert_eq!(seq, 4);
+    assert_eq!(stub.mailbox(BOB).acked, 4);
+    bob.close().await;
+
+    // The same mailbox state without the marks: all shown again.
+    let stub = Stub::fresh().await;
+    for i in 1..=3u8 {
+        stub.store(BOB, ALICE, u128::from(i), &[i]);
+    }
+    let (bob, mut bob_events) = login(&stub, "bob").await;
+    assert_eq!(seqs(&messages(&mut bob_events, 3).await), [1, 2, 3]);
+    bob.close().await;
 }
 
 #[tokio::test]

@@ -194,6 +194,18 @@ impl Inbox {
         }
     }
 
+    /// An inbox that goes on from an earlier connection of this client,
+    /// which showed every seq up to `shown` (what the application kept,
+    /// `client::sdk::ShownMarks`): those are never shown again, and are
+    /// acknowledged after the next login if the mailbox still holds them
+    /// (their acknowledgement was lost with that connection).
+    pub fn resume(config: InboxConfig, shown: u64) -> Inbox {
+        let mut inbox = Inbox::new(config);
+        inbox.shown = shown;
+        inbox.known_high = shown;
+        inbox
+    }
+
     /// A (new) session is up: its login said the mailbox holds
     /// `mailbox_count` messages up to `mailbox_high_seq`. Requests of an
     /// earlier session are void (their answers never come). One fetch

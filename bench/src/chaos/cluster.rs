@@ -2,10 +2,10 @@
 //! restartable on its own address and data directory, and the faults
 //! done to them (SIGKILL then a restart, SIGSTOP then SIGCONT).
 //!
-//! Two presence replicas, one profile service (profile replicas do not
-//! exist yet), two msgstore shard groups of three replicas each
-//! (`msgstore::raft::testing::Group`, fixed ports), two gateways sharing
-//! one static key and one resume-token key. Every process holds
+//! Two presence replicas, a profile group of three replicas, two msgstore
+//! shard groups of three replicas each (`msgstore::raft::testing::Group`,
+//! fixed ports), two gateways sharing one static key and one resume-token
+//! key. Every process holds
 //! imbench's cluster key (`procs::start_daemon`, `Group::start`).
 
 use crate::procs;
@@ -29,6 +29,7 @@ pub const REPLICAS: usize = 3;
 /// Shard groups in the map.
 pub const GROUPS: usize = 2;
 pub const PRESENCE_REPLICAS: usize = 2;
+pub const PROFILE_REPLICAS: usize = 3;
 pub const GATEWAYS: usize = 2;
 
 /// The replicas' settings: a small bucket fan-out (a replica starts in a
@@ -55,7 +56,7 @@ pub enum Role {
 /// One process faults can hit.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
-    /// `presence1`, `profile`, `g2r3`, `gateway1`, ...
+    /// `presence1`, `profile2`, `g2r3`, `gateway1`, ...
     pub name: String,
     pub role: Role,
     /// Processes of one redundancy set (the presence replicas, or the
@@ -176,7 +177,7 @@ fn os(words: &[&str]) -> Vec<OsString> {
 
 pub struct Cluster {
     presence: Vec<Daemon>,
-    profile: Daemon,
+    profile: Vec<Daemon>,
     groups: Vec<Group>,
     gateways: Vec<Daemon>,
     /// Every process faults may hit, in a fixed order.
@@ -185,7 +186,9 @@ pub struct Cluster {
     pub gateway_addrs: Vec<SocketAddr>,
     /// The gateways' static public key (one key, shared by both).
     pub public: [u8; 32],
-    pub profile_addr: SocketAddr,
+    /// The profile replicas' client addresses, comma-separated (as in
+    /// the map).
+    pub profile_addrs: String,
     pub map: ClusterMap,
 }
 
@@ -200,11 +203,12 @@ impl Cluster {
             d.start()?;
             presence.push(d);
         }
-        let profile_addr = free_addr();
-        let mut args = os(&["--listen", &profile_addr.to_string(), "--data"]);
-        args.push(dir.join("profile").into_os_string());
-        let mut profile = Daemon::new("profile", "profile", dir, profile_addr, args)?;
-        profile.start()?;
+        let profile = start_profile_group(dir).await?;
+        let profile_addrs = profile
+            .iter()
+            .map(|p| p.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
 
         let msgstore = procs::locate_sibling("msgstore", "msgstore", None)?;
         let mut groups = Vec::new();
@@ -229,7 +233,7 @@ impl Cluster {
                 .map(|p| p.addr.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
-            profile: profile_addr.to_string(),
+            profile: profile_addrs.clone(),
             gateways: Vec::new(),
             shards: entries,
         };
@@ -278,11 +282,13 @@ impl Cluster {
                 set: Some(0),
             });
         }
-        targets.push(Target {
-            name: "profile".into(),
-            role: Role::Profile,
-            set: None,
-        });
+        for i in 0..PROFILE_REPLICAS {
+            targets.push(Target {
+                name: format!("profile{}", i + 1),
+                role: Role::Profile,
+                set: Some(1 + GROUPS),
+            });
+        }
         for g in 0..GROUPS {
             for r in 0..REPLICAS {
                 targets.push(Target {
@@ -308,7 +314,7 @@ impl Cluster {
             targets,
             gateway_addrs,
             public: keys.keypair.public,
-            profile_addr,
+            profile_addrs,
             map,
         })
     }
@@ -317,16 +323,17 @@ impl Cluster {
     /// and replica.
     fn locate(&mut self, t: usize) -> Place<'_> {
         let p = PRESENCE_REPLICAS;
+        let q = PROFILE_REPLICAS;
         let r = GROUPS * REPLICAS;
         if t < p {
             Place::Daemon(&mut self.presence[t])
-        } else if t == p {
-            Place::Daemon(&mut self.profile)
-        } else if t < p + 1 + r {
-            let i = t - p - 1;
+        } else if t < p + q {
+            Place::Daemon(&mut self.profile[t - p])
+        } else if t < p + q + r {
+            let i = t - p - q;
             Place::Replica(&mut self.groups[i / REPLICAS], i % REPLICAS)
         } else {
-            Place::Daemon(&mut self.gateways[t - p - 1 - r])
+            Place::Daemon(&mut self.gateways[t - p - q - r])
         }
     }
 
@@ -404,16 +411,55 @@ impl Cluster {
 
     /// SIGKILL everything (what dropping does), the groups last.
     pub fn stop(mut self) {
-        for d in self.gateways.iter_mut().chain(self.presence.iter_mut()) {
+        let daemons = self.gateways.iter_mut().chain(self.presence.iter_mut());
+        for d in daemons.chain(self.profile.iter_mut()) {
             let _ = d.kill();
         }
-        let _ = self.profile.kill();
         for g in &mut self.groups {
             for r in &mut g.replicas {
                 r.kill();
             }
         }
     }
+}
+
+/// The profile group: three replicas with their own replication ports,
+/// formed as an operator would (`imctl profile-group init`).
+async fn start_profile_group(dir: &Path) -> Result<Vec<Daemon>> {
+    let mut replicas = Vec::new();
+    let mut members = std::collections::BTreeMap::new();
+    for i in 0..PROFILE_REPLICAS {
+        let (id, addr, raft) = (i as u64 + 1, free_addr(), free_addr());
+        let name = format!("profile{id}");
+        let mut args = os(&[
+            "--listen",
+            &addr.to_string(),
+            "--raft-id",
+            &id.to_string(),
+            "--raft-listen",
+            &raft.to_string(),
+            "--data",
+        ]);
+        args.push(dir.join(&name).into_os_string());
+        let mut d = Daemon::new("profile", &name, dir, addr, args)?;
+        d.start()?;
+        replicas.push(d);
+        let replica = replication::Replica {
+            raft_addr: raft.to_string(),
+            client_addr: addr.to_string(),
+        };
+        members.insert(id, replica);
+    }
+    let first = members[&1].raft_addr.clone();
+    let init = replication::peer::AdminRequest::Init { members };
+    let answer = replication::peer::admin(&first, init, START_TIMEOUT)
+        .await
+        .context("form the profile group")?;
+    ensure!(
+        matches!(answer, replication::peer::AdminResponse::Done),
+        "forming the profile group: {answer:?}"
+    );
+    Ok(replicas)
 }
 
 enum Place<'a> {

@@ -10,7 +10,7 @@
 
 use crate::group_members::Stamp;
 use anyhow::{Context, Result};
-use client::sdk::{self, Connection, Credentials, ImEvent, SdkConfig, SdkError};
+use client::sdk::{self, Connection, Credentials, ImEvent, SdkConfig, SdkError, ShownMarks};
 use profile::{passwords::Hasher, ProfileClient};
 use proto::{
     app::SendOutcome,
@@ -62,6 +62,9 @@ pub struct Account {
     /// Stays logged in for the whole run (its SDK reconnects by itself);
     /// the others log out and in again and again.
     pub stays: bool,
+    /// What its connections showed, kept from one to the next as an
+    /// application keeps it (`SdkConfig::shown`).
+    pub shown: ShownMarks,
 }
 
 /// The accounts, groups and the prober of a run.
@@ -131,6 +134,7 @@ pub async fn populate(profile: &ProfileClient, users: usize, groups: usize) -> R
                 .collect(),
             groups: Vec::new(),
             stays: i % 3 == 0,
+            shown: ShownMarks::new(),
         })
         .collect();
     let size = (users * 2 / 3).max(2).min(users);
@@ -166,6 +170,7 @@ pub async fn populate(profile: &ProfileClient, users: usize, groups: usize) -> R
         friends: Vec::new(),
         groups: Vec::new(),
         stays: false,
+        shown: ShownMarks::new(),
     };
     Ok(Population {
         accounts,
@@ -197,14 +202,16 @@ impl World {
     }
 
     fn config(&self, account: &Account) -> SdkConfig {
-        SdkConfig::new(
+        let mut config = SdkConfig::new(
             self.gateways.clone(),
             self.public,
             Credentials::Password {
                 username: account.username.clone(),
                 password: PASSWORD.to_string(),
             },
-        )
+        );
+        config.shown = account.shown.clone();
+        config
     }
 }
 

@@ -28,6 +28,7 @@
 //! beyond the room are dropped too: the group's first fetch after its
 //! cursor finds them.
 
+use super::shown::{Mailbox, ShownMarks};
 use proto::{
     app::{Delivery, GroupSummary},
     groups::is_group,
@@ -144,9 +145,18 @@ pub(crate) struct GroupInboxes {
     /// Counters of inboxes dropped.
     retired: InboxStats,
     stats: GroupStats,
+    /// What this client's connections showed, per group.
+    shown: ShownMarks,
 }
 
 impl GroupInboxes {
+    /// Start every group's inbox after what `shown` says this client's
+    /// earlier connections showed, and record what is shown there.
+    pub(crate) fn with_shown(mut self, shown: ShownMarks) -> Self {
+        self.shown = shown;
+        self
+    }
+
     /// `config` is each group inbox's; at most `groups_max` groups are
     /// followed and `requests_max` of their requests are in flight (so 500
     /// groups starting after a login do not overrun the gateway's
@@ -167,6 +177,7 @@ impl GroupInboxes {
             request_last: None,
             retired: InboxStats::default(),
             stats: GroupStats::default(),
+            shown: ShownMarks::new(),
         }
     }
 
@@ -237,8 +248,9 @@ impl GroupInboxes {
                 btree_map::Entry::Vacant(e) => {
                     let instance = self.next_instance;
                     self.next_instance += 1;
+                    let shown = self.shown.get(Mailbox::Group(summary.group));
                     e.insert(Member {
-                        inbox: Inbox::new(self.config.clone()),
+                        inbox: Inbox::resume(self.config.clone(), shown),
                         instance,
                         live: false,
                         fetch_after: None,
@@ -446,6 +458,7 @@ impl GroupInboxes {
             turns(&self.inboxes, self.shown_last).find(|g| self.inboxes[g].inbox.waiting() > 0)?;
         self.shown_last = Some(group);
         let delivery = self.inboxes.get_mut(&group)?.inbox.poll_show()?;
+        self.shown.record(Mailbox::Group(group), delivery.seq);
         Some((group, delivery))
     }
 

@@ -33,6 +33,7 @@ mod error;
 mod establish;
 mod group_inboxes;
 mod outbox;
+mod shown;
 mod worker;
 
 pub use error::{ConnectError, LostReason, SdkError};
@@ -40,6 +41,7 @@ pub use establish::GATEWAY_ADDRS_MAX;
 pub use group_inboxes::{
     GroupStats, GROUP_DEDUPE_IDS_MAX, GROUP_HELD_BYTES_MAX, GROUP_READY_MAX, UNLISTED_BYTES_MAX,
 };
+pub use shown::{Mailbox, ShownMarks, SHOWN_MAILBOXES_MAX};
 
 use proto::{
     app::{
@@ -179,6 +181,10 @@ pub struct SdkConfig {
     /// Session-layer timers: handshake retry and timeout, heartbeat
     /// (`session.keepalive`, 30 s), idle expiry.
     pub session: ClientConfig,
+    /// What this account's connections showed (shared by clones of this
+    /// config): a connection never shows those seqs again, even when
+    /// their acknowledgement was lost with an earlier connection.
+    pub shown: ShownMarks,
 }
 
 impl SdkConfig {
@@ -193,6 +199,7 @@ impl SdkConfig {
             credentials,
             limits: SdkLimits::default(),
             session: ClientConfig::default(),
+            shown: ShownMarks::new(),
         }
     }
 }

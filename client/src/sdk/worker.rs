@@ -11,6 +11,7 @@ use super::{
     },
     lock,
     outbox::{Entry, Outbox, SendReply},
+    shown::{Mailbox, ShownMarks},
     ConnectError, ImEvent, LostReason, Page, SdkConfig, SdkError, SdkLimits, Shared, SharedState,
 };
 use netio::sleep_until;
@@ -145,14 +146,15 @@ pub(crate) async fn start(
         stats: Default::default(),
     }));
     let limits = &config.limits;
-    let mut inbox = Inbox::new(InboxConfig {
+    let inbox_config = InboxConfig {
         dedupe_ids_max: limits.dedupe_ids_max.max(1),
         ready_max: limits.events_max.max(1),
         ..InboxConfig::default()
-    });
+    };
+    let mut inbox = Inbox::resume(inbox_config, config.shown.get(Mailbox::Direct));
     let login = lock(&shared).accepted.clone();
     inbox.on_login(Instant::now(), login.mailbox_count, login.mailbox_high_seq);
-    let mut groups = group_inboxes(limits);
+    let mut groups = group_inboxes(limits, config.shown.clone());
     groups.on_login();
     let worker = Worker {
         outbox: Outbox::new(limits.outbox_max),
@@ -190,8 +192,17 @@ struct Turns {
 }
 
 impl Turns {
-    fn next(&mut self, inbox: &mut Inbox, groups: &mut GroupInboxes) -> Option<ImEvent> {
-        let direct = |inbox: &mut Inbox| inbox.poll_show().map(ImEvent::Message);
+    fn next(
+        &mut self,
+        inbox: &mut Inbox,
+        groups: &mut GroupInboxes,
+        shown: &ShownMarks,
+    ) -> Option<ImEvent> {
+        let direct = |inbox: &mut Inbox| {
+            let d = inbox.poll_show()?;
+            shown.record(Mailbox::Direct, d.seq);
+            Some(ImEvent::Message(d))
+        };
         let group = |groups: &mut GroupInboxes| {
             let (group, delivery) = groups.poll_show()?;
             Some(ImEvent::GroupMessage { group, delivery })
@@ -206,8 +217,8 @@ impl Turns {
     }
 }
 
-/// The group inboxes, under `limits`.
-fn group_inboxes(limits: &SdkLimits) -> GroupInboxes {
+/// The group inboxes, under `limits`, going on from `shown`.
+fn group_inboxes(limits: &SdkLimits, shown: ShownMarks) -> GroupInboxes {
     let config = InboxConfig {
         dedupe_ids_max: limits.dedupe_ids_max.clamp(1, GROUP_DEDUPE_IDS_MAX),
         ready_max: limits.events_max.clamp(1, GROUP_READY_MAX),
@@ -220,6 +231,7 @@ fn group_inboxes(limits: &SdkLimits) -> GroupInboxes {
         limits.groups_max,
         limits.group_requests_in_flight_max,
     )
+    .with_shown(shown)
 }
 
 /// What the application asked for once the acks are out.
@@ -400,14 +412,23 @@ impl Worker {
         // behind, the inboxes stop fetching and drop pushes (fetched later).
         while self.out_events.is_empty() {
             match self.events.try_reserve() {
-                Ok(permit) => match self.shows.next(&mut self.inbox, &mut self.groups) {
-                    Some(event) => permit.send(event),
-                    None => break,
-                },
+                Ok(permit) => {
+                    match self
+                        .shows
+                        .next(&mut self.inbox, &mut self.groups, &self.config.shown)
+                    {
+                        Some(event) => permit.send(event),
+                        None => break,
+                    }
+                }
                 Err(mpsc::error::TrySendError::Full(())) => break,
                 Err(mpsc::error::TrySendError::Closed(())) => {
                     // Nobody listens: taken and dropped, as other events.
-                    while (self.shows.next(&mut self.inbox, &mut self.groups)).is_some() {}
+                    while (self
+                        .shows
+                        .next(&mut self.inbox, &mut self.groups, &self.config.shown))
+                    .is_some()
+                    {}
                     break;
                 }
             }

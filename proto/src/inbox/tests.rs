@@ -366,6 +366,47 @@ fn a_group_inbox_starts_at_the_member_s_cursor() {
     assert_eq!(inbox.stats().duplicates, 1, "seq 4 was read already");
 }
 
+/// A new connection that goes on from what an earlier one showed (its
+/// acknowledgement lost with it): the mailbox still holds 4..=8, the
+/// earlier connection showed up to 6. Only 7 and 8 are shown; the
+/// acknowledgement up to 6 goes again, then up to 8.
+#[test]
+fn a_resumed_inbox_never_shows_again_what_an_earlier_connection_showed() {
+    let now = t0();
+    let mut inbox = Inbox::resume(InboxConfig::default(), 6);
+    inbox.on_login(now, 5, 8);
+    assert_eq!(
+        inbox.poll_request(now),
+        Some(InboxRequest::Fetch {
+            after_seq: 6,
+            max_count: FETCH_COUNT_MAX,
+            max_bytes: FETCH_BYTES_MAX,
+        })
+    );
+    page(
+        &mut inbox,
+        now,
+        (4..=8).map(|s| msg(s, 1, s as u128)).collect(),
+        false,
+    );
+    inbox.on_push(now, msg(5, 1, 5));
+    assert_eq!(shown(&mut inbox), [7, 8]);
+    settle(&mut inbox, now);
+    assert_eq!(inbox.unacked(), None, "acknowledged through 8");
+    assert!(inbox.caught_up());
+    // Without the mark, every stored message is shown again.
+    let mut fresh = Inbox::new(InboxConfig::default());
+    fresh.on_login(now, 5, 8);
+    let _ = fresh.poll_request(now);
+    page(
+        &mut fresh,
+        now,
+        (4..=8).map(|s| msg(s, 1, s as u128)).collect(),
+        false,
+    );
+    assert_eq!(shown(&mut fresh), [4, 5, 6, 7, 8]);
+}
+
 fn settle(inbox: &mut Inbox, mut now: Instant) {
     for _ in 0..10 {
         let Some(t) = inbox.poll_timeout() else {
