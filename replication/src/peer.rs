@@ -76,13 +76,13 @@ pub enum AdminRequest {
 pub enum AdminResponse {
     Done,
     Status(GroupStatus),
-    /// The leader's read index (none: nothing committed yet).
-    ReadIndex(Option<u64>),
     /// Not done; `leader` (its replication address), if known, can do it.
     NotLeader {
         leader: Option<String>,
     },
     Failed(String),
+    /// The leader's read index (none: nothing committed yet).
+    ReadIndex(Option<u64>),
 }
 
 /// A replica's view of its group (from openraft's metrics).
