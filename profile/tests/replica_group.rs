@@ -1,8 +1,9 @@
 //! A profile group of three replicas as real processes: accounts written
 //! through whichever replica leads survive the leader's SIGKILL, every
 //! replica checks passwords and serves reads (never older than a write
-//! answered before), and a replica that was down while the others
-//! compacted their logs comes back by snapshot and holds the same.
+//! answered before), a replica that was down while the others compacted
+//! their logs comes back by snapshot and holds the same, and a paused
+//! (SIGSTOP) leader holds up neither reads nor new writes.
 
 use daemon::testing::{free_addr, metric, DaemonProcess};
 use profile::{ClientConfig, ProfileClient};
@@ -38,6 +39,10 @@ impl Member {
         cmd.args(["--raft-id", &self.id.to_string()]);
         cmd.args(["--raft-listen", &self.raft.to_string()]);
         self.process = Some(DaemonProcess::start(cmd, "profile", DEADLINE));
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        self.process.as_ref().expect("running").signal(sig);
     }
 
     fn kill(&mut self) {
@@ -134,14 +139,28 @@ async fn one(m: &Member) -> ProfileClient {
         .unwrap()
 }
 
+/// Create `user{from}`..`user{to}`, as an application does: a create cut
+/// off by a replica's death (disconnected, timed out, unavailable: it may
+/// or may not have been done) is sent again, and `UsernameTaken` then
+/// means the first one was.
 async fn create(client: &ProfileClient, from: u32, to: u32) -> Vec<(String, u64)> {
     let mut made = Vec::new();
     for i in from..to {
         let name = format!("user{i}");
-        let id = client
-            .create_user(&name, format!("password-{i}").as_bytes())
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        let password = format!("password-{i}");
+        let mut retried = false;
+        let id = loop {
+            match client.create_user(&name, password.as_bytes()).await {
+                Ok(id) => break id,
+                Err(e) if retried && e.code() == Some(ErrorCode::UsernameTaken) => {
+                    break client.lookup(&name).await.unwrap();
+                }
+                Err(e) if e.code().is_none_or(|c| c == ErrorCode::Unavailable) => {
+                    retried = true;
+                }
+                Err(e) => panic!("create {name}: {e}"),
+            }
+        };
         made.push((name, id));
     }
     made
@@ -206,6 +225,51 @@ async fn a_profile_group_keeps_every_account_through_a_leader_kill_and_rebuilds_
         assert_eq!(wrong.code(), Some(ErrorCode::WrongCredentials));
         let profile = at.get_profile(user).await.unwrap();
         assert_eq!(profile.nickname, "renamed", "at replica {}", m.id);
+    }
+    for m in &mut group.members {
+        m.kill();
+    }
+}
+
+/// The leader is paused (SIGSTOP): reads go on at the others (one that
+/// hits the paused replica is tried at the next within
+/// `replica_attempt_ms`), and once a new leader is elected new writes go
+/// there; after SIGCONT the old leader follows and holds every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_holds_up_neither_reads_nor_new_writes() {
+    let mut group = Group::start().await;
+    let client = ProfileClient::connect_with(
+        group.addrs(),
+        ClientConfig {
+            replica_attempt_ms: 500,
+            ..config()
+        },
+    )
+    .await
+    .unwrap();
+    let mut made = create(&client, 0, 4).await;
+    let leader = group.leader().await;
+    group.members[leader].signal(libc::SIGSTOP);
+    // Every read is answered, by the two replicas that run.
+    for _ in 0..2 {
+        for (name, id) in &made {
+            assert_eq!(client.lookup(name).await.unwrap(), *id, "{name}");
+        }
+    }
+    // A new leader among the others; writes reach it.
+    let paused = group.members[leader].process.take();
+    let new_leader = group.leader().await;
+    assert_ne!(new_leader, leader);
+    made.extend(create(&client, 4, 8).await);
+    group.members[leader].process = paused;
+    group.members[leader].signal(libc::SIGCONT);
+    let back = one(&group.members[leader]).await;
+    for (name, id) in &made {
+        assert_eq!(
+            back.lookup(name).await.unwrap(),
+            *id,
+            "{name} at the old leader"
+        );
     }
     for m in &mut group.members {
         m.kill();

@@ -77,7 +77,10 @@ fn assert_all_up(s: &Value) {
     for p in s["presence"].as_array().unwrap() {
         assert_eq!(p["up"], true, "{p}");
     }
-    assert_eq!(s["profile"]["up"], true);
+    let profile = s["profile"].as_array().unwrap();
+    assert_eq!(profile.len(), 1, "{profile:?}");
+    assert_eq!(profile[0]["up"], true);
+    assert_eq!(profile[0]["stats"]["role"], "standalone", "{profile:?}");
     for shard in s["shards"].as_array().unwrap() {
         for r in shard["replicas"].as_array().unwrap() {
             assert_eq!(r["up"], true, "{r}");

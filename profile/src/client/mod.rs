@@ -112,6 +112,11 @@ pub struct ClientConfig {
     pub reconnect_min_ms: u64,
     /// ... up to this.
     pub reconnect_max_ms: u64,
+    /// Of a profile group: a read or password check one replica has not
+    /// answered within this is tried at the next (reads change nothing),
+    /// and that replica is avoided for a while (a paused process keeps its
+    /// connections open). Writes are never sent twice.
+    pub replica_attempt_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -124,6 +129,7 @@ impl Default for ClientConfig {
             request_timeout_ms: 30_000,
             reconnect_min_ms: 50,
             reconnect_max_ms: 5_000,
+            replica_attempt_ms: 2_000,
         }
     }
 }
@@ -749,6 +755,21 @@ impl Inner {
     }
 }
 
+/// Removes a request's waiter when its call ends, however it ends (a no-op
+/// once the answer took it).
+struct Unregister<'a> {
+    link: &'a Link,
+    id: u64,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        if let Some(map) = self.link.waiters.lock().as_mut() {
+            map.remove(&self.id);
+        }
+    }
+}
+
 /// Send one request on `link` and wait for its answer (or the deadline).
 async fn send_on(link: &Link, config: &ClientConfig, id: u64, body: RequestBody) -> Answer {
     let mut frame = Vec::new();
@@ -763,18 +784,16 @@ async fn send_on(link: &Link, config: &ClientConfig, id: u64, body: RequestBody)
         Some(map) => map.insert(id, tx),
         None => return Err(ClientError::Disconnected),
     };
+    // A call given up by its caller (a replica that did not answer in
+    // time) leaves no waiter behind.
+    let _unregister = Unregister { link, id };
     if link.frames.send(frame).await.is_err() {
         link.waiters.close();
     }
     let timeout = Duration::from_millis(config.request_timeout_ms);
     match tokio::time::timeout(timeout, rx).await {
         Ok(answer) => answer.unwrap_or(Err(ClientError::Disconnected)),
-        Err(_) => {
-            if let Some(map) = link.waiters.lock().as_mut() {
-                map.remove(&id);
-            }
-            Err(ClientError::Timeout)
-        }
+        Err(_) => Err(ClientError::Timeout),
     }
 }
 

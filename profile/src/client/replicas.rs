@@ -4,19 +4,25 @@
 //! profile group) keeps a connection to each. Reads and password checks
 //! go round-robin to the connected replicas (each serves a read only once
 //! it has applied what its leader had committed, so none is older than a
-//! read answered before it; argon2 spreads over the group); a read that
-//! finds its replica disconnected or unavailable is tried at the next.
-//! Writes go to the replica that led last; `NotLeader` names the leader,
-//! which the write is sent to instead. A write is sent again only when it
-//! was surely not done (`NotLeader`, or no connection to send it on);
-//! one cut off in flight fails as it would with one replica.
+//! read answered before it; argon2 spreads over the group). A read that
+//! finds its replica disconnected or unavailable, or gets no answer within
+//! [`ClientConfig::replica_attempt_ms`](super::ClientConfig) (a paused
+//! process keeps its connections open), is tried at the next: reads change
+//! nothing. A replica that let a read time out is *stuck* for
+//! [`STUCK_MS`]: nothing is sent to it while another replica is not.
+//!
+//! Writes go to the replica that led last (unless stuck); `NotLeader`
+//! names the leader, which the write is sent to instead. A write is sent
+//! again only when it was surely not done (`NotLeader`, or no connection
+//! to send it on); one cut off in flight fails as it would with one
+//! replica.
 
 use super::{Answer, ClientError, Inner};
 use crate::service::Service;
 use proto::profile::{ErrorCode, ProfileError, RequestBody, ResponseBody};
 use std::{
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -26,20 +32,29 @@ use std::{
 /// election under way, every connection down).
 const RETRY_PAUSE_MS: u64 = 50;
 
+/// How long a replica that let a read time out is avoided.
+pub const STUCK_MS: u64 = 5_000;
+
 pub(super) struct Replicas {
     pub(super) all: Vec<Arc<Inner>>,
     /// The replica that led when last seen.
     leader: AtomicUsize,
     /// The replica the next read starts at.
     next_read: AtomicUsize,
+    /// Per replica: avoided until this many ms after `epoch` (0: not).
+    stuck_until_ms: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 impl Replicas {
     pub(super) fn new(all: Vec<Arc<Inner>>) -> Replicas {
+        let stuck_until_ms = all.iter().map(|_| AtomicU64::new(0)).collect();
         Replicas {
             all,
             leader: AtomicUsize::new(0),
             next_read: AtomicUsize::new(0),
+            stuck_until_ms,
+            epoch: Instant::now(),
         }
     }
 
@@ -60,6 +75,27 @@ impl Replicas {
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether replica `at` may be sent a request now: connected, and not
+    /// stuck unless every connected replica is.
+    fn usable(&self, at: usize) -> bool {
+        let up = |i: usize| self.all[i].current().is_some();
+        let fresh = |i: usize| self.stuck_until_ms[i].load(Ordering::Relaxed) <= self.now_ms();
+        up(at) && (fresh(at) || !(0..self.all.len()).any(|i| up(i) && fresh(i)))
+    }
+
+    fn mark_stuck(&self, at: usize) {
+        let until = self.now_ms() + STUCK_MS;
+        self.stuck_until_ms[at].store(until, Ordering::Relaxed);
+    }
+
+    fn mark_answering(&self, at: usize) {
+        self.stuck_until_ms[at].store(0, Ordering::Relaxed);
+    }
+
     /// Whether a request that began at `started` may try another replica
     /// (within the client's `request_timeout_ms`).
     fn in_time(&self, started: Instant) -> bool {
@@ -69,6 +105,7 @@ impl Replicas {
 
     async fn read(&self, body: RequestBody) -> Answer {
         let n = self.all.len();
+        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
         let mut last = Err(ClientError::Disconnected);
         let started = Instant::now();
         for attempt in 0.. {
@@ -76,16 +113,25 @@ impl Replicas {
                 break;
             }
             let at = self.next_read.fetch_add(1, Ordering::Relaxed) % n;
-            let replica = &self.all[at];
-            if replica.current().is_none() {
+            if !self.usable(at) {
                 self.pause_after_round(attempt).await;
                 continue;
             }
-            last = replica.call(body.clone()).await;
+            let replica = &self.all[at];
+            last = match tokio::time::timeout(attempt_timeout, replica.call(body.clone())).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.mark_stuck(at);
+                    Err(ClientError::Timeout)
+                }
+            };
             match &last {
                 Err(ClientError::Disconnected | ClientError::Timeout) => {}
                 Ok(ResponseBody::Error(e)) if e.code == ErrorCode::Unavailable => {}
-                _ => return last,
+                _ => {
+                    self.mark_answering(at);
+                    return last;
+                }
             }
             self.pause_after_round(attempt).await;
         }
@@ -100,13 +146,12 @@ impl Replicas {
             if !self.in_time(started) {
                 break;
             }
-            let replica = &self.all[at];
-            if replica.current().is_none() {
+            if !self.usable(at) {
                 at = (at + 1) % n;
                 self.pause_after_round(attempt).await;
                 continue;
             }
-            match replica.call(body.clone()).await? {
+            match self.all[at].call(body.clone()).await? {
                 ResponseBody::NotLeader { leader } => {
                     let named = leader.and_then(|l| self.all.iter().position(|r| r.addr == l));
                     at = named.unwrap_or((at + 1) % n);
@@ -115,6 +160,7 @@ impl Replicas {
                     }
                 }
                 answer => {
+                    self.mark_answering(at);
                     self.leader.store(at, Ordering::Relaxed);
                     return Ok(answer);
                 }
