@@ -16,19 +16,19 @@ struct Replica {
     _dir: tempfile::TempDir,
 }
 
+/// The state machine over the store in `dir`.
+fn open(dir: &std::path::Path) -> (StateMachine, Arc<Store>) {
+    let store = Arc::new(Store::open(&dir.join("store"), MAP_BYTES, Limits::default()).unwrap());
+    let hub = Arc::new(Hub::default());
+    let shared = Shared::new(store.clone(), hub, dir.join("snapshots"), MAP_BYTES).unwrap();
+    (StateMachine { shared }, store)
+}
+
 fn replica() -> Replica {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(Store::open(&dir.path().join("store"), MAP_BYTES, Limits::default()).unwrap());
-    let shared = Shared::new(
-        store.clone(),
-        Arc::new(Hub::default()),
-        dir.path().join("snapshots"),
-        MAP_BYTES,
-    )
-    .unwrap();
+    let (sm, store) = open(dir.path());
     Replica {
-        sm: StateMachine { shared },
+        sm,
         store,
         _dir: dir,
     }
@@ -128,25 +128,13 @@ async fn replicas_applying_the_same_entries_hold_the_same_bytes() {
 #[tokio::test]
 async fn what_was_applied_survives_reopening_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || {
-        let store =
-            Arc::new(Store::open(&dir.path().join("store"), MAP_BYTES, Limits::default()).unwrap());
-        let shared = Shared::new(
-            store.clone(),
-            Arc::new(Hub::default()),
-            dir.path().join("snapshots"),
-            MAP_BYTES,
-        )
-        .unwrap();
-        (StateMachine { shared }, store)
-    };
-    let (mut sm, store) = open();
+    let (mut sm, store) = open(dir.path());
     sm.apply(history()).await.unwrap();
     let before = contents(&store);
     let closing = store.env.clone().prepare_for_closing();
     drop((sm, store));
     closing.wait();
-    let (mut sm, store) = open();
+    let (mut sm, store) = open(dir.path());
     let (applied, members) = sm.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(3)));
     assert_eq!(members.membership().voter_ids().count(), 3);
