@@ -104,6 +104,20 @@ impl Routing {
         self.events.send(event).await.is_ok()
     }
 
+    /// The statuses a watch answered (what the gateway showed first) are
+    /// the last passed on for users with none yet: a refresh after a
+    /// primary change then repeats none of them (an "offline" for a user
+    /// never shown online, say).
+    fn note_known(&self, users: &[u64], entries: &[Option<Entry>]) {
+        let mut last = self.lock_last();
+        for (user, entry) in users.iter().zip(entries) {
+            if last.len() >= LAST_ENTRIES_MAX {
+                break;
+            }
+            last.entry(*user).or_insert(entry.map(|e| e.status));
+        }
+    }
+
     /// Make the first connected replica the primary; on a change, pass on
     /// what the new one knows differently, then `Reconnected`.
     async fn choose_primary(&self) {
@@ -288,12 +302,15 @@ impl PresenceReplicas {
         session: u64,
         users: &[u64],
     ) -> Result<Vec<Option<Entry>>, ClientError> {
-        let users = Arc::new(users.to_vec());
-        self.ask_all(move |r| {
-            let users = users.clone();
-            async move { r.watch(session, &users).await }
-        })
-        .await
+        let watched = Arc::new(users.to_vec());
+        let entries = self
+            .ask_all(move |r| {
+                let users = watched.clone();
+                async move { r.watch(session, &users).await }
+            })
+            .await?;
+        self.inner.routing.note_known(users, &entries);
+        Ok(entries)
     }
 
     /// See [`PresenceClient::unwatch`].
