@@ -325,11 +325,7 @@ pub async fn linearizable<C: GroupTypes>(
         let m = raft.metrics().borrow().clone();
         let index = if m.state == ServerState::Leader {
             match tokio::time::timeout(left, read_index(raft, prefix)).await {
-                Ok(Ok(index)) => Some(index),
-                Ok(Err(e)) => {
-                    why = e.to_string();
-                    None
-                }
+                Ok(answer) => answer.map_err(|e| e.to_string()),
                 Err(_) => break,
             }
         } else {
@@ -337,11 +333,14 @@ pub async fn linearizable<C: GroupTypes>(
                 .current_leader
                 .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
             match leader {
-                Some(node) => ask_read_index(pool, &node.raft_addr, left, &mut why).await,
-                None => None,
+                Some(node) => ask_read_index(pool, &node.raft_addr, left).await,
+                None => Err("no leader known".into()),
             }
         };
-        if let Some(index) = index {
+        if let Err(e) = &index {
+            why.clone_from(e);
+        }
+        if let Ok(index) = index {
             let Some(left) = deadline.checked_sub(started.elapsed()) else {
                 break;
             };
@@ -367,24 +366,16 @@ pub async fn linearizable<C: GroupTypes>(
     })
 }
 
-/// The read index of the leader at `addr` (`None`, with `why` set, if it
-/// did not give one).
+/// The read index of the leader at `addr`, or why it gave none.
 async fn ask_read_index(
     pool: &std::sync::Arc<LinkPool>,
     addr: &str,
     left: Duration,
-    why: &mut String,
-) -> Option<Option<u64>> {
+) -> Result<Option<u64>, String> {
     match crate::peer::admin_pooled(pool, addr, AdminRequest::ReadIndex, left).await {
-        Ok(AdminResponse::ReadIndex(index)) => Some(index),
-        Ok(other) => {
-            *why = format!("the leader at {addr} answered {other:?}");
-            None
-        }
-        Err(e) => {
-            *why = e.to_string();
-            None
-        }
+        Ok(AdminResponse::ReadIndex(index)) => Ok(index),
+        Ok(other) => Err(format!("the leader at {addr} answered {other:?}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -54,13 +54,6 @@ impl Writer {
         )?;
         rx.await.map_err(|_| Error::Closed)
     }
-
-    pub async fn write(&self, op: WriteOp) -> Result<Outcome> {
-        self.write_many(vec![op])
-            .await?
-            .pop()
-            .unwrap_or(Err(Error::Closed))
-    }
 }
 
 /// Failed write transactions logged at most once per interval (a full disk
@@ -132,13 +125,14 @@ mod tests {
         let store = Arc::new(Store::open(dir.path(), 1 << 20, Limits::default()).unwrap());
         let (writer, thread) =
             Writer::start(store.clone(), Arc::new(Hub::default()), 16, 16).unwrap();
+        let writes = crate::writes::Writes::Local(writer);
         let mut stored = 0;
         let failure = loop {
             let op = WriteOp::CreateUser {
                 username: format!("user{stored}"),
                 phc: "x".repeat(100 * 1024),
             };
-            match writer.write(op).await {
+            match writes.write(op).await {
                 Ok(_) => stored += 1,
                 Err(e) => break e,
             }
@@ -154,7 +148,7 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(store.credentials("user0").unwrap().is_some());
-        drop(writer);
+        drop(writes);
         thread.join().unwrap();
     }
 }
