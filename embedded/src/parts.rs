@@ -74,7 +74,7 @@ pub(crate) async fn shard_group(
         members.insert(
             r as u64,
             Replica {
-                raft_addr: raft.to_string(),
+                raft_addr: daemon.raft_addr().unwrap_or(raft).to_string(),
                 client_addr: daemon.local_addr().to_string(),
             },
         );
@@ -85,11 +85,12 @@ pub(crate) async fn shard_group(
         .map_err(|e| EmbeddedError::new(Component::Shard(n), format_args!("{e}")))
 }
 
-/// Replica `r`'s shard-protocol and replication addresses.
+/// Replica `r`'s shard-protocol and replication addresses: port 0 for
+/// both when `first` asks for any free port (each daemon binds its own
+/// and says which it got).
 fn replica_addrs(first: SocketAddr, r: usize) -> std::io::Result<(SocketAddr, SocketAddr)> {
     if first.port() == 0 {
-        let free = || std::net::TcpListener::bind((first.ip(), 0))?.local_addr();
-        return Ok((free()?, free()?));
+        return Ok((first, first));
     }
     let port = |offset: usize| {
         u16::try_from(usize::from(first.port()) + offset)

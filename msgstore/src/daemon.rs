@@ -125,6 +125,7 @@ impl DaemonConfig {
 /// A running daemon.
 pub struct Daemon {
     local_addr: SocketAddr,
+    raft_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), DaemonError>>,
 }
@@ -133,6 +134,12 @@ impl Daemon {
     /// The address the shard protocol listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address a replica's replication listener is bound to (none for
+    /// a standalone shard).
+    pub fn raft_addr(&self) -> Option<SocketAddr> {
+        self.raft_addr
     }
 
     /// Stop accepting, drain every connection, close the shard.
@@ -163,16 +170,11 @@ impl Daemon {
 pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
     config.validate().map_err(DaemonError::Config)?;
     crate::metrics::register(config.raft.is_some());
-    let listener = std::net::TcpListener::bind(config.listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|error| DaemonError::Listen {
-            addr: config.listen,
-            error,
-        })?;
-    let local_addr = listener.local_addr().map_err(|error| DaemonError::Listen {
-        addr: config.listen,
-        error,
-    })?;
+    let (listener, local_addr) = bind(config.listen)?;
+    // A replica's replication port is bound here too, so a port in use is
+    // told as such and port 0 works (see `Daemon::raft_addr`).
+    let raft_bound = config.raft.as_ref().map(|r| bind(r.listen)).transpose()?;
+    let raft_addr = raft_bound.as_ref().map(|(_, addr)| *addr);
     let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -183,9 +185,10 @@ pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
         .name("msgstore-core".into())
         .spawn(move || {
             let configs = (engine_config, server_config);
-            let result = match raft_config {
-                Some(raft) => {
-                    serve_replica(&data, (configs, raft), listener, shutdown_rx, opened_tx)
+            let result = match raft_config.zip(raft_bound) {
+                Some((raft, (raft_listener, _))) => {
+                    let listeners = (listener, raft_listener);
+                    serve_replica(&data, (configs, raft), listeners, shutdown_rx, opened_tx)
                 }
                 None => serve_on_this_thread(&data, configs, listener, shutdown_rx, opened_tx),
             };
@@ -212,9 +215,19 @@ pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
     tracing::info!(%local_addr, data = ?config.data, "msgstore listening on {local_addr}");
     Ok(Daemon {
         local_addr,
+        raft_addr,
         shutdown,
         task,
     })
+}
+
+/// A nonblocking listener on `addr` and the address it got.
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), DaemonError> {
+    let listen = |error| DaemonError::Listen { addr, error };
+    let listener = std::net::TcpListener::bind(addr).map_err(listen)?;
+    listener.set_nonblocking(true).map_err(listen)?;
+    let local = listener.local_addr().map_err(listen)?;
+    Ok((listener, local))
 }
 
 /// The shard's thread: open the engine, then run the server on a
@@ -256,7 +269,7 @@ fn serve_on_this_thread(
 fn serve_replica(
     data: &Path,
     ((engine_config, server_config), raft): ((EngineConfig, ServerConfig), RaftConfig),
-    listener: std::net::TcpListener,
+    (listener, raft_listener): (std::net::TcpListener, std::net::TcpListener),
     shutdown: watch::Receiver<bool>,
     opened: tokio::sync::oneshot::Sender<Result<(), DaemonError>>,
 ) -> Result<(), DaemonError> {
@@ -267,31 +280,33 @@ fn serve_replica(
         .build()
         .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
     runtime.block_on(async move {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
-        let listener =
-            TcpListener::from_std(listener).map_err(|error| DaemonError::Listen { addr, error })?;
-        let (started_tx, mut started_rx) = tokio::sync::oneshot::channel();
+        let tokio_listener = |l: std::net::TcpListener| {
+            let addr = l
+                .local_addr()
+                .map_err(|e| DaemonError::Engine(Error::Io(e)))?;
+            TcpListener::from_std(l).map_err(|error| DaemonError::Listen { addr, error })
+        };
+        let listeners = (tokio_listener(listener)?, tokio_listener(raft_listener)?);
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let configs = (engine_config, server_config, raft);
-        let run = replica::run(data, configs, listener, shutdown, started_tx);
+        let run = replica::run(data, configs, listeners, shutdown, started_tx);
         tokio::pin!(run);
-        tokio::select! {
-            started = &mut started_rx => {
-                let started = started.unwrap_or_else(|_| Err("the replica ended at start".into()));
-                let failed = started.is_err();
-                let _ = opened.send(started.map_err(|e| DaemonError::Engine(Error::Storage(e))));
-                if failed {
-                    return Ok(());
-                }
+        let started = tokio::select! {
+            started = started_rx => {
+                started.unwrap_or_else(|_| Err("the replica ended at start".into()))
             }
-            result = &mut run => {
-                let _ = opened.send(Err(DaemonError::Engine(Error::Storage(
-                    "the replica ended at start".into(),
-                ))));
-                return result.map_err(DaemonError::Close);
-            }
+            // `run` sends its start's outcome before it ends: a start that
+            // failed ends it with the same error.
+            result = &mut run => Err(match result {
+                Err(e) => e.to_string(),
+                Ok(()) => "the replica ended at start".into(),
+            }),
+        };
+        if let Err(e) = started {
+            let _ = opened.send(Err(DaemonError::Engine(Error::Storage(e))));
+            return Ok(());
         }
+        let _ = opened.send(Ok(()));
         run.await.map_err(DaemonError::Close)
     })
 }

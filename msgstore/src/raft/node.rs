@@ -85,18 +85,19 @@ impl Node {
 }
 
 /// Start a replica: open the log and the engine in `data` (`data/raft`,
-/// `data/engine`, `data/snapshots`), start Raft and both listeners. The
+/// `data/engine`, `data/snapshots`), start Raft, serve both listeners
+/// (the shard protocol's, the replication port's). The
 /// node serves until `stop` turns true; then it shuts Raft down and
 /// checkpoints the engine.
 pub async fn run(
     data: &Path,
     (engine, server, raft): (EngineConfig, ServerConfig, RaftConfig),
-    client_listener: TcpListener,
+    (client_listener, raft_listener): (TcpListener, TcpListener),
     mut stop: watch::Receiver<bool>,
     opened: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) -> Result<(), Error> {
     let started = start(data, (engine, server, raft), stop.clone()).await;
-    let (node, raft_listener) = match started {
+    let node = match started {
         Ok(x) => {
             let _ = opened.send(Ok(()));
             x
@@ -136,10 +137,9 @@ async fn start(
     data: &Path,
     (engine, server, raft): (EngineConfig, ServerConfig, RaftConfig),
     stop: watch::Receiver<bool>,
-) -> Result<(Arc<Node>, TcpListener), Error> {
+) -> Result<Arc<Node>, Error> {
     raft.validate().map_err(Error::Config)?;
     let openraft_config = Arc::new(raft.openraft("imserver-shard").map_err(Error::Config)?);
-    let raft_listener = TcpListener::bind(raft.listen).await?;
     let log = LogStore::<TypeConfig>::open(
         &data.join("raft"),
         LogStoreConfig {
@@ -173,7 +173,7 @@ async fn start(
         server,
         stop,
     });
-    Ok((node, raft_listener))
+    Ok(node)
 }
 
 fn admit(node: &Arc<Node>, link: Link, connections: &Arc<AtomicUsize>) {
