@@ -275,3 +275,46 @@ async fn a_paused_leader_holds_up_neither_reads_nor_new_writes() {
         m.kill();
     }
 }
+
+/// The leader is paused (SIGSTOP) with a write in flight and no read to
+/// notice: that write is awaited (it may be done), but once it is not
+/// answered within `replica_attempt_ms` the writes after it look for the
+/// new leader and are done while the old one is still paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_unanswered_at_a_paused_leader_sends_the_next_writes_elsewhere() {
+    let mut group = Group::start().await;
+    let client = ProfileClient::connect_with(
+        group.addrs(),
+        ClientConfig {
+            replica_attempt_ms: 300,
+            ..config()
+        },
+    )
+    .await
+    .unwrap();
+    let mut made = create(&client, 0, 2).await;
+    let leader = group.leader().await;
+    group.members[leader].signal(libc::SIGSTOP);
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.create_user("held", b"password-held").await }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!in_flight.is_finished(), "a paused leader answered");
+    // Were the next writes queued at the paused leader, they would wait
+    // for the client's whole request timeout and fail, again and again.
+    let next = tokio::time::timeout(DEADLINE, create(&client, 2, 4)).await;
+    made.extend(next.expect("the writes after a stuck one found the new leader"));
+    group.members[leader].signal(libc::SIGCONT);
+    if let Ok(id) = in_flight.await.unwrap() {
+        made.push(("held".into(), id));
+    }
+    let new_leader = group.leader().await;
+    let check = one(&group.members[new_leader]).await;
+    for (name, id) in &made {
+        assert_eq!(check.lookup(name).await.unwrap(), *id, "{name}");
+    }
+    for m in &mut group.members {
+        m.kill();
+    }
+}

@@ -15,7 +15,9 @@
 //! names the leader, which the write is sent to instead. A write is sent
 //! again only when it was surely not done (`NotLeader`, or no connection
 //! to send it on); one cut off in flight fails as it would with one
-//! replica.
+//! replica. A write not answered within `replica_attempt_ms` is still
+//! awaited (it may be done), but marks its replica stuck, so the writes
+//! after it find the next leader instead of queueing on a paused one.
 
 use super::{Answer, ClientError, Inner};
 use crate::service::Service;
@@ -151,7 +153,7 @@ impl Replicas {
                 self.pause_after_round(attempt).await;
                 continue;
             }
-            match self.all[at].call(body.clone()).await? {
+            match self.await_write(at, body.clone()).await? {
                 ResponseBody::NotLeader { leader } => {
                     let named = leader.and_then(|l| self.all.iter().position(|r| r.addr == l));
                     at = named.unwrap_or((at + 1) % n);
@@ -170,6 +172,23 @@ impl Replicas {
             code: ErrorCode::Unavailable,
             message: format!("no replica of {n} took the write as leader in time"),
         }))
+    }
+
+    /// Replica `at`'s answer to a write. One not answered within
+    /// `replica_attempt_ms` marks the replica stuck, so the writes after it
+    /// look for another leader, but is still awaited: it may have been
+    /// done, so it is never sent twice.
+    async fn await_write(&self, at: usize, body: RequestBody) -> Answer {
+        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
+        let call = self.all[at].call(body);
+        tokio::pin!(call);
+        match tokio::time::timeout(attempt_timeout, &mut call).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.mark_stuck(at);
+                call.await
+            }
+        }
     }
 
     /// After every replica was tried once, wait a little (an election).
