@@ -1,10 +1,11 @@
 //! `imbench chaos`: a whole cluster of separate processes (2 presence
-//! replicas, 1 profile service, 2 msgstore shard groups of 3 replicas, 2
+//! replicas, 3 profile replicas, 2 msgstore shard groups of 3 replicas, 2
 //! gateways) under SDK clients that log in and out, send 1:1 and group
 //! messages and drain, while a fault injector kills (SIGKILL, restart
-//! after ~1 s on the same address and data directory) or pauses
-//! (SIGSTOP for 2-4 s, then SIGCONT) one process at a time, chosen by a
-//! seeded random schedule. At the end every client drains and a checker
+//! after ~1 s on the same address and data directory), pauses (SIGSTOP
+//! for 2-4 s, then SIGCONT) or, as root, cuts off (every process in a
+//! network namespace of its own; the target's link down for 2-4 s, then
+//! up) one process at a time, chosen by a seeded random schedule. At the end every client drains and a checker
 //! compares everything acknowledged with everything shown
 //! (`chaos/check.rs`); one more client logs in and out in a loop to time
 //! how long logins keep failing after a fault.
@@ -17,8 +18,8 @@
 //! of its group): one machine dying is the promise, so the one before
 //! must have had time to come back (a restarted presence replica is
 //! refilled by the gateways within 5 s, a replica catches up).
-//! Network partitions (netns + nftables, as in
-//! `msgstore/tests/replica_partition.rs`) are not injected.
+//! Where network namespaces cannot be made (not root), partitions are
+//! not injected and the report says so.
 
 mod check;
 mod cluster;
@@ -43,7 +44,8 @@ use users::{lock, Session, SharedLog, World};
 const FAULT_INTERVAL: Duration = Duration::from_secs(2);
 /// A killed process is restarted this long after the kill.
 const KILL_DOWN: Duration = Duration::from_secs(1);
-/// A paused process is continued after 2 to 4 s.
+/// A paused process is continued, and a cut-off one healed, after 2 to
+/// 4 s.
 const PAUSE_MS: std::ops::RangeInclusive<u64> = 2_000..=4_000;
 /// A process is not faulted within this long of the end of a fault of
 /// its sibling (see the module's doc).
@@ -57,8 +59,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Before the faults, every user must have logged in within this long.
 const WARMUP_LIMIT: Duration = Duration::from_secs(30);
 
-const NO_PARTITIONS: &str = "network partitions (netns + nftables) are not injected: only \
-    SIGKILL + restart and SIGSTOP + SIGCONT";
+const NO_PARTITIONS: &str = "network partitions are not injected (network namespaces cannot \
+    be made here: not root, or no `ip netns`): only SIGKILL + restart and SIGSTOP + SIGCONT";
+/// Names the run's namespaces and interfaces (`daemon::netns`).
+const NET_TAG: &str = "ch";
 
 #[derive(Args, Debug)]
 pub struct ChaosArgs {
@@ -190,10 +194,29 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     println!(
         "chaos: seed {seed}; {secs} s of faults; {users_n} users, {groups_n} groups, 1 prober"
     );
-    println!("note: {NO_PARTITIONS}");
     let t0 = Instant::now();
+    let net = match daemon::netns::Net::setup(NET_TAG, cluster::PROCESSES) {
+        Ok(net) => {
+            println!(
+                "every process in a network namespace of its own on 10.77.{}.0/24: \
+                 partitions are injected",
+                net.subnet()
+            );
+            Some(net)
+        }
+        Err(why) => {
+            println!("note: {NO_PARTITIONS} ({why})");
+            None
+        }
+    };
+    let notes = if net.is_some() {
+        vec![]
+    } else {
+        vec![NO_PARTITIONS]
+    };
     let dir = tempfile::tempdir().context("a temporary directory")?;
-    let mut cluster = Cluster::start(dir.path()).await?;
+    let mut cluster = Cluster::start(dir.path(), net).await?;
+    let partitions = cluster.can_partition();
     println!(
         "cluster up in {:.1} s: presence {}, profile {}, shard groups {}, gateways {}",
         t0.elapsed().as_secs_f64(),
@@ -375,7 +398,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             drain: drain_secs,
             total: t0.elapsed().as_secs_f64(),
         },
-        notes: vec![NO_PARTITIONS],
+        notes,
         problems,
         config: serde_json::json!({
             "quick": args.quick,
@@ -386,7 +409,8 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             "groups": pop.groups.iter().map(|(g, m)| serde_json::json!({"id": g, "members": m.len()})).collect::<Vec<_>>(),
             "friends": "each user and the next two (a ring)",
             "presence_replicas": cluster::PRESENCE_REPLICAS,
-            "profile_replicas": 1,
+            "profile_replicas": cluster::PROFILE_REPLICAS,
+            "partitions": partitions,
             "shard_groups": cluster::GROUPS,
             "replicas_per_group": cluster::REPLICAS,
             "gateways": cluster::GATEWAYS,
@@ -432,6 +456,16 @@ struct Planned {
     down: Duration,
 }
 
+impl Planned {
+    /// How long the fault is taken to last when planning.
+    fn lasts(&self) -> Duration {
+        match self.kind {
+            FaultKind::Kill => KILL_NOMINAL,
+            FaultKind::Pause | FaultKind::Partition => self.down,
+        }
+    }
+}
+
 /// The fault schedule of a seed: targets, kinds and durations drawn from
 /// the seed alone, the sibling rule applied on a nominal clock (a kill
 /// lasts [`KILL_NOMINAL`], a pause its length, faults start every
@@ -448,6 +482,8 @@ struct Schedule {
     set_ended: BTreeMap<usize, (usize, Duration)>,
     /// Targets never faulted (`--spare`).
     spared: Vec<bool>,
+    /// The kinds of fault drawn from, equally likely.
+    kinds: Vec<FaultKind>,
 }
 
 /// What a kill (1 s down, then a restart) is taken to last when planning.
@@ -461,7 +497,16 @@ impl Schedule {
             now: Duration::ZERO,
             set_ended: BTreeMap::new(),
             spared: Vec::new(),
+            kinds: vec![FaultKind::Kill, FaultKind::Pause],
         }
+    }
+
+    /// Cut processes off too (where every process has a namespace).
+    fn with_partitions(mut self, partitions: bool) -> Schedule {
+        if partitions {
+            self.kinds.push(FaultKind::Partition);
+        }
+        self
     }
 
     /// Leave the targets marked `true` alone.
@@ -482,21 +527,20 @@ impl Schedule {
             )
             .collect();
         let target = eligible[self.rng.gen_range(0..eligible.len())];
-        let (kind, down) = if self.rng.gen_bool(0.5) {
-            (FaultKind::Kill, KILL_DOWN)
-        } else {
-            let ms = self.rng.gen_range(PAUSE_MS);
-            (FaultKind::Pause, Duration::from_millis(ms))
+        let kind = self.kinds[self.rng.gen_range(0..self.kinds.len())];
+        let down = match kind {
+            FaultKind::Kill => KILL_DOWN,
+            FaultKind::Pause | FaultKind::Partition => {
+                Duration::from_millis(self.rng.gen_range(PAUSE_MS))
+            }
         };
-        let lasts = match kind {
-            FaultKind::Kill => KILL_NOMINAL,
-            FaultKind::Pause => down,
-        };
+        let planned = Planned { target, kind, down };
+        let lasts = planned.lasts();
         if let Some(set) = self.sets[target] {
             self.set_ended.insert(set, (target, now + lasts));
         }
         self.now = now + lasts.max(FAULT_INTERVAL);
-        Planned { target, kind, down }
+        planned
     }
 }
 
@@ -517,7 +561,9 @@ async fn inject_faults(
         .iter()
         .map(|t| spare.contains(&t.role))
         .collect();
-    let mut schedule = Schedule::new(seed, sets).sparing(spared);
+    let mut schedule = Schedule::new(seed, sets)
+        .sparing(spared)
+        .with_partitions(cluster.can_partition());
     let mut faults: Vec<Fault> = Vec::new();
     // When each redundancy set's last fault really ended.
     let mut set_ended: BTreeMap<usize, (usize, Instant)> = BTreeMap::new();
@@ -787,7 +833,7 @@ mod tests {
     #[test]
     fn a_seed_gives_one_schedule_that_keeps_siblings_apart() {
         let plan = |seed| {
-            let mut s = Schedule::new(seed, sets());
+            let mut s = Schedule::new(seed, sets()).with_partitions(true);
             (0..200)
                 .map(|_| (s.now, s.next()))
                 .collect::<Vec<(Duration, Planned)>>()
@@ -795,27 +841,36 @@ mod tests {
         assert_eq!(plan(7), plan(7));
         assert_ne!(plan(7), plan(8));
         let p = plan(7);
-        let (mut kills, mut pauses) = (0, 0);
+        let (mut kills, mut pauses, mut cuts) = (0, 0, 0);
         for (i, (at, f)) in p.iter().enumerate() {
             match f.kind {
                 FaultKind::Kill => kills += 1,
-                FaultKind::Pause => {
-                    pauses += 1;
-                    assert!(PAUSE_MS.contains(&(f.down.as_millis() as u64)));
-                }
+                FaultKind::Pause => pauses += 1,
+                FaultKind::Partition => cuts += 1,
+            }
+            if f.kind != FaultKind::Kill {
+                assert!(PAUSE_MS.contains(&(f.down.as_millis() as u64)));
             }
             // A sibling's fault ended at least SIBLING_RECOVERY before.
             let set = sets()[f.target];
             for (bat, b) in &p[..i] {
                 if set.is_some() && sets()[b.target] == set && b.target != f.target {
-                    let lasts = match b.kind {
-                        FaultKind::Kill => KILL_NOMINAL,
-                        FaultKind::Pause => b.down,
-                    };
-                    assert!(*bat + lasts + SIBLING_RECOVERY <= *at, "fault {i}: {p:?}");
+                    assert!(
+                        *bat + b.lasts() + SIBLING_RECOVERY <= *at,
+                        "fault {i}: {p:?}"
+                    );
                 }
             }
         }
-        assert!(kills > 50 && pauses > 50, "{kills} kills, {pauses} pauses");
+        assert!(
+            kills > 40 && pauses > 40 && cuts > 40,
+            "{kills} kills, {pauses} pauses, {cuts} partitions"
+        );
+        let mut without = Schedule::new(7, sets());
+        let kinds: Vec<FaultKind> = (0..200).map(|_| without.next().kind).collect();
+        assert!(
+            !kinds.contains(&FaultKind::Partition),
+            "partitions where none can be made"
+        );
     }
 }

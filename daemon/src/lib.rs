@@ -29,6 +29,7 @@ pub mod heap;
 pub mod link;
 mod lock;
 mod metrics_http;
+pub mod netns;
 pub mod secure;
 mod service;
 mod signals;

@@ -14,20 +14,18 @@
 //!   checked by every fetch during the run), every replica converges and
 //!   every replica's own engine holds the same mailboxes.
 //!
-//! The network: a bridge in the root namespace (`10.77.<run>.254/24`, the
-//! clients' side) and one namespace per replica joined to it by a veth
-//! pair (`10.77.<run>.<1..3>`), the replica's client and raft ports bound
-//! to that address; names carry the test's pid, and everything is removed
-//! on drop, after a panic too (what a killed run left behind, its
-//! replicas included, is removed by the next run). A partition is an nftables table in the
-//! isolated replica's namespace dropping its traffic to and from the
-//! other two replicas' addresses both ways; where `nft` is missing (or
-//! `PARTITION_WITH=routes`), blackhole routes to the other side in the
-//! namespaces of both sides do it instead.
+//! The network is a `daemon::netns::Net`: a bridge in the root namespace
+//! (the clients' side) and one namespace per replica, the replica's
+//! client and raft ports bound to its address. A partition is
+//! `Net::isolate_from`: an nftables table in the isolated replica's
+//! namespace dropping its traffic to and from the other two replicas'
+//! addresses both ways; where `nft` is missing (or
+//! `PARTITION_WITH=routes`), blackhole routes do it instead.
 //!
 //! Needs root and `ip netns` (iproute2): without them the test prints why
 //! and passes without running.
 
+use daemon::netns::Net;
 use msgstore::{
     client::{ClientError, ShardClient},
     raft::testing::{seed_from_env, Group, Load, CONFIG},
@@ -35,10 +33,7 @@ use msgstore::{
 use proto::shard::ShardErrorCode;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::{
-    io::Write,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    process::{Command, Stdio},
+    net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -53,314 +48,8 @@ const ELECTION_LIMIT: Duration = Duration::from_secs(20);
 const PROGRESS_LIMIT: Duration = Duration::from_secs(20);
 const CLIENT_PORT: u16 = 7100;
 const RAFT_PORT: u16 = 7200;
-const NS_PREFIX: &str = "imsp";
-const BRIDGE_PREFIX: &str = "imsb";
-const VETH_PREFIX: &str = "imsv";
-
-/// Run `prog args`; its stderr as the error.
-fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("{prog} {}: {e}", args.join(" ")))?;
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(text.as_bytes())
-            .map_err(|e| format!("{prog}: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("{prog}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{prog} {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn ip(args: &[&str]) -> Result<String, String> {
-    run("ip", args, None)
-}
-
-/// How a partition is made.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Cut {
-    /// A table in the isolated namespace dropping traffic both ways.
-    Nftables,
-    /// Blackhole routes in the namespaces of both sides.
-    BlackholeRoutes,
-}
-
-const NFT_TABLE: &str = "msgstore_partition";
-
-/// The namespaces, veth pairs and bridge of one run; removed on drop.
-struct Net {
-    pid: u32,
-    subnet: u8,
-    bridge: Option<String>,
-    namespaces: Vec<String>,
-    host_veths: Vec<String>,
-    cut: Cut,
-}
-
-impl Net {
-    /// Build the network, or say why it cannot be built here.
-    fn setup() -> Result<Net, String> {
-        // SAFETY: geteuid(2) has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root".into());
-        }
-        ip(&["netns", "list"]).map_err(|e| format!("no `ip netns`: {e}"))?;
-        remove_stale();
-        let pid = std::process::id();
-        let subnet = free_subnet(pid)?;
-        let mut net = Net {
-            pid,
-            subnet,
-            bridge: None,
-            namespaces: Vec::new(),
-            host_veths: Vec::new(),
-            cut: Cut::Nftables,
-        };
-        let bridge = format!("{BRIDGE_PREFIX}{pid}");
-        ip(&["link", "add", "name", &bridge, "type", "bridge"])?;
-        net.bridge = Some(bridge.clone());
-        let gateway = format!("{}/24", net.root_addr());
-        ip(&["addr", "add", &gateway, "dev", &bridge])?;
-        ip(&["link", "set", &bridge, "up"])?;
-        for i in 0..REPLICAS {
-            let ns = format!("{NS_PREFIX}{pid}r{i}");
-            ip(&["netns", "add", &ns])?;
-            net.namespaces.push(ns.clone());
-            let host = format!("{VETH_PREFIX}{pid}h{i}");
-            let inner = format!("{VETH_PREFIX}{pid}n{i}");
-            ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
-            net.host_veths.push(host.clone());
-            ip(&["link", "set", &host, "master", &bridge])?;
-            ip(&["link", "set", &host, "up"])?;
-            ip(&["link", "set", &inner, "netns", &ns])?;
-            let addr = format!("{}/24", net.addr(i));
-            ip(&["-n", &ns, "addr", "add", &addr, "dev", &inner])?;
-            ip(&["-n", &ns, "link", "set", &inner, "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        }
-        net.check_links()?;
-        let routes = std::env::var("PARTITION_WITH").is_ok_and(|v| v == "routes");
-        let nft = run(
-            "ip",
-            &["netns", "exec", &net.namespaces[0], "nft", "list", "tables"],
-            None,
-        );
-        if routes || nft.is_err() {
-            net.cut = Cut::BlackholeRoutes;
-        }
-        Ok(net)
-    }
-
-    fn root_addr(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, self.subnet, 254)
-    }
-
-    /// Replica `i`'s address (in its namespace).
-    fn addr(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, self.subnet, i as u8 + 1)
-    }
-
-    /// Every namespace reaches the next over the bridge, and the root
-    /// namespace reaches each (a host whose bridge does not forward, e.g.
-    /// a firewall on bridged traffic, cannot run the test).
-    fn check_links(&self) -> Result<(), String> {
-        for i in 0..REPLICAS {
-            let here = SocketAddr::V4(SocketAddrV4::new(self.addr(i), 0));
-            let listener = in_netns(&self.namespaces[i], move || TcpListener::bind(here))?
-                .map_err(|e| format!("bind {here} in its namespace: {e}"))?;
-            let at = listener.local_addr().expect("a bound address");
-            let limit = Duration::from_secs(3);
-            TcpStream::connect_timeout(&at, limit)
-                .map_err(|e| format!("the root namespace cannot reach {at}: {e}"))?;
-            let from = &self.namespaces[(i + 1) % REPLICAS];
-            in_netns(from, move || TcpStream::connect_timeout(&at, limit))?
-                .map_err(|e| format!("namespace {from} cannot reach {at}: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// Cut replica `i` off from every other replica, both ways.
-    fn isolate(&self, i: usize) {
-        let others: Vec<String> = (0..REPLICAS)
-            .filter(|j| *j != i)
-            .map(|j| self.addr(j).to_string())
-            .collect();
-        match self.cut {
-            Cut::Nftables => {
-                let set = others.join(", ");
-                let script = format!(
-                    "table inet {NFT_TABLE} {{\n\
-                     chain input {{ type filter hook input priority filter; ip saddr {{ {set} }} drop; }}\n\
-                     chain output {{ type filter hook output priority filter; ip daddr {{ {set} }} drop; }}\n\
-                     }}\n"
-                );
-                let ns = &self.namespaces[i];
-                run(
-                    "ip",
-                    &["netns", "exec", ns, "nft", "-f", "-"],
-                    Some(&script),
-                )
-                .expect("add the partition table");
-            }
-            Cut::BlackholeRoutes => {
-                for j in (0..REPLICAS).filter(|j| *j != i) {
-                    self.blackhole("add", i, j);
-                    self.blackhole("add", j, i);
-                }
-            }
-        }
-    }
-
-    /// Undo [`Net::isolate`].
-    fn heal(&self, i: usize) {
-        match self.cut {
-            Cut::Nftables => {
-                let ns = &self.namespaces[i];
-                run(
-                    "ip",
-                    &[
-                        "netns", "exec", ns, "nft", "delete", "table", "inet", NFT_TABLE,
-                    ],
-                    None,
-                )
-                .expect("delete the partition table");
-            }
-            Cut::BlackholeRoutes => {
-                for j in (0..REPLICAS).filter(|j| *j != i) {
-                    self.blackhole("del", i, j);
-                    self.blackhole("del", j, i);
-                }
-            }
-        }
-    }
-
-    /// In replica `from`'s namespace, add or delete a blackhole route to
-    /// replica `to`.
-    fn blackhole(&self, op: &str, from: usize, to: usize) {
-        let dst = format!("{}/32", self.addr(to));
-        let ns = &self.namespaces[from];
-        ip(&["-n", ns, "route", op, "blackhole", &dst]).expect("change a blackhole route");
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // Deleting a namespace's name frees it once no process is in it
-        // (the replicas were killed before: the group is dropped first),
-        // and with it the veth ends inside; the host ends are deleted in
-        // case a process still holds a namespace.
-        for ns in &self.namespaces {
-            if let Err(e) = ip(&["netns", "del", ns]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-        for veth in &self.host_veths {
-            let _ = ip(&["link", "del", veth]);
-        }
-        if let Some(bridge) = &self.bridge {
-            if let Err(e) = ip(&["link", "del", bridge]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-        eprintln!(
-            "removed the namespaces, veths and bridge of run {} (10.77.{}.0/24)",
-            self.pid, self.subnet
-        );
-    }
-}
-
-/// Run `f` on a thread that joined the network namespace `ns` (sockets it
-/// makes stay in that namespace).
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
-        // SAFETY: setns(2) with a namespace file we hold open; it moves
-        // only this thread, which ends with `f`.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-        }
-        Ok(f())
-    })
-    .join()
-    .expect("the namespace thread panicked")
-}
-
-/// The pid in a name `<prefix><pid>...`, if it is one of ours.
-fn owner(name: &str, prefix: &str) -> Option<u32> {
-    let rest = name.strip_prefix(prefix)?;
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
-fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Remove what runs that were killed before cleaning up left behind:
-/// their namespaces (and the replicas still running in them), veths and
-/// bridges, named with the pid of a test that is gone.
-fn remove_stale() {
-    for line in ip(&["netns", "list"]).unwrap_or_default().lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        if owner(name, NS_PREFIX).is_some_and(|pid| !alive(pid)) {
-            // Its replicas outlived the killed test: only they run there.
-            for pid in ip(&["netns", "pids", name]).unwrap_or_default().lines() {
-                if let Ok(pid) = pid.trim().parse::<libc::pid_t>() {
-                    // SAFETY: kill(2) has no memory preconditions.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            let _ = ip(&["netns", "del", name]);
-            eprintln!("removed namespace {name}, left by a killed run");
-        }
-    }
-    for line in ip(&["-o", "link", "show"]).unwrap_or_default().lines() {
-        // "<index>: <name>[@<peer>]: ..."
-        let Some(name) = line.split(": ").nth(1) else {
-            continue;
-        };
-        let name = name.split('@').next().unwrap_or(name);
-        let stale = [BRIDGE_PREFIX, VETH_PREFIX]
-            .iter()
-            .any(|p| owner(name, p).is_some_and(|pid| !alive(pid)));
-        if stale {
-            let _ = ip(&["link", "del", name]);
-        }
-    }
-}
-
-/// A `10.77.<n>.0/24` no address or route of the root namespace uses,
-/// starting from one the pid picks.
-fn free_subnet(pid: u32) -> Result<u8, String> {
-    let used = ip(&["-4", "-o", "addr", "show"])? + &ip(&["-4", "route", "show"])?;
-    (0..254u32)
-        .map(|k| ((pid + k) % 254 + 1) as u8)
-        .find(|n| !used.contains(&format!("10.77.{n}.")))
-        .ok_or_else(|| "no free 10.77.x.0/24 subnet".into())
-}
+/// Names the run's namespaces and interfaces (`daemon::netns`).
+const NET_TAG: &str = "sp";
 
 /// Appends acknowledged per replica (by the one the client talked to).
 /// Send one append straight to the isolated leader: it must not be
@@ -393,7 +82,7 @@ fn served_by(served: &[AtomicU64], replicas: impl Iterator<Item = usize>) -> u64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
-    let net = match Net::setup() {
+    let net = match Net::setup(NET_TAG, REPLICAS) {
         Ok(net) => net,
         Err(why) => {
             eprintln!(
@@ -405,7 +94,9 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
     };
     eprintln!(
         "network 10.77.{}.0/24, namespaces {:?}, partitions by {:?}",
-        net.subnet, net.namespaces, net.cut
+        net.subnet(),
+        (0..REPLICAS).map(|i| net.namespace(i)).collect::<Vec<_>>(),
+        net.cut()
     );
     let seed = seed_from_env();
     let mut rng = StdRng::seed_from_u64(seed);
@@ -415,11 +106,10 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
     let places = (0..REPLICAS)
         .map(|i| {
-            let at = |port| SocketAddr::V4(SocketAddrV4::new(net.addr(i), port));
             (
-                at(CLIENT_PORT),
-                at(RAFT_PORT),
-                Some(net.namespaces[i].clone()),
+                net.socket_addr(i, CLIENT_PORT),
+                net.socket_addr(i, RAFT_PORT),
+                Some(net.namespace(i).to_string()),
             )
         })
         .collect();
@@ -436,7 +126,8 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
         let old = group.wait_for_leader(Duration::from_secs(10)).await;
         let majority = move || (0..REPLICAS).filter(move |j| *j != old);
         let before = served_by(&served, majority());
-        net.isolate(old);
+        let others: Vec<usize> = majority().collect();
+        net.isolate_from(old, &others).expect("cut the leader off");
         let cut_at = Instant::now();
         eprintln!("round {round}: replica {} (leader) isolated", old + 1);
         let probe = tokio::spawn(probe_isolated(
@@ -483,7 +174,7 @@ async fn a_group_of_three_keeps_every_acknowledged_write_through_partitions() {
             .or_default()
             .push(msg_id);
         let during = served_by(&served, majority()) - before;
-        net.heal(old);
+        net.heal_from(old, &others).expect("heal the partition");
         eprintln!(
             "round {round}: replica {} elected after {elected:?}, first append acknowledged \
              by the majority after {progressed:?}, {during} during the partition; healed \

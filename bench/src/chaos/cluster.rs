@@ -1,6 +1,13 @@
 //! `imbench chaos`'s cluster: every component a separate process, each
 //! restartable on its own address and data directory, and the faults
-//! done to them (SIGKILL then a restart, SIGSTOP then SIGCONT).
+//! done to them (SIGKILL then a restart, SIGSTOP then SIGCONT, and as
+//! root a partition: cut off from every other process, then healed).
+//!
+//! As root (where `daemon::netns::Net` can be built), every process runs
+//! in a network namespace of its own (host `t` for target `t`) on a
+//! bridge imbench's clients reach; a partition unplugs the host's veth.
+//! Elsewhere every process listens on loopback and there are no
+//! partitions.
 //!
 //! Two presence replicas, a profile group of three replicas, two msgstore
 //! shard groups of three replicas each (`msgstore::raft::testing::Group`,
@@ -10,7 +17,7 @@
 
 use crate::procs;
 use anyhow::{ensure, Context, Result};
-use daemon::testing::free_addr;
+use daemon::{netns::Net, testing::free_addr};
 use msgstore::raft::testing::Group;
 use proto::cluster::{ClusterMap, ShardEntry};
 use serde::Serialize;
@@ -77,15 +84,16 @@ struct Daemon {
     /// Where it listens (what it must print again after a restart).
     addr: SocketAddr,
     log: PathBuf,
+    /// The network namespace it runs in, if any.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
 impl Daemon {
     fn new(
-        tag: &'static str,
-        name: &str,
+        (tag, name): (&'static str, &str),
         dir: &Path,
-        addr: SocketAddr,
+        (addr, netns): (SocketAddr, Option<String>),
         args: Vec<OsString>,
     ) -> Result<Daemon> {
         Ok(Daemon {
@@ -94,6 +102,7 @@ impl Daemon {
             args,
             addr,
             log: dir.join(format!("{name}.log")),
+            netns,
             child: None,
         })
     }
@@ -106,7 +115,10 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("open {}", self.log.display()))?;
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match &self.netns {
+            Some(ns) => daemon::netns::command_in(ns, &self.bin),
+            None => Command::new(&self.bin),
+        };
         cmd.args(&self.args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -120,6 +132,9 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("start {}", self.bin.display()))?;
         let addr = daemon::testing::wait_for_listening(&mut child, self.tag, START_TIMEOUT);
+        if self.netns.is_some() {
+            daemon::netns::check_in_place(child.id(), &self.bin);
+        }
         self.child = Some(child);
         ensure!(
             addr == self.addr,
@@ -190,20 +205,54 @@ pub struct Cluster {
     /// the map).
     pub profile_addrs: String,
     pub map: ClusterMap,
+    /// The namespaces every process runs in (as root); dropped last,
+    /// after the processes.
+    net: Option<Net>,
 }
 
+/// Where target `t` runs: host `t` of the network (a namespace of its
+/// own), or loopback.
+#[derive(Clone, Copy)]
+struct Places<'a>(Option<&'a Net>);
+
+impl Places<'_> {
+    /// A free port at target `t`'s address.
+    fn addr(self, t: usize) -> SocketAddr {
+        let free = free_addr();
+        self.0.map_or(free, |net| net.socket_addr(t, free.port()))
+    }
+
+    fn netns(self, t: usize) -> Option<String> {
+        self.0.map(|net| net.namespace(t).to_string())
+    }
+
+    fn place(self, t: usize) -> (SocketAddr, Option<String>) {
+        (self.addr(t), self.netns(t))
+    }
+}
+
+/// Targets in order: presence replicas, profile replicas, shard group
+/// replicas (group by group), gateways; these give each one's index.
+const FIRST_PROFILE: usize = PRESENCE_REPLICAS;
+const FIRST_REPLICA: usize = FIRST_PROFILE + PROFILE_REPLICAS;
+const FIRST_GATEWAY: usize = FIRST_REPLICA + GROUPS * REPLICAS;
+/// Processes in the cluster (hosts of the network).
+pub const PROCESSES: usize = FIRST_GATEWAY + GATEWAYS;
+
 impl Cluster {
-    pub async fn start(dir: &Path) -> Result<Cluster> {
+    /// Start every process: each in a namespace of `net` when given.
+    pub async fn start(dir: &Path, net: Option<Net>) -> Result<Cluster> {
+        let places = Places(net.as_ref());
         let mut presence = Vec::new();
-        for _ in 0..PRESENCE_REPLICAS {
-            let addr = free_addr();
-            let name = format!("presence{}", presence.len() + 1);
+        for i in 0..PRESENCE_REPLICAS {
+            let (addr, netns) = places.place(i);
+            let name = format!("presence{}", i + 1);
             let args = os(&["--listen", &addr.to_string()]);
-            let mut d = Daemon::new("presence", &name, dir, addr, args)?;
+            let mut d = Daemon::new(("presence", &name), dir, (addr, netns), args)?;
             d.start()?;
             presence.push(d);
         }
-        let profile = start_profile_group(dir).await?;
+        let profile = start_profile_group(dir, places).await?;
         let profile_addrs = profile
             .iter()
             .map(|p| p.addr.to_string())
@@ -216,7 +265,9 @@ impl Cluster {
         for g in 0..GROUPS {
             let gdir = dir.join(format!("group{}", g + 1));
             std::fs::create_dir_all(&gdir).context("create a group's directory")?;
-            let group = Group::start(&msgstore, &gdir, REPLICAS as u64, REPLICA_CONFIG).await;
+            let hosts = (0..REPLICAS).map(|r| FIRST_REPLICA + g * REPLICAS + r);
+            let at = hosts.map(|t| (places.addr(t), places.addr(t), places.netns(t)));
+            let group = Group::start_with(&msgstore, &gdir, REPLICA_CONFIG, at.collect()).await;
             let addrs: Vec<String> = group.client_addrs().iter().map(|a| a.to_string()).collect();
             entries.push(ShardEntry {
                 id: format!("g{}", g + 1),
@@ -252,8 +303,8 @@ impl Cluster {
             if i > 0 {
                 crate::group_cluster::share_gateway_keys(&first, &data)?;
             }
-            let udp = free_addr();
-            let peer = free_addr();
+            let (udp, netns) = places.place(FIRST_GATEWAY + i);
+            let peer = places.addr(FIRST_GATEWAY + i);
             let id = (i + 1).to_string();
             let mut args = os(&[
                 "--listen",
@@ -270,7 +321,7 @@ impl Cluster {
             args.push("--config".into());
             args.push(config.clone().into_os_string());
             let name = format!("gateway{}", i + 1);
-            let mut d = Daemon::new("gateway", &name, dir, udp, args)?;
+            let mut d = Daemon::new(("gateway", &name), dir, (udp, netns), args)?;
             d.start()?;
             gateways.push(d);
         }
@@ -316,24 +367,34 @@ impl Cluster {
             public: keys.keypair.public,
             profile_addrs,
             map,
+            net,
         })
+    }
+
+    /// Whether partitions can be made (every process in a namespace).
+    pub fn can_partition(&self) -> bool {
+        self.net.is_some()
+    }
+
+    /// Cut target `t` off from every other process (`cut`), or heal it.
+    pub fn partition(&self, t: usize, cut: bool) -> Result<()> {
+        let net = self.net.as_ref().context("no network namespaces")?;
+        let r = if cut { net.unplug(t) } else { net.plug(t) };
+        r.map_err(anyhow::Error::msg)
     }
 
     /// Target `t` (an index into `targets`): its daemon, or its group
     /// and replica.
     fn locate(&mut self, t: usize) -> Place<'_> {
-        let p = PRESENCE_REPLICAS;
-        let q = PROFILE_REPLICAS;
-        let r = GROUPS * REPLICAS;
-        if t < p {
+        if t < FIRST_PROFILE {
             Place::Daemon(&mut self.presence[t])
-        } else if t < p + q {
-            Place::Daemon(&mut self.profile[t - p])
-        } else if t < p + q + r {
-            let i = t - p - q;
+        } else if t < FIRST_REPLICA {
+            Place::Daemon(&mut self.profile[t - FIRST_PROFILE])
+        } else if t < FIRST_GATEWAY {
+            let i = t - FIRST_REPLICA;
             Place::Replica(&mut self.groups[i / REPLICAS], i % REPLICAS)
         } else {
-            Place::Daemon(&mut self.gateways[t - p - q - r])
+            Place::Daemon(&mut self.gateways[t - FIRST_GATEWAY])
         }
     }
 
@@ -425,11 +486,12 @@ impl Cluster {
 
 /// The profile group: three replicas with their own replication ports,
 /// formed as an operator would (`imctl profile-group init`).
-async fn start_profile_group(dir: &Path) -> Result<Vec<Daemon>> {
+async fn start_profile_group(dir: &Path, places: Places<'_>) -> Result<Vec<Daemon>> {
     let mut replicas = Vec::new();
     let mut members = std::collections::BTreeMap::new();
     for i in 0..PROFILE_REPLICAS {
-        let (id, addr, raft) = (i as u64 + 1, free_addr(), free_addr());
+        let t = FIRST_PROFILE + i;
+        let (id, (addr, netns), raft) = (i as u64 + 1, places.place(t), places.addr(t));
         let name = format!("profile{id}");
         let mut args = os(&[
             "--listen",
@@ -441,7 +503,7 @@ async fn start_profile_group(dir: &Path) -> Result<Vec<Daemon>> {
             "--data",
         ]);
         args.push(dir.join(&name).into_os_string());
-        let mut d = Daemon::new("profile", &name, dir, addr, args)?;
+        let mut d = Daemon::new(("profile", &name), dir, (addr, netns), args)?;
         d.start()?;
         replicas.push(d);
         let replica = replication::Replica {
@@ -475,6 +537,9 @@ pub enum FaultKind {
     Kill,
     /// SIGSTOP, then SIGCONT.
     Pause,
+    /// Cut off from every other process (its namespace's link down),
+    /// then healed (as root only).
+    Partition,
 }
 
 impl FaultKind {
@@ -482,6 +547,7 @@ impl FaultKind {
         match self {
             FaultKind::Kill => "kill",
             FaultKind::Pause => "pause",
+            FaultKind::Partition => "partition",
         }
     }
 }
@@ -518,7 +584,8 @@ impl Fault {
 }
 
 /// Do one fault to target `t`: kill it, wait `down`, restart it; or stop
-/// it for `down` and continue it. Blocking parts run in place (the
+/// it for `down` and continue it; or cut it off for `down` and heal it.
+/// Blocking parts run in place (the
 /// runtime is multi-threaded).
 pub async fn inject(
     cluster: &mut Cluster,
@@ -546,6 +613,13 @@ pub async fn inject(
             cluster
                 .signal(t, libc::SIGCONT)
                 .with_context(|| format!("continue {}", target.name))?;
+        }
+        FaultKind::Partition => {
+            tokio::task::block_in_place(|| cluster.partition(t, true))
+                .with_context(|| format!("cut {} off", target.name))?;
+            tokio::time::sleep(down).await;
+            tokio::task::block_in_place(|| cluster.partition(t, false))
+                .with_context(|| format!("heal {}", target.name))?;
         }
     }
     let end = Instant::now();

@@ -49,11 +49,7 @@ impl ReplicaProcess {
         // so the child's pid is msgstore's and signals reach it (checked
         // below).
         let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns]).arg(&self.bin);
-                cmd
-            }
+            Some(ns) => daemon::netns::command_in(ns, &self.bin),
             None => Command::new(&self.bin),
         };
         cmd.arg("--data")
@@ -74,12 +70,7 @@ impl ReplicaProcess {
         let mut child = cmd.spawn().expect("spawn msgstore");
         wait_for_listening(&mut child, "msgstore", Duration::from_secs(60));
         if self.netns.is_some() {
-            let exe = std::fs::read_link(format!("/proc/{}/exe", child.id()));
-            let bin = std::fs::canonicalize(&self.bin).ok();
-            assert!(
-                exe.ok() == bin,
-                "`ip netns exec` did not exec msgstore in place: signals would miss it"
-            );
+            daemon::netns::check_in_place(child.id(), &self.bin);
         }
         self.child = Some(child);
     }
