@@ -17,10 +17,10 @@ pub struct EmbeddedConfig {
     pub profile: SocketAddr,
     /// One shard per address (with `replicas` > 1: its first replica's).
     pub shards: Vec<SocketAddr>,
-    /// Replicas per shard: 1 (a shard of its own) or 3, 5, 7 (a
-    /// replicated group). Replica `r` (from 1) of a shard at port `p`
-    /// serves the shard protocol on `p + 10 (r - 1)` and replicates on
-    /// that port + 1000 (any free ports for a shard at port 0).
+    /// Replicas per shard and of the profile service: 1 (a process of
+    /// its own) or 3, 5, 7 (a replicated group). Replica `r` (from 1) of a
+    /// shard or profile at port `p` serves on `p + 10 (r - 1)` and
+    /// replicates on that port + 1000 (any free ports for port 0).
     pub replicas: usize,
     /// UDP address of the gateway; `None`: start no gateway (run it as a
     /// process yourself with `cluster_path()`).

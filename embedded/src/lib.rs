@@ -28,7 +28,8 @@ use std::path::PathBuf;
 
 pub struct Embedded {
     pub presence: presence::daemon::Daemon,
-    pub profile: profile::daemon::Daemon,
+    /// The profile service, or its replicas.
+    pub profile: Vec<profile::daemon::Daemon>,
     pub shards: Vec<msgstore::daemon::Daemon>,
     pub gateway: Option<gateway::daemon::Running>,
     pub map: ClusterMap,
@@ -44,7 +45,7 @@ impl Embedded {
         match start_all(&config, &mut started).await {
             Ok(map) => Ok(Embedded {
                 presence: started.presence.expect("start_all started presence"),
-                profile: started.profile.expect("start_all started profile"),
+                profile: started.profile,
                 shards: started.shards,
                 gateway: started.gateway,
                 map,
@@ -67,7 +68,7 @@ impl Embedded {
     pub async fn shutdown(self) {
         Started {
             presence: Some(self.presence),
-            profile: Some(self.profile),
+            profile: self.profile,
             shards: self.shards,
             gateway: self.gateway,
         }
@@ -80,7 +81,7 @@ impl Embedded {
 #[derive(Default)]
 struct Started {
     presence: Option<presence::daemon::Daemon>,
-    profile: Option<profile::daemon::Daemon>,
+    profile: Vec<profile::daemon::Daemon>,
     shards: Vec<msgstore::daemon::Daemon>,
     gateway: Option<gateway::daemon::Running>,
 }
@@ -97,7 +98,7 @@ impl Started {
                 tracing::warn!(error = %e, "a shard did not close cleanly");
             }
         }
-        if let Some(p) = self.profile {
+        for p in self.profile {
             p.shutdown().await;
         }
         if let Some(p) = self.presence {
@@ -134,8 +135,16 @@ async fn start_all(
     cluster_key(config)?;
     let presence = started.presence.insert(parts::presence(config)?);
     let presence = presence.local_addr();
-    let profile = started.profile.insert(parts::profile(config).await?);
-    let profile = profile.local_addr();
+    if config.replicas > 1 {
+        parts::profile_group(config, &mut started.profile).await?;
+    } else {
+        started.profile.push(parts::profile(config).await?);
+    }
+    let profile: Vec<String> = started
+        .profile
+        .iter()
+        .map(|p| p.local_addr().to_string())
+        .collect();
     let mut shards = Vec::new();
     for (i, listen) in config.shards.iter().enumerate() {
         let first = started.shards.len();
@@ -153,7 +162,7 @@ async fn start_all(
                 .collect(),
         );
     }
-    let map = map::write_or_keep(config, presence, profile, &shards)?;
+    let map = map::write_or_keep(config, presence, &profile.join(","), &shards)?;
     if let Some(listen) = config.gateway {
         started.gateway = Some(parts::gateway(config, listen).await?);
     }

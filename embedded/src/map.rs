@@ -17,7 +17,7 @@ pub(crate) fn path(data: &Path) -> PathBuf {
 pub(crate) fn write_or_keep(
     config: &EmbeddedConfig,
     presence: SocketAddr,
-    profile: SocketAddr,
+    profile: &str,
     shards: &[Vec<SocketAddr>],
 ) -> Result<ClusterMap, EmbeddedError> {
     // Without a gateway the map names no reachable gateway port; one

@@ -5,8 +5,8 @@
 
 use crate::{map, Component, EmbeddedConfig, EmbeddedError};
 use gateway::{config::GatewayConfig, daemon::StartError};
-use msgstore::raft::{node::RaftConfig, Replica};
-use std::net::SocketAddr;
+use replication::{group::RaftConfig, Replica};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 pub(crate) fn presence(config: &EmbeddedConfig) -> Result<presence::daemon::Daemon, EmbeddedError> {
     let mut c = presence::daemon::DaemonConfig {
@@ -30,14 +30,58 @@ pub(crate) async fn profile(
         data: config.data.join("profile"),
         ..Default::default()
     };
+    start_profile(c).await
+}
+
+/// The profile service as a group of `config.replicas` replicas pushed
+/// onto `started` (data in `profile/rR`), formed on its first start.
+pub(crate) async fn profile_group(
+    config: &EmbeddedConfig,
+    started: &mut Vec<profile::daemon::Daemon>,
+) -> Result<(), EmbeddedError> {
+    let failed = |e: &dyn std::fmt::Display| EmbeddedError::new(Component::Profile, e);
+    let mut members = BTreeMap::new();
+    for r in 1..=config.replicas {
+        let (client, raft) = replica_addrs(config.profile, r).map_err(|e| failed(&e))?;
+        let c = profile::Config {
+            listen: client,
+            data: config.data.join(format!("profile/r{r}")),
+            raft: Some(raft_config(r, raft)),
+            ..Default::default()
+        };
+        let daemon = start_profile(c).await?;
+        let raft = daemon.raft_addr().unwrap_or(raft);
+        members.insert(r as u64, member(daemon.local_addr(), raft));
+        started.push(daemon);
+    }
+    form_group(members).await.map_err(|e| failed(&e))
+}
+
+async fn start_profile(c: profile::Config) -> Result<profile::daemon::Daemon, EmbeddedError> {
+    let listen = c.listen;
     profile::daemon::start(c).await.map_err(|e| match &e {
         // The profile service reports a failed bind as plain I/O; only a
         // bind fails with `AddrInUse`.
-        profile::Error::Io(error) => {
-            EmbeddedError::listen(Component::Profile, config.profile, error, &e)
-        }
+        profile::Error::Io(error) => EmbeddedError::listen(Component::Profile, listen, error, &e),
         _ => EmbeddedError::new(Component::Profile, &e),
     })
+}
+
+/// Replica `r`'s Raft settings: the defaults, on `listen`.
+fn raft_config(r: usize, listen: SocketAddr) -> RaftConfig {
+    RaftConfig {
+        id: r as u64,
+        listen,
+        ..RaftConfig::default()
+    }
+}
+
+/// A group member as the group's membership names it.
+fn member(client: SocketAddr, raft: SocketAddr) -> Replica {
+    Replica {
+        raft_addr: raft.to_string(),
+        client_addr: client.to_string(),
+    }
 }
 
 /// Shard `n` (from 1), its data in `shardN`.
@@ -59,33 +103,22 @@ pub(crate) async fn shard_group(
     listen: SocketAddr,
     started: &mut Vec<msgstore::daemon::Daemon>,
 ) -> Result<(), EmbeddedError> {
-    let mut members = std::collections::BTreeMap::new();
+    let failed = |e: &dyn std::fmt::Display| EmbeddedError::new(Component::Shard(n), e);
+    let mut members = BTreeMap::new();
     for r in 1..=config.replicas {
-        let (client, raft) = replica_addrs(listen, r)
-            .map_err(|e| EmbeddedError::new(Component::Shard(n), format_args!("{e}")))?;
+        let (client, raft) = replica_addrs(listen, r).map_err(|e| failed(&e))?;
         let data = config.data.join(format!("shard{n}/r{r}"));
         let mut c = shard_config(config, client, data);
-        c.raft = Some(RaftConfig {
-            id: r as u64,
-            listen: raft,
-            ..RaftConfig::default()
-        });
+        c.raft = Some(raft_config(r, raft));
         let daemon = start_shard(n, c).await?;
-        members.insert(
-            r as u64,
-            Replica {
-                raft_addr: daemon.raft_addr().unwrap_or(raft).to_string(),
-                client_addr: daemon.local_addr().to_string(),
-            },
-        );
+        let raft = daemon.raft_addr().unwrap_or(raft);
+        members.insert(r as u64, member(daemon.local_addr(), raft));
         started.push(daemon);
     }
-    form_group(members)
-        .await
-        .map_err(|e| EmbeddedError::new(Component::Shard(n), format_args!("{e}")))
+    form_group(members).await.map_err(|e| failed(&e))
 }
 
-/// Replica `r`'s shard-protocol and replication addresses: port 0 for
+/// Replica `r`'s client and replication addresses: port 0 for
 /// both when `first` asks for any free port (each daemon binds its own
 /// and says which it got).
 fn replica_addrs(first: SocketAddr, r: usize) -> std::io::Result<(SocketAddr, SocketAddr)> {
@@ -101,9 +134,7 @@ fn replica_addrs(first: SocketAddr, r: usize) -> std::io::Result<(SocketAddr, So
 }
 
 /// Form the group unless it was formed on an earlier start.
-async fn form_group(
-    members: std::collections::BTreeMap<u64, Replica>,
-) -> Result<(), replication::peer::LinkError> {
+async fn form_group(members: BTreeMap<u64, Replica>) -> Result<(), replication::peer::LinkError> {
     use replication::peer::{admin, AdminRequest, AdminResponse};
     let first = members
         .values()
@@ -119,7 +150,7 @@ async fn form_group(
     match admin(&first, AdminRequest::Init { members }, deadline).await? {
         AdminResponse::Done => Ok(()),
         other => {
-            tracing::warn!(answer = ?other, "forming the shard group");
+            tracing::warn!(answer = ?other, "forming a replica group");
             Ok(())
         }
     }

@@ -12,6 +12,7 @@ const WRITER_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A running daemon.
 pub struct Daemon {
     local_addr: SocketAddr,
+    raft_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -19,6 +20,11 @@ pub struct Daemon {
 impl Daemon {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where a replica's replication port is bound (none standalone).
+    pub fn raft_addr(&self) -> Option<SocketAddr> {
+        self.raft_addr
     }
 
     /// Stop accepting, drain connections, let the writer finish, return.
@@ -37,6 +43,7 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut raft_addr = None;
     let task = match config.raft.clone() {
         None => {
             let (service, writer_thread) = Service::open(&config.data, &config)?;
@@ -56,7 +63,8 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
         }
         Some(raft) => {
             let (service, replica) = Service::open_replica(&config.data, &config, &raft).await?;
-            tracing::info!(id = raft.id, raft_listen = %raft.listen, "profile replica started");
+            raft_addr = Some(replica.raft_addr);
+            tracing::info!(id = raft.id, raft_listen = %replica.raft_addr, "profile replica started");
             tokio::spawn(async move {
                 server::run(listener, service, config.server.clone(), shutdown_rx).await;
                 // Every entry applied was committed in its own transaction.
@@ -68,6 +76,7 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
     tracing::info!(%local_addr, "profile service started");
     Ok(Daemon {
         local_addr,
+        raft_addr,
         shutdown,
         task,
     })

@@ -41,9 +41,10 @@ pub struct UpArgs {
         default_values = embedded::SHARD_ADDRS_DEFAULT
     )]
     shards: Vec<SocketAddr>,
-    /// Run every shard as a replicated group of this many replicas (1, 3,
-    /// 5 or 7), all in this process: replica R of the shard at port P
-    /// serves on P + 10(R-1) and replicates on that port + 1000.
+    /// Run every shard and the profile service as a replicated group of
+    /// this many replicas (1, 3, 5 or 7), all in this process: replica R
+    /// of the shard or profile at port P serves on P + 10(R-1) and
+    /// replicates on that port + 1000.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = replicas)]
     replicas: usize,
     /// HTTP address serving the Prometheus metrics of every component at
@@ -112,7 +113,7 @@ fn explain(e: EmbeddedError) -> anyhow::Error {
 fn replicas(text: &str) -> Result<usize, String> {
     match text.parse() {
         Ok(n @ (1 | 3 | 5 | 7)) => Ok(n),
-        _ => Err("a shard has 1, 3, 5 or 7 replicas".into()),
+        _ => Err("a group has 1, 3, 5 or 7 replicas".into()),
     }
 }
 
@@ -189,7 +190,7 @@ fn print_guide(args: &UpArgs, cluster: &Embedded, demo: &Demo, metrics: SocketAd
     println!(
         "  presence {}, profile {}, shards {}",
         cluster.presence.local_addr(),
-        cluster.profile.local_addr(),
+        cluster.map.profile,
         shards.join(", ")
     );
     println!("  metrics of every component: http://{metrics}/metrics");

@@ -73,14 +73,29 @@ fn problems(s: &Value) -> Vec<String> {
         .collect()
 }
 
-fn assert_all_up(s: &Value) {
+/// Every process up; `replicas` profile replicas (one standalone, or a
+/// group with one leader).
+fn assert_all_up(s: &Value, replicas: usize) {
     for p in s["presence"].as_array().unwrap() {
         assert_eq!(p["up"], true, "{p}");
     }
     let profile = s["profile"].as_array().unwrap();
-    assert_eq!(profile.len(), 1, "{profile:?}");
-    assert_eq!(profile[0]["up"], true);
-    assert_eq!(profile[0]["stats"]["role"], "standalone", "{profile:?}");
+    assert_eq!(profile.len(), replicas, "{profile:?}");
+    let roles: Vec<&str> = profile
+        .iter()
+        .map(|p| {
+            assert_eq!(p["up"], true, "{p}");
+            p["stats"]["role"].as_str().unwrap()
+        })
+        .collect();
+    match replicas {
+        1 => assert_eq!(roles, ["standalone"]),
+        _ => assert_eq!(
+            roles.iter().filter(|r| **r == "leader").count(),
+            1,
+            "{roles:?}"
+        ),
+    }
     for shard in s["shards"].as_array().unwrap() {
         for r in shard["replicas"].as_array().unwrap() {
             assert_eq!(r["up"], true, "{r}");
@@ -98,7 +113,7 @@ async fn all_good_then_a_stopped_shard_is_named() {
     let map = cluster.cluster_path();
 
     let s = until_all_good(&map).await;
-    assert_all_up(&s);
+    assert_all_up(&s, 1);
     assert_eq!(s["all_good"], true);
     assert_eq!(problems(&s), Vec::<String>::new());
     assert_eq!(s["map_epoch"], 1);
@@ -135,7 +150,7 @@ async fn a_group_has_one_leader_and_its_followers_lag() {
     let map = cluster.cluster_path();
 
     let s = until_all_good(&map).await;
-    assert_all_up(&s);
+    assert_all_up(&s, 3);
     let shard = &s["shards"][0];
     assert_eq!(shard["replicated"], true);
     let replicas = shard["replicas"].as_array().unwrap();
@@ -174,5 +189,30 @@ async fn a_group_has_one_leader_and_its_followers_lag() {
     let found = problems(&s);
     assert!(found.iter().any(|p| p.starts_with(&down)), "{found:?}");
     assert!(!found.iter().any(|p| p.contains("no leader")), "{found:?}");
+
+    // A profile replica stopped is named too; the other two keep a leader.
+    let stopped = cluster.profile.pop().unwrap();
+    let addr = stopped.local_addr().to_string();
+    stopped.shutdown().await;
+    let (code, s) = until(&map, |_, s| {
+        let profile = s["profile"].as_array().unwrap();
+        profile.iter().any(|p| p["up"] == false)
+            && profile.iter().any(|p| p["stats"]["role"] == "leader")
+    })
+    .await;
+    assert_eq!(code, 1, "{s:#}");
+    let found = problems(&s);
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains(&addr) && p.contains("down")),
+        "{found:?}"
+    );
+    assert!(
+        !found
+            .iter()
+            .any(|p| p.contains("profile group has no leader")),
+        "{found:?}"
+    );
     cluster.shutdown().await;
 }

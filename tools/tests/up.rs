@@ -258,3 +258,45 @@ fn chat_in_a_terminal(data: &str) {
     assert!(ok, "inbox failed: {err}");
     assert_eq!(out.trim(), "alice: half typed and finished");
 }
+
+/// `imctl up --replicas 3`: every shard and the profile service run as
+/// groups of three (one leader each), and the README's path works on
+/// them: a user added, a message sent and read.
+#[test]
+fn up_with_three_replicas_runs_profile_and_shards_as_groups() {
+    let up = common::up::Up::start_with(&["--replicas", "3"]);
+    assert_eq!(up.profile.split(',').count(), 3, "{}", up.profile);
+    let map = format!("{}/cluster.toml", up.data);
+    let status = (0..100)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            let (_, out, _) = common::run(&["status", "--cluster", &map, "--json"], None);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap_or_default()
+        })
+        .find(|s| s["all_good"] == true)
+        .expect("imctl status never said all good");
+    let roles = |list: &serde_json::Value| -> Vec<String> {
+        let replicas = list.as_array().expect("a list of replicas");
+        let role = |r: &serde_json::Value| r["stats"]["role"].as_str().unwrap_or("").to_string();
+        let mut roles: Vec<String> = replicas.iter().map(role).collect();
+        roles.sort();
+        roles
+    };
+    let group = ["follower", "follower", "leader"];
+    assert_eq!(roles(&status["profile"]), group, "{status:#}");
+    for shard in status["shards"].as_array().unwrap() {
+        assert_eq!(roles(&shard["replicas"]), group, "{shard:#}");
+    }
+    up.add_user("carol", "carol's password");
+    let data = up.data.as_str();
+    let send = [
+        "send", "--data", data, "--user", "alice", "--to", "bob", "hi",
+    ];
+    let (ok, out, err) = common::run(&send, None);
+    assert!(ok, "send failed: {err}");
+    assert_eq!(out.trim(), "sent to bob (mailbox seq 1)");
+    let (ok, out, err) = common::run(&["inbox", "--data", data, "--user", "bob"], None);
+    assert!(ok, "inbox failed: {err}");
+    assert_eq!(out.trim(), "alice: hi");
+    up.stop();
+}

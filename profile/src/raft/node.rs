@@ -82,6 +82,9 @@ impl Replicated {
 /// A running replica: the service's handle and the background tasks.
 pub struct Replica {
     pub replicated: Arc<Replicated>,
+    /// Where the replication port is bound (`config.listen` may ask for
+    /// port 0).
+    pub raft_addr: std::net::SocketAddr,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -98,6 +101,7 @@ impl Replica {
         config.validate().map_err(Error::Config)?;
         let openraft_config = Arc::new(config.openraft("imserver-profile").map_err(Error::Config)?);
         let listener = TcpListener::bind(config.listen).await?;
+        let raft_addr = listener.local_addr()?;
         let log_config = LogStoreConfig {
             fsync: FsyncPolicy::Always,
             segment_bytes_max: config.log_segment_bytes,
@@ -133,7 +137,11 @@ impl Replica {
             pool: Arc::default(),
             write_timeout: Duration::from_millis(config.write_timeout_ms),
         });
-        Ok(Replica { replicated, tasks })
+        Ok(Replica {
+            replicated,
+            raft_addr,
+            tasks,
+        })
     }
 
     /// Stop serving peers and shut Raft down.

@@ -26,6 +26,11 @@ pub struct Up {
 impl Up {
     /// Start `imctl up` and wait until it is up (its guide's first line).
     pub fn start() -> Up {
+        Up::start_with(&[])
+    }
+
+    /// [`Up::start`] with `extra` flags (`--replicas 3`).
+    pub fn start_with(extra: &[&str]) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().to_str().unwrap().to_string();
         let mut args = vec!["up", "--data", &data];
@@ -40,6 +45,7 @@ impl Up {
         }
         let shards = format!("{ANY},{ANY}");
         args.extend(["--shard", &shards]);
+        args.extend(extra);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_imctl"));
         cmd.args(&args).env("RUST_LOG", "warn");
         // This test process's key: `up` writes it to DATA/cluster.key, and
