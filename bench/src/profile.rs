@@ -382,7 +382,7 @@ pub async fn run(args: ProfileArgs) -> Result<()> {
     });
     print!("{}", render(&report));
     if let Some(path) = &s.args.json {
-        report::write_json(path, &report)?;
+        report::write_json(path, "profile", &report)?;
     }
     Ok(())
 }

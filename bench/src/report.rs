@@ -338,8 +338,19 @@ pub fn render_table(report: &StorageReport) -> String {
     out
 }
 
-pub fn write_json<T: Serialize>(path: &Path, report: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(report).context("serialize report")?;
+/// A benchmark's report as its JSON file holds it: `"bench": "<name>"`
+/// first (which `imbench report` reads), then the report's own fields.
+#[derive(Serialize)]
+struct Tagged<'a, T> {
+    bench: &'a str,
+    #[serde(flatten)]
+    report: &'a T,
+}
+
+/// Write `report` of benchmark `bench` (its subcommand's name) to `path`.
+pub fn write_json<T: Serialize>(path: &Path, bench: &str, report: &T) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(&Tagged { bench, report }).context("serialize report")?;
     std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
 }
 
@@ -363,6 +374,17 @@ mod tests {
                 "replicated_vs_redis_wait_p16"
             ]
         );
+    }
+
+    #[test]
+    fn the_json_names_its_benchmark_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        write_json(&path, "storage", &serde_json::json!({"ratios": {"a": 1.0}})).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\n  \"bench\": \"storage\","), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["ratios"]["a"], 1.0);
     }
 
     #[test]

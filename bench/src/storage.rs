@@ -405,7 +405,7 @@ fn finish(s: Settings, root: tempfile::TempDir, mut report: StorageReport) -> Re
     report.ratios = compute_ratios(&report);
     println!("{}", report::render_table(&report));
     if let Some(path) = &s.args.json {
-        report::write_json(path, &report)?;
+        report::write_json(path, "storage", &report)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
