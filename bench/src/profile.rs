@@ -239,6 +239,7 @@ fn phase(
         latency: hist.summary(),
         server_cpu_us_per_op,
         client_cpu_us_per_op,
+        rate_samples: Vec::new(),
     };
     eprintln!(
         "  {:<15} {:<8} {:>10.0} /s  p50 {} us  p99 {} us  errors {}{}",
