@@ -186,7 +186,9 @@ pub const RATE_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Samples `done` every [`RATE_SAMPLE_INTERVAL`] until the first tick at
 /// or past `until`, or until `stop` fires (then once more): the
-/// completions per second of each interval since `start`.
+/// completions per second of each interval since `start`. A last interval
+/// under a quarter of the others is folded into the one before (a rate
+/// over a few milliseconds is noise).
 async fn sample_rate(
     done: Arc<AtomicU64>,
     (start, until): (Instant, Option<Instant>),
@@ -195,20 +197,29 @@ async fn sample_rate(
     let mut ticks =
         tokio::time::interval_at((start + RATE_SAMPLE_INTERVAL).into(), RATE_SAMPLE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut samples, mut last_at, mut last_done) = (Vec::new(), start, 0u64);
+    let mut samples = Vec::new();
+    // Where the last sample's interval began, and where it ended.
+    let (mut prev, mut last) = ((start, 0u64), (start, 0u64));
     loop {
         let stopped = tokio::select! {
             _ = ticks.tick() => false,
             _ = &mut stop => true,
         };
         let (now, n) = (Instant::now(), done.load(Ordering::Relaxed));
-        let secs = (now - last_at).as_secs_f64();
-        if secs > 1e-3 {
+        let short = (now - last.0) < RATE_SAMPLE_INTERVAL / 4;
+        let from = if short && stopped && !samples.is_empty() {
+            samples.pop();
+            prev
+        } else {
+            last
+        };
+        let secs = (now - from.0).as_secs_f64();
+        if secs > 0.0 {
             samples.push(RateSample {
                 t_secs: (now - start).as_secs_f64(),
-                ops_per_s: (n - last_done) as f64 / secs,
+                ops_per_s: (n - from.1) as f64 / secs,
             });
-            (last_at, last_done) = (now, n);
+            (prev, last) = (from, (now, n));
         }
         if stopped || until.is_some_and(|u| now >= u) {
             return samples;
@@ -635,6 +646,10 @@ mod tests {
             done.fetch_add(100, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // A last interval of a few milliseconds folds into the one before.
+        tokio::time::sleep_until((start + RATE_SAMPLE_INTERVAL * 3).into()).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        done.fetch_add(1, Ordering::Relaxed);
         stop_tx.send(()).unwrap();
         let samples = sampler.await.unwrap();
         assert!(samples.len() >= 2, "{samples:?}");
@@ -649,7 +664,16 @@ mod tests {
                 n
             })
             .sum();
-        assert!((total - 7000.0).abs() < 1.0, "{total} {samples:?}");
+        assert!((total - 7001.0).abs() < 1.0, "{total} {samples:?}");
+        let quarter = RATE_SAMPLE_INTERVAL.as_secs_f64() / 4.0;
+        let mut t = 0.0;
+        for s in &samples {
+            assert!(
+                s.t_secs - t >= quarter,
+                "a short interval left: {samples:?}"
+            );
+            t = s.t_secs;
+        }
 
         // A timed run's samples end at its deadline.
         let (_stop_tx, stop) = tokio::sync::oneshot::channel();
