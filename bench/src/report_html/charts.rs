@@ -476,6 +476,59 @@ mod tests {
     }
 
     #[test]
+    fn odd_shapes_draw_without_panicking() {
+        let run = Run {
+            file: "f.json".into(),
+            bench: "chaos".into(),
+            ratios: vec![
+                ("acked_lost".into(), Some(-5.0)),
+                ("faults".into(), None),
+                ("login_gap_ms_max".into(), Some(1e15)),
+                ("other".into(), Some(0.0)),
+            ],
+            timeline: Vec::new(),
+            latencies: Vec::new(),
+            notes: Vec::new(),
+        };
+        assert!(ratios_chart(&run).unwrap().starts_with("<svg"));
+        let phase = TimelinePhase {
+            phase: "p".into(),
+            series: vec![
+                ("redis x".into(), vec![(0.0, -3.0)]),
+                ("ours".into(), vec![]),
+            ],
+        };
+        assert!(timeline_chart(&phase).unwrap().contains("</svg>"));
+        let one = Latency {
+            label: "a".into(),
+            peer: false,
+            p50_us: 1.0,
+            p99_us: 1.0,
+            p999_us: None,
+            max_us: 1.0,
+            samples: Some(1),
+        };
+        let huge = Latency {
+            label: "disk".into(),
+            peer: true,
+            p999_us: Some(1e12),
+            max_us: 1e12,
+            ..one.clone()
+        };
+        assert!(latency_chart(&[one, huge]).unwrap().contains("</svg>"));
+        let record = Record {
+            commit: "c".into(),
+            time: "t".into(),
+            bench: "chaos".into(),
+            ratios: [("faults".to_owned(), None), ("x".to_owned(), Some(-1.0))].into(),
+        };
+        let keys = ["faults".to_owned(), "x".to_owned()];
+        assert!(history_chart("chaos", &[&record], &keys)
+            .unwrap()
+            .contains("</svg>"));
+    }
+
+    #[test]
     fn axis_labels_are_short() {
         assert_eq!(fmt_axis(0.25), "0.25");
         assert_eq!(fmt_axis(2.0), "2");

@@ -2,6 +2,7 @@
 //! (`{commit, time, bench, ratios}`), appended by every `imbench report`,
 //! read back to draw each ratio across commits.
 
+use super::input::{plottable, VALUE_ABS_MAX};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::{
@@ -103,6 +104,9 @@ pub fn read(path: &Path) -> Result<History> {
             continue;
         }
         match serde_json::from_str::<Record>(text.trim()) {
+            Ok(r) if !r.ratios.values().flatten().all(|v| plottable(*v)) => h.skipped.push(
+                format!("line {n}: a ratio beyond the {VALUE_ABS_MAX:e} a chart takes, skipped"),
+            ),
             Ok(r) => {
                 records.push_back(r);
                 if records.len() > HISTORY_RECORDS_MAX {
@@ -246,11 +250,20 @@ mod tests {
         // Any other line that is not a record is skipped too, and said so.
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("{\"commit\": 7}\n");
+        let mut huge = serde_json::to_string(&record("h", 1.0)).unwrap();
+        huge = huge.replace("1.0", "1e300");
+        text.push_str(&huge);
+        text.push('\n');
         std::fs::write(&path, &text).unwrap();
         let h = read(&path).unwrap();
         assert_eq!(h.records.len(), 2);
         assert!(
             h.skipped[1].starts_with("line 4: not a history record"),
+            "{:?}",
+            h.skipped
+        );
+        assert!(
+            h.skipped[2].starts_with("line 5: a ratio beyond"),
             "{:?}",
             h.skipped
         );

@@ -23,6 +23,15 @@ pub const TIMELINE_SERIES_MAX: usize = 8;
 pub const LATENCIES_PER_RUN_MAX: usize = 40;
 /// Latency summaries are looked for this deep in the JSON, no deeper.
 const SCAN_DEPTH_MAX: usize = 16;
+/// Values a chart can scale to: a ratio, a rate, a time or a latency
+/// beyond this is refused (ratios, timeline) or left out (latency
+/// summaries, history records).
+pub const VALUE_ABS_MAX: f64 = 1e15;
+
+/// Whether a chart can draw `v`.
+pub fn plottable(v: f64) -> bool {
+    v.is_finite() && v.abs() <= VALUE_ABS_MAX
+}
 
 /// Series or latency names with one of these words are the peer's (what
 /// ours is measured against); everything else is ours.
@@ -191,7 +200,10 @@ fn ratios_of(file: &str, top: &Map<String, Value>) -> Result<Vec<(String, Option
         .iter()
         .map(|(k, v)| match v {
             Value::Null => Ok((k.clone(), None)),
-            Value::Number(n) => Ok((k.clone(), n.as_f64())),
+            Value::Number(n) => match n.as_f64() {
+                Some(v) if plottable(v) => Ok((k.clone(), Some(v))),
+                _ => bail!("{file}: ratios.{k} is {n}, beyond the {VALUE_ABS_MAX:e} a chart takes"),
+            },
             other => bail!(
                 "{file}: ratios.{k} is {}, expected a number or null",
                 kind(other)
@@ -225,8 +237,8 @@ fn timeline_of(
     for (i, v) in samples.iter().enumerate() {
         let s: TimelineSample = serde_json::from_value(v.clone())
             .map_err(|e| anyhow!("{file}: timeline[{i}] is not a sample ({e})"))?;
-        if !(s.t_secs.is_finite() && s.ops_per_s.is_finite()) {
-            bail!("{file}: timeline[{i}] has a value that is not a finite number");
+        if !(plottable(s.t_secs) && plottable(s.ops_per_s)) {
+            bail!("{file}: timeline[{i}] has a value beyond the {VALUE_ABS_MAX:e} a chart takes");
         }
         let at = match phases.iter().position(|p| p.phase == s.phase) {
             Some(at) => at,
@@ -336,6 +348,10 @@ fn latency_of(o: &Map<String, Value>, path: &[String]) -> Option<Latency> {
     if samples == Some(0) || max_us <= 0.0 {
         return None;
     }
+    let p999_us = num("p999_us").filter(|v| plottable(*v));
+    if ![p50_us, p99_us, max_us].into_iter().all(plottable) {
+        return None;
+    }
     let mut words: Vec<&str> = path.iter().map(String::as_str).collect();
     if words.len() > 1 && words.last() == Some(&"latency") {
         words.pop();
@@ -350,7 +366,7 @@ fn latency_of(o: &Map<String, Value>, path: &[String]) -> Option<Latency> {
         label,
         p50_us,
         p99_us,
-        p999_us: num("p999_us"),
+        p999_us,
         max_us,
         samples,
     })
@@ -378,6 +394,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ratios.x is a string"), "{e}");
+        let e = Run::from_value("e2e.json", &json!({"ratios": {"x": 1e300}}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("e2e.json: ratios.x is 1e+300, beyond"), "{e}");
     }
 
     #[test]
