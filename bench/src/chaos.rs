@@ -429,7 +429,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     };
     print(&report);
     if let Some(path) = &args.json {
-        write_json(path, &report)?;
+        write_json(path, "chaos", &report)?;
     }
     let v = &report.messages;
     if !v.clean() {

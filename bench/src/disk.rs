@@ -60,6 +60,7 @@ pub fn ceiling(
             latency: hist.summary(),
             server_cpu_us_per_op: None,
             client_cpu_us_per_op: None,
+            rate_samples: Vec::new(),
         },
         record_bytes,
         records_per_sync,

@@ -187,7 +187,7 @@ pub async fn run(args: E2eArgs) -> Result<()> {
     report.finish();
     print!("{}", e2e_report::render(&report, &plan));
     if let Some(path) = &args.json {
-        crate::report::write_json(path, &report)?;
+        crate::report::write_json(path, "e2e", &report)?;
     }
     Ok(())
 }

@@ -164,7 +164,7 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
     };
     print(&report);
     if let Some(path) = &args.json {
-        write_json(path, &report)?;
+        write_json(path, "failover", &report)?;
     }
     Ok(())
 }

@@ -206,7 +206,7 @@ pub async fn run(args: GroupArgs) -> Result<()> {
     report.finish(GATEWAYS, plan.body_bytes);
     print!("{}", crate::group_report::render(&report));
     if let Some(path) = &args.json {
-        crate::report::write_json(path, &report)?;
+        crate::report::write_json(path, "group", &report)?;
     }
     Ok(())
 }

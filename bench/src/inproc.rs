@@ -128,6 +128,7 @@ async fn run(shard: &Shard, spec: &EngineSpec) -> Result<EngineResult> {
             latency: hist.summary(),
             server_cpu_us_per_op: None,
             client_cpu_us_per_op: None,
+            rate_samples: Vec::new(),
         },
         appends,
         batches,

@@ -10,12 +10,16 @@
 //! requests: in order (Redis), or by the id the reply carries (our shard,
 //! which may answer a fetch of durable records before earlier requests).
 
-use crate::report::LatencyHist;
+use crate::report::{LatencyHist, RateSample};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use std::{
     collections::VecDeque,
     net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 use tokio::{
@@ -171,6 +175,56 @@ pub struct LoadOutcome {
     pub first_error: Option<String>,
     pub elapsed: Duration,
     pub hist: LatencyHist,
+    /// Completions per second every [`RATE_SAMPLE_INTERVAL`] from the
+    /// start to the deadline (timed runs: the tail after it is no part of
+    /// the rate) or to the last answer (the last interval may be shorter).
+    pub rate_samples: Vec<RateSample>,
+}
+
+/// How often a load run samples its completions for the timeline.
+pub const RATE_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Samples `done` every [`RATE_SAMPLE_INTERVAL`] until the first tick at
+/// or past `until`, or until `stop` fires (then once more): the
+/// completions per second of each interval since `start`. A last interval
+/// under a quarter of the others is folded into the one before (a rate
+/// over a few milliseconds is noise).
+async fn sample_rate(
+    done: Arc<AtomicU64>,
+    (start, until): (Instant, Option<Instant>),
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<RateSample> {
+    let mut ticks =
+        tokio::time::interval_at((start + RATE_SAMPLE_INTERVAL).into(), RATE_SAMPLE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut samples = Vec::new();
+    // Where the last sample's interval began, and where it ended.
+    let (mut prev, mut last) = ((start, 0u64), (start, 0u64));
+    loop {
+        let stopped = tokio::select! {
+            _ = ticks.tick() => false,
+            _ = &mut stop => true,
+        };
+        let (now, n) = (Instant::now(), done.load(Ordering::Relaxed));
+        let short = (now - last.0) < RATE_SAMPLE_INTERVAL / 4;
+        let from = if short && stopped && !samples.is_empty() {
+            samples.pop();
+            prev
+        } else {
+            last
+        };
+        let secs = (now - from.0).as_secs_f64();
+        if secs > 0.0 {
+            samples.push(RateSample {
+                t_secs: (now - start).as_secs_f64(),
+                ops_per_s: (n - from.1) as f64 / secs,
+            });
+            (prev, last) = (from, (now, n));
+        }
+        if stopped || until.is_some_and(|u| now >= u) {
+            return samples;
+        }
+    }
 }
 
 impl LoadOutcome {
@@ -219,13 +273,17 @@ where
     }
     let start = Instant::now();
     let deadline = spec.duration.map(|d| start + d);
+    let done = Arc::new(AtomicU64::new(0));
+    let (stop_sampling, stop) = tokio::sync::oneshot::channel();
+    let sampler = tokio::spawn(sample_rate(done.clone(), (start, deadline), stop));
     let mut tasks = Vec::with_capacity(spec.connections);
     for (i, stream) in streams.into_iter().enumerate() {
         let (codec, workload) = make(i);
         let payload = vec![0u8; spec.payload_bytes];
         let pipeline = spec.pipeline.max(1);
+        let run = (start, deadline, done.clone());
         tasks.push(tokio::spawn(drive(
-            stream, codec, workload, pipeline, start, deadline, payload,
+            stream, codec, workload, pipeline, run, payload,
         )));
     }
     let mut total = LoadOutcome {
@@ -237,7 +295,21 @@ where
         first_error: None,
         elapsed: Duration::ZERO,
         hist: LatencyHist::new(),
+        rate_samples: Vec::new(),
     };
+    let joined = join_all(tasks, &mut total).await;
+    let _ = stop_sampling.send(());
+    total.rate_samples = sampler.await.context("rate sampler panicked")?;
+    joined?;
+    total.elapsed = start.elapsed();
+    Ok(total)
+}
+
+/// Wait for every connection task and merge what each did into `total`.
+async fn join_all(
+    tasks: Vec<tokio::task::JoinHandle<Result<ConnOutcome>>>,
+    total: &mut LoadOutcome,
+) -> Result<()> {
     for task in tasks {
         let conn = task.await.context("load task panicked")??;
         total.ops += conn.ops;
@@ -249,19 +321,21 @@ where
         }
         total.hist.merge(&conn.hist)?;
     }
-    total.elapsed = start.elapsed();
-    Ok(total)
+    Ok(())
 }
 
+/// One connection's loop. `run`: the run's start, its deadline (timed
+/// runs) and the completions of all its connections so far (sampled for
+/// the timeline).
 async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
     mut stream: Conn,
     mut codec: C,
     mut workload: W,
     pipeline: usize,
-    start: Instant,
-    deadline: Option<Instant>,
+    run: (Instant, Option<Instant>, Arc<AtomicU64>),
     mut payload: Vec<u8>,
 ) -> Result<ConnOutcome> {
+    let (start, deadline, done) = run;
     let mut payload_rng = Rng::new(start.elapsed().as_nanos() as u64 ^ payload.len() as u64);
     const READ_RESERVE_BYTES: usize = 64 * 1024;
     let mut wbuf = Vec::with_capacity(READ_RESERVE_BYTES);
@@ -312,6 +386,7 @@ async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
                 inflight.len()
             );
         }
+        let ops_before = out.ops;
         while let Some(reply) = codec.decode(&mut rbuf)? {
             let at = match codec.answered() {
                 None => 0,
@@ -342,6 +417,8 @@ async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
                 }
             }
         }
+        // Once per read, not per reply: the connections share this counter.
+        done.fetch_add(out.ops - ops_before, Ordering::Relaxed);
     }
     Ok(out)
 }
@@ -557,6 +634,53 @@ mod tests {
         assert_eq!(d.on_reply(&next, last).unwrap(), 20);
         assert!(matches!(d.next_op(), Some(Op::Trim { up_to_seq: 120, .. })));
         assert_eq!(d.next_op(), None);
+    }
+
+    #[tokio::test]
+    async fn the_rate_sampler_accounts_for_every_completion() {
+        let done = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let (stop_tx, stop) = tokio::sync::oneshot::channel();
+        let sampler = tokio::spawn(sample_rate(done.clone(), (start, None), stop));
+        for _ in 0..70 {
+            done.fetch_add(100, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A last interval of a few milliseconds folds into the one before.
+        tokio::time::sleep_until((start + RATE_SAMPLE_INTERVAL * 3).into()).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        done.fetch_add(1, Ordering::Relaxed);
+        stop_tx.send(()).unwrap();
+        let samples = sampler.await.unwrap();
+        assert!(samples.len() >= 2, "{samples:?}");
+        assert!(samples.windows(2).all(|w| w[0].t_secs < w[1].t_secs));
+        // Rate x interval, summed, gives back every completion.
+        let mut last_t = 0.0;
+        let total: f64 = samples
+            .iter()
+            .map(|s| {
+                let n = s.ops_per_s * (s.t_secs - last_t);
+                last_t = s.t_secs;
+                n
+            })
+            .sum();
+        assert!((total - 7001.0).abs() < 1.0, "{total} {samples:?}");
+        let quarter = RATE_SAMPLE_INTERVAL.as_secs_f64() / 4.0;
+        let mut t = 0.0;
+        for s in &samples {
+            assert!(
+                s.t_secs - t >= quarter,
+                "a short interval left: {samples:?}"
+            );
+            t = s.t_secs;
+        }
+
+        // A timed run's samples end at its deadline.
+        let (_stop_tx, stop) = tokio::sync::oneshot::channel();
+        let start = Instant::now();
+        let until = start + RATE_SAMPLE_INTERVAL * 2;
+        let samples = sample_rate(done, (start, Some(until)), stop).await;
+        assert_eq!(samples.len(), 2, "{samples:?}");
     }
 
     #[test]

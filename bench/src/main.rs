@@ -23,6 +23,7 @@ mod rebalance_load;
 mod rebalance_report;
 mod redis;
 mod report;
+mod report_html;
 mod session;
 mod shard_driver;
 mod storage;
@@ -77,6 +78,10 @@ enum Cmd {
     /// process at a time is killed or paused: acknowledged messages lost,
     /// duplicated or out of order, and how long logins kept failing.
     Chaos(chaos::ChaosArgs),
+    /// The JSON of any imbench runs as one HTML page with SVG charts: each
+    /// ratio against its target, throughput over time, latency
+    /// percentiles, every ratio across the history of reports.
+    Report(report_html::ReportArgs),
 }
 
 #[tokio::main]
@@ -92,5 +97,6 @@ async fn main() -> Result<()> {
         Cmd::Failover(args) => failover::run(args).await,
         Cmd::Rebalance(args) => rebalance::run(args).await,
         Cmd::Chaos(args) => chaos::run(args).await,
+        Cmd::Report(args) => report_html::run(args),
     }
 }

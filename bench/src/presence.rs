@@ -455,7 +455,7 @@ pub async fn run(args: PresenceArgs) -> Result<()> {
     report.ratios = ratios(&report);
     println!("{}", render(&report));
     if let Some(path) = &s.args.json {
-        report::write_json(path, &report)?;
+        report::write_json(path, "presence", &report)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

@@ -239,6 +239,7 @@ fn phase(
         latency: hist.summary(),
         server_cpu_us_per_op,
         client_cpu_us_per_op,
+        rate_samples: Vec::new(),
     };
     eprintln!(
         "  {:<15} {:<8} {:>10.0} /s  p50 {} us  p99 {} us  errors {}{}",
@@ -382,7 +383,7 @@ pub async fn run(args: ProfileArgs) -> Result<()> {
     });
     print!("{}", render(&report));
     if let Some(path) = &s.args.json {
-        report::write_json(path, &report)?;
+        report::write_json(path, "profile", &report)?;
     }
     Ok(())
 }

@@ -599,7 +599,7 @@ pub async fn run(args: RebalanceArgs) -> Result<()> {
     let report = RebalanceReport::new(config(&s), prefilled, migrations, stats, check);
     print!("{}", report.render());
     if let Some(path) = &s.args.json {
-        write_json(path, &report)?;
+        write_json(path, "rebalance", &report)?;
     }
     if report.check.failures() > 0 {
         bail!("the check failed: {:?}", report.check);

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 /// Latencies in microseconds, 1 us .. 60 s, 3 significant digits.
@@ -85,6 +85,81 @@ pub struct PhaseResult {
     /// microseconds: with the server's figure, what the phase asked of the
     /// machine's cores.
     pub client_cpu_us_per_op: Option<f64>,
+    /// Throughput per interval of the phase, as `load::run_load` sampled
+    /// it (empty for phases not run through it). Not written as is: a
+    /// benchmark that wants it in its JSON gathers it in a [`Timeline`].
+    #[serde(skip)]
+    pub rate_samples: Vec<RateSample>,
+}
+
+/// Completions per second over one sampling interval of a load run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RateSample {
+    /// Seconds from the start of the run to the end of the interval.
+    pub t_secs: f64,
+    pub ops_per_s: f64,
+}
+
+/// One interval of one phase of one target, as the JSON's top-level
+/// `timeline` array holds it (`imbench report` draws a line per `series`
+/// in a chart per `phase`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimelineSample {
+    /// e.g. `append p16`, `drain`.
+    pub phase: String,
+    /// e.g. `msgstore always`, `redis aof_always`.
+    pub series: String,
+    pub t_secs: f64,
+    pub ops_per_s: f64,
+}
+
+/// Throughput over time of a benchmark's phases: the optional top-level
+/// `timeline` array of its JSON. At most [`Timeline::SAMPLES_MAX`]
+/// samples; further ones are left out and counted.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(transparent)]
+pub struct Timeline(Vec<TimelineSample>);
+
+impl Timeline {
+    /// Bounds the JSON: 16 phases of 30 s at 4 samples a second take 2,000.
+    pub const SAMPLES_MAX: usize = 20_000;
+
+    /// One sample series per phase row, named `<phase> p<pipeline>` and
+    /// `<target> <setting>`. Returns how many samples were left out
+    /// because the timeline was full.
+    pub fn of_phases<'a>(rows: impl IntoIterator<Item = &'a PhaseResult>) -> (Self, usize) {
+        let mut t = Timeline::default();
+        let mut left_out = 0;
+        for r in rows {
+            let phase = format!("{} p{}", r.phase, r.pipeline);
+            let series = format!("{} {}", r.target, r.setting);
+            left_out += t.add(&phase, &series, &r.rate_samples);
+        }
+        (t, left_out)
+    }
+
+    /// Append `samples` as `phase` / `series`; returns how many did not fit.
+    pub fn add(&mut self, phase: &str, series: &str, samples: &[RateSample]) -> usize {
+        let room = Self::SAMPLES_MAX.saturating_sub(self.0.len());
+        let taken = samples.len().min(room);
+        self.0
+            .extend(samples[..taken].iter().map(|s| TimelineSample {
+                phase: phase.to_owned(),
+                series: series.to_owned(),
+                t_secs: s.t_secs,
+                ops_per_s: s.ops_per_s,
+            }));
+        samples.len() - taken
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    #[cfg(test)]
+    pub fn samples(&self) -> &[TimelineSample] {
+        &self.0
+    }
 }
 
 /// A server process after its phases: footprint on disk and in memory.
@@ -152,6 +227,9 @@ pub struct StorageReport {
     pub backlogs: Vec<Backlog>,
     /// Failures that left a figure out (e.g. the daemon did not start).
     pub problems: Vec<String>,
+    /// Appends/s (drained messages/s) per interval of every TCP phase.
+    #[serde(skip_serializing_if = "Timeline::is_empty")]
+    pub timeline: Timeline,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -338,8 +416,19 @@ pub fn render_table(report: &StorageReport) -> String {
     out
 }
 
-pub fn write_json<T: Serialize>(path: &Path, report: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(report).context("serialize report")?;
+/// A benchmark's report as its JSON file holds it: `"bench": "<name>"`
+/// first (which `imbench report` reads), then the report's own fields.
+#[derive(Serialize)]
+struct Tagged<'a, T> {
+    bench: &'a str,
+    #[serde(flatten)]
+    report: &'a T,
+}
+
+/// Write `report` of benchmark `bench` (its subcommand's name) to `path`.
+pub fn write_json<T: Serialize>(path: &Path, bench: &str, report: &T) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(&Tagged { bench, report }).context("serialize report")?;
     std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
 }
 
@@ -363,6 +452,53 @@ mod tests {
                 "replicated_vs_redis_wait_p16"
             ]
         );
+    }
+
+    #[test]
+    fn the_json_names_its_benchmark_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        write_json(&path, "storage", &serde_json::json!({"ratios": {"a": 1.0}})).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\n  \"bench\": \"storage\","), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["ratios"]["a"], 1.0);
+    }
+
+    #[test]
+    fn a_timeline_is_bounded_and_names_phase_and_series() {
+        let row = |phase: &str, n: usize| PhaseResult {
+            phase: phase.into(),
+            target: "msgstore".into(),
+            setting: "always".into(),
+            connections: 1,
+            pipeline: 16,
+            ops: 0,
+            ops_in_window: 0,
+            abandoned: 0,
+            errors: 0,
+            first_error: None,
+            elapsed_secs: 0.0,
+            ops_per_sec: 0.0,
+            latency: LatencySummary::default(),
+            server_cpu_us_per_op: None,
+            client_cpu_us_per_op: None,
+            rate_samples: (0..n)
+                .map(|i| RateSample {
+                    t_secs: i as f64,
+                    ops_per_s: 10.0,
+                })
+                .collect(),
+        };
+        let rows = [row("append", 3), row("drain", Timeline::SAMPLES_MAX)];
+        let (t, left_out) = Timeline::of_phases(&rows);
+        assert_eq!(t.samples().len(), Timeline::SAMPLES_MAX);
+        assert_eq!(left_out, 3);
+        assert_eq!(t.samples()[0].phase, "append p16");
+        assert_eq!(t.samples()[0].series, "msgstore always");
+        let v = serde_json::to_value(&t).unwrap();
+        assert!(v.is_array());
+        assert_eq!(v[0]["ops_per_s"], 10.0);
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub async fn run(args: SessionArgs) -> Result<()> {
     report.bytes_per_idle_session = report.idle.as_ref().map(|i| i.rss_bytes_per_session);
     print!("{}", render(&report, &args, &plan));
     if let Some(path) = &args.json {
-        report::write_json(path, &report)?;
+        report::write_json(path, "session", &report)?;
     }
     Ok(())
 }

@@ -200,6 +200,7 @@ pub(crate) fn phase(
         latency: out.hist.summary(),
         server_cpu_us_per_op,
         client_cpu_us_per_op,
+        rate_samples: out.rate_samples.clone(),
     };
     eprintln!(
         "  {:<8} {:<9} {:<13} pipeline {:>2}: {:>10.0} ops/s  p50 {} us  p99 {} us  errors {}",
@@ -254,6 +255,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         servers: Vec::new(),
         backlogs: Vec::new(),
         problems: Vec::new(),
+        timeline: report::Timeline::default(),
     };
     // A shard keeps fewer than its 65,536 buckets mapped below 67,584.
     match msgstore::max_map_count() {
@@ -403,9 +405,19 @@ fn finish(s: Settings, root: tempfile::TempDir, mut report: StorageReport) -> Re
         eprintln!("  (cleanup took {:.1?})", t0.elapsed());
     }
     report.ratios = compute_ratios(&report);
+    // The throughput over time of every TCP phase, ours and Redis's.
+    let (timeline, left_out) =
+        report::Timeline::of_phases(report.append.iter().chain(&report.drain));
+    report.timeline = timeline;
+    if left_out > 0 {
+        report.problems.push(format!(
+            "timeline: {left_out} samples past {} left out",
+            report::Timeline::SAMPLES_MAX
+        ));
+    }
     println!("{}", report::render_table(&report));
     if let Some(path) = &s.args.json {
-        report::write_json(path, &report)?;
+        report::write_json(path, "storage", &report)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
