@@ -12,10 +12,13 @@
 //!   authenticated links reach the daemon, so strangers never hold the
 //!   daemon's connection slots.
 //! * [`connect`]: the dialing side.
+//! * [`tcp`]: the socket options of every link (keepalive probes and an
+//!   unacknowledged-data limit, so a vanished peer's link closes).
 
 pub mod key;
 pub mod listener;
 pub mod stream;
+pub mod tcp;
 
 pub use key::{
     generate, install_key, key, load_key_file, load_or_create_key_file, write_key_file, KeyArgs,

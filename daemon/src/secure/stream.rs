@@ -31,6 +31,7 @@ pub struct Link {
 
 impl Link {
     pub(crate) fn new(stream: TcpStream, keys: LinkKeys) -> io::Result<Link> {
+        super::tcp::tune(&stream)?;
         let peer = stream.peer_addr()?;
         let (rd, wr) = stream.into_split();
         Ok(Link {
@@ -75,6 +76,11 @@ pub struct LinkReader {
 }
 
 impl LinkReader {
+    /// The socket under the link (to read its options).
+    pub fn tcp(&self) -> &TcpStream {
+        self.rd.as_ref()
+    }
+
     /// Make room to read into: compact, then grow (up to the maximum).
     fn make_room(&mut self) {
         if self.start == self.end {
