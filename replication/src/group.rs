@@ -404,7 +404,7 @@ pub fn role_name(state: ServerState) -> &'static str {
 /// once, in the same term, without a new entry of that term; its read
 /// index is then the committed id it saved, which may be older than what
 /// it answered before it stopped, and a read would show an older state
-/// (found by `tests/replica_group.rs`). Turning the saved vote for itself
+/// (found by `msgstore/tests/it/replica_group.rs`). Turning the saved vote for itself
 /// back into a candidate's vote (still for itself, in the same term: no
 /// promise it made is taken back) makes it a follower; leadership comes
 /// back only through an election of a later term, whose leader commits a

@@ -1,0 +1,6 @@
+//! The integration tests of `client`, in one binary: each file a module
+//! (one test binary builds and links once; tens of them took most of
+//! CI's time). Run one file's tests with `cargo test -p client --test it <file>::`.
+
+mod loopback;
+mod sdk;
