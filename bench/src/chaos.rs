@@ -92,6 +92,10 @@ pub struct ChaosArgs {
     /// copy, so faulting it tests a promise the system does not make yet).
     #[arg(long, value_enum)]
     pub spare: Vec<cluster::Role>,
+    /// Keep the processes' logs (`*.log`) and data after a clean run too
+    /// (a failed run always keeps them); the path is printed.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -432,6 +436,10 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         write_json(path, "chaos", &report)?;
     }
     let v = &report.messages;
+    if args.keep && v.clean() {
+        println!("logs and data kept in {}", dir.keep().display());
+        return Ok(());
+    }
     if !v.clean() {
         // The processes' logs (`*.log`, `group*/r*.log`) and data, kept.
         let kept = dir.keep();

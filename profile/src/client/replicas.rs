@@ -17,7 +17,9 @@
 //! to send it on); one cut off in flight fails as it would with one
 //! replica. A write not answered within `replica_attempt_ms` is still
 //! awaited (it may be done), but marks its replica stuck, so the writes
-//! after it find the next leader instead of queueing on a paused one.
+//! after it find the next leader instead of queueing on a paused one; so
+//! does a write answered `Unavailable` (a leader that could not commit in
+//! time), which is answered as it is (it may still be done).
 
 use super::{Answer, ClientError, Inner};
 use crate::service::Service;
@@ -160,6 +162,14 @@ impl Replicas {
                     if named.is_none() {
                         self.pause_after_round(attempt).await;
                     }
+                }
+                // A leader that could not commit in time (cut off from
+                // the others, say): the write may still be done, so it is
+                // answered as it is, but the writes after it look for
+                // another leader first.
+                ResponseBody::Error(e) if e.code == ErrorCode::Unavailable => {
+                    self.mark_stuck(at);
+                    return Ok(ResponseBody::Error(e));
                 }
                 answer => {
                     self.mark_answering(at);

@@ -2,10 +2,15 @@
 //! through whichever replica leads survive the leader's SIGKILL, every
 //! replica checks passwords and serves reads (never older than a write
 //! answered before), a replica that was down while the others compacted
-//! their logs comes back by snapshot and holds the same, and a paused
-//! (SIGSTOP) leader holds up neither reads nor new writes.
+//! their logs comes back by snapshot and holds the same, a paused
+//! (SIGSTOP) leader holds up neither reads nor new writes, and a leader
+//! cut off from the other two (as root, in network namespaces) makes the
+//! client look for the new one.
 
-use daemon::testing::{free_addr, metric, DaemonProcess};
+use daemon::{
+    netns::Net,
+    testing::{free_addr, metric, DaemonProcess},
+};
 use profile::{ClientConfig, ProfileClient};
 use proto::profile::ErrorCode;
 use replication::{
@@ -24,6 +29,8 @@ struct Member {
     client: SocketAddr,
     raft: SocketAddr,
     metrics: SocketAddr,
+    /// The network namespace it runs in (partition tests), if any.
+    netns: Option<String>,
     process: Option<DaemonProcess>,
 }
 
@@ -31,7 +38,11 @@ impl Member {
     fn start(&mut self, dir: &Path) {
         let data = dir.join(format!("replica{}", self.id));
         let config = dir.join("profile.toml");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_profile"));
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_profile"));
+        let mut cmd = match &self.netns {
+            Some(ns) => daemon::netns::command_in(ns, bin),
+            None => Command::new(bin),
+        };
         cmd.arg("--config").arg(&config);
         cmd.arg("--data").arg(&data);
         cmd.args(["--listen", &self.client.to_string()]);
@@ -67,14 +78,24 @@ struct Group {
 
 impl Group {
     async fn start() -> Group {
+        Group::start_in(None).await
+    }
+
+    /// A group whose member `i` runs in host `i` of `net`, if given.
+    async fn start_in(net: Option<&Net>) -> Group {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("profile.toml"), CONFIG).unwrap();
+        let at = |i: usize| {
+            let free = free_addr();
+            net.map_or(free, |net| net.socket_addr(i, free.port()))
+        };
         let mut members: Vec<Member> = (1..=3)
             .map(|id| Member {
                 id,
-                client: free_addr(),
-                raft: free_addr(),
-                metrics: free_addr(),
+                client: at(id as usize - 1),
+                raft: at(id as usize - 1),
+                metrics: at(id as usize - 1),
+                netns: net.map(|net| net.namespace(id as usize - 1).to_string()),
                 process: None,
             })
             .collect();
@@ -317,4 +338,50 @@ async fn a_write_unanswered_at_a_paused_leader_sends_the_next_writes_elsewhere()
     for m in &mut group.members {
         m.kill();
     }
+}
+
+/// The leader is cut off from the other two replicas (not from the
+/// client): a write it takes is answered `Unavailable` once it cannot
+/// commit it, and the writes after that find the leader the other two
+/// elect, while the partition lasts. Needs root and `ip netns`; skipped
+/// with a message without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_a_cut_off_leader_cannot_commit_sends_the_next_ones_to_the_new_leader() {
+    let net = match Net::setup("pp", 3) {
+        Ok(net) => net,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot make network namespaces here ({why})");
+            return;
+        }
+    };
+    let mut group = Group::start_in(Some(&net)).await;
+    let client = ProfileClient::connect_with(group.addrs(), config())
+        .await
+        .unwrap();
+    let mut made = create(&client, 0, 2).await;
+    let old = group.leader().await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    net.isolate_from(old, &others).unwrap();
+    // The first write after the cut goes to the old leader, which cannot
+    // commit it: answered Unavailable (it may still be done), or done if
+    // it raced the cut.
+    match client.create_user("cut", b"password-cut").await {
+        Ok(id) => made.push(("cut".into(), id)),
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}"),
+    }
+    // Were the next writes sent to the old leader again, each would be
+    // answered Unavailable while the partition lasts.
+    let next = tokio::time::timeout(DEADLINE, create(&client, 2, 4)).await;
+    made.extend(next.expect("the writes after an unavailable one found the new leader"));
+    net.heal_from(old, &others).unwrap();
+    let leader = group.leader().await;
+    let check = one(&group.members[leader]).await;
+    for (name, id) in &made {
+        assert_eq!(check.lookup(name).await.unwrap(), *id, "{name}");
+    }
+    for m in &mut group.members {
+        m.kill();
+    }
+    drop(group);
+    drop(net);
 }
