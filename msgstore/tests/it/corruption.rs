@@ -92,7 +92,7 @@ fn crash_writer(before_ack: u64, ack: u64, after_ack: u64) -> Crashed {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            &this_test("crash_writer_child"),
+            &crate::test_name(module_path!(), "crash_writer_child"),
             "--nocapture",
             "--test-threads=1",
         ])
@@ -710,11 +710,4 @@ fn a_page_says_more_only_while_readable_records_remain() {
         assert_records(&shard, OTHER, &[1, 2, 3]);
         shard.close().unwrap();
     }
-}
-
-/// The full name of test `name` of this file, as `--exact` wants it
-/// (`file::name`: the integration tests are one binary, a module a file).
-fn this_test(name: &str) -> String {
-    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
-    format!("{module}::{name}")
 }

@@ -15,3 +15,11 @@ mod replica_group;
 mod replica_partition;
 mod replica_rebuild;
 mod storage_full;
+
+/// The full name of test `name` in the module `module` (its
+/// `module_path!()`), as `--exact` wants it when a test runs this binary
+/// again as a child: `file::name`.
+pub fn test_name(module: &str, name: &str) -> String {
+    let file = module.split_once("::").map_or(module, |(_, file)| file);
+    format!("{file}::{name}")
+}

@@ -94,7 +94,7 @@ fn a_failed_log_write_answers_an_error_and_stores_nothing() {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            &this_test("log_write_failure_child"),
+            &crate::test_name(module_path!(), "log_write_failure_child"),
             "--nocapture",
             "--test-threads=1",
         ])
@@ -262,11 +262,4 @@ async fn a_full_index_on_a_replicated_shard_refuses_writes_and_loses_nothing() {
         })
         .await;
     assert!(matches!(outcome, Outcome::Done(2)), "{outcome:?}");
-}
-
-/// The full name of test `name` of this file, as `--exact` wants it
-/// (`file::name`: the integration tests are one binary, a module a file).
-fn this_test(name: &str) -> String {
-    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
-    format!("{module}::{name}")
 }
