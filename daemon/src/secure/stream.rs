@@ -31,7 +31,11 @@ pub struct Link {
 
 impl Link {
     pub(crate) fn new(stream: TcpStream, keys: LinkKeys) -> io::Result<Link> {
-        super::tcp::tune(&stream)?;
+        if let Err(e) = super::tcp::tune(&stream) {
+            // The link works without them; a vanished peer is then found
+            // only when a write fails.
+            tracing::warn!(error = %e, "cannot set a link's keepalive options");
+        }
         let peer = stream.peer_addr()?;
         let (rd, wr) = stream.into_split();
         Ok(Link {
