@@ -73,10 +73,11 @@ enum Cmd {
     /// again and again: time to the next acknowledged append, lost and
     /// duplicated appends.
     Failover(failover::FailoverArgs),
-    /// The whole cluster as separate processes (2 presence, 1 profile, 2
+    /// The whole cluster as separate processes (2 presence, 3 profile, 2
     /// shard groups of 3 replicas, 2 gateways) under SDK clients while one
-    /// process at a time is killed or paused: acknowledged messages lost,
-    /// duplicated or out of order, and how long logins kept failing.
+    /// process at a time is killed, paused or (as root) cut off: acknowledged
+    /// messages lost, duplicated or out of order, and how long logins kept
+    /// failing.
     Chaos(chaos::ChaosArgs),
     /// The JSON of any imbench runs as one HTML page with SVG charts: each
     /// ratio against its target, throughput over time, latency
