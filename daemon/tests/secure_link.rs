@@ -127,3 +127,41 @@ async fn silent_connections_cannot_keep_a_peer_out() {
         assert!(still.is_err(), "a newer one was dropped: {still:?}");
     }
 }
+
+/// A link whose peer vanishes without closing (its host unplugged, as a
+/// dead machine or a partition leaves it) fails at this end by itself,
+/// from the keepalive probes (`secure::tcp`: ~25 s), instead of staying
+/// open for hours. Needs root and `ip netns`; skipped with a message
+/// without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_to_a_vanished_peer_fails_by_itself() {
+    let net = match daemon::netns::Net::setup("ka", 1) {
+        Ok(net) => net,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot make network namespaces here ({why})");
+            return;
+        }
+    };
+    let at = net.socket_addr(0, 0);
+    let tcp = daemon::netns::in_netns(net.namespace(0), move || std::net::TcpListener::bind(at))
+        .unwrap()
+        .unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let mut server = SecureListener::new(
+        TcpListener::from_std(tcp).unwrap(),
+        "test",
+        GateLimits::default(),
+    );
+    let (dialed, _accepted) = tokio::join!(secure::connect(addr), server.accept());
+    let (mut rd, _wr) = dialed.unwrap().into_split();
+    net.unplug(0).unwrap();
+    // The probes' budget (10 s + 3 x 5 s) and a margin: a guard against
+    // a link that never fails, not a measure of speed.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(90), rd.read(&mut byte)).await;
+    let read = read.expect("the link to a vanished peer was still open after 90 s");
+    assert!(read.is_err(), "the link ended without an error: {read:?}");
+    drop(server);
+    drop(net);
+}
