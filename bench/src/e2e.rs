@@ -21,6 +21,7 @@
 //!   datagrams per second, and where `datagrams_vs_raw_udp` is measured.
 
 use crate::{
+    e2e_direct,
     e2e_fleet::{Counters, Fleet, Log, PlannedLogin, Role, BODY_BYTES},
     e2e_report::{self, Delivery, E2eReport, LoginResult, OfflineResult, OnlineResult, RawResult},
     procs,
@@ -61,8 +62,9 @@ const RAW_PAYLOAD_BYTES: usize = 100;
 const RAW_CLIENTS: usize = 4;
 const RAW_WINDOW: usize = 16;
 /// The gateway's limits for the run: per-IP handshakes and per-user
-/// message rates raised (every simulated client shares 127.0.0.1).
-const GATEWAY_CONFIG: &str = "\
+/// message rates raised (every simulated client shares 127.0.0.1). Its
+/// `/metrics` address goes before it.
+const GATEWAY_LIMITS: &str = "\
 [limits]
 handshakes_per_ip_per_s = 1000000
 messages_per_user_per_s = 1000000
@@ -103,12 +105,40 @@ pub struct E2eArgs {
     /// Handshakes in flight at once in the login storm.
     #[arg(long, default_value_t = 128)]
     pub logins_in_flight: usize,
-    /// Messages stored for offline users, in all [default: 100000; quick: 10000].
+    /// Messages stored for offline users, in all (at most 10,000 per receiver, a mailbox's default limit) [default: 600000; quick: 300000].
     #[arg(long)]
     pub offline_messages: Option<usize>,
+    /// Run only these phases (comma-separated), e.g. to profile one; the
+    /// figures of phases not run are absent.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = E2ePhase::all())]
+    pub phases: Vec<E2ePhase>,
     /// The gateway binary [default: next to imbench].
     #[arg(long, value_name = "PATH")]
     pub gateway_bin: Option<PathBuf>,
+}
+
+/// A selectable part of the e2e benchmark.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum E2ePhase {
+    /// Online messages, bulk shape.
+    Online,
+    /// Online messages, chat shape.
+    Chat,
+    /// The login storm (passwords, then resume tokens).
+    Logins,
+    /// Messages to offline users, the same shards driven directly, the drain.
+    Offline,
+}
+
+impl E2ePhase {
+    fn all() -> Vec<E2ePhase> {
+        vec![
+            E2ePhase::Online,
+            E2ePhase::Chat,
+            E2ePhase::Logins,
+            E2ePhase::Offline,
+        ]
+    }
 }
 
 /// The figures a run uses, defaults resolved.
@@ -122,6 +152,7 @@ pub struct Plan {
     pub resume_logins: usize,
     pub logins_in_flight: usize,
     pub offline_per_sender: u64,
+    pub phases: Vec<E2ePhase>,
 }
 
 impl Plan {
@@ -133,7 +164,7 @@ impl Plan {
             "need pairs, chat pairs and sockets > 0"
         );
         ensure!((1..=64).contains(&a.window), "window must be 1..=64");
-        let offline = pick(a.offline_messages, 100_000, 10_000);
+        let offline = pick(a.offline_messages, 600_000, 300_000);
         Ok(Plan {
             pairs,
             window: a.window,
@@ -148,6 +179,7 @@ impl Plan {
             resume_logins: pick(a.resume_logins, 20_000, 2_000),
             logins_in_flight: a.logins_in_flight.max(1),
             offline_per_sender: offline.div_ceil(pairs) as u64,
+            phases: a.phases.clone(),
         })
     }
 
@@ -176,6 +208,10 @@ pub async fn run(args: E2eArgs) -> Result<()> {
     let plan = Plan::new(&args)?;
     let mut report = E2eReport::new(plan.config_json(args.quick));
     report.raw_udp = Some(raw_ceiling(plan.duration).await?);
+    match crate::responder_crypto::measure() {
+        Ok(c) => report.responder_crypto = Some(c),
+        Err(e) => report.problems.push(format!("X25519 cost: {e}")),
+    }
     let dir = tempfile::tempdir().context("a temporary directory")?;
     let cluster = Cluster::start(dir.path(), args.gateway_bin.as_deref()).await?;
     let result = run_phases(&cluster, &plan, &mut report).await;
@@ -194,23 +230,56 @@ pub async fn run(args: E2eArgs) -> Result<()> {
 
 async fn run_phases(cluster: &Cluster, plan: &Plan, report: &mut E2eReport) -> Result<()> {
     let mut logs = Vec::new();
-    let (online, online_logs) = online_phase(cluster, plan, plan.pairs, plan.window).await?;
-    report.online = Some(online);
-    report.note_problems("online", &online_logs);
-    logs.extend(online_logs);
-    let (chat, chat_logs) = online_phase(cluster, plan, plan.chat_pairs, 1).await?;
-    report.chat = Some(chat);
-    report.note_problems("chat", &chat_logs);
-    logs.extend(chat_logs);
-    let (logins, storm_logs) = login_storm(cluster, plan).await?;
-    report.logins = logins;
-    report.note_problems("login storm", &storm_logs);
-    logs.extend(storm_logs);
+    let wanted = |p: E2ePhase| plan.phases.contains(&p);
+    if wanted(E2ePhase::Online) {
+        let (online, online_logs) = online_phase(cluster, plan, plan.pairs, plan.window).await?;
+        report.online = Some(online);
+        report.note_problems("online", &online_logs);
+        logs.extend(online_logs);
+    }
+    if wanted(E2ePhase::Chat) {
+        let (chat, chat_logs) = online_phase(cluster, plan, plan.chat_pairs, 1).await?;
+        report.chat = Some(chat);
+        report.note_problems("chat", &chat_logs);
+        logs.extend(chat_logs);
+    }
+    if wanted(E2ePhase::Logins) {
+        let (logins, storm_logs) = login_storm(cluster, plan).await?;
+        report.logins = logins;
+        report.note_problems("login storm", &storm_logs);
+        logs.extend(storm_logs);
+    }
+    if wanted(E2ePhase::Offline) {
+        offline_and_direct(cluster, plan, report, &mut logs).await?;
+    }
+    report.delivery = Some(Delivery::check(&logs));
+    Ok(())
+}
+
+/// The offline phase, then the same shards driven directly in its shape.
+async fn offline_and_direct(
+    cluster: &Cluster,
+    plan: &Plan,
+    report: &mut E2eReport,
+    logs: &mut Vec<Log>,
+) -> Result<()> {
+    let before = cluster.stores().await?;
     let (offline, offline_logs) = offline_phase(cluster, plan).await?;
+    let after = cluster.stores().await?;
+    let (stores, items) = (after.0 - before.0, after.1 - before.1);
+    ensure!(
+        stores > 0.0,
+        "the gateway counted no store in the offline phase"
+    );
+    let shape = e2e_direct::Shape {
+        conversations: plan.pairs,
+        items_per_store: (items / stores).round().max(1.0) as usize,
+        messages: offline.stored as u64,
+    };
+    report.offline_direct = Some(e2e_direct::drive(cluster.services.map.clone(), shape).await?);
     report.offline = Some(offline);
     report.note_problems("offline", &offline_logs);
     logs.extend(offline_logs);
-    report.delivery = Some(Delivery::check(&logs));
     Ok(())
 }
 
@@ -219,6 +288,8 @@ struct Cluster {
     services: Embedded,
     gateway: procs::ChildProc,
     addr: SocketAddr,
+    /// The gateway's `/metrics`.
+    metrics: SocketAddr,
     public: [u8; 32],
     profile: ProfileClient,
     next_user: AtomicU64,
@@ -231,7 +302,9 @@ impl Cluster {
             .await
             .context("start presence, profile and the shards")?;
         let config = dir.join("gateway.toml");
-        std::fs::write(&config, GATEWAY_CONFIG).context("write the gateway's config")?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], procs::free_loopback_port()?));
+        let toml = format!("metrics_addr = \"{metrics}\"\n{GATEWAY_LIMITS}");
+        std::fs::write(&config, toml).context("write the gateway's config")?;
         let mut cmd = Command::new(bin);
         cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
             .arg("--cluster")
@@ -252,6 +325,7 @@ impl Cluster {
             services,
             gateway,
             addr,
+            metrics,
             public,
             profile,
             next_user: AtomicU64::new(0),
@@ -289,6 +363,15 @@ impl Cluster {
                 .context("make the pairs friends")?;
         }
         Ok(())
+    }
+
+    /// The gateway's stores to shards and the messages in them so far.
+    async fn stores(&self) -> Result<(f64, f64)> {
+        let text = crate::group_cluster::scrape(self.metrics).await?;
+        Ok((
+            crate::group_cluster::metric_sum(&text, "gateway_stores_total"),
+            crate::group_cluster::metric_sum(&text, "gateway_stored_items_total"),
+        ))
     }
 
     fn gateway_cpu(&self) -> Option<Duration> {

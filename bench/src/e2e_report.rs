@@ -6,6 +6,7 @@ use crate::{
     e2e_fleet::Log,
     report::{fmt_rate, ratio},
 };
+use crate::{e2e_direct::DirectResult, responder_crypto::ResponderCrypto};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::{collections::HashMap, fmt::Write as _, time::Duration};
@@ -33,6 +34,14 @@ pub struct Ratios {
     /// chat-shaped online phase, milliseconds; the gateway promises at most
     /// `timers.send_answer_ms_max` (5,000 by default).
     pub send_answer_ms_p999: Option<f64>,
+    /// Gateway CPU per resume-token login over the CPU of the X25519 work
+    /// a Noise_NK responder must do (one key pair, two DH), measured in
+    /// this process in the same run.
+    pub resume_login_cpu_vs_x25519: Option<f64>,
+    /// Sends to offline users stored per second through the gateway over
+    /// the append rate of the same shards driven directly, as the gateway
+    /// drives them, in the same run.
+    pub offline_store_vs_shard: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -239,6 +248,10 @@ pub struct E2eReport {
     pub offline: Option<OfflineResult>,
     pub delivery: Option<Delivery>,
     pub gateway_peak_rss_bytes: Option<u64>,
+    /// The offline phase's shards driven directly (`offline_store_vs_shard`).
+    pub offline_direct: Option<DirectResult>,
+    /// The responder's X25519 work, in-process (`resume_login_cpu_vs_x25519`).
+    pub responder_crypto: Option<ResponderCrypto>,
     pub problems: Vec<String>,
 }
 
@@ -258,6 +271,8 @@ impl E2eReport {
             offline: None,
             delivery: None,
             gateway_peak_rss_bytes: None,
+            responder_crypto: None,
+            offline_direct: None,
             problems: Vec::new(),
         }
     }
@@ -285,6 +300,15 @@ impl E2eReport {
             self.chat.as_ref().map(|o| o.answer.p999_us as f64 / 1000.0);
         self.p99_us = self.chat.as_ref().map(|o| o.answer.p99_us);
         self.delivery_p99_us = self.chat.as_ref().map(|o| o.delivery.p99_us);
+        self.ratios.offline_store_vs_shard = ratio(
+            self.offline.as_ref().map(|o| o.stored_per_sec),
+            self.offline_direct.as_ref().map(|d| d.stored_per_sec),
+        );
+        let resume = self.logins.iter().find(|l| l.method == "resume");
+        self.ratios.resume_login_cpu_vs_x25519 = ratio(
+            resume.and_then(|l| l.gateway_cpu_us_per_login),
+            self.responder_crypto.as_ref().map(|c| c.x25519_us),
+        );
     }
 }
 
@@ -393,6 +417,13 @@ fn render_logins(out: &mut String, r: &E2eReport) {
 }
 
 fn render_offline(out: &mut String, r: &E2eReport) {
+    if let Some(c) = &r.responder_crypto {
+        let _ = writeln!(
+            out,
+            "responder X25519 work  {:.1} us CPU (1 key pair + 2 DH, in-process); whole Noise_NK responder handshake {:.1} us",
+            c.x25519_us, c.handshake_us
+        );
+    }
     let Some(o) = &r.offline else { return };
     let _ = writeln!(
         out,
@@ -401,6 +432,17 @@ fn render_offline(out: &mut String, r: &E2eReport) {
         o.stored,
         o.store_secs
     );
+    if let Some(d) = &r.offline_direct {
+        let _ = writeln!(
+            out,
+            "  same shards direct   {:>9} msgs/s  ({} stored in {:.2} s: {} conversations, {} per AppendBatch, the gateway's shape)",
+            fmt_rate(d.stored_per_sec),
+            d.stored,
+            d.secs,
+            d.conversations,
+            d.items_per_store
+        );
+    }
     let _ = writeln!(
         out,
         "offline drain          {:>9} msgs/s  ({} fetched in {:.2} s)",
@@ -445,6 +487,38 @@ fn render_verdicts(out: &mut String, r: &E2eReport) {
         out,
         "  send_answer_ms_p999        {answer}   (target <= {target}: chat shape, slowest 0.1% of send -> Sent)"
     );
+    let rows = [
+        ("offline_store_vs_shard", r.ratios.offline_store_vs_shard),
+        (
+            "resume_login_cpu_vs_x25519",
+            r.ratios.resume_login_cpu_vs_x25519,
+        ),
+    ];
+    for (key, value) in rows {
+        let target = crate::report_html::targets::target_of("e2e", key);
+        let verdict = crate::report_html::targets::Verdict::of(target, value);
+        let shown = value.map_or_else(|| "n/a".into(), |v| format!("{v:.3}"));
+        let target = target.map_or_else(String::new, |t| format!("target {t}: "));
+        let _ = writeln!(
+            out,
+            "  {key:<26} {shown} -> {}   ({target}{})",
+            verdict.label(),
+            what_of(key)
+        );
+    }
+}
+
+/// What each of the issue-22 ratios compares, for the printout.
+fn what_of(key: &str) -> &'static str {
+    match key {
+        "offline_store_vs_shard" => {
+            "offline stores/s via the gateway / the same shards driven as the gateway drives them"
+        }
+        "resume_login_cpu_vs_x25519" => {
+            "gateway CPU per resume login / in-process X25519 work of a Noise_NK responder"
+        }
+        _ => "",
+    }
 }
 
 #[cfg(test)]

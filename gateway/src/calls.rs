@@ -95,11 +95,12 @@ pub async fn store(
     Ok(results.into_iter().map(|r| r.map_err(from_shard)).collect())
 }
 
-/// `to` has no session on this gateway: push `delivery` (already stored)
-/// through the gateway presence says it is on. Best effort: a recipient
-/// that misses the push finds the message by seq (a later push reveals the
-/// gap, and every login fetches).
-pub async fn notify(services: &Services, to: u64, delivery: Delivery) {
+/// `to` has no session on this gateway: push `deliveries` (already
+/// stored, in seq order) through the gateway presence says it is on; one
+/// lookup for all of them. Best effort: a recipient that misses a push
+/// finds the message by seq (a later push reveals the gap, and every login
+/// fetches).
+pub async fn notify(services: &Services, to: u64, deliveries: Vec<Delivery>) {
     let lookup = with_timeout(services, services.presence.lookup(&[to])).await;
     let gateway = match lookup {
         Ok(Ok(mut entries)) => match entries.pop().flatten() {
@@ -113,10 +114,12 @@ pub async fn notify(services: &Services, to: u64, delivery: Delivery) {
             return;
         }
     };
-    let forward = Forward::new(to, delivery);
-    let sent = services.peers.forward(&services.presence, gateway, forward);
-    if with_timeout(services, sent).await.ok().flatten().is_none() {
-        metrics::counter!("gateway_notify_failed_total", "why" => "peer").increment(1);
+    for delivery in deliveries {
+        let forward = Forward::new(to, delivery);
+        let sent = services.peers.forward(&services.presence, gateway, forward);
+        if with_timeout(services, sent).await.ok().flatten().is_none() {
+            metrics::counter!("gateway_notify_failed_total", "why" => "peer").increment(1);
+        }
     }
 }
 

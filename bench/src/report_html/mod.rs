@@ -9,7 +9,7 @@ mod charts;
 mod history;
 mod input;
 mod page;
-mod targets;
+pub(crate) mod targets;
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;

@@ -27,6 +27,7 @@
 //!   relations (friends, blocks, disabled), invalidated by the profile
 //!   service's pushes, not by a round trip per message.
 
+mod deadlines;
 mod groups;
 mod holds;
 mod relations;
@@ -102,9 +103,11 @@ pub enum Action {
         to: u64,
         items: Vec<StoreItem>,
     },
-    /// `to` has no session here: push `delivery` through the gateway
-    /// presence says it is on, if any.
-    Notify { to: u64, delivery: Delivery },
+    /// `to` has no session here: push `deliveries` (in seq order) through
+    /// the gateway presence says it is on, if any. The messages of one
+    /// stored batch share one action (one presence lookup), at most
+    /// [`NOTIFY_DELIVERIES_MAX`].
+    Notify { to: u64, deliveries: Vec<Delivery> },
     /// Read these users' relations from profile; answered
     /// [`Answer::Relations`].
     LoadRelations { users: Vec<u64> },
@@ -116,6 +119,11 @@ pub enum Action {
     /// A session ended: tell presence.
     Offline { user: u64, session: u64 },
 }
+
+/// Deliveries one [`Action::Notify`] carries at most: a stored batch's
+/// worth ([`STORE_BATCH_ITEMS_MAX`]); a longer run of deliveries to one
+/// user starts another action.
+pub const NOTIFY_DELIVERIES_MAX: usize = STORE_BATCH_ITEMS_MAX;
 
 /// One message of a [`Action::Store`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,21 +4,19 @@
 //! remembered for retries, then pushed to the recipient.
 
 use super::{
+    deadlines::Deadlines,
     error,
     groups::{self, GroupLookup},
     holds::{Hold, Holds},
     relations::Lookup,
-    Action, Now, Router, Sessions, StoreItem,
+    Action, Now, Router, Sessions, StoreItem, NOTIFY_DELIVERIES_MAX,
 };
 use crate::dedupe::{FastMap, RecentSends, SendKey};
 use proto::{
     app::{AppError, AppErrorCode, Delivery, Reply, SendOutcome, StoredEnvelope, BODY_BYTES_MAX},
     groups::is_group,
 };
-use std::{
-    collections::{BTreeSet, VecDeque},
-    time::Instant,
-};
+use std::{collections::VecDeque, time::Instant};
 
 /// (sender, recipient): the recipient is a user or a group.
 pub(crate) use super::holds::ConvKey;
@@ -71,7 +69,7 @@ pub(crate) struct Sends {
     convs: FastMap<ConvKey, Conv>,
     batches: FastMap<u64, Batch>,
     holds: Holds,
-    deadlines: BTreeSet<(Instant, SendKey)>,
+    deadlines: Deadlines,
     /// Conversations waiting for their recipient's relations, by recipient.
     waiting: FastMap<u64, Vec<ConvKey>>,
     done: RecentSends,
@@ -86,7 +84,7 @@ impl Sends {
             convs: FastMap::default(),
             batches: FastMap::default(),
             holds: Holds::default(),
-            deadlines: BTreeSet::new(),
+            deadlines: Deadlines::default(),
             waiting: FastMap::default(),
             done: RecentSends::new(dedupe_entries_max),
             next_batch: 0,
@@ -99,23 +97,31 @@ impl Sends {
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(t, _)| *t)
+        self.deadlines.first()
     }
 
     /// Sends whose answer is due: their waiters, taken (the sends go on).
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<(SendKey, Vec<Waiter>)> {
         let mut out = Vec::new();
-        while let Some(&(at, key)) = self.deadlines.first() {
-            if at > now {
-                break;
-            }
-            self.deadlines.pop_first();
-            if let Some(p) = self.pending.get_mut(&key) {
-                p.deadline = None;
-                out.push((key, std::mem::take(&mut p.waiters)));
+        while let Some((at, key)) = self.deadlines.pop_due(now) {
+            match self.pending.get_mut(&key) {
+                Some(p) if p.deadline == Some(at) => {
+                    p.deadline = None;
+                    out.push((key, std::mem::take(&mut p.waiters)));
+                }
+                _ => {} // answered or re-armed since: a stale entry
             }
         }
+        self.tidy_deadlines();
         out
+    }
+
+    /// Drop stale deadline entries (see [`Deadlines`]).
+    fn tidy_deadlines(&mut self) {
+        let pending = &self.pending;
+        self.deadlines.tidy(pending.len(), |&(at, key)| {
+            pending.get(&key).is_some_and(|p| p.deadline == Some(at))
+        });
     }
 
     pub(crate) fn forget_expired_holds(&mut self, now: Instant) {
@@ -133,12 +139,11 @@ impl Sends {
         self.next_arrival
     }
 
+    /// Arm (or re-arm) `key`'s deadline; an older entry goes stale.
     fn set_deadline(&mut self, key: SendKey, at: Instant) {
         if let Some(p) = self.pending.get_mut(&key) {
-            if let Some(old) = p.deadline.replace(at) {
-                self.deadlines.remove(&(old, key));
-            }
-            self.deadlines.insert((at, key));
+            p.deadline = Some(at);
+            self.deadlines.push(at, key);
         }
     }
 }
@@ -473,8 +478,8 @@ impl Router {
         let Some(p) = self.sends.pending.remove(&key) else {
             return;
         };
-        if let Some(at) = p.deadline {
-            self.sends.deadlines.remove(&(at, key));
+        if p.deadline.is_some() {
+            self.sends.tidy_deadlines();
         }
         let outcome = match &result {
             Ok(_) => "stored",
@@ -510,10 +515,28 @@ impl Router {
         }
         match self.sessions.session_of(p.to) {
             Some(session) => self.push_delivery(session, delivery, io),
-            None => self
-                .actions
-                .push_back(Action::Notify { to: p.to, delivery }),
+            None => self.notify(p.to, delivery),
         }
+    }
+
+    /// Queue `delivery` for `to`'s gateway elsewhere: with the action just
+    /// queued if that one is for `to` too (a stored batch's messages, in
+    /// order), so a batch costs one presence lookup, not one a message.
+    fn notify(&mut self, to: u64, delivery: Delivery) {
+        if let Some(Action::Notify {
+            to: last,
+            deliveries,
+        }) = self.actions.back_mut()
+        {
+            if *last == to && deliveries.len() < NOTIFY_DELIVERIES_MAX {
+                deliveries.push(delivery);
+                return;
+            }
+        }
+        self.actions.push_back(Action::Notify {
+            to,
+            deliveries: vec![delivery],
+        });
     }
 
     pub(super) fn answer_waiters(

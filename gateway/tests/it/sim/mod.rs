@@ -334,7 +334,7 @@ enum Work {
     },
     Notify {
         to: u64,
-        delivery: Delivery,
+        deliveries: Vec<Delivery>,
     },
     /// A group message for members without a session on the gateway that
     /// stored it: presence is asked, one forward per other gateway.
@@ -1154,7 +1154,9 @@ impl World {
             Action::Store { batch, to, items } => {
                 self.take_store(g, due, batch, to, items);
             }
-            Action::Notify { to, delivery } => self.schedule(g, due, Work::Notify { to, delivery }),
+            Action::Notify { to, deliveries } => {
+                self.schedule(g, due, Work::Notify { to, deliveries })
+            }
             Action::GroupNotify { forward } => {
                 self.schedule(g, due, Work::GroupNotify { forward });
             }
@@ -1563,12 +1565,14 @@ impl World {
                         continue;
                     }
                 }
-                Work::Notify { to, delivery } => {
+                Work::Notify { to, deliveries } => {
                     if let Some(&(g, _)) = self.presence.get(&to) {
                         if g != f.gateway {
-                            let forward = Forward::new(to, delivery);
                             let gw = &mut self.gateways[g];
-                            gw.router.peer_forward(forward, &mut gw.endpoint);
+                            for delivery in deliveries {
+                                let forward = Forward::new(to, delivery);
+                                gw.router.peer_forward(forward, &mut gw.endpoint);
+                            }
                         }
                     }
                 }

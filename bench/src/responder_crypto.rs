@@ -1,0 +1,136 @@
+//! What a Noise_NK responder's X25519 work costs on this machine, measured
+//! in-process in the same run as the login storm it is compared with: one
+//! ephemeral key pair and two Diffie-Hellman operations (`es` with the
+//! static key, `ee` with the ephemeral one), through snow's default
+//! resolver, the implementation the gateway's handshakes use. Also the
+//! whole responder handshake (build, read the initiator's message, write
+//! the answer), for scale.
+
+use proto::session::crypto;
+use serde::Serialize;
+use snow::{
+    params::DHChoice,
+    resolvers::{CryptoResolver, DefaultResolver},
+};
+use std::time::{Duration, Instant};
+
+/// How long each measurement loops (CPU time is read per thread).
+const MEASURE_FOR: Duration = Duration::from_millis(400);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResponderCrypto {
+    /// CPU of one key generation and two DH operations.
+    pub x25519_us: f64,
+    /// CPU of one whole responder handshake (snow: build, read, write).
+    pub handshake_us: f64,
+    pub rounds: u64,
+}
+
+/// Measure both on a thread of their own (its CPU time is theirs alone).
+pub fn measure() -> std::io::Result<ResponderCrypto> {
+    std::thread::Builder::new()
+        .name("x25519-cost".into())
+        .spawn(|| {
+            let (x25519_us, rounds) = per_round_us(x25519_round);
+            let (handshake_us, _) = per_round_us(handshake_round());
+            ResponderCrypto {
+                x25519_us,
+                handshake_us,
+                rounds,
+            }
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the measuring thread panicked"))
+}
+
+/// Mean thread CPU per call of `round`, looping for [`MEASURE_FOR`].
+fn per_round_us(mut round: impl FnMut(u64)) -> (f64, u64) {
+    round(0); // warm up
+    let (t0, cpu0) = (Instant::now(), thread_cpu());
+    let mut n = 0;
+    while t0.elapsed() < MEASURE_FOR {
+        round(n);
+        n += 1;
+    }
+    let cpu = thread_cpu() - cpu0;
+    (cpu.as_secs_f64() * 1e6 / n as f64, n)
+}
+
+/// One ephemeral key pair and two DH operations, as the responder does.
+fn x25519_round(n: u64) {
+    let dh = || {
+        DefaultResolver
+            .resolve_dh(&DHChoice::Curve25519)
+            .expect("snow resolves X25519")
+    };
+    let mut rng = DefaultResolver.resolve_rng().expect("snow has an RNG");
+    let mut ephemeral = dh();
+    ephemeral
+        .generate(&mut *rng)
+        .expect("X25519 key generation");
+    let mut stat = dh();
+    stat.set(&seed(n));
+    let mut out = [0u8; 32];
+    stat.dh(ephemeral.pubkey(), &mut out).expect("X25519");
+    ephemeral.dh(stat.pubkey(), &mut out).expect("X25519");
+    std::hint::black_box(out);
+}
+
+/// A whole Noise_NK responder handshake (a fresh responder each round) on
+/// initiator messages made in advance, so only the responder is timed.
+fn handshake_round() -> impl FnMut(u64) {
+    let keys = crypto::StaticKeypair::generate(seed(u64::MAX));
+    let mut first = vec![0u8; 256];
+    let mut answer = vec![0u8; 256];
+    let messages: Vec<Vec<u8>> = (0..64)
+        .map(|i| {
+            let mut init = crypto::initiator(&keys.public, seed(i));
+            let len = init
+                .write_message(&[], &mut first)
+                .expect("initiator message");
+            first[..len].to_vec()
+        })
+        .collect();
+    move |n| {
+        let mut resp = crypto::responder(&keys, seed(n));
+        let msg = &messages[n as usize % messages.len()];
+        let mut payload = [0u8; 64];
+        resp.read_message(msg, &mut payload).expect("valid message");
+        resp.write_message(&[], &mut answer)
+            .expect("responder answer");
+        std::hint::black_box(&answer);
+    }
+}
+
+fn seed(n: u64) -> [u8; 32] {
+    let mut s = [7u8; 32];
+    s[..8].copy_from_slice(&n.to_le_bytes());
+    s
+}
+
+/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, nanosecond grain).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(
+        rc, 0,
+        "CLOCK_THREAD_CPUTIME_ID is always available on Linux"
+    );
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_figures_are_measured() {
+        let m = measure().unwrap();
+        assert!(m.rounds > 0);
+        assert!(m.x25519_us > 0.0 && m.handshake_us > 0.0, "{m:?}");
+    }
+}
