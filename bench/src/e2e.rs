@@ -22,6 +22,7 @@
 
 use crate::{
     e2e_direct,
+    e2e_storm,
     e2e_fleet::{Counters, Fleet, Log, PlannedLogin, Role, BODY_BYTES},
     e2e_report::{self, Delivery, E2eReport, LoginResult, OfflineResult, OnlineResult, RawResult},
     procs,
@@ -105,6 +106,9 @@ pub struct E2eArgs {
     /// Handshakes in flight at once in the login storm.
     #[arg(long, default_value_t = 128)]
     pub logins_in_flight: usize,
+    /// Idle sessions of the reconnect storm [default: 50000; quick: 5000].
+    #[arg(long)]
+    pub storm_sessions: Option<usize>,
     /// Messages stored for offline users, in all (at most 10,000 per receiver, a mailbox's default limit) [default: 600000; quick: 300000].
     #[arg(long)]
     pub offline_messages: Option<usize>,
@@ -128,6 +132,8 @@ pub enum E2ePhase {
     Logins,
     /// Messages to offline users, the same shards driven directly, the drain.
     Offline,
+    /// Idle sessions, the gateway restarted, every session back.
+    Storm,
 }
 
 impl E2ePhase {
@@ -137,6 +143,7 @@ impl E2ePhase {
             E2ePhase::Chat,
             E2ePhase::Logins,
             E2ePhase::Offline,
+            E2ePhase::Storm,
         ]
     }
 }
@@ -152,6 +159,7 @@ pub struct Plan {
     pub resume_logins: usize,
     pub logins_in_flight: usize,
     pub offline_per_sender: u64,
+    pub storm_sessions: usize,
     pub phases: Vec<E2ePhase>,
 }
 
@@ -179,6 +187,7 @@ impl Plan {
             resume_logins: pick(a.resume_logins, 20_000, 2_000),
             logins_in_flight: a.logins_in_flight.max(1),
             offline_per_sender: offline.div_ceil(pairs) as u64,
+            storm_sessions: pick(a.storm_sessions, 50_000, 5_000).max(1),
             phases: a.phases.clone(),
         })
     }
@@ -196,6 +205,7 @@ impl Plan {
             "resume_logins": self.resume_logins,
             "logins_in_flight": self.logins_in_flight,
             "offline_messages": self.offline_per_sender * self.pairs as u64,
+            "storm_sessions": self.storm_sessions,
             "body_bytes": BODY_BYTES,
             "raw_udp": {"payload_bytes": RAW_PAYLOAD_BYTES, "sockets": RAW_CLIENTS, "window": RAW_WINDOW},
             "gateway_limits": "handshakes_per_ip_per_s, messages_per_user_per_s and messages_burst raised to 1,000,000 (--config)",
@@ -215,7 +225,7 @@ pub async fn run(args: E2eArgs) -> Result<()> {
     let dir = tempfile::tempdir().context("a temporary directory")?;
     let cluster = Cluster::start(dir.path(), args.gateway_bin.as_deref()).await?;
     let result = run_phases(&cluster, &plan, &mut report).await;
-    report.gateway_peak_rss_bytes = cluster.gateway.peak_rss_bytes().ok();
+    report.gateway_peak_rss_bytes = cluster.gateway().peak_rss_bytes().ok();
     cluster.stop().await;
     if let Err(e) = result {
         report.problems.push(format!("{e:#}"));
@@ -252,6 +262,12 @@ async fn run_phases(cluster: &Cluster, plan: &Plan, report: &mut E2eReport) -> R
     if wanted(E2ePhase::Offline) {
         offline_and_direct(cluster, plan, report, &mut logs).await?;
     }
+    if wanted(E2ePhase::Storm) {
+        let (storm, storm_logs) = e2e_storm::run(cluster, plan).await?;
+        report.storm = Some(storm);
+        report.note_problems("reconnect storm", &storm_logs);
+        logs.extend(storm_logs);
+    }
     report.delivery = Some(Delivery::check(&logs));
     Ok(())
 }
@@ -284,15 +300,45 @@ async fn offline_and_direct(
 }
 
 /// The services in-process, the gateway as a process, and a profile client.
-struct Cluster {
-    services: Embedded,
-    gateway: procs::ChildProc,
-    addr: SocketAddr,
+pub(crate) struct Cluster {
+    pub(crate) services: Embedded,
+    /// The gateway process (a new one after [`Cluster::restart_gateway`]).
+    gateway: std::sync::Mutex<procs::ChildProc>,
+    /// How the gateway is started (again on the same address and keys).
+    launch: GatewayLaunch,
+    pub(crate) addr: SocketAddr,
     /// The gateway's `/metrics`.
     metrics: SocketAddr,
     public: [u8; 32],
     profile: ProfileClient,
     next_user: AtomicU64,
+}
+
+/// The gateway's command line, but for its UDP address.
+struct GatewayLaunch {
+    bin: PathBuf,
+    cluster: PathBuf,
+    data: PathBuf,
+    config: PathBuf,
+}
+
+impl GatewayLaunch {
+    fn start(&self, listen: SocketAddr) -> Result<(procs::ChildProc, SocketAddr)> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--listen")
+            .arg(listen.to_string())
+            .args(["--peer-listen", "127.0.0.1:0"])
+            .arg("--cluster")
+            .arg(&self.cluster)
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--config")
+            .arg(&self.config);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        procs::start_daemon("gateway", &mut cmd, START_TIMEOUT)
+    }
 }
 
 impl Cluster {
@@ -305,25 +351,21 @@ impl Cluster {
         let metrics = SocketAddr::from(([127, 0, 0, 1], procs::free_loopback_port()?));
         let toml = format!("metrics_addr = \"{metrics}\"\n{GATEWAY_LIMITS}");
         std::fs::write(&config, toml).context("write the gateway's config")?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0"])
-            .arg("--cluster")
-            .arg(services.cluster_path())
-            .arg("--data")
-            .arg(dir.join("gateway"))
-            .arg("--config")
-            .arg(&config);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "warn");
-        }
-        let (gateway, addr) = procs::start_daemon("gateway", &mut cmd, START_TIMEOUT)?;
-        let hex = std::fs::read_to_string(dir.join("gateway/gateway.pub"))
+        let launch = GatewayLaunch {
+            bin,
+            cluster: services.cluster_path(),
+            data: dir.join("gateway"),
+            config,
+        };
+        let (gateway, addr) = launch.start(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let hex = std::fs::read_to_string(launch.data.join("gateway.pub"))
             .context("read the gateway's public key")?;
         let public = gateway::keys::from_hex(hex.trim()).context("the gateway's public key")?;
         let profile = ProfileClient::connect(services.map.profile.clone()).await?;
         Ok(Cluster {
             services,
-            gateway,
+            gateway: std::sync::Mutex::new(gateway),
+            launch,
             addr,
             metrics,
             public,
@@ -332,8 +374,59 @@ impl Cluster {
         })
     }
 
+    fn gateway(&self) -> std::sync::MutexGuard<'_, procs::ChildProc> {
+        self.gateway.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stop the gateway with SIGTERM (it closes every session) and start
+    /// it again on the same address with the same keys; the seconds it was
+    /// down (from the signal until it listens again).
+    pub(crate) fn restart_gateway(&self) -> Result<f64> {
+        let t0 = Instant::now();
+        let launch = &self.launch;
+        let addr = self.addr;
+        let mut gateway = self.gateway();
+        gateway.terminate(START_TIMEOUT)?;
+        let (fresh, again) = launch.start(addr)?;
+        ensure!(again == addr, "the gateway came back on {again}, not {addr}");
+        *gateway = fresh;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Resume tokens for `users` (fresh accounts, never logged in) signed
+    /// with the gateway's token key, as their earlier logins would have
+    /// been given.
+    pub(crate) async fn mint_tokens(&self, users: &[u64]) -> Result<Vec<Vec<u8>>> {
+        let key = gateway::keys::load_or_create(&self.launch.data.join(gateway::keys::TOKEN_KEY_FILE))?;
+        let keys = gateway::resume::TokenKeys::cluster(key);
+        let probe = users.first().copied().into_iter().collect();
+        let epoch = self
+            .profile
+            .relations(probe)
+            .await?
+            .first()
+            .map_or(0, |r| r.credential_epoch);
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        Ok(users
+            .iter()
+            .map(|&user| {
+                let claims = gateway::resume::ResumeClaims {
+                    user,
+                    issued_at_s: now_s,
+                    expires_at_s: now_s + 3600,
+                    credential_epoch: epoch,
+                };
+                let mut nonce = [0u8; gateway::resume::NONCE_BYTES];
+                nonce[..8].copy_from_slice(&user.to_le_bytes());
+                keys.issue(claims, nonce).to_vec()
+            })
+            .collect())
+    }
+
     /// `n` new accounts sharing one password hash; their ids.
-    async fn users(&self, n: usize) -> Result<Vec<u64>> {
+    pub(crate) async fn users(&self, n: usize) -> Result<Vec<u64>> {
         let hasher = Hasher::for_service(&self.profile.info().await?)?;
         let phc = hasher.hash(PASSWORD.as_bytes())?;
         let first = self.next_user.fetch_add(n as u64, Ordering::Relaxed);
@@ -375,11 +468,11 @@ impl Cluster {
     }
 
     fn gateway_cpu(&self) -> Option<Duration> {
-        procs::cpu_time(self.gateway.pid()).ok()
+        procs::cpu_time(self.gateway().pid()).ok()
     }
 
     async fn stop(self) {
-        let _ = self.gateway.kill();
+        let _ = self.gateway().kill_now();
         self.services.shutdown().await;
     }
 }
@@ -403,14 +496,14 @@ fn password_login(ids: &[u64], first: u64, role: impl Fn(usize) -> Role) -> Vec<
 }
 
 /// Fleets running on `sockets` sockets until stopped.
-struct Running {
+pub(crate) struct Running {
     counters: Arc<Counters>,
     shared: Arc<LoadShared>,
     tasks: Vec<JoinHandle<Result<Fleet>>>,
 }
 
 impl Running {
-    fn launch(
+    pub(crate) fn launch(
         cluster: &Cluster,
         logins: Vec<PlannedLogin>,
         sockets: usize,
@@ -447,7 +540,7 @@ impl Running {
     }
 
     /// Close every session (so the gateway forgets them), then stop.
-    async fn stop(self) -> Result<Vec<Log>> {
+    pub(crate) async fn stop(self) -> Result<Vec<Log>> {
         self.counters.close.store(true, Ordering::Relaxed);
         tokio::time::sleep(CLOSE_GRACE).await;
         self.shared.stop.store(true, Ordering::Relaxed);
@@ -460,7 +553,7 @@ impl Running {
 }
 
 /// Wait until `done` (checked every few ms); fails after PHASE_TIMEOUT.
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+pub(crate) async fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + PHASE_TIMEOUT;
     while !done() {
         if Instant::now() >= deadline {

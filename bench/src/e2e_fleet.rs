@@ -118,6 +118,9 @@ pub struct Counters {
     pub catch_up: AtomicBool,
     /// Set by the controller: every fleet closes all its sessions.
     pub close: AtomicBool,
+    /// `Role::Reconnecting` logins that did not get through and were
+    /// started again (not counted in `login_failures`).
+    pub login_retries: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -134,6 +137,10 @@ pub enum Role {
     Receiver,
     /// Log in, then close the session at once.
     LoginOnly,
+    /// Stay logged in, idle; whenever the session ends (the gateway closed
+    /// it, or a login did not get through), log in again with the newest
+    /// resume token, as a client does after its gateway restarts.
+    Reconnecting,
 }
 
 pub struct PlannedLogin {
@@ -301,6 +308,8 @@ pub struct Fleet {
     catching_up: bool,
     /// Users with a handshake in flight (a user's next login waits).
     busy: HashSet<u64>,
+    /// `Role::Reconnecting` users' newest resume tokens.
+    tokens: HashMap<u64, Vec<u8>>,
     counters: Arc<Counters>,
     body: Vec<u8>,
     pub log: Log,
@@ -338,6 +347,7 @@ impl Fleet {
             quiescing: false,
             catching_up: false,
             busy: HashSet::new(),
+            tokens: HashMap::new(),
             counters,
             body: vec![b'm'; BODY_BYTES],
             log: Log::new(),
@@ -464,6 +474,9 @@ impl Fleet {
     fn on_closed(&mut self, i: usize, reason: proto::session::CloseReason) {
         let sim = &self.sims[i];
         let expected = sim.closing;
+        if matches!(sim.role, Role::Reconnecting) && !expected {
+            return self.reconnect(i);
+        }
         if !sim.connected {
             self.handshake_done(i);
             self.login_failed(format!("handshake ended: {reason:?}"));
@@ -492,24 +505,46 @@ impl Fleet {
             .saturating_sub(accepted.mailbox_count);
         sim.seen.covered_through(acked);
         sim.acked_seq = sim.acked_seq.max(acked);
-        self.log
-            .tokens
-            .push((self.sims[i].user, accepted.resume_token));
+        let user = self.sims[i].user;
+        if matches!(self.sims[i].role, Role::Reconnecting) {
+            self.tokens.insert(user, accepted.resume_token.clone());
+        }
+        self.log.tokens.push((user, accepted.resume_token));
         match self.sims[i].role {
             Role::LoginOnly => {
                 self.sims[i].closing = true;
                 self.sims[i].session.close();
             }
             Role::Sender { .. } | Role::Receiver if self.started => self.start_work(i, now),
-            Role::Sender { .. } | Role::Receiver => {}
+            Role::Sender { .. } | Role::Receiver | Role::Reconnecting => {}
         }
+    }
+
+    /// A `Role::Reconnecting` session ended unasked: log in again with the
+    /// newest token (a handshake that did not get through is a retry).
+    fn reconnect(&mut self, i: usize) {
+        let user = self.sims[i].user;
+        if self.sims[i].connected {
+            self.sims[i].connected = false;
+        } else {
+            self.handshake_done(i);
+            bump(&self.counters.login_retries, 1);
+        }
+        let Some(token) = self.tokens.get(&user).cloned() else {
+            return self.login_failed("no resume token to reconnect with".into());
+        };
+        self.pending.push_back(PlannedLogin {
+            user,
+            method: LoginMethod::Resume { token },
+            role: Role::Reconnecting,
+        });
     }
 
     fn start_work(&mut self, i: usize, now: Instant) {
         match self.sims[i].role {
             Role::Sender { .. } => self.send_more(i, now),
             Role::Receiver => self.fetch(i),
-            Role::LoginOnly => {}
+            Role::LoginOnly | Role::Reconnecting => {}
         }
     }
 

@@ -6,7 +6,7 @@ use crate::{
     e2e_fleet::Log,
     report::{fmt_rate, ratio},
 };
-use crate::{e2e_direct::DirectResult, responder_crypto::ResponderCrypto};
+use crate::{e2e_direct::DirectResult, e2e_storm::StormResult, responder_crypto::ResponderCrypto};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::{collections::HashMap, fmt::Write as _, time::Duration};
@@ -248,6 +248,8 @@ pub struct E2eReport {
     pub offline: Option<OfflineResult>,
     pub delivery: Option<Delivery>,
     pub gateway_peak_rss_bytes: Option<u64>,
+    /// The reconnect storm: idle sessions, the gateway restarted.
+    pub storm: Option<StormResult>,
     /// The offline phase's shards driven directly (`offline_store_vs_shard`).
     pub offline_direct: Option<DirectResult>,
     /// The responder's X25519 work, in-process (`resume_login_cpu_vs_x25519`).
@@ -273,6 +275,7 @@ impl E2eReport {
             gateway_peak_rss_bytes: None,
             responder_crypto: None,
             offline_direct: None,
+            storm: None,
             problems: Vec::new(),
         }
     }
@@ -330,6 +333,7 @@ pub fn render(r: &E2eReport, plan: &Plan) -> String {
     render_online(&mut out, r);
     render_logins(&mut out, r);
     render_offline(&mut out, r);
+    render_storm(&mut out, r);
     render_verdicts(&mut out, r);
     if !r.problems.is_empty() {
         let _ = writeln!(out, "\nproblems:");
@@ -449,6 +453,15 @@ fn render_offline(out: &mut String, r: &E2eReport) {
         fmt_rate(o.drained_per_sec),
         o.drained,
         o.drain_secs
+    );
+}
+
+fn render_storm(out: &mut String, r: &E2eReport) {
+    let Some(s) = &r.storm else { return };
+    let _ = writeln!(
+        out,
+        "reconnect storm        {} idle sessions (logged in in {:.1} s); gateway restarted (SIGTERM -> listening {:.2} s); all back {:.1} s after SIGTERM ({:.0} logins/s, {} retried, {} refused)",
+        s.sessions, s.login_secs, s.restart_secs, s.all_back_secs, s.relogins_per_sec, s.retries, s.failed
     );
 }
 

@@ -5,6 +5,7 @@ mod chaos;
 mod disk;
 mod e2e;
 mod e2e_direct;
+mod e2e_storm;
 mod e2e_fleet;
 mod e2e_report;
 mod failover;

@@ -54,6 +54,32 @@ impl ChildProc {
         self.kill_inner()
     }
 
+    /// SIGTERM (a daemon drains and exits 0), then wait up to `timeout`;
+    /// SIGKILL if it has not exited by then (an error: it should have).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let pid = libc::pid_t::try_from(self.pid()).context("a pid fits pid_t")?;
+        // SAFETY: plain libc call on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(status.success(), "{} exited with {status} on SIGTERM", self.name);
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.kill_inner()?;
+        bail!("{} did not exit within {timeout:?} of SIGTERM", self.name)
+    }
+
+    /// Kill it now and wait for it, in place.
+    pub fn kill_now(&mut self) -> Result<()> {
+        self.kill_inner()
+    }
+
     fn kill_inner(&mut self) -> Result<()> {
         if self.child.try_wait()?.is_none() {
             self.child

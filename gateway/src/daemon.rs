@@ -176,7 +176,7 @@ pub async fn start(config: GatewayConfig) -> Result<Running, StartError> {
         profile,
         shards: Shards::new(map, config.timers.shard_busy_wait_ms_max),
         maps: MapKeeper::new(config.data.clone()),
-        tokens: TokenKeys::new((1, token_key), &[]),
+        tokens: TokenKeys::cluster(token_key),
         peers: crate::peers::PeerLinks::default(),
         profiles: quick_cache::sync::Cache::new(config.limits.profile_cache_entries),
         group_trims: quick_cache::sync::Cache::new(crate::services::GROUP_TRIMS_REMEMBERED),

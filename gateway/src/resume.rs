@@ -65,7 +65,16 @@ impl std::fmt::Debug for TokenKeys {
     }
 }
 
+/// The id of the token key a gateway signs with (`token.key`).
+pub const TOKEN_KEY_ID: u8 = 1;
+
 impl TokenKeys {
+    /// The cluster's keys as a gateway loads them: `token` (its
+    /// `token.key`) signs, as [`TOKEN_KEY_ID`].
+    pub fn cluster(token: [u8; 32]) -> TokenKeys {
+        TokenKeys::new((TOKEN_KEY_ID, token), &[])
+    }
+
     /// Sign with `(id, key)`; also accept the other keys given.
     pub fn new(signing: (u8, [u8; 32]), also_accepted: &[(u8, [u8; 32])]) -> TokenKeys {
         let mut keys = vec![signing];
