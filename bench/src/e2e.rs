@@ -22,10 +22,9 @@
 
 use crate::{
     e2e_direct,
-    e2e_storm,
     e2e_fleet::{Counters, Fleet, Log, PlannedLogin, Role, BODY_BYTES},
     e2e_report::{self, Delivery, E2eReport, LoginResult, OfflineResult, OnlineResult, RawResult},
-    procs,
+    e2e_storm, procs,
     udp_load::{self, LoadShared, RawPeer},
 };
 use anyhow::{bail, ensure, Context, Result};
@@ -388,7 +387,10 @@ impl Cluster {
         let mut gateway = self.gateway();
         gateway.terminate(START_TIMEOUT)?;
         let (fresh, again) = launch.start(addr)?;
-        ensure!(again == addr, "the gateway came back on {again}, not {addr}");
+        ensure!(
+            again == addr,
+            "the gateway came back on {again}, not {addr}"
+        );
         *gateway = fresh;
         Ok(t0.elapsed().as_secs_f64())
     }
@@ -397,7 +399,8 @@ impl Cluster {
     /// with the gateway's token key, as their earlier logins would have
     /// been given.
     pub(crate) async fn mint_tokens(&self, users: &[u64]) -> Result<Vec<Vec<u8>>> {
-        let key = gateway::keys::load_or_create(&self.launch.data.join(gateway::keys::TOKEN_KEY_FILE))?;
+        let key =
+            gateway::keys::load_or_create(&self.launch.data.join(gateway::keys::TOKEN_KEY_FILE))?;
         let keys = gateway::resume::TokenKeys::cluster(key);
         let probe = users.first().copied().into_iter().collect();
         let epoch = self

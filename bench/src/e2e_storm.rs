@@ -62,7 +62,10 @@ pub async fn run(cluster: &Cluster, plan: &Plan) -> Result<(StormResult, Vec<Log
     )?;
     let logins = || counters.logins.load(Ordering::Relaxed);
     let failed = || counters.login_failures.load(Ordering::Relaxed);
-    wait_for("the storm's first logins", || logins() + failed() >= n as u64).await?;
+    wait_for("the storm's first logins", || {
+        logins() + failed() >= n as u64
+    })
+    .await?;
     let login_secs = t0.elapsed().as_secs_f64();
     let before = logins();
     let down = Instant::now();

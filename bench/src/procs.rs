@@ -66,7 +66,11 @@ impl ChildProc {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
-                anyhow::ensure!(status.success(), "{} exited with {status} on SIGTERM", self.name);
+                anyhow::ensure!(
+                    status.success(),
+                    "{} exited with {status} on SIGTERM",
+                    self.name
+                );
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(5));

@@ -31,7 +31,7 @@ pub fn measure() -> std::io::Result<ResponderCrypto> {
     std::thread::Builder::new()
         .name("x25519-cost".into())
         .spawn(|| {
-            let (x25519_us, rounds) = per_round_us(x25519_round);
+            let (x25519_us, rounds) = per_round_us(x25519_round());
             let (handshake_us, _) = per_round_us(handshake_round());
             ResponderCrypto {
                 x25519_us,
@@ -56,24 +56,31 @@ fn per_round_us(mut round: impl FnMut(u64)) -> (f64, u64) {
     (cpu.as_secs_f64() * 1e6 / n as f64, n)
 }
 
-/// One ephemeral key pair and two DH operations, as the responder does.
-fn x25519_round(n: u64) {
+/// One ephemeral key pair and two DH operations, as the responder does:
+/// `es` (its static key with the initiator's ephemeral one), then a fresh
+/// ephemeral key pair and `ee`. The static key is set once, outside.
+fn x25519_round() -> impl FnMut(u64) {
     let dh = || {
         DefaultResolver
             .resolve_dh(&DHChoice::Curve25519)
             .expect("snow resolves X25519")
     };
     let mut rng = DefaultResolver.resolve_rng().expect("snow has an RNG");
-    let mut ephemeral = dh();
-    ephemeral
-        .generate(&mut *rng)
-        .expect("X25519 key generation");
     let mut stat = dh();
-    stat.set(&seed(n));
-    let mut out = [0u8; 32];
-    stat.dh(ephemeral.pubkey(), &mut out).expect("X25519");
-    ephemeral.dh(stat.pubkey(), &mut out).expect("X25519");
-    std::hint::black_box(out);
+    stat.set(&seed(u64::MAX));
+    let mut theirs = dh();
+    theirs.set(&seed(1));
+    let theirs = theirs.pubkey().to_vec();
+    let mut ephemeral = dh();
+    move |_| {
+        let mut out = [0u8; 32];
+        stat.dh(&theirs, &mut out).expect("X25519");
+        ephemeral
+            .generate(&mut *rng)
+            .expect("X25519 key generation");
+        ephemeral.dh(&theirs, &mut out).expect("X25519");
+        std::hint::black_box(out);
+    }
 }
 
 /// A whole Noise_NK responder handshake (a fresh responder each round) on
