@@ -401,3 +401,27 @@ fn a_message_stored_while_its_recipient_logs_in_is_shown() {
         );
     }
 }
+
+#[test]
+fn a_stored_batch_to_an_offline_user_asks_presence_once() {
+    let mut w = pair(3);
+    w.clients.get_mut(&B).unwrap().want_online = false; // B stays away
+    w.faults.latency_ms = (5, 5); // sends queue behind the store in flight
+    online(&mut w, &[A]);
+    for i in 0..40 {
+        w.send(A, B, format!("m{i}").as_bytes());
+    }
+    w.run_until(Duration::from_secs(10), |w| w.clients[&A].outbox_len() == 0);
+    w.run_for(Duration::from_millis(100), MS); // the last notify is taken
+    assert!(w.clients[&B].session().is_none(), "B stayed offline");
+    assert_eq!(w.mailboxes[&B].records.len(), 40);
+    let stores = w.action_counts["store"];
+    assert!(stores < 40, "sends were batched: {stores} stores");
+    assert_eq!(
+        w.action_counts.get("notify"),
+        Some(&stores),
+        "one presence lookup per stored batch"
+    );
+    w.settle();
+    w.check_invariants();
+}
