@@ -170,8 +170,7 @@ impl Engine {
     /// checkpoint and none is running.
     pub(super) fn start_checkpoint(&mut self) -> Result<()> {
         self.last_checkpoint = Instant::now();
-        let idle = self.dirty.is_empty() && self.compact_candidates.is_empty() && !self.meta_dirty;
-        if self.job.is_some() || idle {
+        if self.job.is_some() || !self.has_changes() {
             return Ok(());
         }
         // First: it may fail, and nothing has moved yet.
