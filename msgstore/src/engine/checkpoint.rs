@@ -300,6 +300,9 @@ impl Engine {
             .wal
             .bytes_since_checkpoint
             .saturating_sub(job.log_bytes);
+        // The same length again after this is no growth; growth during
+        // the job was noted while it ran.
+        self.log_grew.0 = self.wal.bytes_since_checkpoint;
         self.counters.checkpoints_total += 1;
         self.counters.compactions_total += done_compactions;
         metrics::counter!("msgstore_checkpoints_total").increment(1);

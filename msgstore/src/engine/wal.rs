@@ -449,6 +449,8 @@ pub struct Wal {
     offset: u64,
     /// The zero-filled spare segment being prepared in the background.
     spare: Option<JoinHandle<std::io::Result<()>>>,
+    /// The helper deleting and freeing checkpointed log, if one ran.
+    trim: Option<JoinHandle<()>>,
     /// Entry bytes written since the last successful checkpoint (for a
     /// detached log: the bytes batches would have written).
     pub bytes_since_checkpoint: u64,
@@ -472,6 +474,7 @@ impl Wal {
             file: Arc::new(File::open(dir)?),
             offset: SEGMENT_HEADER_BYTES,
             spare: None,
+            trim: None,
             bytes_since_checkpoint: 0,
             detached: false,
         };
@@ -495,6 +498,7 @@ impl Wal {
             file: Arc::new(File::open(dir)?),
             offset: SEGMENT_HEADER_BYTES,
             spare: None,
+            trim: None,
             bytes_since_checkpoint: 0,
             detached: true,
         })
@@ -632,13 +636,15 @@ impl Wal {
     /// thread, which then also frees the blocks of `keep_from`'s own
     /// segment wholly before it ([`punch_before`]). Safe to lose: recovery
     /// deletes segments before `wal_start` and never reads before it.
-    pub fn remove_before_in_background(&self, keep_from: Position) -> Result<()> {
+    pub fn remove_before_in_background(&mut self, keep_from: Position) -> Result<()> {
         let paths = self.paths_before(keep_from)?;
         let current = segment_path(&self.dir, keep_from.segment);
         if paths.is_empty() && punch_range(keep_from.offset).is_none() {
             return Ok(());
         }
-        std::thread::Builder::new()
+        // The last one is long done (a checkpoint ran since it started).
+        self.join_trim();
+        let trim = std::thread::Builder::new()
             .name("msgstore-wal-trim".into())
             .spawn(move || {
                 for path in paths {
@@ -650,7 +656,14 @@ impl Wal {
                     tracing::debug!(path = %current.display(), error = %e, "cannot free checkpointed log blocks");
                 }
             })?;
+        self.trim = Some(trim);
         Ok(())
+    }
+
+    fn join_trim(&mut self) {
+        if let Some(h) = self.trim.take() {
+            let _ = h.join();
+        }
     }
 
     fn paths_before(&self, keep_from: Position) -> Result<Vec<PathBuf>> {
@@ -703,6 +716,8 @@ impl Drop for Wal {
         if let Some(h) = self.spare.take() {
             let _ = h.join();
         }
+        // Nor the trim thread: a later open lists and deletes segments.
+        self.join_trim();
     }
 }
 
