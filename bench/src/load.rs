@@ -76,6 +76,14 @@ impl Conn {
 pub enum Op {
     /// Store one message (RPUSH / Append).
     Append { user: u64, msg_id: u128 },
+    /// Store `count` messages in one mailbox in one request, as a gateway
+    /// stores a conversation's queue (`count` pipelined RPUSH / one
+    /// `AppendBatch`); msg ids `first_msg_id ..`.
+    AppendBatch {
+        user: u64,
+        first_msg_id: u128,
+        count: u32,
+    },
     /// Read the oldest page (LRANGE 0 n-1 / Fetch after_seq).
     Fetch {
         user: u64,
@@ -93,16 +101,27 @@ pub enum Op {
 /// An operation a [`Workload`] issues and a [`Codec`] encodes: the mailbox
 /// [`Op`] here, presence operations in `presence.rs`.
 pub trait LoadOp: Copy + Send + 'static {
-    /// Whether the op carries the spec's fresh random payload.
-    fn carries_payload(&self) -> bool {
-        false
+    /// How many of the spec's fresh random payloads the op carries (back
+    /// to back in the payload slice the codec is given).
+    fn payloads(&self) -> usize {
+        0
     }
 }
 
 impl LoadOp for Op {
-    fn carries_payload(&self) -> bool {
-        matches!(self, Op::Append { .. })
+    fn payloads(&self) -> usize {
+        match self {
+            Op::Append { .. } => 1,
+            Op::AppendBatch { count, .. } => *count as usize,
+            Op::Fetch { .. } | Op::Trim { .. } => 0,
+        }
     }
+}
+
+/// The `count` payloads of an `Op::AppendBatch`, from the bytes the load
+/// loop gave its codec (back to back, see [`LoadOp::payloads`]).
+pub fn batch_payloads(payload: &[u8], count: u32) -> std::slice::Chunks<'_, u8> {
+    payload.chunks(payload.len().div_ceil(count.max(1) as usize).max(1))
 }
 
 /// A decoded reply, independent of the target.
@@ -337,6 +356,7 @@ async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
 ) -> Result<ConnOutcome> {
     let (start, deadline, done) = run;
     let mut payload_rng = Rng::new(start.elapsed().as_nanos() as u64 ^ payload.len() as u64);
+    let payload_bytes = payload.len();
     const READ_RESERVE_BYTES: usize = 64 * 1024;
     let mut wbuf = Vec::with_capacity(READ_RESERVE_BYTES);
     let mut rbuf = BytesMut::with_capacity(4 * READ_RESERVE_BYTES);
@@ -349,7 +369,9 @@ async fn drive<O: LoadOp, C: Codec<O>, W: Workload<O>>(
         if deadline.is_none_or(|d| now < d) {
             while inflight.len() < pipeline {
                 let Some(op) = workload.next_op() else { break };
-                if op.carries_payload() {
+                let payloads = op.payloads();
+                if payloads > 0 {
+                    payload.resize(payloads * payload_bytes, 0);
                     payload_rng.fill(&mut payload);
                 }
                 codec.encode(&op, &payload, &mut wbuf)?;
@@ -458,13 +480,15 @@ fn msg_id(conn: u64, counter: u64) -> u128 {
 }
 
 /// Appends to users drawn uniformly from `user_base..user_base + users`,
-/// for as long as the run lasts.
+/// for as long as the run lasts: one message per op, or (`batched`)
+/// `batch_items` messages to one user per op.
 pub struct RandomAppends {
     rng: Rng,
     conn: u64,
     counter: u64,
     user_base: u64,
     users: u64,
+    batch_items: u32,
 }
 
 impl RandomAppends {
@@ -475,21 +499,40 @@ impl RandomAppends {
             counter: 0,
             user_base,
             users,
+            batch_items: 1,
+        }
+    }
+
+    /// Ops of `batch_items` messages each (`Op::AppendBatch` if more
+    /// than one), to users `0..users`.
+    pub fn batched(conn: usize, seed: u64, users: u64, batch_items: u32) -> Self {
+        Self {
+            batch_items: batch_items.max(1),
+            ..Self::new(conn, seed, 0, users)
         }
     }
 }
 
 impl Workload for RandomAppends {
     fn next_op(&mut self) -> Option<Op> {
-        self.counter += 1;
-        Some(Op::Append {
-            user: self.user_base + self.rng.below(self.users),
-            msg_id: msg_id(self.conn, self.counter),
+        let user = self.user_base + self.rng.below(self.users);
+        let first_msg_id = msg_id(self.conn, self.counter + 1);
+        self.counter += u64::from(self.batch_items);
+        Some(match self.batch_items {
+            1 => Op::Append {
+                user,
+                msg_id: first_msg_id,
+            },
+            count => Op::AppendBatch {
+                user,
+                first_msg_id,
+                count,
+            },
         })
     }
 
-    fn on_reply(&mut self, _op: &Op, _reply: Reply) -> Result<u64> {
-        Ok(1)
+    fn on_reply(&mut self, op: &Op, _reply: Reply) -> Result<u64> {
+        Ok(op.payloads() as u64)
     }
 }
 
@@ -681,6 +724,29 @@ mod tests {
         let until = start + RATE_SAMPLE_INTERVAL * 2;
         let samples = sample_rate(done, (start, Some(until)), stop).await;
         assert_eq!(samples.len(), 2, "{samples:?}");
+    }
+
+    #[test]
+    fn batched_appends_count_every_item_and_never_reuse_a_msg_id() {
+        let mut w = RandomAppends::batched(3, 1, 10, 4);
+        let (a, b) = (w.next_op().unwrap(), w.next_op().unwrap());
+        let (
+            Op::AppendBatch {
+                first_msg_id: fa,
+                count: 4,
+                ..
+            },
+            Op::AppendBatch {
+                first_msg_id: fb, ..
+            },
+        ) = (a, b)
+        else {
+            panic!("{a:?} {b:?}")
+        };
+        assert_eq!(fb, fa + 4);
+        assert_eq!(w.on_reply(&a, Reply::Appended).unwrap(), 4);
+        let mut single = RandomAppends::batched(0, 1, 10, 1);
+        assert!(matches!(single.next_op(), Some(Op::Append { .. })));
     }
 
     #[test]

@@ -79,6 +79,12 @@ impl ChildProc {
         bail!("{} did not exit within {timeout:?} of SIGTERM", self.name)
     }
 
+    /// Stop it as an operator would (SIGTERM: a clean shutdown) and wait
+    /// for it to exit; after `timeout` it is killed and that is an error.
+    pub fn stop(mut self, timeout: Duration) -> Result<()> {
+        self.terminate(timeout)
+    }
+
     /// Kill it now and wait for it, in place.
     pub fn kill_now(&mut self) -> Result<()> {
         self.kill_inner()
@@ -325,6 +331,12 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     status_bytes(pid, "VmRSS:")
 }
 
+/// Anonymous resident memory (RssAnon) of `pid` in bytes: its heap and
+/// stacks, not the file pages it maps (those are the page cache's).
+pub fn anon_rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "RssAnon:")
+}
+
 fn status_bytes(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
@@ -393,6 +405,8 @@ mod tests {
         let status = "Name:\tx\nVmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n";
         assert_eq!(parse_status_kib(status, "VmHWM:"), Some(2048 * 1024));
         assert_eq!(parse_status_kib(status, "VmRSS:"), Some(1024));
+        let status = "VmRSS:\t  3000 kB\nRssAnon:\t    1200 kB\nRssFile:\t  1800 kB\n";
+        assert_eq!(parse_status_kib(status, "RssAnon:"), Some(1200 * 1024));
         assert_eq!(parse_status_kib("Name: x\n", "VmHWM:"), None);
     }
 
@@ -400,6 +414,7 @@ mod tests {
     fn own_peak_rss_is_readable() {
         assert!(peak_rss_bytes(std::process::id()).unwrap() > 0);
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(anon_rss_bytes(std::process::id()).unwrap() > 0);
         assert!(thread_cpu_time(current_tid()).is_ok());
     }
 }

@@ -4,7 +4,7 @@
 //! Fetch = LRANGE key 0 n-1, Trim = LTRIM key count -1.
 
 use crate::{
-    load::{Codec, Op, Reply},
+    load::{batch_payloads, Codec, Op, Reply},
     procs::{self, ChildProc},
 };
 use anyhow::{bail, Context, Result};
@@ -128,6 +128,61 @@ impl RespCodec {
         // Writing to a Vec cannot fail.
         let _ = write!(self.key, "user:{user}");
     }
+
+    fn put_rpush(&self, out: &mut Vec<u8>, value: &[u8]) {
+        out.extend_from_slice(b"*3\r\n$5\r\nRPUSH\r\n");
+        put_bulk(out, &self.key);
+        put_bulk(out, value);
+    }
+}
+
+/// [`RespCodec`] for workloads of `Op::AppendBatch`: a batch is sent as
+/// `count` pipelined RPUSH and its `count` replies are decoded as one
+/// (the first error among them, if any).
+#[derive(Debug, Default)]
+pub struct RespBatchCodec {
+    inner: RespCodec,
+    /// Replies still due per outstanding request, oldest first.
+    replies_due: std::collections::VecDeque<u32>,
+    first_error: Option<Reply>,
+}
+
+impl RespBatchCodec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Codec for RespBatchCodec {
+    fn encode(&mut self, op: &Op, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let replies = match op {
+            Op::AppendBatch { count, .. } => (*count).max(1),
+            _ => 1,
+        };
+        self.inner.encode(op, payload, out)?;
+        self.replies_due.push_back(replies);
+        Ok(())
+    }
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Reply>> {
+        loop {
+            let Some(reply) = decode_reply(buf)? else {
+                return Ok(None);
+            };
+            let due = self
+                .replies_due
+                .front_mut()
+                .context("a reply to no request")?;
+            if matches!(reply, Reply::Error(_)) && self.first_error.is_none() {
+                self.first_error = Some(reply.clone());
+            }
+            *due -= 1;
+            if *due == 0 {
+                self.replies_due.pop_front();
+                return Ok(Some(self.first_error.take().unwrap_or(reply)));
+            }
+        }
+    }
 }
 
 /// Append one command (an array of bulk strings) to `out`.
@@ -155,9 +210,15 @@ impl Codec for RespCodec {
         match *op {
             Op::Append { user, .. } => {
                 self.set_key(user);
-                out.extend_from_slice(b"*3\r\n$5\r\nRPUSH\r\n");
-                put_bulk(out, &self.key);
-                put_bulk(out, payload);
+                self.put_rpush(out, payload);
+            }
+            // One RPUSH per item, pipelined: answered by `count` replies,
+            // which `RespBatchCodec` folds into one.
+            Op::AppendBatch { user, count, .. } => {
+                self.set_key(user);
+                for item in batch_payloads(payload, count) {
+                    self.put_rpush(out, item);
+                }
             }
             Op::Fetch {
                 user, max_count, ..
@@ -308,6 +369,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, b"*3\r\n$5\r\nRPUSH\r\n$7\r\nuser:42\r\n$2\r\nhi\r\n");
+    }
+
+    #[test]
+    fn a_batch_is_pipelined_rpushes_answered_as_one() {
+        let mut c = RespBatchCodec::new();
+        let mut out = Vec::new();
+        let batch = Op::AppendBatch {
+            user: 7,
+            first_msg_id: 1,
+            count: 2,
+        };
+        c.encode(&batch, b"abcd", &mut out).unwrap();
+        assert_eq!(
+            out,
+            b"*3\r\n$5\r\nRPUSH\r\n$6\r\nuser:7\r\n$2\r\nab\r\n\
+              *3\r\n$5\r\nRPUSH\r\n$6\r\nuser:7\r\n$2\r\ncd\r\n"
+        );
+        c.encode(&batch, b"abcd", &mut out).unwrap();
+        let mut buf = BytesMut::from(&b":1\r\n"[..]);
+        assert_eq!(c.decode(&mut buf).unwrap(), None, "one of two replies");
+        buf.extend_from_slice(b":2\r\n-ERR full\r\n:4\r\n");
+        assert_eq!(c.decode(&mut buf).unwrap(), Some(Reply::Appended));
+        assert_eq!(
+            c.decode(&mut buf).unwrap(),
+            Some(Reply::Error("ERR full".into()))
+        );
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -169,6 +169,9 @@ pub struct ServerResult {
     pub setting: String,
     /// Peak resident set (VmHWM) just before it was stopped.
     pub peak_rss_bytes: Option<u64>,
+    /// Anonymous resident memory (RssAnon) at rest after the load: heap,
+    /// not the file pages it maps (those are the page cache's).
+    pub anon_rss_bytes: Option<u64>,
     /// Allocated bytes of its data directory (like `du`).
     pub disk_bytes: u64,
     /// Messages it holds (our shard: `stats().live_messages`; Redis: the
@@ -180,6 +183,9 @@ pub struct ServerResult {
     /// Our shard only: seconds from spawning to serving (including creating
     /// every bucket file unless `--fresh-buckets`).
     pub start_secs: Option<f64>,
+    /// The always pair: seconds from spawning it again on its data after a
+    /// SIGTERM stop to serving (Redis: answering PING, its AOF loaded).
+    pub restart_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -207,6 +213,15 @@ pub struct Ratios {
     pub append_always_vs_redis_off_p1: Option<f64>,
     pub drain_vs_redis: Option<f64>,
     pub engine_vs_disk_ceiling: Option<f64>,
+    /// Appends/s in the gateway's shape (a few connections, batches to
+    /// one mailbox in flight), both syncing every write.
+    pub append_gateway_shape_vs_redis_always: Option<f64>,
+    /// Disk bytes per stored message at rest (the always pair).
+    pub disk_bytes_per_msg_vs_redis: Option<f64>,
+    /// Anonymous resident memory at rest after the same data.
+    pub anon_rss_vs_redis: Option<f64>,
+    /// Restart to serving after a clean stop vs Redis loading its AOF.
+    pub restart_secs_vs_redis_load: Option<f64>,
     /// With `--replicas 3`: a 3-replica group vs a Redis primary with one
     /// replica, 16 appends per connection then (Redis) `WAIT 1 0`.
     pub replicated_vs_redis_wait_p16: Option<f64>,
@@ -230,6 +245,24 @@ pub struct StorageReport {
     /// Appends/s (drained messages/s) per interval of every TCP phase.
     #[serde(skip_serializing_if = "Timeline::is_empty")]
     pub timeline: Timeline,
+}
+
+impl StorageReport {
+    /// An empty report of a run configured as `config`.
+    pub fn new(config: serde_json::Value) -> Self {
+        Self {
+            ratios: Ratios::default(),
+            config,
+            append: Vec::new(),
+            drain: Vec::new(),
+            engine: None,
+            disk_ceiling: None,
+            servers: Vec::new(),
+            backlogs: Vec::new(),
+            problems: Vec::new(),
+            timeline: Timeline::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -343,26 +376,34 @@ pub fn render_table(report: &StorageReport) -> String {
     if !report.servers.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<9} {:<14} {:>14} {:>14} {:>12} {:>12} {:>9}",
-            "server", "setting", "peak RSS", "disk", "messages", "disk B/msg", "start s"
+            "\n{:<9} {:<14} {:>14} {:>14} {:>14} {:>12} {:>12} {:>9} {:>9}",
+            "server",
+            "setting",
+            "peak RSS",
+            "anon RSS",
+            "disk",
+            "messages",
+            "disk B/msg",
+            "start s",
+            "restart s"
         );
+        let bytes = |v: Option<u64>| v.map(fmt_bytes).unwrap_or_else(|| "?".into());
+        let secs = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         for s in &report.servers {
             let _ = writeln!(
                 out,
-                "{:<9} {:<14} {:>14} {:>14} {:>12} {:>12} {:>9}",
+                "{:<9} {:<14} {:>14} {:>14} {:>14} {:>12} {:>12} {:>9} {:>9}",
                 s.target,
                 s.setting,
-                s.peak_rss_bytes
-                    .map(fmt_bytes)
-                    .unwrap_or_else(|| "?".into()),
+                bytes(s.peak_rss_bytes),
+                bytes(s.anon_rss_bytes),
                 fmt_bytes(s.disk_bytes),
                 s.messages_stored,
                 s.disk_bytes_per_message
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or_else(|| "-".into()),
-                s.start_secs
-                    .map(|v| format!("{v:.1}"))
-                    .unwrap_or_else(|| "-".into()),
+                secs(s.start_secs),
+                secs(s.restart_secs),
             );
         }
     }
@@ -401,6 +442,13 @@ pub fn render_table(report: &StorageReport) -> String {
         ("drain_vs_redis", r.drain_vs_redis),
         ("engine_vs_disk_ceiling", r.engine_vs_disk_ceiling),
         (
+            "append_gateway_shape_vs_redis_always",
+            r.append_gateway_shape_vs_redis_always,
+        ),
+        ("disk_bytes_per_msg_vs_redis", r.disk_bytes_per_msg_vs_redis),
+        ("anon_rss_vs_redis", r.anon_rss_vs_redis),
+        ("restart_secs_vs_redis_load", r.restart_secs_vs_redis_load),
+        (
             "replicated_vs_redis_wait_p16",
             r.replicated_vs_redis_wait_p16,
         ),
@@ -437,19 +485,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ratios_serialize_with_exactly_the_six_keys() {
+    fn ratios_serialize_with_exactly_the_ten_keys() {
         let v = serde_json::to_value(Ratios::default()).unwrap();
         let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         keys.sort();
         assert_eq!(
             keys,
             [
+                "anon_rss_vs_redis",
                 "append_always_vs_redis_always_p1",
                 "append_always_vs_redis_always_p16",
                 "append_always_vs_redis_off_p1",
+                "append_gateway_shape_vs_redis_always",
+                "disk_bytes_per_msg_vs_redis",
                 "drain_vs_redis",
                 "engine_vs_disk_ceiling",
-                "replicated_vs_redis_wait_p16"
+                "replicated_vs_redis_wait_p16",
+                "restart_secs_vs_redis_load"
             ]
         );
     }

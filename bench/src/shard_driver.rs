@@ -3,7 +3,7 @@
 //! library, so the load generator stays minimal and independent of it).
 
 use crate::{
-    load::{Codec, Op, Reply},
+    load::{batch_payloads, Codec, Op, Reply},
     procs::{self, ChildProc},
 };
 use anyhow::{bail, Context, Result};
@@ -11,7 +11,9 @@ use bytes::BytesMut;
 use msgstore::FsyncPolicy;
 use proto::{
     frame::{self, Decoded, FRAME_BODY_BYTES_MAX_DEFAULT},
-    shard::{Request, RequestBody, Response, ResponseBody, ShardStats, FETCH_BYTES_MAX},
+    shard::{
+        AppendItem, Request, RequestBody, Response, ResponseBody, ShardStats, FETCH_BYTES_MAX,
+    },
 };
 use std::{
     net::SocketAddr,
@@ -97,6 +99,20 @@ impl Codec for ShardCodec {
                 msg_id,
                 payload: payload.to_vec(),
             },
+            Op::AppendBatch {
+                user,
+                first_msg_id,
+                count,
+            } => RequestBody::AppendBatch {
+                items: batch_payloads(payload, count)
+                    .zip(first_msg_id..)
+                    .map(|(payload, msg_id)| AppendItem {
+                        user,
+                        msg_id,
+                        payload: payload.to_vec(),
+                    })
+                    .collect(),
+            },
             Op::Fetch {
                 user,
                 after_seq,
@@ -132,6 +148,12 @@ impl Codec for ShardCodec {
         self.answered = Some(resp.id);
         Ok(Some(match resp.body {
             ResponseBody::Appended { .. } => Reply::Appended,
+            ResponseBody::AppendedBatch { results } => {
+                match results.into_iter().find_map(Result::err) {
+                    None => Reply::Appended,
+                    Some(e) => Reply::Error(format!("{:?}: {}", e.code, e.message)),
+                }
+            }
             ResponseBody::Records { records, more } => Reply::Page {
                 count: records.len() as u64,
                 last_seq: records.last().map(|r| r.seq),
@@ -196,6 +218,25 @@ mod tests {
         };
         assert_eq!(req.id, 0);
         assert!(matches!(req.body, RequestBody::Append { user: 3, .. }));
+        out.clear();
+        let batch = Op::AppendBatch {
+            user: 4,
+            first_msg_id: 10,
+            count: 2,
+        };
+        c.encode(&batch, b"abcd", &mut out).unwrap();
+        let mut buf = BytesMut::from(&out[..]);
+        let Decoded::Frame(req) = frame::decode::<Request>(&mut buf, 4096).unwrap() else {
+            panic!("incomplete")
+        };
+        let RequestBody::AppendBatch { items } = req.body else {
+            panic!("{:?}", req.body)
+        };
+        let got: Vec<_> = items
+            .iter()
+            .map(|i| (i.user, i.msg_id, i.payload.as_slice()))
+            .collect();
+        assert_eq!(got, [(4, 10, &b"ab"[..]), (4, 11, &b"cd"[..])]);
 
         let mut wire = Vec::new();
         let record = StoredRecord {

@@ -5,7 +5,8 @@ use crate::{
     disk,
     inproc::{self, EngineSpec},
     load::{run_load, Codec, Drain, LoadOutcome, LoadSpec, Prefill, RandomAppends},
-    redis::{self, RedisAof, RedisServer, RespCodec},
+    procs,
+    redis::{self, RedisAof, RedisServer, RespBatchCodec, RespCodec},
     report::{self, Backlog, PhaseResult, Ratios, ServerResult, StorageReport},
     shard_driver::{self, ShardCodec, ShardServer},
     storage_replicated,
@@ -31,6 +32,8 @@ const SEED: u64 = 0x5EED_1B0B;
 /// Longest wait for a server to become idle between prefill and drain.
 const SETTLE_MAX: Duration = Duration::from_secs(60);
 const SETTLE_MAX_QUICK: Duration = Duration::from_secs(5);
+/// Longest wait for a server to exit after SIGTERM before its restart.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StorageArgs {
@@ -43,7 +46,10 @@ pub struct StorageArgs {
     /// TCP connections per target (the same on both sides).
     #[arg(long, default_value_t = 50)]
     pub connections: usize,
-    /// Users the append phases pick from at random [default: 1,000,000; quick: 20,000].
+    /// Users the append phases pick from at random [default: 1,000,000;
+    /// quick: 2,000, so that the checkpoints an idle shard runs between
+    /// quick phases create at most as many bucket files: creating and
+    /// removing tens of thousands takes tens of seconds here].
     #[arg(long)]
     pub users: Option<u64>,
     #[arg(long, default_value_t = 200)]
@@ -62,6 +68,22 @@ pub struct StorageArgs {
     /// Requests in flight per connection while draining.
     #[arg(long, default_value_t = 16)]
     pub drain_pipeline: usize,
+    /// Connections of the gateway-shaped append phase: a gateway keeps one
+    /// pipelined connection per shard, so one per gateway.
+    #[arg(long, default_value_t = 2)]
+    pub gateway_connections: usize,
+    /// Messages per request of the gateway-shaped phase: one `AppendBatch`
+    /// of this many items to one mailbox (a conversation's queue; the
+    /// gateway's stores averaged 16 items in `imbench e2e --quick`'s
+    /// offline phase), against as many pipelined RPUSH to one key.
+    #[arg(long, default_value_t = 16)]
+    pub gateway_batch_items: u32,
+    /// Requests (batches) in flight per connection in the gateway-shaped
+    /// phase: a gateway has one store in flight per conversation, and
+    /// `imbench e2e --quick`'s offline phase has 64 conversations over 2
+    /// shards, 32 per shard: 16 from each of two gateways.
+    #[arg(long, default_value_t = 16)]
+    pub gateway_batches_inflight: usize,
     /// Concurrent appenders of the in-process engine phase.
     #[arg(long, default_value_t = 50)]
     pub appenders: usize,
@@ -102,8 +124,12 @@ pub struct StorageArgs {
 /// A selectable part of the storage benchmark.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Appends: Redis `always` vs our `always`.
+    /// Appends: Redis `always` vs our `always`; then both servers' footprint
+    /// at rest and their restart.
     Always,
+    /// Appends in the gateway's shape (few connections, batches of
+    /// messages to one mailbox): Redis `always` vs our `always`.
+    Gateway,
     /// Appends: Redis `everysec` vs our `interval:1000`.
     Interval,
     /// Appends: Redis AOF off vs our `never`.
@@ -118,6 +144,7 @@ impl Phase {
     fn all() -> Vec<Phase> {
         vec![
             Phase::Always,
+            Phase::Gateway,
             Phase::Interval,
             Phase::Never,
             Phase::Drain,
@@ -145,7 +172,7 @@ impl Settings {
     fn new(args: StorageArgs) -> Result<Self> {
         let users = args
             .users
-            .unwrap_or(if args.quick { 20_000 } else { 1_000_000 })
+            .unwrap_or(if args.quick { 2_000 } else { 1_000_000 })
             .max(1);
         let duration_secs = args
             .duration_secs
@@ -157,12 +184,47 @@ impl Settings {
             .unwrap_or(if args.quick { 2_000 } else { 5_000 })
             .max(1);
         anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+        anyhow::ensure!(
+            args.gateway_connections > 0 && args.gateway_batches_inflight > 0,
+            "--gateway-connections and --gateway-batches-inflight must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=proto::shard::APPEND_BATCH_ITEMS_MAX as u32).contains(&args.gateway_batch_items),
+            "--gateway-batch-items must be 1 to {}",
+            proto::shard::APPEND_BATCH_ITEMS_MAX
+        );
         Ok(Self {
             args,
             users,
             duration,
             drain_users,
         })
+    }
+
+    fn wanted(&self, p: Phase) -> bool {
+        self.args.phases.contains(&p)
+    }
+
+    /// The append phases run against the pair of `pair` (its phase).
+    fn shapes(&self, pair: Phase) -> Vec<Shape> {
+        let mut shapes = Vec::new();
+        if self.wanted(pair) {
+            shapes.extend(APPEND_PIPELINES.map(|pipeline| Shape {
+                phase: "append",
+                connections: self.args.connections,
+                pipeline,
+                batch_items: 1,
+            }));
+        }
+        if pair == Phase::Always && self.wanted(Phase::Gateway) {
+            shapes.push(Shape {
+                phase: GATEWAY_PHASE,
+                connections: self.args.gateway_connections,
+                pipeline: self.args.gateway_batches_inflight,
+                batch_items: self.args.gateway_batch_items,
+            });
+        }
+        shapes
     }
 
     fn spec(&self, addr: std::net::SocketAddr, pipeline: usize, timed: bool) -> LoadSpec {
@@ -174,6 +236,20 @@ impl Settings {
             payload_bytes: self.args.payload_bytes,
         }
     }
+}
+
+/// The row name of the gateway-shaped append phase.
+const GATEWAY_PHASE: &str = "append_gateway";
+
+/// How an append phase drives its target: `connections`, each with
+/// `pipeline` requests in flight, each request `batch_items` messages to
+/// one mailbox.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    phase: &'static str,
+    connections: usize,
+    pipeline: usize,
+    batch_items: u32,
 }
 
 pub(crate) fn phase(
@@ -216,8 +292,9 @@ pub(crate) fn phase(
     r
 }
 
-fn dir_name(setting: &str) -> String {
-    setting.replace(':', "_")
+/// The data directory of the shard of `fsync` under the run's root.
+fn shard_dir_name(fsync: FsyncPolicy) -> String {
+    format!("msgstore-{}", fsync.to_string().replace(':', "_"))
 }
 
 pub async fn run(args: StorageArgs) -> Result<()> {
@@ -227,15 +304,21 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .prefix("imbench-storage-")
         .tempdir_in(&work_dir)
         .with_context(|| format!("create a temp dir in {}", work_dir.display()))?;
-    let mut report = StorageReport {
-        ratios: Ratios::default(),
-        config: serde_json::json!({
+    let mut report = StorageReport::new(serde_json::json!({
             "quick": s.args.quick,
             "connections": s.args.connections,
             "users": s.users,
             "payload_bytes": s.args.payload_bytes,
             "duration_secs": s.duration.as_secs_f64(),
             "append_pipelines": APPEND_PIPELINES,
+            "gateway_shape": {
+                "connections": s.args.gateway_connections,
+                "batches_inflight_per_connection": s.args.gateway_batches_inflight,
+                "batch_items": s.args.gateway_batch_items,
+                "msgstore": "AppendBatch of batch_items messages to one user per request",
+                "redis": "batch_items pipelined RPUSH to one key per request",
+                "setting": "redis aof_always vs msgstore always",
+            },
             "drain_users": s.drain_users,
             "drain_messages_per_user": s.args.drain_messages_per_user,
             "drain_pipeline": s.args.drain_pipeline,
@@ -247,16 +330,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
             "record_header_bytes": s.args.record_header_bytes,
             "work_dir": work_dir,
             "vm_max_map_count": msgstore::max_map_count(),
-        }),
-        append: Vec::new(),
-        drain: Vec::new(),
-        engine: None,
-        disk_ceiling: None,
-        servers: Vec::new(),
-        backlogs: Vec::new(),
-        problems: Vec::new(),
-        timeline: report::Timeline::default(),
-    };
+    }));
     // A shard keeps fewer than its 65,536 buckets mapped below 67,584.
     match msgstore::max_map_count() {
         Some(limit) => eprintln!("host: vm.max_map_count = {limit}"),
@@ -279,12 +353,16 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         ),
         (Phase::Never, RedisAof::Off, FsyncPolicy::Never),
     ];
-    let wanted = |p: Phase| s.args.phases.contains(&p);
-    for (_, aof, fsync) in pairs.into_iter().filter(|(p, ..)| wanted(*p)) {
+    let wanted = |p: Phase| s.wanted(p);
+    for (pair, aof, fsync) in pairs {
+        let shapes = s.shapes(pair);
+        if shapes.is_empty() {
+            continue;
+        }
         eprintln!("append: redis {aof} vs msgstore {fsync}");
         append_pair(
             &s,
-            root.path(),
+            (root.path(), &shapes),
             aof,
             fsync,
             msgstore_bin.as_deref(),
@@ -430,7 +508,7 @@ fn start_shard(
     report: &mut StorageReport,
 ) -> Option<ShardServer> {
     let bin = bin?;
-    let dir = root.join(format!("msgstore-{}", dir_name(&fsync.to_string())));
+    let dir = root.join(shard_dir_name(fsync));
     let precreate = s.precreate_buckets();
     match shard_driver::start(
         bin,
@@ -471,7 +549,7 @@ fn start_redis(s: &Settings, root: &Path, aof: RedisAof, tag: &str) -> Result<Re
 
 async fn append_pair(
     s: &Settings,
-    root: &Path,
+    (root, shapes): (&Path, &[Shape]),
     aof: RedisAof,
     fsync: FsyncPolicy,
     msgstore_bin: Option<&Path>,
@@ -479,8 +557,6 @@ async fn append_pair(
 ) -> Result<()> {
     let redis = start_redis(s, root, aof, "")?;
     let mut shard = start_shard(s, (msgstore_bin, root), fsync, report);
-    let redis_setting = aof.to_string();
-    let shard_setting = fsync.to_string();
     let mut redis_acked = 0;
     // Every phase starts with both servers idle: neither's background work
     // (our checkpoints, Redis's AOF rewrite) spills into the other's phase.
@@ -488,64 +564,194 @@ async fn append_pair(
         .into_iter()
         .flatten()
         .collect();
-    for pipeline in APPEND_PIPELINES {
-        settle(s, &pids, "the last phase").await?;
-        let spec = s.spec(redis.addr, pipeline, true);
-        let (out, cpu) = with_cpu(
-            redis.proc.pid(),
-            run_load(&spec, |i| {
-                (RespCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
-            }),
-        )
-        .await;
-        let out = out.with_context(|| format!("append to redis ({aof}, pipeline {pipeline})"))?;
+    let shard_addr = shard.as_ref().map(|s| s.addr);
+    for shape in shapes {
+        settle(s, &pids, shard_addr, "the last phase").await?;
+        let target = (redis.addr, redis.proc.pid());
+        let (spec, (out, cpu)) = run_shape(s, target, shape, RespBatchCodec::new).await;
+        let out = out.with_context(|| format!("{} to redis ({aof}, {shape:?})", shape.phase))?;
         redis_acked += out.ops;
-        report
-            .append
-            .push(phase("append", "redis", &redis_setting, &spec, (&out, cpu)));
-
+        let row = phase(shape.phase, "redis", &aof.to_string(), &spec, (&out, cpu));
+        report.append.push(row);
         if let Some(server) = &shard {
-            settle(s, &pids, "the last phase").await?;
-            let spec = s.spec(server.addr, pipeline, true);
-            let (result, cpu) = with_cpu(
-                server.proc.pid(),
-                run_load(&spec, |i| {
-                    (ShardCodec::new(), RandomAppends::new(i, SEED, 0, s.users))
-                }),
-            )
-            .await;
-            match result {
-                Ok(out) => {
-                    report.append.push(phase(
-                        "append",
-                        "msgstore",
-                        &shard_setting,
-                        &spec,
-                        (&out, cpu),
-                    ));
-                    note_backlog(server.addr, (&shard_setting, pipeline, out.ops), report).await;
-                }
-                Err(e) => {
-                    report.problems.push(format!(
-                        "append to msgstore ({fsync}, pipeline {pipeline}): {e:#}"
-                    ));
-                    shard = None;
-                }
+            settle(s, &pids, shard_addr, "the last phase").await?;
+            if let Err(e) = shard_shape(s, (server, fsync), shape, report).await {
+                let what = format!("{} to msgstore ({fsync}, {shape:?})", shape.phase);
+                report.problems.push(format!("{what}: {e:#}"));
+                shard = None;
             }
         }
     }
-    report
-        .servers
-        .push(redis_footprint(redis, &redis_setting, redis_acked)?);
-    if let Some(server) = shard {
-        match shard_footprint(server, &shard_setting, s.args.quick).await {
-            Ok(r) => report.servers.push(r),
-            Err(e) => report
-                .problems
-                .push(format!("msgstore ({fsync}) footprint: {e:#}")),
+    // The always pair's servers are measured at rest and restarted.
+    let restart = (aof == RedisAof::Always).then_some(msgstore_bin).flatten();
+    if restart.is_some() {
+        // At rest: idle, the shard's log checkpointed.
+        settle(s, &pids, shard.as_ref().map(|s| s.addr), "the last phase").await?;
+    }
+    let redis_row = redis_footprint(&redis, &aof.to_string(), redis_acked)?;
+    let shard_row = match &shard {
+        Some(server) => match shard_footprint(server, &fsync.to_string(), s.args.quick).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let e = format!("msgstore ({fsync}) footprint: {e:#}");
+                report.problems.push(e);
+                None
+            }
+        },
+        None => None,
+    };
+    let rows = (redis_row, shard_row);
+    stop_pair(s, (redis, shard), rows, (aof, fsync, restart), report)?;
+    // Absent if the shard never started.
+    remove_dir(&root.join(shard_dir_name(fsync))).ok();
+    Ok(())
+}
+
+/// One append phase of `shape` against our shard: its row and backlog.
+async fn shard_shape(
+    s: &Settings,
+    (server, fsync): (&ShardServer, FsyncPolicy),
+    shape: &Shape,
+    report: &mut StorageReport,
+) -> Result<()> {
+    let target = (server.addr, server.proc.pid());
+    let (spec, (result, cpu)) = run_shape(s, target, shape, ShardCodec::new).await;
+    let out = result?;
+    let setting = fsync.to_string();
+    let row = phase(shape.phase, "msgstore", &setting, &spec, (&out, cpu));
+    report.append.push(row);
+    note_backlog(server.addr, (&setting, spec.pipeline, out.ops), report).await;
+    Ok(())
+}
+
+/// Stop the pair's servers (with `restart`, the msgstore binary: restart
+/// each once on its data and note how long that took), record their
+/// footprint rows and remove Redis's data.
+fn stop_pair(
+    s: &Settings,
+    (redis, shard): (RedisServer, Option<ShardServer>),
+    (mut redis_row, mut shard_row): (ServerResult, Option<ServerResult>),
+    (aof, fsync, restart): (RedisAof, FsyncPolicy, Option<&Path>),
+    report: &mut StorageReport,
+) -> Result<()> {
+    let redis_dir = redis.data_dir.clone();
+    match restart {
+        Some(bin) => {
+            redis_row.restart_secs = Some(restart_redis(s, redis, aof)?);
+            if let (Some(server), Some(row)) = (shard, shard_row.as_mut()) {
+                match restart_shard(s, server, (bin, fsync)) {
+                    Ok(secs) => row.restart_secs = Some(secs),
+                    Err(e) => report.problems.push(format!("msgstore restart: {e:#}")),
+                }
+            }
+        }
+        None => {
+            redis.proc.kill()?;
+            if let Some(server) = shard {
+                server.proc.kill()?;
+            }
         }
     }
+    remove_dir(&redis_dir)?;
+    if let Some(row) = &shard_row {
+        eprintln!(
+            "  at rest: redis {} B/msg, msgstore {} B/msg",
+            fmt_opt(redis_row.disk_bytes_per_message),
+            fmt_opt(row.disk_bytes_per_message)
+        );
+    }
+    report.servers.push(redis_row);
+    report.servers.extend(shard_row);
     Ok(())
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+}
+
+/// One timed append phase of `shape` against the server at `addr`
+/// (process `pid`) through codec `C`: its spec, outcome and CPU times.
+async fn run_shape<C: Codec>(
+    s: &Settings,
+    (addr, pid): (std::net::SocketAddr, u32),
+    shape: &Shape,
+    codec: fn() -> C,
+) -> (LoadSpec, (Result<LoadOutcome>, PhaseCpu)) {
+    let spec = LoadSpec {
+        connections: shape.connections,
+        ..s.spec(addr, shape.pipeline, true)
+    };
+    let measured = with_cpu(
+        pid,
+        run_load(&spec, |i| {
+            let w = RandomAppends::batched(i, SEED, s.users, shape.batch_items);
+            (codec(), w)
+        }),
+    )
+    .await;
+    (spec, measured)
+}
+
+/// Wait until the shard at `addr` has checkpointed all its log (an idle
+/// shard does so by itself, `checkpoint_idle_ms`); true if it had not yet.
+/// At most `SETTLE_MAX` (5 s with `--quick`).
+async fn wait_checkpointed(s: &Settings, addr: std::net::SocketAddr) -> bool {
+    let max = settle_max(s);
+    let (t0, mut waited) = (std::time::Instant::now(), false);
+    loop {
+        let stats = tokio::time::timeout(max, shard_driver::fetch_stats(addr)).await;
+        match stats {
+            Ok(Ok(st)) if st.wal_bytes == 0 => return waited,
+            _ if t0.elapsed() >= max => {
+                eprintln!("  (msgstore log still not checkpointed {max:?} after the load)");
+                return true;
+            }
+            _ => {
+                waited = true;
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+        }
+    }
+}
+
+/// Stop Redis (SIGTERM) and start it again on its data: seconds from the
+/// spawn until it answers PING (it answers only once its AOF is loaded).
+fn restart_redis(s: &Settings, redis: RedisServer, aof: RedisAof) -> Result<f64> {
+    let root = redis
+        .data_dir
+        .parent()
+        .context("redis data dir has no parent")?
+        .to_path_buf();
+    redis.proc.stop(STOP_TIMEOUT)?;
+    let t0 = std::time::Instant::now();
+    let again = redis::start(&s.args.redis_bin, &root, aof).context("restart redis")?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!("  redis restarted (AOF loaded) in {secs:.2} s");
+    again.proc.kill()?;
+    Ok(secs)
+}
+
+/// Stop our shard (SIGTERM) and start it again on its data: seconds from
+/// the spawn until it listens.
+fn restart_shard(
+    s: &Settings,
+    server: ShardServer,
+    (bin, fsync): (&Path, FsyncPolicy),
+) -> Result<f64> {
+    let dir = server.data_dir.clone();
+    server.proc.stop(STOP_TIMEOUT)?;
+    let again = shard_driver::start(
+        bin,
+        &dir,
+        fsync,
+        s.precreate_buckets(),
+        s.args.msgstore_config.as_deref(),
+    )
+    .context("restart msgstore")?;
+    eprintln!("  msgstore restarted in {:.2} s", again.start_secs);
+    let secs = again.start_secs;
+    again.proc.kill()?;
+    Ok(secs)
 }
 
 /// Record how much log the shard at `addr` has not checkpointed yet.
@@ -568,15 +774,35 @@ async fn note_backlog(
     }
 }
 
-/// Wait until the servers `pids` are idle (at most `SETTLE_MAX`; 5 s with
-/// `--quick`), so the next phase measures only itself; says so if it took
-/// a while or they stayed busy.
-async fn settle(s: &Settings, pids: &[u32], after: &str) -> Result<()> {
-    let max = if s.args.quick {
+fn settle_max(s: &Settings) -> Duration {
+    if s.args.quick {
         SETTLE_MAX_QUICK
     } else {
         SETTLE_MAX
-    };
+    }
+}
+
+/// Wait until the servers `pids` are idle and the shard at `shard` (if
+/// any) has checkpointed what the last phase logged (at most `SETTLE_MAX`
+/// each; 5 s with `--quick`), so the next phase measures only itself;
+/// says so if it took a while or they stayed busy.
+async fn settle(
+    s: &Settings,
+    pids: &[u32],
+    shard: Option<std::net::SocketAddr>,
+    after: &str,
+) -> Result<()> {
+    settle_cpu(s, pids, after).await?;
+    if let Some(addr) = shard {
+        if wait_checkpointed(s, addr).await {
+            settle_cpu(s, pids, "the shard's checkpoint").await?;
+        }
+    }
+    Ok(())
+}
+
+async fn settle_cpu(s: &Settings, pids: &[u32], after: &str) -> Result<()> {
+    let max = settle_max(s);
     match crate::procs::settle(pids, max).await? {
         Some(t) if t > Duration::from_secs(1) => {
             eprintln!("  (servers idle {:.1} s after {after})", t.as_secs_f64())
@@ -603,25 +829,24 @@ fn per_message(disk_bytes: u64, messages: u64) -> Option<f64> {
     (messages > 0).then(|| disk_bytes as f64 / messages as f64)
 }
 
-fn redis_footprint(redis: RedisServer, setting: &str, messages: u64) -> Result<ServerResult> {
-    let peak_rss_bytes = redis.proc.peak_rss_bytes().ok();
+fn redis_footprint(redis: &RedisServer, setting: &str, messages: u64) -> Result<ServerResult> {
+    let pid = redis.proc.pid();
     let disk_bytes = disk::dir_allocated_bytes(&redis.data_dir)?;
-    redis.proc.kill()?;
-    remove_dir(&redis.data_dir)?;
     Ok(ServerResult {
         target: "redis".into(),
         setting: setting.into(),
-        peak_rss_bytes,
+        peak_rss_bytes: procs::peak_rss_bytes(pid).ok(),
+        anon_rss_bytes: procs::anon_rss_bytes(pid).ok(),
         disk_bytes,
         messages_stored: messages,
         disk_bytes_per_message: per_message(disk_bytes, messages),
         shard_stats: None,
         start_secs: None,
+        restart_secs: None,
     })
 }
 
-async fn shard_footprint(server: ShardServer, setting: &str, quick: bool) -> Result<ServerResult> {
-    let start_secs = Some(server.start_secs);
+async fn shard_footprint(server: &ShardServer, setting: &str, quick: bool) -> Result<ServerResult> {
     let wait = if quick {
         STATS_TIMEOUT_QUICK
     } else {
@@ -631,18 +856,18 @@ async fn shard_footprint(server: ShardServer, setting: &str, quick: bool) -> Res
         .await
         .with_context(|| format!("no answer to Stats within {wait:?}"))??;
     let disk_bytes = disk::dir_allocated_bytes(&server.data_dir)?;
-    let peak_rss_bytes = server.proc.peak_rss_bytes().ok();
-    server.proc.kill()?;
-    remove_dir(&server.data_dir)?;
+    let pid = server.proc.pid();
     Ok(ServerResult {
         target: "msgstore".into(),
         setting: setting.into(),
-        peak_rss_bytes,
+        peak_rss_bytes: procs::peak_rss_bytes(pid).ok(),
+        anon_rss_bytes: procs::anon_rss_bytes(pid).ok(),
         disk_bytes,
         messages_stored: stats.live_messages,
         disk_bytes_per_message: per_message(disk_bytes, stats.live_messages),
         shard_stats: Some(stats),
-        start_secs,
+        start_secs: Some(server.start_secs),
+        restart_secs: None,
     })
 }
 
@@ -687,9 +912,9 @@ async fn drain_pair(
             ..spec
         };
         let result = if is_redis {
-            prefill_then_drain(s, &spec, pid, RespCodec::new).await
+            prefill_then_drain(s, &spec, (pid, None), RespCodec::new).await
         } else {
-            prefill_then_drain(s, &spec, pid, ShardCodec::new).await
+            prefill_then_drain(s, &spec, (pid, Some(addr)), ShardCodec::new).await
         };
         let (prefill_spec, (prefill, prefill_cpu), drain_spec, (drained, drain_cpu)) = match result
         {
@@ -739,7 +964,7 @@ async fn drain_pair(
 async fn prefill_then_drain<C: Codec>(
     s: &Settings,
     spec: &LoadSpec,
-    server_pid: u32,
+    (server_pid, shard): (u32, Option<std::net::SocketAddr>),
     codec: fn() -> C,
 ) -> Result<(LoadSpec, Measured, LoadSpec, Measured)> {
     let (connections, users) = (spec.connections, s.drain_users);
@@ -757,7 +982,7 @@ async fn prefill_then_drain<C: Codec>(
     let prefill = prefill.context("prefill")?;
     // Drain once the server has finished what the prefill left behind
     // (our checkpoints; Redis's AOF rewrite), so the drain measures draining.
-    settle(s, &[server_pid], "the prefill").await?;
+    settle(s, &[server_pid], shard, "the prefill").await?;
     let drain_spec = LoadSpec {
         pipeline: s.args.drain_pipeline,
         ..spec.clone()
@@ -855,6 +1080,25 @@ fn rate(
         .map(|r| r.ops_per_sec)
 }
 
+/// Our `figure` over Redis's, of the always pair's servers (measured at
+/// rest after the same appends, then restarted).
+fn at_rest_ratio(
+    report: &StorageReport,
+    figure: impl Fn(&ServerResult) -> Option<f64>,
+) -> Option<f64> {
+    let of = |target: &str, setting: String| {
+        report
+            .servers
+            .iter()
+            .find(|s| s.target == target && s.setting == setting)
+            .and_then(&figure)
+    };
+    report::ratio(
+        of("msgstore", FsyncPolicy::Always.to_string()),
+        of("redis", RedisAof::Always.to_string()),
+    )
+}
+
 fn compute_ratios(report: &StorageReport) -> Ratios {
     let append =
         |target, setting: &str, p| rate(&report.append, "append", target, setting, Some(p));
@@ -881,6 +1125,19 @@ fn compute_ratios(report: &StorageReport) -> Ratios {
             report.engine.as_ref().map(|e| e.phase.ops_per_sec),
             report.disk_ceiling.as_ref().map(|d| d.phase.ops_per_sec),
         ),
+        append_gateway_shape_vs_redis_always: report::ratio(
+            rate(&report.append, GATEWAY_PHASE, "msgstore", "always", None),
+            rate(
+                &report.append,
+                GATEWAY_PHASE,
+                "redis",
+                &RedisAof::Always.to_string(),
+                None,
+            ),
+        ),
+        disk_bytes_per_msg_vs_redis: at_rest_ratio(report, |s| s.disk_bytes_per_message),
+        anon_rss_vs_redis: at_rest_ratio(report, |s| s.anon_rss_bytes.map(|b| b as f64)),
+        restart_secs_vs_redis_load: at_rest_ratio(report, |s| s.restart_secs),
         replicated_vs_redis_wait_p16: report::ratio(
             rate(
                 &report.append,
@@ -903,6 +1160,39 @@ fn compute_ratios(report: &StorageReport) -> Ratios {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server(target: &str, setting: &str, figure: f64) -> ServerResult {
+        ServerResult {
+            target: target.into(),
+            setting: setting.into(),
+            peak_rss_bytes: None,
+            anon_rss_bytes: Some(figure as u64),
+            disk_bytes: 0,
+            messages_stored: 1,
+            disk_bytes_per_message: Some(figure),
+            shard_stats: None,
+            start_secs: None,
+            restart_secs: Some(figure / 100.0),
+        }
+    }
+
+    #[test]
+    fn at_rest_ratios_hold_the_always_shard_against_the_always_redis() {
+        let mut report = StorageReport::new(serde_json::json!({}));
+        report.servers = vec![
+            server("redis", "aof_off", 1.0),
+            server("redis", "aof_always", 200.0),
+            server("msgstore", "never", 1.0),
+            server("msgstore", "always", 100.0),
+        ];
+        let r = compute_ratios(&report);
+        assert_eq!(r.disk_bytes_per_msg_vs_redis, Some(0.5));
+        assert_eq!(r.anon_rss_vs_redis, Some(0.5));
+        assert_eq!(r.restart_secs_vs_redis_load, Some(0.5));
+        assert_eq!(r.append_gateway_shape_vs_redis_always, None, "no phase ran");
+        report.servers.pop();
+        assert_eq!(compute_ratios(&report).disk_bytes_per_msg_vs_redis, None);
+    }
 
     #[test]
     fn drained_users_are_split_without_overlap() {

@@ -49,6 +49,10 @@ pub struct EngineConfig {
     pub checkpoint_wal_bytes: u64,
     /// ... or this long after the last one, if anything changed.
     pub checkpoint_interval_ms: u64,
+    /// ... or once the log has not grown for this long (the shard went
+    /// idle), if anything changed: an idle shard's log is checkpointed and
+    /// trimmed, its memtable freed, and a crash then replays nothing.
+    pub checkpoint_idle_ms: u64,
     /// While a checkpoint runs and the log not yet checkpointed exceeds
     /// this, the server reads no new requests until the checkpoint is done
     /// (back-pressure on clients, so checkpoints keep up with sustained
@@ -83,6 +87,7 @@ impl Default for EngineConfig {
             wal_segment_bytes: 32 * 1024 * 1024,
             checkpoint_wal_bytes: 256 * 1024 * 1024,
             checkpoint_interval_ms: 30_000,
+            checkpoint_idle_ms: 1_000,
             checkpoint_stall_wal_bytes: 512 * 1024 * 1024,
             wal_bytes_max: 1024 * 1024 * 1024,
             index_map_bytes: 4 * 1024 * 1024 * 1024,
@@ -144,6 +149,7 @@ impl EngineConfig {
             1,
             1 << 40,
         )?;
+        range("checkpoint_idle_ms", self.checkpoint_idle_ms, 1, 1 << 40)?;
         range(
             "wal_bytes_max",
             self.wal_bytes_max,
@@ -200,6 +206,10 @@ impl EngineConfig {
 
     pub(crate) fn checkpoint_interval(&self) -> Duration {
         Duration::from_millis(self.checkpoint_interval_ms)
+    }
+
+    pub(crate) fn checkpoint_idle(&self) -> Duration {
+        Duration::from_millis(self.checkpoint_idle_ms)
     }
 }
 

@@ -207,6 +207,13 @@ pub(crate) struct Engine {
     unsynced: bool,
     last_sync: Instant,
     last_checkpoint: Instant,
+    /// The log's length since the last checkpoint when it was last seen
+    /// to change, and when: the shard is idle once it has not for
+    /// `checkpoint_idle_ms`.
+    log_grew: (u64, Instant),
+    /// The memory kept for the next load was given back since the log
+    /// last grew (see [`Engine::release_idle_memory`]).
+    idle_released: bool,
     wal_buf: Vec<u8>,
     undo: Undo,
     /// What the open batch stored so far (see [`BatchCounts`]).
@@ -625,6 +632,12 @@ impl Engine {
         let mut wake = Duration::from_secs(1);
         if self.checkpoint_running() {
             wake = CHECKPOINT_POLL;
+        } else if self.has_changes() {
+            let idle_due = self
+                .config
+                .checkpoint_idle()
+                .saturating_sub(self.log_grew.1.elapsed());
+            wake = wake.min(idle_due.max(Duration::from_millis(1)));
         }
         if let (true, FsyncPolicy::IntervalMs(ms)) = (self.unsynced, self.config.fsync) {
             let due = Duration::from_millis(ms).saturating_sub(self.last_sync.elapsed());
@@ -644,8 +657,12 @@ impl Engine {
         if self.poisoned.is_some() {
             return;
         }
+        self.note_log_growth();
         if self.checkpoint_running() {
             self.merge_checkpoint(false);
+            // At once: an idle checkpoint just merged frees the memory it
+            // leaves unused before anything can look at the shard.
+            self.release_idle_memory();
             return;
         }
         // A checkpoint covers the log up to its start (the open batch is
@@ -656,6 +673,7 @@ impl Engine {
                 tracing::error!(error = %e, "msgstore checkpoint could not start; will retry");
             }
         }
+        self.release_idle_memory();
     }
 
     /// Merge the running checkpoint if it is done (or, with `wait`, once it
@@ -687,8 +705,42 @@ impl Engine {
         }
         let bytes_due = self.wal.bytes_since_checkpoint >= self.config.checkpoint_wal_bytes;
         let time_due = self.last_checkpoint.elapsed() >= self.config.checkpoint_interval()
-            && (!self.dirty.is_empty() || !self.compact_candidates.is_empty() || self.meta_dirty);
-        bytes_due || time_due
+            || self.log_grew.1.elapsed() >= self.config.checkpoint_idle();
+        bytes_due || (time_due && self.has_changes())
+    }
+
+    /// Something changed since the last checkpoint started.
+    fn has_changes(&self) -> bool {
+        !self.dirty.is_empty() || !self.compact_candidates.is_empty() || self.meta_dirty
+    }
+
+    /// Note whether the log grew since the last look (see `log_grew`).
+    fn note_log_growth(&mut self) {
+        let len = self.wal.bytes_since_checkpoint;
+        if len != self.log_grew.0 {
+            self.log_grew = (len, Instant::now());
+            self.idle_released = false;
+        }
+    }
+
+    /// Once the shard is idle and wholly checkpointed, give back the
+    /// memory kept to make the next load's first batches cheap (the
+    /// emptied memtable maps, sized for the last load's users, and the
+    /// spare log buffers) and the pages of what was freed, so an idle
+    /// shard holds little but its cache of clean states. Only between
+    /// batches.
+    fn release_idle_memory(&mut self) {
+        let idle = self.log_grew.1.elapsed() >= self.config.checkpoint_idle();
+        if self.idle_released || !idle || self.checkpoint_running() || self.has_changes() {
+            return;
+        }
+        self.dirty = DirtyUsers::default();
+        self.spare_dirty = None;
+        self.wal_buf = Vec::new();
+        self.log_buffers.release();
+        // The memtable the checkpoint freed, too.
+        daemon::heap::release_freed_pages();
+        self.idle_released = true;
     }
 
     /// Number of the open batch; batches are numbered in the order they
@@ -749,6 +801,40 @@ mod tests {
         })
         .unwrap();
         e.end_batch_deferred().unwrap().expect("a log write")
+    }
+
+    /// A shard whose log stops growing checkpoints once
+    /// `checkpoint_idle_ms` passed, and then lets go of the memory it kept
+    /// for the next load; a new append makes it busy again.
+    #[test]
+    fn an_idle_shard_checkpoints_and_releases_its_spare_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Always,
+            bucket_dirs: 1,
+            bucket_files: 1,
+            checkpoint_idle_ms: 1,
+            ..EngineConfig::default()
+        };
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        let write = append_deferred(&mut e, 1, 100);
+        e.log_write_done(write.batch(), &write.perform());
+        e.tick();
+        assert!(e.wal.bytes_since_checkpoint > 0 && !e.idle_released);
+        std::thread::sleep(Duration::from_millis(20));
+        e.tick();
+        while e.checkpoint_running() {
+            std::thread::sleep(Duration::from_millis(1));
+            e.tick();
+        }
+        assert_eq!(e.counters.checkpoints_total, 1, "the idle checkpoint ran");
+        assert_eq!(e.wal.bytes_since_checkpoint, 0);
+        assert!(e.idle_released && e.spare_dirty.is_none());
+        assert_eq!(e.dirty.capacity(), 0);
+        let write = append_deferred(&mut e, 1, 100);
+        e.log_write_done(write.batch(), &write.perform());
+        e.tick();
+        assert!(!e.idle_released, "busy again");
     }
 
     /// An append counts (`appends_total`, `msgstore_appends_total`) once

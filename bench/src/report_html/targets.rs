@@ -226,6 +226,14 @@ mod tests {
     }
 
     #[test]
+    fn the_storage_report_writes_every_storage_target_key() {
+        let keys = serde_json::to_value(crate::report::Ratios::default()).unwrap();
+        for t in TARGETS.iter().filter(|t| t.bench == "storage") {
+            assert!(keys.get(t.key).is_some(), "{}", t.key);
+        }
+    }
+
+    #[test]
     fn values_print_short() {
         assert_eq!(fmt_value(0.0), "0");
         assert_eq!(fmt_value(0.40204), "0.402");

@@ -19,6 +19,10 @@ use std::{
 const BUCKET_MAGIC: &[u8; 8] = b"IMBKT\0\0\x01";
 /// Smallest size a bucket file grows to; it doubles from there.
 const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
+/// A growing file gets room for this share of its length more (an
+/// eighth: at most 12.5% of a file is unused room, where doubling left up
+/// to half), rounded up to whole `BUCKET_FILE_BYTES_MIN` blocks.
+const BUCKET_GROWTH_DIVISOR: u64 = 8;
 /// A map reserves address space for this much growth of its file (and at
 /// least `MAP_RESERVE_BYTES_MIN`), so a growing file is not remapped each
 /// time it doubles: an unmap costs every CPU running the process a TLB
@@ -162,7 +166,7 @@ impl Buckets {
     /// Grow `bucket`'s file to hold `end` bytes, and map it again if that
     /// is past the room its map reserved.
     fn grow(&mut self, bucket: u32, end: u64) -> Result<()> {
-        let size = end.next_power_of_two().max(BUCKET_FILE_BYTES_MIN);
+        let size = grown_len(end);
         let file_len =
             usize::try_from(size).map_err(|_| std::io::Error::other("bucket too large"))?;
         let file = OpenOptions::new()
@@ -310,6 +314,16 @@ impl Buckets {
     }
 }
 
+/// The length a bucket file grows to so that it holds `end` bytes: `end`
+/// and an eighth more, in whole blocks, at least one block.
+fn grown_len(end: u64) -> u64 {
+    let wanted = end.saturating_add(end / BUCKET_GROWTH_DIVISOR);
+    wanted
+        .div_ceil(BUCKET_FILE_BYTES_MIN)
+        .saturating_mul(BUCKET_FILE_BYTES_MIN)
+        .max(BUCKET_FILE_BYTES_MIN)
+}
+
 /// Map `file` (`file_len` bytes long) with room to grow.
 fn map_file(file: &File, file_len: u64) -> std::io::Result<MmapMut> {
     let reserve = file_len
@@ -373,6 +387,19 @@ mod tests {
             assert_eq!(header_gen(v, id), Some(0));
             let at = BUCKET_HEADER_BYTES as usize;
             assert_eq!(&v[at..at + 4], &id.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn files_grow_by_an_eighth_in_whole_blocks() {
+        assert_eq!(grown_len(0), 4096);
+        assert_eq!(grown_len(1), 4096);
+        assert_eq!(grown_len(4096), 8192);
+        assert_eq!(grown_len(1 << 20), (1 << 20) + (1 << 17));
+        for end in [1, 4095, 4097, 100_000, 3 << 20, (1 << 30) + 7] {
+            let len = grown_len(end);
+            assert!(len >= end && len.is_multiple_of(4096), "{end} -> {len}");
+            assert!(len - end <= end / 8 + 4096, "{end} -> {len}");
         }
     }
 

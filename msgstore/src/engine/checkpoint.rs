@@ -170,8 +170,7 @@ impl Engine {
     /// checkpoint and none is running.
     pub(super) fn start_checkpoint(&mut self) -> Result<()> {
         self.last_checkpoint = Instant::now();
-        let idle = self.dirty.is_empty() && self.compact_candidates.is_empty() && !self.meta_dirty;
-        if self.job.is_some() || idle {
+        if self.job.is_some() || !self.has_changes() {
             return Ok(());
         }
         // First: it may fail, and nothing has moved yet.
@@ -301,6 +300,9 @@ impl Engine {
             .wal
             .bytes_since_checkpoint
             .saturating_sub(job.log_bytes);
+        // The same length again after this is no growth; growth during
+        // the job was noted while it ran.
+        self.log_grew.0 = self.wal.bytes_since_checkpoint;
         self.counters.checkpoints_total += 1;
         self.counters.compactions_total += done_compactions;
         metrics::counter!("msgstore_checkpoints_total").increment(1);

@@ -48,6 +48,11 @@ impl LogBuffers {
         }
     }
 
+    /// Free every kept buffer (the shard went idle).
+    pub(crate) fn release(&self) {
+        *self.lock() = Vec::new();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
         self.spare.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -82,6 +87,10 @@ mod tests {
             pool.give_back(Vec::with_capacity(100));
         }
         assert_eq!(pool.spare_count(), SPARE_BUFFERS_MAX);
+        pool.release();
+        assert_eq!(pool.spare_count(), 0);
+        pool.give_back(Vec::with_capacity(16));
+        assert_eq!(pool.spare_count(), 1, "kept again after a release");
         let pool = LogBuffers::default();
         pool.give_back(Vec::with_capacity(KEPT_BUFFER_BYTES_MAX + 1));
         pool.give_back(Vec::new());

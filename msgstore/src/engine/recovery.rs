@@ -240,6 +240,8 @@ impl Engine {
             unsynced: false,
             last_sync: Instant::now(),
             last_checkpoint: Instant::now(),
+            log_grew: (0, Instant::now()),
+            idle_released: false,
             wal_buf: Vec::new(),
             undo: Undo::default(),
             batch_counts: Default::default(),

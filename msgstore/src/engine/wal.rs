@@ -449,6 +449,8 @@ pub struct Wal {
     offset: u64,
     /// The zero-filled spare segment being prepared in the background.
     spare: Option<JoinHandle<std::io::Result<()>>>,
+    /// The helper deleting and freeing checkpointed log, if one ran.
+    trim: Option<JoinHandle<()>>,
     /// Entry bytes written since the last successful checkpoint (for a
     /// detached log: the bytes batches would have written).
     pub bytes_since_checkpoint: u64,
@@ -472,6 +474,7 @@ impl Wal {
             file: Arc::new(File::open(dir)?),
             offset: SEGMENT_HEADER_BYTES,
             spare: None,
+            trim: None,
             bytes_since_checkpoint: 0,
             detached: false,
         };
@@ -495,6 +498,7 @@ impl Wal {
             file: Arc::new(File::open(dir)?),
             offset: SEGMENT_HEADER_BYTES,
             spare: None,
+            trim: None,
             bytes_since_checkpoint: 0,
             detached: true,
         })
@@ -629,21 +633,37 @@ impl Wal {
 
     /// Like [`Wal::remove_before`], but unlinking (which frees the blocks
     /// of large files and can take milliseconds each) happens on a helper
-    /// thread. Safe to lose: recovery deletes segments before `wal_start`.
-    pub fn remove_before_in_background(&self, keep_from: Position) -> Result<()> {
+    /// thread, which then also frees the blocks of `keep_from`'s own
+    /// segment wholly before it ([`punch_before`]). Safe to lose: recovery
+    /// deletes segments before `wal_start` and never reads before it.
+    pub fn remove_before_in_background(&mut self, keep_from: Position) -> Result<()> {
         let paths = self.paths_before(keep_from)?;
-        if !paths.is_empty() {
-            std::thread::Builder::new()
-                .name("msgstore-wal-trim".into())
-                .spawn(move || {
-                    for path in paths {
-                        if let Err(e) = fs::remove_file(&path) {
-                            tracing::warn!(path = %path.display(), error = %e, "cannot remove an old log segment");
-                        }
-                    }
-                })?;
+        let current = segment_path(&self.dir, keep_from.segment);
+        if paths.is_empty() && punch_range(keep_from.offset).is_none() {
+            return Ok(());
         }
+        // The last one is long done (a checkpoint ran since it started).
+        self.join_trim();
+        let trim = std::thread::Builder::new()
+            .name("msgstore-wal-trim".into())
+            .spawn(move || {
+                for path in paths {
+                    if let Err(e) = fs::remove_file(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove an old log segment");
+                    }
+                }
+                if let Err(e) = punch_before(&current, keep_from.offset) {
+                    tracing::debug!(path = %current.display(), error = %e, "cannot free checkpointed log blocks");
+                }
+            })?;
+        self.trim = Some(trim);
         Ok(())
+    }
+
+    fn join_trim(&mut self) {
+        if let Some(h) = self.trim.take() {
+            let _ = h.join();
+        }
     }
 
     fn paths_before(&self, keep_from: Position) -> Result<Vec<PathBuf>> {
@@ -655,6 +675,40 @@ impl Wal {
     }
 }
 
+/// Blocks of a segment freed by [`punch_before`].
+const PUNCH_BLOCK_BYTES: u64 = 4096;
+
+/// The whole blocks of a segment after its header's block and before
+/// `offset`, as (start, length); `None` if there are none.
+fn punch_range(offset: u64) -> Option<(u64, u64)> {
+    let end = offset / PUNCH_BLOCK_BYTES * PUNCH_BLOCK_BYTES;
+    (end > PUNCH_BLOCK_BYTES).then(|| (PUNCH_BLOCK_BYTES, end - PUNCH_BLOCK_BYTES))
+}
+
+/// Give the file system back the blocks of segment `path` wholly before
+/// `offset`, the checkpointed part of the log's current segment (it is
+/// deleted only once the log has moved past it): they read as zeros
+/// afterwards, and nothing reads or writes there again (replay starts at
+/// the checkpoint's position; writes go after it). The header's block
+/// stays. A missing segment (a replicated shard's detached log) is fine.
+fn punch_before(path: &Path, offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Some((start, len)) = punch_range(offset) else {
+        return Ok(());
+    };
+    let file = match OpenOptions::new().write(true).open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    let (start, len) = (start as libc::off_t, len as libc::off_t);
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: plain syscall on a descriptor we own.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, start, len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Drop for Wal {
     fn drop(&mut self) {
         // The spare thread must never outlive the log: a later open renames
@@ -662,6 +716,8 @@ impl Drop for Wal {
         if let Some(h) = self.spare.take() {
             let _ = h.join();
         }
+        // Nor the trim thread: a later open lists and deletes segments.
+        self.join_trim();
     }
 }
 
@@ -679,6 +735,30 @@ mod tests {
             timestamp_ms: 9,
             msg_id: 77,
         }
+    }
+
+    #[test]
+    fn the_checkpointed_blocks_of_a_segment_are_freed_and_nothing_else() {
+        assert_eq!(punch_range(32), None);
+        assert_eq!(punch_range(8191), None);
+        assert_eq!(punch_range(8192), Some((4096, 4096)));
+        assert_eq!(punch_range(20_000), Some((4096, 12_288)));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        fs::write(&path, vec![7u8; 64 * 1024]).unwrap();
+        punch_before(&path, 20_000).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 64 * 1024, "the size is kept");
+        assert!(
+            bytes[..4096].iter().all(|b| *b == 7),
+            "the header block stays"
+        );
+        assert!(bytes[4096..16_384].iter().all(|b| *b == 0));
+        assert!(
+            bytes[16_384..].iter().all(|b| *b == 7),
+            "from the block of the offset on"
+        );
+        punch_before(&dir.path().join("missing"), 20_000).unwrap();
     }
 
     fn collect(dir: &Path, seg: u64) -> (Vec<(u64, Vec<u8>)>, SegmentEnd) {

@@ -186,6 +186,7 @@ fn shard_repair_cuts_a_damaged_log_and_says_what_was_lost() {
         checkpoint_stall_wal_bytes: 1 << 30,
         wal_bytes_max: 1 << 30,
         checkpoint_interval_ms: 1 << 40,
+        checkpoint_idle_ms: 1 << 40,
         ..EngineConfig::default()
     };
     let live = dir.path().join("live");

@@ -27,6 +27,7 @@ pub fn config() -> EngineConfig {
         checkpoint_stall_wal_bytes: 1 << 30,
         wal_bytes_max: 1 << 30,
         checkpoint_interval_ms: 1 << 40,
+        checkpoint_idle_ms: 1 << 40,
         index_map_bytes: 16 << 20,
         ..EngineConfig::default()
     }
