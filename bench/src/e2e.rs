@@ -217,10 +217,6 @@ pub async fn run(args: E2eArgs) -> Result<()> {
     let plan = Plan::new(&args)?;
     let mut report = E2eReport::new(plan.config_json(args.quick));
     report.raw_udp = Some(raw_ceiling(plan.duration).await?);
-    match crate::responder_crypto::measure() {
-        Ok(c) => report.responder_crypto = Some(c),
-        Err(e) => report.problems.push(format!("X25519 cost: {e}")),
-    }
     let dir = tempfile::tempdir().context("a temporary directory")?;
     let cluster = Cluster::start(dir.path(), args.gateway_bin.as_deref()).await?;
     let result = run_phases(&cluster, &plan, &mut report).await;
@@ -254,6 +250,11 @@ async fn run_phases(cluster: &Cluster, plan: &Plan, report: &mut E2eReport) -> R
     }
     if wanted(E2ePhase::Logins) {
         let (logins, storm_logs) = login_storm(cluster, plan).await?;
+        // Right after the storm, on the same machine state.
+        match crate::responder_crypto::measure() {
+            Ok(c) => report.responder_crypto = Some(c),
+            Err(e) => report.problems.push(format!("X25519 cost: {e}")),
+        }
         report.logins = logins;
         report.note_problems("login storm", &storm_logs);
         logs.extend(storm_logs);
