@@ -543,6 +543,23 @@ impl Running {
         })
     }
 
+    /// `logins` as a login storm runs them: over the plan's sockets,
+    /// `logins_in_flight` handshakes at once.
+    pub(crate) fn storm(
+        cluster: &Cluster,
+        plan: &Plan,
+        logins: Vec<PlannedLogin>,
+        counters: &Arc<Counters>,
+    ) -> Result<Running> {
+        Running::launch(
+            cluster,
+            logins,
+            plan.sockets,
+            plan.logins_in_flight,
+            counters,
+        )
+    }
+
     /// Close every session (so the gateway forgets them), then stop.
     pub(crate) async fn stop(self) -> Result<Vec<Log>> {
         self.counters.close.store(true, Ordering::Relaxed);
@@ -692,13 +709,7 @@ async fn storm(
     let counters = Arc::new(Counters::default());
     let t = Instant::now();
     let cpu = cluster.gateway_cpu();
-    let running = Running::launch(
-        cluster,
-        logins,
-        plan.sockets,
-        plan.logins_in_flight,
-        &counters,
-    )?;
+    let running = Running::storm(cluster, plan, logins, &counters)?;
     wait_logins(&counters, n, &format!("{n} {method} logins")).await?;
     let secs = t.elapsed().as_secs_f64();
     let cpu = cluster.gateway_cpu().zip(cpu).map(|(b, a)| b - a);

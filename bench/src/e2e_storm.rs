@@ -53,13 +53,7 @@ pub async fn run(cluster: &Cluster, plan: &Plan) -> Result<(StormResult, Vec<Log
         .collect();
     let counters = Arc::new(Counters::default());
     let t0 = Instant::now();
-    let running = Running::launch(
-        cluster,
-        logins,
-        plan.sockets,
-        plan.logins_in_flight,
-        &counters,
-    )?;
+    let running = Running::storm(cluster, plan, logins, &counters)?;
     let logins = || counters.logins.load(Ordering::Relaxed);
     let failed = || counters.login_failures.load(Ordering::Relaxed);
     wait_for("the storm's first logins", || {
