@@ -155,11 +155,21 @@ impl RespBatchCodec {
 
 impl Codec for RespBatchCodec {
     fn encode(&mut self, op: &Op, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        let replies = match op {
-            Op::AppendBatch { count, .. } => (*count).max(1),
-            _ => 1,
+        let replies = match *op {
+            // One RPUSH per item, pipelined: answered by `count` replies,
+            // folded into one by `decode`.
+            Op::AppendBatch { user, count, .. } => {
+                self.inner.set_key(user);
+                for item in batch_payloads(payload, count) {
+                    self.inner.put_rpush(out, item);
+                }
+                count.max(1)
+            }
+            _ => {
+                self.inner.encode(op, payload, out)?;
+                1
+            }
         };
-        self.inner.encode(op, payload, out)?;
         self.replies_due.push_back(replies);
         Ok(())
     }
@@ -212,14 +222,8 @@ impl Codec for RespCodec {
                 self.set_key(user);
                 self.put_rpush(out, payload);
             }
-            // One RPUSH per item, pipelined: answered by `count` replies,
-            // which `RespBatchCodec` folds into one.
-            Op::AppendBatch { user, count, .. } => {
-                self.set_key(user);
-                for item in batch_payloads(payload, count) {
-                    self.put_rpush(out, item);
-                }
-            }
+            // Its `count` replies would each be taken for a request's.
+            Op::AppendBatch { .. } => bail!("a batch of appends needs RespBatchCodec"),
             Op::Fetch {
                 user, max_count, ..
             } => {
@@ -396,6 +400,8 @@ mod tests {
             Some(Reply::Error("ERR full".into()))
         );
         assert!(buf.is_empty());
+        let plain = RespCodec::new().encode(&batch, b"abcd", &mut Vec::new());
+        assert!(plain.is_err(), "the plain codec would miscount the replies");
     }
 
     #[test]
