@@ -63,7 +63,9 @@ pub async fn run(cluster: &Cluster, plan: &Plan) -> Result<(StormResult, Vec<Log
     let login_secs = t0.elapsed().as_secs_f64();
     let before = logins();
     let down = Instant::now();
-    let restart_secs = cluster.restart_gateway()?;
+    // It blocks until the new gateway listens; the clients' tasks go on
+    // on the runtime's other threads meanwhile.
+    let restart_secs = tokio::task::block_in_place(|| cluster.restart_gateway())?;
     wait_for("every session logged in again", || {
         logins() + failed() >= before + n as u64
     })
