@@ -17,7 +17,7 @@ use std::{
 };
 
 const BUCKET_MAGIC: &[u8; 8] = b"IMBKT\0\0\x01";
-/// Smallest size a bucket file grows to; it doubles from there.
+/// Smallest size a bucket file grows to, and the block it grows by.
 const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
 /// A growing file gets room for this share of its length more (an
 /// eighth: at most 12.5% of a file is unused room, where doubling left up
@@ -25,7 +25,7 @@ const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
 const BUCKET_GROWTH_DIVISOR: u64 = 8;
 /// A map reserves address space for this much growth of its file (and at
 /// least `MAP_RESERVE_BYTES_MIN`), so a growing file is not remapped each
-/// time it doubles: an unmap costs every CPU running the process a TLB
+/// time it grows: an unmap costs every CPU running the process a TLB
 /// flush. Only the file's bytes are ever touched through the map.
 const MAP_RESERVE_GROWTH: u64 = 4;
 const MAP_RESERVE_BYTES_MIN: u64 = 1024 * 1024;
