@@ -315,6 +315,21 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, nanosecond grain).
+pub fn own_thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(
+        rc, 0,
+        "CLOCK_THREAD_CPUTIME_ID is always available on Linux"
+    );
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// The calling thread's id (for [`thread_cpu_time`]).
 pub fn current_tid() -> i32 {
     // SAFETY: plain libc query.

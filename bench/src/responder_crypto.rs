@@ -6,6 +6,7 @@
 //! whole responder handshake (build, read the initiator's message, write
 //! the answer), for scale.
 
+use crate::procs;
 use proto::session::crypto;
 use serde::Serialize;
 use snow::{
@@ -54,13 +55,13 @@ fn per_round_us(mut round: impl FnMut(u64)) -> (f64, u64) {
     round(0); // warm up
     let (mut best, mut total) = (f64::INFINITY, 0);
     for _ in 0..MEASUREMENTS {
-        let (t0, cpu0) = (Instant::now(), thread_cpu());
+        let (t0, cpu0) = (Instant::now(), procs::own_thread_cpu_time());
         let mut n = 0;
         while t0.elapsed() < MEASURE_FOR {
             round(total + n);
             n += 1;
         }
-        let cpu = thread_cpu() - cpu0;
+        let cpu = procs::own_thread_cpu_time() - cpu0;
         best = best.min(cpu.as_secs_f64() * 1e6 / n as f64);
         total += n;
     }
@@ -124,21 +125,6 @@ fn seed(n: u64) -> [u8; 32] {
     let mut s = [7u8; 32];
     s[..8].copy_from_slice(&n.to_le_bytes());
     s
-}
-
-/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, nanosecond grain).
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(
-        rc, 0,
-        "CLOCK_THREAD_CPUTIME_ID is always available on Linux"
-    );
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 #[cfg(test)]
