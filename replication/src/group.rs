@@ -3,6 +3,7 @@
 //! commands), status and the Raft metrics. The service brings its state
 //! machine and its client port.
 
+use crate::rebuild::Gate;
 use crate::{
     log_store::{LogStore, LogStoreError},
     metrics::metric_name,
@@ -16,6 +17,7 @@ use bytes::BytesMut;
 use daemon::secure::{GateLimits, Link, SecureListener};
 use openraft::{
     error::{CheckIsLeaderError, ClientWriteError, RaftError},
+    raft::VoteResponse,
     Raft, ServerState, SnapshotPolicy,
 };
 use proto::shard::{RaftStats, ReplicaProgress, ShardRole};
@@ -254,6 +256,10 @@ pub async fn admin<C: GroupTypes>(raft: &Raft<C>, request: AdminRequest) -> Admi
             Ok(_) => Ok(()),
             Err(e) => return write_error(e),
         },
+        AdminRequest::Leave { id } => return crate::rebuild::leave(raft, id).await,
+        AdminRequest::Rejoin { id, replica } => {
+            return crate::rebuild::rejoin(raft, id, replica).await
+        }
         AdminRequest::ChangeMembership { voters } => {
             let voters: BTreeSet<ReplicaId> = voters.into_iter().collect();
             match raft.change_membership(voters, false).await {
@@ -379,7 +385,25 @@ async fn ask_read_index(
     }
 }
 
-fn write_error(e: RaftError<ReplicaId, ClientWriteError<ReplicaId, Replica>>) -> AdminResponse {
+/// `Done` if this replica leads its group, else `NotLeader` (naming the
+/// leader it knows): for a command with nothing left to do.
+pub(crate) fn done_if_leader<C: GroupTypes>(raft: &Raft<C>) -> AdminResponse {
+    let m = raft.metrics().borrow().clone();
+    if m.state == ServerState::Leader {
+        return AdminResponse::Done;
+    }
+    let leader = m
+        .current_leader
+        .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+    AdminResponse::NotLeader {
+        leader: leader.map(|n| n.raft_addr),
+    }
+}
+
+/// The answer to a command whose membership change or learner failed.
+pub(crate) fn write_error(
+    e: RaftError<ReplicaId, ClientWriteError<ReplicaId, Replica>>,
+) -> AdminResponse {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminResponse::NotLeader {
             leader: f.leader_node.map(|n| n.raft_addr),
@@ -434,16 +458,19 @@ where
 
 /// Serve the replication port: every authenticated peer on a task of its
 /// own. `prefix` is the daemon's metric prefix (`msgstore`), `port_prefix`
-/// names the port's link metrics (`msgstore_raft`).
+/// names the port's link metrics (`msgstore_raft`). `gate` says which
+/// Raft RPCs are answered (all but while the replica rebuilds: see
+/// [`crate::rebuild`]); the operator's commands always are.
 pub async fn accept_peers<C: GroupTypes>(
     raft: Raft<C>,
     listener: TcpListener,
+    gate: std::sync::Arc<Gate>,
     (prefix, port_prefix): (&'static str, &'static str),
 ) {
     let mut listener = SecureListener::new(listener, port_prefix, GateLimits::default());
     loop {
         let link = listener.accept().await;
-        tokio::spawn(serve_peer(raft.clone(), link, prefix));
+        tokio::spawn(serve_peer(raft.clone(), link, gate.clone(), prefix));
     }
 }
 
@@ -453,7 +480,12 @@ static BAD_PEER_FRAME_WARNINGS: daemon::SharedLogLimiter =
     daemon::SharedLogLimiter::new(daemon::accept::WARN_INTERVAL);
 
 /// Answer one peer's RPCs, one at a time, until it hangs up.
-async fn serve_peer<C: GroupTypes>(raft: Raft<C>, link: Link, prefix: &'static str) {
+async fn serve_peer<C: GroupTypes>(
+    raft: Raft<C>,
+    link: Link,
+    gate: std::sync::Arc<Gate>,
+    prefix: &'static str,
+) {
     let (mut stream, mut wr) = link.into_split();
     let mut buf = BytesMut::new();
     loop {
@@ -468,7 +500,17 @@ async fn serve_peer<C: GroupTypes>(raft: Raft<C>, link: Link, prefix: &'static s
                 return;
             }
         };
+        let replicates = gate.replicates();
         let response = match request {
+            PeerRequest::AppendEntries(_) | PeerRequest::InstallSnapshot(_) if !replicates => {
+                // Answered as an unreachable replica would be: not at all.
+                return;
+            }
+            PeerRequest::Vote(r) if !gate.votes() => PeerResponse::Vote(Ok(VoteResponse {
+                vote: r.vote,
+                vote_granted: false,
+                last_log_id: None,
+            })),
             PeerRequest::AppendEntries(r) => {
                 PeerResponse::AppendEntries(raft.append_entries(r).await)
             }

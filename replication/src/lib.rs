@@ -8,6 +8,8 @@
 //!   pool, and openraft's network over them.
 //! * [`group`]: running a replica: the `[raft]` config table, serving the
 //!   replication port, the operator's group commands, status and metrics.
+//! * [`rebuild`]: a replica whose log is damaged sets it aside and
+//!   rebuilds from its peers (out of the group, back as a learner).
 //! * [`sm`]: helpers for a service's state machine.
 //! * [`metrics`]: the metrics all of this emits, under a service's prefix.
 //! * [`FsyncPolicy`]: when a write is synced relative to its answer.
@@ -19,6 +21,7 @@ pub mod group;
 pub mod log_store;
 pub mod metrics;
 pub mod peer;
+pub mod rebuild;
 pub mod sm;
 
 pub use fsync::FsyncPolicy;

@@ -100,6 +100,41 @@ use std::{io, path::PathBuf};
 
 pub use store::{LogReader, LogStore};
 
+/// Read the single-frame file `dir/name` (`None`: there is none); a file
+/// that is not exactly one valid frame is [`LogStoreError::Damaged`].
+pub(crate) fn read_meta_file<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<Option<T>, LogStoreError> {
+    frame::read_meta(dir, name)
+}
+
+/// Replace the single-frame file `dir/name` with `value`, atomically and
+/// synced.
+pub(crate) fn write_meta_file<T: serde::Serialize>(
+    dir: &std::path::Path,
+    name: &str,
+    value: &T,
+) -> Result<(), LogStoreError> {
+    let bytes = frame::encode_meta(value)
+        .map_err(|e| LogStoreError::io("encode", dir.join(name), io::Error::other(e)))?;
+    frame::write_atomic(dir, name, &bytes)
+        .map_err(|e| LogStoreError::io("write", dir.join(name), e))
+}
+
+/// fsync the directory `dir` (its entries).
+pub(crate) fn sync_dir_of(dir: &std::path::Path) -> Result<(), LogStoreError> {
+    frame::sync_dir(dir).map_err(|e| LogStoreError::io("sync", dir, e))
+}
+
+/// The vote saved in the log directory `dir`, read without opening the
+/// log (whose segments may be damaged).
+pub fn read_vote<C: openraft::RaftTypeConfig>(
+    dir: &std::path::Path,
+) -> Result<Option<openraft::Vote<C::NodeId>>, LogStoreError> {
+    frame::read_meta(dir, "vote")
+}
+
 /// Metric (`<prefix>_raft_log_appends_total`): `append` calls whose
 /// entries were written.
 const METRIC_APPENDS: &str = "raft_log_appends_total";
@@ -215,7 +250,7 @@ pub enum LogStoreError {
 
 impl LogStoreError {
     /// An I/O error on `path` during `op`.
-    fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Self::Io {
             op,
             path: path.into(),

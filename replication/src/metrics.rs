@@ -62,6 +62,14 @@ const SUFFIXES: &[Metric] = &[
         "raft_log_torn_tails_total",
         "Torn last writes cut off when the Raft log was opened",
     ),
+    Metric::counter(
+        "raft_rebuilds_total",
+        "Times this replica found its Raft log damaged, set it aside and began rebuilding from its peers",
+    ),
+    Metric::gauge(
+        "raft_rebuilding",
+        "1 while this replica rebuilds from its peers (no vote, no election), else 0",
+    ),
 ];
 
 /// The catalog entries of the replication metrics of a service whose

@@ -69,6 +69,14 @@ pub enum AdminRequest {
     /// leadership (a read index) and answer the index the follower must
     /// have applied before it reads.
     ReadIndex,
+    /// Asked of the leader by a replica whose log was damaged (it lost
+    /// entries it may have acknowledged): take it out of the group, as
+    /// voter and as learner. `Done` also if it is no member.
+    Leave { id: ReplicaId },
+    /// Asked of the leader by that replica once out of the group: add it
+    /// back as a learner, answer once it has caught up and is a voter
+    /// again (`Done` at once if it is a voter).
+    Rejoin { id: ReplicaId, replica: Replica },
 }
 
 /// What an admin command answers.

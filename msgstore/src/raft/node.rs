@@ -13,12 +13,9 @@ use daemon::secure::{GateLimits, Link, SecureListener};
 use openraft::Raft;
 use proto::shard::{RequestBody, ResponseBody, ShardErrorCode};
 pub use replication::group::RaftConfig;
-use replication::{
-    group,
-    log_store::{LogStore, LogStoreConfig},
-    peer::Network,
-};
+use replication::{group, log_store::LogStoreConfig, peer::Network, rebuild, Replica};
 use std::{
+    collections::BTreeMap,
     path::Path,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -97,7 +94,7 @@ pub async fn run(
     opened: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) -> Result<(), Error> {
     let started = start(data, (engine, server, raft), stop.clone()).await;
-    let node = match started {
+    let (node, rebuilding) = match started {
         Ok(x) => {
             let _ = opened.send(Ok(()));
             x
@@ -112,11 +109,23 @@ pub async fn run(
         let (shared, stop) = (node.shared.clone(), stop.clone());
         move || tick_engine(&shared, &stop)
     });
+    let gate = rebuild::Gate::new(rebuilding.as_ref().map(|m| m.phase));
     let peers = tokio::spawn(group::accept_peers(
         node.raft.clone(),
         raft_listener,
+        gate.clone(),
         ("msgstore", "msgstore_raft"),
     ));
+    let rebuilder = rebuilding.map(|marker| {
+        let (raft, data) = (node.raft.clone(), data.to_owned());
+        tokio::spawn(rebuild::run(
+            raft,
+            gate,
+            data,
+            (node.id, marker),
+            "msgstore",
+        ))
+    });
     let connections = Arc::new(AtomicUsize::new(0));
     let mut acceptor = SecureListener::new(client_listener, "msgstore", GateLimits::default());
     loop {
@@ -127,6 +136,9 @@ pub async fn run(
     }
     tracing::info!("replica stopping");
     peers.abort();
+    if let Some(rebuilder) = rebuilder {
+        rebuilder.abort();
+    }
     metrics.abort();
     let _ = node.raft.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || ticker.join()).await;
@@ -137,22 +149,30 @@ async fn start(
     data: &Path,
     (engine, server, raft): (EngineConfig, ServerConfig, RaftConfig),
     stop: watch::Receiver<bool>,
-) -> Result<Arc<Node>, Error> {
+) -> Result<(Arc<Node>, Rebuild), Error> {
     raft.validate().map_err(Error::Config)?;
-    let openraft_config = Arc::new(raft.openraft("imserver-shard").map_err(Error::Config)?);
-    let log = LogStore::<TypeConfig>::open(
-        &data.join("raft"),
-        LogStoreConfig {
-            fsync: engine.fsync,
-            segment_bytes_max: raft.log_segment_bytes,
-            ..LogStoreConfig::default()
-        },
-    )
-    .map_err(|e| Error::Storage(e.to_string()))?;
-    let mut log = log;
+    let mut openraft_config = raft.openraft("imserver-shard").map_err(Error::Config)?;
+    let storage = |e: replication::log_store::LogStoreError| Error::Storage(e.to_string());
+    let log_config = LogStoreConfig {
+        fsync: engine.fsync,
+        segment_bytes_max: raft.log_segment_bytes,
+        ..LogStoreConfig::default()
+    };
+    let service = rebuild::Service {
+        data,
+        state_dirs: &["engine", "snapshots"],
+        me: raft.id,
+        prefix: "msgstore",
+    };
+    let members = || applied_members(data, &engine);
+    let (mut log, marker) = rebuild::open_log::<TypeConfig>(&service, log_config, members)
+        .await
+        .map_err(storage)?;
+    // A rebuilding replica stands for no election until it is a voter again.
+    openraft_config.enable_elect = marker.is_none();
     group::step_down_at_start(&mut log, raft.id)
         .await
-        .map_err(|e| Error::Storage(e.to_string()))?;
+        .map_err(storage)?;
     let data = data.to_owned();
     let shared = tokio::task::spawn_blocking(move || Shared::open(&data, engine))
         .await
@@ -160,9 +180,15 @@ async fn start(
     let sm = StateMachine {
         shared: shared.clone(),
     };
-    let handle = Raft::new(raft.id, openraft_config, Network::new("msgstore"), log, sm)
-        .await
-        .map_err(|e| Error::Storage(format!("raft did not start: {e}")))?;
+    let handle = Raft::new(
+        raft.id,
+        Arc::new(openraft_config),
+        Network::new("msgstore"),
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| Error::Storage(format!("raft did not start: {e}")))?;
     let proposer = Proposer::start(handle.clone(), Duration::from_millis(raft.write_timeout_ms));
     let node = Arc::new(Node {
         raft: handle,
@@ -173,7 +199,32 @@ async fn start(
         server,
         stop,
     });
-    Ok(node)
+    Ok((node, marker))
+}
+
+/// A rebuild to carry on, if the log was found damaged (now or before).
+type Rebuild = Option<rebuild::Marker>;
+
+/// The group's members as the engine in `data` last applied them (where a
+/// replica whose log is damaged looks for its peers); none if the engine
+/// does not open.
+fn applied_members(data: &Path, engine: &EngineConfig) -> BTreeMap<ReplicaId, Replica> {
+    match Shared::open(data, engine.clone()) {
+        Ok(shared) => {
+            let members = shared
+                .applied()
+                .membership
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect();
+            let _ = shared.close();
+            members
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the engine does not open either: no peers known");
+            BTreeMap::new()
+        }
+    }
 }
 
 fn admit(node: &Arc<Node>, link: Link, connections: &Arc<AtomicUsize>) {

@@ -128,6 +128,7 @@ impl Replica {
             tokio::spawn(group::accept_peers(
                 raft.clone(),
                 listener,
+                replication::rebuild::Gate::new(None),
                 (PREFIX, "profile_raft"),
             )),
             tokio::spawn(group::export_metrics(raft.clone(), PREFIX)),
