@@ -275,3 +275,24 @@ pub async fn idle_raw_connections(addr: SocketAddr, n: usize) -> Vec<tokio::net:
     }
     raw
 }
+
+/// Files the process started by `cmd` writes may not grow past `bytes`
+/// (RLIMIT_FSIZE): a write past it fails with EFBIG, as on a full disk,
+/// instead of the process being killed by SIGXFSZ (ignored).
+pub fn limit_file_size(cmd: &mut std::process::Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

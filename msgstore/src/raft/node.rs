@@ -105,9 +105,11 @@ pub async fn run(
         }
     };
     let metrics = tokio::spawn(group::export_metrics(node.raft.clone(), "msgstore"));
+    // The ticker stops with the node, whether asked to or not.
+    let (stop_ticking, ticking_stopped) = watch::channel(false);
     let ticker = std::thread::spawn({
-        let (shared, stop) = (node.shared.clone(), stop.clone());
-        move || tick_engine(&shared, &stop)
+        let shared = node.shared.clone();
+        move || tick_engine(&shared, &ticking_stopped)
     });
     let gate = rebuild::Gate::new(rebuilding.as_ref().map(|m| m.phase));
     let peers = tokio::spawn(group::accept_peers(
@@ -128,10 +130,16 @@ pub async fn run(
     });
     let connections = Arc::new(AtomicUsize::new(0));
     let mut acceptor = SecureListener::new(client_listener, "msgstore", GateLimits::default());
+    let mut fatal = None;
     loop {
         tokio::select! {
             link = acceptor.accept() => admit(&node, link, &connections),
             _ = stop.wait_for(|s| *s) => break,
+            why = raft_stopped(&node.raft) => {
+                tracing::error!(error = %why, "the Raft node stopped by itself; the replica exits");
+                fatal = Some(why);
+                break;
+            }
         }
     }
     tracing::info!("replica stopping");
@@ -141,8 +149,29 @@ pub async fn run(
     }
     metrics.abort();
     let _ = node.raft.shutdown().await;
+    let _ = stop_ticking.send(true);
     let _ = tokio::task::spawn_blocking(move || ticker.join()).await;
-    node.shared.close()
+    let closed = node.shared.close();
+    match fatal {
+        Some(why) => Err(Error::Storage(format!("the Raft node stopped: {why}"))),
+        None => closed,
+    }
+}
+
+/// Resolves once the Raft node stopped by itself: a storage error (a log
+/// write that failed, a damaged read) is fatal to it. Such a replica can
+/// serve nothing; it exits with a failure so that its supervisor starts it
+/// again, and a log found damaged then is rebuilt from the peers.
+async fn raft_stopped(raft: &Raft<TypeConfig>) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the Raft node is gone".into();
+        }
+    }
 }
 
 async fn start(

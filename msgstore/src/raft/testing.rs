@@ -45,6 +45,12 @@ pub struct ReplicaProcess {
 
 impl ReplicaProcess {
     pub fn start(&mut self) {
+        self.start_with(|_| {});
+    }
+
+    /// Start it with `adjust` applied to its command first (a resource
+    /// limit, say).
+    pub fn start_with(&mut self, adjust: impl FnOnce(&mut Command)) {
         // `ip netns exec` execs the command in its own process (no fork),
         // so the child's pid is msgstore's and signals reach it (checked
         // below).
@@ -67,6 +73,7 @@ impl ReplicaProcess {
             .stderr(self.log_file());
         // The replicas and this process's clients share this process's key.
         daemon::testing::with_cluster_key(&mut cmd);
+        adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn msgstore");
         wait_for_listening(&mut child, "msgstore", Duration::from_secs(60));
         if self.netns.is_some() {
@@ -110,6 +117,21 @@ impl ReplicaProcess {
             }
             None => true,
         }
+    }
+
+    /// Wait up to `limit` for the replica to exit by itself: its status,
+    /// or `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     pub fn replica(&self) -> Replica {

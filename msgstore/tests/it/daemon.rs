@@ -402,26 +402,6 @@ async fn unauthenticated_connections_lock_no_peer_out() {
 /// error and stops the daemon with a failure status; after a restart
 /// without the limit nothing of the failed batch is there and earlier
 /// appends are.
-/// Files the daemon writes may not grow past 1 MiB: a larger log write
-/// fails (EFBIG) instead of the process being killed by SIGXFSZ.
-fn limit_file_size_to_1_mib(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 1 << 20,
-                rlim_max: 1 << 20,
-            };
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 #[tokio::test]
 async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
@@ -431,7 +411,7 @@ async fn a_failed_durable_write_answers_errors_and_stops_the_daemon() {
         dir.path(),
         "[engine]\nwal_segment_bytes = 262144\nbucket_dirs = 2\nbucket_files = 2\n",
     );
-    limit_file_size_to_1_mib(&mut cmd);
+    daemon::testing::limit_file_size(&mut cmd, 1 << 20);
     let mut daemon = start_with(cmd);
     let client = connect(daemon.addr).await;
     assert_eq!(client.append(1, 1, b"before".to_vec()).await.unwrap(), 1);
@@ -555,7 +535,7 @@ async fn a_fetch_never_shows_records_whose_write_failed() {
     use proto::shard::{AppendItem, Request, RequestBody as B, ResponseBody as R};
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = daemon_command_with(dir.path(), "always");
-    limit_file_size_to_1_mib(&mut cmd);
+    daemon::testing::limit_file_size(&mut cmd, 1 << 20);
     with_config(
         &mut cmd,
         dir.path(),

@@ -213,3 +213,54 @@ async fn damaged_log_rebuilds(after_leader: usize) {
     );
     replicas_hold_what_is_served(&mut group, &mut client, CONFIG, 600).await;
 }
+
+/// A follower whose disk fills (its files may not grow past 1 MiB: a log
+/// write fails with EFBIG) stops its Raft node and exits with a failure,
+/// rather than staying up serving nothing; the other two go on answering
+/// every write. Started again with room, it cuts its torn tail, catches
+/// up and holds what the others hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_disk_fills_exits_and_catches_up_once_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
+    // Room for all of it before a checkpoint: the test's writes are not
+    // held back by checkpoints (the full disk is what is tested).
+    let config = CONFIG.replace("\nwal_bytes_max = 1048576", "\nwal_bytes_max = 8388608");
+    assert_ne!(config, CONFIG);
+    let mut group = Group::start(bin, dir.path(), 3, &config).await;
+    let mut client = GroupClient::new(group.client_addrs());
+    append_many(&mut client, 0, 100).await;
+    let leader = group.wait_for_leader(Duration::from_secs(10)).await;
+    let full = (leader + 1) % 3;
+    assert!(group.replicas[full].terminate(), "it stops cleanly");
+    group.replicas[full].start_with(|cmd| daemon::testing::limit_file_size(cmd, 1 << 20));
+
+    // 1,500 messages of 1 KiB: past 1 MiB of Raft log on every replica.
+    let mut total = 100;
+    for round in 0..15u64 {
+        let user = 1 + round % USERS;
+        let outcome = client
+            .call(false, |c| async move {
+                let items = (0..100u64)
+                    .map(|i| proto::shard::AppendItem {
+                        user,
+                        msg_id: u128::from(1_000_000 + round * 100 + i),
+                        payload: vec![round as u8; 1024],
+                    })
+                    .collect();
+                c.append_batch(items).await
+            })
+            .await;
+        let stored = matches!(&outcome, Outcome::Done(r) if r.iter().all(Result::is_ok));
+        assert!(stored, "round {round}: {outcome:?}");
+        total += 100;
+    }
+    let status =
+        tokio::task::block_in_place(|| group.replicas[full].wait_exit(Duration::from_secs(30)));
+    let status = status.expect("the replica whose disk is full exits by itself");
+    assert!(!status.success(), "{status}");
+
+    group.replicas[full].start();
+    group.wait_converged(Duration::from_secs(30)).await;
+    replicas_hold_what_is_served(&mut group, &mut client, &config, total).await;
+}
