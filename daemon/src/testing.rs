@@ -296,3 +296,16 @@ pub fn limit_file_size(cmd: &mut std::process::Command, bytes: u64) {
         });
     }
 }
+
+/// Wait up to `limit` for `child` to exit by itself: its status, or `None`
+/// if it still runs.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}

@@ -15,6 +15,8 @@ pub struct Daemon {
     raft_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// A replica's Raft node (none standalone).
+    raft: Option<openraft::Raft<crate::raft::TypeConfig>>,
 }
 
 impl Daemon {
@@ -43,7 +45,7 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut raft_addr = None;
+    let (mut raft_addr, mut raft_node) = (None, None);
     let task = match config.raft.clone() {
         None => {
             let (service, writer_thread) = Service::open(&config.data, &config)?;
@@ -64,6 +66,7 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
         Some(raft) => {
             let (service, replica) = Service::open_replica(&config.data, &config, &raft).await?;
             raft_addr = Some(replica.raft_addr);
+            raft_node = Some(replica.replicated.raft.clone());
             tracing::info!(id = raft.id, raft_listen = %replica.raft_addr, "profile replica started");
             tokio::spawn(async move {
                 server::run(listener, service, config.server.clone(), shutdown_rx).await;
@@ -79,6 +82,7 @@ pub async fn start(config: Config) -> Result<Daemon, Error> {
         raft_addr,
         shutdown,
         task,
+        raft: raft_node,
     })
 }
 
@@ -86,9 +90,18 @@ impl daemon::Service for Daemon {
     fn local_addr(&self) -> SocketAddr {
         Daemon::local_addr(self)
     }
-    /// The profile service only stops when told to.
+    /// A standalone profile service only stops when told to; a replica
+    /// also when its Raft node stops by itself (a full disk): it serves
+    /// nothing then, and exits with a failure.
     async fn stopped(&mut self) -> anyhow::Result<()> {
-        std::future::pending().await
+        match &self.raft {
+            Some(raft) => {
+                let why = replication::group::stopped_by_itself(raft).await;
+                tracing::error!(error = %why, "the Raft node stopped by itself");
+                anyhow::bail!("the Raft node stopped: {why}")
+            }
+            None => std::future::pending().await,
+        }
     }
     async fn shutdown(self) -> anyhow::Result<()> {
         Daemon::shutdown(self).await;

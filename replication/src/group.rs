@@ -422,6 +422,23 @@ pub fn role_name(state: ServerState) -> &'static str {
     }
 }
 
+/// Resolves once the Raft node stopped by itself: a storage error (a log
+/// write or sync that failed, a damaged read, a state machine that could
+/// not apply) is fatal to it. Such a replica serves nothing: its daemon
+/// exits with a failure so that its supervisor starts it again (a log found
+/// damaged then is rebuilt, [`crate::rebuild`]). Returns why.
+pub async fn stopped_by_itself<C: GroupTypes>(raft: &Raft<C>) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the Raft node is gone".into();
+        }
+    }
+}
+
 /// A replica that led when it stopped starts as a follower of no one.
 ///
 /// openraft 0.9 restores a leader whose vote was committed as leader at

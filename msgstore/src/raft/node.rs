@@ -135,7 +135,7 @@ pub async fn run(
         tokio::select! {
             link = acceptor.accept() => admit(&node, link, &connections),
             _ = stop.wait_for(|s| *s) => break,
-            why = raft_stopped(&node.raft) => {
+            why = group::stopped_by_itself(&node.raft) => {
                 tracing::error!(error = %why, "the Raft node stopped by itself; the replica exits");
                 fatal = Some(why);
                 break;
@@ -155,22 +155,6 @@ pub async fn run(
     match fatal {
         Some(why) => Err(Error::Storage(format!("the Raft node stopped: {why}"))),
         None => closed,
-    }
-}
-
-/// Resolves once the Raft node stopped by itself: a storage error (a log
-/// write that failed, a damaged read) is fatal to it. Such a replica can
-/// serve nothing; it exits with a failure so that its supervisor starts it
-/// again, and a log found damaged then is rebuilt from the peers.
-async fn raft_stopped(raft: &Raft<TypeConfig>) -> String {
-    let mut metrics = raft.metrics();
-    loop {
-        if let Err(fatal) = &metrics.borrow_and_update().running_state {
-            return fatal.to_string();
-        }
-        if metrics.changed().await.is_err() {
-            return "the Raft node is gone".into();
-        }
     }
 }
 

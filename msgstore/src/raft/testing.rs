@@ -122,16 +122,9 @@ impl ReplicaProcess {
     /// Wait up to `limit` for the replica to exit by itself: its status,
     /// or `None` if it still runs.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            let child = self.child.as_mut()?;
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        let status = daemon::testing::wait_exit(self.child.as_mut()?, limit)?;
+        self.child = None;
+        Some(status)
     }
 
     pub fn replica(&self) -> Replica {

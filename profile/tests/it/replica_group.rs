@@ -36,6 +36,11 @@ struct Member {
 
 impl Member {
     fn start(&mut self, dir: &Path) {
+        self.start_with(dir, |_| {});
+    }
+
+    /// Start it with `adjust` applied to its command first.
+    fn start_with(&mut self, dir: &Path, adjust: impl FnOnce(&mut Command)) {
         let data = dir.join(format!("replica{}", self.id));
         let config = dir.join("profile.toml");
         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_profile"));
@@ -49,6 +54,7 @@ impl Member {
         cmd.args(["--metrics-addr", &self.metrics.to_string()]);
         cmd.args(["--raft-id", &self.id.to_string()]);
         cmd.args(["--raft-listen", &self.raft.to_string()]);
+        adjust(&mut cmd);
         self.process = Some(DaemonProcess::start(cmd, "profile", DEADLINE));
     }
 
@@ -384,4 +390,43 @@ async fn a_write_a_cut_off_leader_cannot_commit_sends_the_next_ones_to_the_new_l
     }
     drop(group);
     drop(net);
+}
+
+/// A follower whose disk fills (its files may not grow past 1 MiB) stops
+/// its Raft node and exits with a failure, rather than staying up serving
+/// nothing; the other two go on taking writes. Started again with room, it
+/// catches up and serves what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_disk_fills_exits_and_catches_up_once_restarted() {
+    let mut group = Group::start().await;
+    let leader = group.leader().await;
+    let client = one(&group.members[leader]).await;
+    let made = create(&client, 0, 1).await;
+    let full = (leader + 1) % 3;
+    let stopped = group.members[full]
+        .process
+        .take()
+        .expect("running")
+        .terminate();
+    assert!(stopped.success(), "{stopped}");
+    let dir = group.dir.path().to_path_buf();
+    group.members[full].start_with(&dir, |cmd| daemon::testing::limit_file_size(cmd, 1 << 20));
+
+    // 24 avatars of 64 KiB: 1.5 MiB of log on every replica.
+    let mut last = None;
+    let image = |i: u32| profile::avatar::samples::png(64, 64 + i, 64 * 1024);
+    for i in 0..24 {
+        last = Some(client.set_avatar(made[0].1, image(i)).await.unwrap());
+    }
+    let process = group.members[full].process.as_mut().expect("running");
+    let status =
+        tokio::task::block_in_place(|| daemon::testing::wait_exit(&mut process.child, DEADLINE));
+    let status = status.expect("the replica whose disk is full exits by itself");
+    assert!(!status.success(), "{status}");
+
+    group.members[full].process = None;
+    group.members[full].start(&dir);
+    let (hash, _) = last.expect("avatars were set");
+    let caught_up = one(&group.members[full]).await;
+    assert_eq!(caught_up.avatar(hash).await.unwrap(), image(23));
 }
