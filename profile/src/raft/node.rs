@@ -20,9 +20,9 @@ use crate::{
 use openraft::{error::ClientWriteError, error::RaftError, Raft};
 use replication::{
     group::{self, RaftConfig},
-    log_store::{LogStore, LogStoreConfig},
+    log_store::LogStoreConfig,
     peer::{LinkPool, Network},
-    FsyncPolicy,
+    rebuild, FsyncPolicy,
 };
 use std::{path::Path, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -99,7 +99,7 @@ impl Replica {
         map_bytes: u64,
     ) -> Result<Replica> {
         config.validate().map_err(Error::Config)?;
-        let openraft_config = Arc::new(config.openraft("imserver-profile").map_err(Error::Config)?);
+        let mut openraft_config = config.openraft("imserver-profile").map_err(Error::Config)?;
         let listener = TcpListener::bind(config.listen).await?;
         let raft_addr = listener.local_addr()?;
         let log_config = LogStoreConfig {
@@ -109,30 +109,59 @@ impl Replica {
             ..LogStoreConfig::default()
         };
         let storage = |e: replication::log_store::LogStoreError| Error::WriteFailed(e.to_string());
-        let mut log =
-            LogStore::<TypeConfig>::open(&data.join("raft"), log_config).map_err(storage)?;
+        let shared = Shared::new(store, hub, data.join("snapshots"), map_bytes)?;
+        // A damaged log is set aside (the store is kept: what it applied
+        // is a committed prefix, and openraft starts the new log after it).
+        let service = rebuild::Service {
+            data,
+            state_dirs: &[],
+            me: config.id,
+            prefix: PREFIX,
+        };
+        let members = || match shared.applied() {
+            Ok(applied) => applied
+                .membership
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect(),
+            Err(_) => Default::default(),
+        };
+        let (mut log, marker) = rebuild::open_log::<TypeConfig>(&service, log_config, members)
+            .await
+            .map_err(storage)?;
+        openraft_config.enable_elect = marker.is_none();
         group::step_down_at_start(&mut log, config.id)
             .await
             .map_err(storage)?;
-        let shared = Shared::new(store, hub, data.join("snapshots"), map_bytes)?;
         let raft = Raft::new(
             config.id,
-            openraft_config,
+            Arc::new(openraft_config),
             Network::new(PREFIX),
             log,
             StateMachine { shared },
         )
         .await
         .map_err(|e| Error::WriteFailed(format!("raft did not start: {e}")))?;
-        let tasks = vec![
+        let gate = rebuild::Gate::new(marker.as_ref().map(|m| m.phase));
+        let mut tasks = vec![
             tokio::spawn(group::accept_peers(
                 raft.clone(),
                 listener,
-                replication::rebuild::Gate::new(None),
+                gate.clone(),
                 (PREFIX, "profile_raft"),
             )),
             tokio::spawn(group::export_metrics(raft.clone(), PREFIX)),
         ];
+        if let Some(marker) = marker {
+            let (raft, data) = (raft.clone(), data.to_owned());
+            tasks.push(tokio::spawn(rebuild::run(
+                raft,
+                gate,
+                data,
+                (config.id, marker),
+                PREFIX,
+            )));
+        }
         let replicated = Arc::new(Replicated {
             raft,
             pool: Arc::default(),

@@ -401,7 +401,7 @@ async fn a_replica_whose_disk_fills_exits_and_catches_up_once_restarted() {
     let mut group = Group::start().await;
     let leader = group.leader().await;
     let client = one(&group.members[leader]).await;
-    let made = create(&client, 0, 1).await;
+    let made = create(&client, 0, 24).await;
     let full = (leader + 1) % 3;
     let stopped = group.members[full]
         .process
@@ -412,11 +412,12 @@ async fn a_replica_whose_disk_fills_exits_and_catches_up_once_restarted() {
     let dir = group.dir.path().to_path_buf();
     group.members[full].start_with(&dir, |cmd| daemon::testing::limit_file_size(cmd, 1 << 20));
 
-    // 24 avatars of 64 KiB: 1.5 MiB of log on every replica.
+    // 24 users' avatars of 64 KiB: 1.5 MiB on every replica, in its log
+    // and its store (and in a snapshot, for a replica sent one).
     let mut last = None;
     let image = |i: u32| profile::avatar::samples::png(64, 64 + i, 64 * 1024);
-    for i in 0..24 {
-        last = Some(client.set_avatar(made[0].1, image(i)).await.unwrap());
+    for (i, (_, user)) in (0..).zip(&made) {
+        last = Some(client.set_avatar(*user, image(i)).await.unwrap());
     }
     let process = group.members[full].process.as_mut().expect("running");
     let status =
@@ -429,4 +430,64 @@ async fn a_replica_whose_disk_fills_exits_and_catches_up_once_restarted() {
     let (hash, _) = last.expect("avatars were set");
     let caught_up = one(&group.members[full]).await;
     assert_eq!(caught_up.avatar(hash).await.unwrap(), image(23));
+}
+
+/// One byte flipped in the middle of a follower's Raft log (valid entries
+/// after it: damage, not a torn tail). Restarted, the follower sets the
+/// log aside, leaves the group, comes back as a learner and is a voter
+/// again; it then serves every account, also those made while it was out.
+/// (Before, it refused to start until an operator rebuilt it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_log_is_damaged_rebuilds_itself_from_its_peers() {
+    let mut group = Group::start().await;
+    let leader = group.leader().await;
+    let client = one(&group.members[leader]).await;
+    let mut made = create(&client, 0, 20).await;
+    let damaged = (leader + 1) % 3;
+    let stopped = group.members[damaged]
+        .process
+        .take()
+        .expect("running")
+        .terminate();
+    assert!(stopped.success(), "{stopped}");
+    let dir = group.dir.path().to_path_buf();
+    let data = dir.join(format!("replica{}", group.members[damaged].id));
+    let segment = std::fs::read_dir(data.join("raft"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("a log segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&segment, bytes).unwrap();
+
+    made.extend(create(&client, 20, 30).await);
+    group.members[damaged].start(&dir);
+    let id = group.members[damaged].id;
+    let marker = data.join(replication::rebuild::MARKER_FILE);
+    let started = std::time::Instant::now();
+    loop {
+        let status = group.members[damaged].status().await;
+        if status.as_ref().is_some_and(|s| s.voters.contains(&id)) && !marker.exists() {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "not a voter again: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = data.join(replication::rebuild::DAMAGED_DIR);
+    assert_eq!(
+        std::fs::read_dir(&kept).unwrap().count(),
+        1,
+        "the damaged log is kept"
+    );
+    made.extend(create(&client, 30, 35).await);
+    let at = one(&group.members[damaged]).await;
+    for (name, user) in &made {
+        assert_eq!(at.lookup(name).await.unwrap(), *user, "{name}");
+    }
 }
