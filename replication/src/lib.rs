@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod peer;
 pub mod rebuild;
 pub mod sm;
+pub mod testing;
 
 pub use fsync::FsyncPolicy;
 

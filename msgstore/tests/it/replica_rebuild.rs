@@ -165,16 +165,7 @@ async fn damaged_log_rebuilds(after_leader: usize) {
     let id = group.replicas[damaged].id;
     assert!(group.replicas[damaged].terminate(), "it stops cleanly");
     let raft_dir = group.replicas[damaged].data.join("raft");
-    let segment = std::fs::read_dir(&raft_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .max()
-        .expect("a log segment");
-    let mut bytes = std::fs::read(&segment).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x40;
-    std::fs::write(&segment, bytes).unwrap();
+    let segment = replication::testing::flip_a_byte_mid_log(&raft_dir);
 
     // A read (safe to retry) moves the client to the leader left.
     client.fetch_all(1).await;

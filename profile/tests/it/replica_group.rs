@@ -62,6 +62,16 @@ impl Member {
         self.process.as_ref().expect("running").signal(sig);
     }
 
+    /// SIGTERM it and check that it stopped cleanly.
+    fn stop(&mut self) {
+        let status = self.process.take().expect("running").terminate();
+        assert!(
+            status.success(),
+            "replica {} stopped with {status}",
+            self.id
+        );
+    }
+
     fn kill(&mut self) {
         if let Some(p) = self.process.take() {
             p.kill();
@@ -403,12 +413,7 @@ async fn a_replica_whose_disk_fills_exits_and_catches_up_once_restarted() {
     let client = one(&group.members[leader]).await;
     let made = create(&client, 0, 24).await;
     let full = (leader + 1) % 3;
-    let stopped = group.members[full]
-        .process
-        .take()
-        .expect("running")
-        .terminate();
-    assert!(stopped.success(), "{stopped}");
+    group.members[full].stop();
     let dir = group.dir.path().to_path_buf();
     group.members[full].start_with(&dir, |cmd| daemon::testing::limit_file_size(cmd, 1 << 20));
 
@@ -444,24 +449,10 @@ async fn a_replica_whose_log_is_damaged_rebuilds_itself_from_its_peers() {
     let client = one(&group.members[leader]).await;
     let mut made = create(&client, 0, 20).await;
     let damaged = (leader + 1) % 3;
-    let stopped = group.members[damaged]
-        .process
-        .take()
-        .expect("running")
-        .terminate();
-    assert!(stopped.success(), "{stopped}");
+    group.members[damaged].stop();
     let dir = group.dir.path().to_path_buf();
     let data = dir.join(format!("replica{}", group.members[damaged].id));
-    let segment = std::fs::read_dir(data.join("raft"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .max()
-        .expect("a log segment");
-    let mut bytes = std::fs::read(&segment).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x40;
-    std::fs::write(&segment, bytes).unwrap();
+    replication::testing::flip_a_byte_mid_log(&data.join("raft"));
 
     made.extend(create(&client, 20, 30).await);
     group.members[damaged].start(&dir);
