@@ -162,6 +162,10 @@ const METRICS: &[Metric] = &[
         "Shard requests sent to another replica of the group after a failed connection",
     ),
     Metric::counter(
+        "gateway_shard_read_attempt_timeouts_total",
+        "Reads and acks a replica of a shard group left unanswered for READ_ATTEMPT_MS_MAX, then asked of its other replicas",
+    ),
+    Metric::counter(
         "gateway_shard_busy_retries_total",
         "Shard requests retried after a Busy answer",
     ),

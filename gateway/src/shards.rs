@@ -47,6 +47,15 @@ pub enum ShardCallError {
 /// with no leader known.
 pub const LEADER_REDIRECTS_MAX: u32 = 3;
 
+/// A read or an ack (a call that may run twice) that one replica of a
+/// group leaves unanswered this long is asked of the group's other
+/// replicas: its leader may be paused or cut off, and the others elect a
+/// new one within about a second (`raft.election_timeout_max_ms` twice).
+/// Each replica gets one such timed attempt per call; once every replica
+/// had one, the call waits on the leader named to it, as writes always do
+/// (a write may have been stored; it is never sent twice).
+pub const READ_ATTEMPT_MS_MAX: u64 = 1_000;
+
 /// A cluster map with its ring built and its shards' addresses by id.
 struct Placement {
     map: Arc<ClusterMap>,
@@ -205,6 +214,21 @@ impl Shards {
         })
     }
 
+    /// The first replica after `target`'s in its group that is not in
+    /// `unanswered`, if any.
+    fn untried_replica(&self, target: &Target, unanswered: &[String]) -> Option<Target> {
+        let placement = self.placement();
+        let replicas = placement.replicas.get(&target.shard)?;
+        let at = replicas.iter().position(|a| *a == target.addr).unwrap_or(0);
+        (1..replicas.len())
+            .map(|step| &replicas[(at + step) % replicas.len()])
+            .find(|a| !unanswered.contains(a))
+            .map(|addr| Target {
+                shard: target.shard.clone(),
+                addr: addr.clone(),
+            })
+    }
+
     /// Where a `Moved` answer points; an answer without an address names
     /// a shard of the map in use.
     fn redirect(&self, shard: String, addr: String) -> Result<Target, ShardCallError> {
@@ -261,6 +285,8 @@ impl Shards {
         let mut leader_redirects = 0;
         let mut busy = BusyBackoff::new(self.busy_wait_ms_max);
         let mut retried = false;
+        // Replicas that left a timed attempt of this call unanswered.
+        let mut unanswered: Vec<String> = Vec::new();
         loop {
             let (link, client) = match self.client(&target).await {
                 Ok(c) => c,
@@ -279,9 +305,25 @@ impl Shards {
                     None => return Err(e),
                 },
             };
-            let error = match op(client).await {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
+            let timed = retry == Retry::OnBrokenLink
+                && !unanswered.contains(&target.addr)
+                && self.untried_replica(&target, &unanswered).is_some();
+            let answer = if timed {
+                tokio::time::timeout(Duration::from_millis(READ_ATTEMPT_MS_MAX), op(client)).await
+            } else {
+                Ok(op(client).await)
+            };
+            let error = match answer {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    metrics::counter!("gateway_shard_read_attempt_timeouts_total").increment(1);
+                    tracing::debug!(shard = %target.shard, addr = %target.addr, "a replica left a read unanswered; asking the others");
+                    self.set_leader(&target.shard, None);
+                    unanswered.push(target.addr.clone());
+                    target = self.untried_replica(&target, &unanswered).unwrap_or(target);
+                    continue;
+                }
             };
             let unavailable = |reason: String| ShardCallError::Unavailable {
                 shard: target.shard.clone(),
@@ -308,6 +350,13 @@ impl Shards {
                 }) => {
                     metrics::counter!("gateway_shard_not_leader_total").increment(1);
                     leader_redirects += 1;
+                    // A leader that left this call unanswered is not gone
+                    // to while another replica is untried.
+                    let silent = |addr: &String| {
+                        unanswered.contains(addr)
+                            && self.untried_replica(&target, &unanswered).is_some()
+                    };
+                    let leader = leader.filter(|addr| !silent(addr));
                     match leader.filter(|_| leader_redirects <= LEADER_REDIRECTS_MAX) {
                         Some(addr) => {
                             self.set_leader(&target.shard, Some(addr.clone()));
@@ -324,7 +373,10 @@ impl Shards {
                                 )));
                             };
                             tokio::time::sleep(wait).await;
-                            target = self.next_replica(&target).unwrap_or(target);
+                            target = self
+                                .untried_replica(&target, &unanswered)
+                                .or_else(|| self.next_replica(&target))
+                                .unwrap_or(target);
                         }
                     }
                 }

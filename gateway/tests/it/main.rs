@@ -18,3 +18,4 @@ mod rebalance_live;
 mod router_faults;
 mod router_groups;
 mod router_rules;
+mod shard_router;

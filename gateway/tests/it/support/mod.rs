@@ -436,7 +436,7 @@ pub fn start_gateway_with(dir: &Path, id: u32, data: &Path, extra: &[&str]) -> D
 
 /// The `msgstore` binary: next to this test's `gateway` binary.
 /// A shard group of three `msgstore` processes, data under `dir/group`.
-async fn start_group(dir: &Path) -> msgstore::raft::testing::Group {
+pub async fn start_group(dir: &Path) -> msgstore::raft::testing::Group {
     let data = dir.join("group");
     std::fs::create_dir_all(&data).unwrap();
     let config = "[engine]\nbucket_dirs = 4\nbucket_files = 4\n";
