@@ -241,7 +241,13 @@ pub async fn run<C: GroupTypes>(
         return;
     };
     if marker.phase == Phase::Leaving {
-        ask_leader(&marker, AdminRequest::Leave { id: me }, LEAVE_DEADLINE_MS).await;
+        ask_leader(
+            &marker,
+            me,
+            AdminRequest::Leave { id: me },
+            LEAVE_DEADLINE_MS,
+        )
+        .await;
         marker.phase = Phase::Returning;
         if let Err(e) = marker.write(&data) {
             tracing::error!(error = %e, "cannot record the rebuild's phase");
@@ -251,7 +257,7 @@ pub async fn run<C: GroupTypes>(
         tracing::info!("out of the group; asking to be added back");
     }
     let rejoin = AdminRequest::Rejoin { id: me, replica };
-    ask_leader(&marker, rejoin, REJOIN_DEADLINE_MS).await;
+    ask_leader(&marker, me, rejoin, REJOIN_DEADLINE_MS).await;
     let voter = raft
         .wait(None)
         .metrics(
@@ -279,13 +285,9 @@ pub async fn run<C: GroupTypes>(
 }
 
 /// Send `request` to the group's leader until it answers `Done`: try each
-/// member the marker names (not this one), follow `NotLeader`, pause
+/// member the marker names (not this one, `me`), follow `NotLeader`, pause
 /// [`RETRY_MS`] after a round that reached no leader.
-async fn ask_leader(marker: &Marker, request: AdminRequest, deadline_ms: u64) {
-    let me = match &request {
-        AdminRequest::Leave { id } | AdminRequest::Rejoin { id, .. } => *id,
-        _ => 0,
-    };
+async fn ask_leader(marker: &Marker, me: ReplicaId, request: AdminRequest, deadline_ms: u64) {
     let peers: Vec<String> = marker
         .members
         .iter()
