@@ -255,3 +255,40 @@ async fn a_replica_whose_disk_fills_exits_and_catches_up_once_restarted() {
     group.wait_converged(Duration::from_secs(30)).await;
     replicas_hold_what_is_served(&mut group, &mut client, &config, total).await;
 }
+
+/// The leader's side of a rebuild refuses what it must not do: `Leave`
+/// of the group's only voter fails and the group serves on; `Leave` of a
+/// replica that is no member is done (nothing to do); a follower answers
+/// both with `NotLeader`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_refuses_the_only_voter_and_a_follower_names_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
+    let (lone_dir, three_dir) = (dir.path().join("lone"), dir.path().join("three"));
+    std::fs::create_dir_all(&lone_dir).unwrap();
+    std::fs::create_dir_all(&three_dir).unwrap();
+    let lone = Group::start(bin, &lone_dir, 1, CONFIG).await;
+    let raft = lone.replicas[0].raft.to_string();
+    let deadline = Duration::from_secs(10);
+    let answer = admin(&raft, AdminRequest::Leave { id: 1 }, deadline).await;
+    assert!(matches!(answer, Ok(AdminResponse::Failed(_))), "{answer:?}");
+    let answer = admin(&raft, AdminRequest::Leave { id: 9 }, deadline).await;
+    assert!(matches!(answer, Ok(AdminResponse::Done)), "{answer:?}");
+    let mut client = GroupClient::new(lone.client_addrs());
+    append_many(&mut client, 0, 10).await;
+
+    let group = Group::start(bin, &three_dir, 3, CONFIG).await;
+    let leader = group.wait_for_leader(deadline).await;
+    let follower = group.replicas[(leader + 1) % 3].raft.to_string();
+    let leader_raft = group.replicas[leader].raft.to_string();
+    let replica = group.replicas[leader].replica();
+    for request in [
+        AdminRequest::Leave { id: 3 },
+        AdminRequest::Rejoin { id: 3, replica },
+    ] {
+        let answer = admin(&follower, request, deadline).await;
+        let named = matches!(&answer, Ok(AdminResponse::NotLeader { leader: Some(l) }) if *l == leader_raft);
+        assert!(named, "{answer:?}");
+    }
+    assert_eq!(group.status(leader).await.unwrap().voters, vec![1, 2, 3]);
+}
