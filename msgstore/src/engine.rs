@@ -298,6 +298,10 @@ const CHECKPOINT_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// How often a running checkpoint is looked at when nothing else happens.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(5);
+/// Bucket files an idle shard trims per tick at most (each an `ftruncate`
+/// under the bucket maps' lock), with a tick every [`CHECKPOINT_POLL`]
+/// until all are.
+const TRIM_FILES_PER_TICK_MAX: usize = 256;
 
 impl Engine {
     pub(crate) fn run(mut self, rx: flume::Receiver<Command>) {
@@ -630,7 +634,7 @@ impl Engine {
     /// How long the owner may wait before calling [`Engine::tick`].
     pub(crate) fn next_wakeup(&self) -> Duration {
         let mut wake = Duration::from_secs(1);
-        if self.checkpoint_running() {
+        if self.checkpoint_running() || self.idle_and_checkpointed() {
             wake = CHECKPOINT_POLL;
         } else if self.has_changes() {
             let idle_due = self
@@ -730,8 +734,7 @@ impl Engine {
     /// shard holds little but its cache of clean states. Only between
     /// batches.
     fn release_idle_memory(&mut self) {
-        let idle = self.log_grew.1.elapsed() >= self.config.checkpoint_idle();
-        if self.idle_released || !idle || self.checkpoint_running() || self.has_changes() {
+        if !self.idle_and_checkpointed() || !self.trim_bucket_room() {
             return;
         }
         self.dirty = DirtyUsers::default();
@@ -741,6 +744,38 @@ impl Engine {
         // The memtable the checkpoint freed, too.
         daemon::heap::release_freed_pages();
         self.idle_released = true;
+    }
+
+    /// Idle for `checkpoint_idle_ms`, wholly checkpointed, and not yet
+    /// tidied since the log last grew.
+    fn idle_and_checkpointed(&self) -> bool {
+        let idle = self.log_grew.1.elapsed() >= self.config.checkpoint_idle();
+        !self.idle_released && idle && !self.checkpoint_running() && !self.has_changes()
+    }
+
+    /// Cut the room grown bucket files keep past their records, at most
+    /// [`TRIM_FILES_PER_TICK_MAX`] files a call so fetches (which wait for
+    /// the bucket maps) and a new load (which waits for the next tick)
+    /// are not held up; true once none is left. A failure is logged and
+    /// the rest left for the next idle spell.
+    fn trim_bucket_room(&mut self) -> bool {
+        let meta = &self.bucket_meta;
+        let committed = |b: u32| meta.get(&b).map(|m| (m.gen, m.len));
+        let trimmed = self
+            .buckets
+            .lock()
+            .expect("bucket maps")
+            .trim(TRIM_FILES_PER_TICK_MAX, committed);
+        match trimmed {
+            Ok(t) => {
+                metrics::counter!("msgstore_bucket_bytes_trimmed_total").increment(t.bytes);
+                !t.more
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "msgstore could not trim a bucket file; left as it is");
+                true
+            }
+        }
     }
 
     /// Number of the open batch; batches are numbered in the order they
@@ -835,6 +870,78 @@ mod tests {
         e.log_write_done(write.batch(), &write.perform());
         e.tick();
         assert!(!e.idle_released, "busy again");
+    }
+
+    /// Run ticks until the shard is idle, checkpointed and tidied.
+    fn tick_until_tidied(e: &mut Engine) {
+        for _ in 0..10_000 {
+            if e.idle_released {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            e.tick();
+        }
+        panic!("the shard did not tidy up");
+    }
+
+    /// The room a grown bucket file keeps past its records is cut once the
+    /// shard is idle (every file, over several ticks), never below what
+    /// the index committed: everything reads back, after a reopen too, and
+    /// the files grow again for new records.
+    #[test]
+    fn an_idle_shard_trims_the_room_of_grown_bucket_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            fsync: FsyncPolicy::Always,
+            bucket_dirs: 4,
+            bucket_files: 128,
+            checkpoint_idle_ms: 1,
+            ..EngineConfig::default()
+        };
+        let users = 1024u64;
+        let per_user = 12;
+        let mut e = Engine::open(dir.path(), config.clone()).unwrap();
+        for _ in 0..per_user {
+            for user in 0..users {
+                let write = append_deferred(&mut e, user, 150);
+                e.log_write_done(write.batch(), &write.perform());
+            }
+        }
+        // Files are created with one block and grow from there.
+        let untrimmed = |e: &Engine| -> usize {
+            let buckets = e.buckets.lock().unwrap();
+            let grown = e.bucket_meta.iter().filter(|(b, m)| {
+                let len = std::fs::metadata(buckets.path(**b)).unwrap().len();
+                len != m.len.max(buckets::BUCKET_FILE_BYTES_MIN)
+            });
+            grown.count()
+        };
+        e.checkpoint_now().unwrap();
+        assert!(untrimmed(&e) > 0, "the files have room to cut");
+        tick_until_tidied(&mut e);
+        assert!(
+            e.bucket_meta.len() > TRIM_FILES_PER_TICK_MAX,
+            "more than one tick's"
+        );
+        assert_eq!(untrimmed(&e), 0, "every grown file cut to its records");
+        let read_all = |e: &mut Engine, n: usize| {
+            for user in 0..users {
+                let got = e.fetch(user, 0, 1000, 1 << 20).unwrap();
+                assert_eq!(got.records.len(), n, "user {user}");
+                assert!(got.records.iter().all(|r| r.payload == vec![7; 150]));
+            }
+        };
+        read_all(&mut e, per_user);
+        drop(e); // as a crash: no shutdown
+        let mut e = Engine::open(dir.path(), config).unwrap();
+        read_all(&mut e, per_user);
+        for user in 0..users {
+            let write = append_deferred(&mut e, user, 150);
+            e.log_write_done(write.batch(), &write.perform());
+        }
+        tick_until_tidied(&mut e);
+        read_all(&mut e, per_user + 1);
+        assert_eq!(untrimmed(&e), 0);
     }
 
     /// An append counts (`appends_total`, `msgstore_appends_total`) once

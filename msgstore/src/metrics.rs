@@ -128,6 +128,10 @@ const COMMON: &[Metric] = &[
         "msgstore_compactions_total",
         "Bucket files rewritten without their deleted records",
     ),
+    Metric::counter(
+        "msgstore_bucket_bytes_trimmed_total",
+        "Bytes of room past their records that an idle shard cut from grown bucket files",
+    ),
     Metric::histogram(
         "msgstore_checkpoint_seconds",
         "Time from a checkpoint's start to its merge (its helper thread's work), in seconds",

@@ -18,7 +18,7 @@ use std::{
 
 const BUCKET_MAGIC: &[u8; 8] = b"IMBKT\0\0\x01";
 /// Smallest size a bucket file grows to, and the block it grows by.
-const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
+pub(crate) const BUCKET_FILE_BYTES_MIN: u64 = 4 * 1024;
 /// A growing file gets room for this share of its length more (an
 /// eighth: at most 12.5% of a file is unused room, where doubling left up
 /// to half), rounded up to whole `BUCKET_FILE_BYTES_MIN` blocks.
@@ -99,6 +99,18 @@ pub struct Buckets {
     open_maps_max: usize,
     maps: HashMap<u32, Mapped>,
     clock: u64,
+    /// Buckets whose files grew since they were last trimmed (see
+    /// [`Buckets::trim`]); at most one entry per bucket.
+    grown: foldhash::HashSet<u32>,
+}
+
+/// What one [`Buckets::trim`] call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Trimmed {
+    pub files: u64,
+    pub bytes: u64,
+    /// Grown files are left for another call.
+    pub more: bool,
 }
 
 impl Buckets {
@@ -110,6 +122,7 @@ impl Buckets {
             open_maps_max,
             maps: HashMap::new(),
             clock: 0,
+            grown: foldhash::HashSet::default(),
         })
     }
 
@@ -174,6 +187,7 @@ impl Buckets {
             .write(true)
             .open(self.path(bucket))?;
         allocate(&file, size)?;
+        self.grown.insert(bucket);
         match self.maps.get_mut(&bucket) {
             Some(m) if m.map.len() as u64 >= size => m.file_len = file_len,
             _ => {
@@ -191,6 +205,42 @@ impl Buckets {
             }
         }
         Ok(())
+    }
+
+    /// Give back the room grown files keep past their records: cut up to
+    /// `files_max` of them to `committed(bucket)`'s length (`(gen, len)`:
+    /// the index's), where the file's header has that generation. Only
+    /// while no checkpoint writes (the engine is idle): a checkpoint grows
+    /// a cut file again as it needs, by an eighth, with `posix_fallocate`.
+    pub fn trim(
+        &mut self,
+        files_max: usize,
+        committed: impl Fn(u32) -> Option<(u64, u64)>,
+    ) -> Result<Trimmed> {
+        let mut done = Trimmed::default();
+        let batch: Vec<u32> = self.grown.iter().copied().take(files_max).collect();
+        for bucket in batch {
+            self.grown.remove(&bucket);
+            let Some((gen, len)) = committed(bucket) else {
+                continue;
+            };
+            let Some(view) = self.view(bucket)? else {
+                continue;
+            };
+            let file_len = view.len() as u64;
+            if header_gen(view, bucket) != Some(gen) || file_len <= len {
+                continue; // not the file the index describes, or no room
+            }
+            let new_len = usize::try_from(len).expect("shorter than a mapped file");
+            // Nothing past `len` is touched from here on (SIGBUS).
+            self.maps.get_mut(&bucket).expect("viewed").file_len = new_len;
+            let file = OpenOptions::new().write(true).open(self.path(bucket))?;
+            file.set_len(len)?;
+            done.files += 1;
+            done.bytes += file_len - len;
+        }
+        done.more = !self.grown.is_empty();
+        Ok(done)
     }
 
     fn create(&self, bucket: u32, gen: u64) -> Result<File> {
