@@ -26,6 +26,8 @@ pub struct DirectResult {
     pub stored: u64,
     pub secs: f64,
     pub stored_per_sec: f64,
+    /// CPU of imbench's process (the driver and the shards) per message.
+    pub imbench_cpu_us_per_message: Option<f64>,
 }
 
 /// What to drive: the gateway's shape in the offline phase.
@@ -44,6 +46,7 @@ pub async fn drive(map: ClusterMap, shape: Shape) -> Result<DirectResult> {
     let shards = Arc::new(gateway::shards::Shards::new(map, BUSY_WAIT_MS_MAX));
     let per_conversation = shape.messages.div_ceil(shape.conversations as u64);
     let t0 = Instant::now();
+    let cpu0 = crate::procs::cpu_time(std::process::id()).ok();
     let tasks: Vec<_> = (0..shape.conversations as u64)
         .map(|i| {
             let shards = shards.clone();
@@ -58,12 +61,14 @@ pub async fn drive(map: ClusterMap, shape: Shape) -> Result<DirectResult> {
         stored += t.await.context("a direct conversation panicked")??;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = crate::procs::cpu_time(std::process::id()).ok();
     Ok(DirectResult {
         conversations: shape.conversations,
         items_per_store: shape.items_per_store,
         stored,
         secs,
         stored_per_sec: stored as f64 / secs,
+        imbench_cpu_us_per_message: crate::e2e_report::cpu_us_per(cpu, cpu0, stored),
     })
 }
 

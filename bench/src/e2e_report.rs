@@ -123,10 +123,7 @@ impl OnlineResult {
         let messages = end.ops_ok - start.ops_ok;
         let datagrams = end.datagrams - start.datagrams;
         let per_message = |v: f64| (messages > 0).then(|| v / messages as f64);
-        let cpu = |b: Option<Duration>, a: Option<Duration>| {
-            b.zip(a)
-                .and_then(|(b, a)| per_message((b - a).as_secs_f64() * 1e6))
-        };
+        let cpu = |b, a| cpu_us_per(b, a, messages);
         OnlineResult {
             pairs,
             window,
@@ -144,6 +141,12 @@ impl OnlineResult {
             imbench_cpu_us_per_message: cpu(end.imbench_cpu, start.imbench_cpu),
         }
     }
+}
+
+/// CPU from `a` to `b`, in microseconds per one of `n`.
+pub fn cpu_us_per(b: Option<Duration>, a: Option<Duration>, n: u64) -> Option<f64> {
+    let (b, a) = b.zip(a)?;
+    (n > 0).then(|| b.saturating_sub(a).as_secs_f64() * 1e6 / n as f64)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,6 +169,10 @@ pub struct OfflineResult {
     pub store_secs: f64,
     /// Sends answered `Sent` per second.
     pub stored_per_sec: f64,
+    /// While storing (what bounds the rate on a shared machine).
+    pub gateway_cpu_us_per_message: Option<f64>,
+    /// CPU of imbench's process (clients, presence, profile, shards).
+    pub imbench_cpu_us_per_message: Option<f64>,
     /// Messages fetched by the receivers once they logged in (each seq
     /// once).
     pub drained: u64,
@@ -183,10 +190,13 @@ impl OfflineResult {
         drain_secs: f64,
     ) -> Self {
         let store_secs = (end.at - start.at).as_secs_f64();
+        let messages = end.ops_ok - start.ops_ok;
         OfflineResult {
             stored: logs.iter().map(|l| l.sent.len()).sum(),
             store_secs,
-            stored_per_sec: (end.ops_ok - start.ops_ok) as f64 / store_secs,
+            stored_per_sec: messages as f64 / store_secs,
+            gateway_cpu_us_per_message: cpu_us_per(end.gateway_cpu, start.gateway_cpu, messages),
+            imbench_cpu_us_per_message: cpu_us_per(end.imbench_cpu, start.imbench_cpu, messages),
             drained,
             drain_secs,
             drained_per_sec: if drain_secs > 0.0 {
@@ -383,10 +393,6 @@ fn render_phase(out: &mut String, name: &str, o: &OnlineResult) {
         o.fetched, o.seq_repeats, o.mailbox_changed
     );
     latency(out, "delivery (send->push)", &o.delivery, &note);
-    let opt = |v: Option<f64>, unit: &str| {
-        v.map(|v| format!("{v:.2}{unit}"))
-            .unwrap_or_else(|| "-".into())
-    };
     let _ = writeln!(
         out,
         "  gateway datagrams    {:>9} /s  ({} per message)",
@@ -399,6 +405,12 @@ fn render_phase(out: &mut String, name: &str, o: &OnlineResult) {
         opt(o.gateway_cpu_us_per_message, " us"),
         opt(o.imbench_cpu_us_per_message, " us")
     );
+}
+
+/// `v` with two decimals and `unit`, or `-`.
+fn opt(v: Option<f64>, unit: &str) -> String {
+    v.map(|v| format!("{v:.2}{unit}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn render_logins(out: &mut String, r: &E2eReport) {
@@ -431,20 +443,23 @@ fn render_offline(out: &mut String, r: &E2eReport) {
     let Some(o) = &r.offline else { return };
     let _ = writeln!(
         out,
-        "offline store          {:>9} msgs/s  ({} answered Sent in {:.2} s)",
+        "offline store          {:>9} msgs/s  ({} answered Sent in {:.2} s; CPU per message gateway {}, imbench (clients + services) {})",
         fmt_rate(o.stored_per_sec),
         o.stored,
-        o.store_secs
+        o.store_secs,
+        opt(o.gateway_cpu_us_per_message, " us"),
+        opt(o.imbench_cpu_us_per_message, " us")
     );
     if let Some(d) = &r.offline_direct {
         let _ = writeln!(
             out,
-            "  same shards direct   {:>9} msgs/s  ({} stored in {:.2} s: {} conversations, {} per AppendBatch, the gateway's shape)",
+            "  same shards direct   {:>9} msgs/s  ({} stored in {:.2} s: {} conversations, {} per AppendBatch, the gateway's shape; imbench CPU {} per message)",
             fmt_rate(d.stored_per_sec),
             d.stored,
             d.secs,
             d.conversations,
-            d.items_per_store
+            d.items_per_store,
+            opt(d.imbench_cpu_us_per_message, " us")
         );
     }
     let _ = writeln!(
