@@ -260,6 +260,9 @@ pub async fn admin<C: GroupTypes>(raft: &Raft<C>, request: AdminRequest) -> Admi
         AdminRequest::Rejoin { id, replica } => {
             return crate::rebuild::rejoin(raft, id, replica).await
         }
+        AdminRequest::RejoinAsLearner { id, replica } => {
+            return crate::rebuild::rejoin_as_learner(raft, id, replica).await
+        }
         AdminRequest::ChangeMembership { voters } => {
             let voters: BTreeSet<ReplicaId> = voters.into_iter().collect();
             match raft.change_membership(voters, false).await {

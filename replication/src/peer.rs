@@ -77,6 +77,10 @@ pub enum AdminRequest {
     /// back as a learner, answer once it has caught up and is a voter
     /// again (`Done` at once if it is a voter).
     Rejoin { id: ReplicaId, replica: Replica },
+    /// The same of a replica that was only a learner: add it back as a
+    /// learner, answer once it has caught up; it stays a learner (`Done`
+    /// at once if it is a member).
+    RejoinAsLearner { id: ReplicaId, replica: Replica },
 }
 
 /// What an admin command answers.

@@ -21,9 +21,13 @@
 //!    In phase [`Phase::Returning`] it asks the leader to add it back as a
 //!    learner, wait until it has caught up (snapshot, then log), and make
 //!    it a voter again ([`AdminRequest::Rejoin`]), as the operator's
-//!    `imctl shard group remove-replica` / `add-replica` would.
-//! 4. Once its own membership names it a voter, it removes the marker and
-//!    votes and stands for election again.
+//!    `imctl shard group remove-replica` / `add-replica` would. A replica
+//!    that was only a learner (an operator's `add-replica` under way) is
+//!    added back as a learner and stays one
+//!    ([`AdminRequest::RejoinAsLearner`]): promoting it is the operator's
+//!    step.
+//! 4. Once its own membership names it what it was (voter or learner), it
+//!    removes the marker and votes and stands for election again.
 //!
 //! A restart in the middle carries on from the marker's phase.
 
@@ -36,7 +40,7 @@ use crate::{
 use openraft::Raft;
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU8, Ordering},
@@ -69,17 +73,39 @@ pub enum Phase {
 }
 
 /// The marker file's content: the phase and the group as this replica
-/// knew it before the damage (where to look for a leader).
+/// knew it before the damage (where to look for a leader, and whether it
+/// was a voter or only a learner).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
     pub phase: Phase,
     pub members: BTreeMap<ReplicaId, Replica>,
+    pub voter: bool,
+}
+
+/// A marker written before it recorded `voter` (every rebuild then came
+/// back as a voter).
+#[derive(Deserialize)]
+struct MarkerWithoutRole {
+    phase: Phase,
+    members: BTreeMap<ReplicaId, Replica>,
 }
 
 impl Marker {
     /// The marker in `data`, if there is one.
     pub fn read(data: &Path) -> Result<Option<Marker>, LogStoreError> {
-        crate::log_store::read_meta_file(data, MARKER_FILE)
+        match crate::log_store::read_meta_file(data, MARKER_FILE) {
+            Ok(marker) => Ok(marker),
+            Err(e) => {
+                match crate::log_store::read_meta_file::<MarkerWithoutRole>(data, MARKER_FILE) {
+                    Ok(old) => Ok(old.map(|m| Marker {
+                        phase: m.phase,
+                        members: m.members,
+                        voter: true,
+                    })),
+                    Err(_) => Err(e),
+                }
+            }
+        }
     }
 
     fn write(&self, data: &Path) -> Result<(), LogStoreError> {
@@ -139,14 +165,31 @@ pub struct Service<'a> {
     pub prefix: &'static str,
 }
 
+/// The group as a replica's state last applied it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownGroup {
+    pub members: BTreeMap<ReplicaId, Replica>,
+    pub voters: BTreeSet<ReplicaId>,
+}
+
+impl KnownGroup {
+    pub fn of(membership: &openraft::StoredMembership<ReplicaId, Replica>) -> KnownGroup {
+        let m = membership.membership();
+        KnownGroup {
+            members: m.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+            voters: m.voter_ids().collect(),
+        }
+    }
+}
+
 /// Open the replica's Raft log; if it is damaged and the group has other
-/// members (`members`, asked only then: the membership the service's
-/// state last applied), set the damage aside and start a rebuild. Returns
-/// the log and the rebuild's marker (also one left by an earlier start).
+/// members (`known`, asked only then: the group the service's state last
+/// applied), set the damage aside and start a rebuild. Returns the log and
+/// the rebuild's marker (also one left by an earlier start).
 pub async fn open_log<C>(
     service: &Service<'_>,
     config: LogStoreConfig,
-    members: impl FnOnce() -> BTreeMap<ReplicaId, Replica>,
+    known: impl FnOnce() -> KnownGroup,
 ) -> Result<(LogStore<C>, Option<Marker>), LogStoreError>
 where
     C: GroupTypes,
@@ -159,9 +202,13 @@ where
         Err(e @ LogStoreError::Damaged { .. }) => e,
         Err(e) => return Err(e),
     };
-    let members = match marker {
-        Some(m) => m.members,
-        None => members(),
+    let (members, voter) = match marker {
+        Some(m) => (m.members, m.voter),
+        None => {
+            let known = known();
+            let voter = known.voters.contains(&service.me);
+            (known.members, voter)
+        }
     };
     if !members.keys().any(|id| *id != service.me) {
         tracing::error!(error = %damage, "the Raft log is damaged and this replica knows no peer to rebuild from");
@@ -178,6 +225,7 @@ where
     let marker = Marker {
         phase: Phase::Leaving,
         members,
+        voter,
     };
     marker.write(service.data)?;
     let mut log = LogStore::<C>::open(&raft_dir, config)?;
@@ -256,22 +304,31 @@ pub async fn run<C: GroupTypes>(
         gate.set(GATE_NO_VOTES);
         tracing::info!("out of the group; asking to be added back");
     }
-    let rejoin = AdminRequest::Rejoin { id: me, replica };
+    let (rejoin, role) = if marker.voter {
+        (AdminRequest::Rejoin { id: me, replica }, "a voter")
+    } else {
+        (
+            AdminRequest::RejoinAsLearner { id: me, replica },
+            "a learner",
+        )
+    };
     ask_leader(&marker, me, rejoin, REJOIN_DEADLINE_MS).await;
-    let voter = raft
+    let voter = marker.voter;
+    let back = raft
         .wait(None)
         .metrics(
             |m| {
-                m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .any(|v| v == me)
+                let membership = m.membership_config.membership();
+                match voter {
+                    true => membership.voter_ids().any(|v| v == me),
+                    false => membership.learner_ids().any(|v| v == me),
+                }
             },
-            "a voter again",
+            "back in the group",
         )
         .await;
-    if let Err(e) = voter {
-        tracing::warn!(error = %e, "stopped before becoming a voter again");
+    if let Err(e) = back {
+        tracing::warn!(error = %e, role, "stopped before being back in the group");
         return;
     }
     if let Err(e) = Marker::remove(&data) {
@@ -281,7 +338,7 @@ pub async fn run<C: GroupTypes>(
     gate.set(GATE_OPEN);
     raft.runtime_config().elect(true);
     rebuilding.set(0.0);
-    tracing::info!("rebuilt from the group: a voter again");
+    tracing::info!(role, "rebuilt from the group: back as what it was");
 }
 
 /// Send `request` to the group's leader until it answers `Done`: try each
@@ -383,6 +440,30 @@ pub async fn rejoin<C: GroupTypes>(
     }
 }
 
+/// The leader's side of [`AdminRequest::RejoinAsLearner`]: add `id` as a
+/// learner and answer once it has caught up (at once if it is a member).
+pub async fn rejoin_as_learner<C: GroupTypes>(
+    raft: &Raft<C>,
+    id: ReplicaId,
+    replica: Replica,
+) -> AdminResponse {
+    let is_member = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .any(|(n, _)| *n == id);
+    if is_member {
+        return crate::group::done_if_leader(raft);
+    }
+    tracing::info!(id, "a rebuilding learner comes back as a learner");
+    match raft.add_learner(id, replica, true).await {
+        Ok(_) => AdminResponse::Done,
+        Err(e) => crate::group::write_error(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,9 +482,24 @@ mod tests {
                 },
             )]
             .into(),
+            voter: false,
         };
         marker.write(dir.path()).unwrap();
-        assert_eq!(Marker::read(dir.path()).unwrap(), Some(marker));
+        assert_eq!(Marker::read(dir.path()).unwrap(), Some(marker.clone()));
+        // One written before the marker recorded the role: a voter's.
+        #[derive(Serialize)]
+        struct WithoutRole {
+            phase: Phase,
+            members: BTreeMap<ReplicaId, Replica>,
+        }
+        let old = WithoutRole {
+            phase: marker.phase,
+            members: marker.members.clone(),
+        };
+        crate::log_store::write_meta_file(dir.path(), MARKER_FILE, &old).unwrap();
+        let read = Marker::read(dir.path()).unwrap().unwrap();
+        assert!(read.voter && read.members == marker.members);
+        marker.write(dir.path()).unwrap();
         let path = dir.path().join(MARKER_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;

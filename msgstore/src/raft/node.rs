@@ -13,9 +13,8 @@ use daemon::secure::{GateLimits, Link, SecureListener};
 use openraft::Raft;
 use proto::shard::{RequestBody, ResponseBody, ShardErrorCode};
 pub use replication::group::RaftConfig;
-use replication::{group, log_store::LogStoreConfig, peer::Network, rebuild, Replica};
+use replication::{group, log_store::LogStoreConfig, peer::Network, rebuild};
 use std::{
-    collections::BTreeMap,
     path::Path,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -177,8 +176,8 @@ async fn start(
         me: raft.id,
         prefix: "msgstore",
     };
-    let members = || applied_members(data, &engine);
-    let (mut log, marker) = rebuild::open_log::<TypeConfig>(&service, log_config, members)
+    let known = || applied_group(data, &engine);
+    let (mut log, marker) = rebuild::open_log::<TypeConfig>(&service, log_config, known)
         .await
         .map_err(storage)?;
     // A rebuilding replica stands for no election until it is a voter again.
@@ -218,24 +217,19 @@ async fn start(
 /// A rebuild to carry on, if the log was found damaged (now or before).
 type Rebuild = Option<rebuild::Marker>;
 
-/// The group's members as the engine in `data` last applied them (where a
-/// replica whose log is damaged looks for its peers); none if the engine
-/// does not open.
-fn applied_members(data: &Path, engine: &EngineConfig) -> BTreeMap<ReplicaId, Replica> {
+/// The group as the engine in `data` last applied it (where a replica
+/// whose log is damaged looks for its peers); empty if the engine does not
+/// open.
+fn applied_group(data: &Path, engine: &EngineConfig) -> rebuild::KnownGroup {
     match Shared::open(data, engine.clone()) {
         Ok(shared) => {
-            let members = shared
-                .applied()
-                .membership
-                .nodes()
-                .map(|(id, n)| (*id, n.clone()))
-                .collect();
+            let known = rebuild::KnownGroup::of(&shared.applied().membership);
             let _ = shared.close();
-            members
+            known
         }
         Err(e) => {
             tracing::error!(error = %e, "the engine does not open either: no peers known");
-            BTreeMap::new()
+            rebuild::KnownGroup::default()
         }
     }
 }

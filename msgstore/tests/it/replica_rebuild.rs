@@ -205,6 +205,70 @@ async fn damaged_log_rebuilds(after_leader: usize) {
     replicas_hold_what_is_served(&mut group, &mut client, CONFIG, 600).await;
 }
 
+/// A replica that was only a learner (an operator's `add-replica` under
+/// way) when its log was damaged comes back as a learner, not a voter:
+/// promoting it stays the operator's step. It still holds what the others
+/// hold. (Before, every rebuilt replica came back a voter.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_whose_log_is_damaged_comes_back_a_learner() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_msgstore"));
+    let mut group = Group::start(bin, dir.path(), 3, CONFIG).await;
+    let mut client = GroupClient::new(group.client_addrs());
+    append_many(&mut client, 0, 200).await;
+    let leader = group.wait_for_leader(Duration::from_secs(10)).await;
+    let learner = (leader + 1) % 3;
+    let id = group.replicas[learner].id;
+    let voters: Vec<u64> = group
+        .replicas
+        .iter()
+        .map(|r| r.id)
+        .filter(|v| *v != id)
+        .collect();
+    let leader_raft = group.replicas[leader].raft.to_string();
+    let change = AdminRequest::ChangeMembership {
+        voters: voters.clone(),
+    };
+    command(&leader_raft, change).await;
+    let replica = group.replicas[learner].replica();
+    command(&leader_raft, AdminRequest::AddLearner { id, replica }).await;
+    append_many(&mut client, 200, 100).await;
+    group.wait_converged(Duration::from_secs(30)).await;
+    assert!(group.replicas[learner].terminate(), "it stops cleanly");
+    replication::testing::flip_a_byte_mid_log(&group.replicas[learner].data.join("raft"));
+    append_many(&mut client, 300, 100).await;
+
+    group.replicas[learner].start();
+    let marker = group.replicas[learner]
+        .data
+        .join(replication::rebuild::MARKER_FILE);
+    let started = std::time::Instant::now();
+    loop {
+        let status = group.status(learner).await;
+        let back = status
+            .as_ref()
+            .is_some_and(|s| s.learners.contains(&id) && !marker.exists());
+        if back {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not a learner again: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    append_many(&mut client, 400, 100).await;
+    group.wait_converged(Duration::from_secs(30)).await;
+    let rebuilt = group.status(learner).await.unwrap();
+    assert_eq!(rebuilt.voters, voters, "not promoted: {rebuilt:?}");
+    assert_eq!(rebuilt.learners, vec![id], "{rebuilt:?}");
+    let kept = group.replicas[learner]
+        .data
+        .join(replication::rebuild::DAMAGED_DIR);
+    assert!(kept.is_dir(), "it rebuilt: the damaged log is kept");
+    replicas_hold_what_is_served(&mut group, &mut client, CONFIG, 500).await;
+}
+
 /// A follower whose disk fills (its files may not grow past 1 MiB: a log
 /// write fails with EFBIG) stops its Raft node and exits with a failure,
 /// rather than staying up serving nothing; the other two go on answering

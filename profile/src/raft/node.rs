@@ -118,15 +118,11 @@ impl Replica {
             me: config.id,
             prefix: PREFIX,
         };
-        let members = || match shared.applied() {
-            Ok(applied) => applied
-                .membership
-                .nodes()
-                .map(|(id, n)| (*id, n.clone()))
-                .collect(),
+        let known = || match shared.applied() {
+            Ok(applied) => rebuild::KnownGroup::of(&applied.membership),
             Err(_) => Default::default(),
         };
-        let (mut log, marker) = rebuild::open_log::<TypeConfig>(&service, log_config, members)
+        let (mut log, marker) = rebuild::open_log::<TypeConfig>(&service, log_config, known)
             .await
             .map_err(storage)?;
         openraft_config.enable_elect = marker.is_none();
