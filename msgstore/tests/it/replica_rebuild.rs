@@ -8,7 +8,7 @@ use msgstore::raft::testing::{
     engine_config, engine_dir, offline_view, Group, GroupClient, Outcome, CONFIG,
 };
 use proto::shard::ShardRole;
-use replication::peer::{admin, AdminRequest, AdminResponse};
+use replication::peer::{admin, AdminRequest, AdminResponse, GroupStatus};
 use std::time::Duration;
 
 const USERS: u64 = 50;
@@ -137,6 +137,26 @@ async fn replicas_hold_what_is_served(
     }
 }
 
+/// Wait (at most 60 s) until replica `i` has ended its rebuild (its
+/// marker is gone) and its status shows it `back` in the group.
+async fn wait_rebuilt(group: &Group, i: usize, back: impl Fn(&GroupStatus) -> bool) {
+    let marker = group.replicas[i]
+        .data
+        .join(replication::rebuild::MARKER_FILE);
+    let started = std::time::Instant::now();
+    loop {
+        let status = group.status(i).await;
+        if status.as_ref().is_some_and(&back) && !marker.exists() {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not back in the group: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_whose_log_is_damaged_rebuilds_itself_from_its_peers() {
     damaged_log_rebuilds(1).await;
@@ -172,22 +192,7 @@ async fn damaged_log_rebuilds(after_leader: usize) {
     append_many(&mut client, 400, 100).await;
     group.replicas[damaged].start();
     let data = group.replicas[damaged].data.clone();
-    let marker = data.join(replication::rebuild::MARKER_FILE);
-    let started = std::time::Instant::now();
-    loop {
-        let status = group.status(damaged).await;
-        let back = status
-            .as_ref()
-            .is_some_and(|s| s.voters.contains(&id) && !marker.exists());
-        if back {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "not a voter again: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_rebuilt(&group, damaged, |s| s.voters.contains(&id)).await;
     append_many(&mut client, 500, 100).await;
     group.wait_converged(Duration::from_secs(30)).await;
     let rebuilt = group.status(damaged).await.unwrap();
@@ -239,24 +244,7 @@ async fn a_learner_whose_log_is_damaged_comes_back_a_learner() {
     append_many(&mut client, 300, 100).await;
 
     group.replicas[learner].start();
-    let marker = group.replicas[learner]
-        .data
-        .join(replication::rebuild::MARKER_FILE);
-    let started = std::time::Instant::now();
-    loop {
-        let status = group.status(learner).await;
-        let back = status
-            .as_ref()
-            .is_some_and(|s| s.learners.contains(&id) && !marker.exists());
-        if back {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "not a learner again: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_rebuilt(&group, learner, |s| s.learners.contains(&id)).await;
     append_many(&mut client, 400, 100).await;
     group.wait_converged(Duration::from_secs(30)).await;
     let rebuilt = group.status(learner).await.unwrap();
