@@ -32,16 +32,23 @@ pub fn error(code: AppErrorCode, message: impl Into<String>) -> AppError {
 }
 
 /// `fut`, given up after `timers.service_timeout_ms`.
-pub async fn with_timeout<T>(
+///
+/// A plain function, not an `async fn`: an `async fn` would keep `fut` both
+/// as its argument and inside the timeout, twice its size in every
+/// caller's future (a store's was 3.7 KiB, moved into place per store).
+pub fn with_timeout<T>(
     services: &Services,
     fut: impl Future<Output = T>,
-) -> Result<T, AppError> {
+) -> impl Future<Output = Result<T, AppError>> {
+    use futures_util::FutureExt;
     let limit = Duration::from_millis(services.config.timers.service_timeout_ms);
-    tokio::time::timeout(limit, fut).await.map_err(|_| {
-        error(
-            AppErrorCode::Unavailable,
-            format!("no answer within {} ms", limit.as_millis()),
-        )
+    tokio::time::timeout(limit, fut).map(move |r| {
+        r.map_err(|_| {
+            error(
+                AppErrorCode::Unavailable,
+                format!("no answer within {} ms", limit.as_millis()),
+            )
+        })
     })
 }
 

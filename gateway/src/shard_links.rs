@@ -32,7 +32,11 @@ impl Link {
             return Ok(c.clone());
         }
         let timeout = Duration::from_millis(SHARD_CONNECT_TIMEOUT_MS);
-        match tokio::time::timeout(timeout, ShardClient::connect(self.addr.as_str())).await {
+        // Boxed: a connection's handshake is a large future, and every
+        // call on the shard (most find the link connected) would otherwise
+        // carry its size, moved into place once per call.
+        let connect = Box::pin(ShardClient::connect(self.addr.as_str()));
+        match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(c)) => {
                 *slot = Some(c.clone());
                 Ok(c)
