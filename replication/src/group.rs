@@ -258,10 +258,10 @@ pub async fn admin<C: GroupTypes>(raft: &Raft<C>, request: AdminRequest) -> Admi
         },
         AdminRequest::Leave { id } => return crate::rebuild::leave(raft, id).await,
         AdminRequest::Rejoin { id, replica } => {
-            return crate::rebuild::rejoin(raft, id, replica).await
+            return crate::rebuild::rejoin(raft, id, replica, true).await
         }
         AdminRequest::RejoinAsLearner { id, replica } => {
-            return crate::rebuild::rejoin_as_learner(raft, id, replica).await
+            return crate::rebuild::rejoin(raft, id, replica, false).await
         }
         AdminRequest::ChangeMembership { voters } => {
             let voters: BTreeSet<ReplicaId> = voters.into_iter().collect();

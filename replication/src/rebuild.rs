@@ -404,29 +404,29 @@ pub async fn leave<C: GroupTypes>(raft: &Raft<C>, id: ReplicaId) -> AdminRespons
     }
 }
 
-/// The leader's side of [`AdminRequest::Rejoin`]: add `id` as a learner,
-/// wait until it caught up, make it a voter.
+/// The leader's side of [`AdminRequest::Rejoin`] (`voter`) and of
+/// [`AdminRequest::RejoinAsLearner`]: add `id` as a learner, wait until it
+/// caught up, and make it a voter if it asks to be one. `Done` at once if
+/// it already is what it asks to be (a learner: any member).
 pub async fn rejoin<C: GroupTypes>(
     raft: &Raft<C>,
     id: ReplicaId,
     replica: Replica,
+    voter: bool,
 ) -> AdminResponse {
     use openraft::ChangeMembers;
-    let is_voter = |raft: &Raft<C>| {
-        let m = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
-        m.voter_ids().any(|v| v == id)
-    };
-    if is_voter(raft) {
+    let m = raft.metrics().borrow().membership_config.clone();
+    let is_voter = m.membership().voter_ids().any(|v| v == id);
+    let is_member = m.membership().nodes().any(|(n, _)| *n == id);
+    if is_voter || (!voter && is_member) {
         return crate::group::done_if_leader(raft);
     }
-    tracing::info!(id, "a rebuilding replica comes back as a learner");
+    tracing::info!(id, voter, "a rebuilding replica comes back as a learner");
     if let Err(e) = raft.add_learner(id, replica, true).await {
         return crate::group::write_error(e);
+    }
+    if !voter {
+        return AdminResponse::Done;
     }
     match raft
         .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
@@ -436,30 +436,6 @@ pub async fn rejoin<C: GroupTypes>(
             tracing::info!(id, "a rebuilt replica votes again");
             AdminResponse::Done
         }
-        Err(e) => crate::group::write_error(e),
-    }
-}
-
-/// The leader's side of [`AdminRequest::RejoinAsLearner`]: add `id` as a
-/// learner and answer once it has caught up (at once if it is a member).
-pub async fn rejoin_as_learner<C: GroupTypes>(
-    raft: &Raft<C>,
-    id: ReplicaId,
-    replica: Replica,
-) -> AdminResponse {
-    let is_member = raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .nodes()
-        .any(|(n, _)| *n == id);
-    if is_member {
-        return crate::group::done_if_leader(raft);
-    }
-    tracing::info!(id, "a rebuilding learner comes back as a learner");
-    match raft.add_learner(id, replica, true).await {
-        Ok(_) => AdminResponse::Done,
         Err(e) => crate::group::write_error(e),
     }
 }

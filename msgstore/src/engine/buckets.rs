@@ -107,7 +107,6 @@ pub struct Buckets {
 /// What one [`Buckets::trim`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Trimmed {
-    pub files: u64,
     pub bytes: u64,
     /// Grown files are left for another call.
     pub more: bool,
@@ -236,7 +235,6 @@ impl Buckets {
             self.maps.get_mut(&bucket).expect("viewed").file_len = new_len;
             let file = OpenOptions::new().write(true).open(self.path(bucket))?;
             file.set_len(len)?;
-            done.files += 1;
             done.bytes += file_len - len;
         }
         done.more = !self.grown.is_empty();
