@@ -263,3 +263,97 @@ async fn a_full_index_on_a_replicated_shard_refuses_writes_and_loses_nothing() {
         .await;
     assert!(matches!(outcome, Outcome::Done(2)), "{outcome:?}");
 }
+
+const TRIM_CHILD_DIR: &str = "MSGSTORE_TRIMMED_FULL_CHILD_DIR";
+
+/// An idle shard cuts its bucket files back to their records; if the disk
+/// is then full, the next checkpoint cannot grow them again. Appends are
+/// still acknowledged (the log holds them), checkpoints fail and are
+/// retried, and after a crash and a restart with room everything
+/// acknowledged is there.
+#[test]
+fn a_trimmed_bucket_that_cannot_grow_again_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            &crate::test_name(module_path!(), "trimmed_bucket_full_disk_child"),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(TRIM_CHILD_DIR, dir.path())
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("NOT_CHECKPOINTED"), "{stdout}");
+    assert!(stdout.contains("ACKED 400"), "{stdout}");
+    let shard = Shard::open(dir.path(), trim_config()).unwrap();
+    let page = shard.fetch(7, 0, 1000, 1 << 20).wait().unwrap();
+    let seqs: Vec<u64> = page.records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=400).collect::<Vec<u64>>());
+    shard.close().unwrap();
+}
+
+fn trim_config() -> EngineConfig {
+    EngineConfig {
+        bucket_dirs: 1,
+        bucket_files: 1,
+        checkpoint_idle_ms: 20,
+        ..config(16 << 20)
+    }
+}
+
+/// Not a test on its own: the child of the test above (it does nothing
+/// unless `MSGSTORE_TRIMMED_FULL_CHILD_DIR` is set).
+#[test]
+fn trimmed_bucket_full_disk_child() {
+    let Ok(dir) = std::env::var(TRIM_CHILD_DIR) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let shard = Shard::open(dir, trim_config()).unwrap();
+    let append = |i: u64| shard.append(7, u128::from(i), vec![1u8; 1000]).wait();
+    for i in 0..300 {
+        append(i).unwrap();
+    }
+    // Idle: checkpointed, then cut back to its records (a file that grew
+    // is a whole number of 4 KiB blocks; its records here are not).
+    let bucket = dir.join("buckets").join("00").join("00");
+    let size = || std::fs::metadata(&bucket).unwrap().len();
+    let started = std::time::Instant::now();
+    while size() % 4096 == 0 || shard.stats().wait().unwrap().wal_bytes > 0 {
+        assert!(started.elapsed().as_secs() < 30, "never trimmed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The disk is full: no file may grow past the bucket's size now (the
+    // log's segments are smaller and already allocated).
+    let limit = libc::rlimit {
+        rlim_cur: size(),
+        rlim_max: size(),
+    };
+    // SAFETY: plain syscalls; growing past the limit then fails with EFBIG
+    // instead of killing the process with SIGXFSZ.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+    for i in 300..400 {
+        append(i).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let stats = shard.stats().wait().unwrap();
+    assert!(
+        stats.wal_bytes > 0,
+        "the checkpoints could not grow the bucket"
+    );
+    println!("NOT_CHECKPOINTED {}", stats.wal_bytes);
+    let page = shard.fetch(7, 0, 1000, 1 << 20).wait().unwrap();
+    println!("ACKED {}", page.records.len());
+    // A crash: no shutdown (its checkpoint would fail too).
+    std::process::exit(0);
+}
