@@ -449,6 +449,22 @@ impl Cluster {
         Ok(ids)
     }
 
+    /// `n` fresh users, each to log in once with a resume token
+    /// ([`Cluster::mint_tokens`]) and then act as `role`.
+    pub(crate) async fn resume_logins(&self, n: usize, role: Role) -> Result<Vec<PlannedLogin>> {
+        let users = self.users(n).await?;
+        let tokens = self.mint_tokens(&users).await?;
+        Ok(users
+            .into_iter()
+            .zip(tokens)
+            .map(|(user, token)| PlannedLogin {
+                user,
+                method: LoginMethod::Resume { token },
+                role,
+            })
+            .collect())
+    }
+
     /// Make `a[i]` and `b[i]` friends (only friends may write to each
     /// other).
     async fn befriend(&self, a: &[u64], b: &[u64]) -> Result<()> {
@@ -675,25 +691,20 @@ impl Snapshot {
     }
 }
 
-/// Password logins of fresh users, then resume logins with their tokens
-/// (each session closed as soon as it is accepted).
+/// Password logins of fresh users (each session closed as soon as it is
+/// accepted), then resume logins of other fresh users, who stay logged in.
 async fn login_storm(cluster: &Cluster, plan: &Plan) -> Result<(Vec<LoginResult>, Vec<Log>)> {
     let first = load(&cluster.next_user);
     let ids = cluster.users(plan.password_logins).await?;
     let logins = password_login(&ids, first, |_| Role::LoginOnly);
     let (password, mut logs) = storm(cluster, plan, "password", logins).await?;
-    let tokens: Vec<(u64, Vec<u8>)> = logs.iter().flat_map(|l| l.tokens.clone()).collect();
-    ensure!(!tokens.is_empty(), "no password login was accepted");
-    let logins = (0..plan.resume_logins)
-        .map(|i| {
-            let (user, token) = tokens[i % tokens.len()].clone();
-            PlannedLogin {
-                user,
-                method: LoginMethod::Resume { token },
-                role: Role::LoginOnly,
-            }
-        })
-        .collect();
+    // Distinct users who stay logged in, as after a gateway restart: a
+    // login that closed at once would count its logout in the login's
+    // CPU, and one user logging in again and again its session's
+    // replacement.
+    let logins = cluster
+        .resume_logins(plan.resume_logins, Role::Reconnecting)
+        .await?;
     let (resume, resume_logs) = storm(cluster, plan, "resume", logins).await?;
     logs.extend(resume_logs);
     Ok((vec![password, resume], logs))

@@ -11,10 +11,9 @@
 
 use crate::{
     e2e::{wait_for, Cluster, Plan, Running},
-    e2e_fleet::{Counters, Log, PlannedLogin, Role},
+    e2e_fleet::{Counters, Log, Role},
 };
 use anyhow::Result;
-use proto::app::LoginMethod;
 use serde::Serialize;
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -40,17 +39,7 @@ pub struct StormResult {
 
 pub async fn run(cluster: &Cluster, plan: &Plan) -> Result<(StormResult, Vec<Log>)> {
     let n = plan.storm_sessions;
-    let users = cluster.users(n).await?;
-    let tokens = cluster.mint_tokens(&users).await?;
-    let logins = users
-        .iter()
-        .zip(tokens)
-        .map(|(&user, token)| PlannedLogin {
-            user,
-            method: LoginMethod::Resume { token },
-            role: Role::Reconnecting,
-        })
-        .collect();
+    let logins = cluster.resume_logins(n, Role::Reconnecting).await?;
     let counters = Arc::new(Counters::default());
     let t0 = Instant::now();
     let running = Running::storm(cluster, plan, logins, &counters)?;
