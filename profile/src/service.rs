@@ -299,7 +299,21 @@ impl Service {
             RequestBody::Block { user, blocked } => WriteOp::Block { user, blocked },
             RequestBody::Unblock { user, blocked } => WriteOp::Unblock { user, blocked },
             RequestBody::ClaimLogin { user, login_ns } => {
-                return self.claim_login(user, login_ns).await
+                return self
+                    .claim_login(WriteOp::ClaimLogin { user, login_ns }, user)
+                    .await
+            }
+            RequestBody::ClaimLoginOnce {
+                user,
+                login_ns,
+                claim,
+            } => {
+                let op = WriteOp::ClaimLoginOnce {
+                    user,
+                    login_ns,
+                    claim,
+                };
+                return self.claim_login(op, user).await;
             }
             RequestBody::Subscribe => {
                 return Err(Error::BadRequest("Subscribe needs a connection".into()))
@@ -446,12 +460,8 @@ impl Service {
     /// Record a login if it is newer than the user's last one (durably:
     /// the answer comes after the commit), then answer with the user's
     /// relations as they are after it.
-    async fn claim_login(&self, user: UserId, login_ns: u64) -> Result<ResponseBody> {
-        match self
-            .writes
-            .write(WriteOp::ClaimLogin { user, login_ns })
-            .await?
-        {
+    async fn claim_login(&self, op: WriteOp, user: UserId) -> Result<ResponseBody> {
+        match self.writes.write(op).await? {
             Outcome::Stale(last_ns) => Ok(ResponseBody::StaleLogin { last_ns }),
             _ => {
                 let relations = self.store.relations(&[user])?.pop();
@@ -554,7 +564,7 @@ pub fn op_name(body: &RequestBody) -> &'static str {
         RequestBody::Block { .. } => "block",
         RequestBody::Unblock { .. } => "unblock",
         RequestBody::GetRelations { .. } => "get_relations",
-        RequestBody::ClaimLogin { .. } => "claim_login",
+        RequestBody::ClaimLogin { .. } | RequestBody::ClaimLoginOnce { .. } => "claim_login",
         RequestBody::GroupCreate { .. } => "group_create",
         RequestBody::GroupInvite { .. } => "group_invite",
         RequestBody::GroupAnswerInvite { .. } => "group_answer_invite",

@@ -312,6 +312,20 @@ pub enum RequestBody {
     /// Answered at once, without a read index (a replica cut off from its
     /// leader still says so).
     Stats,
+    /// [`RequestBody::ClaimLogin`] that may be sent again: the claim is
+    /// recorded with `claim` (a random number the sender chose for this
+    /// one login), and the same `login_ns` with the same `claim` is
+    /// answered [`ResponseBody::LoginClaimed`] again, changing nothing. So
+    /// a gateway whose claim got no answer from one replica (paused, cut
+    /// off) sends it to the next: whether the first was done or not, one
+    /// login is claimed once. Any other claim of that `login_ns` (a
+    /// replayed handshake, at any gateway, gets a new `claim`) is still
+    /// [`ResponseBody::StaleLogin`].
+    ClaimLoginOnce {
+        user: UserId,
+        login_ns: u64,
+        claim: u64,
+    },
 }
 
 /// A user's public profile.

@@ -115,7 +115,8 @@ pub struct ClientConfig {
     /// Of a profile group: a read or password check one replica has not
     /// answered within this is tried at the next (reads change nothing),
     /// and that replica is avoided for a while (a paused process keeps its
-    /// connections open). Writes are never sent twice.
+    /// connections open). Writes are never sent twice, except a login
+    /// claim, which is the same done twice (`ClaimLoginOnce`).
     pub replica_attempt_ms: u64,
 }
 
@@ -526,13 +527,19 @@ impl ProfileClient {
     }
 
     /// Record `login_ns` as `user`'s newest login (see
-    /// [`RequestBody::ClaimLogin`]).
+    /// [`RequestBody::ClaimLoginOnce`]: with a number of its own, so a
+    /// replica group's client may send it to the next replica when one
+    /// does not answer).
     pub async fn claim_login(
         &self,
         user: UserId,
         login_ns: u64,
     ) -> Result<LoginClaim, ClientError> {
-        let body = RequestBody::ClaimLogin { user, login_ns };
+        let body = RequestBody::ClaimLoginOnce {
+            user,
+            login_ns,
+            claim: rand::random(),
+        };
         expect_body!(self.call(body).await?,
             ResponseBody::LoginClaimed(r) => LoginClaim::Fresh(r),
             ResponseBody::StaleLogin { last_ns } => LoginClaim::Stale { last_ns })

@@ -20,6 +20,12 @@
 //! after it find the next leader instead of queueing on a paused one; so
 //! does a write answered `Unavailable` (a leader that could not commit in
 //! time), which is answered as it is (it may still be done).
+//!
+//! A write that is the same done once or twice ([`resendable`]: a login
+//! claim with its own number) is not awaited that way: unanswered within
+//! `replica_attempt_ms`, cut off in flight or answered `Unavailable`, it
+//! marks the replica stuck and goes to the next one, so a login in flight
+//! when its leader stops is claimed at the new leader.
 
 use super::{Answer, ClientError, Inner};
 use crate::service::Service;
@@ -144,6 +150,7 @@ impl Replicas {
 
     async fn write(&self, body: RequestBody) -> Answer {
         let n = self.all.len();
+        let resend = resendable(&body);
         let mut at = self.leader.load(Ordering::Relaxed) % n;
         let started = Instant::now();
         for attempt in 0.. {
@@ -155,8 +162,13 @@ impl Replicas {
                 self.pause_after_round(attempt).await;
                 continue;
             }
-            match self.await_write(at, body.clone()).await? {
-                ResponseBody::NotLeader { leader } => {
+            let answer = if resend {
+                self.try_write(at, body.clone()).await?
+            } else {
+                Some(self.await_write(at, body.clone()).await?)
+            };
+            match answer {
+                Some(ResponseBody::NotLeader { leader }) => {
                     let named = leader.and_then(|l| self.all.iter().position(|r| r.addr == l));
                     at = named.unwrap_or((at + 1) % n);
                     if named.is_none() {
@@ -165,16 +177,24 @@ impl Replicas {
                 }
                 // A leader that could not commit in time (cut off from
                 // the others, say): the write may still be done, so it is
-                // answered as it is, but the writes after it look for
-                // another leader first.
-                ResponseBody::Error(e) if e.code == ErrorCode::Unavailable => {
+                // answered as it is (unless it may be sent again), but
+                // the writes after it look for another leader first.
+                Some(ResponseBody::Error(e)) if e.code == ErrorCode::Unavailable => {
                     self.mark_stuck(at);
-                    return Ok(ResponseBody::Error(e));
+                    if !resend {
+                        return Ok(ResponseBody::Error(e));
+                    }
+                    at = (at + 1) % n;
+                    self.pause_after_round(attempt).await;
                 }
-                answer => {
+                Some(answer) => {
                     self.mark_answering(at);
                     self.leader.store(at, Ordering::Relaxed);
                     return Ok(answer);
+                }
+                None => {
+                    at = (at + 1) % n;
+                    self.pause_after_round(attempt).await;
                 }
             }
         }
@@ -182,6 +202,26 @@ impl Replicas {
             code: ErrorCode::Unavailable,
             message: format!("no replica of {n} took the write as leader in time"),
         }))
+    }
+
+    /// Replica `at`'s answer to a [`resendable`] write; `None` if it gave
+    /// none within `replica_attempt_ms` (the replica is then stuck) or the
+    /// connection was down or broke: the write may go to the next one.
+    async fn try_write(
+        &self,
+        at: usize,
+        body: RequestBody,
+    ) -> Result<Option<ResponseBody>, ClientError> {
+        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
+        match tokio::time::timeout(attempt_timeout, self.all[at].call(body)).await {
+            Ok(Ok(answer)) => Ok(Some(answer)),
+            Ok(Err(ClientError::Disconnected | ClientError::Timeout)) => Ok(None),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                self.mark_stuck(at);
+                Ok(None)
+            }
+        }
     }
 
     /// Replica `at`'s answer to a write. One not answered within
@@ -207,4 +247,10 @@ impl Replicas {
             tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await;
         }
     }
+}
+
+/// Whether a write may be sent again after no answer: doing it twice is
+/// doing it once ([`RequestBody::ClaimLoginOnce`]).
+fn resendable(body: &RequestBody) -> bool {
+    matches!(body, RequestBody::ClaimLoginOnce { .. })
 }

@@ -63,8 +63,9 @@ pub struct Store {
     pub(crate) blocks: UserDb,
     /// value: the credential epoch (u32 BE); absent = 0.
     pub(crate) auth: UserDb,
-    /// value: the `login_ns` of the user's last accepted login (u64 BE);
-    /// absent = none yet.
+    /// value: the `login_ns` of the user's last accepted login (u64 BE),
+    /// then the number it was claimed with if any (u64 BE; `ops.rs`
+    /// `LastLogin`); absent = none yet.
     pub(crate) logins: UserDb,
     /// key: recipient (8 bytes BE) ++ sender (8 bytes BE); value: the
     /// sender's group name for the recipient (UTF-8).

@@ -86,6 +86,15 @@ pub enum WriteOp {
     },
     /// A chat group write (`store/groups.rs`).
     Group(GroupOp),
+    /// [`WriteOp::ClaimLogin`] recorded with `claim`: the same `login_ns`
+    /// and `claim` again is done again, changing nothing (a claim sent to
+    /// a second replica after the first did not answer). Appended last:
+    /// Raft entries written before it keep their variant numbers.
+    ClaimLoginOnce {
+        user: UserId,
+        login_ns: u64,
+        claim: u64,
+    },
 }
 
 /// What a successful op returns.
@@ -231,26 +240,43 @@ impl Store {
             }
             WriteOp::Block { user, blocked } => self.block(txn, user, blocked, changes),
             WriteOp::Unblock { user, blocked } => self.unblock(txn, user, blocked, changes),
-            WriteOp::ClaimLogin { user, login_ns } => self.claim_login(txn, user, login_ns),
+            WriteOp::ClaimLogin { user, login_ns } => self.claim_login(txn, user, login_ns, None),
+            WriteOp::ClaimLoginOnce {
+                user,
+                login_ns,
+                claim,
+            } => self.claim_login(txn, user, login_ns, Some(claim)),
             WriteOp::Group(op) => self.apply_group(txn, op, changes),
         }
     }
 
     /// The user's version does not change (nothing a cache holds did).
-    fn claim_login(&self, txn: &mut RwTxn, user: UserId, login_ns: u64) -> Result<Outcome> {
+    /// `claim`: the same `login_ns` claimed with the same number again is
+    /// done again (see [`WriteOp::ClaimLoginOnce`]).
+    fn claim_login(
+        &self,
+        txn: &mut RwTxn,
+        user: UserId,
+        login_ns: u64,
+        claim: Option<u64>,
+    ) -> Result<Outcome> {
         if self.accounts.get(txn, &user)?.is_none() {
             return Err(Error::not_found_user(user));
         }
         let last = match self.logins.get(txn, &user)? {
-            Some(b) => u64::from_be_bytes(b.try_into().map_err(|_| {
-                Error::Corrupt(format!("last login of user {user} is not 8 bytes"))
-            })?),
-            None => 0,
+            Some(b) => LastLogin::decode(b).ok_or_else(|| {
+                Error::Corrupt(format!("last login of user {user}: {} bytes", b.len()))
+            })?,
+            None => LastLogin::default(),
         };
-        if login_ns <= last {
-            return Ok(Outcome::Stale(last));
+        if login_ns == last.login_ns && claim.is_some() && claim == last.claim {
+            return Ok(Outcome::Done); // this very claim, sent again
         }
-        self.logins.put(txn, &user, &login_ns.to_be_bytes())?;
+        if login_ns <= last.login_ns {
+            return Ok(Outcome::Stale(last.login_ns));
+        }
+        let now = LastLogin { login_ns, claim };
+        self.logins.put(txn, &user, &now.encode())?;
         Ok(Outcome::Done)
     }
 
@@ -644,5 +670,39 @@ impl Store {
             self.blocks.put(txn, &user, &encode(&list)?)?;
         }
         Ok(Outcome::Version(self.put_profile(txn, user, p, changes)?))
+    }
+}
+
+/// A user's last accepted login, as the `logins` database holds it:
+/// `login_ns` (u64 BE), then the claim's number (u64 BE) if it was made
+/// with one ([`WriteOp::ClaimLoginOnce`]); 8 or 16 bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LastLogin {
+    pub(crate) login_ns: u64,
+    pub(crate) claim: Option<u64>,
+}
+
+impl LastLogin {
+    fn decode(bytes: &[u8]) -> Option<LastLogin> {
+        let word = |at: usize| Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+        match bytes.len() {
+            8 => Some(LastLogin {
+                login_ns: word(0)?,
+                claim: None,
+            }),
+            16 => Some(LastLogin {
+                login_ns: word(0)?,
+                claim: Some(word(8)?),
+            }),
+            _ => None,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.login_ns.to_be_bytes().to_vec();
+        if let Some(claim) = self.claim {
+            out.extend_from_slice(&claim.to_be_bytes());
+        }
+        out
     }
 }

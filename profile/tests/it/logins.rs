@@ -1,7 +1,8 @@
 //! Login freshness: `ClaimLogin` records a user's newest `login_ns` once,
 //! refuses anything not newer (a replayed handshake) without changing
 //! anything, answers with the user's relations, and remembers across a
-//! restart of the service.
+//! restart of the service. `ClaimLoginOnce` does the same, and answers
+//! the very same claim (same `login_ns`, same number) again as claimed.
 
 use crate::common;
 
@@ -10,6 +11,19 @@ use proto::profile::{ErrorCode, Event, RequestBody, ResponseBody, UserId};
 
 async fn claim(s: &Service, user: UserId, login_ns: u64) -> ResponseBody {
     s.handle(RequestBody::ClaimLogin { user, login_ns }).await
+}
+
+async fn claim_once(s: &Service, user: UserId, login_ns: u64, claim: u64) -> ResponseBody {
+    let body = RequestBody::ClaimLoginOnce {
+        user,
+        login_ns,
+        claim,
+    };
+    s.handle(body).await
+}
+
+fn claimed(r: &ResponseBody) -> bool {
+    matches!(r, ResponseBody::LoginClaimed(_))
 }
 
 #[tokio::test]
@@ -86,4 +100,44 @@ async fn the_last_login_survives_a_restart() {
         claim(&s, user, 78).await,
         ResponseBody::LoginClaimed(_)
     ));
+}
+
+#[tokio::test]
+async fn a_numbered_claim_sent_again_is_claimed_again_and_no_other_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config(dir.path());
+    let stale = |last_ns| ResponseBody::StaleLogin { last_ns };
+    let user = {
+        let (s, writer) = Service::open(dir.path(), &config).unwrap();
+        let user = common::import(&s, 1).await[0];
+        assert!(claimed(&claim_once(&s, user, 500, 7).await));
+        assert!(
+            claimed(&claim_once(&s, user, 500, 7).await),
+            "the same claim again (sent to a second replica)"
+        );
+        assert_eq!(
+            claim_once(&s, user, 500, 8).await,
+            stale(500),
+            "a replay of that login: another claim of the same login_ns"
+        );
+        assert_eq!(claim(&s, user, 500).await, stale(500), "an unnumbered one");
+        assert_eq!(claim_once(&s, user, 499, 7).await, stale(500), "older");
+        drop(s);
+        writer.join().unwrap();
+        user
+    };
+    let (s, _writer) = Service::open(dir.path(), &config).unwrap();
+    assert!(
+        claimed(&claim_once(&s, user, 500, 7).await),
+        "the claim's number is durable"
+    );
+    // An unnumbered claim (an older gateway) records no number: the same
+    // login_ns with any number is then stale.
+    assert!(claimed(&claim(&s, user, 600).await));
+    assert_eq!(claim_once(&s, user, 600, 0).await, stale(600));
+    assert!(
+        claimed(&claim_once(&s, user, 601, 0).await),
+        "0 is a number too"
+    );
+    assert!(claimed(&claim_once(&s, user, 601, 0).await));
 }

@@ -11,7 +11,7 @@ use daemon::{
     netns::Net,
     testing::{free_addr, metric, DaemonProcess},
 };
-use profile::{ClientConfig, ProfileClient};
+use profile::{client::LoginClaim, ClientConfig, ProfileClient};
 use proto::profile::ErrorCode;
 use replication::{
     peer::{admin, AdminRequest, AdminResponse, GroupStatus},
@@ -351,6 +351,50 @@ async fn a_write_unanswered_at_a_paused_leader_sends_the_next_writes_elsewhere()
     for (name, id) in &made {
         assert_eq!(check.lookup(name).await.unwrap(), *id, "{name}");
     }
+    for m in &mut group.members {
+        m.kill();
+    }
+}
+
+/// The leader is paused (SIGSTOP) as a login is claimed: the claim
+/// carries its own number, so it is not awaited at the paused leader (as
+/// a write that may have been done is) but sent to the next replica once
+/// `replica_attempt_ms` passes, and is claimed at the leader the other two
+/// elect while the old one is still paused. A replay of that login (the
+/// same `login_ns`, another claim) is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_claimed_as_its_leader_is_paused_is_claimed_at_the_next_one() {
+    let mut group = Group::start().await;
+    let client = ProfileClient::connect_with(
+        group.addrs(),
+        ClientConfig {
+            replica_attempt_ms: 300,
+            ..config()
+        },
+    )
+    .await
+    .unwrap();
+    let user = create(&client, 0, 1).await[0].1;
+    let leader = group.leader().await;
+    group.members[leader].signal(libc::SIGSTOP);
+    // Awaited at the paused leader, it would end with the client's
+    // request timeout (10 s) as `Timeout`, or not before DEADLINE.
+    let claim = tokio::time::timeout(DEADLINE, client.claim_login(user, 1_000))
+        .await
+        .expect("the claim ended");
+    assert!(
+        matches!(&claim, Ok(LoginClaim::Fresh(r)) if r.user == user),
+        "{claim:?}"
+    );
+    let replay = client.claim_login(user, 1_000).await.unwrap();
+    assert_eq!(replay, LoginClaim::Stale { last_ns: 1_000 });
+    group.members[leader].signal(libc::SIGCONT);
+    group.leader().await;
+    assert_eq!(
+        client.claim_login(user, 1_000).await.unwrap(),
+        LoginClaim::Stale { last_ns: 1_000 },
+        "the group holds the claim with the old leader back"
+    );
     for m in &mut group.members {
         m.kill();
     }
