@@ -6,8 +6,11 @@
 //! `login_ns`, and the profile service accepts one `login_ns` once, so at
 //! most one gateway can accept a round: the race never opens two sessions
 //! that would kick each other. Addresses that failed are remembered for
-//! `dead_gateway_memory_ms` and tried last. The first connect and every
-//! reconnect go through here.
+//! `dead_gateway_memory_ms` and tried last. Once a gateway says another
+//! one claimed the round, the winner's answer is awaited
+//! `claimed_login_wait_ms` at most (it may have died after its claim);
+//! then a new round goes above it. The first connect and every reconnect
+//! go through here.
 
 use super::{ConnectError, Credentials, SdkConfig};
 use crate::{next_login_ns, Client, DriverConfig, DriverError};
@@ -173,24 +176,63 @@ async fn race(
     dialer: &Dialer,
 ) -> Result<Established, ConnectError> {
     let login = encode(&Login::new(method.clone(), login_ns));
-    let stagger = Duration::from_millis(config.limits.gateway_stagger_ms);
-    let memory = Duration::from_millis(config.limits.dead_gateway_memory_ms);
+    let timing = RoundTiming::of(config);
+    race_with(addrs, login_ns, timing, dialer, |addr| {
+        handshake(config, addr, login.clone())
+    })
+    .await
+}
+
+/// The timers of one round (from [`super::SdkLimits`]).
+#[derive(Debug, Clone, Copy)]
+struct RoundTiming {
+    stagger: Duration,
+    dead_memory: Duration,
+    claimed_wait: Duration,
+}
+
+impl RoundTiming {
+    fn of(config: &SdkConfig) -> RoundTiming {
+        let ms = Duration::from_millis;
+        RoundTiming {
+            stagger: ms(config.limits.gateway_stagger_ms),
+            dead_memory: ms(config.limits.dead_gateway_memory_ms),
+            claimed_wait: ms(config.limits.claimed_login_wait_ms),
+        }
+    }
+}
+
+/// [`race`] with the handshake to one address as `attempt`.
+async fn race_with<T, F, Fut>(
+    addrs: &[SocketAddr],
+    login_ns: u64,
+    timing: RoundTiming,
+    dialer: &Dialer,
+    attempt: F,
+) -> Result<T, ConnectError>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ConnectError>>,
+{
     let mut attempts = FuturesUnordered::new();
     let mut next = 0;
     let mut next_start = Instant::now();
     let mut failure = ConnectError::Unreachable { tried: addrs.len() };
+    // When a gateway said another attempt of this round claimed it.
+    let mut claimed_at: Option<Instant> = None;
     loop {
         if next < addrs.len() && Instant::now() >= next_start {
             let addr = addrs[next];
-            let login = login.clone();
-            attempts.push(async move { (addr, handshake(config, addr, login).await) });
+            let handshake = attempt(addr);
+            attempts.push(async move { (addr, handshake.await) });
             next += 1;
-            next_start = Instant::now() + stagger;
+            next_start = Instant::now() + timing.stagger;
         }
         if attempts.is_empty() {
             return Err(failure);
         }
         let more = next < addrs.len();
+        let give_up_at = claimed_at.map(|at| at + timing.claimed_wait);
         tokio::select! {
             Some((addr, result)) = attempts.next() => match result {
                 Ok(established) => {
@@ -199,20 +241,34 @@ async fn race(
                 }
                 Err(e @ (ConnectError::Unreachable { .. } | ConnectError::Io(_))) => {
                     tracing::debug!(%addr, error = %e, "gateway did not answer; trying the next");
-                    dialer.mark_dead(addr, Instant::now(), memory);
+                    dialer.mark_dead(addr, Instant::now(), timing.dead_memory);
                     next_start = Instant::now();
                 }
                 // Another attempt of this round claimed the login: its
-                // answer is on its way (or its gateway died after the claim,
-                // and the round ends unreachable).
-                Err(ConnectError::Stale { last_ns }) if last_ns == login_ns => {}
+                // answer is on its way, or its gateway died after the
+                // claim (then the round ends at `claimed_wait`).
+                Err(ConnectError::Stale { last_ns }) if last_ns == login_ns => {
+                    claimed_at.get_or_insert_with(Instant::now);
+                }
                 Err(e) if e.is_transient() || matches!(e, ConnectError::Stale { .. }) => {
                     failure = e;
                 }
                 Err(refused) => return Err(refused),
             },
             () = tokio::time::sleep_until(next_start.into()), if more => {}
+            () = sleep_until_some(give_up_at) => {
+                tracing::info!(login_ns, "the login was claimed but its gateway never answered; a new round above it");
+                return Err(ConnectError::Stale { last_ns: login_ns });
+            }
         }
+    }
+}
+
+/// Sleep until `at`; never, for `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -315,6 +371,62 @@ mod tests {
         assert!(!dialer.is_dead(addr(1), now + memory));
         dialer.mark_alive(addr(1));
         assert!(!dialer.is_dead(addr(1), now));
+    }
+
+    type Attempt =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<SocketAddr, ConnectError>>>>;
+
+    const TIMING: RoundTiming = RoundTiming {
+        stagger: Duration::from_millis(5),
+        dead_memory: Duration::from_secs(1),
+        claimed_wait: Duration::from_millis(50),
+    };
+
+    /// Address 1 claims the round and then never answers (its gateway died
+    /// or was cut off between the claim and the answer); address 2 says so
+    /// (`Stale` with the round's `login_ns`). Waiting for 1's answer would
+    /// last until its handshake timed out: the round ends `Stale` at the
+    /// claimed wait instead, and the login goes on above it.
+    #[tokio::test]
+    async fn a_round_whose_claimed_winner_never_answers_ends_stale() {
+        let dialer = Dialer::default();
+        let attempt = |a: SocketAddr| -> Attempt {
+            if a == addr(1) {
+                Box::pin(std::future::pending())
+            } else {
+                Box::pin(async { Err(ConnectError::Stale { last_ns: 7 }) })
+            }
+        };
+        let addrs = [addr(1), addr(2)];
+        let round = race_with(&addrs, 7, TIMING, &dialer, attempt);
+        let ended = tokio::time::timeout(Duration::from_secs(10), round).await;
+        assert_eq!(
+            ended.expect("the round ended").unwrap_err().to_string(),
+            ConnectError::Stale { last_ns: 7 }.to_string()
+        );
+    }
+
+    /// The winner's answer comes within the claimed wait: it wins.
+    #[tokio::test]
+    async fn a_claimed_winner_that_answers_in_time_wins() {
+        let dialer = Dialer::default();
+        let attempt = |a: SocketAddr| -> Attempt {
+            if a == addr(1) {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(a)
+                })
+            } else {
+                Box::pin(async { Err(ConnectError::Stale { last_ns: 7 }) })
+            }
+        };
+        let timing = RoundTiming {
+            claimed_wait: Duration::from_secs(30),
+            ..TIMING
+        };
+        let addrs = [addr(1), addr(2)];
+        let round = race_with(&addrs, 7, timing, &dialer, attempt);
+        assert_eq!(round.await.unwrap(), addr(1));
     }
 
     #[test]

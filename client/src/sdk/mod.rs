@@ -134,6 +134,12 @@ pub struct SdkLimits {
     /// An address whose handshake failed, or whose session stopped
     /// answering, is tried last for this long.
     pub dead_gateway_memory_ms: u64,
+    /// Once a gateway of a login's round answered that another one claimed
+    /// the round's `login_ns` (`Stale` with it), the winner's answer is
+    /// awaited this long at most; then the login starts a new round above
+    /// it (the winning gateway may have died, or been cut off, between its
+    /// claim and its answer), at most `STALE_ROUNDS_MAX` times.
+    pub claimed_login_wait_ms: u64,
     /// Chat groups followed at most (one inbox each; as many as a user may
     /// be in, the profile service's `user_groups_max`). Groups the list
     /// names beyond it (by id) are not followed: their pushes are dropped
@@ -161,6 +167,7 @@ impl Default for SdkLimits {
             reconnect_attempts_max: 30,
             gateway_stagger_ms: 250,
             dead_gateway_memory_ms: 30_000,
+            claimed_login_wait_ms: 1_000,
             groups_max: 500,
             group_requests_in_flight_max: 8,
         }
