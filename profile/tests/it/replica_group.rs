@@ -169,6 +169,18 @@ fn config() -> ClientConfig {
     }
 }
 
+/// A client of the whole group that tries the next replica after
+/// `replica_attempt_ms` without an answer.
+async fn group_client(group: &Group, replica_attempt_ms: u64) -> ProfileClient {
+    let config = ClientConfig {
+        replica_attempt_ms,
+        ..config()
+    };
+    ProfileClient::connect_with(group.addrs(), config)
+        .await
+        .unwrap()
+}
+
 /// A client of the one replica `m` (reads and password checks there).
 async fn one(m: &Member) -> ProfileClient {
     ProfileClient::connect_with(m.client.to_string(), config())
@@ -275,15 +287,7 @@ async fn a_profile_group_keeps_every_account_through_a_leader_kill_and_rebuilds_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_holds_up_neither_reads_nor_new_writes() {
     let mut group = Group::start().await;
-    let client = ProfileClient::connect_with(
-        group.addrs(),
-        ClientConfig {
-            replica_attempt_ms: 500,
-            ..config()
-        },
-    )
-    .await
-    .unwrap();
+    let client = group_client(&group, 500).await;
     let mut made = create(&client, 0, 4).await;
     let leader = group.leader().await;
     group.members[leader].signal(libc::SIGSTOP);
@@ -320,15 +324,7 @@ async fn a_paused_leader_holds_up_neither_reads_nor_new_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_unanswered_at_a_paused_leader_sends_the_next_writes_elsewhere() {
     let mut group = Group::start().await;
-    let client = ProfileClient::connect_with(
-        group.addrs(),
-        ClientConfig {
-            replica_attempt_ms: 300,
-            ..config()
-        },
-    )
-    .await
-    .unwrap();
+    let client = group_client(&group, 300).await;
     let mut made = create(&client, 0, 2).await;
     let leader = group.leader().await;
     group.members[leader].signal(libc::SIGSTOP);
@@ -365,15 +361,7 @@ async fn a_write_unanswered_at_a_paused_leader_sends_the_next_writes_elsewhere()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_claimed_as_its_leader_is_paused_is_claimed_at_the_next_one() {
     let mut group = Group::start().await;
-    let client = ProfileClient::connect_with(
-        group.addrs(),
-        ClientConfig {
-            replica_attempt_ms: 300,
-            ..config()
-        },
-    )
-    .await
-    .unwrap();
+    let client = group_client(&group, 300).await;
     let user = create(&client, 0, 1).await[0].1;
     let leader = group.leader().await;
     group.members[leader].signal(libc::SIGSTOP);
