@@ -179,13 +179,12 @@ const METRICS: &[Metric] = &[
     ),
 ];
 
-/// Describe every metric of the gateway (and of the presence and profile
-/// clients it uses) and put each at zero (a series already there keeps its value).
+/// Describe every metric of the gateway (and of the presence client it
+/// uses) and put each at zero (a series already there keeps its value).
 /// Call it before the gateway starts.
 pub fn register() {
     catalog::register(METRICS);
     presence::metrics::register_client();
-    profile::metrics::register_client();
 }
 
 #[cfg(test)]

@@ -123,25 +123,6 @@ const REPLICA: &[Metric] = &[
     .unit(Unit::Bytes),
 ];
 
-/// Metrics of the profile client, in the process that uses it (the
-/// gateway).
-const CLIENT: &[Metric] = &[
-    Metric::counter(
-        "profile_client_hedges_total",
-        "Reads, password checks and login claims a profile replica left unanswered for a quarter of replica_attempt_ms, then also sent to the next replica",
-    ),
-    Metric::counter(
-        "profile_client_stuck_total",
-        "Times a profile replica left a request unanswered for replica_attempt_ms and was avoided for STUCK_MS",
-    ),
-];
-
-/// The same for the metrics of the profile client
-/// ([`crate::client`]): for the process that uses it.
-pub fn register_client() {
-    catalog::register(CLIENT);
-}
-
 /// Describe every metric of the profile daemon and put those of its mode
 /// at zero (`replicated`: a replica of a profile group; a series already
 /// there keeps its value). Call it before serving.
@@ -165,7 +146,7 @@ mod tests {
     fn every_metric_in_the_code_is_in_the_table() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         catalog::assert_table_matches_sources(
-            &[METRICS, REPLICA, CLIENT].concat(),
+            &[METRICS, REPLICA].concat(),
             &src,
             "profile::metrics",
         );

@@ -116,7 +116,6 @@ impl Replicas {
     }
 
     fn mark_stuck(&self, at: usize) {
-        metrics::counter!("profile_client_stuck_total").increment(1);
         let until = self.now_ms() + STUCK_MS;
         self.stuck_until_ms[at].store(until, Ordering::Relaxed);
     }
@@ -219,7 +218,6 @@ impl Replicas {
             let (i, outcome) = tokio::select! {
                 Some(done) = attempts.next() => done,
                 () = tokio::time::sleep(hedge) => {
-                    metrics::counter!("profile_client_hedges_total").increment(1);
                     at = (at + 1) % n; // also ask the next one
                     continue;
                 }
