@@ -113,12 +113,10 @@ pub struct ClientConfig {
     /// ... up to this.
     pub reconnect_max_ms: u64,
     /// Of a profile group: a read or password check one replica has not
-    /// answered within a quarter of this is also sent to the next (reads
-    /// change nothing; the first answer wins), and a replica that leaves
-    /// an attempt unanswered this long is avoided for a while (a paused
-    /// process keeps its connections open). Writes are never sent twice,
-    /// except a login claim, which is the same done twice
-    /// (`ClaimLoginOnce`) and is hedged as reads are.
+    /// answered within this is tried at the next (reads change nothing),
+    /// and that replica is avoided for a while (a paused process keeps its
+    /// connections open). Writes are never sent twice, except a login
+    /// claim, which is the same done twice (`ClaimLoginOnce`).
     pub replica_attempt_ms: u64,
 }
 

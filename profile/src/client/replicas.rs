@@ -4,14 +4,11 @@
 //! profile group) keeps a connection to each. Reads and password checks
 //! go round-robin to the connected replicas (each serves a read only once
 //! it has applied what its leader had committed, so none is older than a
-//! read answered before it; argon2 spreads over the group). Reads change
-//! nothing, so they are *hedged*: one that gets no answer within a
-//! quarter of [`ClientConfig::replica_attempt_ms`](super::ClientConfig)
-//! ([`HEDGE_DIVISOR`]; a paused process keeps its connections open) is
-//! also sent to the next replica, the first attempt staying in flight, and
-//! the first answer wins; one whose replica is disconnected, or answers
-//! `Unavailable`, goes to the next at once. A replica that leaves an
-//! attempt unanswered for the whole `replica_attempt_ms` is *stuck* for
+//! read answered before it; argon2 spreads over the group). A read that
+//! finds its replica disconnected or unavailable, or gets no answer within
+//! [`ClientConfig::replica_attempt_ms`](super::ClientConfig) (a paused
+//! process keeps its connections open), is tried at the next: reads change
+//! nothing. A replica that let a read time out is *stuck* for
 //! [`STUCK_MS`]: nothing is sent to it while another replica is not.
 //!
 //! Writes go to the replica that led last (unless stuck); `NotLeader`
@@ -25,15 +22,13 @@
 //! time), which is answered as it is (it may still be done).
 //!
 //! A write that is the same done once or twice ([`resendable`]: a login
-//! claim with its own number) is hedged as reads are, following
-//! `NotLeader`, and one answered `Unavailable` marks its replica stuck and
-//! goes to the next. So a login in flight when its leader stops is claimed
-//! at the new leader, and one at a leader that is only slow still gets
-//! that leader's answer.
+//! claim with its own number) is not awaited that way: unanswered within
+//! `replica_attempt_ms`, cut off in flight or answered `Unavailable`, it
+//! marks the replica stuck and goes to the next one, so a login in flight
+//! when its leader stops is claimed at the new leader.
 
 use super::{Answer, ClientError, Inner};
 use crate::service::Service;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use proto::profile::{ErrorCode, ProfileError, RequestBody, ResponseBody};
 use std::{
     sync::{
@@ -49,19 +44,6 @@ const RETRY_PAUSE_MS: u64 = 50;
 
 /// How long a replica that let a read time out is avoided.
 pub const STUCK_MS: u64 = 5_000;
-
-/// A read or a [`resendable`] write unanswered for `replica_attempt_ms`
-/// divided by this is also sent to the next replica.
-pub const HEDGE_DIVISOR: u32 = 4;
-
-/// What [`Replicas::hedged`] asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// Any replica answers it.
-    Read,
-    /// Only the leader does; doing it twice is doing it once.
-    ResendableWrite,
-}
 
 pub(super) struct Replicas {
     pub(super) all: Vec<Arc<Inner>>,
@@ -132,16 +114,43 @@ impl Replicas {
     }
 
     async fn read(&self, body: RequestBody) -> Answer {
-        let at = self.next_read.fetch_add(1, Ordering::Relaxed) % self.all.len();
-        self.hedged(body, at, Kind::Read).await
+        let n = self.all.len();
+        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
+        let mut last = Err(ClientError::Disconnected);
+        let started = Instant::now();
+        for attempt in 0.. {
+            if !self.in_time(started) {
+                break;
+            }
+            let at = self.next_read.fetch_add(1, Ordering::Relaxed) % n;
+            if !self.usable(at) {
+                self.pause_after_round(attempt).await;
+                continue;
+            }
+            let replica = &self.all[at];
+            last = match tokio::time::timeout(attempt_timeout, replica.call(body.clone())).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.mark_stuck(at);
+                    Err(ClientError::Timeout)
+                }
+            };
+            match &last {
+                Err(ClientError::Disconnected | ClientError::Timeout) => {}
+                Ok(ResponseBody::Error(e)) if e.code == ErrorCode::Unavailable => {}
+                _ => {
+                    self.mark_answering(at);
+                    return last;
+                }
+            }
+            self.pause_after_round(attempt).await;
+        }
+        last
     }
 
     async fn write(&self, body: RequestBody) -> Answer {
-        if resendable(&body) {
-            let at = self.leader.load(Ordering::Relaxed) % self.all.len();
-            return self.hedged(body, at, Kind::ResendableWrite).await;
-        }
         let n = self.all.len();
+        let resend = resendable(&body);
         let mut at = self.leader.load(Ordering::Relaxed) % n;
         let started = Instant::now();
         for attempt in 0.. {
@@ -153,9 +162,14 @@ impl Replicas {
                 self.pause_after_round(attempt).await;
                 continue;
             }
-            match self.await_write(at, body.clone()).await? {
-                ResponseBody::NotLeader { leader } => {
-                    let named = self.named(leader);
+            let answer = if resend {
+                self.try_write(at, body.clone()).await?
+            } else {
+                Some(self.await_write(at, body.clone()).await?)
+            };
+            match answer {
+                Some(ResponseBody::NotLeader { leader }) => {
+                    let named = leader.and_then(|l| self.all.iter().position(|r| r.addr == l));
                     at = named.unwrap_or((at + 1) % n);
                     if named.is_none() {
                         self.pause_after_round(attempt).await;
@@ -163,100 +177,51 @@ impl Replicas {
                 }
                 // A leader that could not commit in time (cut off from
                 // the others, say): the write may still be done, so it is
-                // answered as it is, but the writes after it look for
-                // another leader first.
-                ResponseBody::Error(e) if e.code == ErrorCode::Unavailable => {
+                // answered as it is (unless it may be sent again), but
+                // the writes after it look for another leader first.
+                Some(ResponseBody::Error(e)) if e.code == ErrorCode::Unavailable => {
                     self.mark_stuck(at);
-                    return Ok(ResponseBody::Error(e));
-                }
-                answer => return Ok(self.led(at, answer)),
-            }
-        }
-        Ok(no_leader_in_time(n))
-    }
-
-    /// The index of the replica `leader` names, if it is one of ours.
-    fn named(&self, leader: Option<String>) -> Option<usize> {
-        leader.and_then(|l| self.all.iter().position(|r| r.addr == l))
-    }
-
-    /// Replica `at` took a write as leader: remember it.
-    fn led(&self, at: usize, answer: ResponseBody) -> ResponseBody {
-        self.mark_answering(at);
-        self.leader.store(at, Ordering::Relaxed);
-        answer
-    }
-
-    /// A read or a [`resendable`] write, hedged (see the module's doc),
-    /// starting at replica `at`: at most one attempt in flight per
-    /// replica, the first answer wins. A write follows `NotLeader` and
-    /// remembers who answered as the leader; out of time, it is answered
-    /// `Unavailable`, a read with what its last attempt got.
-    async fn hedged(&self, body: RequestBody, mut at: usize, kind: Kind) -> Answer {
-        let n = self.all.len();
-        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
-        let hedge = attempt_timeout / HEDGE_DIVISOR;
-        let write = kind == Kind::ResendableWrite;
-        let mut in_flight = vec![false; n];
-        let mut attempts = FuturesUnordered::new();
-        let mut last: Answer = Err(ClientError::Disconnected);
-        let started = Instant::now();
-        for round in 0.. {
-            if !self.in_time(started) {
-                break;
-            }
-            if !in_flight[at] && self.usable(at) {
-                in_flight[at] = true;
-                let call = self.all[at].call(body.clone());
-                attempts
-                    .push(async move { (at, tokio::time::timeout(attempt_timeout, call).await) });
-            } else if attempts.is_empty() {
-                at = (at + 1) % n;
-                self.pause_after_round(round).await;
-                continue;
-            }
-            let (i, outcome) = tokio::select! {
-                Some(done) = attempts.next() => done,
-                () = tokio::time::sleep(hedge) => {
-                    at = (at + 1) % n; // also ask the next one
-                    continue;
-                }
-            };
-            in_flight[i] = false;
-            at = (i + 1) % n;
-            last = match outcome {
-                Err(_elapsed) => {
-                    self.mark_stuck(i);
-                    Err(ClientError::Timeout)
-                }
-                Ok(Err(e @ (ClientError::Disconnected | ClientError::Timeout))) => Err(e),
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(ResponseBody::NotLeader { leader })) if write => {
-                    let named = self.named(leader);
-                    if named.is_none() {
-                        self.pause_after_round(round).await;
+                    if !resend {
+                        return Ok(ResponseBody::Error(e));
                     }
-                    at = named.unwrap_or(at);
-                    continue;
+                    at = (at + 1) % n;
+                    self.pause_after_round(attempt).await;
                 }
-                Ok(Ok(ResponseBody::Error(e))) if e.code == ErrorCode::Unavailable => {
-                    if write {
-                        self.mark_stuck(i); // a leader that could not commit
-                    }
-                    self.pause_after_round(round).await;
-                    Ok(ResponseBody::Error(e))
-                }
-                Ok(Ok(answer)) if write => return Ok(self.led(i, answer)),
-                Ok(Ok(answer)) => {
-                    self.mark_answering(i);
+                Some(answer) => {
+                    self.mark_answering(at);
+                    self.leader.store(at, Ordering::Relaxed);
                     return Ok(answer);
                 }
-            };
+                None => {
+                    at = (at + 1) % n;
+                    self.pause_after_round(attempt).await;
+                }
+            }
         }
-        if write {
-            return Ok(no_leader_in_time(n));
+        Ok(ResponseBody::Error(ProfileError {
+            code: ErrorCode::Unavailable,
+            message: format!("no replica of {n} took the write as leader in time"),
+        }))
+    }
+
+    /// Replica `at`'s answer to a [`resendable`] write; `None` if it gave
+    /// none within `replica_attempt_ms` (the replica is then stuck) or the
+    /// connection was down or broke: the write may go to the next one.
+    async fn try_write(
+        &self,
+        at: usize,
+        body: RequestBody,
+    ) -> Result<Option<ResponseBody>, ClientError> {
+        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
+        match tokio::time::timeout(attempt_timeout, self.all[at].call(body)).await {
+            Ok(Ok(answer)) => Ok(Some(answer)),
+            Ok(Err(ClientError::Disconnected | ClientError::Timeout)) => Ok(None),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                self.mark_stuck(at);
+                Ok(None)
+            }
         }
-        last
     }
 
     /// Replica `at`'s answer to a write. One not answered within
@@ -288,11 +253,4 @@ impl Replicas {
 /// doing it once ([`RequestBody::ClaimLoginOnce`]).
 fn resendable(body: &RequestBody) -> bool {
     matches!(body, RequestBody::ClaimLoginOnce { .. })
-}
-
-fn no_leader_in_time(replicas: usize) -> ResponseBody {
-    ResponseBody::Error(ProfileError {
-        code: ErrorCode::Unavailable,
-        message: format!("no replica of {replicas} took the write as leader in time"),
-    })
 }
