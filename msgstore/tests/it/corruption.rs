@@ -16,7 +16,6 @@ use std::{
     io::Write,
     os::unix::{fs::FileExt, process::ExitStatusExt},
     path::{Path, PathBuf},
-    process::Command,
 };
 
 const USER: u64 = 42;
@@ -89,13 +88,7 @@ struct Crashed {
 /// killed with SIGKILL without any checkpoint.
 fn crash_writer(before_ack: u64, ack: u64, after_ack: u64) -> Crashed {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            &crate::test_name(module_path!(), "crash_writer_child"),
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let out = crate::child_test(module_path!(), "crash_writer_child")
         .env(CHILD_DIR, dir.path())
         .env("CHILD_PLAN", format!("{before_ack} {ack} {after_ack}"))
         .output()

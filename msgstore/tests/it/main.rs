@@ -16,10 +16,17 @@ mod replica_partition;
 mod replica_rebuild;
 mod storage_full;
 
-/// The full name of test `name` in the module `module` (its
-/// `module_path!()`), as `--exact` wants it when a test runs this binary
-/// again as a child: `file::name`.
-pub fn test_name(module: &str, name: &str) -> String {
+/// This test binary again, to run only test `name` of the module `module`
+/// (its `module_path!()`) as a child process (`--exact file::name`, its
+/// output not captured, one thread).
+pub fn child_test(module: &str, name: &str) -> std::process::Command {
     let file = module.split_once("::").map_or(module, |(_, file)| file);
-    format!("{file}::{name}")
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        &format!("{file}::{name}"),
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    cmd
 }

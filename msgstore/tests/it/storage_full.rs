@@ -4,7 +4,7 @@
 //! is stored, and the shard stays consistent and usable.
 
 use msgstore::{AppendRequest, EngineConfig, Error, FsyncPolicy, Shard};
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 const CHILD_DIR: &str = "MSGSTORE_STORAGE_FULL_CHILD_DIR";
 
@@ -91,22 +91,7 @@ fn a_full_index_map_fails_checkpoints_but_loses_nothing() {
 #[test]
 fn a_failed_log_write_answers_an_error_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            &crate::test_name(module_path!(), "log_write_failure_child"),
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR, dir.path())
-        .output()
-        .expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_child("log_write_failure_child", CHILD_DIR, dir.path());
     assert!(stdout.contains("BIG_BATCH_REFUSED"), "{stdout}");
     assert!(stdout.contains("SMALL_APPEND_SEQ 1"), "{stdout}");
     // After a restart without the limit: only the small append is there.
@@ -274,22 +259,7 @@ const TRIM_CHILD_DIR: &str = "MSGSTORE_TRIMMED_FULL_CHILD_DIR";
 #[test]
 fn a_trimmed_bucket_that_cannot_grow_again_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            &crate::test_name(module_path!(), "trimmed_bucket_full_disk_child"),
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(TRIM_CHILD_DIR, dir.path())
-        .output()
-        .expect("run the child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_child("trimmed_bucket_full_disk_child", TRIM_CHILD_DIR, dir.path());
     assert!(stdout.contains("NOT_CHECKPOINTED"), "{stdout}");
     assert!(stdout.contains("ACKED 400"), "{stdout}");
     let shard = Shard::open(dir.path(), trim_config()).unwrap();
@@ -356,4 +326,20 @@ fn trimmed_bucket_full_disk_child() {
     println!("ACKED {}", page.records.len());
     // A crash: no shutdown (its checkpoint would fail too).
     std::process::exit(0);
+}
+
+/// Run child test `name` with its data directory `dir` in env var `key`;
+/// its standard output, once it exited successfully.
+fn run_child(name: &str, key: &str, dir: &Path) -> String {
+    let out = crate::child_test(module_path!(), name)
+        .env(key, dir)
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
