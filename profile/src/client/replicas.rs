@@ -85,6 +85,12 @@ impl Replicas {
         }
     }
 
+    /// How long one replica has to answer one attempt
+    /// (`replica_attempt_ms`).
+    fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1))
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -115,7 +121,7 @@ impl Replicas {
 
     async fn read(&self, body: RequestBody) -> Answer {
         let n = self.all.len();
-        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
+        let attempt_timeout = self.attempt_timeout();
         let mut last = Err(ClientError::Disconnected);
         let started = Instant::now();
         for attempt in 0.. {
@@ -212,7 +218,7 @@ impl Replicas {
         at: usize,
         body: RequestBody,
     ) -> Result<Option<ResponseBody>, ClientError> {
-        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
+        let attempt_timeout = self.attempt_timeout();
         match tokio::time::timeout(attempt_timeout, self.all[at].call(body)).await {
             Ok(Ok(answer)) => Ok(Some(answer)),
             Ok(Err(ClientError::Disconnected | ClientError::Timeout)) => Ok(None),
@@ -229,7 +235,7 @@ impl Replicas {
     /// look for another leader, but is still awaited: it may have been
     /// done, so it is never sent twice.
     async fn await_write(&self, at: usize, body: RequestBody) -> Answer {
-        let attempt_timeout = Duration::from_millis(self.all[0].config.replica_attempt_ms.max(1));
+        let attempt_timeout = self.attempt_timeout();
         let call = self.all[at].call(body);
         tokio::pin!(call);
         match tokio::time::timeout(attempt_timeout, &mut call).await {
