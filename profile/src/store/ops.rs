@@ -706,3 +706,36 @@ impl LastLogin {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LastLogin;
+
+    #[test]
+    fn a_last_login_is_8_or_16_bytes_and_anything_else_is_refused() {
+        for last in [
+            LastLogin {
+                login_ns: 5,
+                claim: None,
+            },
+            LastLogin {
+                login_ns: u64::MAX,
+                claim: Some(0),
+            },
+        ] {
+            assert_eq!(LastLogin::decode(&last.encode()), Some(last));
+        }
+        assert_eq!(
+            LastLogin {
+                login_ns: 1,
+                claim: None
+            }
+            .encode()
+            .len(),
+            8
+        );
+        for len in [0, 1, 7, 9, 15, 17, 24] {
+            assert_eq!(LastLogin::decode(&vec![0xAB; len]), None, "{len} bytes");
+        }
+    }
+}
